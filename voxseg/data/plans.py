@@ -1,0 +1,258 @@
+"""The plan: the single source of truth shared by preprocessing, training and inference.
+
+`plans.json` is written by `voxseg plan`, is human-readable and editable, and is read back into these
+dataclasses, which validate every field so that a hand edit that breaks the plan fails with a clear message.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from voxseg.errors import ConfigError
+
+PLAN_VERSION = 1
+
+
+@dataclass
+class ChannelNormalization:
+    """How one input channel is normalised.
+
+    Attributes:
+        scheme: "zscore" (per-case z-score; MRI and most modalities), "ct" (clip to the dataset's foreground
+            0.5/99.5 percentiles, then z-score with the dataset's foreground mean/std) or "none".
+        use_nonzero_mask: z-score statistics computed inside the nonzero (brain) mask only, and voxels outside
+            the mask set to 0. True when cropping to the nonzero region shrank the cases noticeably.
+        clip_low, clip_high, mean, std: dataset-wide statistics used by the "ct" scheme.
+    """
+
+    scheme: str = "zscore"
+    use_nonzero_mask: bool = False
+    clip_low: float | None = None
+    clip_high: float | None = None
+    mean: float | None = None
+    std: float | None = None
+
+    def __post_init__(self) -> None:
+        if self.scheme not in ("zscore", "ct", "none"):
+            raise ConfigError(f"plans.json: normalization scheme '{self.scheme}' is unknown; use zscore, ct or none")
+        if self.scheme == "ct" and None in (self.clip_low, self.clip_high, self.mean, self.std):
+            raise ConfigError("plans.json: the 'ct' normalization needs clip_low, clip_high, mean and std")
+
+
+@dataclass
+class NetworkPlan:
+    """U-Net topology.
+
+    Attributes:
+        name: registered network name ("unet"; `residual` switches the encoder to residual blocks).
+        features: feature maps per stage, e.g. [32, 64, 128, 256, 320, 320].
+        kernel_sizes: per stage, e.g. [[1,3,3], [3,3,3], ...] (1 along a coarse axis that is not yet isotropic).
+        strides: per stage downsampling stride; the first stage's is [1,1,1].
+        conv_per_stage: convolutions per encoder stage (decoder uses the same count).
+        residual: residual encoder blocks instead of plain conv blocks.
+        deep_supervision: extra output heads on the decoder's lower resolutions during training.
+    """
+
+    name: str = "unet"
+    features: list[int] = field(default_factory=lambda: [32, 64, 128, 256, 320, 320])
+    kernel_sizes: list[list[int]] = field(default_factory=lambda: [[3, 3, 3]] * 6)
+    strides: list[list[int]] = field(default_factory=lambda: [[1, 1, 1]] + [[2, 2, 2]] * 5)
+    conv_per_stage: int = 2
+    residual: bool = False
+    deep_supervision: bool = True
+
+    def __post_init__(self) -> None:
+        n = len(self.features)
+        if not (len(self.kernel_sizes) == len(self.strides) == n):
+            raise ConfigError(
+                f"plans.json: network.features ({n} stages), kernel_sizes ({len(self.kernel_sizes)}) and strides "
+                f"({len(self.strides)}) must have the same length"
+            )
+        dims = {len(k) for k in self.kernel_sizes} | {len(s) for s in self.strides}
+        if len(dims) != 1 or dims.pop() not in (2, 3):
+            raise ConfigError("plans.json: network kernel_sizes and strides must all be 2D or all be 3D")
+
+    @property
+    def n_stages(self) -> int:
+        return len(self.features)
+
+    @property
+    def ndim(self) -> int:
+        return len(self.strides[0])
+
+
+@dataclass
+class Plan:
+    """Everything later stages need to know about the dataset and the chosen configuration.
+
+    Attributes:
+        dataset_name: name from dataset.json.
+        raw_dataset: absolute path of the raw dataset the plan was made from.
+        channel_names: {"0": "T1", ...} as in dataset.json.
+        labels: {"background": 0, "edema": 1, ...}; a value may be a list (a region).
+        regions_class_order: for region-based datasets, the label value each region writes back, in order.
+        file_ending: raw image file ending, e.g. ".nii.gz".
+        original_median_spacing / original_median_shape: from the fingerprint, array axis order.
+        target_spacing: spacing every case is resampled to (array axis order, mm).
+        anisotropy_axis: index of the coarse axis handled separately when resampling, or None.
+        normalization: one scheme per channel.
+        patch_size: training patch size in voxels (array axis order).
+        batch_size: patches per optimiser step.
+        median_shape_after_resample: median case shape at target_spacing.
+        network: the U-Net topology.
+        foreground_oversampling: fraction of patches forced to contain foreground.
+        gpu_memory_gb: the memory budget the patch and batch size were planned for.
+        estimated_memory_gb: the memory model's estimate of peak training memory for this plan.
+        image_dtype: dtype of the preprocessed images ("float16" or "float32").
+    """
+
+    dataset_name: str
+    raw_dataset: str
+    channel_names: dict[str, str]
+    labels: dict[str, Any]
+    file_ending: str
+    target_spacing: list[float]
+    patch_size: list[int]
+    batch_size: int
+    network: NetworkPlan
+    normalization: list[ChannelNormalization]
+    regions_class_order: list[int] | None = None
+    original_median_spacing: list[float] = field(default_factory=list)
+    original_median_shape: list[int] = field(default_factory=list)
+    median_shape_after_resample: list[int] = field(default_factory=list)
+    anisotropy_axis: int | None = None
+    foreground_oversampling: float = 0.33
+    gpu_memory_gb: float = 8.0
+    estimated_memory_gb: float | None = None
+    image_dtype: str = "float16"
+    version: int = PLAN_VERSION
+
+    def __post_init__(self) -> None:
+        if isinstance(self.network, dict):
+            self.network = NetworkPlan(**_known(NetworkPlan, self.network, "network"))
+        self.normalization = [
+            ChannelNormalization(**_known(ChannelNormalization, n, "normalization")) if isinstance(n, dict) else n
+            for n in self.normalization
+        ]
+        if len(self.normalization) != len(self.channel_names):
+            raise ConfigError(
+                f"plans.json: {len(self.channel_names)} channels but {len(self.normalization)} normalization entries"
+            )
+        ndim = self.network.ndim
+        if len(self.patch_size) != ndim:
+            raise ConfigError(f"plans.json: patch_size {self.patch_size} must have {ndim} entries like the network")
+        if any(p < 1 for p in self.patch_size) or self.batch_size < 1:
+            raise ConfigError("plans.json: patch_size entries and batch_size must be positive")
+        if not 0.0 <= self.foreground_oversampling <= 1.0:
+            raise ConfigError("plans.json: foreground_oversampling must be between 0 and 1")
+        if self.image_dtype not in ("float16", "float32"):
+            raise ConfigError("plans.json: image_dtype must be float16 or float32")
+        self._check_patch_divisible()
+
+    def _check_patch_divisible(self) -> None:
+        total = [1] * self.network.ndim
+        for stride in self.network.strides:
+            total = [t * s for t, s in zip(total, stride)]
+        for axis, (p, t) in enumerate(zip(self.patch_size, total)):
+            if p % t:
+                raise ConfigError(
+                    f"plans.json: patch_size[{axis}]={p} is not divisible by the network's total stride {t} "
+                    f"along that axis; use a multiple of {t}"
+                )
+
+    # ----- labels -------------------------------------------------------------------------------------------
+    @property
+    def num_channels(self) -> int:
+        return len(self.channel_names)
+
+    @property
+    def is_region_based(self) -> bool:
+        return any(isinstance(v, (list, tuple)) for k, v in self.labels.items() if k != "background")
+
+    @property
+    def ignore_label(self) -> int | None:
+        value = self.labels.get("ignore")
+        return int(value) if value is not None else None
+
+    @property
+    def foreground_labels(self) -> list[int]:
+        """Label values (not regions) other than background and ignore, sorted."""
+        values: set[int] = set()
+        for name, value in self.labels.items():
+            if name in ("background", "ignore"):
+                continue
+            values.update(int(v) for v in (value if isinstance(value, (list, tuple)) else [value]))
+        return sorted(values)
+
+    @property
+    def regions(self) -> list[list[int]]:
+        """Foreground classes as lists of label values: one per region, or one single-value list per label."""
+        out = []
+        for name, value in self.labels.items():
+            if name in ("background", "ignore"):
+                continue
+            out.append([int(v) for v in value] if isinstance(value, (list, tuple)) else [int(value)])
+        return out
+
+    @property
+    def class_names(self) -> list[str]:
+        """Names of the foreground classes/regions, in network output order (after background for softmax)."""
+        return [name for name in self.labels if name not in ("background", "ignore")]
+
+    @property
+    def num_outputs(self) -> int:
+        """Network output channels: one per region (sigmoid), or background + one per label (softmax)."""
+        return len(self.regions) if self.is_region_based else len(self.regions) + 1
+
+    # ----- JSON round trip ----------------------------------------------------------------------------------
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def save(self, path: str | Path) -> None:
+        write_json_atomic(path, self.to_dict())
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> "Plan":
+        return cls(**_known(cls, data, "plans.json"))
+
+    @classmethod
+    def load(cls, path: str | Path) -> "Plan":
+        path = Path(path)
+        if not path.is_file():
+            raise ConfigError(f"{path} does not exist: run 'voxseg plan DATASET -o WORKDIR' first")
+        try:
+            data = json.loads(path.read_text())
+        except json.JSONDecodeError as exc:
+            raise ConfigError(f"{path} is not valid JSON ({exc}); fix it or re-run 'voxseg plan'") from None
+        return cls.from_dict(data)
+
+
+def _known(cls: type, data: dict[str, Any], where: str) -> dict[str, Any]:
+    """Reject unknown keys with the nearest valid one named."""
+    from voxseg.registry import unknown_name_message
+
+    names = [f.name for f in dataclasses.fields(cls)]
+    for key in data:
+        if key not in names:
+            raise ConfigError(f"{where}: " + unknown_name_message("field", key, names))
+    missing = [
+        f.name
+        for f in dataclasses.fields(cls)
+        if f.name not in data and f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING
+    ]
+    if missing:
+        raise ConfigError(f"{where}: missing field(s) {', '.join(missing)}")
+    return data
+
+
+def write_json_atomic(path: str | Path, data: Any) -> None:
+    """Write JSON to a temporary file next to `path`, then rename, so a crash never leaves half a file."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    tmp.write_text(json.dumps(data, indent=2) + "\n")
+    os.replace(tmp, path)
