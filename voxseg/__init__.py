@@ -1,0 +1,45 @@
+"""voxseg: fast 3D medical image segmentation on nnU-Net-format datasets.
+
+The public API is small; everything is importable lazily so `voxseg --help` stays fast:
+
+    >>> import voxseg
+    >>> voxseg.make_synthetic_dataset("data/Synth", num_cases=20)
+    >>> plan = voxseg.plan_dataset("data/Synth", "work/synth")
+    >>> voxseg.preprocess_dataset("work/synth")
+    >>> voxseg.train("work/synth", fold=0, config=voxseg.TrainConfig())
+    >>> predictor = voxseg.Predictor.from_workdir("work/synth", folds=[0])
+    >>> labels = predictor.predict_array(image, geometry)
+    >>> voxseg.evaluate_folder("preds", "data/Synth/labelsTs", dataset_json="data/Synth/dataset.json")
+"""
+from __future__ import annotations
+
+import importlib
+from typing import Any
+
+from voxseg.errors import VoxsegError
+
+__version__ = "0.1.0"
+
+_LAZY = {
+    "make_synthetic_dataset": "voxseg.data.synth",
+    "convert_brats": "voxseg.data.convert",
+    "convert_msd": "voxseg.data.convert",
+    "check_dataset": "voxseg.data.check",
+    "plan_dataset": "voxseg.data.plan",
+    "Plan": "voxseg.data.plans",
+    "preprocess_dataset": "voxseg.data.preprocess",
+    "TrainConfig": "voxseg.config",
+    "train": "voxseg.train.loop",
+    "Predictor": "voxseg.infer.predictor",
+    "evaluate_folder": "voxseg.evaluate.folder",
+    "read_image": "voxseg.data.io",
+    "write_image": "voxseg.data.io",
+}
+
+__all__ = ["VoxsegError", "__version__", *_LAZY]
+
+
+def __getattr__(name: str) -> Any:
+    if name in _LAZY:
+        return getattr(importlib.import_module(_LAZY[name]), name)
+    raise AttributeError(f"module 'voxseg' has no attribute '{name}'")

@@ -1,0 +1,5 @@
+import sys
+
+from voxseg.cli import main
+
+sys.exit(main())

@@ -1,0 +1,58 @@
+"""Build a network from a plan: `build_network(plan)` looks up `plan.network.name` in `NETWORKS`.
+
+A new architecture is one registered function `(plan, deep_supervision, **overrides) -> nn.Module`:
+
+    @NETWORKS.register("my_net")
+    def build_my_net(plan, deep_supervision, **overrides): ...
+
+and `"network": {"name": "my_net", ...}` in plans.json.
+"""
+from __future__ import annotations
+
+import inspect
+from typing import Any
+
+from torch import nn
+
+from voxseg.data.plans import Plan
+from voxseg.errors import ConfigError
+from voxseg.models.unet import UNet
+from voxseg.registry import Registry, unknown_name_message
+
+NETWORKS: Registry[nn.Module] = Registry("network")
+
+
+def build_network(plan: Plan, deep_supervision: bool | None = None, **overrides: Any) -> nn.Module:
+    """Network for `plan`: input (B, plan.num_channels, *patch), output (B, plan.num_outputs, *patch) logits.
+
+    Args:
+        plan: the plan; `plan.network` gives the topology, `plan.network.name` the registry entry.
+        deep_supervision: None follows `plan.network.deep_supervision`.
+        **overrides: constructor options of the network that replace the plan's values, e.g. `norm="batch"`,
+            `residual=True`, `features=[16, 32]`. Unknown names raise ConfigError.
+    """
+    if deep_supervision is None:
+        deep_supervision = plan.network.deep_supervision
+    return NETWORKS.build(plan.network.name, plan, bool(deep_supervision), **overrides)
+
+
+@NETWORKS.register("unet")
+def build_unet(plan: Plan, deep_supervision: bool, **overrides: Any) -> UNet:
+    """Plain or residual-encoder U-Net (`network.residual`) from the plan's topology."""
+    net = plan.network
+    kwargs: dict[str, Any] = dict(
+        in_channels=plan.num_channels,
+        num_outputs=plan.num_outputs,
+        features=list(net.features),
+        kernel_sizes=[list(k) for k in net.kernel_sizes],
+        strides=[list(s) for s in net.strides],
+        conv_per_stage=net.conv_per_stage,
+        residual=net.residual,
+        deep_supervision=deep_supervision,
+    )
+    valid = [name for name in inspect.signature(UNet.__init__).parameters if name != "self"]
+    for key in overrides:
+        if key not in valid:
+            raise ConfigError(unknown_name_message("network option", key, valid))
+    kwargs.update(overrides)
+    return UNet(**kwargs)

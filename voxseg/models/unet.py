@@ -1,0 +1,158 @@
+"""nnU-Net style U-Net (plain or residual encoder) for 2D and 3D, with deep supervision.
+
+Topology, for `features=[32, 64, 128]`, `strides=[[1,1,1], [2,2,2], [2,2,2]]`:
+
+    stage 0 (32, full res) ───────────────────────────────> concat -> convs (32) -> head  (full)
+      stage 1 (64, 1/2, strided conv) ──────> concat -> convs (64) -> head (1/2)   ↑ transposed conv (stride 2)
+        stage 2 (128, 1/4, bottleneck) ──┘ transposed conv (stride 2)
+
+Downsampling is the first convolution of a stage with that stage's stride (no pooling). Each decoder level
+upsamples with a transposed convolution whose kernel equals the stride of the stage below, concatenates the
+skip, runs the conv blocks and has its own 1x1 segmentation head; the heads exist whether or not deep
+supervision is on, so checkpoints load either way.
+"""
+from __future__ import annotations
+
+from typing import Any, Sequence
+
+import torch
+from torch import nn
+
+from voxseg.errors import ConfigError
+from voxseg.models.blocks import (
+    ConvNormAct,
+    LayerSpec,
+    ResidualStage,
+    StackedConvs,
+    conv_layer,
+    init_weights,
+    transposed_conv_layer,
+)
+
+# Residual blocks per encoder stage of nnU-Net's residual-encoder presets (ResEnc M/L); deeper stages repeat 6.
+RESENC_BLOCKS = (1, 3, 4, 6, 6, 6)
+
+
+def default_blocks_per_stage(num_stages: int) -> list[int]:
+    """nnU-Net ResEnc schedule truncated or extended to `num_stages`: [1, 3, 4, 6, 6, 6, 6, ...]."""
+    return [RESENC_BLOCKS[min(i, len(RESENC_BLOCKS) - 1)] for i in range(num_stages)]
+
+
+class UNet(nn.Module):
+    """U-Net with strided-conv encoder, transposed-conv decoder and a segmentation head per decoder level.
+
+    Args:
+        in_channels: input image channels.
+        num_outputs: output logit channels.
+        features: feature maps per stage (the last stage is the bottleneck).
+        kernel_sizes: per-stage kernel size (a list of ndim ints); its length sets 2D or 3D.
+        strides: per-stage downsampling stride applied by the stage's first convolution.
+        conv_per_stage: convolutions per encoder stage (plain encoder) and per decoder level.
+        residual: residual encoder (ResEnc): a stem convolution, then `blocks_per_stage` residual blocks per
+            stage; the decoder stays plain.
+        blocks_per_stage: residual blocks per encoder stage (int or list); default nnU-Net's [1, 3, 4, 6, 6, 6].
+        decoder_conv_per_stage: convolutions per decoder level (default `conv_per_stage`).
+        deep_supervision: in training mode return all decoder outputs, highest resolution first.
+        norm, nonlin, norm_kwargs, nonlin_kwargs: layer choices, see `voxseg.models.blocks`.
+    """
+
+    def __init__(
+        self,
+        in_channels: int,
+        num_outputs: int,
+        features: Sequence[int],
+        kernel_sizes: Sequence[Sequence[int]],
+        strides: Sequence[Sequence[int]],
+        conv_per_stage: int = 2,
+        residual: bool = False,
+        blocks_per_stage: int | Sequence[int] | None = None,
+        decoder_conv_per_stage: int | None = None,
+        deep_supervision: bool = True,
+        norm: str = "instance",
+        nonlin: str = "leaky_relu",
+        norm_kwargs: dict[str, Any] | None = None,
+        nonlin_kwargs: dict[str, Any] | None = None,
+    ) -> None:
+        super().__init__()
+        num_stages = len(features)
+        if num_stages < 2 or len(kernel_sizes) != num_stages or len(strides) != num_stages:
+            raise ConfigError(
+                f"network needs at least 2 stages and one kernel size and stride per stage; got {num_stages} "
+                f"features, {len(kernel_sizes)} kernel sizes, {len(strides)} strides"
+            )
+        self.ndim = len(kernel_sizes[0])
+        self.spec = spec = LayerSpec(self.ndim, norm, nonlin, norm_kwargs, nonlin_kwargs)
+        self.features = [int(f) for f in features]
+        self.strides = [tuple(int(s) for s in stride) for stride in strides]
+        self.deep_supervision = bool(deep_supervision)
+        self.num_outputs = int(num_outputs)
+
+        if residual:
+            self.stem: nn.Module = ConvNormAct(spec, in_channels, self.features[0], kernel_sizes[0])
+            self.encoder = self._residual_encoder(spec, kernel_sizes, blocks_per_stage)
+        else:
+            self.stem = nn.Identity()
+            self.encoder = nn.ModuleList(
+                StackedConvs(spec, conv_per_stage, c_in, c_out, kernel, stride)
+                for c_in, c_out, kernel, stride in zip(
+                    [in_channels] + self.features[:-1], self.features, kernel_sizes, self.strides
+                )
+            )
+
+        decoder_convs = decoder_conv_per_stage or conv_per_stage
+        # Decoder level i (0 = just above the bottleneck) works at the resolution of encoder stage s = n-2-i.
+        levels = list(range(num_stages - 2, -1, -1))
+        self.upsample = nn.ModuleList(
+            transposed_conv_layer(self.ndim, self.features[s + 1], self.features[s], self.strides[s + 1])
+            for s in levels
+        )
+        self.decoder = nn.ModuleList(
+            StackedConvs(spec, decoder_convs, 2 * self.features[s], self.features[s], kernel_sizes[s]) for s in levels
+        )
+        self.heads = nn.ModuleList(conv_layer(self.ndim, self.features[s], num_outputs, 1) for s in levels)
+        self.apply(init_weights)
+
+    def _residual_encoder(
+        self, spec: LayerSpec, kernel_sizes: Sequence[Sequence[int]], blocks: int | Sequence[int] | None
+    ) -> nn.ModuleList:
+        num_stages = len(self.features)
+        if blocks is None:
+            blocks = default_blocks_per_stage(num_stages)
+        elif isinstance(blocks, int):
+            blocks = [blocks] * num_stages
+        if len(blocks) != num_stages:
+            raise ConfigError(f"blocks_per_stage has {len(blocks)} entries; the network has {num_stages} stages")
+        return nn.ModuleList(
+            ResidualStage(spec, n, c_in, c_out, kernel, stride)
+            for n, c_in, c_out, kernel, stride in zip(
+                blocks, self.features[:1] + self.features[:-1], self.features, kernel_sizes, self.strides
+            )
+        )
+
+    @property
+    def total_stride(self) -> tuple[int, ...]:
+        """Input sizes must be multiples of this, per axis."""
+        total = [1] * self.ndim
+        for stride in self.strides:
+            total = [t * s for t, s in zip(total, stride)]
+        return tuple(total)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor | list[torch.Tensor]:
+        """(B, C, *P) -> (B, K, *P) logits, or in training with deep supervision the list [full, 1/2, ...]."""
+        skips = []
+        x = self.stem(x)
+        for stage in self.encoder:
+            x = stage(x)
+            skips.append(x)
+        # Only python attributes decide what runs, so torch.compile specialises on them instead of breaking.
+        all_heads = self.deep_supervision and self.training
+        last = len(self.decoder) - 1
+        outputs = []
+        for i, (up, block, head) in enumerate(zip(self.upsample, self.decoder, self.heads)):
+            x = up(x)  # (B, F_s, *P_s)
+            x = block(torch.cat((x, skips[-(i + 2)]), dim=1))
+            if all_heads or i == last:
+                outputs.append(head(x))
+        if all_heads:
+            return outputs[::-1]
+        return outputs[-1]
