@@ -110,7 +110,6 @@ class SegmentationLoss(nn.Module):
         super().__init__()
         self.weights = dict(weights)
         self.region_based = plan.is_region_based
-        self.regions = [list(r) for r in plan.regions]
         self.ignore_label = plan.ignore_label
         self.num_outputs = plan.num_outputs
         self.smooth, self.batch_dice = float(smooth), bool(batch_dice)
@@ -127,6 +126,8 @@ class SegmentationLoss(nn.Module):
         """output (B, K, *P) logits, target (B, 1, *P) integer labels."""
         if not isinstance(output, Tensor):
             raise TypeError("this loss takes one output tensor; build it with deep_supervision=True for a list")
+        if output.shape[1] != self.num_outputs:
+            raise ValueError(f"output has {output.shape[1]} channels; the plan's network has {self.num_outputs}")
         logits = output.float()  # float32 statistics even under bf16/fp16 autocast
         target = target.long()
         valid = None if self.ignore_label is None else (target != self.ignore_label).float()  # (B, 1, *P)

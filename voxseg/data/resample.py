@@ -81,7 +81,8 @@ def _along_axis(x: torch.Tensor, new_shape: tuple[int, ...], mode: str) -> torch
     """
     if tuple(x.shape[1:]) == new_shape:
         return x
-    return F.interpolate(x[None], size=new_shape, mode=mode)[0]
+    align = False if mode == "trilinear" else None  # align_corners applies to linear modes only
+    return F.interpolate(x[None], size=new_shape, mode=mode, align_corners=align)[0]
 
 
 def _resample_labels(

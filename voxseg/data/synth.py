@@ -101,10 +101,12 @@ def _brain_tissues(rng: np.random.Generator, shape: tuple[int, ...], spacing: np
     extent = np.asarray(shape) * spacing
     centre = extent / 2 + rng.uniform(-0.03, 0.03, 3) * extent
     semi = extent * rng.uniform(0.38, 0.45, 3)
+    # a lumpy outline (radius scaled by up to 1 +- 0.1) that still leaves at least one empty voxel on every side
+    room = np.minimum(centre, extent - centre) - 1.5 * spacing
+    semi = np.minimum(semi, room * 0.9)
     coords = _coordinates(shape, spacing, centre)
     radius = _ellipsoid_radius(coords, semi)
-    # a lumpy outline instead of a perfect ellipsoid
-    radius *= 1.0 + 0.04 * _smooth_noise(rng, shape, _cells(extent, 40.0))
+    radius *= 1.0 + 0.04 * np.clip(_smooth_noise(rng, shape, _cells(extent, 40.0)), -2.5, 2.5)
     tissues = np.zeros(shape, dtype=np.int8)
     brain = radius <= 1.0
     tissues[brain] = _WM
@@ -128,8 +130,8 @@ def _add_tumour(rng: np.random.Generator, tissues: np.ndarray, spacing: np.ndarr
     direction = rng.standard_normal(3)
     direction /= np.linalg.norm(direction)
     tumour_centre = centre + semi * direction * rng.uniform(0.0, 0.45)
-    edema_semi = brain_size * rng.uniform(0.28, 0.45) * rng.uniform(0.75, 1.25, 3)
-    core_scale = rng.uniform(0.45, 0.7)
+    edema_semi = brain_size * rng.uniform(0.3, 0.5) * rng.uniform(0.75, 1.25, 3)
+    core_scale = rng.uniform(0.5, 0.75)
     core_semi = edema_semi * core_scale * rng.uniform(0.85, 1.15, 3)
     core_centre = tumour_centre + rng.uniform(-0.2, 0.2, 3) * (edema_semi - core_semi)
     edema_wobble, core_wobble = rng.uniform(0.12, 0.3), rng.uniform(0.08, 0.2)
@@ -149,7 +151,7 @@ def _add_tumour(rng: np.random.Generator, tissues: np.ndarray, spacing: np.ndarr
     core_r = _ellipsoid_radius(_coordinates(box_shape, spacing, core_centre - box_origin), core_semi, rotation)
     core_r *= 1.0 + core_wobble * _smooth_noise(rng, box_shape, _cells(box_extent, 0.5 * core_semi.mean()))
     # rim at least ~1.2 voxels thick so it survives on coarse grids, and never the whole core
-    rim_mm = max(core_semi.mean() * rng.uniform(0.2, 0.45), 1.2 * float(spacing.max()))
+    rim_mm = max(core_semi.mean() * rng.uniform(0.15, 0.35), 1.2 * float(spacing.max()))
     rim_inner = max(1.0 - rim_mm / core_semi.mean(), 0.35)
 
     region = tissues[box]  # a view: writes go into `tissues`
@@ -205,14 +207,14 @@ def _render(rng: np.random.Generator, tissues: np.ndarray, brain: np.ndarray, sp
     is_tumour = tissues >= _EDEMA
     channel_scale = rng.uniform(200.0, 1200.0, 4)
     image = np.empty((4,) + shape, dtype=np.float32)
+    # partial-volume blur is renormalised by the blurred mask so the brain edge does not fade to zero
+    weight = ndimage.gaussian_filter(brain.astype(np.float32), 0.6, mode="constant")
     for c in range(4):
         channel = means[:, c][tissues]  # (D, H, W)
         # tumour tissue is more heterogeneous than healthy tissue
         amplitude = np.where(is_tumour, np.float32(0.1), np.float32(0.04))
         channel *= 1.0 + amplitude * texture * rng.uniform(0.5, 1.5)
-        # partial-volume blur; renormalised by the blurred mask so the brain edge does not fade to zero
         channel = ndimage.gaussian_filter(channel, 0.6, mode="constant")
-        weight = ndimage.gaussian_filter(brain.astype(np.float32), 0.6, mode="constant")
         channel = np.divide(channel, weight, out=np.zeros_like(channel), where=weight > 1e-3)
         bias = np.exp(0.12 * _smooth_noise(rng, shape, (3, 3, 3)))
         signal = channel * bias * np.float32(channel_scale[c])

@@ -1,10 +1,10 @@
 """nnU-Net style U-Net (plain or residual encoder) for 2D and 3D, with deep supervision.
 
-Topology, for `features=[32, 64, 128]`, `strides=[[1,1,1], [2,2,2], [2,2,2]]`:
+Topology, for `features=[32, 64, 128]`, `strides=[[1,1,1], [2,2,2], [2,2,2]]` (3 stages, 2 decoder levels):
 
-    stage 0 (32, full res) ───────────────────────────────> concat -> convs (32) -> head  (full)
-      stage 1 (64, 1/2, strided conv) ──────> concat -> convs (64) -> head (1/2)   ↑ transposed conv (stride 2)
-        stage 2 (128, 1/4, bottleneck) ──┘ transposed conv (stride 2)
+    stage 0: convs -> 32 @ full ─── skip ──────────────────────> cat -> convs -> 32 @ full -> head (full)
+    stage 1: strided conv -> 64 @ 1/2 ── skip ──> cat -> convs -> 64 @ 1/2 -> head (1/2)    ^ up x2
+    stage 2: strided conv -> 128 @ 1/4 (bottleneck) ──> up x2 ─┘  (no head at the bottleneck)
 
 Downsampling is the first convolution of a stage with that stage's stride (no pooling). Each decoder level
 upsamples with a transposed convolution whose kernel equals the stride of the stage below, concatenates the

@@ -1,0 +1,183 @@
+"""Sliding-window inference: tiling, Gaussian blending, mirrored TTA and fold ensembling."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from voxseg.infer.sliding_window import (
+    axis_starts,
+    gaussian_importance,
+    mirror_combinations,
+    pad_to_patch,
+    sliding_window_inference,
+    tile_positions,
+)
+
+
+def _coverage(shape, patch, step):
+    padded = tuple(max(s, p) for s, p in zip(shape, patch))
+    count = np.zeros(padded, dtype=int)
+    for start in tile_positions(shape, patch, step):
+        count[tuple(slice(s, s + p) for s, p in zip(start, patch))] += 1
+    return count
+
+
+@pytest.mark.parametrize(
+    "shape, patch, step",
+    [((40, 40, 40), (16, 16, 16), 0.5), ((17, 33, 9), (8, 16, 8), 0.5), ((5, 7, 3), (8, 8, 8), 0.5),
+     ((31, 20, 45), (16, 12, 10), 0.33), ((16, 16, 16), (16, 16, 16), 0.5), ((50, 13, 29), (7, 5, 11), 1.0)],
+)
+def test_tiles_cover_every_voxel_and_stay_inside(shape, patch, step):
+    count = _coverage(shape, patch, step)
+    assert count.min() >= 1
+    for start in tile_positions(shape, patch, step):
+        for s, p, size in zip(start, patch, shape):
+            assert 0 <= s and s + p <= max(size, p)
+
+
+def test_axis_starts_are_even_and_respect_step():
+    assert axis_starts(100, 64, 0.5) == [0, 18, 36]  # ceil(36 / 32) + 1 = 3 tiles
+    assert axis_starts(64, 64, 0.5) == [0]
+    assert axis_starts(160, 32, 0.5) == [0, 16, 32, 48, 64, 80, 96, 112, 128]
+    starts = axis_starts(97, 16, 0.5)
+    gaps = np.diff(starts)
+    assert starts[0] == 0 and starts[-1] == 97 - 16
+    assert gaps.max() <= 8 and gaps.max() - gaps.min() <= 1
+    assert len(starts) == int(np.ceil((97 - 16) / 8)) + 1
+
+
+def test_pad_to_patch_centres_and_crops_back():
+    image = torch.arange(5 * 7 * 3, dtype=torch.float32).reshape(1, 1, 5, 7, 3)
+    padded, crop = pad_to_patch(image, (8, 8, 8))
+    assert padded.shape == (1, 1, 8, 8, 8)
+    assert torch.equal(padded[(slice(None), slice(None)) + crop], image)
+    assert padded.sum() == image.sum()
+    assert crop[0] == slice(1, 6)  # 3 voxels of padding: 1 before, 2 after
+
+
+def test_gaussian_importance_is_normalised_positive_and_centred():
+    weight = gaussian_importance((16, 12, 9))
+    assert weight.shape == (16, 12, 9)
+    assert weight.max().item() == pytest.approx(1.0)
+    assert weight.min().item() > 0
+    assert np.unravel_index(int(weight.argmax()), weight.shape) == (8, 6, 4)
+    half = gaussian_importance((64, 64, 64), dtype=torch.float16)
+    assert half.min().item() > 0  # border values would underflow to zero in fp16 without the clamp
+
+
+def test_mirror_combinations():
+    assert mirror_combinations((0, 1, 2)) == [(), (0,), (1,), (2,), (0, 1), (0, 2), (1, 2), (0, 1, 2)]
+    assert mirror_combinations(()) == [()]
+
+
+class Constant(torch.nn.Module):
+    def __init__(self, value: float, k: int = 2) -> None:
+        super().__init__()
+        self.value, self.k = value, k
+
+    def forward(self, x):
+        return torch.full((x.shape[0], self.k, *x.shape[2:]), self.value)
+
+
+@pytest.mark.parametrize("shape", [(20, 23, 17), (5, 9, 6), (16, 16, 16)])
+def test_blending_all_ones_network_returns_exactly_ones(shape):
+    image = torch.randn(1, 2, *shape)
+    out = sliding_window_inference(Constant(1.0, 3), image, (8, 8, 8), 3, tile_batch=3, mirror_axes=(0, 1, 2))
+    assert out.shape == (3, *shape)
+    assert torch.allclose(out, torch.ones_like(out), atol=1e-6)
+
+
+def test_pointwise_network_matches_full_image_forward():
+    """A 1x1x1 conv gives the same logits in any tile, so the blend must equal one forward of the whole image:
+    this checks that every tile is written back at its own offset."""
+    torch.manual_seed(0)
+    net = torch.nn.Conv3d(2, 3, 1).eval()
+    image = torch.randn(1, 2, 21, 18, 13)
+    with torch.no_grad():
+        full = net(image)[0]
+    out = sliding_window_inference(net, image, (8, 10, 6), 3, step=0.5, tile_batch=4)
+    assert torch.allclose(out, full, atol=1e-5)
+
+
+def _asymmetric_net() -> torch.nn.Module:
+    torch.manual_seed(1)
+    net = torch.nn.Conv3d(1, 2, 3, padding=1, bias=False)
+    with torch.no_grad():
+        net.weight.copy_(torch.arange(54, dtype=torch.float32).reshape(2, 1, 3, 3, 3) / 54.0 - 0.3)
+    return net.eval()
+
+
+def test_mirrored_tta_is_undone_correctly():
+    net = _asymmetric_net()
+    image = torch.randn(1, 1, 12, 12, 12)
+    patch = (12, 12, 12)  # one tile: the blend is the plain network output
+    tta = sliding_window_inference(net, image, patch, 2, mirror_axes=(0, 2))
+    with torch.no_grad():
+        dims = lambda axes: [a + 2 for a in axes]  # noqa: E731
+        manual = sum(net(image.flip(dims(c))).flip(dims(c)) for c in [(), (0,), (2,), (0, 2)])[0] / 4
+        plain = net(image)[0]
+    assert torch.allclose(tta, manual, atol=1e-5)
+    # the network is not mirror symmetric, so forgetting to un-flip would have been caught
+    assert (tta - plain).abs().max() > 1e-2
+    wrong = sum(net(image.flip(dims(c))) for c in [(), (0,), (2,), (0, 2)])[0] / 4
+    assert (tta - wrong).abs().max() > 1e-2
+
+
+def test_tile_batch_and_mirrors_give_the_same_result_across_batching():
+    net = _asymmetric_net()
+    image = torch.randn(1, 1, 20, 15, 18)
+    a = sliding_window_inference(net, image, (8, 8, 8), 2, tile_batch=1, mirror_axes=(0, 1, 2))
+    b = sliding_window_inference(net, image, (8, 8, 8), 2, tile_batch=7, mirror_axes=(0, 1, 2))
+    assert torch.allclose(a, b, atol=1e-5)
+
+
+def test_fold_ensemble_averages_models():
+    image = torch.randn(1, 1, 14, 10, 9)
+    out = sliding_window_inference([Constant(0.0), Constant(2.0)], image, (8, 8, 8), 2, mirror_axes=(1,))
+    assert torch.allclose(out, torch.ones_like(out), atol=1e-6)
+    net = _asymmetric_net()
+    both = sliding_window_inference([net, Constant(4.0)], image, (8, 8, 8), 2)
+    single = sliding_window_inference(net, image, (8, 8, 8), 2)
+    assert torch.allclose(both, (single + 4.0) / 2, atol=1e-5)
+
+
+def test_out_of_memory_retries_with_a_host_accumulator():
+    net = _asymmetric_net()
+    calls = {"n": 0}
+
+    def flaky(x):
+        calls["n"] += 1
+        if calls["n"] == 2:
+            raise torch.cuda.OutOfMemoryError("simulated")
+        return net(x)
+
+    image = torch.randn(1, 1, 16, 16, 16)
+    reference = sliding_window_inference(net, image, (8, 8, 8), 2)
+    # the accumulator is forced onto a "device" (here the CPU again) so the fallback path runs and restarts
+    with pytest.raises(torch.cuda.OutOfMemoryError):
+        sliding_window_inference(flaky, image, (8, 8, 8), 2, accumulator_device="cpu")
+    calls["n"] = 0
+    out = sliding_window_inference(flaky, image, (8, 8, 8), 2, accumulator_device="meta")
+    assert calls["n"] > 2  # it failed once and ran the whole image again
+    assert torch.allclose(out, reference, atol=1e-6)
+
+
+def test_2d_network_runs_slice_by_slice():
+    torch.manual_seed(2)
+    net = torch.nn.Conv2d(1, 2, 1).eval()
+    image = torch.randn(1, 1, 5, 13, 11)
+    out = sliding_window_inference(net, image, (8, 8), 2, mirror_axes=(0, 1))
+    with torch.no_grad():
+        expected = torch.stack([net(image[:, :, d])[0] for d in range(5)], dim=1)
+    assert out.shape == (2, 5, 13, 11)
+    assert torch.allclose(out, expected, atol=1e-5)
+
+
+def test_bad_arguments():
+    with pytest.raises(ValueError):
+        tile_positions((10, 10, 10), (4, 4, 4), step=0.0)
+    with pytest.raises(ValueError):
+        sliding_window_inference(Constant(1.0), torch.zeros(2, 1, 8, 8, 8), (4, 4, 4), 2)
+    with pytest.raises(ValueError, match="does not match"):
+        sliding_window_inference(Constant(1.0, k=3), torch.zeros(1, 1, 8, 8, 8), (4, 4, 4), 2)

@@ -1,0 +1,439 @@
+"""The training run's settings: one tree of small dataclasses, written to `config.json` and into checkpoints.
+
+Each component owns its dataclass; fields carry their documentation and `__post_init__` validates them, so a
+bad value fails when the config is built (from defaults, JSON or `--set section.field=value` overrides) with a
+message that names the option and the allowed values.
+
+Example:
+    >>> config = apply_overrides(TrainConfig(), ["optim.lr=3e-4", "loop.epochs=10"])
+    >>> config.optim.lr
+    0.0003
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from voxseg.augment import AugmentConfig
+from voxseg.data.plans import write_json_atomic
+from voxseg.errors import ConfigError
+from voxseg.registry import unknown_name_message
+
+LOSS_NAMES = ("dice_ce", "dice", "ce", "focal", "tversky", "dice_focal")
+
+
+def _choice(where: str, value: Any, allowed: tuple[str, ...]) -> None:
+    if value not in allowed:
+        raise ConfigError(f"{where}='{value}' is not allowed; use one of: {', '.join(allowed)}")
+
+
+def _check(condition: bool, where: str, message: str) -> None:
+    if not condition:
+        raise ConfigError(f"{where} {message}")
+
+
+@dataclass
+class OptimConfig:
+    """The optimiser.
+
+    Attributes:
+        name: "sgd" (nnU-Net's default: SGD with Nesterov momentum), "adam" or "adamw".
+        lr: initial learning rate (the schedule scales it per epoch).
+        momentum: SGD momentum.
+        nesterov: Nesterov momentum for SGD.
+        weight_decay: L2 penalty (decoupled for adamw).
+        betas: Adam/AdamW (beta1, beta2).
+    """
+
+    name: str = "sgd"
+    lr: float = 1e-2
+    momentum: float = 0.99
+    nesterov: bool = True
+    weight_decay: float = 3e-5
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
+
+    def __post_init__(self) -> None:
+        _choice("optim.name", self.name, ("sgd", "adam", "adamw"))
+        _check(self.lr > 0, "optim.lr", f"must be positive, got {self.lr}")
+        _check(0 <= self.momentum < 1, "optim.momentum", f"must be in [0, 1), got {self.momentum}")
+        _check(self.weight_decay >= 0, "optim.weight_decay", "must be >= 0")
+        _check(len(self.betas) == 2 and all(0 <= b < 1 for b in self.betas), "optim.betas",
+               f"must be two numbers in [0, 1), got {self.betas}")
+        _check(not (self.name == "sgd" and self.nesterov and self.momentum == 0), "optim.nesterov",
+               "needs optim.momentum > 0")
+
+
+@dataclass
+class ScheduleConfig:
+    """How the learning rate changes from epoch to epoch (set at the start of every epoch).
+
+    Attributes:
+        name: "poly" lr * (1 - epoch/epochs)^exponent (nnU-Net's default); "cosine" half cosine to min_lr after
+            a linear warm-up of warmup_epochs; "step" lr * gamma^(epoch // step_size); "exponential"
+            lr * gamma^epoch; "plateau" multiplies the lr by factor when the validation EMA pseudo-Dice has
+            not improved for patience validations.
+        exponent: poly exponent.
+        warmup_epochs: cosine linear warm-up length in epochs (0 = none).
+        step_size: step schedule period in epochs.
+        gamma: step / exponential decay factor; None = 0.1 for step, 0.99 for exponential.
+        factor: plateau decay factor.
+        patience: plateau patience, in validations without improvement.
+        min_lr: the lr never goes below this (cosine decays to it; the others are floored at it).
+    """
+
+    name: str = "poly"
+    exponent: float = 0.9
+    warmup_epochs: int = 0
+    step_size: int = 100
+    gamma: float | None = None
+    factor: float = 0.5
+    patience: int = 10
+    min_lr: float = 0.0
+
+    def __post_init__(self) -> None:
+        _choice("schedule.name", self.name, ("poly", "cosine", "step", "exponential", "plateau"))
+        _check(self.exponent > 0, "schedule.exponent", "must be positive")
+        _check(self.warmup_epochs >= 0, "schedule.warmup_epochs", "must be >= 0")
+        _check(self.step_size >= 1, "schedule.step_size", "must be >= 1")
+        _check(self.gamma is None or 0 < self.gamma <= 1, "schedule.gamma", "must be in (0, 1]")
+        _check(0 < self.factor < 1, "schedule.factor", "must be in (0, 1)")
+        _check(self.patience >= 0, "schedule.patience", "must be >= 0")
+        _check(self.min_lr >= 0, "schedule.min_lr", "must be >= 0")
+
+    @property
+    def resolved_gamma(self) -> float:
+        if self.gamma is not None:
+            return self.gamma
+        return 0.1 if self.name == "step" else 0.99
+
+
+@dataclass
+class LossConfig:
+    """The loss.
+
+    Attributes:
+        name: dice_ce (default), dice, ce, focal, tversky or dice_focal.
+        weights: per-term weights, e.g. {"dice": 1.0, "ce": 1.0}; None = the loss's defaults.
+        deep_supervision: also supervise the decoder's lower-resolution outputs (weights halve per level).
+    """
+
+    name: str = "dice_ce"
+    weights: dict[str, float] | None = None
+    deep_supervision: bool = True
+
+    def __post_init__(self) -> None:
+        if self.name not in LOSS_NAMES:
+            raise ConfigError("loss.name: " + unknown_name_message("loss", self.name, list(LOSS_NAMES)))
+
+
+@dataclass
+class DataConfig:
+    """How training patches are drawn.
+
+    Attributes:
+        num_samples: patches cut from each drawn case (several patches per case amortise loading it).
+        foreground_fraction: fraction of patches forced to contain foreground; None = the plan's
+            foreground_oversampling.
+        cache: where preprocessed cases live during training: "auto" (GPU memory when they fit in
+            cache_budget_gb, else pinned host memory), "gpu", "pinned" or "mmap" (read from disk on demand).
+        cache_budget_gb: memory the cache may use; None = decided by the cache.
+        iterations_per_epoch: optimiser steps per epoch; 0 = one pass over the training cases.
+        batch_size: patches per step; None = the plan's.
+        patch_size: patch size in voxels, array axis order; None = the plan's.
+        prefetch: batches prepared ahead by a background thread (0 = prepare in the training thread).
+        num_threads: CPU threads torch may use (intra-op); capped at the machine's core count.
+    """
+
+    num_samples: int = 1
+    foreground_fraction: float | None = None
+    cache: str = "auto"
+    cache_budget_gb: float | None = None
+    iterations_per_epoch: int = 250
+    batch_size: int | None = None
+    patch_size: list[int] | None = None
+    prefetch: int = 0
+    num_threads: int = 4
+
+    def __post_init__(self) -> None:
+        _check(self.num_samples >= 1, "data.num_samples", "must be >= 1")
+        _check(self.foreground_fraction is None or 0 <= self.foreground_fraction <= 1,
+               "data.foreground_fraction", "must be between 0 and 1")
+        _choice("data.cache", self.cache, ("auto", "gpu", "pinned", "mmap"))
+        _check(self.cache_budget_gb is None or self.cache_budget_gb > 0, "data.cache_budget_gb", "must be > 0")
+        _check(self.iterations_per_epoch >= 0, "data.iterations_per_epoch", "must be >= 0 (0 = one pass)")
+        _check(self.batch_size is None or self.batch_size >= 1, "data.batch_size", "must be >= 1")
+        _check(self.patch_size is None or all(int(p) >= 1 for p in self.patch_size), "data.patch_size",
+               "entries must be positive")
+        _check(self.prefetch >= 0, "data.prefetch", "must be >= 0")
+        _check(self.num_threads >= 1, "data.num_threads", "must be >= 1")
+
+
+@dataclass
+class LoopConfig:
+    """The epoch loop.
+
+    Attributes:
+        epochs: number of epochs.
+        val_freq: validate (pseudo-Dice on patches) every this many epochs.
+        val_iterations: validation batches per validation.
+        grad_accum: micro-batches accumulated per optimiser step.
+        grad_clip: gradient norm clip (0 = off).
+        amp: "auto" (bf16 where supported, else fp16 with a GradScaler, on CUDA; float32 on CPU), "bf16",
+            "fp16" (CUDA only) or "off".
+        compile: "auto" (torch.compile model + loss on CUDA only), "on" (also on CPU) or "off".
+        patience: stop after this many epochs without EMA pseudo-Dice improvement (0 = never).
+        ema_alpha: smoothing of the pseudo-Dice EMA: ema = alpha * ema + (1 - alpha) * dice.
+        save_freq: write checkpoint_latest every this many epochs (and always at the end).
+        seed: random seed (offset by the rank in multi-GPU runs).
+        deterministic: deterministic algorithms (slower on CUDA; resumed runs reproduce exactly).
+        device: "auto" (cuda if available, else cpu), "cpu", "cuda" or "cuda:N".
+        residual: residual encoder on/off, overriding the plan; None = the plan's.
+        full_val: sliding-window validation of the whole validation cases after training.
+    """
+
+    epochs: int = 1000
+    val_freq: int = 1
+    val_iterations: int = 50
+    grad_accum: int = 1
+    grad_clip: float = 12.0
+    amp: str = "auto"
+    compile: str = "auto"
+    patience: int = 0
+    ema_alpha: float = 0.9
+    save_freq: int = 50
+    seed: int = 12345
+    deterministic: bool = False
+    device: str = "auto"
+    residual: bool | None = None
+    full_val: bool = True
+
+    def __post_init__(self) -> None:
+        for name in ("epochs", "val_freq", "grad_accum", "save_freq"):
+            _check(getattr(self, name) >= 1, f"loop.{name}", "must be >= 1")
+        _check(self.val_iterations >= 0, "loop.val_iterations", "must be >= 0")
+        _check(self.grad_clip >= 0, "loop.grad_clip", "must be >= 0 (0 = off)")
+        _choice("loop.amp", self.amp, ("auto", "bf16", "fp16", "off"))
+        _choice("loop.compile", self.compile, ("auto", "on", "off"))
+        _check(self.patience >= 0, "loop.patience", "must be >= 0 (0 = off)")
+        _check(0 <= self.ema_alpha < 1, "loop.ema_alpha", "must be in [0, 1)")
+        ok = self.device in ("auto", "cpu", "cuda") or (self.device.startswith("cuda:")
+                                                        and self.device[5:].isdigit())
+        _check(ok, "loop.device", f"='{self.device}' is not allowed; use auto, cpu, cuda or cuda:N")
+
+
+@dataclass
+class LoggingConfig:
+    """What the run writes besides checkpoints (log.jsonl is always written).
+
+    Attributes:
+        tensorboard: TensorBoard scalars in training/fold_F/tensorboard (skipped if tensorboard is missing).
+        progress_png: progress.png redrawn every epoch.
+        progress_bar: a tqdm bar per epoch.
+        log_every_iter: refresh the bar's loss every this many iterations; each refresh is a host-device sync
+            (0 = only at the end of the epoch).
+    """
+
+    tensorboard: bool = True
+    progress_png: bool = True
+    progress_bar: bool = True
+    log_every_iter: int = 25
+
+    def __post_init__(self) -> None:
+        _check(self.log_every_iter >= 0, "logging.log_every_iter", "must be >= 0")
+
+
+@dataclass
+class TrainConfig:
+    """The whole training run.
+
+    Attributes:
+        pretrained: checkpoint whose matching-shape weights initialise the network (fine-tuning).
+        resume: continue from training/fold_F/checkpoint_latest.pt.
+    """
+
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
+    loss: LossConfig = field(default_factory=LossConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    augment: AugmentConfig = field(default_factory=AugmentConfig)
+    loop: LoopConfig = field(default_factory=LoopConfig)
+    logging: LoggingConfig = field(default_factory=LoggingConfig)
+    pretrained: str | None = None
+    resume: bool = False
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> "TrainConfig":
+        return _build(cls, data, "")
+
+    def save(self, path: str | Path) -> None:
+        write_json_atomic(path, self.to_dict())
+
+
+def load_config_json(path: str | Path) -> TrainConfig:
+    """Read a config written by `TrainConfig.save` (or by hand; missing fields take their defaults)."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"config file {path} does not exist")
+    try:
+        data = json.loads(path.read_text())
+    except json.JSONDecodeError as exc:
+        raise ConfigError(f"config file {path} is not valid JSON ({exc})") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"config file {path} must hold a JSON object")
+    return TrainConfig.from_dict(data)
+
+
+def apply_overrides(config: TrainConfig, overrides: list[str]) -> TrainConfig:
+    """Return a copy of `config` with dotted `section.field=value` overrides applied and validated.
+
+    Values are parsed by the field's type: bools accept true/false/1/0/yes/no/on/off; lists accept JSON
+    (`[96,96,96]`) or commas (`96,96,96`); dicts accept JSON; `none`/`null` sets an optional field to None.
+    """
+    data = config.to_dict()
+    for item in overrides:
+        key, sep, text = item.partition("=")
+        key = key.strip()
+        if not sep or not key:
+            raise ConfigError(f"override '{item}' must look like section.field=value, e.g. optim.lr=3e-4")
+        hint, parent, leaf = _locate(key, data)
+        parent[leaf] = parse_value(text.strip(), hint, key)
+    return TrainConfig.from_dict(data)
+
+
+def option_names(cls: type = TrainConfig, prefix: str = "") -> list[str]:
+    """Every dotted option name, e.g. 'optim.lr', 'augment.rotation_p'."""
+    names = []
+    for name, hint in typing.get_type_hints(cls).items():
+        if name not in {f.name for f in dataclasses.fields(cls)}:
+            continue
+        if dataclasses.is_dataclass(hint):
+            names += option_names(hint, f"{prefix}{name}.")
+        else:
+            names.append(prefix + name)
+    return names
+
+
+# ----- helpers ------------------------------------------------------------------------------------------------
+def _fields(cls: type) -> dict[str, Any]:
+    hints = typing.get_type_hints(cls)
+    return {f.name: hints[f.name] for f in dataclasses.fields(cls) if f.init}
+
+
+def _build(cls: type, data: dict[str, Any], where: str) -> Any:
+    """Build dataclass `cls` from a dict, recursing into nested dataclasses; unknown keys are errors."""
+    if not isinstance(data, dict):
+        raise ConfigError(f"config section '{where.rstrip('.') or 'root'}' must be an object, got {data!r}")
+    hints = _fields(cls)
+    kwargs = {}
+    for key, value in data.items():
+        if key not in hints:
+            raise ConfigError(f"config {where.rstrip('.') or 'root'}: " + unknown_name_message(
+                "option", where + key, [where + n for n in hints]))
+        hint = hints[key]
+        if dataclasses.is_dataclass(hint):
+            value = _build(hint, value, f"{where}{key}.")
+        elif _origin(hint) is tuple and isinstance(value, list):
+            value = tuple(value)  # JSON has no tuples
+        kwargs[key] = value
+    try:
+        return cls(**kwargs)
+    except TypeError as exc:  # a value of the wrong type reached a comparison in validation
+        raise ConfigError(f"config {where.rstrip('.') or 'root'}: invalid value ({exc})") from None
+
+
+def _locate(key: str, data: dict[str, Any]) -> tuple[Any, dict[str, Any], str]:
+    """Find the type hint, parent dict and leaf name of a dotted option; unknown names suggest the nearest."""
+    cls: Any = TrainConfig
+    parts = key.split(".")
+    for depth, part in enumerate(parts):
+        hints = _fields(cls)
+        prefix = ".".join(parts[:depth])
+        if part not in hints:
+            valid = [f"{prefix}.{n}" if prefix else n for n in hints]
+            if depth == 0:
+                valid = option_names()
+            raise ConfigError(unknown_name_message("option", key, valid))
+        hint = hints[part]
+        last = depth == len(parts) - 1
+        if dataclasses.is_dataclass(hint) != (not last):
+            options = ", ".join(n for n in option_names() if n.startswith(key + ".")) if last else ""
+            raise ConfigError(f"option '{key}' is a section; set one of its fields: {options}" if last
+                              else f"option '{'.'.join(parts[:depth + 1])}' has no sub-options")
+        if last:
+            return hint, data, part
+        data = data[part]
+        cls = hint
+    raise AssertionError("unreachable")
+
+
+def _origin(hint: Any) -> Any:
+    return typing.get_origin(hint)
+
+
+def _union_args(hint: Any) -> tuple[Any, ...] | None:
+    if _origin(hint) in (typing.Union, types.UnionType):
+        return typing.get_args(hint)
+    return None
+
+
+_TRUE = ("true", "1", "yes", "on")
+_FALSE = ("false", "0", "no", "off")
+
+
+def parse_value(text: str, hint: Any, key: str) -> Any:
+    """Parse the text of an override by the field's type hint."""
+    args = _union_args(hint)
+    if args is not None:
+        if type(None) in args and text.lower() in ("none", "null"):
+            return None
+        options = [a for a in args if a is not type(None)]
+        for option in options:
+            try:
+                return parse_value(text, option, key)
+            except ConfigError:
+                if option is options[-1]:
+                    raise
+    if hint is bool:
+        if text.lower() in _TRUE + _FALSE:
+            return text.lower() in _TRUE
+        raise ConfigError(f"option '{key}' expects true or false, got '{text}'")
+    try:
+        if hint is int:
+            return int(text)
+        if hint is float:
+            return float(text)
+    except ValueError:
+        raise ConfigError(f"option '{key}' expects a{'n integer' if hint is int else ' number'}, got '{text}'") \
+            from None
+    if hint is str:
+        return text
+    origin = _origin(hint)
+    if origin in (list, tuple):
+        items = _parse_json(text, key) if text.startswith("[") else [t for t in text.split(",") if t.strip()]
+        if not isinstance(items, list):
+            raise ConfigError(f"option '{key}' expects a list like [1,2,3] or 1,2,3, got '{text}'")
+        item_hint = (typing.get_args(hint) or (str,))[0]  # list[int], tuple[int, ...], tuple[float, float]
+        values = [parse_value(str(v).strip() if not isinstance(v, str) else v.strip(), item_hint, key)
+                  for v in items]
+        return tuple(values) if origin is tuple else values
+    if origin is dict or hint is dict:
+        value = _parse_json(text, key)
+        if not isinstance(value, dict):
+            raise ConfigError(f"option '{key}' expects a JSON object like {{\"dice\": 1.0}}, got '{text}'")
+        return value
+    raise ConfigError(f"option '{key}' cannot be set from the command line")
+
+
+def _parse_json(text: str, key: str) -> Any:
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError:
+        raise ConfigError(f"option '{key}': '{text}' is not valid JSON") from None

@@ -1,0 +1,414 @@
+"""The planner: from a dataset fingerprint to `plans.json` (target spacing, normalisation, patch, batch, U-Net).
+
+The heuristics follow nnU-Net v2's `3d_fullres` planner (the facts, re-derived here) and are explained with
+worked examples in each function's docstring. In short, for a BraTS-like dataset (4 MRI channels, 1 mm
+isotropic, median brain crop 140x170x140, 4 outputs) and an 8 GB GPU the planner chooses:
+
+    target spacing   [1, 1, 1]              per-axis median spacing
+    normalisation    zscore inside the nonzero (brain) mask, per channel
+    patch size       [128, 128, 128]         shrunk from the median shape until the memory model fits 8 GB
+    network          6 stages, features [32, 64, 128, 256, 320, 320], kernels 3x3x3, strides 2 per axis
+    batch size       2
+
+and with a 40 GB budget the whole median case (160x192x160, rounded up to the network's stride) and a batch of 4.
+
+The memory model lives in `voxseg.data.memory`; `estimate_memory_gb` is re-exported here.
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+import os
+import shutil
+import typing
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from voxseg.data.dataset import RawDataset, load_dataset
+from voxseg.data.fingerprint import compute_fingerprint, save_fingerprint
+from voxseg.data.memory import estimate_memory_gb, total_stride
+from voxseg.data.plans import ChannelNormalization, NetworkPlan, Plan
+from voxseg.data.splits import SPLITS_FILE, make_fraction_split, make_kfold_splits, save_splits
+from voxseg.errors import ConfigError, DatasetError
+from voxseg.registry import unknown_name_message
+
+__all__ = [
+    "derive_topology", "describe_plan", "estimate_memory_gb", "make_plan", "override_names", "parse_overrides",
+    "plan_dataset", "plan_normalization", "plan_target_spacing",
+]
+
+ANISOTROPY_RATIO = 3.0  # coarsest / finest median spacing above which an axis is handled separately
+NONZERO_MASK_THRESHOLD = 0.75  # z-score inside the nonzero mask when cropping left < 3/4 of the median case
+MIN_FEATURE_MAP = 4  # no axis is downsampled below this many voxels
+MAX_STAGES = {3: 6, 2: 7}
+MAX_FEATURES = {3: 320, 2: 512}
+BASE_FEATURES = 32
+START_PATCH_VOXELS = {3: 256**3, 2: 2048**2}  # the search starts at most this large
+MIN_PATCH_AXIS = 8  # the search never shrinks an axis below this
+REFERENCE_BATCH = 2  # the patch is shrunk until this batch fits; more batch is added afterwards
+MAX_DATASET_FRACTION_PER_BATCH = 0.05  # one batch covers at most 5% of the dataset's voxels (nnU-Net's rule)
+FOREGROUND_OVERSAMPLING = 0.33
+NETWORK_TOPOLOGY_KEYS = ("features", "kernel_sizes", "strides")
+_NOT_OVERRIDABLE = ("version", "estimated_memory_gb", "network")
+
+
+# ----- spacing and normalisation ---------------------------------------------------------------------------
+def plan_target_spacing(spacings: np.ndarray) -> tuple[list[float], int | None]:
+    """Target spacing (per-axis median) and the anisotropic axis, if any.
+
+    When the coarsest median spacing is more than 3x the finest, resampling every case to the median would
+    interpolate many slices out of few; the coarse axis instead gets the 10th percentile of its spacings
+    (finer, so fewer cases lose slices), but never finer than the other axes' median spacing, so it stays the
+    coarse axis. That axis is recorded so preprocessing resamples it separately (nearest / linear along it).
+
+    Example: spacings (5.0, 0.8, 0.8) for 9 cases and (3.0, 0.8, 0.8) for one: median (5.0, 0.8, 0.8);
+    5.0 > 3 x 0.8, so axis 0 gets the 10th percentile of [3, 5, ..., 5] = 4.8 -> target (4.8, 0.8, 0.8),
+    anisotropy_axis 0. For 1 mm isotropic data the target is (1, 1, 1) and anisotropy_axis None.
+
+    Args:
+        spacings: (N, ndim) per-case spacings, array axis order.
+    """
+    spacings = np.asarray(spacings, dtype=np.float64)
+    median = np.median(spacings, axis=0)
+    coarse = int(np.argmax(median))
+    if median[coarse] <= ANISOTROPY_RATIO * median.min():
+        return [float(s) for s in median], None
+    target = median.copy()
+    others = np.delete(median, coarse)
+    target[coarse] = max(float(np.percentile(spacings[:, coarse], 10)), float(others.max()))
+    return [float(s) for s in target], coarse
+
+
+def plan_normalization(fingerprint: dict[str, Any], channel_names: dict[str, str]) -> list[ChannelNormalization]:
+    """One normalisation scheme per channel.
+
+    - A channel named "CT" (any case): intensities are in Hounsfield units and comparable across cases, so
+      the dataset-wide foreground statistics are used: clip to the 0.5 / 99.5 percentiles, then subtract the
+      foreground mean and divide by its std (e.g. a liver dataset: clip [-17, 201], mean 99.4, std 39.4).
+    - Any other channel (MRI, ...): per-case z-score. When cropping to the nonzero region shrank the median
+      case to less than 3/4 of its size (skull-stripped brains: ~0.4), the background is a large constant
+      region, so statistics come from the nonzero mask only and the outside stays 0 (`use_nonzero_mask`).
+    """
+    use_mask = float(fingerprint.get("median_relative_size_after_cropping", 1.0)) < NONZERO_MASK_THRESHOLD
+    schemes = []
+    for index in sorted(channel_names, key=int):
+        if channel_names[index].strip().lower() != "ct":
+            schemes.append(ChannelNormalization("zscore", use_nonzero_mask=use_mask))
+            continue
+        stats = fingerprint.get("foreground_intensity", {}).get(str(index), {})
+        needed = ("percentile_00_5", "percentile_99_5", "mean", "std")
+        if any(stats.get(key) is None for key in needed):
+            raise DatasetError(
+                f"channel {index} ('{channel_names[index]}') is CT but the fingerprint has no foreground intensity "
+                "statistics for it (no labelled foreground voxels?); check the labels or rename the channel"
+            )
+        schemes.append(
+            ChannelNormalization(
+                "ct",
+                clip_low=float(stats["percentile_00_5"]),
+                clip_high=float(stats["percentile_99_5"]),
+                mean=float(stats["mean"]),
+                std=max(float(stats["std"]), 1e-8),
+            )
+        )
+    return schemes
+
+
+# ----- network topology --------------------------------------------------------------------------------------
+def derive_topology(
+    patch_size: list[int], spacing: list[float], **block: Any
+) -> NetworkPlan:
+    """U-Net topology for a patch: strides and kernels per stage, features per stage.
+
+    An axis is downsampled by 2 at the next stage while (a) its feature map stays >= 4 voxels and (b) its
+    current spacing is at most 2x the finest current spacing among the axes that can still be downsampled.
+    Rule (b) makes a coarse axis wait until the others have caught up, and its kernel is 1 until then.
+    Stages stop at 6 (3D) / 7 (2D) or when no axis can be downsampled; features start at 32 and double per
+    stage up to 320 (3D) / 512 (2D).
+
+    Example (isotropic 1 mm, patch 128^3): every axis halves 5 times (128 -> 4): 6 stages, kernels [3,3,3],
+    strides [1,1,1] then [2,2,2] x5, features [32, 64, 128, 256, 320, 320], total stride 32 per axis.
+
+    Example (5 x 0.8 x 0.8 mm, patch 20x320x320): stage 0 kernel [1,3,3] (5 > 2 x 0.8); stages 1-2 halve only
+    the in-plane axes (spacing 1.6, 3.2); at stage 3 the in-plane spacing 3.2 is within 2x of 5, so axis 0 is
+    halved too (kernel [3,3,3] from stage 2 on) -> strides [1,1,1],[1,2,2],[1,2,2],[2,2,2],[2,2,2],[1,2,2],
+    total stride [4, 32, 32]: 2 downsamplings along axis 0 against 5 in-plane.
+
+    Args:
+        patch_size: patch in voxels (2 or 3 axes).
+        spacing: voxel spacing of those axes in mm.
+        **block: other NetworkPlan fields (name, conv_per_stage, residual, deep_supervision).
+    """
+    ndim = len(patch_size)
+    shape = [float(p) for p in patch_size]
+    current = [float(s) for s in spacing]
+    kernels = [[3 if c <= 2 * min(current) else 1 for c in current]]
+    strides = [[1] * ndim]
+    while len(strides) < MAX_STAGES[ndim]:
+        by_size = [a for a in range(ndim) if shape[a] / 2 >= MIN_FEATURE_MAP]
+        if not by_size:
+            break
+        finest = min(current[a] for a in by_size)
+        stride = [2 if a in by_size and current[a] <= 2 * finest else 1 for a in range(ndim)]
+        shape = [s / t for s, t in zip(shape, stride)]
+        current = [c * t for c, t in zip(current, stride)]
+        kernels.append([3 if k == 3 or c <= 2 * min(current) else 1 for k, c in zip(kernels[-1], current)])
+        strides.append(stride)
+    features = [min(BASE_FEATURES * 2**s, MAX_FEATURES[ndim]) for s in range(len(strides))]
+    return NetworkPlan(features=features, kernel_sizes=kernels, strides=strides, **block)
+
+
+def _snap_to_topology(
+    patch: list[int], spacing: list[float], block: dict[str, Any], upward: bool
+) -> tuple[list[int], NetworkPlan]:
+    """Round the patch to a multiple of its network's total stride, re-deriving the network until stable."""
+    for _ in range(16):
+        network = derive_topology(patch, spacing, **block)
+        total = total_stride(network)
+        if upward:
+            snapped = [math.ceil(p / t) * t for p, t in zip(patch, total)]
+        else:
+            snapped = [max(t, p // t * t) for p, t in zip(patch, total)]
+        if snapped == patch:
+            return patch, network
+        patch = snapped
+    return patch, derive_topology(patch, spacing, **block)
+
+
+def _fit_patch(
+    median_shape: list[int], spacing: list[float], budget_gb: float, block: dict[str, Any], channels: int, outputs: int
+) -> tuple[list[int], NetworkPlan]:
+    """Largest patch (with its network) whose batch of 2 fits `budget_gb`.
+
+    Start from the median case shape (already the aspect ratio of the median case in mm), scaled down to at
+    most 256^3 voxels, rounded up to a multiple of the network's total stride. While the memory model says
+    a batch of 2 does not fit, shrink the axis that is longest in mm by that axis' total stride and re-derive
+    the network (a smaller patch may lose a downsampling step, which changes the stride).
+
+    Example (BraTS-like, 8 GB): median 140x170x140 -> start 160x192x160 (multiples of 32) -> 160x160x160 ->
+    128x160x160 -> 128x128x160 (about 9 GB) -> 128x128x128 (about 7.4 GB, fits). If even the smallest patch
+    does not fit (a tiny budget), the smallest patch is returned and batch 2 is used anyway.
+    """
+    ndim = len(median_shape)
+    patch = [max(1, int(s)) for s in median_shape]
+    scale = min(1.0, (START_PATCH_VOXELS[ndim] / float(np.prod(patch))) ** (1.0 / ndim))
+    patch = [max(1, int(round(p * scale))) for p in patch]
+    patch, network = _snap_to_topology(patch, spacing, block, upward=True)
+    while estimate_memory_gb(network, patch, REFERENCE_BATCH, channels, outputs) > budget_gb:
+        total = total_stride(network)
+        shrinkable = [a for a in range(ndim) if patch[a] - total[a] >= MIN_PATCH_AXIS]
+        if not shrinkable:
+            break
+        axis = max(shrinkable, key=lambda a: (patch[a] * spacing[a], -a))
+        patch = list(patch)
+        patch[axis] -= total[axis]
+        patch, network = _snap_to_topology(patch, spacing, block, upward=False)
+    return patch, network
+
+
+def _fit_batch(
+    network: NetworkPlan, patch: list[int], budget_gb: float, channels: int, outputs: int, dataset_voxels: float
+) -> int:
+    """Largest batch within the budget, at most 5% of the dataset's voxels per batch, and at least 2.
+
+    Example: the 128^3 BraTS plan costs ~7.4 GB at batch 2 and ~2.9 GB per extra sample, so 8 GB -> 2 and
+    40 GB -> 13; 1,250 cases of ~3.3M voxels cap a 128^3 batch at 0.05 x 4.2e9 / 2.1e6 = 99.
+    """
+    one = estimate_memory_gb(network, patch, 1, channels, outputs)
+    per_sample = estimate_memory_gb(network, patch, 2, channels, outputs) - one
+    batch = int(math.floor((budget_gb - one) / per_sample + 1e-9)) + 1
+    cap = int(MAX_DATASET_FRACTION_PER_BATCH * dataset_voxels / float(np.prod(patch)))
+    return max(REFERENCE_BATCH, min(batch, cap))
+
+
+def _check_patch_divisible(patch: list[int], network: NetworkPlan) -> None:
+    for axis, (p, t) in enumerate(zip(patch, total_stride(network))):
+        if p % t:
+            low, high = max(t, p // t * t), (p // t + 1) * t
+            raise ConfigError(
+                f"patch_size[{axis}]={p} is not divisible by {t}, the network's total stride along that axis; "
+                f"use a multiple of {t} (e.g. {low} or {high})"
+            )
+
+
+# ----- overrides ----------------------------------------------------------------------------------------------
+def override_names() -> list[str]:
+    """Every key `make_plan` accepts in `overrides`: plan fields and `network.<field>`."""
+    plan_fields = [f.name for f in dataclasses.fields(Plan) if f.name not in _NOT_OVERRIDABLE]
+    return plan_fields + [f"network.{f.name}" for f in dataclasses.fields(NetworkPlan)]
+
+
+def parse_overrides(overrides: dict[str, Any] | None) -> dict[str, Any]:
+    """Check override names and parse string values (from the CLI) by the field's type.
+
+    Example: {"batch_size": "4", "patch_size": "96,96,96", "network.residual": "true"} ->
+    {"batch_size": 4, "patch_size": [96, 96, 96], "network.residual": True}; "patch_sise" raises
+    ConfigError "unknown plan option 'patch_sise'; did you mean 'patch_size'? ...".
+    """
+    from voxseg.config import parse_value  # the one parser of dotted CLI values, shared with TrainConfig
+
+    hints = dict(typing.get_type_hints(Plan))
+    hints.update({f"network.{k}": v for k, v in typing.get_type_hints(NetworkPlan).items()})
+    valid = override_names()
+    parsed = {}
+    for key, value in (overrides or {}).items():
+        if key not in valid:
+            raise ConfigError(unknown_name_message("plan option", key, valid))
+        parsed[key] = parse_value(value.strip(), hints[key], key) if isinstance(value, str) else value
+    return parsed
+
+
+# ----- the plan ----------------------------------------------------------------------------------------------
+def _num_outputs(labels: dict[str, Any]) -> int:
+    foreground = [v for k, v in labels.items() if k not in ("background", "ignore")]
+    region_based = any(isinstance(v, (list, tuple)) for v in foreground)
+    return len(foreground) if region_based else len(foreground) + 1
+
+
+def make_plan(
+    fingerprint: dict[str, Any],
+    dataset: RawDataset,
+    gpu_memory_gb: float = 8.0,
+    overrides: dict[str, Any] | None = None,
+    dims: int = 3,
+) -> Plan:
+    """Plan a configuration for `dataset` from its fingerprint.
+
+    Args:
+        fingerprint: from `voxseg.data.fingerprint.compute_fingerprint` (needs spacings, shapes_after_crop,
+            median_relative_size_after_cropping and, for CT channels, foreground_intensity).
+        dataset: the raw dataset (channel names, labels, file ending).
+        gpu_memory_gb: memory budget of one GPU; patch and batch are chosen so the estimate fits it.
+        overrides: dotted keys, values typed or strings (see `parse_overrides`). A `patch_size`
+            override re-derives the network for that patch (unless network.features/kernel_sizes/strides are
+            overridden too); the batch is then re-fitted unless `batch_size` is overridden.
+        dims: 3 for the 3D full-resolution configuration, 2 for a 2D configuration (slices along axis 0,
+            kernels and strides over the last two axes).
+    """
+    if dims not in (2, 3):
+        raise ConfigError(f"dims={dims}: plan a 2 or 3 dimensional configuration")
+    values = parse_overrides(overrides)
+    budget = float(values.pop("gpu_memory_gb", gpu_memory_gb))
+    spacings = np.asarray(fingerprint["spacings"], dtype=np.float64)
+    shapes = np.asarray(fingerprint["shapes_after_crop"], dtype=np.float64)
+    target, anisotropy_axis = plan_target_spacing(spacings)
+    target = [float(s) for s in values.pop("target_spacing", target)]
+    resampled = shapes * spacings / np.asarray(target)  # (N, 3) per-case shape at the target spacing
+    median_shape = [int(round(s)) for s in np.median(resampled, axis=0)]
+    dataset_voxels = float(np.prod(resampled, axis=1).sum())
+
+    block = {k: v for k, v in NetworkPlan().__dict__.items() if k not in NETWORK_TOPOLOGY_KEYS}
+    block.update({k[8:]: values.pop(k) for k in list(values) if k.startswith("network.") and k[8:] in block})
+    topology = {k[8:]: values.pop(k) for k in list(values) if k.startswith("network.")}
+    channels, outputs = dataset.num_channels, _num_outputs(dataset.labels)
+    spacing_net, shape_net = (target, median_shape) if dims == 3 else (target[1:], median_shape[1:])
+    if "patch_size" in values:
+        patch = [int(p) for p in values.pop("patch_size")]
+        if len(patch) != dims:
+            raise ConfigError(f"override patch_size={patch} needs {dims} entries for a {dims}D plan")
+        network = derive_topology(patch, spacing_net, **block)
+    else:
+        patch, network = _fit_patch(shape_net, spacing_net, budget, block, channels, outputs)
+    if topology:
+        network = NetworkPlan(**{**network.__dict__, **topology})
+    _check_patch_divisible(patch, network)
+    if "batch_size" in values:
+        batch = int(values.pop("batch_size"))
+    else:
+        batch = _fit_batch(network, patch, budget, channels, outputs, dataset_voxels)
+
+    fields: dict[str, Any] = dict(
+        dataset_name=dataset.name,
+        raw_dataset=str(dataset.root),
+        channel_names=dataset.channel_names,
+        labels=dataset.labels,
+        regions_class_order=dataset.regions_class_order,
+        file_ending=dataset.file_ending,
+        original_median_spacing=[float(s) for s in np.median(spacings, axis=0)],
+        original_median_shape=[int(round(s)) for s in np.median(shapes, axis=0)],
+        target_spacing=target,
+        anisotropy_axis=anisotropy_axis,
+        normalization=plan_normalization(fingerprint, dataset.channel_names),
+        median_shape_after_resample=median_shape,
+        patch_size=patch,
+        batch_size=batch,
+        network=network,
+        foreground_oversampling=FOREGROUND_OVERSAMPLING,
+        gpu_memory_gb=budget,
+        image_dtype="float16",
+    )
+    fields.update(values)
+    fields["estimated_memory_gb"] = round(estimate_memory_gb(network, patch, batch, channels, outputs), 3)
+    return Plan(**fields)
+
+
+def plan_dataset(
+    dataset_dir: str | Path,
+    workdir: str | Path,
+    gpu_memory_gb: float = 8.0,
+    overrides: dict[str, Any] | None = None,
+    num_folds: int = 5,
+    val_fraction: float | None = None,
+    seed: int = 12345,
+    num_workers: int = 1,
+    dims: int = 3,
+) -> Plan:
+    """Check, fingerprint and plan a raw dataset; write the work directory.
+
+    Writes WORKDIR/fingerprint.json, plans.json, splits.json (only if it does not exist yet, so a hand-made
+    split is kept) and a copy of dataset.json. `val_fraction` makes one random split instead of k folds.
+
+    Raises:
+        DatasetError: the dataset check found problems (the message lists them).
+    """
+    from voxseg.data.check import check_dataset  # lazy: check pulls in more I/O than planning needs
+
+    dataset = load_dataset(dataset_dir)
+    report = check_dataset(dataset.root, num_workers=num_workers)
+    if not report.ok:
+        raise DatasetError(report.format())
+    workdir = Path(workdir)
+    workdir.mkdir(parents=True, exist_ok=True)
+    fingerprint = compute_fingerprint(dataset, num_workers=num_workers)
+    save_fingerprint(workdir / "fingerprint.json", fingerprint)
+    plan = make_plan(fingerprint, dataset, gpu_memory_gb=gpu_memory_gb, overrides=overrides, dims=dims)
+    plan.save(workdir / "plans.json")
+    if not (workdir / SPLITS_FILE).exists():
+        names = [case.name for case in dataset.cases]
+        if val_fraction is not None:
+            splits = make_fraction_split(names, val_fraction, seed)
+        else:
+            splits = make_kfold_splits(names, num_folds, seed)
+        save_splits(workdir, splits)
+    tmp = workdir / f".dataset.json.tmp{os.getpid()}"
+    shutil.copyfile(dataset.root / "dataset.json", tmp)
+    os.replace(tmp, workdir / "dataset.json")
+    return plan
+
+
+def describe_plan(plan: Plan) -> str:
+    """A short human summary of a plan, e.g. for `voxseg plan` to print."""
+    net = plan.network
+    aniso = f" (axis {plan.anisotropy_axis} anisotropic)" if plan.anisotropy_axis is not None else ""
+    norms = ", ".join(
+        n.scheme + ("+mask" if n.use_nonzero_mask else "") for n in plan.normalization
+    )
+    memory = f"{plan.estimated_memory_gb:.1f}" if plan.estimated_memory_gb is not None else "?"
+    lines = [
+        f"dataset        {plan.dataset_name}: {plan.num_channels} channel(s), {plan.num_outputs} output(s)"
+        + (" (regions)" if plan.is_region_based else ""),
+        f"spacing        {_fmt(plan.original_median_spacing)} -> {_fmt(plan.target_spacing)} mm{aniso}",
+        f"median shape   {_fmt(plan.median_shape_after_resample)} at target spacing",
+        f"normalisation  {norms}",
+        f"patch x batch  {_fmt(plan.patch_size)} x {plan.batch_size}",
+        f"network        {plan.network.name}{' (residual)' if net.residual else ''}, {net.n_stages} stages, "
+        f"features {net.features}, total stride {_fmt(total_stride(net))}",
+        f"memory         ~{memory} GB estimated (budget {plan.gpu_memory_gb:g} GB)",
+    ]
+    return "\n".join(lines)
+
+
+def _fmt(values: Any) -> str:
+    return "x".join(f"{v:g}" if isinstance(v, float) else str(v) for v in values)

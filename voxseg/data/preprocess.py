@@ -1,0 +1,322 @@
+"""Preprocessing: crop to the nonzero region, normalise per channel, resample to the plan's target spacing.
+
+The same `preprocess_case` serves training (with a label map) and inference (without one), so a model
+always sees inputs prepared one way; `restore_to_original` undoes the geometric part for predictions.
+Cropping is a numpy slice on the host; the arithmetic (statistics, normalisation, resampling) runs in torch on
+`device`, so a GPU can do the heavy part when one is present.
+
+Order follows nnU-Net: crop -> normalise -> resample. Normalising before resampling keeps the z-score
+statistics those of the voxels actually acquired, not of interpolated ones.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import time
+from concurrent.futures import ProcessPoolExecutor, as_completed
+from multiprocessing import get_context
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+import torch
+
+from voxseg.data.io import Geometry, read_channels, read_image
+from voxseg.data.plans import ChannelNormalization, Plan
+from voxseg.data.resample import resample
+from voxseg.data.store import case_paths, load_properties, sample_foreground_locations, save_case
+from voxseg.errors import DatasetError, InputError, VoxsegError
+
+__all__ = ["resample", "preprocess_case", "restore_to_original", "preprocess_dataset", "plan_hash"]
+
+PREPROCESS_VERSION = 1  # bump when the preprocessing code changes what it writes: every case is re-done
+ANISOTROPY_RATIO = 3.0  # an axis this many times coarser than the others is resampled separately (nnU-Net's 3)
+OUTSIDE_LABEL = -1  # background outside the nonzero mask, stored in CASE_seg.npy; losses treat it as background
+FLOAT16_MAX = 65504.0
+
+
+def plan_hash(plan: Plan) -> str:
+    """Hash of the plan fields that change what preprocessing writes (stored in every CASE.json)."""
+    relevant = {
+        "version": PREPROCESS_VERSION,
+        "target_spacing": [float(s) for s in plan.target_spacing],
+        "anisotropy_axis": plan.anisotropy_axis,
+        "normalization": [vars(n) for n in plan.normalization],
+        "image_dtype": plan.image_dtype,
+        "labels": plan.labels,
+        "channel_names": plan.channel_names,
+    }
+    return hashlib.sha256(json.dumps(relevant, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def separate_axis(spacing: Sequence[float], target_spacing: Sequence[float], plan_axis: int | None) -> int | None:
+    """The plan's anisotropy axis when it is coarse (ANISOTROPY_RATIO x the others) in the case or the target."""
+    if plan_axis is None:
+        return None
+    for sp in (spacing, target_spacing):
+        others = [float(s) for a, s in enumerate(sp) if a != plan_axis]
+        if float(sp[plan_axis]) >= ANISOTROPY_RATIO * max(others):
+            return int(plan_axis)
+    return None
+
+
+def nonzero_bbox(image: np.ndarray) -> tuple[np.ndarray, list[list[int]]]:
+    """Nonzero mask (any channel != 0) of a (C, D, H, W) image and its bounding box [[d0, d1], [h0, h1], [w0, w1]].
+
+    An all-zero image keeps its full extent.
+    """
+    mask = np.any(image != 0, axis=0)  # (D, H, W)
+    bbox = []
+    for axis in range(3):
+        present = np.flatnonzero(np.any(mask, axis=tuple(a for a in range(3) if a != axis)))
+        bbox.append([int(present[0]), int(present[-1]) + 1] if present.size else [0, int(mask.shape[axis])])
+    return mask, bbox
+
+
+def _slices(bbox: list[list[int]]) -> tuple[slice, ...]:
+    return tuple(slice(a, b) for a, b in bbox)
+
+
+def normalize(image: torch.Tensor, mask: torch.Tensor, schemes: list[ChannelNormalization]) -> tuple[torch.Tensor, list[list[float]]]:
+    """Normalise each channel of (C, d, h, w) in place per its scheme; returns it and [[mean, std], ...] used.
+
+    zscore: the case's own mean/std (inside `mask` (d, h, w) when use_nonzero_mask, voxels outside set to 0).
+    ct: clip to [clip_low, clip_high], then (x - mean) / std with the dataset-wide statistics of the plan.
+    """
+    stats = []
+    mask_has_voxels = bool(mask.any())
+    for channel, scheme in enumerate(schemes):
+        x = image[channel]  # (d, h, w), a view: edits land in `image`
+        if scheme.scheme == "none":
+            stats.append([0.0, 1.0])
+            continue
+        if scheme.scheme == "ct":
+            mean, std = float(scheme.mean), float(scheme.std)
+            x.clamp_(float(scheme.clip_low), float(scheme.clip_high))
+        else:
+            use_mask = scheme.use_nonzero_mask and mask_has_voxels
+            var, mean_t = torch.var_mean(x[mask] if use_mask else x, correction=0)
+            mean, std = float(mean_t), float(var.sqrt())
+        x.sub_(mean).div_(max(std, 1e-8))
+        if scheme.scheme == "zscore" and scheme.use_nonzero_mask:
+            x.masked_fill_(~mask, 0.0)
+        stats.append([mean, std])
+    return image, stats
+
+
+def preprocess_case(
+    image: np.ndarray,
+    geometry: Geometry,
+    plan: Plan,
+    seg: np.ndarray | None = None,
+    device: str | torch.device = "cpu",
+    name: str = "",
+) -> tuple[np.ndarray, np.ndarray | None, dict[str, Any]]:
+    """Crop, normalise and resample one case.
+
+    Args:
+        image: (C, D, H, W) float image in the raw geometry.
+        geometry: its Geometry (spacing and affine).
+        plan: the plan (target spacing, normalisation, anisotropy axis).
+        seg: (D, H, W) integer label map on the same grid, or None at inference.
+        device: where the normalisation and resampling run ("cpu", "cuda", ...).
+        name: case name recorded in the properties.
+
+    Returns:
+        (image (C, d, h, w) float32, seg (1, d, h, w) int8 or None, properties dict, JSON-serialisable).
+    """
+    if image.ndim != 4 or image.shape[0] != plan.num_channels:
+        raise InputError(f"case '{name}': image shape {image.shape} is not (C={plan.num_channels}, D, H, W) as the plan expects")
+    if seg is not None and tuple(seg.shape) != tuple(image.shape[1:]):
+        raise DatasetError(f"case '{name}': label shape {tuple(seg.shape)} differs from the image's {tuple(image.shape[1:])}")
+    spacing = [float(s) for s in geometry.spacing]
+    mask, bbox = nonzero_bbox(image)
+    box = _slices(bbox)
+    use_mask = any(n.use_nonzero_mask for n in plan.normalization)
+    crop_np = np.ascontiguousarray(image[(slice(None), *box)], dtype=np.float32)
+    # normalisation works in place: never on the caller's array (a full-extent crop is a view of it)
+    cropped = torch.from_numpy(crop_np).to(device, copy=np.may_share_memory(crop_np, image))
+    mask_t = torch.from_numpy(np.ascontiguousarray(mask[box])).to(device)
+    cropped, stats = normalize(cropped, mask_t, plan.normalization)  # (C, d, h, w)
+    shape_after_crop = [int(s) for s in cropped.shape[1:]]
+    new_shape = [max(1, int(round(s * sp / t))) for s, sp, t in zip(shape_after_crop, spacing, plan.target_spacing)]
+    axis = separate_axis(spacing, plan.target_spacing, plan.anisotropy_axis)
+    image_pp = resample(cropped, new_shape, is_label=False, anisotropy_axis=axis).cpu().numpy()
+    seg_pp = None
+    if seg is not None:
+        seg_crop = _checked_labels(seg, name)[box]
+        if use_mask:
+            seg_crop = np.where((seg_crop == 0) & ~mask[box], OUTSIDE_LABEL, seg_crop).astype(np.int8)
+        seg_t = torch.from_numpy(np.ascontiguousarray(seg_crop)).to(device)[None]  # (1, d, h, w)
+        seg_pp = resample(seg_t, new_shape, is_label=True, anisotropy_axis=axis).cpu().numpy().astype(np.int8)
+    properties = {
+        "name": name,
+        "original_shape": [int(s) for s in image.shape[1:]],
+        "original_spacing": spacing,
+        "affine": geometry.to_list(),
+        "crop_bbox": bbox,
+        "shape_after_crop": shape_after_crop,
+        "shape_after_resample": new_shape,
+        "target_spacing": [float(t) for t in plan.target_spacing],
+        "anisotropy_axis": axis,
+        "normalization_stats": stats,
+        "plan_hash": plan_hash(plan),
+        "channel_files": [],
+        "label_file": None,
+    }
+    return image_pp, seg_pp, properties
+
+
+def _checked_labels(seg: np.ndarray, name: str) -> np.ndarray:
+    """Label map as int8, refusing values that are negative, fractional or above 127 (int8 storage)."""
+    if seg.size and (seg.min() < 0 or seg.max() > 127):
+        raise DatasetError(f"case '{name}': label values must lie in 0..127, found {seg.min()}..{seg.max()}; fix the label file")
+    if np.issubdtype(seg.dtype, np.floating) and not np.array_equal(seg, np.round(seg)):
+        raise DatasetError(f"case '{name}': label map holds non-integer values; labels must be integers")
+    return seg.astype(np.int8)
+
+
+def restore_to_original(
+    array: np.ndarray | torch.Tensor,
+    properties: dict[str, Any],
+    is_label: bool,
+    device: str | torch.device = "cpu",
+    background_channel: bool = True,
+) -> np.ndarray:
+    """Map a prediction at the target spacing back onto the case's original grid.
+
+    Args:
+        array: (d, h, w) labels or (K, d, h, w) probabilities, shape_after_resample; numpy or torch.
+        properties: the case's properties from `preprocess_case`.
+        is_label: labels are resampled without creating values; probabilities linearly.
+        device: where the resampling runs.
+        background_channel: probabilities only: outside the crop box channel 0 is set to 1 and the others
+            to 0 (softmax outputs, channel 0 = background). Pass False for region (sigmoid) outputs, which have
+            no background channel: then every channel is 0 outside.
+
+    Returns:
+        (D, H, W) labels (input dtype; -1 "outside" values become 0) or (K, D, H, W) float32 probabilities.
+    """
+    tensor = torch.as_tensor(array).to(device)
+    if is_label and tensor.ndim == 3:
+        tensor = tensor[None]
+    if tensor.ndim != 4 or list(tensor.shape[1:]) != list(properties["shape_after_resample"]):
+        raise InputError(
+            f"case '{properties.get('name', '')}': prediction shape {tuple(array.shape)} does not match the "
+            f"preprocessed shape {properties['shape_after_resample']}"
+        )
+    restored = resample(tensor, properties["shape_after_crop"], is_label, properties.get("anisotropy_axis"))
+    shape = (restored.shape[0], *properties["original_shape"])
+    out = torch.zeros(shape, dtype=restored.dtype, device=restored.device)
+    if is_label:
+        restored = restored.clamp_min(0)
+    elif background_channel:
+        out[0] = 1.0
+    out[(slice(None), *_slices(properties["crop_bbox"]))] = restored
+    result = out.cpu().numpy()
+    return result[0] if is_label else result
+
+
+# ----- whole dataset ------------------------------------------------------------------------------------------
+def _is_complete(directory: Path, name: str, expected_hash: str) -> bool:
+    paths = case_paths(directory, name)
+    if not (paths["properties"].is_file() and paths["image"].is_file() and paths["seg"].is_file()):
+        return False
+    try:
+        return load_properties(directory, name).get("plan_hash") == expected_hash
+    except DatasetError:
+        return False
+
+
+def _preprocess_one(case: Any, plan: Plan, out_dir: str, device: str, threads: int) -> tuple[str, int, str | None]:
+    """Worker: read, preprocess and store one training case. Returns (name, raw bytes, error message or None)."""
+    if threads:
+        torch.set_num_threads(threads)
+    try:
+        image, geometry = read_channels(case.image_files)
+        seg, _ = read_image(case.label_file) if case.label_file is not None else (None, None)
+        image_pp, seg_pp, properties = preprocess_case(image, geometry, plan, seg, device=device, name=case.name)
+        properties["channel_files"] = [str(p) for p in case.image_files]
+        properties["label_file"] = str(case.label_file) if case.label_file is not None else None
+        if plan.image_dtype == "float16" and image_pp.size and float(np.abs(image_pp).max()) > FLOAT16_MAX:
+            raise DatasetError(
+                f"case '{case.name}': normalised intensities exceed the float16 range; set \"image_dtype\": "
+                "\"float32\" in plans.json or use a normalisation scheme other than 'none'"
+            )
+        fg = sample_foreground_locations(seg_pp, plan.foreground_labels, seed=case.name) if seg_pp is not None else {}
+        save_case(out_dir, case.name, image_pp, seg_pp, properties, fg, image_dtype=plan.image_dtype)
+        return case.name, int(image.nbytes), None
+    except VoxsegError as exc:
+        return case.name, 0, str(exc)
+    except Exception as exc:  # noqa: BLE001 - one bad case must not stop the others; reported at the end
+        return case.name, 0, f"{type(exc).__name__}: {exc}"
+
+
+def _pool_context(device: str) -> Any:
+    """fork starts workers fast and needs no `if __name__ == "__main__"` guard; CUDA cannot survive a fork."""
+    cuda = str(device).startswith("cuda")
+    return get_context("spawn" if cuda or os.name != "posix" else "fork")
+
+
+def preprocess_dataset(
+    workdir: str | Path, num_workers: int = 1, progress: bool = True, device: str = "cpu"
+) -> dict[str, Any]:
+    """Preprocess every training case of the plan's raw dataset into WORKDIR/preprocessed.
+
+    Idempotent: a case whose CASE.json records the current plan hash is skipped; a changed plan re-does it.
+    Cases run in a pool of `num_workers` processes (forked on CPU; spawned for CUDA, which needs the caller's
+    script to have an `if __name__ == "__main__":` guard).
+
+    Returns:
+        {"done", "skipped", "seconds", "cases_per_s", "mb_per_s"}; mb_per_s counts decoded raw image data
+        (float32) of the cases done.
+
+    Raises:
+        DatasetError: after all other cases finished, listing each failed case and why.
+    """
+    from tqdm import tqdm
+
+    from voxseg.data.dataset import load_dataset
+
+    workdir = Path(workdir)
+    plan = Plan.load(workdir / "plans.json")
+    dataset = load_dataset(plan.raw_dataset)
+    out_dir = workdir / "preprocessed"
+    out_dir.mkdir(parents=True, exist_ok=True)
+    expected = plan_hash(plan)
+    todo = [case for case in dataset.cases if not _is_complete(out_dir, case.name, expected)]
+    skipped = len(dataset.cases) - len(todo)
+    start = time.perf_counter()
+    failures, nbytes = [], 0
+    num_workers = max(1, min(int(num_workers), len(todo) or 1))
+    threads = max(1, (os.cpu_count() or 1) // num_workers) if num_workers > 1 else 0
+    with tqdm(total=len(todo), desc="preprocess", unit="case", disable=not progress) as bar:
+        if num_workers == 1:
+            results = (_preprocess_one(case, plan, str(out_dir), device, threads) for case in todo)
+            for name, size, error in results:
+                nbytes += size
+                failures += [f"{name}: {error}"] if error else []
+                bar.update()
+        else:
+            with ProcessPoolExecutor(num_workers, mp_context=_pool_context(device)) as pool:
+                futures = {pool.submit(_preprocess_one, c, plan, str(out_dir), device, threads): c.name for c in todo}
+                for future in as_completed(futures):
+                    try:
+                        name, size, error = future.result()
+                    except Exception as exc:  # noqa: BLE001 - a worker killed (e.g. out of memory) fails its case
+                        name, size, error = futures[future], 0, f"worker process died ({type(exc).__name__}: {exc})"
+                    nbytes += size
+                    failures += [f"{name}: {error}"] if error else []
+                    bar.update()
+    seconds = time.perf_counter() - start
+    if failures:
+        raise DatasetError(f"preprocessing failed for {len(failures)} case(s):\n  " + "\n  ".join(sorted(failures)))
+    done = len(todo)
+    return {
+        "done": done,
+        "skipped": skipped,
+        "seconds": seconds,
+        "cases_per_s": done / seconds if seconds > 0 else 0.0,
+        "mb_per_s": nbytes / 1e6 / seconds if seconds > 0 else 0.0,
+    }

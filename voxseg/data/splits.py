@@ -1,0 +1,151 @@
+"""Train/validation splits: `WORKDIR/splits.json` is a list of `{"train": [...], "val": [...]}`, one per fold.
+
+`voxseg plan` writes seeded 5-fold splits unless `splits.json` already exists, so a split written by hand (or
+copied from another tool) is kept and respected; `get_fold` checks it against the cases that actually exist.
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from voxseg.data.plans import write_json_atomic
+from voxseg.errors import ConfigError
+
+SPLITS_FILE = "splits.json"
+
+
+def make_kfold_splits(names: list[str], num_folds: int = 5, seed: int = 12345) -> list[dict[str, list[str]]]:
+    """Seeded k-fold cross-validation: every case is in exactly one fold's validation set.
+
+    Cases are sorted first, so the result depends only on the set of names, the fold count and the seed.
+    Fold sizes differ by at most one case.
+    """
+    names = sorted(set(names))
+    if num_folds < 2:
+        raise ConfigError(f"num_folds={num_folds}: k-fold splitting needs at least 2 folds (or use a val_fraction)")
+    if len(names) < num_folds:
+        raise ConfigError(
+            f"{len(names)} case(s) cannot be split into {num_folds} folds; use fewer folds or a val_fraction"
+        )
+    order = np.random.default_rng(seed).permutation(len(names))
+    chunks = np.array_split(order, num_folds)
+    splits = []
+    for chunk in chunks:
+        val = {names[i] for i in chunk}
+        splits.append({"train": [n for n in names if n not in val], "val": sorted(val)})
+    return splits
+
+
+def make_fraction_split(names: list[str], val_fraction: float, seed: int = 12345) -> list[dict[str, list[str]]]:
+    """One split holding out `val_fraction` of the cases (at least one case each side), seeded."""
+    names = sorted(set(names))
+    if not 0.0 < val_fraction < 1.0:
+        raise ConfigError(f"val_fraction={val_fraction} must be between 0 and 1 (exclusive), e.g. 0.2")
+    if len(names) < 2:
+        raise ConfigError(f"{len(names)} case(s) cannot be split into training and validation; add cases")
+    num_val = min(max(1, int(round(val_fraction * len(names)))), len(names) - 1)
+    order = np.random.default_rng(seed).permutation(len(names))
+    val = {names[i] for i in order[:num_val]}
+    return [{"train": [n for n in names if n not in val], "val": sorted(val)}]
+
+
+def save_splits(workdir: str | Path, splits: list[dict[str, list[str]]]) -> Path:
+    """Write `WORKDIR/splits.json` atomically; returns its path."""
+    _validate_structure(splits, Path(workdir) / SPLITS_FILE)
+    path = Path(workdir) / SPLITS_FILE
+    write_json_atomic(path, [{"train": list(s["train"]), "val": list(s["val"])} for s in splits])
+    return path
+
+
+def load_splits(workdir: str | Path) -> list[dict[str, list[str]]]:
+    """Read `WORKDIR/splits.json`, checking it is a list of {"train": [...], "val": [...]}."""
+    path = Path(workdir) / SPLITS_FILE
+    if not path.is_file():
+        raise ConfigError(f"{path} does not exist: run 'voxseg plan DATASET -o {workdir}' first or write it by hand")
+    try:
+        splits = json.loads(path.read_text())
+    except json.JSONDecodeError as exc:
+        raise ConfigError(f"{path} is not valid JSON ({exc}); fix it or delete it and re-run 'voxseg plan'") from None
+    _validate_structure(splits, path)
+    return splits
+
+
+def _validate_structure(splits: Any, path: Path) -> None:
+    if not isinstance(splits, list) or not splits:
+        raise ConfigError(f"{path}: expected a non-empty list of {{\"train\": [...], \"val\": [...]}} entries")
+    for index, split in enumerate(splits):
+        if not isinstance(split, dict) or set(split) != {"train", "val"}:
+            raise ConfigError(f"{path}: fold {index} must be an object with exactly the keys 'train' and 'val'")
+        for key in ("train", "val"):
+            if not isinstance(split[key], list) or not all(isinstance(n, str) for n in split[key]):
+                raise ConfigError(f"{path}: fold {index} '{key}' must be a list of case names (strings)")
+        if not split["train"]:
+            raise ConfigError(f"{path}: fold {index} has no training cases")
+
+
+def get_fold(
+    workdir: str | Path, fold: int | str, available: list[str] | None = None
+) -> tuple[list[str], list[str]]:
+    """Training and validation case names of one fold.
+
+    Args:
+        workdir: work directory holding splits.json.
+        fold: fold index (an int or a digit string from the CLI), or "all" to train on every case and validate
+            on every case (no held-out data; useful for a final model after cross-validation).
+        available: names of the cases that exist; by default the preprocessed cases in WORKDIR/preprocessed, or
+            the cases of fingerprint.json when nothing is preprocessed yet. Names in the split that are not
+            available raise a ConfigError (a typo in a hand-written splits.json is caught before training).
+
+    Returns:
+        (train_names, val_names), both sorted.
+    """
+    workdir = Path(workdir)
+    splits = load_splits(workdir)
+    if str(fold).lower() == "all":
+        names = sorted({n for s in splits for key in ("train", "val") for n in s[key]})
+        train, val = names, list(names)
+    else:
+        index = _fold_index(fold, len(splits), workdir)
+        train, val = sorted(splits[index]["train"]), sorted(splits[index]["val"])
+    known = available if available is not None else _available_cases(workdir)
+    if known is not None:
+        unknown = sorted(set(train + val) - set(known))
+        if unknown:
+            shown = ", ".join(unknown[:5]) + (f" and {len(unknown) - 5} more" if len(unknown) > 5 else "")
+            raise ConfigError(
+                f"{workdir / SPLITS_FILE}: fold {fold} names case(s) that do not exist: {shown}; "
+                "fix the names in splits.json or delete it and re-run 'voxseg plan'"
+            )
+    return train, val
+
+
+def _fold_index(fold: int | str, num_folds: int, workdir: Path) -> int:
+    try:
+        index = int(fold)
+    except (TypeError, ValueError):
+        raise ConfigError(f"fold '{fold}' is not a fold index; use 0..{num_folds - 1} or 'all'") from None
+    if not 0 <= index < num_folds:
+        raise ConfigError(
+            f"fold {index} is out of range: {workdir / SPLITS_FILE} has {num_folds} fold(s); "
+            f"use 0..{num_folds - 1} or 'all'"
+        )
+    return index
+
+
+def _available_cases(workdir: Path) -> list[str] | None:
+    """Cases present in the work directory: preprocessed arrays, else the fingerprint's case list."""
+    preprocessed = workdir / "preprocessed"
+    if preprocessed.is_dir():
+        names = [p.stem for p in preprocessed.glob("*.npy") if not p.stem.endswith("_seg")]
+        if names:
+            return names
+    fingerprint = workdir / "fingerprint.json"
+    if fingerprint.is_file():
+        try:
+            return list(json.loads(fingerprint.read_text())["case_names"])
+        except (json.JSONDecodeError, KeyError, TypeError):
+            return None
+    return None

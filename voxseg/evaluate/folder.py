@@ -1,0 +1,406 @@
+"""Evaluate a folder of predictions against a folder of references, and aggregate cross-validation folds.
+
+Classes evaluated (each a set of label values, see `classes_from_labels`):
+    - every named label of dataset.json (``"liver": 1``) -> kind "label";
+    - every region of dataset.json (a list value, ``"whole_tumor": [1, 2, 3]``) -> kind "region", unless
+      ``regions=False``; in region-based datasets every value that has no name of its own gets a class
+      ``label_<value>`` (kind "label") so each label value is reported too;
+    - extra regions given as ``regions={"name": [values]}`` -> kind "extra_region".
+The foreground mean averages the per-class means of the classes dataset.json names (what the network predicts),
+not the extra ones. The ignore label, if any, is left out of every metric.
+
+Outputs (atomic writes into `out`, default the prediction folder):
+    summary.json  per_case list, mean per class, foreground_mean, conventions, counts; NaN is written as null.
+    summary.csv   one row per case x class; NaN is written as "nan".
+"""
+from __future__ import annotations
+
+import csv
+import io
+import json
+import math
+import os
+import shutil
+import warnings
+from concurrent.futures import ProcessPoolExecutor
+from multiprocessing import get_context
+from pathlib import Path
+from typing import Any, Iterable
+
+import numpy as np
+
+from voxseg.data.io import SUPPORTED_ENDINGS, Geometry, file_ending as _file_ending, read_image
+from voxseg.data.plans import write_json_atomic
+from voxseg.errors import ConfigError, InputError
+from voxseg.evaluate.metrics import compute_case_metrics, conventions
+
+CSV_COLUMNS = ("dice", "iou", "hd95", "nsd", "tp", "fp", "fn", "tn", "pred_volume_ml", "ref_volume_ml")
+MEAN_METRICS = CSV_COLUMNS
+
+
+def _load_dataset_json(dataset_json: str | Path | dict | None, ref_dir: Path) -> dict[str, Any] | None:
+    if isinstance(dataset_json, dict):
+        return dataset_json
+    if dataset_json is None:
+        # a raw dataset's labelsTr sits next to its dataset.json
+        candidates = [ref_dir / "dataset.json", ref_dir.parent / "dataset.json"]
+        dataset_json = next((c for c in candidates if c.is_file()), None)
+        if dataset_json is None:
+            return None
+    path = Path(dataset_json)
+    if not path.is_file():
+        raise InputError(f"{path}: dataset.json not found; pass the dataset's dataset.json or the labels")
+    try:
+        return json.loads(path.read_text())
+    except json.JSONDecodeError as exc:
+        raise InputError(f"{path}: not valid JSON ({exc})") from None
+
+
+def classes_from_labels(
+    labels: dict[str, Any], regions: bool | dict[str, list[int]] = True
+) -> tuple[dict[str, dict[str, Any]], list[str]]:
+    """Turn a dataset.json `labels` mapping (plus optional extra regions) into the classes to evaluate.
+
+    Returns:
+        (classes, foreground): name -> {"values": [...], "kind": "label"|"region"|"extra_region"}, and the names
+        that enter the foreground mean.
+    """
+    classes: dict[str, dict[str, Any]] = {}
+    foreground: list[str] = []
+    named_values: set[int] = set()
+    region_values: set[int] = set()
+    for name, value in labels.items():
+        if name in ("background", "ignore"):
+            continue
+        if isinstance(value, (list, tuple)):
+            region_values.update(int(v) for v in value)
+            if regions is False:
+                continue
+            classes[name] = {"values": sorted(int(v) for v in value), "kind": "region"}
+        else:
+            named_values.add(int(value))
+            classes[name] = {"values": [int(value)], "kind": "label"}
+        foreground.append(name)
+    for value in sorted(region_values - named_values - {0}):
+        classes.setdefault(f"label_{value}", {"values": [value], "kind": "label"})
+    if isinstance(regions, dict):
+        for name, values in regions.items():
+            if name in classes:
+                raise ConfigError(f"regions: '{name}' is already a class of dataset.json; pick another name")
+            if not isinstance(values, (list, tuple)) or not values:
+                raise ConfigError(f"regions: '{name}' must be a non-empty list of label values, got {values!r}")
+            classes[name] = {"values": sorted(int(v) for v in values), "kind": "extra_region"}
+    if not classes:
+        raise ConfigError("no foreground labels to evaluate: labels has only background/ignore")
+    return classes, foreground
+
+
+def _resolve_labels(labels: dict | list | None, meta: dict | None) -> tuple[dict[str, Any], int | None]:
+    if labels is None:
+        if meta is None or "labels" not in meta:
+            raise InputError(
+                "no labels to evaluate: pass dataset_json (path or dict with 'labels') or labels={'name': value}"
+            )
+        labels = meta["labels"]
+    if isinstance(labels, (list, tuple)):
+        labels = {f"label_{int(v)}": int(v) for v in labels}
+    ignore = labels.get("ignore")
+    return dict(labels), (int(ignore) if ignore is not None else None)
+
+
+def _list_references(ref_dir: Path, ending: str | None) -> tuple[list[str], str]:
+    if not ref_dir.is_dir():
+        raise InputError(f"{ref_dir}: reference folder not found")
+    files = [p for p in sorted(ref_dir.iterdir()) if p.is_file() and not p.name.startswith(".")]
+    if ending is None:
+        endings = {_file_ending(p) for p in files} & set(SUPPORTED_ENDINGS)
+        if len(endings) != 1:
+            found = ", ".join(sorted(endings)) or "none"
+            raise InputError(f"{ref_dir}: cannot tell the file ending (found {found}); pass file_ending")
+        ending = endings.pop()
+    names = [p.name[: -len(ending)] for p in files if p.name.endswith(ending)]
+    if not names:
+        raise InputError(f"{ref_dir}: no reference files ending in '{ending}'")
+    return names, ending
+
+
+def _same_geometry(a: Geometry, b: Geometry) -> bool:
+    spacing_ok = np.allclose(a.spacing, b.spacing, rtol=1e-3)
+    direction_ok = np.allclose(a.direction, b.direction, atol=1e-3)
+    # headers store float32: allow a small origin difference, relative to the voxel size
+    origin_ok = np.allclose(a.origin, b.origin, atol=max(1e-3, 1e-2 * min(a.spacing)))
+    return bool(spacing_ok and direction_ok and origin_ok)
+
+
+def evaluate_case(
+    pred_file: str | Path,
+    ref_file: str | Path,
+    classes: dict[str, list[int]],
+    tolerance_mm: float = 1.0,
+    one_empty_hd95: str = "nan",
+    ignore_value: int | None = None,
+) -> dict[str, dict[str, float | int]]:
+    """Read one prediction/reference pair, check they share a grid and compute every class's metrics."""
+    pred, pred_geometry = read_image(pred_file)
+    ref, ref_geometry = read_image(ref_file)
+    if pred.shape != ref.shape:
+        raise InputError(
+            f"{pred_file}: shape {pred.shape} differs from the reference {ref_file} shape {ref.shape}; "
+            "predictions must be written on the reference image's grid"
+        )
+    if not _same_geometry(pred_geometry, ref_geometry):
+        raise InputError(
+            f"{pred_file}: geometry (spacing {pred_geometry.spacing}, origin {pred_geometry.origin}) differs "
+            f"from the reference {ref_file} (spacing {ref_geometry.spacing}, origin {ref_geometry.origin})"
+        )
+    return compute_case_metrics(
+        pred, ref, ref_geometry.spacing, classes, tolerance_mm, one_empty_hd95, ignore_value
+    )
+
+
+def _run_cases(jobs: list[tuple], num_workers: int) -> list[dict]:
+    if num_workers <= 1 or len(jobs) <= 1:
+        return [evaluate_case(*job) for job in jobs]
+    # spawn: forking a process that holds torch/CUDA or OpenMP threads can deadlock
+    with ProcessPoolExecutor(min(num_workers, len(jobs)), mp_context=get_context("spawn")) as pool:
+        return list(pool.map(evaluate_case, *zip(*jobs)))
+
+
+def _nan_to_none(value: Any) -> Any:
+    if isinstance(value, float) and math.isnan(value):
+        return None
+    if isinstance(value, dict):
+        return {k: _nan_to_none(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_nan_to_none(v) for v in value]
+    return value
+
+
+def _mean(values: Iterable[float]) -> float:
+    finite = [float(v) for v in values if v is not None and not math.isnan(float(v))]
+    return float(np.mean(finite)) if finite else float("nan")
+
+
+def _class_means(per_case: list[dict], name: str) -> dict[str, Any]:
+    rows = [case["metrics"][name] for case in per_case]
+    mean: dict[str, Any] = {metric: _mean(row[metric] for row in rows) for metric in MEAN_METRICS}
+    mean["n"] = len(rows)
+    mean["n_hd95_nan"] = sum(1 for row in rows if math.isnan(row["hd95"]))
+    mean["n_ref_empty"] = sum(1 for row in rows if row["tp"] + row["fn"] == 0)
+    mean["n_pred_empty"] = sum(1 for row in rows if row["tp"] + row["fp"] == 0)
+    return mean
+
+
+def _match_predictions(pred_dir: Path, ref_dir: Path, names: list[str], ending: str) -> tuple[list[str], list[str]]:
+    """Split reference names into those with a prediction and those without (warned about)."""
+    present = [n for n in names if (pred_dir / f"{n}{ending}").is_file()]
+    missing = [n for n in names if n not in present]
+    if missing:
+        shown = ", ".join(missing[:10]) + (f" and {len(missing) - 10} more" if len(missing) > 10 else "")
+        warnings.warn(f"{pred_dir}: no prediction for {len(missing)} reference case(s): {shown}", stacklevel=3)
+    if not present:
+        raise InputError(f"{pred_dir}: none of the {len(names)} references in {ref_dir} has a prediction '*{ending}'")
+    return present, missing
+
+
+def evaluate_folder(
+    pred_dir: str | Path,
+    ref_dir: str | Path,
+    dataset_json: str | Path | dict | None = None,
+    labels: dict[str, Any] | list[int] | None = None,
+    regions: bool | dict[str, list[int]] = True,
+    tolerance_mm: float = 1.0,
+    num_workers: int = 1,
+    file_ending: str | None = None,
+    out: str | Path | bool | None = None,
+    one_empty_hd95: str = "nan",
+) -> dict[str, Any]:
+    """Evaluate every reference in `ref_dir` that has a prediction of the same file name in `pred_dir`.
+
+    Args:
+        dataset_json: path or dict; gives the labels, regions, ignore label and file ending. When None, a
+            dataset.json in `ref_dir` or its parent (a raw dataset's labelsTr) is used if present.
+        labels: name -> value (or list of values) used instead of dataset.json's labels; a list of ints names
+            each value `label_<value>`.
+        regions: True evaluates dataset.json's regions, False skips them, a dict adds extra regions.
+        tolerance_mm: NSD tolerance.
+        num_workers: processes reading and evaluating cases in parallel.
+        file_ending: e.g. ".nii.gz"; default dataset.json's, else the single ending found in `ref_dir`.
+        out: folder for summary.json / summary.csv (default `pred_dir`); False writes nothing.
+        one_empty_hd95: "nan" (default) or "diagonal", see `voxseg.evaluate.metrics`.
+
+    Returns:
+        The summary (also written to summary.json), with NaN as None. Missing predictions are listed under
+        "missing_predictions" and warned about.
+
+    Raises:
+        InputError: folders or labels missing, no matching cases, or a prediction on a different grid.
+    """
+    pred_dir, ref_dir = Path(pred_dir), Path(ref_dir)
+    if not pred_dir.is_dir():
+        raise InputError(f"{pred_dir}: prediction folder not found")
+    meta = _load_dataset_json(dataset_json, ref_dir)
+    label_map, ignore_value = _resolve_labels(labels, meta)
+    classes, foreground = classes_from_labels(label_map, regions)
+    if file_ending is None and meta is not None and "file_ending" in meta:
+        file_ending = str(meta["file_ending"])
+    names, ending = _list_references(ref_dir, file_ending)
+    present, missing = _match_predictions(pred_dir, ref_dir, names, ending)
+    class_values = {name: spec["values"] for name, spec in classes.items()}
+    jobs = [
+        (pred_dir / f"{n}{ending}", ref_dir / f"{n}{ending}", class_values, tolerance_mm, one_empty_hd95, ignore_value)
+        for n in present
+    ]
+    results = _run_cases(jobs, num_workers)
+    per_case = [
+        {"name": n, "prediction": str(job[0]), "reference": str(job[1]), "metrics": metrics}
+        for n, job, metrics in zip(present, jobs, results)
+    ]
+    mean = {name: _class_means(per_case, name) for name in classes}
+    summary = {
+        "pred_dir": str(pred_dir.resolve()),
+        "ref_dir": str(ref_dir.resolve()),
+        "file_ending": ending,
+        "tolerance_mm": float(tolerance_mm),
+        "one_empty_hd95": one_empty_hd95,
+        "classes": classes,
+        "foreground_classes": foreground,
+        "ignore_label": ignore_value,
+        "conventions": conventions(one_empty_hd95),
+        "counts": {"cases": len(present), "references": len(names), "missing_predictions": len(missing)},
+        "missing_predictions": missing,
+        "mean": mean,
+        "foreground_mean": _foreground_mean(mean, foreground),
+        "per_case": per_case,
+    }
+    if out is None or out is True:
+        out = pred_dir
+    if out is not False:
+        write_summary(summary, out)
+    return _nan_to_none(summary)
+
+
+def _foreground_mean(mean: dict[str, dict[str, Any]], foreground: list[str]) -> dict[str, Any]:
+    """Mean over the dataset's classes of their per-class means (NaN class means left out)."""
+    names = [n for n in foreground if n in mean]
+    result: dict[str, Any] = {m: _mean(mean[n][m] for n in names) for m in ("dice", "iou", "hd95", "nsd")}
+    result["classes"] = names
+    return result
+
+
+def write_summary(summary: dict[str, Any], out: str | Path) -> tuple[Path, Path]:
+    """Write summary.json and summary.csv (one row per case x class) atomically into `out`."""
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    json_path, csv_path = out / "summary.json", out / "summary.csv"
+    write_json_atomic(json_path, _nan_to_none(summary))
+    buffer = io.StringIO()
+    writer = csv.writer(buffer, lineterminator="\n")
+    writer.writerow(("case", "class") + CSV_COLUMNS)
+    for case in summary["per_case"]:
+        for name, metrics in case["metrics"].items():
+            cells = ["nan" if metrics[m] is None else metrics[m] for m in CSV_COLUMNS]
+            writer.writerow([case["name"], name, *cells])
+    tmp = csv_path.with_name(f".{csv_path.name}.tmp{os.getpid()}")
+    tmp.write_text(buffer.getvalue())
+    os.replace(tmp, csv_path)
+    return json_path, csv_path
+
+
+def format_table(summary: dict[str, Any]) -> str:
+    """A plain-text table of the per-class means and the foreground mean."""
+
+    def cell(value: Any, digits: int) -> str:
+        return "nan" if value is None or (isinstance(value, float) and math.isnan(value)) else f"{value:.{digits}f}"
+
+    header = f"{'class':<20} {'Dice':>7} {'IoU':>7} {'HD95 mm':>8} {'NSD':>7} {'n':>5} {'no HD95':>8}"
+    lines = [header, "-" * len(header)]
+    for name, m in summary["mean"].items():
+        lines.append(
+            f"{name:<20} {cell(m['dice'], 4):>7} {cell(m['iou'], 4):>7} {cell(m['hd95'], 2):>8} "
+            f"{cell(m['nsd'], 4):>7} {m['n']:>5} {m['n_hd95_nan']:>8}"
+        )
+    fg = summary["foreground_mean"]
+    lines.append("-" * len(header))
+    lines.append(
+        f"{'foreground mean':<20} {cell(fg['dice'], 4):>7} {cell(fg['iou'], 4):>7} {cell(fg['hd95'], 2):>8} "
+        f"{cell(fg['nsd'], 4):>7} {summary['counts']['cases']:>5}"
+    )
+    if summary.get("missing_predictions"):
+        lines.append(f"missing predictions: {len(summary['missing_predictions'])}")
+    return "\n".join(lines)
+
+
+def _link_or_copy(src: Path, dst: Path) -> None:
+    try:
+        os.link(src, dst)
+    except OSError:  # other filesystem, or links not allowed
+        shutil.copy2(src, dst)
+
+
+def _read_workdir(workdir: Path) -> tuple[Path, dict[str, Any], str]:
+    plans_path = workdir / "plans.json"
+    if not plans_path.is_file():
+        raise InputError(f"{plans_path} not found: is {workdir} a voxseg work directory ('voxseg plan')?")
+    plans = json.loads(plans_path.read_text())
+    if "raw_dataset" not in plans:
+        raise ConfigError(f"{plans_path}: no 'raw_dataset' entry; re-run 'voxseg plan'")
+    raw = Path(plans["raw_dataset"])
+    meta_path = workdir / "dataset.json" if (workdir / "dataset.json").is_file() else raw / "dataset.json"
+    meta = _load_dataset_json(meta_path, raw)
+    assert meta is not None
+    ending = str(plans.get("file_ending") or meta["file_ending"])
+    if not (raw / "labelsTr").is_dir():
+        raise InputError(f"{raw / 'labelsTr'}: the raw dataset's labels (plans.json 'raw_dataset') are not there")
+    return raw, meta, ending
+
+
+def aggregate_folds(
+    workdir: str | Path,
+    folds: Iterable[int] = range(5),
+    num_workers: int = 1,
+    tolerance_mm: float = 1.0,
+    one_empty_hd95: str = "nan",
+    regions: bool | dict[str, list[int]] = True,
+) -> dict[str, Any]:
+    """Gather every fold's validation predictions into WORKDIR/training/crossval/ and evaluate them together.
+
+    Predictions are hard-linked (copied across filesystems) from WORKDIR/training/fold_F/validation/ and
+    evaluated against the raw dataset's labelsTr; summary.json/csv go into the crossval folder.
+
+    Raises:
+        InputError: a fold has no validation predictions, or two folds predicted the same case.
+    """
+    workdir = Path(workdir)
+    raw, meta, ending = _read_workdir(workdir)
+    folds = list(folds)
+    crossval = workdir / "training" / "crossval"
+    sources: dict[str, tuple[int, Path]] = {}
+    for fold in folds:
+        val_dir = workdir / "training" / f"fold_{fold}" / "validation"
+        files = sorted(val_dir.glob(f"*{ending}")) if val_dir.is_dir() else []
+        if not files:
+            raise InputError(
+                f"fold {fold} has no validation predictions in {val_dir}; finish training it "
+                f"('voxseg train {workdir} --fold {fold}') or leave it out of folds"
+            )
+        for path in files:
+            name = path.name[: -len(ending)]
+            if name in sources:
+                raise InputError(
+                    f"case {name} was predicted by fold {sources[name][0]} and fold {fold}: the folds' "
+                    "validation sets overlap, so they cannot be aggregated into one cross-validation"
+                )
+            sources[name] = (fold, path)
+    crossval.mkdir(parents=True, exist_ok=True)
+    for stale in crossval.glob(f"*{ending}"):  # a previous run may have used other folds
+        stale.unlink()
+    for name, (_, path) in sources.items():
+        _link_or_copy(path, crossval / f"{name}{ending}")
+    summary = evaluate_folder(
+        crossval, raw / "labelsTr", meta, regions=regions, tolerance_mm=tolerance_mm, num_workers=num_workers,
+        file_ending=ending, out=False, one_empty_hd95=one_empty_hd95,
+    )
+    summary["folds"] = folds
+    write_summary(summary, crossval)
+    return summary

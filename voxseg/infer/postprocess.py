@@ -1,0 +1,174 @@
+"""Largest-connected-component postprocessing, decided on cross-validation predictions.
+
+A trained network sometimes predicts small blobs far from the structure (a second "tumour" in noise). Keeping
+only the largest connected component of a class removes them, but hurts where a class is legitimately split
+(metastases, left and right kidney), so it is only switched on where it improved the mean Dice of the
+cross-validation predictions (`decide_postprocessing`), and the decision is saved as postprocessing.json:
+
+    {"largest_component": [[1, 2, 3], [2]], ...statistics...}
+
+Each entry is a class (a list of label values: one value for a label, several for a region). Applying an
+entry keeps the largest face-connected component of the voxels whose label is in that list and sets the
+other voxels of that list to background (0). Entries are applied in order.
+"""
+from __future__ import annotations
+
+import json
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+from scipy import ndimage
+
+from voxseg.data.io import SUPPORTED_ENDINGS, read_image
+from voxseg.data.plans import write_json_atomic
+from voxseg.errors import ConfigError, InputError
+
+POSTPROCESSING_FILE = "postprocessing.json"
+# a candidate must raise the mean Dice by more than this, so float noise never switches postprocessing on
+_MIN_IMPROVEMENT = 1e-6
+
+
+def largest_component(mask: np.ndarray, connectivity: int = 1) -> np.ndarray:
+    """The largest connected component of a boolean mask (connectivity 1 = faces, 3 = faces/edges/corners)."""
+    mask = np.asarray(mask, dtype=bool)
+    structure = ndimage.generate_binary_structure(mask.ndim, connectivity)
+    components, count = ndimage.label(mask, structure=structure)
+    if count <= 1:
+        return mask.copy()
+    sizes = np.bincount(components.ravel())
+    sizes[0] = 0  # background is not a component
+    return components == int(sizes.argmax())
+
+
+def keep_largest_component(seg: np.ndarray, values: Sequence[int]) -> np.ndarray:
+    """Copy of `seg` where voxels of `values` outside their largest joint component become 0."""
+    mask = np.isin(seg, np.asarray(list(values)))
+    out = seg.copy()
+    out[mask & ~largest_component(mask)] = 0
+    return out
+
+
+def _normalise_classes(classes: Sequence[int | Sequence[int]]) -> list[list[int]]:
+    return [[int(v) for v in c] if isinstance(c, (list, tuple)) else [int(c)] for c in classes]
+
+
+def apply_postprocessing(seg: np.ndarray, spec: dict[str, Any] | None) -> np.ndarray:
+    """Apply a postprocessing spec (see module docstring) to a label map; None or an empty spec is a no-op."""
+    if not spec:
+        return seg
+    for values in _normalise_classes(spec.get("largest_component", [])):
+        seg = keep_largest_component(seg, values)
+    return seg
+
+
+def load_postprocessing(path: str | Path) -> dict[str, Any]:
+    """Read and validate postprocessing.json."""
+    path = Path(path)
+    try:
+        spec = json.loads(path.read_text())
+    except FileNotFoundError:
+        raise ConfigError(f"{path} not found") from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise ConfigError(f"{path} is not valid JSON ({exc}); delete it or decide postprocessing again") from None
+    entries = spec.get("largest_component") if isinstance(spec, dict) else None
+    if not isinstance(entries, list) or not all(isinstance(e, (int, list)) for e in entries):
+        raise ConfigError(f"{path}: expected {{\"largest_component\": [[label values], ...]}}")
+    spec["largest_component"] = _normalise_classes(entries)
+    return spec
+
+
+def _class_dice(seg: np.ndarray, ref: np.ndarray, classes: list[list[int]]) -> np.ndarray:
+    """Dice per class, 1 where prediction and reference are both empty."""
+    from voxseg.evaluate.metrics import dice
+
+    return np.array([dice(np.isin(seg, c), np.isin(ref, c)) for c in classes], dtype=np.float64)
+
+
+def _score_case(pred_path: Path, ref_path: Path, classes: list[list[int]], base: list[list[int]],
+                candidates: list[list[int]]) -> tuple[np.ndarray, np.ndarray]:
+    """Dice per class of the prediction with `base` applied, and with `base` + each candidate applied."""
+    pred, _ = read_image(pred_path)
+    ref, _ = read_image(ref_path)
+    if pred.shape != ref.shape:
+        raise InputError(f"{pred_path.name}: prediction shape {pred.shape} differs from its reference {ref.shape}")
+    pred = apply_postprocessing(pred, {"largest_component": base})
+    base_scores = _class_dice(pred, ref, classes)
+    candidate_scores = np.stack([_class_dice(keep_largest_component(pred, c), ref, classes) for c in candidates])
+    return base_scores, candidate_scores  # (N,), (M, N)
+
+
+def _pairs(pred_dir: Path, ref_dir: Path, file_ending: str | None) -> list[tuple[Path, Path]]:
+    files = sorted(p for p in pred_dir.iterdir() if p.is_file() and not p.name.startswith("."))
+    if file_ending is None:
+        found = [e for e in SUPPORTED_ENDINGS if any(p.name.endswith(e) for p in files)]
+        file_ending = found[0] if found else ".nii.gz"
+    preds = [p for p in files if p.name.endswith(file_ending)]
+    if not preds:
+        raise InputError(f"{pred_dir}: no predictions ending in {file_ending} to decide postprocessing on")
+    missing = [p.name for p in preds if not (ref_dir / p.name).is_file()]
+    if missing:
+        raise InputError(f"{ref_dir}: no reference for {', '.join(missing[:5])}" + (" ..." if len(missing) > 5 else ""))
+    return [(p, ref_dir / p.name) for p in preds]
+
+
+def _score_all(pairs: list[tuple[Path, Path]], classes: list[list[int]], base: list[list[int]],
+               candidates: list[list[int]], num_workers: int) -> tuple[np.ndarray, np.ndarray]:
+    """Mean over cases: base Dice per class (N,) and candidates' Dice per class (M, N)."""
+    with ThreadPoolExecutor(max(1, num_workers)) as pool:
+        results = list(pool.map(lambda pair: _score_case(*pair, classes, base, candidates), pairs))
+    return np.mean([r[0] for r in results], axis=0), np.mean([r[1] for r in results], axis=0)
+
+
+def decide_postprocessing(
+    pred_dir: str | Path,
+    ref_dir: str | Path,
+    classes: Sequence[int | Sequence[int]],
+    file_ending: str | None = None,
+    out_file: str | Path | None = None,
+    num_workers: int = 1,
+) -> dict[str, Any]:
+    """Choose the largest-component postprocessing that raises the mean Dice of cross-validation predictions.
+
+    First all foreground classes together (one candidate: keep the largest foreground blob), then each class
+    on top of that decision. A candidate is kept only when it raises the mean Dice over cases and classes.
+    Per-class candidates are judged independently against the same baseline (exact for labels; for nested
+    regions a close approximation) so only two passes over the files are needed.
+
+    Args:
+        pred_dir: predictions (label maps in the original geometry), e.g. WORKDIR/training/crossval.
+        ref_dir: reference label maps with the same file names (the raw dataset's labelsTr).
+        classes: label values or regions (lists of values), e.g. `plan.regions`.
+        file_ending: prediction file ending; detected from the folder when None.
+        out_file: where postprocessing.json goes (default: pred_dir/postprocessing.json).
+        num_workers: threads reading and scoring cases.
+
+    Returns:
+        the spec, also saved to `out_file`.
+    """
+    pred_dir, ref_dir = Path(pred_dir), Path(ref_dir)
+    pairs = _pairs(pred_dir, ref_dir, file_ending)
+    classes = _normalise_classes(classes)
+    foreground = sorted({v for c in classes for v in c})
+    accepted: list[list[int]] = []
+    base, with_foreground = _score_all(pairs, classes, [], [foreground], num_workers)
+    before, before_per_class = float(base.mean()), base.tolist()
+    foreground_mean = float(with_foreground[0].mean())
+    if len(classes) > 1 and foreground_mean > before + _MIN_IMPROVEMENT:
+        accepted.append(foreground)
+        base = with_foreground[0]
+    reference = float(base.mean())
+    base, per_class = _score_all(pairs, classes, accepted, classes, num_workers)
+    class_means = [float(s.mean()) for s in per_class]
+    accepted += [c for c, mean in zip(classes, class_means) if mean > reference + _MIN_IMPROVEMENT]
+    spec = {
+        "largest_component": accepted,
+        "num_cases": len(pairs),
+        "mean_dice_before": before,
+        "mean_dice_foreground_candidate": foreground_mean,
+        "mean_dice_per_class_candidate": {json.dumps(c): m for c, m in zip(classes, class_means)},
+        "mean_dice_per_class_before": before_per_class,
+    }
+    write_json_atomic(Path(out_file) if out_file is not None else pred_dir / POSTPROCESSING_FILE, spec)
+    return spec

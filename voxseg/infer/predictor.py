@@ -1,0 +1,453 @@
+"""Predict segmentations with a trained model: read -> preprocess (training's code) -> sliding window -> invert -> write.
+
+    >>> predictor = Predictor.from_workdir("work/synth", folds=[0, 1, 2, 3, 4])
+    >>> labels = predictor.predict_array(image, geometry)          # (C, D, H, W) -> (D, H, W) uint8
+    >>> predictor.predict_files(find_input_cases("imagesTs", 4, ".nii.gz"), "preds")
+
+Folds: an int or list of ints picks training/fold_F; "all" picks training/fold_all (the model trained on every
+case, nnU-Net's `-f all`), or, when no fold_all was trained, every trained fold_F as an ensemble; None picks
+every trained fold_F. Folds are averaged in logit space inside one sliding-window pass.
+"""
+from __future__ import annotations
+
+import sys
+from collections import deque
+from concurrent.futures import Future, ThreadPoolExecutor
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+import torch
+from torch import nn
+
+from voxseg.data.io import Geometry, read_channels, write_image
+from voxseg.data.plans import Plan
+from voxseg.errors import CheckpointError, ConfigError, InputError, VoxsegError
+from voxseg.infer.cases import find_input_cases, save_probabilities
+from voxseg.infer.postprocess import POSTPROCESSING_FILE, apply_postprocessing, load_postprocessing
+from voxseg.infer.sliding_window import sliding_window_inference
+
+__all__ = ["Predictor", "find_input_cases", "load_fold_network", "regions_to_labels", "resolve_folds"]
+
+CHECKPOINT_CHOICES = ("final", "best", "latest")
+# plan fields that must agree between the folds of an ensemble
+_ENSEMBLE_FIELDS = ("channel_names", "labels", "regions_class_order", "target_spacing", "normalization",
+                    "anisotropy_axis", "patch_size")
+
+
+def resolve_device(device: str | torch.device) -> torch.device:
+    if str(device) == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(device)
+
+
+def fold_dir(workdir: str | Path, fold: int | str) -> Path:
+    return Path(workdir) / "training" / f"fold_{fold}"
+
+
+def _trained_folds(workdir: Path, checkpoint: str) -> list[int]:
+    found = []
+    for path in (workdir / "training").glob("fold_*"):
+        suffix = path.name[len("fold_"):]
+        if suffix.isdigit() and (path / f"checkpoint_{checkpoint}.pt").is_file():
+            found.append(int(suffix))
+    return sorted(found)
+
+
+def resolve_folds(workdir: str | Path, folds: int | str | Sequence[int | str] | None, checkpoint: str = "final") -> list[int | str]:
+    """Turn the `folds` option into a list of fold names (see module docstring)."""
+    workdir = Path(workdir)
+    if folds is None or folds == "all":
+        if folds == "all" and (fold_dir(workdir, "all") / f"checkpoint_{checkpoint}.pt").is_file():
+            return ["all"]
+        trained = _trained_folds(workdir, checkpoint)
+        if not trained:
+            raise CheckpointError(
+                f"{workdir / 'training'}: no trained fold has checkpoint_{checkpoint}.pt; train one first "
+                f"('voxseg train {workdir} --fold 0', or '--fold all')"
+            )
+        return trained
+    if isinstance(folds, (int, str)):
+        folds = [folds]
+    out: list[int | str] = []
+    for fold in folds:
+        if str(fold) != "all" and not str(fold).isdigit():
+            raise ConfigError(f"fold '{fold}' is not a fold number or 'all'")
+        out.append("all" if str(fold) == "all" else int(fold))
+    if not out:
+        raise ConfigError("folds is empty; give at least one fold")
+    return out
+
+
+def _strip_wrapper_prefixes(weights: dict[str, Any]) -> dict[str, Any]:
+    """torch.compile saves `_orig_mod.` and DDP `module.` in front of every name."""
+    out = {}
+    for name, value in weights.items():
+        for prefix in ("_orig_mod.", "module."):
+            while name.startswith(prefix):
+                name = name[len(prefix):]
+        out[name] = value
+    return out
+
+
+def load_fold_network(workdir: str | Path, fold: int | str, checkpoint: str = "final",
+                      device: str | torch.device = "cpu") -> tuple[nn.Module, Plan]:
+    """The network of one trained fold in eval mode (weights_only loading), and the plan it was trained with."""
+    from voxseg.models import build_network
+    from voxseg.train.checkpoint import load_checkpoint
+
+    if checkpoint not in CHECKPOINT_CHOICES:
+        raise ConfigError(f"checkpoint '{checkpoint}' is unknown; use one of {', '.join(CHECKPOINT_CHOICES)}")
+    path = fold_dir(workdir, fold) / f"checkpoint_{checkpoint}.pt"
+    if not path.is_file():
+        others = sorted(p.name for p in path.parent.glob("checkpoint_*.pt")) if path.parent.is_dir() else []
+        hint = f" (found {', '.join(others)}: pass checkpoint=... to use one)" if others else ""
+        raise CheckpointError(f"{path} not found{hint}; train this fold first: 'voxseg train {workdir} --fold {fold}'")
+    state = load_checkpoint(path, map_location="cpu")
+    if isinstance(state.get("plan"), dict):
+        plan = Plan.from_dict(state["plan"])
+    else:
+        plan = Plan.load(Path(workdir) / "plans.json")
+    if not isinstance(state.get("model"), dict):
+        raise CheckpointError(f"{path} has no 'model' weights; is it a voxseg checkpoint?")
+    network = build_network(plan, deep_supervision=False)
+    try:
+        network.load_state_dict(_strip_wrapper_prefixes(state["model"]))
+    except RuntimeError as exc:
+        first = str(exc).strip().splitlines()[0]
+        raise CheckpointError(f"{path}: its weights do not fit the network of its plan ({first})") from None
+    return network.to(device).eval(), plan
+
+
+def _check_same_plan(plans: list[Plan], folds: list[int | str]) -> None:
+    first = plans[0].to_dict()
+    for plan, fold in zip(plans[1:], folds[1:]):
+        other = plan.to_dict()
+        differ = [k for k in _ENSEMBLE_FIELDS if other.get(k) != first.get(k)]
+        if differ:
+            raise CheckpointError(
+                f"fold {fold} was trained with a different plan than fold {folds[0]} ({', '.join(differ)} differ); "
+                "only folds of the same plan can be ensembled"
+            )
+
+
+def default_regions_class_order(regions: list[list[int]]) -> list[int]:
+    """Label value each region writes when none is given: its smallest value not in a later region.
+
+    Example: BraTS regions [[1, 2, 3], [2, 3], [3]] -> [1, 2, 3].
+    """
+    order = []
+    for i, region in enumerate(regions):
+        later = {v for r in regions[i + 1:] for v in r}
+        own = sorted(set(region) - later) or sorted(region)
+        order.append(own[0])
+    return order
+
+
+def regions_to_labels(probabilities: torch.Tensor, regions_class_order: Sequence[int], threshold: float = 0.5) -> torch.Tensor:
+    """(R, *S) region probabilities -> (*S) uint8 labels: start at 0; region r writes its value where p > 0.5."""
+    labels = torch.zeros(probabilities.shape[1:], dtype=torch.uint8, device=probabilities.device)
+    for region, value in enumerate(regions_class_order):
+        labels[probabilities[region] > threshold] = int(value)
+    return labels
+
+
+def _mirror_axes(option: str | Sequence[int] | None | bool, ndim: int) -> tuple[int, ...]:
+    if option is None or option is False:
+        return ()
+    if option == "all":
+        return tuple(range(ndim))
+    axes = tuple(int(a) for a in option)  # type: ignore[union-attr]
+    bad = [a for a in axes if not 0 <= a < ndim]
+    if bad:
+        raise ConfigError(f"mirror axes {bad} do not exist: the network has {ndim} spatial axes (0..{ndim - 1})")
+    return axes
+
+
+class Predictor:
+    """A loaded model (one or more folds) plus its plan and inference settings.
+
+    Args:
+        plan: the plan the models were trained with.
+        models: networks (in eval mode, on `device`) or callables (B, C, *P) -> (B, K, *P) logits.
+        device: compute device.
+        step: tile step as a fraction of the patch.
+        mirror_axes: spatial axes mirrored for test-time augmentation (every combination is evaluated).
+        tile_batch: tiles per forward call.
+        amp_dtype: autocast dtype or None.
+        postprocessing: default postprocessing spec (postprocessing.json of the work directory) or None.
+    """
+
+    def __init__(self, plan: Plan, models: Sequence[Any], device: str | torch.device = "cpu", step: float = 0.5,
+                 mirror_axes: Sequence[int] = (), tile_batch: int = 4, amp_dtype: torch.dtype | None = None,
+                 postprocessing: dict[str, Any] | None = None) -> None:
+        self.plan = plan
+        self.models = list(models)
+        self.device = torch.device(device)
+        self.step = step
+        self.mirror_axes = tuple(mirror_axes)
+        self.tile_batch = tile_batch
+        self.amp_dtype = amp_dtype
+        self.postprocessing = postprocessing
+        order = plan.regions_class_order or default_regions_class_order(plan.regions)
+        self.regions_class_order = [int(v) for v in order]
+
+    @classmethod
+    def from_workdir(
+        cls,
+        workdir: str | Path,
+        folds: int | str | Sequence[int | str] | None = (0,),
+        checkpoint: str = "final",
+        device: str | torch.device = "auto",
+        step: float = 0.5,
+        mirror_axes: str | Sequence[int] | None = "all",
+        tile_batch: int = 4,
+        compile: bool = False,
+        amp: bool | None = None,
+        backend: str = "torch",
+        onnx_files: Sequence[str | Path] | None = None,
+    ) -> "Predictor":
+        """Load the folds' checkpoints (or ONNX files with backend="onnxruntime") of a work directory.
+
+        Args:
+            folds: see the module docstring.
+            checkpoint: "final", "best" or "latest".
+            device: "auto" (CUDA when available), "cpu", "cuda", "cuda:1", ...; onnxruntime runs on the CPU.
+            mirror_axes: "all" (every spatial axis), None (no test-time mirroring) or a tuple of axes.
+            compile: torch.compile the networks (pays off for many cases).
+            amp: autocast (bf16 where supported, else fp16); default on for CUDA.
+            onnx_files: ONNX models for the onnxruntime backend (default training/fold_F/model.onnx).
+        """
+        workdir = Path(workdir)
+        if not workdir.is_dir():
+            raise CheckpointError(f"model folder {workdir} not found; give the work directory of 'voxseg train'")
+        fold_list = resolve_folds(workdir, folds, checkpoint) if onnx_files is None else []
+        if backend == "onnxruntime":
+            models, plan, device = cls._load_onnx(workdir, fold_list, onnx_files), None, torch.device("cpu")
+            plan = next((m.plan for m in models if m.plan is not None), None) or Plan.load(workdir / "plans.json")
+        elif backend == "torch":
+            device = resolve_device(device)
+            loaded = [load_fold_network(workdir, fold, checkpoint, device) for fold in fold_list]
+            _check_same_plan([p for _, p in loaded], fold_list)
+            plan = loaded[0][1]
+            models = [torch.compile(net) if compile else net for net, _ in loaded]
+        else:
+            raise ConfigError(f"backend '{backend}' is unknown; use 'torch' or 'onnxruntime'")
+        amp_dtype = None
+        if device.type == "cuda":
+            torch.backends.cudnn.benchmark = True  # one patch shape for every tile: autotuning pays
+            if amp is None or amp:
+                amp_dtype = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+        spec_path = workdir / POSTPROCESSING_FILE
+        postprocessing = load_postprocessing(spec_path) if spec_path.is_file() else None
+        return cls(plan, models, device, step, _mirror_axes(mirror_axes, plan.network.ndim), tile_batch, amp_dtype,
+                   postprocessing)
+
+    @staticmethod
+    def _load_onnx(workdir: Path, folds: list[int | str], onnx_files: Sequence[str | Path] | None) -> list[Any]:
+        from voxseg.infer.export import load_onnx_model
+
+        paths = [Path(p) for p in onnx_files] if onnx_files is not None else [fold_dir(workdir, f) / "model.onnx" for f in folds]
+        for path, fold in zip(paths, folds or [None] * len(paths)):
+            if not path.is_file():
+                hint = f"'voxseg export {workdir} --onnx {path} --folds {fold}'" if fold is not None else "'voxseg export'"
+                raise CheckpointError(f"ONNX model {path} not found; export it first with {hint}")
+        return [load_onnx_model(p) for p in paths]
+
+    # ----- arrays ---------------------------------------------------------------------------------------------
+    @property
+    def class_names(self) -> list[str]:
+        """Names of the probability channels."""
+        return self.plan.class_names if self.plan.is_region_based else ["background", *self.plan.class_names]
+
+    def predict_logits(self, image_pp: np.ndarray | torch.Tensor) -> torch.Tensor:
+        """(C, d, h, w) preprocessed image -> (K, d, h, w) float32 logits on the compute device."""
+        image = torch.as_tensor(image_pp, dtype=torch.float32).to(self.device, non_blocking=True)[None]
+        return sliding_window_inference(
+            self.models, image, self.plan.patch_size, self.plan.num_outputs, step=self.step,
+            tile_batch=self.tile_batch, mirror_axes=self.mirror_axes, amp_dtype=self.amp_dtype,
+            output_device=self.device,
+        )
+
+    def logits_to_labels(self, logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(K, *S) logits -> ((*S) uint8 labels, (K, *S) probabilities)."""
+        if self.plan.is_region_based:
+            probabilities = torch.sigmoid(logits)
+            return regions_to_labels(probabilities, self.regions_class_order), probabilities
+        probabilities = torch.softmax(logits, dim=0)
+        return probabilities.argmax(0).to(torch.uint8), probabilities
+
+    def predict_array(self, image: np.ndarray, geometry: Geometry | Sequence[float],
+                      return_probabilities: bool = False, name: str = "") -> np.ndarray | tuple[np.ndarray, np.ndarray]:
+        """Segment one image given on its own grid.
+
+        Args:
+            image: (C, D, H, W) (or (D, H, W) for a one-channel model), any real dtype.
+            geometry: its Geometry, or just its spacing (array axis order).
+            return_probabilities: also return (K, D, H, W) float32 probabilities on the original grid.
+            name: case name used in error messages.
+
+        Returns:
+            (D, H, W) uint8 labels [, probabilities].
+        """
+        from voxseg.data.preprocess import preprocess_case, restore_to_original
+
+        image = np.asarray(image)
+        if image.ndim == 3 and self.plan.num_channels == 1:
+            image = image[None]
+        if image.ndim != 4 or image.shape[0] != self.plan.num_channels:
+            raise InputError(f"case '{name}': image of shape {image.shape} given; the model expects "
+                             f"({self.plan.num_channels}, D, H, W) with channels {list(self.plan.channel_names.values())}")
+        if not isinstance(geometry, Geometry):
+            geometry = Geometry.from_spacing(tuple(float(s) for s in geometry))
+        image_pp, _, properties = preprocess_case(image.astype(np.float32, copy=False), geometry, self.plan,
+                                                  device=self.device, name=name)
+        labels, probabilities = self.logits_to_labels(self.predict_logits(image_pp))
+        labels_out = restore_to_original(labels, properties, is_label=True, device=self.device)
+        if not return_probabilities:
+            return labels_out
+        probabilities_out = restore_to_original(probabilities, properties, is_label=False, device=self.device,
+                                                background_channel=not self.plan.is_region_based)
+        return labels_out, probabilities_out
+
+    # ----- files ----------------------------------------------------------------------------------------------
+    def _postprocessing_spec(self, postprocess: Any) -> dict[str, Any] | None:
+        """None: the work directory's postprocessing.json if any; False: none; "force": every class; a dict or
+        a path: that spec."""
+        if postprocess is None:
+            return self.postprocessing
+        if postprocess is False:
+            return None
+        if postprocess == "force" or postprocess is True:
+            return {"largest_component": self.plan.regions}
+        if isinstance(postprocess, dict):
+            return postprocess
+        return load_postprocessing(postprocess)
+
+    def _read_case(self, name: str, files: Sequence[str | Path]) -> tuple[np.ndarray, Geometry]:
+        expected = self.plan.num_channels
+        if len(files) != expected:
+            raise InputError(f"case {name}: {len(files)} channel file(s) found, the model expects {expected} "
+                             f"({', '.join(self.plan.channel_names.values())})")
+        missing = [str(f) for f in files if not Path(f).is_file()]
+        if missing:
+            raise InputError(f"case {name}: missing channel file(s) {', '.join(missing)}")
+        try:
+            return read_channels([Path(f) for f in files])
+        except VoxsegError as exc:
+            raise InputError(f"case {name}: {exc}") from None
+
+    def predict_files(
+        self,
+        cases: Sequence[tuple[str, Sequence[str | Path]]],
+        out_dir: str | Path,
+        save_probabilities: bool = False,
+        continue_run: bool = False,
+        num_io_threads: int = 2,
+        postprocess: Any = None,
+        file_ending: str | None = None,
+        progress: bool | None = None,
+    ) -> dict[str, Any]:
+        """Predict cases from files and write OUT/NAME{file_ending} with each input's geometry.
+
+        Reading the next cases and writing finished ones run on `num_io_threads` threads while the device
+        works. A case that cannot be read or does not fit the model is skipped and reported; the others are
+        still written, then InputError lists every failed case with its reason.
+
+        Args:
+            cases: (name, [channel files in channel order]), e.g. from `find_input_cases`.
+            save_probabilities: also write NAME.npz: "probabilities" (K, D, H, W) float16 and "class_names".
+            continue_run: skip cases whose outputs already exist.
+            postprocess: None (the model's postprocessing.json, if any), False, "force" (largest component of
+                every class), a spec dict or a path to a postprocessing.json.
+            file_ending: output ending (default the plan's).
+            progress: show a progress bar (default: when stderr is a terminal).
+
+        Returns:
+            {"written": n, "skipped": n, "out_dir": str}.
+        """
+        out_dir = Path(out_dir)
+        out_dir.mkdir(parents=True, exist_ok=True)
+        ending = file_ending or self.plan.file_ending
+        spec = self._postprocessing_spec(postprocess)
+        todo = [(name, files) for name, files in cases
+                if not (continue_run and self._outputs_exist(out_dir, name, ending, save_probabilities))]
+        failures: list[tuple[str, str]] = []
+        written = 0
+        bar = _progress(len(todo), progress)
+        with ThreadPoolExecutor(max(1, num_io_threads)) as pool:
+            pending_reads: deque[tuple[str, Future]] = deque()
+            pending_writes: deque[tuple[str, Future]] = deque()
+            queue = iter(todo)
+
+            def read_ahead() -> None:
+                case = next(queue, None)
+                if case is not None:
+                    pending_reads.append((case[0], pool.submit(self._read_case, *case)))
+
+            for _ in range(max(1, num_io_threads)):
+                read_ahead()
+            while pending_reads:
+                name, future = pending_reads.popleft()
+                read_ahead()
+                try:
+                    image, geometry = future.result()
+                    result = self.predict_array(image, geometry, return_probabilities=save_probabilities, name=name)
+                except VoxsegError as exc:
+                    failures.append((name, str(exc)))
+                    bar.update()
+                    continue
+                labels, probabilities = result if save_probabilities else (result, None)
+                labels = apply_postprocessing(labels, spec)
+                pending_writes.append((name, pool.submit(self._write_case, out_dir, name, ending, labels, geometry,
+                                                         probabilities)))
+                # bound the finished cases waiting in memory for the writer threads
+                while len(pending_writes) > max(1, num_io_threads):
+                    written += _collect(pending_writes.popleft(), failures)
+                bar.update()
+            while pending_writes:
+                written += _collect(pending_writes.popleft(), failures)
+        bar.close()
+        if failures:
+            lines = "\n".join(f"  {name}: {reason}" for name, reason in failures)
+            raise InputError(f"{len(failures)} of {len(todo)} case(s) failed ({written} written to {out_dir}):\n{lines}")
+        return {"written": written, "skipped": len(cases) - len(todo), "out_dir": str(out_dir)}
+
+    @staticmethod
+    def _outputs_exist(out_dir: Path, name: str, ending: str, with_probabilities: bool) -> bool:
+        return (out_dir / f"{name}{ending}").is_file() and (not with_probabilities or (out_dir / f"{name}.npz").is_file())
+
+    def _write_case(self, out_dir: Path, name: str, ending: str, labels: np.ndarray, geometry: Geometry,
+                    probabilities: np.ndarray | None) -> None:
+        if probabilities is not None:
+            save_probabilities(out_dir / f"{name}.npz", probabilities, self.class_names)
+        # the label map last: continue_run treats a case as done once it exists
+        write_image(out_dir / f"{name}{ending}", labels, geometry)
+
+
+def _collect(item: tuple[str, Future], failures: list[tuple[str, str]]) -> int:
+    name, future = item
+    try:
+        future.result()
+        return 1
+    except (VoxsegError, OSError) as exc:
+        failures.append((name, f"could not write the prediction ({exc})"))
+        return 0
+
+
+class _NoBar:
+    def update(self, n: int = 1) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
+
+
+def _progress(total: int, show: bool | None) -> Any:
+    if show is None:
+        show = sys.stderr.isatty()
+    if not show:
+        return _NoBar()
+    from tqdm import tqdm
+
+    return tqdm(total=total, desc="predict", unit="case")

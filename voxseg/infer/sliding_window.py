@@ -1,0 +1,271 @@
+"""Sliding-window inference: tiles x mirrors x folds, batched on the device.
+
+A volume larger than the training patch is cut into overlapping tiles. The network's logits for every tile are
+weighted with a Gaussian importance map (voxels near a patch's centre saw more context than those at its border,
+so they are trusted more), summed into a full-size accumulator and divided by the summed weights.
+
+What is accumulated: **logits**, as nnU-Net does. Mirrored copies (test-time augmentation) and folds (an
+ensemble of models) are averaged in logit space inside the same tile pass, so the result is the weighted mean
+logit over tiles x mirrors x folds; the caller applies softmax / sigmoid once at the end.
+
+Batching: `tile_batch` tiles are cropped at once; their mirrored copies are concatenated along the batch axis
+into one forward call per model; every fold model runs on the same gathered batch. The tile loop never syncs
+with the host (no `.item()`, no `.cpu()`) unless the accumulator itself had to fall back to host memory.
+"""
+from __future__ import annotations
+
+import itertools
+import math
+from typing import Callable, Sequence
+
+import torch
+import torch.nn.functional as F
+
+ModelLike = Callable[[torch.Tensor], "torch.Tensor | Sequence[torch.Tensor]"]
+
+# share of the free device memory the accumulator may take; the rest is left for the network's activations
+_ACCUMULATOR_MEMORY_SHARE = 0.5
+
+
+def pad_to_patch(image: torch.Tensor, patch_size: Sequence[int]) -> tuple[torch.Tensor, tuple[slice, ...]]:
+    """Zero-pad the spatial axes of `image` (B, C, *S) to at least `patch_size`, centred.
+
+    Returns:
+        the padded tensor and one slice per spatial axis that crops the padded result back to S.
+    """
+    spatial = image.shape[2:]
+    pads, crop = [], []
+    for size, patch in zip(spatial, patch_size):
+        total = max(int(patch) - size, 0)
+        before = total // 2
+        pads.append((before, total - before))
+        crop.append(slice(before, before + size))
+    if any(sum(p) for p in pads):
+        # F.pad lists the last axis first
+        image = F.pad(image, [v for pair in reversed(pads) for v in pair], mode="constant", value=0.0)
+    return image, tuple(crop)
+
+
+def axis_starts(size: int, patch: int, step: float = 0.5) -> list[int]:
+    """Tile start indices along one axis (size >= patch).
+
+    The number of tiles is the smallest that keeps neighbouring tiles at most `patch * step` apart,
+    ceil((size - patch) / (patch * step)) + 1, and the starts are spread evenly from 0 to size - patch, so
+    the overlap is as uniform as possible. Example: size 100, patch 64, step 0.5 -> 3 tiles at 0, 18, 36.
+    """
+    if size < patch:
+        raise ValueError(f"axis of size {size} is smaller than the patch ({patch}); pad it first")
+    if size == patch:
+        return [0]
+    num = math.ceil((size - patch) / (patch * step)) + 1
+    spacing = (size - patch) / (num - 1)
+    return [int(round(spacing * i)) for i in range(num)]
+
+
+def tile_positions(image_shape: Sequence[int], patch_size: Sequence[int], step: float = 0.5) -> list[tuple[int, ...]]:
+    """Start index of every tile of `patch_size` that together cover an image of spatial shape `image_shape`.
+
+    An axis shorter than the patch is taken as padded to the patch size (see `pad_to_patch`), so it gets a
+    single tile starting at 0 in padded coordinates.
+    """
+    if not 0.0 < step <= 1.0:
+        raise ValueError(f"step must be in (0, 1], got {step}")
+    if len(image_shape) != len(patch_size):
+        raise ValueError(f"image shape {tuple(image_shape)} and patch size {tuple(patch_size)} differ in length")
+    per_axis = [axis_starts(max(int(s), int(p)), int(p), step) for s, p in zip(image_shape, patch_size)]
+    return list(itertools.product(*per_axis))
+
+
+def gaussian_importance(
+    patch_size: Sequence[int],
+    sigma_scale: float = 1.0 / 8,
+    device: torch.device | str | None = None,
+    dtype: torch.dtype = torch.float32,
+) -> torch.Tensor:
+    """Gaussian weight map (*patch_size) centred on the patch, sigma = patch * sigma_scale per axis.
+
+    Normalised to a maximum of 1; every value is clamped to at least the smallest nonzero value, so border
+    voxels (where the Gaussian may underflow, in half precision especially) never get weight 0 and every
+    voxel of the image receives a positive total weight.
+    """
+    weight = torch.ones((), dtype=torch.float64)
+    for axis, patch in enumerate(patch_size):
+        offsets = torch.arange(int(patch), dtype=torch.float64) - int(patch) // 2
+        sigma = max(float(patch) * sigma_scale, 1e-6)
+        profile = torch.exp(-0.5 * (offsets / sigma) ** 2)
+        shape = [1] * len(patch_size)
+        shape[axis] = int(patch)
+        weight = weight * profile.reshape(shape)
+    weight = (weight / weight.max()).to(dtype)
+    smallest = weight[weight > 0].min()
+    return weight.clamp(min=smallest).to(device)
+
+
+def mirror_combinations(mirror_axes: Sequence[int]) -> list[tuple[int, ...]]:
+    """Every subset of `mirror_axes` (spatial axis indices), the empty one (no flip) first."""
+    axes = tuple(sorted(set(int(a) for a in mirror_axes)))
+    return [combo for r in range(len(axes) + 1) for combo in itertools.combinations(axes, r)]
+
+
+class _SliceModel(torch.nn.Module):
+    """Runs a 2D network on 3D tiles of depth 1: (B, C, 1, H, W) -> (B, K, 1, H, W)."""
+
+    def __init__(self, model: ModelLike) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, tiles: torch.Tensor) -> torch.Tensor:
+        out = self.model(tiles[:, :, 0])
+        out = out[0] if isinstance(out, (list, tuple)) else out
+        return out.unsqueeze(2)
+
+
+def choose_accumulator_device(device: torch.device, num_outputs: int, spatial_shape: Sequence[int]) -> torch.device:
+    """The compute device when the (K + 1) float32 accumulators fit comfortably in its free memory, else CPU."""
+    if device.type != "cuda":
+        return device
+    needed = (num_outputs + 1) * math.prod(int(s) for s in spatial_shape) * 4
+    free, _ = torch.cuda.mem_get_info(device)
+    return device if needed < _ACCUMULATOR_MEMORY_SHARE * free else torch.device("cpu")
+
+
+def sliding_window_inference(
+    model_or_fn: ModelLike | Sequence[ModelLike],
+    image: torch.Tensor,
+    patch_size: Sequence[int],
+    num_outputs: int,
+    step: float = 0.5,
+    tile_batch: int = 4,
+    mirror_axes: Sequence[int] = (),
+    use_gaussian: bool = True,
+    output_device: torch.device | str | None = None,
+    amp_dtype: torch.dtype | None = None,
+    accumulator_device: torch.device | str | None = None,
+) -> torch.Tensor:
+    """Blended logits of one image, averaged over tiles x mirrors x models.
+
+    Args:
+        model_or_fn: a network (or any callable) mapping (B, C, *P) to (B, K, *P) logits (a deep-supervision
+            list is accepted; its first entry is used), or a list of them (folds) that are averaged.
+            Models must already be on `image.device` and in eval mode.
+        image: (1, C, *S) tensor on the compute device. When `patch_size` has one axis fewer than S, the first
+            spatial axis is treated as a stack of slices for a 2D network.
+        patch_size: tile size in voxels.
+        num_outputs: K, the number of output channels.
+        step: distance between neighbouring tiles as a fraction of the patch (0.5 = half overlap).
+        tile_batch: tiles per forward call (times the number of mirror combinations).
+        mirror_axes: spatial axes (0-based, in patch axes) to mirror for test-time augmentation; every
+            combination of them is evaluated, so 3 axes mean 8 copies per tile.
+        use_gaussian: blend with `gaussian_importance` (else a flat average).
+        output_device: where the result goes (default: where it was accumulated).
+        amp_dtype: autocast dtype (torch.bfloat16 / torch.float16) or None for full precision.
+        accumulator_device: force the accumulator's device; by default the compute device when it fits
+            (`choose_accumulator_device`), with a fallback to CPU on an out-of-memory error.
+
+    Returns:
+        (K, *S) float32 averaged logits.
+    """
+    models = list(model_or_fn) if isinstance(model_or_fn, (list, tuple)) else [model_or_fn]
+    patch_size = tuple(int(p) for p in patch_size)
+    mirror_axes = tuple(int(a) for a in mirror_axes)
+    if image.ndim == len(patch_size) + 3:
+        # 2D network over a 3D volume: tiles of depth 1 along the first spatial axis
+        models = [_SliceModel(m) for m in models]
+        patch_size = (1,) + patch_size
+        mirror_axes = tuple(a + 1 for a in mirror_axes)
+    if image.ndim != len(patch_size) + 2 or image.shape[0] != 1:
+        raise ValueError(f"image must be (1, C, *S) with {len(patch_size)} spatial axes, got {tuple(image.shape)}")
+    if tile_batch < 1:
+        raise ValueError(f"tile_batch must be >= 1, got {tile_batch}")
+    padded, crop = pad_to_patch(image, patch_size)
+    positions = tile_positions(padded.shape[2:], patch_size, step)
+    weight = (
+        gaussian_importance(patch_size, device=image.device)
+        if use_gaussian
+        else torch.ones(patch_size, device=image.device)
+    )
+    acc_device = (
+        torch.device(accumulator_device)
+        if accumulator_device is not None
+        else choose_accumulator_device(image.device, num_outputs, padded.shape[2:])
+    )
+    run = dict(models=models, image=padded, positions=positions, patch_size=patch_size, num_outputs=num_outputs,
+               tile_batch=tile_batch, mirrors=mirror_combinations(mirror_axes), weight=weight, amp_dtype=amp_dtype)
+    logits, out_of_memory = None, False
+    try:
+        logits = _accumulate_tiles(acc_device=acc_device, **run)
+    except torch.cuda.OutOfMemoryError:
+        if acc_device.type == "cpu":
+            raise
+        out_of_memory = True
+    if out_of_memory:
+        # retried outside the except block so the failed attempt's tensors (held by the traceback) are freed
+        torch.cuda.empty_cache()
+        logits = _accumulate_tiles(acc_device=torch.device("cpu"), **run)
+    assert logits is not None
+    logits = logits[(slice(None),) + crop]
+    return logits.to(output_device) if output_device is not None else logits
+
+
+def _accumulate_tiles(
+    models: list[ModelLike],
+    image: torch.Tensor,
+    positions: list[tuple[int, ...]],
+    patch_size: tuple[int, ...],
+    num_outputs: int,
+    tile_batch: int,
+    mirrors: list[tuple[int, ...]],
+    weight: torch.Tensor,
+    amp_dtype: torch.dtype | None,
+    acc_device: torch.device,
+) -> torch.Tensor:
+    """Sum weighted tile logits into (K, *S) and divide by the summed weights (image is already padded)."""
+    spatial = tuple(image.shape[2:])
+    logits = torch.zeros((num_outputs, *spatial), dtype=torch.float32, device=acc_device)  # (K, *S)
+    weight_sum = torch.zeros(spatial, dtype=torch.float32, device=acc_device)  # (*S)
+    weight_on_acc = weight.to(acc_device, torch.float32)
+    with torch.inference_mode():
+        for first in range(0, len(positions), tile_batch):
+            slices = [
+                tuple(slice(s, s + p) for s, p in zip(start, patch_size))
+                for start in positions[first : first + tile_batch]
+            ]
+            tiles = torch.stack([image[0][(slice(None),) + sl] for sl in slices])  # (n, C, *P)
+            out = _predict_tiles(models, tiles, mirrors, num_outputs, amp_dtype)  # (n, K, *P)
+            # the only device->host copy of the loop, and only when the accumulator lives on the host
+            out = (out * weight).to(acc_device)
+            for i, sl in enumerate(slices):
+                logits[(slice(None),) + sl] += out[i]
+                weight_sum[sl] += weight_on_acc
+        logits /= weight_sum
+    return logits
+
+
+def _predict_tiles(
+    models: list[ModelLike],
+    tiles: torch.Tensor,
+    mirrors: list[tuple[int, ...]],
+    num_outputs: int,
+    amp_dtype: torch.dtype | None,
+) -> torch.Tensor:
+    """Mean logits (n, K, *P) over mirror combinations and models for a batch of tiles (n, C, *P)."""
+    n = tiles.shape[0]
+    # every mirrored copy in one batch: (n * M, C, *P)
+    batch = torch.cat([tiles.flip([a + 2 for a in combo]) if combo else tiles for combo in mirrors])
+    total = None
+    with torch.autocast(device_type=tiles.device.type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None):
+        for model in models:
+            out = model(batch)
+            out = out[0] if isinstance(out, (list, tuple)) else out
+            if out.shape[0] != batch.shape[0] or out.shape[1] != num_outputs or out.shape[2:] != batch.shape[2:]:
+                raise ValueError(
+                    f"model output {tuple(out.shape)} does not match the expected "
+                    f"({batch.shape[0]}, {num_outputs}, {', '.join(map(str, batch.shape[2:]))})"
+                )
+            out = out.float()
+            for j, combo in enumerate(mirrors):
+                chunk = out[j * n : (j + 1) * n]
+                chunk = chunk.flip([a + 2 for a in combo]) if combo else chunk
+                total = chunk if total is None else total + chunk
+    assert total is not None
+    return total / (len(models) * len(mirrors))

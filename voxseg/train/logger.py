@@ -1,0 +1,187 @@
+"""Training logs: log.jsonl (one JSON record per epoch), TensorBoard scalars, progress.png and a progress bar.
+
+Only rank 0 writes; other ranks get a logger whose methods do nothing. Records hold plain floats (NaN, e.g.
+the Dice of a class absent from the validation patches, is written as null).
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+import sys
+from pathlib import Path
+from typing import Any
+
+from tqdm import tqdm
+
+from voxseg.config import LoggingConfig
+
+LOG_FILE = "log.jsonl"
+
+
+def _clean(value: Any) -> Any:
+    """JSON-safe: NaN/inf -> None, recursively."""
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, dict):
+        return {str(k): _clean(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_clean(v) for v in value]
+    return value
+
+
+def read_log(path: str | Path) -> list[dict[str, Any]]:
+    """The records of a log.jsonl; a torn last line (a crash mid-write) is skipped."""
+    path = Path(path)
+    if not path.is_file():
+        return []
+    records = []
+    for line in path.read_text().splitlines():
+        try:
+            records.append(json.loads(line))
+        except json.JSONDecodeError:
+            continue
+    return records
+
+
+def format_seconds(seconds: float) -> str:
+    seconds = int(max(0.0, seconds))
+    hours, rest = divmod(seconds, 3600)
+    return f"{hours}:{rest // 60:02d}:{rest % 60:02d}" if hours else f"{rest // 60}:{rest % 60:02d}"
+
+
+class TrainLogger:
+    """Writes the per-epoch records of one training run into `out_dir`.
+
+    Args:
+        out_dir: training/fold_F.
+        config: what to write besides log.jsonl.
+        total_epochs: for the ETA of the whole run.
+        rank: only rank 0 writes.
+        start_epoch: on resume, records of this epoch and later (written after the checkpoint) are dropped,
+            so log.jsonl tells the story of the run that the checkpoints hold.
+    """
+
+    def __init__(self, out_dir: str | Path, config: LoggingConfig, total_epochs: int, rank: int = 0,
+                 start_epoch: int = 0) -> None:
+        self.out_dir = Path(out_dir)
+        self.config = config
+        self.total_epochs = total_epochs
+        self.active = rank == 0
+        self.history: list[dict[str, Any]] = []
+        self._writer: Any = None
+        if not self.active:
+            return
+        self.out_dir.mkdir(parents=True, exist_ok=True)
+        self.path = self.out_dir / LOG_FILE
+        self.history = [r for r in read_log(self.path) if int(r.get("epoch", -1)) < start_epoch]
+        # rewrite atomically: drop records past the checkpoint we resume from
+        tmp = self.path.with_name(f".{LOG_FILE}.tmp{os.getpid()}")
+        tmp.write_text("".join(json.dumps(r) + "\n" for r in self.history))
+        os.replace(tmp, self.path)
+        if config.tensorboard:
+            self._writer = _tensorboard_writer(self.out_dir / "tensorboard")
+
+    # ----- per epoch --------------------------------------------------------------------------------------
+    def log_epoch(self, record: dict[str, Any]) -> None:
+        """Append one epoch's record to log.jsonl, TensorBoard and progress.png."""
+        if not self.active:
+            return
+        record = _clean(record)
+        self.history.append(record)
+        with open(self.path, "a") as handle:
+            handle.write(json.dumps(record) + "\n")
+        if self._writer is not None:
+            for name, value in _flatten(record).items():
+                if name != "epoch" and value is not None:
+                    self._writer.add_scalar(name, value, record["epoch"])
+            self._writer.flush()
+        if self.config.progress_png:
+            plot_progress(self.history, self.out_dir / "progress.png")
+
+    def eta_seconds(self) -> float | None:
+        """Remaining epochs x mean epoch time of the epochs logged so far (None before the first)."""
+        times = [r["epoch_time"] for r in self.history if r.get("epoch_time")]
+        if not times or not self.history:
+            return None
+        remaining = self.total_epochs - (int(self.history[-1]["epoch"]) + 1)
+        return max(0, remaining) * sum(times) / len(times)
+
+    def progress_bar(self, epoch: int, iterations: int) -> tqdm:
+        """A bar for one epoch; disabled on other ranks, when switched off, or when nothing reads stderr."""
+        eta = self.eta_seconds()
+        run = f" | run ETA {format_seconds(eta)}" if eta is not None else ""
+        return tqdm(total=iterations, desc=f"epoch {epoch + 1}/{self.total_epochs}{run}", leave=False,
+                    disable=not (self.active and self.config.progress_bar), dynamic_ncols=True, file=sys.stderr)
+
+    def message(self, text: str) -> None:
+        if self.active:
+            tqdm.write(text, file=sys.stderr)
+
+    def close(self) -> None:
+        if self._writer is not None:
+            self._writer.close()
+            self._writer = None
+
+
+def _flatten(record: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    """{"loss": {"dice": 1}} -> {"loss/dice": 1}; lists and strings are skipped (not scalars)."""
+    out: dict[str, Any] = {}
+    for key, value in record.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, dict):
+            out.update(_flatten(value, name + "/"))
+        elif isinstance(value, (int, float)) and not isinstance(value, bool):
+            out[name] = value
+    return out
+
+
+_TENSORBOARD_NOTICE_SHOWN = False
+
+
+def _tensorboard_writer(log_dir: Path) -> Any:
+    global _TENSORBOARD_NOTICE_SHOWN
+    try:
+        from torch.utils.tensorboard import SummaryWriter
+    except ImportError:
+        if not _TENSORBOARD_NOTICE_SHOWN:
+            print("tensorboard is not installed: skipping TensorBoard logs (pip install tensorboard)",
+                  file=sys.stderr)
+            _TENSORBOARD_NOTICE_SHOWN = True
+        return None
+    return SummaryWriter(log_dir=str(log_dir))
+
+
+def plot_progress(history: list[dict[str, Any]], path: str | Path) -> None:
+    """Redraw progress.png: losses, pseudo-Dice (+EMA), learning rate and epoch time against the epoch."""
+    # the object-oriented API renders with Agg and leaves pyplot's global backend state alone
+    from matplotlib.figure import Figure
+
+    epochs = [r["epoch"] for r in history]
+
+    def series(key: str, sub: str | None = None) -> list[float]:
+        values = [(r.get(key) or {}).get(sub) if sub else r.get(key) for r in history]
+        return [math.nan if v is None else float(v) for v in values]
+
+    fig = Figure(figsize=(8, 11))
+    axes = fig.subplots(4, 1, sharex=True)
+    axes[0].plot(epochs, series("loss", "loss"), label="train loss")
+    axes[0].plot(epochs, series("val_loss"), ".-", label="val loss")
+    axes[0].set_ylabel("loss")
+    axes[1].plot(epochs, series("pseudo_dice_mean"), ".", label="pseudo Dice (mean)")
+    axes[1].plot(epochs, series("ema_dice"), "-", label="EMA pseudo Dice")
+    axes[1].set_ylabel("Dice")
+    axes[2].plot(epochs, series("lr"))
+    axes[2].set_ylabel("learning rate")
+    axes[3].plot(epochs, series("epoch_time"))
+    axes[3].set_ylabel("epoch time (s)")
+    axes[3].set_xlabel("epoch")
+    for axis in axes[:2]:
+        axis.legend(loc="best")
+    for axis in axes:
+        axis.grid(alpha=0.3)
+    fig.tight_layout()
+    path = Path(path)
+    tmp = path.with_name(f".{path.stem}.tmp{os.getpid()}.png")
+    fig.savefig(tmp, dpi=80)
+    os.replace(tmp, path)

@@ -1,0 +1,355 @@
+"""The training loop: `train(workdir, fold, config)` trains one fold and writes `training/fold_F/`.
+
+It reads top to bottom: load the plan and the split, resolve the device, build data, model, loss, optimiser
+and schedule, optionally resume, then loop over epochs (sample -> augment -> step, validate, checkpoint,
+log). Detail lives in the helpers below and in the sibling modules.
+
+A resumed run continues exactly where the checkpoint left off: model, optimiser, schedule, loss scaler,
+epoch, best metric, EMA, patience counter and every random generator (global ones, the sampler's and the
+augmentation's) are restored, so on a CPU with deterministic settings it reproduces an uninterrupted run.
+"""
+from __future__ import annotations
+
+import copy
+import math
+import os
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from voxseg.config import TrainConfig
+from voxseg.data.plans import Plan
+from voxseg.data.splits import get_fold
+from voxseg.errors import CheckpointError, ConfigError, VoxsegError
+from voxseg.losses import build_loss
+from voxseg.models import build_network
+from voxseg.train.checkpoint import load_checkpoint, load_pretrained, rng_state, save_checkpoint, set_rng_state
+from voxseg.train.data import TrainData
+from voxseg.train.logger import TrainLogger
+from voxseg.train.optim import build_optimizer, build_scheduler
+from voxseg.train.step import RunningMeans, TrainStep
+from voxseg.train.validate import full_validation, pseudo_dice
+
+
+class TrainingInterrupted(VoxsegError):
+    """Ctrl-C during training; checkpoint_latest.pt holds the state to resume from."""
+
+    exit_code = 130
+
+
+@dataclass
+class Resolved:
+    """Settings that depend on the machine or the plan, fixed once at the start."""
+
+    device: torch.device
+    amp_dtype: torch.dtype | None
+    compile: bool
+    patch_size: list[int]
+    batch_size: int
+    iterations: int
+    foreground_fraction: float
+
+
+@dataclass
+class Progress:
+    """Where the run stands: everything besides the modules that a checkpoint must restore."""
+
+    epoch: int = 0  # epochs completed = the next epoch to run
+    ema: float | None = None
+    best_metric: float | None = None
+    best_epoch: int = -1
+
+    def update(self, dice_mean: float, alpha: float) -> bool:
+        """Fold a validation's mean pseudo-Dice into the EMA; True when the EMA reaches a new best."""
+        if math.isnan(dice_mean):
+            return False
+        self.ema = dice_mean if self.ema is None else alpha * self.ema + (1 - alpha) * dice_mean
+        if self.best_metric is None or self.ema > self.best_metric:
+            self.best_metric, self.best_epoch = self.ema, self.epoch
+            return True
+        return False
+
+    def epochs_without_improvement(self) -> int:
+        return self.epoch - 1 - self.best_epoch
+
+
+def train(workdir: str | Path, fold: int | str, config: TrainConfig, resume: bool = False, test_only: bool = False,
+          pretrained: str | Path | None = None, rank: int = 0, world_size: int = 1) -> dict[str, Any]:
+    """Train (or, with `test_only`, evaluate) one fold; returns the final metrics.
+
+    Args:
+        workdir: work directory with plans.json, splits.json and preprocessed/.
+        fold: fold index or "all".
+        config: the run's settings.
+        resume: continue from training/fold_F/checkpoint_latest.pt (also `config.resume`).
+        test_only: skip training; validate checkpoint_best.pt (else checkpoint_final.pt) on full volumes.
+        pretrained: initialise from this checkpoint's matching weights (also `config.pretrained`).
+        rank, world_size: process rank and count in multi-GPU training; only rank 0 writes files.
+
+    Returns:
+        {"val_dice_mean", "val_dice": {class: dice}, "best_ema_dice", "epochs", "seconds", ...}
+    """
+    start = time.perf_counter()
+    workdir = Path(workdir)
+    plan = Plan.load(workdir / "plans.json")
+    out_dir = fold_dir(workdir, fold)
+    train_names, val_names = get_fold(workdir, fold)
+    run = resolve(config, plan, len(train_names))
+    plan = plan_with_overrides(plan, config)
+    if test_only:
+        return _test_only(workdir, out_dir, plan, config, run, val_names, start)
+
+    seed_everything(config.loop.seed + rank, config.loop.deterministic, config.data.num_threads)
+    model = build_network(plan, deep_supervision=config.loss.deep_supervision).to(run.device)
+    loss_fn = build_loss(config.loss.name, plan, config.loss.weights, config.loss.deep_supervision).to(run.device)
+    optimizer = build_optimizer(model.parameters(), config.optim)
+    scheduler = build_scheduler(optimizer, config.schedule, config.loop.epochs, run.iterations)
+    step = TrainStep(_wrap_ddp(model, run.device, world_size), loss_fn, optimizer, run.device, run.amp_dtype,
+                     config.loop.grad_accum, config.loop.grad_clip, compile=run.compile)
+    data = TrainData(workdir / "preprocessed", plan, config, run.patch_size, run.batch_size,
+                     run.foreground_fraction, train_names, val_names, run.device, seed=config.loop.seed + rank)
+    progress = Progress()
+    parts = dict(model=model, optimizer=optimizer, scheduler=scheduler, step=step, data=data, progress=progress)
+
+    if resume or config.resume:
+        restore(out_dir / "checkpoint_latest.pt", run.device, **parts)
+        _print(rank, f"resumed from {out_dir / 'checkpoint_latest.pt'} at epoch {progress.epoch}")
+    elif pretrained or config.pretrained:
+        _print(rank, load_pretrained(model, pretrained or config.pretrained).summary())
+    if rank == 0:
+        resolved_config(config, run, plan).save(out_dir / "config.json")
+    logger = TrainLogger(out_dir, config.logging, config.loop.epochs, rank, start_epoch=progress.epoch)
+    logger.message(f"training fold {fold} on {run.device}: {len(train_names)} training / {len(val_names)} "
+                   f"validation cases, patch {run.patch_size}, batch {run.batch_size}, {run.iterations} "
+                   f"iterations x {config.loop.epochs} epochs, amp {run.amp_dtype}, compile {run.compile}")
+    checkpoint = dict(plan=plan, config=config, rank=rank, **parts)
+    try:
+        while progress.epoch < config.loop.epochs:
+            epoch = progress.epoch
+            record = run_epoch(step, data, logger, config, epoch, run)
+            if val_names and (epoch + 1) % config.loop.val_freq == 0:
+                record.update(validate_epoch(model, loss_fn, data, plan, config, run, progress))
+            scheduler.step(progress.ema)
+            progress.epoch += 1
+            logger.log_epoch(record)
+            if record.get("new_best"):
+                write_checkpoint(out_dir / "checkpoint_best.pt", **checkpoint)
+            if progress.epoch % config.loop.save_freq == 0:
+                write_checkpoint(out_dir / "checkpoint_latest.pt", **checkpoint)
+            if config.loop.patience and progress.epochs_without_improvement() >= config.loop.patience:
+                logger.message(f"early stopping: no EMA pseudo-Dice improvement for {config.loop.patience} epochs")
+                break
+    except KeyboardInterrupt:
+        # the interrupted epoch is not counted: resuming runs it again from these weights
+        write_checkpoint(out_dir / "checkpoint_latest.pt", **checkpoint)
+        raise TrainingInterrupted(f"interrupted; resume with --resume ({out_dir / 'checkpoint_latest.pt'})") from None
+    finally:
+        logger.close()
+    write_checkpoint(out_dir / "checkpoint_latest.pt", **checkpoint)
+    write_checkpoint(out_dir / "checkpoint_final.pt", **checkpoint)
+
+    result: dict[str, Any] = {"epochs": progress.epoch, "best_ema_dice": progress.best_metric,
+                              "stopped_early": progress.epoch < config.loop.epochs}
+    if config.loop.full_val and val_names and rank == 0:
+        logger.message(f"full validation of {len(val_names)} cases (sliding window)")
+        result.update(_full_val_metrics(model, plan, workdir, out_dir, val_names, run))
+    result["seconds"] = time.perf_counter() - start
+    return result
+
+
+# ----- resolving the run ------------------------------------------------------------------------------------
+def fold_dir(workdir: str | Path, fold: int | str) -> Path:
+    return Path(workdir) / "training" / f"fold_{fold}"
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(name)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ConfigError(f"loop.device={name}: CUDA is not available on this machine; use loop.device=cpu")
+    if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
+        raise ConfigError(f"loop.device={name}: only {torch.cuda.device_count()} GPU(s) are visible")
+    return device
+
+
+def resolve_amp(name: str, device: torch.device) -> torch.dtype | None:
+    """Autocast dtype: bf16 where supported, fp16 (with loss scaling) on older GPUs; float32 on CPU by default."""
+    if name == "off" or (name == "auto" and device.type != "cuda"):
+        return None
+    if name == "fp16" and device.type != "cuda":
+        raise ConfigError("loop.amp=fp16 needs a CUDA device; use loop.amp=bf16 or off on the CPU")
+    if name == "auto":
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    return torch.bfloat16 if name == "bf16" else torch.float16
+
+
+def resolve(config: TrainConfig, plan: Plan, num_train: int) -> Resolved:
+    device = resolve_device(config.loop.device)
+    patch = [int(p) for p in (config.data.patch_size or plan.patch_size)]
+    if len(patch) != len(plan.patch_size):
+        raise ConfigError(f"data.patch_size={patch} must have {len(plan.patch_size)} entries like the plan's")
+    batch = int(config.data.batch_size or plan.batch_size)
+    iterations = config.data.iterations_per_epoch or max(1, math.ceil(num_train * config.data.num_samples / batch))
+    fg = plan.foreground_oversampling if config.data.foreground_fraction is None else config.data.foreground_fraction
+    compile_ = config.loop.compile == "on" or (config.loop.compile == "auto" and device.type == "cuda")
+    return Resolved(device, resolve_amp(config.loop.amp, device), compile_, patch, batch, iterations, float(fg))
+
+
+def plan_with_overrides(plan: Plan, config: TrainConfig) -> Plan:
+    """The plan the network is built from: the config's residual and patch size override the plan's."""
+    if config.loop.residual is None and config.data.patch_size is None:
+        return plan
+    data = plan.to_dict()
+    if config.loop.residual is not None:
+        data["network"]["residual"] = bool(config.loop.residual)
+    if config.data.patch_size is not None:
+        data["patch_size"] = [int(p) for p in config.data.patch_size]  # validated against the strides here
+    return Plan.from_dict(data)
+
+
+def resolved_config(config: TrainConfig, run: Resolved, plan: Plan) -> TrainConfig:
+    """The config with every 'auto'/None that depends on the machine or the plan filled in (config.json)."""
+    out = copy.deepcopy(config)
+    out.data.patch_size, out.data.batch_size = list(run.patch_size), run.batch_size
+    out.data.foreground_fraction = run.foreground_fraction
+    out.loop.device = str(run.device)
+    out.loop.amp = {None: "off", torch.bfloat16: "bf16", torch.float16: "fp16"}[run.amp_dtype]
+    out.loop.compile = "on" if run.compile else "off"
+    out.loop.residual = plan.network.residual
+    return out
+
+
+def seed_everything(seed: int, deterministic: bool, num_threads: int) -> None:
+    import random
+
+    import numpy as np
+
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+    torch.set_num_threads(max(1, min(num_threads, os.cpu_count() or 1)))
+    torch.backends.cudnn.benchmark = not deterministic
+    torch.backends.cudnn.deterministic = deterministic
+    if deterministic:
+        torch.use_deterministic_algorithms(True, warn_only=True)
+
+
+def _wrap_ddp(model: torch.nn.Module, device: torch.device, world_size: int) -> torch.nn.Module:
+    if world_size > 1 and torch.distributed.is_available() and torch.distributed.is_initialized():
+        from torch.nn.parallel import DistributedDataParallel
+
+        return DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
+    return model
+
+
+# ----- one epoch --------------------------------------------------------------------------------------------
+def run_epoch(step: TrainStep, data: TrainData, logger: TrainLogger, config: TrainConfig, epoch: int,
+              run: Resolved) -> dict[str, Any]:
+    """Train one epoch; the host reads the losses only every `log_every_iter` iterations and at the end."""
+    accum, log_every = config.loop.grad_accum, config.logging.log_every_iter
+    cuda = run.device.type == "cuda"
+    if cuda:
+        torch.cuda.reset_peak_memory_stats(run.device)
+    running, memory = RunningMeans(), []
+    lr = float(step.optimizer.param_groups[0]["lr"])
+    stream = data.train_stream(run.iterations * accum)
+    start = time.perf_counter()
+    with logger.progress_bar(epoch, run.iterations) as bar:
+        for micro, (image, seg) in enumerate(stream, start=1):
+            running.add(step(image, seg))
+            if micro % accum:
+                continue
+            bar.update(1)
+            if cuda:
+                memory.append(torch.cuda.memory_allocated(run.device))  # host-side counter, no sync
+            if log_every and (micro // accum) % log_every == 0:
+                bar.set_postfix(loss=f"{running.means()['loss']:.4f}")  # host-device sync (log interval)
+    losses = running.means()  # host-device sync: end of epoch
+    seconds = time.perf_counter() - start
+    samples = run.iterations * accum * run.batch_size
+    gib = 1024**3
+    return {
+        "epoch": epoch, "loss": losses, "lr": lr, "iterations": run.iterations,
+        "epoch_time": seconds, "batch_time": seconds / run.iterations,
+        "data_time": stream.wait_seconds / run.iterations, "samples_per_s": samples / seconds,
+        "gpu_mem_mean_gb": sum(memory) / len(memory) / gib if memory else 0.0,
+        "gpu_mem_max_gb": torch.cuda.max_memory_allocated(run.device) / gib if cuda else 0.0,
+    }
+
+
+def validate_epoch(model: torch.nn.Module, loss_fn: torch.nn.Module, data: TrainData, plan: Plan,
+                   config: TrainConfig, run: Resolved, progress: Progress) -> dict[str, Any]:
+    """Pseudo-Dice on validation patches, folded into the EMA that picks the best checkpoint."""
+    start = time.perf_counter()
+    val = pseudo_dice(model, data.val_batches(config.loop.val_iterations), plan, loss_fn, run.amp_dtype)
+    new_best = progress.update(val["dice_mean"], config.loop.ema_alpha)
+    return {"val_loss": val["val_loss"], "pseudo_dice": dict(zip(plan.class_names, val["dice"])),
+            "pseudo_dice_mean": val["dice_mean"], "ema_dice": progress.ema, "new_best": new_best,
+            "val_time": time.perf_counter() - start}
+
+
+# ----- checkpoints ------------------------------------------------------------------------------------------
+def write_checkpoint(path: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer, scheduler: Any,
+                     step: TrainStep, data: TrainData, progress: Progress, plan: Plan, config: TrainConfig,
+                     rank: int = 0) -> None:
+    if rank != 0:
+        return
+    save_checkpoint(path, {
+        "model": model.state_dict(), "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+        "scaler": step.state_dict(), "epoch": progress.epoch, "rng": rng_state(data.generators),
+        "best_metric": progress.best_metric, "best_epoch": progress.best_epoch, "ema": progress.ema,
+        "patience": progress.epochs_without_improvement(), "config": config.to_dict(), "plan": plan.to_dict(),
+    })
+
+
+def restore(path: Path, device: torch.device, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
+            scheduler: Any, step: TrainStep, data: TrainData, progress: Progress) -> None:
+    """Put every piece of state back from a checkpoint (RNGs last, so nothing after them draws numbers)."""
+    if not path.is_file():
+        raise CheckpointError(f"{path} does not exist: nothing to resume; train without --resume first")
+    state = load_checkpoint(path, map_location=device)
+    try:
+        model.load_state_dict(state["model"])
+    except RuntimeError as exc:
+        raise CheckpointError(f"{path} does not fit this network (plan or residual changed?): "
+                              f"{str(exc).splitlines()[0]}") from None
+    optimizer.load_state_dict(state["optimizer"])
+    scheduler.load_state_dict(state["scheduler"])
+    step.load_state_dict(state["scaler"])
+    progress.epoch = int(state["epoch"])
+    progress.ema, progress.best_metric = state["ema"], state["best_metric"]
+    progress.best_epoch = int(state.get("best_epoch", progress.epoch - 1 - int(state.get("patience", 0))))
+    set_rng_state(state["rng"], data.generators)
+
+
+def _test_only(workdir: Path, out_dir: Path, plan: Plan, config: TrainConfig, run: Resolved,
+               val_names: list[str], start: float) -> dict[str, Any]:
+    """Full validation of checkpoint_best (else checkpoint_final) without training."""
+    candidates = [out_dir / "checkpoint_best.pt", out_dir / "checkpoint_final.pt"]
+    path = next((p for p in candidates if p.is_file()), None)
+    if path is None:
+        raise CheckpointError(f"{out_dir}: neither checkpoint_best.pt nor checkpoint_final.pt exists; train first")
+    state = load_checkpoint(path, map_location=run.device)
+    model = build_network(Plan.from_dict(state["plan"]), deep_supervision=False).to(run.device)
+    model.load_state_dict(state["model"], strict=False)  # deep-supervision heads are not needed here
+    result: dict[str, Any] = {"checkpoint": str(path), "epochs": int(state["epoch"])}
+    if val_names:
+        result.update(_full_val_metrics(model, plan, workdir, out_dir, val_names, run))
+    result["seconds"] = time.perf_counter() - start
+    return result
+
+
+def _full_val_metrics(model: torch.nn.Module, plan: Plan, workdir: Path, out_dir: Path, names: list[str],
+                      run: Resolved) -> dict[str, Any]:
+    summary = full_validation(model, plan, workdir / "preprocessed", names, out_dir / "validation", run.device,
+                              run.patch_size, amp_dtype=run.amp_dtype, tile_batch=max(1, run.batch_size))
+    return {"val_dice_mean": summary["mean_dice"], "val_dice": summary["mean"]}
+
+
+def _print(rank: int, text: str) -> None:
+    if rank == 0:
+        print(text, flush=True)

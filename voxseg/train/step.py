@@ -1,0 +1,194 @@
+"""One training step (forward, loss, backward, optimiser) and the batch stream that feeds it.
+
+Nothing here reads a tensor on the host: losses come back as detached device tensors and are summed on the
+device by `RunningMeans`; the loop reads them only at log intervals and at the end of an epoch, which are the
+only host-device syncs of the hot loop (besides the GradScaler's inf check with fp16).
+"""
+from __future__ import annotations
+
+import queue
+import threading
+import time
+from typing import Any, Callable, Iterator
+
+import torch
+from torch import Tensor, nn
+
+Batch = tuple[Tensor, Tensor]
+
+
+class TrainStep:
+    """Owns model, loss, optimiser, GradScaler and autocast dtype; `step(image, seg)` is one micro-batch.
+
+    With `grad_accum` > 1 the loss is divided by it and the optimiser steps every `grad_accum` micro-batches,
+    so the gradient equals that of one batch `grad_accum` times larger (for losses that average over the batch).
+
+    Args:
+        model: the network (kept uncompiled here, so its state_dict has no compile prefixes).
+        loss_fn: `loss_fn(output, target) -> (total, components)`.
+        optimizer: the optimiser.
+        device: where the batches live.
+        amp_dtype: torch.bfloat16 / torch.float16 autocast, or None for float32.
+        grad_accum: micro-batches per optimiser step.
+        grad_clip: max gradient norm (0 = no clipping); with fp16 the gradients are unscaled first.
+        compile: torch.compile the forward + loss (the caller decides when this pays: CUDA).
+    """
+
+    def __init__(self, model: nn.Module, loss_fn: nn.Module, optimizer: torch.optim.Optimizer,
+                 device: torch.device, amp_dtype: torch.dtype | None = None, grad_accum: int = 1,
+                 grad_clip: float = 12.0, compile: bool = False) -> None:
+        self.model = model
+        self.loss_fn = loss_fn
+        self.optimizer = optimizer
+        self.device = torch.device(device)
+        self.amp_dtype = amp_dtype
+        self.grad_accum = max(1, int(grad_accum))
+        self.grad_clip = float(grad_clip)
+        # only fp16 needs loss scaling; bf16 has float32's exponent range
+        self.scaler = torch.amp.GradScaler(self.device.type, enabled=amp_dtype == torch.float16)
+        self.micro_steps = 0
+        self.grad_norm: Tensor | None = None
+        self._forward_loss = torch.compile(self._forward_loss_eager) if compile else self._forward_loss_eager
+
+    def _forward_loss_eager(self, image: Tensor, seg: Tensor) -> tuple[Tensor, dict[str, Tensor]]:
+        with torch.autocast(self.device.type, dtype=self.amp_dtype or torch.float32,
+                            enabled=self.amp_dtype is not None):
+            output = self.model(image)
+        # the loss runs in float32: Dice sums over ~1e6 voxels lose too much in half precision
+        if isinstance(output, (list, tuple)):
+            output = [o.float() for o in output]
+        else:
+            output = output.float()
+        return self.loss_fn(output, seg)
+
+    def step(self, image: Tensor, seg: Tensor) -> dict[str, Tensor]:
+        """One micro-batch: image (B, C, *P), seg (B, 1, *P). Returns {"loss": total, **components}, detached."""
+        self.model.train()
+        total, components = self._forward_loss(image, seg)
+        self.scaler.scale(total / self.grad_accum).backward()
+        self.micro_steps += 1
+        if self.micro_steps % self.grad_accum == 0:
+            self._optimizer_step()
+        out = {"loss": total.detach()}
+        out.update({name: value.detach() for name, value in components.items() if name != "loss"})
+        return out
+
+    __call__ = step
+
+    def _optimizer_step(self) -> None:
+        if self.grad_clip > 0:
+            self.scaler.unscale_(self.optimizer)
+            # returns a device tensor: no sync
+            self.grad_norm = nn.utils.clip_grad_norm_(self.model.parameters(), self.grad_clip)
+        self.scaler.step(self.optimizer)
+        self.scaler.update()
+        self.optimizer.zero_grad(set_to_none=True)
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"scaler": self.scaler.state_dict(), "micro_steps": self.micro_steps}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        if state.get("scaler"):
+            self.scaler.load_state_dict(state["scaler"])
+        self.micro_steps = int(state.get("micro_steps", 0))
+
+
+class RunningMeans:
+    """Sums named 0-dim device tensors without syncing; `means()` reads them all in one transfer."""
+
+    def __init__(self) -> None:
+        self.sums: dict[str, Tensor] = {}
+        self.count = 0
+
+    def add(self, values: dict[str, Tensor]) -> None:
+        for name, value in values.items():
+            value = value.detach().float()
+            self.sums[name] = self.sums[name] + value if name in self.sums else value.clone()
+        self.count += 1
+
+    def means(self) -> dict[str, float]:
+        """Host-device sync point: one stacked copy to the host."""
+        if not self.sums:
+            return {}
+        values = torch.stack(list(self.sums.values())).cpu().tolist()
+        return {name: v / self.count for name, v in zip(self.sums, values)}
+
+
+class BatchStream:
+    """Yields `count` batches from `make_batch()`, prepared `depth` ahead in a background thread (0 = inline).
+
+    Exactly `count` batches are made per iteration over the stream, so the random generators that
+    `make_batch` uses end an epoch in the same state with or without prefetching (resumed runs stay exact).
+    On CUDA the thread works on its own stream and the consumer waits on an event, so a batch is never read
+    before its kernels finish. `wait_seconds` accumulates the time the consumer waited for data.
+    """
+
+    def __init__(self, make_batch: Callable[[], Batch], count: int, depth: int = 0,
+                 device: torch.device | str = "cpu") -> None:
+        self.make_batch = make_batch
+        self.count = int(count)
+        self.depth = int(depth)
+        self.device = torch.device(device)
+        self.wait_seconds = 0.0
+
+    def __iter__(self) -> Iterator[Batch]:
+        if self.depth == 0:
+            for _ in range(self.count):
+                start = time.perf_counter()
+                batch = self.make_batch()
+                self.wait_seconds += time.perf_counter() - start
+                yield batch
+            return
+        yield from self._threaded()
+
+    def _threaded(self) -> Iterator[Batch]:
+        slots: queue.Queue = queue.Queue(maxsize=self.depth)
+        stop = threading.Event()
+        cuda = self.device.type == "cuda"
+        thread = threading.Thread(target=self._produce, args=(slots, stop, cuda), daemon=True)
+        thread.start()
+        try:
+            for _ in range(self.count):
+                start = time.perf_counter()
+                item = slots.get()
+                self.wait_seconds += time.perf_counter() - start
+                if isinstance(item, BaseException):
+                    raise item
+                batch, event = item
+                if cuda:
+                    current = torch.cuda.current_stream(self.device)
+                    current.wait_event(event)
+                    for tensor in batch:
+                        tensor.record_stream(current)  # the side stream's allocator must not reuse it early
+                yield batch
+        finally:
+            stop.set()
+            while thread.is_alive():  # unblock a producer waiting on a full queue
+                try:
+                    slots.get_nowait()
+                except queue.Empty:
+                    pass
+                thread.join(timeout=0.05)
+
+    def _produce(self, slots: queue.Queue, stop: threading.Event, cuda: bool) -> None:
+        stream = torch.cuda.Stream(self.device) if cuda else None
+        try:
+            for _ in range(self.count):
+                if stop.is_set():
+                    return
+                event = None
+                if stream is not None:
+                    with torch.cuda.stream(stream):
+                        batch = self.make_batch()
+                        event = torch.cuda.Event()
+                        event.record(stream)
+                else:
+                    batch = self.make_batch()
+                while not stop.is_set():
+                    try:
+                        slots.put((batch, event), timeout=0.1)
+                        break
+                    except queue.Full:
+                        continue
+        except BaseException as exc:  # handed to the consumer, which re-raises it in the training thread
+            slots.put(exc)
