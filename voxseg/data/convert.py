@@ -46,6 +46,9 @@ def _write_json(path: Path, data: dict[str, Any]) -> None:
 def _place_file(src: Path, dst: Path, link: bool) -> str:
     """Put `src` at `dst`: hard link, else symlink, else copy (always when link=False). Returns what was done."""
     dst.parent.mkdir(parents=True, exist_ok=True)
+    if link and dst.exists() and os.path.samefile(src, dst):
+        # already linked by an earlier run; renaming a link onto another link of the same file would be a no-op
+        return "symlink" if dst.is_symlink() else "hardlink"
     tmp = _tmp_path(dst)
     tmp.unlink(missing_ok=True)
     how = "copy"

@@ -13,8 +13,8 @@ with V_s the voxels of stage s. On top come the deep-supervision outputs and the
 parameters with gradients and optimiser state, and a fixed CUDA context / workspace overhead.
 
 Example: the nnU-Net reference network (6 stages, 32..320 features) at patch 128^3 keeps ~0.9e9 activation
-elements per sample: 3.6 GB at batch 2 in bf16, x1.45 for the transient peak in backward, plus ~0.45 GB of
-parameter state and 1 GB context/workspace -> ~7.4 GB, matching the 7-8 GB nnU-Net uses at 128^3 batch 2.
+elements per sample: 3.4 GB at batch 2 in bf16, x1.65 for the transient peak in backward, plus ~0.3 GB of
+loss tensors, ~0.45 GB of parameter state and 1 GB context/workspace -> ~7.3 GB, matching the 7-8 GB nnU-Net uses at 128^3 batch 2.
 
 `measure_saved_activation_elements` (CPU) and `measure_peak_memory_gb` (CUDA) measure the real network, to
 check and recalibrate the constants below.
@@ -148,7 +148,7 @@ def estimate_memory_gb(
 ) -> float:
     """Estimated peak GPU memory (GB, incl. CUDA context) of one training step with this network.
 
-    Example: features [32, 64, 128, 256, 320, 320], patch 128^3, batch 2, 4 channels, 4 outputs, bf16 -> ~7.4;
+    Example: features [32, 64, 128, 256, 320, 320], patch 128^3, batch 2, 4 channels, 4 outputs, bf16 -> ~7.3;
     each further sample of that size adds ~2.9 GB.
     """
     return estimate_memory_breakdown(network, patch_size, batch_size, in_channels, num_outputs, dtype_bytes)["total"]

@@ -10,13 +10,14 @@ isotropic, median brain crop 140x170x140, 4 outputs) and an 8 GB GPU the planner
     network          6 stages, features [32, 64, 128, 256, 320, 320], kernels 3x3x3, strides 2 per axis
     batch size       2
 
-and with a 40 GB budget the whole median case (160x192x160, rounded up to the network's stride) and a batch of 4.
+and with a 40 GB budget the whole median case (160x192x160, rounded up to the network's stride) and a batch of 5.
 
 The memory model lives in `voxseg.data.memory`; `estimate_memory_gb` is re-exported here.
 """
 from __future__ import annotations
 
 import dataclasses
+import json
 import math
 import os
 import shutil
@@ -187,9 +188,9 @@ def _fit_patch(
     a batch of 2 does not fit, shrink the axis that is longest in mm by that axis' total stride and re-derive
     the network (a smaller patch may lose a downsampling step, which changes the stride).
 
-    Example (BraTS-like, 8 GB): median 140x170x140 -> start 160x192x160 (multiples of 32) -> 160x160x160 ->
-    128x160x160 -> 128x128x160 (about 9 GB) -> 128x128x128 (about 7.4 GB, fits). If even the smallest patch
-    does not fit (a tiny budget), the smallest patch is returned and batch 2 is used anyway.
+    Example (BraTS-like, 4 outputs, 8 GB): median 140x170x140 -> start 160x192x160 (multiples of 32, ~15 GB)
+    -> 160x160x160 -> 128x160x160 -> 128x128x160 (~8.8 GB) -> 128x128x128 (~7.3 GB, fits). If even the
+    smallest patch does not fit (a tiny budget), the smallest patch is returned and batch 2 is used anyway.
     """
     ndim = len(median_shape)
     patch = [max(1, int(s)) for s in median_shape]
@@ -213,8 +214,10 @@ def _fit_batch(
 ) -> int:
     """Largest batch within the budget, at most 5% of the dataset's voxels per batch, and at least 2.
 
-    Example: the 128^3 BraTS plan costs ~7.4 GB at batch 2 and ~2.9 GB per extra sample, so 8 GB -> 2 and
-    40 GB -> 13; 1,250 cases of ~3.3M voxels cap a 128^3 batch at 0.05 x 4.2e9 / 2.1e6 = 99.
+    Example: a 128^3 patch costs ~7.3 GB at batch 2 and ~2.9 GB per extra sample, so 8 GB -> 2 and
+    16 GB -> 4. With 40 GB the BraTS patch is 160x192x160 (~8.3 GB at batch 1, ~6.8 GB per extra sample)
+    -> 5. The 5% rule matters for small datasets: 40 cases of 3.3M voxels allow 0.05 x 1.3e8 / 4.9e6 = 1
+    such patch per batch -> the minimum, 2.
     """
     one = estimate_memory_gb(network, patch, 1, channels, outputs)
     per_sample = estimate_memory_gb(network, patch, 2, channels, outputs) - one
@@ -247,8 +250,6 @@ def parse_overrides(overrides: dict[str, Any] | None) -> dict[str, Any]:
     {"batch_size": 4, "patch_size": [96, 96, 96], "network.residual": True}; "patch_sise" raises
     ConfigError "unknown plan option 'patch_sise'; did you mean 'patch_size'? ...".
     """
-    from voxseg.config import parse_value  # the one parser of dotted CLI values, shared with TrainConfig
-
     hints = dict(typing.get_type_hints(Plan))
     hints.update({f"network.{k}": v for k, v in typing.get_type_hints(NetworkPlan).items()})
     valid = override_names()
@@ -256,8 +257,34 @@ def parse_overrides(overrides: dict[str, Any] | None) -> dict[str, Any]:
     for key, value in (overrides or {}).items():
         if key not in valid:
             raise ConfigError(unknown_name_message("plan option", key, valid))
-        parsed[key] = parse_value(value.strip(), hints[key], key) if isinstance(value, str) else value
+        parsed[key] = _parse_text(value.strip(), hints[key], key) if isinstance(value, str) else value
     return parsed
+
+
+def _parse_text(text: str, hint: Any, key: str) -> Any:
+    """Parse one CLI value by its type hint: bools (true/false/yes/no/1/0), numbers, lists as JSON or commas."""
+    args = [a for a in typing.get_args(hint) if a is not type(None)]
+    if type(None) in typing.get_args(hint):
+        if text.lower() in ("none", "null"):
+            return None
+        hint = args[0]
+    origin = typing.get_origin(hint)
+    try:
+        if hint is bool:
+            if text.lower() not in ("true", "false", "yes", "no", "1", "0", "on", "off"):
+                raise ValueError(text)
+            return text.lower() in ("true", "yes", "1", "on")
+        if hint in (int, float):
+            return hint(text)
+        if hint is str:
+            return text
+        if origin is list:
+            items = json.loads(text) if text.startswith("[") else [json.loads(t) for t in text.split(",") if t.strip()]
+            item = typing.get_args(hint)[0]
+            return [item(v) if item in (int, float) else v for v in items]
+        return json.loads(text)
+    except (ValueError, TypeError):
+        raise ConfigError(f"plan option '{key}': cannot read '{text}' as {getattr(hint, '__name__', hint)}") from None
 
 
 # ----- the plan ----------------------------------------------------------------------------------------------

@@ -135,8 +135,9 @@ def preprocess_case(
     box = _slices(bbox)
     use_mask = any(n.use_nonzero_mask for n in plan.normalization)
     crop_np = np.ascontiguousarray(image[(slice(None), *box)], dtype=np.float32)
-    # normalisation works in place: never on the caller's array (a full-extent crop is a view of it)
-    cropped = torch.from_numpy(crop_np).to(device, copy=np.may_share_memory(crop_np, image))
+    if np.may_share_memory(crop_np, image):
+        crop_np = crop_np.copy()  # normalisation works in place: never on the caller's (maybe read-only) array
+    cropped = torch.from_numpy(crop_np).to(device)
     mask_t = torch.from_numpy(np.ascontiguousarray(mask[box])).to(device)
     cropped, stats = normalize(cropped, mask_t, plan.normalization)  # (C, d, h, w)
     shape_after_crop = [int(s) for s in cropped.shape[1:]]
@@ -198,6 +199,8 @@ def restore_to_original(
     Returns:
         (D, H, W) labels (input dtype; -1 "outside" values become 0) or (K, D, H, W) float32 probabilities.
     """
+    if isinstance(array, np.ndarray) and not array.flags.writeable:
+        array = np.array(array)  # a memory-mapped case: torch refuses to wrap read-only memory
     tensor = torch.as_tensor(array).to(device)
     if is_label and tensor.ndim == 3:
         tensor = tensor[None]

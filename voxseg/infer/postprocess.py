@@ -30,6 +30,30 @@ POSTPROCESSING_FILE = "postprocessing.json"
 _MIN_IMPROVEMENT = 1e-6
 
 
+# ----- network output -> labels ----------------------------------------------------------------------------
+def default_regions_class_order(regions: list[list[int]]) -> list[int]:
+    """Label value each region writes when none is given: its smallest value not in a later region.
+
+    Example: BraTS regions [[1, 2, 3], [2, 3], [3]] -> [1, 2, 3].
+    """
+    order = []
+    for i, region in enumerate(regions):
+        later = {v for r in regions[i + 1:] for v in r}
+        own = sorted(set(region) - later) or sorted(region)
+        order.append(own[0])
+    return order
+
+
+def regions_to_labels(probabilities: "torch.Tensor", regions_class_order: Sequence[int], threshold: float = 0.5) -> "torch.Tensor":
+    """(R, *S) region probabilities -> (*S) uint8 labels: start at 0; region r writes its value where p > 0.5."""
+    labels = torch.zeros(probabilities.shape[1:], dtype=torch.uint8, device=probabilities.device)
+    for region, value in enumerate(regions_class_order):
+        labels[probabilities[region] > threshold] = int(value)
+    return labels
+
+
+
+# ----- largest connected component --------------------------------------------------------------------------
 def largest_component(mask: np.ndarray, connectivity: int = 1) -> np.ndarray:
     """The largest connected component of a boolean mask (connectivity 1 = faces, 3 = faces/edges/corners)."""
     mask = np.asarray(mask, dtype=bool)

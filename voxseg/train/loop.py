@@ -27,10 +27,9 @@ from voxseg.errors import CheckpointError, ConfigError, VoxsegError
 from voxseg.losses import build_loss
 from voxseg.models import build_network
 from voxseg.train.checkpoint import load_checkpoint, load_pretrained, rng_state, save_checkpoint, set_rng_state
-from voxseg.train.data import TrainData
 from voxseg.train.logger import TrainLogger
 from voxseg.train.optim import build_optimizer, build_scheduler
-from voxseg.train.step import RunningMeans, TrainStep
+from voxseg.train.step import RunningMeans, TrainData, TrainStep
 from voxseg.train.validate import full_validation, pseudo_dice
 
 
@@ -334,8 +333,14 @@ def _test_only(workdir: Path, out_dir: Path, plan: Plan, config: TrainConfig, ru
     if path is None:
         raise CheckpointError(f"{out_dir}: neither checkpoint_best.pt nor checkpoint_final.pt exists; train first")
     state = load_checkpoint(path, map_location=run.device)
-    model = build_network(Plan.from_dict(state["plan"]), deep_supervision=False).to(run.device)
-    model.load_state_dict(state["model"], strict=False)  # deep-supervision heads are not needed here
+    plan = Plan.from_dict(state["plan"])  # the plan the weights were trained with (residual, patch size)
+    deep_supervision = bool(state["config"]["loss"]["deep_supervision"])
+    model = build_network(plan, deep_supervision=deep_supervision).to(run.device)
+    try:
+        model.load_state_dict(state["model"])
+    except RuntimeError as exc:
+        raise CheckpointError(f"{path} does not fit its own plan: {str(exc).splitlines()[0]}") from None
+    run.patch_size = list(plan.patch_size)
     result: dict[str, Any] = {"checkpoint": str(path), "epochs": int(state["epoch"])}
     if val_names:
         result.update(_full_val_metrics(model, plan, workdir, out_dir, val_names, run))

@@ -1,0 +1,269 @@
+"""A trained model's folder: its folds and their networks, and sharing it as a zip archive.
+
+Model folder (a work directory, or one installed from an archive):
+```
+MODEL/plans.json  dataset.json  [postprocessing.json]
+MODEL/training/fold_F/checkpoint_{final,best}.pt  [config.json]  [model.onnx]
+```
+`export_archive` zips the weights of the chosen folds (model weights, plan and config only: optimiser state
+is dropped) with plans.json, dataset.json and postprocessing.json. `install_archive` checks every member before
+writing anything: it refuses absolute paths, "..", links and unexpected file types, anything that would land
+outside the target folder, and checkpoints that cannot be read with `weights_only=True`.
+"""
+from __future__ import annotations
+
+import io
+import json
+import os
+import shutil
+import stat
+import tempfile
+import zipfile
+from pathlib import Path, PurePosixPath
+from typing import Any, Sequence
+
+import torch
+from torch import nn
+
+from voxseg.data.plans import Plan
+from voxseg.errors import CheckpointError, ConfigError
+
+CHECKPOINT_CHOICES = ("final", "best", "latest")
+MANIFEST = "voxseg_archive.json"
+ARCHIVE_FORMAT = "voxseg-model"
+ALLOWED_SUFFIXES = (".json", ".pt", ".onnx")
+# checkpoint entries kept in an archive; optimiser, scheduler, scaler and RNG states are for resuming only
+_KEPT_KEYS = ("model", "plan", "config", "epoch", "best_metric")
+# plan fields that must agree between the folds of an ensemble
+_ENSEMBLE_FIELDS = ("channel_names", "labels", "regions_class_order", "target_spacing", "normalization",
+                    "anisotropy_axis", "patch_size")
+
+
+# ----- folds and networks -------------------------------------------------------------------------------------
+def resolve_device(device: str | torch.device) -> torch.device:
+    """"auto" -> CUDA when available, else CPU."""
+    if str(device) == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(device)
+
+
+def fold_dir(workdir: str | Path, fold: int | str) -> Path:
+    return Path(workdir) / "training" / f"fold_{fold}"
+
+
+def trained_folds(workdir: str | Path, checkpoint: str = "final") -> list[int]:
+    """Numbered folds of the model folder that have `checkpoint_{checkpoint}.pt`."""
+    found = []
+    for path in (Path(workdir) / "training").glob("fold_*"):
+        suffix = path.name[len("fold_"):]
+        if suffix.isdigit() and (path / f"checkpoint_{checkpoint}.pt").is_file():
+            found.append(int(suffix))
+    return sorted(found)
+
+
+def resolve_folds(workdir: str | Path, folds: int | str | Sequence[int | str] | None,
+                  checkpoint: str = "final") -> list[int | str]:
+    """Fold names for the `folds` option.
+
+    An int or list picks those folds; "all" picks fold_all (the model trained on every case, nnU-Net's
+    `-f all`) or, when no fold_all was trained, every trained numbered fold; None every trained numbered fold.
+    """
+    workdir = Path(workdir)
+    if folds is None or folds == "all":
+        if folds == "all" and (fold_dir(workdir, "all") / f"checkpoint_{checkpoint}.pt").is_file():
+            return ["all"]
+        trained = trained_folds(workdir, checkpoint)
+        if not trained:
+            raise CheckpointError(
+                f"{workdir / 'training'}: no trained fold has checkpoint_{checkpoint}.pt; train one first "
+                f"('voxseg train {workdir} --fold 0', or '--fold all')"
+            )
+        return list(trained)
+    if isinstance(folds, (int, str)):
+        folds = [folds]
+    out: list[int | str] = []
+    for fold in folds:
+        if str(fold) != "all" and not str(fold).isdigit():
+            raise ConfigError(f"fold '{fold}' is not a fold number or 'all'")
+        out.append("all" if str(fold) == "all" else int(fold))
+    if not out:
+        raise ConfigError("folds is empty; give at least one fold")
+    return out
+
+
+def checkpoint_path(workdir: str | Path, fold: int | str, checkpoint: str = "final") -> Path:
+    """Path of a fold's checkpoint; CheckpointError naming it (and suggesting `voxseg train`) when missing."""
+    if checkpoint not in CHECKPOINT_CHOICES:
+        raise ConfigError(f"checkpoint '{checkpoint}' is unknown; use one of {', '.join(CHECKPOINT_CHOICES)}")
+    path = fold_dir(workdir, fold) / f"checkpoint_{checkpoint}.pt"
+    if not path.is_file():
+        others = sorted(p.name for p in path.parent.glob("checkpoint_*.pt")) if path.parent.is_dir() else []
+        hint = f" (found {', '.join(others)}: choose it with the checkpoint option)" if others else ""
+        raise CheckpointError(f"{path} not found{hint}; train this fold first: 'voxseg train {workdir} --fold {fold}'")
+    return path
+
+
+def _strip_wrapper_prefixes(weights: dict[str, Any]) -> dict[str, Any]:
+    """torch.compile saves `_orig_mod.` and DDP `module.` in front of every name."""
+    out = {}
+    for name, value in weights.items():
+        for prefix in ("_orig_mod.", "module."):
+            while name.startswith(prefix):
+                name = name[len(prefix):]
+        out[name] = value
+    return out
+
+
+def load_fold_network(workdir: str | Path, fold: int | str, checkpoint: str = "final",
+                      device: str | torch.device = "cpu") -> tuple[nn.Module, Plan]:
+    """The network of one trained fold in eval mode (loaded with weights_only) and the plan it was trained with.
+
+    The plan stored in the checkpoint wins over plans.json (it is what the weights were trained with);
+    plans.json is the fallback for checkpoints without one.
+    """
+    from voxseg.models import build_network
+    from voxseg.train.checkpoint import load_checkpoint
+
+    path = checkpoint_path(workdir, fold, checkpoint)
+    state = load_checkpoint(path, map_location="cpu")
+    plan = Plan.from_dict(state["plan"]) if isinstance(state.get("plan"), dict) else Plan.load(Path(workdir) / "plans.json")
+    if not isinstance(state.get("model"), dict):
+        raise CheckpointError(f"{path} has no 'model' weights; is it a voxseg checkpoint?")
+    network = build_network(plan, deep_supervision=False)
+    try:
+        network.load_state_dict(_strip_wrapper_prefixes(state["model"]))
+    except RuntimeError as exc:
+        first = str(exc).strip().splitlines()[0]
+        raise CheckpointError(f"{path}: its weights do not fit the network of its plan ({first})") from None
+    return network.to(device).eval(), plan
+
+
+def check_same_plan(plans: Sequence[Plan], folds: Sequence[int | str]) -> None:
+    """Folds can be ensembled only when they share labels, channels, preprocessing and patch size."""
+    first = plans[0].to_dict()
+    for plan, fold in zip(plans[1:], folds[1:]):
+        other = plan.to_dict()
+        differ = [k for k in _ENSEMBLE_FIELDS if other.get(k) != first.get(k)]
+        if differ:
+            raise CheckpointError(
+                f"fold {fold} was trained with a different plan than fold {folds[0]} ({', '.join(differ)} "
+                "differ); only folds of the same plan can be ensembled"
+            )
+
+
+# ----- archives -----------------------------------------------------------------------------------------------
+def _slim_checkpoint(path: Path) -> bytes:
+    from voxseg.train.checkpoint import load_checkpoint
+
+    state = load_checkpoint(path, map_location="cpu")
+    buffer = io.BytesIO()
+    torch.save({k: state[k] for k in _KEPT_KEYS if k in state}, buffer)
+    return buffer.getvalue()
+
+
+def export_archive(workdir: str | Path, out_zip: str | Path, folds: int | str | Sequence[int | str] | None = (0,),
+                   checkpoint: str = "final") -> Path:
+    """Zip a trained model for sharing: weights of `folds`, plans.json, dataset.json, configs, postprocessing.
+
+    The archive keeps the model-folder layout, so the folder `install_archive` writes works with
+    `Predictor.from_workdir` and `voxseg predict -m`.
+    """
+    workdir, out_zip = Path(workdir), Path(out_zip)
+    if not (workdir / "plans.json").is_file():
+        raise CheckpointError(f"{workdir / 'plans.json'} not found: is {workdir} a voxseg work directory?")
+    fold_list = resolve_folds(workdir, folds, checkpoint)
+    members: dict[str, bytes | Path] = {"plans.json": workdir / "plans.json"}
+    for name in ("dataset.json", "postprocessing.json"):
+        if (workdir / name).is_file():
+            members[name] = workdir / name
+    for fold in fold_list:
+        prefix = f"training/fold_{fold}"
+        members[f"{prefix}/checkpoint_{checkpoint}.pt"] = _slim_checkpoint(checkpoint_path(workdir, fold, checkpoint))
+        for name in ("config.json", "model.onnx"):
+            if (fold_dir(workdir, fold) / name).is_file():
+                members[f"{prefix}/{name}"] = fold_dir(workdir, fold) / name
+    manifest = {"format": ARCHIVE_FORMAT, "version": 1, "folds": fold_list, "checkpoint": checkpoint}
+    members[MANIFEST] = json.dumps(manifest, indent=2).encode()
+    out_zip.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out_zip.with_name(f".{out_zip.name}.tmp{os.getpid()}")
+    try:
+        with zipfile.ZipFile(tmp, "w", compression=zipfile.ZIP_DEFLATED) as archive:
+            for name, content in members.items():
+                if isinstance(content, Path):
+                    archive.write(content, name)
+                else:
+                    archive.writestr(name, content)
+        os.replace(tmp, out_zip)
+    finally:
+        tmp.unlink(missing_ok=True)
+    return out_zip
+
+
+def _check_member(info: zipfile.ZipInfo, target: Path) -> None:
+    """Refuse a member that could write outside `target` or is not a model file."""
+    name = info.filename
+    parts = PurePosixPath(name).parts
+    mode = info.external_attr >> 16
+    reasons = []
+    if name.startswith(("/", "\\")) or "\\" in name or (parts and ":" in parts[0]):
+        reasons.append("absolute or non-POSIX path")
+    if ".." in parts:
+        reasons.append("'..' in the path")
+    if stat.S_ISLNK(mode):
+        reasons.append("symbolic link")
+    if not info.is_dir() and not name.endswith(ALLOWED_SUFFIXES):
+        reasons.append(f"unexpected file type (only {', '.join(ALLOWED_SUFFIXES)} are installed)")
+    if not reasons:
+        resolved = (target / name).resolve()
+        if resolved != target and target not in resolved.parents:
+            reasons.append(f"resolves to {resolved}, outside {target}")
+    if reasons:
+        raise CheckpointError(f"archive member '{name}' refused: {'; '.join(reasons)}. Nothing was installed")
+
+
+def install_archive(zip_path: str | Path, target_dir: str | Path) -> Path:
+    """Install a model archive into `target_dir` (a model folder for `Predictor.from_workdir`).
+
+    Every member is checked before anything is written; files are unpacked into a staging folder inside the
+    target, checkpoints are test-loaded there with `weights_only=True`, and only then moved into place.
+
+    Raises:
+        CheckpointError: the file is not a voxseg model archive, or a member is unsafe (named in the message).
+    """
+    zip_path, target = Path(zip_path), Path(target_dir)
+    if not zip_path.is_file():
+        raise CheckpointError(f"model archive {zip_path} not found")
+    if not zipfile.is_zipfile(zip_path):
+        raise CheckpointError(f"{zip_path} is not a zip archive; create one with 'voxseg export WORKDIR --archive ZIP'")
+    target.mkdir(parents=True, exist_ok=True)
+    target = target.resolve()
+    with zipfile.ZipFile(zip_path) as archive:
+        infos = archive.infolist()
+        for info in infos:
+            _check_member(info, target)
+        files = [info for info in infos if not info.is_dir()]
+        names = {info.filename for info in files}
+        if "plans.json" not in names or not any(n.endswith((".pt", ".onnx")) for n in names):
+            raise CheckpointError(f"{zip_path} is not a voxseg model archive (needs plans.json and weights)")
+        staging = Path(tempfile.mkdtemp(prefix=".voxseg_install_", dir=target))
+        try:
+            for info in files:
+                _unpack_checked(archive, info, staging / info.filename)
+            for info in files:
+                (target / info.filename).parent.mkdir(parents=True, exist_ok=True)
+                os.replace(staging / info.filename, target / info.filename)
+        finally:
+            shutil.rmtree(staging, ignore_errors=True)
+    return target
+
+
+def _unpack_checked(archive: zipfile.ZipFile, info: zipfile.ZipInfo, path: Path) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with archive.open(info) as source, open(path, "wb") as destination:
+        shutil.copyfileobj(source, destination)
+    if path.suffix == ".pt":
+        try:
+            torch.load(path, map_location="cpu", weights_only=True)
+        except Exception as exc:  # noqa: BLE001 - any failure means it is not a plain-weights checkpoint
+            raise CheckpointError(f"archive member '{info.filename}' is not a plain-weights checkpoint "
+                                  f"({type(exc).__name__}); nothing was installed") from None

@@ -1,0 +1,178 @@
+"""Case cache: the preprocessed training cases held where patches are cheapest to cut from.
+
+Modes:
+    gpu     every case as a tensor on `device` (GPU memory when device is CUDA); crops are device copies.
+    pinned  every case in page-locked host memory (plain host memory without CUDA); crops are host copies
+            followed by one asynchronous transfer per batch.
+    mmap    memory-mapped .npy files; a crop reads only the pages it touches (for datasets larger than RAM).
+    auto    gpu if the cases fit in `budget_gb` (default 80% of the free device memory; for a CPU device 50%
+            of host RAM), else pinned if they fit in 50% of host RAM, else mmap.
+
+Images stay in their stored dtype (usually float16) in the cache; the sampler converts crops on the device.
+"""
+from __future__ import annotations
+
+import os
+import threading
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+import torch
+
+from voxseg.data.store import load_case, load_foreground_locations
+from voxseg.errors import ConfigError, DatasetError
+
+MODES = ("auto", "gpu", "pinned", "mmap")
+GB = 1e9
+
+
+def host_memory_bytes() -> int:
+    """Total physical host memory (0 when the platform does not say)."""
+    try:
+        return os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (ValueError, OSError, AttributeError):  # pragma: no cover - non-POSIX
+        return 0
+
+
+def free_device_bytes(device: torch.device) -> int:
+    """Free memory on a CUDA device; for CPU devices 50% of host RAM (the same rule as the pinned mode)."""
+    if device.type == "cuda":
+        free, _ = torch.cuda.mem_get_info(device)
+        return int(free)
+    return host_memory_bytes() // 2
+
+
+class CaseCache:
+    """Preprocessed cases (image, labels, foreground locations) for patch sampling.
+
+    Args:
+        preprocessed_dir: WORKDIR/preprocessed.
+        names: case names to hold (e.g. the training split of a fold).
+        device: where patches are wanted (and, in gpu mode, where cases live).
+        mode: "auto", "gpu", "pinned" or "mmap" (see the module docstring).
+        budget_gb: memory the gpu mode may use; default 80% of the currently free device memory. Pass the
+            free memory minus the training step's estimate when the model is not allocated yet.
+    """
+
+    def __init__(
+        self,
+        preprocessed_dir: str | Path,
+        names: Sequence[str],
+        device: str | torch.device = "cpu",
+        mode: str = "auto",
+        budget_gb: float | None = None,
+    ) -> None:
+        if mode not in MODES:
+            raise ConfigError(f"cache mode '{mode}' is unknown; use one of {', '.join(MODES)}")
+        if not names:
+            raise DatasetError(f"{preprocessed_dir}: no training cases given to the cache; check splits.json")
+        self.directory = Path(preprocessed_dir)
+        self.names = list(names)
+        self.device = torch.device(device)
+        self.requested_mode = mode
+        maps = [self._open(name) for name in self.names]  # memory-mapped: shapes and sizes without reading
+        self.nbytes = sum(image.nbytes + seg.nbytes for image, seg in maps)
+        self.num_channels = int(maps[0][0].shape[0])
+        self.image_dtype = maps[0][0].dtype
+        for name, (image, _) in zip(self.names, maps):
+            if image.shape[0] != self.num_channels:
+                raise DatasetError(f"{self.directory}: case '{name}' has {image.shape[0]} channels, "
+                                   f"'{self.names[0]}' has {self.num_channels}; run 'voxseg preprocess' again")
+        self.mode = self._choose_mode(mode, budget_gb)
+        self.images: list[torch.Tensor | np.ndarray] = []
+        self.segs: list[torch.Tensor | np.ndarray] = []
+        for image, seg in maps:
+            stored_image, stored_seg = self._hold(image), self._hold(seg)
+            self.images.append(stored_image)
+            self.segs.append(stored_seg)
+        self._foreground: dict[int, dict[int, np.ndarray]] = {}
+        self._lock = threading.Lock()
+
+    def _open(self, name: str) -> tuple[np.ndarray, np.ndarray]:
+        image, seg, _ = load_case(self.directory, name, mmap=True)
+        if seg is None:
+            raise DatasetError(f"{self.directory}: case '{name}' has no {name}_seg.npy, so it cannot be used for "
+                               "training; preprocess the dataset with its labels")
+        if image.ndim != 4 or seg.shape != (1, *image.shape[1:]):
+            raise DatasetError(f"{self.directory}: case '{name}' has image {image.shape} and seg {seg.shape}; "
+                               "expected (C, D, H, W) and (1, D, H, W); run 'voxseg preprocess' again")
+        return image, seg
+
+    def _choose_mode(self, mode: str, budget_gb: float | None) -> str:
+        if mode == "pinned" or mode == "mmap" or mode == "gpu":
+            return mode
+        budget = budget_gb * GB if budget_gb is not None else 0.8 * free_device_bytes(self.device)
+        if self.device.type != "cuda" and budget_gb is None:
+            budget = free_device_bytes(self.device)  # already 50% of host RAM
+        if self.nbytes <= budget:
+            return "gpu"
+        if self.device.type == "cuda" and self.nbytes <= 0.5 * host_memory_bytes():
+            return "pinned"
+        return "mmap"
+
+    def _hold(self, array: np.ndarray) -> torch.Tensor | np.ndarray:
+        if self.mode == "mmap":
+            return array
+        tensor = torch.from_numpy(np.array(array))  # reads the file into memory (writable copy)
+        if self.mode == "gpu":
+            return tensor.to(self.device)
+        if torch.cuda.is_available():
+            return tensor.pin_memory()
+        return tensor
+
+    # ----- what the sampler needs --------------------------------------------------------------------------
+    def __len__(self) -> int:
+        return len(self.names)
+
+    @property
+    def on_device(self) -> bool:
+        """Whether crops can be cut directly on `device` (gpu mode)."""
+        return self.mode == "gpu"
+
+    @property
+    def gigabytes(self) -> float:
+        return self.nbytes / GB
+
+    def shape(self, index: int) -> tuple[int, ...]:
+        """Spatial shape (D, H, W) of case `index`."""
+        return tuple(int(s) for s in self.images[index].shape[1:])
+
+    def foreground(self, index: int) -> dict[int, np.ndarray]:
+        """{label value: (N, 3) int32 voxel coordinates}, loaded on first use."""
+        locations = self._foreground.get(index)
+        if locations is None:
+            locations = load_foreground_locations(self.directory, self.names[index])
+            with self._lock:
+                self._foreground[index] = locations
+        return locations
+
+    def read_patch(
+        self, index: int, start: Sequence[int], image_out: torch.Tensor, seg_out: torch.Tensor
+    ) -> None:
+        """Copy the window starting at `start` (may be negative / run past the end) into pre-filled outputs.
+
+        image_out (C, *S) and seg_out (1, *S) already hold the padding values; only the part of the window
+        that lies inside the case is written. Outputs are on `device` in gpu mode, on the host otherwise.
+        """
+        size = image_out.shape[1:]
+        source, target = [slice(None)], [slice(None)]
+        for begin, length, extent in zip(start, size, self.shape(index)):
+            low, high = max(begin, 0), min(begin + length, extent)
+            if high <= low:
+                return  # the window misses the case entirely: padding only
+            source.append(slice(low, high))
+            target.append(slice(low - begin, high - begin))
+        image, seg = self.images[index][tuple(source)], self.segs[index][tuple(source)]
+        if isinstance(image, np.ndarray):
+            # np.ascontiguousarray reads just these pages of the memmap and gives torch a writable array
+            image, seg = torch.from_numpy(np.ascontiguousarray(image)), torch.from_numpy(np.ascontiguousarray(seg))
+        image_out[tuple(target)].copy_(image)
+        seg_out[tuple(target)].copy_(seg)
+
+    def describe(self) -> str:
+        """One line: number of cases, chosen mode and where/how much memory it holds."""
+        where = {"gpu": str(self.device), "pinned": "pinned host memory" if torch.cuda.is_available() else
+                 "host memory", "mmap": "memory-mapped files"}[self.mode]
+        how = "auto" if self.requested_mode == "auto" else "requested"
+        return f"case cache: {len(self)} cases, {self.gigabytes:.2f} GB, mode {self.mode} ({how}) in {where}"
