@@ -215,3 +215,18 @@ def test_link_falls_back_to_symlink_then_copy(brats_folder, tmp_path, monkeypatc
     converted = dst / "imagesTr" / "BraTS2021_00000_0001.nii.gz"
     assert not converted.is_symlink() and converted.stat().st_nlink == 1
     assert converted.read_bytes() == (brats_folder / "BraTS2021_00000" / "BraTS2021_00000_t1ce.nii.gz").read_bytes()
+
+
+def test_synthetic_brats_round_trip(tmp_path):
+    """BraTS layout written by the generator converts back to the generator's own labels."""
+    from voxseg.data.synth import make_synthetic_dataset
+
+    brats = make_synthetic_dataset(tmp_path / "brats", num_cases=2, num_test=1, shape=(16, 16, 16), seed=9, layout="brats")
+    ours = make_synthetic_dataset(tmp_path / "ours", num_cases=2, num_test=1, shape=(16, 16, 16), seed=9)
+    dst = convert_brats(brats, tmp_path / "converted")
+    for index in range(2):
+        converted, _ = read_image(dst / "labelsTr" / f"BraTS2021_{index:05d}.nii.gz")
+        expected, _ = read_image(ours / "labelsTr" / f"SYN_{index:03d}.nii.gz")
+        np.testing.assert_array_equal(converted, expected)
+    assert [c.name for c in load_dataset(dst).test_cases] == ["BraTS2021_00002"]
+    assert check_dataset(dst).ok

@@ -340,7 +340,7 @@ def _build(cls: type, data: dict[str, Any], where: str) -> Any:
         hint = hints[key]
         if dataclasses.is_dataclass(hint):
             value = _build(hint, value, f"{where}{key}.")
-        elif _origin(hint) is tuple and isinstance(value, list):
+        elif isinstance(value, list) and _accepts_tuple(hint):
             value = tuple(value)  # JSON has no tuples
         kwargs[key] = value
     try:
@@ -376,6 +376,11 @@ def _locate(key: str, data: dict[str, Any]) -> tuple[Any, dict[str, Any], str]:
 
 def _origin(hint: Any) -> Any:
     return typing.get_origin(hint)
+
+
+def _accepts_tuple(hint: Any) -> bool:
+    options = _union_args(hint) or (hint,)
+    return any(_origin(o) is tuple for o in options) and not any(_origin(o) is list for o in options)
 
 
 def _union_args(hint: Any) -> tuple[Any, ...] | None:

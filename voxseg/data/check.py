@@ -80,7 +80,7 @@ class CheckReport:
 class _CaseJob:
     case: RawCase
     root: Path
-    allowed_labels: set[int]
+    allowed_labels: set[int] | None  # None: dataset.json labels are invalid, values not checked
     is_test: bool
 
 
@@ -97,7 +97,8 @@ def _label_values(array: np.ndarray) -> tuple[list[int], str | None]:
         if not np.isfinite(array).all():
             return [], "contains NaN or Inf; a label map holds integer label values only"
         if not np.array_equal(array, np.rint(array)):
-            return [], "contains non-integer values; a label map holds integer label values only (save it as an integer type)"
+            return [], ("contains non-integer values; a label map holds integer label values only "
+                        "(save it as an integer type)")
         array = array.astype(np.int64)
     elif array.dtype.kind not in "iub":
         return [], f"has data type {array.dtype}; a label map holds integer label values only"
@@ -128,11 +129,15 @@ def _compare_geometry(job: _CaseJob, name: str, shape: tuple, geo: Geometry, ref
     return problems
 
 
+def _grid_key(shape: tuple, geo: Geometry) -> tuple:
+    return shape, tuple(np.round(geo.affine[:3], 2).ravel().tolist())
+
+
 def _check_case(job: _CaseJob) -> list[Problem]:
     """All checks of one case; reads each of its files once."""
     problems: list[Problem] = []
     case, root = job.case.name, job.root
-    reference: tuple[str, tuple, Geometry] | None = None
+    grids: list[tuple[str, tuple, Geometry]] = []
     files = [(path, False) for path in job.case.image_files]
     if job.case.label_file is not None:
         files.append((job.case.label_file, True))
@@ -150,16 +155,21 @@ def _check_case(job: _CaseJob) -> list[Problem]:
         except ImageReadError as exc:
             problems.append(Problem(case, name, f"unreadable: {exc}"))
             continue
-        if reference is None:
-            reference = (name, array.shape, geo)
-        else:
-            problems += _compare_geometry(job, name, array.shape, geo, *reference)
+        grids.append((name, array.shape, geo))
         if is_label:
             problems += _check_label_values(job, name, array)
         elif array.dtype.kind == "f":
             bad = int(array.size - np.count_nonzero(np.isfinite(array)))
             if bad:
-                problems.append(Problem(case, name, f"contains {bad} NaN/Inf voxel(s); replace them (e.g. by 0) before training"))
+                message = f"contains {bad} NaN/Inf voxel(s); replace them (e.g. by 0) before training"
+                problems.append(Problem(case, name, message))
+    if grids:
+        # the grid most files share is the reference, so one odd file gives one problem, not one per other file
+        keys = [_grid_key(shape, geo) for _, shape, geo in grids]
+        reference = grids[max(range(len(keys)), key=lambda i: (keys.count(keys[i]), -i))]
+        for name, shape, geo in grids:
+            if name != reference[0]:
+                problems += _compare_geometry(job, name, shape, geo, *reference)
     return problems
 
 
@@ -167,6 +177,8 @@ def _check_label_values(job: _CaseJob, name: str, array: np.ndarray) -> list[Pro
     values, error = _label_values(array)
     if error:
         return [Problem(job.case.name, name, error)]
+    if job.allowed_labels is None:
+        return []
     unexpected = sorted(set(values) - job.allowed_labels)
     if unexpected:
         return [Problem(job.case.name, name,
@@ -177,28 +189,47 @@ def _check_label_values(job: _CaseJob, name: str, array: np.ndarray) -> list[Pro
 
 # ----- dataset-wide ------------------------------------------------------------------------------------------
 
-def _check_meta(dataset: RawDataset) -> list[Problem]:
+def _allowed_labels(dataset: RawDataset) -> set[int] | None:
+    try:
+        return dataset.allowed_label_values()
+    except (TypeError, ValueError, AttributeError):
+        return None
+
+
+def _check_labels_meta(dataset: RawDataset, meta_file: str) -> list[Problem]:
+    allowed = _allowed_labels(dataset)
+    if allowed is None:
+        return [Problem(None, meta_file, f"labels {dataset.labels} must map names to integers or lists of integers, "
+                        "e.g. {\"background\": 0, \"tumour\": 1}")]
     problems = []
-    meta_file = "dataset.json"
-    values = sorted(dataset.allowed_label_values())
+    values = sorted(allowed)
     if values != list(range(len(values))):
         problems.append(Problem(None, meta_file, f"label values {values} are not consecutive integers 0..N; "
                                 "renumber the labels (and the label files) so no value is skipped"))
     regions = [name for name, v in dataset.labels.items() if isinstance(v, (list, tuple)) and name != "background"]
     order = dataset.meta.get("regions_class_order")
-    if regions and (order is None or len(order) != len(regions)):
+    if regions and (not isinstance(order, list) or len(order) != len(regions)):
         problems.append(Problem(None, meta_file, f"{len(regions)} region label(s) {regions} need 'regions_class_order' "
                                 "with one label value per region (e.g. [1, 2, 3] for BraTS)"))
-    keys = sorted(dataset.channel_names)
-    if keys != [str(i) for i in range(len(keys))]:
-        problems.append(Problem(None, meta_file, f"channel_names keys {keys} must be \"0\", \"1\", ... in channel order"))
+    return problems
+
+
+def _check_meta(dataset: RawDataset) -> list[Problem]:
+    meta_file = "dataset.json"
+    problems = _check_labels_meta(dataset, meta_file)
+    names = dataset.meta["channel_names"]
+    keys = sorted(str(k) for k in names) if isinstance(names, dict) else None
+    if keys != [str(i) for i in range(len(names))]:
+        problems.append(Problem(None, meta_file, f"channel_names {names} must map \"0\", \"1\", ... (channel order) "
+                                "to channel names, e.g. {\"0\": \"T1\", \"1\": \"FLAIR\"}"))
     declared = dataset.meta.get("numTraining")
-    if declared is not None and int(declared) != len(dataset.cases):
+    if declared is not None and str(declared) != str(len(dataset.cases)):
         problems.append(Problem(None, meta_file, f"numTraining is {declared} but {len(dataset.cases)} training case(s) "
                                 "were found; update numTraining (the cases on disk are used)", "warning"))
     if not dataset.cases:
-        problems.append(Problem(None, "imagesTr", f"no training cases found: expected imagesTr/CASE_0000{dataset.file_ending} "
-                                f"... and labelsTr/CASE{dataset.file_ending}"))
+        ending = dataset.file_ending
+        problems.append(Problem(None, "imagesTr", f"no training cases found: expected imagesTr/CASE_0000{ending} ... "
+                                f"and labelsTr/CASE{ending} (file_ending in dataset.json is '{ending}')"))
     return problems
 
 
@@ -245,7 +276,7 @@ def check_dataset(root: str | Path, num_workers: int = 1) -> CheckReport:
     report.problems += _check_meta(dataset)
     report.problems += _check_stray_files(dataset)
 
-    allowed = dataset.allowed_label_values()
+    allowed = _allowed_labels(dataset)
     jobs = [_CaseJob(case, dataset.root, allowed, False) for case in dataset.cases]
     for case in dataset.test_cases:
         # test references in labelsTs/ are checked when present; they are optional

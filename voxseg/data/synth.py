@@ -96,7 +96,8 @@ def _random_rotation(rng: np.random.Generator) -> np.ndarray:
     return q * np.sign(np.diag(r))[None, :]
 
 
-def _brain_tissues(rng: np.random.Generator, shape: tuple[int, ...], spacing: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+def _brain_tissues(rng: np.random.Generator, shape: tuple[int, ...],
+                   spacing: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Tissue map (D, H, W) int8 of the healthy brain, plus its centre and semi-axes in mm."""
     extent = np.asarray(shape) * spacing
     centre = extent / 2 + rng.uniform(-0.03, 0.03, 3) * extent
@@ -248,7 +249,8 @@ def _geometry(shape: tuple[int, ...], spacing: tuple[float, ...]) -> Geometry:
 
 
 def make_synthetic_dataset(out_dir: str | Path, num_cases: int = 20, num_test: int = 0,
-                           shape: tuple[int, int, int] = (64, 64, 64), spacing: tuple[float, float, float] = (1.0, 1.0, 1.0),
+                           shape: tuple[int, int, int] = (64, 64, 64),
+                           spacing: tuple[float, float, float] = (1.0, 1.0, 1.0),
                            seed: int = 0, regions: bool = False, layout: str = "nnunet",
                            file_ending: str = ".nii.gz") -> Path:
     """Write a synthetic dataset and return its folder.
@@ -282,7 +284,8 @@ def make_synthetic_dataset(out_dir: str | Path, num_cases: int = 20, num_test: i
     if layout == "nnunet":
         meta = {
             "name": out.name,
-            "description": f"voxseg synthetic brain tumour data (seed {seed}, shape {list(shape)}, spacing {list(spacing)})",
+            "description": f"voxseg synthetic brain tumour data (seed {seed}, shape {list(shape)}, "
+                           f"spacing {list(spacing)})",
             "channel_names": dict(CHANNEL_NAMES),
             "labels": dict(REGION_LABELS) if regions else dict(LABELS),
             "numTraining": num_cases,

@@ -1,4 +1,9 @@
-"""Largest-connected-component postprocessing, decided on cross-validation predictions.
+"""From network output to the final label map: regions -> labels, and largest-component postprocessing.
+
+Region-based models (BraTS) output one sigmoid per region; `regions_to_labels` writes label values back in
+`regions_class_order`.
+
+Largest-connected-component postprocessing is decided on cross-validation predictions.
 
 A trained network sometimes predicts small blobs far from the structure (a second "tumour" in noise). Keeping
 only the largest connected component of a class removes them, but hurts where a class is legitimately split
@@ -19,6 +24,7 @@ from pathlib import Path
 from typing import Any, Sequence
 
 import numpy as np
+import torch
 from scipy import ndimage
 
 from voxseg.data.io import SUPPORTED_ENDINGS, read_image
@@ -44,7 +50,7 @@ def default_regions_class_order(regions: list[list[int]]) -> list[int]:
     return order
 
 
-def regions_to_labels(probabilities: "torch.Tensor", regions_class_order: Sequence[int], threshold: float = 0.5) -> "torch.Tensor":
+def regions_to_labels(probabilities: torch.Tensor, regions_class_order: Sequence[int], threshold: float = 0.5) -> torch.Tensor:
     """(R, *S) region probabilities -> (*S) uint8 labels: start at 0; region r writes its value where p > 0.5."""
     labels = torch.zeros(probabilities.shape[1:], dtype=torch.uint8, device=probabilities.device)
     for region, value in enumerate(regions_class_order):

@@ -10,6 +10,8 @@ every trained fold_F. Folds are averaged in logit space inside one sliding-windo
 """
 from __future__ import annotations
 
+import os
+import re
 import sys
 from collections import deque
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -18,16 +20,24 @@ from typing import Any, Sequence
 
 import numpy as np
 import torch
-from torch import nn
 
 from voxseg.data.io import Geometry, read_channels, write_image
 from voxseg.data.plans import Plan
 from voxseg.errors import CheckpointError, ConfigError, InputError, VoxsegError
-from voxseg.infer.cases import find_input_cases, save_probabilities
-from voxseg.infer.postprocess import POSTPROCESSING_FILE, apply_postprocessing, load_postprocessing
+from voxseg.infer.archive import check_same_plan, fold_dir, load_fold_network, resolve_device, resolve_folds
+from voxseg.infer.postprocess import (
+    POSTPROCESSING_FILE,
+    apply_postprocessing,
+    default_regions_class_order,
+    load_postprocessing,
+    regions_to_labels,
+)
 from voxseg.infer.sliding_window import sliding_window_inference
 
 __all__ = ["Predictor", "find_input_cases", "load_fold_network", "regions_to_labels", "resolve_folds"]
+
+BRATS_MODALITIES = ("t1", "t1ce", "t2", "flair")  # channel order of BraTS data (voxseg.data.convert)
+
 
 def _mirror_axes(option: str | Sequence[int] | None | bool, ndim: int) -> tuple[int, ...]:
     if option is None or option is False:
@@ -100,12 +110,12 @@ class Predictor:
             raise CheckpointError(f"model folder {workdir} not found; give the work directory of 'voxseg train'")
         fold_list = resolve_folds(workdir, folds, checkpoint) if onnx_files is None else []
         if backend == "onnxruntime":
-            models, plan, device = cls._load_onnx(workdir, fold_list, onnx_files), None, torch.device("cpu")
+            device, models = torch.device("cpu"), cls._load_onnx(workdir, fold_list, onnx_files)
             plan = next((m.plan for m in models if m.plan is not None), None) or Plan.load(workdir / "plans.json")
         elif backend == "torch":
             device = resolve_device(device)
             loaded = [load_fold_network(workdir, fold, checkpoint, device) for fold in fold_list]
-            _check_same_plan([p for _, p in loaded], fold_list)
+            check_same_plan([p for _, p in loaded], fold_list)
             plan = loaded[0][1]
             models = [torch.compile(net) if compile else net for net, _ in loaded]
         else:
@@ -138,12 +148,12 @@ class Predictor:
         return self.plan.class_names if self.plan.is_region_based else ["background", *self.plan.class_names]
 
     def predict_logits(self, image_pp: np.ndarray | torch.Tensor) -> torch.Tensor:
-        """(C, d, h, w) preprocessed image -> (K, d, h, w) float32 logits on the compute device."""
+        """(C, d, h, w) preprocessed image -> (K, d, h, w) float32 logits (on the compute device, or on the host
+        when the accumulator did not fit in device memory)."""
         image = torch.as_tensor(image_pp, dtype=torch.float32).to(self.device, non_blocking=True)[None]
         return sliding_window_inference(
             self.models, image, self.plan.patch_size, self.plan.num_outputs, step=self.step,
             tile_batch=self.tile_batch, mirror_axes=self.mirror_axes, amp_dtype=self.amp_dtype,
-            output_device=self.device,
         )
 
     def logits_to_labels(self, logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -180,10 +190,10 @@ class Predictor:
         image_pp, _, properties = preprocess_case(image.astype(np.float32, copy=False), geometry, self.plan,
                                                   device=self.device, name=name)
         labels, probabilities = self.logits_to_labels(self.predict_logits(image_pp))
-        labels_out = restore_to_original(labels, properties, is_label=True, device=self.device)
+        labels_out = restore_to_original(labels, properties, is_label=True, device=labels.device)
         if not return_probabilities:
             return labels_out
-        probabilities_out = restore_to_original(probabilities, properties, is_label=False, device=self.device,
+        probabilities_out = restore_to_original(probabilities, properties, is_label=False, device=labels.device,
                                                 background_channel=not self.plan.is_region_based)
         return labels_out, probabilities_out
 
@@ -312,19 +322,83 @@ def _collect(item: tuple[str, Future], failures: list[tuple[str, str]]) -> int:
         return 0
 
 
-class _NoBar:
-    def update(self, n: int = 1) -> None:
-        pass
-
-    def close(self) -> None:
-        pass
-
-
 def _progress(total: int, show: bool | None) -> Any:
-    if show is None:
-        show = sys.stderr.isatty()
-    if not show:
-        return _NoBar()
     from tqdm import tqdm
 
-    return tqdm(total=total, desc="predict", unit="case")
+    return tqdm(total=total, desc="predict", unit="case", disable=not (sys.stderr.isatty() if show is None else show))
+
+
+def save_probabilities(path: Path, probabilities: np.ndarray, class_names: Sequence[str]) -> None:
+    """NAME.npz with "probabilities" (K, D, H, W) float16 and "class_names", written atomically."""
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    with open(tmp, "wb") as handle:
+        np.savez_compressed(handle, probabilities=probabilities.astype(np.float16), class_names=np.array(class_names))
+    os.replace(tmp, path)
+
+
+# ----- input discovery ----------------------------------------------------------------------------------------
+def find_input_cases(paths: str | Path | Sequence[str | Path], num_channels: int,
+                     file_ending: str = ".nii.gz") -> list[tuple[str, list[Path]]]:
+    """Cases to predict: (name, [channel files in channel order]).
+
+    Accepts one folder in nnU-Net layout (CASE_0000{ending}, CASE_0001{ending}, ...), one folder in BraTS layout
+    (CASE/CASE_{t1,t1ce,t2,flair}.nii.gz, or the BraTS 2023 names t1n, t1c, t2w, t2f), or the channel files of
+    a single case. Cases with missing or extra channel files are listed as found (missing files as the paths
+    expected), so `predict_files` reports them by name while predicting the others.
+    """
+    items = [Path(p) for p in ([paths] if isinstance(paths, (str, Path)) else paths)]
+    if not items:
+        raise InputError("no input given; pass a folder or the channel files of one case")
+    if len(items) == 1 and items[0].is_dir():
+        return _cases_in_folder(items[0], num_channels, file_ending)
+    if any(p.is_dir() for p in items):
+        raise InputError(f"input mixes folders and files ({', '.join(map(str, items))}); give one folder, or the "
+                         "channel files of one case")
+    missing = [str(p) for p in items if not p.is_file()]
+    if missing:
+        raise InputError(f"input file(s) not found: {', '.join(missing)}")
+    return [(_case_name(items[0]), items)]
+
+
+def _case_name(path: Path) -> str:
+    from voxseg.data.io import file_ending
+
+    stem = path.name[: -len(file_ending(path))] if file_ending(path) else path.stem
+    for suffix in [f"_{i:04d}" for i in range(10)] + [f"_{m}" for m in BRATS_MODALITIES + ("t1n", "t1c", "t2w", "t2f")]:
+        if stem.endswith(suffix):
+            return stem[: -len(suffix)]
+    return stem
+
+
+def _cases_in_folder(folder: Path, num_channels: int, ending: str) -> list[tuple[str, list[Path]]]:
+    pattern = re.compile(r"^(?P<case>.+)_(?P<channel>\d{4})" + re.escape(ending) + "$")
+    channels: dict[str, set[int]] = {}
+    for path in folder.iterdir():
+        match = pattern.match(path.name)
+        if match and path.is_file():
+            channels.setdefault(match.group("case"), set()).add(int(match.group("channel")))
+    if channels:
+        # expected channels 0..n-1 plus any extra ones found, so both missing and surplus files get reported
+        return [(name, [folder / f"{name}_{c:04d}{ending}" for c in range(max(num_channels, max(found) + 1))])
+                for name, found in sorted(channels.items())]
+    cases = [(sub.name, _brats_files(sub)) for sub in sorted(folder.iterdir())
+             if sub.is_dir() and not sub.name.startswith(".")]
+    cases = [(name, files) for name, files in cases if any(f.is_file() for f in files)]
+    if not cases:
+        raise InputError(f"{folder}: no cases found; expected CASE_0000{ending} files (nnU-Net layout) or BraTS "
+                         "case folders (CASE/CASE_t1.nii.gz, _t1ce, _t2, _flair)")
+    return cases
+
+
+def _brats_files(folder: Path) -> list[Path]:
+    """The four modality files of a BraTS case folder in channel order; a missing one as its expected path."""
+    from voxseg.data.convert import BRATS_MODALITY_NAMES
+
+    files = [p for p in folder.iterdir() if p.is_file() and not p.name.startswith(".")]
+    out = []
+    for modality in BRATS_MODALITIES:
+        found = None
+        for suffix in BRATS_MODALITY_NAMES[modality]:
+            found = found or next((p for p in files if re.search(rf"[_-]{suffix}\.nii(\.gz)?$", p.name, re.I)), None)
+        out.append(found or folder / f"{folder.name}_{modality}.nii.gz")
+    return out

@@ -13,7 +13,6 @@ Images stay in their stored dtype (usually float16) in the cache; the sampler co
 from __future__ import annotations
 
 import os
-import threading
 from pathlib import Path
 from typing import Sequence
 
@@ -36,11 +35,9 @@ def host_memory_bytes() -> int:
 
 
 def free_device_bytes(device: torch.device) -> int:
-    """Free memory on a CUDA device; for CPU devices 50% of host RAM (the same rule as the pinned mode)."""
-    if device.type == "cuda":
-        free, _ = torch.cuda.mem_get_info(device)
-        return int(free)
-    return host_memory_bytes() // 2
+    """Free memory on a CUDA device."""
+    free, _ = torch.cuda.mem_get_info(device)
+    return int(free)
 
 
 class CaseCache:
@@ -87,7 +84,6 @@ class CaseCache:
             self.images.append(stored_image)
             self.segs.append(stored_seg)
         self._foreground: dict[int, dict[int, np.ndarray]] = {}
-        self._lock = threading.Lock()
 
     def _open(self, name: str) -> tuple[np.ndarray, np.ndarray]:
         image, seg, _ = load_case(self.directory, name, mmap=True)
@@ -100,11 +96,14 @@ class CaseCache:
         return image, seg
 
     def _choose_mode(self, mode: str, budget_gb: float | None) -> str:
-        if mode == "pinned" or mode == "mmap" or mode == "gpu":
+        if mode != "auto":
             return mode
-        budget = budget_gb * GB if budget_gb is not None else 0.8 * free_device_bytes(self.device)
-        if self.device.type != "cuda" and budget_gb is None:
-            budget = free_device_bytes(self.device)  # already 50% of host RAM
+        if budget_gb is not None:
+            budget = budget_gb * GB
+        elif self.device.type == "cuda":
+            budget = 0.8 * free_device_bytes(self.device)
+        else:  # "gpu" mode on a CPU device means plain host tensors
+            budget = 0.5 * host_memory_bytes()
         if self.nbytes <= budget:
             return "gpu"
         if self.device.type == "cuda" and self.nbytes <= 0.5 * host_memory_bytes():
@@ -127,8 +126,8 @@ class CaseCache:
 
     @property
     def on_device(self) -> bool:
-        """Whether crops can be cut directly on `device` (gpu mode)."""
-        return self.mode == "gpu"
+        """Whether crops can be written straight into tensors on `device` (gpu mode, or any mode on CPU)."""
+        return self.mode == "gpu" or self.device.type == "cpu"
 
     @property
     def gigabytes(self) -> float:
@@ -143,8 +142,7 @@ class CaseCache:
         locations = self._foreground.get(index)
         if locations is None:
             locations = load_foreground_locations(self.directory, self.names[index])
-            with self._lock:
-                self._foreground[index] = locations
+            self._foreground[index] = locations  # a dict store is atomic: safe with a prefetch thread
         return locations
 
     def read_patch(

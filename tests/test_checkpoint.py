@@ -1,0 +1,106 @@
+"""Checkpoints: atomic writes, weights_only loading, clear errors, RNG state round trip, pretrained report."""
+from __future__ import annotations
+
+import argparse
+import random
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+from voxseg.errors import CheckpointError
+from voxseg.train import checkpoint as ckpt
+from voxseg.train.checkpoint import load_checkpoint, load_pretrained, rng_state, save_checkpoint, set_rng_state
+
+
+def _net(out_channels: int = 3) -> nn.Module:
+    return nn.Sequential(nn.Conv3d(2, 4, 3), nn.InstanceNorm3d(4, affine=True), nn.Conv3d(4, out_channels, 1))
+
+
+def test_save_and_load_round_trip_with_weights_only(tmp_path):
+    model = _net()
+    state = {"model": model.state_dict(), "epoch": 3, "best_metric": 0.5, "config": {"optim": {"lr": 0.01}},
+             "history": [1.0, None], "rng": rng_state()}
+    path = save_checkpoint(tmp_path / "sub" / "checkpoint_latest.pt", state)
+    assert path.is_file() and [p.name for p in path.parent.iterdir()] == ["checkpoint_latest.pt"]  # no temp left
+    loaded = load_checkpoint(path)
+    assert loaded["epoch"] == 3 and loaded["config"] == {"optim": {"lr": 0.01}} and loaded["history"] == [1.0, None]
+    for name, tensor in model.state_dict().items():
+        assert torch.equal(loaded["model"][name], tensor)
+
+
+def test_failed_save_keeps_the_previous_file(tmp_path, monkeypatch):
+    path = tmp_path / "checkpoint_latest.pt"
+    save_checkpoint(path, {"epoch": 1})
+
+    def broken_save(obj, f):
+        with open(f, "wb") as handle:
+            handle.write(b"half a checkpoint")
+        raise OSError("disk full")
+
+    monkeypatch.setattr(ckpt.torch, "save", broken_save)
+    with pytest.raises(OSError, match="disk full"):
+        save_checkpoint(path, {"epoch": 2})
+    monkeypatch.undo()
+    assert load_checkpoint(path)["epoch"] == 1
+    assert [p.name for p in tmp_path.iterdir()] == ["checkpoint_latest.pt"]
+
+
+def test_missing_corrupt_and_unsafe_checkpoints_raise_checkpoint_error(tmp_path):
+    with pytest.raises(CheckpointError, match="does not exist"):
+        load_checkpoint(tmp_path / "nope.pt")
+    corrupt = tmp_path / "corrupt.pt"
+    corrupt.write_bytes(b"\x00not a zip file at all")
+    with pytest.raises(CheckpointError, match=r"corrupt\.pt is corrupt"):
+        load_checkpoint(corrupt)
+    truncated = tmp_path / "truncated.pt"
+    save_checkpoint(truncated, {"model": _net().state_dict()})
+    truncated.write_bytes(truncated.read_bytes()[:200])
+    with pytest.raises(CheckpointError, match="truncated.pt"):
+        load_checkpoint(truncated)
+
+    unsafe = tmp_path / "unsafe.pt"
+    torch.save({"object": argparse.Namespace(a=1)}, unsafe)  # arbitrary objects are refused by weights_only loading
+    with pytest.raises(CheckpointError, match="unsafe.pt"):
+        load_checkpoint(unsafe)
+
+
+def test_rng_states_survive_a_weights_only_round_trip(tmp_path):
+    generator = torch.Generator().manual_seed(7)
+    torch.manual_seed(1), np.random.seed(2), random.seed(3)
+    torch.rand(5, generator=generator)
+    save_checkpoint(tmp_path / "rng.pt", {"rng": rng_state({"sampler": generator})})
+    expected = (torch.rand(4), np.random.rand(4), [random.random() for _ in range(4)], torch.rand(4, generator=generator))
+    torch.manual_seed(99), np.random.seed(99), random.seed(99)
+    generator.manual_seed(99)
+    set_rng_state(load_checkpoint(tmp_path / "rng.pt")["rng"], {"sampler": generator})
+    again = (torch.rand(4), np.random.rand(4), [random.random() for _ in range(4)], torch.rand(4, generator=generator))
+    assert torch.equal(expected[0], again[0]) and np.array_equal(expected[1], again[1])
+    assert expected[2] == again[2] and torch.equal(expected[3], again[3])
+
+
+def test_pretrained_loads_matching_shapes_and_reports_the_rest(tmp_path):
+    torch.manual_seed(0)
+    source = _net(out_channels=3)
+    save_checkpoint(tmp_path / "pre.pt", {"model": {"_orig_mod." + k: v for k, v in source.state_dict().items()},
+                                          "epoch": 5})
+    torch.manual_seed(1)
+    target = _net(out_channels=5)  # a different number of outputs: the last layer cannot be loaded
+    target.register_buffer("extra", torch.zeros(1))
+    last_weight = target[2].weight.detach().clone()
+    report = load_pretrained(target, tmp_path / "pre.pt")
+    assert sorted(report.loaded) == ["0.bias", "0.weight", "1.bias", "1.weight"]
+    assert sorted(n for n, _, _ in report.mismatched) == ["2.bias", "2.weight"]
+    assert ("2.weight", [3, 4, 1, 1, 1], [5, 4, 1, 1, 1]) in report.mismatched
+    assert report.missing == ["extra"] and report.unexpected == []
+    assert torch.equal(target[0].weight, source[0].weight)
+    assert torch.equal(target[2].weight, last_weight)  # kept as initialised
+    text = report.summary()
+    assert "4 tensors loaded" in text and "2.weight (3, 4, 1, 1, 1) vs model (5, 4, 1, 1, 1)" in text
+
+
+def test_pretrained_from_an_unrelated_network_is_an_error(tmp_path):
+    save_checkpoint(tmp_path / "other.pt", {"layer.weight": torch.zeros(3)})
+    with pytest.raises(CheckpointError, match="no tensor matches"):
+        load_pretrained(_net(), tmp_path / "other.pt")

@@ -1,0 +1,143 @@
+"""ONNX export of a trained fold, checked against PyTorch with onnxruntime, and loading it back for inference.
+
+The exported graph takes `image` (B, C, *patch_size) float32 with a dynamic batch axis and returns `logits`
+(B, K, *patch_size); the spatial size is fixed to the training patch, which is all sliding-window inference
+feeds it. The plan travels inside the file (metadata "voxseg_plan"), so an .onnx file alone is enough to
+predict with `Predictor(..., backend="onnxruntime")`.
+"""
+from __future__ import annotations
+
+import json
+import os
+import warnings
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from voxseg.data.plans import Plan
+from voxseg.errors import CheckpointError, ConfigError
+from voxseg.infer.archive import fold_dir, load_fold_network
+
+PLAN_METADATA_KEY = "voxseg_plan"
+
+
+def _require_onnx() -> None:
+    try:
+        import onnx  # noqa: F401
+        import onnxruntime  # noqa: F401
+    except ImportError:
+        raise ConfigError("ONNX export needs the onnx and onnxruntime packages: pip install 'voxseg[onnx]'") from None
+
+
+def export_onnx(
+    workdir: str | Path,
+    fold: int | str,
+    out_file: str | Path | None = None,
+    checkpoint: str = "final",
+    opset: int = 17,
+    tolerance: float = 1e-3,
+    dynamo: bool = False,
+) -> float:
+    """Export one fold's network to ONNX and check it against PyTorch.
+
+    Args:
+        workdir: the model folder.
+        fold: fold number or "all".
+        out_file: the .onnx file (default WORKDIR/training/fold_F/model.onnx, where the onnxruntime backend
+            of the Predictor looks).
+        checkpoint: "final", "best" or "latest".
+        opset: ONNX opset version.
+        tolerance: largest accepted absolute difference between onnxruntime's and PyTorch's logits.
+        dynamo: use the torch.export-based exporter (needs onnxscript) instead of the TorchScript one.
+
+    Returns:
+        the largest absolute logit difference between onnxruntime and PyTorch on a random batch of two.
+
+    Raises:
+        CheckpointError: the parity check failed (the file is not written then).
+    """
+    _require_onnx()
+    network, plan = load_fold_network(workdir, fold, checkpoint, "cpu")
+    out_file = Path(out_file) if out_file is not None else fold_dir(workdir, fold) / "model.onnx"
+    out_file.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out_file.with_name(f".{out_file.name}.tmp{os.getpid()}")
+    try:
+        example = torch.randn(1, plan.num_channels, *plan.patch_size)
+        with warnings.catch_warnings(), torch.no_grad():
+            # the TorchScript exporter's deprecation and tracer notes are not actionable for a fixed U-Net
+            warnings.simplefilter("ignore")
+            torch.onnx.export(
+                network, (example,), str(tmp), dynamo=dynamo, opset_version=opset,
+                input_names=["image"], output_names=["logits"],
+                dynamic_axes={"image": {0: "batch"}, "logits": {0: "batch"}},
+            )
+        _add_metadata(tmp, {PLAN_METADATA_KEY: json.dumps(plan.to_dict()), "voxseg_fold": str(fold),
+                            "voxseg_checkpoint": checkpoint})
+        difference = onnx_parity(tmp, network, plan)
+        if not difference <= tolerance:
+            raise CheckpointError(
+                f"ONNX export of fold {fold} differs from PyTorch by {difference:.3g} (> {tolerance:g}); "
+                f"{out_file} was not written. Try another opset (opset={opset}) or dynamo=True"
+            )
+        os.replace(tmp, out_file)
+    finally:
+        tmp.unlink(missing_ok=True)
+    return difference
+
+
+def _add_metadata(path: Path, entries: dict[str, str]) -> None:
+    import onnx
+
+    model = onnx.load(str(path))
+    for key, value in entries.items():
+        prop = model.metadata_props.add()
+        prop.key, prop.value = key, value
+    onnx.save(model, str(path))
+
+
+def onnx_parity(path: str | Path, network: torch.nn.Module, plan: Plan, batch: int = 2, seed: int = 0) -> float:
+    """Largest absolute difference of the logits of onnxruntime and PyTorch on a random (batch, C, *patch)."""
+    generator = torch.Generator().manual_seed(seed)
+    image = torch.randn(batch, plan.num_channels, *plan.patch_size, generator=generator)
+    with torch.no_grad():
+        expected = network(image)
+    expected = expected[0] if isinstance(expected, (list, tuple)) else expected
+    actual = OnnxModel(path)(image)
+    if actual.shape != expected.shape:
+        return float("inf")
+    return float((actual - expected).abs().max())
+
+
+class OnnxModel:
+    """An exported network run by onnxruntime on the CPU, callable like the torch network: (B, C, *P) -> logits.
+
+    Attributes:
+        plan: the plan stored in the file, or None for a file exported elsewhere.
+    """
+
+    def __init__(self, path: str | Path, threads: int | None = None) -> None:
+        _require_onnx()
+        import onnxruntime as ort
+
+        options = ort.SessionOptions()
+        if threads:
+            options.intra_op_num_threads = threads
+        try:
+            self.session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+        except Exception as exc:  # noqa: BLE001 - onnxruntime raises its own exception types
+            raise CheckpointError(f"{path}: onnxruntime cannot load it ({exc})") from None
+        self.path = Path(path)
+        self.input_name = self.session.get_inputs()[0].name
+        metadata: dict[str, Any] = self.session.get_modelmeta().custom_metadata_map
+        self.plan = Plan.from_dict(json.loads(metadata[PLAN_METADATA_KEY])) if PLAN_METADATA_KEY in metadata else None
+
+    def __call__(self, image: torch.Tensor) -> torch.Tensor:
+        array = image.detach().to("cpu", torch.float32).numpy()
+        logits = self.session.run(None, {self.input_name: np.ascontiguousarray(array)})[0]
+        return torch.from_numpy(logits)
+
+
+def load_onnx_model(path: str | Path, threads: int | None = None) -> OnnxModel:
+    return OnnxModel(path, threads)
