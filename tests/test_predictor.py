@@ -157,9 +157,9 @@ def test_predict_files_reports_bad_cases_and_writes_the_others(workdir, tmp_path
         predictor.predict_files(find_input_cases(folder, 2, ".nii.gz"), tmp_path / "out")
     message = str(info.value)
     assert "3 of 5 case(s) failed" in message
-    assert "missing: case missing: missing channel file(s)" in message and "missing_0001.nii.gz" in message
-    assert "extra: case extra: 3 channel file(s) found, the model expects 2" in message
-    assert "broken: case broken:" in message and "broken_0001.nii.gz" in message
+    assert "missing: missing channel file(s)" in message and "missing_0001.nii.gz" in message
+    assert "extra: 3 channel file(s) found, the model expects 2" in message
+    assert "broken: " in message and "broken_0001.nii.gz: cannot be read" in message
     written = sorted(p.name for p in (tmp_path / "out").iterdir())
     assert written == ["good.nii.gz", "zgood.nii.gz"]
 

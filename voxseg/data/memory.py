@@ -14,7 +14,8 @@ parameters with gradients and optimiser state, and a fixed CUDA context / worksp
 
 Example: the nnU-Net reference network (6 stages, 32..320 features) at patch 128^3 keeps ~0.9e9 activation
 elements per sample: 3.4 GB at batch 2 in bf16, x1.65 for the transient peak in backward, plus ~0.3 GB of
-loss tensors, ~0.45 GB of parameter state and 1 GB context/workspace -> ~7.3 GB, matching the 7-8 GB nnU-Net uses at 128^3 batch 2.
+loss tensors, ~0.45 GB of parameter state and 1 GB context/workspace -> ~7.3 GB, matching the 7-8 GB
+nnU-Net uses at 128^3 batch 2.
 
 `measure_saved_activation_elements` (CPU) and `measure_peak_memory_gb` (CUDA) measure the real network, to
 check and recalibrate the constants below.

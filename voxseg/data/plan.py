@@ -294,6 +294,29 @@ def _num_outputs(labels: dict[str, Any]) -> int:
     return len(foreground) if region_based else len(foreground) + 1
 
 
+def _choose_patch_and_network(
+    values: dict[str, Any], spacing: list[float], median_shape: list[int], budget: float, channels: int, outputs: int
+) -> tuple[list[int], NetworkPlan]:
+    """Patch and network: fitted to the budget, or derived for an overridden patch; network.* overrides last.
+
+    Pops the patch_size and network.* entries it uses from `values`.
+    """
+    block = {k: v for k, v in NetworkPlan().__dict__.items() if k not in NETWORK_TOPOLOGY_KEYS}
+    block.update({k[8:]: values.pop(k) for k in list(values) if k.startswith("network.") and k[8:] in block})
+    topology = {k[8:]: values.pop(k) for k in list(values) if k.startswith("network.")}
+    if "patch_size" in values:
+        patch = [int(p) for p in values.pop("patch_size")]
+        if len(patch) != len(spacing):
+            raise ConfigError(f"override patch_size={patch} needs {len(spacing)} entries for a {len(spacing)}D plan")
+        network = derive_topology(patch, spacing, **block)
+    else:
+        patch, network = _fit_patch(median_shape, spacing, budget, block, channels, outputs)
+    if topology:
+        network = NetworkPlan(**{**network.__dict__, **topology})
+    _check_patch_divisible(patch, network)
+    return patch, network
+
+
 def make_plan(
     fingerprint: dict[str, Any],
     dataset: RawDataset,
@@ -322,25 +345,15 @@ def make_plan(
     shapes = np.asarray(fingerprint["shapes_after_crop"], dtype=np.float64)
     target, anisotropy_axis = plan_target_spacing(spacings)
     target = [float(s) for s in values.pop("target_spacing", target)]
+    if len(target) != spacings.shape[1]:
+        raise ConfigError(f"override target_spacing={target} needs {spacings.shape[1]} entries (array axis order)")
     resampled = shapes * spacings / np.asarray(target)  # (N, 3) per-case shape at the target spacing
     median_shape = [int(round(s)) for s in np.median(resampled, axis=0)]
     dataset_voxels = float(np.prod(resampled, axis=1).sum())
 
-    block = {k: v for k, v in NetworkPlan().__dict__.items() if k not in NETWORK_TOPOLOGY_KEYS}
-    block.update({k[8:]: values.pop(k) for k in list(values) if k.startswith("network.") and k[8:] in block})
-    topology = {k[8:]: values.pop(k) for k in list(values) if k.startswith("network.")}
     channels, outputs = dataset.num_channels, _num_outputs(dataset.labels)
     spacing_net, shape_net = (target, median_shape) if dims == 3 else (target[1:], median_shape[1:])
-    if "patch_size" in values:
-        patch = [int(p) for p in values.pop("patch_size")]
-        if len(patch) != dims:
-            raise ConfigError(f"override patch_size={patch} needs {dims} entries for a {dims}D plan")
-        network = derive_topology(patch, spacing_net, **block)
-    else:
-        patch, network = _fit_patch(shape_net, spacing_net, budget, block, channels, outputs)
-    if topology:
-        network = NetworkPlan(**{**network.__dict__, **topology})
-    _check_patch_divisible(patch, network)
+    patch, network = _choose_patch_and_network(values, spacing_net, shape_net, budget, channels, outputs)
     if "batch_size" in values:
         batch = int(values.pop("batch_size"))
     else:

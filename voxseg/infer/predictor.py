@@ -214,15 +214,12 @@ class Predictor:
     def _read_case(self, name: str, files: Sequence[str | Path]) -> tuple[np.ndarray, Geometry]:
         expected = self.plan.num_channels
         if len(files) != expected:
-            raise InputError(f"case {name}: {len(files)} channel file(s) found, the model expects {expected} "
+            raise InputError(f"{len(files)} channel file(s) found, the model expects {expected} "
                              f"({', '.join(self.plan.channel_names.values())})")
         missing = [str(f) for f in files if not Path(f).is_file()]
         if missing:
-            raise InputError(f"case {name}: missing channel file(s) {', '.join(missing)}")
-        try:
-            return read_channels([Path(f) for f in files])
-        except VoxsegError as exc:
-            raise InputError(f"case {name}: {exc}") from None
+            raise InputError(f"missing channel file(s) {', '.join(missing)}")
+        return read_channels([Path(f) for f in files])
 
     def predict_files(
         self,
@@ -280,8 +277,8 @@ class Predictor:
                 try:
                     image, geometry = future.result()
                     result = self.predict_array(image, geometry, return_probabilities=save_probabilities, name=name)
-                except VoxsegError as exc:
-                    failures.append((name, str(exc)))
+                except (VoxsegError, OSError) as exc:
+                    failures.append((name, _reason(name, exc)))
                     bar.update()
                     continue
                 labels, probabilities = result if save_probabilities else (result, None)
@@ -310,6 +307,15 @@ class Predictor:
             save_probabilities(out_dir / f"{name}.npz", probabilities, self.class_names)
         # the label map last: continue_run treats a case as done once it exists
         write_image(out_dir / f"{name}{ending}", labels, geometry)
+
+
+def _reason(name: str, exc: Exception) -> str:
+    """The error message without a leading "case NAME:", which the failure list already shows."""
+    message = str(exc)
+    for prefix in (f"case '{name}': ", f"case {name}: "):
+        if message.startswith(prefix):
+            return message[len(prefix):]
+    return message
 
 
 def _collect(item: tuple[str, Future], failures: list[tuple[str, str]]) -> int:

@@ -163,8 +163,8 @@ class CaseCache:
             target.append(slice(low - begin, high - begin))
         image, seg = self.images[index][tuple(source)], self.segs[index][tuple(source)]
         if isinstance(image, np.ndarray):
-            # np.ascontiguousarray reads just these pages of the memmap and gives torch a writable array
-            image, seg = torch.from_numpy(np.ascontiguousarray(image)), torch.from_numpy(np.ascontiguousarray(seg))
+            # np.array reads just these pages of the memmap into a writable array torch can wrap
+            image, seg = torch.from_numpy(np.array(image)), torch.from_numpy(np.array(seg))
         image_out[tuple(target)].copy_(image)
         seg_out[tuple(target)].copy_(seg)
 

@@ -1,4 +1,5 @@
-"""One training step (forward, loss, backward, optimiser) and the batch stream that feeds it.
+"""One training step (forward, loss, backward, optimiser) and the data that feeds it (caches, samplers,
+augmentation, an optional prefetch thread).
 
 Nothing here reads a tensor on the host: losses come back as detached device tensors and are summed on the
 device by `RunningMeans`; the loop reads them only at log intervals and at the end of an epoch, which are the
@@ -6,13 +7,21 @@ only host-device syncs of the hot loop (besides the GradScaler's inf check with 
 """
 from __future__ import annotations
 
+import os
 import queue
 import threading
 import time
 from typing import Any, Callable, Iterator
 
+import numpy as np
 import torch
 from torch import Tensor, nn
+
+from voxseg.augment import augment_batch, source_size
+from voxseg.config import TrainConfig
+from voxseg.data.plans import Plan
+from voxseg.train.cache import CaseCache
+from voxseg.train.sampler import PatchSampler
 
 Batch = tuple[Tensor, Tensor]
 
@@ -192,3 +201,73 @@ class BatchStream:
                         continue
         except BaseException as exc:  # handed to the consumer, which re-raises it in the training thread
             slots.put(exc)
+
+
+class TrainData:
+    """The data side of training: case caches, patch samplers and the augmentation generator.
+
+    Training batches: sample crops of `source_size` -> augment on the device -> (B, C, *P), (B, 1, *P).
+    Validation batches: crops of P without augmentation, from a sampler re-seeded at every validation, so
+    every validation sees the same patches (a fair comparison between epochs, and no state to checkpoint).
+
+    Args:
+        preprocessed_dir: WORKDIR/preprocessed.
+        plan: the plan (labels/regions for foreground sampling).
+        config: the run's settings (data and augment sections).
+        patch_size, batch_size, foreground_fraction: resolved values.
+        train_names, val_names: the fold's cases.
+        device: training device.
+        seed: base seed (already offset by the rank).
+        cache_budget_gb: memory the training cache may take in gpu mode (None = the cache's default).
+    """
+
+    def __init__(self, preprocessed_dir: str | os.PathLike, plan: Plan, config: TrainConfig,
+                 patch_size: list[int], batch_size: int, foreground_fraction: float, train_names: list[str],
+                 val_names: list[str], device: torch.device, seed: int,
+                 cache_budget_gb: float | None = None) -> None:
+        self.config, self.patch_size, self.device = config, list(patch_size), torch.device(device)
+        self.seed = seed
+        self.train_cache = CaseCache(preprocessed_dir, train_names, device, mode=config.data.cache,
+                                     budget_gb=cache_budget_gb)
+        self.val_cache = (CaseCache(preprocessed_dir, val_names, device, mode=config.data.cache)
+                          if val_names else None)
+        self._sampler_args = dict(batch_size=batch_size, foreground_fraction=foreground_fraction,
+                                  regions=plan.regions if plan.is_region_based else None,
+                                  ignore_label=plan.ignore_label, device=device)
+        self.sampler = PatchSampler(self.train_cache, patch_size, num_samples=config.data.num_samples,
+                                    source_size=source_size(patch_size, config.augment),
+                                    generator=np.random.default_rng(seed), **self._sampler_args)
+        self.augment_generator = torch.Generator(device=self.device).manual_seed(seed + 1)
+
+    def next_batch(self) -> Batch:
+        image, seg = self.sampler.sample()  # (B, C, *S), (B, 1, *S)
+        return augment_batch(image, seg, self.config.augment, self.augment_generator, self.patch_size)
+
+    def train_stream(self, count: int) -> BatchStream:
+        """`count` augmented batches, prefetched `data.prefetch` ahead when configured."""
+        return BatchStream(self.next_batch, count, self.config.data.prefetch, self.device)
+
+    def val_batches(self, count: int) -> Iterator[Batch]:
+        """`count` unaugmented validation batches, the same ones at every call."""
+        if self.val_cache is None:
+            return
+        sampler = PatchSampler(self.val_cache, self.patch_size, num_samples=1,
+                               generator=np.random.default_rng(self.seed + 2), **self._sampler_args)
+        for _ in range(count):
+            yield sampler.sample()
+
+    def describe(self) -> str:
+        text = self.train_cache.describe()
+        return text + (f"; validation {self.val_cache.describe()}" if self.val_cache is not None else "")
+
+    @property
+    def generators(self) -> dict[str, torch.Generator]:
+        """Torch generators whose states a checkpoint saves (see `checkpoint.rng_state`)."""
+        return {"augment": self.augment_generator}
+
+    def state_dict(self) -> dict[str, Any]:
+        """The sampler's position generator and foreground credit (the augment generator goes with the RNGs)."""
+        return {"sampler": self.sampler.state_dict()}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.sampler.load_state_dict(state["sampler"])

@@ -1,0 +1,152 @@
+"""ONNX export (parity with PyTorch, onnxruntime backend) and model archives (round trip, unsafe members)."""
+from __future__ import annotations
+
+import io
+import json
+import stat
+import zipfile
+
+import numpy as np
+import pytest
+import torch
+
+from voxseg.data.plans import ChannelNormalization, NetworkPlan, Plan
+from voxseg.errors import CheckpointError
+from voxseg.infer import export as export_module
+from voxseg.infer.archive import export_archive, install_archive, load_fold_network
+from voxseg.infer.export import export_onnx, load_onnx_model
+from voxseg.infer.predictor import Predictor
+from voxseg.models import build_network
+
+pytest.importorskip("onnxruntime")
+
+
+def tiny_plan() -> Plan:
+    return Plan(
+        dataset_name="Tiny", raw_dataset="/nonexistent", channel_names={"0": "a", "1": "b"},
+        labels={"background": 0, "x": 1, "y": 2}, file_ending=".nii.gz", target_spacing=[1.0, 1.0, 1.0],
+        patch_size=[16, 16, 16], batch_size=2,
+        network=NetworkPlan(features=[4, 8], kernel_sizes=[[3, 3, 3]] * 2, strides=[[1, 1, 1], [2, 2, 2]]),
+        normalization=[ChannelNormalization(), ChannelNormalization()],
+    )
+
+
+@pytest.fixture(scope="module")
+def workdir(tmp_path_factory):
+    root = tmp_path_factory.mktemp("work")
+    plan = tiny_plan()
+    plan.save(root / "plans.json")
+    (root / "dataset.json").write_text(json.dumps({"labels": plan.labels, "file_ending": ".nii.gz"}))
+    (root / "postprocessing.json").write_text(json.dumps({"largest_component": [[1]]}))
+    for fold in (0, 1):
+        torch.manual_seed(fold)
+        net = build_network(plan, deep_supervision=True)
+        folder = root / "training" / f"fold_{fold}"
+        folder.mkdir(parents=True)
+        optimizer = torch.optim.SGD(net.parameters(), lr=1e-3, momentum=0.9)
+        net(torch.randn(1, 2, 16, 16, 16))[0].square().mean().backward()
+        optimizer.step()
+        torch.save({"model": net.state_dict(), "optimizer": optimizer.state_dict(), "plan": plan.to_dict(),
+                    "config": {"loop": {"epochs": 1}}, "epoch": 1}, folder / "checkpoint_final.pt")
+        (folder / "config.json").write_text(json.dumps({"loop": {"epochs": 1}}))
+    return root
+
+
+def test_onnx_export_matches_pytorch(workdir, tmp_path):
+    out = tmp_path / "model.onnx"
+    difference = export_onnx(workdir, 0, out)
+    assert out.is_file() and difference < 1e-3
+    model = load_onnx_model(out)
+    assert model.plan is not None and model.plan.to_dict() == tiny_plan().to_dict()
+    network, _ = load_fold_network(workdir, 0)
+    image = torch.randn(3, 2, 16, 16, 16)  # a batch size other than the export's: the batch axis is dynamic
+    with torch.no_grad():
+        expected = network(image)
+    assert (model(image) - expected).abs().max() < 1e-3
+
+
+def test_failed_parity_check_writes_nothing(workdir, tmp_path, monkeypatch):
+    monkeypatch.setattr(export_module, "onnx_parity", lambda *args, **kwargs: 0.5)
+    with pytest.raises(CheckpointError, match="differs from PyTorch by 0.5"):
+        export_onnx(workdir, 0, tmp_path / "bad.onnx")
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_onnxruntime_backend_predicts_like_torch(workdir):
+    export_onnx(workdir, 1, None)  # default location: training/fold_1/model.onnx
+    assert (workdir / "training" / "fold_1" / "model.onnx").is_file()
+    image = np.random.default_rng(0).normal(size=(2, 20, 17, 18)).astype(np.float32)
+    torch_predictor = Predictor.from_workdir(workdir, folds=[1], device="cpu", mirror_axes=(1,))
+    onnx_predictor = Predictor.from_workdir(workdir, folds=[1], mirror_axes=(1,), backend="onnxruntime")
+    assert torch.allclose(onnx_predictor.predict_logits(image), torch_predictor.predict_logits(image), atol=1e-3)
+    labels = torch_predictor.predict_array(image, (1.0, 1.0, 1.0))
+    assert (onnx_predictor.predict_array(image, (1.0, 1.0, 1.0)) == labels).mean() > 0.999
+
+
+def test_archive_round_trip(workdir, tmp_path):
+    archive = export_archive(workdir, tmp_path / "model.zip", folds=[0, 1])
+    with zipfile.ZipFile(archive) as handle:
+        names = set(handle.namelist())
+    assert {"plans.json", "dataset.json", "postprocessing.json", "training/fold_0/checkpoint_final.pt",
+            "training/fold_1/config.json"} <= names
+    target = install_archive(archive, tmp_path / "installed")
+    installed = torch.load(target / "training" / "fold_0" / "checkpoint_final.pt", weights_only=True)
+    assert "optimizer" not in installed and installed["epoch"] == 1  # resuming state is not shipped
+    image = np.random.default_rng(1).normal(size=(2, 18, 16, 20)).astype(np.float32)
+    original = Predictor.from_workdir(workdir, folds=[0, 1], device="cpu", mirror_axes=None)
+    copy = Predictor.from_workdir(target, folds=[0, 1], device="cpu", mirror_axes=None)
+    assert copy.postprocessing == {"largest_component": [[1]]}
+    assert torch.equal(original.predict_logits(image), copy.predict_logits(image))
+
+
+def _zip_with(tmp_path, extra: zipfile.ZipInfo | str, content: bytes = b"x") -> str:
+    buffer = io.BytesIO()
+    torch.save({"model": {"w": torch.zeros(2)}}, buffer)
+    path = tmp_path / "bad.zip"
+    with zipfile.ZipFile(path, "w") as handle:
+        handle.writestr("plans.json", "{}")
+        handle.writestr("training/fold_0/checkpoint_final.pt", buffer.getvalue())
+        handle.writestr(extra, content)
+    return str(path)
+
+
+@pytest.mark.parametrize("member", ["../evil.txt", "../evil.json", "/tmp/voxseg_evil.json", "a/../../evil.json",
+                                    "run.sh", "training\\..\\..\\evil.json"])
+def test_unsafe_archive_members_are_refused(tmp_path, member):
+    target = tmp_path / "target"
+    with pytest.raises(CheckpointError, match="member '" + member.replace("\\", "\\\\").replace(".", r"\.")):
+        install_archive(_zip_with(tmp_path, member), target)
+    assert not (tmp_path / "evil.txt").exists() and not (tmp_path / "evil.json").exists()
+    assert not (target / "plans.json").exists()  # refused before anything was written
+
+
+def test_symlink_member_is_refused(tmp_path):
+    link = zipfile.ZipInfo("training/fold_0/link.json")
+    link.external_attr = (stat.S_IFLNK | 0o777) << 16
+    with pytest.raises(CheckpointError, match="symbolic link"):
+        install_archive(_zip_with(tmp_path, link, b"/etc/passwd"), tmp_path / "target")
+    assert not (tmp_path / "target" / "training").exists()
+
+
+class NotWeights:
+    """Any object that is not plain data; weights_only loading refuses to build it."""
+
+
+def test_checkpoint_with_code_is_refused(tmp_path):
+    buffer = io.BytesIO()
+    torch.save({"model": NotWeights()}, buffer)
+    with pytest.raises(CheckpointError, match="fold_1/checkpoint_final.pt' is not a plain-weights checkpoint"):
+        install_archive(_zip_with(tmp_path, "training/fold_1/checkpoint_final.pt", buffer.getvalue()),
+                        tmp_path / "target")
+    assert sorted(p.name for p in (tmp_path / "target").iterdir()) == []
+
+
+def test_not_an_archive(tmp_path):
+    (tmp_path / "model.zip").write_text("hello")
+    with pytest.raises(CheckpointError, match="not a zip archive"):
+        install_archive(tmp_path / "model.zip", tmp_path / "target")
+    path = tmp_path / "empty.zip"
+    with zipfile.ZipFile(path, "w") as handle:
+        handle.writestr("notes.json", "{}")
+    with pytest.raises(CheckpointError, match="not a voxseg model archive"):
+        install_archive(path, tmp_path / "target")
