@@ -3,7 +3,6 @@ autocast, channels_last_3d, ONNX parity and a tiny overfitting run."""
 from __future__ import annotations
 
 import math
-import time
 
 import pytest
 import torch
@@ -216,7 +215,6 @@ def test_tiny_network_overfits_a_blob():
     target = ((grid - torch.tensor([8.0, 6.0, 9.0]).view(3, 1, 1, 1)).norm(dim=0) < 5).long()[None, None]
     image = torch.randn(1, 4, 16, 16, 16) * 0.5 + target.float()  # blob brighter than noise in all channels
     optimizer = torch.optim.Adam(net.parameters(), lr=1e-2)
-    start = time.perf_counter()
     for _ in range(100):
         optimizer.zero_grad(set_to_none=True)
         total, _ = loss_fn(net(image), target)
@@ -228,4 +226,3 @@ def test_tiny_network_overfits_a_blob():
     truth = target.float()
     soft_dice = (2 * (foreground * truth).sum() / (foreground.sum() + truth.sum())).item()
     assert soft_dice > 0.9
-    assert time.perf_counter() - start < 20

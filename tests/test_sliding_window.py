@@ -181,3 +181,21 @@ def test_bad_arguments():
         sliding_window_inference(Constant(1.0), torch.zeros(2, 1, 8, 8, 8), (4, 4, 4), 2)
     with pytest.raises(ValueError, match="does not match"):
         sliding_window_inference(Constant(1.0, k=3), torch.zeros(1, 1, 8, 8, 8), (4, 4, 4), 2)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_cuda_matches_cpu_with_amp_and_host_accumulator():
+    net = _asymmetric_net()
+    image = torch.randn(1, 1, 40, 36, 44)
+    reference = sliding_window_inference(net, image, (16, 16, 16), 2, mirror_axes=(0, 1, 2))
+    cuda_net, cuda_image = net.cuda(), image.cuda()
+    on_device = sliding_window_inference(cuda_net, cuda_image, (16, 16, 16), 2, mirror_axes=(0, 1, 2))
+    host = sliding_window_inference(cuda_net, cuda_image, (16, 16, 16), 2, mirror_axes=(0, 1, 2),
+                                    accumulator_device="cpu")
+    amp = sliding_window_inference(cuda_net, cuda_image, (16, 16, 16), 2, mirror_axes=(0, 1, 2),
+                                   amp_dtype=torch.bfloat16)
+    assert on_device.device.type == "cuda" and host.device.type == "cpu"
+    assert torch.allclose(on_device.cpu(), reference, atol=1e-4)
+    assert torch.allclose(host, reference, atol=1e-4)
+    assert (amp.cpu() - reference).abs().max() < 5e-2 * reference.abs().max()

@@ -9,7 +9,6 @@ from __future__ import annotations
 import math
 
 import torch
-import torch.nn.functional as F
 
 from voxseg.augment.spatial import broadcast_mask, random_mask, random_uniform
 
@@ -43,11 +42,22 @@ def gaussian_noise(
     return image + noise * broadcast_mask(std, image.ndim).to(image.dtype)
 
 
-def _gaussian_kernels(sigma: torch.Tensor, radius: int) -> torch.Tensor:
-    """Normalised 1D Gaussian kernels: sigma (N,) -> (N, 2 * radius + 1)."""
+def _blur_operator(size: int, sigma: torch.Tensor, radius: int) -> torch.Tensor:
+    """Per-(sample, channel) banded matrix of a 1D Gaussian with replicated borders: sigma (B, C) -> (B, C, n, n).
+
+    As a matrix the blur shares `_apply_along_axis` with the low-resolution transform: one batched matmul per
+    axis whatever the sigmas are (a depthwise convolution with a different kernel per channel is slower on
+    both CPU and GPU).
+    """
     offsets = torch.arange(-radius, radius + 1, device=sigma.device, dtype=torch.float32)
-    kernel = torch.exp(-0.5 * (offsets[None, :] / sigma[:, None]) ** 2)
-    return kernel / kernel.sum(dim=1, keepdim=True)
+    kernel = torch.exp(-0.5 * (offsets / sigma[..., None]) ** 2)
+    kernel = kernel / kernel.sum(dim=-1, keepdim=True)  # (B, C, K)
+    fine = torch.arange(size, device=sigma.device)
+    columns = torch.clamp(fine[:, None] + offsets.long()[None, :], 0, size - 1)  # (n, K): replicate borders
+    operator = torch.zeros(*sigma.shape, size, size, device=sigma.device)
+    weights = kernel[..., None, :].expand(*sigma.shape, size, kernel.shape[-1])
+    operator.scatter_add_(-1, columns.expand(*sigma.shape, size, kernel.shape[-1]), weights)
+    return operator
 
 
 def gaussian_blur(
@@ -56,24 +66,16 @@ def gaussian_blur(
 ) -> torch.Tensor:
     """Blur selected samples' channels (each with probability per_channel_p) with sigma ~ U(sigma_range).
 
-    Separable depthwise convolution: every (sample, channel) is its own group with its own kernel, so the
-    whole batch is three convolutions whatever the sigmas are. Borders replicate.
+    Separable, same sigma on every axis, borders replicated, kernel radius ceil(3 * max sigma).
     """
-    batch, channels = image.shape[:2]
-    spatial, ndim, device = image.shape[2:], image.ndim - 2, image.device
+    batch, channels, device = image.shape[0], image.shape[1], image.device
     selected = random_mask(p, (batch, 1), generator, device) & random_mask(per_channel_p, (batch, channels), generator, device)
-    sigma = random_uniform(*sigma_range, (batch * channels,), generator, device)
+    sigma = random_uniform(*sigma_range, (batch, channels), generator, device)
     radius = max(1, math.ceil(3.0 * sigma_range[1]))
-    kernels = _gaussian_kernels(sigma, radius).to(image.dtype)  # (B*C, K)
-    conv = F.conv3d if ndim == 3 else F.conv2d
-    x = image.reshape(1, batch * channels, *spatial)
-    for axis in range(ndim):
-        shape = [batch * channels, 1] + [1] * ndim
-        shape[2 + axis] = 2 * radius + 1
-        pad = [0] * (2 * ndim)
-        pad[2 * (ndim - 1 - axis)] = pad[2 * (ndim - 1 - axis) + 1] = radius  # F.pad lists the last axis first
-        x = conv(F.pad(x, pad, mode="replicate"), kernels.view(shape), groups=batch * channels)
-    return torch.where(broadcast_mask(selected, image.ndim), x.reshape(image.shape), image)
+    out = image
+    for axis, size in enumerate(image.shape[2:]):
+        out = _apply_along_axis(out, _blur_operator(size, sigma, radius), axis)
+    return torch.where(broadcast_mask(selected, image.ndim), out, image)
 
 
 def brightness(
@@ -123,13 +125,22 @@ def _low_res_operator(size: int, zoom: torch.Tensor) -> torch.Tensor:
 
 
 def _apply_along_axis(image: torch.Tensor, operator: torch.Tensor, axis: int) -> torch.Tensor:
-    """y[..., i, ...] = sum_j operator[b, c, i, j] x[..., j, ...] along spatial `axis`, as one batched matmul."""
-    batch, channels = image.shape[:2]
-    moved = image.movedim(2 + axis, -1)  # (B, C, ..., n)
-    rest = moved.shape[2:-1]
-    flat = moved.reshape(batch * channels, -1, moved.shape[-1])  # (B*C, rest, n)
-    out = torch.bmm(flat, operator.reshape(batch * channels, *operator.shape[2:]).transpose(1, 2).to(image.dtype))
-    return out.reshape(batch, channels, *rest, moved.shape[-1]).movedim(-1, 2 + axis)
+    """y[..., i, ...] = sum_j operator[b, c, i, j] x[..., j, ...] along spatial `axis`, as one batched matmul.
+
+    The image is viewed as (B*C, before, n, after): the first and last axes need no copy of the image.
+    """
+    batch, channels, spatial = image.shape[0], image.shape[1], image.shape[2:]
+    n = spatial[axis]
+    before, after = math.prod(spatial[:axis]), math.prod(spatial[axis + 1:])
+    matrix = operator.reshape(batch * channels, n, n).to(image.dtype)
+    x = image.reshape(batch * channels, before, n, after)
+    if before == 1:
+        y = torch.bmm(matrix, x[:, 0])  # (BC, n, after)
+    elif after == 1:
+        y = torch.bmm(x[..., 0], matrix.transpose(1, 2))  # (BC, before, n)
+    else:
+        y = torch.matmul(matrix[:, None], x)  # (BC, before, n, after)
+    return y.reshape(image.shape)
 
 
 def simulate_low_resolution(

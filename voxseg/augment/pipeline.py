@@ -1,7 +1,7 @@
 """The augmentation recipe (`AugmentConfig`) and `augment_batch`, which applies it to a batch on its device.
 
 Defaults follow nnU-Net's default training recipe; every probability is per sample. Order: grid transform
-(rotation x scaling [+ elastic]) -> 90-degree turns -> mirroring -> noise -> blur -> brightness -> contrast
+(rotation x scaling x mirroring [+ elastic]) -> 90-degree turns -> noise -> blur -> brightness -> contrast
 -> simulated low resolution -> inverted gamma -> gamma.
 """
 from __future__ import annotations
@@ -15,7 +15,7 @@ import torch
 from voxseg.augment import intensity
 from voxseg.augment.spatial import (
     centre_crop,
-    mirror,
+    draw_flips,
     rot90_planes,
     rotate90,
     source_size,
@@ -214,11 +214,11 @@ def augment_batch(
         return centre_crop(image, patch).contiguous(), centre_crop(seg, patch).contiguous()
     _check_generator(generator, image.device)
     ndim = len(patch)
-    image, seg = spatial_transform(image, seg, patch, config, generator, seg_fill)
+    flips = draw_flips(image.shape[0], ndim, _axes(config.mirror_axes, ndim, "mirror_axes"), config.mirror_p,
+                       generator, image.device)
+    image, seg = spatial_transform(image, seg, patch, config, generator, seg_fill, flips)
     image, seg = rotate90(image, seg, rot90_planes(patch, _axes(config.rot90_axes, ndim, "rot90_axes")),
                           config.rot90_p, generator)
-    if config.mirror_p > 0:
-        image, seg = mirror(image, seg, _axes(config.mirror_axes, ndim, "mirror_axes"), config.mirror_p, generator)
     image = _intensity(image, config, generator)
     return image.contiguous(), seg.contiguous()
 

@@ -1,8 +1,8 @@
 """Batched spatial transforms on the tensors' device.
 
-Rotation and scaling are composed into one affine matrix per sample and applied, together with an optional
-elastic displacement field, by a single `F.grid_sample` call for the whole batch; mirroring and 90-degree
-rotations are exact index permutations. Per-sample random decisions are masks combined with `torch.where`, so
+Rotation, scaling and mirroring are composed into one affine matrix per sample and applied, together with an
+optional elastic displacement field, by a single `F.grid_sample` call for the whole batch; samples without a
+grid transform are an exact (mirrored) crop, and 90-degree rotations are exact index permutations. Per-sample random decisions are masks combined with `torch.where`, so
 nothing here reads a tensor value on the host (no device sync).
 
 Coordinates: a sample maps output voxel `x` (patch P) to source voxel `c_S + M (x - c_P)` where `c_S`, `c_P`
@@ -49,6 +49,27 @@ def centre_crop(x: torch.Tensor, patch_size: Sequence[int]) -> torch.Tensor:
         start = (size - patch) // 2
         slices.append(slice(start, start + patch))
     return x[tuple(slices)]
+
+
+def mirrored_centre_crop(x: torch.Tensor, patch_size: Sequence[int], flips: torch.Tensor | None) -> torch.Tensor:
+    """Centre crop of (B, C, *S) with the axes where flips (B, ndim) is True reversed, per sample.
+
+    One gather (advanced indexing) instead of a flip and a select per axis; exact.
+    """
+    if flips is None:
+        return centre_crop(x, patch_size)
+    batch, channels, ndim = x.shape[0], x.shape[1], len(patch_size)
+    index: list[torch.Tensor] = [
+        torch.arange(batch, device=x.device).view(batch, *([1] * (ndim + 1))),
+        torch.arange(channels, device=x.device).view(1, channels, *([1] * ndim)),
+    ]
+    for axis, (size, patch) in enumerate(zip(x.shape[2:], patch_size)):
+        ramp = torch.arange(patch, device=x.device)
+        positions = (size - patch) // 2 + torch.where(flips[:, axis:axis + 1], patch - 1 - ramp, ramp)  # (B, P)
+        shape = [batch, 1] + [1] * ndim
+        shape[2 + axis] = patch
+        index.append(positions.view(shape))
+    return x[tuple(index)]
 
 
 # ----- rotation geometry -----------------------------------------------------------------------------------
@@ -158,19 +179,24 @@ def _affine_matrices(
 
 def spatial_transform(
     image: torch.Tensor, seg: torch.Tensor, patch_size: Sequence[int], config: "AugmentConfig",
-    generator: torch.Generator | None, seg_fill: int = -1,
+    generator: torch.Generator | None, seg_fill: int = -1, flips: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Rotate/scale/deform (B, C, *S) image and (B, 1, *S) labels into (B, ·, *P) patches.
+    """Rotate/scale/deform/mirror (B, C, *S) image and (B, 1, *S) labels into (B, ·, *P) patches.
 
-    Samples that draw no grid transform are returned as the exact centre crop. Image: (bi/tri)linear, zero
-    outside the source. Labels: nearest neighbour (no new values), `seg_fill` outside the source.
+    `flips` (B, ndim) bool mirrors output axes: built into the affine matrix of grid-transformed samples and
+    into the crop indices of the others, so mirroring costs no extra pass. Samples that draw no grid
+    transform are the exact (mirrored) centre crop. Image: (bi/tri)linear, zero outside the source. Labels:
+    nearest neighbour (no new values), `seg_fill` outside the source.
     """
     batch, ndim, device = image.shape[0], len(patch_size), image.device
-    crop_image, crop_seg = centre_crop(image, patch_size), centre_crop(seg, patch_size)
+    crop_image = mirrored_centre_crop(image, patch_size, flips)
+    crop_seg = mirrored_centre_crop(seg, patch_size, flips)
     if not has_spatial(config):
         return crop_image, crop_seg
     source = image.shape[2:]
     matrix, applied = _affine_matrices(batch, ndim, config, generator, device)
+    if flips is not None:  # output axis a reversed: (x - c_P) -> -(x - c_P) along a, i.e. M diag(+-1)
+        matrix = matrix * torch.where(flips, -1.0, 1.0)[:, None, :]
     # voxel units -> normalised [-1, 1] units (align_corners=False): x_norm = (x - c) * 2 / size
     to_source = torch.tensor([2.0 / s for s in source], device=device)[:, None]
     from_patch = torch.tensor([p / 2.0 for p in patch_size], device=device)[None, :]
@@ -183,7 +209,7 @@ def spatial_transform(
         applied = applied | deform
     warped = F.grid_sample(image, grid.to(image.dtype), mode="bilinear", padding_mode="zeros", align_corners=False)
     # shift labels so that zero padding means `seg_fill`; nearest sampling of exact small integers stays exact
-    shifted = (seg.to(torch.float32) - seg_fill)
+    shifted = seg.to(torch.float32) - seg_fill
     labels = F.grid_sample(shifted, grid, mode="nearest", padding_mode="zeros", align_corners=False)
     labels = (labels + seg_fill).round().to(seg.dtype)
     image_out = torch.where(broadcast_mask(applied, image.ndim), warped, crop_image)
@@ -191,17 +217,17 @@ def spatial_transform(
     return image_out, seg_out
 
 
-# ----- exact transforms: mirroring and 90-degree rotations ---------------------------------------------------
-def mirror(
-    image: torch.Tensor, seg: torch.Tensor, axes: Sequence[int], p: float, generator: torch.Generator | None
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Flip each listed spatial axis with probability p, independently per sample and axis."""
-    batch = image.shape[0]
-    for axis in axes:
-        flip = random_mask(p, (batch,), generator, image.device)
-        image = torch.where(broadcast_mask(flip, image.ndim), image.flip(2 + axis), image)
-        seg = torch.where(broadcast_mask(flip, seg.ndim), seg.flip(2 + axis), seg)
-    return image, seg
+# ----- mirroring decisions and exact 90-degree rotations ---------------------------------------------------
+def draw_flips(
+    batch: int, ndim: int, axes: Sequence[int], p: float, generator: torch.Generator | None, device: torch.device
+) -> torch.Tensor | None:
+    """(B, ndim) bool: mirror each listed axis with probability p, independently per sample and axis."""
+    if p <= 0 or not axes:
+        return None
+    drawn = random_mask(p, (batch, len(axes)), generator, device)
+    flips = torch.zeros(batch, ndim, dtype=torch.bool, device=device)
+    flips[:, list(axes)] = drawn
+    return flips
 
 
 def rot90_planes(patch_size: Sequence[int], axes: Sequence[int]) -> list[tuple[int, int]]:

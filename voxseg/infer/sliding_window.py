@@ -224,7 +224,8 @@ def _accumulate_tiles(
     logits = torch.zeros((num_outputs, *spatial), dtype=torch.float32, device=acc_device)  # (K, *S)
     weight_sum = torch.zeros(spatial, dtype=torch.float32, device=acc_device)  # (*S)
     weight_on_acc = weight.to(acc_device, torch.float32)
-    with torch.inference_mode():
+    # no_grad rather than inference_mode: callers may modify the returned logits in place
+    with torch.no_grad():
         for first in range(0, len(positions), tile_batch):
             slices = [
                 tuple(slice(s, s + p) for s, p in zip(start, patch_size))

@@ -109,7 +109,8 @@ def train(workdir: str | Path, fold: int | str, config: TrainConfig, resume: boo
     step = TrainStep(_wrap_ddp(model, run.device, world_size), loss_fn, optimizer, run.device, run.amp_dtype,
                      config.loop.grad_accum, config.loop.grad_clip, compile=run.compile)
     data = TrainData(workdir / "preprocessed", plan, config, run.patch_size, run.batch_size,
-                     run.foreground_fraction, train_names, val_names, run.device, seed=config.loop.seed + rank)
+                     run.foreground_fraction, train_names, val_names, run.device, seed=config.loop.seed + rank,
+                     cache_budget_gb=cache_budget_gb(config, plan, run.device))
     progress = Progress()
     parts = dict(model=model, optimizer=optimizer, scheduler=scheduler, step=step, data=data, progress=progress)
 
@@ -222,6 +223,15 @@ def resolved_config(config: TrainConfig, run: Resolved, plan: Plan) -> TrainConf
     return out
 
 
+def cache_budget_gb(config: TrainConfig, plan: Plan, device: torch.device) -> float | None:
+    """GPU memory the training cache may take: the configured budget, else the free memory (the model is
+    already allocated) minus the plan's estimate of the step's activations, with a margin."""
+    if config.data.cache_budget_gb is not None or device.type != "cuda":
+        return config.data.cache_budget_gb
+    free_gb = torch.cuda.mem_get_info(device)[0] / 1e9
+    return max(0.0, 0.8 * (free_gb - 1.2 * (plan.estimated_memory_gb or 0.0)))
+
+
 def seed_everything(seed: int, deterministic: bool, num_threads: int) -> None:
     import random
 
@@ -300,6 +310,7 @@ def write_checkpoint(path: Path, model: torch.nn.Module, optimizer: torch.optim.
     save_checkpoint(path, {
         "model": model.state_dict(), "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
         "scaler": step.state_dict(), "epoch": progress.epoch, "rng": rng_state(data.generators),
+        "data": data.state_dict(),
         "best_metric": progress.best_metric, "best_epoch": progress.best_epoch, "ema": progress.ema,
         "patience": progress.epochs_without_improvement(), "config": config.to_dict(), "plan": plan.to_dict(),
     })
@@ -322,6 +333,7 @@ def restore(path: Path, device: torch.device, model: torch.nn.Module, optimizer:
     progress.epoch = int(state["epoch"])
     progress.ema, progress.best_metric = state["ema"], state["best_metric"]
     progress.best_epoch = int(state.get("best_epoch", progress.epoch - 1 - int(state.get("patience", 0))))
+    data.load_state_dict(state["data"])
     set_rng_state(state["rng"], data.generators)
 
 

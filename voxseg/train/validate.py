@@ -142,12 +142,12 @@ def full_validation(model: nn.Module, plan: Plan, preprocessed_dir: str | Path, 
     try:
         for name in names:
             image, seg, _ = load_case(preprocessed_dir, name, mmap=True)
-            x = torch.from_numpy(np.asarray(image, dtype=np.float32))[None].to(device)  # (1, C, d, h, w)
+            x = torch.from_numpy(np.array(image, dtype=np.float32))[None].to(device)  # (1, C, d, h, w)
             logits = sliding_window_inference(model, x, patch_size, plan.num_outputs, step=step,
                                               tile_batch=tile_batch, amp_dtype=amp_dtype)  # (K, d, h, w)
             labels = logits_to_labels(logits, plan)
             if seg is not None:
-                ref = torch.from_numpy(np.asarray(seg)).to(logits.device)[None]  # (1, 1, d, h, w)
+                ref = torch.from_numpy(np.array(seg)).to(logits.device)[None]  # (1, 1, d, h, w)
                 counts = overlap_counts(*class_masks(logits[None], ref, plan))
                 per_case[name] = dict(zip(plan.class_names, dice_from_counts(counts)))
             if write:

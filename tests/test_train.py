@@ -1,0 +1,249 @@
+"""The training loop end to end on a tiny work directory (CPU): logs, checkpoints, exact resume, early
+stopping, test-only, and the validation arithmetic."""
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+from voxseg.config import TrainConfig, apply_overrides
+from voxseg.data.plans import ChannelNormalization, NetworkPlan, Plan
+from voxseg.data.splits import save_splits
+from voxseg.data.store import sample_foreground_locations, save_case
+from voxseg.errors import CheckpointError
+from voxseg.train import loop
+from voxseg.train.checkpoint import load_checkpoint
+from voxseg.train.loop import TrainingInterrupted, train
+from voxseg.train.step import BatchStream, RunningMeans
+from voxseg.train.validate import class_masks, dice_from_counts, full_validation, overlap_counts
+
+CASE_SHAPE = (24, 24, 20)
+TRAIN = ["case_0", "case_1", "case_2", "case_3"]
+VAL = ["case_4", "case_5"]
+
+
+def _case(seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """Two channels; label 1 a sphere, label 2 a smaller sphere inside it; intensities follow the labels."""
+    rng = np.random.default_rng(seed)
+    grid = np.stack(np.meshgrid(*[np.arange(s) for s in CASE_SHAPE], indexing="ij"))
+    centre = np.array([s / 2 for s in CASE_SHAPE]) + rng.uniform(-3, 3, 3)
+    dist = np.sqrt(((grid - centre[:, None, None, None]) ** 2).sum(0))
+    seg = np.zeros(CASE_SHAPE, np.int8)
+    seg[dist < 7] = 1
+    seg[dist < 3.5] = 2
+    image = np.stack([seg * 1.0, (seg == 2) * 1.5]).astype(np.float32) + rng.normal(0, 0.3, (2, *CASE_SHAPE))
+    return image.astype(np.float32), seg[None]
+
+
+def _plan() -> Plan:
+    return Plan(
+        dataset_name="Tiny", raw_dataset="/nowhere", channel_names={"0": "A", "1": "B"},
+        labels={"background": 0, "outer": 1, "inner": 2}, file_ending=".nii.gz", target_spacing=[1.0, 1.0, 1.0],
+        patch_size=[16, 16, 16], batch_size=2,
+        network=NetworkPlan(features=[4, 8, 8], kernel_sizes=[[3, 3, 3]] * 3, strides=[[1, 1, 1], [2, 2, 2], [2, 2, 2]],
+                            conv_per_stage=1),
+        normalization=[ChannelNormalization(), ChannelNormalization()], image_dtype="float32",
+    )
+
+
+@pytest.fixture(scope="module")
+def workdir(tmp_path_factory):
+    root = tmp_path_factory.mktemp("work")
+    _plan().save(root / "plans.json")
+    for index, name in enumerate(TRAIN + VAL):
+        image, seg = _case(index)
+        properties = {"name": name, "original_shape": list(CASE_SHAPE), "shape_after_crop": list(CASE_SHAPE)}
+        save_case(root / "preprocessed", name, image, seg, properties, sample_foreground_locations(seg, [1, 2]))
+    save_splits(root, [{"train": TRAIN, "val": VAL}])
+    return root
+
+
+def _config(*extra: str) -> TrainConfig:
+    return apply_overrides(TrainConfig(), [
+        "loop.epochs=2", "data.iterations_per_epoch=3", "loop.val_iterations=2", "loop.device=cpu",
+        "logging.tensorboard=false", "logging.progress_png=false", "logging.progress_bar=false",
+        "loop.full_val=false", "data.num_threads=2", "loop.save_freq=1", *extra,
+    ])
+
+
+def _clear(workdir, fold="0"):
+    import shutil
+
+    shutil.rmtree(workdir / "training" / f"fold_{fold}", ignore_errors=True)
+
+
+def test_train_writes_logs_checkpoints_and_config(workdir):
+    _clear(workdir)
+    result = train(workdir, 0, _config("logging.progress_png=true", "logging.tensorboard=true"))
+    out = workdir / "training" / "fold_0"
+    assert result["epochs"] == 2 and not result["stopped_early"] and result["seconds"] > 0
+    for name in ("checkpoint_latest.pt", "checkpoint_final.pt", "checkpoint_best.pt", "config.json", "progress.png"):
+        assert (out / name).is_file(), name
+    assert any((out / "tensorboard").iterdir())
+    records = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
+    assert [r["epoch"] for r in records] == [0, 1]
+    for record in records:
+        assert set(record["loss"]) == {"loss", "dice", "ce"} and all(np.isfinite(v) for v in record["loss"].values())
+        assert set(record["pseudo_dice"]) == {"outer", "inner"}
+        for key in ("val_loss", "pseudo_dice_mean", "ema_dice", "epoch_time", "batch_time", "data_time",
+                    "samples_per_s", "gpu_mem_mean_gb", "gpu_mem_max_gb"):
+            assert key in record, key
+        assert record["gpu_mem_max_gb"] == 0.0  # CPU
+        assert record["samples_per_s"] == pytest.approx(3 * 2 / record["epoch_time"])
+    # poly schedule: the lr logged for each epoch
+    assert records[0]["lr"] == pytest.approx(0.01) and records[1]["lr"] == pytest.approx(0.01 * 0.5**0.9)
+    # EMA with alpha 0.9 over the pseudo-Dice means
+    dice = [r["pseudo_dice_mean"] for r in records]
+    assert records[0]["ema_dice"] == pytest.approx(dice[0])
+    assert records[1]["ema_dice"] == pytest.approx(0.9 * dice[0] + 0.1 * dice[1])
+    saved = json.loads((out / "config.json").read_text())
+    assert saved["data"]["patch_size"] == [16, 16, 16] and saved["data"]["batch_size"] == 2
+    assert saved["loop"]["device"] == "cpu" and saved["loop"]["amp"] == "off" and saved["loop"]["compile"] == "off"
+    state = load_checkpoint(out / "checkpoint_final.pt")
+    assert state["epoch"] == 2 and state["plan"]["dataset_name"] == "Tiny" and state["config"]["loop"]["epochs"] == 2
+    assert {"model", "optimizer", "scheduler", "scaler", "rng", "data", "best_metric", "ema", "patience"} <= set(state)
+
+
+def _final_weights(workdir) -> dict[str, torch.Tensor]:
+    return load_checkpoint(workdir / "training" / "fold_0" / "checkpoint_final.pt")["model"]
+
+
+def test_resume_after_interrupt_matches_an_uninterrupted_run(workdir, monkeypatch):
+    config = _config("loop.deterministic=true", "data.prefetch=1")
+    _clear(workdir)
+    train(workdir, 0, config)
+    expected = _final_weights(workdir)
+    expected_log = (workdir / "training" / "fold_0" / "log.jsonl").read_text().splitlines()
+
+    _clear(workdir)
+    real_run_epoch, calls = loop.run_epoch, []
+
+    def interrupted(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        return real_run_epoch(*args, **kwargs)
+
+    monkeypatch.setattr(loop, "run_epoch", interrupted)
+    with pytest.raises(TrainingInterrupted, match="resume with --resume"):
+        train(workdir, 0, config)
+    assert load_checkpoint(workdir / "training" / "fold_0" / "checkpoint_latest.pt")["epoch"] == 1
+    monkeypatch.setattr(loop, "run_epoch", real_run_epoch)
+    result = train(workdir, 0, config, resume=True)
+    assert result["epochs"] == 2
+    resumed = _final_weights(workdir)
+    assert resumed.keys() == expected.keys()
+    for name in expected:
+        torch.testing.assert_close(resumed[name], expected[name], rtol=0, atol=1e-6)
+    log = (workdir / "training" / "fold_0" / "log.jsonl").read_text().splitlines()
+    assert [json.loads(r)["epoch"] for r in log] == [0, 1]
+    for a, b in zip(log, expected_log):
+        a, b = json.loads(a), json.loads(b)
+        assert a["loss"] == pytest.approx(b["loss"]) and a["ema_dice"] == pytest.approx(b["ema_dice"])
+
+
+def test_resume_without_checkpoint_is_a_clear_error(workdir):
+    _clear(workdir, "all")
+    with pytest.raises(CheckpointError, match="nothing to resume"):
+        train(workdir, "all", _config(), resume=True)
+
+
+def test_early_stopping_and_best_checkpoint(workdir, monkeypatch):
+    _clear(workdir)
+    scores = iter([0.5, 0.4, 0.3, 0.2, 0.1])
+
+    def fake_pseudo_dice(model, batches, plan, loss_fn=None, amp_dtype=None):
+        value = next(scores)
+        return {"dice": [value, value], "dice_mean": value, "val_loss": 1.0 - value}
+
+    monkeypatch.setattr(loop, "pseudo_dice", fake_pseudo_dice)
+    result = train(workdir, 0, _config("loop.epochs=5", "loop.patience=2"))
+    assert result["epochs"] == 3 and result["stopped_early"]
+    out = workdir / "training" / "fold_0"
+    records = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
+    assert [r["ema_dice"] for r in records] == pytest.approx([0.5, 0.49, 0.471])
+    assert load_checkpoint(out / "checkpoint_best.pt")["epoch"] == 1  # saved after epoch 0, the best EMA
+    assert load_checkpoint(out / "checkpoint_best.pt")["best_metric"] == pytest.approx(0.5)
+
+
+def test_test_only_validates_the_best_checkpoint_on_full_volumes(workdir):
+    _clear(workdir)
+    train(workdir, 0, _config("loop.epochs=1"))
+    result = train(workdir, 0, _config(), test_only=True)
+    out = workdir / "training" / "fold_0" / "validation"
+    assert result["checkpoint"].endswith("checkpoint_best.pt")
+    summary = json.loads((out / "summary.json").read_text())
+    assert set(summary["per_case"]) == set(VAL)
+    # the reported Dice is the Dice of the written predictions
+    for name in VAL:
+        pred = np.load(out / f"{name}.npz")["seg"]
+        ref = np.load(workdir / "preprocessed" / f"{name}_seg.npy")[0]
+        assert pred.shape == CASE_SHAPE
+        for label, cls in ((1, "outer"), (2, "inner")):
+            p, r = pred == label, ref == label
+            denominator = p.sum() + r.sum()
+            expected = 2 * (p & r).sum() / denominator if denominator else None
+            assert summary["per_case"][name][cls] == pytest.approx(expected)
+    assert result["val_dice"] == pytest.approx(summary["mean"])
+
+
+def test_test_only_without_checkpoints_is_an_error(workdir):
+    _clear(workdir)
+    with pytest.raises(CheckpointError, match="train first"):
+        train(workdir, 0, _config(), test_only=True)
+
+
+class _Oracle(nn.Module):
+    """Logits that reproduce channel 0 of the image as labels (image channel 0 = label value)."""
+
+    def forward(self, x):
+        labels = x[:, 0].round().long().clamp(0, 2)
+        return torch.nn.functional.one_hot(labels, 3).movedim(-1, 1).float() * 10
+
+
+def test_full_validation_of_a_perfect_model_is_one(tmp_path):
+    plan = _plan()
+    for name, seed in (("a", 0), ("b", 1)):
+        _, seg = _case(seed)
+        save_case(tmp_path / "pre", name, seg.astype(np.float32), seg, {"name": name})
+    result = full_validation(_Oracle(), plan, tmp_path / "pre", ["a", "b"], tmp_path / "val", "cpu", [16, 16, 16])
+    assert result["mean"] == {"outer": 1.0, "inner": 1.0} and result["mean_dice"] == 1.0
+    assert np.array_equal(np.load(tmp_path / "val" / "a.npz")["seg"], _case(0)[1][0])
+
+
+def test_dice_counts_softmax_regions_and_ignore():
+    logits = torch.zeros(1, 3, 4, 1, 1)
+    logits[0, 1, :2] = 5  # predicted label 1 at 0, 1
+    logits[0, 2, 3] = 5  # predicted label 2 at 3
+    seg = torch.tensor([1, 1, 1, 2]).view(1, 1, 4, 1, 1)
+    counts = overlap_counts(*class_masks(logits, seg, _plan()))
+    assert counts.tolist() == [[2, 1], [0, 0], [1, 0]]  # tp, fp, fn per class
+    assert dice_from_counts(counts) == pytest.approx([0.8, 1.0])
+    # a class absent from prediction and reference is NaN (left out of means)
+    assert np.isnan(dice_from_counts(torch.zeros(3, 1))[0])
+    # region-based with an ignore label: region outputs are sigmoids (logit > 0)
+    region_plan = Plan.from_dict({**_plan().to_dict(), "labels": {"background": 0, "whole": [1, 2], "core": [2],
+                                                                   "ignore": 3}, "regions_class_order": [1, 2]})
+    logits = torch.full((1, 2, 4, 1, 1), -5.0)
+    logits[0, 0] = 5  # whole everywhere
+    seg = torch.tensor([1, 2, 0, 3]).view(1, 1, 4, 1, 1)  # the last voxel is ignored
+    counts = overlap_counts(*class_masks(logits, seg, region_plan))
+    assert counts.tolist() == [[2, 0], [1, 0], [0, 1]]
+
+
+def test_batch_stream_prefetch_yields_the_same_batches():
+    def source(seed):
+        generator = torch.Generator().manual_seed(seed)
+        return lambda: (torch.rand(2, generator=generator), torch.rand(1, generator=generator))
+
+    inline = [b for b in BatchStream(source(3), 5, depth=0)]
+    threaded_stream = BatchStream(source(3), 5, depth=2)
+    threaded = list(threaded_stream)
+    assert len(threaded) == 5 and all(torch.equal(a[0], b[0]) for a, b in zip(inline, threaded))
+    means = RunningMeans()
+    for value in (1.0, 2.0, 6.0):
+        means.add({"loss": torch.tensor(value)})
+    assert means.means() == {"loss": 3.0}
