@@ -134,6 +134,20 @@ def test_mirroring_flips_exactly():
     assert torch.equal(out_image, centre_crop(image, patch).flip(2, 3, 4))
 
 
+@pytest.mark.parametrize("patch,axes", [((8, 10, 6), (0, 2)), ((8, 6, 10), (1,)), ((10, 6), (0, 1))])
+def test_mirroring_inside_the_grid_matches_the_exact_flip(patch, axes):
+    """Grid-transformed samples get mirroring through the affine matrix: with scale 1 it equals the flip."""
+    image, seg = random_batch(2, tuple(p + 4 for p in patch))
+    dims = tuple(2 + a for a in axes)
+    exact = AugmentConfig(**{**ALL_OFF, "mirror_p": 1.0, "mirror_axes": axes})
+    via_grid = dataclasses.replace(exact, scale_p=1.0, scale_range=(1.0, 1.0))
+    out_exact, seg_exact = augment_batch(image, seg, exact, gen(), patch)
+    out_grid, seg_grid = augment_batch(image, seg, via_grid, gen(), patch)
+    assert torch.equal(out_exact, centre_crop(image, patch).flip(dims))
+    torch.testing.assert_close(out_grid, out_exact, atol=1e-4, rtol=0)
+    assert torch.equal(seg_grid, seg_exact)
+
+
 def test_rot90_only_in_planes_of_equal_size():
     patch = (8, 8, 6)
     image, seg = random_batch(24, patch)

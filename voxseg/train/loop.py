@@ -75,6 +75,22 @@ class Progress:
         return self.epoch - 1 - self.best_epoch
 
 
+@dataclass
+class Training:
+    """Everything a checkpoint saves and restores, built once per run."""
+
+    model: torch.nn.Module
+    loss_fn: torch.nn.Module
+    optimizer: torch.optim.Optimizer
+    scheduler: Any
+    step: TrainStep
+    data: TrainData
+    plan: Plan
+    config: TrainConfig
+    progress: Progress
+    rank: int = 0
+
+
 def train(workdir: str | Path, fold: int | str, config: TrainConfig, resume: bool = False, test_only: bool = False,
           pretrained: str | Path | None = None, rank: int = 0, world_size: int = 1) -> dict[str, Any]:
     """Train (or, with `test_only`, evaluate) one fold; returns the final metrics.
@@ -89,75 +105,89 @@ def train(workdir: str | Path, fold: int | str, config: TrainConfig, resume: boo
         rank, world_size: process rank and count in multi-GPU training; only rank 0 writes files.
 
     Returns:
-        {"val_dice_mean", "val_dice": {class: dice}, "best_ema_dice", "epochs", "seconds", ...}
+        {"epochs", "best_ema_dice", "stopped_early", "val_dice_mean", "val_dice": {class: dice}, "seconds"}
+        (the val_ entries only with full validation).
     """
     start = time.perf_counter()
     workdir = Path(workdir)
-    plan = Plan.load(workdir / "plans.json")
     out_dir = fold_dir(workdir, fold)
     train_names, val_names = get_fold(workdir, fold)
+    plan = plan_with_overrides(Plan.load(workdir / "plans.json"), config)
     run = resolve(config, plan, len(train_names))
-    plan = plan_with_overrides(plan, config)
     if test_only:
-        return _test_only(workdir, out_dir, plan, config, run, val_names, start)
+        return _test_only(workdir, out_dir, run, val_names, start)
 
     seed_everything(config.loop.seed + rank, config.loop.deterministic, config.data.num_threads)
+    t = build_training(workdir, plan, config, run, train_names, val_names, rank, world_size)
+    if resume or config.resume:
+        restore(out_dir / "checkpoint_latest.pt", run.device, t)
+        _print(rank, f"resumed from {out_dir / 'checkpoint_latest.pt'} at epoch {t.progress.epoch}")
+    elif pretrained or config.pretrained:
+        _print(rank, load_pretrained(t.model, pretrained or config.pretrained).summary())
+    if rank == 0:
+        resolved_config(config, run, plan).save(out_dir / "config.json")
+
+    logger = TrainLogger(out_dir, config.logging, config.loop.epochs, rank, start_epoch=t.progress.epoch)
+    logger.message(f"training fold {fold} on {run.device}: {len(train_names)} training / {len(val_names)} "
+                   f"validation cases, patch {run.patch_size}, batch {run.batch_size}, {run.iterations} "
+                   f"iterations x {config.loop.epochs} epochs, amp {run.amp_dtype}, compile {run.compile}\n"
+                   f"{t.data.describe()}")
+    try:
+        fit(t, run, logger, out_dir, validate=bool(val_names))
+    except KeyboardInterrupt:
+        # the interrupted epoch does not count: resuming runs it again, from the weights it had reached
+        write_checkpoint(out_dir / "checkpoint_latest.pt", t)
+        raise TrainingInterrupted(f"interrupted; resume with --resume ({out_dir / 'checkpoint_latest.pt'})") from None
+    finally:
+        logger.close()
+    write_checkpoint(out_dir / "checkpoint_latest.pt", t)
+    write_checkpoint(out_dir / "checkpoint_final.pt", t)
+
+    result: dict[str, Any] = {"epochs": t.progress.epoch, "best_ema_dice": t.progress.best_metric,
+                              "stopped_early": t.progress.epoch < config.loop.epochs}
+    if config.loop.full_val and val_names and rank == 0:
+        # the final weights, as nnU-Net validates them; `--test-only` validates checkpoint_best instead
+        logger.message(f"full validation of {len(val_names)} cases (sliding window)")
+        result.update(_full_val_metrics(t.model, plan, workdir, out_dir, val_names, run))
+    result["seconds"] = time.perf_counter() - start
+    return result
+
+
+def build_training(workdir: Path, plan: Plan, config: TrainConfig, run: Resolved, train_names: list[str],
+                   val_names: list[str], rank: int = 0, world_size: int = 1) -> Training:
+    """Model, loss, optimiser, schedule, step and data, on the resolved device."""
     model = build_network(plan, deep_supervision=config.loss.deep_supervision).to(run.device)
     loss_fn = build_loss(config.loss.name, plan, config.loss.weights, config.loss.deep_supervision).to(run.device)
     optimizer = build_optimizer(model.parameters(), config.optim)
     scheduler = build_scheduler(optimizer, config.schedule, config.loop.epochs, run.iterations)
     step = TrainStep(_wrap_ddp(model, run.device, world_size), loss_fn, optimizer, run.device, run.amp_dtype,
                      config.loop.grad_accum, config.loop.grad_clip, compile=run.compile)
+    # the cache comes after the model so that its GPU budget sees the memory the model already holds
     data = TrainData(workdir / "preprocessed", plan, config, run.patch_size, run.batch_size,
                      run.foreground_fraction, train_names, val_names, run.device, seed=config.loop.seed + rank,
                      cache_budget_gb=cache_budget_gb(config, plan, run.device))
-    progress = Progress()
-    parts = dict(model=model, optimizer=optimizer, scheduler=scheduler, step=step, data=data, progress=progress)
+    return Training(model, loss_fn, optimizer, scheduler, step, data, plan, config, Progress(), rank)
 
-    if resume or config.resume:
-        restore(out_dir / "checkpoint_latest.pt", run.device, **parts)
-        _print(rank, f"resumed from {out_dir / 'checkpoint_latest.pt'} at epoch {progress.epoch}")
-    elif pretrained or config.pretrained:
-        _print(rank, load_pretrained(model, pretrained or config.pretrained).summary())
-    if rank == 0:
-        resolved_config(config, run, plan).save(out_dir / "config.json")
-    logger = TrainLogger(out_dir, config.logging, config.loop.epochs, rank, start_epoch=progress.epoch)
-    logger.message(f"training fold {fold} on {run.device}: {len(train_names)} training / {len(val_names)} "
-                   f"validation cases, patch {run.patch_size}, batch {run.batch_size}, {run.iterations} "
-                   f"iterations x {config.loop.epochs} epochs, amp {run.amp_dtype}, compile {run.compile}")
-    checkpoint = dict(plan=plan, config=config, rank=rank, **parts)
-    try:
-        while progress.epoch < config.loop.epochs:
-            epoch = progress.epoch
-            record = run_epoch(step, data, logger, config, epoch, run)
-            if val_names and (epoch + 1) % config.loop.val_freq == 0:
-                record.update(validate_epoch(model, loss_fn, data, plan, config, run, progress))
-            scheduler.step(progress.ema)
-            progress.epoch += 1
-            logger.log_epoch(record)
-            if record.get("new_best"):
-                write_checkpoint(out_dir / "checkpoint_best.pt", **checkpoint)
-            if progress.epoch % config.loop.save_freq == 0:
-                write_checkpoint(out_dir / "checkpoint_latest.pt", **checkpoint)
-            if config.loop.patience and progress.epochs_without_improvement() >= config.loop.patience:
-                logger.message(f"early stopping: no EMA pseudo-Dice improvement for {config.loop.patience} epochs")
-                break
-    except KeyboardInterrupt:
-        # the interrupted epoch is not counted: resuming runs it again from these weights
-        write_checkpoint(out_dir / "checkpoint_latest.pt", **checkpoint)
-        raise TrainingInterrupted(f"interrupted; resume with --resume ({out_dir / 'checkpoint_latest.pt'})") from None
-    finally:
-        logger.close()
-    write_checkpoint(out_dir / "checkpoint_latest.pt", **checkpoint)
-    write_checkpoint(out_dir / "checkpoint_final.pt", **checkpoint)
 
-    result: dict[str, Any] = {"epochs": progress.epoch, "best_ema_dice": progress.best_metric,
-                              "stopped_early": progress.epoch < config.loop.epochs}
-    if config.loop.full_val and val_names and rank == 0:
-        logger.message(f"full validation of {len(val_names)} cases (sliding window)")
-        result.update(_full_val_metrics(model, plan, workdir, out_dir, val_names, run))
-    result["seconds"] = time.perf_counter() - start
-    return result
+def fit(t: Training, run: Resolved, logger: TrainLogger, out_dir: Path, validate: bool = True) -> None:
+    """The epoch loop: train, validate every val_freq epochs, step the schedule, log, checkpoint, stop early."""
+    loop_config, progress = t.config.loop, t.progress
+    while progress.epoch < loop_config.epochs:
+        epoch = progress.epoch
+        record = run_epoch(t.step, t.data, logger, t.config, epoch, run)
+        validated = validate and (epoch + 1) % loop_config.val_freq == 0
+        if validated:
+            record.update(validate_epoch(t.model, t.loss_fn, t.data, t.plan, t.config, run, progress))
+        t.scheduler.step(progress.ema if validated else None)
+        progress.epoch += 1
+        logger.log_epoch(record)
+        if record.get("new_best"):
+            write_checkpoint(out_dir / "checkpoint_best.pt", t)
+        if progress.epoch % loop_config.save_freq == 0:
+            write_checkpoint(out_dir / "checkpoint_latest.pt", t)
+        if loop_config.patience and progress.epochs_without_improvement() >= loop_config.patience:
+            logger.message(f"early stopping: no EMA pseudo-Dice improvement for {loop_config.patience} epochs")
+            return
 
 
 # ----- resolving the run ------------------------------------------------------------------------------------
@@ -243,8 +273,7 @@ def seed_everything(seed: int, deterministic: bool, num_threads: int) -> None:
     torch.set_num_threads(max(1, min(num_threads, os.cpu_count() or 1)))
     torch.backends.cudnn.benchmark = not deterministic
     torch.backends.cudnn.deterministic = deterministic
-    if deterministic:
-        torch.use_deterministic_algorithms(True, warn_only=True)
+    torch.use_deterministic_algorithms(deterministic, warn_only=True)
 
 
 def _wrap_ddp(model: torch.nn.Module, device: torch.device, world_size: int) -> torch.nn.Module:
@@ -302,43 +331,41 @@ def validate_epoch(model: torch.nn.Module, loss_fn: torch.nn.Module, data: Train
 
 
 # ----- checkpoints ------------------------------------------------------------------------------------------
-def write_checkpoint(path: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer, scheduler: Any,
-                     step: TrainStep, data: TrainData, progress: Progress, plan: Plan, config: TrainConfig,
-                     rank: int = 0) -> None:
-    if rank != 0:
+def write_checkpoint(path: Path, t: Training) -> None:
+    """Rank 0 saves everything `restore` needs (atomically)."""
+    if t.rank != 0:
         return
+    progress = t.progress
     save_checkpoint(path, {
-        "model": model.state_dict(), "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
-        "scaler": step.state_dict(), "epoch": progress.epoch, "rng": rng_state(data.generators),
-        "data": data.state_dict(),
-        "best_metric": progress.best_metric, "best_epoch": progress.best_epoch, "ema": progress.ema,
-        "patience": progress.epochs_without_improvement(), "config": config.to_dict(), "plan": plan.to_dict(),
+        "model": t.model.state_dict(), "optimizer": t.optimizer.state_dict(),
+        "scheduler": t.scheduler.state_dict(), "scaler": t.step.state_dict(), "data": t.data.state_dict(),
+        "rng": rng_state(t.data.generators), "epoch": progress.epoch, "best_metric": progress.best_metric,
+        "best_epoch": progress.best_epoch, "ema": progress.ema, "patience": progress.epochs_without_improvement(),
+        "config": t.config.to_dict(), "plan": t.plan.to_dict(),
     })
 
 
-def restore(path: Path, device: torch.device, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
-            scheduler: Any, step: TrainStep, data: TrainData, progress: Progress) -> None:
+def restore(path: Path, device: torch.device, t: Training) -> None:
     """Put every piece of state back from a checkpoint (RNGs last, so nothing after them draws numbers)."""
     if not path.is_file():
         raise CheckpointError(f"{path} does not exist: nothing to resume; train without --resume first")
     state = load_checkpoint(path, map_location=device)
     try:
-        model.load_state_dict(state["model"])
+        t.model.load_state_dict(state["model"])
     except RuntimeError as exc:
         raise CheckpointError(f"{path} does not fit this network (plan or residual changed?): "
                               f"{str(exc).splitlines()[0]}") from None
-    optimizer.load_state_dict(state["optimizer"])
-    scheduler.load_state_dict(state["scheduler"])
-    step.load_state_dict(state["scaler"])
-    progress.epoch = int(state["epoch"])
-    progress.ema, progress.best_metric = state["ema"], state["best_metric"]
-    progress.best_epoch = int(state.get("best_epoch", progress.epoch - 1 - int(state.get("patience", 0))))
-    data.load_state_dict(state["data"])
-    set_rng_state(state["rng"], data.generators)
+    t.optimizer.load_state_dict(state["optimizer"])
+    t.scheduler.load_state_dict(state["scheduler"])
+    t.step.load_state_dict(state["scaler"])
+    t.progress.epoch = int(state["epoch"])
+    t.progress.ema, t.progress.best_metric = state["ema"], state["best_metric"]
+    t.progress.best_epoch = int(state["best_epoch"])
+    t.data.load_state_dict(state["data"])
+    set_rng_state(state["rng"], t.data.generators)
 
 
-def _test_only(workdir: Path, out_dir: Path, plan: Plan, config: TrainConfig, run: Resolved,
-               val_names: list[str], start: float) -> dict[str, Any]:
+def _test_only(workdir: Path, out_dir: Path, run: Resolved, val_names: list[str], start: float) -> dict[str, Any]:
     """Full validation of checkpoint_best (else checkpoint_final) without training."""
     candidates = [out_dir / "checkpoint_best.pt", out_dir / "checkpoint_final.pt"]
     path = next((p for p in candidates if p.is_file()), None)

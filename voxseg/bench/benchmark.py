@@ -1,0 +1,128 @@
+"""`voxseg benchmark WORKDIR`: where the time goes on this device, measured.
+
+Reports the device step time (data already on the device), the end-to-end step time (sampling +
+augmentation + step), the fraction of time spent waiting for data, samples/s, peak memory, the time to
+preprocess one raw case, and inference time per case file-to-file (1 fold without mirroring; 5 folds with
+mirroring along every axis). `--threads` limits the CPU threads, so the same command shows what 2, 4 or 16
+cores give. Inference uses freshly initialised networks of the planned shape when no trained fold exists:
+speed does not depend on the weights.
+"""
+from __future__ import annotations
+
+import platform
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from voxseg.bench.timing import config_for, sync, time_training
+from voxseg.data.plans import Plan, write_json_atomic
+from voxseg.errors import DatasetError
+
+
+def device_name(device: torch.device) -> str:
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    return f"CPU ({platform.processor() or platform.machine()})"
+
+
+def _first_raw_case(plan: Plan) -> tuple[str, list[Path]]:
+    from voxseg.data.dataset import load_dataset
+
+    dataset = load_dataset(plan.raw_dataset)
+    if not dataset.cases:
+        raise DatasetError(f"{plan.raw_dataset}: no training cases to time preprocessing and inference on")
+    case = dataset.cases[0]
+    return case.name, case.image_files
+
+
+def time_preprocessing(plan: Plan, device: torch.device, repeats: int = 2) -> dict[str, float]:
+    """Seconds to read one raw case and to preprocess it (crop, normalise, resample)."""
+    from voxseg.data.io import read_channels
+    from voxseg.data.preprocess import preprocess_case
+
+    _, files = _first_raw_case(plan)
+    start = time.perf_counter()
+    image, geometry = read_channels(files)
+    read_s = time.perf_counter() - start
+    best = float("inf")
+    for _ in range(repeats):
+        start = time.perf_counter()
+        preprocess_case(image, geometry, plan, device=str(device))
+        sync(device)
+        best = min(best, time.perf_counter() - start)
+    return {"read_s": read_s, "preprocess_s": best}
+
+
+def _models(plan: Plan, count: int, device: torch.device) -> list[torch.nn.Module]:
+    from voxseg.models import build_network
+
+    return [build_network(plan, deep_supervision=False).to(device).eval() for _ in range(count)]
+
+
+def time_inference(plan: Plan, device: torch.device, folds: int, mirror: bool, repeats: int = 2,
+                   tile_batch: int = 4) -> float:
+    """Seconds per case, file to file (read, preprocess, sliding window, restore, write); best of `repeats`."""
+    from voxseg.infer.predictor import Predictor
+
+    predictor = Predictor(plan, _models(plan, folds, device), device=device, mirror_axes="all" if mirror else None,
+                          tile_batch=tile_batch)
+    case = _first_raw_case(plan)
+    best = float("inf")
+    with tempfile.TemporaryDirectory() as out:
+        for attempt in range(repeats + 1):
+            start = time.perf_counter()
+            predictor.predict_files([case], out, progress=False, postprocess=False)
+            sync(device)
+            if attempt:  # the first run warms up kernels and the allocator
+                best = min(best, time.perf_counter() - start)
+    return best
+
+
+def run_benchmark(workdir: str | Path, device: str = "auto", num_threads: int = 4, iterations: int = 20,
+                  warmup: int = 5, inference: bool = True, output: str | Path | None = None,
+                  overrides: list[str] | None = None) -> dict[str, Any]:
+    """Measure everything listed in the module docstring; writes benchmark.json and returns it."""
+    from voxseg.train.loop import resolve_device
+
+    workdir = Path(workdir)
+    torch.set_num_threads(num_threads)
+    config = config_for(device, num_threads, overrides)
+    dev = resolve_device(config.loop.device)
+    plan = Plan.load(workdir / "plans.json")
+    training = time_training(workdir, config, iterations=iterations, warmup=warmup)
+    result: dict[str, Any] = {
+        "device": device_name(dev), "torch": torch.__version__, "cpu_threads": num_threads,
+        "plan": {"patch_size": plan.patch_size, "batch_size": plan.batch_size, "features": plan.network.features},
+        "training": training.to_dict(),
+        "preprocessing": time_preprocessing(plan, dev),
+    }
+    if inference:
+        result["inference"] = {
+            "1_fold_no_tta_s": time_inference(plan, dev, folds=1, mirror=False),
+            "5_folds_mirror_s": time_inference(plan, dev, folds=5, mirror=True),
+        }
+    write_json_atomic(Path(output) if output else workdir / "benchmark.json", result)
+    return result
+
+
+def format_benchmark(result: dict[str, Any]) -> str:
+    t = result["training"]
+    rows = [
+        ("device", f"{result['device']}, torch {result['torch']}, {result['cpu_threads']} CPU threads"),
+        ("patch x batch", f"{t['patch_size']} x {t['batch_size']}"),
+        ("step, data on device", f"{t['device_step_s'] * 1000:.1f} ms"),
+        ("step, end to end", f"{t['end_to_end_step_s'] * 1000:.1f} ms"),
+        ("waiting for data", f"{t['data_wait_fraction'] * 100:.1f} %"),
+        ("samples/s", f"{t['samples_per_s']:.2f}"),
+        ("peak GPU memory", f"{t['peak_memory_gb']:.2f} GB"),
+        ("read one raw case", f"{result['preprocessing']['read_s']:.2f} s"),
+        ("preprocess one case", f"{result['preprocessing']['preprocess_s']:.2f} s"),
+    ]
+    if "inference" in result:
+        rows += [("predict, 1 fold, no TTA", f"{result['inference']['1_fold_no_tta_s']:.2f} s/case"),
+                 ("predict, 5 folds, mirroring", f"{result['inference']['5_folds_mirror_s']:.2f} s/case")]
+    width = max(len(name) for name, _ in rows)
+    return "\n".join(f"{name:<{width}}  {value}" for name, value in rows)
