@@ -61,7 +61,9 @@ def test_overrides_parse_by_field_type():
     config = apply_overrides(TrainConfig(), [
         "optim.lr=3e-4", "loop.epochs=10", "data.num_samples=2", "loop.deterministic=yes", "optim.nesterov=off",
         "data.batch_size=none", "data.cache_budget_gb=1.5", "schedule.gamma=null", "loop.residual=false",
+        "loss.weights=dice=1,ce=0.5", "augment.scale_range=0.8,1.2",
     ])
+    assert config.loss.weights == {"dice": 1.0, "ce": 0.5} and config.augment.scale_range == (0.8, 1.2)
     assert config.optim.lr == pytest.approx(3e-4) and isinstance(config.optim.lr, float)
     assert config.loop.epochs == 10 and isinstance(config.loop.epochs, int)
     assert config.data.num_samples == 2

@@ -13,7 +13,7 @@ from voxseg.config import TrainConfig, apply_overrides
 from voxseg.data.plans import ChannelNormalization, NetworkPlan, Plan
 from voxseg.data.splits import save_splits
 from voxseg.data.store import sample_foreground_locations, save_case
-from voxseg.errors import CheckpointError
+from voxseg.errors import CheckpointError, ConfigError
 from voxseg.train import loop
 from voxseg.train.checkpoint import load_checkpoint
 from voxseg.train.loop import TrainingInterrupted, train
@@ -247,3 +247,20 @@ def test_batch_stream_prefetch_yields_the_same_batches():
     for value in (1.0, 2.0, 6.0):
         means.add({"loss": torch.tensor(value)})
     assert means.means() == {"loss": 3.0}
+
+
+def test_resolve_fills_plan_values_and_machine_defaults():
+    plan = _plan()
+    run = loop.resolve(_config("data.iterations_per_epoch=0", "data.num_samples=2"), plan, num_train=5)
+    assert run.iterations == 5  # one pass: 5 cases x 2 patches / batch 2
+    assert (run.patch_size, run.batch_size, run.foreground_fraction) == ([16, 16, 16], 2, 0.33)
+    assert run.amp_dtype is None and run.compile is False  # CPU: float32, no compile
+    assert loop.resolve(_config("loop.amp=bf16"), plan, 4).amp_dtype == torch.bfloat16
+    with pytest.raises(ConfigError, match="fp16 needs a CUDA device"):
+        loop.resolve(_config("loop.amp=fp16"), plan, 4)
+    if not torch.cuda.is_available():
+        with pytest.raises(ConfigError, match="CUDA is not available"):
+            loop.resolve(_config("loop.device=cuda"), plan, 4)
+    with pytest.raises(ConfigError, match="not divisible"):
+        loop.plan_with_overrides(plan, _config("data.patch_size=10,16,16"))
+    assert loop.plan_with_overrides(plan, _config("loop.residual=true")).network.residual is True

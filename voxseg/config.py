@@ -430,11 +430,25 @@ def parse_value(text: str, hint: Any, key: str) -> Any:
                   for v in items]
         return tuple(values) if origin is tuple else values
     if origin is dict or hint is dict:
+        return _parse_dict(text, hint, key)
+    raise ConfigError(f"option '{key}' cannot be set from the command line")
+
+
+def _parse_dict(text: str, hint: Any, key: str) -> dict[str, Any]:
+    """JSON (`{"dice": 1, "ce": 0.5}`) or comma-separated pairs (`dice=1,ce=0.5`)."""
+    if text.startswith("{"):
         value = _parse_json(text, key)
         if not isinstance(value, dict):
-            raise ConfigError(f"option '{key}' expects a JSON object like {{\"dice\": 1.0}}, got '{text}'")
+            raise ConfigError(f"option '{key}' expects an object like dice=1,ce=0.5, got '{text}'")
         return value
-    raise ConfigError(f"option '{key}' cannot be set from the command line")
+    value_hint = (typing.get_args(hint) or (str, str))[1]
+    out = {}
+    for pair in filter(None, (p.strip() for p in text.split(","))):
+        name, sep, item = pair.partition("=")
+        if not sep or not name.strip():
+            raise ConfigError(f"option '{key}' expects name=value pairs like dice=1,ce=0.5, got '{text}'")
+        out[name.strip()] = parse_value(item.strip(), value_hint, key)
+    return out
 
 
 def _parse_json(text: str, key: str) -> Any:

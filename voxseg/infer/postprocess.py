@@ -3,9 +3,7 @@
 Region-based models (BraTS) output one sigmoid per region; `regions_to_labels` writes label values back in
 `regions_class_order`.
 
-Largest-connected-component postprocessing is decided on cross-validation predictions.
-
-A trained network sometimes predicts small blobs far from the structure (a second "tumour" in noise). Keeping
+Largest connected component: a trained network sometimes predicts small blobs far from the structure (a second "tumour" in noise). Keeping
 only the largest connected component of a class removes them, but hurts where a class is legitimately split
 (metastases, left and right kidney), so it is only switched on where it improved the mean Dice of the
 cross-validation predictions (`decide_postprocessing`), and the decision is saved as postprocessing.json:
