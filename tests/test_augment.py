@@ -255,3 +255,26 @@ def test_bad_inputs_raise_input_error():
         augment_batch(image, seg, AugmentConfig(), gen(), (10, 8, 8))
     with pytest.raises(InputError, match="seg"):
         augment_batch(image, seg[:, :, :4], AugmentConfig(), gen(), (4, 4, 4))
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_cuda_runs_without_host_sync_and_matches_cpu_where_exact():
+    config = AugmentConfig(**{k: 1.0 for k in ALL_OFF}, elastic_alpha=(1.0, 2.0))
+    patch = (16, 16, 16)
+    image, seg = random_batch(4, source_size(patch, config), channels=2)
+    device = torch.device("cuda")
+    generator = torch.Generator(device=device).manual_seed(0)
+    image_gpu, seg_gpu = image.to(device), seg.to(device)
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")  # any .item()/.cpu()/blocking copy inside raises
+    try:
+        out_image, out_seg = augment_batch(image_gpu, seg_gpu, config, generator, patch)
+    finally:
+        torch.cuda.set_sync_debug_mode(0)
+    assert out_image.device.type == "cuda" and torch.isfinite(out_image).all()
+    assert set(out_seg.unique().tolist()) <= {-1, 0, 1, 2}
+    mirror_only = AugmentConfig(**{**ALL_OFF, "mirror_p": 1.0})
+    cpu = augment_batch(image, seg, mirror_only, gen(), patch)
+    gpu = augment_batch(image_gpu, seg_gpu, mirror_only, generator, patch)
+    assert torch.equal(gpu[0].cpu(), cpu[0]) and torch.equal(gpu[1].cpu(), cpu[1])

@@ -225,3 +225,25 @@ def test_errors_name_the_problem(store, tmp_path):
     cache = CaseCache(store, ["big"], mode="gpu")
     with pytest.raises(ConfigError, match="source_size"):
         PatchSampler(cache, (16, 16, 16), batch_size=2, source_size=(12, 16, 16))
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("mode", ["gpu", "pinned", "mmap"])
+def test_cuda_sampling_without_host_sync_matches_cpu(store, mode):
+    reference = PatchSampler(CaseCache(store, list(SHAPES), mode="gpu"), (16, 16, 16), batch_size=4,
+                             source_size=(18, 18, 18), seed=12)
+    cache = CaseCache(store, list(SHAPES), device="cuda", mode=mode)
+    sampler = PatchSampler(cache, (16, 16, 16), batch_size=4, source_size=(18, 18, 18), seed=12)
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")  # host modes stage in pinned memory and copy asynchronously
+    try:
+        batches = [sampler.sample() for _ in range(3)]
+    finally:
+        torch.cuda.set_sync_debug_mode(0)
+    with PrefetchIterator(PatchSampler(cache, (16, 16, 16), batch_size=4, source_size=(18, 18, 18), seed=12)) as it:
+        prefetched = [next(it) for _ in range(3)]
+    for (image, seg), (image2, seg2) in zip(batches, prefetched):
+        ref_image, ref_seg = reference.sample()
+        assert torch.equal(image.cpu(), ref_image) and torch.equal(seg.cpu(), ref_seg)
+        assert torch.equal(image2.cpu(), ref_image) and torch.equal(seg2.cpu(), ref_seg)

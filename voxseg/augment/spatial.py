@@ -37,6 +37,15 @@ def random_mask(
     return torch.rand(tuple(shape), generator=generator, device=device) < p
 
 
+def device_vector(values: Sequence[float], device: torch.device) -> torch.Tensor:
+    """Small float32 constant on `device` without a sync.
+
+    `torch.tensor(values, device=cuda)` is a blocking copy (PyTorch synchronises the stream after copying
+    from pageable memory); a non_blocking copy of a fresh host tensor is staged by the driver and returns.
+    """
+    return torch.tensor(list(values), dtype=torch.float32).to(device, non_blocking=True)
+
+
 def broadcast_mask(mask: torch.Tensor, ndim: int) -> torch.Tensor:
     """View a (B,) or (B, C) mask so that it broadcasts against a tensor with `ndim` dimensions."""
     return mask.view(*mask.shape, *([1] * (ndim - mask.ndim)))
@@ -151,7 +160,7 @@ def _elastic_offset(
     mode = "trilinear" if ndim == 3 else "bilinear"
     field = F.interpolate(noise, size=tuple(patch), mode=mode, align_corners=True)  # (B, ndim, *P)
     magnitude = random_uniform(*config.elastic_alpha, (batch,), generator, device) * mask
-    to_normalised = torch.tensor([2.0 / s for s in source], device=device)
+    to_normalised = device_vector([2.0 / s for s in source], device)
     field = field * broadcast_mask(magnitude, field.ndim) * broadcast_mask(to_normalised, field.ndim - 1)
     return field.movedim(1, -1).flip(-1)  # grid_sample wants (x, y, z) = reversed array axes
 
@@ -198,8 +207,8 @@ def spatial_transform(
     if flips is not None:  # output axis a reversed: (x - c_P) -> -(x - c_P) along a, i.e. M diag(+-1)
         matrix = matrix * torch.where(flips, -1.0, 1.0)[:, None, :]
     # voxel units -> normalised [-1, 1] units (align_corners=False): x_norm = (x - c) * 2 / size
-    to_source = torch.tensor([2.0 / s for s in source], device=device)[:, None]
-    from_patch = torch.tensor([p / 2.0 for p in patch_size], device=device)[None, :]
+    to_source = device_vector([2.0 / s for s in source], device)[:, None]
+    from_patch = device_vector([p / 2.0 for p in patch_size], device)[None, :]
     theta = (to_source * matrix * from_patch).flip(-1).flip(-2)  # array axes -> (x, y, z)
     theta = torch.cat([theta, torch.zeros(batch, ndim, 1, device=device)], dim=2)  # no translation
     grid = F.affine_grid(theta, [batch, 1, *patch_size], align_corners=False)  # (B, *P, ndim)
@@ -225,9 +234,9 @@ def draw_flips(
     if p <= 0 or not axes:
         return None
     drawn = random_mask(p, (batch, len(axes)), generator, device)
-    flips = torch.zeros(batch, ndim, dtype=torch.bool, device=device)
-    flips[:, list(axes)] = drawn
-    return flips
+    never = torch.zeros(batch, dtype=torch.bool, device=device)
+    # stacked columns rather than flips[:, axes] = drawn: a list index becomes a host tensor copied with a sync
+    return torch.stack([drawn[:, list(axes).index(a)] if a in axes else never for a in range(ndim)], dim=1)
 
 
 def rot90_planes(patch_size: Sequence[int], axes: Sequence[int]) -> list[tuple[int, int]]:

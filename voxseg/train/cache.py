@@ -67,6 +67,8 @@ class CaseCache:
         self.directory = Path(preprocessed_dir)
         self.names = list(names)
         self.device = torch.device(device)
+        if self.device.type == "cuda" and self.device.index is None:  # pin "cuda" to the current device
+            self.device = torch.device("cuda", torch.cuda.current_device())
         self.requested_mode = mode
         maps = [self._open(name) for name in self.names]  # memory-mapped: shapes and sizes without reading
         self.nbytes = sum(image.nbytes + seg.nbytes for image, seg in maps)
@@ -170,7 +172,8 @@ class CaseCache:
 
     def describe(self) -> str:
         """One line: number of cases, chosen mode and where/how much memory it holds."""
-        where = {"gpu": str(self.device), "pinned": "pinned host memory" if torch.cuda.is_available() else
-                 "host memory", "mmap": "memory-mapped files"}[self.mode]
+        where = {"gpu": f"tensors on {self.device}",
+                 "pinned": "pinned host memory" if torch.cuda.is_available() else "host memory",
+                 "mmap": "memory-mapped files"}[self.mode]
         how = "auto" if self.requested_mode == "auto" else "requested"
         return f"case cache: {len(self)} cases, {self.gigabytes:.2f} GB, mode {self.mode} ({how}) in {where}"

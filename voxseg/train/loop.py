@@ -350,6 +350,11 @@ def restore(path: Path, device: torch.device, t: Training) -> None:
     if not path.is_file():
         raise CheckpointError(f"{path} does not exist: nothing to resume; train without --resume first")
     state = load_checkpoint(path, map_location=device)
+    saved_optimizer = state["config"]["optim"]["name"]
+    if saved_optimizer != t.config.optim.name:
+        raise CheckpointError(
+            f"{path} was trained with optim.name={saved_optimizer} but this run uses {t.config.optim.name}; "
+            f"resume with the run's own settings: --config {path.parent / 'config.json'} --resume")
     try:
         t.model.load_state_dict(state["model"])
     except RuntimeError as exc:

@@ -58,8 +58,8 @@ class PatchSampler:
             value > 0 present in the foreground file is its own class.
         ignore_label: label value never used as a foreground class.
         seed: seed of the position generator (ignored when `generator` is given).
-        generator: a numpy Generator to draw positions from.
-        device: where batches are returned; default the cache's device.
+        generator: a numpy Generator to draw positions from (host ints: drawing them is no device sync).
+        device: where batches are returned; must be the cache's device (the default).
         seg_fill: label value of padding outside the case.
     """
 
@@ -86,7 +86,10 @@ class PatchSampler:
         self._validate()
         self.regions = [tuple(int(v) for v in r) for r in regions] if regions is not None else None
         self.ignore_label = ignore_label
-        self.device = torch.device(device) if device is not None else cache.device
+        if device is not None and torch.device(device).type != cache.device.type:
+            raise ConfigError(f"sampler: device {device} differs from the cache's device {cache.device}; "
+                              "create the CaseCache with the training device")
+        self.device = cache.device
         self.seg_fill = int(seg_fill)
         self.rng = generator if generator is not None else np.random.default_rng(seed)
         self._credit = float(self.rng.random())  # random phase of the foreground schedule
@@ -207,7 +210,8 @@ class PrefetchIterator:
 
     On CUDA the thread works on its own stream; `next()` makes the caller's current stream wait for the batch
     (an event, not a host sync) and marks the tensors as used there so the allocator does not recycle them
-    early. `transform(image, seg) -> (image, seg)` (e.g. augmentation) runs in the thread too.
+    early. `transform(image, seg) -> (image, seg)` (e.g. augmentation) runs in the thread too. Use it as a
+    context manager or call `close()`, otherwise the thread idles on a full queue until the process exits.
     """
 
     def __init__(
