@@ -71,7 +71,8 @@ def test_rng_states_survive_a_weights_only_round_trip(tmp_path):
     torch.manual_seed(1), np.random.seed(2), random.seed(3)
     torch.rand(5, generator=generator)
     save_checkpoint(tmp_path / "rng.pt", {"rng": rng_state({"sampler": generator})})
-    expected = (torch.rand(4), np.random.rand(4), [random.random() for _ in range(4)], torch.rand(4, generator=generator))
+    expected = (torch.rand(4), np.random.rand(4), [random.random() for _ in range(4)],
+                torch.rand(4, generator=generator))
     torch.manual_seed(99), np.random.seed(99), random.seed(99)
     generator.manual_seed(99)
     set_rng_state(load_checkpoint(tmp_path / "rng.pt")["rng"], {"sampler": generator})

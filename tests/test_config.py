@@ -19,12 +19,14 @@ from voxseg.errors import ConfigError
 
 def test_defaults_match_the_documented_recipe():
     config = TrainConfig()
-    assert (config.optim.name, config.optim.lr, config.optim.momentum, config.optim.nesterov) == ("sgd", 1e-2, 0.99, True)
+    optim = config.optim
+    assert (optim.name, optim.lr, optim.momentum, optim.nesterov) == ("sgd", 1e-2, 0.99, True)
     assert config.optim.weight_decay == 3e-5
     assert (config.schedule.name, config.schedule.exponent) == ("poly", 0.9)
     assert (config.loss.name, config.loss.deep_supervision) == ("dice_ce", True)
     assert (config.data.num_samples, config.data.iterations_per_epoch, config.data.cache) == (1, 250, "auto")
-    assert (config.loop.epochs, config.loop.grad_clip, config.loop.ema_alpha, config.loop.seed) == (1000, 12.0, 0.9, 12345)
+    loop = config.loop
+    assert (loop.epochs, loop.grad_clip, loop.ema_alpha, loop.seed) == (1000, 12.0, 0.9, 12345)
 
 
 def test_round_trip_through_json(tmp_path):

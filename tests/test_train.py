@@ -17,7 +17,7 @@ from voxseg.errors import CheckpointError, ConfigError
 from voxseg.train import loop
 from voxseg.train.checkpoint import load_checkpoint
 from voxseg.train.loop import TrainingInterrupted, train
-from voxseg.train.step import BatchStream, RunningMeans
+from voxseg.train.step import BatchStream, RunningMeans, TrainStep
 from voxseg.train.validate import class_masks, dice_from_counts, full_validation, overlap_counts
 
 CASE_SHAPE = (24, 24, 20)
@@ -264,3 +264,42 @@ def test_resolve_fills_plan_values_and_machine_defaults():
     with pytest.raises(ConfigError, match="not divisible"):
         loop.plan_with_overrides(plan, _config("data.patch_size=10,16,16"))
     assert loop.plan_with_overrides(plan, _config("loop.residual=true")).network.residual is True
+
+
+class _MSE(nn.Module):
+    def forward(self, output, target):
+        loss = ((output - target.float()) ** 2).mean()
+        return loss, {"mse": loss.detach()}
+
+
+def _linear_step(grad_accum: int, grad_clip: float = 0.0, amp_dtype=None):
+    torch.manual_seed(0)
+    model = nn.Linear(3, 1)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    return model, TrainStep(model, _MSE(), optimizer, "cpu", amp_dtype, grad_accum=grad_accum, grad_clip=grad_clip)
+
+
+def test_gradient_accumulation_equals_one_big_batch():
+    x, y = torch.randn(4, 3), torch.randn(4, 1)
+    big_model, big = _linear_step(1)
+    out = big(x, y)
+    assert set(out) == {"loss", "mse"} and not out["loss"].requires_grad
+    small_model, small = _linear_step(2)
+    small(x[:2], y[:2])
+    assert torch.equal(small_model.weight, _linear_step(1)[0].weight)  # no optimiser step after 1 of 2
+    small(x[2:], y[2:])
+    torch.testing.assert_close(small_model.weight, big_model.weight)
+    torch.testing.assert_close(small_model.bias, big_model.bias)
+
+
+def test_gradient_clipping_and_bf16_on_cpu():
+    x, y = torch.randn(4, 3) * 100, torch.randn(4, 1)
+    model, step = _linear_step(1, grad_clip=0.5)
+    before = [p.detach().clone() for p in model.parameters()]
+    step(x, y)
+    assert float(step.grad_norm) > 0.5  # the norm before clipping
+    moved = torch.sqrt(sum(((p.detach() - b) ** 2).sum() for p, b in zip(model.parameters(), before)))
+    assert float(moved) == pytest.approx(0.1 * 0.5, rel=1e-4)  # lr x clipped norm
+    model, step = _linear_step(1, amp_dtype=torch.bfloat16)
+    assert not step.scaler.is_enabled()  # bf16 needs no loss scaling
+    assert torch.isfinite(step(x, y)["loss"])

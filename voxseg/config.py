@@ -295,7 +295,8 @@ def apply_overrides(config: TrainConfig, overrides: list[str]) -> TrainConfig:
     """Return a copy of `config` with dotted `section.field=value` overrides applied and validated.
 
     Values are parsed by the field's type: bools accept true/false/1/0/yes/no/on/off; lists accept JSON
-    (`[96,96,96]`) or commas (`96,96,96`); dicts accept JSON; `none`/`null` sets an optional field to None.
+    (`[96,96,96]`) or commas (`96,96,96`); dicts accept JSON or pairs (`dice=1,ce=0.5`); `none`/`null` sets
+    an optional field to None.
     """
     data = config.to_dict()
     for item in overrides:
@@ -311,13 +312,8 @@ def apply_overrides(config: TrainConfig, overrides: list[str]) -> TrainConfig:
 def option_names(cls: type = TrainConfig, prefix: str = "") -> list[str]:
     """Every dotted option name, e.g. 'optim.lr', 'augment.rotation_p'."""
     names = []
-    for name, hint in typing.get_type_hints(cls).items():
-        if name not in {f.name for f in dataclasses.fields(cls)}:
-            continue
-        if dataclasses.is_dataclass(hint):
-            names += option_names(hint, f"{prefix}{name}.")
-        else:
-            names.append(prefix + name)
+    for name, hint in _fields(cls).items():
+        names += option_names(hint, f"{prefix}{name}.") if dataclasses.is_dataclass(hint) else [prefix + name]
     return names
 
 

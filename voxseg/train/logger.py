@@ -98,6 +98,7 @@ class TrainLogger:
             self._writer.flush()
         if self.config.progress_png:
             plot_progress(self.history, self.out_dir / "progress.png")
+        self.message(epoch_summary(record, self.total_epochs))
 
     def eta_seconds(self) -> float | None:
         """Remaining epochs x mean epoch time of the epochs logged so far (None before the first)."""
@@ -122,6 +123,19 @@ class TrainLogger:
         if self._writer is not None:
             self._writer.close()
             self._writer = None
+
+
+def epoch_summary(record: dict[str, Any], total_epochs: int) -> str:
+    """One line per epoch, e.g. 'epoch 3/10  loss 0.812  val 0.774  Dice 0.71 0.52  EMA 0.605  lr 0.0011  12.3 s'."""
+    def number(value: Any, digits: int = 3) -> str:
+        return "nan" if value is None else f"{value:.{digits}f}"
+
+    parts = [f"epoch {record['epoch'] + 1}/{total_epochs}", f"loss {number(record['loss'].get('loss'), 4)}"]
+    if "pseudo_dice" in record:
+        dice = " ".join(number(v, 2) for v in record["pseudo_dice"].values())
+        parts += [f"val {number(record.get('val_loss'), 4)}", f"Dice {dice}", f"EMA {number(record.get('ema_dice'))}"]
+    parts += [f"lr {record['lr']:.3g}", f"{record['epoch_time']:.1f} s"]
+    return "  ".join(parts)
 
 
 def _flatten(record: dict[str, Any], prefix: str = "") -> dict[str, Any]:

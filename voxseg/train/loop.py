@@ -13,11 +13,13 @@ from __future__ import annotations
 import copy
 import math
 import os
+import random
 import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 
 from voxseg.config import TrainConfig
@@ -130,7 +132,8 @@ def train(workdir: str | Path, fold: int | str, config: TrainConfig, resume: boo
     logger = TrainLogger(out_dir, config.logging, config.loop.epochs, rank, start_epoch=t.progress.epoch)
     logger.message(f"training fold {fold} on {run.device}: {len(train_names)} training / {len(val_names)} "
                    f"validation cases, patch {run.patch_size}, batch {run.batch_size}, {run.iterations} "
-                   f"iterations x {config.loop.epochs} epochs, amp {run.amp_dtype}, compile {run.compile}\n"
+                   f"iterations x {config.loop.epochs} epochs, amp {_amp_name(run.amp_dtype)}, "
+                   f"compile {'on' if run.compile else 'off'}\n"
                    f"{t.data.describe()}")
     try:
         fit(t, run, logger, out_dir, validate=bool(val_names))
@@ -247,10 +250,14 @@ def resolved_config(config: TrainConfig, run: Resolved, plan: Plan) -> TrainConf
     out.data.patch_size, out.data.batch_size = list(run.patch_size), run.batch_size
     out.data.foreground_fraction = run.foreground_fraction
     out.loop.device = str(run.device)
-    out.loop.amp = {None: "off", torch.bfloat16: "bf16", torch.float16: "fp16"}[run.amp_dtype]
+    out.loop.amp = _amp_name(run.amp_dtype)
     out.loop.compile = "on" if run.compile else "off"
     out.loop.residual = plan.network.residual
     return out
+
+
+def _amp_name(dtype: torch.dtype | None) -> str:
+    return {None: "off", torch.bfloat16: "bf16", torch.float16: "fp16"}[dtype]
 
 
 def cache_budget_gb(config: TrainConfig, plan: Plan, device: torch.device) -> float | None:
@@ -263,10 +270,7 @@ def cache_budget_gb(config: TrainConfig, plan: Plan, device: torch.device) -> fl
 
 
 def seed_everything(seed: int, deterministic: bool, num_threads: int) -> None:
-    import random
-
-    import numpy as np
-
+    """Seed every global generator; cap torch's CPU threads at the machine's cores."""
     random.seed(seed)
     np.random.seed(seed % 2**32)
     torch.manual_seed(seed)

@@ -13,7 +13,8 @@ import torch
 from voxseg.config import OptimConfig, ScheduleConfig
 
 
-def build_optimizer(params: Iterable[torch.nn.Parameter] | Iterable[dict], config: OptimConfig) -> torch.optim.Optimizer:
+def build_optimizer(params: Iterable[torch.nn.Parameter] | Iterable[dict],
+                    config: OptimConfig) -> torch.optim.Optimizer:
     """SGD (Nesterov momentum, nnU-Net's default), Adam or AdamW from the config."""
     if config.name == "sgd":
         return torch.optim.SGD(params, lr=config.lr, momentum=config.momentum, nesterov=config.nesterov,

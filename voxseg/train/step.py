@@ -7,6 +7,7 @@ only host-device syncs of the hot loop (besides the GradScaler's inf check with 
 """
 from __future__ import annotations
 
+import contextlib
 import os
 import queue
 import threading
@@ -73,8 +74,12 @@ class TrainStep:
     def step(self, image: Tensor, seg: Tensor) -> dict[str, Tensor]:
         """One micro-batch: image (B, C, *P), seg (B, 1, *P). Returns {"loss": total, **components}, detached."""
         self.model.train()
-        total, components = self._forward_loss(image, seg)
-        self.scaler.scale(total / self.grad_accum).backward()
+        last = (self.micro_steps + 1) % self.grad_accum == 0
+        # DDP: all-reduce gradients only on the micro-batch that steps the optimiser
+        sync = contextlib.nullcontext() if last or not hasattr(self.model, "no_sync") else self.model.no_sync()
+        with sync:
+            total, components = self._forward_loss(image, seg)
+            self.scaler.scale(total / self.grad_accum).backward()
         self.micro_steps += 1
         if self.micro_steps % self.grad_accum == 0:
             self._optimizer_step()
@@ -180,8 +185,12 @@ class BatchStream:
                 thread.join(timeout=0.05)
 
     def _produce(self, slots: queue.Queue, stop: threading.Event, cuda: bool) -> None:
-        stream = torch.cuda.Stream(self.device) if cuda else None
+        stream = None
         try:
+            if cuda:
+                if self.device.index is not None:
+                    torch.cuda.set_device(self.device)  # the thread's current device starts as cuda:0
+                stream = torch.cuda.Stream(self.device)
             for _ in range(self.count):
                 if stop.is_set():
                     return
@@ -229,8 +238,11 @@ class TrainData:
         self.seed = seed
         self.train_cache = CaseCache(preprocessed_dir, train_names, device, mode=config.data.cache,
                                      budget_gb=cache_budget_gb)
-        self.val_cache = (CaseCache(preprocessed_dir, val_names, device, mode=config.data.cache)
-                          if val_names else None)
+        self.val_cache: CaseCache | None = None
+        if sorted(val_names) == sorted(train_names):  # fold "all": validate on the cached training cases
+            self.val_cache = self.train_cache
+        elif val_names:
+            self.val_cache = CaseCache(preprocessed_dir, val_names, device, mode=config.data.cache)
         self._sampler_args = dict(batch_size=batch_size, foreground_fraction=foreground_fraction,
                                   regions=plan.regions if plan.is_region_based else None,
                                   ignore_label=plan.ignore_label, device=device)
@@ -258,7 +270,9 @@ class TrainData:
 
     def describe(self) -> str:
         text = self.train_cache.describe()
-        return text + (f"; validation {self.val_cache.describe()}" if self.val_cache is not None else "")
+        if self.val_cache is not None and self.val_cache is not self.train_cache:
+            text += f"; validation {self.val_cache.describe()}"
+        return text
 
     @property
     def generators(self) -> dict[str, torch.Generator]:

@@ -6,6 +6,7 @@ per-case Dice that the full sliding-window validation reports.
 """
 from __future__ import annotations
 
+import functools
 import io
 import math
 import os
@@ -41,7 +42,8 @@ def class_masks(logits: Tensor, seg: Tensor, plan: Plan) -> tuple[Tensor, Tensor
         labels = logits.argmax(1, keepdim=True)  # (B, 1, *S) softmax channel; channel i+1 is regions[i]
         channels = torch.arange(1, len(regions) + 1, device=logits.device).view(1, -1, *[1] * (seg.ndim - 2))
         pred = labels == channels
-    ref = torch.cat([torch.isin(seg, torch.tensor(r, device=seg.device)) for r in regions], dim=1)
+    # comparisons with Python ints: no small host-to-device copies (each would wait for the stream)
+    ref = torch.cat([functools.reduce(torch.logical_or, [seg == v for v in r]) for r in regions], dim=1)
     ignore = plan.ignore_label
     valid = None if ignore is None else seg != ignore
     return pred, ref, valid
@@ -55,7 +57,7 @@ def overlap_counts(pred: Tensor, ref: Tensor, valid: Tensor | None) -> Tensor:
     tp = (pred & ref).sum(dims)
     fp = (pred & ~ref).sum(dims)
     fn = (~pred & ref).sum(dims)
-    return torch.stack([tp, fp, fn]).double()
+    return torch.stack([tp, fp, fn])  # int64: exact for any volume
 
 
 def dice_from_counts(counts: Tensor | np.ndarray) -> list[float]:
