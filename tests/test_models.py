@@ -10,7 +10,7 @@ from torch import nn
 
 from voxseg.data.plans import ChannelNormalization, NetworkPlan, Plan
 from voxseg.errors import ConfigError
-from voxseg.models import NETWORKS, UNet, build_network, count_parameters
+from voxseg.models import NETWORKS, build_network, count_parameters
 from voxseg.models.blocks import ResidualBlock
 
 BRATS_REGIONS = {"background": 0, "whole_tumor": [1, 2, 3], "tumor_core": [2, 3], "enhancing_tumor": [3]}

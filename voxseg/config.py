@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from voxseg.augment import AugmentConfig
-from voxseg.data.plans import write_json_atomic
+from voxseg.jsonio import write_json_atomic
 from voxseg.errors import ConfigError
 from voxseg.registry import unknown_name_message
 
@@ -279,13 +279,9 @@ class TrainConfig:
 
 def load_config_json(path: str | Path) -> TrainConfig:
     """Read a config written by `TrainConfig.save` (or by hand; missing fields take their defaults)."""
-    path = Path(path)
-    if not path.is_file():
-        raise ConfigError(f"config file {path} does not exist")
-    try:
-        data = json.loads(path.read_text())
-    except json.JSONDecodeError as exc:
-        raise ConfigError(f"config file {path} is not valid JSON ({exc})") from None
+    from voxseg.jsonio import read_json
+
+    data = read_json(path, ConfigError, missing="give an existing config file (a saved config.json works)")
     if not isinstance(data, dict):
         raise ConfigError(f"config file {path} must hold a JSON object")
     return TrainConfig.from_dict(data)

@@ -16,7 +16,6 @@ Keys of the fingerprint (lists are in case order, spacings and shapes in array a
 """
 from __future__ import annotations
 
-import json
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 from typing import Any
@@ -25,8 +24,9 @@ import numpy as np
 
 from voxseg.data.dataset import RawCase, RawDataset
 from voxseg.data.io import read_channels, read_image
-from voxseg.data.plans import write_json_atomic
+from voxseg.jsonio import write_json_atomic
 from voxseg.errors import DatasetError
+from voxseg.jsonio import read_json
 
 
 def nonzero_bbox(image: np.ndarray, seg: np.ndarray | None = None) -> list[list[int]]:
@@ -178,9 +178,5 @@ def load_fingerprint(path: str | Path) -> dict[str, Any]:
     path = Path(path)
     if path.is_dir():
         path = path / "fingerprint.json"
-    if not path.is_file():
-        raise DatasetError(f"{path} does not exist: run 'voxseg plan DATASET -o WORKDIR' first")
-    try:
-        return json.loads(path.read_text())
-    except json.JSONDecodeError as exc:
-        raise DatasetError(f"{path} is not valid JSON ({exc}); delete it and re-run 'voxseg plan'") from None
+    return read_json(path, DatasetError, missing="run 'voxseg plan DATASET -o WORKDIR' first",
+                     invalid="delete it and re-run 'voxseg plan'")

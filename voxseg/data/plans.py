@@ -6,13 +6,12 @@ dataclasses, which validate every field so that a hand edit that breaks the plan
 from __future__ import annotations
 
 import dataclasses
-import json
-import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from voxseg.errors import ConfigError
+from voxseg.jsonio import read_json, write_json_atomic
 
 PLAN_VERSION = 1
 
@@ -221,13 +220,8 @@ class Plan:
 
     @classmethod
     def load(cls, path: str | Path) -> "Plan":
-        path = Path(path)
-        if not path.is_file():
-            raise ConfigError(f"{path} does not exist: run 'voxseg plan DATASET -o WORKDIR' first")
-        try:
-            data = json.loads(path.read_text())
-        except json.JSONDecodeError as exc:
-            raise ConfigError(f"{path} is not valid JSON ({exc}); fix it or re-run 'voxseg plan'") from None
+        data = read_json(path, ConfigError, missing="run 'voxseg plan DATASET -o WORKDIR' first",
+                         invalid="fix it or re-run 'voxseg plan'")
         return cls.from_dict(data)
 
 
@@ -247,12 +241,3 @@ def _known(cls: type, data: dict[str, Any], where: str) -> dict[str, Any]:
     if missing:
         raise ConfigError(f"{where}: missing field(s) {', '.join(missing)}")
     return data
-
-
-def write_json_atomic(path: str | Path, data: Any) -> None:
-    """Write JSON to a temporary file next to `path`, then rename, so a crash never leaves half a file."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    tmp.write_text(json.dumps(data, indent=2) + "\n")
-    os.replace(tmp, path)

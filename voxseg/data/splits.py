@@ -11,8 +11,9 @@ from typing import Any
 
 import numpy as np
 
-from voxseg.data.plans import write_json_atomic
+from voxseg.jsonio import write_json_atomic
 from voxseg.errors import ConfigError
+from voxseg.jsonio import read_json
 
 SPLITS_FILE = "splits.json"
 
@@ -63,12 +64,8 @@ def save_splits(workdir: str | Path, splits: list[dict[str, list[str]]]) -> Path
 def load_splits(workdir: str | Path) -> list[dict[str, list[str]]]:
     """Read `WORKDIR/splits.json`, checking it is a list of {"train": [...], "val": [...]}."""
     path = Path(workdir) / SPLITS_FILE
-    if not path.is_file():
-        raise ConfigError(f"{path} does not exist: run 'voxseg plan DATASET -o {workdir}' first or write it by hand")
-    try:
-        splits = json.loads(path.read_text())
-    except json.JSONDecodeError as exc:
-        raise ConfigError(f"{path} is not valid JSON ({exc}); fix it or delete it and re-run 'voxseg plan'") from None
+    splits = read_json(path, ConfigError, missing=f"run 'voxseg plan DATASET -o {workdir}' first or write it by hand",
+                       invalid="fix it or delete it and re-run 'voxseg plan'")
     _validate_structure(splits, path)
     return splits
 

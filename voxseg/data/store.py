@@ -21,6 +21,7 @@ from typing import Any, Iterable
 import numpy as np
 
 from voxseg.errors import DatasetError
+from voxseg.jsonio import read_json
 
 FG_KEY_PREFIX = "label_"
 DEFAULT_MAX_PER_LABEL = 10000
@@ -89,13 +90,9 @@ def save_case(
 
 
 def load_properties(directory: str | Path, name: str) -> dict[str, Any]:
-    path = case_paths(directory, name)["properties"]
-    if not path.is_file():
-        raise DatasetError(f"{path}: case '{name}' is not preprocessed (or incomplete); run 'voxseg preprocess WORKDIR'")
-    try:
-        return json.loads(path.read_text())
-    except json.JSONDecodeError as exc:
-        raise DatasetError(f"{path}: not valid JSON ({exc}); delete it and run 'voxseg preprocess WORKDIR' again") from None
+    return read_json(case_paths(directory, name)["properties"], DatasetError,
+                     missing=f"case '{name}' is not preprocessed (or incomplete); run 'voxseg preprocess WORKDIR'",
+                     invalid="delete it and run 'voxseg preprocess WORKDIR' again")
 
 
 def load_case(

@@ -30,8 +30,9 @@ from typing import Any, Iterable
 import numpy as np
 
 from voxseg.data.io import SUPPORTED_ENDINGS, Geometry, file_ending as _file_ending, read_image
-from voxseg.data.plans import write_json_atomic
+from voxseg.jsonio import write_json_atomic
 from voxseg.errors import ConfigError, InputError
+from voxseg.jsonio import read_json
 from voxseg.evaluate.metrics import compute_case_metrics, conventions
 
 CSV_COLUMNS = ("dice", "iou", "hd95", "nsd", "tp", "fp", "fn", "tn", "pred_volume_ml", "ref_volume_ml")
@@ -47,13 +48,7 @@ def _load_dataset_json(dataset_json: str | Path | dict | None, ref_dir: Path) ->
         dataset_json = next((c for c in candidates if c.is_file()), None)
         if dataset_json is None:
             return None
-    path = Path(dataset_json)
-    if not path.is_file():
-        raise InputError(f"{path}: dataset.json not found; pass the dataset's dataset.json or the labels")
-    try:
-        return json.loads(path.read_text())
-    except json.JSONDecodeError as exc:
-        raise InputError(f"{path}: not valid JSON ({exc})") from None
+    return read_json(dataset_json, InputError, missing="pass the dataset's dataset.json or the labels")
 
 
 def classes_from_labels(

@@ -17,7 +17,8 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from voxseg.data.plans import Plan, write_json_atomic
+from voxseg.data.plans import Plan
+from voxseg.jsonio import write_json_atomic
 from voxseg.data.store import load_case
 from voxseg.infer.sliding_window import sliding_window_inference
 

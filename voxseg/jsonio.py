@@ -1,0 +1,36 @@
+"""JSON files the way every voxseg stage reads and writes them: atomically, with errors that say what to do."""
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+from voxseg.errors import ConfigError, VoxsegError
+
+
+def write_json_atomic(path: str | Path, data: Any) -> None:
+    """Write JSON to a temporary file next to `path`, then rename, so a crash never leaves half a file."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    tmp.write_text(json.dumps(data, indent=2) + "\n")
+    os.replace(tmp, path)
+
+
+def read_json(path: str | Path, error: type[VoxsegError] = ConfigError, missing: str = "", invalid: str = "") -> Any:
+    """Parse a JSON file; a missing or malformed file raises `error` naming the path plus the given hint.
+
+    Args:
+        path: the file.
+        error: the VoxsegError subclass to raise.
+        missing: what to do when the file does not exist, e.g. "run 'voxseg plan DATASET -o WORKDIR' first".
+        invalid: what to do when it is not valid JSON, e.g. "delete it and re-run 'voxseg plan'".
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise error(f"{path} does not exist" + (f": {missing}" if missing else ""))
+    try:
+        return json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise error(f"{path} is not valid JSON ({exc})" + (f"; {invalid}" if invalid else "")) from None
