@@ -10,6 +10,7 @@ import torch
 from torch import nn
 
 from voxseg.config import TrainConfig, apply_overrides
+from voxseg.data.io import Geometry, read_image
 from voxseg.data.plans import ChannelNormalization, NetworkPlan, Plan
 from voxseg.data.splits import save_splits
 from voxseg.data.store import sample_foreground_locations, save_case
@@ -55,7 +56,9 @@ def workdir(tmp_path_factory):
     _plan().save(root / "plans.json")
     for index, name in enumerate(TRAIN + VAL):
         image, seg = _case(index)
-        properties = {"name": name, "original_shape": list(CASE_SHAPE), "shape_after_crop": list(CASE_SHAPE)}
+        properties = {"name": name, "original_shape": list(CASE_SHAPE), "shape_after_crop": list(CASE_SHAPE),
+                      "shape_after_resample": list(CASE_SHAPE), "crop_bbox": [[0, s] for s in CASE_SHAPE],
+                      "affine": Geometry.from_spacing((1.0, 1.0, 1.0)).to_list()}
         save_case(root / "preprocessed", name, image, seg, properties, sample_foreground_locations(seg, [1, 2]))
     save_splits(root, [{"train": TRAIN, "val": VAL}])
     return root
@@ -179,7 +182,7 @@ def test_test_only_validates_the_best_checkpoint_on_full_volumes(workdir):
     assert set(summary["per_case"]) == set(VAL)
     # the reported Dice is the Dice of the written predictions
     for name in VAL:
-        pred = np.load(out / f"{name}.npz")["seg"]
+        pred, _ = read_image(out / f"{name}.nii.gz")  # identity crop and resampling in this work dir
         ref = np.load(workdir / "preprocessed" / f"{name}_seg.npy")[0]
         assert pred.shape == CASE_SHAPE
         for label, cls in ((1, "outer"), (2, "inner")):
@@ -206,12 +209,20 @@ class _Oracle(nn.Module):
 
 def test_full_validation_of_a_perfect_model_is_one(tmp_path):
     plan = _plan()
+    # the stored cases were cropped out of a larger raw image: the written prediction must be pasted back
+    raw_shape, box = [30, 32, 26], [[3, 3 + CASE_SHAPE[0]], [5, 5 + CASE_SHAPE[1]], [0, CASE_SHAPE[2]]]
+    affine = Geometry.from_spacing((2.0, 1.0, 0.5)).to_list()
     for name, seed in (("a", 0), ("b", 1)):
         _, seg = _case(seed)
-        save_case(tmp_path / "pre", name, seg.astype(np.float32), seg, {"name": name})
+        properties = {"name": name, "original_shape": raw_shape, "affine": affine, "crop_bbox": box,
+                      "shape_after_crop": list(CASE_SHAPE), "shape_after_resample": list(CASE_SHAPE)}
+        save_case(tmp_path / "pre", name, seg.astype(np.float32), seg, properties)
     result = full_validation(_Oracle(), plan, tmp_path / "pre", ["a", "b"], tmp_path / "val", "cpu", [16, 16, 16])
     assert result["mean"] == {"outer": 1.0, "inner": 1.0} and result["mean_dice"] == 1.0
-    assert np.array_equal(np.load(tmp_path / "val" / "a.npz")["seg"], _case(0)[1][0])
+    written, geometry = read_image(tmp_path / "val" / "a.nii.gz")
+    expected = np.zeros(raw_shape, np.uint8)
+    expected[3:3 + CASE_SHAPE[0], 5:5 + CASE_SHAPE[1], :CASE_SHAPE[2]] = _case(0)[1][0]
+    assert np.array_equal(written, expected) and geometry.allclose(Geometry.from_list(affine))
 
 
 def test_dice_counts_softmax_regions_and_ignore():

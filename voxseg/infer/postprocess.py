@@ -26,6 +26,7 @@ import torch
 from scipy import ndimage
 
 from voxseg.data.io import SUPPORTED_ENDINGS, read_image
+from voxseg.data.plans import Plan
 from voxseg.jsonio import write_json_atomic
 from voxseg.errors import ConfigError, InputError
 
@@ -55,6 +56,21 @@ def regions_to_labels(probabilities: torch.Tensor, regions_class_order: Sequence
         labels[probabilities[region] > threshold] = int(value)
     return labels
 
+
+
+def logits_to_labels(logits: torch.Tensor, plan: Plan) -> tuple[torch.Tensor, torch.Tensor]:
+    """(K, *S) logits -> ((*S) uint8 label values, (K, *S) probabilities).
+
+    Softmax plans: channel i + 1 predicts the label value of the i-th foreground class (labels need not be
+    listed in value order). Region plans: sigmoid per region, then regions -> labels in regions_class_order.
+    """
+    if plan.is_region_based:
+        probabilities = torch.sigmoid(logits)
+        order = plan.regions_class_order or default_regions_class_order(plan.regions)
+        return regions_to_labels(probabilities, order), probabilities
+    probabilities = torch.softmax(logits, dim=0)
+    values = torch.tensor([0] + [r[0] for r in plan.regions], dtype=torch.uint8, device=logits.device)
+    return values[probabilities.argmax(0)], probabilities
 
 
 # ----- largest connected component --------------------------------------------------------------------------

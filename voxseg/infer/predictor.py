@@ -28,8 +28,8 @@ from voxseg.infer.archive import check_same_plan, fold_dir, load_fold_network, r
 from voxseg.infer.postprocess import (
     POSTPROCESSING_FILE,
     apply_postprocessing,
-    default_regions_class_order,
     load_postprocessing,
+    logits_to_labels,
     regions_to_labels,
 )
 from voxseg.infer.sliding_window import sliding_window_inference
@@ -76,8 +76,6 @@ class Predictor:
         self.tile_batch = tile_batch
         self.amp_dtype = amp_dtype
         self.postprocessing = postprocessing
-        order = plan.regions_class_order or default_regions_class_order(plan.regions)
-        self.regions_class_order = [int(v) for v in order]
 
     @classmethod
     def from_workdir(
@@ -158,11 +156,7 @@ class Predictor:
 
     def logits_to_labels(self, logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(K, *S) logits -> ((*S) uint8 labels, (K, *S) probabilities)."""
-        if self.plan.is_region_based:
-            probabilities = torch.sigmoid(logits)
-            return regions_to_labels(probabilities, self.regions_class_order), probabilities
-        probabilities = torch.softmax(logits, dim=0)
-        return probabilities.argmax(0).to(torch.uint8), probabilities
+        return logits_to_labels(logits, self.plan)
 
     def predict_array(self, image: np.ndarray, geometry: Geometry | Sequence[float],
                       return_probabilities: bool = False, name: str = "") -> np.ndarray | tuple[np.ndarray, np.ndarray]:

@@ -7,9 +7,7 @@ per-case Dice that the full sliding-window validation reports.
 from __future__ import annotations
 
 import functools
-import io
 import math
-import os
 from pathlib import Path
 from typing import Any, Iterable, Sequence
 
@@ -19,7 +17,10 @@ from torch import Tensor, nn
 
 from voxseg.data.plans import Plan
 from voxseg.jsonio import write_json_atomic
+from voxseg.data.io import Geometry, write_image
+from voxseg.data.preprocess import restore_to_original
 from voxseg.data.store import load_case
+from voxseg.infer.postprocess import logits_to_labels
 from voxseg.infer.sliding_window import sliding_window_inference
 
 
@@ -110,19 +111,6 @@ def pseudo_dice(model: nn.Module, batches: Iterable[tuple[Tensor, Tensor]], plan
     return {"dice": dice, "dice_mean": nanmean(dice), "val_loss": val_loss}
 
 
-def logits_to_labels(logits: Tensor, plan: Plan) -> Tensor:
-    """(K, *S) logits -> (*S) label values (argmax, or regions written in regions_class_order)."""
-    if not plan.is_region_based:
-        # channel i+1 predicts label regions[i][0]
-        values = torch.tensor([0] + [r[0] for r in plan.regions], device=logits.device)
-        return values[logits.argmax(0)]
-    order = plan.regions_class_order or [r[-1] for r in plan.regions]
-    labels = torch.zeros(logits.shape[1:], dtype=torch.long, device=logits.device)
-    for channel, value in enumerate(order):
-        labels[logits[channel] > 0] = int(value)
-    return labels
-
-
 @torch.no_grad()
 def full_validation(model: nn.Module, plan: Plan, preprocessed_dir: str | Path, names: Sequence[str],
                     out_dir: str | Path, device: torch.device | str, patch_size: Sequence[int],
@@ -130,8 +118,9 @@ def full_validation(model: nn.Module, plan: Plan, preprocessed_dir: str | Path, 
                     write: bool = True) -> dict[str, Any]:
     """Sliding-window prediction of each preprocessed validation case and its Dice on the preprocessed grid.
 
-    Predictions go to `out_dir/CASE.npz` (key "seg": (d, h, w) int8 label values) and the Dice table to
-    `out_dir/summary.json` (when `write`).
+    Each prediction is mapped back to its raw image's grid (undo resampling and cropping) and written as
+    `out_dir/CASE{plan.file_ending}` with the raw geometry, so `voxseg evaluate --crossval` can score the folds
+    against labelsTr; the Dice table goes to `out_dir/summary.json` (when `write`).
 
     Returns:
         {"per_case": {case: {class: dice}}, "mean": {class: mean Dice over cases}, "mean_dice": float}
@@ -144,17 +133,19 @@ def full_validation(model: nn.Module, plan: Plan, preprocessed_dir: str | Path, 
     per_case: dict[str, dict[str, float]] = {}
     try:
         for name in names:
-            image, seg, _ = load_case(preprocessed_dir, name, mmap=True)
+            image, seg, properties = load_case(preprocessed_dir, name, mmap=True)
             x = torch.from_numpy(np.array(image, dtype=np.float32))[None].to(device)  # (1, C, d, h, w)
             logits = sliding_window_inference(model, x, patch_size, plan.num_outputs, step=step,
                                               tile_batch=tile_batch, amp_dtype=amp_dtype)  # (K, d, h, w)
-            labels = logits_to_labels(logits, plan)
             if seg is not None:
                 ref = torch.from_numpy(np.array(seg)).to(logits.device)[None]  # (1, 1, d, h, w)
                 counts = overlap_counts(*class_masks(logits[None], ref, plan))
                 per_case[name] = dict(zip(plan.class_names, dice_from_counts(counts)))
             if write:
-                _save_npz(out_dir / f"{name}.npz", labels.to(torch.int8).cpu().numpy())
+                labels, _ = logits_to_labels(logits, plan)
+                write_image(out_dir / f"{name}{plan.file_ending}",
+                            restore_to_original(labels, properties, is_label=True, device=labels.device),
+                            Geometry.from_list(properties["affine"]))
     finally:
         model.train(was_training)
     mean = {c: nanmean([d[c] for d in per_case.values()]) for c in plan.class_names}
@@ -162,15 +153,6 @@ def full_validation(model: nn.Module, plan: Plan, preprocessed_dir: str | Path, 
     if write:
         write_json_atomic(out_dir / "summary.json", _json_safe(result))
     return result
-
-
-def _save_npz(path: Path, labels: np.ndarray) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    buffer = io.BytesIO()
-    np.savez_compressed(buffer, seg=labels)
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    tmp.write_bytes(buffer.getvalue())
-    os.replace(tmp, path)
 
 
 def _json_safe(value: Any) -> Any:
