@@ -7,6 +7,7 @@ from __future__ import annotations
 import argparse
 import sys
 import textwrap
+from pathlib import Path
 from typing import Callable
 
 from voxseg.errors import ConfigError, VoxsegError
@@ -67,7 +68,8 @@ def cmd_check(args: argparse.Namespace) -> int:
     from voxseg.data.check import check_dataset
 
     report = check_dataset(args.dataset, num_workers=args.workers)
-    print(report.format())
+    # a failed check is an error: its report goes to stderr like every other error message
+    print(report.format(), file=sys.stdout if report.ok else sys.stderr)
     return 0 if report.ok else 1
 
 
@@ -120,13 +122,27 @@ def cmd_train(args: argparse.Namespace) -> int:
     from voxseg.config import TrainConfig, apply_overrides, load_config_json
     from voxseg.train.loop import train
 
-    config = load_config_json(args.config) if args.config else TrainConfig()
+    fold = args.fold
+    saved = Path(args.workdir) / "training" / f"fold_{fold}" / "config.json"
+    if args.config:
+        config = load_config_json(args.config)
+    elif args.resume and saved.is_file():
+        config = load_config_json(saved)  # a resumed run continues with its own settings (flags still apply)
+    else:
+        config = TrainConfig()
     config = apply_overrides(config, _train_overrides(args))
-    fold = args.fold if args.fold == "all" else int(args.fold)
     result = train(args.workdir, fold, config, resume=args.resume, test_only=args.test_only, pretrained=args.pretrained)
     summary = {k: v for k, v in result.items() if not isinstance(v, dict)}
     print("training done: " + ", ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in summary.items()))
     return 0
+
+
+def _fold(value: str) -> int | str:
+    if value == "all":
+        return "all"
+    if not value.isdigit():
+        raise argparse.ArgumentTypeError(f"--fold expects a fold number like 0 or 'all', got '{value}'")
+    return int(value)
 
 
 # ----- inference and evaluation -------------------------------------------------------------------------------
@@ -157,11 +173,31 @@ def cmd_predict(args: argparse.Namespace) -> int:
     return 0
 
 
+def _crossval_folds(workdir: str) -> list[int]:
+    folds = sorted(int(p.name[5:]) for p in (Path(workdir) / "training").glob("fold_[0-9]*") if p.name[5:].isdigit())
+    if not folds:
+        raise ConfigError(f"{workdir}/training has no fold_N folders; train folds first ('voxseg train {workdir} --fold N')")
+    return folds
+
+
+def _decide_postprocessing(workdir: Path) -> None:
+    """After cross-validation: keep largest-component postprocessing only where it raised the folds' Dice."""
+    from voxseg.data.plans import Plan
+    from voxseg.infer.postprocess import POSTPROCESSING_FILE, decide_postprocessing
+
+    plan = Plan.load(workdir / "plans.json")
+    spec = decide_postprocessing(workdir / "training" / "crossval", Path(plan.raw_dataset) / "labelsTr", plan.regions,
+                                 file_ending=plan.file_ending, out_file=workdir / POSTPROCESSING_FILE)
+    print(f"postprocessing decided from cross-validation: {spec} (saved to {workdir / POSTPROCESSING_FILE}; "
+          "'voxseg predict' applies it)")
+
+
 def cmd_evaluate(args: argparse.Namespace) -> int:
     from voxseg.evaluate.folder import aggregate_folds, evaluate_folder, format_table
 
     if args.crossval:
-        summary = aggregate_folds(args.crossval)
+        summary = aggregate_folds(args.crossval, folds=_crossval_folds(args.crossval))
+        _decide_postprocessing(Path(args.crossval))
     else:
         if not args.pred or not args.ref:
             raise ConfigError("evaluate needs PRED and REF folders, or --crossval WORKDIR")
@@ -287,7 +323,7 @@ def _train_command(sub: argparse._SubParsersAction) -> None:
              "voxseg train work/synth --fold 0\nvoxseg train work/synth --fold all --epochs 200 --optimizer adamw --lr 3e-4 --schedule cosine\n"
              "voxseg train work/synth --fold 0 --resume\nvoxseg train work/synth --fold 0 --set augment.rot90_p=0.5")
     p.add_argument("workdir")
-    p.add_argument("--fold", default="0", help="0-4 or all")
+    p.add_argument("--fold", type=_fold, default="0", help="0-4 or all")
     p.add_argument("--config", help="JSON config file (a saved config.json works)")
     p.add_argument("--set", action="append", metavar="KEY=VALUE", help="override any config field, e.g. optim.lr=3e-4")
     p.add_argument("--epochs", type=int)

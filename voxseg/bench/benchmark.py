@@ -68,8 +68,10 @@ def time_inference(plan: Plan, device: torch.device, folds: int, mirror: bool, r
     """Seconds per case, file to file (read, preprocess, sliding window, restore, write); best of `repeats`."""
     from voxseg.infer.predictor import Predictor
 
-    predictor = Predictor(plan, _models(plan, folds, device), device=device, mirror_axes="all" if mirror else None,
-                          tile_batch=tile_batch)
+    mirror_axes = tuple(range(plan.network.ndim)) if mirror else ()
+    amp_dtype = torch.bfloat16 if device.type == "cuda" else None  # as `voxseg predict` runs on a GPU
+    predictor = Predictor(plan, _models(plan, folds, device), device=device, mirror_axes=mirror_axes,
+                          tile_batch=tile_batch, amp_dtype=amp_dtype)
     case = _first_raw_case(plan)
     best = float("inf")
     with tempfile.TemporaryDirectory() as out:
