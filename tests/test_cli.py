@@ -16,6 +16,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 
 import voxseg
 from voxseg.cli import build_parser, main
@@ -215,7 +216,8 @@ def test_export_archive_install_and_onnx(pipeline: Pipeline, tmp_path: Path) -> 
     difference = float(re.search(r"max abs difference ([0-9.e+-]+)", result.out).group(1))
     assert onnx_file.is_file() and difference < 1e-3
     out = tmp_path / "pred_onnx"
-    result = _run("predict", "-m", installed, "-i", pipeline.dataset / "imagesTs", "-o", out, "--backend", "onnxruntime")
+    result = _run("predict", "-m", installed, "-i", pipeline.dataset / "imagesTs", "-o", out,
+                  "--backend", "onnxruntime")
     assert result.code == 0, result.err
     for name, labels in reference.items():  # float differences may flip a rare tie, nothing more
         assert np.mean(read_image(out / f"{name}.nii.gz")[0] == labels) > 0.999
@@ -233,6 +235,27 @@ def test_crossval_evaluates_every_training_case(pipeline: Pipeline, tmp_path: Pa
     assert sorted(c["name"] for c in summary["per_case"]) == _case_names(pipeline.dataset / "labelsTr")
     assert (work / "postprocessing.json").is_file() and "postprocessing decided" in result.out
     assert all(name in result.out for name in CLASSES)
+
+
+def test_benchmark_and_estimate_commands(pipeline: Pipeline, tmp_path: Path) -> None:
+    threads = torch.get_num_threads()
+    try:
+        result = _run("benchmark", pipeline.work, "--device", "cpu", "--threads", 1, "--iterations", 1, "--warmup", 0,
+                      "--no-inference", "--output", tmp_path / "benchmark.json")
+    finally:
+        torch.set_num_threads(threads)
+    assert result.code == 0, result.err
+    measured = json.loads((tmp_path / "benchmark.json").read_text())
+    assert f"{measured['training']['samples_per_s']:.2f}" in result.out and "predict" not in result.out
+
+    result = _run("estimate", pipeline.work, "--device", "cpu", "--batch-sizes", "2,4", "--num-samples", "1,2",
+                  "--patch-sizes", "16,16,16", "--epochs", 5, "--iterations-per-epoch", 0, "--iterations", 1,
+                  "--output", tmp_path / "estimate.json")
+    assert result.code == 0, result.err
+    table = json.loads((tmp_path / "estimate.json").read_text())
+    assert [(r["batch_size"], r["num_samples"]) for r in table["rows"]] == [(2, 1), (2, 2), (4, 1), (4, 2)]
+    assert table["num_cases"] == 3 and "3 training cases, 5 epochs" in result.out  # fold 0 trains on 3 of 6
+    assert not (pipeline.work / "benchmark.json").exists() and not (pipeline.work / "estimate.json").exists()
 
 
 # ----- errors: non-zero exit, a message naming the culprit, no traceback --------------------------------------
@@ -302,6 +325,19 @@ def test_train_fold_out_of_range(pipeline: Pipeline, capsys, tmp_path: Path) -> 
     assert "fold 7" in err and "5 fold(s)" in err
     assert "--fold" in _fails(capsys, "train", work, "--fold", "seven")
     assert not (work / "training" / "fold_7").exists()
+
+
+def test_bad_or_missing_device(pipeline: Pipeline, capsys, tmp_path: Path) -> None:
+    images = ["-i", pipeline.dataset / "imagesTs", "-o", tmp_path / "out"]
+    for command in (["predict", "-m", pipeline.work, *images], ["preprocess", pipeline.work], ["train", pipeline.work],
+                    ["demo", tmp_path / "demo"], ["benchmark", pipeline.work], ["estimate", pipeline.work]):
+        err = _fails(capsys, *command, "--device", "gpu")
+        assert "argument --device" in err and "'gpu'" in err and "cuda:N" in err
+    if not torch.cuda.is_available():
+        err = _fails(capsys, "predict", "-m", pipeline.work, *images, "--device", "cuda:1")
+        assert "--device cuda:1" in err and "not available" in err
+        assert "--device cuda" in _fails(capsys, "preprocess", pipeline.work, "--device", "cuda")
+    assert not (tmp_path / "out").exists() and not (tmp_path / "demo").exists()
 
 
 def test_export_and_install_errors(pipeline: Pipeline, capsys, tmp_path: Path) -> None:

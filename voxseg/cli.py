@@ -5,6 +5,7 @@ Errors a user can cause (VoxsegError) are printed without a traceback and exit w
 from __future__ import annotations
 
 import argparse
+import re
 import sys
 import textwrap
 from pathlib import Path
@@ -31,6 +32,28 @@ def _csv_floats(value: str) -> list[float]:
         return [float(v) for v in value.split(",") if v.strip()]
     except ValueError:
         raise argparse.ArgumentTypeError(f"expected numbers like 1,1,1, got '{value}'") from None
+
+
+def _device(value: str) -> str:
+    if not re.fullmatch(r"auto|cpu|cuda(:\d+)?", value):
+        raise argparse.ArgumentTypeError(f"expected auto, cpu, cuda or cuda:N, got '{value}'")
+    return value
+
+
+def _usable_device(name: str) -> str:
+    """Resolve "auto"; refuse a GPU this machine does not have before any work starts (torch would fail later,
+    with a traceback)."""
+    import torch
+
+    if name == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if name.startswith("cuda"):
+        if not torch.cuda.is_available():
+            raise ConfigError(f"--device {name}: CUDA is not available on this machine; use --device cpu")
+        index = int(name[5:]) if ":" in name else 0
+        if index >= torch.cuda.device_count():
+            raise ConfigError(f"--device {name}: only {torch.cuda.device_count()} GPU(s) are visible")
+    return name
 
 
 def _key_values(pairs: list[str] | None) -> dict[str, str]:
@@ -89,7 +112,8 @@ def cmd_plan(args: argparse.Namespace) -> int:
 def cmd_preprocess(args: argparse.Namespace) -> int:
     from voxseg.data.preprocess import preprocess_dataset
 
-    stats = preprocess_dataset(args.workdir, num_workers=args.workers, progress=not args.quiet, device=args.device)
+    stats = preprocess_dataset(args.workdir, num_workers=args.workers, progress=not args.quiet,
+                               device=_usable_device(args.device))
     print(
         f"preprocessed {stats['done']} cases, skipped {stats['skipped']} already done, "
         f"{stats['seconds']:.1f} s ({stats.get('cases_per_s', 0):.2f} cases/s)"
@@ -159,6 +183,8 @@ def cmd_predict(args: argparse.Namespace) -> int:
     from voxseg.infer.predictor import Predictor, find_input_cases
 
     mirror = None if args.no_mirror else (tuple(args.mirror_axes) if args.mirror_axes else "all")
+    if args.backend == "torch":
+        _usable_device(args.device)
     predictor = Predictor.from_workdir(
         args.model, folds=args.folds, checkpoint=args.checkpoint, device=args.device, step=args.step,
         mirror_axes=mirror, tile_batch=args.tile_batch, backend=args.backend,
@@ -260,7 +286,7 @@ def cmd_estimate(args: argparse.Namespace) -> int:
 def cmd_demo(args: argparse.Namespace) -> int:
     from voxseg.demo import run_demo
 
-    run_demo(args.workdir, epochs=args.epochs, device=args.device, quick=args.quick)
+    run_demo(args.workdir, epochs=args.epochs, device=_usable_device(args.device), quick=args.quick)
     return 0
 
 
@@ -314,7 +340,7 @@ def _data_commands(sub: argparse._SubParsersAction) -> None:
              "voxseg preprocess work/synth -j 2")
     p.add_argument("workdir")
     p.add_argument("-j", "--workers", type=int, default=1)
-    p.add_argument("--device", default="cpu", help="cpu or cuda (resampling on the GPU)")
+    p.add_argument("--device", type=_device, default="cpu", help="cpu or cuda (resampling on the GPU)")
     p.add_argument("--quiet", action="store_true")
 
 
@@ -345,7 +371,7 @@ def _train_command(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--amp", choices=["auto", "bf16", "fp16", "off"])
     p.add_argument("--compile", choices=["auto", "on", "off"])
     p.add_argument("--cache", choices=["auto", "gpu", "pinned", "mmap"])
-    p.add_argument("--device", help="auto, cpu, cuda, cuda:1")
+    p.add_argument("--device", type=_device, help="auto, cpu, cuda, cuda:1")
     p.add_argument("--seed", type=int)
     p.add_argument("--resume", action="store_true", help="continue from checkpoint_latest.pt")
     p.add_argument("--pretrained", help="load matching weights from a checkpoint")
@@ -365,7 +391,7 @@ def _infer_commands(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--no-mirror", action="store_true", help="no mirror test-time augmentation")
     p.add_argument("--mirror-axes", type=_csv_ints, help="axes to mirror, e.g. 0,1,2")
     p.add_argument("--tile-batch", type=int, default=4)
-    p.add_argument("--device", default="auto")
+    p.add_argument("--device", type=_device, default="auto")
     p.add_argument("--backend", choices=["torch", "onnxruntime"], default="torch")
     p.add_argument("--save-probabilities", action="store_true")
     p.add_argument("--postprocess", action="store_true", help="force largest-component postprocessing")
@@ -400,7 +426,7 @@ def _speed_commands(sub: argparse._SubParsersAction) -> None:
     p = _add(sub, "benchmark", cmd_benchmark, "measure step time, data wait, samples/s, memory, preprocessing and inference time",
              "voxseg benchmark work/synth --threads 4\nvoxseg benchmark work/brats --device cuda --threads 2")
     p.add_argument("workdir")
-    p.add_argument("--device", default="auto")
+    p.add_argument("--device", type=_device, default="auto")
     p.add_argument("--threads", type=int, default=4, help="CPU threads for the data path")
     p.add_argument("--iterations", type=int, default=20)
     p.add_argument("--warmup", type=int, default=5)
@@ -416,14 +442,14 @@ def _speed_commands(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--epochs", type=int, default=1000)
     p.add_argument("--iterations-per-epoch", type=int, default=250)
     p.add_argument("--iterations", type=int, default=10, help="timed iterations per configuration")
-    p.add_argument("--device", default="auto")
+    p.add_argument("--device", type=_device, default="auto")
     p.add_argument("--output", help="estimate.json path (default WORKDIR/estimate.json)")
 
     p = _add(sub, "demo", cmd_demo, "the whole pipeline on the built-in synthetic dataset: synth, plan, preprocess, train, predict, evaluate",
              "voxseg demo\nvoxseg demo work/demo --epochs 20 --device cuda")
     p.add_argument("workdir", nargs="?", default="voxseg_work/demo")
     p.add_argument("--epochs", type=int, default=None)
-    p.add_argument("--device", default="auto")
+    p.add_argument("--device", type=_device, default="auto")
     p.add_argument("--quick", action="store_true", help="a smaller, faster run (used by the tests)")
 
 

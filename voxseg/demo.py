@@ -57,9 +57,10 @@ def run_demo(workdir: str | Path, epochs: int | None = None, device: str = "auto
     from voxseg.data.synth import make_synthetic_dataset
     from voxseg.evaluate.folder import evaluate_folder, format_table
     from voxseg.infer.predictor import Predictor, find_input_cases
-    from voxseg.train.loop import train
+    from voxseg.train.loop import resolve_device, train
 
     device = _resolve_device(device)
+    resolve_device(device)  # a device that does not exist fails now, not after minutes of data preparation
     size = QUICK_DEMO if quick else (GPU_DEMO if device.startswith("cuda") else CPU_DEMO)
     workdir = Path(workdir)
     dataset = workdir / "Dataset001_Synth"

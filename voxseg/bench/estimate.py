@@ -9,7 +9,8 @@ training is arithmetic:
 
 Iterations per epoch are fixed (nnU-Net style, default 250), or, with `iterations_per_epoch=0`, one pass
 over the training cases: ceil(cases x patches per case / batch size) — so a larger batch or fewer patches per
-case shortens an epoch. A configuration that runs out of memory is reported as "does not fit", never a crash.
+case shortens an epoch. "Cases" are fold 0's training cases, as `voxseg train --fold 0` counts them. A
+configuration that runs out of memory is reported as "does not fit", never a crash.
 """
 from __future__ import annotations
 
@@ -45,6 +46,16 @@ def epoch_iterations(fixed: int, num_cases: int, num_samples: int, batch_size: i
     return fixed if fixed > 0 else max(1, math.ceil(num_cases * num_samples / batch_size))
 
 
+def fold_training_cases(workdir: Path) -> int:
+    """Training cases of fold 0 (what one pass of `voxseg train --fold 0` covers); all cases without splits."""
+    from voxseg.data.splits import SPLITS_FILE, get_fold
+
+    names = training_cases(workdir)
+    if not (workdir / SPLITS_FILE).is_file():
+        return len(names)
+    return len(get_fold(workdir, 0, available=names)[0])
+
+
 def _measure(workdir: Path, device: str, batch: int, samples: int, patch: list[int], iterations: int,
              base_overrides: list[str]) -> EstimateRow:
     row = EstimateRow(batch, samples, list(patch))
@@ -74,7 +85,7 @@ def run_estimate(workdir: str | Path, batch_sizes: Sequence[int] | None = None,
     """Time every combination and extrapolate; the first row is the current plan (the reference)."""
     workdir = Path(workdir)
     plan = Plan.load(workdir / "plans.json")
-    num_cases = len(training_cases(workdir))
+    num_cases = fold_training_cases(workdir)
     combos = [(plan.batch_size, 1, list(plan.patch_size))]
     for batch in batch_sizes or [plan.batch_size]:
         for samples in num_samples or [1]:
@@ -100,7 +111,6 @@ def run_estimate(workdir: str | Path, batch_sizes: Sequence[int] | None = None,
     return result
 
 
-
 def _duration(seconds: float) -> str:
     if seconds < 120:
         return f"{seconds:.1f} s"
@@ -121,8 +131,9 @@ def format_estimate(result: dict[str, Any]) -> str:
         if not row["fits"]:
             lines.append(f"{start}  {row['note']}")
             continue
+        speedup = "-" if row["speedup"] is None else f"{row['speedup']:.2f}x"  # None: the reference did not fit
         lines.append(f"{start} {row['step_s'] * 1000:>7.0f}ms {row['iterations_per_epoch']:>8} "
                      f"{_duration(row['epoch_s']):>9} {_duration(row['total_h'] * 3600):>9} "
-                     f"{row['speedup']:>7.2f}x {row['peak_memory_gb']:>6.2f}GB")
+                     f"{speedup:>8} {row['peak_memory_gb']:>6.2f}GB")
     lines.append("first row: the current plan (reference for the speed-up)")
     return "\n".join(lines)
