@@ -43,17 +43,9 @@ def _device(value: str) -> str:
 def _usable_device(name: str) -> str:
     """Resolve "auto"; refuse a GPU this machine does not have before any work starts (torch would fail later,
     with a traceback)."""
-    import torch
+    from voxseg.devices import resolve_device
 
-    if name == "auto":
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    if name.startswith("cuda"):
-        if not torch.cuda.is_available():
-            raise ConfigError(f"--device {name}: CUDA is not available on this machine; use --device cpu")
-        index = int(name[5:]) if ":" in name else 0
-        if index >= torch.cuda.device_count():
-            raise ConfigError(f"--device {name}: only {torch.cuda.device_count()} GPU(s) are visible")
-    return name
+    return str(resolve_device(name))
 
 
 def _key_values(pairs: list[str] | None) -> dict[str, str]:

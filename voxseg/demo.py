@@ -9,8 +9,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-import torch
-
+from voxseg.devices import resolve_device
 from voxseg.data.plans import Plan
 
 
@@ -29,12 +28,6 @@ class DemoSize:
 CPU_DEMO = DemoSize(train_cases=16, test_cases=4, shape=(48, 48, 48), epochs=12, iterations=20, max_features=64)
 QUICK_DEMO = DemoSize(train_cases=6, test_cases=2, shape=(32, 32, 32), epochs=2, iterations=4, max_features=32)
 GPU_DEMO = DemoSize(train_cases=40, test_cases=10, shape=(96, 96, 96), epochs=50, iterations=100, max_features=320)
-
-
-def _resolve_device(device: str) -> str:
-    if device == "auto":
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    return device
 
 
 def shrink_plan_for_cpu(plan: Plan, max_features: int, patch: int) -> Plan:
@@ -57,10 +50,10 @@ def run_demo(workdir: str | Path, epochs: int | None = None, device: str = "auto
     from voxseg.data.synth import make_synthetic_dataset
     from voxseg.evaluate.folder import evaluate_folder, format_table
     from voxseg.infer.predictor import Predictor, find_input_cases
-    from voxseg.train.loop import resolve_device, train
+    from voxseg.train.loop import train
 
-    device = _resolve_device(device)
-    resolve_device(device)  # a device that does not exist fails now, not after minutes of data preparation
+    # a device that does not exist fails now, not after minutes of data preparation
+    device = str(resolve_device(device))
     size = QUICK_DEMO if quick else (GPU_DEMO if device.startswith("cuda") else CPU_DEMO)
     workdir = Path(workdir)
     dataset = workdir / "Dataset001_Synth"

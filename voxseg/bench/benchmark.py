@@ -88,7 +88,7 @@ def run_benchmark(workdir: str | Path, device: str = "auto", num_threads: int = 
                   warmup: int = 5, inference: bool = True, output: str | Path | None = None,
                   overrides: list[str] | None = None) -> dict[str, Any]:
     """Measure everything listed in the module docstring; writes benchmark.json and returns it."""
-    from voxseg.train.loop import resolve_device
+    from voxseg.devices import resolve_device
 
     workdir = Path(workdir)
     torch.set_num_threads(num_threads)

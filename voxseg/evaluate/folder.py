@@ -234,6 +234,8 @@ def evaluate_folder(
     pred_dir, ref_dir = Path(pred_dir), Path(ref_dir)
     if not pred_dir.is_dir():
         raise InputError(f"{pred_dir}: prediction folder not found")
+    if not ref_dir.is_dir():
+        raise InputError(f"{ref_dir}: reference folder not found; give the folder of the reference label files")
     meta = _load_dataset_json(dataset_json, ref_dir)
     label_map, ignore_value = _resolve_labels(labels, meta)
     classes, foreground = classes_from_labels(label_map, regions)

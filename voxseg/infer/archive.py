@@ -27,6 +27,7 @@ from torch import nn
 
 from voxseg.data.plans import Plan
 from voxseg.errors import CheckpointError, ConfigError
+from voxseg.devices import resolve_device  # noqa: F401 - re-exported for the predictor
 
 CHECKPOINT_CHOICES = ("final", "best", "latest")
 MANIFEST = "voxseg_archive.json"
@@ -40,13 +41,6 @@ _ENSEMBLE_FIELDS = ("channel_names", "labels", "regions_class_order", "target_sp
 
 
 # ----- folds and networks -------------------------------------------------------------------------------------
-def resolve_device(device: str | torch.device) -> torch.device:
-    """"auto" -> CUDA when available, else CPU."""
-    if str(device) == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(device)
-
-
 def fold_dir(workdir: str | Path, fold: int | str) -> Path:
     return Path(workdir) / "training" / f"fold_{fold}"
 

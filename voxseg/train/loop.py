@@ -25,6 +25,7 @@ import torch
 from voxseg.config import TrainConfig
 from voxseg.data.plans import Plan
 from voxseg.data.splits import get_fold
+from voxseg.devices import resolve_device
 from voxseg.errors import CheckpointError, ConfigError, VoxsegError
 from voxseg.losses import build_loss
 from voxseg.models import build_network
@@ -198,17 +199,6 @@ def fold_dir(workdir: str | Path, fold: int | str) -> Path:
     return Path(workdir) / "training" / f"fold_{fold}"
 
 
-def resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    device = torch.device(name)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise ConfigError(f"loop.device={name}: CUDA is not available on this machine; use loop.device=cpu")
-    if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
-        raise ConfigError(f"loop.device={name}: only {torch.cuda.device_count()} GPU(s) are visible")
-    return device
-
-
 def resolve_amp(name: str, device: torch.device) -> torch.dtype | None:
     """Autocast dtype: bf16 where supported, fp16 (with loss scaling) on older GPUs; float32 on CPU by default."""
     if name == "off" or (name == "auto" and device.type != "cuda"):
@@ -221,7 +211,7 @@ def resolve_amp(name: str, device: torch.device) -> torch.dtype | None:
 
 
 def resolve(config: TrainConfig, plan: Plan, num_train: int) -> Resolved:
-    device = resolve_device(config.loop.device)
+    device = resolve_device(config.loop.device, option="loop.device")
     patch = [int(p) for p in (config.data.patch_size or plan.patch_size)]
     if len(patch) != len(plan.patch_size):
         raise ConfigError(f"data.patch_size={patch} must have {len(plan.patch_size)} entries like the plan's")
@@ -308,8 +298,9 @@ def run_epoch(step: TrainStep, data: TrainData, logger: TrainLogger, config: Tra
             bar.update(1)
             if cuda:
                 memory.append(torch.cuda.memory_allocated(run.device))  # host-side counter, no sync
-            if log_every and (micro // accum) % log_every == 0:
-                bar.set_postfix(loss=f"{running.means()['loss']:.4f}")  # host-device sync (log interval)
+            # host-device sync at the log interval, and only when a bar shows it (not on other DDP ranks)
+            if log_every and not bar.disable and (micro // accum) % log_every == 0:
+                bar.set_postfix(loss=f"{running.means()['loss']:.4f}")
     losses = running.means()  # host-device sync: end of epoch
     seconds = time.perf_counter() - start
     samples = run.iterations * accum * run.batch_size
