@@ -13,6 +13,7 @@ All terms are computed in float32 whatever the autocast dtype, and nothing syncs
 """
 from __future__ import annotations
 
+import functools
 import inspect
 from typing import Any, Sequence
 
@@ -58,8 +59,12 @@ def _lookup_tables(plan: Plan) -> tuple[Tensor, Tensor]:
 
 
 def region_targets(target: Tensor, regions: Sequence[Sequence[int]]) -> Tensor:
-    """(B, 1, *P) label map -> (B, R, *P) float32 with r_k = isin(target, regions[k])."""
-    return torch.cat([torch.isin(target, torch.tensor(list(r), device=target.device)) for r in regions], 1).float()
+    """(B, 1, *P) label map -> (B, R, *P) float32 with r_k = isin(target, regions[k]).
+
+    Comparisons with Python ints: `torch.tensor(values, device=cuda)` would be a blocking copy per region.
+    """
+    masks = [functools.reduce(torch.logical_or, [target == int(v) for v in r]) for r in regions]
+    return torch.cat(masks, 1).float()
 
 
 # ----- loss terms (all inputs float32) ----------------------------------------------------------------------

@@ -40,10 +40,15 @@ def random_mask(
 def device_vector(values: Sequence[float], device: torch.device) -> torch.Tensor:
     """Small float32 constant on `device` without a sync.
 
-    `torch.tensor(values, device=cuda)` is a blocking copy (PyTorch synchronises the stream after copying
-    from pageable memory); a non_blocking copy of a fresh host tensor is staged by the driver and returns.
+    `torch.tensor(values, device=cuda)` is a blocking copy (PyTorch synchronises the stream after it). A
+    non_blocking copy from pageable memory is no better: CUDA documents that the driver may synchronise with
+    the stream to stage it. From pinned memory the copy is truly asynchronous, and PyTorch's caching host
+    allocator keeps the pinned block alive until the copy has run.
     """
-    return torch.tensor(list(values), dtype=torch.float32).to(device, non_blocking=True)
+    host = torch.tensor(list(values), dtype=torch.float32)
+    if torch.device(device).type == "cuda":
+        host = host.pin_memory()
+    return host.to(device, non_blocking=True)
 
 
 def broadcast_mask(mask: torch.Tensor, ndim: int) -> torch.Tensor:

@@ -88,17 +88,19 @@ def gaussian_importance(
     voxels (where the Gaussian may underflow, in half precision especially) never get weight 0 and every
     voxel of the image receives a positive total weight.
     """
-    weight = torch.ones((), dtype=torch.float64)
+    # built on `device` directly: no host-to-device copy, and no boolean-mask indexing (a dynamic shape is a
+    # host-device sync on CUDA), so a sliding-window pass never waits for the GPU
+    weight = torch.ones((), dtype=torch.float64, device=device)
     for axis, patch in enumerate(patch_size):
-        offsets = torch.arange(int(patch), dtype=torch.float64) - int(patch) // 2
+        offsets = torch.arange(int(patch), dtype=torch.float64, device=device) - int(patch) // 2
         sigma = max(float(patch) * sigma_scale, 1e-6)
         profile = torch.exp(-0.5 * (offsets / sigma) ** 2)
         shape = [1] * len(patch_size)
         shape[axis] = int(patch)
         weight = weight * profile.reshape(shape)
     weight = (weight / weight.max()).to(dtype)
-    smallest = weight[weight > 0].min()
-    return weight.clamp(min=smallest).to(device)
+    smallest = torch.where(weight > 0, weight, math.inf).amin()  # smallest nonzero value, as a device tensor
+    return weight.clamp(min=smallest)
 
 
 def mirror_combinations(mirror_axes: Sequence[int]) -> list[tuple[int, ...]]:

@@ -2,7 +2,7 @@
 
 Modes:
     gpu     every case as a tensor on `device` (GPU memory when device is CUDA); crops are device copies.
-    pinned  every case in page-locked host memory (plain host memory without CUDA); crops are host copies
+    pinned  every case in page-locked host memory (plain host memory for a CPU device); crops are host copies
             followed by one asynchronous transfer per batch.
     mmap    memory-mapped .npy files; a crop reads only the pages it touches (for datasets larger than RAM).
     auto    gpu if the cases fit in `budget_gb` (default 80% of the free device memory; for a CPU device 50%
@@ -118,9 +118,14 @@ class CaseCache:
         tensor = torch.from_numpy(np.array(array))  # reads the file into memory (writable copy)
         if self.mode == "gpu":
             return tensor.to(self.device)
-        if torch.cuda.is_available():
+        if self._pinned:
             return tensor.pin_memory()
         return tensor
+
+    @property
+    def _pinned(self) -> bool:
+        """Pinned only for a CUDA device: page-locked memory helps nothing else and is a scarce OS resource."""
+        return self.device.type == "cuda" and torch.cuda.is_available()
 
     # ----- what the sampler needs --------------------------------------------------------------------------
     def __len__(self) -> int:
@@ -173,7 +178,7 @@ class CaseCache:
     def describe(self) -> str:
         """One line: number of cases, chosen mode and where/how much memory it holds."""
         where = {"gpu": f"tensors on {self.device}",
-                 "pinned": "pinned host memory" if torch.cuda.is_available() else "host memory",
+                 "pinned": "pinned host memory" if self._pinned else "host memory",
                  "mmap": "memory-mapped files"}[self.mode]
         how = "auto" if self.requested_mode == "auto" else "requested"
         return f"case cache: {len(self)} cases, {self.gigabytes:.2f} GB, mode {self.mode} ({how}) in {where}"

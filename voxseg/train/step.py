@@ -159,7 +159,11 @@ class BatchStream:
         slots: queue.Queue = queue.Queue(maxsize=self.depth)
         stop = threading.Event()
         cuda = self.device.type == "cuda"
-        thread = threading.Thread(target=self._produce, args=(slots, stop, cuda), daemon=True)
+        device = self.device
+        if cuda and device.index is None:
+            # "cuda" means the consumer's current device; a new thread's current device is always cuda:0
+            device = torch.device("cuda", torch.cuda.current_device())
+        thread = threading.Thread(target=self._produce, args=(slots, stop, device), daemon=True)
         thread.start()
         try:
             for _ in range(self.count):
@@ -170,7 +174,7 @@ class BatchStream:
                     raise item
                 batch, event = item
                 if cuda:
-                    current = torch.cuda.current_stream(self.device)
+                    current = torch.cuda.current_stream(device)
                     current.wait_event(event)
                     for tensor in batch:
                         tensor.record_stream(current)  # the side stream's allocator must not reuse it early
@@ -184,13 +188,12 @@ class BatchStream:
                     pass
                 thread.join(timeout=0.05)
 
-    def _produce(self, slots: queue.Queue, stop: threading.Event, cuda: bool) -> None:
+    def _produce(self, slots: queue.Queue, stop: threading.Event, device: torch.device) -> None:
         stream = None
         try:
-            if cuda:
-                if self.device.index is not None:
-                    torch.cuda.set_device(self.device)  # the thread's current device starts as cuda:0
-                stream = torch.cuda.Stream(self.device)
+            if device.type == "cuda":
+                torch.cuda.set_device(device)  # the thread's current device starts as cuda:0
+                stream = torch.cuda.Stream(device)
             for _ in range(self.count):
                 if stop.is_set():
                     return
