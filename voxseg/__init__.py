@@ -6,7 +6,7 @@ The public API is small; everything is importable lazily so `voxseg --help` stay
     >>> voxseg.make_synthetic_dataset("data/Synth", num_cases=20)
     >>> plan = voxseg.plan_dataset("data/Synth", "work/synth")
     >>> voxseg.preprocess_dataset("work/synth")
-    >>> voxseg.train("work/synth", fold=0, config=voxseg.TrainConfig())
+    >>> voxseg.train_fold("work/synth", fold=0, config=voxseg.TrainConfig())
     >>> predictor = voxseg.Predictor.from_workdir("work/synth", folds=[0])
     >>> labels = predictor.predict_array(image, geometry)
     >>> voxseg.evaluate_folder("preds", "data/Synth/labelsTs", dataset_json="data/Synth/dataset.json")
@@ -29,7 +29,7 @@ _LAZY = {
     "Plan": "voxseg.data.plans",
     "preprocess_dataset": "voxseg.data.preprocess",
     "TrainConfig": "voxseg.config",
-    "train": "voxseg.train.loop",
+    "train_fold": ("voxseg.train.loop", "train"),  # not "train": that name is the voxseg.train subpackage
     "Predictor": "voxseg.infer.predictor",
     "evaluate_folder": "voxseg.evaluate.folder",
     "read_image": "voxseg.data.io",
@@ -41,5 +41,6 @@ __all__ = ["VoxsegError", "__version__", *_LAZY]
 
 def __getattr__(name: str) -> Any:
     if name in _LAZY:
-        return getattr(importlib.import_module(_LAZY[name]), name)
+        module, attribute = _LAZY[name] if isinstance(_LAZY[name], tuple) else (_LAZY[name], name)
+        return getattr(importlib.import_module(module), attribute)
     raise AttributeError(f"module 'voxseg' has no attribute '{name}'")

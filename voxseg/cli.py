@@ -137,6 +137,7 @@ def _train_overrides(args: argparse.Namespace) -> list[str]:
 def cmd_train(args: argparse.Namespace) -> int:
     from voxseg.config import TrainConfig, apply_overrides, load_config_json
     from voxseg.train.loop import train
+    from voxseg.train.recipes import apply_recipe
 
     fold = args.fold
     saved = Path(args.workdir) / "training" / f"fold_{fold}" / "config.json"
@@ -146,6 +147,8 @@ def cmd_train(args: argparse.Namespace) -> int:
         config = load_config_json(saved)  # a resumed run continues with its own settings (flags still apply)
     else:
         config = TrainConfig()
+    if args.recipe:
+        config = apply_recipe(config, args.recipe)  # first, so that every other flag overrides it
     config = apply_overrides(config, _train_overrides(args))
     result = train(args.workdir, fold, config, resume=args.resume, test_only=args.test_only, pretrained=args.pretrained)
     summary = {k: v for k, v in result.items() if not isinstance(v, dict)}
@@ -339,11 +342,15 @@ def _data_commands(sub: argparse._SubParsersAction) -> None:
 def _train_command(sub: argparse._SubParsersAction) -> None:
     p = _add(sub, "train", cmd_train, "train a 3D U-Net from the plan on one fold",
              "voxseg train work/synth --fold 0\nvoxseg train work/synth --fold all --epochs 200 --optimizer adamw --lr 3e-4 --schedule cosine\n"
+             "voxseg train work/synth --fold 0 --recipe fast\n"
              "voxseg train work/synth --fold 0 --resume\nvoxseg train work/synth --fold 0 --set augment.rot90_p=0.5")
     p.add_argument("workdir")
     p.add_argument("--fold", type=_fold, default="0", help="0-4 or all")
     p.add_argument("--config", help="JSON config file (a saved config.json works)")
     p.add_argument("--set", action="append", metavar="KEY=VALUE", help="override any config field, e.g. optim.lr=3e-4")
+    p.add_argument("--recipe", metavar="NAME",
+                   help="preset applied before the other flags (voxseg.train.recipes): nnunet = the defaults (SGD "
+                        "0.99 Nesterov, lr 1e-2, poly, 1000x250) or fast (AdamW, warm-up + cosine, 250x250)")
     p.add_argument("--epochs", type=int)
     p.add_argument("--iterations", type=int, help="iterations per epoch (0: one pass over the training cases)")
     p.add_argument("--batch-size", type=int)

@@ -8,23 +8,24 @@ Example:
     >>> config = apply_overrides(TrainConfig(), ["optim.lr=3e-4", "loop.epochs=10"])
     >>> config.optim.lr
     0.0003
+
+The generic parts (building dataclasses from dicts, locating and parsing dotted options) live in
+`voxseg.configtree`; `parse_value` is re-exported here.
 """
 from __future__ import annotations
 
 import dataclasses
-import json
-import types
-import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from voxseg.augment import AugmentConfig
+from voxseg.configtree import build_dataclass, dotted_names, locate_option, parse_value
 from voxseg.jsonio import write_json_atomic
 from voxseg.errors import ConfigError
+from voxseg.losses import LOSS_TERMS
 from voxseg.registry import unknown_name_message
 
-LOSS_NAMES = ("dice_ce", "dice", "ce", "focal", "tversky", "dice_focal")
 
 
 def _choice(where: str, value: Any, allowed: tuple[str, ...]) -> None:
@@ -76,13 +77,13 @@ class ScheduleConfig:
         name: "poly" lr * (1 - epoch/epochs)^exponent (nnU-Net's default); "cosine" half cosine to min_lr after
             a linear warm-up of warmup_epochs; "step" lr * gamma^(epoch // step_size); "exponential"
             lr * gamma^epoch; "plateau" multiplies the lr by factor when the validation EMA pseudo-Dice has
-            not improved for patience validations.
+            not improved for more than patience validations in a row.
         exponent: poly exponent.
         warmup_epochs: cosine linear warm-up length in epochs (0 = none).
         step_size: step schedule period in epochs.
         gamma: step / exponential decay factor; None = 0.1 for step, 0.99 for exponential.
         factor: plateau decay factor.
-        patience: plateau patience, in validations without improvement.
+        patience: plateau patience: validations without improvement tolerated before the lr is decayed.
         min_lr: the lr never goes below this (cosine decays to it; the others are floored at it).
     """
 
@@ -127,8 +128,12 @@ class LossConfig:
     deep_supervision: bool = True
 
     def __post_init__(self) -> None:
-        if self.name not in LOSS_NAMES:
-            raise ConfigError("loss.name: " + unknown_name_message("loss", self.name, list(LOSS_NAMES)))
+        if self.name not in LOSS_TERMS:
+            raise ConfigError("loss.name: " + unknown_name_message("loss", self.name, list(LOSS_TERMS)))
+        for term in self.weights or {}:
+            if term not in LOSS_TERMS[self.name]:  # caught here, not minutes later when the loss is built
+                raise ConfigError(f"loss.weights: {self.name} has no term '{term}'; "
+                                  f"its terms are {', '.join(LOSS_TERMS[self.name])}")
 
 
 @dataclass
@@ -139,9 +144,11 @@ class DataConfig:
         num_samples: patches cut from each drawn case (several patches per case amortise loading it).
         foreground_fraction: fraction of patches forced to contain foreground; None = the plan's
             foreground_oversampling.
-        cache: where preprocessed cases live during training: "auto" (GPU memory when they fit in
-            cache_budget_gb, else pinned host memory), "gpu", "pinned" or "mmap" (read from disk on demand).
-        cache_budget_gb: memory the cache may use; None = decided by the cache.
+        cache: where preprocessed cases live during training: "auto" (on the training device when they fit in
+            cache_budget_gb, else, for CUDA, pinned host memory when they fit in half the host RAM, else
+            "mmap"), "gpu", "pinned" or "mmap" (memory-mapped files, read on demand).
+        cache_budget_gb: memory the "auto" cache may use on the device; None = on CUDA 0.8 x (free memory after
+            the model is built - 1.2 x the plan's estimated_memory_gb), on a CPU half the host RAM.
         iterations_per_epoch: optimiser steps per epoch; 0 = one pass over the training cases.
         batch_size: patches per step; None = the plan's.
         patch_size: patch size in voxels, array axis order; None = the plan's.
@@ -271,7 +278,7 @@ class TrainConfig:
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> "TrainConfig":
-        return _build(cls, data, "")
+        return build_dataclass(cls, data, "")
 
     def save(self, path: str | Path) -> None:
         write_json_atomic(path, self.to_dict())
@@ -300,151 +307,11 @@ def apply_overrides(config: TrainConfig, overrides: list[str]) -> TrainConfig:
         key = key.strip()
         if not sep or not key:
             raise ConfigError(f"override '{item}' must look like section.field=value, e.g. optim.lr=3e-4")
-        hint, parent, leaf = _locate(key, data)
+        hint, parent, leaf = locate_option(TrainConfig, key, data)
         parent[leaf] = parse_value(text.strip(), hint, key)
     return TrainConfig.from_dict(data)
 
 
 def option_names(cls: type = TrainConfig, prefix: str = "") -> list[str]:
     """Every dotted option name, e.g. 'optim.lr', 'augment.rotation_p'."""
-    names = []
-    for name, hint in _fields(cls).items():
-        names += option_names(hint, f"{prefix}{name}.") if dataclasses.is_dataclass(hint) else [prefix + name]
-    return names
-
-
-# ----- helpers ------------------------------------------------------------------------------------------------
-def _fields(cls: type) -> dict[str, Any]:
-    hints = typing.get_type_hints(cls)
-    return {f.name: hints[f.name] for f in dataclasses.fields(cls) if f.init}
-
-
-def _build(cls: type, data: dict[str, Any], where: str) -> Any:
-    """Build dataclass `cls` from a dict, recursing into nested dataclasses; unknown keys are errors."""
-    if not isinstance(data, dict):
-        raise ConfigError(f"config section '{where.rstrip('.') or 'root'}' must be an object, got {data!r}")
-    hints = _fields(cls)
-    kwargs = {}
-    for key, value in data.items():
-        if key not in hints:
-            raise ConfigError(f"config {where.rstrip('.') or 'root'}: " + unknown_name_message(
-                "option", where + key, [where + n for n in hints]))
-        hint = hints[key]
-        if dataclasses.is_dataclass(hint):
-            value = _build(hint, value, f"{where}{key}.")
-        elif isinstance(value, list) and _accepts_tuple(hint):
-            value = tuple(value)  # JSON has no tuples
-        kwargs[key] = value
-    try:
-        return cls(**kwargs)
-    except TypeError as exc:  # a value of the wrong type reached a comparison in validation
-        raise ConfigError(f"config {where.rstrip('.') or 'root'}: invalid value ({exc})") from None
-
-
-def _locate(key: str, data: dict[str, Any]) -> tuple[Any, dict[str, Any], str]:
-    """Find the type hint, parent dict and leaf name of a dotted option; unknown names suggest the nearest."""
-    cls: Any = TrainConfig
-    parts = key.split(".")
-    for depth, part in enumerate(parts):
-        hints = _fields(cls)
-        prefix = ".".join(parts[:depth])
-        if part not in hints:
-            valid = [f"{prefix}.{n}" if prefix else n for n in hints]
-            if depth == 0:
-                valid = option_names()
-            raise ConfigError(unknown_name_message("option", key, valid))
-        hint = hints[part]
-        last = depth == len(parts) - 1
-        if dataclasses.is_dataclass(hint) != (not last):
-            options = ", ".join(n for n in option_names() if n.startswith(key + ".")) if last else ""
-            raise ConfigError(f"option '{key}' is a section; set one of its fields: {options}" if last
-                              else f"option '{'.'.join(parts[:depth + 1])}' has no sub-options")
-        if last:
-            return hint, data, part
-        data = data[part]
-        cls = hint
-    raise AssertionError("unreachable")
-
-
-def _origin(hint: Any) -> Any:
-    return typing.get_origin(hint)
-
-
-def _accepts_tuple(hint: Any) -> bool:
-    options = _union_args(hint) or (hint,)
-    return any(_origin(o) is tuple for o in options) and not any(_origin(o) is list for o in options)
-
-
-def _union_args(hint: Any) -> tuple[Any, ...] | None:
-    if _origin(hint) in (typing.Union, types.UnionType):
-        return typing.get_args(hint)
-    return None
-
-
-_TRUE = ("true", "1", "yes", "on")
-_FALSE = ("false", "0", "no", "off")
-
-
-def parse_value(text: str, hint: Any, key: str) -> Any:
-    """Parse the text of an override by the field's type hint."""
-    args = _union_args(hint)
-    if args is not None:
-        if type(None) in args and text.lower() in ("none", "null"):
-            return None
-        options = [a for a in args if a is not type(None)]
-        for option in options:
-            try:
-                return parse_value(text, option, key)
-            except ConfigError:
-                if option is options[-1]:
-                    raise
-    if hint is bool:
-        if text.lower() in _TRUE + _FALSE:
-            return text.lower() in _TRUE
-        raise ConfigError(f"option '{key}' expects true or false, got '{text}'")
-    try:
-        if hint is int:
-            return int(text)
-        if hint is float:
-            return float(text)
-    except ValueError:
-        raise ConfigError(f"option '{key}' expects a{'n integer' if hint is int else ' number'}, got '{text}'") \
-            from None
-    if hint is str:
-        return text
-    origin = _origin(hint)
-    if origin in (list, tuple):
-        items = _parse_json(text, key) if text.startswith("[") else [t for t in text.split(",") if t.strip()]
-        if not isinstance(items, list):
-            raise ConfigError(f"option '{key}' expects a list like [1,2,3] or 1,2,3, got '{text}'")
-        item_hint = (typing.get_args(hint) or (str,))[0]  # list[int], tuple[int, ...], tuple[float, float]
-        values = [parse_value(str(v).strip() if not isinstance(v, str) else v.strip(), item_hint, key)
-                  for v in items]
-        return tuple(values) if origin is tuple else values
-    if origin is dict or hint is dict:
-        return _parse_dict(text, hint, key)
-    raise ConfigError(f"option '{key}' cannot be set from the command line")
-
-
-def _parse_dict(text: str, hint: Any, key: str) -> dict[str, Any]:
-    """JSON (`{"dice": 1, "ce": 0.5}`) or comma-separated pairs (`dice=1,ce=0.5`)."""
-    if text.startswith("{"):
-        value = _parse_json(text, key)
-        if not isinstance(value, dict):
-            raise ConfigError(f"option '{key}' expects an object like dice=1,ce=0.5, got '{text}'")
-        return value
-    value_hint = (typing.get_args(hint) or (str, str))[1]
-    out = {}
-    for pair in filter(None, (p.strip() for p in text.split(","))):
-        name, sep, item = pair.partition("=")
-        if not sep or not name.strip():
-            raise ConfigError(f"option '{key}' expects name=value pairs like dice=1,ce=0.5, got '{text}'")
-        out[name.strip()] = parse_value(item.strip(), value_hint, key)
-    return out
-
-
-def _parse_json(text: str, key: str) -> Any:
-    try:
-        return json.loads(text)
-    except json.JSONDecodeError:
-        raise ConfigError(f"option '{key}': '{text}' is not valid JSON") from None
+    return dotted_names(cls, prefix)

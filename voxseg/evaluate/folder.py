@@ -9,16 +9,13 @@ Classes evaluated (each a set of label values, see `classes_from_labels`):
 The foreground mean averages the per-class means of the classes dataset.json names (what the network predicts),
 not the extra ones. The ignore label, if any, is left out of every metric.
 
-Outputs (atomic writes into `out`, default the prediction folder):
+Outputs (atomic writes into `out`, default the prediction folder; written by `voxseg.evaluate.summary`):
     summary.json  per_case list, mean per class, foreground_mean, conventions, counts; NaN is written as null.
     summary.csv   one row per case x class; NaN is written as "nan".
 """
 from __future__ import annotations
 
-import csv
-import io
 import json
-import math
 import os
 import shutil
 import warnings
@@ -30,13 +27,23 @@ from typing import Any, Iterable
 import numpy as np
 
 from voxseg.data.io import SUPPORTED_ENDINGS, Geometry, file_ending as _file_ending, read_image
-from voxseg.jsonio import write_json_atomic
 from voxseg.errors import ConfigError, InputError
 from voxseg.jsonio import read_json
 from voxseg.evaluate.metrics import compute_case_metrics, conventions
+from voxseg.evaluate.summary import (
+    CSV_COLUMNS,
+    MEAN_METRICS,
+    class_means,
+    foreground_mean,
+    format_table,
+    nan_to_none,
+    write_summary,
+)
 
-CSV_COLUMNS = ("dice", "iou", "hd95", "nsd", "tp", "fp", "fn", "tn", "pred_volume_ml", "ref_volume_ml")
-MEAN_METRICS = CSV_COLUMNS
+__all__ = [
+    "CSV_COLUMNS", "MEAN_METRICS", "aggregate_folds", "classes_from_labels", "evaluate_case", "evaluate_folder",
+    "format_table", "write_summary",
+]
 
 
 def _load_dataset_json(dataset_json: str | Path | dict | None, ref_dir: Path) -> dict[str, Any] | None:
@@ -161,30 +168,6 @@ def _run_cases(jobs: list[tuple], num_workers: int) -> list[dict]:
         return list(pool.map(evaluate_case, *zip(*jobs)))
 
 
-def _nan_to_none(value: Any) -> Any:
-    if isinstance(value, float) and math.isnan(value):
-        return None
-    if isinstance(value, dict):
-        return {k: _nan_to_none(v) for k, v in value.items()}
-    if isinstance(value, list):
-        return [_nan_to_none(v) for v in value]
-    return value
-
-
-def _mean(values: Iterable[float]) -> float:
-    finite = [float(v) for v in values if v is not None and not math.isnan(float(v))]
-    return float(np.mean(finite)) if finite else float("nan")
-
-
-def _class_means(per_case: list[dict], name: str) -> dict[str, Any]:
-    rows = [case["metrics"][name] for case in per_case]
-    mean: dict[str, Any] = {metric: _mean(row[metric] for row in rows) for metric in MEAN_METRICS}
-    mean["n"] = len(rows)
-    mean["n_hd95_nan"] = sum(1 for row in rows if math.isnan(row["hd95"]))
-    mean["n_ref_empty"] = sum(1 for row in rows if row["tp"] + row["fn"] == 0)
-    mean["n_pred_empty"] = sum(1 for row in rows if row["tp"] + row["fp"] == 0)
-    return mean
-
 
 def _match_predictions(pred_dir: Path, ref_dir: Path, names: list[str], ending: str) -> tuple[list[str], list[str]]:
     """Split reference names into those with a prediction and those without (warned about)."""
@@ -253,7 +236,7 @@ def evaluate_folder(
         {"name": n, "prediction": str(job[0]), "reference": str(job[1]), "metrics": metrics}
         for n, job, metrics in zip(present, jobs, results)
     ]
-    mean = {name: _class_means(per_case, name) for name in classes}
+    mean = {name: class_means(per_case, name) for name in classes}
     summary = {
         "pred_dir": str(pred_dir.resolve()),
         "ref_dir": str(ref_dir.resolve()),
@@ -267,65 +250,15 @@ def evaluate_folder(
         "counts": {"cases": len(present), "references": len(names), "missing_predictions": len(missing)},
         "missing_predictions": missing,
         "mean": mean,
-        "foreground_mean": _foreground_mean(mean, foreground),
+        "foreground_mean": foreground_mean(mean, foreground),
         "per_case": per_case,
     }
     if out is None or out is True:
         out = pred_dir
     if out is not False:
         write_summary(summary, out)
-    return _nan_to_none(summary)
+    return nan_to_none(summary)
 
-
-def _foreground_mean(mean: dict[str, dict[str, Any]], foreground: list[str]) -> dict[str, Any]:
-    """Mean over the dataset's classes of their per-class means (NaN class means left out)."""
-    names = [n for n in foreground if n in mean]
-    result: dict[str, Any] = {m: _mean(mean[n][m] for n in names) for m in ("dice", "iou", "hd95", "nsd")}
-    result["classes"] = names
-    return result
-
-
-def write_summary(summary: dict[str, Any], out: str | Path) -> tuple[Path, Path]:
-    """Write summary.json and summary.csv (one row per case x class) atomically into `out`."""
-    out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
-    json_path, csv_path = out / "summary.json", out / "summary.csv"
-    write_json_atomic(json_path, _nan_to_none(summary))
-    buffer = io.StringIO()
-    writer = csv.writer(buffer, lineterminator="\n")
-    writer.writerow(("case", "class") + CSV_COLUMNS)
-    for case in summary["per_case"]:
-        for name, metrics in case["metrics"].items():
-            cells = ["nan" if metrics[m] is None else metrics[m] for m in CSV_COLUMNS]
-            writer.writerow([case["name"], name, *cells])
-    tmp = csv_path.with_name(f".{csv_path.name}.tmp{os.getpid()}")
-    tmp.write_text(buffer.getvalue())
-    os.replace(tmp, csv_path)
-    return json_path, csv_path
-
-
-def format_table(summary: dict[str, Any]) -> str:
-    """A plain-text table of the per-class means and the foreground mean."""
-
-    def cell(value: Any, digits: int) -> str:
-        return "nan" if value is None or (isinstance(value, float) and math.isnan(value)) else f"{value:.{digits}f}"
-
-    header = f"{'class':<20} {'Dice':>7} {'IoU':>7} {'HD95 mm':>8} {'NSD':>7} {'n':>5} {'no HD95':>8}"
-    lines = [header, "-" * len(header)]
-    for name, m in summary["mean"].items():
-        lines.append(
-            f"{name:<20} {cell(m['dice'], 4):>7} {cell(m['iou'], 4):>7} {cell(m['hd95'], 2):>8} "
-            f"{cell(m['nsd'], 4):>7} {m['n']:>5} {m['n_hd95_nan']:>8}"
-        )
-    fg = summary["foreground_mean"]
-    lines.append("-" * len(header))
-    lines.append(
-        f"{'foreground mean':<20} {cell(fg['dice'], 4):>7} {cell(fg['iou'], 4):>7} {cell(fg['hd95'], 2):>8} "
-        f"{cell(fg['nsd'], 4):>7} {summary['counts']['cases']:>5}"
-    )
-    if summary.get("missing_predictions"):
-        lines.append(f"missing predictions: {len(summary['missing_predictions'])}")
-    return "\n".join(lines)
 
 
 def _link_or_copy(src: Path, dst: Path) -> None:
