@@ -21,7 +21,6 @@ Run:
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import os
 import platform
@@ -37,6 +36,8 @@ import torch
 from voxseg.config import TrainConfig, apply_overrides
 from voxseg.data.plans import Plan
 from voxseg.data.splits import get_fold
+from voxseg.devices import resolve_device
+from voxseg.errors import VoxsegError
 from voxseg.jsonio import write_json_atomic
 from voxseg.train import loop
 from voxseg.train.logger import TrainLogger
@@ -116,9 +117,8 @@ class Runner:
         return self.stopped or self.t.progress.epoch >= self.config.loop.epochs
 
 
-def build_runner(name: str, overrides: list[str], args: argparse.Namespace, workdir: Path, out: Path,
+def build_runner(name: str, config: TrainConfig, overrides: list[str], eval_every: int, workdir: Path, out: Path,
                  names: tuple[list[str], list[str]]) -> Runner:
-    config = recipe_config(overrides, args)
     plan = loop.plan_with_overrides(Plan.load(workdir / "plans.json"), config)
     run = loop.resolve(config, plan, len(names[0]))
     loop.seed_everything(config.loop.seed, config.loop.deterministic, config.data.num_threads)  # same init
@@ -127,14 +127,13 @@ def build_runner(name: str, overrides: list[str], args: argparse.Namespace, work
     run_dir.mkdir(parents=True, exist_ok=True)
     config.save(run_dir / "config.json")
     logger = TrainLogger(run_dir, config.logging, config.loop.epochs)
-    epochs = config.loop.epochs
-    eval_epochs = {max(1, round(k * epochs / args.points)) for k in range(1, args.points + 1)} | {epochs}
+    eval_epochs = set(range(eval_every, config.loop.epochs + 1, eval_every)) | {config.loop.epochs}
     return Runner(name, overrides, config, run, t, logger, eval_epochs)
 
 
 def warm_up(r: Runner) -> None:
-    """Forward + backward on a validation batch, gradients dropped: compiles / primes kernels (CUDA graphs,
-    oneDNN) outside the clock without changing the weights or drawing from the training generators."""
+    """Forward + backward on a validation batch, gradients dropped: torch.compile, cuDNN autotuning and oneDNN
+    set-up happen outside the clock, without changing the weights or drawing from the training generators."""
     image, seg = next(iter(r.t.data.val_batches(1)))
     r.t.model.train()
     total, _ = r.t.step._forward_loss(image, seg)
@@ -234,10 +233,10 @@ def markdown(result: dict[str, Any]) -> str:
             seen = [p for p in curves[n]["points"] if p["clock_s"] <= mark + 1e-6]
             done = summary["recipes"][n]["clock_s"] < mark - 1e-6  # its schedule ended before this time
             cells.append(f"{seen[-1]['dice']:.3f}" + (" (finished)" if done else ""))
-        lines.append(f"| {mark:.0f} | " + " | ".join(cells) + " |")
+        lines.append(f"| {mark:.{0 if longest >= 100 else 1}f} | " + " | ".join(cells) + " |")
     lines += ["", "| recipe | final Dice | epochs x iterations | training time (s) | s/iteration (median) | "
-              + " | ".join(f"time to Dice {t}" for t in summary["thresholds"]) + " |",
-              "|---|---:|---:|---:|---:|" + "---:|" * len(summary["thresholds"])]
+              "slowest epoch / median | " + " | ".join(f"time to Dice {t}" for t in summary["thresholds"]) + " |",
+              "|---|---:|---:|---:|---:|---:|" + "---:|" * len(summary["thresholds"])]
     for n in names:
         s = summary["recipes"][n]
         reach = []
@@ -245,7 +244,8 @@ def markdown(result: dict[str, Any]) -> str:
             p = s["reach"][str(t)]
             reach.append("not reached" if p is None else f"{p['clock_s']:.0f} s ({p['iterations']} it)")
         lines.append(f"| {n} | {s['final_dice']:.3f} | {s['epochs']} x {curves[n]['iterations_per_epoch']} | "
-                     f"{s['clock_s']:.0f} | {s['median_s_per_iteration']:.3f} | " + " | ".join(reach) + " |")
+                     f"{s['clock_s']:.0f} | {s['median_s_per_iteration']:.3f} | {s['slowest_epoch_vs_median']:.1f} | "
+                     + " | ".join(reach) + " |")
     return "\n".join(lines)
 
 
@@ -277,8 +277,18 @@ def plot(result: dict[str, Any], path: Path) -> None:
     os.replace(tmp, path)
 
 
+def cpu_name() -> str:
+    try:  # Linux names the model; platform.processor() often says only "x86_64"
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
 def machine(device: torch.device) -> dict[str, Any]:
-    info = {"platform": platform.platform(), "processor": platform.processor() or platform.machine(),
+    info = {"platform": platform.platform(), "processor": cpu_name(),
             "cpu_count": os.cpu_count(), "torch_threads": torch.get_num_threads(), "torch": torch.__version__,
             "python": platform.python_version(), "device": str(device)}
     if device.type == "cuda":
@@ -299,7 +309,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--iterations", type=int, help="iterations per epoch (default 8 on CPU, else the recipe's)")
     p.add_argument("--val-iterations", type=int, help="pseudo-Dice batches per epoch (default: the recipe's "
                                                       "50 per 250 iterations, scaled)")
-    p.add_argument("--points", type=int, default=10, help="full validations per recipe (default 10)")
+    p.add_argument("--points", type=int, default=10,
+                   help="full validations of the shortest recipe; the others at the same epoch spacing (default 10)")
     p.add_argument("--budget", type=float, help="stop a recipe after this many training seconds")
     p.add_argument("--fractions", type=float, nargs="+", default=[0.9, 0.95, 0.98],
                    help="Dice thresholds as fractions of the first recipe's final Dice")
@@ -322,9 +333,13 @@ def main(argv: list[str] | None = None) -> int:
     out = args.out
     out.mkdir(parents=True, exist_ok=True)
     recipes = parse_recipes(args.recipes)
+    resolve_device(args.device, option="--device")  # a missing GPU fails now, not after the data is made
     workdir = prepare_data(out, args)
     names = get_fold(workdir, 0)
-    runners = [build_runner(n, o, args, workdir, out, names) for n, o in recipes.items()]
+    configs = {name: recipe_config(overrides, args) for name, overrides in recipes.items()}
+    # the same evaluation spacing for every recipe (the shortest gets --points), so no curve is coarser
+    eval_every = max(1, math.ceil(min(c.loop.epochs for c in configs.values()) / args.points))
+    runners = [build_runner(n, configs[n], recipes[n], eval_every, workdir, out, names) for n in recipes]
     print(f"{len(names[0])} training / {len(names[1])} validation cases; "
           + "; ".join(f"{r.name}: {r.config.loop.epochs} epochs x {r.run.iterations} it" for r in runners), flush=True)
     start = time.perf_counter()
@@ -354,4 +369,8 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    try:
+        sys.exit(main())
+    except VoxsegError as exc:  # a missing GPU, a bad recipe name: the message says what to do
+        print(f"recipe_curve: error: {exc}", file=sys.stderr)
+        sys.exit(exc.exit_code)

@@ -8,17 +8,19 @@ gives the same run as on top of the defaults.
 Recipes:
     nnunet: nnU-Net v2's default trainer (the config defaults): SGD with Nesterov momentum 0.99, lr 1e-2,
         poly decay (exponent 0.9), 1000 epochs x 250 iterations. Robust and well understood, but slow: the
-        high momentum and the poly schedule keep the lr near its peak for most of the run, so the network
-        only settles at the very end and nearly every epoch of the 1000 is needed.
-    fast: fewer iterations to the same accuracy. AdamW reaches a good region in far fewer steps than SGD
-        for 3D U-Nets with instance normalisation (per-parameter step sizes suit the very different gradient
+        poly decay is nearly linear (half the peak lr half-way through), so the network settles only in the
+        last part of the run and nearly all of the 1000 epochs are needed.
+    fast: fewer iterations to the same accuracy. AdamW (lr 3e-3) makes progress in far fewer steps than SGD
+        on 3D U-Nets with instance normalisation (per-parameter step sizes suit the very different gradient
         scales of encoder, decoder and deep-supervision heads); a short linear warm-up keeps Adam's first,
         poorly estimated second moments from taking large steps from the random initialisation; a cosine
-        decay spends the last part of the run at a small lr, where the Dice gains of annealing happen, and
-        lets the whole run be a quarter as long. See benchmarks/recipe_curve.py for the measurement.
+        decay spends the last part of the run at a small lr, where the Dice gains of annealing happen. The
+        run is a quarter as long: 250 epochs. Measured with benchmarks/recipe_curve.py (Dice versus
+        wall-clock time against nnunet; results in BENCHMARKS.md).
 
-Batch size and patch size are not part of any recipe: the planner sizes them to the GPU's memory, and a
-recipe cannot know how much memory is left (raise them with `--batch-size` where memory allows).
+Batch size, patch size and patches per case are not part of any recipe: the planner sizes batch and patch to
+the GPU's memory, which a recipe cannot know (raise them with `--batch-size` where memory allows), and
+`data.num_samples` changes how fast batches are made, not how the network learns.
 
 Example:
     >>> config = apply_recipe(TrainConfig(), "fast")
@@ -47,9 +49,10 @@ RECIPES: dict[str, list[str]] = {
     ],
     "fast": [
         "optim.name=adamw",
-        # peak lr: 1e-3..3e-3 is the stable range for Adam on 3D U-Nets with instance norm; the warm-up
-        # makes the upper end safe, and higher peaks learn faster in a short run
-        "optim.lr=2e-3",
+        # peak lr: 1e-3..3e-3 is the range where Adam trains 3D U-Nets with instance norm stably; the warm-up
+        # makes the upper end safe, and it learned fastest in benchmarks/recipe_curve.py (1e-3 < 2e-3 < 3e-3;
+        # 5e-3 was better still in that 200-step miniature, but short runs favour large steps, so we stop at 3e-3)
+        "optim.lr=3e-3",
         "optim.betas=[0.9,0.999]",
         # decoupled decay: with instance norm it mostly keeps weight norms in check; 1e-4 is small enough
         # not to fight the short schedule
