@@ -217,7 +217,8 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     from voxseg.evaluate.folder import aggregate_folds, evaluate_folder, format_table
 
     if args.crossval:
-        summary = aggregate_folds(args.crossval, folds=_crossval_folds(args.crossval))
+        summary = aggregate_folds(args.crossval, folds=_crossval_folds(args.crossval), num_workers=args.workers,
+                                  tolerance_mm=args.tolerance)
         _decide_postprocessing(Path(args.crossval))
     else:
         if not args.pred or not args.ref:
@@ -237,6 +238,9 @@ def cmd_export(args: argparse.Namespace) -> int:
         raise ConfigError("export needs --onnx FILE and/or --archive ZIP")
     folds = _folds(args.folds)
     if args.onnx:
+        if folds != "all" and len(folds) > 1:
+            raise ConfigError(f"--onnx exports one fold's network; got --folds {args.folds}. Export each fold to its "
+                              "own file (--folds 0 --onnx fold0.onnx, ...) or use --archive for an ensemble")
         fold = folds if folds == "all" else folds[0]
         diff = export_onnx(args.workdir, fold, args.onnx, checkpoint=args.checkpoint)
         print(f"wrote {args.onnx} (onnxruntime vs PyTorch max abs difference {diff:.2e})")
