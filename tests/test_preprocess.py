@@ -13,7 +13,7 @@ from voxseg.data.io import Geometry, write_image
 from voxseg.data.plans import ChannelNormalization, NetworkPlan, Plan
 from voxseg.data.preprocess import plan_hash, preprocess_case, preprocess_dataset, resample, restore_to_original
 from voxseg.data.store import list_cases, load_case, load_foreground_locations
-from voxseg.errors import DatasetError
+from voxseg.errors import DatasetError, InputError
 
 LABELS = {"background": 0, "edema": 1, "core": 2, "enhancing": 3}
 
@@ -240,3 +240,12 @@ def test_cuda_matches_cpu():
     np.testing.assert_allclose(gpu[0], cpu[0], atol=1e-4)
     assert (gpu[1] != cpu[1]).mean() < 1e-3  # ties of interpolated masks may break differently
     assert gpu[2]["shape_after_resample"] == cpu[2]["shape_after_resample"]
+
+
+@pytest.mark.parametrize("bad", [np.nan, np.inf])
+def test_non_finite_voxels_are_refused_by_case_and_channel(bad):
+    image, _ = make_case()[:2]
+    image = image.copy()
+    image[1, 5, 6, 7] = bad
+    with pytest.raises(InputError, match=r"case 'sick': channel 1 has 1 NaN/Inf voxel"):
+        preprocess_case(image, Geometry.from_spacing((1.0, 1.0, 1.0)), make_plan(), name="sick")

@@ -130,6 +130,7 @@ def preprocess_case(
         raise InputError(f"case '{name}': image shape {image.shape} is not (C={plan.num_channels}, D, H, W) as the plan expects")
     if seg is not None and tuple(seg.shape) != tuple(image.shape[1:]):
         raise DatasetError(f"case '{name}': label shape {tuple(seg.shape)} differs from the image's {tuple(image.shape[1:])}")
+    _check_finite(image, name)
     spacing = [float(s) for s in geometry.spacing]
     mask, bbox = nonzero_bbox(image)
     box = _slices(bbox)
@@ -167,6 +168,15 @@ def preprocess_case(
         "label_file": None,
     }
     return image_pp, seg_pp, properties
+
+
+def _check_finite(image: np.ndarray, name: str) -> None:
+    """NaN/Inf would spread through normalisation and silently empty the prediction: refuse them by name."""
+    for channel, values in enumerate(image):
+        if not np.isfinite(values).all():
+            count = int(values.size - np.isfinite(values).sum())
+            raise InputError(f"case '{name}': channel {channel} has {count} NaN/Inf voxel(s); replace them (e.g. with "
+                             "0) or re-export the image ('voxseg check' lists every such file)")
 
 
 def _checked_labels(seg: np.ndarray, name: str) -> np.ndarray:
