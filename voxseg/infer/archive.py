@@ -97,17 +97,6 @@ def checkpoint_path(workdir: str | Path, fold: int | str, checkpoint: str = "fin
     return path
 
 
-def _strip_wrapper_prefixes(weights: dict[str, Any]) -> dict[str, Any]:
-    """torch.compile saves `_orig_mod.` and DDP `module.` in front of every name."""
-    out = {}
-    for name, value in weights.items():
-        for prefix in ("_orig_mod.", "module."):
-            while name.startswith(prefix):
-                name = name[len(prefix):]
-        out[name] = value
-    return out
-
-
 def load_fold_network(workdir: str | Path, fold: int | str, checkpoint: str = "final",
                       device: str | torch.device = "cpu") -> tuple[nn.Module, Plan]:
     """The network of one trained fold in eval mode (loaded with weights_only) and the plan it was trained with.
@@ -116,7 +105,7 @@ def load_fold_network(workdir: str | Path, fold: int | str, checkpoint: str = "f
     plans.json is the fallback for checkpoints without one.
     """
     from voxseg.models import build_network
-    from voxseg.train.checkpoint import load_checkpoint
+    from voxseg.train.checkpoint import load_checkpoint, strip_wrapper_prefixes
 
     path = checkpoint_path(workdir, fold, checkpoint)
     state = load_checkpoint(path, map_location="cpu")
@@ -125,7 +114,7 @@ def load_fold_network(workdir: str | Path, fold: int | str, checkpoint: str = "f
         raise CheckpointError(f"{path} has no 'model' weights; is it a voxseg checkpoint?")
     network = build_network(plan, deep_supervision=False)
     try:
-        network.load_state_dict(_strip_wrapper_prefixes(state["model"]))
+        network.load_state_dict(strip_wrapper_prefixes(state["model"]))
     except RuntimeError as exc:
         first = str(exc).strip().splitlines()[0]
         raise CheckpointError(f"{path}: its weights do not fit the network of its plan ({first})") from None

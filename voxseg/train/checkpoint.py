@@ -128,7 +128,7 @@ class PretrainedReport:
         return self.summary()
 
 
-def _strip_prefixes(state: dict[str, Any]) -> dict[str, Any]:
+def strip_wrapper_prefixes(state: dict[str, Any]) -> dict[str, Any]:
     """Drop the wrappers' prefixes: torch.compile's `_orig_mod.` and DDP's `module.`."""
     out = {}
     for name, value in state.items():
@@ -148,7 +148,7 @@ def load_pretrained(model: nn.Module, path: str | Path) -> PretrainedReport:
     """
     state = load_checkpoint(path)
     weights = state["model"] if isinstance(state.get("model"), dict) else state
-    weights = _strip_prefixes({k: v for k, v in weights.items() if isinstance(v, torch.Tensor)})
+    weights = strip_wrapper_prefixes({k: v for k, v in weights.items() if isinstance(v, torch.Tensor)})
     own = model.state_dict()
     report = PretrainedReport(path=str(path))
     to_load = {}
