@@ -20,7 +20,7 @@ import stat
 import tempfile
 import zipfile
 from pathlib import Path, PurePosixPath
-from typing import Any, Sequence
+from typing import Sequence
 
 import torch
 from torch import nn
