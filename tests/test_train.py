@@ -314,3 +314,11 @@ def test_gradient_clipping_and_bf16_on_cpu():
     model, step = _linear_step(1, amp_dtype=torch.bfloat16)
     assert not step.scaler.is_enabled()  # bf16 needs no loss scaling
     assert torch.isfinite(step(x, y)["loss"])
+
+
+def test_auto_prefetch_depth_follows_the_cache_mode():
+    from voxseg.train.step import prefetch_depth
+
+    assert prefetch_depth(-1, "gpu") == 0  # batches only queue device work
+    assert prefetch_depth(-1, "pinned") == 2 and prefetch_depth(-1, "mmap") == 2  # host reads overlap the step
+    assert prefetch_depth(3, "mmap") == 3 and prefetch_depth(0, "pinned") == 0  # an explicit setting wins

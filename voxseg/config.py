@@ -152,7 +152,9 @@ class DataConfig:
         iterations_per_epoch: optimiser steps per epoch; 0 = one pass over the training cases.
         batch_size: patches per step; None = the plan's.
         patch_size: patch size in voxels, array axis order; None = the plan's.
-        prefetch: batches prepared ahead by a background thread (0 = prepare in the training thread).
+        prefetch: batches prepared ahead by a background thread (0 = prepare in the training thread; -1 = auto:
+            0 when the cache lives on the training device, where preparing a batch only queues device work,
+            2 for pinned or memory-mapped caches, whose host-side reads would otherwise stall the step).
         num_threads: CPU threads torch may use (intra-op); capped at the machine's core count.
     """
 
@@ -163,7 +165,7 @@ class DataConfig:
     iterations_per_epoch: int = 250
     batch_size: int | None = None
     patch_size: list[int] | None = None
-    prefetch: int = 0
+    prefetch: int = -1
     num_threads: int = 4
 
     def __post_init__(self) -> None:
@@ -176,7 +178,7 @@ class DataConfig:
         _check(self.batch_size is None or self.batch_size >= 1, "data.batch_size", "must be >= 1")
         _check(self.patch_size is None or all(int(p) >= 1 for p in self.patch_size), "data.patch_size",
                "entries must be positive")
-        _check(self.prefetch >= 0, "data.prefetch", "must be >= 0")
+        _check(self.prefetch >= -1, "data.prefetch", "must be >= 0, or -1 for auto")
         _check(self.num_threads >= 1, "data.num_threads", "must be >= 1")
 
 

@@ -215,6 +215,13 @@ class BatchStream:
             slots.put(exc)
 
 
+def prefetch_depth(configured: int, cache_mode: str) -> int:
+    """The configured depth, or for -1 (auto): 0 for a device-resident cache, 2 when reads happen on the host."""
+    if configured >= 0:
+        return configured
+    return 0 if cache_mode == "gpu" else 2
+
+
 class TrainData:
     """The data side of training: case caches, patch samplers and the augmentation generator.
 
@@ -259,8 +266,9 @@ class TrainData:
         return augment_batch(image, seg, self.config.augment, self.augment_generator, self.patch_size)
 
     def train_stream(self, count: int) -> BatchStream:
-        """`count` augmented batches, prefetched `data.prefetch` ahead when configured."""
-        return BatchStream(self.next_batch, count, self.config.data.prefetch, self.device)
+        """`count` augmented batches, prefetched `data.prefetch` ahead (-1: see DataConfig.prefetch)."""
+        depth = prefetch_depth(self.config.data.prefetch, self.train_cache.mode)
+        return BatchStream(self.next_batch, count, depth, self.device)
 
     def val_batches(self, count: int) -> Iterator[Batch]:
         """`count` unaugmented validation batches, the same ones at every call."""
