@@ -17,7 +17,6 @@ from voxseg.data.memory import (
     measure_peak_memory_gb,
     measure_saved_activation_elements,
     parameter_count,
-    total_stride,
 )
 from voxseg.data.plan import derive_topology, describe_plan, make_plan, plan_dataset, plan_target_spacing
 from voxseg.data.plans import NetworkPlan, Plan
@@ -86,7 +85,7 @@ def test_tiny_budget_falls_back_to_smallest_patch_batch_2():
     plan = make_plan(brats_like(), raw_dataset(), gpu_memory_gb=0.5)
     assert plan.batch_size == 2
     assert plan.patch_size == [8, 8, 8]
-    assert total_stride(plan.network) == [2, 2, 2]
+    assert plan.network.total_stride == [2, 2, 2]
 
 
 # ----- anisotropic ----------------------------------------------------------------------------------------------
@@ -100,7 +99,7 @@ def test_anisotropic_target_spacing_and_topology():
     assert plan.network.kernel_sizes[0] == [1, 3, 3]
     assert strides_along(plan.network, 0) < strides_along(plan.network, 1) == 5
     assert plan.patch_size[0] <= 32 and plan.patch_size[1] >= 128
-    for p, t in zip(plan.patch_size, total_stride(plan.network)):
+    for p, t in zip(plan.patch_size, plan.network.total_stride):
         assert p % t == 0
     assert all(not n.use_nonzero_mask for n in plan.normalization)  # cropping barely shrank the cases
 
@@ -118,7 +117,7 @@ def test_topology_rules():
     assert net.strides == [[1, 1, 1], [1, 2, 2], [1, 2, 2], [2, 2, 2], [2, 2, 2], [1, 2, 2]]
     assert net.kernel_sizes[:2] == [[1, 3, 3], [1, 3, 3]] and net.kernel_sizes[2] == [3, 3, 3]
     small = derive_topology([96, 96, 96], [1.0, 1.0, 1.0])  # 96 -> 6 after 4 halvings; 3 would be < 4
-    assert small.n_stages == 5 and total_stride(small) == [16, 16, 16]
+    assert small.n_stages == 5 and small.total_stride == [16, 16, 16]
     assert small.features == [32, 64, 128, 256, 320]
 
 
@@ -192,7 +191,7 @@ def test_overrides_applied_and_plan_valid():
         "foreground_oversampling": 0.5})
     assert plan.batch_size == 4 and plan.patch_size == [96, 96, 96] and plan.network.residual
     assert plan.foreground_oversampling == 0.5
-    assert plan.network.n_stages == 5 and total_stride(plan.network) == [16, 16, 16]  # re-derived for 96^3
+    assert plan.network.n_stages == 5 and plan.network.total_stride == [16, 16, 16]  # re-derived for 96^3
     assert plan.estimated_memory_gb == pytest.approx(estimate_memory_gb(plan.network, [96] * 3, 4, 4, 4), abs=1e-3)
     Plan.from_dict(plan.to_dict())  # still validates
 
@@ -210,7 +209,7 @@ def test_network_override_kept_with_patch_override():
         "network.strides": "[[1,1,1],[2,2,2],[2,2,2]]", "network.kernel_sizes": "[[3,3,3],[3,3,3],[3,3,3]]",
         "network.conv_per_stage": "3"})
     assert plan.network.features == [16, 32, 64] and plan.network.conv_per_stage == 3
-    assert total_stride(plan.network) == [4, 4, 4]
+    assert plan.network.total_stride == [4, 4, 4]
 
 
 def test_override_errors():

@@ -34,10 +34,7 @@ def shrink_plan_for_cpu(plan: Plan, max_features: int, patch: int) -> Plan:
     """Cap the feature maps and the patch so a CPU trains the demo in minutes (the topology stays the planner's)."""
     plan.network.features = [min(f // 2, max_features) for f in plan.network.features]
     plan.patch_size = [min(p, patch) for p in plan.patch_size]
-    total = [1] * len(plan.patch_size)
-    for stride in plan.network.strides:
-        total = [t * s for t, s in zip(total, stride)]
-    plan.patch_size = [max(t, (p // t) * t) for p, t in zip(plan.patch_size, total)]
+    plan.patch_size = [max(t, (p // t) * t) for p, t in zip(plan.patch_size, plan.network.total_stride)]
     plan.batch_size = 2
     return Plan.from_dict(plan.to_dict())  # re-validate
 

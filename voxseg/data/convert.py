@@ -20,6 +20,7 @@ import numpy as np
 
 from voxseg.data.io import NIFTI_ENDINGS
 from voxseg.errors import DatasetError
+from voxseg.jsonio import write_json_atomic
 
 BRATS_CHANNELS = {"0": "T1", "1": "T1ce", "2": "T2", "3": "FLAIR"}
 BRATS_REGION_LABELS = {"background": 0, "whole_tumor": [1, 2, 3], "tumor_core": [2, 3], "enhancing_tumor": [3]}
@@ -35,12 +36,6 @@ _BRATS_TO_OURS = {0: 0, 1: 2, 2: 1, 3: 3, 4: 3}
 
 def _tmp_path(path: Path) -> Path:
     return path.with_name(f".tmp{os.getpid()}_{path.name}")
-
-
-def _write_json(path: Path, data: dict[str, Any]) -> None:
-    tmp = _tmp_path(path)
-    tmp.write_text(json.dumps(data, indent=2) + "\n")
-    os.replace(tmp, path)
 
 
 def _place_file(src: Path, dst: Path, link: bool) -> str:
@@ -177,7 +172,7 @@ def convert_brats(src: str | Path, dst: str | Path, link: bool = True) -> Path:
         if has_seg:
             _convert_brats_seg(files["seg"], dst / "labelsTr" / f"{name}{ending}")
             num_training += 1
-    _write_json(dst / "dataset.json", {
+    write_json_atomic(dst / "dataset.json", {
         "name": dst.name,
         "description": f"converted from the BraTS folder {src.name} by voxseg",
         "channel_names": dict(BRATS_CHANNELS),
@@ -303,5 +298,5 @@ def convert_msd(src: str | Path, dst: str | Path) -> Path:
     for key in ("reference", "licence", "release"):
         if key in meta:
             out_meta[key] = meta[key]
-    _write_json(dst / "dataset.json", out_meta)
+    write_json_atomic(dst / "dataset.json", out_meta)
     return dst

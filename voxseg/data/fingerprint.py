@@ -42,6 +42,11 @@ def nonzero_bbox(image: np.ndarray, seg: np.ndarray | None = None) -> list[list[
     mask = np.any(image != 0, axis=0)  # (D, H, W)
     if seg is not None:
         mask |= seg != 0
+    return mask_bbox(mask)
+
+
+def mask_bbox(mask: np.ndarray) -> list[list[int]]:
+    """`[[start, stop], ...]` (stop exclusive) of a boolean mask's True voxels; the full extent if it has none."""
     bbox = []
     for axis in range(mask.ndim):
         other = tuple(a for a in range(mask.ndim) if a != axis)

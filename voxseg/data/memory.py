@@ -47,14 +47,6 @@ CONV_WORKSPACE_GB = 0.5  # cuDNN workspace of 3D convolutions
 GB = 1024.0**3
 
 
-def total_stride(network: NetworkPlan) -> list[int]:
-    """Product of the per-stage strides, per axis: patch sizes must be multiples of it."""
-    total = [1] * network.ndim
-    for stride in network.strides:
-        total = [t * int(s) for t, s in zip(total, stride)]
-    return total
-
-
 def stage_voxels(network: NetworkPlan, patch_size: list[int]) -> list[float]:
     """Voxels of the feature maps of every stage for a patch."""
     shape = [float(p) for p in patch_size]

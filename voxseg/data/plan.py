@@ -29,7 +29,7 @@ import numpy as np
 
 from voxseg.data.dataset import RawDataset, load_dataset
 from voxseg.data.fingerprint import compute_fingerprint, save_fingerprint
-from voxseg.data.memory import estimate_memory_gb, total_stride
+from voxseg.data.memory import estimate_memory_gb
 from voxseg.data.plans import ChannelNormalization, NetworkPlan, Plan
 from voxseg.data.splits import SPLITS_FILE, make_fraction_split, make_kfold_splits, save_splits
 from voxseg.data.topology import check_patch_divisible, derive_topology, fit_batch, fit_patch
@@ -318,7 +318,7 @@ def describe_plan(plan: Plan) -> str:
         f"normalisation  {norms}",
         f"patch x batch  {_fmt(plan.patch_size)} x {plan.batch_size}",
         f"network        {plan.network.name}{' (residual)' if net.residual else ''}, {net.n_stages} stages, "
-        f"features {net.features}, total stride {_fmt(total_stride(net))}",
+        f"features {net.features}, total stride {_fmt(net.total_stride)}",
         f"memory         ~{memory} GB estimated (budget {plan.gpu_memory_gb:g} GB)",
     ]
     return "\n".join(lines)

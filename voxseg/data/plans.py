@@ -83,6 +83,14 @@ class NetworkPlan:
     def ndim(self) -> int:
         return len(self.strides[0])
 
+    @property
+    def total_stride(self) -> list[int]:
+        """Product of the per-stage strides, per axis: patch sizes must be multiples of it."""
+        total = [1] * self.ndim
+        for stride in self.strides:
+            total = [t * int(s) for t, s in zip(total, stride)]
+        return total
+
 
 @dataclass
 class Plan:
@@ -153,10 +161,7 @@ class Plan:
         self._check_patch_divisible()
 
     def _check_patch_divisible(self) -> None:
-        total = [1] * self.network.ndim
-        for stride in self.network.strides:
-            total = [t * s for t, s in zip(total, stride)]
-        for axis, (p, t) in enumerate(zip(self.patch_size, total)):
+        for axis, (p, t) in enumerate(zip(self.patch_size, self.network.total_stride)):
             if p % t:
                 raise ConfigError(
                     f"plans.json: patch_size[{axis}]={p} is not divisible by the network's total stride {t} "

@@ -22,6 +22,7 @@ from typing import Any, Sequence
 import numpy as np
 import torch
 
+from voxseg.data.fingerprint import mask_bbox
 from voxseg.data.io import Geometry, read_channels, read_image
 from voxseg.data.plans import ChannelNormalization, Plan
 from voxseg.data.resample import resample
@@ -67,11 +68,7 @@ def nonzero_bbox(image: np.ndarray) -> tuple[np.ndarray, list[list[int]]]:
     An all-zero image keeps its full extent.
     """
     mask = np.any(image != 0, axis=0)  # (D, H, W)
-    bbox = []
-    for axis in range(3):
-        present = np.flatnonzero(np.any(mask, axis=tuple(a for a in range(3) if a != axis)))
-        bbox.append([int(present[0]), int(present[-1]) + 1] if present.size else [0, int(mask.shape[axis])])
-    return mask, bbox
+    return mask, mask_bbox(mask)
 
 
 def _slices(bbox: list[list[int]]) -> tuple[slice, ...]:

@@ -18,6 +18,11 @@ from voxseg.jsonio import read_json
 SPLITS_FILE = "splits.json"
 
 
+def fold_dir(workdir: str | Path, fold: int | str) -> Path:
+    """Where a fold's training run lives: WORKDIR/training/fold_F (F an index or "all")."""
+    return Path(workdir) / "training" / f"fold_{fold}"
+
+
 def make_kfold_splits(names: list[str], num_folds: int = 5, seed: int = 12345) -> list[dict[str, list[str]]]:
     """Seeded k-fold cross-validation: every case is in exactly one fold's validation set.
 

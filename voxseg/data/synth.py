@@ -12,8 +12,6 @@ the brain's size, which keeps tiny test volumes (16^3) meaningful and full-size 
 """
 from __future__ import annotations
 
-import json
-import os
 from pathlib import Path
 
 import numpy as np
@@ -21,6 +19,7 @@ from scipy import ndimage
 
 from voxseg.data.io import Geometry, write_image
 from voxseg.errors import ConfigError
+from voxseg.jsonio import write_json_atomic
 
 CHANNEL_NAMES = {"0": "T1", "1": "T1ce", "2": "T2", "3": "FLAIR"}
 LABELS = {"background": 0, "edema": 1, "necrosis": 2, "enhancing": 3}
@@ -234,12 +233,6 @@ def _case_seed(seed: int, index: int) -> int:
     return int(np.random.SeedSequence([int(seed), int(index)]).generate_state(1)[0])
 
 
-def _write_json(path: Path, data: dict) -> None:
-    tmp = path.with_name(f".tmp{os.getpid()}_{path.name}")
-    tmp.write_text(json.dumps(data, indent=2) + "\n")
-    os.replace(tmp, path)
-
-
 def _geometry(shape: tuple[int, ...], spacing: tuple[float, ...]) -> Geometry:
     """Axis-aligned geometry centred near the world origin (a non-trivial origin, as scanners write)."""
     geometry = Geometry.from_spacing(spacing)
@@ -293,7 +286,7 @@ def make_synthetic_dataset(out_dir: str | Path, num_cases: int = 20, num_test: i
         }
         if regions:
             meta["regions_class_order"] = list(REGIONS_CLASS_ORDER)
-        _write_json(out / "dataset.json", meta)
+        write_json_atomic(out / "dataset.json", meta)
     return out
 
 

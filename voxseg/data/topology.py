@@ -10,7 +10,7 @@ from typing import Any
 
 import numpy as np
 
-from voxseg.data.memory import estimate_memory_gb, total_stride
+from voxseg.data.memory import estimate_memory_gb
 from voxseg.data.plans import NetworkPlan
 from voxseg.errors import ConfigError
 
@@ -75,7 +75,7 @@ def snap_to_topology(
     """Round the patch to a multiple of its network's total stride, re-deriving the network until stable."""
     for _ in range(16):
         network = derive_topology(patch, spacing, **block)
-        total = total_stride(network)
+        total = network.total_stride
         if upward:
             snapped = [math.ceil(p / t) * t for p, t in zip(patch, total)]
         else:
@@ -106,7 +106,7 @@ def fit_patch(
     patch = [max(1, int(round(p * scale))) for p in patch]
     patch, network = snap_to_topology(patch, spacing, block, upward=True)
     while estimate_memory_gb(network, patch, REFERENCE_BATCH, channels, outputs) > budget_gb:
-        total = total_stride(network)
+        total = network.total_stride
         shrinkable = [a for a in range(ndim) if patch[a] - total[a] >= MIN_PATCH_AXIS]
         if not shrinkable:
             break
@@ -136,7 +136,7 @@ def fit_batch(
 
 def check_patch_divisible(patch: list[int], network: NetworkPlan) -> None:
     """Raise ConfigError (suggesting the nearest multiples) when the patch does not divide by the total stride."""
-    for axis, (p, t) in enumerate(zip(patch, total_stride(network))):
+    for axis, (p, t) in enumerate(zip(patch, network.total_stride)):
         if p % t:
             low, high = max(t, p // t * t), (p // t + 1) * t
             raise ConfigError(

@@ -26,6 +26,7 @@ import torch
 from torch import nn
 
 from voxseg.data.plans import Plan
+from voxseg.data.splits import fold_dir
 from voxseg.errors import CheckpointError, ConfigError
 from voxseg.devices import resolve_device  # noqa: F401 - re-exported for the predictor
 
@@ -41,10 +42,6 @@ _ENSEMBLE_FIELDS = ("channel_names", "labels", "regions_class_order", "target_sp
 
 
 # ----- folds and networks -------------------------------------------------------------------------------------
-def fold_dir(workdir: str | Path, fold: int | str) -> Path:
-    return Path(workdir) / "training" / f"fold_{fold}"
-
-
 def trained_folds(workdir: str | Path, checkpoint: str = "final") -> list[int]:
     """Numbered folds of the model folder that have `checkpoint_{checkpoint}.pt`."""
     found = []

@@ -24,7 +24,7 @@ import torch
 
 from voxseg.config import TrainConfig
 from voxseg.data.plans import Plan
-from voxseg.data.splits import get_fold
+from voxseg.data.splits import fold_dir, get_fold
 from voxseg.devices import resolve_device
 from voxseg.errors import CheckpointError, ConfigError, VoxsegError
 from voxseg.losses import build_loss
@@ -195,10 +195,6 @@ def fit(t: Training, run: Resolved, logger: TrainLogger, out_dir: Path, validate
 
 
 # ----- resolving the run ------------------------------------------------------------------------------------
-def fold_dir(workdir: str | Path, fold: int | str) -> Path:
-    return Path(workdir) / "training" / f"fold_{fold}"
-
-
 def resolve_amp(name: str, device: torch.device) -> torch.dtype | None:
     """Autocast dtype: bf16 where supported, fp16 (with loss scaling) on older GPUs; float32 on CPU by default."""
     if name == "off" or (name == "auto" and device.type != "cuda"):
