@@ -20,7 +20,7 @@ import numpy as np
 import torch
 
 from voxseg.data.io import Geometry
-from voxseg.data.plans import ChannelNormalization, NetworkPlan, Plan
+from voxseg.plans import ChannelNormalization, NetworkPlan, Plan
 from voxseg.data.preprocess import preprocess_case
 from voxseg.data.store import sample_foreground_locations, save_case
 

@@ -34,7 +34,7 @@ from typing import Any
 import torch
 
 from voxseg.config import TrainConfig, apply_overrides
-from voxseg.data.plans import Plan
+from voxseg.plans import Plan
 from voxseg.data.splits import get_fold
 from voxseg.devices import resolve_device
 from voxseg.errors import VoxsegError

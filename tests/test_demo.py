@@ -10,7 +10,7 @@ import pytest
 
 from voxseg.cli import main
 from voxseg.data.io import read_image
-from voxseg.data.plans import Plan
+from voxseg.plans import Plan
 from voxseg.demo import QUICK_DEMO, run_demo, shrink_plan_for_cpu
 
 CLASSES = ["edema", "necrosis", "enhancing"]
@@ -52,7 +52,7 @@ def test_quick_demo_end_to_end(tmp_path: Path, capsys: pytest.CaptureFixture) ->
 
 
 def test_shrink_plan_for_cpu_keeps_the_patch_divisible() -> None:
-    from voxseg.data.plans import ChannelNormalization, NetworkPlan
+    from voxseg.plans import ChannelNormalization, NetworkPlan
 
     plan = Plan(
         dataset_name="T", raw_dataset="/nowhere", channel_names={"0": "A"}, labels={"background": 0, "a": 1},

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import torch
 
-from voxseg.data.plans import ChannelNormalization, NetworkPlan, Plan
+from voxseg.plans import ChannelNormalization, NetworkPlan, Plan
 from voxseg.errors import CheckpointError
 from voxseg.infer import export as export_module
 from voxseg.infer.archive import export_archive, install_archive, load_fold_network

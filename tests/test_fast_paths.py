@@ -18,7 +18,7 @@ import torch
 import voxseg.augment.intensity as intensity
 import voxseg.augment.spatial as spatial
 from voxseg.augment import AugmentConfig, augment_batch, source_size
-from voxseg.data.plans import ChannelNormalization, NetworkPlan, Plan
+from voxseg.plans import ChannelNormalization, NetworkPlan, Plan
 from voxseg.data.store import sample_foreground_locations, save_case
 from voxseg.infer.sliding_window import (
     gaussian_importance,

@@ -8,7 +8,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from voxseg.data.plans import ChannelNormalization, NetworkPlan, Plan
+from voxseg.plans import ChannelNormalization, NetworkPlan, Plan
 from voxseg.errors import ConfigError
 from voxseg.losses import LOSS_TERMS, LOSSES, DeepSupervisionLoss, build_loss, downsample_target, region_targets
 

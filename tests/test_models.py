@@ -8,7 +8,7 @@ import pytest
 import torch
 from torch import nn
 
-from voxseg.data.plans import ChannelNormalization, NetworkPlan, Plan
+from voxseg.plans import ChannelNormalization, NetworkPlan, Plan
 from voxseg.errors import ConfigError
 from voxseg.models import NETWORKS, build_network, count_parameters
 from voxseg.models.blocks import ResidualBlock

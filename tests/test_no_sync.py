@@ -24,7 +24,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 from voxseg.augment import AugmentConfig, augment_batch, source_size
 from voxseg.config import TrainConfig, apply_overrides
-from voxseg.data.plans import ChannelNormalization, NetworkPlan, Plan
+from voxseg.plans import ChannelNormalization, NetworkPlan, Plan
 from voxseg.data.store import sample_foreground_locations, save_case
 from voxseg.infer.sliding_window import sliding_window_inference
 from voxseg.losses import build_loss

@@ -19,7 +19,7 @@ from voxseg.data.memory import (
     parameter_count,
 )
 from voxseg.data.plan import derive_topology, describe_plan, make_plan, plan_dataset, plan_target_spacing
-from voxseg.data.plans import NetworkPlan, Plan
+from voxseg.plans import NetworkPlan, Plan
 from voxseg.errors import ConfigError, DatasetError
 
 MRI = {"0": "T1", "1": "T1ce", "2": "T2", "3": "FLAIR"}

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from voxseg.data.io import Geometry, read_image, write_image
-from voxseg.data.plans import ChannelNormalization, NetworkPlan, Plan
+from voxseg.plans import ChannelNormalization, NetworkPlan, Plan
 from voxseg.errors import CheckpointError, InputError
 from voxseg.infer.postprocess import (
     apply_postprocessing,

@@ -11,7 +11,7 @@ from torch import nn
 
 from voxseg.config import TrainConfig, apply_overrides
 from voxseg.data.io import Geometry, read_image
-from voxseg.data.plans import ChannelNormalization, NetworkPlan, Plan
+from voxseg.plans import ChannelNormalization, NetworkPlan, Plan
 from voxseg.data.splits import save_splits
 from voxseg.data.store import sample_foreground_locations, save_case
 from voxseg.errors import CheckpointError, ConfigError

@@ -26,7 +26,7 @@ _LAZY = {
     "convert_msd": "voxseg.data.convert",
     "check_dataset": "voxseg.data.check",
     "plan_dataset": "voxseg.data.plan",
-    "Plan": "voxseg.data.plans",
+    "Plan": "voxseg.plans",
     "preprocess_dataset": "voxseg.data.preprocess",
     "TrainConfig": "voxseg.config",
     "train_fold": ("voxseg.train.loop", "train"),  # not "train": that name is the voxseg.train subpackage

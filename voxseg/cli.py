@@ -203,7 +203,7 @@ def _crossval_folds(workdir: str) -> list[int]:
 
 def _decide_postprocessing(workdir: Path) -> None:
     """After cross-validation: keep largest-component postprocessing only where it raised the folds' Dice."""
-    from voxseg.data.plans import Plan
+    from voxseg.plans import Plan
     from voxseg.infer.postprocess import POSTPROCESSING_FILE, decide_postprocessing
 
     plan = Plan.load(workdir / "plans.json")

@@ -10,7 +10,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from voxseg.devices import resolve_device
-from voxseg.data.plans import Plan
+from voxseg.plans import Plan
 
 
 @dataclass

@@ -21,7 +21,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from voxseg.data.plans import Plan
+from voxseg.plans import Plan
 from voxseg.errors import ConfigError
 from voxseg.registry import Registry, unknown_name_message
 

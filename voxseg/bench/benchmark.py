@@ -18,7 +18,7 @@ from typing import Any
 import torch
 
 from voxseg.bench.timing import config_for, sync, time_training
-from voxseg.data.plans import Plan
+from voxseg.plans import Plan
 from voxseg.jsonio import write_json_atomic
 from voxseg.errors import DatasetError
 

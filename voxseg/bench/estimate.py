@@ -22,7 +22,7 @@ from typing import Any, Sequence
 import torch
 
 from voxseg.bench.timing import config_for, is_out_of_memory, time_training, training_cases
-from voxseg.data.plans import Plan
+from voxseg.plans import Plan
 from voxseg.jsonio import write_json_atomic
 
 

@@ -17,7 +17,7 @@ from typing import Any
 import torch
 
 from voxseg.config import TrainConfig
-from voxseg.data.plans import Plan
+from voxseg.plans import Plan
 from voxseg.data.store import list_cases
 from voxseg.errors import DatasetError
 

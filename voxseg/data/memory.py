@@ -25,7 +25,7 @@ from __future__ import annotations
 import math
 from typing import Any
 
-from voxseg.data.plans import NetworkPlan, Plan
+from voxseg.plans import NetworkPlan, Plan
 
 # Constants of the memory model, calibrated by measurement:
 # - SAVED_TENSORS_PER_CONV and CONCAT_TENSORS_PER_DECODER_LEVEL match the saved-for-backward tensors of

@@ -30,7 +30,7 @@ import numpy as np
 from voxseg.data.dataset import RawDataset, load_dataset
 from voxseg.data.fingerprint import compute_fingerprint, save_fingerprint
 from voxseg.data.memory import estimate_memory_gb
-from voxseg.data.plans import ChannelNormalization, NetworkPlan, Plan
+from voxseg.plans import ChannelNormalization, NetworkPlan, Plan
 from voxseg.data.splits import SPLITS_FILE, make_fraction_split, make_kfold_splits, save_splits
 from voxseg.data.topology import check_patch_divisible, derive_topology, fit_batch, fit_patch
 from voxseg.errors import ConfigError, DatasetError

@@ -24,7 +24,7 @@ import torch
 
 from voxseg.data.fingerprint import mask_bbox
 from voxseg.data.io import Geometry, read_channels, read_image
-from voxseg.data.plans import ChannelNormalization, Plan
+from voxseg.plans import ChannelNormalization, Plan
 from voxseg.data.resample import resample
 from voxseg.data.store import case_paths, load_properties, sample_foreground_locations, save_case
 from voxseg.errors import DatasetError, InputError, VoxsegError

@@ -11,7 +11,7 @@ from typing import Any
 import numpy as np
 
 from voxseg.data.memory import estimate_memory_gb
-from voxseg.data.plans import NetworkPlan
+from voxseg.plans import NetworkPlan
 from voxseg.errors import ConfigError
 
 __all__ = ["check_patch_divisible", "derive_topology", "fit_batch", "fit_patch", "snap_to_topology"]

@@ -25,7 +25,7 @@ from typing import Sequence
 import torch
 from torch import nn
 
-from voxseg.data.plans import Plan
+from voxseg.plans import Plan
 from voxseg.data.splits import fold_dir
 from voxseg.errors import CheckpointError, ConfigError
 from voxseg.devices import resolve_device  # noqa: F401 - re-exported for the predictor

@@ -16,7 +16,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from voxseg.data.plans import Plan
+from voxseg.plans import Plan
 from voxseg.errors import CheckpointError, ConfigError
 from voxseg.infer.archive import fold_dir, load_fold_network
 

@@ -26,7 +26,7 @@ import torch
 from scipy import ndimage
 
 from voxseg.data.io import SUPPORTED_ENDINGS, read_image
-from voxseg.data.plans import Plan
+from voxseg.plans import Plan
 from voxseg.jsonio import write_json_atomic
 from voxseg.errors import ConfigError, InputError
 

@@ -21,7 +21,7 @@ import numpy as np
 import torch
 
 from voxseg.data.io import Geometry, read_channels, write_image
-from voxseg.data.plans import Plan
+from voxseg.plans import Plan
 from voxseg.errors import CheckpointError, ConfigError, InputError, VoxsegError
 from voxseg.infer.archive import check_same_plan, fold_dir, load_fold_network, resolve_device, resolve_folds
 from voxseg.infer.inputs import find_input_cases

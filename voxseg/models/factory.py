@@ -14,7 +14,7 @@ from typing import Any
 
 from torch import nn
 
-from voxseg.data.plans import Plan
+from voxseg.plans import Plan
 from voxseg.errors import ConfigError
 from voxseg.models.unet import UNet
 from voxseg.registry import Registry, unknown_name_message

@@ -23,7 +23,7 @@ import numpy as np
 import torch
 
 from voxseg.config import TrainConfig
-from voxseg.data.plans import Plan
+from voxseg.plans import Plan
 from voxseg.data.splits import fold_dir, get_fold
 from voxseg.devices import resolve_device
 from voxseg.errors import CheckpointError, ConfigError, VoxsegError

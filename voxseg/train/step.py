@@ -20,7 +20,7 @@ from torch import Tensor, nn
 
 from voxseg.augment import augment_batch, source_size
 from voxseg.config import TrainConfig
-from voxseg.data.plans import Plan
+from voxseg.plans import Plan
 from voxseg.train.cache import CaseCache
 from voxseg.train.sampler import PatchSampler
 

@@ -15,7 +15,7 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from voxseg.data.plans import Plan
+from voxseg.plans import Plan
 from voxseg.jsonio import write_json_atomic
 from voxseg.data.io import Geometry, write_image
 from voxseg.data.preprocess import restore_to_original
