@@ -119,7 +119,7 @@ class Runner:
 
 def build_runner(name: str, config: TrainConfig, overrides: list[str], eval_every: int, workdir: Path, out: Path,
                  names: tuple[list[str], list[str]]) -> Runner:
-    plan = loop.plan_with_overrides(Plan.load(workdir / "plans.json"), config)
+    plan = loop.effective_plan(workdir, config)
     run = loop.resolve(config, plan, len(names[0]))
     loop.seed_everything(config.loop.seed, config.loop.deterministic, config.data.num_threads)  # same init
     t = loop.build_training(workdir, plan, config, run, names[0], names[1])
@@ -145,7 +145,7 @@ def warm_up(r: Runner) -> None:
 def train_epoch(r: Runner) -> None:
     """One epoch as `loop.fit` runs it (train, pseudo-Dice + EMA, schedule step, log.jsonl), on the clock."""
     t, config = r.t, r.config
-    record = loop.run_epoch(t.step, t.data, r.logger, config, t.progress.epoch, r.run)
+    record = loop.run_epoch(t.step, t.data, r.logger, config, t.progress.epoch, r.run, t.plan.batch_size)
     record.update(loop.validate_epoch(t.model, t.loss_fn, t.data, t.plan, config, r.run, t.progress))
     t.scheduler.step(t.progress.ema)
     t.progress.epoch += 1
@@ -161,8 +161,8 @@ def evaluate(r: Runner, workdir: Path, val_names: list[str]) -> None:
     """Full sliding-window validation Dice of the current weights (off the clock)."""
     _sync(r.run.device)
     summary = full_validation(r.t.model, r.t.plan, workdir / "preprocessed", val_names, workdir / "unused",
-                              r.run.device, r.run.patch_size, amp_dtype=r.run.amp_dtype,
-                              tile_batch=max(1, r.run.batch_size), write=False)
+                              r.run.device, r.t.plan.patch_size, amp_dtype=r.run.amp_dtype,
+                              tile_batch=max(1, r.t.plan.batch_size), write=False)
     last = r.epochs[-1] if r.epochs else {}
     r.points.append({"epoch": r.t.progress.epoch, "clock_s": r.clock, "iterations": r.iterations,
                      "dice": summary["mean_dice"], "dice_per_class": summary["mean"],
@@ -354,8 +354,8 @@ def main(argv: list[str] | None = None) -> int:
         "settings": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
         "wall_s": time.perf_counter() - start,
         "curves": {r.name: {"overrides": r.overrides, "epochs_total": r.config.loop.epochs,
-                            "iterations_per_epoch": r.run.iterations, "batch_size": r.run.batch_size,
-                            "patch_size": r.run.patch_size, "optim": vars(r.config.optim),
+                            "iterations_per_epoch": r.run.iterations, "batch_size": r.t.plan.batch_size,
+                            "patch_size": r.t.plan.patch_size, "optim": vars(r.config.optim),
                             "schedule": vars(r.config.schedule), "points": r.points, "epochs": r.epochs}
                    for r in runners},
     }

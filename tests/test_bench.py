@@ -139,14 +139,14 @@ def _fake_timing(step_per_batch: float, oom_batches: set[int]):
     calls = []
 
     def fake(workdir, config, iterations=20, warmup=5):
-        batch, samples = config.data.batch_size, config.data.num_samples
+        batch, samples = config.plan["batch_size"], config.data.num_samples
         calls.append((batch, samples))
         if batch in oom_batches:
             raise torch.cuda.OutOfMemoryError(f"CUDA out of memory. Tried to allocate {batch} GiB")
         step = 0.005 + step_per_batch * batch
         return StepTiming(device_step_s=step / 2, end_to_end_step_s=step, data_wait_fraction=0.1,
                           samples_per_s=batch / step, peak_memory_gb=0.5 * batch, batch_size=batch,
-                          patch_size=list(config.data.patch_size), num_samples=samples)
+                          patch_size=list(config.plan["patch_size"]), num_samples=samples)
 
     return fake, calls
 

@@ -23,7 +23,7 @@ def test_defaults_match_the_documented_recipe():
     assert (optim.name, optim.lr, optim.momentum, optim.nesterov) == ("sgd", 1e-2, 0.99, True)
     assert config.optim.weight_decay == 3e-5
     assert (config.schedule.name, config.schedule.exponent) == ("poly", 0.9)
-    assert (config.loss.name, config.loss.deep_supervision) == ("dice_ce", True)
+    assert config.loss.name == "dice_ce" and config.plan == {}
     assert (config.data.num_samples, config.data.iterations_per_epoch, config.data.cache) == (1, 250, "auto")
     loop = config.loop
     assert (loop.epochs, loop.grad_clip, loop.ema_alpha, loop.seed) == (1000, 12.0, 0.9, 12345)
@@ -31,13 +31,13 @@ def test_defaults_match_the_documented_recipe():
 
 def test_round_trip_through_json(tmp_path):
     config = apply_overrides(TrainConfig(), ["optim.name=adamw", "optim.betas=[0.8,0.95]", "loss.weights={\"dice\": 2}",
-                                             "data.patch_size=32,32,16", "loop.residual=true"])
+                                             "plan.patch_size=32,32,16", "plan.network.residual=true"])
     path = tmp_path / "config.json"
     config.save(path)
     again = load_config_json(path)
     assert again == config
     assert json.loads(json.dumps(again.to_dict())) == json.loads(path.read_text())
-    assert again.data.patch_size == [32, 32, 16] and again.loss.weights == {"dice": 2}
+    assert again.plan == {"patch_size": [32, 32, 16], "network.residual": True} and again.loss.weights == {"dice": 2}
 
 
 def test_partial_json_takes_defaults(tmp_path):
@@ -62,7 +62,7 @@ def test_unknown_json_key_names_the_nearest(tmp_path):
 def test_overrides_parse_by_field_type():
     config = apply_overrides(TrainConfig(), [
         "optim.lr=3e-4", "loop.epochs=10", "data.num_samples=2", "loop.deterministic=yes", "optim.nesterov=off",
-        "data.batch_size=none", "data.cache_budget_gb=1.5", "schedule.gamma=null", "loop.residual=false",
+        "plan.batch_size=3", "data.cache_budget_gb=1.5", "schedule.gamma=null", "plan.network.residual=false",
         "loss.weights=dice=1,ce=0.5", "augment.scale_range=0.8,1.2",
     ])
     assert config.loss.weights == {"dice": 1.0, "ce": 0.5} and config.augment.scale_range == (0.8, 1.2)
@@ -70,8 +70,8 @@ def test_overrides_parse_by_field_type():
     assert config.loop.epochs == 10 and isinstance(config.loop.epochs, int)
     assert config.data.num_samples == 2
     assert config.loop.deterministic is True and config.optim.nesterov is False
-    assert config.data.batch_size is None and config.data.cache_budget_gb == 1.5
-    assert config.loop.residual is False
+    assert config.plan["batch_size"] == 3 and config.data.cache_budget_gb == 1.5
+    assert config.plan["network.residual"] is False
     # the input config is not modified
     assert TrainConfig().optim.lr == 1e-2
 

@@ -211,6 +211,7 @@ def _plan(regions: bool) -> Plan:
         network=NetworkPlan(features=[4, 8, 8], kernel_sizes=[[3, 3, 3]] * 3,
                             strides=[[1, 1, 1], [2, 2, 2], [2, 2, 2]], conv_per_stage=1),
         normalization=[ChannelNormalization(), ChannelNormalization()], image_dtype="float32",
+        foreground_oversampling=0.5,
     )
 
 
@@ -244,7 +245,7 @@ def _training(preprocessed, plan: Plan, config: TrainConfig, loss: str = "dice_c
     loss_fn = build_loss(loss, plan, deep_supervision=True)
     optimizer = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.99, nesterov=True)
     step = TrainStep(model, loss_fn, optimizer, torch.device("cpu"), grad_clip=12.0)
-    data = TrainData(preprocessed, plan, config, [16, 16, 16], 2, 0.5, TRAIN, VAL, torch.device("cpu"), seed=3)
+    data = TrainData(preprocessed, plan, config, TRAIN, VAL, torch.device("cpu"), seed=3)
     return model, loss_fn, step, data
 
 
@@ -270,7 +271,7 @@ def test_an_epoch_reads_the_losses_once(preprocessed, tmp_path, monkeypatch, log
     """run_epoch's only sync is the end-of-epoch read (the bar is off, so the log interval must not read)."""
     config = _config(f"logging.log_every_iter={log_every}")
     _, _, step, data = _training(preprocessed, _plan(False), config)
-    run = loop.Resolved(torch.device("cpu"), None, False, [16, 16, 16], 2, 3, 0.5)
+    run = loop.Resolved(torch.device("cpu"), None, False, 3)
     logger = TrainLogger(tmp_path, config.logging, 1)
     reads = []
     guard = SyncGuard()
@@ -283,7 +284,7 @@ def test_an_epoch_reads_the_losses_once(preprocessed, tmp_path, monkeypatch, log
 
     monkeypatch.setattr(RunningMeans, "means", counted_means)
     with guard:
-        record = loop.run_epoch(step, data, logger, config, 0, run)
+        record = loop.run_epoch(step, data, logger, config, 0, run, 2)
     logger.close()
     assert reads == [3]  # once, after all 3 iterations
     assert record["iterations"] == 3 and np.isfinite(record["loss"]["loss"])

@@ -12,6 +12,7 @@ from torch import nn
 from voxseg.config import TrainConfig, apply_overrides
 from voxseg.data.io import Geometry, read_image
 from voxseg.plans import ChannelNormalization, NetworkPlan, Plan
+from voxseg.plans import apply_overrides as apply_plan_overrides
 from voxseg.data.splits import save_splits
 from voxseg.data.store import sample_foreground_locations, save_case
 from voxseg.errors import CheckpointError, ConfigError
@@ -103,7 +104,8 @@ def test_train_writes_logs_checkpoints_and_config(workdir):
     assert records[0]["ema_dice"] == pytest.approx(dice[0])
     assert records[1]["ema_dice"] == pytest.approx(0.9 * dice[0] + 0.1 * dice[1])
     saved = json.loads((out / "config.json").read_text())
-    assert saved["data"]["patch_size"] == [16, 16, 16] and saved["data"]["batch_size"] == 2
+    effective = json.loads((out / "plans.json").read_text())  # the run's effective plan, next to its config
+    assert effective["patch_size"] == [16, 16, 16] and effective["batch_size"] == 2 and saved["plan"] == {}
     assert saved["loop"]["device"] == "cpu" and saved["loop"]["amp"] == "off" and saved["loop"]["compile"] == "off"
     state = load_checkpoint(out / "checkpoint_final.pt")
     assert state["epoch"] == 2 and state["plan"]["dataset_name"] == "Tiny" and state["config"]["loop"]["epochs"] == 2
@@ -264,7 +266,6 @@ def test_resolve_fills_plan_values_and_machine_defaults():
     plan = _plan()
     run = loop.resolve(_config("data.iterations_per_epoch=0", "data.num_samples=2"), plan, num_train=5)
     assert run.iterations == 5  # one pass: 5 cases x 2 patches / batch 2
-    assert (run.patch_size, run.batch_size, run.foreground_fraction) == ([16, 16, 16], 2, 0.33)
     assert run.amp_dtype is None and run.compile is False  # CPU: float32, no compile
     assert loop.resolve(_config("loop.amp=bf16"), plan, 4).amp_dtype == torch.bfloat16
     with pytest.raises(ConfigError, match="fp16 needs a CUDA device"):
@@ -273,8 +274,8 @@ def test_resolve_fills_plan_values_and_machine_defaults():
         with pytest.raises(ConfigError, match="CUDA is not available"):
             loop.resolve(_config("loop.device=cuda"), plan, 4)
     with pytest.raises(ConfigError, match="not divisible"):
-        loop.plan_with_overrides(plan, _config("data.patch_size=10,16,16"))
-    assert loop.plan_with_overrides(plan, _config("loop.residual=true")).network.residual is True
+        apply_plan_overrides(plan, _config("plan.patch_size=10,16,16").plan)
+    assert apply_plan_overrides(plan, _config("plan.network.residual=true").plan).network.residual is True
 
 
 class _MSE(nn.Module):

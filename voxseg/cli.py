@@ -117,7 +117,7 @@ def cmd_preprocess(args: argparse.Namespace) -> int:
 def _train_overrides(args: argparse.Namespace) -> list[str]:
     """Translate the common flags into dotted config overrides (the long tail goes through --set)."""
     flags = {
-        "loop.epochs": args.epochs, "data.iterations_per_epoch": args.iterations, "data.batch_size": args.batch_size,
+        "loop.epochs": args.epochs, "data.iterations_per_epoch": args.iterations, "plan.batch_size": args.batch_size,
         "data.num_samples": args.num_samples, "optim.name": args.optimizer, "optim.lr": args.lr,
         "schedule.name": args.schedule, "loss.name": args.loss, "loop.val_freq": args.val_freq,
         "loop.patience": args.patience, "loop.save_freq": args.save_freq, "loop.device": args.device,
@@ -128,9 +128,9 @@ def _train_overrides(args: argparse.Namespace) -> list[str]:
     if args.loss_weights:
         overrides.append(f"loss.weights={args.loss_weights}")
     if args.residual:
-        overrides.append("loop.residual=true")
+        overrides.append("plan.network.residual=true")
     if args.no_deep_supervision:
-        overrides.append("loss.deep_supervision=false")
+        overrides.append("plan.network.deep_supervision=false")
     return overrides + list(args.set or [])
 
 

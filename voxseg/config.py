@@ -14,6 +14,7 @@ The generic parts (building dataclasses from dicts, locating and parsing dotted 
 """
 from __future__ import annotations
 
+import copy
 import dataclasses
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -24,6 +25,7 @@ from voxseg.configtree import build_dataclass, dotted_names, locate_option, pars
 from voxseg.jsonio import write_json_atomic
 from voxseg.errors import ConfigError
 from voxseg.losses import LOSS_TERMS
+from voxseg.plans import TRAINING_OVERRIDES, parse_overrides
 from voxseg.registry import unknown_name_message
 
 
@@ -120,12 +122,10 @@ class LossConfig:
     Attributes:
         name: dice_ce (default), dice, ce, focal, tversky or dice_focal.
         weights: per-term weights, e.g. {"dice": 1.0, "ce": 1.0}; None = the loss's defaults.
-        deep_supervision: also supervise the decoder's lower-resolution outputs (weights halve per level).
     """
 
     name: str = "dice_ce"
     weights: dict[str, float] | None = None
-    deep_supervision: bool = True
 
     def __post_init__(self) -> None:
         if self.name not in LOSS_TERMS:
@@ -142,16 +142,12 @@ class DataConfig:
 
     Attributes:
         num_samples: patches cut from each drawn case (several patches per case amortise loading it).
-        foreground_fraction: fraction of patches forced to contain foreground; None = the plan's
-            foreground_oversampling.
         cache: where preprocessed cases live during training: "auto" (on the training device when they fit in
             cache_budget_gb, else, for CUDA, pinned host memory when they fit in half the host RAM, else
             "mmap"), "gpu", "pinned" or "mmap" (memory-mapped files, read on demand).
         cache_budget_gb: memory the "auto" cache may use on the device; None = on CUDA 0.8 x (free memory after
             the model is built - 1.2 x the plan's estimated_memory_gb), on a CPU half the host RAM.
         iterations_per_epoch: optimiser steps per epoch; 0 = one pass over the training cases.
-        batch_size: patches per step; None = the plan's.
-        patch_size: patch size in voxels, array axis order; None = the plan's.
         prefetch: batches prepared ahead by a background thread (0 = prepare in the training thread; -1 = auto:
             0 when the cache lives on the training device, where preparing a batch only queues device work,
             2 for pinned or memory-mapped caches, whose host-side reads would otherwise stall the step).
@@ -159,25 +155,17 @@ class DataConfig:
     """
 
     num_samples: int = 1
-    foreground_fraction: float | None = None
     cache: str = "auto"
     cache_budget_gb: float | None = None
     iterations_per_epoch: int = 250
-    batch_size: int | None = None
-    patch_size: list[int] | None = None
     prefetch: int = -1
     num_threads: int = 4
 
     def __post_init__(self) -> None:
         _check(self.num_samples >= 1, "data.num_samples", "must be >= 1")
-        _check(self.foreground_fraction is None or 0 <= self.foreground_fraction <= 1,
-               "data.foreground_fraction", "must be between 0 and 1")
         _choice("data.cache", self.cache, ("auto", "gpu", "pinned", "mmap"))
         _check(self.cache_budget_gb is None or self.cache_budget_gb > 0, "data.cache_budget_gb", "must be > 0")
         _check(self.iterations_per_epoch >= 0, "data.iterations_per_epoch", "must be >= 0 (0 = one pass)")
-        _check(self.batch_size is None or self.batch_size >= 1, "data.batch_size", "must be >= 1")
-        _check(self.patch_size is None or all(int(p) >= 1 for p in self.patch_size), "data.patch_size",
-               "entries must be positive")
         _check(self.prefetch >= -1, "data.prefetch", "must be >= 0, or -1 for auto")
         _check(self.num_threads >= 1, "data.num_threads", "must be >= 1")
 
@@ -201,7 +189,6 @@ class LoopConfig:
         seed: random seed (offset by the rank in multi-GPU runs).
         deterministic: deterministic algorithms (slower on CUDA; resumed runs reproduce exactly).
         device: "auto" (cuda if available, else cpu), "cpu", "cuda" or "cuda:N".
-        residual: residual encoder on/off, overriding the plan; None = the plan's.
         full_val: sliding-window validation of the whole validation cases after training.
     """
 
@@ -218,7 +205,6 @@ class LoopConfig:
     seed: int = 12345
     deterministic: bool = False
     device: str = "auto"
-    residual: bool | None = None
     full_val: bool = True
 
     def __post_init__(self) -> None:
@@ -261,6 +247,10 @@ class TrainConfig:
     """The whole training run.
 
     Attributes:
+        plan: overrides of the work directory's plan for this run, as dotted plan keys: patch_size, batch_size,
+            foreground_oversampling and network.<field> (residual, deep_supervision, ...), e.g.
+            {"batch_size": 4, "network.residual": true}. The effective plan (plans.json + these) is written
+            to training/fold_F/plans.json and is the one everything in the run reads.
         pretrained: checkpoint whose matching-shape weights initialise the network (fine-tuning).
         resume: continue from training/fold_F/checkpoint_latest.pt.
     """
@@ -272,18 +262,41 @@ class TrainConfig:
     augment: AugmentConfig = field(default_factory=AugmentConfig)
     loop: LoopConfig = field(default_factory=LoopConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
+    plan: dict[str, Any] = field(default_factory=dict)
     pretrained: str | None = None
     resume: bool = False
+
+    def __post_init__(self) -> None:
+        self.plan = parse_overrides(self.plan, allowed=TRAINING_OVERRIDES, prefix="plan.")
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> "TrainConfig":
-        return build_dataclass(cls, data, "")
+        return build_dataclass(cls, _moved_to_plan(data), "")
 
     def save(self, path: str | Path) -> None:
         write_json_atomic(path, self.to_dict())
+
+
+# options that were training-config fields before the plan became their one home: old name -> plan key
+MOVED_TO_PLAN = {"data.patch_size": "patch_size", "data.batch_size": "batch_size",
+                 "data.foreground_fraction": "foreground_oversampling", "loop.residual": "network.residual",
+                 "loss.deep_supervision": "network.deep_supervision"}
+
+
+def _moved_to_plan(data: dict[str, Any]) -> dict[str, Any]:
+    """A config dict written before plan overrides were one field (an older config.json): the moved options
+    become plan overrides (None meant "the plan's", so it is dropped)."""
+    data = copy.deepcopy(data)
+    for old, key in MOVED_TO_PLAN.items():
+        section, leaf = old.split(".")
+        if isinstance(data.get(section), dict) and leaf in data[section]:
+            value = data[section].pop(leaf)
+            if value is not None:
+                data.setdefault("plan", {}).setdefault(key, value)
+    return data
 
 
 def load_config_json(path: str | Path) -> TrainConfig:
@@ -299,7 +312,8 @@ def load_config_json(path: str | Path) -> TrainConfig:
 def apply_overrides(config: TrainConfig, overrides: list[str]) -> TrainConfig:
     """Return a copy of `config` with dotted `section.field=value` overrides applied and validated.
 
-    Values are parsed by the field's type: bools accept true/false/1/0/yes/no/on/off; lists accept JSON
+    `plan.<key>=value` sets a plan override for the run (see `TrainConfig.plan`), e.g. `plan.batch_size=4`,
+    `plan.network.residual=true`. Values are parsed by the field's type: bools accept true/false/1/0/yes/no/on/off; lists accept JSON
     (`[96,96,96]`) or commas (`96,96,96`); dicts accept JSON or pairs (`dice=1,ce=0.5`); `none`/`null` sets
     an optional field to None.
     """
@@ -309,6 +323,11 @@ def apply_overrides(config: TrainConfig, overrides: list[str]) -> TrainConfig:
         key = key.strip()
         if not sep or not key:
             raise ConfigError(f"override '{item}' must look like section.field=value, e.g. optim.lr=3e-4")
+        if key in MOVED_TO_PLAN:
+            raise ConfigError(f"option '{key}' is a plan setting now: use plan.{MOVED_TO_PLAN[key]}={text.strip()}")
+        if key.startswith("plan."):  # plan overrides: one dict, keyed like the plan's own fields
+            data["plan"][key[len("plan."):]] = text.strip()
+            continue
         hint, parent, leaf = locate_option(TrainConfig, key, data)
         parent[leaf] = parse_value(text.strip(), hint, key)
     return TrainConfig.from_dict(data)

@@ -132,13 +132,15 @@ def parse_value(text: str, hint: Any, key: str) -> Any:
             from None
     if hint is str:
         return text
+    if hint is Any or dataclasses.is_dataclass(hint):  # free-form or structured: JSON, else the text itself
+        return _parse_json(text, key) if text[:1] in "[{" else text
     origin = _origin(hint)
     if origin in (list, tuple):
         items = _parse_json(text, key) if text.startswith("[") else [t for t in text.split(",") if t.strip()]
         if not isinstance(items, list):
             raise ConfigError(f"option '{key}' expects a list like [1,2,3] or 1,2,3, got '{text}'")
         item_hint = (typing.get_args(hint) or (str,))[0]  # list[int], tuple[int, ...], tuple[float, float]
-        values = [parse_value(str(v).strip() if not isinstance(v, str) else v.strip(), item_hint, key)
+        values = [parse_value(json.dumps(v) if not isinstance(v, str) else v.strip(), item_hint, key)
                   for v in items]
         return tuple(values) if origin is tuple else values
     if origin is dict or hint is dict:

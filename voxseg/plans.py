@@ -5,15 +5,20 @@ dataclasses, which validate every field so that a hand edit that breaks the plan
 """
 from __future__ import annotations
 
+import copy
 import dataclasses
+import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from voxseg.configtree import parse_value
 from voxseg.errors import ConfigError
 from voxseg.jsonio import read_json, write_json_atomic
+from voxseg.registry import unknown_name_message
 
 PLAN_VERSION = 1
+PLAN_FILE = "plans.json"  # WORKDIR/plans.json (as planned) and training/fold_F/plans.json (a run's effective plan)
 
 
 @dataclass
@@ -232,8 +237,6 @@ class Plan:
 
 def _known(cls: type, data: dict[str, Any], where: str) -> dict[str, Any]:
     """Reject unknown keys with the nearest valid one named."""
-    from voxseg.registry import unknown_name_message
-
     names = [f.name for f in dataclasses.fields(cls)]
     for key in data:
         if key not in names:
@@ -246,3 +249,82 @@ def _known(cls: type, data: dict[str, Any], where: str) -> dict[str, Any]:
     if missing:
         raise ConfigError(f"{where}: missing field(s) {', '.join(missing)}")
     return data
+
+
+# ----- overrides ----------------------------------------------------------------------------------------------
+# Plan fields no override may set: the version, the memory estimate (derived) and the network section as a
+# whole (its fields are set one by one as network.<field>).
+_NOT_OVERRIDABLE = ("version", "estimated_memory_gb", "network")
+# What a training run may change for itself (`plan.<key>` in the training config): everything that shapes
+# patches, batches and the network. The rest of the plan describes the preprocessed data and needs a re-plan.
+TRAINING_OVERRIDES = ("patch_size", "batch_size", "foreground_oversampling") + tuple(
+    f"network.{f.name}" for f in dataclasses.fields(NetworkPlan))
+
+
+def override_names() -> list[str]:
+    """Every dotted key a plan override may name: plan fields and `network.<field>`."""
+    plan_fields = [f.name for f in dataclasses.fields(Plan) if f.name not in _NOT_OVERRIDABLE]
+    return plan_fields + [f"network.{f.name}" for f in dataclasses.fields(NetworkPlan)]
+
+
+def _override_hints() -> dict[str, Any]:
+    hints = dict(typing.get_type_hints(Plan))
+    hints.update({f"network.{k}": v for k, v in typing.get_type_hints(NetworkPlan).items()})
+    return hints
+
+
+def parse_overrides(overrides: dict[str, Any] | None, allowed: tuple[str, ...] | None = None,
+                    prefix: str = "") -> dict[str, Any]:
+    """Check override names and parse string values (from the command line) by the field's type.
+
+    Example: {"batch_size": "4", "patch_size": "96,96,96", "network.residual": "true"} ->
+    {"batch_size": 4, "patch_size": [96, 96, 96], "network.residual": True}; "patch_sise" raises
+    ConfigError "unknown plan option 'patch_sise'; did you mean 'patch_size'? ...".
+
+    Args:
+        overrides: dotted key -> value (typed, or text to parse).
+        allowed: the keys accepted (default every `override_names()`); a valid plan key outside it is refused
+            with the reason (a training run cannot change how the data was preprocessed).
+        prefix: how the keys are spelt in messages ("plan." for a training config's `plan.batch_size`).
+    """
+    hints, valid = _override_hints(), override_names()
+    parsed = {}
+    for key, value in (overrides or {}).items():
+        if key not in valid:
+            raise ConfigError(unknown_name_message("plan option", prefix + key,
+                                                   [prefix + name for name in allowed or valid]))
+        if allowed is not None and key not in allowed:
+            raise ConfigError(
+                f"plan option '{prefix}{key}' describes the preprocessed data and cannot change for one training "
+                f"run; re-plan with 'voxseg plan DATASET -o WORKDIR --set {key}=...' and preprocess again. "
+                f"A run may override: {', '.join(prefix + name for name in allowed)}")
+        parsed[key] = parse_value(value.strip(), hints[key], prefix + key) if isinstance(value, str) else value
+    return parsed
+
+
+def apply_overrides(plan: Plan, overrides: dict[str, Any] | None) -> Plan:
+    """A new plan with dotted overrides set field by field (validated like a loaded plans.json).
+
+    Unlike `voxseg plan --set`, nothing is re-fitted: a patch_size override keeps the network, and must be
+    divisible by its total stride. The memory estimate is left as it was (the caller re-estimates it).
+    """
+    values = parse_overrides(overrides)
+    if not values:
+        return plan
+    data = copy.deepcopy(plan.to_dict())
+    for key, value in values.items():
+        section, _, leaf = key.rpartition(".")
+        (data[section] if section else data)[leaf] = value
+    return Plan.from_dict(data)
+
+
+def plan_differences(saved: dict[str, Any], current: dict[str, Any], prefix: str = "") -> list[str]:
+    """'field: saved -> current' for every field that differs between two plans' dicts (nested by dots)."""
+    out = []
+    for key in sorted(set(saved) | set(current)):
+        a, b = saved.get(key), current.get(key)
+        if isinstance(a, dict) and isinstance(b, dict):
+            out += plan_differences(a, b, f"{prefix}{key}.")
+        elif a != b:
+            out.append(f"{prefix}{key}: {a!r} -> {b!r}")
+    return out

@@ -62,8 +62,8 @@ def _measure(workdir: Path, device: str, batch: int, samples: int, patch: list[i
     if batch % samples:
         row.fits, row.note = False, f"batch {batch} is not a multiple of {samples} patches per case"
         return row
-    overrides = base_overrides + [f"data.batch_size={batch}", f"data.num_samples={samples}",
-                                  "data.patch_size=" + ",".join(str(p) for p in patch)]
+    overrides = base_overrides + [f"plan.batch_size={batch}", f"data.num_samples={samples}",
+                                  "plan.patch_size=" + ",".join(str(p) for p in patch)]
     try:
         timing = time_training(workdir, config_for(device, torch.get_num_threads(), overrides),
                                iterations=iterations, warmup=min(3, iterations))

@@ -63,11 +63,11 @@ def time_training(workdir: str | Path, config: TrainConfig, iterations: int = 20
 
     Raises whatever the device raises when the configuration does not fit (see `is_out_of_memory`).
     """
-    from voxseg.train.loop import build_training, plan_with_overrides, resolve, seed_everything
+    from voxseg.train.loop import build_training, effective_plan, resolve, seed_everything
 
     workdir = Path(workdir)
     names = training_cases(workdir)
-    plan = plan_with_overrides(Plan.load(workdir / "plans.json"), config)
+    plan = effective_plan(workdir, config)
     run = resolve(config, plan, len(names))
     seed_everything(config.loop.seed, False, config.data.num_threads)
     t = build_training(workdir, plan, config, run, names, [])
@@ -96,8 +96,8 @@ def time_training(workdir: str | Path, config: TrainConfig, iterations: int = 20
     return StepTiming(
         device_step_s=device_step, end_to_end_step_s=end_to_end,
         data_wait_fraction=min(1.0, stream.wait_seconds / max(end_to_end * iterations, 1e-9)),
-        samples_per_s=run.batch_size / end_to_end, peak_memory_gb=peak, batch_size=run.batch_size,
-        patch_size=list(run.patch_size), num_samples=config.data.num_samples,
+        samples_per_s=plan.batch_size / end_to_end, peak_memory_gb=peak, batch_size=plan.batch_size,
+        patch_size=list(plan.patch_size), num_samples=config.data.num_samples,
     )
 
 

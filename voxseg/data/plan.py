@@ -17,11 +17,8 @@ The memory model lives in `voxseg.data.memory` and the topology / patch / batch 
 """
 from __future__ import annotations
 
-import dataclasses
-import json
 import os
 import shutil
-import typing
 from pathlib import Path
 from typing import Any
 
@@ -30,11 +27,10 @@ import numpy as np
 from voxseg.data.dataset import RawDataset, load_dataset
 from voxseg.data.fingerprint import compute_fingerprint, save_fingerprint
 from voxseg.data.memory import estimate_memory_gb
-from voxseg.plans import ChannelNormalization, NetworkPlan, Plan
+from voxseg.plans import ChannelNormalization, NetworkPlan, Plan, override_names, parse_overrides
 from voxseg.data.splits import SPLITS_FILE, make_fraction_split, make_kfold_splits, save_splits
 from voxseg.data.topology import check_patch_divisible, derive_topology, fit_batch, fit_patch
 from voxseg.errors import ConfigError, DatasetError
-from voxseg.registry import unknown_name_message
 
 __all__ = [
     "derive_topology", "describe_plan", "estimate_memory_gb", "make_plan", "override_names", "parse_overrides",
@@ -45,7 +41,6 @@ ANISOTROPY_RATIO = 3.0  # coarsest / finest median spacing above which an axis i
 NONZERO_MASK_THRESHOLD = 0.75  # z-score inside the nonzero mask when cropping left < 3/4 of the median case
 FOREGROUND_OVERSAMPLING = 0.33
 NETWORK_TOPOLOGY_KEYS = ("features", "kernel_sizes", "strides")
-_NOT_OVERRIDABLE = ("version", "estimated_memory_gb", "network")
 
 
 # ----- spacing and normalisation ---------------------------------------------------------------------------
@@ -108,57 +103,6 @@ def plan_normalization(fingerprint: dict[str, Any], channel_names: dict[str, str
             )
         )
     return schemes
-
-
-# ----- overrides ----------------------------------------------------------------------------------------------
-def override_names() -> list[str]:
-    """Every key `make_plan` accepts in `overrides`: plan fields and `network.<field>`."""
-    plan_fields = [f.name for f in dataclasses.fields(Plan) if f.name not in _NOT_OVERRIDABLE]
-    return plan_fields + [f"network.{f.name}" for f in dataclasses.fields(NetworkPlan)]
-
-
-def parse_overrides(overrides: dict[str, Any] | None) -> dict[str, Any]:
-    """Check override names and parse string values (from the CLI) by the field's type.
-
-    Example: {"batch_size": "4", "patch_size": "96,96,96", "network.residual": "true"} ->
-    {"batch_size": 4, "patch_size": [96, 96, 96], "network.residual": True}; "patch_sise" raises
-    ConfigError "unknown plan option 'patch_sise'; did you mean 'patch_size'? ...".
-    """
-    hints = dict(typing.get_type_hints(Plan))
-    hints.update({f"network.{k}": v for k, v in typing.get_type_hints(NetworkPlan).items()})
-    valid = override_names()
-    parsed = {}
-    for key, value in (overrides or {}).items():
-        if key not in valid:
-            raise ConfigError(unknown_name_message("plan option", key, valid))
-        parsed[key] = _parse_text(value.strip(), hints[key], key) if isinstance(value, str) else value
-    return parsed
-
-
-def _parse_text(text: str, hint: Any, key: str) -> Any:
-    """Parse one CLI value by its type hint: bools (true/false/yes/no/1/0), numbers, lists as JSON or commas."""
-    args = [a for a in typing.get_args(hint) if a is not type(None)]
-    if type(None) in typing.get_args(hint):
-        if text.lower() in ("none", "null"):
-            return None
-        hint = args[0]
-    origin = typing.get_origin(hint)
-    try:
-        if hint is bool:
-            if text.lower() not in ("true", "false", "yes", "no", "1", "0", "on", "off"):
-                raise ValueError(text)
-            return text.lower() in ("true", "yes", "1", "on")
-        if hint in (int, float):
-            return hint(text)
-        if hint is str:
-            return text
-        if origin is list:
-            items = json.loads(text) if text.startswith("[") else [json.loads(t) for t in text.split(",") if t.strip()]
-            item = typing.get_args(hint)[0]
-            return [item(v) if item in (int, float) else v for v in items]
-        return json.loads(text)
-    except (ValueError, TypeError):
-        raise ConfigError(f"plan option '{key}': cannot read '{text}' as {getattr(hint, '__name__', hint)}") from None
 
 
 # ----- the plan ----------------------------------------------------------------------------------------------

@@ -23,7 +23,9 @@ import numpy as np
 import torch
 
 from voxseg.config import TrainConfig
-from voxseg.plans import Plan
+from voxseg.data.memory import estimate_memory_gb
+from voxseg.plans import PLAN_FILE, Plan, plan_differences
+from voxseg.plans import apply_overrides as apply_plan_overrides
 from voxseg.data.splits import fold_dir, get_fold
 from voxseg.devices import resolve_device
 from voxseg.errors import CheckpointError, ConfigError, VoxsegError
@@ -49,10 +51,7 @@ class Resolved:
     device: torch.device
     amp_dtype: torch.dtype | None
     compile: bool
-    patch_size: list[int]
-    batch_size: int
     iterations: int
-    foreground_fraction: float
 
 
 @dataclass
@@ -115,10 +114,10 @@ def train(workdir: str | Path, fold: int | str, config: TrainConfig, resume: boo
     workdir = Path(workdir)
     out_dir = fold_dir(workdir, fold)
     train_names, val_names = get_fold(workdir, fold)
-    plan = plan_with_overrides(Plan.load(workdir / "plans.json"), config)
+    if test_only:  # the checkpoint's own effective plan decides everything; the config only the device/amp
+        return _test_only(workdir, out_dir, config, val_names, start)
+    plan = effective_plan(workdir, config)
     run = resolve(config, plan, len(train_names))
-    if test_only:
-        return _test_only(workdir, out_dir, run, val_names, start)
 
     seed_everything(config.loop.seed + rank, config.loop.deterministic, config.data.num_threads)
     t = build_training(workdir, plan, config, run, train_names, val_names, rank, world_size)
@@ -128,11 +127,12 @@ def train(workdir: str | Path, fold: int | str, config: TrainConfig, resume: boo
     elif pretrained or config.pretrained:
         _print(rank, load_pretrained(t.model, pretrained or config.pretrained).summary())
     if rank == 0:
-        resolved_config(config, run, plan).save(out_dir / "config.json")
+        plan.save(out_dir / PLAN_FILE)
+        resolved_config(config, run).save(out_dir / "config.json")
 
     logger = TrainLogger(out_dir, config.logging, config.loop.epochs, rank, start_epoch=t.progress.epoch)
     logger.message(f"training fold {fold} on {run.device}: {len(train_names)} training / {len(val_names)} "
-                   f"validation cases, patch {run.patch_size}, batch {run.batch_size}, {run.iterations} "
+                   f"validation cases, patch {plan.patch_size}, batch {plan.batch_size}, {run.iterations} "
                    f"iterations x {config.loop.epochs} epochs, amp {_amp_name(run.amp_dtype)}, "
                    f"compile {'on' if run.compile else 'off'}\n"
                    f"{t.data.describe()}")
@@ -160,15 +160,15 @@ def train(workdir: str | Path, fold: int | str, config: TrainConfig, resume: boo
 def build_training(workdir: Path, plan: Plan, config: TrainConfig, run: Resolved, train_names: list[str],
                    val_names: list[str], rank: int = 0, world_size: int = 1) -> Training:
     """Model, loss, optimiser, schedule, step and data, on the resolved device."""
-    model = build_network(plan, deep_supervision=config.loss.deep_supervision).to(run.device)
-    loss_fn = build_loss(config.loss.name, plan, config.loss.weights, config.loss.deep_supervision).to(run.device)
+    model = build_network(plan).to(run.device)  # deep supervision as the plan says
+    loss_fn = build_loss(config.loss.name, plan, config.loss.weights, plan.network.deep_supervision).to(run.device)
     optimizer = build_optimizer(model.parameters(), config.optim)
     scheduler = build_scheduler(optimizer, config.schedule, config.loop.epochs, run.iterations)
     step = TrainStep(_wrap_ddp(model, run.device, world_size), loss_fn, optimizer, run.device, run.amp_dtype,
                      config.loop.grad_accum, config.loop.grad_clip, compile=run.compile)
     # the cache comes after the model so that its GPU budget sees the memory the model already holds
-    data = TrainData(workdir / "preprocessed", plan, config, run.patch_size, run.batch_size,
-                     run.foreground_fraction, train_names, val_names, run.device, seed=config.loop.seed + rank,
+    data = TrainData(workdir / "preprocessed", plan, config, train_names, val_names, run.device,
+                     seed=config.loop.seed + rank,
                      cache_budget_gb=cache_budget_gb(config, plan, run.device))
     return Training(model, loss_fn, optimizer, scheduler, step, data, plan, config, Progress(), rank)
 
@@ -178,7 +178,7 @@ def fit(t: Training, run: Resolved, logger: TrainLogger, out_dir: Path, validate
     loop_config, progress = t.config.loop, t.progress
     while progress.epoch < loop_config.epochs:
         epoch = progress.epoch
-        record = run_epoch(t.step, t.data, logger, t.config, epoch, run)
+        record = run_epoch(t.step, t.data, logger, t.config, epoch, run, t.plan.batch_size)
         validated = validate and (epoch + 1) % loop_config.val_freq == 0
         if validated:
             record.update(validate_epoch(t.model, t.loss_fn, t.data, t.plan, t.config, run, progress))
@@ -207,38 +207,34 @@ def resolve_amp(name: str, device: torch.device) -> torch.dtype | None:
 
 
 def resolve(config: TrainConfig, plan: Plan, num_train: int) -> Resolved:
+    """Device, autocast, compile and iterations per epoch for this machine and this effective plan."""
     device = resolve_device(config.loop.device, option="loop.device")
-    patch = [int(p) for p in (config.data.patch_size or plan.patch_size)]
-    if len(patch) != len(plan.patch_size):
-        raise ConfigError(f"data.patch_size={patch} must have {len(plan.patch_size)} entries like the plan's")
-    batch = int(config.data.batch_size or plan.batch_size)
+    batch = plan.batch_size
     iterations = config.data.iterations_per_epoch or max(1, math.ceil(num_train * config.data.num_samples / batch))
-    fg = plan.foreground_oversampling if config.data.foreground_fraction is None else config.data.foreground_fraction
     compile_ = config.loop.compile == "on" or (config.loop.compile == "auto" and device.type == "cuda")
-    return Resolved(device, resolve_amp(config.loop.amp, device), compile_, patch, batch, iterations, float(fg))
+    return Resolved(device, resolve_amp(config.loop.amp, device), compile_, iterations)
 
 
-def plan_with_overrides(plan: Plan, config: TrainConfig) -> Plan:
-    """The plan the network is built from: the config's residual and patch size override the plan's."""
-    if config.loop.residual is None and config.data.patch_size is None:
-        return plan
-    data = plan.to_dict()
-    if config.loop.residual is not None:
-        data["network"]["residual"] = bool(config.loop.residual)
-    if config.data.patch_size is not None:
-        data["patch_size"] = [int(p) for p in config.data.patch_size]  # validated against the strides here
-    return Plan.from_dict(data)
+def effective_plan(workdir: Path, config: TrainConfig) -> Plan:
+    """The run's plan: WORKDIR/plans.json with the config's plan overrides, built once per run.
+
+    Nothing is re-fitted (see `voxseg.plans.apply_overrides`); the memory estimate, which sizes the GPU
+    cache, is recomputed for the overridden patch, batch and network.
+    """
+    planned = Plan.load(workdir / PLAN_FILE)
+    plan = apply_plan_overrides(planned, config.plan)
+    if plan != planned:
+        plan.estimated_memory_gb = round(estimate_memory_gb(plan.network, plan.patch_size, plan.batch_size,
+                                                            plan.num_channels, plan.num_outputs), 3)
+    return plan
 
 
-def resolved_config(config: TrainConfig, run: Resolved, plan: Plan) -> TrainConfig:
-    """The config with every 'auto'/None that depends on the machine or the plan filled in (config.json)."""
+def resolved_config(config: TrainConfig, run: Resolved) -> TrainConfig:
+    """The config with every 'auto' that depends on the machine filled in (config.json)."""
     out = copy.deepcopy(config)
-    out.data.patch_size, out.data.batch_size = list(run.patch_size), run.batch_size
-    out.data.foreground_fraction = run.foreground_fraction
     out.loop.device = str(run.device)
     out.loop.amp = _amp_name(run.amp_dtype)
     out.loop.compile = "on" if run.compile else "off"
-    out.loop.residual = plan.network.residual
     return out
 
 
@@ -276,7 +272,7 @@ def _wrap_ddp(model: torch.nn.Module, device: torch.device, world_size: int) -> 
 
 # ----- one epoch --------------------------------------------------------------------------------------------
 def run_epoch(step: TrainStep, data: TrainData, logger: TrainLogger, config: TrainConfig, epoch: int,
-              run: Resolved) -> dict[str, Any]:
+              run: Resolved, batch_size: int) -> dict[str, Any]:
     """Train one epoch; the host reads the losses only every `log_every_iter` iterations and at the end."""
     accum, log_every = config.loop.grad_accum, config.logging.log_every_iter
     cuda = run.device.type == "cuda"
@@ -299,7 +295,7 @@ def run_epoch(step: TrainStep, data: TrainData, logger: TrainLogger, config: Tra
                 bar.set_postfix(loss=f"{running.means()['loss']:.4f}")
     losses = running.means()  # host-device sync: end of epoch
     seconds = time.perf_counter() - start
-    samples = run.iterations * accum * run.batch_size
+    samples = run.iterations * accum * batch_size
     gib = 1024**3
     return {
         "epoch": epoch, "loss": losses, "lr": lr, "iterations": run.iterations,
@@ -341,6 +337,13 @@ def restore(path: Path, device: torch.device, t: Training) -> None:
     if not path.is_file():
         raise CheckpointError(f"{path} does not exist: nothing to resume; train without --resume first")
     state = load_checkpoint(path, map_location=device)
+    changed = [line for line in plan_differences(state["plan"], t.plan.to_dict())
+               if not line.startswith("estimated_memory_gb:")]  # derived from the others
+    if changed:
+        raise CheckpointError(
+            f"{path} was trained with another plan; a resumed run keeps its effective plan "
+            f"({path.parent / PLAN_FILE}). Changed: {'; '.join(changed)}. Resume without these plan overrides "
+            f"(and with plans.json as it was), or train a new run")
     saved_optimizer = state["config"]["optim"]["name"]
     if saved_optimizer != t.config.optim.name:
         raise CheckpointError(
@@ -361,21 +364,22 @@ def restore(path: Path, device: torch.device, t: Training) -> None:
     set_rng_state(state["rng"], t.data.generators)
 
 
-def _test_only(workdir: Path, out_dir: Path, run: Resolved, val_names: list[str], start: float) -> dict[str, Any]:
+def _test_only(workdir: Path, out_dir: Path, config: TrainConfig, val_names: list[str],
+               start: float) -> dict[str, Any]:
     """Full validation of checkpoint_best (else checkpoint_final) without training."""
     candidates = [out_dir / "checkpoint_best.pt", out_dir / "checkpoint_final.pt"]
     path = next((p for p in candidates if p.is_file()), None)
     if path is None:
         raise CheckpointError(f"{out_dir}: neither checkpoint_best.pt nor checkpoint_final.pt exists; train first")
-    state = load_checkpoint(path, map_location=run.device)
-    plan = Plan.from_dict(state["plan"])  # the plan the weights were trained with (residual, patch size)
-    deep_supervision = bool(state["config"]["loss"]["deep_supervision"])
-    model = build_network(plan, deep_supervision=deep_supervision).to(run.device)
+    device = resolve_device(config.loop.device, option="loop.device")
+    state = load_checkpoint(path, map_location=device)
+    plan = Plan.from_dict(state["plan"])  # the effective plan the weights were trained with
+    model = build_network(plan, deep_supervision=False).to(device)
     try:
         model.load_state_dict(state["model"])
     except RuntimeError as exc:
         raise CheckpointError(f"{path} does not fit its own plan: {str(exc).splitlines()[0]}") from None
-    run.patch_size = list(plan.patch_size)
+    run = Resolved(device, resolve_amp(config.loop.amp, device), False, 0)
     result: dict[str, Any] = {"checkpoint": str(path), "epochs": int(state["epoch"])}
     if val_names:
         result.update(_full_val_metrics(model, plan, workdir, out_dir, val_names, run))
@@ -386,7 +390,7 @@ def _test_only(workdir: Path, out_dir: Path, run: Resolved, val_names: list[str]
 def _full_val_metrics(model: torch.nn.Module, plan: Plan, workdir: Path, out_dir: Path, names: list[str],
                       run: Resolved) -> dict[str, Any]:
     summary = full_validation(model, plan, workdir / "preprocessed", names, out_dir / "validation", run.device,
-                              run.patch_size, amp_dtype=run.amp_dtype, tile_batch=max(1, run.batch_size))
+                              plan.patch_size, amp_dtype=run.amp_dtype, tile_batch=max(1, plan.batch_size))
     return {"val_dice_mean": summary["mean_dice"], "val_dice": summary["mean"]}
 
 

@@ -231,20 +231,19 @@ class TrainData:
 
     Args:
         preprocessed_dir: WORKDIR/preprocessed.
-        plan: the plan (labels/regions for foreground sampling).
+        plan: the run's effective plan: patch and batch size, foreground oversampling, labels/regions.
         config: the run's settings (data and augment sections).
-        patch_size, batch_size, foreground_fraction: resolved values.
         train_names, val_names: the fold's cases.
         device: training device.
         seed: base seed (already offset by the rank).
         cache_budget_gb: memory the training cache may take in gpu mode (None = the cache's default).
     """
 
-    def __init__(self, preprocessed_dir: str | os.PathLike, plan: Plan, config: TrainConfig,
-                 patch_size: list[int], batch_size: int, foreground_fraction: float, train_names: list[str],
+    def __init__(self, preprocessed_dir: str | os.PathLike, plan: Plan, config: TrainConfig, train_names: list[str],
                  val_names: list[str], device: torch.device, seed: int,
                  cache_budget_gb: float | None = None) -> None:
-        self.config, self.patch_size, self.device = config, list(patch_size), torch.device(device)
+        patch_size = list(plan.patch_size)
+        self.config, self.patch_size, self.device = config, patch_size, torch.device(device)
         self.seed = seed
         self.train_cache = CaseCache(preprocessed_dir, train_names, device, mode=config.data.cache,
                                      budget_gb=cache_budget_gb)
@@ -253,7 +252,7 @@ class TrainData:
             self.val_cache = self.train_cache
         elif val_names:
             self.val_cache = CaseCache(preprocessed_dir, val_names, device, mode=config.data.cache)
-        self._sampler_args = dict(batch_size=batch_size, foreground_fraction=foreground_fraction,
+        self._sampler_args = dict(batch_size=plan.batch_size, foreground_fraction=plan.foreground_oversampling,
                                   regions=plan.regions if plan.is_region_based else None,
                                   ignore_label=plan.ignore_label, device=device)
         self.sampler = PatchSampler(self.train_cache, patch_size, num_samples=config.data.num_samples,
