@@ -42,7 +42,7 @@ from voxseg.jsonio import write_json_atomic
 from voxseg.train import loop
 from voxseg.train.logger import TrainLogger
 from voxseg.train.recipes import recipe_overrides
-from voxseg.train.validate import full_validation
+from voxseg.infer.validation import full_validation
 
 
 # ----- data ---------------------------------------------------------------------------------------------------

@@ -10,8 +10,8 @@ import torch
 from torch import nn
 
 from voxseg.errors import CheckpointError
-from voxseg.train import checkpoint as ckpt
-from voxseg.train.checkpoint import load_checkpoint, load_pretrained, rng_state, save_checkpoint, set_rng_state
+from voxseg import checkpoint as ckpt
+from voxseg.checkpoint import load_checkpoint, load_pretrained, rng_state, save_checkpoint, set_rng_state
 
 
 def _net(out_channels: int = 3) -> nn.Module:
@@ -105,3 +105,81 @@ def test_pretrained_from_an_unrelated_network_is_an_error(tmp_path):
     save_checkpoint(tmp_path / "other.pt", {"layer.weight": torch.zeros(3)})
     with pytest.raises(CheckpointError, match="no tensor matches"):
         load_pretrained(_net(), tmp_path / "other.pt")
+
+
+class _Counter:
+    """A stateful object as the checkpointer sees it."""
+
+    def __init__(self, value: int = 0) -> None:
+        self.value = value
+
+    def state_dict(self):
+        return {"value": self.value}
+
+    def load_state_dict(self, state):
+        self.value = int(state["value"])
+
+
+def _checkpointer(directory, value=0, plan=None, optimizer="sgd", **kwargs):
+    objects = {"counter": _Counter(value), "model": _net()}
+    metadata = {"plan": plan or {"batch_size": 2, "network": {"residual": False}},
+                "config": {"optim": {"name": optimizer}}}
+    return ckpt.Checkpointer(directory, objects, metadata, **kwargs)
+
+
+def test_checkpointer_saves_and_restores_every_object(tmp_path):
+    source = _checkpointer(tmp_path, value=7)
+    path = source.save("latest")
+    assert path == tmp_path / "checkpoint_latest.pt"
+    state = load_checkpoint(path)
+    assert state["format"] == ckpt.CHECKPOINT_FORMAT and state["counter"] == {"value": 7}
+    assert state["plan"]["batch_size"] == 2 and state["config"]["optim"]["name"] == "sgd"
+    target = _checkpointer(tmp_path, value=0)
+    target.restore("latest")
+    assert target.objects["counter"].value == 7
+    for name, tensor in source.objects["model"].state_dict().items():
+        assert torch.equal(target.objects["model"].state_dict()[name], tensor)
+
+
+def test_checkpointer_refuses_another_plan_optimiser_or_format(tmp_path):
+    _checkpointer(tmp_path).save("latest")
+    changed = {"batch_size": 4, "network": {"residual": True}}
+    with pytest.raises(CheckpointError, match=r"another plan.*batch_size: 2 -> 4; network.residual: False -> True"):
+        _checkpointer(tmp_path, plan=changed).restore("latest")
+    with pytest.raises(CheckpointError, match="optim.name=sgd but this run uses adamw"):
+        _checkpointer(tmp_path, optimizer="adamw").restore("latest")
+    save_checkpoint(tmp_path / "checkpoint_old.pt", {"model": _net().state_dict(), "epoch": 3})
+    with pytest.raises(CheckpointError, match="has no counter state"):
+        _checkpointer(tmp_path).restore("old")
+    with pytest.raises(CheckpointError, match="does not exist: nothing to resume"):
+        _checkpointer(tmp_path).restore("missing")
+
+
+def test_checkpointer_keeps_the_newest_snapshots_and_writes_only_where_enabled(tmp_path):
+    keeper = _checkpointer(tmp_path / "a", keep_snapshots=2)
+    for epoch in (10, 20, 30, 40):
+        keeper.objects["counter"].value = epoch
+        keeper.snapshot(epoch)
+    assert [p.name for p in keeper.snapshots()] == ["checkpoint_epoch_30.pt", "checkpoint_epoch_40.pt"]
+    assert load_checkpoint(tmp_path / "a" / "checkpoint_epoch_40.pt")["counter"] == {"value": 40}
+    assert _checkpointer(tmp_path / "b").snapshot(10) is None  # keep_snapshots=0: no snapshots
+    silent = _checkpointer(tmp_path / "c", enabled=False)
+    assert silent.save("latest") is None and not (tmp_path / "c").exists()
+
+
+def test_network_from_checkpoint_rebuilds_the_trained_network(tmp_path):
+    from voxseg.models import build_network
+    from test_train import _plan
+
+    plan = _plan()
+    trained = build_network(plan)
+    save_checkpoint(tmp_path / "c.pt", {"model": {"_orig_mod." + k: v for k, v in trained.state_dict().items()},
+                                        "plan": plan.to_dict()})
+    network, loaded_plan, _ = ckpt.network_from_checkpoint(tmp_path / "c.pt")
+    assert loaded_plan == plan and not network.training and network.deep_supervision is False
+    x = torch.randn(1, 2, 16, 16, 16)
+    trained.eval().deep_supervision = False
+    torch.testing.assert_close(network(x), trained(x))
+    save_checkpoint(tmp_path / "bare.pt", {"model": trained.state_dict()})
+    with pytest.raises(CheckpointError, match="holds no plan"):
+        ckpt.network_from_checkpoint(tmp_path / "bare.pt")

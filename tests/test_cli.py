@@ -21,7 +21,7 @@ import torch
 import voxseg
 from voxseg.cli import build_parser, main
 from voxseg.data.io import read_image
-from voxseg.train.checkpoint import load_checkpoint
+from voxseg.checkpoint import load_checkpoint
 
 CLASSES = ("edema", "necrosis", "enhancing")
 SHAPE = (24, 28, 32)  # not a cube, so a swapped axis anywhere changes a shape
@@ -147,7 +147,7 @@ def test_training_outputs(pipeline: Pipeline, fold: int) -> None:
     epochs = _log_epochs(out / "log.jsonl")
     assert [e["epoch"] for e in epochs] == [0, 1]
     assert all(e["iterations"] == 2 and math.isfinite(e["loss"]["loss"]) for e in epochs)
-    assert load_checkpoint(out / "checkpoint_final.pt", "cpu")["epoch"] == 2
+    assert load_checkpoint(out / "checkpoint_final.pt", "cpu")["progress"]["epoch"] == 2
     # full validation predicted exactly this fold's validation cases
     val = json.loads((pipeline.work / "splits.json").read_text())[fold]["val"]
     assert _case_names(out / "validation") == sorted(val)
@@ -189,7 +189,7 @@ def test_resume_continues_training(pipeline: Pipeline, tmp_path: Path) -> None:
     after = (work / "training" / "fold_0" / "log.jsonl").read_text().splitlines()
     assert [json.loads(line)["epoch"] for line in after] == [0, 1, 2]
     assert after[:2] == before  # the old epochs are kept, one new epoch appended
-    assert load_checkpoint(work / "training" / "fold_0" / "checkpoint_final.pt", "cpu")["epoch"] == 3
+    assert load_checkpoint(work / "training" / "fold_0" / "checkpoint_final.pt", "cpu")["progress"]["epoch"] == 3
     # the resumed run kept its own settings (2 iterations, CPU) although only --epochs was given
     assert _log_epochs(work / "training" / "fold_0" / "log.jsonl")[-1]["iterations"] == 2
 

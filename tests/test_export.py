@@ -47,7 +47,7 @@ def workdir(tmp_path_factory):
         net(torch.randn(1, 2, 16, 16, 16))[0].square().mean().backward()
         optimizer.step()
         torch.save({"model": net.state_dict(), "optimizer": optimizer.state_dict(), "plan": plan.to_dict(),
-                    "config": {"loop": {"epochs": 1}}, "epoch": 1}, folder / "checkpoint_final.pt")
+                    "config": {"loop": {"epochs": 1}}, "progress": {"epoch": 1}}, folder / "checkpoint_final.pt")
         (folder / "config.json").write_text(json.dumps({"loop": {"epochs": 1}}))
     return root
 
@@ -91,7 +91,7 @@ def test_archive_round_trip(workdir, tmp_path):
             "training/fold_1/config.json"} <= names
     target = install_archive(archive, tmp_path / "installed")
     installed = torch.load(target / "training" / "fold_0" / "checkpoint_final.pt", weights_only=True)
-    assert "optimizer" not in installed and installed["epoch"] == 1  # resuming state is not shipped
+    assert "optimizer" not in installed and installed["progress"]["epoch"] == 1  # resuming state is not shipped
     image = np.random.default_rng(1).normal(size=(2, 18, 16, 20)).astype(np.float32)
     original = Predictor.from_workdir(workdir, folds=[0, 1], device="cpu", mirror_axes=None)
     copy = Predictor.from_workdir(target, folds=[0, 1], device="cpu", mirror_axes=None)

@@ -8,12 +8,11 @@ import pytest
 import torch
 
 from voxseg.data.io import Geometry, read_image, write_image
-from voxseg.plans import ChannelNormalization, NetworkPlan, Plan
+from voxseg.plans import ChannelNormalization, LabelScheme, NetworkPlan, Plan
 from voxseg.errors import CheckpointError, InputError
 from voxseg.infer.postprocess import (
     apply_postprocessing,
     decide_postprocessing,
-    default_regions_class_order,
     keep_largest_component,
     largest_component,
     regions_to_labels,
@@ -103,7 +102,7 @@ def test_fold_selection_and_missing_checkpoint(workdir, tmp_path):
 
 
 def test_regions_to_labels_and_default_order():
-    assert default_regions_class_order([[1, 2, 3], [2, 3], [3]]) == [1, 2, 3]
+    assert LabelScheme({"background": 0, "a": [1, 2, 3], "b": [2, 3], "c": [3]}).class_order == [1, 2, 3]
     probabilities = torch.tensor([[0.9, 0.9, 0.4, 0.1, 0.9],   # whole tumour
                                   [0.9, 0.2, 0.9, 0.1, 0.6],   # core
                                   [0.1, 0.7, 0.9, 0.1, 0.5]])  # enhancing (0.5 is not > 0.5)

@@ -17,10 +17,11 @@ from voxseg.data.splits import save_splits
 from voxseg.data.store import sample_foreground_locations, save_case
 from voxseg.errors import CheckpointError, ConfigError
 from voxseg.train import loop
-from voxseg.train.checkpoint import load_checkpoint
+from voxseg.checkpoint import load_checkpoint
 from voxseg.train.loop import TrainingInterrupted, train
 from voxseg.train.step import BatchStream, RunningMeans, TrainStep
-from voxseg.train.validate import class_masks, dice_from_counts, full_validation, overlap_counts
+from voxseg.evaluate.overlap import class_masks, dice_from_counts, overlap_counts
+from voxseg.infer.validation import full_validation
 
 CASE_SHAPE = (24, 24, 20)
 TRAIN = ["case_0", "case_1", "case_2", "case_3"]
@@ -108,8 +109,9 @@ def test_train_writes_logs_checkpoints_and_config(workdir):
     assert effective["patch_size"] == [16, 16, 16] and effective["batch_size"] == 2 and saved["plan"] == {}
     assert saved["loop"]["device"] == "cpu" and saved["loop"]["amp"] == "off" and saved["loop"]["compile"] == "off"
     state = load_checkpoint(out / "checkpoint_final.pt")
-    assert state["epoch"] == 2 and state["plan"]["dataset_name"] == "Tiny" and state["config"]["loop"]["epochs"] == 2
-    assert {"model", "optimizer", "scheduler", "scaler", "rng", "data", "best_metric", "ema", "patience"} <= set(state)
+    assert state["progress"]["epoch"] == 2 and state["plan"] == effective and state["config"]["loop"]["epochs"] == 2
+    assert {"model", "optimizer", "scheduler", "scaler", "rng", "data", "progress"} <= set(state)
+    assert {"ema", "best_metric", "best_epoch"} <= set(state["progress"])
 
 
 def _final_weights(workdir) -> dict[str, torch.Tensor]:
@@ -135,7 +137,7 @@ def test_resume_after_interrupt_matches_an_uninterrupted_run(workdir, monkeypatc
     monkeypatch.setattr(loop, "run_epoch", interrupted)
     with pytest.raises(TrainingInterrupted, match="resume with --resume"):
         train(workdir, 0, config)
-    assert load_checkpoint(workdir / "training" / "fold_0" / "checkpoint_latest.pt")["epoch"] == 1
+    assert load_checkpoint(workdir / "training" / "fold_0" / "checkpoint_latest.pt")["progress"]["epoch"] == 1
     monkeypatch.setattr(loop, "run_epoch", real_run_epoch)
     result = train(workdir, 0, config, resume=True)
     assert result["epochs"] == 2
@@ -170,8 +172,8 @@ def test_early_stopping_and_best_checkpoint(workdir, monkeypatch):
     out = workdir / "training" / "fold_0"
     records = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
     assert [r["ema_dice"] for r in records] == pytest.approx([0.5, 0.49, 0.471])
-    assert load_checkpoint(out / "checkpoint_best.pt")["epoch"] == 1  # saved after epoch 0, the best EMA
-    assert load_checkpoint(out / "checkpoint_best.pt")["best_metric"] == pytest.approx(0.5)
+    assert load_checkpoint(out / "checkpoint_best.pt")["progress"]["epoch"] == 1  # saved after epoch 0, the best EMA
+    assert load_checkpoint(out / "checkpoint_best.pt")["progress"]["best_metric"] == pytest.approx(0.5)
 
 
 def test_test_only_validates_the_best_checkpoint_on_full_volumes(workdir):

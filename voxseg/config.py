@@ -186,6 +186,8 @@ class LoopConfig:
         patience: stop after this many epochs without EMA pseudo-Dice improvement (0 = never).
         ema_alpha: smoothing of the pseudo-Dice EMA: ema = alpha * ema + (1 - alpha) * dice.
         save_freq: write checkpoint_latest every this many epochs (and always at the end).
+        keep_snapshots: also keep a checkpoint_epoch_E.pt every save_freq epochs, the newest this many of them
+            (0 = none; checkpoint_latest, _best and _final are always kept).
         seed: random seed (offset by the rank in multi-GPU runs).
         deterministic: deterministic algorithms (slower on CUDA; resumed runs reproduce exactly).
         device: "auto" (cuda if available, else cpu), "cpu", "cuda" or "cuda:N".
@@ -202,6 +204,7 @@ class LoopConfig:
     patience: int = 0
     ema_alpha: float = 0.9
     save_freq: int = 50
+    keep_snapshots: int = 0
     seed: int = 12345
     deterministic: bool = False
     device: str = "auto"
@@ -211,6 +214,7 @@ class LoopConfig:
         for name in ("epochs", "val_freq", "grad_accum", "save_freq"):
             _check(getattr(self, name) >= 1, f"loop.{name}", "must be >= 1")
         _check(self.val_iterations >= 0, "loop.val_iterations", "must be >= 0")
+        _check(self.keep_snapshots >= 0, "loop.keep_snapshots", "must be >= 0 (0 = none)")
         _check(self.grad_clip >= 0, "loop.grad_clip", "must be >= 0 (0 = off)")
         _choice("loop.amp", self.amp, ("auto", "bf16", "fp16", "off"))
         _choice("loop.compile", self.compile, ("auto", "on", "off"))

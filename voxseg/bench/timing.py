@@ -17,7 +17,6 @@ from typing import Any
 import torch
 
 from voxseg.config import TrainConfig
-from voxseg.plans import Plan
 from voxseg.data.store import list_cases
 from voxseg.errors import DatasetError
 

@@ -191,7 +191,7 @@ def _check_label_values(job: _CaseJob, name: str, array: np.ndarray) -> list[Pro
 
 def _allowed_labels(dataset: RawDataset) -> set[int] | None:
     try:
-        return dataset.allowed_label_values()
+        return dataset.label_scheme.allowed_values
     except (TypeError, ValueError, AttributeError):
         return None
 
@@ -206,7 +206,8 @@ def _check_labels_meta(dataset: RawDataset, meta_file: str) -> list[Problem]:
     if values != list(range(len(values))):
         problems.append(Problem(None, meta_file, f"label values {values} are not consecutive integers 0..N; "
                                 "renumber the labels (and the label files) so no value is skipped"))
-    regions = [name for name, v in dataset.labels.items() if isinstance(v, (list, tuple)) and name != "background"]
+    scheme = dataset.label_scheme
+    regions = [name for name in scheme.class_names if isinstance(dataset.labels[name], (list, tuple))]
     order = dataset.meta.get("regions_class_order")
     if regions and (not isinstance(order, list) or len(order) != len(regions)):
         problems.append(Problem(None, meta_file, f"{len(regions)} region label(s) {regions} need 'regions_class_order' "

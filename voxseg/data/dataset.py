@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from voxseg.errors import DatasetError
+from voxseg.plans import LabelScheme
 
 
 @dataclass
@@ -61,12 +62,9 @@ class RawDataset:
         order = self.meta.get("regions_class_order")
         return [int(v) for v in order] if order is not None else None
 
-    def allowed_label_values(self) -> set[int]:
-        """Every integer a label file may contain (background, labels, region members, ignore)."""
-        values: set[int] = set()
-        for value in self.labels.values():
-            values.update(int(v) for v in (value if isinstance(value, (list, tuple)) else [value]))
-        return values
+    @property
+    def label_scheme(self) -> LabelScheme:
+        return LabelScheme(self.labels, self.regions_class_order)
 
 
 REQUIRED_KEYS = ("channel_names", "labels", "file_ending")

@@ -27,13 +27,13 @@ import numpy as np
 from voxseg.data.dataset import RawDataset, load_dataset
 from voxseg.data.fingerprint import compute_fingerprint, save_fingerprint
 from voxseg.data.memory import estimate_memory_gb
-from voxseg.plans import ChannelNormalization, NetworkPlan, Plan, override_names, parse_overrides
+from voxseg.plans import ChannelNormalization, LabelScheme, NetworkPlan, Plan, parse_overrides
 from voxseg.data.splits import SPLITS_FILE, make_fraction_split, make_kfold_splits, save_splits
 from voxseg.data.topology import check_patch_divisible, derive_topology, fit_batch, fit_patch
 from voxseg.errors import ConfigError, DatasetError
 
 __all__ = [
-    "derive_topology", "describe_plan", "estimate_memory_gb", "make_plan", "override_names", "parse_overrides",
+    "derive_topology", "describe_plan", "estimate_memory_gb", "make_plan",
     "plan_dataset", "plan_normalization", "plan_target_spacing",
 ]
 
@@ -106,12 +106,6 @@ def plan_normalization(fingerprint: dict[str, Any], channel_names: dict[str, str
 
 
 # ----- the plan ----------------------------------------------------------------------------------------------
-def _num_outputs(labels: dict[str, Any]) -> int:
-    foreground = [v for k, v in labels.items() if k not in ("background", "ignore")]
-    region_based = any(isinstance(v, (list, tuple)) for v in foreground)
-    return len(foreground) if region_based else len(foreground) + 1
-
-
 def _choose_patch_and_network(
     values: dict[str, Any], spacing: list[float], median_shape: list[int], budget: float, channels: int, outputs: int
 ) -> tuple[list[int], NetworkPlan]:
@@ -169,7 +163,7 @@ def make_plan(
     median_shape = [int(round(s)) for s in np.median(resampled, axis=0)]
     dataset_voxels = float(np.prod(resampled, axis=1).sum())
 
-    channels, outputs = dataset.num_channels, _num_outputs(dataset.labels)
+    channels, outputs = dataset.num_channels, LabelScheme(dataset.labels).num_outputs
     spacing_net, shape_net = (target, median_shape) if dims == 3 else (target[1:], median_shape[1:])
     patch, network = _choose_patch_and_network(values, spacing_net, shape_net, budget, channels, outputs)
     if "batch_size" in values:

@@ -28,6 +28,7 @@ import numpy as np
 
 from voxseg.data.io import SUPPORTED_ENDINGS, Geometry, file_ending as _file_ending, read_image
 from voxseg.errors import ConfigError, InputError
+from voxseg.plans import LabelScheme
 from voxseg.jsonio import read_json
 from voxseg.evaluate.metrics import compute_case_metrics, conventions
 from voxseg.evaluate.summary import (
@@ -71,9 +72,8 @@ def classes_from_labels(
     foreground: list[str] = []
     named_values: set[int] = set()
     region_values: set[int] = set()
-    for name, value in labels.items():
-        if name in ("background", "ignore"):
-            continue
+    for name in LabelScheme(labels).class_names:
+        value = labels[name]
         if isinstance(value, (list, tuple)):
             region_values.update(int(v) for v in value)
             if regions is False:
@@ -106,8 +106,7 @@ def _resolve_labels(labels: dict | list | None, meta: dict | None) -> tuple[dict
         labels = meta["labels"]
     if isinstance(labels, (list, tuple)):
         labels = {f"label_{int(v)}": int(v) for v in labels}
-    ignore = labels.get("ignore")
-    return dict(labels), (int(ignore) if ignore is not None else None)
+    return dict(labels), LabelScheme(labels).ignore_label
 
 
 def _list_references(ref_dir: Path, ending: str | None) -> tuple[list[str], str]:

@@ -25,17 +25,17 @@ from typing import Sequence
 import torch
 from torch import nn
 
+from voxseg.checkpoint import CHECKPOINT_CHOICES, load_checkpoint, network_from_checkpoint
 from voxseg.plans import Plan
 from voxseg.data.splits import fold_dir
 from voxseg.errors import CheckpointError, ConfigError
 from voxseg.devices import resolve_device  # noqa: F401 - re-exported for the predictor
 
-CHECKPOINT_CHOICES = ("final", "best", "latest")
 MANIFEST = "voxseg_archive.json"
 ARCHIVE_FORMAT = "voxseg-model"
 ALLOWED_SUFFIXES = (".json", ".pt", ".onnx")
 # checkpoint entries kept in an archive; optimiser, scheduler, scaler and RNG states are for resuming only
-_KEPT_KEYS = ("model", "plan", "config", "epoch", "best_metric")
+_KEPT_KEYS = ("format", "model", "plan", "config", "progress")
 # plan fields that must agree between the folds of an ensemble
 _ENSEMBLE_FIELDS = ("channel_names", "labels", "regions_class_order", "target_spacing", "normalization",
                     "anisotropy_axis", "patch_size")
@@ -101,21 +101,9 @@ def load_fold_network(workdir: str | Path, fold: int | str, checkpoint: str = "f
     The plan stored in the checkpoint wins over plans.json (it is what the weights were trained with);
     plans.json is the fallback for checkpoints without one.
     """
-    from voxseg.models import build_network
-    from voxseg.train.checkpoint import load_checkpoint, strip_wrapper_prefixes
-
     path = checkpoint_path(workdir, fold, checkpoint)
-    state = load_checkpoint(path, map_location="cpu")
-    plan = Plan.from_dict(state["plan"]) if isinstance(state.get("plan"), dict) else Plan.load(Path(workdir) / "plans.json")
-    if not isinstance(state.get("model"), dict):
-        raise CheckpointError(f"{path} has no 'model' weights; is it a voxseg checkpoint?")
-    network = build_network(plan, deep_supervision=False)
-    try:
-        network.load_state_dict(strip_wrapper_prefixes(state["model"]))
-    except RuntimeError as exc:
-        first = str(exc).strip().splitlines()[0]
-        raise CheckpointError(f"{path}: its weights do not fit the network of its plan ({first})") from None
-    return network.to(device).eval(), plan
+    network, plan, _ = network_from_checkpoint(path, device, fallback_plan=Path(workdir) / "plans.json")
+    return network, plan
 
 
 def check_same_plan(plans: Sequence[Plan], folds: Sequence[int | str]) -> None:
@@ -133,8 +121,6 @@ def check_same_plan(plans: Sequence[Plan], folds: Sequence[int | str]) -> None:
 
 # ----- archives -----------------------------------------------------------------------------------------------
 def _slim_checkpoint(path: Path) -> bytes:
-    from voxseg.train.checkpoint import load_checkpoint
-
     state = load_checkpoint(path, map_location="cpu")
     buffer = io.BytesIO()
     torch.save({k: state[k] for k in _KEPT_KEYS if k in state}, buffer)
@@ -159,7 +145,7 @@ def export_archive(workdir: str | Path, out_zip: str | Path, folds: int | str | 
     for fold in fold_list:
         prefix = f"training/fold_{fold}"
         members[f"{prefix}/checkpoint_{checkpoint}.pt"] = _slim_checkpoint(checkpoint_path(workdir, fold, checkpoint))
-        for name in ("config.json", "model.onnx"):
+        for name in ("config.json", "plans.json", "model.onnx"):
             if (fold_dir(workdir, fold) / name).is_file():
                 members[f"{prefix}/{name}"] = fold_dir(workdir, fold) / name
     manifest = {"format": ARCHIVE_FORMAT, "version": 1, "folds": fold_list, "checkpoint": checkpoint}

@@ -36,19 +36,6 @@ _MIN_IMPROVEMENT = 1e-6
 
 
 # ----- network output -> labels ----------------------------------------------------------------------------
-def default_regions_class_order(regions: list[list[int]]) -> list[int]:
-    """Label value each region writes when none is given: its smallest value not in a later region.
-
-    Example: BraTS regions [[1, 2, 3], [2, 3], [3]] -> [1, 2, 3].
-    """
-    order = []
-    for i, region in enumerate(regions):
-        later = {v for r in regions[i + 1:] for v in r}
-        own = sorted(set(region) - later) or sorted(region)
-        order.append(own[0])
-    return order
-
-
 def regions_to_labels(probabilities: torch.Tensor, regions_class_order: Sequence[int], threshold: float = 0.5) -> torch.Tensor:
     """(R, *S) region probabilities -> (*S) uint8 labels: start at 0; region r writes its value where p > 0.5."""
     labels = torch.zeros(probabilities.shape[1:], dtype=torch.uint8, device=probabilities.device)
@@ -66,10 +53,9 @@ def logits_to_labels(logits: torch.Tensor, plan: Plan) -> tuple[torch.Tensor, to
     """
     if plan.is_region_based:
         probabilities = torch.sigmoid(logits)
-        order = plan.regions_class_order or default_regions_class_order(plan.regions)
-        return regions_to_labels(probabilities, order), probabilities
+        return regions_to_labels(probabilities, plan.label_scheme.class_order), probabilities
     probabilities = torch.softmax(logits, dim=0)
-    values = torch.tensor([0] + [r[0] for r in plan.regions], dtype=torch.uint8, device=logits.device)
+    values = torch.tensor([0] + plan.label_scheme.class_order, dtype=torch.uint8, device=logits.device)
     return values[probabilities.argmax(0)], probabilities
 
 

@@ -10,12 +10,13 @@ every trained fold_F. Folds are averaged in logit space inside one sliding-windo
 """
 from __future__ import annotations
 
+import contextlib
 import os
 import sys
 from collections import deque
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Iterator, Sequence
 
 import numpy as np
 import torch
@@ -118,7 +119,6 @@ class Predictor:
             raise ConfigError(f"backend '{backend}' is unknown; use 'torch' or 'onnxruntime'")
         amp_dtype = None
         if device.type == "cuda":
-            torch.backends.cudnn.benchmark = True  # one patch shape for every tile: autotuning pays
             if amp is None or amp:
                 amp_dtype = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
         spec_path = workdir / POSTPROCESSING_FILE
@@ -147,10 +147,11 @@ class Predictor:
         """(C, d, h, w) preprocessed image -> (K, d, h, w) float32 logits (on the compute device, or on the host
         when the accumulator did not fit in device memory)."""
         image = torch.as_tensor(image_pp, dtype=torch.float32).to(self.device, non_blocking=True)[None]
-        return sliding_window_inference(
-            self.models, image, self.plan.patch_size, self.plan.num_outputs, step=self.step,
-            tile_batch=self.tile_batch, mirror_axes=self.mirror_axes, amp_dtype=self.amp_dtype,
-        )
+        with _cudnn_autotuning(self.device.type == "cuda"):
+            return sliding_window_inference(
+                self.models, image, self.plan.patch_size, self.plan.num_outputs, step=self.step,
+                tile_batch=self.tile_batch, mirror_axes=self.mirror_axes, amp_dtype=self.amp_dtype,
+            )
 
     def logits_to_labels(self, logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(K, *S) logits -> ((*S) uint8 labels, (K, *S) probabilities)."""
@@ -299,6 +300,17 @@ class Predictor:
             save_probabilities(out_dir / f"{name}.npz", probabilities, self.class_names)
         # the label map last: continue_run treats a case as done once it exists
         write_image(out_dir / f"{name}{ending}", labels, geometry)
+
+
+@contextlib.contextmanager
+def _cudnn_autotuning(enabled: bool) -> Iterator[None]:
+    """cuDNN autotuning while tiles run (one patch shape for every tile: it pays), then the caller's setting."""
+    previous = torch.backends.cudnn.benchmark
+    torch.backends.cudnn.benchmark = enabled or previous
+    try:
+        yield
+    finally:
+        torch.backends.cudnn.benchmark = previous
 
 
 def _reason(name: str, exc: Exception) -> str:

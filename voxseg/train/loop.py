@@ -24,18 +24,19 @@ import torch
 
 from voxseg.config import TrainConfig
 from voxseg.data.memory import estimate_memory_gb
-from voxseg.plans import PLAN_FILE, Plan, plan_differences
+from voxseg.plans import PLAN_FILE, Plan
 from voxseg.plans import apply_overrides as apply_plan_overrides
 from voxseg.data.splits import fold_dir, get_fold
 from voxseg.devices import resolve_device
 from voxseg.errors import CheckpointError, ConfigError, VoxsegError
 from voxseg.losses import build_loss
 from voxseg.models import build_network
-from voxseg.train.checkpoint import load_checkpoint, load_pretrained, rng_state, save_checkpoint, set_rng_state
+from voxseg.checkpoint import Checkpointer, RngStates, checkpoint_file, load_pretrained, network_from_checkpoint
 from voxseg.train.logger import TrainLogger
 from voxseg.train.optim import build_optimizer, build_scheduler
 from voxseg.train.step import RunningMeans, TrainData, TrainStep
-from voxseg.train.validate import full_validation, pseudo_dice
+from voxseg.infer.validation import full_validation
+from voxseg.train.validate import pseudo_dice
 
 
 class TrainingInterrupted(VoxsegError):
@@ -76,10 +77,17 @@ class Progress:
     def epochs_without_improvement(self) -> int:
         return self.epoch - 1 - self.best_epoch
 
+    def state_dict(self) -> dict[str, Any]:
+        return {"epoch": self.epoch, "ema": self.ema, "best_metric": self.best_metric, "best_epoch": self.best_epoch}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.epoch, self.best_epoch = int(state["epoch"]), int(state["best_epoch"])
+        self.ema, self.best_metric = state["ema"], state["best_metric"]
+
 
 @dataclass
 class Training:
-    """Everything a checkpoint saves and restores, built once per run."""
+    """The run's pieces, built once; `checkpointer` saves and restores their state."""
 
     model: torch.nn.Module
     loss_fn: torch.nn.Module
@@ -90,11 +98,11 @@ class Training:
     plan: Plan
     config: TrainConfig
     progress: Progress
-    rank: int = 0
+    checkpointer: Checkpointer
 
 
 def train(workdir: str | Path, fold: int | str, config: TrainConfig, resume: bool = False, test_only: bool = False,
-          pretrained: str | Path | None = None, rank: int = 0, world_size: int = 1) -> dict[str, Any]:
+          pretrained: str | Path | None = None) -> dict[str, Any]:
     """Train (or, with `test_only`, evaluate) one fold; returns the final metrics.
 
     Args:
@@ -104,7 +112,6 @@ def train(workdir: str | Path, fold: int | str, config: TrainConfig, resume: boo
         resume: continue from training/fold_F/checkpoint_latest.pt (also `config.resume`).
         test_only: skip training; validate checkpoint_best.pt (else checkpoint_final.pt) on full volumes.
         pretrained: initialise from this checkpoint's matching weights (also `config.pretrained`).
-        rank, world_size: process rank and count in multi-GPU training; only rank 0 writes files.
 
     Returns:
         {"epochs", "best_ema_dice", "stopped_early", "val_dice_mean", "val_dice": {class: dice}, "seconds"}
@@ -119,37 +126,36 @@ def train(workdir: str | Path, fold: int | str, config: TrainConfig, resume: boo
     plan = effective_plan(workdir, config)
     run = resolve(config, plan, len(train_names))
 
-    seed_everything(config.loop.seed + rank, config.loop.deterministic, config.data.num_threads)
-    t = build_training(workdir, plan, config, run, train_names, val_names, rank, world_size)
+    seed_everything(config.loop.seed, config.loop.deterministic, config.data.num_threads)
+    t = build_training(workdir, plan, config, run, train_names, val_names, out_dir)
     if resume or config.resume:
-        restore(out_dir / "checkpoint_latest.pt", run.device, t)
-        _print(rank, f"resumed from {out_dir / 'checkpoint_latest.pt'} at epoch {t.progress.epoch}")
+        t.checkpointer.restore("latest", run.device)  # refuses a changed plan or optimiser
+        print(f"resumed from {checkpoint_file(out_dir, 'latest')} at epoch {t.progress.epoch}", flush=True)
     elif pretrained or config.pretrained:
-        _print(rank, load_pretrained(t.model, pretrained or config.pretrained).summary())
-    if rank == 0:
-        plan.save(out_dir / PLAN_FILE)
-        resolved_config(config, run).save(out_dir / "config.json")
+        print(load_pretrained(t.model, pretrained or config.pretrained).summary(), flush=True)
+    plan.save(out_dir / PLAN_FILE)
+    resolved_config(config, run).save(out_dir / "config.json")
 
-    logger = TrainLogger(out_dir, config.logging, config.loop.epochs, rank, start_epoch=t.progress.epoch)
+    logger = TrainLogger(out_dir, config.logging, config.loop.epochs, start_epoch=t.progress.epoch)
     logger.message(f"training fold {fold} on {run.device}: {len(train_names)} training / {len(val_names)} "
                    f"validation cases, patch {plan.patch_size}, batch {plan.batch_size}, {run.iterations} "
                    f"iterations x {config.loop.epochs} epochs, amp {_amp_name(run.amp_dtype)}, "
                    f"compile {'on' if run.compile else 'off'}\n"
                    f"{t.data.describe()}")
     try:
-        fit(t, run, logger, out_dir, validate=bool(val_names))
+        fit(t, run, logger, validate=bool(val_names))
     except KeyboardInterrupt:
         # the interrupted epoch does not count: resuming runs it again, from the weights it had reached
-        write_checkpoint(out_dir / "checkpoint_latest.pt", t)
-        raise TrainingInterrupted(f"interrupted; resume with --resume ({out_dir / 'checkpoint_latest.pt'})") from None
+        path = t.checkpointer.save("latest")
+        raise TrainingInterrupted(f"interrupted; resume with --resume ({path})") from None
     finally:
         logger.close()
-    write_checkpoint(out_dir / "checkpoint_latest.pt", t)
-    write_checkpoint(out_dir / "checkpoint_final.pt", t)
+    t.checkpointer.save("latest")
+    t.checkpointer.save("final")
 
     result: dict[str, Any] = {"epochs": t.progress.epoch, "best_ema_dice": t.progress.best_metric,
                               "stopped_early": t.progress.epoch < config.loop.epochs}
-    if config.loop.full_val and val_names and rank == 0:
+    if config.loop.full_val and val_names:
         # the final weights, as nnU-Net validates them; `--test-only` validates checkpoint_best instead
         logger.message(f"full validation of {len(val_names)} cases (sliding window)")
         result.update(_full_val_metrics(t.model, plan, workdir, out_dir, val_names, run))
@@ -158,22 +164,28 @@ def train(workdir: str | Path, fold: int | str, config: TrainConfig, resume: boo
 
 
 def build_training(workdir: Path, plan: Plan, config: TrainConfig, run: Resolved, train_names: list[str],
-                   val_names: list[str], rank: int = 0, world_size: int = 1) -> Training:
-    """Model, loss, optimiser, schedule, step and data, on the resolved device."""
+                   val_names: list[str], out_dir: Path | None = None) -> Training:
+    """Model, loss, optimiser, schedule, step, data and their checkpointer (into `out_dir`), on the device."""
     model = build_network(plan).to(run.device)  # deep supervision as the plan says
     loss_fn = build_loss(config.loss.name, plan, config.loss.weights, plan.network.deep_supervision).to(run.device)
     optimizer = build_optimizer(model.parameters(), config.optim)
     scheduler = build_scheduler(optimizer, config.schedule, config.loop.epochs, run.iterations)
-    step = TrainStep(_wrap_ddp(model, run.device, world_size), loss_fn, optimizer, run.device, run.amp_dtype,
-                     config.loop.grad_accum, config.loop.grad_clip, compile=run.compile)
+    step = TrainStep(model, loss_fn, optimizer, run.device, run.amp_dtype, config.loop.grad_accum,
+                     config.loop.grad_clip, compile=run.compile)
     # the cache comes after the model so that its GPU budget sees the memory the model already holds
     data = TrainData(workdir / "preprocessed", plan, config, train_names, val_names, run.device,
-                     seed=config.loop.seed + rank,
-                     cache_budget_gb=cache_budget_gb(config, plan, run.device))
-    return Training(model, loss_fn, optimizer, scheduler, step, data, plan, config, Progress(), rank)
+                     seed=config.loop.seed, cache_budget_gb=cache_budget_gb(config, plan, run.device))
+    progress = Progress()
+    checkpointer = Checkpointer(
+        out_dir or workdir / "unsaved",
+        {"model": model, "optimizer": optimizer, "scheduler": scheduler, "scaler": step, "data": data,
+         "progress": progress, "rng": RngStates(data.generators)},  # RNGs last: nothing after them draws
+        metadata={"plan": plan.to_dict(), "config": config.to_dict()},
+        keep_snapshots=config.loop.keep_snapshots, enabled=out_dir is not None)
+    return Training(model, loss_fn, optimizer, scheduler, step, data, plan, config, progress, checkpointer)
 
 
-def fit(t: Training, run: Resolved, logger: TrainLogger, out_dir: Path, validate: bool = True) -> None:
+def fit(t: Training, run: Resolved, logger: TrainLogger, validate: bool = True) -> None:
     """The epoch loop: train, validate every val_freq epochs, step the schedule, log, checkpoint, stop early."""
     loop_config, progress = t.config.loop, t.progress
     while progress.epoch < loop_config.epochs:
@@ -186,9 +198,10 @@ def fit(t: Training, run: Resolved, logger: TrainLogger, out_dir: Path, validate
         progress.epoch += 1
         logger.log_epoch(record)
         if record.get("new_best"):
-            write_checkpoint(out_dir / "checkpoint_best.pt", t)
+            t.checkpointer.save("best")
         if progress.epoch % loop_config.save_freq == 0:
-            write_checkpoint(out_dir / "checkpoint_latest.pt", t)
+            t.checkpointer.save("latest")
+            t.checkpointer.snapshot(progress.epoch)
         if loop_config.patience and progress.epochs_without_improvement() >= loop_config.patience:
             logger.message(f"early stopping: no EMA pseudo-Dice improvement for {loop_config.patience} epochs")
             return
@@ -262,14 +275,6 @@ def seed_everything(seed: int, deterministic: bool, num_threads: int) -> None:
     torch.use_deterministic_algorithms(deterministic, warn_only=True)
 
 
-def _wrap_ddp(model: torch.nn.Module, device: torch.device, world_size: int) -> torch.nn.Module:
-    if world_size > 1 and torch.distributed.is_available() and torch.distributed.is_initialized():
-        from torch.nn.parallel import DistributedDataParallel
-
-        return DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
-    return model
-
-
 # ----- one epoch --------------------------------------------------------------------------------------------
 def run_epoch(step: TrainStep, data: TrainData, logger: TrainLogger, config: TrainConfig, epoch: int,
               run: Resolved, batch_size: int) -> dict[str, Any]:
@@ -317,53 +322,7 @@ def validate_epoch(model: torch.nn.Module, loss_fn: torch.nn.Module, data: Train
             "val_time": time.perf_counter() - start}
 
 
-# ----- checkpoints ------------------------------------------------------------------------------------------
-def write_checkpoint(path: Path, t: Training) -> None:
-    """Rank 0 saves everything `restore` needs (atomically)."""
-    if t.rank != 0:
-        return
-    progress = t.progress
-    save_checkpoint(path, {
-        "model": t.model.state_dict(), "optimizer": t.optimizer.state_dict(),
-        "scheduler": t.scheduler.state_dict(), "scaler": t.step.state_dict(), "data": t.data.state_dict(),
-        "rng": rng_state(t.data.generators), "epoch": progress.epoch, "best_metric": progress.best_metric,
-        "best_epoch": progress.best_epoch, "ema": progress.ema, "patience": progress.epochs_without_improvement(),
-        "config": t.config.to_dict(), "plan": t.plan.to_dict(),
-    })
-
-
-def restore(path: Path, device: torch.device, t: Training) -> None:
-    """Put every piece of state back from a checkpoint (RNGs last, so nothing after them draws numbers)."""
-    if not path.is_file():
-        raise CheckpointError(f"{path} does not exist: nothing to resume; train without --resume first")
-    state = load_checkpoint(path, map_location=device)
-    changed = [line for line in plan_differences(state["plan"], t.plan.to_dict())
-               if not line.startswith("estimated_memory_gb:")]  # derived from the others
-    if changed:
-        raise CheckpointError(
-            f"{path} was trained with another plan; a resumed run keeps its effective plan "
-            f"({path.parent / PLAN_FILE}). Changed: {'; '.join(changed)}. Resume without these plan overrides "
-            f"(and with plans.json as it was), or train a new run")
-    saved_optimizer = state["config"]["optim"]["name"]
-    if saved_optimizer != t.config.optim.name:
-        raise CheckpointError(
-            f"{path} was trained with optim.name={saved_optimizer} but this run uses {t.config.optim.name}; "
-            f"resume with the run's own settings: --config {path.parent / 'config.json'} --resume")
-    try:
-        t.model.load_state_dict(state["model"])
-    except RuntimeError as exc:
-        raise CheckpointError(f"{path} does not fit this network (plan or residual changed?): "
-                              f"{str(exc).splitlines()[0]}") from None
-    t.optimizer.load_state_dict(state["optimizer"])
-    t.scheduler.load_state_dict(state["scheduler"])
-    t.step.load_state_dict(state["scaler"])
-    t.progress.epoch = int(state["epoch"])
-    t.progress.ema, t.progress.best_metric = state["ema"], state["best_metric"]
-    t.progress.best_epoch = int(state["best_epoch"])
-    t.data.load_state_dict(state["data"])
-    set_rng_state(state["rng"], t.data.generators)
-
-
+# ----- test-only ------------------------------------------------------------------------------------------
 def _test_only(workdir: Path, out_dir: Path, config: TrainConfig, val_names: list[str],
                start: float) -> dict[str, Any]:
     """Full validation of checkpoint_best (else checkpoint_final) without training."""
@@ -372,15 +331,9 @@ def _test_only(workdir: Path, out_dir: Path, config: TrainConfig, val_names: lis
     if path is None:
         raise CheckpointError(f"{out_dir}: neither checkpoint_best.pt nor checkpoint_final.pt exists; train first")
     device = resolve_device(config.loop.device, option="loop.device")
-    state = load_checkpoint(path, map_location=device)
-    plan = Plan.from_dict(state["plan"])  # the effective plan the weights were trained with
-    model = build_network(plan, deep_supervision=False).to(device)
-    try:
-        model.load_state_dict(state["model"])
-    except RuntimeError as exc:
-        raise CheckpointError(f"{path} does not fit its own plan: {str(exc).splitlines()[0]}") from None
+    model, plan, state = network_from_checkpoint(path, device)  # the effective plan the weights were trained with
     run = Resolved(device, resolve_amp(config.loop.amp, device), False, 0)
-    result: dict[str, Any] = {"checkpoint": str(path), "epochs": int(state["epoch"])}
+    result: dict[str, Any] = {"checkpoint": str(path), "epochs": int(state["progress"]["epoch"])}
     if val_names:
         result.update(_full_val_metrics(model, plan, workdir, out_dir, val_names, run))
     result["seconds"] = time.perf_counter() - start
@@ -392,8 +345,3 @@ def _full_val_metrics(model: torch.nn.Module, plan: Plan, workdir: Path, out_dir
     summary = full_validation(model, plan, workdir / "preprocessed", names, out_dir / "validation", run.device,
                               plan.patch_size, amp_dtype=run.amp_dtype, tile_batch=max(1, plan.batch_size))
     return {"val_dice_mean": summary["mean_dice"], "val_dice": summary["mean"]}
-
-
-def _print(rank: int, text: str) -> None:
-    if rank == 0:
-        print(text, flush=True)

@@ -1,0 +1,76 @@
+"""Full validation: sliding-window prediction of a fold's preprocessed validation cases, written in the raw
+geometry for cross-validation, with the Dice of each case on the preprocessed grid.
+
+Training calls it at the end of a run and for `--test-only`; it is inference, so it lives here and training
+imports it (never the other way round).
+"""
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+import torch
+from torch import nn
+
+from voxseg.data.io import Geometry, write_image
+from voxseg.data.preprocess import restore_to_original
+from voxseg.data.store import load_case
+from voxseg.evaluate.overlap import class_masks, dice_from_counts, nanmean, overlap_counts
+from voxseg.infer.postprocess import logits_to_labels
+from voxseg.infer.sliding_window import sliding_window_inference
+from voxseg.jsonio import write_json_atomic
+from voxseg.plans import Plan
+
+
+@torch.no_grad()
+def full_validation(model: nn.Module, plan: Plan, preprocessed_dir: str | Path, names: Sequence[str],
+                    out_dir: str | Path, device: torch.device | str, patch_size: Sequence[int],
+                    amp_dtype: torch.dtype | None = None, step: float = 0.5, tile_batch: int = 2,
+                    write: bool = True) -> dict[str, Any]:
+    """Sliding-window prediction of each preprocessed validation case and its Dice on the preprocessed grid.
+
+    Each prediction is mapped back to its raw image's grid (undo resampling and cropping) and written as
+    `out_dir/CASE{plan.file_ending}` with the raw geometry, so `voxseg evaluate --crossval` can score the folds
+    against labelsTr; the Dice table goes to `out_dir/summary.json` (when `write`).
+
+    Returns:
+        {"per_case": {case: {class: dice}}, "mean": {class: mean Dice over cases}, "mean_dice": float}
+        where a class absent from a case's reference and prediction does not count towards its mean.
+    """
+    device = torch.device(device)
+    out_dir = Path(out_dir)
+    was_training = model.training
+    model.eval()
+    per_case: dict[str, dict[str, float]] = {}
+    try:
+        for name in names:
+            image, seg, properties = load_case(preprocessed_dir, name, mmap=True)
+            x = torch.from_numpy(np.array(image, dtype=np.float32))[None].to(device)  # (1, C, d, h, w)
+            logits = sliding_window_inference(model, x, patch_size, plan.num_outputs, step=step,
+                                              tile_batch=tile_batch, amp_dtype=amp_dtype)  # (K, d, h, w)
+            if seg is not None:
+                ref = torch.from_numpy(np.array(seg)).to(logits.device)[None]  # (1, 1, d, h, w)
+                counts = overlap_counts(*class_masks(logits[None], ref, plan))
+                per_case[name] = dict(zip(plan.class_names, dice_from_counts(counts)))
+            if write:
+                labels, _ = logits_to_labels(logits, plan)
+                write_image(out_dir / f"{name}{plan.file_ending}",
+                            restore_to_original(labels, properties, is_label=True, device=labels.device),
+                            Geometry.from_list(properties["affine"]))
+    finally:
+        model.train(was_training)
+    mean = {c: nanmean([d[c] for d in per_case.values()]) for c in plan.class_names}
+    result = {"per_case": per_case, "mean": mean, "mean_dice": nanmean(list(mean.values()))}
+    if write:
+        write_json_atomic(out_dir / "summary.json", _json_safe(result))
+    return result
+
+
+def _json_safe(value: Any) -> Any:
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, dict):
+        return {k: _json_safe(v) for k, v in value.items()}
+    return value
