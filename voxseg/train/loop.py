@@ -31,7 +31,7 @@ from voxseg.losses import build_loss
 from voxseg.models import build_network
 from voxseg.train.checkpoint import load_checkpoint, load_pretrained, rng_state, save_checkpoint, set_rng_state
 from voxseg.train.logger import TrainLogger
-from voxseg.train.optim import build_optimizer, build_scheduler
+from voxseg.optim import build_optimizer, build_scheduler
 from voxseg.train.step import RunningMeans, TrainData, TrainStep
 from voxseg.train.validate import full_validation, pseudo_dice
 
@@ -163,7 +163,7 @@ def build_training(workdir: Path, plan: Plan, config: TrainConfig, run: Resolved
     model = build_network(plan, deep_supervision=config.loss.deep_supervision).to(run.device)
     loss_fn = build_loss(config.loss.name, plan, config.loss.weights, config.loss.deep_supervision).to(run.device)
     optimizer = build_optimizer(model.parameters(), config.optim)
-    scheduler = build_scheduler(optimizer, config.schedule, config.loop.epochs, run.iterations)
+    scheduler = build_scheduler(optimizer, config.schedule, config.loop.epochs)
     step = TrainStep(_wrap_ddp(model, run.device, world_size), loss_fn, optimizer, run.device, run.amp_dtype,
                      config.loop.grad_accum, config.loop.grad_clip, compile=run.compile)
     # the cache comes after the model so that its GPU budget sees the memory the model already holds
