@@ -10,12 +10,12 @@ import torch.nn.functional as F
 
 from voxseg.plans import ChannelNormalization, NetworkPlan, Plan
 from voxseg.errors import ConfigError
-from voxseg.losses import LOSS_TERMS, LOSSES, DeepSupervisionLoss, build_loss, downsample_target, region_targets
+from voxseg.losses import LOSSES, DeepSupervisionLoss, build_loss, downsample_target
 
 LABELS = {"background": 0, "edema": 1, "core": 2, "enhancing": 3}
 LABELS_IGNORE = {"background": 0, "edema": 1, "core": 2, "ignore": 3}
 REGIONS = {"background": 0, "whole_tumor": [1, 2, 3], "tumor_core": [2, 3], "enhancing_tumor": [3]}
-NAMES = sorted(LOSS_TERMS)
+NAMES = sorted(LOSSES.names())
 
 
 def make_plan(labels=None) -> Plan:
@@ -38,6 +38,11 @@ def random_target(shape=(2, 1, 8, 8, 8), high=4, seed=0) -> torch.Tensor:
     return torch.randint(0, high, shape, generator=g).to(torch.int8)
 
 
+def region_targets(target: torch.Tensor, regions) -> torch.Tensor:
+    """(B, 1, *P) label map -> (B, R, *P) float32 with r_k = isin(target, regions[k])."""
+    return torch.cat([torch.isin(target, torch.tensor(r)) for r in regions], 1).float()
+
+
 def perfect_logits(target: torch.Tensor, plan: Plan, scale: float = 20.0) -> torch.Tensor:
     """Logits that put (almost) all probability on the true class / region membership."""
     if plan.is_region_based:
@@ -56,7 +61,7 @@ def test_every_loss_builds_backprops_and_orders_predictions(name, labels):
     total, parts = loss(logits, target)
     total.backward()
     assert total.ndim == 0 and torch.isfinite(total)
-    assert set(parts) == set(LOSS_TERMS[name])
+    assert set(parts) == set(LOSSES.get(name).weights)
     assert all(v.ndim == 0 and not v.requires_grad for v in parts.values())
     assert torch.isfinite(logits.grad).all() and logits.grad.abs().sum() > 0
     best, best_parts = loss(perfect_logits(target, plan), target)

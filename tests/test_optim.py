@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from voxseg.config import OptimConfig, ScheduleConfig
-from voxseg.train.optim import build_optimizer, build_scheduler
+from voxseg.optim import build_optimizer, build_scheduler
 
 OPTIMIZERS = ["sgd", "adam", "adamw"]
 SCHEDULES = ["poly", "cosine", "step", "exponential", "plateau"]
@@ -23,7 +23,7 @@ def _model() -> torch.nn.Module:
 def test_every_optimizer_and_schedule_steps(optim_name, schedule_name):
     model = _model()
     optimizer = build_optimizer(model.parameters(), OptimConfig(name=optim_name, lr=0.1))
-    scheduler = build_scheduler(optimizer, ScheduleConfig(name=schedule_name), total_epochs=10, iterations_per_epoch=3)
+    scheduler = build_scheduler(optimizer, ScheduleConfig(name=schedule_name), total_epochs=10)
     before = model.weight.detach().clone()
     for _ in range(3):
         loss = model(torch.randn(8, 4)).pow(2).mean()

@@ -15,7 +15,7 @@ import torch
 from voxseg.cli import main
 from voxseg.config import OptimConfig, TrainConfig, apply_overrides
 from voxseg.errors import ConfigError
-from voxseg.train.optim import build_optimizer, build_scheduler
+from voxseg.optim import build_optimizer, build_scheduler
 from voxseg.train.recipes import RECIPES, apply_recipe, recipe_overrides
 
 

@@ -9,8 +9,9 @@ Example:
     >>> config.optim.lr
     0.0003
 
-The generic parts (building dataclasses from dicts, locating and parsing dotted options) live in
-`voxseg.configtree`; `parse_value` is re-exported here.
+The generic parts (building dataclasses from dicts, locating and parsing dotted options, the `choices`
+metadata convention) live in `voxseg.configtree`; `parse_value` is re-exported here. `OptimConfig` and
+`ScheduleConfig` live with their registries in `voxseg.optim` and are re-exported here.
 """
 from __future__ import annotations
 
@@ -22,97 +23,13 @@ from typing import Any
 
 from voxseg.augment import AugmentConfig
 from voxseg.configtree import build_dataclass, dotted_names, locate_option, parse_value
+from voxseg.configtree import check as _check
+from voxseg.configtree import check_choice as _choice
 from voxseg.jsonio import write_json_atomic
 from voxseg.errors import ConfigError
-from voxseg.losses import LOSS_TERMS
+from voxseg.losses import LOSSES, loss_weights
+from voxseg.optim import OptimConfig, ScheduleConfig  # owned by the optimiser component, part of this tree
 from voxseg.plans import TRAINING_OVERRIDES, parse_overrides
-from voxseg.registry import unknown_name_message
-
-
-
-def _choice(where: str, value: Any, allowed: tuple[str, ...]) -> None:
-    if value not in allowed:
-        raise ConfigError(f"{where}='{value}' is not allowed; use one of: {', '.join(allowed)}")
-
-
-def _check(condition: bool, where: str, message: str) -> None:
-    if not condition:
-        raise ConfigError(f"{where} {message}")
-
-
-@dataclass
-class OptimConfig:
-    """The optimiser.
-
-    Attributes:
-        name: "sgd" (nnU-Net's default: SGD with Nesterov momentum), "adam" or "adamw".
-        lr: initial learning rate (the schedule scales it per epoch).
-        momentum: SGD momentum.
-        nesterov: Nesterov momentum for SGD.
-        weight_decay: L2 penalty (decoupled for adamw).
-        betas: Adam/AdamW (beta1, beta2).
-    """
-
-    name: str = "sgd"
-    lr: float = 1e-2
-    momentum: float = 0.99
-    nesterov: bool = True
-    weight_decay: float = 3e-5
-    betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
-
-    def __post_init__(self) -> None:
-        _choice("optim.name", self.name, ("sgd", "adam", "adamw"))
-        _check(self.lr > 0, "optim.lr", f"must be positive, got {self.lr}")
-        _check(0 <= self.momentum < 1, "optim.momentum", f"must be in [0, 1), got {self.momentum}")
-        _check(self.weight_decay >= 0, "optim.weight_decay", "must be >= 0")
-        _check(len(self.betas) == 2 and all(0 <= b < 1 for b in self.betas), "optim.betas",
-               f"must be two numbers in [0, 1), got {self.betas}")
-        _check(not (self.name == "sgd" and self.nesterov and self.momentum == 0), "optim.nesterov",
-               "needs optim.momentum > 0")
-
-
-@dataclass
-class ScheduleConfig:
-    """How the learning rate changes from epoch to epoch (set at the start of every epoch).
-
-    Attributes:
-        name: "poly" lr * (1 - epoch/epochs)^exponent (nnU-Net's default); "cosine" half cosine to min_lr after
-            a linear warm-up of warmup_epochs; "step" lr * gamma^(epoch // step_size); "exponential"
-            lr * gamma^epoch; "plateau" multiplies the lr by factor when the validation EMA pseudo-Dice has
-            not improved for more than patience validations in a row.
-        exponent: poly exponent.
-        warmup_epochs: cosine linear warm-up length in epochs (0 = none).
-        step_size: step schedule period in epochs.
-        gamma: step / exponential decay factor; None = 0.1 for step, 0.99 for exponential.
-        factor: plateau decay factor.
-        patience: plateau patience: validations without improvement tolerated before the lr is decayed.
-        min_lr: the lr never goes below this (cosine decays to it; the others are floored at it).
-    """
-
-    name: str = "poly"
-    exponent: float = 0.9
-    warmup_epochs: int = 0
-    step_size: int = 100
-    gamma: float | None = None
-    factor: float = 0.5
-    patience: int = 10
-    min_lr: float = 0.0
-
-    def __post_init__(self) -> None:
-        _choice("schedule.name", self.name, ("poly", "cosine", "step", "exponential", "plateau"))
-        _check(self.exponent > 0, "schedule.exponent", "must be positive")
-        _check(self.warmup_epochs >= 0, "schedule.warmup_epochs", "must be >= 0")
-        _check(self.step_size >= 1, "schedule.step_size", "must be >= 1")
-        _check(self.gamma is None or 0 < self.gamma <= 1, "schedule.gamma", "must be in (0, 1]")
-        _check(0 < self.factor < 1, "schedule.factor", "must be in (0, 1)")
-        _check(self.patience >= 0, "schedule.patience", "must be >= 0")
-        _check(self.min_lr >= 0, "schedule.min_lr", "must be >= 0")
-
-    @property
-    def resolved_gamma(self) -> float:
-        if self.gamma is not None:
-            return self.gamma
-        return 0.1 if self.name == "step" else 0.99
 
 
 @dataclass
@@ -120,20 +37,18 @@ class LossConfig:
     """The loss.
 
     Attributes:
-        name: dice_ce (default), dice, ce, focal, tversky or dice_focal.
-        weights: per-term weights, e.g. {"dice": 1.0, "ce": 1.0}; None = the loss's defaults.
+        name: dice_ce (default), dice, ce, focal, tversky or dice_focal (`voxseg.losses.LOSSES`).
+        weights: per-term weights, e.g. {"dice": 1.0, "ce": 1.0}; None = the loss's defaults. Keys must be
+            terms of the chosen loss.
     """
 
-    name: str = "dice_ce"
+    name: str = field(default="dice_ce", metadata={"choices": LOSSES})
     weights: dict[str, float] | None = None
 
     def __post_init__(self) -> None:
-        if self.name not in LOSS_TERMS:
-            raise ConfigError("loss.name: " + unknown_name_message("loss", self.name, list(LOSS_TERMS)))
-        for term in self.weights or {}:
-            if term not in LOSS_TERMS[self.name]:  # caught here, not minutes later when the loss is built
-                raise ConfigError(f"loss.weights: {self.name} has no term '{term}'; "
-                                  f"its terms are {', '.join(LOSS_TERMS[self.name])}")
+        _choice(self, "loss.name")
+        # caught here, not minutes later when the loss is built
+        loss_weights(self.name, self.weights)
 
 
 @dataclass
@@ -155,7 +70,7 @@ class DataConfig:
     """
 
     num_samples: int = 1
-    cache: str = "auto"
+    cache: str = field(default="auto", metadata={"choices": ("auto", "gpu", "pinned", "mmap")})
     cache_budget_gb: float | None = None
     iterations_per_epoch: int = 250
     prefetch: int = -1
@@ -163,7 +78,7 @@ class DataConfig:
 
     def __post_init__(self) -> None:
         _check(self.num_samples >= 1, "data.num_samples", "must be >= 1")
-        _choice("data.cache", self.cache, ("auto", "gpu", "pinned", "mmap"))
+        _choice(self, "data.cache")
         _check(self.cache_budget_gb is None or self.cache_budget_gb > 0, "data.cache_budget_gb", "must be > 0")
         _check(self.iterations_per_epoch >= 0, "data.iterations_per_epoch", "must be >= 0 (0 = one pass)")
         _check(self.prefetch >= -1, "data.prefetch", "must be >= 0, or -1 for auto")
@@ -199,8 +114,8 @@ class LoopConfig:
     val_iterations: int = 50
     grad_accum: int = 1
     grad_clip: float = 12.0
-    amp: str = "auto"
-    compile: str = "auto"
+    amp: str = field(default="auto", metadata={"choices": ("auto", "bf16", "fp16", "off")})
+    compile: str = field(default="auto", metadata={"choices": ("auto", "on", "off")})
     patience: int = 0
     ema_alpha: float = 0.9
     save_freq: int = 50
@@ -216,8 +131,8 @@ class LoopConfig:
         _check(self.val_iterations >= 0, "loop.val_iterations", "must be >= 0")
         _check(self.keep_snapshots >= 0, "loop.keep_snapshots", "must be >= 0 (0 = none)")
         _check(self.grad_clip >= 0, "loop.grad_clip", "must be >= 0 (0 = off)")
-        _choice("loop.amp", self.amp, ("auto", "bf16", "fp16", "off"))
-        _choice("loop.compile", self.compile, ("auto", "on", "off"))
+        _choice(self, "loop.amp")
+        _choice(self, "loop.compile")
         _check(self.patience >= 0, "loop.patience", "must be >= 0 (0 = off)")
         _check(0 <= self.ema_alpha < 1, "loop.ema_alpha", "must be in [0, 1)")
         ok = self.device in ("auto", "cpu", "cuda") or (self.device.startswith("cuda:")

@@ -3,6 +3,15 @@ parse command-line text by a field's type hint.
 
 `voxseg.config` defines the training tree (`TrainConfig`) on top of this; nothing here knows its fields.
 
+Choices convention: a field with a fixed set of values declares them once, in its dataclass field metadata,
+as a `Registry` (anything with `.names()`) or a tuple of strings:
+
+    name: str = field(default="sgd", metadata={"choices": OPTIMIZERS})
+    cache: str = field(default="auto", metadata={"choices": ("auto", "gpu", "pinned", "mmap")})
+
+`field_choices(cls, "name")` gives the names (the CLI's choices read it) and `check_choice(self, "optim.name")`
+in `__post_init__` validates against the same list.
+
 Example:
     >>> parse_value("96,96,96", list[int], "data.patch_size")
     [96, 96, 96]
@@ -16,9 +25,38 @@ import typing
 from typing import Any
 
 from voxseg.errors import ConfigError
-from voxseg.registry import unknown_name_message
+from voxseg.registry import closest_name, unknown_name_message
 
-__all__ = ["build_dataclass", "dataclass_fields", "dotted_names", "locate_option", "parse_value"]
+__all__ = ["build_dataclass", "check", "check_choice", "dataclass_fields", "dotted_names", "field_choices",
+           "locate_option", "parse_value"]
+
+
+def field_choices(cls: type, name: str) -> list[str] | None:
+    """The allowed values of field `name` of dataclass `cls` (from its `choices` metadata), or None if free."""
+    for item in dataclasses.fields(cls):
+        if item.name == name:
+            choices = item.metadata.get("choices")
+            if choices is None:
+                return None
+            return list(choices.names()) if hasattr(choices, "names") else [str(c) for c in choices]
+    raise KeyError(f"{cls.__name__} has no field '{name}'")
+
+
+def check_choice(config: Any, where: str) -> None:
+    """Raise ConfigError unless field `where` ('section.field') of `config` holds one of its declared choices."""
+    name = where.rpartition(".")[2]
+    allowed = field_choices(type(config), name) or []
+    value = getattr(config, name)
+    if value not in allowed:
+        close = closest_name(str(value), allowed)
+        hint = f" (did you mean '{close}'?)" if close else ""
+        raise ConfigError(f"{where}='{value}' is not allowed{hint}; use one of: {', '.join(allowed)}")
+
+
+def check(condition: bool, where: str, message: str) -> None:
+    """Raise ConfigError '{where} {message}' unless `condition` holds."""
+    if not condition:
+        raise ConfigError(f"{where} {message}")
 
 
 def dotted_names(cls: type, prefix: str = "") -> list[str]:

@@ -10,12 +10,23 @@ background; `plan.ignore_label`, when the plan has one, is excluded from every t
 softmax over background + labels (Dice excludes background); region-based plans (`plan.is_region_based`) use
 one sigmoid per region with region target r_k = isin(target, regions[k]), and "ce" is binary cross-entropy.
 All terms are computed in float32 whatever the autocast dtype, and nothing syncs with the host.
+
+Two registries: `LOSS_TERMS` (term name -> function of `TermInputs` giving a scalar) and `LOSSES` (loss name ->
+`LossSpec`, the terms it sums with their default weights). A new loss is a registered term and a spec:
+
+    @LOSS_TERMS.register("false_positive", "mean probability given to the wrong classes")
+    def false_positive(x: TermInputs) -> Tensor:            # a (0-d) tensor, differentiable
+        return (x.probs * (1 - x.onehot)).mean()
+
+    LOSSES.add("dice_fp", LossSpec({"dice": 1.0, "false_positive": 0.5}), "Dice + false positives")
+
+and `loss.name=dice_fp` selects it; `loss.weights=false_positive=0.1` changes a default weight.
 """
 from __future__ import annotations
 
-import functools
 import inspect
-from typing import Any, Sequence
+from dataclasses import dataclass
+from typing import Any, Callable, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -25,17 +36,63 @@ from voxseg.plans import Plan
 from voxseg.errors import ConfigError
 from voxseg.registry import Registry, unknown_name_message
 
-LOSSES: Registry[nn.Module] = Registry("loss")
 
-# Loss name -> default term weights. The terms a loss is made of are exactly the keys here.
-LOSS_TERMS: dict[str, dict[str, float]] = {
-    "dice_ce": {"dice": 1.0, "ce": 1.0},
-    "dice": {"dice": 1.0},
-    "ce": {"ce": 1.0},
-    "focal": {"focal": 1.0},
-    "tversky": {"tversky": 1.0},
-    "dice_focal": {"dice": 1.0, "focal": 1.0},
-}
+@dataclass
+class TermInputs:
+    """What a loss term sees for one output tensor; every tensor is float32 except `index`.
+
+    Attributes:
+        logits: (B, K, *P) network output.
+        probs: (B, K, *P) softmax over the channels, or one sigmoid per region for region-based plans.
+        onehot: (B, K, *P) targets: the one-hot softmax channel, or the membership of each region.
+        index: (B, 1, *P) long softmax channel of every voxel; None for region-based plans.
+        valid: (B, 1, *P) 1 where the voxel is not the ignore label; None when the plan has no ignore label.
+        loss: the `SegmentationLoss` computing the terms, holding their options (smooth, batch_dice,
+            focal_gamma, focal_alpha, tversky_alpha, tversky_beta) and `region_based`.
+    """
+
+    logits: Tensor
+    probs: Tensor
+    onehot: Tensor
+    index: Tensor | None
+    valid: Tensor | None
+    loss: "SegmentationLoss"
+
+    def overlap(self) -> tuple[Tensor, Tensor, Tensor]:
+        """Soft true positives, false positives, false negatives of the foreground classes: (K',) for batch
+        Dice, else (B, K'); background is not part of Dice/Tversky for softmax outputs."""
+        tp, fp, fn = _overlap_stats(self.probs, self.onehot, self.valid, self.loss.batch_dice)
+        if not self.loss.region_based:
+            tp, fp, fn = tp[..., 1:], fp[..., 1:], fn[..., 1:]
+        return tp, fp, fn
+
+
+LossTerm = Callable[[TermInputs], Tensor]
+LOSS_TERMS: Registry[LossTerm] = Registry("loss term")
+
+
+@dataclass(frozen=True)
+class LossSpec:
+    """A loss: the registered terms it sums and their default weights (`{"dice": 1.0, "ce": 1.0}`)."""
+
+    weights: dict[str, float]
+
+    def __post_init__(self) -> None:
+        for term in self.weights:
+            LOSS_TERMS.get(term)  # a loss of unregistered terms fails when it is registered
+
+
+LOSSES: Registry[LossSpec] = Registry("loss")
+
+
+def loss_weights(name: str, weights: dict[str, float] | None = None) -> dict[str, float]:
+    """Loss `name`'s default term weights updated with `weights`; a term the loss does not have is an error."""
+    terms = dict(LOSSES.get(name).weights)
+    for key, value in (weights or {}).items():
+        if key not in terms:
+            raise ConfigError(f"loss.weights: loss '{name}' has no term '{key}'; its terms are {', '.join(terms)}")
+        terms[key] = float(value)
+    return terms
 
 
 # ----- targets ----------------------------------------------------------------------------------------------
@@ -56,15 +113,6 @@ def _lookup_tables(plan: Plan) -> tuple[Tensor, Tensor]:
         for value in region:
             regions[value + 1, k] = 1.0
     return channel, regions
-
-
-def region_targets(target: Tensor, regions: Sequence[Sequence[int]]) -> Tensor:
-    """(B, 1, *P) label map -> (B, R, *P) float32 with r_k = isin(target, regions[k]).
-
-    Comparisons with Python ints: `torch.tensor(values, device=cuda)` would be a blocking copy per region.
-    """
-    masks = [functools.reduce(torch.logical_or, [target == int(v) for v in r]) for r in regions]
-    return torch.cat(masks, 1).float()
 
 
 # ----- loss terms (all inputs float32) ----------------------------------------------------------------------
@@ -88,12 +136,68 @@ def _mean_valid(per_voxel: Tensor, valid: Tensor | None) -> Tensor:
     return (per_voxel * mask).sum() / mask.sum().clamp_min(1.0)
 
 
+@LOSS_TERMS.register("dice", "1 - soft Dice of the foreground classes (batch Dice by default)")
+def dice(x: TermInputs) -> Tensor:
+    tp, fp, fn = x.overlap()
+    smooth = x.loss.smooth
+    return 1.0 - ((2 * tp + smooth) / (2 * tp + fp + fn + smooth).clamp_min(1e-8)).mean()
+
+
+@LOSS_TERMS.register("tversky", "1 - Tversky index: Dice with false positives / negatives weighted alpha / beta")
+def tversky(x: TermInputs) -> Tensor:
+    tp, fp, fn = x.overlap()
+    smooth = x.loss.smooth
+    denominator = tp + x.loss.tversky_alpha * fp + x.loss.tversky_beta * fn + smooth
+    return 1.0 - ((tp + smooth) / denominator.clamp_min(1e-8)).mean()
+
+
+@LOSS_TERMS.register("ce", "cross-entropy (binary cross-entropy per region for region-based plans)")
+def cross_entropy(x: TermInputs) -> Tensor:
+    if x.loss.region_based:
+        per_voxel = F.binary_cross_entropy_with_logits(x.logits, x.onehot, reduction="none")
+    else:
+        per_voxel = F.cross_entropy(x.logits, x.index[:, 0], reduction="none").unsqueeze(1)
+    return _mean_valid(per_voxel, x.valid)
+
+
+@LOSS_TERMS.register("focal", "focal loss -alpha_t (1 - p_t)^gamma log p_t")
+def focal(x: TermInputs) -> Tensor:
+    """Per voxel -alpha_t (1 - p_t)^gamma log p_t: (B, 1, *P) softmax, (B, R, *P) sigmoid, then the mean."""
+    logits, onehot, index = x.logits, x.onehot, x.index
+    if x.loss.region_based:
+        log_pt = -F.binary_cross_entropy_with_logits(logits, onehot, reduction="none")
+        pt = x.probs * onehot + (1 - x.probs) * (1 - onehot)
+    else:
+        log_pt = torch.log_softmax(logits, 1).gather(1, index)
+        pt = x.probs.gather(1, index)
+    loss = -((1 - pt) ** x.loss.focal_gamma) * log_pt
+    alpha = x.loss.focal_alpha
+    if alpha is not None:
+        shape = [1, -1] + [1] * (logits.ndim - 2)
+        if x.loss.region_based:
+            a = alpha.view(shape) if alpha.ndim else alpha
+            loss = loss * (a * onehot + (1 - a) * (1 - onehot))
+        elif alpha.ndim:
+            loss = loss * alpha[index]
+        else:  # one float: weight alpha on foreground voxels, 1 - alpha on background
+            loss = loss * torch.where(index > 0, alpha, 1 - alpha)
+    return _mean_valid(loss, x.valid)
+
+
+LOSSES.add("dice_ce", LossSpec({"dice": 1.0, "ce": 1.0}), "Dice + cross-entropy (nnU-Net's default)")
+LOSSES.add("dice", LossSpec({"dice": 1.0}), "soft Dice")
+LOSSES.add("ce", LossSpec({"ce": 1.0}), "cross-entropy")
+LOSSES.add("focal", LossSpec({"focal": 1.0}), "focal loss")
+LOSSES.add("tversky", LossSpec({"tversky": 1.0}), "Tversky loss (alpha 0.3 on false positives, beta 0.7 on misses)")
+LOSSES.add("dice_focal", LossSpec({"dice": 1.0, "focal": 1.0}), "Dice + focal loss")
+
+
 class SegmentationLoss(nn.Module):
-    """Weighted sum of named terms for one output tensor; returns (total, {term: detached value}).
+    """Weighted sum of registered terms for one output tensor; returns (total, {term: detached value}).
 
     Args:
         plan: gives label values / regions, the ignore label and whether outputs are sigmoid or softmax.
-        weights: term name -> weight; the terms are those of the chosen loss (`LOSS_TERMS`).
+        weights: term name -> weight; the terms are those of the chosen loss (`LOSSES`, `loss_weights`).
         smooth: added to Dice/Tversky numerator and denominator.
         batch_dice: Dice statistics summed over the batch (nnU-Net's batch Dice) instead of per sample.
         focal_gamma, focal_alpha: focal loss focusing exponent and optional class weight (float: weight of the
@@ -114,6 +218,7 @@ class SegmentationLoss(nn.Module):
     ) -> None:
         super().__init__()
         self.weights = dict(weights)
+        self.terms = {name: LOSS_TERMS.get(name) for name in self.weights}  # resolved once, at build time
         self.region_based = plan.is_region_based
         self.ignore_label = plan.ignore_label
         self.num_outputs = plan.num_outputs
@@ -144,53 +249,10 @@ class SegmentationLoss(nn.Module):
             index = self.channel_table[row]  # (B, 1, *P) softmax channel of every voxel
             onehot = torch.zeros_like(logits).scatter_(1, index, 1.0)  # (B, K, *P)
             probs = torch.softmax(logits, 1)
-        parts = {}
-        for name in self.weights:
-            parts[name] = self._term(name, logits, probs, onehot, index, valid)
+        inputs = TermInputs(logits, probs, onehot, index, valid, self)
+        parts = {name: term(inputs) for name, term in self.terms.items()}
         total = sum(self.weights[name] * value for name, value in parts.items())
         return total, {name: value.detach() for name, value in parts.items()}
-
-    def _term(
-        self, name: str, logits: Tensor, probs: Tensor, onehot: Tensor, index: Tensor | None, valid: Tensor | None
-    ) -> Tensor:
-        if name == "ce":
-            if self.region_based:
-                per_voxel = F.binary_cross_entropy_with_logits(logits, onehot, reduction="none")
-            else:
-                per_voxel = F.cross_entropy(logits, index[:, 0], reduction="none").unsqueeze(1)
-            return _mean_valid(per_voxel, valid)
-        if name == "focal":
-            return _mean_valid(self._focal(logits, probs, onehot, index), valid)
-        tp, fp, fn = _overlap_stats(probs, onehot, valid, self.batch_dice)
-        if not self.region_based:  # background is not part of the Dice/Tversky average
-            tp, fp, fn = tp[..., 1:], fp[..., 1:], fn[..., 1:]
-        if name == "dice":
-            score = (2 * tp + self.smooth) / (2 * tp + fp + fn + self.smooth).clamp_min(1e-8)
-        else:  # tversky
-            denominator = tp + self.tversky_alpha * fp + self.tversky_beta * fn + self.smooth
-            score = (tp + self.smooth) / denominator.clamp_min(1e-8)
-        return 1.0 - score.mean()
-
-    def _focal(self, logits: Tensor, probs: Tensor, onehot: Tensor, index: Tensor | None) -> Tensor:
-        """Per-voxel focal loss -alpha_t (1 - p_t)^gamma log p_t: (B, 1, *P) softmax, (B, R, *P) sigmoid."""
-        if self.region_based:
-            log_pt = -F.binary_cross_entropy_with_logits(logits, onehot, reduction="none")
-            pt = probs * onehot + (1 - probs) * (1 - onehot)
-        else:
-            log_pt = torch.log_softmax(logits, 1).gather(1, index)
-            pt = probs.gather(1, index)
-        loss = -((1 - pt) ** self.focal_gamma) * log_pt
-        alpha = self.focal_alpha
-        if alpha is not None:
-            shape = [1, -1] + [1] * (logits.ndim - 2)
-            if self.region_based:
-                a = alpha.view(shape) if alpha.ndim else alpha
-                loss = loss * (a * onehot + (1 - a) * (1 - onehot))
-            elif alpha.ndim:
-                loss = loss * alpha[index]
-            else:  # one float: weight alpha on foreground voxels, 1 - alpha on background
-                loss = loss * torch.where(index > 0, alpha, 1 - alpha)
-        return loss
 
 
 class DeepSupervisionLoss(nn.Module):
@@ -247,25 +309,6 @@ def downsample_target(target: Tensor, shape: Sequence[int]) -> Tensor:
     return F.interpolate(target.float(), size=shape, mode="nearest-exact").to(target.dtype)
 
 
-# ----- registry ---------------------------------------------------------------------------------------------
-def _register(name: str) -> None:
-    def factory(plan: Plan, weights: dict[str, float] | None = None, **kwargs: Any) -> SegmentationLoss:
-        terms = dict(LOSS_TERMS[name])
-        for key, value in (weights or {}).items():
-            if key not in terms:
-                raise ConfigError(
-                    f"loss '{name}': weight for unknown term '{key}'; its terms are {', '.join(terms)}"
-                )
-            terms[key] = float(value)
-        return SegmentationLoss(plan, terms, **kwargs)
-
-    LOSSES.register(name)(factory)
-
-
-for _name in LOSS_TERMS:
-    _register(_name)
-
-
 def build_loss(
     name: str,
     plan: Plan,
@@ -273,7 +316,8 @@ def build_loss(
     deep_supervision: bool = True,
     **kwargs: Any,
 ) -> nn.Module:
-    """Loss `name` ("dice_ce", "dice", "ce", "focal", "tversky", "dice_focal") for `plan`'s outputs.
+    """Loss `name` (registered in `LOSSES`: "dice_ce", "dice", "ce", "focal", "tversky", "dice_focal", ...) for
+    `plan`'s outputs.
 
     Args:
         weights: term weights, e.g. {"dice": 1.0, "ce": 0.5}; keys must be terms of the loss.
@@ -286,6 +330,6 @@ def build_loss(
     for key in kwargs:
         if key not in valid:
             raise ConfigError(unknown_name_message("loss option", key, valid + ["ds_weights"]))
-    loss: nn.Module = LOSSES.build(name, plan, weights, **kwargs)
+    loss: nn.Module = SegmentationLoss(plan, loss_weights(name, weights), **kwargs)
     return DeepSupervisionLoss(loss, ds_weights) if deep_supervision else loss
 

@@ -15,6 +15,7 @@ from typing import Any
 from voxseg.configtree import parse_value
 from voxseg.errors import ConfigError
 from voxseg.jsonio import read_json, write_json_atomic
+from voxseg.normalization import SCHEMES, required_fields
 from voxseg.registry import unknown_name_message
 
 PLAN_VERSION = 1
@@ -104,10 +105,12 @@ class ChannelNormalization:
 
     Attributes:
         scheme: "zscore" (per-case z-score; MRI and most modalities), "ct" (clip to the dataset's foreground
-            0.5/99.5 percentiles, then z-score with the dataset's foreground mean/std) or "none".
+            0.5/99.5 percentiles, then z-score with the dataset's foreground mean/std) or "none"; any name
+            registered in `voxseg.normalization.SCHEMES`.
         use_nonzero_mask: z-score statistics computed inside the nonzero (brain) mask only, and voxels outside
             the mask set to 0. True when cropping to the nonzero region shrank the cases noticeably.
-        clip_low, clip_high, mean, std: dataset-wide statistics used by the "ct" scheme.
+        clip_low, clip_high, mean, std: dataset-wide statistics used by the "ct" scheme (a scheme declares
+            the ones it needs when it is registered).
     """
 
     scheme: str = "zscore"
@@ -118,10 +121,13 @@ class ChannelNormalization:
     std: float | None = None
 
     def __post_init__(self) -> None:
-        if self.scheme not in ("zscore", "ct", "none"):
-            raise ConfigError(f"plans.json: normalization scheme '{self.scheme}' is unknown; use zscore, ct or none")
-        if self.scheme == "ct" and None in (self.clip_low, self.clip_high, self.mean, self.std):
-            raise ConfigError("plans.json: the 'ct' normalization needs clip_low, clip_high, mean and std")
+        if self.scheme not in SCHEMES:
+            raise ConfigError("plans.json: " + unknown_name_message("normalization scheme", self.scheme,
+                                                                    SCHEMES.names()))
+        missing = [name for name in required_fields(self.scheme) if getattr(self, name) is None]
+        if missing:
+            raise ConfigError(f"plans.json: the '{self.scheme}' normalization needs "
+                              f"{', '.join(required_fields(self.scheme))}; missing: {', '.join(missing)}")
 
 
 @dataclass

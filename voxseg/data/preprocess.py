@@ -24,10 +24,11 @@ import torch
 
 from voxseg.data.fingerprint import mask_bbox
 from voxseg.data.io import Geometry, read_channels, read_image
-from voxseg.plans import ChannelNormalization, Plan
+from voxseg.plans import Plan
 from voxseg.data.resample import resample
 from voxseg.data.store import case_paths, load_properties, sample_foreground_locations, save_case
 from voxseg.errors import DatasetError, InputError, VoxsegError
+from voxseg.normalization import normalize
 
 __all__ = ["resample", "preprocess_case", "restore_to_original", "preprocess_dataset", "plan_hash"]
 
@@ -73,33 +74,6 @@ def nonzero_bbox(image: np.ndarray) -> tuple[np.ndarray, list[list[int]]]:
 
 def _slices(bbox: list[list[int]]) -> tuple[slice, ...]:
     return tuple(slice(a, b) for a, b in bbox)
-
-
-def normalize(image: torch.Tensor, mask: torch.Tensor, schemes: list[ChannelNormalization]) -> tuple[torch.Tensor, list[list[float]]]:
-    """Normalise each channel of (C, d, h, w) in place per its scheme; returns it and [[mean, std], ...] used.
-
-    zscore: the case's own mean/std (inside `mask` (d, h, w) when use_nonzero_mask, voxels outside set to 0).
-    ct: clip to [clip_low, clip_high], then (x - mean) / std with the dataset-wide statistics of the plan.
-    """
-    stats = []
-    mask_has_voxels = bool(mask.any())
-    for channel, scheme in enumerate(schemes):
-        x = image[channel]  # (d, h, w), a view: edits land in `image`
-        if scheme.scheme == "none":
-            stats.append([0.0, 1.0])
-            continue
-        if scheme.scheme == "ct":
-            mean, std = float(scheme.mean), float(scheme.std)
-            x.clamp_(float(scheme.clip_low), float(scheme.clip_high))
-        else:
-            use_mask = scheme.use_nonzero_mask and mask_has_voxels
-            var, mean_t = torch.var_mean(x[mask] if use_mask else x, correction=0)
-            mean, std = float(mean_t), float(var.sqrt())
-        x.sub_(mean).div_(max(std, 1e-8))
-        if scheme.scheme == "zscore" and scheme.use_nonzero_mask:
-            x.masked_fill_(~mask, 0.0)
-        stats.append([mean, std])
-    return image, stats
 
 
 def preprocess_case(

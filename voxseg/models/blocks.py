@@ -2,20 +2,27 @@
 
 A block never names `nn.Conv3d` or `nn.InstanceNorm3d` itself: it asks `conv_layer(ndim, ...)`,
 `norm_layer(name, ndim, ...)` and `nonlin_layer(name)`, so one class serves 2D and 3D networks and a different
-normalisation or activation is a keyword, not a new class.
+normalisation or activation is a keyword, not a new class. Norms and activations are looked up in the `NORMS`
+and `NONLINS` registries, so a new one is a registered factory:
+
+    @NORMS.register("layer", "layer norm over the channels")
+    def layer_norm(ndim, channels, eps=1e-5):
+        return nn.GroupNorm(1, channels, eps=eps)
+
+    build_network(plan, norm="layer")
 """
 from __future__ import annotations
 
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import torch
 from torch import nn
 
 from voxseg.errors import ConfigError
-from voxseg.registry import unknown_name_message
+from voxseg.registry import Registry
 
-NORMS = ("instance", "batch", "group", "none")
-NONLINS = ("leaky_relu", "relu", "gelu", "elu", "none")
+NORMS: Registry[Callable[..., nn.Module]] = Registry("norm")  # factory(ndim, channels, **kwargs)
+NONLINS: Registry[Callable[..., nn.Module]] = Registry("nonlin")  # factory(**kwargs)
 
 _CONV = {2: nn.Conv2d, 3: nn.Conv3d}
 _CONV_TRANSPOSED = {2: nn.ConvTranspose2d, 3: nn.ConvTranspose3d}
@@ -59,39 +66,61 @@ def _group_count(channels: int, max_groups: int) -> int:
     return next(g for g in range(min(max_groups, channels), 0, -1) if channels % g == 0)
 
 
-def norm_layer(name: str, ndim: int, channels: int, **kwargs: Any) -> nn.Module:
-    """Normalisation layer by name: "instance" (nnU-Net's default), "batch", "group" or "none".
+@NORMS.register("instance", "instance norm, affine, eps 1e-5 (nnU-Net's default)")
+def instance_norm(ndim: int, channels: int, eps: float = 1e-5, affine: bool = True, **kwargs: Any) -> nn.Module:
+    return _INSTANCE[ndim](channels, eps=eps, affine=affine, **kwargs)
 
-    Instance norm is affine with eps 1e-5. Group norm uses up to `num_groups` (default 8) groups, reduced to
-    the largest divisor of `channels`.
-    """
+
+@NORMS.register("batch", "batch norm")
+def batch_norm(ndim: int, channels: int, eps: float = 1e-5, **kwargs: Any) -> nn.Module:
+    return _BATCH[ndim](channels, eps=eps, **kwargs)
+
+
+@NORMS.register("group", "group norm with up to num_groups (8) groups, the largest divisor of the channels")
+def group_norm(ndim: int, channels: int, eps: float = 1e-5, num_groups: int = 8, **kwargs: Any) -> nn.Module:
+    return nn.GroupNorm(_group_count(channels, num_groups), channels, eps=eps, **kwargs)
+
+
+@NORMS.register("none", "no normalisation")
+def no_norm(ndim: int, channels: int, **ignored: Any) -> nn.Module:
+    return nn.Identity()
+
+
+def norm_layer(name: str, ndim: int, channels: int, **kwargs: Any) -> nn.Module:
+    """Normalisation layer registered as `name` in `NORMS`: "instance" (nnU-Net's default), "batch", "group",
+    "none", ...; a norm factory takes (ndim, channels, **kwargs)."""
     _check_ndim(ndim)
-    eps = kwargs.pop("eps", 1e-5)
-    if name == "instance":
-        return _INSTANCE[ndim](channels, eps=eps, affine=kwargs.pop("affine", True), **kwargs)
-    if name == "batch":
-        return _BATCH[ndim](channels, eps=eps, **kwargs)
-    if name == "group":
-        groups = _group_count(channels, kwargs.pop("num_groups", 8))
-        return nn.GroupNorm(groups, channels, eps=eps, **kwargs)
-    if name == "none":
-        return nn.Identity()
-    raise ConfigError(unknown_name_message("norm", name, list(NORMS)))
+    return NORMS.get(name)(ndim, channels, **kwargs)
+
+
+@NONLINS.register("leaky_relu", "leaky ReLU, slope 0.01, in place (nnU-Net's default)")
+def leaky_relu(negative_slope: float = 1e-2, inplace: bool = True) -> nn.Module:
+    return nn.LeakyReLU(negative_slope, inplace=inplace)
+
+
+@NONLINS.register("relu", "ReLU, in place")
+def relu(inplace: bool = True) -> nn.Module:
+    return nn.ReLU(inplace=inplace)
+
+
+@NONLINS.register("gelu", "GELU")
+def gelu(**kwargs: Any) -> nn.Module:
+    return nn.GELU(**kwargs)
+
+
+@NONLINS.register("elu", "ELU, in place")
+def elu(inplace: bool = True, **kwargs: Any) -> nn.Module:
+    return nn.ELU(inplace=inplace, **kwargs)
+
+
+@NONLINS.register("none", "no activation")
+def no_nonlin(**ignored: Any) -> nn.Module:
+    return nn.Identity()
 
 
 def nonlin_layer(name: str, **kwargs: Any) -> nn.Module:
-    """Activation by name; "leaky_relu" (slope 0.01, in place) is nnU-Net's default."""
-    if name == "leaky_relu":
-        return nn.LeakyReLU(kwargs.pop("negative_slope", 1e-2), inplace=kwargs.pop("inplace", True))
-    if name == "relu":
-        return nn.ReLU(inplace=kwargs.pop("inplace", True))
-    if name == "gelu":
-        return nn.GELU(**kwargs)
-    if name == "elu":
-        return nn.ELU(inplace=kwargs.pop("inplace", True), **kwargs)
-    if name == "none":
-        return nn.Identity()
-    raise ConfigError(unknown_name_message("nonlin", name, list(NONLINS)))
+    """Activation registered as `name` in `NONLINS`; "leaky_relu" (slope 0.01, in place) is nnU-Net's default."""
+    return NONLINS.get(name)(**kwargs)
 
 
 class LayerSpec:

@@ -10,7 +10,7 @@ and `"network": {"name": "my_net", ...}` in plans.json.
 from __future__ import annotations
 
 import inspect
-from typing import Any
+from typing import Any, Callable
 
 from torch import nn
 
@@ -19,7 +19,7 @@ from voxseg.errors import ConfigError
 from voxseg.models.unet import UNet
 from voxseg.registry import Registry, unknown_name_message
 
-NETWORKS: Registry[nn.Module] = Registry("network")
+NETWORKS: Registry[Callable[..., nn.Module]] = Registry("network")
 
 
 def build_network(plan: Plan, deep_supervision: bool | None = None, **overrides: Any) -> nn.Module:

@@ -33,7 +33,7 @@ from voxseg.losses import build_loss
 from voxseg.models import build_network
 from voxseg.checkpoint import Checkpointer, RngStates, checkpoint_file, load_pretrained, network_from_checkpoint
 from voxseg.train.logger import TrainLogger
-from voxseg.train.optim import build_optimizer, build_scheduler
+from voxseg.optim import build_optimizer, build_scheduler
 from voxseg.train.step import RunningMeans, TrainData, TrainStep
 from voxseg.infer.validation import full_validation
 from voxseg.train.validate import pseudo_dice
@@ -169,7 +169,7 @@ def build_training(workdir: Path, plan: Plan, config: TrainConfig, run: Resolved
     model = build_network(plan).to(run.device)  # deep supervision as the plan says
     loss_fn = build_loss(config.loss.name, plan, config.loss.weights, plan.network.deep_supervision).to(run.device)
     optimizer = build_optimizer(model.parameters(), config.optim)
-    scheduler = build_scheduler(optimizer, config.schedule, config.loop.epochs, run.iterations)
+    scheduler = build_scheduler(optimizer, config.schedule, config.loop.epochs)
     step = TrainStep(model, loss_fn, optimizer, run.device, run.amp_dtype, config.loop.grad_accum,
                      config.loop.grad_clip, compile=run.compile)
     # the cache comes after the model so that its GPU budget sees the memory the model already holds
