@@ -25,6 +25,7 @@ from typing import Sequence
 import torch
 from torch import nn
 
+from voxseg.atomicio import atomic_path
 from voxseg.plans import Plan
 from voxseg.data.splits import fold_dir
 from voxseg.errors import CheckpointError, ConfigError
@@ -164,18 +165,12 @@ def export_archive(workdir: str | Path, out_zip: str | Path, folds: int | str | 
                 members[f"{prefix}/{name}"] = fold_dir(workdir, fold) / name
     manifest = {"format": ARCHIVE_FORMAT, "version": 1, "folds": fold_list, "checkpoint": checkpoint}
     members[MANIFEST] = json.dumps(manifest, indent=2).encode()
-    out_zip.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out_zip.with_name(f".{out_zip.name}.tmp{os.getpid()}")
-    try:
-        with zipfile.ZipFile(tmp, "w", compression=zipfile.ZIP_DEFLATED) as archive:
-            for name, content in members.items():
-                if isinstance(content, Path):
-                    archive.write(content, name)
-                else:
-                    archive.writestr(name, content)
-        os.replace(tmp, out_zip)
-    finally:
-        tmp.unlink(missing_ok=True)
+    with atomic_path(out_zip) as tmp, zipfile.ZipFile(tmp, "w", compression=zipfile.ZIP_DEFLATED) as archive:
+        for name, content in members.items():
+            if isinstance(content, Path):
+                archive.write(content, name)
+            else:
+                archive.writestr(name, content)
     return out_zip
 
 
