@@ -7,11 +7,14 @@ import numpy as np
 import pytest
 import torch
 
+from voxseg.data.memory import BYTES_PER_PARAMETER, estimate_memory_breakdown, parameter_count
 from voxseg.data.store import sample_foreground_locations, save_case
 from voxseg.errors import ConfigError, DatasetError
+from voxseg.plans import NetworkPlan
 from voxseg.train.cache import CaseCache
 from voxseg.train.sampler import PatchSampler
 from voxseg.train.step import BatchStream
+from voxseg.units import GIB
 
 SHAPES = {"big": (30, 24, 26), "small": (10, 12, 9), "empty": (20, 18, 22)}
 
@@ -171,8 +174,21 @@ def test_auto_mode_follows_the_budget(store):
     nbytes = sum(2 * 2 * np.prod(s) + np.prod(s) for s in SHAPES.values())
     cache = CaseCache(store, list(SHAPES), mode="auto", budget_gb=1.0)
     assert cache.mode == "gpu" and cache.nbytes == nbytes
-    assert "(auto)" in cache.describe() and f"{nbytes / 1e9:.2f} GB" in cache.describe()
+    assert "(auto)" in cache.describe() and f"{nbytes / 2**30:.2f} GiB" in cache.describe()
     assert CaseCache(store, list(SHAPES), mode="auto", budget_gb=nbytes / 2e9).mode == "mmap"  # no CUDA: no pinned
+
+
+def test_cache_budget_and_memory_model_count_bytes_in_the_same_unit(store):
+    """A cache of N bytes fits a budget of exactly N / 2^30, and N bytes of parameters weigh N / 2^30 in the plan."""
+    nbytes = CaseCache(store, list(SHAPES), mode="mmap").nbytes
+    exact = CaseCache(store, list(SHAPES), mode="auto", budget_gb=nbytes / GIB)
+    assert exact.mode == "gpu" and exact.gigabytes == pytest.approx(nbytes / 2**30, rel=1e-12)
+    assert CaseCache(store, list(SHAPES), mode="auto", budget_gb=(nbytes - 1) / GIB).mode == "mmap"
+    network = NetworkPlan(features=[8, 16], kernel_sizes=[[3, 3, 3]] * 2, strides=[[1, 1, 1], [2, 2, 2]])
+    terms = estimate_memory_breakdown(network, [16, 16, 16], 1, 2, 3)
+    parameter_bytes = parameter_count(network, 2, 3) * BYTES_PER_PARAMETER
+    assert terms["parameters"] == pytest.approx(parameter_bytes / 2**30, rel=1e-12)
+    assert GIB == 2**30
 
 
 def test_2d_patches_are_slices(store):

@@ -147,7 +147,7 @@ class DataConfig:
         cache: where preprocessed cases live during training: "auto" (on the training device when they fit in
             cache_budget_gb, else, for CUDA, pinned host memory when they fit in half the host RAM, else
             "mmap"), "gpu", "pinned" or "mmap" (memory-mapped files, read on demand).
-        cache_budget_gb: memory the "auto" cache may use on the device; None = on CUDA 0.8 x (free memory after
+        cache_budget_gb: GiB the "auto" cache may use on the device; None = on CUDA 0.8 x (free memory after
             the model is built - 1.2 x the plan's estimated_memory_gb), on a CPU half the host RAM.
         iterations_per_epoch: optimiser steps per epoch; 0 = one pass over the training cases.
         batch_size: patches per step; None = the plan's.

@@ -13,8 +13,8 @@ with V_s the voxels of stage s. On top come the deep-supervision outputs and the
 parameters with gradients and optimiser state, and a fixed CUDA context / workspace overhead.
 
 Example: the nnU-Net reference network (6 stages, 32..320 features) at patch 128^3 keeps ~0.9e9 activation
-elements per sample: 3.4 GB at batch 2 in bf16, x1.65 for the transient peak in backward, plus ~0.3 GB of
-loss tensors, ~0.45 GB of parameter state and 1 GB context/workspace -> ~7.3 GB, matching the 7-8 GB
+elements per sample: 3.4 GiB at batch 2 in bf16, x1.65 for the transient peak in backward, plus ~0.3 GiB of
+loss tensors, ~0.45 GiB of parameter state and 1 GiB context/workspace -> ~7.3 GiB, matching the 7-8 GiB
 nnU-Net uses at 128^3 batch 2.
 
 `measure_saved_activation_elements` (CPU) and `measure_peak_memory_gb` (CUDA) measure the real network, to
@@ -26,6 +26,7 @@ import math
 from typing import Any
 
 from voxseg.plans import NetworkPlan, Plan
+from voxseg.units import gib
 
 # Constants of the memory model, calibrated by measurement:
 # - SAVED_TENSORS_PER_CONV and CONCAT_TENSORS_PER_DECODER_LEVEL match the saved-for-backward tensors of
@@ -34,7 +35,7 @@ from voxseg.plans import NetworkPlan, Plan
 # - ACTIVATION_PEAK_FACTOR, LOSS_TENSORS_PER_OUTPUT, BYTES_PER_PARAMETER, CUDA_CONTEXT_GB and CONV_WORKSPACE_GB
 #   are set so the estimate reproduces the calibration point: the nnU-Net reference 3D U-Net (6 stages,
 #   features 32..320, InstanceNorm + LeakyReLU, deep supervision) at patch 128^3, batch 2, 4 channels,
-#   4 outputs trains in roughly 7-8 GB of GPU memory under bf16 autocast. Re-check with measure_peak_memory_gb
+#   4 outputs trains in roughly 7-8 GiB of GPU memory under bf16 autocast. Re-check with measure_peak_memory_gb
 #   on a real GPU (which reports allocator memory, i.e. the estimate minus CUDA_CONTEXT_GB).
 SAVED_TENSORS_PER_CONV = 2.0  # conv output + norm output (the in-place nonlinearity reuses the latter)
 CONCAT_TENSORS_PER_DECODER_LEVEL = 2.0  # concat(upsampled, skip) has 2 F channels, kept by the first conv
@@ -44,7 +45,6 @@ LOSS_TENSORS_PER_OUTPUT = 4.0  # float32 logits, probabilities, one-hot target, 
 BYTES_PER_PARAMETER = 16.0  # fp32 weight + gradient + momentum (12) + bf16 autocast copy (2) + slack
 CUDA_CONTEXT_GB = 0.5  # CUDA context, cuDNN/cuBLAS handles: outside torch's allocator
 CONV_WORKSPACE_GB = 0.5  # cuDNN workspace of 3D convolutions
-GB = 1024.0**3
 
 
 def stage_voxels(network: NetworkPlan, patch_size: list[int]) -> list[float]:
@@ -117,14 +117,14 @@ def estimate_memory_breakdown(
     num_outputs: int,
     dtype_bytes: int = 2,
 ) -> dict[str, float]:
-    """Peak training memory in GB, by term: activations, loss, parameters, fixed, total."""
+    """Peak training memory in GiB, by term: activations, loss, parameters, fixed, total."""
     activations = ACTIVATION_PEAK_FACTOR * activation_elements(network, patch_size, in_channels) * dtype_bytes
     loss = LOSS_TENSORS_PER_OUTPUT * output_elements(network, patch_size, num_outputs) * 4
     parameters = parameter_count(network, in_channels, num_outputs) * BYTES_PER_PARAMETER
     terms = {
-        "activations": batch_size * activations / GB,
-        "loss": batch_size * loss / GB,
-        "parameters": parameters / GB,
+        "activations": gib(batch_size * activations),
+        "loss": gib(batch_size * loss),
+        "parameters": gib(parameters),
         "fixed": CUDA_CONTEXT_GB + CONV_WORKSPACE_GB,
     }
     terms["total"] = sum(terms.values())
@@ -139,10 +139,10 @@ def estimate_memory_gb(
     num_outputs: int,
     dtype_bytes: int = 2,
 ) -> float:
-    """Estimated peak GPU memory (GB, incl. CUDA context) of one training step with this network.
+    """Estimated peak GPU memory (GiB, incl. CUDA context) of one training step with this network.
 
     Example: features [32, 64, 128, 256, 320, 320], patch 128^3, batch 2, 4 channels, 4 outputs, bf16 -> ~7.3;
-    each further sample of that size adds ~2.9 GB.
+    each further sample of that size adds ~2.9 GiB.
     """
     return estimate_memory_breakdown(network, patch_size, batch_size, in_channels, num_outputs, dtype_bytes)["total"]
 
@@ -176,7 +176,7 @@ def measure_saved_activation_elements(plan: Plan, patch_size: list[int] | None =
 
 
 def measure_peak_memory_gb(plan: Plan, device: Any = "cuda", steps: int = 2) -> float:
-    """Peak allocator memory (GB) of real training steps with the plan's patch and batch on a CUDA device.
+    """Peak allocator memory (GiB) of real training steps with the plan's patch and batch on a CUDA device.
 
     Builds the network, runs `steps` bf16-autocast forward/backward/SGD steps (the second one includes the
     optimiser's momentum) with a cross-entropy over every deep-supervision output, and returns
@@ -210,4 +210,4 @@ def measure_peak_memory_gb(plan: Plan, device: Any = "cuda", steps: int = 2) -> 
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
     torch.cuda.synchronize(device)
-    return torch.cuda.max_memory_allocated(device) / GB
+    return gib(torch.cuda.max_memory_allocated(device))

@@ -34,6 +34,7 @@ from voxseg.train.logger import TrainLogger
 from voxseg.train.optim import build_optimizer, build_scheduler
 from voxseg.train.step import RunningMeans, TrainData, TrainStep
 from voxseg.train.validate import full_validation, pseudo_dice
+from voxseg.units import gib
 
 
 class TrainingInterrupted(VoxsegError):
@@ -247,11 +248,11 @@ def _amp_name(dtype: torch.dtype | None) -> str:
 
 
 def cache_budget_gb(config: TrainConfig, plan: Plan, device: torch.device) -> float | None:
-    """GPU memory the training cache may take: the configured budget, else the free memory (the model is
-    already allocated) minus the plan's estimate of the step's activations, with a margin."""
+    """GPU memory (GiB) the training cache may take: the configured budget, else the free memory (the model
+    is already allocated) minus the plan's estimate of the step's activations, with a margin."""
     if config.data.cache_budget_gb is not None or device.type != "cuda":
         return config.data.cache_budget_gb
-    free_gb = torch.cuda.mem_get_info(device)[0] / 1e9
+    free_gb = gib(torch.cuda.mem_get_info(device)[0])
     return max(0.0, 0.8 * (free_gb - 1.2 * (plan.estimated_memory_gb or 0.0)))
 
 
