@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from voxseg.augment import AugmentConfig
+from voxseg.augment.config import AugmentConfig
 from voxseg.configtree import build_dataclass, dotted_names, locate_option, parse_value
 from voxseg.jsonio import write_json_atomic
 from voxseg.errors import ConfigError
