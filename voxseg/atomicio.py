@@ -31,8 +31,8 @@ def temporary_path(target: str | Path) -> Path:
     """A fresh temporary name in the target's folder that ends like the target.
 
     Example: `out/case_0001.nii.gz` -> `out/.case_0001.tmp4242-9f3a1c.nii.gz`. The process id and a random
-    token keep concurrent writers (processes or threads) of the same target apart; the leading dot keeps the
-    file out of `*.nii.gz`-style globs of the folder.
+    token keep concurrent writers (processes or threads) of the same target apart. The leading dot marks it
+    hidden: code that lists a folder skips names starting with "." (a process killed mid-write can leave one).
     """
     target = Path(target)
     head, dot, suffixes = target.name.lstrip(".").partition(".")

@@ -164,7 +164,7 @@ def _available_cases(workdir: Path) -> list[str] | None:
     """Cases present in the work directory: preprocessed arrays, else the fingerprint's case list."""
     preprocessed = workdir / "preprocessed"
     if preprocessed.is_dir():
-        names = [p.stem for p in preprocessed.glob("*.npy") if not p.stem.endswith("_seg")]
+        names = [p.stem for p in preprocessed.glob("*.npy") if not p.stem.endswith("_seg") and p.name[0] != "."]
         if names:
             return names
     fingerprint = workdir / "fingerprint.json"

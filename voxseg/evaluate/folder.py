@@ -309,7 +309,7 @@ def aggregate_folds(
     sources: dict[str, tuple[int, Path]] = {}
     for fold in folds:
         val_dir = fold_dir(workdir, fold) / "validation"
-        files = sorted(val_dir.glob(f"*{ending}")) if val_dir.is_dir() else []
+        files = sorted(p for p in val_dir.glob(f"*{ending}") if p.name[0] != ".") if val_dir.is_dir() else []
         if not files:
             raise InputError(
                 f"fold {fold} has no validation predictions in {val_dir}; finish training it "
