@@ -10,17 +10,11 @@ import pytest
 
 from voxseg.data.dataset import RawDataset
 from voxseg.data.io import Geometry, write_image
-from voxseg.data.memory import (
-    CUDA_CONTEXT_GB,
-    activation_elements,
-    estimate_memory_gb,
-    measure_peak_memory_gb,
-    measure_saved_activation_elements,
-    parameter_count,
-)
+from voxseg.data.memory import CUDA_CONTEXT_GB, activation_elements, estimate_memory_gb, parameter_count
 from voxseg.data.plan import derive_topology, describe_plan, make_plan, plan_dataset, plan_target_spacing
 from voxseg.plans import NetworkPlan, Plan
 from voxseg.errors import ConfigError, DatasetError
+from voxseg.models.measure import measure_peak_memory_gb, measure_saved_activation_elements
 
 MRI = {"0": "T1", "1": "T1ce", "2": "T2", "3": "FLAIR"}
 LABELS = {"background": 0, "edema": 1, "core": 2, "enhancing": 3}  # 4 outputs (softmax)
@@ -278,3 +272,17 @@ def test_plan_dataset_refuses_broken_dataset(tmp_path):
     with pytest.raises(DatasetError):
         plan_dataset(raw, tmp_path / "work")
     assert not (tmp_path / "work" / "plans.json").exists()
+
+
+def test_the_planner_never_imports_the_network_code():
+    """data/ sits beside models/: the memory model shares `voxseg.stages` with the network, not its code."""
+    import ast
+
+    import voxseg.data
+
+    for path in Path(voxseg.data.__file__).parent.glob("*.py"):
+        for node in ast.walk(ast.parse(path.read_text())):
+            names = [a.name for a in node.names] if isinstance(node, ast.Import) else []
+            if isinstance(node, ast.ImportFrom):
+                names = [f"{node.module}.{a.name}" if node.module == "voxseg" else node.module or "" for a in node.names]
+            assert not any(n == "voxseg.models" or n.startswith("voxseg.models.") for n in names), path.name

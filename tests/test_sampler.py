@@ -1,14 +1,20 @@
 """Case cache and patch sampler: crops, padding, foreground oversampling, grouping, cache modes, prefetch."""
 from __future__ import annotations
 
+import threading
+
 import numpy as np
 import pytest
 import torch
 
+from voxseg.data.memory import BYTES_PER_PARAMETER, estimate_memory_breakdown, parameter_count
 from voxseg.data.store import sample_foreground_locations, save_case
 from voxseg.errors import ConfigError, DatasetError
+from voxseg.plans import NetworkPlan
 from voxseg.train.cache import CaseCache
-from voxseg.train.sampler import PatchSampler, PrefetchIterator
+from voxseg.train.sampler import PatchSampler
+from voxseg.train.step import BatchStream
+from voxseg.units import GIB
 
 SHAPES = {"big": (30, 24, 26), "small": (10, 12, 9), "empty": (20, 18, 22)}
 
@@ -168,8 +174,21 @@ def test_auto_mode_follows_the_budget(store):
     nbytes = sum(2 * 2 * np.prod(s) + np.prod(s) for s in SHAPES.values())
     cache = CaseCache(store, list(SHAPES), mode="auto", budget_gb=1.0)
     assert cache.mode == "gpu" and cache.nbytes == nbytes
-    assert "(auto)" in cache.describe() and f"{nbytes / 1e9:.2f} GB" in cache.describe()
+    assert "(auto)" in cache.describe() and f"{nbytes / 2**30:.2f} GiB" in cache.describe()
     assert CaseCache(store, list(SHAPES), mode="auto", budget_gb=nbytes / 2e9).mode == "mmap"  # no CUDA: no pinned
+
+
+def test_cache_budget_and_memory_model_count_bytes_in_the_same_unit(store):
+    """A cache of N bytes fits a budget of exactly N / 2^30, and N bytes of parameters weigh N / 2^30 in the plan."""
+    nbytes = CaseCache(store, list(SHAPES), mode="mmap").nbytes
+    exact = CaseCache(store, list(SHAPES), mode="auto", budget_gb=nbytes / GIB)
+    assert exact.mode == "gpu" and exact.gigabytes == pytest.approx(nbytes / 2**30, rel=1e-12)
+    assert CaseCache(store, list(SHAPES), mode="auto", budget_gb=(nbytes - 1) / GIB).mode == "mmap"
+    network = NetworkPlan(features=[8, 16], kernel_sizes=[[3, 3, 3]] * 2, strides=[[1, 1, 1], [2, 2, 2]])
+    terms = estimate_memory_breakdown(network, [16, 16, 16], 1, 2, 3)
+    parameter_bytes = parameter_count(network, 2, 3) * BYTES_PER_PARAMETER
+    assert terms["parameters"] == pytest.approx(parameter_bytes / 2**30, rel=1e-12)
+    assert GIB == 2**30
 
 
 def test_2d_patches_are_slices(store):
@@ -187,8 +206,7 @@ def test_prefetch_yields_the_same_batches_and_state_resumes(store):
     cache = CaseCache(store, list(SHAPES), mode="mmap")
     direct = PatchSampler(cache, (8, 8, 8), batch_size=2, seed=11)
     expected = [direct.sample() for _ in range(4)]
-    with PrefetchIterator(PatchSampler(cache, (8, 8, 8), batch_size=2, seed=11), depth=2) as batches:
-        got = [next(batches) for _ in range(4)]
+    got = list(BatchStream(PatchSampler(cache, (8, 8, 8), batch_size=2, seed=11).sample, 4, depth=2))
     for (image, seg), (ref_image, ref_seg) in zip(got, expected):
         assert torch.equal(image, ref_image) and torch.equal(seg, ref_seg)
     # resuming from a state dict continues the same sequence
@@ -204,13 +222,31 @@ def test_prefetch_yields_the_same_batches_and_state_resumes(store):
 def test_prefetch_reraises_errors_from_the_thread(store):
     cache = CaseCache(store, ["big"], mode="gpu")
 
-    def broken(image, seg):
+    sampler = PatchSampler(cache, (8, 8, 8), batch_size=2, seed=0)
+
+    def broken():
+        sampler.sample()
         raise RuntimeError("transform failed")
 
-    iterator = PrefetchIterator(PatchSampler(cache, (8, 8, 8), batch_size=2, seed=0), transform=broken)
+    iterator = iter(BatchStream(broken, 3, depth=2))
     with pytest.raises(RuntimeError, match="transform failed"):
         next(iterator)
-    iterator.close()
+    assert not _prefetch_threads()
+
+
+def _prefetch_threads() -> list[threading.Thread]:
+    return [t for t in threading.enumerate() if t.name == BatchStream.THREAD_NAME]
+
+
+def test_prefetch_stops_its_thread_when_the_consumer_leaves_early(store):
+    sampler = PatchSampler(CaseCache(store, list(SHAPES), mode="mmap"), (8, 8, 8), batch_size=2, seed=3)
+    iterator = iter(BatchStream(sampler.sample, 100, depth=2))
+    first = next(iterator)
+    assert len(_prefetch_threads()) == 1 and first[0].shape == (2, 2, 8, 8, 8)
+    iterator.close()  # what a `break` out of the loop does once the generator is dropped
+    assert not _prefetch_threads()
+    with pytest.raises(ConfigError, match="prefetch depth"):
+        BatchStream(sampler.sample, 1, depth=-1)
 
 
 def test_errors_name_the_problem(store, tmp_path):
@@ -241,8 +277,8 @@ def test_cuda_sampling_without_host_sync_matches_cpu(store, mode):
         batches = [sampler.sample() for _ in range(3)]
     finally:
         torch.cuda.set_sync_debug_mode(0)
-    with PrefetchIterator(PatchSampler(cache, (16, 16, 16), batch_size=4, source_size=(18, 18, 18), seed=12)) as it:
-        prefetched = [next(it) for _ in range(3)]
+    prefetched = list(BatchStream(PatchSampler(cache, (16, 16, 16), batch_size=4, source_size=(18, 18, 18),
+                                               seed=12).sample, 3, depth=2, device="cuda"))
     for (image, seg), (image2, seg2) in zip(batches, prefetched):
         ref_image, ref_seg = reference.sample()
         assert torch.equal(image.cpu(), ref_image) and torch.equal(seg.cpu(), ref_seg)

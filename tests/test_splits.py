@@ -2,11 +2,20 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
 
-from voxseg.data.splits import get_fold, load_splits, make_fraction_split, make_kfold_splits, save_splits
+from voxseg.data.splits import (
+    fold_dir,
+    get_fold,
+    load_splits,
+    make_fraction_split,
+    make_kfold_splits,
+    save_splits,
+    trained_folds,
+)
 from voxseg.errors import ConfigError
 
 NAMES = [f"case_{i:03d}" for i in range(23)]
@@ -104,3 +113,31 @@ def test_malformed_or_missing_splits(tmp_path):
     (tmp_path / "splits.json").write_text("[{")
     with pytest.raises(ConfigError, match="not valid JSON"):
         load_splits(tmp_path)
+
+
+def test_fold_dir_is_under_training():
+    assert fold_dir("work", 3) == fold_dir("work", "3") == Path("work/training/fold_3")
+    assert fold_dir("work", "all").name == "fold_all"
+
+
+def test_trained_folds_counts_numbered_fold_folders_or_those_with_the_checkpoint(tmp_path):
+    assert trained_folds(tmp_path) == [] and trained_folds(tmp_path, "final") == []  # no training/ yet
+    for fold in (10, 2, 0):
+        fold_dir(tmp_path, fold).mkdir(parents=True)
+    (fold_dir(tmp_path, 0) / "checkpoint_final.pt").write_bytes(b"")
+    (fold_dir(tmp_path, 10) / "checkpoint_final.pt").write_bytes(b"")
+    (fold_dir(tmp_path, 10) / "checkpoint_best.pt").write_bytes(b"")
+    fold_dir(tmp_path, "all").mkdir()
+    (fold_dir(tmp_path, "all") / "checkpoint_final.pt").write_bytes(b"")
+    fold_dir(tmp_path, "x1").mkdir()
+    (fold_dir(tmp_path, 0).parent / "fold_5").write_text("a file, not a fold folder")
+    assert trained_folds(tmp_path) == [0, 2, 10]  # numeric order; fold_all, fold_x1 and files left out
+    assert trained_folds(tmp_path, "final") == [0, 10]
+    assert trained_folds(tmp_path, "best") == [10]
+    assert trained_folds(tmp_path, "latest") == []
+
+
+def test_archive_keeps_the_trained_folds_name():
+    from voxseg.infer import archive
+
+    assert archive.trained_folds is trained_folds

@@ -17,7 +17,6 @@ reads it and loading a checkpoint never runs code from the file:
 """
 from __future__ import annotations
 
-import os
 import pickle
 import random
 import zipfile
@@ -29,6 +28,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from voxseg.atomicio import atomic_path
 from voxseg.errors import CheckpointError
 from voxseg.models import build_network
 from voxseg.plans import Plan, plan_differences
@@ -147,16 +147,11 @@ class Checkpointer:
 
 
 def save_checkpoint(path: str | Path, state: dict[str, Any]) -> Path:
-    """Write `state` to a temporary file next to `path`, then rename it, so a crash never leaves half a file."""
+    """Write `state` atomically (temporary file in the same folder, fsync, rename): a crash never leaves half a
+    file, and a failed save keeps the previous checkpoint."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    try:
+    with atomic_path(path) as tmp:
         torch.save(state, tmp)
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
     return path
 
 

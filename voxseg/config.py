@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from voxseg.augment import AugmentConfig
+from voxseg.augment.config import AugmentConfig
 from voxseg.configtree import build_dataclass, dotted_names, locate_option, parse_value
 from voxseg.configtree import check as _check
 from voxseg.configtree import check_choice as _choice
@@ -60,7 +60,7 @@ class DataConfig:
         cache: where preprocessed cases live during training: "auto" (on the training device when they fit in
             cache_budget_gb, else, for CUDA, pinned host memory when they fit in half the host RAM, else
             "mmap"), "gpu", "pinned" or "mmap" (memory-mapped files, read on demand).
-        cache_budget_gb: memory the "auto" cache may use on the device; None = on CUDA 0.8 x (free memory after
+        cache_budget_gb: GiB the "auto" cache may use on the device; None = on CUDA 0.8 x (free memory after
             the model is built - 1.2 x the plan's estimated_memory_gb), on a CPU half the host RAM.
         iterations_per_epoch: optimiser steps per epoch; 0 = one pass over the training cases.
         prefetch: batches prepared ahead by a background thread (0 = prepare in the training thread; -1 = auto:

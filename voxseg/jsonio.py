@@ -2,20 +2,16 @@
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 from typing import Any
 
+from voxseg.atomicio import write_text
 from voxseg.errors import ConfigError, VoxsegError
 
 
 def write_json_atomic(path: str | Path, data: Any) -> None:
     """Write JSON to a temporary file next to `path`, then rename, so a crash never leaves half a file."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    tmp.write_text(json.dumps(data, indent=2) + "\n")
-    os.replace(tmp, path)
+    write_text(path, json.dumps(data, indent=2) + "\n")
 
 
 def read_json(path: str | Path, error: type[VoxsegError] = ConfigError, missing: str = "", invalid: str = "") -> Any:

@@ -10,7 +10,7 @@ import math
 
 import torch
 
-from voxseg.augment.spatial import broadcast_mask, random_mask, random_uniform
+from voxseg.augment.draws import broadcast_mask, random_mask, random_uniform
 
 
 def _spatial_dims(image: torch.Tensor) -> tuple[int, ...]:

@@ -13,47 +13,13 @@ like nnU-Net's.
 from __future__ import annotations
 
 import math
-from typing import TYPE_CHECKING, Sequence
+from typing import Sequence
 
 import torch
 import torch.nn.functional as F
 
-if TYPE_CHECKING:  # pragma: no cover
-    from voxseg.augment.pipeline import AugmentConfig
-
-
-# ----- random draws shared by all transforms (all on the generator's device, never read on the host) -----
-def random_uniform(
-    low: float, high: float, shape: Sequence[int], generator: torch.Generator | None, device: torch.device
-) -> torch.Tensor:
-    """Uniform float32 samples in [low, high)."""
-    return low + (high - low) * torch.rand(tuple(shape), generator=generator, device=device)
-
-
-def random_mask(
-    p: float, shape: Sequence[int], generator: torch.Generator | None, device: torch.device
-) -> torch.Tensor:
-    """Bernoulli(p) bool mask."""
-    return torch.rand(tuple(shape), generator=generator, device=device) < p
-
-
-def device_vector(values: Sequence[float], device: torch.device) -> torch.Tensor:
-    """Small float32 constant on `device` without a sync.
-
-    `torch.tensor(values, device=cuda)` is a blocking copy (PyTorch synchronises the stream after it). A
-    non_blocking copy from pageable memory is no better: CUDA documents that the driver may synchronise with
-    the stream to stage it. From pinned memory the copy is truly asynchronous, and PyTorch's caching host
-    allocator keeps the pinned block alive until the copy has run.
-    """
-    host = torch.tensor(list(values), dtype=torch.float32)
-    if torch.device(device).type == "cuda":
-        host = host.pin_memory()
-    return host.to(device, non_blocking=True)
-
-
-def broadcast_mask(mask: torch.Tensor, ndim: int) -> torch.Tensor:
-    """View a (B,) or (B, C) mask so that it broadcasts against a tensor with `ndim` dimensions."""
-    return mask.view(*mask.shape, *([1] * (ndim - mask.ndim)))
+from voxseg.augment.config import AugmentConfig
+from voxseg.augment.draws import broadcast_mask, device_vector, random_mask, random_uniform
 
 
 def centre_crop(x: torch.Tensor, patch_size: Sequence[int]) -> torch.Tensor:
@@ -87,7 +53,7 @@ def mirrored_centre_crop(x: torch.Tensor, patch_size: Sequence[int], flips: torc
 
 
 # ----- rotation geometry -----------------------------------------------------------------------------------
-def rotation_planes(ndim: int, config: "AugmentConfig") -> list[tuple[int, int]]:
+def rotation_planes(ndim: int, config: AugmentConfig) -> list[tuple[int, int]]:
     """Planes (pairs of array axes) the random rotation acts in.
 
     3D: rotations about each axis, i.e. in the planes (1,2), (0,2), (0,1); with `rotation_coarse_axis_only`
@@ -114,12 +80,12 @@ def rotation_matrices(angles: torch.Tensor, planes: Sequence[tuple[int, int]], n
     return result
 
 
-def has_spatial(config: "AugmentConfig") -> bool:
+def has_spatial(config: AugmentConfig) -> bool:
     """Whether any grid-based transform (rotation, scaling, elastic) can fire."""
     return config.rotation_p > 0 or config.scale_p > 0 or config.elastic_p > 0
 
 
-def source_size(patch_size: Sequence[int], config: "AugmentConfig") -> tuple[int, ...]:
+def source_size(patch_size: Sequence[int], config: AugmentConfig) -> tuple[int, ...]:
     """Size of the crop to sample so that rotated/scaled/deformed patches stay inside it.
 
     The worst case over the rotation range (checked on a grid of angles), the largest scale and the largest
@@ -151,7 +117,7 @@ def source_size(patch_size: Sequence[int], config: "AugmentConfig") -> tuple[int
 
 # ----- the grid transform -------------------------------------------------------------------------------------
 def _elastic_offset(
-    batch: int, patch: Sequence[int], source: Sequence[int], config: "AugmentConfig", mask: torch.Tensor,
+    batch: int, patch: Sequence[int], source: Sequence[int], config: AugmentConfig, mask: torch.Tensor,
     generator: torch.Generator | None, device: torch.device,
 ) -> torch.Tensor:
     """Smooth random displacement in grid_sample's normalised (x, y, z) units: (B, *P, ndim).
@@ -171,7 +137,7 @@ def _elastic_offset(
 
 
 def _affine_matrices(
-    batch: int, ndim: int, config: "AugmentConfig", generator: torch.Generator | None, device: torch.device
+    batch: int, ndim: int, config: AugmentConfig, generator: torch.Generator | None, device: torch.device
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-sample M = R * s in voxel units (B, ndim, ndim) and the mask of samples that got either."""
     matrix = torch.eye(ndim, device=device).expand(batch, ndim, ndim)
@@ -192,7 +158,7 @@ def _affine_matrices(
 
 
 def spatial_transform(
-    image: torch.Tensor, seg: torch.Tensor, patch_size: Sequence[int], config: "AugmentConfig",
+    image: torch.Tensor, seg: torch.Tensor, patch_size: Sequence[int], config: AugmentConfig,
     generator: torch.Generator | None, seg_fill: int = -1, flips: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Rotate/scale/deform/mirror (B, C, *S) image and (B, 1, *S) labels into (B, ·, *P) patches.

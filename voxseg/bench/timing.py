@@ -19,11 +19,12 @@ import torch
 from voxseg.config import TrainConfig
 from voxseg.data.store import list_cases
 from voxseg.errors import DatasetError
+from voxseg.units import gib
 
 
 @dataclass
 class StepTiming:
-    """Measured training speed of one configuration (seconds, GB)."""
+    """Measured training speed of one configuration (seconds, GiB)."""
 
     device_step_s: float
     end_to_end_step_s: float
@@ -90,7 +91,7 @@ def time_training(workdir: str | Path, config: TrainConfig, iterations: int = 20
         t.step(*batch)
     sync(device)
     end_to_end = (time.perf_counter() - start) / iterations
-    peak = torch.cuda.max_memory_allocated(device) / 1024**3 if device.type == "cuda" else 0.0
+    peak = gib(torch.cuda.max_memory_allocated(device)) if device.type == "cuda" else 0.0
     del t
     return StepTiming(
         device_step_s=device_step, end_to_end_step_s=end_to_end,

@@ -18,6 +18,7 @@ from typing import Any
 
 import numpy as np
 
+from voxseg.atomicio import atomic_path
 from voxseg.data.io import NIFTI_ENDINGS
 from voxseg.errors import DatasetError
 from voxseg.jsonio import write_json_atomic
@@ -32,44 +33,35 @@ BRATS_MODALITY_NAMES = {"t1": ("t1", "t1n"), "t1ce": ("t1ce", "t1c"), "t2": ("t2
 _BRATS_TO_OURS = {0: 0, 1: 2, 2: 1, 3: 3, 4: 3}
 
 
-# ----- small atomic file helpers -----------------------------------------------------------------------------
-
-def _tmp_path(path: Path) -> Path:
-    return path.with_name(f".tmp{os.getpid()}_{path.name}")
-
+# ----- placing and writing files atomically -------------------------------------------------------------------------------
 
 def _place_file(src: Path, dst: Path, link: bool) -> str:
     """Put `src` at `dst`: hard link, else symlink, else copy (always when link=False). Returns what was done."""
-    dst.parent.mkdir(parents=True, exist_ok=True)
     if link and dst.exists() and os.path.samefile(src, dst):
         # already linked by an earlier run; renaming a link onto another link of the same file would be a no-op
         return "symlink" if dst.is_symlink() else "hardlink"
-    tmp = _tmp_path(dst)
-    tmp.unlink(missing_ok=True)
-    how = "copy"
-    if link:
-        try:
-            os.link(src, tmp)
-            how = "hardlink"
-        except OSError:  # other file system, or links not allowed
+    with atomic_path(dst) as tmp:
+        how = "copy"
+        if link:
             try:
-                os.symlink(src.resolve(), tmp)
-                how = "symlink"
-            except OSError:
-                pass
-    if how == "copy":
-        shutil.copy2(src, tmp)
-    os.replace(tmp, dst)
+                os.link(src, tmp)
+                how = "hardlink"
+            except OSError:  # other file system, or links not allowed
+                try:
+                    os.symlink(src.resolve(), tmp)
+                    how = "symlink"
+                except OSError:
+                    pass
+        if how == "copy":
+            shutil.copy2(src, tmp)
     return how
 
 
 def _save_nifti(image: Any, path: Path) -> None:
     import nibabel as nib
 
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = _tmp_path(path)  # keeps the .nii.gz ending, so nibabel compresses it
-    nib.save(image, str(tmp))
-    os.replace(tmp, path)
+    with atomic_path(path) as tmp:  # keeps the .nii.gz ending, so nibabel compresses it
+        nib.save(image, str(tmp))
 
 
 def _nifti_ending(name: str) -> str | None:

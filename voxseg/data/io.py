@@ -7,12 +7,12 @@ either backend gives the same array and geometry, and whatever voxseg writes lin
 """
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
+from voxseg.atomicio import atomic_path
 from voxseg.errors import ImageReadError
 
 NIFTI_ENDINGS = (".nii.gz", ".nii")
@@ -140,16 +140,15 @@ def write_image(path: str | Path, array: np.ndarray, geometry: Geometry) -> None
     ending = file_ending(path)
     if ending not in SUPPORTED_ENDINGS:
         raise ImageReadError(f"{path}: cannot write file type '{ending}'; use one of {', '.join(SUPPORTED_ENDINGS)}")
-    tmp = path.with_name(f".tmp{os.getpid()}_{path.name}")
     if array.dtype == np.bool_:
         array = array.astype(np.uint8)
     if array.dtype == np.float16:
         array = array.astype(np.float32)
-    if ending in NIFTI_ENDINGS:
-        _write_nibabel(tmp, array, geometry)
-    else:
-        _write_sitk(tmp, array, geometry)
-    os.replace(tmp, path)
+    with atomic_path(path) as tmp:  # keeps the ending, from which nibabel / SimpleITK pick the format
+        if ending in NIFTI_ENDINGS:
+            _write_nibabel(tmp, array, geometry)
+        else:
+            _write_sitk(tmp, array, geometry)
 
 
 def _write_nibabel(path: Path, array: np.ndarray, geometry: Geometry) -> None:

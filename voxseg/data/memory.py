@@ -13,28 +13,29 @@ with V_s the voxels of stage s. On top come the deep-supervision outputs and the
 parameters with gradients and optimiser state, and a fixed CUDA context / workspace overhead.
 
 Example: the nnU-Net reference network (6 stages, 32..320 features) at patch 128^3 keeps ~0.9e9 activation
-elements per sample: 3.4 GB at batch 2 in bf16, x1.65 for the transient peak in backward, plus ~0.3 GB of
-loss tensors, ~0.45 GB of parameter state and 1 GB context/workspace -> ~7.3 GB, matching the 7-8 GB
+elements per sample: 3.4 GiB at batch 2 in bf16, x1.65 for the transient peak in backward, plus ~0.3 GiB of
+loss tensors, ~0.45 GiB of parameter state and 1 GiB context/workspace -> ~7.3 GiB, matching the 7-8 GiB
 nnU-Net uses at 128^3 batch 2.
 
-`measure_saved_activation_elements` (CPU) and `measure_peak_memory_gb` (CUDA) measure the real network, to
-check and recalibrate the constants below.
+`voxseg.models.measure` (`measure_saved_activation_elements` on a CPU, `measure_peak_memory_gb` on CUDA)
+measures the real network, to check and recalibrate the constants below. Memory figures are GiB.
 """
 from __future__ import annotations
 
 import math
-from typing import Any
 
-from voxseg.plans import NetworkPlan, Plan
+from voxseg.plans import NetworkPlan
+from voxseg.stages import default_blocks_per_stage
+from voxseg.units import gib
 
 # Constants of the memory model, calibrated by measurement:
 # - SAVED_TENSORS_PER_CONV and CONCAT_TENSORS_PER_DECODER_LEVEL match the saved-for-backward tensors of
 #   voxseg.models.unet counted with torch.autograd.graph.saved_tensors_hooks (exact to <0.1% on CPU; see
-#   measure_saved_activation_elements and tests/test_plan.py).
+#   voxseg.models.measure.measure_saved_activation_elements and tests/test_plan.py).
 # - ACTIVATION_PEAK_FACTOR, LOSS_TENSORS_PER_OUTPUT, BYTES_PER_PARAMETER, CUDA_CONTEXT_GB and CONV_WORKSPACE_GB
 #   are set so the estimate reproduces the calibration point: the nnU-Net reference 3D U-Net (6 stages,
 #   features 32..320, InstanceNorm + LeakyReLU, deep supervision) at patch 128^3, batch 2, 4 channels,
-#   4 outputs trains in roughly 7-8 GB of GPU memory under bf16 autocast. Re-check with measure_peak_memory_gb
+#   4 outputs trains in roughly 7-8 GiB of GPU memory under bf16 autocast. Re-check with measure_peak_memory_gb
 #   on a real GPU (which reports allocator memory, i.e. the estimate minus CUDA_CONTEXT_GB).
 SAVED_TENSORS_PER_CONV = 2.0  # conv output + norm output (the in-place nonlinearity reuses the latter)
 CONCAT_TENSORS_PER_DECODER_LEVEL = 2.0  # concat(upsampled, skip) has 2 F channels, kept by the first conv
@@ -44,7 +45,6 @@ LOSS_TENSORS_PER_OUTPUT = 4.0  # float32 logits, probabilities, one-hot target, 
 BYTES_PER_PARAMETER = 16.0  # fp32 weight + gradient + momentum (12) + bf16 autocast copy (2) + slack
 CUDA_CONTEXT_GB = 0.5  # CUDA context, cuDNN/cuBLAS handles: outside torch's allocator
 CONV_WORKSPACE_GB = 0.5  # cuDNN workspace of 3D convolutions
-GB = 1024.0**3
 
 
 def stage_voxels(network: NetworkPlan, patch_size: list[int]) -> list[float]:
@@ -58,9 +58,7 @@ def stage_voxels(network: NetworkPlan, patch_size: list[int]) -> list[float]:
 
 
 def _residual_blocks(network: NetworkPlan) -> list[int]:
-    from voxseg.models.unet import default_blocks_per_stage  # the same schedule the network is built with
-
-    return default_blocks_per_stage(network.n_stages)
+    return default_blocks_per_stage(network.n_stages)  # the same schedule the network is built with
 
 
 def activation_elements(network: NetworkPlan, patch_size: list[int], in_channels: int) -> float:
@@ -117,14 +115,14 @@ def estimate_memory_breakdown(
     num_outputs: int,
     dtype_bytes: int = 2,
 ) -> dict[str, float]:
-    """Peak training memory in GB, by term: activations, loss, parameters, fixed, total."""
+    """Peak training memory in GiB, by term: activations, loss, parameters, fixed, total."""
     activations = ACTIVATION_PEAK_FACTOR * activation_elements(network, patch_size, in_channels) * dtype_bytes
     loss = LOSS_TENSORS_PER_OUTPUT * output_elements(network, patch_size, num_outputs) * 4
     parameters = parameter_count(network, in_channels, num_outputs) * BYTES_PER_PARAMETER
     terms = {
-        "activations": batch_size * activations / GB,
-        "loss": batch_size * loss / GB,
-        "parameters": parameters / GB,
+        "activations": gib(batch_size * activations),
+        "loss": gib(batch_size * loss),
+        "parameters": gib(parameters),
         "fixed": CUDA_CONTEXT_GB + CONV_WORKSPACE_GB,
     }
     terms["total"] = sum(terms.values())
@@ -139,75 +137,9 @@ def estimate_memory_gb(
     num_outputs: int,
     dtype_bytes: int = 2,
 ) -> float:
-    """Estimated peak GPU memory (GB, incl. CUDA context) of one training step with this network.
+    """Estimated peak GPU memory (GiB, incl. CUDA context) of one training step with this network.
 
     Example: features [32, 64, 128, 256, 320, 320], patch 128^3, batch 2, 4 channels, 4 outputs, bf16 -> ~7.3;
-    each further sample of that size adds ~2.9 GB.
+    each further sample of that size adds ~2.9 GiB.
     """
     return estimate_memory_breakdown(network, patch_size, batch_size, in_channels, num_outputs, dtype_bytes)["total"]
-
-
-def measure_saved_activation_elements(plan: Plan, patch_size: list[int] | None = None) -> float:
-    """Count the elements autograd saves for backward in one forward pass of the real network, per sample.
-
-    Runs on CPU in float32 with batch 1: every tensor passed to a saved-tensors pack hook is attributed to
-    its storage, each storage is counted once (views and in-place results share one), parameters are left
-    out. Compare with `activation_elements` to check SAVED_TENSORS_PER_CONV and friends.
-    """
-    import torch
-
-    from voxseg.models import build_network
-
-    patch = list(patch_size or plan.patch_size)
-    model = build_network(plan).train()
-    parameters = {p.untyped_storage().data_ptr() for p in model.parameters()}
-    saved: dict[int, int] = {}
-
-    def pack(tensor: torch.Tensor) -> torch.Tensor:
-        storage = tensor.untyped_storage()
-        if storage.data_ptr() not in parameters:
-            saved.setdefault(storage.data_ptr(), storage.nbytes())
-        return tensor
-
-    image = torch.randn(1, plan.num_channels, *patch)  # (1, C, *P)
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
-        model(image)
-    return sum(saved.values()) / image.element_size()
-
-
-def measure_peak_memory_gb(plan: Plan, device: Any = "cuda", steps: int = 2) -> float:
-    """Peak allocator memory (GB) of real training steps with the plan's patch and batch on a CUDA device.
-
-    Builds the network, runs `steps` bf16-autocast forward/backward/SGD steps (the second one includes the
-    optimiser's momentum) with a cross-entropy over every deep-supervision output, and returns
-    torch.cuda.max_memory_allocated. It excludes the CUDA context, so compare it with
-    `estimate_memory_gb(...) - CUDA_CONTEXT_GB`.
-    """
-    import torch
-    import torch.nn.functional as F
-
-    from voxseg.models import build_network
-
-    device = torch.device(device)
-    if device.type != "cuda":
-        raise ValueError(f"measure_peak_memory_gb needs a CUDA device, got '{device}'")
-    model = build_network(plan).to(device).train()
-    optimizer = torch.optim.SGD(model.parameters(), lr=1e-3, momentum=0.99, nesterov=True)
-    shape = (plan.batch_size, plan.num_channels, *plan.patch_size)
-    image = torch.randn(shape, device=device)  # (B, C, *P)
-    target = torch.randint(0, plan.num_outputs, (plan.batch_size, 1, *plan.patch_size), device=device)
-    torch.cuda.synchronize(device)
-    torch.cuda.reset_peak_memory_stats(device)
-    for _ in range(steps):
-        with torch.autocast(device.type, dtype=torch.bfloat16):
-            outputs = model(image)
-            outputs = outputs if isinstance(outputs, (list, tuple)) else [outputs]
-            loss = sum(
-                F.cross_entropy(out.float(), F.interpolate(target.float(), size=out.shape[2:])[:, 0].long())
-                for out in outputs
-            )
-        loss.backward()
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-    torch.cuda.synchronize(device)
-    return torch.cuda.max_memory_allocated(device) / GB

@@ -17,13 +17,12 @@ The memory model lives in `voxseg.data.memory` and the topology / patch / batch 
 """
 from __future__ import annotations
 
-import os
-import shutil
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+from voxseg.atomicio import copy_file
 from voxseg.data.dataset import RawDataset, load_dataset
 from voxseg.data.fingerprint import compute_fingerprint, save_fingerprint
 from voxseg.data.memory import estimate_memory_gb
@@ -234,9 +233,7 @@ def plan_dataset(
         else:
             splits = make_kfold_splits(names, num_folds, seed)
         save_splits(workdir, splits)
-    tmp = workdir / f".dataset.json.tmp{os.getpid()}"
-    shutil.copyfile(dataset.root / "dataset.json", tmp)
-    os.replace(tmp, workdir / "dataset.json")
+    copy_file(dataset.root / "dataset.json", workdir / "dataset.json")
     return plan
 
 

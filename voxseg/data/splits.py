@@ -16,11 +16,34 @@ from voxseg.errors import ConfigError
 from voxseg.jsonio import read_json
 
 SPLITS_FILE = "splits.json"
+FOLD_PREFIX = "fold_"
 
 
 def fold_dir(workdir: str | Path, fold: int | str) -> Path:
     """Where a fold's training run lives: WORKDIR/training/fold_F (F an index or "all")."""
-    return Path(workdir) / "training" / f"fold_{fold}"
+    return Path(workdir) / "training" / f"{FOLD_PREFIX}{fold}"
+
+
+def trained_folds(workdir: str | Path, checkpoint: str | None = None) -> list[int]:
+    """The numbered folds of a work directory (or model folder), sorted; fold_all is not a numbered fold.
+
+    Args:
+        workdir: the work directory.
+        checkpoint: None counts every WORKDIR/training/fold_N folder (a run was started there); a name such as
+            "final" counts only folds with `checkpoint_{checkpoint}.pt` (a run got that far).
+
+    Example: training/fold_0/checkpoint_final.pt, training/fold_2/ (still running), training/fold_all/
+    -> [0, 2], or [0] with checkpoint="final".
+    """
+    training = fold_dir(workdir, 0).parent
+    found = []
+    for path in training.glob(f"{FOLD_PREFIX}*"):
+        number = path.name[len(FOLD_PREFIX):]
+        if not (number.isdigit() and path.is_dir()):
+            continue
+        if checkpoint is None or (path / f"checkpoint_{checkpoint}.pt").is_file():
+            found.append(int(number))
+    return sorted(found)
 
 
 def make_kfold_splits(names: list[str], num_folds: int = 5, seed: int = 12345) -> list[dict[str, list[str]]]:
@@ -141,7 +164,7 @@ def _available_cases(workdir: Path) -> list[str] | None:
     """Cases present in the work directory: preprocessed arrays, else the fingerprint's case list."""
     preprocessed = workdir / "preprocessed"
     if preprocessed.is_dir():
-        names = [p.stem for p in preprocessed.glob("*.npy") if not p.stem.endswith("_seg")]
+        names = [p.stem for p in preprocessed.glob("*.npy") if not p.stem.endswith("_seg") and p.name[0] != "."]
         if names:
             return names
     fingerprint = workdir / "fingerprint.json"

@@ -13,13 +13,13 @@ whole (see benchmarks/preprocess_bench.py for the numbers).
 from __future__ import annotations
 
 import json
-import os
 import zlib
 from pathlib import Path
 from typing import Any, Iterable
 
 import numpy as np
 
+from voxseg.atomicio import atomic_open, write_bytes
 from voxseg.errors import DatasetError
 from voxseg.jsonio import read_json
 
@@ -35,18 +35,6 @@ def case_paths(directory: str | Path, name: str) -> dict[str, Path]:
         "properties": directory / f"{name}.json",
         "foreground": directory / f"{name}_fg.npz",
     }
-
-
-def _atomic_write(path: Path, write: Any) -> None:
-    """Call `write(file_object)` on a temporary file next to `path`, then rename it over `path`."""
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    try:
-        with open(tmp, "wb") as handle:
-            write(handle)
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
 
 
 def save_case(
@@ -76,17 +64,18 @@ def save_case(
     # old CASE.json vouches for
     paths["properties"].unlink(missing_ok=True)
     image = np.ascontiguousarray(image, dtype=np.dtype(image_dtype) if image_dtype else None)
-    _atomic_write(paths["image"], lambda f: np.save(f, image))
+    with atomic_open(paths["image"]) as handle:
+        np.save(handle, image)
     if seg is not None:
-        seg = np.ascontiguousarray(seg).astype(np.int8, copy=False)
-        _atomic_write(paths["seg"], lambda f: np.save(f, seg))
+        with atomic_open(paths["seg"]) as handle:
+            np.save(handle, np.ascontiguousarray(seg).astype(np.int8, copy=False))
     else:
         paths["seg"].unlink(missing_ok=True)
     arrays = {f"{FG_KEY_PREFIX}{int(k)}": np.asarray(v, dtype=np.int32).reshape(-1, 3)
               for k, v in (foreground_locations or {}).items()}
-    _atomic_write(paths["foreground"], lambda f: np.savez(f, **arrays))
-    text = json.dumps(properties, indent=2).encode()
-    _atomic_write(paths["properties"], lambda f: f.write(text + b"\n"))
+    with atomic_open(paths["foreground"]) as handle:
+        np.savez(handle, **arrays)
+    write_bytes(paths["properties"], json.dumps(properties, indent=2).encode() + b"\n")
 
 
 def load_properties(directory: str | Path, name: str) -> dict[str, Any]:

@@ -96,8 +96,8 @@ def fit_patch(
     a batch of 2 does not fit, shrink the axis that is longest in mm by that axis' total stride and re-derive
     the network (a smaller patch may lose a downsampling step, which changes the stride).
 
-    Example (BraTS-like, 4 outputs, 8 GB): median 140x170x140 -> start 160x192x160 (multiples of 32, ~15 GB)
-    -> 160x160x160 -> 128x160x160 -> 128x128x160 (~8.8 GB) -> 128x128x128 (~7.3 GB, fits). If even the
+    Example (BraTS-like, 4 outputs, 8 GiB): median 140x170x140 -> start 160x192x160 (multiples of 32, ~15 GiB)
+    -> 160x160x160 -> 128x160x160 -> 128x128x160 (~8.8 GiB) -> 128x128x128 (~7.3 GiB, fits). If even the
     smallest patch does not fit (a tiny budget), the smallest patch is returned and batch 2 is used anyway.
     """
     ndim = len(median_shape)
@@ -122,8 +122,8 @@ def fit_batch(
 ) -> int:
     """Largest batch within the budget, at most 5% of the dataset's voxels per batch, and at least 2.
 
-    Example: a 128^3 patch costs ~7.3 GB at batch 2 and ~2.9 GB per extra sample, so 8 GB -> 2 and
-    16 GB -> 4. With 40 GB the BraTS patch is 160x192x160 (~8.3 GB at batch 1, ~6.8 GB per extra sample)
+    Example: a 128^3 patch costs ~7.3 GiB at batch 2 and ~2.9 GiB per extra sample, so 8 GiB -> 2 and
+    16 GiB -> 4. With 40 GiB the BraTS patch is 160x192x160 (~8.3 GiB at batch 1, ~6.8 GiB per extra sample)
     -> 5. The 5% rule matters for small datasets: 40 cases of 3.3M voxels allow 0.05 x 1.3e8 / 4.9e6 = 1
     such patch per batch -> the minimum, 2.
     """

@@ -27,6 +27,7 @@ from typing import Any, Iterable
 import numpy as np
 
 from voxseg.data.io import SUPPORTED_ENDINGS, Geometry, file_ending as _file_ending, read_image
+from voxseg.data.splits import fold_dir
 from voxseg.errors import ConfigError, InputError
 from voxseg.plans import LabelScheme
 from voxseg.jsonio import read_json
@@ -306,8 +307,8 @@ def aggregate_folds(
     crossval = workdir / "training" / "crossval"
     sources: dict[str, tuple[int, Path]] = {}
     for fold in folds:
-        val_dir = workdir / "training" / f"fold_{fold}" / "validation"
-        files = sorted(val_dir.glob(f"*{ending}")) if val_dir.is_dir() else []
+        val_dir = fold_dir(workdir, fold) / "validation"
+        files = sorted(p for p in val_dir.glob(f"*{ending}") if p.name[0] != ".") if val_dir.is_dir() else []
         if not files:
             raise InputError(
                 f"fold {fold} has no validation predictions in {val_dir}; finish training it "

@@ -9,12 +9,12 @@ from __future__ import annotations
 import csv
 import io
 import math
-import os
 from pathlib import Path
 from typing import Any, Iterable
 
 import numpy as np
 
+from voxseg.atomicio import write_text
 from voxseg.jsonio import write_json_atomic
 
 __all__ = ["CSV_COLUMNS", "MEAN_METRICS", "class_means", "foreground_mean", "format_table", "nan_to_none",
@@ -72,9 +72,7 @@ def write_summary(summary: dict[str, Any], out: str | Path) -> tuple[Path, Path]
         for name, metrics in case["metrics"].items():
             cells = ["nan" if metrics[m] is None else metrics[m] for m in CSV_COLUMNS]
             writer.writerow([case["name"], name, *cells])
-    tmp = csv_path.with_name(f".{csv_path.name}.tmp{os.getpid()}")
-    tmp.write_text(buffer.getvalue())
-    os.replace(tmp, csv_path)
+    write_text(csv_path, buffer.getvalue())
     return json_path, csv_path
 
 

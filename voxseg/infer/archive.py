@@ -25,9 +25,10 @@ from typing import Sequence
 import torch
 from torch import nn
 
+from voxseg.atomicio import atomic_path
 from voxseg.checkpoint import CHECKPOINT_CHOICES, load_checkpoint, network_from_checkpoint
 from voxseg.plans import Plan
-from voxseg.data.splits import fold_dir
+from voxseg.data.splits import fold_dir, trained_folds
 from voxseg.errors import CheckpointError, ConfigError
 from voxseg.devices import resolve_device  # noqa: F401 - re-exported for the predictor
 
@@ -42,16 +43,6 @@ _ENSEMBLE_FIELDS = ("channel_names", "labels", "regions_class_order", "target_sp
 
 
 # ----- folds and networks -------------------------------------------------------------------------------------
-def trained_folds(workdir: str | Path, checkpoint: str = "final") -> list[int]:
-    """Numbered folds of the model folder that have `checkpoint_{checkpoint}.pt`."""
-    found = []
-    for path in (Path(workdir) / "training").glob("fold_*"):
-        suffix = path.name[len("fold_"):]
-        if suffix.isdigit() and (path / f"checkpoint_{checkpoint}.pt").is_file():
-            found.append(int(suffix))
-    return sorted(found)
-
-
 def resolve_folds(workdir: str | Path, folds: int | str | Sequence[int | str] | None,
                   checkpoint: str = "final") -> list[int | str]:
     """Fold names for the `folds` option.
@@ -143,25 +134,19 @@ def export_archive(workdir: str | Path, out_zip: str | Path, folds: int | str | 
         if (workdir / name).is_file():
             members[name] = workdir / name
     for fold in fold_list:
-        prefix = f"training/fold_{fold}"
+        prefix = fold_dir(workdir, fold).relative_to(workdir).as_posix()  # training/fold_F inside the zip
         members[f"{prefix}/checkpoint_{checkpoint}.pt"] = _slim_checkpoint(checkpoint_path(workdir, fold, checkpoint))
         for name in ("config.json", "plans.json", "model.onnx"):
             if (fold_dir(workdir, fold) / name).is_file():
                 members[f"{prefix}/{name}"] = fold_dir(workdir, fold) / name
     manifest = {"format": ARCHIVE_FORMAT, "version": 1, "folds": fold_list, "checkpoint": checkpoint}
     members[MANIFEST] = json.dumps(manifest, indent=2).encode()
-    out_zip.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out_zip.with_name(f".{out_zip.name}.tmp{os.getpid()}")
-    try:
-        with zipfile.ZipFile(tmp, "w", compression=zipfile.ZIP_DEFLATED) as archive:
-            for name, content in members.items():
-                if isinstance(content, Path):
-                    archive.write(content, name)
-                else:
-                    archive.writestr(name, content)
-        os.replace(tmp, out_zip)
-    finally:
-        tmp.unlink(missing_ok=True)
+    with atomic_path(out_zip) as tmp, zipfile.ZipFile(tmp, "w", compression=zipfile.ZIP_DEFLATED) as archive:
+        for name, content in members.items():
+            if isinstance(content, Path):
+                archive.write(content, name)
+            else:
+                archive.writestr(name, content)
     return out_zip
 
 

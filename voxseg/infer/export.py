@@ -8,7 +8,6 @@ predict with `Predictor(..., backend="onnxruntime")`.
 from __future__ import annotations
 
 import json
-import os
 import warnings
 from pathlib import Path
 from typing import Any
@@ -16,6 +15,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from voxseg.atomicio import atomic_path
 from voxseg.plans import Plan
 from voxseg.errors import CheckpointError, ConfigError
 from voxseg.infer.archive import fold_dir, load_fold_network
@@ -61,9 +61,7 @@ def export_onnx(
     _require_onnx()
     network, plan = load_fold_network(workdir, fold, checkpoint, "cpu")
     out_file = Path(out_file) if out_file is not None else fold_dir(workdir, fold) / "model.onnx"
-    out_file.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out_file.with_name(f".{out_file.name}.tmp{os.getpid()}")
-    try:
+    with atomic_path(out_file) as tmp:  # nothing is written unless the parity check passes
         example = torch.randn(1, plan.num_channels, *plan.patch_size)
         with warnings.catch_warnings(), torch.no_grad():
             # the TorchScript exporter's deprecation and tracer notes are not actionable for a fixed U-Net
@@ -81,9 +79,6 @@ def export_onnx(
                 f"ONNX export of fold {fold} differs from PyTorch by {difference:.3g} (> {tolerance:g}); "
                 f"{out_file} was not written. Try another opset (opset={opset}) or dynamo=True"
             )
-        os.replace(tmp, out_file)
-    finally:
-        tmp.unlink(missing_ok=True)
     return difference
 
 

@@ -11,7 +11,6 @@ every trained fold_F. Folds are averaged in logit space inside one sliding-windo
 from __future__ import annotations
 
 import contextlib
-import os
 import sys
 from collections import deque
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -21,6 +20,7 @@ from typing import Any, Iterator, Sequence
 import numpy as np
 import torch
 
+from voxseg.atomicio import atomic_open
 from voxseg.data.io import Geometry, read_channels, write_image
 from voxseg.plans import Plan
 from voxseg.errors import CheckpointError, ConfigError, InputError, VoxsegError
@@ -340,7 +340,5 @@ def _progress(total: int, show: bool | None) -> Any:
 
 def save_probabilities(path: Path, probabilities: np.ndarray, class_names: Sequence[str]) -> None:
     """NAME.npz with "probabilities" (K, D, H, W) float16 and "class_names", written atomically."""
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    with open(tmp, "wb") as handle:
+    with atomic_open(path) as handle:
         np.savez_compressed(handle, probabilities=probabilities.astype(np.float16), class_names=np.array(class_names))
-    os.replace(tmp, path)

@@ -28,15 +28,7 @@ from voxseg.models.blocks import (
     init_weights,
     transposed_conv_layer,
 )
-
-# Residual blocks per encoder stage of nnU-Net's residual-encoder presets (ResEnc M/L); deeper stages repeat 6.
-RESENC_BLOCKS = (1, 3, 4, 6, 6, 6)
-
-
-def default_blocks_per_stage(num_stages: int) -> list[int]:
-    """nnU-Net ResEnc schedule truncated or extended to `num_stages`: [1, 3, 4, 6, 6, 6, 6, ...]."""
-    return [RESENC_BLOCKS[min(i, len(RESENC_BLOCKS) - 1)] for i in range(num_stages)]
-
+from voxseg.stages import default_blocks_per_stage
 
 class UNet(nn.Module):
     """U-Net with strided-conv encoder, transposed-conv decoder and a segmentation head per decoder level.

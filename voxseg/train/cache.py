@@ -21,9 +21,9 @@ import torch
 
 from voxseg.data.store import load_case, load_foreground_locations
 from voxseg.errors import ConfigError, DatasetError
+from voxseg.units import GIB, gib
 
 MODES = ("auto", "gpu", "pinned", "mmap")
-GB = 1e9
 
 
 def host_memory_bytes() -> int:
@@ -101,7 +101,7 @@ class CaseCache:
         if mode != "auto":
             return mode
         if budget_gb is not None:
-            budget = budget_gb * GB
+            budget = budget_gb * GIB
         elif self.device.type == "cuda":
             budget = 0.8 * free_device_bytes(self.device)
         else:  # "gpu" mode on a CPU device means plain host tensors
@@ -138,7 +138,7 @@ class CaseCache:
 
     @property
     def gigabytes(self) -> float:
-        return self.nbytes / GB
+        return gib(self.nbytes)
 
     def shape(self, index: int) -> tuple[int, ...]:
         """Spatial shape (D, H, W) of case `index`."""
@@ -181,4 +181,4 @@ class CaseCache:
                  "pinned": "pinned host memory" if self._pinned else "host memory",
                  "mmap": "memory-mapped files"}[self.mode]
         how = "auto" if self.requested_mode == "auto" else "requested"
-        return f"case cache: {len(self)} cases, {self.gigabytes:.2f} GB, mode {self.mode} ({how}) in {where}"
+        return f"case cache: {len(self)} cases, {self.gigabytes:.2f} GiB, mode {self.mode} ({how}) in {where}"

@@ -7,13 +7,13 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import sys
 from pathlib import Path
 from typing import Any
 
 from tqdm import tqdm
 
+from voxseg.atomicio import atomic_path, write_text
 from voxseg.config import LoggingConfig
 
 LOG_FILE = "log.jsonl"
@@ -76,9 +76,7 @@ class TrainLogger:
         self.path = self.out_dir / LOG_FILE
         self.history = [r for r in read_log(self.path) if int(r.get("epoch", -1)) < start_epoch]
         # rewrite atomically: drop records past the checkpoint we resume from
-        tmp = self.path.with_name(f".{LOG_FILE}.tmp{os.getpid()}")
-        tmp.write_text("".join(json.dumps(r) + "\n" for r in self.history))
-        os.replace(tmp, self.path)
+        write_text(self.path, "".join(json.dumps(r) + "\n" for r in self.history))
         if config.tensorboard:
             self._writer = _tensorboard_writer(self.out_dir / "tensorboard")
 
@@ -195,7 +193,5 @@ def plot_progress(history: list[dict[str, Any]], path: str | Path) -> None:
     for axis in axes:
         axis.grid(alpha=0.3)
     fig.tight_layout()
-    path = Path(path)
-    tmp = path.with_name(f".{path.stem}.tmp{os.getpid()}.png")
-    fig.savefig(tmp, dpi=80)
-    os.replace(tmp, path)
+    with atomic_path(path) as tmp:  # keeps the .png ending, from which matplotlib picks the format
+        fig.savefig(tmp, dpi=80)

@@ -37,6 +37,7 @@ from voxseg.optim import build_optimizer, build_scheduler
 from voxseg.train.step import RunningMeans, TrainData, TrainStep
 from voxseg.infer.validation import full_validation
 from voxseg.train.validate import pseudo_dice
+from voxseg.units import gib
 
 
 class TrainingInterrupted(VoxsegError):
@@ -256,11 +257,11 @@ def _amp_name(dtype: torch.dtype | None) -> str:
 
 
 def cache_budget_gb(config: TrainConfig, plan: Plan, device: torch.device) -> float | None:
-    """GPU memory the training cache may take: the configured budget, else the free memory (the model is
-    already allocated) minus the plan's estimate of the step's activations, with a margin."""
+    """GPU memory (GiB) the training cache may take: the configured budget, else the free memory (the model
+    is already allocated) minus the plan's estimate of the step's activations, with a margin."""
     if config.data.cache_budget_gb is not None or device.type != "cuda":
         return config.data.cache_budget_gb
-    free_gb = torch.cuda.mem_get_info(device)[0] / 1e9
+    free_gb = gib(torch.cuda.mem_get_info(device)[0])
     return max(0.0, 0.8 * (free_gb - 1.2 * (plan.estimated_memory_gb or 0.0)))
 
 
@@ -301,13 +302,12 @@ def run_epoch(step: TrainStep, data: TrainData, logger: TrainLogger, config: Tra
     losses = running.means()  # host-device sync: end of epoch
     seconds = time.perf_counter() - start
     samples = run.iterations * accum * batch_size
-    gib = 1024**3
     return {
         "epoch": epoch, "loss": losses, "lr": lr, "iterations": run.iterations,
         "epoch_time": seconds, "batch_time": seconds / run.iterations,
         "data_time": stream.wait_seconds / run.iterations, "samples_per_s": samples / seconds,
-        "gpu_mem_mean_gb": sum(memory) / len(memory) / gib if memory else 0.0,
-        "gpu_mem_max_gb": torch.cuda.max_memory_allocated(run.device) / gib if cuda else 0.0,
+        "gpu_mem_mean_gb": gib(sum(memory) / len(memory)) if memory else 0.0,
+        "gpu_mem_max_gb": gib(torch.cuda.max_memory_allocated(run.device)) if cuda else 0.0,
     }
 
 

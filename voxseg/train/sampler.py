@@ -17,11 +17,8 @@ always inside the final patch).
 """
 from __future__ import annotations
 
-import contextlib
-import queue
-import threading
 from dataclasses import dataclass
-from typing import Any, Callable, Sequence
+from typing import Any, Sequence
 
 import numpy as np
 import torch
@@ -203,89 +200,3 @@ class PatchSampler:
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.rng.bit_generator.state = state["rng"]
         self._credit = float(state["credit"])
-
-
-class PrefetchIterator:
-    """Produce batches in a background thread so that reading and cropping overlap the training step.
-
-    On CUDA the thread works on its own stream; `next()` makes the caller's current stream wait for the batch
-    (an event, not a host sync) and marks the tensors as used there so the allocator does not recycle them
-    early. `transform(image, seg) -> (image, seg)` (e.g. augmentation) runs in the thread too. Use it as a
-    context manager or call `close()`, otherwise the thread idles on a full queue until the process exits.
-    """
-
-    def __init__(
-        self,
-        sampler: PatchSampler,
-        depth: int = 2,
-        transform: Callable[[torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]] | None = None,
-    ) -> None:
-        if depth < 1:
-            raise ConfigError(f"prefetch depth {depth} must be >= 1")
-        self.sampler, self.transform = sampler, transform
-        self.device = sampler.device
-        self._queue: queue.Queue = queue.Queue(maxsize=depth)
-        self._stop = threading.Event()
-        self._error: BaseException | None = None
-        self._stream = torch.cuda.Stream(self.device) if self.device.type == "cuda" else None
-        self._thread = threading.Thread(target=self._work, name="voxseg-prefetch", daemon=True)
-        self._thread.start()
-
-    def _work(self) -> None:
-        try:
-            if self._stream is not None:
-                torch.cuda.set_device(self.device)
-            while not self._stop.is_set():
-                context = torch.cuda.stream(self._stream) if self._stream is not None else contextlib.nullcontext()
-                with context:
-                    batch = self.sampler.sample()
-                    if self.transform is not None:
-                        batch = self.transform(*batch)
-                    event = torch.cuda.Event() if self._stream is not None else None
-                    if event is not None:
-                        event.record(self._stream)
-                self._put((batch, event))
-        except BaseException as exc:  # handed to the consumer, which re-raises it
-            self._put(exc)
-
-    def _put(self, item: Any) -> None:
-        while not self._stop.is_set():
-            try:
-                self._queue.put(item, timeout=0.1)
-                return
-            except queue.Full:
-                continue
-
-    def __iter__(self) -> "PrefetchIterator":
-        return self
-
-    def __next__(self) -> tuple[torch.Tensor, torch.Tensor]:
-        if self._error is not None:
-            raise self._error
-        item = self._queue.get()
-        if isinstance(item, BaseException):
-            self._error = item
-            raise item
-        batch, event = item
-        if event is not None:
-            current = torch.cuda.current_stream(self.device)
-            current.wait_event(event)
-            for tensor in batch:
-                tensor.record_stream(current)
-        return batch
-
-    def close(self) -> None:
-        """Stop the thread (waits for the batch in progress)."""
-        self._stop.set()
-        while True:
-            try:
-                self._queue.get_nowait()
-            except queue.Empty:
-                break
-        self._thread.join()
-
-    def __enter__(self) -> "PrefetchIterator":
-        return self
-
-    def __exit__(self, *exc: Any) -> None:
-        self.close()

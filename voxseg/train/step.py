@@ -20,6 +20,7 @@ from torch import Tensor, nn
 
 from voxseg.augment import augment_batch, source_size
 from voxseg.config import TrainConfig
+from voxseg.errors import ConfigError
 from voxseg.plans import Plan
 from voxseg.train.cache import CaseCache
 from voxseg.train.sampler import PatchSampler
@@ -134,11 +135,20 @@ class BatchStream:
     Exactly `count` batches are made per iteration over the stream, so the random generators that
     `make_batch` uses end an epoch in the same state with or without prefetching (resumed runs stay exact).
     On CUDA the thread works on its own stream and the consumer waits on an event, so a batch is never read
-    before its kernels finish. `wait_seconds` accumulates the time the consumer waited for data.
+    before its kernels finish. An exception in the thread is re-raised in the consumer; leaving the loop
+    early (break, an error, or closing the iterator) stops and joins the thread. `wait_seconds` accumulates
+    the time the consumer waited for data.
+
+    Raises:
+        ConfigError: a negative depth.
     """
+
+    THREAD_NAME = "voxseg-prefetch"
 
     def __init__(self, make_batch: Callable[[], Batch], count: int, depth: int = 0,
                  device: torch.device | str = "cpu") -> None:
+        if depth < 0:
+            raise ConfigError(f"prefetch depth {depth} must be >= 0 (0 prepares batches inline)")
         self.make_batch = make_batch
         self.count = int(count)
         self.depth = int(depth)
@@ -163,7 +173,8 @@ class BatchStream:
         if cuda and device.index is None:
             # "cuda" means the consumer's current device; a new thread's current device is always cuda:0
             device = torch.device("cuda", torch.cuda.current_device())
-        thread = threading.Thread(target=self._produce, args=(slots, stop, device), daemon=True)
+        thread = threading.Thread(target=self._produce, args=(slots, stop, device), name=self.THREAD_NAME,
+                                  daemon=True)
         thread.start()
         try:
             for _ in range(self.count):

@@ -1,0 +1,75 @@
+"""Measure the real network's training memory, to check and recalibrate the planner's memory model.
+
+`voxseg.data.memory` estimates memory analytically (the planner must not build networks); these functions
+build the network a plan describes and count what it really keeps: `measure_saved_activation_elements` on
+a CPU, `measure_peak_memory_gb` (GiB) on a CUDA device. tests/test_plan.py compares the two.
+"""
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+from voxseg.models.factory import build_network
+from voxseg.plans import Plan
+from voxseg.units import gib
+
+__all__ = ["measure_peak_memory_gb", "measure_saved_activation_elements"]
+
+
+def measure_saved_activation_elements(plan: Plan, patch_size: list[int] | None = None) -> float:
+    """Count the elements autograd saves for backward in one forward pass of the real network, per sample.
+
+    Runs on CPU in float32 with batch 1: every tensor passed to a saved-tensors pack hook is attributed to
+    its storage, each storage is counted once (views and in-place results share one), parameters are left
+    out. Compare with `voxseg.data.memory.activation_elements` to check SAVED_TENSORS_PER_CONV and friends.
+    """
+    patch = list(patch_size or plan.patch_size)
+    model = build_network(plan).train()
+    parameters = {p.untyped_storage().data_ptr() for p in model.parameters()}
+    saved: dict[int, int] = {}
+
+    def pack(tensor: torch.Tensor) -> torch.Tensor:
+        storage = tensor.untyped_storage()
+        if storage.data_ptr() not in parameters:
+            saved.setdefault(storage.data_ptr(), storage.nbytes())
+        return tensor
+
+    image = torch.randn(1, plan.num_channels, *patch)  # (1, C, *P)
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
+        model(image)
+    return sum(saved.values()) / image.element_size()
+
+
+def measure_peak_memory_gb(plan: Plan, device: Any = "cuda", steps: int = 2) -> float:
+    """Peak allocator memory (GiB) of real training steps with the plan's patch and batch on a CUDA device.
+
+    Builds the network, runs `steps` bf16-autocast forward/backward/SGD steps (the second one includes the
+    optimiser's momentum) with a cross-entropy over every deep-supervision output, and returns
+    torch.cuda.max_memory_allocated. It excludes the CUDA context, so compare it with
+    `voxseg.data.memory.estimate_memory_gb(...) - CUDA_CONTEXT_GB`.
+    """
+    device = torch.device(device)
+    if device.type != "cuda":
+        raise ValueError(f"measure_peak_memory_gb needs a CUDA device, got '{device}'")
+    model = build_network(plan).to(device).train()
+    optimizer = torch.optim.SGD(model.parameters(), lr=1e-3, momentum=0.99, nesterov=True)
+    shape = (plan.batch_size, plan.num_channels, *plan.patch_size)
+    image = torch.randn(shape, device=device)  # (B, C, *P)
+    target = torch.randint(0, plan.num_outputs, (plan.batch_size, 1, *plan.patch_size), device=device)
+    torch.cuda.synchronize(device)
+    torch.cuda.reset_peak_memory_stats(device)
+    for _ in range(steps):
+        with torch.autocast(device.type, dtype=torch.bfloat16):
+            outputs = model(image)
+            outputs = outputs if isinstance(outputs, (list, tuple)) else [outputs]
+            loss = sum(
+                F.cross_entropy(out.float(), F.interpolate(target.float(), size=out.shape[2:])[:, 0].long())
+                for out in outputs
+            )
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+    torch.cuda.synchronize(device)
+    return gib(torch.cuda.max_memory_allocated(device))
