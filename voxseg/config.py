@@ -53,7 +53,7 @@ class OptimConfig:
         betas: Adam/AdamW (beta1, beta2).
     """
 
-    name: str = "sgd"
+    name: str = field(default="sgd", metadata={"choices": ("sgd", "adam", "adamw")})
     lr: float = 1e-2
     momentum: float = 0.99
     nesterov: bool = True
@@ -89,7 +89,7 @@ class ScheduleConfig:
         min_lr: the lr never goes below this (cosine decays to it; the others are floored at it).
     """
 
-    name: str = "poly"
+    name: str = field(default="poly", metadata={"choices": ("poly", "cosine", "step", "exponential", "plateau")})
     exponent: float = 0.9
     warmup_epochs: int = 0
     step_size: int = 100
@@ -124,7 +124,7 @@ class LossConfig:
         weights: per-term weights, e.g. {"dice": 1.0, "ce": 1.0}; None = the loss's defaults.
     """
 
-    name: str = "dice_ce"
+    name: str = field(default="dice_ce", metadata={"choices": tuple(LOSS_TERMS)})
     weights: dict[str, float] | None = None
 
     def __post_init__(self) -> None:
@@ -155,7 +155,7 @@ class DataConfig:
     """
 
     num_samples: int = 1
-    cache: str = "auto"
+    cache: str = field(default="auto", metadata={"choices": ("auto", "gpu", "pinned", "mmap")})
     cache_budget_gb: float | None = None
     iterations_per_epoch: int = 250
     prefetch: int = -1
@@ -197,8 +197,8 @@ class LoopConfig:
     val_iterations: int = 50
     grad_accum: int = 1
     grad_clip: float = 12.0
-    amp: str = "auto"
-    compile: str = "auto"
+    amp: str = field(default="auto", metadata={"choices": ("auto", "bf16", "fp16", "off")})
+    compile: str = field(default="auto", metadata={"choices": ("auto", "on", "off")})
     patience: int = 0
     ema_alpha: float = 0.9
     save_freq: int = 50

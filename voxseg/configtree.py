@@ -18,7 +18,7 @@ from typing import Any
 from voxseg.errors import ConfigError
 from voxseg.registry import unknown_name_message
 
-__all__ = ["build_dataclass", "dataclass_fields", "dotted_names", "locate_option", "parse_value"]
+__all__ = ["build_dataclass", "dataclass_fields", "dotted_names", "field_choices", "locate_option", "parse_value"]
 
 
 def dotted_names(cls: type, prefix: str = "") -> list[str]:
@@ -170,3 +170,22 @@ def _parse_json(text: str, key: str) -> Any:
         return json.loads(text)
     except json.JSONDecodeError:
         raise ConfigError(f"option '{key}': '{text}' is not valid JSON") from None
+
+
+def field_choices(cls: type, name: str) -> list[str] | None:
+    """The allowed values of field `name` of dataclass `cls`, from its `metadata={"choices": X}`.
+
+    X is a Registry (anything with `.names()`, read when asked, so names registered later count) or a tuple of
+    strings; None when the field declares no choices.
+
+    Example:
+        >>> field_choices(OptimConfig, "name")
+        ['sgd', 'adam', 'adamw']
+    """
+    for item in dataclasses.fields(cls):
+        if item.name == name:
+            choices = item.metadata.get("choices")
+            if choices is None:
+                return None
+            return list(choices.names()) if hasattr(choices, "names") else list(choices)
+    raise KeyError(f"{cls.__name__} has no field '{name}'")
