@@ -10,6 +10,7 @@ The public API is small; everything is importable lazily so `voxseg --help` stay
     >>> predictor = voxseg.Predictor.from_workdir("work/synth", folds=[0])
     >>> labels = predictor.predict_array(image, geometry)
     >>> voxseg.evaluate_folder("preds", "data/Synth/labelsTs", dataset_json="data/Synth/dataset.json")
+    >>> summary, postprocessing, _ = voxseg.evaluate_crossval("work/synth")   # after training every fold
 """
 from __future__ import annotations
 
@@ -29,9 +30,11 @@ _LAZY = {
     "Plan": "voxseg.plans",
     "preprocess_dataset": "voxseg.data.preprocess",
     "TrainConfig": "voxseg.config",
-    "train_fold": ("voxseg.train.loop", "train"),  # not "train": that name is the voxseg.train subpackage
+    "build_train_config": "voxseg.train.api",
+    "train_fold": "voxseg.train.api",
     "Predictor": "voxseg.infer.predictor",
     "evaluate_folder": "voxseg.evaluate.folder",
+    "evaluate_crossval": "voxseg.crossval",
     "read_image": "voxseg.data.io",
     "write_image": "voxseg.data.io",
 }

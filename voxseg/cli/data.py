@@ -1,0 +1,113 @@
+"""Data commands: synth, convert, check, plan, preprocess."""
+from __future__ import annotations
+
+import argparse
+import sys
+
+from voxseg.cli.common import Subparsers, add_command, csv_floats, csv_ints, device, key_values, usable_device
+
+
+def cmd_synth(args: argparse.Namespace) -> int:
+    from voxseg.data.synth import make_synthetic_dataset
+
+    path = make_synthetic_dataset(
+        args.out, num_cases=args.cases, num_test=args.test_cases, shape=tuple(args.shape),
+        spacing=tuple(args.spacing), seed=args.seed, regions=args.regions, layout=args.layout,
+    )
+    print(f"wrote {args.cases} training and {args.test_cases} test cases to {path}")
+    return 0
+
+
+def cmd_convert(args: argparse.Namespace) -> int:
+    from voxseg.data import convert
+
+    fn = convert.convert_brats if args.format == "brats" else convert.convert_msd
+    path = fn(args.src, args.dst)
+    print(f"converted {args.src} -> {path} (nnU-Net v2 layout)")
+    return 0
+
+
+def cmd_check(args: argparse.Namespace) -> int:
+    from voxseg.data.check import check_dataset
+
+    report = check_dataset(args.dataset, num_workers=args.workers)
+    # a failed check is an error: its report goes to stderr like every other error message
+    print(report.format(), file=sys.stdout if report.ok else sys.stderr)
+    return 0 if report.ok else 1
+
+
+def cmd_plan(args: argparse.Namespace) -> int:
+    from voxseg.data.plan import describe_plan, plan_dataset
+
+    plan = plan_dataset(
+        args.dataset, args.output, gpu_memory_gb=args.gpu_memory, overrides=key_values(args.set),
+        num_folds=args.folds, val_fraction=args.val_fraction, seed=args.seed, num_workers=args.workers,
+        dims=2 if args.two_d else 3,
+    )
+    print(describe_plan(plan))
+    print(f"wrote {args.output}/plans.json, fingerprint.json, splits.json")
+    return 0
+
+
+def cmd_preprocess(args: argparse.Namespace) -> int:
+    from voxseg.data.preprocess import preprocess_dataset
+
+    stats = preprocess_dataset(args.workdir, num_workers=args.workers, progress=not args.quiet,
+                               device=usable_device(args.device))
+    print(
+        f"preprocessed {stats['done']} cases, skipped {stats['skipped']} already done, "
+        f"{stats['seconds']:.1f} s ({stats.get('cases_per_s', 0):.2f} cases/s)"
+    )
+    return 0
+
+
+def _synth_and_convert(sub: Subparsers) -> None:
+    p = add_command(sub, "synth", cmd_synth, "write a synthetic brain-tumour-like dataset (nnU-Net or BraTS layout)",
+                    "voxseg synth data/Dataset001_Synth --cases 20 --test-cases 5\n"
+                    "voxseg synth data/brats --layout brats --shape 155,240,240")
+    p.add_argument("out", help="output dataset folder")
+    p.add_argument("--cases", type=int, default=20, help="training cases (default 20)")
+    p.add_argument("--test-cases", type=int, default=0, help="test cases in imagesTs/labelsTs (default 0)")
+    p.add_argument("--shape", type=csv_ints, default=[64, 64, 64], help="D,H,W voxels (default 64,64,64)")
+    p.add_argument("--spacing", type=csv_floats, default=[1.0, 1.0, 1.0], help="mm per voxel (default 1,1,1)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--regions", action="store_true", help="BraTS regions (whole tumour, core, enhancing) as labels")
+    p.add_argument("--layout", choices=["nnunet", "brats"], default="nnunet")
+
+    p = add_command(sub, "convert", cmd_convert,
+                    "convert a BraTS 2021 folder or a Decathlon task to the nnU-Net v2 layout",
+                    "voxseg convert brats /data/BraTS2021_TrainingData data/Dataset137_BraTS\n"
+                    "voxseg convert msd /data/Task01_BrainTumour data/Dataset001_BrainTumour")
+    p.add_argument("format", choices=["brats", "msd"])
+    p.add_argument("src")
+    p.add_argument("dst")
+
+
+def add_data_commands(sub: Subparsers) -> None:
+    _synth_and_convert(sub)
+    p = add_command(sub, "check", cmd_check, "check a dataset's integrity (files, channels, shapes, geometry, labels, NaN)",
+                    "voxseg check data/Dataset001_Synth -j 2")
+    p.add_argument("dataset")
+    p.add_argument("-j", "--workers", type=int, default=1)
+
+    p = add_command(sub, "plan", cmd_plan,
+                    "check, fingerprint and plan a dataset: writes plans.json, fingerprint.json, splits.json",
+                    "voxseg plan data/Dataset001_Synth -o work/synth --gpu-memory 8\n"
+                    "voxseg plan data/brats -o work/brats --set batch_size=4 --set network.residual=true "
+                    "--val-fraction 0.2")
+    p.add_argument("dataset")
+    p.add_argument("-o", "--output", required=True, help="work directory")
+    p.add_argument("--gpu-memory", type=float, default=8.0, help="GPU memory budget in GB (default 8)")
+    p.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a plan field (repeatable)")
+    p.add_argument("--folds", type=int, default=5, help="cross-validation folds (default 5)")
+    p.add_argument("--val-fraction", type=float, default=None, help="single train/val split instead of folds, e.g. 0.2")
+    p.add_argument("--seed", type=int, default=12345)
+    p.add_argument("--2d", dest="two_d", action="store_true", help="plan a 2D configuration")
+    p.add_argument("-j", "--workers", type=int, default=1)
+
+    p = add_command(sub, "preprocess", cmd_preprocess, "crop, resample and normalise every case into the fast case store",
+                    "voxseg preprocess work/synth -j 2")
+    p.add_argument("workdir")
+    p.add_argument("-j", "--workers", type=int, default=1)
+    p.add_argument("--device", type=device, default="cpu", help="cpu or cuda (resampling on the GPU)")
+    p.add_argument("--quiet", action="store_true")

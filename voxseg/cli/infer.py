@@ -1,0 +1,138 @@
+"""Inference and evaluation commands: predict, evaluate, export, install."""
+from __future__ import annotations
+
+import argparse
+
+from voxseg.cli.common import Subparsers, add_command, csv_ints, device, folds, usable_device
+from voxseg.errors import ConfigError
+
+
+def _checkpoint_flag(parser: argparse.ArgumentParser) -> None:
+    """--checkpoint: the names of `voxseg.infer.archive.CHECKPOINT_CHOICES`, the one list every command uses."""
+    from voxseg.infer.archive import CHECKPOINT_CHOICES
+
+    parser.add_argument("--checkpoint", choices=CHECKPOINT_CHOICES, default="final",
+                        help="which checkpoint_NAME.pt of each fold (default final)")
+
+
+def cmd_predict(args: argparse.Namespace) -> int:
+    from voxseg.infer.predictor import Predictor, find_input_cases
+
+    mirror = None if args.no_mirror else (tuple(args.mirror_axes) if args.mirror_axes else "all")
+    if args.backend == "torch":
+        usable_device(args.device)
+    predictor = Predictor.from_workdir(
+        args.model, folds=args.folds, checkpoint=args.checkpoint, device=args.device, step=args.step,
+        mirror_axes=mirror, tile_batch=args.tile_batch, backend=args.backend,
+    )
+    cases = find_input_cases(args.input, predictor.plan.num_channels, predictor.plan.file_ending)
+    postprocess = False if args.no_postprocess else ("force" if args.postprocess else None)
+    predictor.predict_files(
+        cases, args.output, save_probabilities=args.save_probabilities, continue_run=args.continue_run,
+        postprocess=postprocess,
+    )
+    print(f"wrote {len(cases)} predictions to {args.output}")
+    return 0
+
+
+def cmd_evaluate(args: argparse.Namespace) -> int:
+    from voxseg.evaluate.folder import evaluate_folder, format_table
+
+    if args.crossval:
+        from voxseg.crossval import evaluate_crossval
+
+        result = evaluate_crossval(args.crossval, num_workers=args.workers, tolerance_mm=args.tolerance)
+        summary = result.summary
+        print(f"postprocessing decided from cross-validation: {result.postprocessing} (saved to "
+              f"{result.postprocessing_file}; 'voxseg predict' applies it)")
+    else:
+        if not args.pred or not args.ref:
+            raise ConfigError("evaluate needs PRED and REF folders, or --crossval WORKDIR")
+        summary = evaluate_folder(
+            args.pred, args.ref, dataset_json=args.dataset_json, tolerance_mm=args.tolerance, num_workers=args.workers,
+        )
+    print(format_table(summary))
+    return 0
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    from voxseg.infer.archive import export_archive
+    from voxseg.infer.export import export_onnx
+
+    if not args.onnx and not args.archive:
+        raise ConfigError("export needs --onnx FILE and/or --archive ZIP")
+    chosen = folds(args.folds)
+    if args.onnx:
+        if chosen != "all" and len(chosen) > 1:
+            raise ConfigError(f"--onnx exports one fold's network; got --folds {args.folds}. Export each fold to its "
+                              "own file (--folds 0 --onnx fold0.onnx, ...) or use --archive for an ensemble")
+        fold = chosen if chosen == "all" else chosen[0]
+        diff = export_onnx(args.workdir, fold, args.onnx, checkpoint=args.checkpoint)
+        print(f"wrote {args.onnx} (onnxruntime vs PyTorch max abs difference {diff:.2e})")
+    if args.archive:
+        export_archive(args.workdir, args.archive, folds=chosen, checkpoint=args.checkpoint)
+        print(f"wrote {args.archive}")
+    return 0
+
+
+def cmd_install(args: argparse.Namespace) -> int:
+    from voxseg.infer.archive import install_archive
+
+    path = install_archive(args.archive, args.target)
+    print(f"installed model into {path}; predict with: voxseg predict -m {path} -i INPUT -o OUTPUT")
+    return 0
+
+
+def _predict_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("-m", "--model", required=True, help="work directory with plans.json and training/fold_F")
+    p.add_argument("-i", "--input", required=True, nargs="+", help="folder (nnU-Net or BraTS layout) or channel files")
+    p.add_argument("-o", "--output", required=True)
+    p.add_argument("--folds", type=folds, default=[0], help="0 | 0,1,2 | all (default 0)")
+    _checkpoint_flag(p)
+    p.add_argument("--step", type=float, default=0.5, help="tile step as a fraction of the patch (default 0.5)")
+    p.add_argument("--no-mirror", action="store_true", help="no mirror test-time augmentation")
+    p.add_argument("--mirror-axes", type=csv_ints, help="axes to mirror, e.g. 0,1,2")
+    p.add_argument("--tile-batch", type=int, default=4)
+    p.add_argument("--device", type=device, default="auto")
+    p.add_argument("--backend", choices=["torch", "onnxruntime"], default="torch")
+    p.add_argument("--save-probabilities", action="store_true")
+    p.add_argument("--postprocess", action="store_true", help="force largest-component postprocessing")
+    p.add_argument("--no-postprocess", action="store_true")
+    p.add_argument("--continue", dest="continue_run", action="store_true", help="skip cases already predicted")
+
+
+def _export_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("workdir")
+    p.add_argument("--onnx")
+    p.add_argument("--archive")
+    p.add_argument("--folds", default="0")
+    _checkpoint_flag(p)
+
+
+def add_infer_commands(sub: Subparsers) -> None:
+    # predict and export read the checkpoint names from voxseg.infer.archive (torch): set up on first use
+    add_command(sub, "predict", cmd_predict,
+                "segment images with a trained model (sliding window, mirroring, fold ensemble)",
+                "voxseg predict -m work/synth -i data/Dataset001_Synth/imagesTs -o preds --folds 0\n"
+                "voxseg predict -m work/synth -i case_0000.nii.gz case_0001.nii.gz -o preds --folds all --no-mirror",
+                setup=_predict_arguments)
+    p = add_command(sub, "evaluate", cmd_evaluate,
+                    "score predictions: Dice, IoU, HD95, surface Dice, volumes per label and region",
+                    "voxseg evaluate preds data/Dataset001_Synth/labelsTs --dataset-json data/Dataset001_Synth/dataset.json\n"
+                    "voxseg evaluate --crossval work/synth")
+    p.add_argument("pred", nargs="?")
+    p.add_argument("ref", nargs="?")
+    p.add_argument("--dataset-json")
+    p.add_argument("--tolerance", type=float, default=1.0, help="surface Dice tolerance in mm (default 1)")
+    p.add_argument("--crossval", metavar="WORKDIR",
+                   help="aggregate the folds' validation predictions and decide the postprocessing")
+    p.add_argument("-j", "--workers", type=int, default=1)
+
+    add_command(sub, "export", cmd_export, "export a trained model to ONNX and/or a shareable archive",
+                "voxseg export work/synth --onnx model.onnx --folds 0\n"
+                "voxseg export work/synth --archive model.zip --folds all", setup=_export_arguments)
+
+    p = add_command(sub, "install", cmd_install, "install a model archive (never writes outside TARGET)",
+                    "voxseg install model.zip models/synth")
+    p.add_argument("archive")
+    p.add_argument("target")

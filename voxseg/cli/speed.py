@@ -1,0 +1,70 @@
+"""Speed and demo commands: benchmark, estimate, demo."""
+from __future__ import annotations
+
+import argparse
+
+from voxseg.cli.common import Subparsers, add_command, csv_ints, device, usable_device
+
+
+def cmd_benchmark(args: argparse.Namespace) -> int:
+    from voxseg.bench.benchmark import format_benchmark, run_benchmark
+
+    result = run_benchmark(
+        args.workdir, device=args.device, num_threads=args.threads, iterations=args.iterations,
+        warmup=args.warmup, inference=not args.no_inference, output=args.output,
+    )
+    print(format_benchmark(result))
+    return 0
+
+
+def cmd_estimate(args: argparse.Namespace) -> int:
+    from voxseg.bench.estimate import format_estimate, run_estimate
+
+    table = run_estimate(
+        args.workdir, batch_sizes=args.batch_sizes, num_samples=args.num_samples, patch_sizes=args.patch_sizes,
+        epochs=args.epochs, iterations_per_epoch=args.iterations_per_epoch, device=args.device,
+        iterations=args.iterations, output=args.output,
+    )
+    print(format_estimate(table))
+    return 0
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from voxseg.demo import run_demo
+
+    run_demo(args.workdir, epochs=args.epochs, device=usable_device(args.device), quick=args.quick)
+    return 0
+
+
+def add_speed_commands(sub: Subparsers) -> None:
+    p = add_command(sub, "benchmark", cmd_benchmark,
+                    "measure step time, data wait, samples/s, memory, preprocessing and inference time",
+                    "voxseg benchmark work/synth --threads 4\nvoxseg benchmark work/brats --device cuda --threads 2")
+    p.add_argument("workdir")
+    p.add_argument("--device", type=device, default="auto")
+    p.add_argument("--threads", type=int, default=4, help="CPU threads for the data path")
+    p.add_argument("--iterations", type=int, default=20)
+    p.add_argument("--warmup", type=int, default=5)
+    p.add_argument("--no-inference", action="store_true")
+    p.add_argument("--output", help="benchmark.json path (default WORKDIR/benchmark.json)")
+
+    p = add_command(sub, "estimate", cmd_estimate,
+                    "what-if table of training time for batch sizes, patches per case, patch sizes, epochs",
+                    "voxseg estimate work/brats --batch-sizes 2,4,8 --num-samples 1,2 --epochs 200")
+    p.add_argument("workdir")
+    p.add_argument("--batch-sizes", type=csv_ints)
+    p.add_argument("--num-samples", type=csv_ints)
+    p.add_argument("--patch-sizes", nargs="*", type=csv_ints)
+    p.add_argument("--epochs", type=int, default=1000)
+    p.add_argument("--iterations-per-epoch", type=int, default=250)
+    p.add_argument("--iterations", type=int, default=10, help="timed iterations per configuration")
+    p.add_argument("--device", type=device, default="auto")
+    p.add_argument("--output", help="estimate.json path (default WORKDIR/estimate.json)")
+
+    p = add_command(sub, "demo", cmd_demo,
+                    "the whole pipeline on the built-in synthetic dataset: synth, plan, preprocess, train, predict, "
+                    "evaluate", "voxseg demo\nvoxseg demo work/demo --epochs 20 --device cuda")
+    p.add_argument("workdir", nargs="?", default="voxseg_work/demo")
+    p.add_argument("--epochs", type=int, default=None)
+    p.add_argument("--device", type=device, default="auto")
+    p.add_argument("--quick", action="store_true", help="a smaller, faster run (used by the tests)")

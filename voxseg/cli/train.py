@@ -1,0 +1,122 @@
+"""`voxseg train`: flags derived from the config tree, then `voxseg.train.api.train_fold`.
+
+`TRAIN_FLAGS` is the one list of short flags: each names the dotted option it sets, and its type, choices,
+default and help come from that option's dataclass field (`voxseg.cli.derive`). Every other option is set with
+`--set section.field=value`.
+"""
+from __future__ import annotations
+
+import argparse
+import contextlib
+from typing import TYPE_CHECKING, Any, Iterator
+
+from voxseg.cli.common import Subparsers, add_command, fold
+from voxseg.errors import ConfigError
+
+if TYPE_CHECKING:
+    from voxseg.config import TrainConfig
+
+# voxseg.cli.derive reads the config tree, which imports torch: it is imported when `voxseg train` is used
+
+TRAIN_FLAGS: dict[str, str] = {
+    "--epochs": "loop.epochs",
+    "--iterations": "data.iterations_per_epoch",
+    "--batch-size": "plan.batch_size",
+    "--patch-size": "plan.patch_size",
+    "--foreground-oversampling": "plan.foreground_oversampling",
+    "--residual": "plan.network.residual",
+    "--deep-supervision": "plan.network.deep_supervision",
+    "--num-samples": "data.num_samples",
+    "--optimizer": "optim.name",
+    "--lr": "optim.lr",
+    "--schedule": "schedule.name",
+    "--loss": "loss.name",
+    "--loss-weights": "loss.weights",
+    "--val-freq": "loop.val_freq",
+    "--patience": "loop.patience",
+    "--save-freq": "loop.save_freq",
+    "--grad-accum": "loop.grad_accum",
+    "--grad-clip": "loop.grad_clip",
+    "--amp": "loop.amp",
+    "--compile": "loop.compile",
+    "--cache": "data.cache",
+    "--device": "loop.device",
+    "--seed": "loop.seed",
+}
+
+
+def train_request(args: argparse.Namespace) -> dict[str, Any]:
+    """The keyword arguments of `build_train_config` / `train_fold` that the flags ask for: the flags, then
+    the --set options, as overrides (an unset flag overrides nothing)."""
+    from voxseg.cli.derive import flag_overrides
+
+    overrides = flag_overrides(args, TRAIN_FLAGS) + list(args.set or [])
+    return dict(config_file=args.config, recipe=args.recipe, overrides=overrides, resume=args.resume)
+
+
+@contextlib.contextmanager
+def flags_named_in_errors(args: argparse.Namespace) -> Iterator[None]:
+    """A bad value given through a flag is reported as that flag's error (`argument --device: ...`)."""
+    from voxseg.cli.derive import blame_flag
+
+    try:
+        yield
+    except ConfigError as exc:
+        blamed = blame_flag(exc, TRAIN_FLAGS, args)
+        if blamed is exc:
+            raise
+        raise blamed from None
+
+
+def config_from_args(args: argparse.Namespace) -> "TrainConfig":
+    """The config `voxseg train` runs with, without running it."""
+    from voxseg.train.api import build_train_config
+
+    with flags_named_in_errors(args):
+        return build_train_config(args.workdir, args.fold, **train_request(args))
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    from voxseg.train.api import train_fold
+
+    with flags_named_in_errors(args):
+        result = train_fold(args.workdir, args.fold, test_only=args.test_only, pretrained=args.pretrained,
+                            **train_request(args))
+    summary = {k: v for k, v in result.items() if not isinstance(v, dict)}
+    print("training done: " + ", ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}"
+                                        for k, v in summary.items()))
+    return 0
+
+
+def add_train_command(sub: Subparsers) -> None:
+    add_command(sub, "train", cmd_train, "train a 3D U-Net from the plan on one fold",
+                "voxseg train work/synth --fold 0\n"
+                "voxseg train work/synth --fold all --epochs 200 --optimizer adamw --lr 3e-4 --schedule cosine\n"
+                "voxseg train work/synth --fold 0 --recipe fast --batch-size 4 --residual\n"
+                "voxseg train work/synth --fold 0 --resume\n"
+                "voxseg train work/synth --fold 0 --set augment.rot90_p=0.5 --set plan.network.conv_per_stage=3",
+                setup=_train_arguments)
+
+
+def _train_arguments(p: argparse.ArgumentParser) -> None:
+    from voxseg.cli.derive import ListOptions, add_flags, options_epilog
+    from voxseg.train.recipes import recipe_names
+
+    p.epilog = f"{p.epilog}\n\n{options_epilog()}"
+    p.add_argument("workdir")
+    p.add_argument("--fold", type=fold, default="0", help="fold index of splits.json (default 0), or all: every case")
+    p.add_argument("--config", metavar="FILE",
+                   help="JSON config to start from (a saved config.json works; missing fields take their defaults)")
+    p.add_argument("--recipe", metavar="NAME",
+                   help="preset applied before the other flags (voxseg.train.recipes): " + " or ".join(recipe_names()))
+    p.add_argument("--set", action="append", metavar="KEY=VALUE",
+                   help="set any config option, e.g. optim.lr=3e-4 or plan.batch_size=4 (repeatable; applied after "
+                        "the other flags)")
+    p.add_argument("--list-options", action=ListOptions,
+                   help="describe every config option (type, default, choices) and exit")
+    add_flags(p, TRAIN_FLAGS)
+    p.add_argument("--resume", action="store_true",
+                   help="continue from checkpoint_latest.pt, starting from the run's own config.json")
+    p.add_argument("--pretrained", metavar="FILE", help="initialise from a checkpoint's matching weights")
+    p.add_argument("--test-only", action="store_true",
+                   help="evaluate checkpoint_best.pt (else checkpoint_final.pt) without training")

@@ -1,0 +1,80 @@
+"""Training from Python the way `voxseg train` does it: where a run's config comes from, then the run.
+
+The command line calls these two functions and only prints, so a run started from Python with the same
+options gets the same config, resumes the same way and writes the same files.
+
+Example:
+    >>> config = build_train_config("work/synth", 0, recipe="fast", overrides=["optim.lr=1e-3"])
+    >>> result = train_fold("work/synth", 0, resume=True, overrides=["loop.epochs=1500"])
+"""
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+from typing import Any, Iterable
+
+from voxseg.config import TrainConfig, apply_overrides, load_config_json
+from voxseg.data.splits import fold_dir
+from voxseg.errors import ConfigError
+from voxseg.train.recipes import apply_recipe
+
+CONFIG_FILE = "config.json"  # training/fold_F/config.json: the config a run was started with (resolved)
+
+
+def build_train_config(workdir: str | Path, fold: int | str = 0, config: TrainConfig | None = None,
+                       config_file: str | Path | None = None, recipe: str | None = None,
+                       overrides: Iterable[str] = (), resume: bool = False) -> TrainConfig:
+    """The config of a training run, built in a fixed order.
+
+    1. The starting config: `config`, else `config_file`, else (with `resume`) the run's own
+       training/fold_F/config.json, so a resumed run continues with its own settings, else the defaults.
+    2. The recipe (`voxseg.train.recipes`), so that everything after it wins.
+    3. The dotted overrides, in order (`section.field=value`, `plan.key=value`).
+
+    Args:
+        workdir: the work directory (only read, for a resumed run's config.json).
+        fold: fold index or "all".
+        config: a starting config (not modified).
+        config_file: a JSON config to start from (a saved config.json works).
+        recipe: a recipe name, e.g. "fast".
+        overrides: dotted overrides, validated like `voxseg.config.apply_overrides`.
+        resume: start from the fold's config.json when it exists (the run itself resumes in `train_fold`).
+
+    Raises:
+        ConfigError: both `config` and `config_file`, an unknown recipe or option, or an invalid value.
+    """
+    if config is not None and config_file is not None:
+        raise ConfigError("give a config or a config file, not both")
+    saved = fold_dir(Path(workdir), fold) / CONFIG_FILE
+    if config is not None:
+        start = copy.deepcopy(config)
+    elif config_file is not None:
+        start = load_config_json(config_file)
+    elif resume and saved.is_file():
+        start = load_config_json(saved)
+    else:
+        start = TrainConfig()
+    if recipe:
+        start = apply_recipe(start, recipe)
+    return apply_overrides(start, list(overrides))
+
+
+def train_fold(workdir: str | Path, fold: int | str = 0, config: TrainConfig | None = None, *,
+               config_file: str | Path | None = None, recipe: str | None = None, overrides: Iterable[str] = (),
+               resume: bool = False, test_only: bool = False, pretrained: str | Path | None = None) -> dict[str, Any]:
+    """Train (or, with `test_only`, evaluate) one fold with the config `build_train_config` builds.
+
+    Args:
+        workdir, fold, config, config_file, recipe, overrides, resume: as in `build_train_config`; `resume`
+            also continues from training/fold_F/checkpoint_latest.pt (a changed effective plan is refused).
+        test_only: skip training; validate checkpoint_best.pt (else checkpoint_final.pt) on full volumes.
+        pretrained: initialise from this checkpoint's matching weights.
+
+    Returns:
+        the metrics of `voxseg.train.loop.train`: {"epochs", "best_ema_dice", "stopped_early", "val_dice_mean",
+        "val_dice", "seconds"}.
+    """
+    from voxseg.train import loop  # torch and the network: only when a run starts
+
+    config = build_train_config(workdir, fold, config, config_file, recipe, overrides, resume)
+    return loop.train(workdir, fold, config, resume=resume, test_only=test_only, pretrained=pretrained)
