@@ -122,7 +122,7 @@ def test_parameter_count_of_default_brats_plan():
     net = build_network(plan)
     # Measured 31,198,991, in line with nnU-Net's ~31M for BraTS 3d_fullres.
     assert 30_000_000 < count_parameters(net) < 32_500_000
-    assert len(net.heads) == 5 and net.total_stride == (32, 32, 32)
+    assert len(net.heads) == 5 and plan.network.total_stride == [32, 32, 32]  # the one definition
     net.heads[-1].weight.requires_grad_(False)  # full-resolution head: 32 -> 3
     assert count_parameters(net, trainable_only=False) - count_parameters(net) == 32 * 3
 

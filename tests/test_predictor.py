@@ -8,7 +8,8 @@ import pytest
 import torch
 
 from voxseg.data.io import Geometry, read_image, write_image
-from voxseg.plans import ChannelNormalization, LabelScheme, NetworkPlan, Plan
+from voxseg.labels import LabelScheme
+from voxseg.plans import ChannelNormalization, NetworkPlan, Plan
 from voxseg.errors import CheckpointError, InputError
 from voxseg.infer.postprocess import (
     apply_postprocessing,

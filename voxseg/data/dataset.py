@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from voxseg.errors import DatasetError
-from voxseg.plans import LabelScheme
+from voxseg.labels import LabelScheme
 
 
 @dataclass

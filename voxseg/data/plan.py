@@ -26,7 +26,8 @@ from voxseg.atomicio import copy_file
 from voxseg.data.dataset import RawDataset, load_dataset
 from voxseg.data.fingerprint import compute_fingerprint, save_fingerprint
 from voxseg.data.memory import estimate_memory_gb
-from voxseg.plans import ChannelNormalization, LabelScheme, NetworkPlan, Plan, parse_overrides
+from voxseg.labels import LabelScheme
+from voxseg.plans import ChannelNormalization, NetworkPlan, Plan, parse_overrides
 from voxseg.data.splits import SPLITS_FILE, make_fraction_split, make_kfold_splits, save_splits
 from voxseg.data.topology import check_patch_divisible, derive_topology, fit_batch, fit_patch
 from voxseg.errors import ConfigError, DatasetError

@@ -29,7 +29,7 @@ import numpy as np
 from voxseg.data.io import SUPPORTED_ENDINGS, Geometry, file_ending as _file_ending, read_image
 from voxseg.data.splits import fold_dir
 from voxseg.errors import ConfigError, InputError
-from voxseg.plans import LabelScheme
+from voxseg.labels import LabelScheme
 from voxseg.jsonio import read_json
 from voxseg.evaluate.metrics import compute_case_metrics, conventions
 from voxseg.evaluate.summary import (

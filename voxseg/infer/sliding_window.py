@@ -193,20 +193,20 @@ def sliding_window_inference(
     )
     run = dict(models=models, image=padded, positions=positions, patch_size=patch_size, num_outputs=num_outputs,
                tile_batch=tile_batch, mirrors=mirror_combinations(mirror_axes), weight=weight, amp_dtype=amp_dtype)
-    logits, out_of_memory = None, False
+    logits = _accumulate_with_fallback(acc_device, run)[(slice(None),) + crop]
+    return logits.to(output_device) if output_device is not None else logits
+
+
+def _accumulate_with_fallback(acc_device: torch.device, run: dict) -> torch.Tensor:
+    """Accumulate on `acc_device`; on a CUDA out-of-memory error, again with the accumulator on the host."""
     try:
-        logits = _accumulate_tiles(acc_device=acc_device, **run)
+        return _accumulate_tiles(acc_device=acc_device, **run)
     except torch.cuda.OutOfMemoryError:
         if acc_device.type == "cpu":
             raise
-        out_of_memory = True
-    if out_of_memory:
-        # retried outside the except block so the failed attempt's tensors (held by the traceback) are freed
-        torch.cuda.empty_cache()
-        logits = _accumulate_tiles(acc_device=torch.device("cpu"), **run)
-    assert logits is not None
-    logits = logits[(slice(None),) + crop]
-    return logits.to(output_device) if output_device is not None else logits
+    # retried outside the except block so the failed attempt's tensors (held by the traceback) are freed
+    torch.cuda.empty_cache()
+    return _accumulate_tiles(acc_device=torch.device("cpu"), **run)
 
 
 def _accumulate_tiles(

@@ -121,14 +121,6 @@ class UNet(nn.Module):
             )
         )
 
-    @property
-    def total_stride(self) -> tuple[int, ...]:
-        """Input sizes must be multiples of this, per axis."""
-        total = [1] * self.ndim
-        for stride in self.strides:
-            total = [t * s for t, s in zip(total, stride)]
-        return tuple(total)
-
     def forward(self, x: torch.Tensor) -> torch.Tensor | list[torch.Tensor]:
         """(B, C, *P) -> (B, K, *P) logits, or in training with deep supervision the list [full, 1/2, ...]."""
         skips = []
