@@ -212,7 +212,7 @@ class Predictor:
         missing = [str(f) for f in files if not Path(f).is_file()]
         if missing:
             raise InputError(f"missing channel file(s) {', '.join(missing)}")
-        return read_channels([Path(f) for f in files])
+        return read_channels([Path(f) for f in files], case=name, error=InputError)
 
     def predict_files(
         self,
