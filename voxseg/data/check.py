@@ -91,7 +91,7 @@ def _relative(path: Path, root: Path) -> str:
         return str(path)
 
 
-def _label_values(array: np.ndarray) -> tuple[list[int], str | None]:
+def label_values(array: np.ndarray) -> tuple[list[int], str | None]:
     """Distinct integer values of a label array, or an explanation when it is not an integer label map."""
     if array.dtype.kind == "f":
         if not np.isfinite(array).all():
@@ -183,7 +183,7 @@ def _check_spacing(case: str, name: str, geo: Geometry) -> list[Problem]:
 
 
 def _check_label_values(job: _CaseJob, name: str, array: np.ndarray) -> list[Problem]:
-    values, error = _label_values(array)
+    values, error = label_values(array)
     if error:
         return [Problem(job.case.name, name, error)]
     if job.allowed_labels is None:
