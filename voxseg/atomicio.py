@@ -19,12 +19,17 @@ from __future__ import annotations
 
 import contextlib
 import os
+import re
 import secrets
 import shutil
 from pathlib import Path
 from typing import IO, Any, Iterator
 
-__all__ = ["atomic_open", "atomic_path", "copy_file", "temporary_path", "write_bytes", "write_text"]
+__all__ = ["atomic_open", "atomic_path", "copy_file", "sweep_stale_temporaries", "temporary_path", "write_bytes",
+           "write_text"]
+
+# `.NAME.tmp<pid>-<hex><suffixes>`, as `temporary_path` names them
+_TEMPORARY_NAME = re.compile(r"^\.[^.].*?\.tmp(?P<pid>\d+)-[0-9a-f]+(\..*)?$")
 
 
 def temporary_path(target: str | Path) -> Path:
@@ -112,3 +117,52 @@ def copy_file(source: str | Path, target: str | Path) -> None:
     """Atomically replace `target` with a copy of the contents of `source` (not its permissions or times)."""
     with atomic_path(target) as tmp:
         shutil.copyfile(source, tmp)
+
+
+def _process_start_time(pid: int) -> float | None:
+    """When process `pid` started (seconds since the epoch); None when it is not running.
+
+    Where /proc is missing (not Linux) a running process gets 0.0 (its temporary files are kept)."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return None
+    except PermissionError:
+        pass  # running, owned by someone else
+    except OSError:
+        return None
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+        boot = next(float(line.split()[1]) for line in Path("/proc/stat").read_text().splitlines()
+                    if line.startswith("btime"))
+        return boot + int(fields[19]) / os.sysconf("SC_CLK_TCK")
+    except (OSError, StopIteration, IndexError, ValueError):
+        return 0.0
+
+
+def sweep_stale_temporaries(folder: str | Path, recursive: bool = False) -> list[Path]:
+    """Remove temporary files left in `folder` by writers that were killed mid-write; returns those removed.
+
+    A temporary file (named by `temporary_path`) is stale when the process id in its name is not running, or
+    when that process started after the file was last written (the id was reused). Files of running writers,
+    this process's included, are left alone. Run it when a command starts using a folder (train: the fold
+    folder, predict: the output folder, preprocess: the case store).
+    """
+    folder = Path(folder)
+    if not folder.is_dir():
+        return []
+    removed = []
+    for path in folder.rglob(".*") if recursive else folder.glob(".*"):
+        match = _TEMPORARY_NAME.match(path.name)
+        if match is None or not (path.is_file() or path.is_symlink()):
+            continue
+        started = _process_start_time(int(match.group("pid")))
+        try:
+            written = path.lstat().st_mtime
+        except FileNotFoundError:
+            continue  # its writer renamed or removed it meanwhile
+        if started is None or started > written + 1.0:  # 1 s: /proc start times are in clock ticks
+            with contextlib.suppress(FileNotFoundError):
+                path.unlink()
+                removed.append(path)
+    return removed

@@ -20,7 +20,7 @@ from typing import Any, Iterator, Sequence
 import numpy as np
 import torch
 
-from voxseg.atomicio import atomic_open
+from voxseg.atomicio import atomic_open, sweep_stale_temporaries
 from voxseg.data.io import Geometry, read_channels, write_image
 from voxseg.plans import Plan
 from voxseg.errors import CheckpointError, ConfigError, InputError, VoxsegError
@@ -245,6 +245,7 @@ class Predictor:
         """
         out_dir = Path(out_dir)
         out_dir.mkdir(parents=True, exist_ok=True)
+        sweep_stale_temporaries(out_dir)  # left by a killed run
         ending = file_ending or self.plan.file_ending
         spec = self._postprocessing_spec(postprocess)
         todo = [(name, files) for name, files in cases
