@@ -32,5 +32,5 @@ def test_a_refused_option_writes_nothing(dataset, tmp_path, options, words):
 
 def test_a_workdir_that_is_a_file_is_a_clear_error(dataset, tmp_path):
     (tmp_path / "work").write_text("not a folder")
-    with pytest.raises(ConfigError, match="exists and is a file"):
+    with pytest.raises(ConfigError, match="plan -o .*work: exists and is a file"):
         plan_dataset(dataset, tmp_path / "work")

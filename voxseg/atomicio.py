@@ -18,6 +18,7 @@ write_text("summary.csv", text)
 from __future__ import annotations
 
 import contextlib
+import errno
 import os
 import re
 import secrets
@@ -25,9 +26,13 @@ import shutil
 from pathlib import Path
 from typing import IO, Any, Iterator
 
-__all__ = ["atomic_open", "atomic_path", "copy_file", "sweep_stale_temporaries", "temporary_path", "write_bytes",
+from voxseg.errors import ConfigError, DiskFullError
+
+__all__ = ["atomic_open", "atomic_path", "copy_file", "make_output_folder", "sweep_stale_temporaries", "temporary_path", "write_bytes",
            "write_text"]
 
+# what torch.save's C++ writer says when a write comes up short (it raises RuntimeError, not OSError)
+_SHORT_WRITE_MARKERS = ("file write failed", "unexpected pos", "No space left on device")
 # `.NAME.tmp<pid>-<hex><suffixes>`, as `temporary_path` names them
 _TEMPORARY_NAME = re.compile(r"^\.[^.].*?\.tmp(?P<pid>\d+)-[0-9a-f]+(\..*)?$")
 
@@ -77,10 +82,41 @@ def atomic_path(target: str | Path, sync: bool = True) -> Iterator[Path]:
         if sync:
             _fsync(tmp)
         os.replace(tmp, target)
+    except (OSError, RuntimeError) as exc:
+        if not is_disk_full(exc):
+            raise
+        raise DiskFullError(f"{target}: no space left on device while writing it ({_free_bytes(target.parent)} "
+                            "bytes free); free some space and run again (an existing file was left unchanged)") from exc
     finally:
         # after a successful rename there is nothing left to remove
         if tmp.is_symlink() or tmp.exists():
             tmp.unlink()
+
+
+def make_output_folder(folder: str | Path, option: str = "output folder") -> Path:
+    """Create `folder` (and its parents); ConfigError naming `option` when it exists as a file."""
+    folder = Path(folder)
+    if folder.exists() and not folder.is_dir():
+        raise ConfigError(f"{option} {folder}: exists and is a file, not a folder; give a folder (or remove the file)")
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except (FileExistsError, NotADirectoryError):
+        raise ConfigError(f"{option} {folder}: a part of the path is a file, not a folder; give another path") from None
+    return folder
+
+
+def is_disk_full(exc: BaseException) -> bool:
+    """True for an error that means the disk (or the user's quota) is full, torch.save's short writes included."""
+    if isinstance(exc, OSError):
+        return exc.errno in (errno.ENOSPC, errno.EDQUOT)
+    return isinstance(exc, RuntimeError) and any(marker in str(exc) for marker in _SHORT_WRITE_MARKERS)
+
+
+def _free_bytes(folder: Path) -> int | str:
+    try:
+        return shutil.disk_usage(folder).free
+    except OSError:
+        return "unknown"
 
 
 @contextlib.contextmanager

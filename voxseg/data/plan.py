@@ -22,7 +22,7 @@ from typing import Any
 
 import numpy as np
 
-from voxseg.atomicio import copy_file
+from voxseg.atomicio import copy_file, make_output_folder
 from voxseg.data.dataset import RawDataset, load_dataset
 from voxseg.data.fingerprint import compute_fingerprint, save_fingerprint
 from voxseg.data.memory import estimate_memory_gb
@@ -227,7 +227,7 @@ def plan_dataset(
     check_gpu_memory(gpu_memory_gb)
     workdir = Path(workdir)
     if workdir.exists() and not workdir.is_dir():
-        raise ConfigError(f"work directory {workdir} exists and is a file; give a folder (plan -o FOLDER)")
+        make_output_folder(workdir, "plan -o")  # says it is a file
     dataset = load_dataset(dataset_dir)
     report = check_dataset(dataset.root, num_workers=num_workers)
     if not report.ok:
