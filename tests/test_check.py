@@ -218,3 +218,16 @@ def test_implausible_spacing_is_a_warning(dataset):
     report = check_dataset(dataset)
     warnings = [p for p in report.warnings if p.case == "SYN_002" and "outside 0.001..100.0 mm" in p.message]
     assert warnings and report.ok
+
+
+def test_training_labels_that_are_all_background_are_an_error(dataset):
+    for path in sorted((dataset / "labelsTr").glob("*.nii.gz")):
+        _rewrite(path, change_array=lambda array: np.zeros_like(array))
+    report = check_dataset(dataset)
+    assert not report.ok
+    assert any(p.file == "labelsTr" and "background (0) only" in p.message for p in report.errors)
+
+
+def test_one_background_only_case_is_fine(dataset):
+    _rewrite(dataset / "labelsTr/SYN_000.nii.gz", change_array=lambda array: np.zeros_like(array))
+    assert not any("background (0) only" in p.message for p in check_dataset(dataset).problems)

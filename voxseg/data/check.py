@@ -82,6 +82,8 @@ class _CaseJob:
     root: Path
     allowed_labels: set[int] | None  # None: dataset.json labels are invalid, values not checked
     is_test: bool
+    ignore_label: int | None = None
+    label_values: list[int] | None = None  # set by the check: the label file's values, None when unread
 
 
 def _relative(path: Path, root: Path) -> str:
@@ -186,6 +188,7 @@ def _check_label_values(job: _CaseJob, name: str, array: np.ndarray) -> list[Pro
     values, error = label_values(array)
     if error:
         return [Problem(job.case.name, name, error)]
+    job.label_values = values
     if job.allowed_labels is None:
         return []
     unexpected = sorted(set(values) - job.allowed_labels)
@@ -266,6 +269,18 @@ def _check_stray_files(dataset: RawDataset) -> list[Problem]:
     return problems
 
 
+def _check_some_foreground(jobs: list[_CaseJob]) -> list[Problem]:
+    """Training labels that are all background teach nothing: an error (a wrong labelsTr, or an export bug)."""
+    read = [job for job in jobs if job.label_values is not None]
+    if not read or len(read) < len(jobs):
+        return []  # nothing read, or unreadable labels: those are reported already
+    background = {0, jobs[0].ignore_label}
+    if any(set(job.label_values or []) - background for job in read):
+        return []
+    return [Problem(None, "labelsTr", f"all {len(read)} training label map(s) hold background (0) only: there is "
+                    "nothing to learn; check that labelsTr holds the right files (and their label values)")]
+
+
 def check_dataset(root: str | Path, num_workers: int = 1) -> CheckReport:
     """Check a raw nnU-Net v2 dataset; returns every problem found (never raises for bad data).
 
@@ -287,7 +302,8 @@ def check_dataset(root: str | Path, num_workers: int = 1) -> CheckReport:
     report.problems += _check_stray_files(dataset)
 
     allowed = _allowed_labels(dataset)
-    jobs = [_CaseJob(case, dataset.root, allowed, False) for case in dataset.cases]
+    ignore = dataset.label_scheme.ignore_label if allowed is not None else None
+    jobs = [_CaseJob(case, dataset.root, allowed, False, ignore) for case in dataset.cases]
     for case in dataset.test_cases:
         # test references in labelsTs/ are checked when present; they are optional
         label = dataset.root / "labelsTs" / f"{case.name}{dataset.file_ending}"
@@ -300,4 +316,5 @@ def check_dataset(root: str | Path, num_workers: int = 1) -> CheckReport:
         results = [_check_case(job) for job in jobs]
     for problems in results:  # in case order, whatever order the workers finished in
         report.problems += problems
+    report.problems += _check_some_foreground([job for job in jobs if not job.is_test])
     return report
