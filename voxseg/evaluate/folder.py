@@ -133,16 +133,10 @@ def _list_references(ref_dir: Path, ending: str | None) -> tuple[list[str], str]
     return names, ending
 
 
-def evaluate_case(
-    pred_file: str | Path,
-    ref_file: str | Path,
-    classes: dict[str, list[int]],
-    tolerance_mm: float = 1.0,
-    one_empty_hd95: str = "nan",
-    ignore_value: int | None = None,
-) -> dict[str, dict[str, float | int]]:
-    """Read one prediction/reference pair, check they share a grid and compute every class's metrics."""
-    return evaluate_case_values(pred_file, ref_file, classes, tolerance_mm, one_empty_hd95, ignore_value)[0]
+def evaluate_case(*args: Any, **kwargs: Any) -> dict[str, dict[str, float | int]]:
+    """Read one prediction/reference pair, check they share a grid and compute every class's metrics
+    (the arguments of `evaluate_case_values`)."""
+    return evaluate_case_values(*args, **kwargs)[0]
 
 
 def evaluate_case_values(
@@ -154,7 +148,8 @@ def evaluate_case_values(
     ignore_value: int | None = None,
     declared: set[int] | None = None,
 ) -> tuple[dict[str, dict[str, float | int]], dict[str, list[int]]]:
-    """`evaluate_case`, plus the label values outside `declared` found in each file ({"prediction": [...]}).
+    """Metrics of one prediction/reference pair, and the label values outside `declared` found in each file
+    ({"prediction": [...], "reference": [...]}, only the kinds with such values).
 
     Raises:
         InputError: a file holds non-integer values, or the two files lie on different grids.
