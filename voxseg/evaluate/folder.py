@@ -23,13 +23,13 @@ from multiprocessing import get_context
 from pathlib import Path
 from typing import Any, Iterable
 
-import numpy as np
 
 from voxseg.data.io import SUPPORTED_ENDINGS, file_ending as _file_ending, geometry_differences, read_image
 from voxseg.data.splits import fold_dir
 from voxseg.errors import ConfigError, InputError
 from voxseg.plans import LabelScheme
 from voxseg.jsonio import read_json
+from voxseg.evaluate.conventions import apply_convention, check_convention, describe as describe_convention
 from voxseg.evaluate.matching import (
     case_label_values,
     check_tolerance,
@@ -147,6 +147,7 @@ def evaluate_case_values(
     one_empty_hd95: str = "nan",
     ignore_value: int | None = None,
     declared: set[int] | None = None,
+    convention: str = "voxseg",
 ) -> tuple[dict[str, dict[str, float | int]], dict[str, list[int]]]:
     """Metrics of one prediction/reference pair, and the label values outside `declared` found in each file
     ({"prediction": [...], "reference": [...]}, only the kinds with such values).
@@ -169,6 +170,7 @@ def evaluate_case_values(
                          "predictions must be written on the reference image's grid")
     undeclared = {kind: sorted(set(values) - declared) for kind, values in found.items()} if declared else {}
     metrics = compute_case_metrics(pred, ref, ref_geometry.spacing, classes, tolerance_mm, one_empty_hd95, ignore_value)
+    metrics = {name: apply_convention(values, convention) for name, values in metrics.items()}
     return metrics, {kind: values for kind, values in undeclared.items() if values}
 
 
@@ -194,6 +196,7 @@ def evaluate_folder(
     one_empty_hd95: str = "nan",
     allow_missing: bool = False,
     allow_undeclared: bool = False,
+    convention: str = "voxseg",
 ) -> dict[str, Any]:
     """Evaluate every reference in `ref_dir` that has a prediction of the same file name in `pred_dir`.
 
@@ -211,6 +214,8 @@ def evaluate_folder(
         allow_missing: evaluate only the matching cases when references lack a prediction or predictions lack
             a reference (listed under "missing_predictions" / "extra_predictions" and warned about).
         allow_undeclared: accept label values dataset.json does not declare (listed under "undeclared_values").
+        convention: how a class absent from the reference scores: "voxseg", "nnunet", "monai" or "brats"
+            (see `voxseg.evaluate.conventions`).
 
     Returns:
         The summary (also written to summary.json), with NaN as None.
@@ -221,7 +226,7 @@ def evaluate_folder(
             different grid.
         ConfigError: a negative tolerance.
     """
-    tolerance_mm = check_tolerance(tolerance_mm)
+    tolerance_mm, convention = check_tolerance(tolerance_mm), check_convention(convention)
     pred_dir, ref_dir = Path(pred_dir), Path(ref_dir)
     if not pred_dir.is_dir():
         raise InputError(f"{pred_dir}: prediction folder not found")
@@ -237,7 +242,7 @@ def evaluate_folder(
     class_values = {name: spec["values"] for name, spec in classes.items()}
     declared = declared_values(label_map)
     jobs = [(pred_dir / f"{n}{ending}", ref_dir / f"{n}{ending}", class_values, tolerance_mm, one_empty_hd95,
-             ignore_value, declared) for n in present]
+             ignore_value, declared, convention) for n in present]
     evaluated = _run_cases(jobs, num_workers)
     undeclared = {n: found for n, (_, found) in zip(present, evaluated) if found}
     check_undeclared(undeclared, declared, allow_undeclared)
@@ -256,7 +261,8 @@ def evaluate_folder(
         "classes": classes,
         "foreground_classes": foreground,
         "ignore_label": ignore_value,
-        "conventions": conventions(one_empty_hd95),
+        "convention": convention,
+        "conventions": {**conventions(one_empty_hd95), "empty_classes": describe_convention(convention)},
         "counts": {"cases": len(present), "references": len(names), "missing_predictions": len(missing)},
         "missing_predictions": missing,
         "extra_predictions": extra,
@@ -304,6 +310,7 @@ def aggregate_folds(
     tolerance_mm: float = 1.0,
     one_empty_hd95: str = "nan",
     regions: bool | dict[str, list[int]] = True,
+    convention: str = "voxseg",
 ) -> dict[str, Any]:
     """Gather every fold's validation predictions into WORKDIR/training/crossval/ and evaluate them together.
 
@@ -341,7 +348,7 @@ def aggregate_folds(
         _link_or_copy(path, crossval / f"{name}{ending}")
     summary = evaluate_folder(
         crossval, raw / "labelsTr", meta, regions=regions, tolerance_mm=tolerance_mm, num_workers=num_workers,
-        file_ending=ending, out=False, one_empty_hd95=one_empty_hd95, allow_missing=True,
+        file_ending=ending, out=False, one_empty_hd95=one_empty_hd95, allow_missing=True, convention=convention,
     )
     summary["folds"] = folds
     write_summary(summary, crossval)
