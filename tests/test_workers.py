@@ -16,6 +16,10 @@ pytestmark = pytest.mark.skipif(not Path("/proc/self/stat").is_file(), reason="r
 SCRIPT = textwrap.dedent("""
     import sys, time
     import voxseg.data.preprocess as preprocess
+    import voxseg.workers
+
+    if sys.argv[2] == "watchdog":  # without the kernel's death signal, only the watchdog thread is left
+        voxseg.workers._set_parent_death_signal = lambda: False
     from voxseg.data.plan import plan_dataset
     from voxseg.data.synth import make_synthetic_dataset
 
@@ -50,11 +54,12 @@ def _running(pid: int) -> bool:
         return False
 
 
-def test_workers_exit_when_the_parent_is_killed(tmp_path):
+@pytest.mark.parametrize("mechanism", ["death signal", "watchdog"])
+def test_workers_exit_when_the_parent_is_killed(tmp_path, mechanism):
     if not Path(f"/proc/{os.getpid()}/task/{os.getpid()}/children").exists():
         pytest.skip("kernel without /proc/PID/task/TID/children")
     repo = Path(__file__).resolve().parents[1]
-    parent = subprocess.Popen([sys.executable, "-c", SCRIPT, str(tmp_path)], cwd=repo, stdout=subprocess.PIPE,
+    parent = subprocess.Popen([sys.executable, "-c", SCRIPT, str(tmp_path), mechanism], cwd=repo, stdout=subprocess.PIPE,
                               env={**os.environ, "PYTHONPATH": str(repo)})
     workers: set[int] = set()
     try:

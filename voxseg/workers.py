@@ -5,6 +5,9 @@ and holding memory, files and GPUs. `exit_with_parent` is a pool initializer tha
 parent goes: on Linux the kernel sends SIGTERM on the parent's death (prctl PR_SET_PDEATHSIG); everywhere a
 daemon thread checks once per `poll_s` whether the parent process id changed (the worker was re-parented) and
 exits then. Use it for every pool: `ProcessPoolExecutor(n, initializer=exit_with_parent)`.
+
+Linux sends the death signal when the *thread* that started the worker exits; ProcessPoolExecutor starts
+workers from the thread that submits, which lives (in its `with` block) as long as the pool.
 """
 from __future__ import annotations
 
@@ -41,8 +44,8 @@ def exit_with_parent(poll_s: float = POLL_S) -> None:
     """Pool initializer: end this worker when the process that started it dies (see the module docstring)."""
     parent_pid = os.getppid()
     _set_parent_death_signal()
-    if parent_pid == 1 or not hasattr(os, "getppid"):
-        return  # already orphaned at start-up, or no parent id to watch
+    if parent_pid == 1:
+        return  # already orphaned at start-up: no parent to watch
     threading.Thread(target=_watch_parent, args=(parent_pid, poll_s), name="voxseg-parent-watch", daemon=True).start()
     if os.getppid() != parent_pid:  # the parent died before the death signal was armed
         os._exit(1)
