@@ -246,30 +246,15 @@ def evaluate_folder(
     evaluated = _run_cases(jobs, num_workers)
     undeclared = {n: found for n, (_, found) in zip(present, evaluated) if found}
     check_undeclared(undeclared, declared, allow_undeclared)
-    results = [metrics for metrics, _ in evaluated]
-    per_case = [
-        {"name": n, "prediction": str(job[0]), "reference": str(job[1]), "metrics": metrics}
-        for n, job, metrics in zip(present, jobs, results)
-    ]
-    mean = {name: class_means(per_case, name) for name in classes}
+    per_case = [{"name": n, "prediction": str(job[0]), "reference": str(job[1]), "metrics": metrics}
+                for n, job, (metrics, _) in zip(present, jobs, evaluated)]
     summary = {
-        "pred_dir": str(pred_dir.resolve()),
-        "ref_dir": str(ref_dir.resolve()),
-        "file_ending": ending,
-        "tolerance_mm": float(tolerance_mm),
-        "one_empty_hd95": one_empty_hd95,
-        "classes": classes,
-        "foreground_classes": foreground,
+        "pred_dir": str(pred_dir.resolve()), "ref_dir": str(ref_dir.resolve()), "file_ending": ending,
+        **_settings(tolerance_mm, one_empty_hd95, convention), "classes": classes, "foreground_classes": foreground,
         "ignore_label": ignore_value,
-        "convention": convention,
-        "conventions": {**conventions(one_empty_hd95), "empty_classes": describe_convention(convention)},
         "counts": {"cases": len(present), "references": len(names), "missing_predictions": len(missing)},
-        "missing_predictions": missing,
-        "extra_predictions": extra,
-        "undeclared_values": undeclared,
-        "mean": mean,
-        "foreground_mean": foreground_mean(mean, foreground),
-        "per_case": per_case,
+        "missing_predictions": missing, "extra_predictions": extra, "undeclared_values": undeclared,
+        **_means(per_case, classes, foreground), "per_case": per_case,
     }
     if out is None or out is True:
         out = pred_dir
@@ -277,6 +262,16 @@ def evaluate_folder(
         write_summary(summary, out)
     return nan_to_none(summary)
 
+
+
+def _settings(tolerance_mm: float, one_empty_hd95: str, convention: str) -> dict[str, Any]:
+    return {"tolerance_mm": float(tolerance_mm), "one_empty_hd95": one_empty_hd95, "convention": convention,
+            "conventions": {**conventions(one_empty_hd95), "empty_classes": describe_convention(convention)}}
+
+
+def _means(per_case: list[dict], classes: dict[str, Any], foreground: list[str]) -> dict[str, Any]:
+    mean = {name: class_means(per_case, name) for name in classes}
+    return {"mean": mean, "foreground_mean": foreground_mean(mean, foreground)}
 
 
 def _link_or_copy(src: Path, dst: Path) -> None:
