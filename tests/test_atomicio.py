@@ -117,3 +117,27 @@ def test_image_writer_failure_keeps_the_previous_image(tmp_path, monkeypatch, na
     np.testing.assert_array_equal(array, previous)
     assert geometry.spacing == pytest.approx((1.0, 2.0, 3.0))
     assert _only(tmp_path) == [name]
+
+
+def test_sweep_removes_only_temporaries_of_dead_or_older_writers(tmp_path):
+    import os
+    import subprocess
+    import sys
+
+    from voxseg.atomicio import sweep_stale_temporaries, temporary_path
+
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    dead_pid = int(dead.stdout)
+    mine = temporary_path(tmp_path / "case.nii.gz")                      # this process, being written now
+    stale = tmp_path / f".case_b.tmp{dead_pid}-abc123.nii.gz"            # its writer has exited
+    reused = tmp_path / f".case_c.tmp{os.getppid()}-00ff00.npy"           # older than the (running) writer
+    kept = [mine, tmp_path / ".hidden_notes", tmp_path / "case.tmp1-abc.nii.gz", tmp_path / "case_d.nii.gz"]
+    for path in [stale, reused, *kept]:
+        path.write_bytes(b"x")
+    os.utime(reused, (1.0, 1.0))
+    (tmp_path / "validation").mkdir()
+    nested = tmp_path / "validation" / f".v.tmp{dead_pid}-0a0b0c.nii.gz"
+    nested.write_bytes(b"x")
+    assert sorted(sweep_stale_temporaries(tmp_path)) == sorted([stale, reused])
+    assert all(path.exists() for path in kept) and nested.exists()
+    assert sweep_stale_temporaries(tmp_path, recursive=True) == [nested]

@@ -184,3 +184,50 @@ def test_bad_dataset_json_fields_are_problems_not_crashes(dataset, changes, word
     report = check_dataset(dataset)
     assert not report.ok
     assert any(all(word in p.message for word in words) for p in report.errors), report.format()
+
+
+def _zero_axis_1(geometry):
+    affine = geometry.affine.copy()
+    affine[:3, 1] = 0.0
+    return Geometry(affine)
+
+
+def _metres(geometry):
+    affine = geometry.affine.copy()
+    affine[:3, :3] *= 1000.0
+    return Geometry(affine)
+
+
+def test_zero_spacing_is_reported_as_such_not_as_a_direction_difference(dataset, monkeypatch):
+    import voxseg.data.check as check_module
+
+    def read_with_a_zero_voxel_size(path):  # NIfTI writers refuse such a header, a broken file can hold one
+        array, geometry = read_image(path)
+        return array, (_zero_axis_1(geometry) if path.name == "SYN_001_0000.nii.gz" else geometry)
+
+    monkeypatch.setattr(check_module, "read_image", read_with_a_zero_voxel_size)
+    report = check_dataset(dataset)
+    messages = [p.message for p in report.errors if p.case == "SYN_001"]
+    assert any("spacing is zero along array axis [1]" in m for m in messages), messages
+    assert not any("direction" in m for m in messages)
+
+
+def test_implausible_spacing_is_a_warning(dataset):
+    for path in sorted(dataset.glob("*Tr/SYN_002*.nii.gz")):
+        _rewrite(path, change_geometry=_metres)
+    report = check_dataset(dataset)
+    warnings = [p for p in report.warnings if p.case == "SYN_002" and "outside 0.001..100.0 mm" in p.message]
+    assert warnings and report.ok
+
+
+def test_training_labels_that_are_all_background_are_an_error(dataset):
+    for path in sorted((dataset / "labelsTr").glob("*.nii.gz")):
+        _rewrite(path, change_array=lambda array: np.zeros_like(array))
+    report = check_dataset(dataset)
+    assert not report.ok
+    assert any(p.file == "labelsTr" and "background (0) only" in p.message for p in report.errors)
+
+
+def test_one_background_only_case_is_fine(dataset):
+    _rewrite(dataset / "labelsTr/SYN_000.nii.gz", change_array=lambda array: np.zeros_like(array))
+    assert not any("background (0) only" in p.message for p in check_dataset(dataset).problems)

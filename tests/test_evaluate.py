@@ -114,7 +114,7 @@ def test_plain_labels_extra_region_missing_prediction_and_out_dir(tmp_path):
         _write(pred_dir, name, pred, ".mha")
     (tmp_path / "dataset.json").write_text(json.dumps(PLAIN_META))  # found next to labelsTr
     with pytest.warns(UserWarning, match="c2"):
-        summary = evaluate_folder(pred_dir, ref_dir, regions={"ab": [1, 2]}, out=out)
+        summary = evaluate_folder(pred_dir, ref_dir, regions={"ab": [1, 2]}, out=out, allow_missing=True)
     assert summary["missing_predictions"] == ["c2"]
     assert [c["name"] for c in summary["per_case"]] == ["c1", "c3"]
     assert summary["classes"]["ab"]["kind"] == "extra_region"

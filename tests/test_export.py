@@ -1,6 +1,7 @@
 """ONNX export (parity with PyTorch, onnxruntime backend) and model archives (round trip, unsafe members)."""
 from __future__ import annotations
 
+import hashlib
 import io
 import json
 import stat
@@ -14,6 +15,7 @@ from voxseg.plans import ChannelNormalization, NetworkPlan, Plan
 from voxseg.errors import CheckpointError
 from voxseg.infer import export as export_module
 from voxseg.infer.archive import export_archive, install_archive, load_fold_network
+from voxseg.infer.install import MANIFEST
 from voxseg.infer.export import export_onnx, load_onnx_model
 from voxseg.infer.predictor import Predictor
 from voxseg.models import build_network
@@ -103,10 +105,14 @@ def _zip_with(tmp_path, extra: zipfile.ZipInfo | str, content: bytes = b"x") -> 
     buffer = io.BytesIO()
     torch.save({"model": {"w": torch.zeros(2)}}, buffer)
     path = tmp_path / "bad.zip"
+    members = {"plans.json": b"{}", "training/fold_0/checkpoint_final.pt": buffer.getvalue()}
+    name = extra.filename if isinstance(extra, zipfile.ZipInfo) else extra
+    files = {n: {"sha256": hashlib.sha256(c).hexdigest(), "size": len(c)} for n, c in {**members, name: content}.items()}
     with zipfile.ZipFile(path, "w") as handle:
-        handle.writestr("plans.json", "{}")
-        handle.writestr("training/fold_0/checkpoint_final.pt", buffer.getvalue())
+        for member, data in members.items():
+            handle.writestr(member, data)
         handle.writestr(extra, content)
+        handle.writestr(MANIFEST, json.dumps({"format": "voxseg-model", "version": 2, "files": files}))
     return str(path)
 
 

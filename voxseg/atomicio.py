@@ -18,13 +18,23 @@ write_text("summary.csv", text)
 from __future__ import annotations
 
 import contextlib
+import errno
 import os
+import re
 import secrets
 import shutil
 from pathlib import Path
 from typing import IO, Any, Iterator
 
-__all__ = ["atomic_open", "atomic_path", "copy_file", "temporary_path", "write_bytes", "write_text"]
+from voxseg.errors import ConfigError, DiskFullError
+
+__all__ = ["atomic_open", "atomic_path", "copy_file", "make_output_folder", "sweep_stale_temporaries", "temporary_path", "write_bytes",
+           "write_text"]
+
+# what torch.save's C++ writer says when a write comes up short (it raises RuntimeError, not OSError)
+_SHORT_WRITE_MARKERS = ("file write failed", "unexpected pos", "No space left on device")
+# `.NAME.tmp<pid>-<hex><suffixes>`, as `temporary_path` names them
+_TEMPORARY_NAME = re.compile(r"^\.[^.].*?\.tmp(?P<pid>\d+)-[0-9a-f]+(\..*)?$")
 
 
 def temporary_path(target: str | Path) -> Path:
@@ -72,10 +82,41 @@ def atomic_path(target: str | Path, sync: bool = True) -> Iterator[Path]:
         if sync:
             _fsync(tmp)
         os.replace(tmp, target)
+    except (OSError, RuntimeError) as exc:
+        if not is_disk_full(exc):
+            raise
+        raise DiskFullError(f"{target}: no space left on device while writing it ({_free_bytes(target.parent)} "
+                            "bytes free); free some space and run again (an existing file was left unchanged)") from exc
     finally:
         # after a successful rename there is nothing left to remove
         if tmp.is_symlink() or tmp.exists():
             tmp.unlink()
+
+
+def make_output_folder(folder: str | Path, option: str = "output folder") -> Path:
+    """Create `folder` (and its parents); ConfigError naming `option` when it exists as a file."""
+    folder = Path(folder)
+    if folder.exists() and not folder.is_dir():
+        raise ConfigError(f"{option} {folder}: exists and is a file, not a folder; give a folder (or remove the file)")
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except (FileExistsError, NotADirectoryError):
+        raise ConfigError(f"{option} {folder}: a part of the path is a file, not a folder; give another path") from None
+    return folder
+
+
+def is_disk_full(exc: BaseException) -> bool:
+    """True for an error that means the disk (or the user's quota) is full, torch.save's short writes included."""
+    if isinstance(exc, OSError):
+        return exc.errno in (errno.ENOSPC, errno.EDQUOT)
+    return isinstance(exc, RuntimeError) and any(marker in str(exc) for marker in _SHORT_WRITE_MARKERS)
+
+
+def _free_bytes(folder: Path) -> int | str:
+    try:
+        return shutil.disk_usage(folder).free
+    except OSError:
+        return "unknown"
 
 
 @contextlib.contextmanager
@@ -112,3 +153,52 @@ def copy_file(source: str | Path, target: str | Path) -> None:
     """Atomically replace `target` with a copy of the contents of `source` (not its permissions or times)."""
     with atomic_path(target) as tmp:
         shutil.copyfile(source, tmp)
+
+
+def _process_start_time(pid: int) -> float | None:
+    """When process `pid` started (seconds since the epoch); None when it is not running.
+
+    Where /proc is missing (not Linux) a running process gets 0.0 (its temporary files are kept)."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return None
+    except PermissionError:
+        pass  # running, owned by someone else
+    except OSError:
+        return None
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+        boot = next(float(line.split()[1]) for line in Path("/proc/stat").read_text().splitlines()
+                    if line.startswith("btime"))
+        return boot + int(fields[19]) / os.sysconf("SC_CLK_TCK")
+    except (OSError, StopIteration, IndexError, ValueError):
+        return 0.0
+
+
+def sweep_stale_temporaries(folder: str | Path, recursive: bool = False) -> list[Path]:
+    """Remove temporary files left in `folder` by writers that were killed mid-write; returns those removed.
+
+    A temporary file (named by `temporary_path`) is stale when the process id in its name is not running, or
+    when that process started after the file was last written (the id was reused). Files of running writers,
+    this process's included, are left alone. Run it when a command starts using a folder (train: the fold
+    folder, predict: the output folder, preprocess: the case store).
+    """
+    folder = Path(folder)
+    if not folder.is_dir():
+        return []
+    removed = []
+    for path in folder.rglob(".*") if recursive else folder.glob(".*"):
+        match = _TEMPORARY_NAME.match(path.name)
+        if match is None or not (path.is_file() or path.is_symlink()):
+            continue
+        started = _process_start_time(int(match.group("pid")))
+        try:
+            written = path.lstat().st_mtime
+        except FileNotFoundError:
+            continue  # its writer renamed or removed it meanwhile
+        if started is None or started > written + 1.0:  # 1 s: /proc start times are in clock ticks
+            with contextlib.suppress(FileNotFoundError):
+                path.unlink()
+                removed.append(path)
+    return removed

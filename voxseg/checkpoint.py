@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import pickle
 import random
-import zipfile
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
@@ -155,18 +155,52 @@ def save_checkpoint(path: str | Path, state: dict[str, Any]) -> Path:
     return path
 
 
+def _not_a_checkpoint(path: Path) -> str | None:
+    """Why the file cannot be a torch checkpoint, judged from its first bytes; None when it may be one."""
+    with open(path, "rb") as handle:
+        head = handle.read(64)
+    if head.startswith(b"version https://git-lfs"):
+        return "is a git-lfs pointer, not the checkpoint itself: fetch the file with 'git lfs pull'"
+    if not head:
+        return "is empty (0 bytes)"
+    if not head.startswith((b"PK\x03\x04", b"\x80")):  # torch's zip format, or a legacy pickle
+        return f"is corrupt or not a checkpoint at all (it starts with {head[:16]!r}); give a checkpoint_*.pt file"
+    return None
+
+
+def _unpickling_refusal(path: Path, exc: Exception) -> str:
+    """Our own message for a weights_only refusal: torch's suggests loading with weights_only=False."""
+    found = re.search(r"GLOBAL ([\w.]+)", str(exc))
+    what = f" ({found.group(1)})" if found else ""
+    return (f"checkpoint {path} holds Python objects other than tensors and plain data{what}; voxseg refuses to "
+            "unpickle foreign code, because loading it could run that code. Re-save the weights as a plain state "
+            "dict where the file was made (torch.save({'model': model.state_dict()}, path))")
+
+
 def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") -> dict[str, Any]:
-    """Read a checkpoint safely (`weights_only=True`); CheckpointError names the file when it cannot."""
+    """Read a checkpoint safely (`weights_only=True`: loading never runs code from the file).
+
+    Raises:
+        CheckpointError: the file is missing, not a checkpoint (text, a git-lfs pointer), truncated, holds
+            pickled objects other than plain data, or is not a dict; the message names the file.
+    """
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(f"checkpoint {path} does not exist")
+    reason = _not_a_checkpoint(path)
+    if reason:
+        raise CheckpointError(f"checkpoint {path} {reason}")
     try:
         state = torch.load(path, map_location=map_location, weights_only=True)
-    except (pickle.UnpicklingError, RuntimeError, EOFError, zipfile.BadZipFile, ValueError, OSError) as exc:
+    except pickle.UnpicklingError as exc:
+        raise CheckpointError(_unpickling_refusal(path, exc)) from None
+    except Exception as exc:  # noqa: BLE001 - torch raises RuntimeError, KeyError, EOFError... for a bad file
+        if "weights only" in str(exc).lower() or "weights_only" in str(exc):
+            raise CheckpointError(_unpickling_refusal(path, exc)) from None
         first_line = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise CheckpointError(
-            f"checkpoint {path} is corrupt, truncated or not a voxseg checkpoint ({first_line}); "
-            "delete it or train again"
+            f"checkpoint {path} is corrupt, truncated or not a voxseg checkpoint ({type(exc).__name__}: "
+            f"{first_line[:200]}); delete it or train again"
         ) from None
     if not isinstance(state, dict):
         raise CheckpointError(f"checkpoint {path} holds a {type(state).__name__}, not a checkpoint dict")

@@ -29,3 +29,7 @@ class CheckpointError(VoxsegError):
 
 class InputError(VoxsegError):
     """Inputs to predict/evaluate do not match what the model or the command expects."""
+
+
+class DiskFullError(VoxsegError):
+    """The disk filled up while a file was being written (the previous file, if any, is unchanged)."""

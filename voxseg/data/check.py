@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 
 from voxseg.data.dataset import RawCase, RawDataset, load_dataset
-from voxseg.data.io import Geometry, read_image
+from voxseg.data.io import Geometry, geometry_differences, read_image, zero_spacing_axes
 from voxseg.errors import DatasetError, ImageReadError
 
 
@@ -82,6 +82,8 @@ class _CaseJob:
     root: Path
     allowed_labels: set[int] | None  # None: dataset.json labels are invalid, values not checked
     is_test: bool
+    ignore_label: int | None = None
+    label_values: list[int] | None = None  # set by the check: the label file's values, None when unread
 
 
 def _relative(path: Path, root: Path) -> str:
@@ -91,7 +93,7 @@ def _relative(path: Path, root: Path) -> str:
         return str(path)
 
 
-def _label_values(array: np.ndarray) -> tuple[list[int], str | None]:
+def label_values(array: np.ndarray) -> tuple[list[int], str | None]:
     """Distinct integer values of a label array, or an explanation when it is not an integer label map."""
     if array.dtype.kind == "f":
         if not np.isfinite(array).all():
@@ -112,21 +114,9 @@ def _label_values(array: np.ndarray) -> tuple[list[int], str | None]:
 
 def _compare_geometry(job: _CaseJob, name: str, shape: tuple, geo: Geometry, ref_name: str, ref_shape: tuple,
                       ref_geo: Geometry) -> list[Problem]:
-    problems = []
-    case, fix = job.case.name, "all files of a case must lie on the same voxel grid; resample or re-export them"
-
-    def add(message: str) -> None:
-        problems.append(Problem(case, name, f"{message} ({ref_name} is the reference); {fix}"))
-
-    if shape != ref_shape:
-        add(f"shape {shape} differs from {ref_shape}")
-    if not np.allclose(geo.spacing, ref_geo.spacing, rtol=1e-3):
-        add(f"spacing {tuple(round(s, 4) for s in geo.spacing)} differs from {tuple(round(s, 4) for s in ref_geo.spacing)}")
-    if not np.allclose(geo.direction, ref_geo.direction, atol=1e-3):
-        add("direction/orientation differs (the affines disagree: flipped or rotated axes)")
-    elif not np.allclose(geo.origin, ref_geo.origin, atol=0.05 * min(min(geo.spacing), min(ref_geo.spacing))):
-        add(f"origin {tuple(round(o, 3) for o in geo.origin)} differs from {tuple(round(o, 3) for o in ref_geo.origin)}")
-    return problems
+    fix = "all files of a case must lie on the same voxel grid; resample or re-export them"
+    return [Problem(job.case.name, name, f"{difference} ({ref_name} is the reference); {fix}")
+            for difference in geometry_differences(shape, geo, ref_shape, ref_geo)]
 
 
 def _grid_key(shape: tuple, geo: Geometry) -> tuple:
@@ -155,7 +145,10 @@ def _check_case(job: _CaseJob) -> list[Problem]:
         except ImageReadError as exc:
             problems.append(Problem(case, name, f"unreadable: {exc}"))
             continue
-        grids.append((name, array.shape, geo))
+        spacing_problems = _check_spacing(case, name, geo)
+        problems += spacing_problems
+        if not any(p.severity == "error" for p in spacing_problems):
+            grids.append((name, array.shape, geo))
         if is_label:
             problems += _check_label_values(job, name, array)
         elif array.dtype.kind == "f":
@@ -173,10 +166,29 @@ def _check_case(job: _CaseJob) -> list[Problem]:
     return problems
 
 
+SPACING_WARN_ABOVE_MM = 100.0
+SPACING_WARN_BELOW_MM = 1e-3
+
+
+def _check_spacing(case: str, name: str, geo: Geometry) -> list[Problem]:
+    """A zero voxel size is an error; one above 100 mm or below 1 micrometre is most likely a unit mistake."""
+    zero = zero_spacing_axes(geo)
+    if zero:
+        return [Problem(case, name, f"spacing is zero along array axis {zero} (spacing {geo.spacing}); "
+                        "fix the file header: every voxel size must be positive")]
+    odd = [round(s, 6) for s in geo.spacing if s > SPACING_WARN_ABOVE_MM or s < SPACING_WARN_BELOW_MM]
+    if odd:
+        return [Problem(case, name, f"spacing {tuple(round(s, 6) for s in geo.spacing)} mm has voxel size(s) {odd} "
+                        f"outside {SPACING_WARN_BELOW_MM}..{SPACING_WARN_ABOVE_MM} mm; check the header's units "
+                        "(metres or micrometres instead of millimetres?)", "warning")]
+    return []
+
+
 def _check_label_values(job: _CaseJob, name: str, array: np.ndarray) -> list[Problem]:
-    values, error = _label_values(array)
+    values, error = label_values(array)
     if error:
         return [Problem(job.case.name, name, error)]
+    job.label_values = values
     if job.allowed_labels is None:
         return []
     unexpected = sorted(set(values) - job.allowed_labels)
@@ -257,6 +269,18 @@ def _check_stray_files(dataset: RawDataset) -> list[Problem]:
     return problems
 
 
+def _check_some_foreground(jobs: list[_CaseJob]) -> list[Problem]:
+    """Training labels that are all background teach nothing: an error (a wrong labelsTr, or an export bug)."""
+    read = [job for job in jobs if job.label_values is not None]
+    if not read or len(read) < len(jobs):
+        return []  # nothing read, or unreadable labels: those are reported already
+    background = {0, jobs[0].ignore_label}
+    if any(set(job.label_values or []) - background for job in read):
+        return []
+    return [Problem(None, "labelsTr", f"all {len(read)} training label map(s) hold background (0) only: there is "
+                    "nothing to learn; check that labelsTr holds the right files (and their label values)")]
+
+
 def check_dataset(root: str | Path, num_workers: int = 1) -> CheckReport:
     """Check a raw nnU-Net v2 dataset; returns every problem found (never raises for bad data).
 
@@ -278,7 +302,8 @@ def check_dataset(root: str | Path, num_workers: int = 1) -> CheckReport:
     report.problems += _check_stray_files(dataset)
 
     allowed = _allowed_labels(dataset)
-    jobs = [_CaseJob(case, dataset.root, allowed, False) for case in dataset.cases]
+    ignore = dataset.label_scheme.ignore_label if allowed is not None else None
+    jobs = [_CaseJob(case, dataset.root, allowed, False, ignore) for case in dataset.cases]
     for case in dataset.test_cases:
         # test references in labelsTs/ are checked when present; they are optional
         label = dataset.root / "labelsTs" / f"{case.name}{dataset.file_ending}"
@@ -291,4 +316,5 @@ def check_dataset(root: str | Path, num_workers: int = 1) -> CheckReport:
         results = [_check_case(job) for job in jobs]
     for problems in results:  # in case order, whatever order the workers finished in
         report.problems += problems
+    report.problems += _check_some_foreground([job for job in jobs if not job.is_test])
     return report

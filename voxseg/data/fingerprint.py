@@ -26,6 +26,7 @@ from voxseg.data.dataset import RawCase, RawDataset
 from voxseg.data.io import read_channels, read_image
 from voxseg.jsonio import write_json_atomic
 from voxseg.errors import DatasetError
+from voxseg.workers import exit_with_parent
 from voxseg.jsonio import read_json
 
 
@@ -137,7 +138,7 @@ def compute_fingerprint(
     ignore = int(labels["ignore"]) if "ignore" in labels else None
     jobs = [(case, samples_per_case, seed + i, ignore) for i, case in enumerate(dataset.cases)]
     if num_workers > 1 and len(jobs) > 1:
-        with ProcessPoolExecutor(max_workers=min(num_workers, len(jobs))) as pool:
+        with ProcessPoolExecutor(max_workers=min(num_workers, len(jobs)), initializer=exit_with_parent) as pool:
             cases = list(pool.map(_case_job, jobs))
     else:
         cases = [_case_job(job) for job in jobs]

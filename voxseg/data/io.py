@@ -174,23 +174,64 @@ def _write_sitk(path: Path, array: np.ndarray, geometry: Geometry) -> None:
     sitk.WriteImage(image, str(path), useCompression=True)
 
 
-def read_channels(paths: list[Path]) -> tuple[np.ndarray, Geometry]:
-    """Read one case's channel files into (C, D, H, W) float32, checking they share shape and geometry."""
-    arrays, geometry = [], None
+def zero_spacing_axes(geometry: Geometry) -> list[int]:
+    """Array axes whose voxel size is zero (a broken header: direction and every size derived from it are void)."""
+    return [axis for axis, size in enumerate(geometry.spacing) if not size > 1e-9]
+
+
+def geometry_differences(shape: tuple, geometry: Geometry, ref_shape: tuple, ref_geometry: Geometry) -> list[str]:
+    """How a file's grid differs from a reference grid, one phrase per difference (empty: the same grid).
+
+    The one definition of "the same voxel grid" for check (training data) and predict (channels of a case):
+    shape equal, spacing within 0.1 %, direction within 1e-3, origin within 5 % of the smallest voxel size.
+    A zero spacing is reported as such, not as the direction difference it would otherwise cause.
+    """
+    differences = []
+    if shape != ref_shape:
+        differences.append(f"shape {tuple(shape)} differs from {tuple(ref_shape)}")
+    zero = zero_spacing_axes(geometry) or zero_spacing_axes(ref_geometry)
+    if zero:
+        return differences + [f"spacing is zero along array axis {zero} (spacing {geometry.spacing} vs "
+                              f"{ref_geometry.spacing}); fix the file header"]
+    spacing, ref_spacing = (tuple(round(s, 4) for s in g.spacing) for g in (geometry, ref_geometry))
+    if not np.allclose(geometry.spacing, ref_geometry.spacing, rtol=1e-3):
+        differences.append(f"spacing {spacing} differs from {ref_spacing}")
+    if not np.allclose(geometry.direction, ref_geometry.direction, atol=1e-3):
+        direction, ref_direction = (np.round(g.direction, 3).tolist() for g in (geometry, ref_geometry))
+        differences.append(f"direction/orientation differs (the affines disagree: flipped or rotated axes): "
+                           f"{direction} vs {ref_direction}")
+    elif not np.allclose(geometry.origin, ref_geometry.origin,
+                         atol=0.05 * min(min(geometry.spacing), min(ref_geometry.spacing))):
+        origin, ref_origin = (tuple(round(o, 3) for o in g.origin) for g in (geometry, ref_geometry))
+        differences.append(f"origin {origin} differs from {ref_origin}")
+    return differences
+
+
+def read_channels(paths: list[Path], case: str = "", error: type[Exception] = ImageReadError) -> tuple[np.ndarray, Geometry]:
+    """Read one case's channel files into (C, D, H, W) float32, checking they lie on one voxel grid.
+
+    Args:
+        paths: the channel files in channel order; the first is the reference grid.
+        case: case name for error messages.
+        error: the error type raised for a grid mismatch (ImageReadError; InputError in predict).
+
+    Raises:
+        error: a channel's shape, spacing, direction or origin differs from channel 0's, or a spacing is zero.
+    """
+    arrays, geometries = [], []
+    where = f"case '{case}': " if case else ""
     for path in paths:
-        array, geo = read_image(path)
-        if geometry is None:
-            geometry = geo
-        else:
-            if array.shape != arrays[0].shape:
-                raise ImageReadError(
-                    f"{path}: shape {array.shape} differs from {paths[0].name}'s {arrays[0].shape}; "
-                    "all channels of a case must be co-registered on the same grid"
-                )
-            if not np.allclose(geo.spacing, geometry.spacing, rtol=1e-3):
-                raise ImageReadError(
-                    f"{path}: spacing {geo.spacing} differs from {paths[0].name}'s {geometry.spacing}; resample it onto the same grid"
-                )
+        array, geometry = read_image(path)
+        zero = zero_spacing_axes(geometry)
+        if zero:
+            raise error(f"{where}{path}: spacing is zero along array axis {zero} ({geometry.spacing}); "
+                        "fix the file header (the voxel size must be positive)")
+        if arrays:
+            differences = geometry_differences(array.shape, geometry, arrays[0].shape, geometries[0])
+            if differences:
+                raise error(f"{where}channel file {path}: {'; '.join(differences)} ({paths[0].name} is the reference); "
+                            "all channels of a case must be co-registered on the same grid: resample or re-export it")
         arrays.append(array.astype(np.float32, copy=False))
-    assert geometry is not None, "read_channels needs at least one path"
-    return np.stack(arrays), geometry
+        geometries.append(geometry)
+    assert geometries, "read_channels needs at least one path"
+    return np.stack(arrays), geometries[0]

@@ -22,7 +22,7 @@ from typing import Any
 
 import numpy as np
 
-from voxseg.atomicio import copy_file
+from voxseg.atomicio import copy_file, make_output_folder
 from voxseg.data.dataset import RawDataset, load_dataset
 from voxseg.data.fingerprint import compute_fingerprint, save_fingerprint
 from voxseg.data.memory import estimate_memory_gb
@@ -129,6 +129,14 @@ def _choose_patch_and_network(
     return patch, network
 
 
+def check_gpu_memory(gpu_memory_gb: float) -> float:
+    """The GPU memory budget in GiB the plan is sized for: a positive number."""
+    if not (isinstance(gpu_memory_gb, (int, float)) and gpu_memory_gb > 0 and np.isfinite(gpu_memory_gb)):
+        raise ConfigError(f"gpu_memory_gb={gpu_memory_gb!r}: the GPU memory to plan for must be a positive number "
+                          "of GiB, e.g. 8 (plan --gpu-memory-gb)")
+    return float(gpu_memory_gb)
+
+
 def make_plan(
     fingerprint: dict[str, Any],
     dataset: RawDataset,
@@ -152,7 +160,7 @@ def make_plan(
     if dims not in (2, 3):
         raise ConfigError(f"dims={dims}: plan a 2 or 3 dimensional configuration")
     values = parse_overrides(overrides)
-    budget = float(values.pop("gpu_memory_gb", gpu_memory_gb))
+    budget = check_gpu_memory(float(values.pop("gpu_memory_gb", gpu_memory_gb)))
     spacings = np.asarray(fingerprint["spacings"], dtype=np.float64)
     shapes = np.asarray(fingerprint["shapes_after_crop"], dtype=np.float64)
     target, anisotropy_axis = plan_target_spacing(spacings)
@@ -217,22 +225,24 @@ def plan_dataset(
     """
     from voxseg.data.check import check_dataset  # lazy: check pulls in more I/O than planning needs
 
+    check_gpu_memory(gpu_memory_gb)
+    workdir = Path(workdir)
+    if workdir.exists() and not workdir.is_dir():
+        make_output_folder(workdir, "plan -o")  # says it is a file
     dataset = load_dataset(dataset_dir)
     report = check_dataset(dataset.root, num_workers=num_workers)
     if not report.ok:
         raise DatasetError(report.format())
-    workdir = Path(workdir)
-    workdir.mkdir(parents=True, exist_ok=True)
+    # every option is validated (splits made, plan built) before anything is written
+    names = [case.name for case in dataset.cases]
+    splits = make_fraction_split(names, val_fraction, seed) if val_fraction is not None else \
+        make_kfold_splits(names, num_folds, seed)
     fingerprint = compute_fingerprint(dataset, num_workers=num_workers)
-    save_fingerprint(workdir / "fingerprint.json", fingerprint)
     plan = make_plan(fingerprint, dataset, gpu_memory_gb=gpu_memory_gb, overrides=overrides, dims=dims)
+    workdir.mkdir(parents=True, exist_ok=True)
+    save_fingerprint(workdir / "fingerprint.json", fingerprint)
     plan.save(workdir / "plans.json")
     if not (workdir / SPLITS_FILE).exists():
-        names = [case.name for case in dataset.cases]
-        if val_fraction is not None:
-            splits = make_fraction_split(names, val_fraction, seed)
-        else:
-            splits = make_kfold_splits(names, num_folds, seed)
         save_splits(workdir, splits)
     copy_file(dataset.root / "dataset.json", workdir / "dataset.json")
     return plan

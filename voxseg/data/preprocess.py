@@ -22,6 +22,7 @@ from typing import Any, Sequence
 import numpy as np
 import torch
 
+from voxseg.atomicio import sweep_stale_temporaries
 from voxseg.data.fingerprint import mask_bbox
 from voxseg.data.io import Geometry, read_channels, read_image
 from voxseg.plans import Plan
@@ -29,6 +30,7 @@ from voxseg.data.resample import resample
 from voxseg.data.store import case_paths, load_properties, sample_foreground_locations, save_case
 from voxseg.errors import DatasetError, InputError, VoxsegError
 from voxseg.normalization import normalize
+from voxseg.workers import exit_with_parent
 
 __all__ = ["resample", "preprocess_case", "restore_to_original", "preprocess_dataset", "plan_hash"]
 
@@ -268,6 +270,7 @@ def preprocess_dataset(
     dataset = load_dataset(plan.raw_dataset)
     out_dir = workdir / "preprocessed"
     out_dir.mkdir(parents=True, exist_ok=True)
+    sweep_stale_temporaries(out_dir)  # left by a killed run; hidden files, but they hold disk space
     expected = plan_hash(plan)
     todo = [case for case in dataset.cases if not _is_complete(out_dir, case.name, expected)]
     skipped = len(dataset.cases) - len(todo)
@@ -283,7 +286,8 @@ def preprocess_dataset(
                 failures += [f"{name}: {error}"] if error else []
                 bar.update()
         else:
-            with ProcessPoolExecutor(num_workers, mp_context=_pool_context(device)) as pool:
+            with ProcessPoolExecutor(num_workers, mp_context=_pool_context(device),
+                                     initializer=exit_with_parent) as pool:
                 futures = {pool.submit(_preprocess_one, c, plan, str(out_dir), device, threads): c.name for c in todo}
                 for future in as_completed(futures):
                     try:

@@ -18,20 +18,27 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import warnings
 from concurrent.futures import ProcessPoolExecutor
 from multiprocessing import get_context
 from pathlib import Path
 from typing import Any, Iterable
 
-import numpy as np
 
-from voxseg.data.io import SUPPORTED_ENDINGS, Geometry, file_ending as _file_ending, read_image
+from voxseg.data.io import SUPPORTED_ENDINGS, file_ending as _file_ending, geometry_differences, read_image
 from voxseg.data.splits import fold_dir
 from voxseg.errors import ConfigError, InputError
 from voxseg.labels import LabelScheme
 from voxseg.jsonio import read_json
+from voxseg.evaluate.conventions import apply_convention, check_convention, describe as describe_convention
+from voxseg.evaluate.matching import (
+    case_label_values,
+    check_tolerance,
+    check_undeclared,
+    declared_values,
+    match_predictions,
+)
 from voxseg.evaluate.metrics import compute_case_metrics, conventions
+from voxseg.workers import exit_with_parent
 from voxseg.evaluate.summary import (
     CSV_COLUMNS,
     MEAN_METRICS,
@@ -126,59 +133,54 @@ def _list_references(ref_dir: Path, ending: str | None) -> tuple[list[str], str]
     return names, ending
 
 
-def _same_geometry(a: Geometry, b: Geometry) -> bool:
-    spacing_ok = np.allclose(a.spacing, b.spacing, rtol=1e-3)
-    direction_ok = np.allclose(a.direction, b.direction, atol=1e-3)
-    # headers store float32: allow a small origin difference, relative to the voxel size
-    origin_ok = np.allclose(a.origin, b.origin, atol=max(1e-3, 1e-2 * min(a.spacing)))
-    return bool(spacing_ok and direction_ok and origin_ok)
+def evaluate_case(*args: Any, **kwargs: Any) -> dict[str, dict[str, float | int]]:
+    """Read one prediction/reference pair, check they share a grid and compute every class's metrics
+    (the arguments of `evaluate_case_values`)."""
+    return evaluate_case_values(*args, **kwargs)[0]
 
 
-def evaluate_case(
+def evaluate_case_values(
     pred_file: str | Path,
     ref_file: str | Path,
     classes: dict[str, list[int]],
     tolerance_mm: float = 1.0,
     one_empty_hd95: str = "nan",
     ignore_value: int | None = None,
-) -> dict[str, dict[str, float | int]]:
-    """Read one prediction/reference pair, check they share a grid and compute every class's metrics."""
+    declared: set[int] | None = None,
+    convention: str = "voxseg",
+) -> tuple[dict[str, dict[str, float | int]], dict[str, list[int]]]:
+    """Metrics of one prediction/reference pair, and the label values outside `declared` found in each file
+    ({"prediction": [...], "reference": [...]}, only the kinds with such values).
+
+    Raises:
+        InputError: a file holds non-integer values, or the two files lie on different grids.
+    """
     pred, pred_geometry = read_image(pred_file)
     ref, ref_geometry = read_image(ref_file)
+    found = {"prediction": case_label_values(pred, pred_file), "reference": case_label_values(ref, ref_file)}
     if pred.shape != ref.shape:
         raise InputError(
             f"{pred_file}: shape {pred.shape} differs from the reference {ref_file} shape {ref.shape}; "
             "predictions must be written on the reference image's grid"
         )
-    if not _same_geometry(pred_geometry, ref_geometry):
-        raise InputError(
-            f"{pred_file}: geometry (spacing {pred_geometry.spacing}, origin {pred_geometry.origin}) differs "
-            f"from the reference {ref_file} (spacing {ref_geometry.spacing}, origin {ref_geometry.origin})"
-        )
-    return compute_case_metrics(
-        pred, ref, ref_geometry.spacing, classes, tolerance_mm, one_empty_hd95, ignore_value
-    )
+    # headers store float32: the comparison allows a small origin difference, relative to the voxel size
+    differences = geometry_differences(pred.shape, pred_geometry, ref.shape, ref_geometry)
+    if differences:
+        raise InputError(f"{pred_file}: geometry differs from the reference {ref_file}: {'; '.join(differences)}; "
+                         "predictions must be written on the reference image's grid")
+    undeclared = {kind: sorted(set(values) - declared) for kind, values in found.items()} if declared else {}
+    metrics = compute_case_metrics(pred, ref, ref_geometry.spacing, classes, tolerance_mm, one_empty_hd95, ignore_value)
+    metrics = {name: apply_convention(values, convention) for name, values in metrics.items()}
+    return metrics, {kind: values for kind, values in undeclared.items() if values}
 
 
-def _run_cases(jobs: list[tuple], num_workers: int) -> list[dict]:
+def _run_cases(jobs: list[tuple], num_workers: int) -> list[tuple[dict, dict]]:
     if num_workers <= 1 or len(jobs) <= 1:
-        return [evaluate_case(*job) for job in jobs]
+        return [evaluate_case_values(*job) for job in jobs]
     # spawn: forking a process that holds torch/CUDA or OpenMP threads can deadlock
-    with ProcessPoolExecutor(min(num_workers, len(jobs)), mp_context=get_context("spawn")) as pool:
-        return list(pool.map(evaluate_case, *zip(*jobs)))
-
-
-
-def _match_predictions(pred_dir: Path, ref_dir: Path, names: list[str], ending: str) -> tuple[list[str], list[str]]:
-    """Split reference names into those with a prediction and those without (warned about)."""
-    present = [n for n in names if (pred_dir / f"{n}{ending}").is_file()]
-    missing = [n for n in names if n not in present]
-    if missing:
-        shown = ", ".join(missing[:10]) + (f" and {len(missing) - 10} more" if len(missing) > 10 else "")
-        warnings.warn(f"{pred_dir}: no prediction for {len(missing)} reference case(s): {shown}", stacklevel=3)
-    if not present:
-        raise InputError(f"{pred_dir}: none of the {len(names)} references in {ref_dir} has a prediction '*{ending}'")
-    return present, missing
+    with ProcessPoolExecutor(min(num_workers, len(jobs)), mp_context=get_context("spawn"),
+                             initializer=exit_with_parent) as pool:
+        return list(pool.map(evaluate_case_values, *zip(*jobs)))
 
 
 def evaluate_folder(
@@ -192,6 +194,9 @@ def evaluate_folder(
     file_ending: str | None = None,
     out: str | Path | bool | None = None,
     one_empty_hd95: str = "nan",
+    allow_missing: bool = False,
+    allow_undeclared: bool = False,
+    convention: str = "voxseg",
 ) -> dict[str, Any]:
     """Evaluate every reference in `ref_dir` that has a prediction of the same file name in `pred_dir`.
 
@@ -206,14 +211,22 @@ def evaluate_folder(
         file_ending: e.g. ".nii.gz"; default dataset.json's, else the single ending found in `ref_dir`.
         out: folder for summary.json / summary.csv (default `pred_dir`); False writes nothing.
         one_empty_hd95: "nan" (default) or "diagonal", see `voxseg.evaluate.metrics`.
+        allow_missing: evaluate only the matching cases when references lack a prediction or predictions lack
+            a reference (listed under "missing_predictions" / "extra_predictions" and warned about).
+        allow_undeclared: accept label values dataset.json does not declare (listed under "undeclared_values").
+        convention: how a class absent from the reference scores: "voxseg", "nnunet", "monai" or "brats"
+            (see `voxseg.evaluate.conventions`).
 
     Returns:
-        The summary (also written to summary.json), with NaN as None. Missing predictions are listed under
-        "missing_predictions" and warned about.
+        The summary (also written to summary.json), with NaN as None.
 
     Raises:
-        InputError: folders or labels missing, no matching cases, or a prediction on a different grid.
+        InputError: folders or labels missing, no matching cases, unmatched cases (without `allow_missing`),
+            undeclared label values (without `allow_undeclared`), a non-integer file, or a prediction on a
+            different grid.
+        ConfigError: a negative tolerance.
     """
+    tolerance_mm, convention = check_tolerance(tolerance_mm), check_convention(convention)
     pred_dir, ref_dir = Path(pred_dir), Path(ref_dir)
     if not pred_dir.is_dir():
         raise InputError(f"{pred_dir}: prediction folder not found")
@@ -225,33 +238,23 @@ def evaluate_folder(
     if file_ending is None and meta is not None and "file_ending" in meta:
         file_ending = str(meta["file_ending"])
     names, ending = _list_references(ref_dir, file_ending)
-    present, missing = _match_predictions(pred_dir, ref_dir, names, ending)
+    present, missing, extra = match_predictions(pred_dir, ref_dir, names, ending, allow_missing)
     class_values = {name: spec["values"] for name, spec in classes.items()}
-    jobs = [
-        (pred_dir / f"{n}{ending}", ref_dir / f"{n}{ending}", class_values, tolerance_mm, one_empty_hd95, ignore_value)
-        for n in present
-    ]
-    results = _run_cases(jobs, num_workers)
-    per_case = [
-        {"name": n, "prediction": str(job[0]), "reference": str(job[1]), "metrics": metrics}
-        for n, job, metrics in zip(present, jobs, results)
-    ]
-    mean = {name: class_means(per_case, name) for name in classes}
+    declared = declared_values(label_map)
+    jobs = [(pred_dir / f"{n}{ending}", ref_dir / f"{n}{ending}", class_values, tolerance_mm, one_empty_hd95,
+             ignore_value, declared, convention) for n in present]
+    evaluated = _run_cases(jobs, num_workers)
+    undeclared = {n: found for n, (_, found) in zip(present, evaluated) if found}
+    check_undeclared(undeclared, declared, allow_undeclared)
+    per_case = [{"name": n, "prediction": str(job[0]), "reference": str(job[1]), "metrics": metrics}
+                for n, job, (metrics, _) in zip(present, jobs, evaluated)]
     summary = {
-        "pred_dir": str(pred_dir.resolve()),
-        "ref_dir": str(ref_dir.resolve()),
-        "file_ending": ending,
-        "tolerance_mm": float(tolerance_mm),
-        "one_empty_hd95": one_empty_hd95,
-        "classes": classes,
-        "foreground_classes": foreground,
+        "pred_dir": str(pred_dir.resolve()), "ref_dir": str(ref_dir.resolve()), "file_ending": ending,
+        **_settings(tolerance_mm, one_empty_hd95, convention), "classes": classes, "foreground_classes": foreground,
         "ignore_label": ignore_value,
-        "conventions": conventions(one_empty_hd95),
         "counts": {"cases": len(present), "references": len(names), "missing_predictions": len(missing)},
-        "missing_predictions": missing,
-        "mean": mean,
-        "foreground_mean": foreground_mean(mean, foreground),
-        "per_case": per_case,
+        "missing_predictions": missing, "extra_predictions": extra, "undeclared_values": undeclared,
+        **_means(per_case, classes, foreground), "per_case": per_case,
     }
     if out is None or out is True:
         out = pred_dir
@@ -259,6 +262,16 @@ def evaluate_folder(
         write_summary(summary, out)
     return nan_to_none(summary)
 
+
+
+def _settings(tolerance_mm: float, one_empty_hd95: str, convention: str) -> dict[str, Any]:
+    return {"tolerance_mm": float(tolerance_mm), "one_empty_hd95": one_empty_hd95, "convention": convention,
+            "conventions": {**conventions(one_empty_hd95), "empty_classes": describe_convention(convention)}}
+
+
+def _means(per_case: list[dict], classes: dict[str, Any], foreground: list[str]) -> dict[str, Any]:
+    mean = {name: class_means(per_case, name) for name in classes}
+    return {"mean": mean, "foreground_mean": foreground_mean(mean, foreground)}
 
 
 def _link_or_copy(src: Path, dst: Path) -> None:
@@ -292,6 +305,7 @@ def aggregate_folds(
     tolerance_mm: float = 1.0,
     one_empty_hd95: str = "nan",
     regions: bool | dict[str, list[int]] = True,
+    convention: str = "voxseg",
 ) -> dict[str, Any]:
     """Gather every fold's validation predictions into WORKDIR/training/crossval/ and evaluate them together.
 
@@ -329,7 +343,7 @@ def aggregate_folds(
         _link_or_copy(path, crossval / f"{name}{ending}")
     summary = evaluate_folder(
         crossval, raw / "labelsTr", meta, regions=regions, tolerance_mm=tolerance_mm, num_workers=num_workers,
-        file_ending=ending, out=False, one_empty_hd95=one_empty_hd95,
+        file_ending=ending, out=False, one_empty_hd95=one_empty_hd95, allow_missing=True, convention=convention,
     )
     summary["folds"] = folds
     write_summary(summary, crossval)

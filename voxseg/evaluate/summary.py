@@ -97,4 +97,9 @@ def format_table(summary: dict[str, Any]) -> str:
     )
     if summary.get("missing_predictions"):
         lines.append(f"missing predictions: {len(summary['missing_predictions'])}")
+    if summary.get("extra_predictions"):
+        lines.append(f"predictions without reference (not evaluated): {len(summary['extra_predictions'])}")
+    if summary.get("convention"):
+        lines.append(f"convention: {summary['convention']} (a class absent from the reference: see "
+                     "summary.json 'conventions.empty_classes')")
     return "\n".join(lines)

@@ -8,18 +8,15 @@ MODEL/training/fold_F/checkpoint_{final,best}.pt  [config.json]  [model.onnx]
 `export_archive` zips the weights of the chosen folds (model weights, plan and config only: optimiser state
 is dropped) with plans.json, dataset.json and postprocessing.json. `install_archive` checks every member before
 writing anything: it refuses absolute paths, "..", links and unexpected file types, anything that would land
-outside the target folder, and checkpoints that cannot be read with `weights_only=True`.
+outside the target folder, and checkpoints that cannot be read with `weights_only=True`; the manifest carries
+every member's SHA-256, which install verifies (see voxseg/infer/install.py for its limits and the swap).
 """
 from __future__ import annotations
 
 import io
 import json
-import os
-import shutil
-import stat
-import tempfile
 import zipfile
-from pathlib import Path, PurePosixPath
+from pathlib import Path
 from typing import Sequence
 
 import torch
@@ -31,10 +28,9 @@ from voxseg.plans import Plan
 from voxseg.data.splits import fold_dir, trained_folds
 from voxseg.errors import CheckpointError, ConfigError
 from voxseg.devices import resolve_device  # noqa: F401 - re-exported for the predictor
+from voxseg.digest import sha256_bytes
+from voxseg.infer.install import ARCHIVE_FORMAT, MANIFEST, install_archive  # noqa: F401 - install re-exported
 
-MANIFEST = "voxseg_archive.json"
-ARCHIVE_FORMAT = "voxseg-model"
-ALLOWED_SUFFIXES = (".json", ".pt", ".onnx")
 # checkpoint entries kept in an archive; optimiser, scheduler, scaler and RNG states are for resuming only
 _KEPT_KEYS = ("format", "model", "plan", "config", "progress")
 # plan fields that must agree between the folds of an ensemble
@@ -139,82 +135,11 @@ def export_archive(workdir: str | Path, out_zip: str | Path, folds: int | str | 
         for name in ("config.json", "plans.json", "model.onnx"):
             if (fold_dir(workdir, fold) / name).is_file():
                 members[f"{prefix}/{name}"] = fold_dir(workdir, fold) / name
-    manifest = {"format": ARCHIVE_FORMAT, "version": 1, "folds": fold_list, "checkpoint": checkpoint}
+    members = {name: content if isinstance(content, bytes) else content.read_bytes() for name, content in members.items()}
+    files = {name: {"sha256": sha256_bytes(content), "size": len(content)} for name, content in members.items()}
+    manifest = {"format": ARCHIVE_FORMAT, "version": 2, "folds": fold_list, "checkpoint": checkpoint, "files": files}
     members[MANIFEST] = json.dumps(manifest, indent=2).encode()
     with atomic_path(out_zip) as tmp, zipfile.ZipFile(tmp, "w", compression=zipfile.ZIP_DEFLATED) as archive:
         for name, content in members.items():
-            if isinstance(content, Path):
-                archive.write(content, name)
-            else:
-                archive.writestr(name, content)
+            archive.writestr(name, content)
     return out_zip
-
-
-def _check_member(info: zipfile.ZipInfo, target: Path) -> None:
-    """Refuse a member that could write outside `target` or is not a model file."""
-    name = info.filename
-    parts = PurePosixPath(name).parts
-    mode = info.external_attr >> 16
-    reasons = []
-    if name.startswith(("/", "\\")) or "\\" in name or (parts and ":" in parts[0]):
-        reasons.append("absolute or non-POSIX path")
-    if ".." in parts:
-        reasons.append("'..' in the path")
-    if stat.S_ISLNK(mode):
-        reasons.append("symbolic link")
-    if not info.is_dir() and not name.endswith(ALLOWED_SUFFIXES):
-        reasons.append(f"unexpected file type (only {', '.join(ALLOWED_SUFFIXES)} are installed)")
-    if not reasons:
-        resolved = (target / name).resolve()
-        if resolved != target and target not in resolved.parents:
-            reasons.append(f"resolves to {resolved}, outside {target}")
-    if reasons:
-        raise CheckpointError(f"archive member '{name}' refused: {'; '.join(reasons)}. Nothing was installed")
-
-
-def install_archive(zip_path: str | Path, target_dir: str | Path) -> Path:
-    """Install a model archive into `target_dir` (a model folder for `Predictor.from_workdir`).
-
-    Every member is checked before anything is written; files are unpacked into a staging folder inside the
-    target, checkpoints are test-loaded there with `weights_only=True`, and only then moved into place.
-
-    Raises:
-        CheckpointError: the file is not a voxseg model archive, or a member is unsafe (named in the message).
-    """
-    zip_path, target = Path(zip_path), Path(target_dir)
-    if not zip_path.is_file():
-        raise CheckpointError(f"model archive {zip_path} not found")
-    if not zipfile.is_zipfile(zip_path):
-        raise CheckpointError(f"{zip_path} is not a zip archive; create one with 'voxseg export WORKDIR --archive ZIP'")
-    target.mkdir(parents=True, exist_ok=True)
-    target = target.resolve()
-    with zipfile.ZipFile(zip_path) as archive:
-        infos = archive.infolist()
-        for info in infos:
-            _check_member(info, target)
-        files = [info for info in infos if not info.is_dir()]
-        names = {info.filename for info in files}
-        if "plans.json" not in names or not any(n.endswith((".pt", ".onnx")) for n in names):
-            raise CheckpointError(f"{zip_path} is not a voxseg model archive (needs plans.json and weights)")
-        staging = Path(tempfile.mkdtemp(prefix=".voxseg_install_", dir=target))
-        try:
-            for info in files:
-                _unpack_checked(archive, info, staging / info.filename)
-            for info in files:
-                (target / info.filename).parent.mkdir(parents=True, exist_ok=True)
-                os.replace(staging / info.filename, target / info.filename)
-        finally:
-            shutil.rmtree(staging, ignore_errors=True)
-    return target
-
-
-def _unpack_checked(archive: zipfile.ZipFile, info: zipfile.ZipInfo, path: Path) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with archive.open(info) as source, open(path, "wb") as destination:
-        shutil.copyfileobj(source, destination)
-    if path.suffix == ".pt":
-        try:
-            torch.load(path, map_location="cpu", weights_only=True)
-        except Exception as exc:  # noqa: BLE001 - any failure means it is not a plain-weights checkpoint
-            raise CheckpointError(f"archive member '{info.filename}' is not a plain-weights checkpoint "
-                                  f"({type(exc).__name__}); nothing was installed") from None

@@ -3,7 +3,8 @@
 The exported graph takes `image` (B, C, *patch_size) float32 with a dynamic batch axis and returns `logits`
 (B, K, *patch_size); the spatial size is fixed to the training patch, which is all sliding-window inference
 feeds it. The plan travels inside the file (metadata "voxseg_plan"), so an .onnx file alone is enough to
-predict with `Predictor(..., backend="onnxruntime")`.
+predict with `Predictor(..., backend="onnxruntime")`. Next to it, `model.onnx.sha256` holds its SHA-256
+(`sha256sum -c` format); loading refuses a file that does not match it.
 """
 from __future__ import annotations
 
@@ -16,6 +17,7 @@ import numpy as np
 import torch
 
 from voxseg.atomicio import atomic_path
+from voxseg.digest import digest_file_path, verify_digest_file, write_digest_file
 from voxseg.plans import Plan
 from voxseg.errors import CheckpointError, ConfigError
 from voxseg.infer.archive import fold_dir, load_fold_network
@@ -79,6 +81,7 @@ def export_onnx(
                 f"ONNX export of fold {fold} differs from PyTorch by {difference:.3g} (> {tolerance:g}); "
                 f"{out_file} was not written. Try another opset (opset={opset}) or dynamo=True"
             )
+    write_digest_file(out_file)  # OUT.sha256, checked by load_onnx_model
     return difference
 
 
@@ -135,4 +138,13 @@ class OnnxModel:
 
 
 def load_onnx_model(path: str | Path, threads: int | None = None) -> OnnxModel:
+    """Load an exported network; when `PATH.sha256` (written by `export_onnx`) is there, the file must match it.
+
+    Raises:
+        CheckpointError: the file does not match its digest (corrupt or altered), or onnxruntime cannot load it.
+    """
+    mismatch = verify_digest_file(path)
+    if mismatch:
+        raise CheckpointError(f"{path}: {mismatch}; the file is corrupt or was altered: export it again "
+                              f"('voxseg export') or delete {digest_file_path(path).name} if you changed it on purpose")
     return OnnxModel(path, threads)

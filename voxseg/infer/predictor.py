@@ -20,7 +20,7 @@ from typing import Any, Iterator, Sequence
 import numpy as np
 import torch
 
-from voxseg.atomicio import atomic_open
+from voxseg.atomicio import atomic_open, make_output_folder, sweep_stale_temporaries
 from voxseg.data.io import Geometry, read_channels, write_image
 from voxseg.plans import Plan
 from voxseg.errors import CheckpointError, ConfigError, InputError, VoxsegError
@@ -33,7 +33,7 @@ from voxseg.infer.postprocess import (
     logits_to_labels,
     regions_to_labels,
 )
-from voxseg.infer.sliding_window import sliding_window_inference
+from voxseg.infer.sliding_window import check_tiling, sliding_window_inference
 
 __all__ = ["Predictor", "find_input_cases", "load_fold_network", "regions_to_labels", "resolve_folds"]
 
@@ -67,6 +67,7 @@ class Predictor:
     def __init__(self, plan: Plan, models: Sequence[Any], device: str | torch.device = "cpu", step: float = 0.5,
                  mirror_axes: Sequence[int] = (), tile_batch: int = 4, amp_dtype: torch.dtype | None = None,
                  postprocessing: dict[str, Any] | None = None) -> None:
+        check_tiling(step, tile_batch)
         self.plan = plan
         self.models = list(models)
         self.device = torch.device(device)
@@ -212,7 +213,7 @@ class Predictor:
         missing = [str(f) for f in files if not Path(f).is_file()]
         if missing:
             raise InputError(f"missing channel file(s) {', '.join(missing)}")
-        return read_channels([Path(f) for f in files])
+        return read_channels([Path(f) for f in files], case=name, error=InputError)
 
     def predict_files(
         self,
@@ -243,8 +244,8 @@ class Predictor:
         Returns:
             {"written": n, "skipped": n, "out_dir": str}.
         """
-        out_dir = Path(out_dir)
-        out_dir.mkdir(parents=True, exist_ok=True)
+        out_dir = make_output_folder(out_dir, "predict -o")
+        sweep_stale_temporaries(out_dir)  # left by a killed run
         ending = file_ending or self.plan.file_ending
         spec = self._postprocessing_spec(postprocess)
         todo = [(name, files) for name, files in cases

@@ -21,10 +21,22 @@ from typing import Callable, Sequence
 import torch
 import torch.nn.functional as F
 
+from voxseg.errors import ConfigError
+
 ModelLike = Callable[[torch.Tensor], "torch.Tensor | Sequence[torch.Tensor]"]
 
 # share of the free device memory the accumulator may take; the rest is left for the network's activations
 _ACCUMULATOR_MEMORY_SHARE = 0.5
+
+
+def check_tiling(step: float, tile_batch: int) -> None:
+    """ConfigError naming the option for a tile step outside (0, 1] or a tile batch below 1."""
+    if isinstance(step, bool) or not isinstance(step, (int, float)) or not 0.0 < step <= 1.0:
+        raise ConfigError(f"step={step!r}: the tile step is a fraction of the patch in (0, 1], e.g. 0.5 "
+                          "(predict --step); smaller steps overlap the tiles more")
+    if isinstance(tile_batch, bool) or not isinstance(tile_batch, int) or tile_batch < 1:
+        raise ConfigError(f"tile_batch={tile_batch!r}: the number of tiles per forward pass must be an integer >= 1 "
+                          "(predict --tile-batch)")
 
 
 def pad_to_patch(image: torch.Tensor, patch_size: Sequence[int]) -> tuple[torch.Tensor, tuple[slice, ...]]:

@@ -36,6 +36,21 @@ def build_network(plan: Plan, deep_supervision: bool | None = None, **overrides:
     return NETWORKS.build(plan.network.name, plan, bool(deep_supervision), **overrides)
 
 
+def warn_noop_deep_supervision(plan: Plan, emit: Callable[[str], None] = print) -> bool:
+    """Say (through `emit`) when deep supervision is on but the network has fewer than 3 stages.
+
+    With 2 stages the decoder has one output only, so there is no lower resolution to supervise: the option
+    does nothing. Returns True when the warning was given.
+    """
+    stages = len(plan.network.features)
+    if not plan.network.deep_supervision or stages >= 3:
+        return False
+    emit(f"WARNING deep supervision is on but the network has {stages} stage(s): with fewer than 3 there is no "
+         "lower-resolution decoder output to supervise, so it has no effect (set network.deep_supervision=false "
+         "or plan more stages)")
+    return True
+
+
 @NETWORKS.register("unet")
 def build_unet(plan: Plan, deep_supervision: bool, **overrides: Any) -> UNet:
     """Plain or residual-encoder U-Net (`network.residual`) from the plan's topology."""

@@ -22,6 +22,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from voxseg.atomicio import sweep_stale_temporaries
 from voxseg.config import TrainConfig
 from voxseg.data.memory import estimate_memory_gb
 from voxseg.plans import PLAN_FILE, Plan
@@ -31,6 +32,7 @@ from voxseg.devices import resolve_device
 from voxseg.errors import CheckpointError, ConfigError, VoxsegError
 from voxseg.losses import build_loss
 from voxseg.models import build_network
+from voxseg.models.factory import warn_noop_deep_supervision
 from voxseg.checkpoint import Checkpointer, RngStates, checkpoint_file, load_pretrained, network_from_checkpoint
 from voxseg.train.logger import TrainLogger
 from voxseg.optim import build_optimizer, build_scheduler
@@ -121,6 +123,7 @@ def train(workdir: str | Path, fold: int | str, config: TrainConfig, resume: boo
     start = time.perf_counter()
     workdir = Path(workdir)
     out_dir = fold_dir(workdir, fold)
+    sweep_stale_temporaries(out_dir, recursive=True)  # temporary files of a killed run
     train_names, val_names = get_fold(workdir, fold)
     if test_only:  # the checkpoint's own effective plan decides everything; the config only the device/amp
         return _test_only(workdir, out_dir, config, val_names, start)
@@ -143,6 +146,7 @@ def train(workdir: str | Path, fold: int | str, config: TrainConfig, resume: boo
                    f"iterations x {config.loop.epochs} epochs, amp {_amp_name(run.amp_dtype)}, "
                    f"compile {'on' if run.compile else 'off'}\n"
                    f"{t.data.describe()}")
+    warn_noop_deep_supervision(plan, logger.message)
     try:
         fit(t, run, logger, validate=bool(val_names))
     except KeyboardInterrupt:

@@ -1,0 +1,61 @@
+"""Named conventions for the cases the metric formulas leave open: a class absent from the reference (and
+perhaps the prediction). Other toolkits score them differently, so a number is only comparable with the
+convention it was computed under; summary.json and the table say which one was used.
+
+    ========  =========================================  ==============================================
+    name      class absent from both                     class absent from the reference only
+    ========  =========================================  ==============================================
+    voxseg    Dice/IoU/NSD 1, HD95 0                     Dice/IoU/NSD 0, HD95 NaN or diagonal (option)
+    nnunet    Dice/IoU NaN (nnU-Net's nanmean skips it)  as voxseg
+    monai     every metric NaN (MONAI's ignore_empty)    every metric NaN (MONAI's ignore_empty)
+    brats     Dice/IoU/NSD 1, HD95 0                     Dice/IoU/NSD 0, HD95 373.13 mm (BraTS' worst)
+    ========  =========================================  ==============================================
+
+NaN values are left out of means and counted. HD95 is the percentile of the pooled directed distances and NSD
+uses the voxseg surface under every convention; only the empty cases differ.
+"""
+from __future__ import annotations
+
+from typing import Any
+
+from voxseg.errors import ConfigError
+
+NAN = float("nan")
+BRATS_WORST_HD95_MM = 373.13
+CONVENTIONS: dict[str, dict[str, Any]] = {
+    "voxseg": {"both_empty": {}, "ref_empty": {}},
+    "nnunet": {"both_empty": {"dice": NAN, "iou": NAN}, "ref_empty": {}},
+    "monai": {"both_empty": {"dice": NAN, "iou": NAN, "hd95": NAN, "nsd": NAN},
+              "ref_empty": {"dice": NAN, "iou": NAN, "hd95": NAN, "nsd": NAN}},
+    "brats": {"both_empty": {}, "ref_empty": {"hd95": BRATS_WORST_HD95_MM}, "pred_empty": {"hd95": BRATS_WORST_HD95_MM}},
+}
+
+
+def check_convention(convention: str) -> str:
+    if convention not in CONVENTIONS:
+        raise ConfigError(f"convention '{convention}' is unknown; use one of {', '.join(CONVENTIONS)} "
+                          "(voxseg evaluate --convention)")
+    return convention
+
+
+def apply_convention(metrics: dict[str, Any], convention: str) -> dict[str, Any]:
+    """One class's metrics (from `binary_metrics`, computed under the voxseg convention) under `convention`."""
+    rules = CONVENTIONS[check_convention(convention)]
+    pred_empty, ref_empty = metrics["tp"] + metrics["fp"] == 0, metrics["tp"] + metrics["fn"] == 0
+    if pred_empty and ref_empty:
+        changes = rules["both_empty"]
+    elif ref_empty:
+        changes = rules["ref_empty"]
+    elif pred_empty:
+        changes = rules.get("pred_empty", {})
+    else:
+        return metrics
+    return {**metrics, **changes}
+
+
+def describe(convention: str) -> dict[str, Any]:
+    """The empty-class values of `convention`, for summary.json (None where the metric is NaN)."""
+    rules = CONVENTIONS[check_convention(convention)]
+    def plain(values: dict[str, float]) -> dict[str, float | None]:
+        return {k: (None if v != v else v) for k, v in values.items()}
+    return {"name": convention, **{key: plain(values) for key, values in rules.items()}}

@@ -1,0 +1,186 @@
+"""Installing a model archive into a model folder: checked, limited, verified, and swapped in as a whole.
+
+An archive's manifest (`voxseg_archive.json`) lists every member with its SHA-256 and size. `install_archive`
+installs only what the manifest lists, and before anything reaches the target folder it:
+- refuses absolute paths, "..", links, unexpected file types and anything that would land outside the target;
+- refuses archives whose members add up to more than `max_total_bytes`, a member larger than
+  `max_member_bytes`, or a member (over 1 MiB) that inflates more than `max_compression_ratio` times
+  (a zip bomb), and checks the free disk space;
+- unpacks into a staging folder next to the target, counting the bytes actually inflated (zip headers can lie),
+  verifies every digest, and test-loads checkpoints with `weights_only=True` (loading never executes code);
+- refuses a target that already holds a model unless `force=True`; then the staged folder replaces the old
+  one by renames, so the folder holds one model or the other, never a mix of two.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import stat
+import tempfile
+import zipfile
+from pathlib import Path, PurePosixPath
+from typing import Any
+
+import torch
+
+from voxseg.errors import CheckpointError
+from voxseg.units import GIB
+
+MANIFEST = "voxseg_archive.json"
+ARCHIVE_FORMAT = "voxseg-model"
+ALLOWED_SUFFIXES = (".json", ".pt", ".onnx")
+DEFAULT_MAX_TOTAL_BYTES = 20 * GIB
+DEFAULT_MAX_MEMBER_BYTES = 20 * GIB
+DEFAULT_MAX_COMPRESSION_RATIO = 200.0
+_RATIO_CHECKED_ABOVE = 1 << 20  # small JSON files legitimately compress very well
+_SPACE_MARGIN = 1.05
+
+
+def holds_model(folder: Path) -> bool:
+    """True when `folder` holds a model: plans.json or a trained fold's checkpoint."""
+    return (folder / "plans.json").is_file() or any(folder.glob("training/fold_*/checkpoint_*.pt"))
+
+
+def _check_member(info: zipfile.ZipInfo, target: Path) -> None:
+    """Refuse a member that could write outside `target` or is not a model file."""
+    name = info.filename
+    parts = PurePosixPath(name).parts
+    mode = info.external_attr >> 16
+    reasons = []
+    if name.startswith(("/", "\\")) or "\\" in name or (parts and ":" in parts[0]):
+        reasons.append("absolute or non-POSIX path")
+    if ".." in parts:
+        reasons.append("'..' in the path")
+    if stat.S_ISLNK(mode):
+        reasons.append("symbolic link")
+    if not info.is_dir() and not name.endswith(ALLOWED_SUFFIXES):
+        reasons.append(f"unexpected file type (only {', '.join(ALLOWED_SUFFIXES)} are installed)")
+    if not reasons:
+        resolved = (target / name).resolve()
+        if resolved != target and target not in resolved.parents:
+            reasons.append(f"resolves to {resolved}, outside {target}")
+    if reasons:
+        raise CheckpointError(f"archive member '{name}' refused: {'; '.join(reasons)}. Nothing was installed")
+
+
+def _read_manifest(archive: zipfile.ZipFile, zip_path: Path) -> dict[str, dict[str, Any]]:
+    """The manifest's {member: {"sha256", "size"}}; CheckpointError when it is missing or has no digests."""
+    redo = "re-export the model with 'voxseg export WORKDIR --archive ZIP'"
+    names = set(archive.namelist())
+    if "plans.json" not in names or not any(n.endswith((".pt", ".onnx")) for n in names):
+        raise CheckpointError(f"{zip_path} is not a voxseg model archive (needs plans.json and weights)")
+    if MANIFEST not in names:
+        raise CheckpointError(f"{zip_path} has no {MANIFEST} (member list with SHA-256 digests); {redo}")
+    try:
+        manifest = json.loads(archive.read(MANIFEST))
+        files = manifest["files"]
+        assert manifest.get("format") == ARCHIVE_FORMAT and isinstance(files, dict)
+        assert all(isinstance(entry["sha256"], str) and int(entry["size"]) >= 0 for entry in files.values())
+    except (ValueError, KeyError, TypeError, AssertionError):
+        raise CheckpointError(f"{zip_path}: {MANIFEST} does not list the members with their SHA-256 digests; "
+                              f"{redo}") from None
+    missing = sorted(set(files) - names)
+    if missing:
+        raise CheckpointError(f"{zip_path}: member(s) {missing} listed in {MANIFEST} are not in the archive; {redo}")
+    return files
+
+
+def _check_sizes(infos: list[zipfile.ZipInfo], destination: Path, max_total_bytes: int, max_member_bytes: int,
+                 max_compression_ratio: float) -> int:
+    """Refuse oversized or over-compressed members and a disk without room; returns the total size."""
+    for info in infos:
+        if info.file_size > max_member_bytes:
+            raise CheckpointError(f"archive member '{info.filename}' is {info.file_size} bytes uncompressed, more "
+                                  f"than the {max_member_bytes}-byte limit per member; nothing was installed")
+        ratio = info.file_size / max(info.compress_size, 1)
+        if info.file_size > _RATIO_CHECKED_ABOVE and ratio > max_compression_ratio:
+            raise CheckpointError(f"archive member '{info.filename}' inflates {ratio:.0f}:1 (limit "
+                                  f"{max_compression_ratio:g}:1): it looks like a zip bomb; nothing was installed")
+    total = sum(info.file_size for info in infos)
+    if total > max_total_bytes:
+        raise CheckpointError(f"the archive's members add up to {total} bytes uncompressed, more than the "
+                              f"{max_total_bytes}-byte limit; nothing was installed")
+    free = shutil.disk_usage(destination).free
+    if free < total * _SPACE_MARGIN:
+        raise CheckpointError(f"not enough space in {destination}: the model needs {total} bytes "
+                              f"({total / GIB:.2f} GiB), {free} bytes ({free / GIB:.2f} GiB) are free; "
+                              "free some space or install elsewhere")
+    return total
+
+
+def _unpack_checked(archive: zipfile.ZipFile, info: zipfile.ZipInfo, path: Path, expected: dict[str, Any]) -> None:
+    """Inflate one member (never more than its declared size), verify its digest, test-load a checkpoint."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    digest, size, limit = hashlib.sha256(), 0, int(expected["size"])
+    with archive.open(info) as source, open(path, "wb") as destination:
+        while chunk := source.read(1 << 20):
+            size += len(chunk)
+            if size > limit:
+                raise CheckpointError(f"archive member '{info.filename}' inflates past its listed size of {limit} "
+                                      "bytes; nothing was installed")
+            digest.update(chunk)
+            destination.write(chunk)
+    if size != limit or digest.hexdigest() != expected["sha256"].lower():
+        raise CheckpointError(f"archive member '{info.filename}' does not match its SHA-256 digest in {MANIFEST} "
+                              "(corrupt or altered archive); nothing was installed")
+    if path.suffix == ".pt":
+        try:
+            torch.load(path, map_location="cpu", weights_only=True)
+        except Exception as exc:  # noqa: BLE001 - any failure means it is not a plain-weights checkpoint
+            raise CheckpointError(f"archive member '{info.filename}' is not a plain-weights checkpoint "
+                                  f"({type(exc).__name__}); nothing was installed") from None
+
+
+def _swap_in(staging: Path, target: Path) -> None:
+    """Replace `target` (absent, empty, or holding the old model) by the staged folder, by renames only."""
+    if target.is_dir() and any(target.iterdir()):
+        retired = Path(tempfile.mkdtemp(prefix=f".{target.name}.old-", dir=target.parent))
+        os.replace(target, retired / target.name)
+        os.replace(staging, target)
+        shutil.rmtree(retired, ignore_errors=True)
+    else:
+        os.replace(staging, target)  # rename(2) replaces an empty directory
+
+
+def install_archive(zip_path: str | Path, target_dir: str | Path, force: bool = False,
+                    max_total_bytes: int = DEFAULT_MAX_TOTAL_BYTES, max_member_bytes: int = DEFAULT_MAX_MEMBER_BYTES,
+                    max_compression_ratio: float = DEFAULT_MAX_COMPRESSION_RATIO) -> Path:
+    """Install a model archive as the model folder `target_dir` (for `Predictor.from_workdir`).
+
+    Args:
+        force: replace a model already in `target_dir` (as a whole; otherwise such a target is refused).
+        max_total_bytes, max_member_bytes, max_compression_ratio: limits on what the archive may inflate to.
+
+    Raises:
+        CheckpointError: not a voxseg model archive, an unsafe, oversized, corrupt or unlisted member (named in
+            the message), a target that holds a model without `force`, or not enough disk space.
+    """
+    zip_path, target = Path(zip_path), Path(target_dir)
+    if not zip_path.is_file():
+        raise CheckpointError(f"model archive {zip_path} not found")
+    if not zipfile.is_zipfile(zip_path):
+        raise CheckpointError(f"{zip_path} is not a zip archive; create one with 'voxseg export WORKDIR --archive ZIP'")
+    if target.exists() and not target.is_dir():
+        raise CheckpointError(f"install target {target} is a file; give a folder")
+    target.mkdir(parents=True, exist_ok=True)
+    target = target.resolve()
+    if holds_model(target) and not force:
+        raise CheckpointError(f"{target} already holds a model (plans.json or training/fold_*/checkpoint_*.pt); "
+                              "install into a new folder, or replace it with force=True (voxseg install --force)")
+    with zipfile.ZipFile(zip_path) as archive:
+        infos = archive.infolist()
+        for info in infos:
+            _check_member(info, target)
+        listed = _read_manifest(archive, zip_path)
+        files = [info for info in infos if not info.is_dir() and info.filename in listed]
+        _check_sizes(files, target.parent, max_total_bytes, max_member_bytes, max_compression_ratio)
+        staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.install-", dir=target.parent))
+        try:
+            for info in files:
+                _unpack_checked(archive, info, staging / info.filename, listed[info.filename])
+            _swap_in(staging, target)
+        finally:
+            shutil.rmtree(staging, ignore_errors=True)
+    return target
