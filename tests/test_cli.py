@@ -157,7 +157,7 @@ def test_training_outputs(pipeline: Pipeline, fold: int) -> None:
 def test_predictions_keep_the_input_geometry(pipeline: Pipeline) -> None:
     names = sorted({p.name[: -len("_0000.nii.gz")] for p in (pipeline.dataset / "imagesTs").glob("*_0000.nii.gz")})
     assert _case_names(pipeline.preds) == names and len(names) == 2
-    assert f"wrote {len(names)} predictions" in pipeline.steps["predict"].out
+    assert f"wrote {len(names)} prediction(s)" in pipeline.steps["predict"].out
     for name in names:
         image, geometry = read_image(pipeline.dataset / "imagesTs" / f"{name}_0000.nii.gz")
         labels, pred_geometry = read_image(pipeline.preds / f"{name}.nii.gz")
@@ -371,3 +371,34 @@ def test_process_exit_codes(pipeline: Pipeline, tmp_path: Path) -> None:
                            capture_output=True, text=True, timeout=120)
     assert check.returncode == 1
     assert victim.name in check.stderr and "FAILED" in check.stderr and "Traceback" not in check.stderr
+
+
+def test_cli_wires_continue_force_and_evaluation_options(pipeline: Pipeline, tmp_path: Path) -> None:
+    preds = tmp_path / "preds"
+    shutil.copytree(pipeline.preds, preds)
+    result = _run("predict", "-m", pipeline.work, "-i", pipeline.dataset / "imagesTs", "-o", preds, "--device", "cpu",
+                  "--continue")
+    assert result.code == 0, result.err
+    assert "wrote 0 prediction(s)" in result.out and "skipped 2 already there" in result.out
+
+    archive, installed = tmp_path / "model.zip", tmp_path / "installed"
+    assert _run("export", pipeline.work, "--archive", archive, "--folds", 0).code == 0
+    assert _run("install", archive, installed).code == 0
+    again = _run("install", archive, installed)
+    assert again.code != 0 and "--force" in again.err and "Traceback" not in again.err
+    assert _run("install", archive, installed, "--force").code == 0
+
+    dataset_json = pipeline.dataset / "dataset.json"
+    result = _run("evaluate", preds, pipeline.dataset / "labelsTs", "--dataset-json", dataset_json,
+                  "--convention", "nnunet")
+    assert result.code == 0, result.err
+    assert "convention: nnunet" in result.out
+    assert json.loads((preds / "summary.json").read_text())["convention"] == "nnunet"
+    extra = preds / "extra_case.nii.gz"
+    shutil.copyfile(next(preds.glob("*.nii.gz")), extra)  # a prediction without a reference
+    refused = _run("evaluate", preds, pipeline.dataset / "labelsTs", "--dataset-json", dataset_json)
+    assert refused.code != 0 and "extra_case" in refused.err and "Traceback" not in refused.err
+    allowed = _run("evaluate", preds, pipeline.dataset / "labelsTs", "--dataset-json", dataset_json,
+                   "--allow-missing")
+    assert allowed.code == 0, allowed.err
+    assert json.loads((preds / "summary.json").read_text())["extra_predictions"] == ["extra_case"]

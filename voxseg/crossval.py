@@ -31,7 +31,7 @@ class CrossvalResult(NamedTuple):
 
 
 def evaluate_crossval(workdir: str | Path, folds: Sequence[int] | None = None, num_workers: int = 1,
-                      tolerance_mm: float = 1.0) -> CrossvalResult:
+                      tolerance_mm: float = 1.0, convention: str = "voxseg") -> CrossvalResult:
     """Evaluate the folds' validation predictions together, then keep largest-component postprocessing only
     where it raised their mean Dice.
 
@@ -40,6 +40,7 @@ def evaluate_crossval(workdir: str | Path, folds: Sequence[int] | None = None, n
         folds: the folds to aggregate; None = every trained numbered fold.
         num_workers: threads reading and scoring cases.
         tolerance_mm: surface Dice tolerance.
+        convention: scoring convention of absent classes (`voxseg.evaluate.conventions.CONVENTIONS`).
 
     Returns:
         the summary (training/crossval/summary.json), the postprocessing decision and where it was saved.
@@ -55,7 +56,8 @@ def evaluate_crossval(workdir: str | Path, folds: Sequence[int] | None = None, n
             raise ConfigError(f"{workdir}/training has no fold_N folders; train folds first "
                               f"('voxseg train {workdir} --fold N')")
     folds = list(folds)
-    summary = aggregate_folds(workdir, folds=folds, num_workers=num_workers, tolerance_mm=tolerance_mm)
+    summary = aggregate_folds(workdir, folds=folds, num_workers=num_workers, tolerance_mm=tolerance_mm,
+                              convention=convention)
     plan = Plan.load(workdir / "plans.json")
     out_file = workdir / POSTPROCESSING_FILE
     spec = decide_postprocessing(workdir / "training" / "crossval", Path(plan.raw_dataset) / "labelsTr", plan.regions,

@@ -27,11 +27,12 @@ def cmd_predict(args: argparse.Namespace) -> int:
     )
     cases = find_input_cases(args.input, predictor.plan.num_channels, predictor.plan.file_ending)
     postprocess = False if args.no_postprocess else ("force" if args.postprocess else None)
-    predictor.predict_files(
+    result = predictor.predict_files(
         cases, args.output, save_probabilities=args.save_probabilities, continue_run=args.continue_run,
         postprocess=postprocess,
     )
-    print(f"wrote {len(cases)} predictions to {args.output}")
+    skipped = f", skipped {result['skipped']} already there (--continue)" if result["skipped"] else ""
+    print(f"wrote {result['written']} prediction(s) to {result['out_dir']}{skipped}")
     return 0
 
 
@@ -41,7 +42,8 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     if args.crossval:
         from voxseg.crossval import evaluate_crossval
 
-        result = evaluate_crossval(args.crossval, num_workers=args.workers, tolerance_mm=args.tolerance)
+        result = evaluate_crossval(args.crossval, num_workers=args.workers, tolerance_mm=args.tolerance,
+                                   convention=args.convention)
         summary = result.summary
         print(f"postprocessing decided from cross-validation: {result.postprocessing} (saved to "
               f"{result.postprocessing_file}; 'voxseg predict' applies it)")
@@ -50,6 +52,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
             raise ConfigError("evaluate needs PRED and REF folders, or --crossval WORKDIR")
         summary = evaluate_folder(
             args.pred, args.ref, dataset_json=args.dataset_json, tolerance_mm=args.tolerance, num_workers=args.workers,
+            allow_missing=args.allow_missing, allow_undeclared=args.allow_undeclared_labels, convention=args.convention,
         )
     print(format_table(summary))
     return 0
@@ -78,7 +81,7 @@ def cmd_export(args: argparse.Namespace) -> int:
 def cmd_install(args: argparse.Namespace) -> int:
     from voxseg.infer.archive import install_archive
 
-    path = install_archive(args.archive, args.target)
+    path = install_archive(args.archive, args.target, force=args.force)
     print(f"installed model into {path}; predict with: voxseg predict -m {path} -i INPUT -o OUTPUT")
     return 0
 
@@ -109,17 +112,9 @@ def _export_arguments(p: argparse.ArgumentParser) -> None:
     _checkpoint_flag(p)
 
 
-def add_infer_commands(sub: Subparsers) -> None:
-    # predict and export read the checkpoint names from voxseg.infer.archive (torch): set up on first use
-    add_command(sub, "predict", cmd_predict,
-                "segment images with a trained model (sliding window, mirroring, fold ensemble)",
-                "voxseg predict -m work/synth -i data/Dataset001_Synth/imagesTs -o preds --folds 0\n"
-                "voxseg predict -m work/synth -i case_0000.nii.gz case_0001.nii.gz -o preds --folds all --no-mirror",
-                setup=_predict_arguments)
-    p = add_command(sub, "evaluate", cmd_evaluate,
-                    "score predictions: Dice, IoU, HD95, surface Dice, volumes per label and region",
-                    "voxseg evaluate preds data/Dataset001_Synth/labelsTs --dataset-json data/Dataset001_Synth/dataset.json\n"
-                    "voxseg evaluate --crossval work/synth")
+def _evaluate_arguments(p: argparse.ArgumentParser) -> None:
+    from voxseg.evaluate.conventions import CONVENTIONS  # the evaluation package reads images: on first use
+
     p.add_argument("pred", nargs="?")
     p.add_argument("ref", nargs="?")
     p.add_argument("--dataset-json")
@@ -127,6 +122,27 @@ def add_infer_commands(sub: Subparsers) -> None:
     p.add_argument("--crossval", metavar="WORKDIR",
                    help="aggregate the folds' validation predictions and decide the postprocessing")
     p.add_argument("-j", "--workers", type=int, default=1)
+    p.add_argument("--convention", choices=list(CONVENTIONS), default="voxseg",
+                   help="how a class absent from the reference is scored, to match another tool's numbers "
+                        "(default voxseg; see docs/INFERENCE.md)")
+    p.add_argument("--allow-missing", action="store_true",
+                   help="score the cases present on both sides and list missing/extra cases in summary.json "
+                        "(default: an error)")
+    p.add_argument("--allow-undeclared-labels", action="store_true",
+                   help="list label values that dataset.json does not declare in summary.json (default: an error)")
+
+
+def add_infer_commands(sub: Subparsers) -> None:
+    # predict and export read the checkpoint names from voxseg.infer.archive (torch): set up on first use
+    add_command(sub, "predict", cmd_predict,
+                "segment images with a trained model (sliding window, mirroring, fold ensemble)",
+                "voxseg predict -m work/synth -i data/Dataset001_Synth/imagesTs -o preds --folds 0\n"
+                "voxseg predict -m work/synth -i case_0000.nii.gz case_0001.nii.gz -o preds --folds all --no-mirror",
+                setup=_predict_arguments)
+    add_command(sub, "evaluate", cmd_evaluate,
+                "score predictions: Dice, IoU, HD95, surface Dice, volumes per label and region",
+                "voxseg evaluate preds data/Dataset001_Synth/labelsTs --dataset-json data/Dataset001_Synth/dataset.json\n"
+                "voxseg evaluate --crossval work/synth", setup=_evaluate_arguments)
 
     add_command(sub, "export", cmd_export, "export a trained model to ONNX and/or a shareable archive",
                 "voxseg export work/synth --onnx model.onnx --folds 0\n"
@@ -136,3 +152,5 @@ def add_infer_commands(sub: Subparsers) -> None:
                     "voxseg install model.zip models/synth")
     p.add_argument("archive")
     p.add_argument("target")
+    p.add_argument("--force", action="store_true",
+                   help="replace a model already installed in TARGET (as a whole; default: refuse)")
