@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import warnings
 from dataclasses import dataclass, field
 from datetime import timedelta
 from typing import Any, Iterator, Sequence, TypeVar
@@ -153,7 +154,9 @@ def all_reduce_autograd(tensor: torch.Tensor) -> torch.Tensor:
         return tensor
     from torch.distributed.nn.functional import all_reduce
 
-    return all_reduce(tensor, op=dist.ReduceOp.SUM)
+    with warnings.catch_warnings():  # deprecated in torch 2.13 for functional collectives, not yet differentiable
+        warnings.simplefilter("ignore", FutureWarning)
+        return all_reduce(tensor, op=dist.ReduceOp.SUM)
 
 
 def all_gather_objects(value: T) -> list[T]:
