@@ -6,8 +6,10 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -37,12 +39,17 @@ def _config(*extra: str) -> TrainConfig:
     return apply_overrides(TrainConfig(), RUN + list(extra))
 
 
-def _torchrun(*args: str, nproc: int = 2, timeout: float = 240) -> subprocess.CompletedProcess:
+def _torchrun_command(*args: str, nproc: int = 2) -> tuple[list[str], dict[str, str]]:
     """`torchrun --standalone --nproc_per_node NPROC -m voxseg ARGS` on this checkout (free port, 1 thread each)."""
     env = {k: v for k, v in os.environ.items() if k not in TORCH_ENV}
     env.update(OMP_NUM_THREADS="1", PYTHONPATH=os.pathsep.join([str(ROOT), env.get("PYTHONPATH", "")]))
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
                "-m", "voxseg", *args]
+    return command, env
+
+
+def _torchrun(*args: str, nproc: int = 2, timeout: float = 240) -> subprocess.CompletedProcess:
+    command, env = _torchrun_command(*args, nproc=nproc)
     done = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-6000:]
     return done
@@ -220,3 +227,38 @@ def test_checkpoints_resume_across_world_sizes(runs, tmp_path):
     assert launched.stdout.count("resumed from") == 1  # rank 0 prints
     _assert_losses_close(_losses(reverse), expected_losses)
     _assert_weights_close(_weights(_fold(reverse) / "checkpoint_final.pt"), expected_weights)
+
+
+def _worker_pid(launcher: int, rank: int) -> int | None:
+    """The pid of torchrun's worker process with RANK=rank (Linux /proc), None while it is not started."""
+    children = Path(f"/proc/{launcher}/task/{launcher}/children")
+    for pid in children.read_text().split() if children.exists() else []:
+        environ = Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
+        if f"RANK={rank}".encode() in environ:
+            return int(pid)
+    return None
+
+
+@pytest.mark.skipif(not Path("/proc/self/task").is_dir(), reason="finds the worker through /proc (Linux)")
+def test_ctrl_c_on_one_rank_does_not_block_the_others(tmp_path):
+    workdir = make_workdir(tmp_path)
+    command, env = _torchrun_command(*_train_args(workdir, "loop.epochs=1000", "loop.full_val=false",
+                                                  "loop.keep_snapshots=0", "loop.dist_timeout_min=10"))
+    launched = subprocess.Popen(command, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                text=True)
+    try:
+        deadline = time.monotonic() + 120
+        while not read_log(_fold(workdir) / "log.jsonl") and time.monotonic() < deadline:
+            time.sleep(0.2)  # until training is under way on both ranks
+        victim = _worker_pid(launched.pid, 1)
+        assert victim is not None, "no rank 1 worker found"
+        os.kill(victim, signal.SIGINT)  # Ctrl-C seen by rank 1 alone
+        signalled = time.monotonic()
+        # rank 0 must neither wait forever nor for the 10-minute timeout: Gloo fails once the peer is gone
+        _, stderr = launched.communicate(timeout=90)
+        print(f"ended {time.monotonic() - signalled:.1f} s after the signal")
+    finally:
+        launched.kill()
+    assert launched.returncode != 0
+    assert "interrupted; resume with --resume" in stderr
+    assert len(read_log(_fold(workdir) / "log.jsonl")) < 1000

@@ -166,7 +166,7 @@ def _train(workdir: str | Path, fold: int | str, config: TrainConfig, world: Wor
         # the interrupted epoch does not count: resuming runs it again, from the weights it had reached. Under
         # torchrun every rank gets the signal; a rank interrupted alone leaves, and the others' next collective
         # fails (Gloo: at once, the peer is gone; NCCL: after loop.dist_timeout_min) instead of waiting forever
-        path = t.checkpointer.save("latest")
+        path = t.checkpointer.save("latest") or checkpoint_file(out_dir, "latest")  # rank 0 writes it
         raise TrainingInterrupted(f"interrupted; resume with --resume ({path})") from None
     finally:
         logger.close()
