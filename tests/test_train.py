@@ -54,7 +54,11 @@ def _plan() -> Plan:
 
 @pytest.fixture(scope="module")
 def workdir(tmp_path_factory):
-    root = tmp_path_factory.mktemp("work")
+    return make_workdir(tmp_path_factory.mktemp("work"))
+
+
+def make_workdir(root):
+    """A work directory of 6 preprocessed tiny cases (fold 0: 4 training, 2 validation) with `_plan()`."""
     _plan().save(root / "plans.json")
     for index, name in enumerate(TRAIN + VAL):
         image, seg = _case(index)

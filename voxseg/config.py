@@ -103,10 +103,12 @@ class LoopConfig:
         save_freq: write checkpoint_latest every this many epochs (and always at the end).
         keep_snapshots: also keep a checkpoint_epoch_E.pt every save_freq epochs, the newest this many of them
             (0 = none; checkpoint_latest, _best and _final are always kept).
-        seed: random seed (offset by the rank in multi-GPU runs).
+        seed: random seed, the same on every rank of a distributed run (each rank slices the global batch).
         deterministic: deterministic algorithms (slower on CUDA; resumed runs reproduce exactly).
         device: "auto" (cuda if available, else cpu), "cpu", "cuda" or "cuda:N".
         full_val: sliding-window validation of the whole validation cases after training.
+        dist_timeout_min: under torchrun, a collective waiting longer than this fails, so a rank that died or
+            hangs does not leave the others blocked forever.
     """
 
     epochs: int = 1000
@@ -124,6 +126,7 @@ class LoopConfig:
     deterministic: bool = False
     device: str = "auto"
     full_val: bool = True
+    dist_timeout_min: float = 30.0
 
     def __post_init__(self) -> None:
         for name in ("epochs", "val_freq", "grad_accum", "save_freq"):
@@ -134,6 +137,7 @@ class LoopConfig:
         _choice(self, "loop.amp")
         _choice(self, "loop.compile")
         _check(self.patience >= 0, "loop.patience", "must be >= 0 (0 = off)")
+        _check(self.dist_timeout_min > 0, "loop.dist_timeout_min", "must be > 0")
         _check(0 <= self.ema_alpha < 1, "loop.ema_alpha", "must be in [0, 1)")
         ok = self.device in ("auto", "cpu", "cuda") or (self.device.startswith("cuda:")
                                                         and self.device[5:].isdigit())

@@ -32,6 +32,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from voxseg.distributed import all_reduce_autograd
 from voxseg.plans import Plan
 from voxseg.errors import ConfigError
 from voxseg.registry import Registry, unknown_name_message
@@ -62,6 +63,9 @@ class TermInputs:
         """Soft true positives, false positives, false negatives of the foreground classes: (K',) for batch
         Dice, else (B, K'); background is not part of Dice/Tversky for softmax outputs."""
         tp, fp, fn = _overlap_stats(self.probs, self.onehot, self.valid, self.loss.batch_dice)
+        if self.loss.batch_dice and self.loss.sync_batch_dice and self.loss.training:
+            # the global batch's Dice: sum the statistics of every rank's slice (gradients flow back through it)
+            tp, fp, fn = all_reduce_autograd(torch.stack([tp, fp, fn])).unbind(0)
         if not self.loss.region_based:
             tp, fp, fn = tp[..., 1:], fp[..., 1:], fn[..., 1:]
         return tp, fp, fn
@@ -203,6 +207,9 @@ class SegmentationLoss(nn.Module):
         focal_gamma, focal_alpha: focal loss focusing exponent and optional class weight (float: weight of the
             positive/foreground side; list: one weight per output channel).
         tversky_alpha, tversky_beta: Tversky weights of false positives and false negatives.
+        sync_batch_dice: in a distributed run, all-reduce the batch Dice statistics over the ranks (in training
+            mode only), so Dice/Tversky are those of the global batch as in a single process; mean-reduced
+            terms (CE, focal) need nothing: DDP averages their gradients. Training sets it under torchrun.
     """
 
     def __init__(
@@ -215,6 +222,7 @@ class SegmentationLoss(nn.Module):
         focal_alpha: float | Sequence[float] | None = None,
         tversky_alpha: float = 0.3,
         tversky_beta: float = 0.7,
+        sync_batch_dice: bool = False,
     ) -> None:
         super().__init__()
         self.weights = dict(weights)
@@ -222,7 +230,7 @@ class SegmentationLoss(nn.Module):
         self.region_based = plan.is_region_based
         self.ignore_label = plan.ignore_label
         self.num_outputs = plan.num_outputs
-        self.smooth, self.batch_dice = float(smooth), bool(batch_dice)
+        self.smooth, self.batch_dice, self.sync_batch_dice = float(smooth), bool(batch_dice), bool(sync_batch_dice)
         self.focal_gamma, self.tversky_alpha, self.tversky_beta = float(focal_gamma), tversky_alpha, tversky_beta
         channel_table, region_table = _lookup_tables(plan)
         self.register_buffer("channel_table", channel_table, persistent=False)

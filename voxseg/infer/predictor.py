@@ -22,6 +22,7 @@ import torch
 
 from voxseg.atomicio import atomic_open, make_output_folder, sweep_stale_temporaries
 from voxseg.data.io import Geometry, read_channels, write_image
+from voxseg.distributed import env_world, local_device, shard_balanced
 from voxseg.plans import Plan
 from voxseg.errors import CheckpointError, ConfigError, InputError, VoxsegError
 from voxseg.infer.archive import check_same_plan, fold_dir, load_fold_network, resolve_device, resolve_folds
@@ -111,7 +112,7 @@ class Predictor:
             device, models = torch.device("cpu"), cls._load_onnx(workdir, fold_list, onnx_files)
             plan = next((m.plan for m in models if m.plan is not None), None) or Plan.load(workdir / "plans.json")
         elif backend == "torch":
-            device = resolve_device(device)
+            device = local_device(resolve_device(device))  # under torchrun: cuda:LOCAL_RANK
             loaded = [load_fold_network(workdir, fold, checkpoint, device) for fold in fold_list]
             check_same_plan([p for _, p in loaded], fold_list)
             plan = loaded[0][1]
@@ -241,13 +242,18 @@ class Predictor:
             file_ending: output ending (default the plan's).
             progress: show a progress bar (default: when stderr is a terminal).
 
+        Under torchrun (RANK / WORLD_SIZE in the environment) each process predicts its share of the cases,
+        balanced by input file size, and writes its own outputs; no process group is needed. The shares are
+        fixed before `continue_run` looks at the outputs, so ranks never disagree about who does what.
+
         Returns:
-            {"written": n, "skipped": n, "out_dir": str}.
+            {"written": n, "skipped": n, "out_dir": str}, counted over this process's share.
         """
         out_dir = make_output_folder(out_dir, "predict -o")
         sweep_stale_temporaries(out_dir)  # left by a killed run
         ending = file_ending or self.plan.file_ending
         spec = self._postprocessing_spec(postprocess)
+        cases = _my_share(cases)
         todo = [(name, files) for name, files in cases
                 if not (continue_run and self._outputs_exist(out_dir, name, ending, save_probabilities))]
         failures: list[tuple[str, str]] = []
@@ -312,6 +318,17 @@ def _cudnn_autotuning(enabled: bool) -> Iterator[None]:
         yield
     finally:
         torch.backends.cudnn.benchmark = previous
+
+
+def _my_share(cases: Sequence[tuple[str, Sequence[str | Path]]]) -> list[tuple[str, Sequence[str | Path]]]:
+    """This torchrun rank's cases, balanced by the size of their input files (all cases for one process)."""
+    rank, size, _ = env_world()
+    if size == 1:
+        return list(cases)
+    sizes = [sum(Path(f).stat().st_size for f in files if Path(f).is_file()) for _, files in cases]
+    mine = shard_balanced(list(cases), sizes, rank, size)
+    print(f"rank {rank}/{size}: predicting {len(mine)} of {len(cases)} cases", file=sys.stderr, flush=True)
+    return mine
 
 
 def _reason(name: str, exc: Exception) -> str:

@@ -16,7 +16,8 @@ from torch import nn
 
 from voxseg.data.io import Geometry, write_image
 from voxseg.data.preprocess import restore_to_original
-from voxseg.data.store import load_case
+from voxseg.data.store import case_paths, load_case
+from voxseg.distributed import all_gather_objects, current_world, shard_balanced
 from voxseg.evaluate.overlap import class_masks, dice_from_counts, nanmean, overlap_counts
 from voxseg.infer.postprocess import logits_to_labels
 from voxseg.infer.sliding_window import sliding_window_inference
@@ -35,17 +36,24 @@ def full_validation(model: nn.Module, plan: Plan, preprocessed_dir: str | Path, 
     `out_dir/CASE{plan.file_ending}` with the raw geometry, so `voxseg evaluate --crossval` can score the folds
     against labelsTr; the Dice table goes to `out_dir/summary.json` (when `write`).
 
+    In a distributed run (an initialised process group) the cases are sharded over the ranks, balanced by the
+    size of their preprocessed images; each rank writes its own cases' predictions, the per-case Dice values
+    are all-gathered, and every rank returns the same result (rank 0 writes summary.json).
+
     Returns:
         {"per_case": {case: {class: dice}}, "mean": {class: mean Dice over cases}, "mean_dice": float}
         where a class absent from a case's reference and prediction does not count towards its mean.
     """
     device = torch.device(device)
     out_dir = Path(out_dir)
+    rank, size = current_world()
+    sizes = [case_paths(preprocessed_dir, name)["image"].stat().st_size if size > 1 else 0 for name in names]
+    local_names = shard_balanced(list(names), sizes, rank, size)
     was_training = model.training
     model.eval()
     per_case: dict[str, dict[str, float]] = {}
     try:
-        for name in names:
+        for name in local_names:
             image, seg, properties = load_case(preprocessed_dir, name, mmap=True)
             x = torch.from_numpy(np.array(image, dtype=np.float32))[None].to(device)  # (1, C, d, h, w)
             logits = sliding_window_inference(model, x, patch_size, plan.num_outputs, step=step,
@@ -61,9 +69,11 @@ def full_validation(model: nn.Module, plan: Plan, preprocessed_dir: str | Path, 
                             Geometry.from_list(properties["affine"]))
     finally:
         model.train(was_training)
+    gathered = {case: dice for shard in all_gather_objects(per_case) for case, dice in shard.items()}
+    per_case = {name: gathered[name] for name in names if name in gathered}  # in the given order
     mean = {c: nanmean([d[c] for d in per_case.values()]) for c in plan.class_names}
     result = {"per_case": per_case, "mean": mean, "mean_dice": nanmean(list(mean.values()))}
-    if write:
+    if write and rank == 0:
         write_json_atomic(out_dir / "summary.json", _json_safe(result))
     return result
 

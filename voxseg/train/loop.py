@@ -15,7 +15,7 @@ import math
 import os
 import random
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -29,6 +29,7 @@ from voxseg.plans import PLAN_FILE, Plan
 from voxseg.plans import apply_overrides as apply_plan_overrides
 from voxseg.data.splits import fold_dir, get_fold
 from voxseg.devices import resolve_device
+from voxseg.distributed import World, all_reduce_mean, data_parallel, local_batch_size, process_group
 from voxseg.errors import CheckpointError, ConfigError, VoxsegError
 from voxseg.losses import build_loss
 from voxseg.models import build_network
@@ -56,6 +57,8 @@ class Resolved:
     amp_dtype: torch.dtype | None
     compile: bool
     iterations: int
+    world: World = field(default_factory=World)
+    """This process's rank among the run's processes (torchrun) and its device."""
 
 
 @dataclass
@@ -119,29 +122,43 @@ def train(workdir: str | Path, fold: int | str, config: TrainConfig, resume: boo
     Returns:
         {"epochs", "best_ema_dice", "stopped_early", "val_dice_mean", "val_dice": {class: dice}, "seconds"}
         (the val_ entries only with full validation).
+
+    Under torchrun (`torchrun --nproc_per_node N -m voxseg train ...`) this is data-parallel training of the
+    same run: the process group is initialised here from torchrun's environment (see `voxseg.distributed`),
+    the plan's batch is the global batch and every rank returns the same result; only rank 0 writes.
     """
+    with process_group(config.loop.device, config.loop.dist_timeout_min) as world:
+        return _train(workdir, fold, config, world, resume, test_only, pretrained)
+
+
+def _train(workdir: str | Path, fold: int | str, config: TrainConfig, world: World, resume: bool, test_only: bool,
+           pretrained: str | Path | None) -> dict[str, Any]:
+    """`train` inside the run's process group (if any)."""
     start = time.perf_counter()
     workdir = Path(workdir)
     out_dir = fold_dir(workdir, fold)
     sweep_stale_temporaries(out_dir, recursive=True)  # temporary files of a killed run
     train_names, val_names = get_fold(workdir, fold)
     if test_only:  # the checkpoint's own effective plan decides everything; the config only the device/amp
-        return _test_only(workdir, out_dir, config, val_names, start)
+        return _test_only(workdir, out_dir, config, val_names, start, world)
     plan = effective_plan(workdir, config)
-    run = resolve(config, plan, len(train_names))
+    run = resolve(config, plan, len(train_names), world)
 
     seed_everything(config.loop.seed, config.loop.deterministic, config.data.num_threads)
     t = build_training(workdir, plan, config, run, train_names, val_names, out_dir)
     if resume or config.resume:
+        # every rank reads the same file: a checkpoint holds no trace of the number of processes that wrote it
         t.checkpointer.restore("latest", run.device)  # refuses a changed plan or optimiser
-        print(f"resumed from {checkpoint_file(out_dir, 'latest')} at epoch {t.progress.epoch}", flush=True)
+        _print(world, f"resumed from {checkpoint_file(out_dir, 'latest')} at epoch {t.progress.epoch}")
     elif pretrained or config.pretrained:
-        print(load_pretrained(t.model, pretrained or config.pretrained).summary(), flush=True)
-    plan.save(out_dir / PLAN_FILE)
-    resolved_config(config, run).save(out_dir / "config.json")
+        _print(world, load_pretrained(t.model, pretrained or config.pretrained).summary())
+    if world.is_main:
+        plan.save(out_dir / PLAN_FILE)
+        resolved_config(config, run).save(out_dir / "config.json")
 
-    logger = TrainLogger(out_dir, config.logging, config.loop.epochs, start_epoch=t.progress.epoch)
-    logger.message(f"training fold {fold} on {run.device}: {len(train_names)} training / {len(val_names)} "
+    logger = TrainLogger(out_dir, config.logging, config.loop.epochs, rank=world.rank, start_epoch=t.progress.epoch)
+    processes = f" x {world.size} processes (batch {plan.batch_size // world.size} each)" if world.distributed else ""
+    logger.message(f"training fold {fold} on {run.device}{processes}: {len(train_names)} training / {len(val_names)} "
                    f"validation cases, patch {plan.patch_size}, batch {plan.batch_size}, {run.iterations} "
                    f"iterations x {config.loop.epochs} epochs, amp {_amp_name(run.amp_dtype)}, "
                    f"compile {'on' if run.compile else 'off'}\n"
@@ -150,8 +167,10 @@ def train(workdir: str | Path, fold: int | str, config: TrainConfig, resume: boo
     try:
         fit(t, run, logger, validate=bool(val_names))
     except KeyboardInterrupt:
-        # the interrupted epoch does not count: resuming runs it again, from the weights it had reached
-        path = t.checkpointer.save("latest")
+        # the interrupted epoch does not count: resuming runs it again, from the weights it had reached. Under
+        # torchrun every rank gets the signal; a rank interrupted alone leaves, and the others' next collective
+        # fails (Gloo: at once, the peer is gone; NCCL: after loop.dist_timeout_min) instead of waiting forever
+        path = t.checkpointer.save("latest") or checkpoint_file(out_dir, "latest")  # rank 0 writes it
         raise TrainingInterrupted(f"interrupted; resume with --resume ({path})") from None
     finally:
         logger.close()
@@ -171,22 +190,27 @@ def train(workdir: str | Path, fold: int | str, config: TrainConfig, resume: boo
 def build_training(workdir: Path, plan: Plan, config: TrainConfig, run: Resolved, train_names: list[str],
                    val_names: list[str], out_dir: Path | None = None) -> Training:
     """Model, loss, optimiser, schedule, step, data and their checkpointer (into `out_dir`), on the device."""
+    world = run.world
     model = build_network(plan).to(run.device)  # deep supervision as the plan says
-    loss_fn = build_loss(config.loss.name, plan, config.loss.weights, plan.network.deep_supervision).to(run.device)
+    loss_fn = build_loss(config.loss.name, plan, config.loss.weights, plan.network.deep_supervision,
+                         sync_batch_dice=world.distributed).to(run.device)
     optimizer = build_optimizer(model.parameters(), config.optim)
     scheduler = build_scheduler(optimizer, config.schedule, config.loop.epochs)
-    step = TrainStep(model, loss_fn, optimizer, run.device, run.amp_dtype, config.loop.grad_accum,
-                     config.loop.grad_clip, compile=run.compile)
+    # the step trains the DDP wrapper (gradients averaged over ranks before clipping); everything else,
+    # checkpoints included, sees the model itself
+    step = TrainStep(data_parallel(model, world), loss_fn, optimizer, run.device, run.amp_dtype,
+                     config.loop.grad_accum, config.loop.grad_clip, compile=run.compile)
     # the cache comes after the model so that its GPU budget sees the memory the model already holds
     data = TrainData(workdir / "preprocessed", plan, config, train_names, val_names, run.device,
-                     seed=config.loop.seed, cache_budget_gb=cache_budget_gb(config, plan, run.device))
+                     seed=config.loop.seed, cache_budget_gb=cache_budget_gb(config, plan, run.device),
+                     rank=world.rank, world_size=world.size)
     progress = Progress()
     checkpointer = Checkpointer(
         out_dir or workdir / "unsaved",
         {"model": model, "optimizer": optimizer, "scheduler": scheduler, "scaler": step, "data": data,
          "progress": progress, "rng": RngStates(data.generators)},  # RNGs last: nothing after them draws
         metadata={"plan": plan.to_dict(), "config": config.to_dict()},
-        keep_snapshots=config.loop.keep_snapshots, enabled=out_dir is not None)
+        keep_snapshots=config.loop.keep_snapshots, enabled=out_dir is not None and world.is_main)
     return Training(model, loss_fn, optimizer, scheduler, step, data, plan, config, progress, checkpointer)
 
 
@@ -224,13 +248,16 @@ def resolve_amp(name: str, device: torch.device) -> torch.dtype | None:
     return torch.bfloat16 if name == "bf16" else torch.float16
 
 
-def resolve(config: TrainConfig, plan: Plan, num_train: int) -> Resolved:
-    """Device, autocast, compile and iterations per epoch for this machine and this effective plan."""
-    device = resolve_device(config.loop.device, option="loop.device")
-    batch = plan.batch_size
+def resolve(config: TrainConfig, plan: Plan, num_train: int, world: World | None = None) -> Resolved:
+    """Device, autocast, compile and iterations per epoch for this machine, this effective plan and this
+    process's place in the run (`world`, default a single process); the batch must divide over the ranks."""
+    world = world or World(device=resolve_device(config.loop.device, option="loop.device"))
+    device = world.device
+    batch = plan.batch_size  # the global batch: iterations do not depend on the number of processes
+    local_batch_size(batch, world.size)
     iterations = config.data.iterations_per_epoch or max(1, math.ceil(num_train * config.data.num_samples / batch))
     compile_ = config.loop.compile == "on" or (config.loop.compile == "auto" and device.type == "cuda")
-    return Resolved(device, resolve_amp(config.loop.amp, device), compile_, iterations)
+    return Resolved(device, resolve_amp(config.loop.amp, device), compile_, iterations, world)
 
 
 def effective_plan(workdir: Path, config: TrainConfig) -> Plan:
@@ -288,7 +315,7 @@ def run_epoch(step: TrainStep, data: TrainData, logger: TrainLogger, config: Tra
     cuda = run.device.type == "cuda"
     if cuda:
         torch.cuda.reset_peak_memory_stats(run.device)
-    running, memory = RunningMeans(), []
+    running, memory = RunningMeans(reduce=all_reduce_mean), []  # logged losses: the mean over the ranks
     lr = float(step.optimizer.param_groups[0]["lr"])
     stream = data.train_stream(run.iterations * accum)
     start = time.perf_counter()
@@ -326,17 +353,22 @@ def validate_epoch(model: torch.nn.Module, loss_fn: torch.nn.Module, data: Train
             "val_time": time.perf_counter() - start}
 
 
+def _print(world: World, text: str) -> None:
+    if world.is_main:
+        print(text, flush=True)
+
+
 # ----- test-only ------------------------------------------------------------------------------------------
 def _test_only(workdir: Path, out_dir: Path, config: TrainConfig, val_names: list[str],
-               start: float) -> dict[str, Any]:
+               start: float, world: World) -> dict[str, Any]:
     """Full validation of checkpoint_best (else checkpoint_final) without training."""
     candidates = [out_dir / "checkpoint_best.pt", out_dir / "checkpoint_final.pt"]
     path = next((p for p in candidates if p.is_file()), None)
     if path is None:
         raise CheckpointError(f"{out_dir}: neither checkpoint_best.pt nor checkpoint_final.pt exists; train first")
-    device = resolve_device(config.loop.device, option="loop.device")
+    device = world.device
     model, plan, state = network_from_checkpoint(path, device)  # the effective plan the weights were trained with
-    run = Resolved(device, resolve_amp(config.loop.amp, device), False, 0)
+    run = Resolved(device, resolve_amp(config.loop.amp, device), False, 0, world)
     result: dict[str, Any] = {"checkpoint": str(path), "epochs": int(state["progress"]["epoch"])}
     if val_names:
         result.update(_full_val_metrics(model, plan, workdir, out_dir, val_names, run))

@@ -20,6 +20,7 @@ from torch import Tensor, nn
 
 from voxseg.augment import augment_batch, source_size
 from voxseg.config import TrainConfig
+from voxseg.distributed import local_batch_size
 from voxseg.errors import ConfigError
 from voxseg.plans import Plan
 from voxseg.train.cache import CaseCache
@@ -109,9 +110,14 @@ class TrainStep:
 
 
 class RunningMeans:
-    """Sums named 0-dim device tensors without syncing; `means()` reads them all in one transfer."""
+    """Sums named 0-dim device tensors without syncing; `means()` reads them all in one transfer.
 
-    def __init__(self) -> None:
+    Args:
+        reduce: applied to the stacked sums before the transfer (the mean over the ranks of a distributed run).
+    """
+
+    def __init__(self, reduce: Callable[[Tensor], Tensor] | None = None) -> None:
+        self.reduce = reduce
         self.sums: dict[str, Tensor] = {}
         self.count = 0
 
@@ -122,10 +128,11 @@ class RunningMeans:
         self.count += 1
 
     def means(self) -> dict[str, float]:
-        """Host-device sync point: one stacked copy to the host."""
+        """Host-device sync point: one stacked copy to the host (after `reduce`, e.g. the mean over ranks)."""
         if not self.sums:
             return {}
-        values = torch.stack(list(self.sums.values())).cpu().tolist()
+        stacked = torch.stack(list(self.sums.values()))
+        values = (self.reduce(stacked) if self.reduce is not None else stacked).cpu().tolist()
         return {name: v / self.count for name, v in zip(self.sums, values)}
 
 
@@ -246,14 +253,21 @@ class TrainData:
         config: the run's settings (data and augment sections).
         train_names, val_names: the fold's cases.
         device: training device.
-        seed: base seed (already offset by the rank).
+        seed: base seed, the same on every rank.
         cache_budget_gb: memory the training cache may take in gpu mode (None = the cache's default).
+        rank, world_size: this process's slice of the global batch. Every rank samples and augments the whole
+            global batch from the same seeded streams and keeps rows [rank * b, (rank + 1) * b), b = B / N, so
+            the run is the same on 1 or N processes (at the cost of N times the sampling and augmentation work
+            per rank). Validation batches are dealt round-robin: rank r crops batches r, r + N, ... only.
     """
 
     def __init__(self, preprocessed_dir: str | os.PathLike, plan: Plan, config: TrainConfig, train_names: list[str],
                  val_names: list[str], device: torch.device, seed: int,
-                 cache_budget_gb: float | None = None) -> None:
+                 cache_budget_gb: float | None = None, rank: int = 0, world_size: int = 1) -> None:
         patch_size = list(plan.patch_size)
+        self.rank, self.world_size = rank, world_size
+        local = local_batch_size(plan.batch_size, world_size)
+        self.rows = slice(rank * local, (rank + 1) * local)
         self.config, self.patch_size, self.device = config, patch_size, torch.device(device)
         self.seed = seed
         self.train_cache = CaseCache(preprocessed_dir, train_names, device, mode=config.data.cache,
@@ -272,8 +286,11 @@ class TrainData:
         self.augment_generator = torch.Generator(device=self.device).manual_seed(seed + 1)
 
     def next_batch(self) -> Batch:
-        image, seg = self.sampler.sample()  # (B, C, *S), (B, 1, *S)
-        return augment_batch(image, seg, self.config.augment, self.augment_generator, self.patch_size)
+        image, seg = self.sampler.sample()  # (B, C, *S), (B, 1, *S): the global batch
+        image, seg = augment_batch(image, seg, self.config.augment, self.augment_generator, self.patch_size)
+        if self.world_size == 1:
+            return image, seg
+        return image[self.rows], seg[self.rows]  # (B / N, C, *P): this rank's rows (contiguous views)
 
     def train_stream(self, count: int) -> BatchStream:
         """`count` augmented batches, prefetched `data.prefetch` ahead (-1: see DataConfig.prefetch)."""
@@ -281,13 +298,16 @@ class TrainData:
         return BatchStream(self.next_batch, count, depth, self.device)
 
     def val_batches(self, count: int) -> Iterator[Batch]:
-        """`count` unaugmented validation batches, the same ones at every call."""
+        """This rank's share of `count` unaugmented validation batches, the same ones at every call."""
         if self.val_cache is None:
             return
         sampler = PatchSampler(self.val_cache, self.patch_size, num_samples=1,
                                generator=np.random.default_rng(self.seed + 2), **self._sampler_args)
-        for _ in range(count):
-            yield sampler.sample()
+        for index in range(count):
+            if index % self.world_size == self.rank:
+                yield sampler.sample()
+            else:
+                sampler.draw()  # another rank's batch: the same host draws, no crops
 
     def describe(self) -> str:
         text = self.train_cache.describe()
