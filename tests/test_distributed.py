@@ -194,9 +194,30 @@ def test_two_processes_train_the_one_process_run(runs):
     summary = json.loads((_fold(single) / "validation" / "summary.json").read_text())
     assert runs["summary"]["per_case"].keys() == summary["per_case"].keys() == {"case_4", "case_5"}
     assert runs["summary"]["mean_dice"] == pytest.approx(summary["mean_dice"], abs=1e-6)
-    assert runs["stdout"].count("training done") == 2  # both ranks finish with the same result line
-    results = {line.split(", seconds=")[0] for line in runs["stdout"].splitlines() if "training done" in line}
-    assert len(results) == 1 and "epochs=2" in results.pop()
+    assert runs["stdout"].count("training done: epochs=2") == 1  # rank 0 reports, once
+
+
+@pytest.mark.slow
+def test_two_nodes_on_localhost_train_the_one_process_run(runs, tmp_path):
+    """Two torchrun launches (`--nnodes 2`, one process each) form one run: the 1-process run's losses."""
+    import socket
+
+    workdir = make_workdir(tmp_path / "nodes")
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    launches = []
+    for node in (0, 1):
+        command, env = _torchrun_command(*_train_args(workdir), nproc=1)
+        command = [c for c in command if c != "--standalone"]
+        at = command.index("-m", 2)
+        command[at:at] = ["--nnodes=2", f"--node_rank={node}", "--master_addr=127.0.0.1", f"--master_port={port}"]
+        launches.append(subprocess.Popen(command, cwd=ROOT, env=env, stdout=subprocess.PIPE,
+                                         stderr=subprocess.PIPE, text=True))
+    outputs = [launch.communicate(timeout=240) for launch in launches]
+    assert [launch.returncode for launch in launches] == [0, 0], outputs[0][1][-3000:] + outputs[1][1][-3000:]
+    assert outputs[0][0].count("training done: epochs=2") == 1 and "training done" not in outputs[1][0]
+    _assert_losses_close(_losses(workdir), _losses(runs["single"]))
 
 
 def test_early_stopping_ends_every_rank(tmp_path):
@@ -204,13 +225,15 @@ def test_early_stopping_ends_every_rank(tmp_path):
     # lr ~ 0 and no smoothing: the pseudo-Dice never improves after the first validation, patience 1 stops
     # after epoch 2 of 6, on both ranks, or the launch times out
     launched = _torchrun(*_train_args(workdir, "loop.epochs=6", "loop.patience=1", "optim.lr=1e-30",
-                                      "loop.ema_alpha=0", "loop.full_val=false", "loop.keep_snapshots=0"),
+                                      "loop.ema_alpha=0", "loop.full_val=false", "loop.keep_snapshots=0",
+                                      "schedule.name=plateau", "schedule.patience=0"),  # plateau decays too
                          timeout=180)
     records = read_log(_fold(workdir) / "log.jsonl")
     assert [r["epoch"] for r in records] == [0, 1]
     assert records[0]["new_best"] and not records[1]["new_best"]
     assert load_checkpoint(_fold(workdir) / "checkpoint_final.pt")["progress"]["epoch"] == 2
-    assert launched.stdout.count("stopped_early=True") == 2
+    assert launched.stdout.count("stopped_early=True") == 1  # rank 0 reports; rank 1 ended too (exit 0)
+    assert records[1]["lr"] == pytest.approx(records[0]["lr"] * 0.5)  # one plateau decay, decided collectively
 
 
 @pytest.mark.slow

@@ -82,6 +82,10 @@ def cmd_train(args: argparse.Namespace) -> int:
     with flags_named_in_errors(args):
         result = train_fold(args.workdir, args.fold, test_only=args.test_only, pretrained=args.pretrained,
                             **train_request(args))
+    from voxseg.distributed import env_world
+
+    if env_world()[0] != 0:  # under torchrun every rank returns the same result: rank 0 reports it
+        return 0
     summary = {k: v for k, v in result.items() if not isinstance(v, dict)}
     print("training done: " + ", ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}"
                                         for k, v in summary.items()))
