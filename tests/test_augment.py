@@ -356,3 +356,20 @@ def test_a_slice_of_the_global_batch_gets_the_global_draws():
         augment_batch(image[:2], seg[:2], config, gen(4), patch, global_batch=6, first_sample=5)
     with pytest.raises(InputError, match="numpy Generator"):
         augment_batch(image, seg, config, torch.Generator(), patch)
+
+
+def test_rows_no_intensity_transform_drew_are_untouched_bit_for_bit():
+    from voxseg.augment import draw_batch_params
+
+    config = AugmentConfig(**{**SPATIAL_OFF, **{k: 0.4 for k in INTENSITY_OFF}})
+    patch = (10, 10, 10)
+    image, seg = random_batch(40, patch, channels=3, seed=6)
+    params = draw_batch_params(40, 3, patch, config, gen(9))
+    out, _ = augment_batch(image, seg, config, gen(9), patch)
+    per_sample = params.noise | params.brightness | params.contrast | params.gamma | params.inverted_gamma
+    untouched = ~per_sample[:, None] & ~params.blur & ~params.low_res  # (B, C)
+    assert 0 < untouched.sum() < untouched.size
+    for b, c in zip(*np.nonzero(untouched)):
+        assert torch.equal(out[b, c], image[b, c])
+    for b, c in zip(*np.nonzero(~untouched)):
+        assert not torch.equal(out[b, c], image[b, c])
