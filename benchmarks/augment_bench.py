@@ -1,115 +1,224 @@
-"""Batched augmentation and patch-sampling throughput.
+"""Augmentation throughput: voxseg's default recipe (fast path and the compute-everything reference) against
+nnU-Net's default training transforms, and patch-sampling time.
 
-Prints ms per batch of `augment_batch` for a batch of B x C x P^3 patches (default 2 x 4 x 128^3, cut from
-crops of `source_size(P)` = 192^3):
-  - the default (nnU-Net) recipe,
-  - every transform firing on every sample (worst case),
-  - each transform alone at p = 1 (where the time goes);
-and the time of `PatchSampler.sample()` for the same batch from a BraTS-sized case in each cache mode.
+samples/s of the default recipe on B x C x P^3 patches (default 2 x 4 x 128^3) cut from crops of
+`source_size(P)` (192^3), on `--threads` CPU threads (default 1):
+  - voxseg: `augment_batch` (draws on the host, each transform only for the samples it fires for);
+  - voxseg reference: the same draws, every transform computed for every sample and kept with torch.where
+    (voxseg.augment.reference, what `augment_batch` did before);
+  - nnU-Net: batchgeneratorsv2's transforms with nnU-Net v2.8.1's default parameters
+    (nnUNetTrainer.get_training_transforms for a 3D patch without deep supervision, regions or cascade:
+    spatial, noise, blur, brightness, contrast, low resolution, inverted gamma, gamma, mirroring), one sample
+    at a time as nnU-Net's data loader workers run them, in a separate interpreter from
+    benchmarks/.venv-nnunet (create it with --setup-nnunet: pip install torch==2.13.0 nnunetv2==2.8.1).
+Each figure: `--batches` batches (fresh draws each, the same sequence in every repeat), timed `--repeats`
+times; median samples/s with min..max.
 
-Run: python benchmarks/augment_bench.py [--device cuda] [--patch 128] [--batch 2] [--channels 4] [--repeats 5]
+Run: python benchmarks/augment_bench.py [--patch 128] [--batch 2] [--channels 4] [--threads 1] [--repeats 3]
+         [--batches 10] [--device cpu] [--no-reference] [--no-nnunet] [--sampler] [--setup-nnunet]
 """
 from __future__ import annotations
 
 import argparse
-import dataclasses
-import tempfile
+import json
+import os
+import subprocess
+import sys
 import time
+from pathlib import Path
 from typing import Callable
 
 import numpy as np
 import torch
 
-from voxseg.augment import AugmentConfig, augment_batch, source_size
-from voxseg.data.store import sample_foreground_locations, save_case
-from voxseg.train.cache import CaseCache
-from voxseg.train.sampler import PatchSampler
-
-OFF = dict(rotation_p=0.0, scale_p=0.0, elastic_p=0.0, mirror_p=0.0, rot90_p=0.0, noise_p=0.0, blur_p=0.0,
-           brightness_p=0.0, contrast_p=0.0, low_res_p=0.0, gamma_p=0.0, inverted_gamma_p=0.0)
-ALONE = {
-    "rotation+scale (one grid_sample)": dict(rotation_p=1.0, scale_p=1.0),
-    "elastic": dict(elastic_p=1.0),
-    "mirror (3 axes)": dict(mirror_p=1.0),
-    "noise": dict(noise_p=1.0),
-    "blur": dict(blur_p=1.0, blur_per_channel_p=1.0),
-    "brightness": dict(brightness_p=1.0),
-    "contrast": dict(contrast_p=1.0),
-    "low resolution": dict(low_res_p=1.0, low_res_per_channel_p=1.0),
-    "gamma": dict(gamma_p=1.0),
-}
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # this checkout's voxseg, not an installed one
+VENV = Path(__file__).resolve().parent / ".venv-nnunet"
+VENV_PYTHON = VENV / "bin" / "python"
 
 
-def timed(fn: Callable[[], object], device: torch.device, repeats: int, warmup: int = 1) -> float:
-    """Median ms per call; synchronises around each call (a benchmark may sync, the training loop must not)."""
-    for _ in range(warmup):
-        fn()
-    times = []
+def throughput(run_batches: Callable[[], None], samples: int, repeats: int,
+               sync: Callable[[], None] = lambda: None) -> dict[str, float]:
+    """samples/s of `run_batches()` (which processes `samples` samples): median, min, max over repeats (1 warm-up)."""
+    run_batches()
+    rates = []
     for _ in range(repeats):
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
+        sync()
         start = time.perf_counter()
-        fn()
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-        times.append(time.perf_counter() - start)
-    return 1000 * float(np.median(times))
+        run_batches()
+        sync()
+        rates.append(samples / (time.perf_counter() - start))
+    return {"median": float(np.median(rates)), "min": float(min(rates)), "max": float(max(rates))}
 
 
-def bench_augment(args: argparse.Namespace, device: torch.device) -> None:
+def _inputs(args: argparse.Namespace, device: torch.device, size: tuple[int, ...]):
+    generator = torch.Generator().manual_seed(0)
+    image = torch.randn(args.batch, args.channels, *size, generator=generator).to(device)
+    seg = torch.randint(0, 4, (args.batch, 1, *size), dtype=torch.int8, generator=generator).to(device)
+    return image, seg
+
+
+def bench_voxseg(args: argparse.Namespace) -> dict[str, dict[str, float]]:
+    from voxseg.augment import AugmentConfig, augment_batch, draw_batch_params, source_size
+    from voxseg.augment.reference import augment_reference
+
+    device = torch.device(args.device)
+    patch, config = (args.patch,) * 3, AugmentConfig()
+    image, seg = _inputs(args, device, source_size(patch, config))
+    sync = (lambda: torch.cuda.synchronize(device)) if device.type == "cuda" else (lambda: None)
+
+    def fast() -> None:
+        rng = np.random.default_rng(1)
+        for _ in range(args.batches):
+            augment_batch(image, seg, config, rng, patch)
+
+    def reference() -> None:
+        rng = np.random.default_rng(1)
+        for _ in range(args.batches):
+            params = draw_batch_params(args.batch, args.channels, patch, config, rng)
+            augment_reference(image, seg, params, config, patch)
+
+    samples = args.batch * args.batches
+    result = {"voxseg": throughput(fast, samples, args.repeats, sync)}
+    if not args.no_reference:
+        result["voxseg reference (compute everything)"] = throughput(reference, samples, args.repeats, sync)
+    return result
+
+
+def nnunet_transforms(patch: tuple[int, ...]):
+    """nnU-Net v2.8.1's default 3D training transforms (get_training_transforms), built from batchgeneratorsv2."""
+    from batchgeneratorsv2.transforms.intensity.brightness import MultiplicativeBrightnessTransform
+    from batchgeneratorsv2.transforms.intensity.contrast import BGContrast, ContrastTransform
+    from batchgeneratorsv2.transforms.intensity.gamma import GammaTransform
+    from batchgeneratorsv2.transforms.intensity.gaussian_noise import GaussianNoiseTransform
+    from batchgeneratorsv2.transforms.noise.gaussian_blur import GaussianBlurTransform
+    from batchgeneratorsv2.transforms.spatial.low_resolution import SimulateLowResolutionTransform
+    from batchgeneratorsv2.transforms.spatial.mirroring import MirrorTransform
+    from batchgeneratorsv2.transforms.spatial.spatial import SpatialTransform
+    from batchgeneratorsv2.transforms.utils.compose import ComposeTransforms
+    from batchgeneratorsv2.transforms.utils.random import RandomTransform
+
+    angle = 30 / 360 * 2 * np.pi  # nnU-Net's rotation_for_DA for 3D patches
+    gamma = dict(gamma=BGContrast((0.7, 1.5)), synchronize_channels=False, p_per_channel=1, p_retain_stats=1)
+    return ComposeTransforms([
+        SpatialTransform(patch, patch_center_dist_from_border=0, random_crop=False, p_elastic_deform=0,
+                         p_rotation=0.2, rotation=(-angle, angle), p_scaling=0.2, scaling=(0.7, 1.4),
+                         p_synchronize_scaling_across_axes=1, bg_style_seg_sampling=False,
+                         border_mode_seg="constant", padding_value_seg=-1),
+        RandomTransform(GaussianNoiseTransform(noise_variance=(0, 0.1), p_per_channel=1, synchronize_channels=True),
+                        apply_probability=0.1),
+        RandomTransform(GaussianBlurTransform(blur_sigma=(0.5, 1.0), synchronize_channels=False,
+                                              synchronize_axes=False, p_per_channel=0.5, benchmark=True),
+                        apply_probability=0.2),
+        RandomTransform(MultiplicativeBrightnessTransform(multiplier_range=BGContrast((0.75, 1.25)),
+                                                          synchronize_channels=False, p_per_channel=1),
+                        apply_probability=0.15),
+        RandomTransform(ContrastTransform(contrast_range=BGContrast((0.75, 1.25)), preserve_range=True,
+                                          synchronize_channels=False, p_per_channel=1), apply_probability=0.15),
+        RandomTransform(SimulateLowResolutionTransform(scale=(0.5, 1), synchronize_channels=False,
+                                                       synchronize_axes=True, ignore_axes=None,
+                                                       allowed_channels=None, p_per_channel=0.5),
+                        apply_probability=0.25),
+        RandomTransform(GammaTransform(p_invert_image=1, **gamma), apply_probability=0.1),
+        RandomTransform(GammaTransform(p_invert_image=0, **gamma), apply_probability=0.3),
+        MirrorTransform(allowed_axes=(0, 1, 2)),
+    ])
+
+
+def bench_nnunet_worker(args: argparse.Namespace) -> dict[str, dict[str, float]]:
+    """Runs inside benchmarks/.venv-nnunet: nnU-Net's transforms on the same inputs, one sample at a time."""
     patch = (args.patch,) * 3
-    default = AugmentConfig()
-    size = source_size(patch, default)
-    generator = torch.Generator(device=device).manual_seed(0)
-    image = torch.randn(args.batch, args.channels, *size, device=device, generator=generator)
-    seg = torch.randint(0, 4, (args.batch, 1, *size), device=device, dtype=torch.int8, generator=generator)
-    print(f"augment_batch on {device}: batch {args.batch} x {args.channels} ch x {patch}, source crop {size}")
-    every = AugmentConfig(**{k: 1.0 for k in OFF}, blur_per_channel_p=1.0, low_res_per_channel_p=1.0)
-    for name, config in [("default recipe", default), ("every transform on", every)]:
-        ms = timed(lambda: augment_batch(image, seg, config, generator, patch), device, args.repeats)
-        print(f"  {name:34s} {ms:9.1f} ms/batch")
-    for name, settings in ALONE.items():
-        config = dataclasses.replace(AugmentConfig(**OFF), **settings)
-        crop = size if config.rotation_p or config.elastic_p else patch
-        ms = timed(lambda: augment_batch(image[(slice(None), slice(None), *[slice(0, c) for c in crop])],
-                                         seg[(slice(None), slice(None), *[slice(0, c) for c in crop])],
-                                         config, generator, patch), device, args.repeats)
-        print(f"    {name:32s} {ms:9.1f} ms/batch")
+    transforms = nnunet_transforms(patch)
+    image, seg = _inputs(args, torch.device("cpu"), tuple(args.source))
+    seg = seg.to(torch.int16)
+
+    def run() -> None:
+        np.random.seed(1)
+        torch.manual_seed(1)
+        for _ in range(args.batches):
+            for b in range(args.batch):
+                transforms(image=image[b].clone(), segmentation=seg[b].clone())
+
+    return {"nnU-Net (batchgeneratorsv2)": throughput(run, args.batch * args.batches, args.repeats)}
 
 
-def bench_sampler(args: argparse.Namespace, device: torch.device) -> None:
-    shape = (155, 240, 240)
-    patch = (args.patch,) * 3
+def run_nnunet(args: argparse.Namespace, source: tuple[int, ...]) -> dict[str, dict[str, float]] | str:
+    """nnU-Net's figure from its own interpreter, or why there is none."""
+    if not VENV_PYTHON.exists():
+        return f"no {VENV} (run with --setup-nnunet)"
+    command = [str(VENV_PYTHON), __file__, "--nnunet-worker", "--source", *map(str, source)]
+    for name in ("patch", "batch", "channels", "threads", "repeats", "batches"):
+        command += [f"--{name}", str(getattr(args, name))]
+    done = subprocess.run(command, capture_output=True, text=True, env={**os.environ, "PYTHONPATH": ""})
+    if done.returncode:
+        return f"nnU-Net run failed: {done.stderr.strip().splitlines()[-1:]}"
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def setup_nnunet() -> None:
+    """Create benchmarks/.venv-nnunet with nnU-Net (the torch pin takes the local CPU wheel)."""
+    subprocess.run([sys.executable, "-m", "venv", str(VENV)], check=True)
+    subprocess.run([str(VENV_PYTHON), "-m", "pip", "install", "-q", "torch==2.13.0", "nnunetv2==2.8.1"], check=True)
+
+
+def bench_sampler(args: argparse.Namespace) -> None:
+    """PatchSampler.sample for the same batch from a BraTS-sized case in each cache mode (ms per batch)."""
+    import tempfile
+
+    from voxseg.augment import AugmentConfig, source_size
+    from voxseg.data.store import sample_foreground_locations, save_case
+    from voxseg.train.cache import CaseCache
+    from voxseg.train.sampler import PatchSampler
+
+    shape, patch, device = (155, 240, 240), (args.patch,) * 3, torch.device(args.device)
     size = source_size(patch, AugmentConfig())
-    rng = np.random.default_rng(0)
     with tempfile.TemporaryDirectory() as tmp:
-        image = rng.normal(size=(args.channels, *shape)).astype(np.float16)
+        image = np.random.default_rng(0).normal(size=(args.channels, *shape)).astype(np.float16)
         seg = np.zeros((1, *shape), np.int8)
         seg[0, 60:90, 100:140, 100:150] = 1
         save_case(tmp, "case", image, seg, {"name": "case"}, sample_foreground_locations(seg, [1]))
-        print(f"PatchSampler.sample on {device}: {args.batch} crops of {size} from a {args.channels} x {shape} float16 case")
-        modes = ["gpu", "pinned", "mmap"]
-        for mode in modes:
+        for mode in ("gpu", "pinned", "mmap"):
             cache = CaseCache(tmp, ["case"], device=device, mode=mode)
             sampler = PatchSampler(cache, patch, args.batch, source_size=size, seed=0, device=device)
-            ms = timed(sampler.sample, device, args.repeats)
-            print(f"  {mode:6s} {ms:9.1f} ms/batch   ({cache.describe()})")
+            rate = throughput(sampler.sample, args.batch, args.repeats)
+            print(f"PatchSampler {mode:6s} {args.batch / rate['median'] * 1000:8.1f} ms/batch of {size} crops")
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--patch", type=int, default=128)
-    parser.add_argument("--batch", type=int, default=2)
-    parser.add_argument("--channels", type=int, default=4)
-    parser.add_argument("--repeats", type=int, default=5)
-    parser.add_argument("--skip-sampler", action="store_true")
+    parser.add_argument("--device", default="cpu")
+    for name, default in (("patch", 128), ("batch", 2), ("channels", 4), ("threads", 1), ("repeats", 3),
+                          ("batches", 10)):
+        parser.add_argument(f"--{name}", type=int, default=default)
+    parser.add_argument("--no-reference", action="store_true", help="skip the compute-everything reference")
+    parser.add_argument("--no-nnunet", action="store_true")
+    parser.add_argument("--sampler", action="store_true", help="also time PatchSampler.sample")
+    parser.add_argument("--setup-nnunet", action="store_true", help=f"create {VENV} first")
+    parser.add_argument("--nnunet-worker", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--source", type=int, nargs="+", help=argparse.SUPPRESS)
     args = parser.parse_args()
-    device = torch.device(args.device)
-    print(f"torch {torch.__version__}, {torch.get_num_threads()} CPU threads")
-    bench_augment(args, device)
-    if not args.skip_sampler:
-        bench_sampler(args, device)
+    torch.set_num_threads(args.threads)
+    if args.nnunet_worker:
+        print(json.dumps(bench_nnunet_worker(args)))
+        return
+    if args.setup_nnunet:
+        setup_nnunet()
+    from voxseg.augment import AugmentConfig, source_size
+
+    source = source_size((args.patch,) * 3, AugmentConfig())
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} CPU thread(s), {args.device}: batch {args.batch} x "
+          f"{args.channels} ch x {args.patch}^3 from {source} crops, {args.batches} batches x {args.repeats} repeats")
+    results = bench_voxseg(args)
+    nnunet = None if args.no_nnunet or args.device != "cpu" else run_nnunet(args, source)
+    if isinstance(nnunet, dict):
+        results.update(nnunet)
+    elif nnunet:
+        print(f"nnU-Net not measured: {nnunet}")
+    peer = results.get("nnU-Net (batchgeneratorsv2)") or results.get("voxseg reference (compute everything)")
+    for name, rate in results.items():
+        ratio = f"{rate['median'] / peer['median']:5.2f}x" if peer else ""
+        print(f"  {name:40s} {rate['median']:7.2f} samples/s  ({rate['min']:.2f}..{rate['max']:.2f})  {ratio}")
+    if args.sampler:
+        bench_sampler(args)
 
 
 if __name__ == "__main__":

@@ -20,8 +20,8 @@ SPATIAL_OFF = dict(rotation_p=0.0, scale_p=0.0, elastic_p=0.0, mirror_p=0.0, rot
 ALL_OFF = {**INTENSITY_OFF, **SPATIAL_OFF}
 
 
-def gen(seed: int = 0) -> torch.Generator:
-    return torch.Generator().manual_seed(seed)
+def gen(seed: int = 0) -> np.random.Generator:
+    return np.random.default_rng(seed)
 
 
 def blocks(batch: int, size: tuple[int, ...]) -> tuple[torch.Tensor, torch.Tensor]:
@@ -264,7 +264,7 @@ def test_cuda_runs_without_host_sync_and_matches_cpu_where_exact():
     patch = (16, 16, 16)
     image, seg = random_batch(4, source_size(patch, config), channels=2)
     device = torch.device("cuda")
-    generator = torch.Generator(device=device).manual_seed(0)
+    generator = gen(0)
     image_gpu, seg_gpu = image.to(device), seg.to(device)
     torch.cuda.synchronize()
     torch.cuda.set_sync_debug_mode("error")  # any .item()/.cpu()/blocking copy inside raises
@@ -276,5 +276,100 @@ def test_cuda_runs_without_host_sync_and_matches_cpu_where_exact():
     assert set(out_seg.unique().tolist()) <= {-1, 0, 1, 2}
     mirror_only = AugmentConfig(**{**ALL_OFF, "mirror_p": 1.0})
     cpu = augment_batch(image, seg, mirror_only, gen(), patch)
-    gpu = augment_batch(image_gpu, seg_gpu, mirror_only, generator, patch)
+    gpu = augment_batch(image_gpu, seg_gpu, mirror_only, gen(), patch)
     assert torch.equal(gpu[0].cpu(), cpu[0]) and torch.equal(gpu[1].cpu(), cpu[1])
+
+
+# ----- host-side draws: distributions, determinism, global batch slices ------------------------------------
+def test_draws_keep_the_recipes_probabilities_and_ranges():
+    """Over many samples each decision fires with its configured probability (binomial 5 sigma) and each
+    parameter stays in its range with the mean of its distribution (uniform, or nnU-Net's split uniform)."""
+    from voxseg.augment import draw_batch_params
+
+    config, n, channels = AugmentConfig(elastic_p=0.1, rot90_p=0.2), 20000, 2
+    params = draw_batch_params(n, channels, (16, 16, 16), config, gen(3))
+
+    def close(fraction: float, p: float, count: int) -> bool:
+        return abs(fraction - p) <= 5 * np.sqrt(p * (1 - p) / count) + 1e-9
+
+    rates = {"rotate": config.rotation_p, "scaled": config.scale_p, "elastic": config.elastic_p,
+             "rot90": config.rot90_p, "noise": config.noise_p, "brightness": config.brightness_p,
+             "contrast": config.contrast_p, "inverted_gamma": config.inverted_gamma_p, "gamma": config.gamma_p}
+    for name, p in rates.items():
+        assert close(getattr(params, name).mean(), p, n), name
+    assert close(params.flips.mean(), config.mirror_p, params.flips.size)
+    assert close(params.blur.mean(), config.blur_p * config.blur_per_channel_p, n * channels)
+    assert close(params.low_res.mean(), config.low_res_p * config.low_res_per_channel_p, n * channels)
+    # channels of one sample fire together for the per-sample decision: a sample either has no chance or p_c
+    assert close(params.blur[:, 0].mean(), config.blur_p * config.blur_per_channel_p, n)
+
+    limit = np.radians(config.rotation_degrees)
+    uniforms = [(params.angles, -limit, limit), (params.scale, *config.scale_range),
+                (params.elastic_magnitude, *config.elastic_alpha), (params.noise_std ** 2, *config.noise_variance),
+                (params.blur_sigma, *config.blur_sigma), (params.brightness_factor, *config.brightness_range),
+                (params.low_res_zoom, *config.low_res_zoom)]
+    for values, low, high in uniforms:
+        assert values.min() >= low and values.max() <= high
+        assert abs(values.mean() - (low + high) / 2) < 5 * (high - low) / np.sqrt(12 * values.size)
+    for values, (low, high) in [(params.contrast_factor, config.contrast_range),
+                                (params.gamma_exponent, config.gamma_range),
+                                (params.inverted_gamma_exponent, config.gamma_range)]:
+        assert values.min() >= low and values.max() <= high
+        assert close((values < 1).mean(), 0.5, values.size)  # half the draws below 1, half above
+        assert abs(values[values < 1].mean() - (low + 1) / 2) < 0.01 and abs(values[values >= 1].mean() - (1 + high) / 2) < 0.01
+    assert set(np.unique(params.rot90_turns)) == {1, 2, 3} and len(np.unique(params.noise_seed)) == n
+
+
+def test_default_recipe_fires_at_the_configured_rates_through_the_pipeline():
+    """Firing frequencies measured on the output: a sample is resampled iff it drew a grid transform, mirrored
+    exactly iff it drew only mirroring, and untouched bit for bit (its centre crop) iff it drew nothing."""
+    from voxseg.augment import draw_batch_params
+
+    config = AugmentConfig(**INTENSITY_OFF)
+    patch = (8, 8, 8)
+    image, seg = random_batch(300, source_size(patch, config), seed=2)
+    params = draw_batch_params(300, 1, patch, config, gen(5))
+    out_image, _ = augment_batch(image, seg, config, gen(5), patch)
+    crop = centre_crop(image, patch)
+    plain = ~params.grid & ~params.flips.any(axis=1)
+    assert torch.equal(out_image[torch.from_numpy(plain)], crop[torch.from_numpy(plain)])
+    assert not differs(out_image, crop)[torch.from_numpy(~plain)].logical_not().any()
+    for b in np.flatnonzero(~params.grid & params.flips.any(axis=1))[:20]:
+        dims = [2 + a for a in np.flatnonzero(params.flips[b])]
+        assert torch.equal(out_image[b:b + 1], crop[b:b + 1].flip(dims))
+    grid_rate = 1 - (1 - config.rotation_p) * (1 - config.scale_p)
+    assert abs(params.grid.mean() - grid_rate) < 5 * np.sqrt(grid_rate * (1 - grid_rate) / 300)
+
+
+def test_a_slice_of_the_global_batch_gets_the_global_draws():
+    """Data parallelism: every rank draws for the global batch and augments its samples only."""
+    config = AugmentConfig(rotation_p=0.5, scale_p=0.5, noise_p=0.5, blur_p=0.5, low_res_p=0.5, rot90_p=0.5)
+    patch = (12, 12, 12)
+    image, seg = random_batch(6, source_size(patch, config), channels=2)
+    whole = augment_batch(image, seg, config, gen(4), patch)
+    for rank in range(3):
+        part = slice(2 * rank, 2 * rank + 2)
+        mine = augment_batch(image[part], seg[part], config, gen(4), patch, global_batch=6, first_sample=part.start)
+        torch.testing.assert_close(mine[0], whole[0][part], atol=1e-5, rtol=1e-5)
+        assert torch.equal(mine[1], whole[1][part])
+    with pytest.raises(InputError, match="global batch"):
+        augment_batch(image[:2], seg[:2], config, gen(4), patch, global_batch=6, first_sample=5)
+    with pytest.raises(InputError, match="numpy Generator"):
+        augment_batch(image, seg, config, torch.Generator(), patch)
+
+
+def test_rows_no_intensity_transform_drew_are_untouched_bit_for_bit():
+    from voxseg.augment import draw_batch_params
+
+    config = AugmentConfig(**{**SPATIAL_OFF, **{k: 0.4 for k in INTENSITY_OFF}})
+    patch = (10, 10, 10)
+    image, seg = random_batch(40, patch, channels=3, seed=6)
+    params = draw_batch_params(40, 3, patch, config, gen(9))
+    out, _ = augment_batch(image, seg, config, gen(9), patch)
+    per_sample = params.noise | params.brightness | params.contrast | params.gamma | params.inverted_gamma
+    untouched = ~per_sample[:, None] & ~params.blur & ~params.low_res  # (B, C)
+    assert 0 < untouched.sum() < untouched.size
+    for b, c in zip(*np.nonzero(untouched)):
+        assert torch.equal(out[b, c], image[b, c])
+    for b, c in zip(*np.nonzero(~untouched)):
+        assert not torch.equal(out[b, c], image[b, c])

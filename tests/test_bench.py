@@ -13,7 +13,8 @@ import torch
 from voxseg.bench import estimate as estimate_module
 from voxseg.bench.benchmark import format_benchmark, run_benchmark
 from voxseg.bench.estimate import epoch_iterations, format_estimate, run_estimate
-from voxseg.bench.timing import StepTiming, is_out_of_memory
+from voxseg.bench import timing as timing_module
+from voxseg.bench.timing import StepTiming, interleaved, is_noise, is_out_of_memory, spread
 from voxseg.data.plan import plan_dataset
 from voxseg.data.preprocess import preprocess_dataset
 from voxseg.data.splits import get_fold
@@ -55,7 +56,10 @@ def test_benchmark_fields_file_and_table(workdir: Path) -> None:
     assert _positive(t["device_step_s"]) and _positive(t["end_to_end_step_s"])
     assert 0.0 <= t["data_wait_fraction"] <= 1.0
     assert t["samples_per_s"] == pytest.approx(2 / t["end_to_end_step_s"])
-    assert (t["batch_size"], t["patch_size"], t["num_samples"], t["peak_memory_gb"]) == (2, PATCH, 1, 0.0)
+    assert (t["batch_size"], t["patch_size"], t["num_samples"], t["memory_kind"]) == (2, PATCH, 1, "rss")
+    assert 0.01 < t["peak_memory_gb"] < 64  # the process's peak resident set on a CPU
+    assert t["device_step_range_s"][0] <= t["device_step_s"] <= t["device_step_range_s"][1]
+    assert t["end_to_end_range_s"][0] <= t["end_to_end_step_s"] <= t["end_to_end_range_s"][1]
     assert _positive(result["preprocessing"]["read_s"]) and _positive(result["preprocessing"]["preprocess_s"])
     single, ensemble = result["inference"]["1_fold_no_tta_s"], result["inference"]["5_folds_mirror_s"]
     assert _positive(single) and _positive(ensemble)
@@ -66,7 +70,7 @@ def test_benchmark_fields_file_and_table(workdir: Path) -> None:
 
     table = format_benchmark(result)
     for row in ("device", "patch x batch", "step, data on device", "step, end to end", "waiting for data",
-                "samples/s", "peak GPU memory", "read one raw case", "preprocess one case",
+                "samples/s", "peak memory (process RSS)", "read one raw case", "preprocess one case",
                 "predict, 1 fold, no TTA", "predict, 5 folds, mirroring"):
         assert row in table
     assert f"{t['samples_per_s']:.2f}" in table and f"{t['end_to_end_step_s'] * 1000:.1f} ms" in table
@@ -101,14 +105,15 @@ def test_is_out_of_memory() -> None:
 
 def _check_arithmetic(result: dict, epochs: int, num_cases: int) -> None:
     rows = result["rows"]
-    reference = rows[0]["total_h"]
+    reference_rate = rows[0]["batch_size"] / rows[0]["step_s"]
     for row in rows:
         if not row["fits"]:
             continue
         assert row["iterations_per_epoch"] == math.ceil(num_cases * row["num_samples"] / row["batch_size"])
         assert row["epoch_s"] == pytest.approx(row["step_s"] * row["iterations_per_epoch"])
         assert row["total_h"] == pytest.approx(row["epoch_s"] * epochs / 3600)
-        assert row["speedup"] == pytest.approx(reference / row["total_h"])
+        if not (row["noisy"] or rows[0]["noisy"]):  # equal samples seen: the ratio of samples/s
+            assert row["speedup"] == pytest.approx(row["batch_size"] / row["step_s"] / reference_rate)
 
 
 def test_estimate_measures_every_combination(workdir: Path) -> None:
@@ -120,8 +125,8 @@ def test_estimate_measures_every_combination(workdir: Path) -> None:
     # the plan's own setting first (batch 2, 1 patch per case), then each new combination once
     assert [(r["batch_size"], r["num_samples"], r["patch_size"]) for r in rows] == [
         (2, 1, PATCH), (2, 2, PATCH), (4, 1, PATCH), (4, 2, PATCH)]
-    assert all(r["fits"] and _positive(r["step_s"]) and r["peak_memory_gb"] == 0.0 for r in rows)
-    assert rows[0]["speedup"] == 1.0
+    assert all(r["fits"] and _positive(r["step_s"]) and r["peak_memory_gb"] > 0 for r in rows)
+    assert rows[0]["speedup"] in (1.0, None)  # None: the timing was noise
     assert [r["iterations_per_epoch"] for r in rows] == [2, 4, 1, 2]
     _check_arithmetic(result, 10, num_cases)
     assert json.loads((workdir / "estimate.json").read_text()) == json.loads(json.dumps(result))
@@ -131,7 +136,7 @@ def test_estimate_measures_every_combination(workdir: Path) -> None:
     lines = [line.split() for line in table.splitlines() if "16x16x16" in line]
     # batch, patches per case, iterations per epoch
     assert [(int(c[0]), int(c[1]), int(c[4])) for c in lines] == [(2, 1, 2), (2, 2, 4), (4, 1, 1), (4, 2, 2)]
-    assert "1.00x" in table
+    assert "1.00x" in table or "noise" in table
 
 
 def _fake_timing(step_per_batch: float, oom_batches: set[int]):
@@ -169,15 +174,16 @@ def test_estimate_reports_impossible_and_out_of_memory_rows(workdir: Path, tmp_p
     # exact arithmetic with the known step times: 4 training cases in fold 0, 100 epochs
     assert rows[2, 1]["step_s"] == pytest.approx(0.025) and rows[2, 1]["iterations_per_epoch"] == 2
     assert rows[2, 1]["epoch_s"] == pytest.approx(0.05) and rows[2, 1]["total_h"] == pytest.approx(5 / 3600)
-    assert rows[2, 2]["iterations_per_epoch"] == 4 and rows[2, 2]["speedup"] == pytest.approx(0.5)
-    assert rows[3, 1]["iterations_per_epoch"] == 2 and rows[3, 1]["speedup"] == pytest.approx(0.025 / 0.035)
+    # equal samples seen: (2, 2) steps as fast as (2, 1) with the same batch; batch 3 gives 3/0.035 vs 2/0.025
+    assert rows[2, 2]["iterations_per_epoch"] == 4 and rows[2, 2]["speedup"] == pytest.approx(1.0)
+    assert rows[3, 1]["iterations_per_epoch"] == 2 and rows[3, 1]["speedup"] == pytest.approx(3 / 0.035 / 80)
     assert rows[3, 1]["peak_memory_gb"] == pytest.approx(1.5)
     _check_arithmetic(result, 100, 4)
     assert json.loads((tmp_path / "e.json").read_text()) == json.loads(json.dumps(result))
 
     table = format_estimate(result)
     assert table.count("does not fit (out of memory)") == 2 and "batch 3 is not a multiple of 2" in table
-    assert "0.50x" in table and "5.0 s" in table  # (2, 1): 100 epochs x 0.05 s
+    assert "1.07x" in table and "5.0 s" in table  # (2, 1): 100 epochs x 0.05 s
 
 
 def test_estimate_with_fixed_iterations_and_oom_reference(workdir: Path, tmp_path: Path, monkeypatch) -> None:
@@ -200,3 +206,57 @@ def test_estimate_reraises_other_errors(workdir: Path, tmp_path: Path, monkeypat
     monkeypatch.setattr(estimate_module, "time_training", broken)
     with pytest.raises(RuntimeError, match="a real bug"):
         run_estimate(workdir, device="cpu", output=tmp_path / "e.json")
+
+
+# ----- timing logic with a fake clock ------------------------------------------------------------------------
+class FakeClock:
+    """time.perf_counter that only advances when fake work runs."""
+
+    def __init__(self) -> None:
+        self.now = 0.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def test_interleaved_rounds_alternate_and_time_each_call(monkeypatch) -> None:
+    clock, calls = FakeClock(), []
+    monkeypatch.setattr(timing_module.time, "perf_counter", clock)
+    costs = {"device": iter([5.0, 1.0, 1.0, 1.0]), "end": iter([2.0, 2.0, 2.0, 2.0])}  # first call pays set-up
+
+    def work(name: str):
+        def run() -> None:
+            calls.append(name)
+            clock.now += next(costs[name])
+        return run
+
+    device, end = interleaved(work("device"), work("end"), 4)
+    assert calls == ["device", "end", "end", "device", "device", "end", "end", "device"]  # ABBA
+    assert device == [5.0, 1.0, 1.0, 1.0] and end == [2.0] * 4
+    # the median ignores the slow first round: the device step stays below the end-to-end step
+    assert spread(device) == (1.0, 1.0, 5.0) and spread(end)[0] == 2.0
+    assert is_noise(device) and not is_noise(end)
+
+
+def test_noise_threshold_is_twenty_percent() -> None:
+    assert not is_noise([1.0, 1.1, 1.2]) and is_noise([1.0, 1.1, 1.25])
+
+
+def test_noisy_timings_are_flagged_not_compared(workdir: Path, tmp_path: Path, monkeypatch) -> None:
+    fake, _ = _fake_timing(0.01, oom_batches=set())
+
+    def noisy_for_batch_4(workdir, config, iterations=20, warmup=5):
+        timing = fake(workdir, config, iterations, warmup)
+        timing.noisy = timing.batch_size == 4
+        return timing
+
+    monkeypatch.setattr(estimate_module, "time_training", noisy_for_batch_4)
+    result = run_estimate(workdir, batch_sizes=[2, 4], epochs=10, device="cpu", output=tmp_path / "e.json")
+    rows = {r["batch_size"]: r for r in result["rows"]}
+    assert rows[2]["speedup"] == pytest.approx(1.0) and rows[4]["speedup"] is None and rows[4]["noisy"]
+    line = next(line for line in format_estimate(result).splitlines() if line.split()[:2] == ["4", "1"])
+    assert line.rstrip().split()[-2] == "noise"  # the speed-up column, before memory
+    table = format_benchmark({"device": "CPU", "torch": "x", "cpu_threads": 1, "preprocessing": {
+        "read_s": 1.0, "preprocess_s": 1.0}, "training": StepTiming(0.02, 0.01, 0.1, 200.0, 1.5, 2, PATCH, 1, noisy=True,
+                                                             memory_kind="rss").to_dict()})
+    assert "NOISE" in table and "peak memory (process RSS)" in table

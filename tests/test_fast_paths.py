@@ -2,22 +2,19 @@
 
 - sliding window: tiles x mirrors x folds batched into one forward call vs a per-tile, per-mirror, per-model
   loop accumulating in float64;
-- augmentation: one batched call vs the same transforms applied to each sample alone with the same random
-  draws (recorded from the batched call and replayed one sample at a time);
+- augmentation: one batched call (only the rows each transform fires for) vs each sample alone with its own
+  draws, and vs the simple path computing every transform for every sample (voxseg.augment.reference);
 - patch sampler: crops staged on the host and moved in one copy (the pinned / mmap path on a GPU) vs crops
   written straight into the batch (the gpu-cache path).
 """
 from __future__ import annotations
 
-from typing import Any, Callable
-
 import numpy as np
 import pytest
 import torch
 
-import voxseg.augment.intensity as intensity
-import voxseg.augment.spatial as spatial
-from voxseg.augment import AugmentConfig, augment_batch, source_size
+from voxseg.augment import AugmentConfig, apply_augment, draw_batch_params, source_size
+from voxseg.augment.reference import augment_reference
 from voxseg.plans import ChannelNormalization, NetworkPlan, Plan
 from voxseg.data.store import sample_foreground_locations, save_case
 from voxseg.infer.sliding_window import (
@@ -100,65 +97,32 @@ def test_2d_network_over_a_volume_matches_a_per_slice_per_tile_loop():
 
 
 # ----- augmentation -------------------------------------------------------------------------------------------
-class DrawRecorder:
-    """Wraps every random draw of the augmentation: records them for a batch, then replays sample b's slice.
-
-    Every draw has the batch as its first axis, so sample b alone gets row b of each draw in the same order.
-    """
-
-    def __init__(self) -> None:
-        self.draws: list[torch.Tensor] = []
-        self.sample: int | None = None  # None: recording
-        self.position = 0
-
-    def wrap(self, real: Callable[..., torch.Tensor]) -> Callable[..., torch.Tensor]:
-        def draw(*args: Any, **kwargs: Any) -> torch.Tensor:
-            out = real(*args, **kwargs)
-            if self.sample is None:
-                self.draws.append(out)
-                return out
-            recorded = self.draws[self.position]
-            self.position += 1
-            assert out.shape[0] == 1 and out.shape[1:] == recorded.shape[1:], "draws out of order"
-            return recorded[self.sample:self.sample + 1].clone()
-        return draw
-
-    def replay(self, sample: int) -> None:
-        self.sample, self.position = sample, 0
-
-
-@pytest.fixture
-def recorder(monkeypatch):
-    rec = DrawRecorder()
-    for module in (spatial, intensity):
-        monkeypatch.setattr(module, "random_uniform", rec.wrap(spatial.random_uniform))
-        monkeypatch.setattr(module, "random_mask", rec.wrap(spatial.random_mask))
-    monkeypatch.setattr(torch, "randn", rec.wrap(torch.randn))
-    monkeypatch.setattr(torch, "randint", rec.wrap(torch.randint))
-    return rec
-
-
 TRANSFORMS = ["rotation_p", "scale_p", "elastic_p", "mirror_p", "rot90_p", "noise_p", "blur_p", "brightness_p",
               "contrast_p", "low_res_p", "gamma_p", "inverted_gamma_p"]
+FIRED = ["rotate", "scaled", "elastic", "flips", "rot90", "noise", "brightness", "contrast", "gamma", "inverted_gamma"]
 
 
 @pytest.mark.parametrize("patch, p", [((12, 12, 10), 0.2), ((12, 12, 10), 0.5), ((12, 12, 10), 1.0), ((16, 16), 0.3)])
-def test_batched_augmentation_matches_per_sample_application(recorder, patch, p):
+def test_batched_augmentation_matches_per_sample_application(patch, p):
+    """One batch (only the rows each transform fires for) vs each sample alone with its own draws, and vs the
+    simple path that computes every transform for every sample and keeps it with torch.where."""
     config = AugmentConfig(**{name: p for name in TRANSFORMS}, blur_per_channel_p=0.5, low_res_per_channel_p=0.5)
     size = source_size(patch, config)
     generator = torch.Generator().manual_seed(11)
     batch = 6
     image = torch.randn(batch, 2, *size, generator=generator) * 2 + 1
     seg = torch.randint(-1, 4, (batch, 1, *size), generator=generator, dtype=torch.int8)
-    recorder.draws.clear()  # the inputs above went through the wrapped torch.randn / torch.randint
-    fast_image, fast_seg = augment_batch(image, seg, config, generator, patch)
-    assert len(recorder.draws) > 10  # every transform drew its parameters
+    params = draw_batch_params(batch, 2, patch, config, np.random.default_rng(11))
+    if p == 1.0:  # every per-sample transform fires for every sample
+        assert all(getattr(params, name).all() for name in FIRED)
+    fast_image, fast_seg = apply_augment(image, seg, params, config, patch)
     for b in range(batch):
-        recorder.replay(b)
-        one_image, one_seg = augment_batch(image[b:b + 1], seg[b:b + 1], config, generator, patch)
-        assert recorder.position == len(recorder.draws)
+        one_image, one_seg = apply_augment(image[b:b + 1], seg[b:b + 1], params.subset(b, b + 1), config, patch)
         torch.testing.assert_close(one_image[0], fast_image[b], atol=1e-5, rtol=1e-5)
         assert torch.equal(one_seg[0], fast_seg[b])
+    simple_image, simple_seg = augment_reference(image, seg, params, config, patch)
+    torch.testing.assert_close(simple_image, fast_image, atol=1e-5, rtol=1e-5)
+    assert torch.equal(simple_seg, fast_seg)
     # the comparison can fail: samples were augmented differently
     assert not torch.allclose(fast_image[0], fast_image[1])
 

@@ -312,7 +312,7 @@ def test_augmentation_does_not_sync(ndim):
         image = torch.randn(3, 2, *size, generator=generator)
         seg = torch.randint(-1, 3, (3, 1, *size), generator=generator, dtype=torch.int8)
         with SyncGuard():
-            out_image, out_seg = augment_batch(image, seg, config, generator, patch)
+            out_image, out_seg = augment_batch(image, seg, config, np.random.default_rng(1), patch)
         assert out_image.shape == (3, 2, *patch) and out_seg.shape == (3, 1, *patch)
 
 

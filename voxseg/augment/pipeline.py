@@ -3,26 +3,27 @@
 Defaults follow nnU-Net's default training recipe; every probability is per sample. Order: grid transform
 (rotation x scaling x mirroring [+ elastic]) -> 90-degree turns -> noise -> blur -> brightness -> contrast
 -> simulated low resolution -> inverted gamma -> gamma.
+
+Two steps: `draw_params` draws every decision on the host (numpy Generator, no device work), then
+`apply_augment` launches each transform only for the samples (or sample channels) it fires for: the rows are
+gathered (a view when they are contiguous), transformed and written back. For data parallelism every rank
+draws the same parameters for the global batch and applies its slice: `augment_batch(..., global_batch=G,
+first_sample=rank * B)`.
 """
 from __future__ import annotations
 
-from typing import Sequence
+from typing import Callable, Sequence
 
+import numpy as np
 import torch
 
 from voxseg.augment import intensity
 from voxseg.augment.config import AugmentConfig
-from voxseg.augment.spatial import (
-    centre_crop,
-    draw_flips,
-    rot90_planes,
-    rotate90,
-    source_size,
-    spatial_transform,
-)
+from voxseg.augment.draws import AugmentParams, draw_params, host_to_device
+from voxseg.augment.spatial import centre_crop, rotate90, source_size, spatial_transform
 from voxseg.errors import ConfigError, InputError
 
-__all__ = ["AugmentConfig", "augment_batch", "source_size"]
+__all__ = ["AugmentConfig", "apply_augment", "augment_batch", "draw_batch_params", "source_size"]
 
 
 def _check_inputs(image: torch.Tensor, seg: torch.Tensor, patch_size: Sequence[int]) -> tuple[int, ...]:
@@ -41,15 +42,6 @@ def _check_inputs(image: torch.Tensor, seg: torch.Tensor, patch_size: Sequence[i
     return patch
 
 
-def _check_generator(generator: torch.Generator | None, device: torch.device) -> None:
-    if generator is None:
-        return
-    gen = torch.device(generator.device)
-    if gen.type != device.type or (device.type == "cuda" and gen.index not in (None, device.index)):
-        raise InputError(f"augment_batch: the generator is on {gen} but the batch is on {device}; create it with "
-                         f"torch.Generator(device=batch.device)")
-
-
 def _axes(axes: tuple[int, ...] | None, ndim: int, name: str) -> tuple[int, ...]:
     if axes is None:
         return tuple(range(ndim))
@@ -58,58 +50,110 @@ def _axes(axes: tuple[int, ...] | None, ndim: int, name: str) -> tuple[int, ...]
     return axes
 
 
+def draw_batch_params(batch: int, channels: int, patch_size: Sequence[int], config: AugmentConfig,
+                      generator: np.random.Generator | None) -> AugmentParams:
+    """Every random decision of `config` for a (global) batch, drawn on the host from `generator`.
+
+    Raises:
+        InputError: the generator is not a numpy Generator.
+    """
+    if generator is not None and not isinstance(generator, np.random.Generator):
+        raise InputError(f"augment_batch: the generator must be a numpy Generator (np.random.default_rng(seed)), "
+                         f"got {type(generator).__name__}: decisions are drawn on the host")
+    rng = generator if generator is not None else np.random.default_rng()
+    ndim = len(patch_size)
+    return draw_params(batch, channels, patch_size, config, rng, _axes(config.mirror_axes, ndim, "mirror_axes"),
+                       _axes(config.rot90_axes, ndim, "rot90_axes"))
+
+
 @torch.no_grad()
 def augment_batch(
     image: torch.Tensor,
     seg: torch.Tensor,
     config: AugmentConfig,
-    generator: torch.Generator | None,
+    generator: np.random.Generator | None,
     patch_size: Sequence[int],
     *,
     seg_fill: int = -1,
+    global_batch: int | None = None,
+    first_sample: int = 0,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Augment a batch of crops and cut them to the patch size, entirely on the batch's device.
+    """Augment a batch of crops and cut them to the patch size, on the batch's device.
 
     Args:
         image: (B, C, *S) float crops, S = `source_size(patch_size, config)` (any S >= patch works).
         seg: (B, 1, *S) integer label map (any integer dtype; kept).
         config: the recipe.
-        generator: torch.Generator on the batch's device (None = torch's default generator).
+        generator: numpy Generator the decisions are drawn from (None = a fresh, unseeded one).
         patch_size: P, 2 or 3 entries.
         seg_fill: label written where a transform samples outside the crop (-1 = "outside", as in the store).
+        global_batch: draw the decisions for this many samples (default B) and apply those of samples
+            first_sample .. first_sample + B - 1 (a data-parallel rank's slice of the global batch).
+        first_sample: see global_batch.
 
     Returns:
-        (image (B, C, *P), seg (B, 1, *P)); labels only take values present in `seg` or `seg_fill`.
+        (image (B, C, *P), seg (B, 1, *P)), new tensors; labels only take values in `seg` or `seg_fill`.
     """
     patch = _check_inputs(image, seg, patch_size)
     if not config.enabled:
         return centre_crop(image, patch).contiguous(), centre_crop(seg, patch).contiguous()
-    _check_generator(generator, image.device)
-    ndim = len(patch)
-    flips = draw_flips(image.shape[0], ndim, _axes(config.mirror_axes, ndim, "mirror_axes"), config.mirror_p,
-                       generator, image.device)
-    image, seg = spatial_transform(image, seg, patch, config, generator, seg_fill, flips)
-    image, seg = rotate90(image, seg, rot90_planes(patch, _axes(config.rot90_axes, ndim, "rot90_axes")),
-                          config.rot90_p, generator)
-    image = _intensity(image, config, generator)
-    return image.contiguous(), seg.contiguous()
+    batch = image.shape[0]
+    total = batch if global_batch is None else int(global_batch)
+    if not 0 <= first_sample <= total - batch:
+        raise InputError(f"augment_batch: samples {first_sample}..{first_sample + batch - 1} are not inside a "
+                         f"global batch of {total}")
+    params = draw_batch_params(total, image.shape[1], patch, config, generator)
+    return apply_augment(image, seg, params.subset(first_sample, first_sample + batch), config, patch, seg_fill)
 
 
-def _intensity(image: torch.Tensor, config: AugmentConfig, generator: torch.Generator | None) -> torch.Tensor:
-    # a transform with p == 0 is skipped on the host (a config value, not a tensor value: no sync)
-    if config.noise_p > 0:
-        image = intensity.gaussian_noise(image, config.noise_p, config.noise_variance, generator)
-    if config.blur_p > 0:
-        image = intensity.gaussian_blur(image, config.blur_p, config.blur_sigma, config.blur_per_channel_p, generator)
-    if config.brightness_p > 0:
-        image = intensity.brightness(image, config.brightness_p, config.brightness_range, generator)
-    if config.contrast_p > 0:
-        image = intensity.contrast(image, config.contrast_p, config.contrast_range, generator)
-    if config.low_res_p > 0:
-        image = intensity.simulate_low_resolution(image, config.low_res_p, config.low_res_zoom,
-                                                  config.low_res_per_channel_p, generator)
-    if config.inverted_gamma_p > 0:
-        image = intensity.gamma(image, config.inverted_gamma_p, config.gamma_range, True, generator)
-    if config.gamma_p > 0:
-        image = intensity.gamma(image, config.gamma_p, config.gamma_range, False, generator)
-    return image
+@torch.no_grad()
+def apply_augment(image: torch.Tensor, seg: torch.Tensor, params: AugmentParams, config: AugmentConfig,
+                  patch_size: Sequence[int], seg_fill: int = -1) -> tuple[torch.Tensor, torch.Tensor]:
+    """Apply drawn `params` (one per sample of image (B, C, *S), seg (B, 1, *S)) -> (B, C, *P), (B, 1, *P)."""
+    patch = tuple(int(p) for p in patch_size)
+    image, seg = spatial_transform(image, seg, patch, params, config, seg_fill)  # new tensors: safe in place
+    rotate90(image, seg, params, patch, _axes(config.rot90_axes, len(patch), "rot90_axes"))
+    _intensity(image, params, config)
+    return image, seg
+
+
+def on_rows(rows: torch.Tensor, index: np.ndarray, transform: Callable[..., torch.Tensor],
+            *values: np.ndarray) -> None:
+    """In place: rows[index] = transform(rows[index], *values[index]) for rows (N, 1, *P), index sorted.
+
+    A contiguous run of rows is a view (no copy); otherwise the rows are gathered and scattered back.
+    """
+    if index.size == 0:
+        return
+    values = tuple(v[index] for v in values)
+    start, stop = int(index[0]), int(index[-1]) + 1
+    if stop - start == index.size:
+        view = rows[start:stop]
+        out = transform(view, *values)
+        if out.data_ptr() != view.data_ptr():
+            view.copy_(out)
+        return
+    positions = host_to_device(index, rows.device, torch.long)
+    rows.index_copy_(0, positions, transform(rows.index_select(0, positions), *values))
+
+
+def _intensity(image: torch.Tensor, params: AugmentParams, config: AugmentConfig) -> None:
+    """In place on image (B, C, *P): each intensity transform on the rows that drew it, in the recipe's order."""
+    channels = image.shape[1]
+    rows = image.view(image.shape[0] * channels, 1, *image.shape[2:])  # (B*C, 1, *P)
+
+    def per_sample(fired: np.ndarray) -> np.ndarray:
+        return np.flatnonzero(np.repeat(fired, channels))
+
+    for b in np.flatnonzero(params.noise).tolist():
+        intensity.gaussian_noise(image[b:b + 1], params.noise_std[b], params.noise_seed[b])
+    radius = intensity.blur_radius(config.blur_sigma)
+    on_rows(rows, np.flatnonzero(params.blur), lambda r, s: intensity.gaussian_blur(r, s, radius),
+            params.blur_sigma.ravel())
+    on_rows(rows, per_sample(params.brightness), intensity.brightness, params.brightness_factor.ravel())
+    on_rows(rows, per_sample(params.contrast), intensity.contrast, params.contrast_factor.ravel())
+    on_rows(rows, np.flatnonzero(params.low_res), intensity.simulate_low_resolution, params.low_res_zoom.ravel())
+    on_rows(rows, per_sample(params.inverted_gamma), lambda r, e: intensity.gamma(r, e, True),
+            params.inverted_gamma_exponent.ravel())
+    on_rows(rows, per_sample(params.gamma), lambda r, e: intensity.gamma(r, e, False),
+            params.gamma_exponent.ravel())

@@ -86,7 +86,7 @@ def time_inference(plan: Plan, device: torch.device, folds: int, mirror: bool, r
 
 def run_benchmark(workdir: str | Path, device: str = "auto", num_threads: int = 4, iterations: int = 20,
                   warmup: int = 5, inference: bool = True, output: str | Path | None = None,
-                  overrides: list[str] | None = None) -> dict[str, Any]:
+                  overrides: list[str] | None = None, repeats: int = 3) -> dict[str, Any]:
     """Measure everything listed in the module docstring; writes benchmark.json and returns it."""
     from voxseg.devices import resolve_device
 
@@ -95,7 +95,7 @@ def run_benchmark(workdir: str | Path, device: str = "auto", num_threads: int = 
     config = config_for(device, num_threads, overrides)
     dev = resolve_device(config.loop.device)
     plan = Plan.load(workdir / "plans.json")
-    training = time_training(workdir, config, iterations=iterations, warmup=warmup)
+    training = time_training(workdir, config, iterations=iterations, warmup=warmup, repeats=repeats)
     result: dict[str, Any] = {
         "device": device_name(dev), "torch": torch.__version__, "cpu_threads": num_threads,
         "plan": {"patch_size": plan.patch_size, "batch_size": plan.batch_size, "features": plan.network.features},
@@ -111,21 +111,30 @@ def run_benchmark(workdir: str | Path, device: str = "auto", num_threads: int = 
     return result
 
 
+def _milliseconds(median_s: float, range_s: list[float] | None) -> str:
+    """'12.3 ms (11.9..13.0)': the median of the rounds and their min..max."""
+    text = f"{median_s * 1000:.1f} ms"
+    return text + (f" ({range_s[0] * 1000:.1f}..{range_s[1] * 1000:.1f})" if range_s else "")
+
+
 def format_benchmark(result: dict[str, Any]) -> str:
     t = result["training"]
+    memory = "peak GPU memory" if t.get("memory_kind", "gpu") == "gpu" else "peak memory (process RSS)"
     rows = [
         ("device", f"{result['device']}, torch {result['torch']}, {result['cpu_threads']} CPU threads"),
         ("patch x batch", f"{t['patch_size']} x {t['batch_size']}"),
-        ("step, data on device", f"{t['device_step_s'] * 1000:.1f} ms"),
-        ("step, end to end", f"{t['end_to_end_step_s'] * 1000:.1f} ms"),
+        ("step, data on device", _milliseconds(t["device_step_s"], t.get("device_step_range_s"))),
+        ("step, end to end", _milliseconds(t["end_to_end_step_s"], t.get("end_to_end_range_s"))),
         ("waiting for data", f"{t['data_wait_fraction'] * 100:.1f} %"),
         ("samples/s", f"{t['samples_per_s']:.2f}"),
-        ("peak GPU memory", f"{t['peak_memory_gb']:.2f} GB"),
+        (memory, f"{t['peak_memory_gb']:.2f} GB"),
         ("read one raw case", f"{result['preprocessing']['read_s']:.2f} s"),
         ("preprocess one case", f"{result['preprocessing']['preprocess_s']:.2f} s"),
     ]
     if "inference" in result:
         rows += [("predict, 1 fold, no TTA", f"{result['inference']['1_fold_no_tta_s']:.2f} s/case"),
                  ("predict, 5 folds, mirroring", f"{result['inference']['5_folds_mirror_s']:.2f} s/case")]
+    if t.get("noisy"):
+        rows.append(("timing", "NOISE: rounds spread > 20% or end to end < device step; rerun on a quiet machine"))
     width = max(len(name) for name, _ in rows)
     return "\n".join(f"{name:<{width}}  {value}" for name, value in rows)

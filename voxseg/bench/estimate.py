@@ -7,6 +7,10 @@ training is arithmetic:
     epoch time = end-to-end step time x iterations per epoch
     total      = epoch time x epochs
 
+The speed-up compares rows at equal samples seen, not equal iterations: it is the ratio of samples/s (batch /
+end-to-end step) against the first row, so a larger batch is credited for the samples it adds per step. A row
+whose timing rounds spread by more than 20% (or came out inconsistent) shows "noise" instead of a ratio.
+
 Iterations per epoch are fixed (nnU-Net style, default 250), or, with `iterations_per_epoch=0`, one pass
 over the training cases: ceil(cases x patches per case / batch size) — so a larger batch or fewer patches per
 case shortens an epoch. "Cases" are fold 0's training cases, as `voxseg train --fold 0` counts them. A
@@ -39,6 +43,7 @@ class EstimateRow:
     peak_memory_gb: float | None = None
     fits: bool = True
     note: str = ""
+    noisy: bool = False
 
 
 def epoch_iterations(fixed: int, num_cases: int, num_samples: int, batch_size: int) -> int:
@@ -74,7 +79,7 @@ def _measure(workdir: Path, device: str, batch: int, samples: int, patch: list[i
         if torch.cuda.is_available():
             torch.cuda.empty_cache()
         return row
-    row.step_s, row.peak_memory_gb = timing.end_to_end_step_s, timing.peak_memory_gb
+    row.step_s, row.peak_memory_gb, row.noisy = timing.end_to_end_step_s, timing.peak_memory_gb, timing.noisy
     return row
 
 
@@ -101,10 +106,10 @@ def run_estimate(workdir: str | Path, batch_sizes: Sequence[int] | None = None,
             row.epoch_s = row.step_s * row.iterations_per_epoch
             row.total_h = row.epoch_s * epochs / 3600
         rows.append(row)
-    reference = rows[0].total_h
-    for row in rows:
-        if row.total_h and reference:
-            row.speedup = reference / row.total_h
+    reference = rows[0]
+    for row in rows:  # samples/s against the reference's: equal samples seen
+        if row.step_s and reference.step_s and not (row.noisy or reference.noisy):
+            row.speedup = (row.batch_size / row.step_s) / (reference.batch_size / reference.step_s)
     result = {"epochs": epochs, "iterations_per_epoch": iterations_per_epoch, "num_cases": num_cases,
               "rows": [row.__dict__ for row in rows]}
     write_json_atomic(Path(output) if output else workdir / "estimate.json", result)
@@ -131,9 +136,11 @@ def format_estimate(result: dict[str, Any]) -> str:
         if not row["fits"]:
             lines.append(f"{start}  {row['note']}")
             continue
-        speedup = "-" if row["speedup"] is None else f"{row['speedup']:.2f}x"  # None: the reference did not fit
+        # None: noise (this row or the reference), or the reference did not fit
+        speedup = ("noise" if row.get("noisy") or result["rows"][0].get("noisy") else "-") \
+            if row["speedup"] is None else f"{row['speedup']:.2f}x"
         lines.append(f"{start} {row['step_s'] * 1000:>7.0f}ms {row['iterations_per_epoch']:>8} "
                      f"{_duration(row['epoch_s']):>9} {_duration(row['total_h'] * 3600):>9} "
                      f"{speedup:>8} {row['peak_memory_gb']:>6.2f}GB")
-    lines.append("first row: the current plan (reference for the speed-up)")
+    lines.append("first row: the current plan (reference for the speed-up, compared at equal samples seen)")
     return "\n".join(lines)

@@ -283,7 +283,8 @@ class TrainData:
         self.sampler = PatchSampler(self.train_cache, patch_size, num_samples=config.data.num_samples,
                                     source_size=source_size(patch_size, config.augment),
                                     generator=np.random.default_rng(seed), **self._sampler_args)
-        self.augment_generator = torch.Generator(device=self.device).manual_seed(seed + 1)
+        # decisions are drawn on the host; with data parallelism seed it alike on every rank (global batch)
+        self.augment_generator = np.random.default_rng(seed + 1)
 
     def next_batch(self) -> Batch:
         image, seg = self.sampler.sample()  # (B, C, *S), (B, 1, *S): the global batch
@@ -317,12 +318,17 @@ class TrainData:
 
     @property
     def generators(self) -> dict[str, torch.Generator]:
-        """Torch generators whose states a checkpoint saves (see `checkpoint.rng_state`)."""
-        return {"augment": self.augment_generator}
+        """Torch generators whose states a checkpoint saves (see `checkpoint.rng_state`): none of its own.
+
+        The augmentation draws on the host from a numpy Generator, saved by `state_dict`.
+        """
+        return {}
 
     def state_dict(self) -> dict[str, Any]:
-        """The sampler's position generator and foreground credit (the augment generator goes with the RNGs)."""
-        return {"sampler": self.sampler.state_dict()}
+        """The sampler's position generator and foreground credit, and the augmentation's generator."""
+        return {"sampler": self.sampler.state_dict(), "augment": self.augment_generator.bit_generator.state}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.sampler.load_state_dict(state["sampler"])
+        if "augment" in state:  # checkpoints from before host-side draws restore the sampler only
+            self.augment_generator.bit_generator.state = state["augment"]
