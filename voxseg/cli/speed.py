@@ -11,7 +11,7 @@ def cmd_benchmark(args: argparse.Namespace) -> int:
 
     result = run_benchmark(
         args.workdir, device=args.device, num_threads=args.threads, iterations=args.iterations,
-        warmup=args.warmup, inference=not args.no_inference, output=args.output,
+        warmup=args.warmup, inference=not args.no_inference, output=args.output, repeats=args.repeats,
     )
     print(format_benchmark(result))
     return 0
@@ -45,6 +45,8 @@ def add_speed_commands(sub: Subparsers) -> None:
     p.add_argument("--threads", type=int, default=4, help="CPU threads for the data path")
     p.add_argument("--iterations", type=int, default=20)
     p.add_argument("--warmup", type=int, default=5)
+    p.add_argument("--repeats", type=int, default=3,
+                   help="interleaved rounds of both step timings; medians and spread are reported (default 3)")
     p.add_argument("--no-inference", action="store_true")
     p.add_argument("--output", help="benchmark.json path (default WORKDIR/benchmark.json)")
 

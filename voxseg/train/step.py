@@ -255,10 +255,11 @@ class TrainData:
         device: training device.
         seed: base seed, the same on every rank.
         cache_budget_gb: memory the training cache may take in gpu mode (None = the cache's default).
-        rank, world_size: this process's slice of the global batch. Every rank samples and augments the whole
-            global batch from the same seeded streams and keeps rows [rank * b, (rank + 1) * b), b = B / N, so
-            the run is the same on 1 or N processes (at the cost of N times the sampling and augmentation work
-            per rank). Validation batches are dealt round-robin: rank r crops batches r, r + N, ... only.
+        rank, world_size: this process's slice of the global batch. Every rank draws the whole global batch
+            (patch positions and augmentation decisions) from the same seeded streams and keeps rows
+            [rank * b, (rank + 1) * b), b = B / N, which it alone augments, so the run is the same on 1 or N
+            processes (the crops of the global batch are still cut on every rank). Validation batches are
+            dealt round-robin: rank r crops batches r, r + N, ... only.
     """
 
     def __init__(self, preprocessed_dir: str | os.PathLike, plan: Plan, config: TrainConfig, train_names: list[str],
@@ -288,10 +289,10 @@ class TrainData:
 
     def next_batch(self) -> Batch:
         image, seg = self.sampler.sample()  # (B, C, *S), (B, 1, *S): the global batch
-        image, seg = augment_batch(image, seg, self.config.augment, self.augment_generator, self.patch_size)
-        if self.world_size == 1:
-            return image, seg
-        return image[self.rows], seg[self.rows]  # (B / N, C, *P): this rank's rows (contiguous views)
+        if self.world_size > 1:  # this rank's rows; the augmentation draws for all B, applies its own
+            image, seg = image[self.rows], seg[self.rows]  # (B / N, C, *S)
+        return augment_batch(image, seg, self.config.augment, self.augment_generator, self.patch_size,
+                             global_batch=self.sampler.batch_size, first_sample=self.rows.start)
 
     def train_stream(self, count: int) -> BatchStream:
         """`count` augmented batches, prefetched `data.prefetch` ahead (-1: see DataConfig.prefetch)."""
