@@ -257,9 +257,21 @@ class Predictor:
         todo = [(name, files) for name, files in cases
                 if not (continue_run and self._outputs_exist(out_dir, name, ending, save_probabilities))]
         failures: list[tuple[str, str]] = []
-        written = 0
         bar = _progress(len(todo), progress)
-        with ThreadPoolExecutor(max(1, num_io_threads)) as pool:
+        written = self._pipeline(todo, out_dir, ending, spec, save_probabilities, num_io_threads, failures, bar)
+        bar.close()
+        if failures:
+            lines = "\n".join(f"  {name}: {reason}" for name, reason in failures)
+            raise InputError(f"{len(failures)} of {len(todo)} case(s) failed ({written} written to {out_dir}):\n{lines}")
+        return {"written": written, "skipped": len(cases) - len(todo), "out_dir": str(out_dir)}
+
+    def _pipeline(self, todo: list[tuple[str, Sequence[str | Path]]], out_dir: Path, ending: str,
+                  spec: dict[str, Any] | None, save_probabilities: bool, num_io_threads: int,
+                  failures: list[tuple[str, str]], bar: Any) -> int:
+        """Read ahead and write behind on `num_io_threads` threads while the device predicts; returns the number
+        of cases written and appends (name, reason) for each case that failed."""
+        threads, written = max(1, num_io_threads), 0
+        with ThreadPoolExecutor(threads) as pool:
             pending_reads: deque[tuple[str, Future]] = deque()
             pending_writes: deque[tuple[str, Future]] = deque()
             queue = iter(todo)
@@ -269,7 +281,7 @@ class Predictor:
                 if case is not None:
                     pending_reads.append((case[0], pool.submit(self._read_case, *case)))
 
-            for _ in range(max(1, num_io_threads)):
+            for _ in range(threads):
                 read_ahead()
             while pending_reads:
                 name, future = pending_reads.popleft()
@@ -285,17 +297,12 @@ class Predictor:
                 labels = apply_postprocessing(labels, spec)
                 pending_writes.append((name, pool.submit(self._write_case, out_dir, name, ending, labels, geometry,
                                                          probabilities)))
-                # bound the finished cases waiting in memory for the writer threads
-                while len(pending_writes) > max(1, num_io_threads):
+                while len(pending_writes) > threads:  # bound the finished cases waiting for the writers
                     written += _collect(pending_writes.popleft(), failures)
                 bar.update()
             while pending_writes:
                 written += _collect(pending_writes.popleft(), failures)
-        bar.close()
-        if failures:
-            lines = "\n".join(f"  {name}: {reason}" for name, reason in failures)
-            raise InputError(f"{len(failures)} of {len(todo)} case(s) failed ({written} written to {out_dir}):\n{lines}")
-        return {"written": written, "skipped": len(cases) - len(todo), "out_dir": str(out_dir)}
+        return written
 
     @staticmethod
     def _outputs_exist(out_dir: Path, name: str, ending: str, with_probabilities: bool) -> bool:
