@@ -109,3 +109,15 @@ def test_plan_overrides_are_one_config_field(tmp_path):
     assert load_config_json(tmp_path / "config.json").plan == {
         "patch_size": [32, 32, 32], "foreground_oversampling": 0.5, "network.residual": True,
         "network.deep_supervision": False}
+
+
+def test_test_only_validates_the_chosen_checkpoint(workdir):
+    _clear(workdir)
+    train(workdir, 0, _config("loop.epochs=1"))
+    assert train(workdir, 0, _config(), test_only=True)["checkpoint"].endswith("checkpoint_best.pt")
+    assert train(workdir, 0, _config(), test_only="final")["checkpoint"].endswith("checkpoint_final.pt")
+    (workdir / "training" / "fold_0" / "checkpoint_latest.pt").unlink()
+    with pytest.raises(CheckpointError, match="checkpoint_latest.pt exists; train first"):
+        train(workdir, 0, _config(), test_only="latest")
+    with pytest.raises(ConfigError, match="'newest' is unknown"):
+        train(workdir, 0, _config(), test_only="newest")

@@ -80,7 +80,10 @@ def cmd_train(args: argparse.Namespace) -> int:
     from voxseg.train.api import train_fold
 
     with flags_named_in_errors(args):
-        result = train_fold(args.workdir, args.fold, test_only=args.test_only, pretrained=args.pretrained,
+        if args.checkpoint and not args.test_only:
+            raise ConfigError("--checkpoint chooses the checkpoint --test-only validates; add --test-only")
+        test_only = (args.checkpoint or True) if args.test_only else False
+        result = train_fold(args.workdir, args.fold, test_only=test_only, pretrained=args.pretrained,
                             **train_request(args))
     from voxseg.distributed import env_world
 
@@ -124,3 +127,7 @@ def _train_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--pretrained", metavar="FILE", help="initialise from a checkpoint's matching weights")
     p.add_argument("--test-only", action="store_true",
                    help="evaluate checkpoint_best.pt (else checkpoint_final.pt) without training")
+    from voxseg.checkpoint import CHECKPOINT_CHOICES
+
+    p.add_argument("--checkpoint", choices=CHECKPOINT_CHOICES,
+                   help="with --test-only: validate this checkpoint instead")

@@ -61,13 +61,15 @@ def build_train_config(workdir: str | Path, fold: int | str = 0, config: TrainCo
 
 def train_fold(workdir: str | Path, fold: int | str = 0, config: TrainConfig | None = None, *,
                config_file: str | Path | None = None, recipe: str | None = None, overrides: Iterable[str] = (),
-               resume: bool = False, test_only: bool = False, pretrained: str | Path | None = None) -> dict[str, Any]:
+               resume: bool = False, test_only: bool | str = False,
+               pretrained: str | Path | None = None) -> dict[str, Any]:
     """Train (or, with `test_only`, evaluate) one fold with the config `build_train_config` builds.
 
     Args:
         workdir, fold, config, config_file, recipe, overrides, resume: as in `build_train_config`; `resume`
             also continues from training/fold_F/checkpoint_latest.pt (a changed effective plan is refused).
-        test_only: skip training; validate checkpoint_best.pt (else checkpoint_final.pt) on full volumes.
+        test_only: skip training and validate on full volumes: True = checkpoint_best.pt (else
+            checkpoint_final.pt), or "final" / "best" / "latest" for that checkpoint.
         pretrained: initialise from this checkpoint's matching weights.
 
     Returns:

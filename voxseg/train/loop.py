@@ -34,7 +34,7 @@ from voxseg.errors import CheckpointError, ConfigError, VoxsegError
 from voxseg.losses import build_loss
 from voxseg.models import build_network
 from voxseg.models.factory import warn_noop_deep_supervision
-from voxseg.checkpoint import Checkpointer, RngStates, checkpoint_file, load_pretrained, network_from_checkpoint
+from voxseg.checkpoint import CHECKPOINT_CHOICES, Checkpointer, RngStates, checkpoint_file, load_pretrained, network_from_checkpoint
 from voxseg.train.logger import TrainLogger
 from voxseg.optim import build_optimizer, build_scheduler
 from voxseg.train.step import RunningMeans, TrainData, TrainStep
@@ -107,8 +107,8 @@ class Training:
     checkpointer: Checkpointer
 
 
-def train(workdir: str | Path, fold: int | str, config: TrainConfig, resume: bool = False, test_only: bool = False,
-          pretrained: str | Path | None = None) -> dict[str, Any]:
+def train(workdir: str | Path, fold: int | str, config: TrainConfig, resume: bool = False,
+          test_only: bool | str = False, pretrained: str | Path | None = None) -> dict[str, Any]:
     """Train (or, with `test_only`, evaluate) one fold; returns the final metrics.
 
     Args:
@@ -116,7 +116,8 @@ def train(workdir: str | Path, fold: int | str, config: TrainConfig, resume: boo
         fold: fold index or "all".
         config: the run's settings.
         resume: continue from training/fold_F/checkpoint_latest.pt (also `config.resume`).
-        test_only: skip training; validate checkpoint_best.pt (else checkpoint_final.pt) on full volumes.
+        test_only: skip training and validate on full volumes: True = checkpoint_best.pt (else
+            checkpoint_final.pt), or a name of `CHECKPOINT_CHOICES` ("final", "best", "latest") for that one.
         pretrained: initialise from this checkpoint's matching weights (also `config.pretrained`).
 
     Returns:
@@ -131,8 +132,8 @@ def train(workdir: str | Path, fold: int | str, config: TrainConfig, resume: boo
         return _train(workdir, fold, config, world, resume, test_only, pretrained)
 
 
-def _train(workdir: str | Path, fold: int | str, config: TrainConfig, world: World, resume: bool, test_only: bool,
-           pretrained: str | Path | None) -> dict[str, Any]:
+def _train(workdir: str | Path, fold: int | str, config: TrainConfig, world: World, resume: bool,
+           test_only: bool | str, pretrained: str | Path | None) -> dict[str, Any]:
     """`train` inside the run's process group (if any)."""
     start = time.perf_counter()
     workdir = Path(workdir)
@@ -140,7 +141,7 @@ def _train(workdir: str | Path, fold: int | str, config: TrainConfig, world: Wor
     sweep_stale_temporaries(out_dir, recursive=True)  # temporary files of a killed run
     train_names, val_names = get_fold(workdir, fold)
     if test_only:  # the checkpoint's own effective plan decides everything; the config only the device/amp
-        return _test_only(workdir, out_dir, config, val_names, start, world)
+        return _test_only(workdir, out_dir, config, val_names, start, world, test_only)
     plan = effective_plan(workdir, config)
     run = resolve(config, plan, len(train_names), world)
 
@@ -360,12 +361,18 @@ def _print(world: World, text: str) -> None:
 
 # ----- test-only ------------------------------------------------------------------------------------------
 def _test_only(workdir: Path, out_dir: Path, config: TrainConfig, val_names: list[str],
-               start: float, world: World) -> dict[str, Any]:
-    """Full validation of checkpoint_best (else checkpoint_final) without training."""
-    candidates = [out_dir / "checkpoint_best.pt", out_dir / "checkpoint_final.pt"]
+               start: float, world: World, which: bool | str = True) -> dict[str, Any]:
+    """Full validation of checkpoint `which` (True: checkpoint_best, else checkpoint_final) without training."""
+    if isinstance(which, str):
+        if which not in CHECKPOINT_CHOICES:
+            raise ConfigError(f"test-only checkpoint '{which}' is unknown; use one of {', '.join(CHECKPOINT_CHOICES)}")
+        candidates = [checkpoint_file(out_dir, which)]
+    else:
+        candidates = [checkpoint_file(out_dir, "best"), checkpoint_file(out_dir, "final")]
     path = next((p for p in candidates if p.is_file()), None)
     if path is None:
-        raise CheckpointError(f"{out_dir}: neither checkpoint_best.pt nor checkpoint_final.pt exists; train first")
+        names = " nor ".join(p.name for p in candidates)
+        raise CheckpointError(f"{out_dir}: {'neither ' if len(candidates) > 1 else ''}{names} exists; train first")
     device = world.device
     model, plan, state = network_from_checkpoint(path, device)  # the effective plan the weights were trained with
     run = Resolved(device, resolve_amp(config.loop.amp, device), False, 0, world)
