@@ -286,3 +286,23 @@ def test_the_planner_never_imports_the_network_code():
             if isinstance(node, ast.ImportFrom):
                 names = [f"{node.module}.{a.name}" if node.module == "voxseg" else node.module or "" for a in node.names]
             assert not any(n == "voxseg.models" or n.startswith("voxseg.models.") for n in names), path.name
+
+
+def test_nnunet_dataset_conventions_plain_number_regions_and_splits_final(tmp_path):
+    from voxseg.data.synth import make_synthetic_dataset
+
+    raw = make_synthetic_dataset(tmp_path / "Dataset002_Regions", num_cases=4, shape=(16, 16, 16), regions=True)
+    meta = json.loads((raw / "dataset.json").read_text())
+    meta["labels"]["enhancing_tumor"] = 3  # a one-value region as a plain number, as nnU-Net accepts
+    (raw / "dataset.json").write_text(json.dumps(meta))
+    folds = [{"train": ["SYN_000", "SYN_001", "SYN_002"], "val": ["SYN_003"]},
+             {"train": ["SYN_001", "SYN_002", "SYN_003"], "val": ["SYN_000"]}]
+    (raw / "splits_final.json").write_text(json.dumps(folds))
+    plan = plan_dataset(raw, tmp_path / "work", gpu_memory_gb=8.0)
+    assert plan.is_region_based and plan.regions == [[1, 2, 3], [2, 3], [3]] and plan.num_outputs == 3
+    assert json.loads((tmp_path / "work" / "splits.json").read_text()) == folds  # nnU-Net's folds, as they are
+    folds[1]["val"] = ["SYN_999"]
+    (raw / "splits_final.json").write_text(json.dumps(folds))
+    with pytest.raises(ConfigError, match=r"splits_final.json: fold 1 names case\(s\) that are not in the dataset: SYN_999"):
+        plan_dataset(raw, tmp_path / "work2", gpu_memory_gb=8.0)
+    assert not (tmp_path / "work2").exists()  # refused before anything was written

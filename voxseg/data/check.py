@@ -219,7 +219,8 @@ def _check_labels_meta(dataset: RawDataset, meta_file: str) -> list[Problem]:
         problems.append(Problem(None, meta_file, f"label values {values} are not consecutive integers 0..N; "
                                 "renumber the labels (and the label files) so no value is skipped"))
     scheme = dataset.label_scheme
-    regions = [name for name in scheme.class_names if isinstance(dataset.labels[name], (list, tuple))]
+    # as in nnU-Net, once one label is a list every class is a region (a plain number is a one-value region)
+    regions = scheme.class_names if scheme.is_region_based else []
     order = dataset.meta.get("regions_class_order")
     if regions and (not isinstance(order, list) or len(order) != len(regions)):
         problems.append(Problem(None, meta_file, f"{len(regions)} region label(s) {regions} need 'regions_class_order' "

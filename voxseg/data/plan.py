@@ -28,7 +28,14 @@ from voxseg.data.fingerprint import compute_fingerprint, save_fingerprint
 from voxseg.data.memory import estimate_memory_gb
 from voxseg.labels import LabelScheme
 from voxseg.plans import ChannelNormalization, NetworkPlan, Plan, parse_overrides
-from voxseg.data.splits import SPLITS_FILE, make_fraction_split, make_kfold_splits, save_splits
+from voxseg.data.splits import (
+    NNUNET_SPLITS_FILE,
+    SPLITS_FILE,
+    make_fraction_split,
+    make_kfold_splits,
+    read_nnunet_splits,
+    save_splits,
+)
 from voxseg.data.topology import check_patch_divisible, derive_topology, fit_batch, fit_patch
 from voxseg.errors import ConfigError, DatasetError
 
@@ -218,7 +225,9 @@ def plan_dataset(
     """Check, fingerprint and plan a raw dataset; write the work directory.
 
     Writes WORKDIR/fingerprint.json, plans.json, splits.json (only if it does not exist yet, so a hand-made
-    split is kept) and a copy of dataset.json. `val_fraction` makes one random split instead of k folds.
+    split is kept) and a copy of dataset.json. The folds are nnU-Net's `splits_final.json` when the raw dataset
+    folder holds one (checked against the cases), else `num_folds` random folds; `val_fraction` makes one random
+    split instead.
 
     Raises:
         DatasetError: the dataset check found problems (the message lists them).
@@ -235,8 +244,12 @@ def plan_dataset(
         raise DatasetError(report.format())
     # every option is validated (splits made, plan built) before anything is written
     names = [case.name for case in dataset.cases]
-    splits = make_fraction_split(names, val_fraction, seed) if val_fraction is not None else \
-        make_kfold_splits(names, num_folds, seed)
+    nnunet_splits = dataset.root / NNUNET_SPLITS_FILE
+    if nnunet_splits.is_file() and val_fraction is None:  # the folds an nnU-Net user already has
+        splits = read_nnunet_splits(nnunet_splits, names)
+    else:
+        splits = make_fraction_split(names, val_fraction, seed) if val_fraction is not None else \
+            make_kfold_splits(names, num_folds, seed)
     fingerprint = compute_fingerprint(dataset, num_workers=num_workers)
     plan = make_plan(fingerprint, dataset, gpu_memory_gb=gpu_memory_gb, overrides=overrides, dims=dims)
     workdir.mkdir(parents=True, exist_ok=True)

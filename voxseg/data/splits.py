@@ -16,6 +16,7 @@ from voxseg.errors import ConfigError
 from voxseg.jsonio import read_json
 
 SPLITS_FILE = "splits.json"
+NNUNET_SPLITS_FILE = "splits_final.json"  # nnU-Net's split file: the same list of {"train", "val"} folds
 FOLD_PREFIX = "fold_"
 
 
@@ -96,6 +97,25 @@ def load_splits(workdir: str | Path) -> list[dict[str, list[str]]]:
                        invalid="fix it or delete it and re-run 'voxseg plan'")
     _validate_structure(splits, path)
     return splits
+
+
+def read_nnunet_splits(path: str | Path, names: list[str]) -> list[dict[str, list[str]]]:
+    """An nnU-Net `splits_final.json`, checked: every fold's cases must be cases of the dataset.
+
+    Raises:
+        ConfigError: the file is not a list of {"train": [...], "val": [...]} folds, or names unknown cases.
+    """
+    path = Path(path)
+    splits = read_json(path, ConfigError, invalid="fix it or remove it to let 'voxseg plan' make the folds")
+    _validate_structure(splits, path)
+    known = set(names)
+    for index, split in enumerate(splits):
+        unknown = sorted(n for n in split["train"] + split["val"] if n not in known)
+        if unknown:
+            shown = ", ".join(unknown[:5]) + (f" and {len(unknown) - 5} more" if len(unknown) > 5 else "")
+            raise ConfigError(f"{path}: fold {index} names case(s) that are not in the dataset: {shown}; "
+                              "fix the file or remove it to let 'voxseg plan' make the folds")
+    return [{"train": list(s["train"]), "val": list(s["val"])} for s in splits]
 
 
 def _validate_structure(splits: Any, path: Path) -> None:
