@@ -27,6 +27,7 @@ from voxseg.plans import Plan
 from voxseg.errors import CheckpointError, ConfigError, InputError, VoxsegError
 from voxseg.infer.archive import check_same_plan, fold_dir, load_fold_network, resolve_device, resolve_folds
 from voxseg.infer.inputs import find_input_cases
+from voxseg.infer.nnunet import is_nnunet_model_folder, load_nnunet_fold, nnunet_folds
 from voxseg.infer.postprocess import (
     POSTPROCESSING_FILE,
     apply_postprocessing,
@@ -97,9 +98,10 @@ class Predictor:
 
         Args:
             folds: see the module docstring.
-            checkpoint: "final", "best" or "latest".
+            checkpoint: "final", "best" or "latest" ("final" or "best" for an nnU-Net v2 model folder, whose folds
+                fold_F/checkpoint_{final,best}.pth load through `voxseg.infer.nnunet`).
             device: "auto" (CUDA when available), "cpu", "cuda", "cuda:1", ...; onnxruntime runs on the CPU.
-            mirror_axes: "all" (every spatial axis), None (no test-time mirroring) or a tuple of axes.
+            mirror_axes: "all" (every spatial axis; for an nnU-Net model the axes its checkpoint allows), None (no test-time mirroring) or a tuple of axes.
             compile: torch.compile the networks (pays off for many cases).
             amp: autocast (bf16 where supported, else fp16); default on for CUDA.
             onnx_files: ONNX models for the onnxruntime backend (default training/fold_F/model.onnx).
@@ -107,8 +109,18 @@ class Predictor:
         workdir = Path(workdir)
         if not workdir.is_dir():
             raise CheckpointError(f"model folder {workdir} not found; give the work directory of 'voxseg train'")
-        fold_list = resolve_folds(workdir, folds, checkpoint) if onnx_files is None else []
-        if backend == "onnxruntime":
+        if is_nnunet_model_folder(workdir):  # nnU-Net v2 <Trainer>__<Plans>__<configuration> folder
+            backend, fold_list = "nnunet", nnunet_folds(workdir, folds, checkpoint)
+        else:
+            fold_list = resolve_folds(workdir, folds, checkpoint) if onnx_files is None else []
+        if backend == "nnunet":
+            device = local_device(resolve_device(device))
+            loaded = [load_nnunet_fold(workdir, path, device) for path in fold_list]
+            check_same_plan([p for _, p, _ in loaded], [path.parent.name for path in fold_list])
+            plan, models = loaded[0][1], [torch.compile(net) if compile else net for net, _, _ in loaded]
+            if mirror_axes == "all":  # the axes the model was trained to be mirror-invariant along
+                mirror_axes = loaded[0][2]
+        elif backend == "onnxruntime":
             device, models = torch.device("cpu"), cls._load_onnx(workdir, fold_list, onnx_files)
             plan = next((m.plan for m in models if m.plan is not None), None) or Plan.load(workdir / "plans.json")
         elif backend == "torch":

@@ -1,0 +1,106 @@
+"""Parity of voxseg's nnU-Net adapter with dynamic_network_architectures' PlainConvUNet (same weights, same logits).
+
+Run with the python of an environment that has nnunetv2 / dynamic_network_architectures installed:
+
+    benchmarks/.venv-nnunet/bin/python benchmarks/nnunet_parity.py [--voxseg-python /path/to/python]
+
+It builds the network from nnU-Net-style arch_kwargs (as its planner writes them), saves an nnU-Net-style
+model folder (plans.json, dataset.json, fold_0/checkpoint_final.pth with the dict nnU-Net's trainer saves),
+then loads that folder with voxseg's adapter in a subprocess of voxseg's own python and compares the logits.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+import numpy as np
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+ARCH = {
+    "network_class_name": "dynamic_network_architectures.architectures.unet.PlainConvUNet",
+    "arch_kwargs": {
+        "n_stages": 4, "features_per_stage": [8, 16, 32, 64], "conv_op": "torch.nn.modules.conv.Conv3d",
+        "kernel_sizes": [[1, 3, 3], [3, 3, 3], [3, 3, 3], [3, 3, 3]],
+        "strides": [[1, 1, 1], [1, 2, 2], [2, 2, 2], [2, 2, 2]],
+        "n_conv_per_stage": [2, 2, 2, 2], "n_conv_per_stage_decoder": [2, 2, 2], "conv_bias": True,
+        "norm_op": "torch.nn.modules.instancenorm.InstanceNorm3d", "norm_op_kwargs": {"eps": 1e-5, "affine": True},
+        "dropout_op": None, "dropout_op_kwargs": None, "nonlin": "torch.nn.LeakyReLU", "nonlin_kwargs": {"inplace": True},
+    },
+    "_kw_requires_import": ["conv_op", "norm_op", "dropout_op", "nonlin"],
+}
+PATCH = [16, 32, 32]
+LOADER = """
+import sys, torch
+from voxseg.infer.nnunet import load_nnunet_fold, nnunet_folds
+folder = sys.argv[1]
+net, plan, axes = load_nnunet_fold(folder, nnunet_folds(folder, 0, "final")[0])
+with torch.no_grad():
+    torch.save(net(torch.load(folder + "/input.pt")), folder + "/voxseg_logits.pt")
+print("mirror axes", axes, "outputs", plan.num_outputs)
+"""
+
+
+def write_model_folder(folder: Path, network: torch.nn.Module) -> None:
+    """plans.json, dataset.json and fold_0/checkpoint_final.pth as nnU-Net v2 writes them (trimmed)."""
+    config = {"data_identifier": "nnUNetPlans_3d_fullres", "preprocessor_name": "DefaultPreprocessor",
+              "batch_size": 2, "patch_size": PATCH, "median_image_size_in_voxels": [40, 64, 64],
+              "spacing": [3.0, 0.8, 0.8], "normalization_schemes": ["ZScoreNormalization", "CTNormalization"],
+              "use_mask_for_norm": [True, False], "architecture": ARCH}
+    plans = {"dataset_name": "Dataset999_Parity", "plans_name": "nnUNetPlans", "transpose_forward": [0, 1, 2],
+             "transpose_backward": [0, 1, 2], "configurations": {"3d_fullres": config},
+             "original_median_spacing_after_transp": [3.0, 0.8, 0.8], "original_median_shape_after_transp": [40, 64, 64],
+             "foreground_intensity_properties_per_channel": {
+                 "1": {"mean": 40.0, "std": 50.0, "percentile_00_5": -100.0, "percentile_99_5": 300.0}}}
+    dataset = {"channel_names": {"0": "T2", "1": "CT"}, "labels": {"background": 0, "a": 1, "b": 2},
+               "numTraining": 2, "file_ending": ".nii.gz"}
+    (folder / "plans.json").write_text(json.dumps(plans, indent=2))
+    (folder / "dataset.json").write_text(json.dumps(dataset, indent=2))
+    (folder / "fold_0").mkdir()
+    logs = {"ema_fg_dice": [np.float64(0.5)], "dice_per_class_or_region": [[np.float64(0.4), np.float64(0.6)]]}
+    torch.save({"network_weights": network.state_dict(), "optimizer_state": {}, "grad_scaler_state": None,
+                "logging": logs, "_best_ema": np.float64(0.5), "current_epoch": 1000,
+                "init_args": {"plans": plans, "configuration": "3d_fullres", "fold": 0, "dataset_json": dataset,
+                              "device": torch.device("cpu")},
+                "trainer_name": "nnUNetTrainer", "inference_allowed_mirroring_axes": (0, 1, 2)},
+               folder / "fold_0" / "checkpoint_final.pth")
+
+
+def main() -> None:
+    from nnunetv2.utilities.get_network_from_plans import get_network_from_plans
+
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--voxseg-python", default="/root/.pyenv/versions/3.11.7/bin/python")
+    args = parser.parse_args()
+    torch.manual_seed(0)
+    network = get_network_from_plans(ARCH["network_class_name"], ARCH["arch_kwargs"], ARCH["_kw_requires_import"],
+                                     2, 3, deep_supervision=True)
+    for param in network.parameters():  # trained-looking norms and biases, not the identity/zero init
+        param.data.add_(0.1 * torch.randn_like(param))
+    network.eval()
+    with tempfile.TemporaryDirectory() as tmp:
+        folder = Path(tmp) / "nnUNetTrainer__nnUNetPlans__3d_fullres"
+        folder.mkdir()
+        write_model_folder(folder, network)
+        image = torch.randn(2, 2, *PATCH)
+        torch.save(image, folder / "input.pt")
+        network.decoder.deep_supervision = False
+        with torch.no_grad():
+            reference = network(image)
+        run = subprocess.run([args.voxseg_python, "-c", LOADER, str(folder)], cwd=REPO, capture_output=True, text=True)
+        if run.returncode:
+            sys.exit(f"voxseg failed to load the model folder:\n{run.stderr}")
+        ours = torch.load(folder / "voxseg_logits.pt")
+    diff = float((ours - reference).abs().max())
+    print(run.stdout.strip())
+    print(f"PlainConvUNet 4 stages, input {tuple(image.shape)}: max |voxseg - nnU-Net| logits = {diff:.2e} "
+          f"(logit range {float(reference.abs().max()):.2f})")
+    sys.exit(0 if diff < 1e-4 else 1)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,195 @@
+"""nnU-Net v2 model folders: safe checkpoint loading, plans.json translation, weights by structure, prediction."""
+from __future__ import annotations
+
+import copy
+import json
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from voxseg.data.io import Geometry
+from voxseg.data.preprocess import preprocess_case
+from voxseg.errors import CheckpointError
+from voxseg.infer.nnunet import (
+    is_nnunet_model_folder,
+    load_nnunet_checkpoint,
+    load_nnunet_fold,
+    nnunet_folds,
+    plan_from_nnunet,
+)
+from voxseg.infer.nnunet_weights import map_nnunet_weights, nnunet_names
+from voxseg.infer.predictor import Predictor
+from voxseg.models import build_network
+
+ARCH = {
+    "network_class_name": "dynamic_network_architectures.architectures.unet.PlainConvUNet",
+    "arch_kwargs": {
+        "n_stages": 3, "features_per_stage": [4, 8, 16], "conv_op": "torch.nn.modules.conv.Conv3d",
+        "kernel_sizes": [[3, 3, 3]] * 3, "strides": [[1, 1, 1], [2, 2, 2], [2, 2, 2]],
+        "n_conv_per_stage": [2, 2, 2], "n_conv_per_stage_decoder": [1, 1], "conv_bias": True,
+        "norm_op": "torch.nn.modules.instancenorm.InstanceNorm3d", "norm_op_kwargs": {"eps": 1e-5, "affine": True},
+        "dropout_op": None, "dropout_op_kwargs": None, "nonlin": "torch.nn.LeakyReLU", "nonlin_kwargs": {"inplace": True},
+    },
+    "_kw_requires_import": ["conv_op", "norm_op", "dropout_op", "nonlin"],
+}
+PLANS = {
+    "dataset_name": "Dataset001_Tiny", "plans_name": "nnUNetPlans", "transpose_forward": [0, 1, 2],
+    "transpose_backward": [0, 1, 2],
+    "configurations": {
+        "3d_fullres": {"batch_size": 2, "patch_size": [16, 16, 16], "spacing": [1.0, 1.0, 1.0],
+                       "median_image_size_in_voxels": [16, 16, 16], "normalization_schemes": ["ZScoreNormalization"],
+                       "use_mask_for_norm": [False], "architecture": ARCH},
+        "3d_bs4": {"inherits_from": "3d_fullres", "batch_size": 4},
+    },
+    "foreground_intensity_properties_per_channel": {
+        "0": {"mean": 10.0, "std": 5.0, "percentile_00_5": -50.0, "percentile_99_5": 200.0}},
+}
+DATASET = {"channel_names": {"0": "CT"}, "labels": {"background": 0, "liver": 1, "tumour": 2},
+           "file_ending": ".nii.gz", "numTraining": 2}
+
+
+def nnunet_state_dict(network: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """A voxseg UNet's weights under nnU-Net's names, with the aliases nnU-Net's state dicts also carry."""
+    own = network.state_dict()
+    weights = {}
+    for ours, theirs in nnunet_names(network).items():
+        weights[theirs] = own[ours].clone()
+        layer = {".conv.": ".all_modules.0.", ".norm.": ".all_modules.1."}
+        for part, alias in layer.items():
+            if part in theirs:
+                weights[theirs.replace(part, alias)] = own[ours].clone()
+        if theirs.startswith("encoder."):
+            weights["decoder." + theirs] = own[ours].clone()
+    return weights
+
+
+def write_model_folder(root: Path, plans: dict = PLANS, dataset: dict = DATASET, seed: int = 0,
+                       configuration: str = "3d_fullres") -> tuple[Path, torch.nn.Module]:
+    folder = root / f"nnUNetTrainer__nnUNetPlans__{configuration}"
+    (folder / "fold_0").mkdir(parents=True)
+    (folder / "plans.json").write_text(json.dumps(plans))
+    (folder / "dataset.json").write_text(json.dumps(dataset))
+    plan, options = plan_from_nnunet(plans, dataset, configuration)
+    torch.manual_seed(seed)
+    network = build_network(plan, deep_supervision=False, **options)
+    for param in network.parameters():  # norms and biases away from their identity/zero init
+        param.data.add_(0.1 * torch.randn_like(param))
+    torch.save({"network_weights": nnunet_state_dict(network), "optimizer_state": {}, "grad_scaler_state": None,
+                "logging": {"ema_fg_dice": [np.float64(0.7)], "dice_per_class_or_region": [[np.float64(0.6)]]},
+                "_best_ema": np.float64(0.7), "current_epoch": 1000, "trainer_name": "nnUNetTrainer",
+                "init_args": {"plans": plans, "configuration": configuration, "fold": 0, "device": torch.device("cpu")},
+                "inference_allowed_mirroring_axes": (0, 2)}, folder / "fold_0" / "checkpoint_final.pth")
+    return folder, network.eval()
+
+
+def test_model_folder_predicts_with_the_networks_logits(tmp_path):
+    folder, network = write_model_folder(tmp_path)
+    assert is_nnunet_model_folder(folder) and not is_nnunet_model_folder(tmp_path)
+    predictor = Predictor.from_workdir(folder, folds=0, device="cpu")
+    assert predictor.mirror_axes == (0, 2)  # from the checkpoint, not every axis
+    assert predictor.plan.network.conv_per_stage == 2 and predictor.models[0].decoder[0][0][0].in_channels == 16
+    predictor.mirror_axes = ()
+    image = np.random.default_rng(0).normal(50.0, 10.0, (1, 16, 16, 16)).astype(np.float32)
+    image_pp, _, _ = preprocess_case(image, Geometry.from_spacing((1.0, 1.0, 1.0)), predictor.plan)
+    with torch.no_grad():
+        expected = network(torch.as_tensor(image_pp, dtype=torch.float32)[None])[0]
+    logits = predictor.predict_logits(image_pp)
+    assert torch.allclose(logits, expected, atol=1e-5)
+    labels = predictor.predict_array(image, (1.0, 1.0, 1.0))
+    assert np.array_equal(labels, expected.argmax(0).numpy().astype(np.uint8))
+
+
+def test_best_checkpoint_and_missing_fold(tmp_path):
+    folder, _ = write_model_folder(tmp_path)
+    with pytest.raises(CheckpointError, match="checkpoint_best.pth"):
+        nnunet_folds(folder, 0, "best")
+    os.rename(folder / "fold_0" / "checkpoint_final.pth", folder / "fold_0" / "checkpoint_best.pth")
+    assert nnunet_folds(folder, None, "best") == [folder / "fold_0" / "checkpoint_best.pth"]
+    with pytest.raises(CheckpointError, match="'latest'"):
+        nnunet_folds(folder, 0, "latest")
+
+
+class _RunsCode:
+    def __init__(self, marker: Path) -> None:
+        self.marker = marker
+
+    def __reduce__(self):
+        return (os.system, (f"touch {self.marker}",))
+
+
+def test_malicious_pickle_is_refused_and_not_run(tmp_path):
+    folder, _ = write_model_folder(tmp_path)
+    marker = tmp_path / "pwned"
+    path = folder / "fold_0" / "checkpoint_final.pth"
+    state = torch.load(path, weights_only=False)
+    state["logging"]["evil"] = _RunsCode(marker)
+    torch.save(state, path)
+    with pytest.raises(CheckpointError) as info:
+        load_nnunet_checkpoint(path)
+    assert "weights_only=False" not in str(info.value) and "refuses to unpickle" in str(info.value)
+    with pytest.raises(CheckpointError):
+        Predictor.from_workdir(folder, folds=0, device="cpu")
+    assert not marker.exists()
+
+
+def _changed(path: list[str], value) -> dict:
+    plans = copy.deepcopy(PLANS)
+    node = plans
+    for key in path[:-1]:
+        node = node[key]
+    node[path[-1]] = value
+    return plans
+
+
+@pytest.mark.parametrize("path, value, named", [
+    (["configurations", "3d_fullres", "architecture", "network_class_name"], "my.nets.SwinUNETR", "my.nets.SwinUNETR"),
+    (["transpose_forward"], [2, 0, 1], "transpose_forward"),
+    (["configurations", "3d_fullres", "normalization_schemes"], ["RescaleTo01Normalization"], "RescaleTo01Normalization"),
+    (["configurations", "3d_fullres", "architecture", "arch_kwargs", "norm_op"], "torch.nn.BatchNorm3d", "BatchNorm3d"),
+    (["configurations", "3d_fullres", "architecture", "arch_kwargs", "n_conv_per_stage"], [1, 2, 2], "n_conv_per_stage"),
+    (["configurations", "3d_fullres", "patch_size"], [16, 16], "2D"),
+])
+def test_unsupported_models_are_refused_by_name(path, value, named):
+    with pytest.raises(CheckpointError, match=named):
+        plan_from_nnunet(_changed(path, value), DATASET, "3d_fullres")
+
+
+def test_plan_translation_regions_ct_and_inheritance():
+    plans = _changed(["configurations", "3d_fullres", "normalization_schemes"], ["CTNormalization"])
+    dataset = dict(DATASET, labels={"background": [0], "whole": [1, 2], "tumour": 2}, regions_class_order=[1, 2])
+    plan, options = plan_from_nnunet(plans, dataset, "3d_bs4")
+    assert plan.batch_size == 4 and plan.patch_size == [16, 16, 16] and options["decoder_conv_per_stage"] == 1
+    assert plan.is_region_based and plan.regions == [[1, 2], [2]] and plan.num_outputs == 2
+    assert plan.label_scheme.class_order == [1, 2] and plan.labels["background"] == 0
+    norm = plan.normalization[0]
+    assert (norm.scheme, norm.clip_low, norm.clip_high, norm.mean, norm.std) == ("ct", -50.0, 200.0, 10.0, 5.0)
+    masked = _changed(["configurations", "3d_fullres", "use_mask_for_norm"], [True])
+    assert plan_from_nnunet(masked, DATASET, "3d_fullres")[0].normalization[0].use_nonzero_mask
+
+
+def test_weight_shapes_are_checked_by_name(tmp_path):
+    folder, network = write_model_folder(tmp_path)
+    weights = nnunet_state_dict(network)
+    weights["decoder.seg_layers.1.weight"] = torch.zeros(5, 4, 1, 1, 1)
+    with pytest.raises(CheckpointError, match=r"decoder.seg_layers.1.weight has shape \(5, 4, 1, 1, 1\)"):
+        map_nnunet_weights(weights, network, "ck.pth")
+    weights = nnunet_state_dict(network)
+    weights["encoder.stages.3.0.convs.0.conv.weight"] = torch.zeros(1)
+    with pytest.raises(CheckpointError, match="encoder.stages.3.0.convs.0.conv.weight"):
+        map_nnunet_weights(weights, network, "ck.pth")
+    del weights["encoder.stages.3.0.convs.0.conv.weight"], weights["decoder.transpconvs.0.weight"]
+    with pytest.raises(CheckpointError, match="decoder.transpconvs.0.weight is missing"):
+        map_nnunet_weights(weights, network, "ck.pth")
+
+
+def test_conv_without_bias_gets_zero_bias(tmp_path):
+    folder, network = write_model_folder(tmp_path)
+    weights = {k: v for k, v in nnunet_state_dict(network).items() if not (k.endswith("conv.bias") or
+                                                                          "transpconvs" in k and k.endswith("bias"))}
+    mapped = map_nnunet_weights(weights, network, "ck.pth")
+    assert float(mapped["encoder.0.0.0.bias"].abs().sum()) == 0.0 and "heads.0.bias" in mapped
+    net, _, axes = load_nnunet_fold(folder, folder / "fold_0" / "checkpoint_final.pth")
+    assert axes == (0, 2)

@@ -1,0 +1,263 @@
+"""Run nnU-Net v2 trained models: safe checkpoint loading, plans.json -> voxseg Plan, weights into a voxseg UNet.
+
+An nnU-Net v2 model folder:
+```
+MODEL = <Trainer>__<Plans>__<configuration>/   plans.json  dataset.json  [dataset_fingerprint.json]
+MODEL/fold_F/checkpoint_final.pth  [checkpoint_best.pth]      (F = 0..4 or "all")
+```
+A checkpoint is a pickle (nnU-Net loads it with `weights_only=False`). Here it is read with `weights_only=True`
+and an allowlist of the few plain types nnU-Net's trainer puts next to the weights (numpy scalars in its logs
+and their dtypes); anything else is refused and never executed. postprocessing.pkl is never read.
+
+Only what voxseg can represent exactly is accepted: 3D configurations of PlainConvUNet with instance norm,
+LeakyReLU, no dropout, conv -> norm -> nonlin, the same convolution count in every encoder stage (and in every
+decoder level), no axis transposition, and z-score / CT normalisation. Anything else is a CheckpointError that
+names it. Preprocessing and resampling are voxseg's own (nnU-Net resamples images with third-order splines
+and probabilities back with them; results may differ slightly at the borders of structures).
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+import torch
+from torch import nn
+
+from voxseg.checkpoint import load_checkpoint
+from voxseg.errors import CheckpointError
+from voxseg.infer.nnunet_weights import map_nnunet_weights
+from voxseg.models.factory import build_network
+from voxseg.plans import ChannelNormalization, NetworkPlan, Plan
+
+CHECKPOINT_FILES = {"final": "checkpoint_final.pth", "best": "checkpoint_best.pth"}
+SUPPORTED_NETWORKS = ("PlainConvUNet",)
+# ResidualEncoderUNet's skip downsamples by average pooling before its 1x1 projection, voxseg's by a strided
+# 1x1 convolution: the same weights would compute something else, so it is refused until blocks can do both.
+_NUMPY_DTYPES = ("Float16DType", "Float32DType", "Float64DType", "Int8DType", "Int16DType", "Int32DType",
+                 "Int64DType", "UInt8DType", "UInt16DType", "UInt32DType", "UInt64DType", "BoolDType")
+
+
+# ----- safe loading -------------------------------------------------------------------------------------------
+def _safe_globals() -> list[Any]:
+    """The plain numpy types nnU-Net's checkpoints hold (numpy scalars in 'logging' and '_best_ema')."""
+    from numpy._core.multiarray import scalar
+
+    allowed: list[Any] = [scalar, (scalar, "numpy.core.multiarray.scalar"), np.dtype]
+    allowed += [getattr(np.dtypes, name) for name in _NUMPY_DTYPES if hasattr(np.dtypes, name)]
+    return allowed
+
+
+def load_nnunet_checkpoint(path: str | Path) -> dict[str, Any]:
+    """An nnU-Net checkpoint read with `weights_only=True`; CheckpointError when it holds anything unsafe."""
+    with torch.serialization.safe_globals(_safe_globals()):
+        state = load_checkpoint(path, map_location="cpu")
+    if not isinstance(state.get("network_weights"), dict):
+        raise CheckpointError(f"{path} has no 'network_weights'; is it an nnU-Net v2 checkpoint?")
+    return state
+
+
+# ----- the model folder ---------------------------------------------------------------------------------------
+def is_nnunet_model_folder(path: str | Path) -> bool:
+    """True for a folder with nnU-Net's plans.json (it has "configurations"), dataset.json and a fold_* folder."""
+    path = Path(path)
+    if not ((path / "plans.json").is_file() and (path / "dataset.json").is_file()):
+        return False
+    if not any(p.is_dir() for p in path.glob("fold_*")):
+        return False
+    try:
+        return "configurations" in json.loads((path / "plans.json").read_text())
+    except (OSError, ValueError):
+        return False
+
+
+def configuration_name(folder: str | Path) -> str:
+    """The configuration of a `<Trainer>__<Plans>__<configuration>` folder name."""
+    parts = Path(folder).resolve().name.split("__")
+    if len(parts) != 3 or not all(parts):
+        raise CheckpointError(f"{folder}: an nnU-Net model folder is named <Trainer>__<Plans>__<configuration> "
+                              "(e.g. nnUNetTrainer__nnUNetPlans__3d_fullres); rename it so")
+    return parts[2]
+
+
+def _read_json(path: Path) -> dict[str, Any]:
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError) as exc:
+        raise CheckpointError(f"{path} cannot be read as JSON ({exc})") from None
+
+
+def resolve_configuration(plans: dict[str, Any], name: str) -> dict[str, Any]:
+    """plans["configurations"][name] with its "inherits_from" chain applied (the child's keys win)."""
+    configurations, seen, chain = plans.get("configurations", {}), [], []
+    while name is not None:
+        if name not in configurations:
+            raise CheckpointError(f"plans.json has no configuration '{name}'; it has {', '.join(configurations)}")
+        if name in seen:
+            raise CheckpointError(f"plans.json: configurations inherit in a circle ({' -> '.join(seen + [name])})")
+        seen.append(name)
+        chain.append(configurations[name])
+        name = configurations[name].get("inherits_from")
+    resolved: dict[str, Any] = {}
+    for entry in reversed(chain):
+        resolved.update(entry)
+    return resolved
+
+
+# ----- plans.json -> Plan ---------------------------------------------------------------------------------------
+def _require_uniform(values: int | Sequence[int], what: str) -> int:
+    values = [values] if isinstance(values, int) else list(values)
+    if len(set(values)) != 1:
+        raise CheckpointError(f"plans.json: {what} {values} differ between stages; voxseg's UNet uses one count "
+                              "for every stage")
+    return int(values[0])
+
+
+def _check_layers(arch: dict[str, Any]) -> None:
+    """Refuse layer settings voxseg's UNet does not have (it is conv(bias) -> instance norm -> LeakyReLU)."""
+    kwargs = arch["arch_kwargs"]
+    norm, nonlin = str(kwargs.get("norm_op")), str(kwargs.get("nonlin"))
+    problems = []
+    if not norm.endswith("InstanceNorm3d"):
+        problems.append(f"norm_op {norm} (voxseg runs nnU-Net's InstanceNorm3d)")
+    elif not (kwargs.get("norm_op_kwargs") or {}).get("affine", False):
+        problems.append("a non-affine instance norm")
+    if nonlin != "torch.nn.LeakyReLU":
+        problems.append(f"nonlin {nonlin} (voxseg runs torch.nn.LeakyReLU)")
+    if kwargs.get("dropout_op") is not None:
+        problems.append(f"dropout_op {kwargs['dropout_op']}")
+    if kwargs.get("nonlin_first"):
+        problems.append("nonlin_first (conv -> nonlin -> norm)")
+    if not str(kwargs.get("conv_op")).endswith("Conv3d"):
+        problems.append(f"conv_op {kwargs.get('conv_op')} (only 3D configurations run)")
+    if problems:
+        raise CheckpointError("plans.json: voxseg cannot represent this nnU-Net network exactly: " + "; ".join(problems))
+
+
+def network_plan(arch: dict[str, Any]) -> tuple[NetworkPlan, dict[str, Any]]:
+    """The voxseg topology of a configuration's "architecture", and the build_network options it needs."""
+    class_name = str(arch.get("network_class_name", ""))
+    if class_name.rsplit(".", 1)[-1] not in SUPPORTED_NETWORKS:
+        raise CheckpointError(f"plans.json: network class {class_name} is not supported; voxseg runs "
+                              f"{', '.join(SUPPORTED_NETWORKS)} models")
+    _check_layers(arch)
+    kwargs = arch["arch_kwargs"]
+    stages = int(kwargs["n_stages"])
+    encoder = _require_uniform(kwargs["n_conv_per_stage"], "n_conv_per_stage")
+    decoder = _require_uniform(kwargs["n_conv_per_stage_decoder"], "n_conv_per_stage_decoder")
+    features = kwargs["features_per_stage"]
+    features = [int(features)] * stages if isinstance(features, int) else [int(f) for f in features]
+    network = NetworkPlan(name="unet", features=features, kernel_sizes=[list(k) for k in kwargs["kernel_sizes"]],
+                          strides=[list(s) for s in kwargs["strides"]], conv_per_stage=encoder, residual=False,
+                          deep_supervision=True)
+    norm_kwargs = {"eps": float((kwargs.get("norm_op_kwargs") or {}).get("eps", 1e-5)), "affine": True}
+    slope = float((kwargs.get("nonlin_kwargs") or {}).get("negative_slope", 1e-2))
+    return network, {"decoder_conv_per_stage": decoder, "norm_kwargs": norm_kwargs,
+                     "nonlin_kwargs": {"negative_slope": slope, "inplace": True}}
+
+
+def _normalization(plans: dict[str, Any], config: dict[str, Any], channels: int) -> list[ChannelNormalization]:
+    schemes, masks = config["normalization_schemes"], config.get("use_mask_for_norm", [False] * channels)
+    properties = plans.get("foreground_intensity_properties_per_channel", {})
+    out = []
+    for channel, (scheme, use_mask) in enumerate(zip(schemes, masks)):
+        if scheme == "ZScoreNormalization":
+            out.append(ChannelNormalization("zscore", use_nonzero_mask=bool(use_mask)))
+        elif scheme == "CTNormalization":
+            stats = properties.get(str(channel))
+            if stats is None:
+                raise CheckpointError(f"plans.json: channel {channel} uses CTNormalization but "
+                                      "foreground_intensity_properties_per_channel has no entry for it")
+            out.append(ChannelNormalization("ct", clip_low=float(stats["percentile_00_5"]),
+                                            clip_high=float(stats["percentile_99_5"]), mean=float(stats["mean"]),
+                                            std=float(stats["std"])))
+        elif scheme == "NoNormalization":
+            out.append(ChannelNormalization("none"))
+        else:
+            raise CheckpointError(f"plans.json: channel {channel} uses the normalisation scheme {scheme}, which voxseg "
+                                  "does not have (it runs ZScoreNormalization, CTNormalization, NoNormalization)")
+    return out
+
+
+def _labels(dataset: dict[str, Any]) -> dict[str, Any]:
+    """dataset.json labels as voxseg's: a region stays a list, a one-value list for background becomes 0."""
+    labels = {}
+    for name, value in dataset["labels"].items():
+        if isinstance(value, (list, tuple)):
+            value = [int(v) for v in value]
+            if name == "background" and len(value) == 1:
+                value = value[0]
+        labels[name] = value if isinstance(value, list) else int(value)
+    return labels
+
+
+def plan_from_nnunet(plans: dict[str, Any], dataset: dict[str, Any], configuration: str,
+                     source: str = "") -> tuple[Plan, dict[str, Any]]:
+    """A voxseg Plan from nnU-Net's plans.json and dataset.json, and the network options it needs.
+
+    Raises:
+        CheckpointError: the configuration transposes axes, is 2D, or uses a network, layer or normalisation
+            voxseg cannot represent exactly (the message names it).
+    """
+    transpose = [int(a) for a in plans.get("transpose_forward", [0, 1, 2])]
+    if transpose != sorted(transpose):
+        raise CheckpointError(f"plans.json: transpose_forward {transpose} reorders the axes; voxseg runs only models "
+                              "planned without transposition ([0, 1, 2])")
+    config = resolve_configuration(plans, configuration)
+    if len(config["patch_size"]) != 3:
+        raise CheckpointError(f"plans.json: configuration '{configuration}' is 2D; voxseg runs 3D nnU-Net models only")
+    network, options = network_plan(config["architecture"])
+    channels = dataset.get("channel_names") or dataset.get("modality")
+    if not channels:
+        raise CheckpointError("dataset.json has no channel_names")
+    spacing = [float(s) for s in config["spacing"]]
+    plan = Plan(
+        dataset_name=str(plans.get("dataset_name", dataset.get("name", ""))), raw_dataset=source,
+        channel_names={str(k): str(v) for k, v in channels.items()}, labels=_labels(dataset),
+        regions_class_order=[int(v) for v in dataset["regions_class_order"]] if dataset.get("regions_class_order")
+        else None, file_ending=str(dataset.get("file_ending", ".nii.gz")), target_spacing=spacing,
+        patch_size=[int(p) for p in config["patch_size"]], batch_size=int(config.get("batch_size", 2)),
+        network=network, normalization=_normalization(plans, config, len(channels)),
+        original_median_spacing=[float(s) for s in plans.get("original_median_spacing_after_transp", [])],
+        original_median_shape=[int(s) for s in plans.get("original_median_shape_after_transp", [])],
+        median_shape_after_resample=[int(s) for s in config.get("median_image_size_in_voxels", [])],
+        anisotropy_axis=int(np.argmax(spacing)), image_dtype="float32",
+    )
+    return plan, options
+
+
+# ----- folds ----------------------------------------------------------------------------------------------------
+def nnunet_folds(folder: str | Path, folds: int | str | Sequence[int | str] | None, checkpoint: str) -> list[Path]:
+    """Checkpoint files of the chosen folds: ints / "all" (fold_all, else every fold) / None (every fold_N)."""
+    folder = Path(folder)
+    if checkpoint not in CHECKPOINT_FILES:
+        raise CheckpointError(f"checkpoint '{checkpoint}' does not exist in nnU-Net model folders; use "
+                              f"{' or '.join(CHECKPOINT_FILES)}")
+    filename = CHECKPOINT_FILES[checkpoint]
+    if folds is None or folds == "all":
+        names = ["all"] if folds == "all" and (folder / "fold_all" / filename).is_file() else sorted(
+            (p.name[5:] for p in folder.glob("fold_*") if p.name[5:].isdigit() and (p / filename).is_file()), key=int)
+    else:
+        names = [str(f) for f in ([folds] if isinstance(folds, (int, str)) else folds)]
+    if not names:
+        raise CheckpointError(f"{folder}: no fold_N folder holds {filename}")
+    paths = [folder / f"fold_{name}" / filename for name in names]
+    for path in paths:
+        if not path.is_file():
+            raise CheckpointError(f"{path} not found (nnU-Net model folder {folder})")
+    return paths
+
+
+def load_nnunet_fold(folder: str | Path, checkpoint_file: str | Path, device: str | torch.device = "cpu"
+                     ) -> tuple[nn.Module, Plan, tuple[int, ...]]:
+    """The voxseg network of one nnU-Net fold in eval mode, its plan and the mirror axes it allows."""
+    folder = Path(folder)
+    plan, options = plan_from_nnunet(_read_json(folder / "plans.json"), _read_json(folder / "dataset.json"),
+                                     configuration_name(folder), str(folder))
+    state = load_nnunet_checkpoint(checkpoint_file)
+    network = build_network(plan, deep_supervision=False, **options)
+    network.load_state_dict(map_nnunet_weights(state["network_weights"], network, str(checkpoint_file)))
+    axes = state.get("inference_allowed_mirroring_axes")
+    mirror_axes = tuple(int(a) for a in axes) if axes is not None else ()
+    return network.to(device).eval(), plan, mirror_axes
