@@ -1,12 +1,13 @@
-"""Parity of voxseg's nnU-Net adapter with dynamic_network_architectures' PlainConvUNet (same weights, same logits).
+"""Parity of voxseg's nnU-Net adapter with dynamic_network_architectures' PlainConvUNet and ResidualEncoderUNet.
 
 Run with the python of an environment that has nnunetv2 / dynamic_network_architectures installed:
 
     benchmarks/.venv-nnunet/bin/python benchmarks/nnunet_parity.py [--voxseg-python /path/to/python]
 
-It builds the network from nnU-Net-style arch_kwargs (as its planner writes them), saves an nnU-Net-style
+For each network it builds the network from nnU-Net-style arch_kwargs (as its planner writes them), saves an nnU-Net-style
 model folder (plans.json, dataset.json, fold_0/checkpoint_final.pth with the dict nnU-Net's trainer saves),
-then loads that folder with voxseg's adapter in a subprocess of voxseg's own python and compares the logits.
+then loads that folder with voxseg's adapter in a subprocess of voxseg's own python and compares the logits
+(same weights, so they must agree to float rounding; the script fails above 1e-4).
 """
 from __future__ import annotations
 
@@ -21,7 +22,7 @@ import numpy as np
 import torch
 
 REPO = Path(__file__).resolve().parents[1]
-ARCH = {
+PLAIN = {
     "network_class_name": "dynamic_network_architectures.architectures.unet.PlainConvUNet",
     "arch_kwargs": {
         "n_stages": 4, "features_per_stage": [8, 16, 32, 64], "conv_op": "torch.nn.modules.conv.Conv3d",
@@ -32,6 +33,12 @@ ARCH = {
         "dropout_op": None, "dropout_op_kwargs": None, "nonlin": "torch.nn.LeakyReLU", "nonlin_kwargs": {"inplace": True},
     },
     "_kw_requires_import": ["conv_op", "norm_op", "dropout_op", "nonlin"],
+}
+RESENC = {  # as nnU-Net's ResEnc planners write it: blocks [1, 3, 4, 6], one conv per decoder level
+    "network_class_name": "dynamic_network_architectures.architectures.unet.ResidualEncoderUNet",
+    "arch_kwargs": {**{k: v for k, v in PLAIN["arch_kwargs"].items() if k != "n_conv_per_stage"},
+                    "n_blocks_per_stage": [1, 3, 4, 6], "n_conv_per_stage_decoder": [1, 1, 1]},
+    "_kw_requires_import": PLAIN["_kw_requires_import"],
 }
 PATCH = [16, 32, 32]
 LOADER = """
@@ -45,12 +52,12 @@ print("mirror axes", axes, "outputs", plan.num_outputs)
 """
 
 
-def write_model_folder(folder: Path, network: torch.nn.Module) -> None:
+def write_model_folder(folder: Path, network: torch.nn.Module, arch: dict) -> None:
     """plans.json, dataset.json and fold_0/checkpoint_final.pth as nnU-Net v2 writes them (trimmed)."""
     config = {"data_identifier": "nnUNetPlans_3d_fullres", "preprocessor_name": "DefaultPreprocessor",
               "batch_size": 2, "patch_size": PATCH, "median_image_size_in_voxels": [40, 64, 64],
               "spacing": [3.0, 0.8, 0.8], "normalization_schemes": ["ZScoreNormalization", "CTNormalization"],
-              "use_mask_for_norm": [True, False], "architecture": ARCH}
+              "use_mask_for_norm": [True, False], "architecture": arch}
     plans = {"dataset_name": "Dataset999_Parity", "plans_name": "nnUNetPlans", "transpose_forward": [0, 1, 2],
              "transpose_backward": [0, 1, 2], "configurations": {"3d_fullres": config},
              "original_median_spacing_after_transp": [3.0, 0.8, 0.8], "original_median_shape_after_transp": [40, 64, 64],
@@ -70,14 +77,12 @@ def write_model_folder(folder: Path, network: torch.nn.Module) -> None:
                folder / "fold_0" / "checkpoint_final.pth")
 
 
-def main() -> None:
+def parity(arch: dict, voxseg_python: str) -> float:
+    """max |voxseg - nnU-Net| logits for one architecture, on a random (2, 2, *PATCH) input."""
     from nnunetv2.utilities.get_network_from_plans import get_network_from_plans
 
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--voxseg-python", default="/root/.pyenv/versions/3.11.7/bin/python")
-    args = parser.parse_args()
     torch.manual_seed(0)
-    network = get_network_from_plans(ARCH["network_class_name"], ARCH["arch_kwargs"], ARCH["_kw_requires_import"],
+    network = get_network_from_plans(arch["network_class_name"], arch["arch_kwargs"], arch["_kw_requires_import"],
                                      2, 3, deep_supervision=True)
     for param in network.parameters():  # trained-looking norms and biases, not the identity/zero init
         param.data.add_(0.1 * torch.randn_like(param))
@@ -85,21 +90,29 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         folder = Path(tmp) / "nnUNetTrainer__nnUNetPlans__3d_fullres"
         folder.mkdir()
-        write_model_folder(folder, network)
+        write_model_folder(folder, network, arch)
         image = torch.randn(2, 2, *PATCH)
         torch.save(image, folder / "input.pt")
         network.decoder.deep_supervision = False
         with torch.no_grad():
             reference = network(image)
-        run = subprocess.run([args.voxseg_python, "-c", LOADER, str(folder)], cwd=REPO, capture_output=True, text=True)
+        run = subprocess.run([voxseg_python, "-c", LOADER, str(folder)], cwd=REPO, capture_output=True, text=True)
         if run.returncode:
             sys.exit(f"voxseg failed to load the model folder:\n{run.stderr}")
         ours = torch.load(folder / "voxseg_logits.pt")
     diff = float((ours - reference).abs().max())
-    print(run.stdout.strip())
-    print(f"PlainConvUNet 4 stages, input {tuple(image.shape)}: max |voxseg - nnU-Net| logits = {diff:.2e} "
-          f"(logit range {float(reference.abs().max()):.2f})")
-    sys.exit(0 if diff < 1e-4 else 1)
+    name = arch["network_class_name"].rsplit(".", 1)[-1]
+    print(f"{name}, 4 stages, input {tuple(image.shape)}: max |voxseg - nnU-Net| logits = {diff:.2e} "
+          f"(logit range {float(reference.abs().max()):.2f}; {run.stdout.strip()})")
+    return diff
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--voxseg-python", default="/root/.pyenv/versions/3.11.7/bin/python")
+    args = parser.parse_args()
+    worst = max(parity(arch, args.voxseg_python) for arch in (PLAIN, RESENC))
+    sys.exit(0 if worst < 1e-4 else 1)
 
 
 if __name__ == "__main__":

@@ -193,3 +193,23 @@ def test_conv_without_bias_gets_zero_bias(tmp_path):
     assert float(mapped["encoder.0.0.0.bias"].abs().sum()) == 0.0 and "heads.0.bias" in mapped
     net, _, axes = load_nnunet_fold(folder, folder / "fold_0" / "checkpoint_final.pth")
     assert axes == (0, 2)
+
+
+def test_residual_encoder_unet_loads_with_pooled_skips(tmp_path):
+    kwargs = {k: v for k, v in ARCH["arch_kwargs"].items() if k != "n_conv_per_stage"}
+    arch = dict(ARCH, network_class_name="dynamic_network_architectures.architectures.unet.ResidualEncoderUNet",
+                arch_kwargs=dict(kwargs, n_blocks_per_stage=[1, 2, 2]))
+    plans = _changed(["configurations", "3d_fullres", "architecture"], arch)
+    folder, network = write_model_folder(tmp_path, plans)
+    names = nnunet_names(network)
+    assert names["stem.0.weight"] == "encoder.stem.convs.0.conv.weight"
+    assert names["encoder.1.0.skip.1.0.weight"] == "encoder.stages.1.blocks.0.skip.1.conv.weight"  # after the AvgPool
+    assert isinstance(network.encoder[1][0].skip[0], torch.nn.AvgPool3d) and len(network.encoder[1]) == 2
+    loaded, plan, _ = load_nnunet_fold(folder, folder / "fold_0" / "checkpoint_final.pth")
+    assert plan.network.residual
+    image = torch.randn(1, 1, 16, 16, 16)
+    with torch.no_grad():
+        assert torch.equal(loaded(image), network(image))
+    with pytest.raises(CheckpointError, match="BottleneckD"):
+        arch["arch_kwargs"]["block"] = "dynamic_network_architectures.building_blocks.residual.BottleneckD"
+        plan_from_nnunet(_changed(["configurations", "3d_fullres", "architecture"], arch), DATASET, "3d_fullres")

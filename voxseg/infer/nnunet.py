@@ -9,7 +9,8 @@ A checkpoint is a pickle (nnU-Net loads it with `weights_only=False`). Here it i
 and an allowlist of the few plain types nnU-Net's trainer puts next to the weights (numpy scalars in its logs
 and their dtypes); anything else is refused and never executed. postprocessing.pkl is never read.
 
-Only what voxseg can represent exactly is accepted: 3D configurations of PlainConvUNet with instance norm,
+Only what voxseg can represent exactly is accepted: 3D configurations of PlainConvUNet or ResidualEncoderUNet
+(BasicBlockD blocks, run as voxseg's residual UNet with `pooled_skip`) with instance norm,
 LeakyReLU, no dropout, conv -> norm -> nonlin, the same convolution count in every encoder stage (and in every
 decoder level), no axis transposition, and z-score / CT normalisation. Anything else is a CheckpointError that
 names it. Preprocessing and resampling are voxseg's own (nnU-Net resamples images with third-order splines
@@ -32,9 +33,7 @@ from voxseg.models.factory import build_network
 from voxseg.plans import ChannelNormalization, NetworkPlan, Plan
 
 CHECKPOINT_FILES = {"final": "checkpoint_final.pth", "best": "checkpoint_best.pth"}
-SUPPORTED_NETWORKS = ("PlainConvUNet",)
-# ResidualEncoderUNet's skip downsamples by average pooling before its 1x1 projection, voxseg's by a strided
-# 1x1 convolution: the same weights would compute something else, so it is refused until blocks can do both.
+SUPPORTED_NETWORKS = ("PlainConvUNet", "ResidualEncoderUNet")
 _NUMPY_DTYPES = ("Float16DType", "Float32DType", "Float64DType", "Int8DType", "Int16DType", "Int32DType",
                  "Int64DType", "UInt8DType", "UInt16DType", "UInt32DType", "UInt64DType", "BoolDType")
 
@@ -135,6 +134,17 @@ def _check_layers(arch: dict[str, Any]) -> None:
         raise CheckpointError("plans.json: voxseg cannot represent this nnU-Net network exactly: " + "; ".join(problems))
 
 
+def _check_residual(kwargs: dict[str, Any], features: list[int]) -> None:
+    """ResidualEncoderUNet options voxseg's residual UNet has: BasicBlockD blocks, a stem of features[0]."""
+    block = str(kwargs.get("block") or "BasicBlockD")
+    if not block.endswith("BasicBlockD"):
+        raise CheckpointError(f"plans.json: residual block {block} is not supported; voxseg runs BasicBlockD")
+    stem = kwargs.get("stem_channels")
+    if stem is not None and int(stem) != features[0]:
+        raise CheckpointError(f"plans.json: stem_channels {stem} differs from features_per_stage[0] "
+                              f"{features[0]}; voxseg's stem has the first stage's features")
+
+
 def network_plan(arch: dict[str, Any]) -> tuple[NetworkPlan, dict[str, Any]]:
     """The voxseg topology of a configuration's "architecture", and the build_network options it needs."""
     class_name = str(arch.get("network_class_name", ""))
@@ -144,17 +154,26 @@ def network_plan(arch: dict[str, Any]) -> tuple[NetworkPlan, dict[str, Any]]:
     _check_layers(arch)
     kwargs = arch["arch_kwargs"]
     stages = int(kwargs["n_stages"])
-    encoder = _require_uniform(kwargs["n_conv_per_stage"], "n_conv_per_stage")
-    decoder = _require_uniform(kwargs["n_conv_per_stage_decoder"], "n_conv_per_stage_decoder")
     features = kwargs["features_per_stage"]
     features = [int(features)] * stages if isinstance(features, int) else [int(f) for f in features]
+    decoder = _require_uniform(kwargs["n_conv_per_stage_decoder"], "n_conv_per_stage_decoder")
+    residual = class_name.endswith("ResidualEncoderUNet")
+    options: dict[str, Any] = {"decoder_conv_per_stage": decoder}
+    if residual:
+        _check_residual(kwargs, features)
+        blocks = kwargs["n_blocks_per_stage"]
+        options.update(blocks_per_stage=[int(blocks)] * stages if isinstance(blocks, int) else [int(b) for b in blocks],
+                       pooled_skip=True)
+        encoder = decoder  # the residual encoder has no conv count of its own; the plan's serves the decoder
+    else:
+        encoder = _require_uniform(kwargs["n_conv_per_stage"], "n_conv_per_stage")
     network = NetworkPlan(name="unet", features=features, kernel_sizes=[list(k) for k in kwargs["kernel_sizes"]],
-                          strides=[list(s) for s in kwargs["strides"]], conv_per_stage=encoder, residual=False,
+                          strides=[list(s) for s in kwargs["strides"]], conv_per_stage=encoder, residual=residual,
                           deep_supervision=True)
     norm_kwargs = {"eps": float((kwargs.get("norm_op_kwargs") or {}).get("eps", 1e-5)), "affine": True}
     slope = float((kwargs.get("nonlin_kwargs") or {}).get("negative_slope", 1e-2))
-    return network, {"decoder_conv_per_stage": decoder, "norm_kwargs": norm_kwargs,
-                     "nonlin_kwargs": {"negative_slope": slope, "inplace": True}}
+    options.update(norm_kwargs=norm_kwargs, nonlin_kwargs={"negative_slope": slope, "inplace": True})
+    return network, options
 
 
 def _normalization(plans: dict[str, Any], config: dict[str, Any], channels: int) -> list[ChannelNormalization]:

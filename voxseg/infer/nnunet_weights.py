@@ -1,5 +1,9 @@
 """nnU-Net v2 weights in a voxseg UNet: the tensor names of both networks, paired by walking their structure.
 
+ResidualEncoderUNet has `encoder.stem.convs.0.{conv,norm}` and `encoder.stages.S.blocks.B.{conv1,conv2}.{conv,norm}`
+with `...skip.I.{conv,norm}` where a block projects its skip; voxseg's residual UNet (built with `pooled_skip`)
+has `stem.{0,1}`, `encoder.S.B.{conv1,conv2}.{0,1}` and `encoder.S.B.skip.I.{0,1}`. The decoders are the same.
+
 dynamic_network_architectures' PlainConvUNet names its tensors
 
     encoder.stages.S.0.convs.C.{conv,norm}.{weight,bias}       encoder stage S, convolution C
@@ -26,18 +30,37 @@ from voxseg.models.unet import UNet
 _CONV_NORM = (("0", "conv"), ("1", "norm"))  # index in voxseg's ConvNormAct -> nnU-Net's attribute name
 
 
+def _conv_norm(ours: str, theirs: str) -> Iterator[tuple[str, str]]:
+    """A voxseg (conv, norm, ...) Sequential at `ours` against nnU-Net's ConvDropoutNormReLU at `theirs`."""
+    for index, name in _CONV_NORM:
+        yield f"{ours}.{index}", f"{theirs}.{name}"
+
+
 def _stacked_pairs(ours: str, theirs: str, block: nn.Module) -> Iterator[tuple[str, str]]:
     """(voxseg prefix, nnU-Net prefix) of every conv and norm of a StackedConvs `block`."""
-    for c, conv_norm_act in enumerate(block):
-        for index, name in _CONV_NORM:
-            if len(conv_norm_act) > int(index) and not isinstance(conv_norm_act[int(index)], nn.Identity):
-                yield f"{ours}.{c}.{index}", f"{theirs}.convs.{c}.{name}"
+    for c in range(len(block)):
+        yield from _conv_norm(f"{ours}.{c}", f"{theirs}.convs.{c}")
+
+
+def _residual_pairs(s: int, stage: nn.Module) -> Iterator[tuple[str, str]]:
+    """A ResidualStage against nnU-Net's StackedResidualBlocks of BasicBlockD (skip: [AvgPool], [conv, norm])."""
+    for b, block in enumerate(stage):
+        ours, theirs = f"encoder.{s}.{b}", f"encoder.stages.{s}.blocks.{b}"
+        yield from _conv_norm(f"{ours}.conv1", f"{theirs}.conv1")
+        yield from _conv_norm(f"{ours}.conv2", f"{theirs}.conv2")
+        for i, part in enumerate(block.skip if isinstance(block.skip, nn.Sequential) else []):
+            if isinstance(part, nn.Sequential):  # the projection; a strided 1x1 conv skip has none and stays unmapped
+                yield from _conv_norm(f"{ours}.skip.{i}", f"{theirs}.skip.{i}")
 
 
 def _module_pairs(network: UNet) -> Iterator[tuple[str, str]]:
-    """(voxseg module prefix, nnU-Net module prefix) in forward order: encoder, then each decoder level."""
+    """(voxseg module prefix, nnU-Net module prefix) in forward order: stem, encoder, then each decoder level."""
+    residual = not isinstance(network.stem, nn.Identity)
+    if residual:
+        yield from _conv_norm("stem", "encoder.stem.convs.0")
     for s, stage in enumerate(network.encoder):
-        yield from _stacked_pairs(f"encoder.{s}", f"encoder.stages.{s}.0", stage)
+        yield from _residual_pairs(s, stage) if residual else _stacked_pairs(f"encoder.{s}", f"encoder.stages.{s}.0",
+                                                                              stage)
     for level, block in enumerate(network.decoder):
         yield f"upsample.{level}", f"decoder.transpconvs.{level}"
         yield from _stacked_pairs(f"decoder.{level}", f"decoder.stages.{level}", block)
@@ -45,9 +68,8 @@ def _module_pairs(network: UNet) -> Iterator[tuple[str, str]]:
 
 
 def nnunet_names(network: UNet) -> dict[str, str]:
-    """voxseg state-dict name -> nnU-Net PlainConvUNet name, for every tensor of a plain `network`."""
-    if not isinstance(network.stem, nn.Identity):
-        raise CheckpointError("only plain-encoder U-Nets map to nnU-Net's PlainConvUNet")
+    """voxseg state-dict name -> nnU-Net name (PlainConvUNet, or ResidualEncoderUNet for a residual `network`
+    built with `pooled_skip`), for every tensor of `network`."""
     own = network.state_dict()
     names = {}
     for ours, theirs in _module_pairs(network):
@@ -65,7 +87,7 @@ def _is_alias(name: str) -> bool:
 
 
 def map_nnunet_weights(weights: dict[str, torch.Tensor], network: UNet, source: str) -> dict[str, torch.Tensor]:
-    """nnU-Net PlainConvUNet `weights` renamed to `network`'s state dict, every shape checked.
+    """nnU-Net `weights` (PlainConvUNet or ResidualEncoderUNet) renamed to `network`'s state dict, every shape checked.
 
     A convolution trained without bias (`conv_bias: false`) gets a zero bias, which is the same function.
 

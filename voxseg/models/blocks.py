@@ -28,6 +28,7 @@ _CONV = {2: nn.Conv2d, 3: nn.Conv3d}
 _CONV_TRANSPOSED = {2: nn.ConvTranspose2d, 3: nn.ConvTranspose3d}
 _INSTANCE = {2: nn.InstanceNorm2d, 3: nn.InstanceNorm3d}
 _BATCH = {2: nn.BatchNorm2d, 3: nn.BatchNorm3d}
+_AVG_POOL = {2: nn.AvgPool2d, 3: nn.AvgPool3d}
 
 
 def _check_ndim(ndim: int) -> None:
@@ -186,21 +187,26 @@ class ResidualBlock(nn.Module):
     """Two convolutions with an identity skip: nonlin(norm(conv(nonlin(norm(conv(x))))) + skip(x)).
 
     When the block changes the spatial shape (stride) or the feature count, the skip is a 1x1 convolution with
-    the block's stride followed by a norm, so both branches have the same shape.
+    the block's stride followed by a norm, so both branches have the same shape. With `pooled_skip` (nnU-Net's
+    BasicBlockD, "ResNet-D") a stride is average pooling instead, and the 1x1 convolution + norm after it is
+    there only when the feature count changes: skip = Sequential([AvgPool], [Sequential(conv, norm)]).
     """
 
     def __init__(
-        self, spec: LayerSpec, in_ch: int, out_ch: int, kernel: Sequence[int] | int, stride: Sequence[int] | int = 1
+        self, spec: LayerSpec, in_ch: int, out_ch: int, kernel: Sequence[int] | int, stride: Sequence[int] | int = 1,
+        pooled_skip: bool = False,
     ) -> None:
         super().__init__()
         self.conv1 = ConvNormAct(spec, in_ch, out_ch, kernel, stride)
         self.conv2 = nn.Sequential(spec.conv(out_ch, out_ch, kernel), spec.make_norm(out_ch))
-        needs_projection = in_ch != out_ch or any(s != 1 for s in _as_tuple(stride, spec.ndim))
-        self.skip: nn.Module = (
-            nn.Sequential(spec.conv(in_ch, out_ch, 1, stride), spec.make_norm(out_ch))
-            if needs_projection
-            else nn.Identity()
-        )
+        strided = any(s != 1 for s in _as_tuple(stride, spec.ndim))
+        self.skip: nn.Module = nn.Identity()
+        if pooled_skip and (strided or in_ch != out_ch):
+            pool = [_AVG_POOL[spec.ndim](_as_tuple(stride, spec.ndim))] if strided else []
+            project = [nn.Sequential(spec.conv(in_ch, out_ch, 1), spec.make_norm(out_ch))] if in_ch != out_ch else []
+            self.skip = nn.Sequential(*pool, *project)
+        elif strided or in_ch != out_ch:
+            self.skip = nn.Sequential(spec.conv(in_ch, out_ch, 1, stride), spec.make_norm(out_ch))
         self.act = spec.make_nonlin()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -208,7 +214,8 @@ class ResidualBlock(nn.Module):
 
 
 class ResidualStage(nn.Sequential):
-    """`num_blocks` residual blocks; the first one carries the stride and the feature change."""
+    """`num_blocks` residual blocks; the first one carries the stride and the feature change (`pooled_skip`: see
+    ResidualBlock)."""
 
     def __init__(
         self,
@@ -218,11 +225,12 @@ class ResidualStage(nn.Sequential):
         out_ch: int,
         kernel: Sequence[int] | int,
         stride: Sequence[int] | int = 1,
+        pooled_skip: bool = False,
     ) -> None:
         if num_blocks < 1:
             raise ConfigError(f"blocks_per_stage entries must be at least 1, got {num_blocks}")
-        blocks = [ResidualBlock(spec, in_ch, out_ch, kernel, stride)]
-        blocks += [ResidualBlock(spec, out_ch, out_ch, kernel) for _ in range(num_blocks - 1)]
+        blocks = [ResidualBlock(spec, in_ch, out_ch, kernel, stride, pooled_skip)]
+        blocks += [ResidualBlock(spec, out_ch, out_ch, kernel, pooled_skip=pooled_skip) for _ in range(num_blocks - 1)]
         super().__init__(*blocks)
 
 

@@ -44,6 +44,8 @@ class UNet(nn.Module):
             stage; the decoder stays plain.
         blocks_per_stage: residual blocks per encoder stage (int or list); default nnU-Net's [1, 3, 4, 6, 6, 6].
         decoder_conv_per_stage: convolutions per decoder level (default `conv_per_stage`).
+        pooled_skip: residual skips downsample by average pooling and project only when the feature count
+            changes (nnU-Net's ResidualEncoderUNet, BasicBlockD); default a strided 1x1 projection.
         deep_supervision: in training mode return all decoder outputs, highest resolution first.
         norm, nonlin, norm_kwargs, nonlin_kwargs: layer choices, see `voxseg.models.blocks`.
     """
@@ -59,6 +61,7 @@ class UNet(nn.Module):
         residual: bool = False,
         blocks_per_stage: int | Sequence[int] | None = None,
         decoder_conv_per_stage: int | None = None,
+        pooled_skip: bool = False,
         deep_supervision: bool = True,
         norm: str = "instance",
         nonlin: str = "leaky_relu",
@@ -81,7 +84,7 @@ class UNet(nn.Module):
 
         if residual:
             self.stem: nn.Module = ConvNormAct(spec, in_channels, self.features[0], kernel_sizes[0])
-            self.encoder = self._residual_encoder(spec, kernel_sizes, blocks_per_stage)
+            self.encoder = self._residual_encoder(spec, kernel_sizes, blocks_per_stage, pooled_skip)
         else:
             self.stem = nn.Identity()
             self.encoder = nn.ModuleList(
@@ -105,7 +108,8 @@ class UNet(nn.Module):
         self.apply(init_weights)
 
     def _residual_encoder(
-        self, spec: LayerSpec, kernel_sizes: Sequence[Sequence[int]], blocks: int | Sequence[int] | None
+        self, spec: LayerSpec, kernel_sizes: Sequence[Sequence[int]], blocks: int | Sequence[int] | None,
+        pooled_skip: bool = False,
     ) -> nn.ModuleList:
         num_stages = len(self.features)
         if blocks is None:
@@ -115,7 +119,7 @@ class UNet(nn.Module):
         if len(blocks) != num_stages:
             raise ConfigError(f"blocks_per_stage has {len(blocks)} entries; the network has {num_stages} stages")
         return nn.ModuleList(
-            ResidualStage(spec, n, c_in, c_out, kernel, stride)
+            ResidualStage(spec, n, c_in, c_out, kernel, stride, pooled_skip)
             for n, c_in, c_out, kernel, stride in zip(
                 blocks, self.features[:1] + self.features[:-1], self.features, kernel_sizes, self.strides
             )
