@@ -87,7 +87,9 @@ def cmd_install(args: argparse.Namespace) -> int:
 
 
 def _predict_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("-m", "--model", required=True, help="work directory with plans.json and training/fold_F")
+    p.add_argument("-m", "--model", required=True,
+                   help="work directory with plans.json and training/fold_F, or an nnU-Net v2 trained-model folder "
+                        "(<Trainer>__<Plans>__<configuration> with fold_X/checkpoint_final.pth)")
     p.add_argument("-i", "--input", required=True, nargs="+", help="folder (nnU-Net or BraTS layout) or channel files")
     p.add_argument("-o", "--output", required=True)
     p.add_argument("--folds", type=folds, default=[0], help="0 | 0,1,2 | all (default 0)")
