@@ -65,10 +65,22 @@ def run_stage(name: str, budget_s: float, function: Callable[[], Any], report: d
             signal.setitimer(signal.ITIMER_REAL, 0)
             signal.signal(signal.SIGALRM, previous)
         report["stage_seconds"][name] = round(time.perf_counter() - start, 1)
+        release_memory()
+
+
+def release_memory() -> None:
+    """Free what a stage left (an out-of-memory stage above all) before the next one measures."""
+    import gc
+
+    import torch
+
+    gc.collect()
+    if torch.cuda.is_initialized():
+        torch.cuda.empty_cache()
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0],
+    parser = argparse.ArgumentParser(description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--device", choices=("cuda", "cpu"), default=None, help="default: cuda when available")
     parser.add_argument("--quick", action="store_true", help="small cases (64^3 on CUDA, 48^3 on a CPU)")
@@ -147,7 +159,9 @@ def headline(report: dict[str, Any]) -> None:
     for key in KEYS:
         if report[key] is None:
             stage = "training" if key in KEYS[:4] else "inference"
-            report["errors"].setdefault(stage, f"the {stage} stage gave no '{key}'")
+            skipped = report.get(stage) == {"skipped": True}
+            report["errors"].setdefault(stage, f"skipped (--skip {stage})" if skipped else
+                                        f"the {stage} stage gave no '{key}'")
 
 
 def _cell(value: Any, form: str, unit: str = "") -> str:
@@ -166,7 +180,7 @@ def markdown_table(report: dict[str, Any]) -> str:
                    + (f"CUDA {env.get('cuda')}, {env.get('gpu_memory_gb')} GB GPU memory, " if env.get("cuda") else "")
                    + f"{env.get('cpu_count')} CPUs"),
         ("pytest -m gpu", f"{tests.get('passed')} passed, {tests.get('failed')} failed, "
-                          f"{tests.get('skipped')} skipped" if tests and not tests.get("skipped") is True else "n/a"),
+                          f"{tests.get('skipped')} skipped, {tests.get('errors')} errors" if tests and not tests.get("skipped") is True else "n/a"),
         ("synthetic data", f"{sizes.get('cases')} cases x 4 x {'x'.join(map(str, sizes.get('shape', [])))}"),
         ("plan", f"patch {plan.get('patch_size')} x batch {plan.get('batch_size')}, features "
                  f"{plan.get('features')}, planned for {plan.get('gpu_memory_gb')} GB"),
