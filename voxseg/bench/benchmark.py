@@ -72,7 +72,11 @@ def time_inference(plan: Plan, device: torch.device, folds: int, mirror: bool, r
     amp_dtype = torch.bfloat16 if device.type == "cuda" else None  # as `voxseg predict` runs on a GPU
     predictor = Predictor(plan, _models(plan, folds, device), device=device, mirror_axes=mirror_axes,
                           tile_batch=tile_batch, amp_dtype=amp_dtype)
-    case = _first_raw_case(plan)
+    return time_predictor(predictor, _first_raw_case(plan), device, repeats)
+
+
+def time_predictor(predictor: Any, case: tuple[str, list[Path]], device: torch.device, repeats: int = 2) -> float:
+    """Seconds for `predictor` to predict `case` file to file; best of `repeats` after one warm-up run."""
     best = float("inf")
     with tempfile.TemporaryDirectory() as out:
         for attempt in range(repeats + 1):

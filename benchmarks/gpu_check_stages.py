@@ -1,0 +1,236 @@
+"""The measuring stages of benchmarks/gpu_check.py; each returns a plain dict of what it measured.
+
+Every stage reuses the project's own timing code (voxseg.bench and benchmarks/augment_bench.py) so that the
+figures a GPU session records are the ones `voxseg benchmark` and the augmentation benchmark report.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import platform
+import re
+import shutil
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+ROOT = Path(__file__).resolve().parent.parent
+DATASET_NAME = "Dataset001_Synth"
+CUDA_PLAN_FALLBACK_GB = 8.0
+"""GPU memory to plan for on a CPU (the planner's default budget)."""
+
+
+@dataclass
+class Sizes:
+    """How big each stage's work is for one device and mode; budgets are seconds per stage."""
+
+    cases: int
+    shape: tuple[int, int, int]
+    iterations: int
+    warmup: int
+    repeats: int
+    augment_patch: int
+    augment_batches: int
+    infer_repeats: int
+    max_features: int | None = None
+    """Cap of the feature maps (a CPU shrinks the plan as `voxseg demo` does); None keeps the plan's network."""
+    max_patch: int = 0
+    budgets: dict[str, float] = field(default_factory=dict)
+
+
+CUDA_BUDGETS = {"environment": 20, "pytest": 90, "dataset": 120, "training": 150, "inference": 90, "augment": 30}
+CPU_BUDGETS = {"environment": 20, "pytest": 180, "dataset": 180, "training": 300, "inference": 300, "augment": 120}
+SIZES = {
+    ("cuda", False): Sizes(6, (155, 240, 240), iterations=20, warmup=5, repeats=3, augment_patch=128,
+                           augment_batches=10, infer_repeats=2, budgets=CUDA_BUDGETS),
+    ("cuda", True): Sizes(6, (64, 64, 64), iterations=10, warmup=3, repeats=3, augment_patch=128,
+                          augment_batches=5, infer_repeats=2, budgets=CUDA_BUDGETS),
+    ("cpu", False): Sizes(6, (64, 64, 64), iterations=6, warmup=2, repeats=3, augment_patch=64,
+                          augment_batches=3, infer_repeats=1, max_features=64, max_patch=48, budgets=CPU_BUDGETS),
+    ("cpu", True): Sizes(6, (48, 48, 48), iterations=4, warmup=1, repeats=3, augment_patch=48,
+                         augment_batches=2, infer_repeats=1, max_features=32, max_patch=32, budgets=CPU_BUDGETS),
+}
+
+
+def sizes_for(device: torch.device, args: argparse.Namespace) -> Sizes:
+    """The preset for the device and --quick, with --cases / --shape / --iterations applied."""
+    preset = SIZES[(device.type, bool(args.quick))]
+    sizes = Sizes(**{**preset.__dict__, "budgets": dict(preset.budgets)})
+    if args.cases:
+        sizes.cases = args.cases
+    if args.shape:
+        sizes.shape = tuple(args.shape)  # type: ignore[assignment]
+    if args.iterations:
+        sizes.iterations = args.iterations
+    return sizes
+
+
+# ----- 1. environment --------------------------------------------------------------------------------------
+def environment(device: torch.device) -> dict[str, Any]:
+    """Device, software versions, GPU memory and CPU count."""
+    from voxseg.bench.benchmark import device_name
+
+    info: dict[str, Any] = {
+        "device": device_name(device), "device_type": device.type, "torch": torch.__version__,
+        "cuda": torch.version.cuda, "cudnn": torch.backends.cudnn.version() if torch.cuda.is_available() else None,
+        "python": platform.python_version(), "cpu_count": os.cpu_count(), "platform": platform.platform(),
+        "gpu_memory_gb": None, "git_commit": _git_commit(),
+    }
+    if device.type == "cuda":
+        properties = torch.cuda.get_device_properties(device)
+        info["gpu_memory_gb"] = round(properties.total_memory / 2**30, 2)
+        info["compute_capability"] = f"{properties.major}.{properties.minor}"
+    return info
+
+
+def _git_commit() -> str | None:
+    try:
+        done = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True,
+                              timeout=10)
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return done.stdout.strip() or None
+
+
+# ----- 2. pytest -m gpu ------------------------------------------------------------------------------------
+def gpu_tests(timeout_s: float) -> dict[str, Any]:
+    """Run `pytest -m gpu -q` in a subprocess; counts per outcome and the output's tail."""
+    command = [sys.executable, "-m", "pytest", "-m", "gpu", "-q", "-p", "no:cacheprovider"]
+    start = time.perf_counter()
+    try:
+        done = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=timeout_s)
+        output, returncode = done.stdout + done.stderr, done.returncode
+    except subprocess.TimeoutExpired as exc:
+        output = _text(exc.stdout) + _text(exc.stderr) + f"\n[timed out after {timeout_s:.0f} s]"
+        returncode = None
+    counts = {outcome: 0 for outcome in ("passed", "failed", "skipped", "errors", "deselected")}
+    found = re.findall(r"(\d+) (passed|failed|skipped|errors?|deselected)", output)
+    if not found:  # no summary line: pytest missing, a collection crash or the timeout
+        raise RuntimeError(f"pytest gave no summary (exit status {returncode}): ...{output[-600:]}")
+    for number, outcome in found:
+        counts["errors" if outcome.startswith("error") else outcome] = int(number)
+    return {"command": " ".join(command[1:]), "returncode": returncode, **counts,
+            "seconds": round(time.perf_counter() - start, 1), "tail": output[-3000:]}
+
+
+def _text(value: bytes | str | None) -> str:
+    return value.decode(errors="replace") if isinstance(value, bytes) else (value or "")
+
+
+# ----- 3. dataset: synthesise, plan, preprocess ------------------------------------------------------------
+def dataset(root: Path, device: torch.device, sizes: Sizes, gpu_memory_gb: float | None) -> dict[str, Any]:
+    """Write the synthetic dataset under `root`, plan it into root/work and preprocess it."""
+    from voxseg.bench.benchmark import time_preprocessing
+    from voxseg.data.plan import plan_dataset
+    from voxseg.data.preprocess import preprocess_dataset
+    from voxseg.data.synth import make_synthetic_dataset
+    from voxseg.demo import shrink_plan_for_cpu
+
+    workdir = root / "work"
+    memory = gpu_memory_gb or (_gpu_memory_gb(device) if device.type == "cuda" else CUDA_PLAN_FALLBACK_GB)
+    start = time.perf_counter()
+    raw = make_synthetic_dataset(root / DATASET_NAME, num_cases=sizes.cases, shape=sizes.shape, seed=0)
+    synth_s = time.perf_counter() - start
+    start = time.perf_counter()
+    workers = max(1, min(8, os.cpu_count() or 1))
+    plan = plan_dataset(raw, workdir, gpu_memory_gb=memory, num_workers=workers)
+    if sizes.max_features is not None:  # a CPU trains the planned network far too slowly: shrink as the demo does
+        plan = shrink_plan_for_cpu(plan, sizes.max_features, patch=sizes.max_patch)
+        plan.save(workdir / "plans.json")
+    plan_s = time.perf_counter() - start
+    stats = preprocess_dataset(workdir, num_workers=workers, progress=False)
+    return {
+        "workdir": str(workdir), "cases": sizes.cases, "shape": list(sizes.shape), "channels": 4,
+        "synth_s": round(synth_s, 2), "plan_s": round(plan_s, 2), "preprocess_s": round(stats["seconds"], 2),
+        "preprocess_cases_per_s": stats.get("cases_per_s"), "preprocess_workers": workers,
+        "plan": {"gpu_memory_gb": memory, "patch_size": plan.patch_size, "batch_size": plan.batch_size,
+                 "features": plan.network.features, "estimated_memory_gb": plan.estimated_memory_gb,
+                 "shrunk_for_cpu": sizes.max_features is not None},
+        "one_case": time_preprocessing(plan, device),
+    }
+
+
+def _gpu_memory_gb(device: torch.device) -> float:
+    return round(torch.cuda.get_device_properties(device).total_memory / 2**30, 1)
+
+
+# ----- 4. training step ------------------------------------------------------------------------------------
+def training(workdir: Path, device: torch.device, sizes: Sizes, threads: int) -> dict[str, Any]:
+    """Device step and end-to-end step with `threads` CPU threads; peak memory against the plan's estimate."""
+    from voxseg.bench.timing import config_for, time_training, training_cases
+    from voxseg.train.loop import effective_plan, resolve
+
+    threads = max(1, min(threads, os.cpu_count() or threads))  # more threads than cores only adds contention
+    torch.set_num_threads(threads)
+    config = config_for(device.type, threads)
+    plan = effective_plan(workdir, config)
+    run = resolve(config, plan, len(training_cases(workdir)))
+    timing = time_training(workdir, config, iterations=sizes.iterations, warmup=sizes.warmup,
+                           repeats=sizes.repeats).to_dict()
+    estimate = plan.estimated_memory_gb
+    return {
+        **timing, "cpu_threads": threads, "amp": str(run.amp_dtype).replace("torch.", "") if run.amp_dtype else None,
+        "compile": run.compile, "iterations": sizes.iterations, "warmup": sizes.warmup, "repeats": sizes.repeats,
+        "estimated_memory_gb": estimate,
+        "peak_over_estimate": round(timing["peak_memory_gb"] / estimate, 3) if estimate else None,
+    }
+
+
+# ----- 5. inference, file to file --------------------------------------------------------------------------
+def inference(workdir: Path, device: torch.device, sizes: Sizes) -> dict[str, Any]:
+    """Seconds per case: 1 fold without TTA, and 5 folds (one initialised checkpoint copied) with 8 mirrors."""
+    from voxseg.bench.benchmark import time_predictor
+    from voxseg.data.dataset import load_dataset
+    from voxseg.infer.predictor import Predictor
+
+    plan = _write_fold_checkpoints(workdir, folds=5)
+    case = load_dataset(plan.raw_dataset).cases[0]
+    files = (case.name, list(case.image_files))
+    one = Predictor.from_workdir(workdir, folds=[0], device=device, mirror_axes=None)
+    one_s = time_predictor(one, files, device, repeats=sizes.infer_repeats)
+    del one
+    five = Predictor.from_workdir(workdir, folds=[0, 1, 2, 3, 4], device=device, mirror_axes="all")
+    five_s = time_predictor(five, files, device, repeats=sizes.infer_repeats)
+    return {"case": case.name, "1_fold_no_tta_s": one_s, "5_folds_8_mirrors_s": five_s,
+            "repeats": sizes.infer_repeats, "amp": device.type == "cuda"}
+
+
+def _write_fold_checkpoints(workdir: Path, folds: int) -> Any:
+    """training/fold_0..fold_{folds-1}/checkpoint_final.pt: one freshly built network of the effective plan.
+
+    Speed does not depend on the weights, so no training is needed; the files are in the format
+    `voxseg.checkpoint.network_from_checkpoint` reads, so this also checks what `voxseg predict` loads.
+    """
+    from voxseg.checkpoint import CHECKPOINT_FORMAT, save_checkpoint
+    from voxseg.config import TrainConfig
+    from voxseg.data.splits import fold_dir
+    from voxseg.models import build_network
+    from voxseg.train.loop import Progress, effective_plan
+
+    config = TrainConfig()
+    plan = effective_plan(workdir, config)
+    state = {"format": CHECKPOINT_FORMAT, "model": build_network(plan, deep_supervision=False).state_dict(),
+             "plan": plan.to_dict(), "config": config.to_dict(), "progress": Progress().state_dict()}
+    first = save_checkpoint(fold_dir(workdir, 0) / "checkpoint_final.pt", state)
+    for fold in range(1, folds):
+        target = fold_dir(workdir, fold) / "checkpoint_final.pt"
+        target.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(first, target)
+    return plan
+
+
+# ----- 6. augmentation throughput --------------------------------------------------------------------------
+def augmentation(device: torch.device, sizes: Sizes) -> dict[str, Any]:
+    """samples/s of `augment_batch` on batches of 2 x 4 channels x P^3 (benchmarks/augment_bench.py's timing)."""
+    import augment_bench  # benchmarks/ is on sys.path (see gpu_check.py)
+
+    args = argparse.Namespace(device=str(device), patch=sizes.augment_patch, batch=2, channels=4,
+                              batches=sizes.augment_batches, repeats=3, no_reference=True)
+    rates = augment_bench.bench_voxseg(args)["voxseg"]
+    return {"patch": sizes.augment_patch, "batch": 2, "channels": 4, "batches": sizes.augment_batches,
+            "samples_per_s": rates["median"], "samples_per_s_range": [rates["min"], rates["max"]]}
