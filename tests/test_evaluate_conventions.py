@@ -48,3 +48,38 @@ def test_a_class_absent_from_the_reference(folders, convention, both_dice, fp_di
 def test_unknown_convention(folders):
     with pytest.raises(ConfigError, match="convention 'itk' is unknown; use one of voxseg, nnunet, monai, brats"):
         evaluate_folder(*folders, PLAIN_META, convention="itk", out=False)
+
+
+def _brute_directed(from_surface, to_surface, spacing):
+    a = np.argwhere(from_surface) * np.asarray(spacing)
+    b = np.argwhere(to_surface) * np.asarray(spacing)
+    return np.sqrt(((a[:, None, :] - b[None, :, :]) ** 2).sum(-1)).min(1)
+
+
+def test_monai_convention_matches_monais_documented_surface_and_hd95():
+    """MONAI: edges = mask XOR its erosion with scipy's default (face) structure, outside the image being
+    background; HD95 = max of the two directed 95th percentiles; surface Dice over both edge sets."""
+    from scipy import ndimage
+
+    from voxseg.evaluate.conventions import metric_options
+    from voxseg.evaluate.metrics import compute_case_metrics
+
+    rng = np.random.default_rng(4)
+    spacing = (1.5, 0.8, 1.1)
+    grid = np.stack(np.meshgrid(*[np.arange(n) for n in (14, 16, 15)], indexing="ij"))
+    ref = (((grid - np.array([7, 8, 7])[:, None, None, None]) * np.array(spacing)[:, None, None, None]) ** 2
+           ).sum(0) < 5.0 ** 2
+    pred = ndimage.binary_dilation(ref, iterations=1) & (rng.random(ref.shape) > 0.15)
+    pred[0, 0, :3] = True  # a far false positive touching the image border
+    edges = {name: mask ^ ndimage.binary_erosion(mask) for name, mask in (("pred", pred), ("ref", ref))}
+    p2r, r2p = _brute_directed(edges["pred"], edges["ref"], spacing), _brute_directed(edges["ref"], edges["pred"], spacing)
+    expected_hd95 = max(np.percentile(p2r, 95), np.percentile(r2p, 95))
+    expected_nsd = (np.count_nonzero(p2r <= 1.0) + np.count_nonzero(r2p <= 1.0)) / (p2r.size + r2p.size)
+    monai = compute_case_metrics(pred.astype(np.uint8), ref.astype(np.uint8), spacing, {"c": [1]},
+                                 tolerance_mm=1.0, **metric_options("monai"))["c"]
+    assert monai["hd95"] == pytest.approx(expected_hd95, abs=1e-6)
+    assert monai["nsd"] == pytest.approx(expected_nsd, abs=1e-6)
+    voxseg = compute_case_metrics(pred.astype(np.uint8), ref.astype(np.uint8), spacing, {"c": [1]},
+                                  tolerance_mm=1.0, **metric_options("voxseg"))["c"]
+    assert voxseg["hd95"] != pytest.approx(monai["hd95"], abs=1e-3)  # the conventions really differ here
+    assert metric_options("nnunet") == metric_options("voxseg") == {}

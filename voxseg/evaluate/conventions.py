@@ -11,8 +11,10 @@ convention it was computed under; summary.json and the table say which one was u
     brats     Dice/IoU/NSD 1, HD95 0                     Dice/IoU/NSD 0, HD95 373.13 mm (BraTS' worst)
     ========  =========================================  ==============================================
 
-NaN values are left out of means and counted. HD95 is the percentile of the pooled directed distances and NSD
-uses the voxseg surface under every convention; only the empty cases differ.
+NaN values are left out of means and counted. The surface and HD95 definitions differ too: voxseg, nnunet and
+brats use voxseg's surface (mask minus its 26-neighbour erosion) and the 95th percentile of both directed
+distance sets pooled; monai uses MONAI's surface (`get_mask_edges`: minus the 6-neighbour erosion) for HD95 and
+NSD, and the larger of the two directed 95th percentiles (`compute_hausdorff_distance(percentile=95)`).
 """
 from __future__ import annotations
 
@@ -26,7 +28,8 @@ CONVENTIONS: dict[str, dict[str, Any]] = {
     "voxseg": {"both_empty": {}, "ref_empty": {}},
     "nnunet": {"both_empty": {"dice": NAN, "iou": NAN}, "ref_empty": {}},
     "monai": {"both_empty": {"dice": NAN, "iou": NAN, "hd95": NAN, "nsd": NAN},
-              "ref_empty": {"dice": NAN, "iou": NAN, "hd95": NAN, "nsd": NAN}},
+              "ref_empty": {"dice": NAN, "iou": NAN, "hd95": NAN, "nsd": NAN},
+              "metrics": {"surface_connectivity": "face", "hd95_mode": "max_directed"}},
     "brats": {"both_empty": {}, "ref_empty": {"hd95": BRATS_WORST_HD95_MM}, "pred_empty": {"hd95": BRATS_WORST_HD95_MM}},
 }
 
@@ -36,6 +39,11 @@ def check_convention(convention: str) -> str:
         raise ConfigError(f"convention '{convention}' is unknown; use one of {', '.join(CONVENTIONS)} "
                           "(voxseg evaluate --convention)")
     return convention
+
+
+def metric_options(convention: str) -> dict[str, str]:
+    """The surface and HD95 definitions of `convention`, as keyword options of `compute_case_metrics`."""
+    return dict(CONVENTIONS[check_convention(convention)].get("metrics", {}))
 
 
 def apply_convention(metrics: dict[str, Any], convention: str) -> dict[str, Any]:

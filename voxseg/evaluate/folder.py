@@ -29,7 +29,8 @@ from voxseg.data.splits import fold_dir
 from voxseg.errors import ConfigError, InputError
 from voxseg.labels import LabelScheme
 from voxseg.jsonio import read_json
-from voxseg.evaluate.conventions import apply_convention, check_convention, describe as describe_convention
+from voxseg.evaluate.conventions import apply_convention, check_convention, metric_options
+from voxseg.evaluate.conventions import describe as describe_convention
 from voxseg.evaluate.matching import (
     case_label_values,
     check_tolerance,
@@ -169,7 +170,8 @@ def evaluate_case_values(
         raise InputError(f"{pred_file}: geometry differs from the reference {ref_file}: {'; '.join(differences)}; "
                          "predictions must be written on the reference image's grid")
     undeclared = {kind: sorted(set(values) - declared) for kind, values in found.items()} if declared else {}
-    metrics = compute_case_metrics(pred, ref, ref_geometry.spacing, classes, tolerance_mm, one_empty_hd95, ignore_value)
+    metrics = compute_case_metrics(pred, ref, ref_geometry.spacing, classes, tolerance_mm, one_empty_hd95, ignore_value,
+                                   **metric_options(convention))
     metrics = {name: apply_convention(values, convention) for name, values in metrics.items()}
     return metrics, {kind: values for kind, values in undeclared.items() if values}
 

@@ -44,7 +44,6 @@ from scipy import ndimage
 from voxseg.errors import ConfigError, InputError
 
 HD95_ONE_EMPTY_CHOICES = ("nan", "diagonal")
-_FULL_CONNECTIVITY = np.ones((3, 3, 3), dtype=bool)
 
 
 def conventions(one_empty_hd95: str = "nan") -> dict[str, Any]:
@@ -114,10 +113,23 @@ def image_diagonal_mm(shape: Sequence[int], spacing: Sequence[float]) -> float:
     return float(np.sqrt(np.sum((np.asarray(shape, float) * np.asarray(spacing, float)) ** 2)))
 
 
-def surface(mask: np.ndarray) -> np.ndarray:
-    """Surface voxels of a mask (see the module docstring for the definition)."""
+SURFACE_CONNECTIVITY = ("full", "face")  # erosion neighbourhood: 26 (3D) / 8 (2D) neighbours, or 6 / 4
+HD95_MODES = ("pooled", "max_directed")  # percentile of both directions together, or the larger directed one
+
+
+def surface(mask: np.ndarray, connectivity: str = "full") -> np.ndarray:
+    """Surface voxels of a mask: the mask minus its erosion (see the module docstring).
+
+    Args:
+        connectivity: "full" erodes with every neighbour (voxseg's surface, no diagonal gaps), "face" with the
+            face neighbours only (scipy's default structure, the surface MONAI's `get_mask_edges` uses).
+    """
     mask = np.asarray(mask, dtype=bool)
-    return mask & ~ndimage.binary_erosion(mask, structure=_FULL_CONNECTIVITY, border_value=0)
+    if connectivity not in SURFACE_CONNECTIVITY:
+        raise ValueError(f"surface connectivity '{connectivity}' is unknown; use {' or '.join(SURFACE_CONNECTIVITY)}")
+    rank = mask.ndim if connectivity == "full" else 1
+    structure = ndimage.generate_binary_structure(mask.ndim, rank)
+    return mask & ~ndimage.binary_erosion(mask, structure=structure, border_value=0)
 
 
 def _union_bbox(pred: np.ndarray, ref: np.ndarray) -> tuple[slice, ...]:
@@ -132,9 +144,9 @@ def _union_bbox(pred: np.ndarray, ref: np.ndarray) -> tuple[slice, ...]:
 
 
 def surface_distances(
-    pred: np.ndarray, ref: np.ndarray, spacing: Sequence[float]
+    pred: np.ndarray, ref: np.ndarray, spacing: Sequence[float], connectivity: str = "full"
 ) -> tuple[np.ndarray, np.ndarray]:
-    """Directed surface distances in mm.
+    """Directed surface distances in mm (surfaces by `surface(mask, connectivity)`).
 
     Returns:
         (pred_to_ref, ref_to_pred): for every surface voxel of `pred` the distance to the nearest surface voxel of
@@ -147,7 +159,7 @@ def surface_distances(
         return np.zeros(0), np.zeros(0)
     # the crop keeps every surface voxel and, thanks to the margin, the same erosion at the crop edges
     box = _union_bbox(pred, ref)
-    pred_surface, ref_surface = surface(pred[box]), surface(ref[box])
+    pred_surface, ref_surface = surface(pred[box], connectivity), surface(ref[box], connectivity)
     sampling = [float(s) for s in spacing]
     distance_to_ref = ndimage.distance_transform_edt(~ref_surface, sampling=sampling)
     distance_to_pred = ndimage.distance_transform_edt(~pred_surface, sampling=sampling)
@@ -156,12 +168,14 @@ def surface_distances(
 
 def _hd95_from_distances(
     pred_to_ref: np.ndarray, ref_to_pred: np.ndarray, pred_empty: bool, ref_empty: bool, diagonal_mm: float,
-    one_empty_hd95: str,
+    one_empty_hd95: str, mode: str = "pooled",
 ) -> float:
     if pred_empty and ref_empty:
         return 0.0
     if pred_empty or ref_empty:
         return float("nan") if one_empty_hd95 == "nan" else diagonal_mm
+    if mode == "max_directed":  # MONAI's symmetric HD95: the larger of the two directed 95th percentiles
+        return float(max(np.percentile(pred_to_ref, 95), np.percentile(ref_to_pred, 95)))
     return float(np.percentile(np.concatenate([pred_to_ref, ref_to_pred]), 95))
 
 
@@ -204,8 +218,15 @@ def binary_metrics(
     spacing: Sequence[float],
     tolerance_mm: float = 1.0,
     one_empty_hd95: str = "nan",
+    surface_connectivity: str = "full",
+    hd95_mode: str = "pooled",
 ) -> dict[str, float | int]:
     """All metrics of one pair of binary masks, computing the surface distances once.
+
+    Args:
+        surface_connectivity: "full" or "face" (see `surface`).
+        hd95_mode: "pooled" (percentile of both directions together) or "max_directed" (the larger directed
+            percentile, as MONAI computes it).
 
     Returns:
         dict with dice, iou, hd95, nsd, tp, fp, fn, tn, pred_volume_ml, ref_volume_ml.
@@ -214,13 +235,16 @@ def binary_metrics(
     pred, ref = _as_masks(pred, ref)
     tp, fp, fn, tn = confusion(pred, ref)
     pred_empty, ref_empty = tp + fp == 0, tp + fn == 0
-    pred_to_ref, ref_to_pred = surface_distances(pred, ref, spacing)
+    if hd95_mode not in HD95_MODES:
+        raise ValueError(f"hd95 mode '{hd95_mode}' is unknown; use {' or '.join(HD95_MODES)}")
+    pred_to_ref, ref_to_pred = surface_distances(pred, ref, spacing, surface_connectivity)
     diagonal = image_diagonal_mm(pred.shape, spacing)
     voxel_ml = float(np.prod(spacing)) / 1000.0
     return {
         "dice": _dice_from_counts(tp, fp, fn),
         "iou": _iou_from_counts(tp, fp, fn),
-        "hd95": _hd95_from_distances(pred_to_ref, ref_to_pred, pred_empty, ref_empty, diagonal, one_empty_hd95),
+        "hd95": _hd95_from_distances(pred_to_ref, ref_to_pred, pred_empty, ref_empty, diagonal, one_empty_hd95,
+                                     hd95_mode),
         "nsd": _nsd_from_distances(pred_to_ref, ref_to_pred, pred_empty, ref_empty, tolerance_mm),
         "tp": tp,
         "fp": fp,
@@ -239,6 +263,8 @@ def compute_case_metrics(
     tolerance_mm: float = 1.0,
     one_empty_hd95: str = "nan",
     ignore_value: int | None = None,
+    surface_connectivity: str = "full",
+    hd95_mode: str = "pooled",
 ) -> dict[str, dict[str, float | int]]:
     """Metrics of every class (a label or a region) of one case.
 
@@ -250,6 +276,7 @@ def compute_case_metrics(
         one_empty_hd95: "nan" or "diagonal", see `hausdorff95`.
         ignore_value: label value in the reference whose voxels are left out of every metric (treated as
             background in both masks), like nnU-Net's ignore label.
+        surface_connectivity, hd95_mode: see `binary_metrics` (set by the evaluation convention).
 
     Returns:
         name -> `binary_metrics` dict.
@@ -264,5 +291,6 @@ def compute_case_metrics(
         if valid is not None:
             pred_mask &= valid
             ref_mask &= valid
-        out[name] = binary_metrics(pred_mask, ref_mask, spacing, tolerance_mm, one_empty_hd95)
+        out[name] = binary_metrics(pred_mask, ref_mask, spacing, tolerance_mm, one_empty_hd95,
+                                   surface_connectivity, hd95_mode)
     return out
