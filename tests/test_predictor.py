@@ -16,6 +16,7 @@ from voxseg.infer.postprocess import (
     decide_postprocessing,
     keep_largest_component,
     largest_component,
+    logits_to_labels,
     regions_to_labels,
 )
 from voxseg.infer.predictor import Predictor, find_input_cases, resolve_folds
@@ -241,3 +242,25 @@ def test_predict_files_postprocessing_options(workdir, tmp_path):
     assert predictor._postprocessing_spec(False) is None
     (tmp_path / "pp.json").write_text(json.dumps({"largest_component": [2]}))
     assert predictor._postprocessing_spec(tmp_path / "pp.json")["largest_component"] == [[2]]
+
+
+def test_labels_are_decided_after_the_probabilities_are_restored():
+    from voxseg.data.preprocess import restore_to_original
+    from voxseg.infer.postprocess import labels_on_original_grid
+
+    plan = tiny_plan()
+    logits = torch.randn(plan.num_outputs, 5, 6, 5, generator=torch.Generator().manual_seed(3)) * 3
+    properties = {"name": "c", "original_shape": [12, 14, 11], "crop_bbox": [[1, 11], [1, 13], [0, 10]],
+                  "shape_after_crop": [10, 12, 10], "shape_after_resample": [5, 6, 5], "anisotropy_axis": None}
+    labels, probabilities = labels_on_original_grid(logits, plan, properties)
+    assert labels.shape == (12, 14, 11) and labels.dtype == np.uint8 and probabilities.shape == (3, 12, 14, 11)
+    np.testing.assert_allclose(probabilities.sum(0), 1.0, atol=1e-5)  # linear resampling keeps a distribution
+    values = np.array([0] + plan.label_scheme.class_order, dtype=np.uint8)
+    np.testing.assert_array_equal(labels, values[probabilities.argmax(0)])  # the decision is taken afterwards
+    assert (labels[0] == 0).all() and (labels[:, :, 10] == 0).all()  # outside the crop box: background
+    low_labels, _ = logits_to_labels(logits, plan)
+    old_rule = restore_to_original(low_labels, properties, is_label=True)
+    assert (labels != old_rule).any()  # resampling labels first gives another (blockier) map
+    same_grid = {**properties, "shape_after_crop": [5, 6, 5], "crop_bbox": [[1, 6], [1, 7], [0, 5]]}
+    np.testing.assert_array_equal(labels_on_original_grid(logits, plan, same_grid)[0],
+                                  restore_to_original(low_labels, same_grid, is_label=True))  # no resampling: same

@@ -51,12 +51,34 @@ def logits_to_labels(logits: torch.Tensor, plan: Plan) -> tuple[torch.Tensor, to
     Softmax plans: channel i + 1 predicts the label value of the i-th foreground class (labels need not be
     listed in value order). Region plans: sigmoid per region, then regions -> labels in regions_class_order.
     """
+    probabilities = torch.sigmoid(logits) if plan.is_region_based else torch.softmax(logits, dim=0)
+    return probabilities_to_labels(probabilities, plan), probabilities
+
+
+def probabilities_to_labels(probabilities: torch.Tensor, plan: Plan) -> torch.Tensor:
+    """(K, *S) probabilities (softmax, or sigmoid per region) -> (*S) uint8 label values."""
     if plan.is_region_based:
-        probabilities = torch.sigmoid(logits)
-        return regions_to_labels(probabilities, plan.label_scheme.class_order), probabilities
-    probabilities = torch.softmax(logits, dim=0)
-    values = torch.tensor([0] + plan.label_scheme.class_order, dtype=torch.uint8, device=logits.device)
-    return values[probabilities.argmax(0)], probabilities
+        return regions_to_labels(probabilities, plan.label_scheme.class_order)
+    values = torch.tensor([0] + plan.label_scheme.class_order, dtype=torch.uint8, device=probabilities.device)
+    return values[probabilities.argmax(0)]
+
+
+def labels_on_original_grid(logits: torch.Tensor, plan: Plan, properties: dict[str, Any]
+                            ) -> tuple[np.ndarray, np.ndarray]:
+    """(K, d, h, w) logits at the target spacing -> ((D, H, W) uint8 labels, (K, D, H, W) float32 probabilities)
+    on the case's original grid.
+
+    The probabilities are restored (linear resampling, then pasted into the crop box) and the labels taken from
+    them, as nnU-Net does: deciding after resampling keeps thin structures and smooth borders that resampling a
+    label map (nearest values) would lose when the original spacing differs from the target spacing.
+    """
+    from voxseg.data.preprocess import restore_to_original
+
+    probabilities = torch.sigmoid(logits) if plan.is_region_based else torch.softmax(logits, dim=0)
+    restored = restore_to_original(probabilities, properties, is_label=False, device=logits.device,
+                                   background_channel=not plan.is_region_based)  # (K, D, H, W) on the host
+    labels = probabilities_to_labels(torch.from_numpy(restored), plan).numpy()
+    return labels, restored
 
 
 # ----- largest connected component --------------------------------------------------------------------------

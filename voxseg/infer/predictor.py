@@ -32,6 +32,7 @@ from voxseg.infer.postprocess import (
     POSTPROCESSING_FILE,
     apply_postprocessing,
     load_postprocessing,
+    labels_on_original_grid,
     logits_to_labels,
     regions_to_labels,
 )
@@ -184,7 +185,7 @@ class Predictor:
         Returns:
             (D, H, W) uint8 labels [, probabilities].
         """
-        from voxseg.data.preprocess import preprocess_case, restore_to_original
+        from voxseg.data.preprocess import preprocess_case
 
         image = np.asarray(image)
         if image.ndim == 3 and self.plan.num_channels == 1:
@@ -196,13 +197,8 @@ class Predictor:
             geometry = Geometry.from_spacing(tuple(float(s) for s in geometry))
         image_pp, _, properties = preprocess_case(image.astype(np.float32, copy=False), geometry, self.plan,
                                                   device=self.device, name=name)
-        labels, probabilities = self.logits_to_labels(self.predict_logits(image_pp))
-        labels_out = restore_to_original(labels, properties, is_label=True, device=labels.device)
-        if not return_probabilities:
-            return labels_out
-        probabilities_out = restore_to_original(probabilities, properties, is_label=False, device=labels.device,
-                                                background_channel=not self.plan.is_region_based)
-        return labels_out, probabilities_out
+        labels_out, probabilities_out = labels_on_original_grid(self.predict_logits(image_pp), self.plan, properties)
+        return (labels_out, probabilities_out) if return_probabilities else labels_out
 
     # ----- files ----------------------------------------------------------------------------------------------
     def _postprocessing_spec(self, postprocess: Any) -> dict[str, Any] | None:

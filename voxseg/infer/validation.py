@@ -15,11 +15,10 @@ import torch
 from torch import nn
 
 from voxseg.data.io import Geometry, write_image
-from voxseg.data.preprocess import restore_to_original
 from voxseg.data.store import case_paths, load_case
 from voxseg.distributed import all_gather_objects, current_world, shard_balanced
 from voxseg.evaluate.overlap import class_masks, dice_from_counts, nanmean, overlap_counts
-from voxseg.infer.postprocess import logits_to_labels
+from voxseg.infer.postprocess import labels_on_original_grid
 from voxseg.infer.sliding_window import sliding_window_inference
 from voxseg.jsonio import write_json_atomic
 from voxseg.plans import Plan
@@ -63,10 +62,8 @@ def full_validation(model: nn.Module, plan: Plan, preprocessed_dir: str | Path, 
                 counts = overlap_counts(*class_masks(logits[None], ref, plan))
                 per_case[name] = dict(zip(plan.class_names, dice_from_counts(counts)))
             if write:
-                labels, _ = logits_to_labels(logits, plan)
-                write_image(out_dir / f"{name}{plan.file_ending}",
-                            restore_to_original(labels, properties, is_label=True, device=labels.device),
-                            Geometry.from_list(properties["affine"]))
+                labels, _ = labels_on_original_grid(logits, plan, properties)  # (D, H, W) on the raw grid
+                write_image(out_dir / f"{name}{plan.file_ending}", labels, Geometry.from_list(properties["affine"]))
     finally:
         model.train(was_training)
     gathered = {case: dice for shard in all_gather_objects(per_case) for case, dice in shard.items()}
