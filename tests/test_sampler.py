@@ -283,3 +283,15 @@ def test_cuda_sampling_without_host_sync_matches_cpu(store, mode):
         ref_image, ref_seg = reference.sample()
         assert torch.equal(image.cpu(), ref_image) and torch.equal(seg.cpu(), ref_seg)
         assert torch.equal(image2.cpu(), ref_image) and torch.equal(seg2.cpu(), ref_seg)
+
+
+def test_a_ranks_rows_are_the_same_crops_and_the_generator_stays_in_step(store):
+    cache = CaseCache(store, sorted(SHAPES), "cpu", mode="gpu")
+    whole = PatchSampler(cache, (12, 12, 12), batch_size=4, foreground_fraction=0.5, seed=21)
+    part = PatchSampler(cache, (12, 12, 12), batch_size=4, foreground_fraction=0.5, seed=21)
+    for _ in range(3):
+        image, seg = whole.sample()
+        rows_image, rows_seg = part.sample(slice(2, 4))  # rank 1 of 2
+        assert rows_image.shape[0] == 2
+        assert torch.equal(rows_image, image[2:4]) and torch.equal(rows_seg, seg[2:4])
+    assert whole.state_dict() == part.state_dict()

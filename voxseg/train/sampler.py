@@ -160,12 +160,19 @@ class PatchSampler:
         return draws
 
     # ----- crops (device) ----------------------------------------------------------------------------------
-    def sample(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """One batch: image (B, C, *S) float32 and seg (B, 1, *S) int8 on `device` (S = source_size)."""
+    def sample(self, rows: slice | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """One batch: image (B, C, *S) float32 and seg (B, 1, *S) int8 on `device` (S = source_size).
+
+        Args:
+            rows: cut only these samples of the drawn batch (a data-parallel rank's share); the whole batch is
+                still drawn, so every rank's generator stays in step.
+        """
         draws = self.draw()
         self.last_draws = draws
-        shape = (self.batch_size, self.cache.num_channels, *self._crop)
-        seg_shape = (self.batch_size, 1, *self._crop)
+        if rows is not None:
+            draws = draws[rows]
+        shape = (len(draws), self.cache.num_channels, *self._crop)
+        seg_shape = (len(draws), 1, *self._crop)
         if self.cache.on_device:
             image = torch.zeros(shape, dtype=torch.float32, device=self.device)
             seg = torch.full(seg_shape, self.seg_fill, dtype=torch.int8, device=self.device)

@@ -257,9 +257,8 @@ class TrainData:
         cache_budget_gb: memory the training cache may take in gpu mode (None = the cache's default).
         rank, world_size: this process's slice of the global batch. Every rank draws the whole global batch
             (patch positions and augmentation decisions) from the same seeded streams and keeps rows
-            [rank * b, (rank + 1) * b), b = B / N, which it alone augments, so the run is the same on 1 or N
-            processes (the crops of the global batch are still cut on every rank). Validation batches are
-            dealt round-robin: rank r crops batches r, r + N, ... only.
+            [rank * b, (rank + 1) * b), b = B / N, which it alone crops and augments, so the run is the same
+            on 1 or N processes. Validation batches are dealt round-robin: rank r crops batches r, r + N, ...
     """
 
     def __init__(self, preprocessed_dir: str | os.PathLike, plan: Plan, config: TrainConfig, train_names: list[str],
@@ -288,9 +287,9 @@ class TrainData:
         self.augment_generator = np.random.default_rng(seed + 1)
 
     def next_batch(self) -> Batch:
-        image, seg = self.sampler.sample()  # (B, C, *S), (B, 1, *S): the global batch
-        if self.world_size > 1:  # this rank's rows; the augmentation draws for all B, applies its own
-            image, seg = image[self.rows], seg[self.rows]  # (B / N, C, *S)
+        # this rank's rows of the global batch (all of it in one process): the sampler and the augmentation
+        # draw for all B samples, so every rank's generators stay in step, and cut / augment only these rows
+        image, seg = self.sampler.sample(self.rows if self.world_size > 1 else None)  # (B / N, C, *S)
         return augment_batch(image, seg, self.config.augment, self.augment_generator, self.patch_size,
                              global_batch=self.sampler.batch_size, first_sample=self.rows.start)
 
