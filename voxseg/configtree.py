@@ -13,7 +13,7 @@ as a `Registry` (anything with `.names()`) or a tuple of strings:
 in `__post_init__` validates against the same list.
 
 Example:
-    >>> parse_value("96,96,96", list[int], "data.patch_size")
+    >>> parse_value("96,96,96", list[int], "plan.patch_size")
     [96, 96, 96]
 """
 from __future__ import annotations
