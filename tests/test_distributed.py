@@ -285,3 +285,26 @@ def test_ctrl_c_on_one_rank_does_not_block_the_others(tmp_path):
     assert launched.returncode != 0
     assert "interrupted; resume with --resume" in stderr
     assert len(read_log(_fold(workdir) / "log.jsonl")) < 1000
+
+
+@pytest.mark.slow
+def test_gpus_flag_launches_the_same_data_parallel_run(runs, tmp_path):
+    workdir = make_workdir(tmp_path / "flag")
+    _, env = _torchrun_command()  # this checkout on the path, no torchrun variables, one thread each
+    command = [sys.executable, "-m", "voxseg", *_train_args(workdir), "--gpus", "2"]
+    done = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=240)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-6000:]
+    assert "launching: torch.distributed.run --standalone --nproc_per_node=2 -m voxseg train" in done.stdout
+    assert done.stdout.count("training done: epochs=2") == 1
+    _assert_losses_close(_losses(workdir), _losses(runs["single"]))
+
+
+def test_gpus_flag_is_refused_where_it_makes_no_sense(tmp_path, monkeypatch, capsys):
+    from voxseg.cli import main
+
+    assert main(["train", str(tmp_path), "--gpus", "0"]) != 0
+    assert "--gpus 0: give the number of processes" in capsys.readouterr().err
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("RANK", "0")
+    assert main(["train", str(tmp_path), "--gpus", "2"]) != 0
+    assert "under torchrun leave it out" in capsys.readouterr().err

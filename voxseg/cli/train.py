@@ -76,8 +76,36 @@ def config_from_args(args: argparse.Namespace) -> "TrainConfig":
         return build_train_config(args.workdir, args.fold, **train_request(args))
 
 
+def _launch_local_processes(args: argparse.Namespace) -> int:
+    """`voxseg train ... --gpus N`: the same command under torchrun's launcher with N processes on this machine
+    (one per GPU, or N gloo processes with --device cpu); returns the launcher's exit code."""
+    import subprocess
+    import sys
+
+    argv, rest = list(args.argv), []
+    while argv:  # drop --gpus N / --gpus=N, keep everything else as given
+        item = argv.pop(0)
+        if item == "--gpus":
+            argv.pop(0)
+        elif not item.startswith("--gpus="):
+            rest.append(item)
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={args.gpus}",
+               "-m", "voxseg", *rest]
+    print("launching: " + " ".join(command[2:]), flush=True)
+    return subprocess.call(command)
+
+
 def cmd_train(args: argparse.Namespace) -> int:
+    from voxseg.distributed import env_world
     from voxseg.train.api import train_fold
+
+    if args.gpus is not None:
+        if args.gpus < 1:
+            raise ConfigError(f"--gpus {args.gpus}: give the number of processes, 1 or more")
+        if env_world()[1] > 1:
+            raise ConfigError("--gpus starts torchrun itself; under torchrun leave it out")
+        if args.gpus > 1:
+            return _launch_local_processes(args)
 
     with flags_named_in_errors(args):
         if args.checkpoint and not args.test_only:
@@ -85,8 +113,6 @@ def cmd_train(args: argparse.Namespace) -> int:
         test_only = (args.checkpoint or True) if args.test_only else False
         result = train_fold(args.workdir, args.fold, test_only=test_only, pretrained=args.pretrained,
                             **train_request(args))
-    from voxseg.distributed import env_world
-
     if env_world()[0] != 0:  # under torchrun every rank returns the same result: rank 0 reports it
         return 0
     summary = {k: v for k, v in result.items() if not isinstance(v, dict)}
@@ -125,6 +151,10 @@ def _train_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--resume", action="store_true",
                    help="continue from checkpoint_latest.pt, starting from the run's own config.json")
     p.add_argument("--pretrained", metavar="FILE", help="initialise from a checkpoint's matching weights")
+    p.add_argument("--gpus", type=int, metavar="N",
+                   help="data-parallel training on N local processes: starts torchrun's launcher "
+                        "(--standalone --nproc_per_node N) with the same command; one per GPU, or N CPU "
+                        "processes with --device cpu")
     p.add_argument("--test-only", action="store_true",
                    help="evaluate checkpoint_best.pt (else checkpoint_final.pt) without training")
     from voxseg.checkpoint import CHECKPOINT_CHOICES
