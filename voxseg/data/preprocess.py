@@ -167,7 +167,8 @@ def restore_to_original(
     is_label: bool,
     device: str | torch.device = "cpu",
     background_channel: bool = True,
-) -> np.ndarray:
+    as_tensor: bool = False,
+) -> np.ndarray | torch.Tensor:
     """Map a prediction at the target spacing back onto the case's original grid.
 
     Args:
@@ -178,6 +179,7 @@ def restore_to_original(
         background_channel: probabilities only: outside the crop box channel 0 is set to 1 and the others
             to 0 (softmax outputs, channel 0 = background). Pass False for region (sigmoid) outputs, which have
             no background channel: then every channel is 0 outside.
+        as_tensor: return a tensor on `device` instead of a numpy array (no device-to-host copy).
 
     Returns:
         (D, H, W) labels (input dtype; -1 "outside" values become 0) or (K, D, H, W) float32 probabilities.
@@ -200,8 +202,8 @@ def restore_to_original(
     elif background_channel:
         out[0] = 1.0
     out[(slice(None), *_slices(properties["crop_bbox"]))] = restored
-    result = out.cpu().numpy()
-    return result[0] if is_label else result
+    result = out[0] if is_label else out
+    return result if as_tensor else result.cpu().numpy()
 
 
 # ----- whole dataset ------------------------------------------------------------------------------------------

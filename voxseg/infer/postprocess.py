@@ -51,8 +51,13 @@ def logits_to_labels(logits: torch.Tensor, plan: Plan) -> tuple[torch.Tensor, to
     Softmax plans: channel i + 1 predicts the label value of the i-th foreground class (labels need not be
     listed in value order). Region plans: sigmoid per region, then regions -> labels in regions_class_order.
     """
-    probabilities = torch.sigmoid(logits) if plan.is_region_based else torch.softmax(logits, dim=0)
+    probabilities = activate(logits, plan)
     return probabilities_to_labels(probabilities, plan), probabilities
+
+
+def activate(logits: torch.Tensor, plan: Plan) -> torch.Tensor:
+    """(K, *S) logits -> probabilities: a sigmoid per region, or a softmax over background + labels."""
+    return torch.sigmoid(logits) if plan.is_region_based else torch.softmax(logits, dim=0)
 
 
 def probabilities_to_labels(probabilities: torch.Tensor, plan: Plan) -> torch.Tensor:
@@ -63,10 +68,10 @@ def probabilities_to_labels(probabilities: torch.Tensor, plan: Plan) -> torch.Te
     return values[probabilities.argmax(0)]
 
 
-def labels_on_original_grid(logits: torch.Tensor, plan: Plan, properties: dict[str, Any]
-                            ) -> tuple[np.ndarray, np.ndarray]:
-    """(K, d, h, w) logits at the target spacing -> ((D, H, W) uint8 labels, (K, D, H, W) float32 probabilities)
-    on the case's original grid.
+def labels_on_original_grid(logits: torch.Tensor, plan: Plan, properties: dict[str, Any],
+                            with_probabilities: bool = False) -> tuple[np.ndarray, np.ndarray | None]:
+    """(K, d, h, w) logits at the target spacing -> ((D, H, W) uint8 labels, (K, D, H, W) float32 probabilities
+    or None) on the case's original grid; the probabilities reach the host only when `with_probabilities`.
 
     The probabilities are restored (linear resampling, then pasted into the crop box) and the labels taken from
     them, as nnU-Net does: deciding after resampling keeps thin structures and smooth borders that resampling a
@@ -74,11 +79,10 @@ def labels_on_original_grid(logits: torch.Tensor, plan: Plan, properties: dict[s
     """
     from voxseg.data.preprocess import restore_to_original
 
-    probabilities = torch.sigmoid(logits) if plan.is_region_based else torch.softmax(logits, dim=0)
-    restored = restore_to_original(probabilities, properties, is_label=False, device=logits.device,
-                                   background_channel=not plan.is_region_based)  # (K, D, H, W) on the host
-    labels = probabilities_to_labels(torch.from_numpy(restored), plan).numpy()
-    return labels, restored
+    restored = restore_to_original(activate(logits, plan), properties, is_label=False, device=logits.device,
+                                   background_channel=not plan.is_region_based, as_tensor=True)  # (K, D, H, W)
+    labels = probabilities_to_labels(restored, plan).cpu().numpy()
+    return labels, (restored.cpu().numpy() if with_probabilities else None)
 
 
 # ----- largest connected component --------------------------------------------------------------------------

@@ -197,7 +197,8 @@ class Predictor:
             geometry = Geometry.from_spacing(tuple(float(s) for s in geometry))
         image_pp, _, properties = preprocess_case(image.astype(np.float32, copy=False), geometry, self.plan,
                                                   device=self.device, name=name)
-        labels_out, probabilities_out = labels_on_original_grid(self.predict_logits(image_pp), self.plan, properties)
+        labels_out, probabilities_out = labels_on_original_grid(self.predict_logits(image_pp), self.plan, properties,
+                                                                with_probabilities=return_probabilities)
         return (labels_out, probabilities_out) if return_probabilities else labels_out
 
     # ----- files ----------------------------------------------------------------------------------------------
