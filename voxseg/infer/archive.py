@@ -23,7 +23,7 @@ import torch
 from torch import nn
 
 from voxseg.atomicio import atomic_path
-from voxseg.checkpoint import CHECKPOINT_CHOICES, load_checkpoint, network_from_checkpoint
+from voxseg.checkpoint import CHECKPOINT_CHOICES, checkpoint_file, load_checkpoint, network_from_checkpoint
 from voxseg.plans import Plan
 from voxseg.data.splits import fold_dir, trained_folds
 from voxseg.errors import CheckpointError, ConfigError
@@ -48,7 +48,7 @@ def resolve_folds(workdir: str | Path, folds: int | str | Sequence[int | str] | 
     """
     workdir = Path(workdir)
     if folds is None or folds == "all":
-        if folds == "all" and (fold_dir(workdir, "all") / f"checkpoint_{checkpoint}.pt").is_file():
+        if folds == "all" and checkpoint_file(fold_dir(workdir, "all"), checkpoint).is_file():
             return ["all"]
         trained = trained_folds(workdir, checkpoint)
         if not trained:
@@ -73,7 +73,7 @@ def checkpoint_path(workdir: str | Path, fold: int | str, checkpoint: str = "fin
     """Path of a fold's checkpoint; CheckpointError naming it (and suggesting `voxseg train`) when missing."""
     if checkpoint not in CHECKPOINT_CHOICES:
         raise ConfigError(f"checkpoint '{checkpoint}' is unknown; use one of {', '.join(CHECKPOINT_CHOICES)}")
-    path = fold_dir(workdir, fold) / f"checkpoint_{checkpoint}.pt"
+    path = checkpoint_file(fold_dir(workdir, fold), checkpoint)
     if not path.is_file():
         others = sorted(p.name for p in path.parent.glob("checkpoint_*.pt")) if path.parent.is_dir() else []
         hint = f" (found {', '.join(others)}: choose it with the checkpoint option)" if others else ""
