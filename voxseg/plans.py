@@ -63,9 +63,16 @@ class NetworkPlan:
         features: feature maps per stage, e.g. [32, 64, 128, 256, 320, 320].
         kernel_sizes: per stage, e.g. [[1,3,3], [3,3,3], ...] (1 along a coarse axis that is not yet isotropic).
         strides: per stage downsampling stride; the first stage's is [1,1,1].
-        conv_per_stage: convolutions per encoder stage (decoder uses the same count).
+        conv_per_stage: convolutions per encoder stage (and per decoder level unless decoder_conv_per_stage).
         residual: residual encoder blocks instead of plain conv blocks.
         deep_supervision: extra output heads on the decoder's lower resolutions during training.
+        blocks_per_stage: residual blocks per encoder stage (residual networks); None: voxseg's default
+            [1, 3, 4, 6, 6, 6] (cut to the stage count).
+        decoder_conv_per_stage: convolutions per decoder level; None: conv_per_stage.
+        pooled_skip: residual skips downsample by average pooling and project only when the feature count
+            changes (nnU-Net's ResidualEncoderUNet); False: a strided 1x1 projection.
+        norm_eps: epsilon of the normalisation layers.
+        negative_slope: slope of the leaky ReLU.
     """
 
     name: str = "unet"
@@ -75,6 +82,11 @@ class NetworkPlan:
     conv_per_stage: int = 2
     residual: bool = False
     deep_supervision: bool = True
+    blocks_per_stage: list[int] | None = None
+    decoder_conv_per_stage: int | None = None
+    pooled_skip: bool = False
+    norm_eps: float = 1e-5
+    negative_slope: float = 1e-2
 
     def __post_init__(self) -> None:
         n = len(self.features)
@@ -86,6 +98,9 @@ class NetworkPlan:
         dims = {len(k) for k in self.kernel_sizes} | {len(s) for s in self.strides}
         if len(dims) != 1 or dims.pop() not in (2, 3):
             raise ConfigError("plans.json: network kernel_sizes and strides must all be 2D or all be 3D")
+        if self.blocks_per_stage is not None and len(self.blocks_per_stage) != n:
+            raise ConfigError(f"plans.json: network.blocks_per_stage {self.blocks_per_stage} needs one entry per "
+                              f"stage ({n})")
 
     @property
     def n_stages(self) -> int:
@@ -127,6 +142,8 @@ class Plan:
         gpu_memory_gb: the memory budget the patch and batch size were planned for.
         estimated_memory_gb: the memory model's estimate of peak training memory for this plan.
         image_dtype: dtype of the preprocessed images ("float16" or "float32").
+        inference_mirror_axes: the spatial axes test-time mirroring uses when every axis is asked for (a model
+            trained mirrored along some axes only, e.g. an imported nnU-Net model's allowed axes); None: all.
     """
 
     dataset_name: str
@@ -148,6 +165,7 @@ class Plan:
     gpu_memory_gb: float = 8.0
     estimated_memory_gb: float | None = None
     image_dtype: str = "float16"
+    inference_mirror_axes: list[int] | None = None
     version: int = PLAN_VERSION
 
     def __post_init__(self) -> None:

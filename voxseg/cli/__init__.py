@@ -1,6 +1,6 @@
 """The `voxseg` command: thin subcommands that parse flags, call the API and print.
 
-One module per command group (`data`, `train`, `infer`, `speed`); `derive` turns config fields into flags.
+One module per command group (`data`, `train`, `infer`, `imports`, `speed`); `derive` turns config fields into flags.
 Errors a user can cause (VoxsegError) are printed without a traceback and exit with a non-zero code.
 """
 from __future__ import annotations
@@ -10,6 +10,7 @@ import sys
 
 from voxseg.cli.common import DeferredParser, examples
 from voxseg.cli.data import add_data_commands
+from voxseg.cli.imports import add_import_commands
 from voxseg.cli.infer import add_infer_commands
 from voxseg.cli.speed import add_speed_commands
 from voxseg.cli.train import add_train_command
@@ -32,6 +33,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_data_commands(sub)
     add_train_command(sub)
     add_infer_commands(sub)
+    add_import_commands(sub)
     add_speed_commands(sub)
     return parser
 

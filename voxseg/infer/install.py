@@ -133,7 +133,7 @@ def _unpack_checked(archive: zipfile.ZipFile, info: zipfile.ZipInfo, path: Path,
                                   f"({type(exc).__name__}); nothing was installed") from None
 
 
-def _swap_in(staging: Path, target: Path) -> None:
+def swap_in_folder(staging: Path, target: Path) -> None:
     """Replace `target` (absent, empty, or holding the old model) by the staged folder, by renames only."""
     if target.is_dir() and any(target.iterdir()):
         retired = Path(tempfile.mkdtemp(prefix=f".{target.name}.old-", dir=target.parent))
@@ -180,7 +180,7 @@ def install_archive(zip_path: str | Path, target_dir: str | Path, force: bool = 
         try:
             for info in files:
                 _unpack_checked(archive, info, staging / info.filename, listed[info.filename])
-            _swap_in(staging, target)
+            swap_in_folder(staging, target)
         finally:
             shutil.rmtree(staging, ignore_errors=True)
     return target

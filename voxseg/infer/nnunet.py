@@ -167,12 +167,15 @@ def network_plan(arch: dict[str, Any]) -> tuple[NetworkPlan, dict[str, Any]]:
         encoder = decoder  # the residual encoder has no conv count of its own; the plan's serves the decoder
     else:
         encoder = _require_uniform(kwargs["n_conv_per_stage"], "n_conv_per_stage")
-    network = NetworkPlan(name="unet", features=features, kernel_sizes=[list(k) for k in kwargs["kernel_sizes"]],
-                          strides=[list(s) for s in kwargs["strides"]], conv_per_stage=encoder, residual=residual,
-                          deep_supervision=True)
     norm_kwargs = {"eps": float((kwargs.get("norm_op_kwargs") or {}).get("eps", 1e-5)), "affine": True}
     slope = float((kwargs.get("nonlin_kwargs") or {}).get("negative_slope", 1e-2))
     options.update(norm_kwargs=norm_kwargs, nonlin_kwargs={"negative_slope": slope, "inplace": True})
+    # the plan carries every option too, so build_network(plan) alone builds this network (an imported work dir)
+    network = NetworkPlan(name="unet", features=features, kernel_sizes=[list(k) for k in kwargs["kernel_sizes"]],
+                          strides=[list(s) for s in kwargs["strides"]], conv_per_stage=encoder, residual=residual,
+                          deep_supervision=True, blocks_per_stage=options.get("blocks_per_stage"),
+                          decoder_conv_per_stage=decoder, pooled_skip=residual, norm_eps=norm_kwargs["eps"],
+                          negative_slope=slope)
     return network, options
 
 

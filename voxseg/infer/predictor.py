@@ -132,6 +132,8 @@ class Predictor:
             models = [torch.compile(net) if compile else net for net, _ in loaded]
         else:
             raise ConfigError(f"backend '{backend}' is unknown; use 'torch' or 'onnxruntime'")
+        if mirror_axes == "all" and plan.inference_mirror_axes is not None:  # the axes the model was trained for
+            mirror_axes = tuple(plan.inference_mirror_axes)
         amp_dtype = None
         if device.type == "cuda":
             if amp is None or amp:

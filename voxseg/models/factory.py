@@ -14,7 +14,7 @@ from typing import Any, Callable
 
 from torch import nn
 
-from voxseg.plans import Plan
+from voxseg.plans import NetworkPlan, Plan
 from voxseg.errors import ConfigError
 from voxseg.models.unet import UNet
 from voxseg.registry import Registry, unknown_name_message
@@ -63,8 +63,17 @@ def build_unet(plan: Plan, deep_supervision: bool, **overrides: Any) -> UNet:
         strides=[list(s) for s in net.strides],
         conv_per_stage=net.conv_per_stage,
         residual=net.residual,
+        blocks_per_stage=net.blocks_per_stage,
+        decoder_conv_per_stage=net.decoder_conv_per_stage,
+        pooled_skip=net.pooled_skip,
         deep_supervision=deep_supervision,
     )
+    # layer constants only when the plan departs from the layers' defaults, so that a `norm` or `nonlin`
+    # override (which may take other options) keeps working
+    if net.norm_eps != NetworkPlan.norm_eps:
+        kwargs["norm_kwargs"] = {"eps": net.norm_eps}
+    if net.negative_slope != NetworkPlan.negative_slope:
+        kwargs["nonlin_kwargs"] = {"negative_slope": net.negative_slope}
     valid = [name for name in inspect.signature(UNet.__init__).parameters if name != "self"]
     for key in overrides:
         if key not in valid:
