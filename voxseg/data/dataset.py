@@ -131,14 +131,12 @@ def check_nnunet_fields(meta: dict[str, Any], where: str | Path, error: type[Vox
     """
     ending = str(meta.get("file_ending", ""))
     if ending not in SUPPORTED_ENDINGS:
-        if ending.lower() in _ENDING_REFUSALS:
-            what = f"{_ENDING_REFUSALS[ending.lower()]}, which voxseg does not read"
-        elif ending and not ending.startswith(".") and f".{ending}" in SUPPORTED_ENDINGS:
-            what = f"missing its leading dot (write \".{ending}\")"
-        else:
-            what = "not a format voxseg reads"
-        raise error(f"{where}: file_ending '{ending}' is {what}; voxseg reads {', '.join(SUPPORTED_ENDINGS)}: "
-                    "convert the images and labels (e.g. with SimpleITK) and set file_ending to match")
+        if ending and not ending.startswith(".") and f".{ending}" in SUPPORTED_ENDINGS:
+            raise error(f"{where}: file_ending '{ending}' lacks its leading dot: write \".{ending}\"")
+        what = _ENDING_REFUSALS.get(ending.lower(), "a format")
+        raise error(f"{where}: file_ending '{ending}' is {what}, which voxseg does not read; it reads "
+                    f"{', '.join(SUPPORTED_ENDINGS)}: convert the images and labels (e.g. with SimpleITK) and set "
+                    "file_ending to match")
     reader = meta.get("overwrite_image_reader_writer")
     if reader is not None and str(reader) not in READERS_LIKE_VOXSEG:
         reason = _READER_REFUSALS.get(str(reader), "is a reader voxseg does not know, so the arrays it gives "

@@ -27,6 +27,7 @@ import torch
 from torch import nn
 
 from voxseg.checkpoint import load_checkpoint
+from voxseg.data.dataset import check_nnunet_fields
 from voxseg.errors import CheckpointError
 from voxseg.infer.nnunet_weights import map_nnunet_weights
 from voxseg.models.factory import build_network
@@ -220,8 +221,10 @@ def plan_from_nnunet(plans: dict[str, Any], dataset: dict[str, Any], configurati
 
     Raises:
         CheckpointError: the configuration transposes axes, is 2D, or uses a network, layer or normalisation
-            voxseg cannot represent exactly (the message names it).
+            voxseg cannot represent exactly, or dataset.json names a file type or image reader voxseg reads
+            differently (the message names it).
     """
+    check_nnunet_fields(dataset, Path(source) / "dataset.json" if source else "dataset.json", CheckpointError)
     transpose = [int(a) for a in plans.get("transpose_forward", [0, 1, 2])]
     if transpose != sorted(transpose):
         raise CheckpointError(f"plans.json: transpose_forward {transpose} reorders the axes; voxseg runs only models "

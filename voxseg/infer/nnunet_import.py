@@ -35,7 +35,7 @@ from typing import Any, Sequence
 from voxseg import __version__
 from voxseg.checkpoint import CHECKPOINT_FORMAT, checkpoint_file, save_checkpoint
 from voxseg.config import TrainConfig
-from voxseg.data.dataset import check_nnunet_fields, load_dataset
+from voxseg.data.dataset import load_dataset
 from voxseg.data.splits import NNUNET_SPLITS_FILE, fold_dir, read_nnunet_splits, save_splits
 from voxseg.digest import sha256_file
 from voxseg.errors import CheckpointError, ConfigError
@@ -118,7 +118,8 @@ def check_model_folder(model: Path) -> tuple[str, str, str]:
 
 def _read_fold(model: Path, path: Path, plans: dict[str, Any], dataset: dict[str, Any], configuration: str,
                raw_dataset: str) -> ImportedFold:
-    plan, _ = plan_from_nnunet(plans, dataset, configuration, raw_dataset)
+    plan, _ = plan_from_nnunet(plans, dataset, configuration, str(model))
+    plan.raw_dataset = raw_dataset  # the raw data (labelsTr for cross-validation), not the model folder
     state = load_nnunet_checkpoint(path)
     axes = state.get("inference_allowed_mirroring_axes")
     plan.inference_mirror_axes = [int(a) for a in axes] if axes is not None else []  # None: nnU-Net does not mirror
@@ -187,7 +188,6 @@ def read_nnunet_model(model: str | Path, folds: int | str | Sequence[int | str] 
     model = Path(model)
     trainer, plans_name, configuration = check_model_folder(model)
     plans, dataset = _read_model_json(model / "plans.json"), _read_model_json(model / "dataset.json")
-    check_nnunet_fields(dataset, model / "dataset.json", CheckpointError)
     if "channel_names" not in dataset and isinstance(dataset.get("modality"), dict):
         dataset = {**dataset, "channel_names": dataset["modality"]}
     raw = str(Path(raw_dataset).resolve()) if raw_dataset else ""
