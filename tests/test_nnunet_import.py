@@ -286,3 +286,67 @@ def test_preprocess_then_benchmark_tools_run_on_an_imported_workdir(crossval_mod
     assert len(list((work / "preprocessed").glob("*_seg.npy"))) == 4
     timing = time_training(work, config_for("cpu", 1), iterations=1, warmup=1, repeats=1)
     assert timing.batch_size == 2 and timing.patch_size == [16, 16, 16] and timing.device_step_s > 0
+
+
+# ----- the other way: a voxseg work directory as an nnU-Net v2 model folder -------------------------------------
+def test_export_as_nnunet_model_folder_and_back(tmp_path):
+    from tests.test_predictor import make_workdir, tiny_plan
+    from voxseg.infer.nnunet_export import export_nnunet
+
+    plan = tiny_plan()
+    plan.inference_mirror_axes = [1, 2]
+    work = make_workdir(tmp_path / "work", plan, folds=(0, 1))
+    code, out, _ = run_cli("export", work, "--format", "nnunet", tmp_path / "results", "--folds", "all")
+    folder = tmp_path / "results" / "nnUNetTrainer__voxsegPlans__3d_fullres"
+    assert code == 0 and f"nnUNetv2_predict_from_modelfolder -m {folder}" in out
+    state = torch.load(folder / "fold_1" / "checkpoint_final.pth", weights_only=True)
+    assert state["trainer_name"] == "nnUNetTrainer" and state["inference_allowed_mirroring_axes"] == (1, 2)
+    assert "decoder.encoder.stages.0.0.convs.0.all_modules.0.weight" in state["network_weights"]  # nnU-Net's aliases
+    ours = Predictor.from_workdir(work, folds="all", device="cpu")
+    back = Predictor.from_workdir(folder, folds="all", device="cpu")
+    assert back.mirror_axes == ours.mirror_axes == (1, 2) and len(back.models) == 2
+    image_pp = np.random.default_rng(3).normal(0.0, 1.0, (2, 16, 16, 16)).astype(np.float32)
+    assert torch.equal(back.predict_logits(image_pp), ours.predict_logits(image_pp))
+    # and imported again: the same plan as the work directory it came from, up to what nnU-Net has no field for
+    import_nnunet(folder, tmp_path / "again")
+    again = Plan.load(tmp_path / "again" / "plans.json").to_dict()
+    for key in ("channel_names", "labels", "target_spacing", "patch_size", "batch_size", "normalization", "network"):
+        assert again[key] == {**plan.to_dict(), "network": {**plan.network.__dict__, "decoder_conv_per_stage": 2}}[key]
+
+    with pytest.raises(CheckpointError, match="is not empty.*--force"):
+        export_nnunet(work, tmp_path / "results", folds=[0])
+    assert export_nnunet(work, tmp_path / "results", folds=[0], force=True) == folder
+    assert sorted(p.name for p in folder.iterdir()) == ["dataset.json", "fold_0", "plans.json"]
+    residual = tiny_plan()
+    residual.network.residual = True
+    strided = make_workdir(tmp_path / "strided", residual)
+    with pytest.raises(CheckpointError, match="strided 1x1 projection.*pooled_skip=true"):
+        export_nnunet(strided, tmp_path / "r")
+    assert not (tmp_path / "r").exists()
+
+
+def test_residual_export_drops_the_skip_bias_nnunet_does_not_have(tmp_path):
+    from tests.test_predictor import make_workdir, tiny_plan
+    from voxseg.infer.nnunet_export import export_nnunet
+
+    plan = tiny_plan(channels=1)
+    plan.network.residual, plan.network.pooled_skip, plan.network.blocks_per_stage = True, True, [1, 2]
+    work = make_workdir(tmp_path / "work", plan)
+    path = work / "training" / "fold_0" / "checkpoint_final.pt"
+    state = torch.load(path, weights_only=True)
+    skip_biases = [k for k in state["model"] if ".skip.1.0." in k and k.endswith(".bias")]
+    for key in skip_biases:  # a trained skip-projection bias, which the instance norm after it cancels
+        state["model"][key].fill_(0.5)
+    assert skip_biases == ["encoder.1.0.skip.1.0.bias"]
+    torch.save(state, path)
+    ours = Predictor.from_workdir(work, folds=0, device="cpu")
+    folder = export_nnunet(work, tmp_path / "out" / "nnUNetTrainer__p__3d_fullres")
+    assert folder == tmp_path / "out" / "nnUNetTrainer__p__3d_fullres"
+    weights = torch.load(folder / "fold_0" / "checkpoint_final.pth", weights_only=True)["network_weights"]
+    assert "encoder.stages.1.blocks.0.skip.1.norm.weight" in weights
+    assert not [k for k in weights if ".skip." in k and k.endswith("conv.bias")]
+    plans = json.loads((folder / "plans.json").read_text())["configurations"]["3d_fullres"]["architecture"]
+    assert plans["arch_kwargs"]["n_blocks_per_stage"] == [1, 2] and "ResidualEncoderUNet" in plans["network_class_name"]
+    back = Predictor.from_workdir(folder, folds=0, device="cpu")
+    image_pp = np.random.default_rng(4).normal(0.0, 1.0, (1, 16, 16, 16)).astype(np.float32)
+    assert torch.allclose(back.predict_logits(image_pp), ours.predict_logits(image_pp), atol=1e-5)

@@ -6,6 +6,8 @@ import argparse
 from voxseg.cli.common import Subparsers, add_command, csv_ints, device, folds, usable_device
 from voxseg.errors import ConfigError
 
+EXPORT_FORMATS = ("nnunet",)  # --format FORMAT OUT: another tool's model layout
+
 
 def _checkpoint_flag(parser: argparse.ArgumentParser) -> None:
     """--checkpoint: the names of `voxseg.infer.archive.CHECKPOINT_CHOICES`, the one list every command uses."""
@@ -62,9 +64,18 @@ def cmd_export(args: argparse.Namespace) -> int:
     from voxseg.infer.archive import export_archive
     from voxseg.infer.export import export_onnx
 
-    if not args.onnx and not args.archive:
-        raise ConfigError("export needs --onnx FILE and/or --archive ZIP")
+    if not args.onnx and not args.archive and not args.format:
+        raise ConfigError("export needs --onnx FILE, --archive ZIP and/or --format nnunet OUT")
+    if args.format and args.format[0] not in EXPORT_FORMATS:
+        raise ConfigError(f"--format {args.format[0]}: unknown format; use {', '.join(EXPORT_FORMATS)} "
+                          "(--format nnunet OUT)")
     chosen = folds(args.folds)
+    if args.format:
+        from voxseg.infer.nnunet_export import export_nnunet
+
+        folder = export_nnunet(args.workdir, args.format[1], folds=chosen, checkpoint=args.checkpoint, force=args.force)
+        print(f"wrote nnU-Net v2 model folder {folder}; predict with nnU-Net: nnUNetv2_predict_from_modelfolder "
+              f"-m {folder} -i INPUT -o OUTPUT, or with voxseg: voxseg predict -m {folder} -i INPUT -o OUTPUT")
     if args.onnx:
         if chosen != "all" and len(chosen) > 1:
             raise ConfigError(f"--onnx exports one fold's network; got --folds {args.folds}. Export each fold to its "
@@ -110,6 +121,10 @@ def _export_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("workdir")
     p.add_argument("--onnx")
     p.add_argument("--archive")
+    p.add_argument("--format", nargs=2, metavar=("FORMAT", "OUT"),
+                   help="--format nnunet OUT: an nnU-Net v2 model folder (OUT/nnUNetTrainer__voxsegPlans__3d_fullres, "
+                        "or OUT itself when named <Trainer>__<Plans>__<configuration>)")
+    p.add_argument("--force", action="store_true", help="with --format: replace an existing model folder")
     p.add_argument("--folds", default="0")
     _checkpoint_flag(p)
 
@@ -146,9 +161,12 @@ def add_infer_commands(sub: Subparsers) -> None:
                 "voxseg evaluate preds data/Dataset001_Synth/labelsTs --dataset-json data/Dataset001_Synth/dataset.json\n"
                 "voxseg evaluate --crossval work/synth", setup=_evaluate_arguments)
 
-    add_command(sub, "export", cmd_export, "export a trained model to ONNX and/or a shareable archive",
+    add_command(sub, "export", cmd_export,
+                "export a trained model to ONNX, a shareable archive and/or an nnU-Net v2 model folder",
                 "voxseg export work/synth --onnx model.onnx --folds 0\n"
-                "voxseg export work/synth --archive model.zip --folds all", setup=_export_arguments)
+                "voxseg export work/synth --archive model.zip --folds all\n"
+                "voxseg export work/synth --format nnunet nnUNet_results/Dataset001_Synth --folds all",
+                setup=_export_arguments)
 
     p = add_command(sub, "install", cmd_install, "install a model archive (never writes outside TARGET)",
                     "voxseg install model.zip models/synth")
