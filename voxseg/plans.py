@@ -127,6 +127,8 @@ class Plan:
         gpu_memory_gb: the memory budget the patch and batch size were planned for.
         estimated_memory_gb: the memory model's estimate of peak training memory for this plan.
         image_dtype: dtype of the preprocessed images ("float16" or "float32").
+        memory_calibration: the memory model fitted to real steps on a GPU by `voxseg plan --calibrate`
+            (device, scale, fixed_gb, measured points), or None when the formula was used as it is.
     """
 
     dataset_name: str
@@ -148,6 +150,7 @@ class Plan:
     gpu_memory_gb: float = 8.0
     estimated_memory_gb: float | None = None
     image_dtype: str = "float16"
+    memory_calibration: dict[str, Any] | None = None
     version: int = PLAN_VERSION
 
     def __post_init__(self) -> None:
