@@ -7,11 +7,13 @@ stage records {"error": ...} and the others still report:
   2. `pytest -m gpu -q` in a subprocess: passed / failed / skipped and the output's tail;
   3. a BraTS-sized synthetic dataset (4 channels, 155x240x240, 6 cases on CUDA; 64^3 with --quick, smaller and
      with the demo's shrunk network on a CPU), planned for the device's memory (8 GB on a CPU) and preprocessed;
-  4. the training step with data on the device and end to end with 4 CPU threads (`time_training`: bf16 and
-     compile as the defaults choose), the data-wait fraction, peak memory against the plan's estimate;
-  5. inference file to file: 1 fold without TTA and 5 folds with 8 mirrors (one initialised checkpoint copied
+  4. on CUDA, `voxseg plan --calibrate`: the memory model fitted to real steps of candidate configurations and
+     the work directory planned again with it (the fit and the plan before/after are recorded);
+  5. the training step with data on the device and end to end with 4 CPU threads (`time_training`: bf16 and
+     compile as the defaults choose), the data-wait fraction, peak memory against the (calibrated) estimate;
+  6. inference file to file: 1 fold without TTA and 5 folds with 8 mirrors (one initialised checkpoint copied
      to fold_0..fold_4: speed does not depend on the weights);
-  6. augmentation throughput (`augment_batch`, 2 x 4 x 128^3 on CUDA).
+  7. augmentation throughput (`augment_batch`, 2 x 4 x 128^3 on CUDA).
 Writes OUT/gpu_check.json (OUT default benchmarks/results), on CUDA also OUT/gpu_check_<device>.json, and
 OUT/gpu_check.md, the Markdown table it prints for BENCHMARKS.md. The synthetic data lives in a temporary
 directory, removed at the end unless --keep. The budgets keep a CUDA run well under 8 minutes.
@@ -35,7 +37,7 @@ sys.path[:0] = [str(HERE.parent), str(HERE)]  # this checkout's voxseg, then aug
 
 KEYS = ("step_ms_device", "step_ms_end_to_end", "data_wait_fraction", "peak_memory_gb", "infer_s_1fold",
         "infer_s_5fold_tta")
-STAGES = ("environment", "pytest", "dataset", "training", "inference", "augment")
+STAGES = ("environment", "pytest", "dataset", "calibrate", "training", "inference", "augment")
 
 
 class StageTimeout(Exception):
@@ -129,6 +131,7 @@ def measure(args: argparse.Namespace, device: Any, root: Path, report: dict[str,
         ("environment", lambda: stages.environment(device)),
         ("pytest", lambda: stages.gpu_tests(budgets["pytest"] * 0.95)),
         ("dataset", lambda: stages.dataset(root, device, sizes, args.gpu_memory)),
+        ("calibrate", lambda: stages.calibration(root / "work", device)),
         ("training", lambda: stages.training(root / "work", device, sizes, args.threads)),
         ("inference", lambda: stages.inference(root / "work", device, sizes)),
         ("augment", lambda: stages.augmentation(device, sizes)),
@@ -136,7 +139,7 @@ def measure(args: argparse.Namespace, device: Any, root: Path, report: dict[str,
     for name, job in jobs:
         if name in args.skip:
             report[name] = {"skipped": True}
-        elif name in ("training", "inference") and not report.get("dataset"):
+        elif name in ("calibrate", "training", "inference") and not report.get("dataset"):
             report["errors"][name] = "not run: the dataset stage failed or was skipped"
         else:
             report[name] = run_stage(name, budgets[name], job, report)
@@ -184,6 +187,7 @@ def markdown_table(report: dict[str, Any]) -> str:
         ("synthetic data", f"{sizes.get('cases')} cases x 4 x {'x'.join(map(str, sizes.get('shape', [])))}"),
         ("plan", f"patch {plan.get('patch_size')} x batch {plan.get('batch_size')}, features "
                  f"{plan.get('features')}, planned for {plan.get('gpu_memory_gb')} GB"),
+        ("memory calibration", _calibration_cell(report.get("calibrate") or {})),
         ("step, data on the device", _cell(report["step_ms_device"], ".1f", " ms") + spread["device_step_range_s"]),
         (f"step, end to end, {training.get('cpu_threads', '?')} CPU threads (amp {training.get('amp')}, "
          f"compile {training.get('compile')})",
@@ -201,6 +205,14 @@ def markdown_table(report: dict[str, Any]) -> str:
         rows.append(("timing", "NOISE: rounds spread > 20% or end to end < device step"))
     rows += [(f"error: {stage}", message.splitlines()[0][:200]) for stage, message in report["errors"].items()]
     return "\n".join(["| measure | result |", "|---|---|", *(f"| {name} | {value} |" for name, value in rows)])
+
+
+def _calibration_cell(fit: dict[str, Any]) -> str:
+    if "scale" not in fit:
+        return str(fit.get("skipped") or "n/a")
+    after = fit.get("after") or {}
+    return (f"measured ~= {fit['scale']:.3f} x model + {fit['fixed_gb']:.2f} GB; plan now patch "
+            f"{after.get('patch_size')} x batch {after.get('batch_size')}")
 
 
 def slug(name: str) -> str:

@@ -43,8 +43,10 @@ class Sizes:
     budgets: dict[str, float] = field(default_factory=dict)
 
 
-CUDA_BUDGETS = {"environment": 20, "pytest": 90, "dataset": 120, "training": 150, "inference": 90, "augment": 30}
-CPU_BUDGETS = {"environment": 20, "pytest": 180, "dataset": 180, "training": 300, "inference": 300, "augment": 120}
+CUDA_BUDGETS = {"environment": 20, "pytest": 80, "dataset": 110, "calibrate": 45, "training": 130, "inference": 90,
+                "augment": 30}
+CPU_BUDGETS = {"environment": 20, "pytest": 180, "dataset": 180, "calibrate": 10, "training": 300, "inference": 300,
+               "augment": 120}
 SIZES = {
     ("cuda", False): Sizes(6, (155, 240, 240), iterations=20, warmup=5, repeats=3, augment_patch=128,
                            augment_batches=10, infer_repeats=2, budgets=CUDA_BUDGETS),
@@ -159,7 +161,32 @@ def _gpu_memory_gb(device: torch.device) -> float:
     return round(torch.cuda.get_device_properties(device).total_memory / 2**30, 1)
 
 
-# ----- 4. training step ------------------------------------------------------------------------------------
+# ----- 4. memory calibration ------------------------------------------------------------------------------
+def calibration(workdir: Path, device: torch.device) -> dict[str, Any]:
+    """`voxseg plan --calibrate` on the work directory: the fit, and the plan before and after it.
+
+    On CUDA the training stage then runs the calibrated plan, so its peak memory checks the calibrated estimate.
+    """
+    from voxseg.plans import Plan
+
+    if device.type != "cuda":
+        return {"skipped": "needs a CUDA device; the memory formula is used as it is"}
+    from voxseg.bench.calibrate import calibrate_workdir, cuda_measure, device_name
+
+    before = Plan.load(workdir / "plans.json")
+    start = time.perf_counter()
+    after, fit = calibrate_workdir(workdir, cuda_measure(device), device_name(device))
+    return {
+        "seconds": round(time.perf_counter() - start, 2), "device": fit.device, "scale": fit.scale,
+        "fixed_gb": fit.fixed_gb, "points": fit.points,
+        "before": {"patch_size": before.patch_size, "batch_size": before.batch_size,
+                   "estimated_memory_gb": before.estimated_memory_gb},
+        "after": {"patch_size": after.patch_size, "batch_size": after.batch_size,
+                  "estimated_memory_gb": after.estimated_memory_gb},
+    }
+
+
+# ----- 5. training step ------------------------------------------------------------------------------------
 def training(workdir: Path, device: torch.device, sizes: Sizes, threads: int) -> dict[str, Any]:
     """Device step and end-to-end step with `threads` CPU threads; peak memory against the plan's estimate."""
     from voxseg.bench.timing import config_for, time_training, training_cases
@@ -181,7 +208,7 @@ def training(workdir: Path, device: torch.device, sizes: Sizes, threads: int) ->
     }
 
 
-# ----- 5. inference, file to file --------------------------------------------------------------------------
+# ----- 6. inference, file to file --------------------------------------------------------------------------
 def inference(workdir: Path, device: torch.device, sizes: Sizes) -> dict[str, Any]:
     """Seconds per case: 1 fold without TTA, and 5 folds (one initialised checkpoint copied) with 8 mirrors."""
     from voxseg.bench.benchmark import time_predictor
@@ -224,7 +251,7 @@ def _write_fold_checkpoints(workdir: Path, folds: int) -> Any:
     return plan
 
 
-# ----- 6. augmentation throughput --------------------------------------------------------------------------
+# ----- 7. augmentation throughput --------------------------------------------------------------------------
 def augmentation(device: torch.device, sizes: Sizes) -> dict[str, Any]:
     """samples/s of `augment_batch` on batches of 2 x 4 channels x P^3 (benchmarks/augment_bench.py's timing)."""
     import augment_bench  # benchmarks/ is on sys.path (see gpu_check.py)

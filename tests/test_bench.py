@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import math
+import shutil
 from pathlib import Path
 
 import pytest
@@ -255,8 +256,38 @@ def test_noisy_timings_are_flagged_not_compared(workdir: Path, tmp_path: Path, m
     rows = {r["batch_size"]: r for r in result["rows"]}
     assert rows[2]["speedup"] == pytest.approx(1.0) and rows[4]["speedup"] is None and rows[4]["noisy"]
     line = next(line for line in format_estimate(result).splitlines() if line.split()[:2] == ["4", "1"])
-    assert line.rstrip().split()[-2] == "noise"  # the speed-up column, before memory
+    assert line.rstrip().split()[-3] == "noise"  # the speed-up column, before memory and model
     table = format_benchmark({"device": "CPU", "torch": "x", "cpu_threads": 1, "preprocessing": {
         "read_s": 1.0, "preprocess_s": 1.0}, "training": StepTiming(0.02, 0.01, 0.1, 200.0, 1.5, 2, PATCH, 1, noisy=True,
                                                              memory_kind="rss").to_dict()})
     assert "NOISE" in table and "peak memory (process RSS)" in table
+
+
+def test_estimate_rows_carry_the_memory_model_formula_or_its_calibration(workdir: Path, tmp_path: Path,
+                                                                        monkeypatch) -> None:
+    from voxseg.bench.calibrate import MemoryCalibration
+    from voxseg.data.memory import estimate_memory_breakdown
+    from voxseg.plans import Plan
+
+    fake, _ = _fake_timing(0.01, oom_batches=set())
+    monkeypatch.setattr(estimate_module, "time_training", fake)
+    plan = Plan.load(workdir / "plans.json")
+
+    def terms(batch: int) -> dict:
+        return estimate_memory_breakdown(plan.network, plan.patch_size, batch, plan.num_channels, plan.num_outputs)
+
+    result = run_estimate(workdir, batch_sizes=[1, 4], device="cpu", output=tmp_path / "e.json")
+    rows = {r["batch_size"]: r for r in result["rows"]}
+    for batch in (1, 4):
+        assert rows[batch]["model_memory_gb"] == pytest.approx(terms(batch)["total"], abs=1e-4)
+    assert not result["calibrated"]
+
+    calibrated = tmp_path / "calibrated"
+    shutil.copytree(workdir, calibrated)
+    fit = MemoryCalibration(device="fake GPU", scale=0.5, fixed_gb=0.25, model_fixed_gb=terms(1)["fixed"])
+    plan.memory_calibration = fit.to_dict()
+    plan.save(calibrated / "plans.json")
+    result = run_estimate(calibrated, batch_sizes=[4], device="cpu", output=tmp_path / "c.json")
+    row = {r["batch_size"]: r for r in result["rows"]}[4]
+    assert row["model_memory_gb"] == pytest.approx(0.5 * (terms(4)["total"] - terms(4)["fixed"]) + 0.25, abs=1e-4)
+    assert result["calibrated"] and "(calibrated)" in format_estimate(result)

@@ -144,6 +144,8 @@ class Plan:
         image_dtype: dtype of the preprocessed images ("float16" or "float32").
         inference_mirror_axes: the spatial axes test-time mirroring uses when every axis is asked for (a model
             trained mirrored along some axes only, e.g. an imported nnU-Net model's allowed axes); None: all.
+        memory_calibration: the memory model fitted to real steps on a GPU by `voxseg plan --calibrate`
+            (device, scale, fixed_gb, measured points), or None when the formula was used as it is.
     """
 
     dataset_name: str
@@ -166,6 +168,7 @@ class Plan:
     estimated_memory_gb: float | None = None
     image_dtype: str = "float16"
     inference_mirror_axes: list[int] | None = None
+    memory_calibration: dict[str, Any] | None = None
     version: int = PLAN_VERSION
 
     def __post_init__(self) -> None:

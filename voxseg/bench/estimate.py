@@ -18,6 +18,7 @@ configuration that runs out of memory is reported as "does not fit", never a cra
 """
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import dataclass
 from pathlib import Path
@@ -25,9 +26,12 @@ from typing import Any, Sequence
 
 import torch
 
+from voxseg.bench.calibrate import MemoryCalibration
 from voxseg.bench.timing import config_for, is_out_of_memory, time_training, training_cases
-from voxseg.plans import Plan
+from voxseg.data.memory import estimate_memory_gb
+from voxseg.errors import VoxsegError
 from voxseg.jsonio import write_json_atomic
+from voxseg.plans import Plan
 
 
 @dataclass
@@ -41,6 +45,7 @@ class EstimateRow:
     total_h: float | None = None
     speedup: float | None = None
     peak_memory_gb: float | None = None
+    model_memory_gb: float | None = None  # the planner's memory model (calibrated when plans.json holds a fit)
     fits: bool = True
     note: str = ""
     noisy: bool = False
@@ -83,6 +88,20 @@ def _measure(workdir: Path, device: str, batch: int, samples: int, patch: list[i
     return row
 
 
+def model_memory_gb(plan: Plan, batch: int, patch: list[int]) -> float | None:
+    """The memory model's peak (GiB) for the plan's network at this batch and patch: the fit of
+    `voxseg plan --calibrate` when plans.json holds one, else the formula."""
+
+    try:
+        variant = dataclasses.replace(plan, batch_size=int(batch), patch_size=[int(p) for p in patch])
+    except VoxsegError:  # a patch the network cannot take: the timing row says so
+        return None
+    if plan.memory_calibration:
+        return round(MemoryCalibration.from_dict(plan.memory_calibration).estimate_gb(variant), 4)
+    return round(estimate_memory_gb(variant.network, variant.patch_size, variant.batch_size, variant.num_channels,
+                                    variant.num_outputs), 4)
+
+
 def run_estimate(workdir: str | Path, batch_sizes: Sequence[int] | None = None,
                  num_samples: Sequence[int] | None = None, patch_sizes: Sequence[Sequence[int]] | None = None,
                  epochs: int = 1000, iterations_per_epoch: int = 250, device: str = "auto", iterations: int = 10,
@@ -101,6 +120,7 @@ def run_estimate(workdir: str | Path, batch_sizes: Sequence[int] | None = None,
     rows = []
     for batch, samples, patch in combos:
         row = _measure(workdir, device, batch, samples, patch, iterations, list(overrides or []))
+        row.model_memory_gb = model_memory_gb(plan, batch, patch)
         row.iterations_per_epoch = epoch_iterations(iterations_per_epoch, num_cases, samples, batch)
         if row.step_s is not None:
             row.epoch_s = row.step_s * row.iterations_per_epoch
@@ -111,9 +131,14 @@ def run_estimate(workdir: str | Path, batch_sizes: Sequence[int] | None = None,
         if row.step_s and reference.step_s and not (row.noisy or reference.noisy):
             row.speedup = (row.batch_size / row.step_s) / (reference.batch_size / reference.step_s)
     result = {"epochs": epochs, "iterations_per_epoch": iterations_per_epoch, "num_cases": num_cases,
+              "calibrated": bool(plan.memory_calibration),
               "rows": [row.__dict__ for row in rows]}
     write_json_atomic(Path(output) if output else workdir / "estimate.json", result)
     return result
+
+
+def _gb(value: float | None) -> str:
+    return "-" if value is None else f"{value:.2f}GB"
 
 
 def _duration(seconds: float) -> str:
@@ -126,7 +151,7 @@ def _duration(seconds: float) -> str:
 
 def format_estimate(result: dict[str, Any]) -> str:
     header = f"{'batch':>5} {'patches/case':>12} {'patch':>16} {'step':>9} {'it/epoch':>8} {'epoch':>9} " \
-             f"{'total':>9} {'speed-up':>8} {'memory':>8}"
+             f"{'total':>9} {'speed-up':>8} {'memory':>8} {'model':>8}"
     lines = [f"{result['num_cases']} training cases, {result['epochs']} epochs "
              f"({'one pass over the cases' if not result['iterations_per_epoch'] else str(result['iterations_per_epoch']) + ' iterations'} per epoch)",
              header]
@@ -141,6 +166,8 @@ def format_estimate(result: dict[str, Any]) -> str:
             if row["speedup"] is None else f"{row['speedup']:.2f}x"
         lines.append(f"{start} {row['step_s'] * 1000:>7.0f}ms {row['iterations_per_epoch']:>8} "
                      f"{_duration(row['epoch_s']):>9} {_duration(row['total_h'] * 3600):>9} "
-                     f"{speedup:>8} {row['peak_memory_gb']:>6.2f}GB")
-    lines.append("first row: the current plan (reference for the speed-up, compared at equal samples seen)")
+                     f"{speedup:>8} {row['peak_memory_gb']:>6.2f}GB {_gb(row.get('model_memory_gb')):>8}")
+    lines.append("first row: the current plan (reference for the speed-up, compared at equal samples seen); memory: "
+                 "measured peak (CUDA allocator on a GPU, the process's RSS on a CPU); model: the planner's GPU "
+                 "memory model" + (" (calibrated)" if result.get("calibrated") else ""))
     return "\n".join(lines)

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+from typing import Any
 
 from voxseg.cli.common import Subparsers, add_command, csv_floats, csv_ints, device, key_values, usable_device
 
@@ -44,9 +45,27 @@ def cmd_plan(args: argparse.Namespace) -> int:
         num_folds=args.folds, val_fraction=args.val_fraction, seed=args.seed, num_workers=args.workers,
         dims=2 if args.two_d else 3,
     )
+    if args.calibrate:
+        plan = _calibrate(args, plan)
     print(describe_plan(plan))
     print(f"wrote {args.output}/plans.json, fingerprint.json, splits.json")
     return 0
+
+
+def _calibrate(args: argparse.Namespace, plan: Any) -> Any:
+    """`plan --calibrate`: fit the memory model to real steps on the CUDA device, plan again with it."""
+    import torch
+
+    if not torch.cuda.is_available():
+        print("note: --calibrate needs a CUDA device and there is none here: nothing was measured, the memory "
+              "model's formula is used as it is (plans.json: memory_calibration null)")
+        return plan
+    from voxseg.bench.calibrate import calibrate_workdir, cuda_measure, describe_calibration, device_name
+
+    plan, calibration = calibrate_workdir(args.output, cuda_measure(), device_name(), overrides=key_values(args.set),
+                                          dims=2 if args.two_d else 3)
+    print(describe_calibration(calibration))
+    return plan
 
 
 def cmd_preprocess(args: argparse.Namespace) -> int:
@@ -103,6 +122,9 @@ def add_data_commands(sub: Subparsers) -> None:
     p.add_argument("--val-fraction", type=float, default=None, help="single train/val split instead of folds, e.g. 0.2")
     p.add_argument("--seed", type=int, default=12345)
     p.add_argument("--2d", dest="two_d", action="store_true", help="plan a 2D configuration")
+    p.add_argument("--calibrate", action="store_true",
+                   help="fit the memory model to a few real training steps on this machine's CUDA GPU and plan "
+                        "patch and batch with it (without a GPU the formula is used as it is, and said so)")
     p.add_argument("-j", "--workers", type=int, default=1)
 
     p = add_command(sub, "preprocess", cmd_preprocess, "crop, resample and normalise every case into the fast case store",

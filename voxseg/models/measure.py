@@ -42,13 +42,14 @@ def measure_saved_activation_elements(plan: Plan, patch_size: list[int] | None =
     return sum(saved.values()) / image.element_size()
 
 
-def measure_peak_memory_gb(plan: Plan, device: Any = "cuda", steps: int = 2) -> float:
+def measure_peak_memory_gb(plan: Plan, device: Any = "cuda", steps: int = 2, reserved: bool = False) -> float:
     """Peak allocator memory (GiB) of real training steps with the plan's patch and batch on a CUDA device.
 
     Builds the network, runs `steps` bf16-autocast forward/backward/SGD steps (the second one includes the
     optimiser's momentum) with a cross-entropy over every deep-supervision output, and returns
-    torch.cuda.max_memory_allocated. It excludes the CUDA context, so compare it with
-    `voxseg.data.memory.estimate_memory_gb(...) - CUDA_CONTEXT_GB`.
+    torch.cuda.max_memory_allocated (`reserved=True`: max_memory_reserved, what the caching allocator took from
+    the device, rounding and fragmentation included: what decides an out-of-memory error). It excludes the CUDA
+    context, so compare it with `voxseg.data.memory.estimate_memory_gb(...) - CUDA_CONTEXT_GB`.
     """
     device = torch.device(device)
     if device.type != "cuda":
@@ -72,4 +73,6 @@ def measure_peak_memory_gb(plan: Plan, device: Any = "cuda", steps: int = 2) -> 
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
     torch.cuda.synchronize(device)
-    return gib(torch.cuda.max_memory_allocated(device))
+    peak = torch.cuda.max_memory_reserved(device) if reserved else torch.cuda.max_memory_allocated(device)
+    del model, optimizer, image, target
+    return gib(peak)
