@@ -137,3 +137,16 @@ def test_brats_convention_by_hand(brats_folders):
     assert near["metrics"]["whole_tumor"]["hd95"] == pytest.approx(0.9 * 7.5)
     assert plain["mean"]["whole_tumor"]["hd95"] == pytest.approx(0.9 * 7.5)
     assert plain["mean"]["whole_tumor"]["n_hd95_nan"] == 2
+
+
+def test_monai_has_no_hd95_for_an_empty_prediction_even_with_the_diagonal_option():
+    from voxseg.evaluate.conventions import apply_convention
+    from voxseg.evaluate.metrics import binary_metrics, image_diagonal_mm
+
+    ref = np.zeros((6, 6, 6), bool)
+    ref[2:4, 2:4, 2:4] = True
+    metrics = binary_metrics(np.zeros_like(ref), ref, (1.0, 2.0, 1.0), one_empty_hd95="diagonal")
+    assert metrics["hd95"] == pytest.approx(image_diagonal_mm(ref.shape, (1.0, 2.0, 1.0)))
+    monai = apply_convention(metrics, "monai")  # MONAI's HausdorffDistanceMetric: NaN
+    assert np.isnan(monai["hd95"]) and monai["dice"] == 0.0 and monai["nsd"] == 0.0
+    assert apply_convention(metrics, "brats")["hd95"] == 373.13

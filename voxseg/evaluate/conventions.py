@@ -34,7 +34,7 @@ CONVENTIONS: dict[str, dict[str, Any]] = {
     "voxseg": {"both_empty": {}, "ref_empty": {}},
     "nnunet": {"both_empty": {"dice": NAN, "iou": NAN}, "ref_empty": {}},
     "monai": {"both_empty": {"dice": NAN, "iou": NAN, "hd95": NAN, "nsd": NAN},
-              "ref_empty": {"dice": NAN, "iou": NAN, "hd95": NAN},
+              "ref_empty": {"dice": NAN, "iou": NAN, "hd95": NAN}, "pred_empty": {"hd95": NAN},
               "metrics": {"surface_connectivity": "face", "hd95_mode": "max_directed"}},
     "brats": {"both_empty": {}, "ref_empty": {"hd95": BRATS_WORST_HD95_MM}, "pred_empty": {"hd95": BRATS_WORST_HD95_MM},
               "metrics": {"hd95_mode": "max_directed"}},
