@@ -30,15 +30,16 @@ def _b(summary, case):
     return next(c["metrics"]["b"] for c in summary["per_case"] if c["name"] == case)
 
 
-@pytest.mark.parametrize("convention, both_dice, fp_dice, fp_hd95, mean_dice", [
-    ("voxseg", 1.0, 0.0, None, 0.5),
-    ("nnunet", None, 0.0, None, 0.0),
-    ("monai", None, None, None, None),
-    ("brats", 1.0, 0.0, 373.13, 0.5),
+@pytest.mark.parametrize("convention, both_dice, both_nsd, fp_dice, fp_hd95, mean_dice", [
+    ("voxseg", 1.0, 1.0, 0.0, None, 0.5),
+    ("nnunet", None, 1.0, 0.0, None, 0.0),
+    ("monai", None, None, None, None, None),
+    ("brats", 1.0, 1.0, 0.0, 373.13, 0.5),
 ])
-def test_a_class_absent_from_the_reference(folders, convention, both_dice, fp_dice, fp_hd95, mean_dice):
+def test_a_class_absent_from_the_reference(folders, convention, both_dice, both_nsd, fp_dice, fp_hd95, mean_dice):
     summary = evaluate_folder(*folders, PLAIN_META, convention=convention, out=False)
-    assert _b(summary, "both")["dice"] == both_dice
+    assert _b(summary, "both")["dice"] == both_dice and _b(summary, "both")["nsd"] == both_nsd
+    assert _b(summary, "fp")["nsd"] == 0.0  # MONAI's SurfaceDiceMetric too: 0 when only one side has the class
     assert _b(summary, "fp")["dice"] == fp_dice and _b(summary, "fp")["hd95"] == fp_hd95
     assert summary["mean"]["b"]["dice"] == mean_dice
     assert summary["convention"] == convention and summary["conventions"]["empty_classes"]["name"] == convention
@@ -83,3 +84,69 @@ def test_monai_convention_matches_monais_documented_surface_and_hd95():
                                   tolerance_mm=1.0, **metric_options("voxseg"))["c"]
     assert voxseg["hd95"] != pytest.approx(monai["hd95"], abs=1e-3)  # the conventions really differ here
     assert metric_options("nnunet") == metric_options("voxseg") == {}
+    assert metric_options("brats") == {"hd95_mode": "max_directed"}
+
+
+@pytest.fixture()
+def brats_folders(tmp_path):
+    """BraTS regions (labels of voxseg convert-brats: 1 edema, 2 necrosis, 3 enhancing), spacing 2.5 x 1 x 1 mm.
+
+    near:  reference one enhancing voxel; prediction that voxel and one 3 voxels (7.5 mm) away along axis 0.
+    missed: reference an edema block, prediction empty.  false_pos: reference empty, prediction one necrosis voxel.
+    """
+    from voxseg.data.convert import BRATS_REGION_LABELS
+
+    spacing = (2.5, 1.0, 1.0)
+    ref_dir, pred_dir = tmp_path / "ref", tmp_path / "pred"
+    empty = np.zeros((10, 8, 8), np.uint8)
+    near_ref, near_pred = empty.copy(), empty.copy()
+    near_ref[2, 3, 3] = near_pred[2, 3, 3] = near_pred[5, 3, 3] = 3
+    missed_ref = empty.copy()
+    missed_ref[1:3, 1:3, 1:3] = 1
+    false_pred = empty.copy()
+    false_pred[6, 6, 6] = 2
+    for name, pred, ref in (("near", near_pred, near_ref), ("missed", empty, missed_ref), ("false_pos", false_pred, empty)):
+        _write(ref_dir, name, ref, ENDING, spacing)
+        _write(pred_dir, name, pred, ENDING, spacing)
+    meta = {"channel_names": {"0": "T1"}, "labels": dict(BRATS_REGION_LABELS), "file_ending": ENDING}
+    return pred_dir, ref_dir, meta
+
+
+def test_brats_convention_by_hand(brats_folders):
+    """BraTS: Dice 1 and HD95 0 for a region absent from both, HD95 373.13 mm when exactly one side is empty,
+    HD95 the larger of the two directed 95th percentiles."""
+    summary = evaluate_folder(*brats_folders, convention="brats", out=False)
+    metrics = {case["name"]: case["metrics"] for case in summary["per_case"]}
+    # near: prediction surface distances to the reference [0, 7.5] mm -> 95th percentile 0.95 * 7.5; other way [0]
+    for region in ("whole_tumor", "tumor_core", "enhancing_tumor"):
+        assert metrics["near"][region]["dice"] == pytest.approx(2 / 3)
+        assert metrics["near"][region]["hd95"] == pytest.approx(0.95 * 7.5)
+    assert metrics["missed"]["whole_tumor"]["dice"] == 0.0 and metrics["missed"]["whole_tumor"]["hd95"] == 373.13
+    assert metrics["missed"]["tumor_core"]["dice"] == 1.0 and metrics["missed"]["tumor_core"]["hd95"] == 0.0
+    assert metrics["false_pos"]["tumor_core"]["dice"] == 0.0 and metrics["false_pos"]["tumor_core"]["hd95"] == 373.13
+    assert metrics["false_pos"]["enhancing_tumor"]["dice"] == 1.0 and metrics["false_pos"]["enhancing_tumor"]["hd95"] == 0.0
+    mean = summary["mean"]
+    assert mean["whole_tumor"]["dice"] == pytest.approx((2 / 3 + 0 + 0) / 3)
+    assert mean["whole_tumor"]["hd95"] == pytest.approx((0.95 * 7.5 + 373.13 + 373.13) / 3)
+    assert mean["enhancing_tumor"]["dice"] == pytest.approx((2 / 3 + 1 + 1) / 3)
+    assert mean["enhancing_tumor"]["hd95"] == pytest.approx(0.95 * 7.5 / 3)
+    # voxseg pools both directions, [0, 7.5] and [0]: sorted [0, 0, 7.5], 95th percentile at 1.9 -> 0.9 * 7.5;
+    # a region on one side only has no HD95 (NaN, left out of the mean)
+    plain = evaluate_folder(*brats_folders, convention="voxseg", out=False)
+    near = next(case for case in plain["per_case"] if case["name"] == "near")
+    assert near["metrics"]["whole_tumor"]["hd95"] == pytest.approx(0.9 * 7.5)
+    assert plain["mean"]["whole_tumor"]["hd95"] == pytest.approx(0.9 * 7.5)
+    assert plain["mean"]["whole_tumor"]["n_hd95_nan"] == 2
+
+
+def test_monai_has_no_hd95_for_an_empty_prediction_even_with_the_diagonal_option():
+    from voxseg.evaluate.conventions import apply_convention
+    from voxseg.evaluate.metrics import binary_metrics, image_diagonal_mm
+
+    ref = np.zeros((6, 6, 6), bool)
+    ref[2:4, 2:4, 2:4] = True
+    metrics = binary_metrics(np.zeros_like(ref), ref, (1.0, 2.0, 1.0), one_empty_hd95="diagonal")
+    assert metrics["hd95"] == pytest.approx(image_diagonal_mm(ref.shape, (1.0, 2.0, 1.0)))
+    monai = apply_convention(metrics, "monai")  # MONAI's HausdorffDistanceMetric: NaN
+    assert np.isnan(monai["hd95"]) and monai["dice"] == 0.0 and monai["nsd"] == 0.0
+    assert apply_convention(metrics, "brats")["hd95"] == 373.13

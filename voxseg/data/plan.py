@@ -140,7 +140,7 @@ def check_gpu_memory(gpu_memory_gb: float) -> float:
     """The GPU memory budget in GiB the plan is sized for: a positive number."""
     if not (isinstance(gpu_memory_gb, (int, float)) and gpu_memory_gb > 0 and np.isfinite(gpu_memory_gb)):
         raise ConfigError(f"gpu_memory_gb={gpu_memory_gb!r}: the GPU memory to plan for must be a positive number "
-                          "of GiB, e.g. 8 (plan --gpu-memory-gb)")
+                          "of GiB, e.g. 8 (voxseg plan --gpu-memory)")
     return float(gpu_memory_gb)
 
 

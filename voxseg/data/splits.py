@@ -55,10 +55,12 @@ def make_kfold_splits(names: list[str], num_folds: int = 5, seed: int = 12345) -
     """
     names = sorted(set(names))
     if num_folds < 2:
-        raise ConfigError(f"num_folds={num_folds}: k-fold splitting needs at least 2 folds (or use a val_fraction)")
+        raise ConfigError(f"num_folds={num_folds}: k-fold splitting needs at least 2 folds (voxseg plan --folds N, "
+                          "or a single split with --val-fraction)")
     if len(names) < num_folds:
         raise ConfigError(
-            f"{len(names)} case(s) cannot be split into {num_folds} folds; use fewer folds or a val_fraction"
+            f"{len(names)} case(s) cannot be split into {num_folds} folds; use fewer folds (voxseg plan --folds N) "
+            "or a single split (--val-fraction)"
         )
     order = np.random.default_rng(seed).permutation(len(names))
     chunks = np.array_split(order, num_folds)
@@ -73,7 +75,8 @@ def make_fraction_split(names: list[str], val_fraction: float, seed: int = 12345
     """One split holding out `val_fraction` of the cases (at least one case each side), seeded."""
     names = sorted(set(names))
     if not 0.0 < val_fraction < 1.0:
-        raise ConfigError(f"val_fraction={val_fraction} must be between 0 and 1 (exclusive), e.g. 0.2")
+        raise ConfigError(f"val_fraction={val_fraction} must be between 0 and 1 (exclusive), e.g. 0.2 "
+                          "(voxseg plan --val-fraction)")
     if len(names) < 2:
         raise ConfigError(f"{len(names)} case(s) cannot be split into training and validation; add cases")
     num_val = min(max(1, int(round(val_fraction * len(names)))), len(names) - 1)

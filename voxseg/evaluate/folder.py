@@ -106,11 +106,15 @@ def classes_from_labels(
     return classes, foreground
 
 
-def _resolve_labels(labels: dict | list | None, meta: dict | None) -> tuple[dict[str, Any], int | None]:
+def _resolve_labels(labels: dict | list | None, meta: dict | None,
+                    source: Any = None) -> tuple[dict[str, Any], int | None]:
     if labels is None:
         if meta is None or "labels" not in meta:
+            named = meta is not None and isinstance(source, (str, Path))
+            where = f"{source} has no 'labels'" if named else "no labels"
             raise InputError(
-                "no labels to evaluate: pass dataset_json (path or dict with 'labels') or labels={'name': value}"
+                f"{where} to evaluate: pass dataset_json (path or dict with 'labels'; voxseg evaluate --dataset-json) "
+                "or labels={'name': value}"
             )
         labels = meta["labels"]
     if isinstance(labels, (list, tuple)):
@@ -235,7 +239,7 @@ def evaluate_folder(
     if not ref_dir.is_dir():
         raise InputError(f"{ref_dir}: reference folder not found; give the folder of the reference label files")
     meta = _load_dataset_json(dataset_json, ref_dir)
-    label_map, ignore_value = _resolve_labels(labels, meta)
+    label_map, ignore_value = _resolve_labels(labels, meta, dataset_json)
     classes, foreground = classes_from_labels(label_map, regions)
     if file_ending is None and meta is not None and "file_ending" in meta:
         file_ending = str(meta["file_ending"])

@@ -26,7 +26,7 @@ def check_tolerance(tolerance_mm: float) -> float:
     """The surface-Dice tolerance in mm: finite and >= 0 (0 counts only surface voxels that coincide)."""
     if not (isinstance(tolerance_mm, (int, float)) and math.isfinite(tolerance_mm) and tolerance_mm >= 0):
         raise ConfigError(f"tolerance_mm={tolerance_mm!r}: the surface-Dice tolerance must be a distance >= 0 mm "
-                          "(e.g. 1.0)")
+                          "(e.g. 1.0; voxseg evaluate --tolerance)")
     return float(tolerance_mm)
 
 

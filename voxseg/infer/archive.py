@@ -62,7 +62,7 @@ def resolve_folds(workdir: str | Path, folds: int | str | Sequence[int | str] | 
     out: list[int | str] = []
     for fold in folds:
         if str(fold) != "all" and not str(fold).isdigit():
-            raise ConfigError(f"fold '{fold}' is not a fold number or 'all'")
+            raise ConfigError(f"fold '{fold}' is not a fold number or 'all' (--folds 0, 0,1,2 or all)")
         out.append("all" if str(fold) == "all" else int(fold))
     if not out:
         raise ConfigError("folds is empty; give at least one fold")

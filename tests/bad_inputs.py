@@ -1,0 +1,266 @@
+"""Builders of bad inputs for tests/test_bad_input_matrix.py: copies of a good dataset, model or archive with
+one thing wrong, and `run`, the CLI in process with its exit code and output."""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import hashlib
+import io
+import json
+import shutil
+import traceback
+import zipfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import torch
+
+from voxseg.cli import main
+from voxseg.data.io import Geometry, read_image, write_image
+
+
+@dataclass
+class World:
+    root: Path
+    dataset: Path  # a good raw dataset (synth), 4 channels
+    work: Path  # a planned (not preprocessed) work dir of it
+    model: Path  # a model folder with fold 0 (untrained weights) for the same channels and labels
+    archive: Path  # that model exported as an archive
+
+
+
+def run(argv: list) -> tuple[int, str, str]:
+    """main() in process; an exception escaping it is a traceback the user would see."""
+    out, err = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        try:
+            code = main([str(a) for a in argv])
+        except SystemExit as exc:  # argparse
+            code = exc.code if isinstance(exc.code, int) else 1
+        except Exception:  # noqa: BLE001 - reported as the traceback a user would get
+            code = 1
+            err.write(traceback.format_exc())
+    return code, out.getvalue(), err.getvalue()
+
+
+# ----- building bad inputs -----------------------------------------------------------------------------------
+def copy_dataset(w: World, tmp: Path) -> Path:
+    return Path(shutil.copytree(w.dataset, tmp / "ds"))
+
+
+def first(folder: Path, pattern: str) -> Path:
+    return sorted(folder.glob(pattern))[0]
+
+
+def rewrite(path: Path, change: Callable[[np.ndarray, Geometry], tuple[np.ndarray, Geometry]]) -> Path:
+    if getattr(change, "whole_file", False):
+        change(path)
+        return path
+    array, geometry = read_image(path)
+    write_image(path, *change(array, geometry))
+    return path
+
+
+def affine(geometry: Geometry, edit: Callable[[np.ndarray], None]) -> Geometry:
+    affine = geometry.affine.copy()
+    edit(affine)
+    return Geometry(affine)
+
+
+def flip(a, g):
+    return a, affine(g, lambda m: m.__setitem__((slice(0, 3), 2), -m[:3, 2]))
+
+
+def shift(a, g):
+    return a, affine(g, lambda m: m.__setitem__((0, 3), m[0, 3] + 25.0))
+
+
+def spacing(value: float):
+    return lambda a, g: (a, Geometry.from_spacing((value, value, value)))
+
+
+def zero_spacing(path: Path) -> None:
+    """A NIfTI file whose affine has a zero column (nibabel cannot write one through the usual header update)."""
+    import nibabel as nib
+
+    image = nib.load(str(path))
+    affine = image.affine.copy()
+    affine[:3, 1] = 0.0
+    header = image.header.copy()
+    header.set_sform(affine, code=1)
+    header.set_qform(None, code=0)
+    nib.save(nib.Nifti1Image(np.asanyarray(image.dataobj), None, header=header), str(path))
+
+
+zero_spacing.whole_file = True  # type: ignore[attr-defined]
+
+
+def nan(a, g):
+    a = a.astype(np.float32)
+    a[2, 3, 4] = np.nan
+    return a, g
+
+
+def value(value: float, dtype=np.float32):
+    def change(a, g):
+        a = a.astype(dtype)
+        a[1, 1, 1] = value
+        return a, g
+    return change
+
+
+def dataset_with(change, pattern: str = "imagesTr/*_0001.nii.gz"):
+    """A copy of the dataset with the first file matching `pattern` changed (every file, for a '*Tr/' pattern)."""
+    def build(w: World, tmp: Path) -> Path:
+        ds = copy_dataset(w, tmp)
+        for path in (sorted(ds.glob(pattern)) if pattern.startswith("*") else [first(ds, pattern)]):
+            rewrite(path, change)
+        return ds
+    return build
+
+
+def inputs_with(change, channel: int = 1):
+    """A copy of imagesTs whose first case's channel `channel` is changed."""
+    def build(w: World, tmp: Path) -> Path:
+        folder = Path(shutil.copytree(w.dataset / "imagesTs", tmp / "in"))
+        rewrite(first(folder, f"*_{channel:04d}.nii.gz"), change)
+        return folder
+    return build
+
+
+def predictions(w: World, tmp: Path, change=None, extra: bool = False, drop: bool = False) -> Path:
+    """Predictions for labelsTs (the references themselves), one of them changed."""
+    preds = Path(shutil.copytree(w.dataset / "labelsTs", tmp / "preds"))
+    victim = first(preds, "*.nii.gz")
+    if change is not None:
+        rewrite(victim, change)
+    if extra:
+        shutil.copy(victim, preds / "NOT_A_CASE.nii.gz")
+    if drop:
+        victim.unlink()
+    return preds
+
+
+def text(tmp: Path, name: str, text: str) -> Path:
+    path = tmp / name
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(text)
+    return path
+
+
+def pickled(tmp: Path) -> Path:
+    path = tmp / "foreign.pt"
+    torch.save({"model": argparse.Namespace(a=1)}, path)
+    return path
+
+
+def model_with_checkpoint(w: World, tmp: Path, make: Callable[[Path], None]) -> Path:
+    model = Path(shutil.copytree(w.model, tmp / "model"))
+    make(model / "training" / "fold_0" / "checkpoint_final.pt")
+    return model
+
+
+def zip_with(w: World, tmp: Path, name: str, data: bytes, add: bool = False, relist: bool = False) -> Path:
+    """The archive with member `name` replaced by `data` (or added); `relist` also updates its manifest entry,
+    so only what the member holds is wrong."""
+    out = tmp / "bad.zip"
+    with zipfile.ZipFile(w.archive) as old, zipfile.ZipFile(out, "w", zipfile.ZIP_DEFLATED) as new:
+        manifest = json.loads(old.read("voxseg_archive.json"))
+        if relist:
+            manifest["files"][name] = {"sha256": hashlib.sha256(data).hexdigest(), "size": len(data)}
+        for info in old.infolist():
+            if info.filename == "voxseg_archive.json":
+                new.writestr(info.filename, json.dumps(manifest))
+            else:
+                new.writestr(info.filename, data if info.filename == name else old.read(info))
+        if add:
+            new.writestr(name, data)
+    return out
+
+
+def truncated(w: World, tmp: Path) -> Path:
+    out = tmp / "truncated.zip"
+    data = w.archive.read_bytes()
+    out.write_bytes(data[: len(data) // 2])
+    return out
+
+
+def onnx_tampered(w: World, tmp: Path) -> Path:
+    model = Path(shutil.copytree(w.model, tmp / "model"))
+    code, _, err = run(["export", model, "--onnx", model / "training/fold_0/model.onnx", "--folds", "0"])
+    assert code == 0, err
+    onnx_file = model / "training/fold_0/model.onnx"
+    onnx_file.write_bytes(onnx_file.read_bytes() + b"\0")
+    return model
+
+
+def traversal(w: World, tmp: Path) -> Path:
+    return zip_with(w, tmp, "../escaped.json", b"{}", add=True)
+
+
+def pickled_member(w: World, tmp: Path) -> Path:
+    buffer = io.BytesIO()
+    torch.save({"model": argparse.Namespace(a=1)}, buffer)
+    return zip_with(w, tmp, "training/fold_0/checkpoint_final.pt", buffer.getvalue(), relist=True)
+
+
+def installed(w: World, tmp: Path) -> Path:
+    code, _, err = run(["install", w.archive, tmp / "target"])
+    assert code == 0, err
+    return w.archive
+
+
+def drop(ds: Path, pattern: str) -> Path:
+    first(ds, pattern).unlink()
+    return ds
+
+
+def cut(ds: Path, pattern: str) -> Path:
+    victim = first(ds, pattern)
+    victim.write_bytes(victim.read_bytes()[:200])
+    return ds
+
+
+def broken_json(ds: Path) -> Path:
+    (ds / "dataset.json").write_text('{"labels": {"background": 0,')
+    return ds
+
+
+def all_background(ds: Path) -> Path:
+    for path in ds.glob("labels*/*.nii.gz"):
+        rewrite(path, lambda a, g: (np.zeros_like(a), g))
+    return ds
+
+
+def mkdir(path: Path) -> Path:
+    path.mkdir(parents=True)
+    return path
+
+
+def empty_file(path: Path) -> None:
+    path.write_bytes(b"")
+
+
+empty_file.whole_file = True  # type: ignore[attr-defined]
+
+
+def without_manifest(w: World, tmp: Path) -> Path:
+    out = tmp / "bare.zip"
+    with zipfile.ZipFile(w.archive) as old, zipfile.ZipFile(out, "w") as new:
+        for name in old.namelist():
+            if name != "voxseg_archive.json":
+                new.writestr(name, old.read(name))
+    return out
+
+
+def touch(tmp: Path, name: str) -> Path:
+    text(tmp, name, "a file")
+    return tmp
+
+
+def broken_plans(w: World, tmp: Path) -> Path:
+    work = Path(shutil.copytree(w.work, tmp / "work"))
+    (work / "plans.json").write_text('{"dataset_name": ')
+    return work
