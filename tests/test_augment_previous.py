@@ -152,3 +152,26 @@ def test_centred_std_is_accurate_on_large_rows():
     rows.sub_(rows.mean(dim=(1, 2, 3, 4), keepdim=True))
     exact = rows.double().reshape(2, -1).pow(2).mean(dim=1).sqrt()
     torch.testing.assert_close(intensity.centred_std(rows).double(), exact, atol=0, rtol=1e-6)
+
+
+def test_tiled_warp_equals_one_grid_sample_call():
+    """On a CPU the 3D warp samples the output block by block (cache locality); the values are those of one
+    grid_sample call over the whole patch, bit for bit, also where the blocks do not divide the patch."""
+    from voxseg.augment import AugmentConfig, draw_batch_params, source_size
+    from voxseg.augment.spatial import CPU_TILE, sampling_grid, warp
+
+    config = AugmentConfig(rotation_p=1.0, scale_p=1.0)
+    patch = (CPU_TILE[0] + 3, CPU_TILE[1] * 2, CPU_TILE[2] + 6)
+    size = source_size(patch, config)
+    generator = torch.Generator().manual_seed(5)
+    image = torch.randn(1, 2, *size, generator=generator)
+    seg = torch.randint(0, 4, (1, 1, *size), generator=generator, dtype=torch.int8)
+    params = draw_batch_params(1, 2, patch, config, np.random.default_rng(2))
+    grid = sampling_grid(params, config, size, patch, torch.device("cpu"))
+    out_image, out_seg = warp(image, seg, grid, seg_fill=-1)
+    whole = torch.nn.functional.grid_sample(image, grid, mode="bilinear", padding_mode="zeros", align_corners=False)
+    labels = torch.nn.functional.grid_sample(seg.float() + 1, grid, mode="nearest", padding_mode="zeros",
+                                             align_corners=False) - 1
+    assert torch.equal(out_image, whole)
+    assert torch.equal(out_seg, labels.round().to(torch.int8))
+    assert (out_seg == -1).any() and (out_seg >= 0).any()  # the rotated, scaled patch reaches past the crop

@@ -14,7 +14,7 @@ like nnU-Net's.
 from __future__ import annotations
 
 import math
-from typing import Sequence
+from typing import Callable, Sequence
 
 import numpy as np
 import torch
@@ -140,14 +140,48 @@ def elastic_offset(params: AugmentParams, patch: Sequence[int], source: Sequence
     return field.movedim(1, -1).flip(-1)  # grid_sample wants (x, y, z) = reversed array axes
 
 
-def warp(image: torch.Tensor, seg: torch.Tensor, grid: torch.Tensor,
-         seg_fill: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Resample image (N, C, *S) linearly (zero outside) and labels (N, 1, *S) nearest (`seg_fill` outside)."""
-    warped = F.grid_sample(image, grid.to(image.dtype), mode="bilinear", padding_mode="zeros", align_corners=False)
+CPU_TILE = (16, 16, 64)
+"""Output block of one 3D grid_sample call on a CPU. PyTorch's 3D CPU sampler walks the output row by row, so a
+rotated grid reads the source along tilted lines whose neighbours are evicted before they are reused; a block of
+16 x 16 x 64 output voxels reads a source region that stays in cache. Same values (the sampler is pointwise),
+~2x faster for a rotated 128^3 patch of a 192^3 crop (one thread), no slower for an unrotated one."""
+
+
+def grid_sample_into(out: torch.Tensor, source: torch.Tensor, grid: torch.Tensor, mode: str,
+                     finish: Callable[[torch.Tensor], torch.Tensor] = lambda x: x) -> torch.Tensor:
+    """out (N, C, *P) = finish(F.grid_sample(source, grid)) with zero padding and align_corners=False.
+
+    On a CPU in 3D the output is sampled block by block (`CPU_TILE`); elsewhere in one call.
+    """
+    def sample(block: torch.Tensor) -> torch.Tensor:
+        return finish(F.grid_sample(source, block, mode=mode, padding_mode="zeros", align_corners=False))
+
+    if source.device.type != "cpu" or grid.ndim != 5:
+        out.copy_(sample(grid))
+        return out
+    for z in range(0, grid.shape[1], CPU_TILE[0]):
+        for y in range(0, grid.shape[2], CPU_TILE[1]):
+            for x in range(0, grid.shape[3], CPU_TILE[2]):
+                block = (slice(z, z + CPU_TILE[0]), slice(y, y + CPU_TILE[1]), slice(x, x + CPU_TILE[2]))
+                out[(slice(None), slice(None), *block)] = sample(grid[(slice(None), *block)])
+    return out
+
+
+def warp(image: torch.Tensor, seg: torch.Tensor, grid: torch.Tensor, seg_fill: int,
+         out: tuple[torch.Tensor, torch.Tensor] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Resample image (N, C, *S) linearly (zero outside) and labels (N, 1, *S) nearest (`seg_fill` outside).
+
+    `out`: the (image, labels) tensors to write into (N, C, *P), (N, 1, *P); new ones when None.
+    """
+    patch = tuple(grid.shape[1:-1])
+    if out is None:
+        out = (torch.empty((*image.shape[:2], *patch), dtype=image.dtype, device=image.device),
+               torch.empty((*seg.shape[:2], *patch), dtype=seg.dtype, device=seg.device))
+    grid_sample_into(out[0], image, grid.to(image.dtype), "bilinear")
     # shift labels so that zero padding means `seg_fill`; nearest sampling of exact small integers stays exact
-    shifted = seg.to(torch.float32) - seg_fill
-    labels = F.grid_sample(shifted, grid, mode="nearest", padding_mode="zeros", align_corners=False)
-    return warped, (labels + seg_fill).round().to(seg.dtype)
+    shifted = seg.to(torch.float32).sub_(seg_fill)
+    grid_sample_into(out[1], shifted, grid, "nearest", lambda labels: (labels + seg_fill).round().to(seg.dtype))
+    return out
 
 
 def mirror_dims(flips: np.ndarray) -> list[int]:
@@ -175,7 +209,7 @@ def spatial_transform(image: torch.Tensor, seg: torch.Tensor, patch_size: Sequen
         out_seg[b:b + 1] = source_seg.flip(dims) if dims else source_seg
     for b in gridded.tolist():
         grid = sampling_grid(params.subset(b, b + 1), config, image.shape[2:], patch, image.device)  # (1, *P, D)
-        out_image[b:b + 1], out_seg[b:b + 1] = warp(image[b:b + 1], seg[b:b + 1], grid, seg_fill)
+        warp(image[b:b + 1], seg[b:b + 1], grid, seg_fill, out=(out_image[b:b + 1], out_seg[b:b + 1]))
     return out_image, out_seg
 
 
