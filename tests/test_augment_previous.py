@@ -175,3 +175,27 @@ def test_tiled_warp_equals_one_grid_sample_call():
     assert torch.equal(out_image, whole)
     assert torch.equal(out_seg, labels.round().to(torch.int8))
     assert (out_seg == -1).any() and (out_seg >= 0).any()  # the rotated, scaled patch reaches past the crop
+
+
+@pytest.mark.parametrize("size,patch", [((23, 30, 27), (16, 20, 18)), ((31, 26), (20, 17))])
+def test_nearest_labels_equal_grid_sample_nearest(size, patch):
+    """Labels are gathered by index arithmetic instead of grid_sample(nearest) on a float copy: the same voxels
+    everywhere, including points past the crop (fill) and exact half-voxel ties (an odd S - P at scale 1)."""
+    from voxseg.augment import AugmentConfig, draw_batch_params
+    from voxseg.augment.spatial import nearest_labels, sampling_grid
+
+    generator = torch.Generator().manual_seed(7)
+    seg = torch.randint(0, 5, (1, 1, *size), generator=generator, dtype=torch.int8)
+    configs = [AugmentConfig(rotation_p=1.0, scale_p=1.0, elastic_p=0.5, elastic_alpha=(1.0, 3.0)),
+               AugmentConfig(rotation_p=0.0, scale_p=1.0, scale_range=(1.0, 1.0), mirror_p=0.5)]
+    ties = 0
+    for config in configs:
+        params = draw_batch_params(6, 1, patch, config, np.random.default_rng(3))
+        for b in range(6):
+            grid = sampling_grid(params.subset(b, b + 1), config, size, patch, torch.device("cpu"))
+            expected = torch.nn.functional.grid_sample(seg.float() + 2, grid, mode="nearest", padding_mode="zeros",
+                                                       align_corners=False) - 2
+            assert torch.equal(nearest_labels(seg, grid, -2), expected.round().to(torch.int8))
+            unnormalised = ((grid + 1) * torch.tensor(size[::-1], dtype=torch.float32) - 1) / 2
+            ties += int((unnormalised.frac().abs() == 0.5).any())
+    assert ties > 0  # the odd S - P of the scale-1 grids put points exactly between two voxels

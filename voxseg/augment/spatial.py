@@ -167,6 +167,28 @@ def grid_sample_into(out: torch.Tensor, source: torch.Tensor, grid: torch.Tensor
     return out
 
 
+def nearest_labels(seg: torch.Tensor, grid: torch.Tensor, fill: int) -> torch.Tensor:
+    """Labels (N, 1, *S) at the nearest source voxel of each grid point -> (N, 1, *P), `fill` outside; exact.
+
+    What F.grid_sample(mode="nearest", align_corners=False) does, as index arithmetic and one gather from the
+    integer labels: the same float32 unnormalisation ((g + 1) * size - 1) / 2 and round half to even, so the
+    same voxels, without a float copy of the label crop. The flat index is built in float32 where it is exact
+    (fewer than 2^24 voxels per crop), else in float64.
+    """
+    spatial = seg.shape[2:]
+    exact = torch.float32 if math.prod(spatial) < 2 ** 24 else torch.float64
+    index = inside = None
+    for axis, size in enumerate(spatial):  # grid coordinate k runs along array axis ndim - 1 - k
+        coordinate = grid[..., len(spatial) - 1 - axis].add(1.0).mul_(size).sub_(1.0).div_(2.0).round_()
+        ok = (coordinate >= 0).logical_and_(coordinate <= size - 1)
+        inside = ok if inside is None else inside.logical_and_(ok)
+        coordinate = coordinate.clamp_(0, size - 1).to(exact)
+        index = coordinate if index is None else index.mul_(size).add_(coordinate)
+    flat = seg.reshape(seg.shape[0], -1)
+    labels = torch.gather(flat, 1, index.reshape(index.shape[0], -1).long()).view(index.shape)
+    return labels.masked_fill_(~inside, fill).unsqueeze(1)
+
+
 def warp(image: torch.Tensor, seg: torch.Tensor, grid: torch.Tensor, seg_fill: int,
          out: tuple[torch.Tensor, torch.Tensor] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Resample image (N, C, *S) linearly (zero outside) and labels (N, 1, *S) nearest (`seg_fill` outside).
@@ -178,9 +200,7 @@ def warp(image: torch.Tensor, seg: torch.Tensor, grid: torch.Tensor, seg_fill: i
         out = (torch.empty((*image.shape[:2], *patch), dtype=image.dtype, device=image.device),
                torch.empty((*seg.shape[:2], *patch), dtype=seg.dtype, device=seg.device))
     grid_sample_into(out[0], image, grid.to(image.dtype), "bilinear")
-    # shift labels so that zero padding means `seg_fill`; nearest sampling of exact small integers stays exact
-    shifted = seg.to(torch.float32).sub_(seg_fill)
-    grid_sample_into(out[1], shifted, grid, "nearest", lambda labels: (labels + seg_fill).round().to(seg.dtype))
+    out[1].copy_(nearest_labels(seg, grid, seg_fill))
     return out
 
 
