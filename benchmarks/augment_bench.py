@@ -17,7 +17,7 @@ Each figure: `--batches` batches (fresh draws each, the same sequence in every r
 times after one warm-up on the same draws; median samples/s with min..max.
 
 Which transforms fire is random, and with few samples the two pipelines' draws differ a lot (8 samples may
-hold 0 or 4 rotations; a rotation costs 20x a flip). `--rounds R` measures every column R times, each round
+hold 0 or 3 rotations; a rotated sample costs ~10x an unrotated one). `--rounds R` measures every column R times, each round
 on the draws of its own seed (--seed, --seed + 1, ...) and the columns one after the other within a round,
 so that load on a shared machine hits them alike; the pooled figure is samples over the summed round times.
 `--clock cpu` (one thread only) times the process's CPU time instead of wall time: other work on the machine

@@ -1,6 +1,8 @@
 """The simple path the fast pipeline replaces: every transform computed for every sample, `torch.where` keeps it
 where it fired. Same draws (`AugmentParams`), same results as `apply_augment`; kept for the tests (a fast
 path is checked against the simple one) and as the "compute everything" column of benchmarks/augment_bench.py.
+Its warp is one plain grid_sample call per batch for image and labels, so the tests also hold the fast path's
+tiled image sampling and gathered labels to it.
 """
 from __future__ import annotations
 

@@ -1,8 +1,10 @@
 """Spatial transforms that run only for the samples that drew them.
 
-Rotation, scaling, mirroring and elastic deformation of one sample are fused into one sampling grid and one
-`F.grid_sample` call each for the image and the labels. A sample that drew none of rotation, scaling and
-elastic deformation is not resampled at all: it is its centre crop, flipped along its mirror axes (exact).
+Rotation, scaling, mirroring and elastic deformation of one sample are fused into one sampling grid, read once
+for the image (`F.grid_sample`, linear; on a CPU in 3D block by block of the output, see `CPU_TILE`) and once
+for the labels (`nearest_labels`: grid_sample's nearest voxel by index arithmetic, gathered from the integer
+crop). A sample that drew none of rotation, scaling and elastic deformation is not resampled at all: it is
+its centre crop, flipped along its mirror axes (exact).
 90-degree turns are exact index permutations. Every decision comes from `AugmentParams` (host arrays), so
 nothing here reads a tensor on the host (no device sync).
 
