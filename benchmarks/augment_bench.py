@@ -11,11 +11,21 @@ samples/s of the default recipe on B x C x P^3 patches (default 2 x 4 x 128^3) c
     spatial, noise, blur, brightness, contrast, low resolution, inverted gamma, gamma, mirroring), one sample
     at a time as nnU-Net's data loader workers run them, in a separate interpreter from
     benchmarks/.venv-nnunet (create it with --setup-nnunet: pip install torch==2.13.0 nnunetv2==2.8.1).
+    Only the transforms are timed: each sample's input copy (they write into it) is made off the clock, as
+    voxseg's crop is.
 Each figure: `--batches` batches (fresh draws each, the same sequence in every repeat), timed `--repeats`
-times; median samples/s with min..max.
+times after one warm-up on the same draws; median samples/s with min..max.
+
+Which transforms fire is random, and with few samples the two pipelines' draws differ a lot (8 samples may
+hold 0 or 3 rotations; a rotated sample costs ~10x an unrotated one). `--rounds R` measures every column R times, each round
+on the draws of its own seed (--seed, --seed + 1, ...) and the columns one after the other within a round,
+so that load on a shared machine hits them alike; the pooled figure is samples over the summed round times.
+`--clock cpu` (one thread only) times the process's CPU time instead of wall time: other work on the machine
+then no longer counts against a column, though it still slows both through shared caches and memory.
 
 Run: python benchmarks/augment_bench.py [--patch 128] [--batch 2] [--channels 4] [--threads 1] [--repeats 3]
-         [--batches 10] [--device cpu] [--no-reference] [--no-nnunet] [--sampler] [--setup-nnunet]
+         [--batches 10] [--rounds 1] [--seed 1] [--clock wall|cpu] [--device cpu] [--no-reference] [--no-nnunet] [--sampler]
+         [--setup-nnunet]
 """
 from __future__ import annotations
 
@@ -34,19 +44,23 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # this checkout's voxseg, not an installed one
 VENV = Path(__file__).resolve().parent / ".venv-nnunet"
 VENV_PYTHON = VENV / "bin" / "python"
+CLOCK = time.perf_counter  # --clock cpu: time.process_time (this process's CPU time; see main)
 
 
-def throughput(run_batches: Callable[[], None], samples: int, repeats: int,
+def throughput(run_batches: Callable[[], float | None], samples: int, repeats: int,
                sync: Callable[[], None] = lambda: None) -> dict[str, float]:
-    """samples/s of `run_batches()` (which processes `samples` samples): median, min, max over repeats (1 warm-up)."""
+    """samples/s of `run_batches()` (which processes `samples` samples): median, min, max over repeats (1 warm-up).
+
+    A `run_batches` that returns a number has timed its own work (seconds), leaving out its input copies.
+    """
     run_batches()
     rates = []
     for _ in range(repeats):
         sync()
-        start = time.perf_counter()
-        run_batches()
+        start = CLOCK()
+        own = run_batches()
         sync()
-        rates.append(samples / (time.perf_counter() - start))
+        rates.append(samples / (own if own is not None else CLOCK() - start))
     return {"median": float(np.median(rates)), "min": float(min(rates)), "max": float(max(rates))}
 
 
@@ -66,13 +80,15 @@ def bench_voxseg(args: argparse.Namespace) -> dict[str, dict[str, float]]:
     image, seg = _inputs(args, device, source_size(patch, config))
     sync = (lambda: torch.cuda.synchronize(device)) if device.type == "cuda" else (lambda: None)
 
+    seed = getattr(args, "seed", 1)
+
     def fast() -> None:
-        rng = np.random.default_rng(1)
+        rng = np.random.default_rng(seed)
         for _ in range(args.batches):
             augment_batch(image, seg, config, rng, patch)
 
     def reference() -> None:
-        rng = np.random.default_rng(1)
+        rng = np.random.default_rng(seed)
         for _ in range(args.batches):
             params = draw_batch_params(args.batch, args.channels, patch, config, rng)
             augment_reference(image, seg, params, config, patch)
@@ -131,12 +147,19 @@ def bench_nnunet_worker(args: argparse.Namespace) -> dict[str, dict[str, float]]
     image, seg = _inputs(args, torch.device("cpu"), tuple(args.source))
     seg = seg.to(torch.int16)
 
-    def run() -> None:
-        np.random.seed(1)
-        torch.manual_seed(1)
+    def run() -> float:
+        """Seconds in the transforms; each sample's fresh input copy (the transforms write into it, as they do
+        into the crop nnU-Net's data loader makes) is made outside the clock, as voxseg's crop is."""
+        np.random.seed(args.seed)
+        torch.manual_seed(args.seed)
+        elapsed = 0.0
         for _ in range(args.batches):
             for b in range(args.batch):
-                transforms(image=image[b].clone(), segmentation=seg[b].clone())
+                sample = {"image": image[b].clone(), "segmentation": seg[b].clone()}
+                start = CLOCK()
+                transforms(**sample)
+                elapsed += CLOCK() - start
+        return elapsed
 
     return {"nnU-Net (batchgeneratorsv2)": throughput(run, args.batch * args.batches, args.repeats)}
 
@@ -146,7 +169,7 @@ def run_nnunet(args: argparse.Namespace, source: tuple[int, ...]) -> dict[str, d
     if not VENV_PYTHON.exists():
         return f"no {VENV} (run with --setup-nnunet)"
     command = [str(VENV_PYTHON), __file__, "--nnunet-worker", "--source", *map(str, source)]
-    for name in ("patch", "batch", "channels", "threads", "repeats", "batches"):
+    for name in ("patch", "batch", "channels", "threads", "repeats", "batches", "seed", "clock"):
         command += [f"--{name}", str(getattr(args, name))]
     done = subprocess.run(command, capture_output=True, text=True, env={**os.environ, "PYTHONPATH": ""})
     if done.returncode:
@@ -183,12 +206,29 @@ def bench_sampler(args: argparse.Namespace) -> None:
             print(f"PatchSampler {mode:6s} {args.batch / rate['median'] * 1000:8.1f} ms/batch of {size} crops")
 
 
+def pooled(rates: list[dict[str, float]]) -> dict[str, float]:
+    """Rounds of equal sample counts as one figure: samples over the summed median times (harmonic mean)."""
+    medians = [r["median"] for r in rates]
+    return {"median": len(medians) / sum(1 / m for m in medians), "min": min(medians), "max": max(medians)}
+
+
+def report(results: dict[str, dict[str, float]]) -> None:
+    """One line per column; the ratio is against nnU-Net (or the reference when nnU-Net was not run)."""
+    peer = results.get("nnU-Net (batchgeneratorsv2)") or results.get("voxseg reference (compute everything)")
+    for name, rate in results.items():
+        ratio = f"{rate['median'] / peer['median']:5.2f}x" if peer else ""
+        print(f"  {name:40s} {rate['median']:7.2f} samples/s  ({rate['min']:.2f}..{rate['max']:.2f})  {ratio}",
+              flush=True)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--device", default="cpu")
     for name, default in (("patch", 128), ("batch", 2), ("channels", 4), ("threads", 1), ("repeats", 3),
-                          ("batches", 10)):
+                          ("batches", 10), ("rounds", 1), ("seed", 1)):
         parser.add_argument(f"--{name}", type=int, default=default)
+    parser.add_argument("--clock", choices=("wall", "cpu"), default="wall",
+                        help="cpu: time this process's CPU time, not wall time (a machine shared with other work)")
     parser.add_argument("--no-reference", action="store_true", help="skip the compute-everything reference")
     parser.add_argument("--no-nnunet", action="store_true")
     parser.add_argument("--sampler", action="store_true", help="also time PatchSampler.sample")
@@ -197,6 +237,11 @@ def main() -> None:
     parser.add_argument("--source", type=int, nargs="+", help=argparse.SUPPRESS)
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
+    if args.clock == "cpu":
+        if args.threads != 1 or args.device != "cpu":
+            parser.error("--clock cpu measures one CPU thread: use it with --threads 1 --device cpu")
+        global CLOCK
+        CLOCK = time.process_time
     if args.nnunet_worker:
         print(json.dumps(bench_nnunet_worker(args)))
         return
@@ -206,17 +251,25 @@ def main() -> None:
 
     source = source_size((args.patch,) * 3, AugmentConfig())
     print(f"torch {torch.__version__}, {torch.get_num_threads()} CPU thread(s), {args.device}: batch {args.batch} x "
-          f"{args.channels} ch x {args.patch}^3 from {source} crops, {args.batches} batches x {args.repeats} repeats")
-    results = bench_voxseg(args)
-    nnunet = None if args.no_nnunet or args.device != "cpu" else run_nnunet(args, source)
-    if isinstance(nnunet, dict):
-        results.update(nnunet)
-    elif nnunet:
-        print(f"nnU-Net not measured: {nnunet}")
-    peer = results.get("nnU-Net (batchgeneratorsv2)") or results.get("voxseg reference (compute everything)")
-    for name, rate in results.items():
-        ratio = f"{rate['median'] / peer['median']:5.2f}x" if peer else ""
-        print(f"  {name:40s} {rate['median']:7.2f} samples/s  ({rate['min']:.2f}..{rate['max']:.2f})  {ratio}")
+          f"{args.channels} ch x {args.patch}^3 from {source} crops, {args.batches} batches x {args.repeats} repeats"
+          f" x {args.rounds} round(s), {args.clock} clock")
+    rounds, first_seed = [], args.seed
+    for index in range(args.rounds):  # each round: every column once, on the draws of its own seed
+        args.seed = first_seed + index
+        results = bench_voxseg(args)
+        nnunet = None if args.no_nnunet or args.device != "cpu" else run_nnunet(args, source)
+        if isinstance(nnunet, dict):
+            results.update(nnunet)
+        elif nnunet:
+            print(f"nnU-Net not measured: {nnunet}")
+        if args.rounds > 1:
+            print(f"round {index + 1} (seed {args.seed}):")
+        report(results)
+        rounds.append(results)
+    if args.rounds > 1:
+        print(f"all {args.rounds} rounds ({args.rounds * args.batch * args.batches} samples, each round's median "
+              f"time): samples / total time, and the min..max of the rounds' medians")
+        report({name: pooled([r[name] for r in rounds]) for name in rounds[0]})
     if args.sampler:
         bench_sampler(args)
 

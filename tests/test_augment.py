@@ -10,7 +10,7 @@ import torch.nn.functional as F
 from scipy import ndimage
 
 from voxseg.augment import AugmentConfig, augment_batch, source_size
-from voxseg.augment.intensity import _apply_along_axis, _low_res_operator
+from voxseg.augment.intensity import simulate_low_resolution
 from voxseg.augment.spatial import centre_crop
 from voxseg.errors import ConfigError, InputError
 
@@ -199,17 +199,17 @@ def test_each_transform_fires_with_its_probability(name, settings, expected):
     assert abs(fraction - expected) < 0.07, f"{name}: {fraction:.3f} vs {expected}"
 
 
-def test_low_res_operator_matches_interpolate():
-    x = torch.randn(1, 1, 16, 12, 10)
-    for zoom in (0.5, 0.63, 0.8, 1.0):
-        factor = torch.full((1, 1), zoom)
-        y = x
-        for axis, n in enumerate(x.shape[2:]):
-            y = _apply_along_axis(y, _low_res_operator(n, factor), axis)
+def test_low_res_matches_interpolate_row_by_row():
+    """Each row gets its own zoom: nearest down to round(zoom * n) voxels per axis, linear back up."""
+    x = torch.randn(5, 1, 16, 12, 10)
+    zooms = np.array([0.5, 0.63, 0.8, 1.0, 0.07])
+    out = simulate_low_resolution(x.clone(), zooms)
+    for row, zoom in enumerate(zooms):
         small = [max(1, round(zoom * n)) for n in x.shape[2:]]
-        reference = F.interpolate(F.interpolate(x, size=small, mode="nearest"), size=x.shape[2:],
+        reference = F.interpolate(F.interpolate(x[row:row + 1], size=small, mode="nearest"), size=x.shape[2:],
                                   mode="trilinear", align_corners=False)
-        torch.testing.assert_close(y, reference, atol=1e-5, rtol=0)
+        torch.testing.assert_close(out[row:row + 1], reference, atol=1e-6, rtol=0)
+    assert not torch.allclose(out[0], x[0]) and torch.equal(out[3], x[3])  # zoom 1 keeps the row
 
 
 def test_blur_matches_scipy_gaussian_filter():

@@ -9,6 +9,10 @@ Two steps: `draw_params` draws every decision on the host (numpy Generator, no d
 gathered (a view when they are contiguous), transformed and written back. For data parallelism every rank
 draws the same parameters for the global batch and applies its slice: `augment_batch(..., global_batch=G,
 first_sample=rank * B)`.
+
+Cost on one CPU thread (2 x 4 channels x 128^3 from 192^3 crops, BENCHMARKS.md): the rotated samples are most
+of it (the 3D grid_sample of their 4 channels), then the scaled-only samples, then the intensity transforms
+(each ~10-30 ms per 128^3 channel it fires for).
 """
 from __future__ import annotations
 

@@ -1,6 +1,8 @@
 """The simple path the fast pipeline replaces: every transform computed for every sample, `torch.where` keeps it
 where it fired. Same draws (`AugmentParams`), same results as `apply_augment`; kept for the tests (a fast
 path is checked against the simple one) and as the "compute everything" column of benchmarks/augment_bench.py.
+Its warp is one plain grid_sample call per batch for image and labels, so the tests also hold the fast path's
+tiled image sampling and gathered labels to it.
 """
 from __future__ import annotations
 
@@ -8,11 +10,12 @@ from typing import Callable, Sequence
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 
 from voxseg.augment import intensity
 from voxseg.augment.config import AugmentConfig
 from voxseg.augment.draws import AugmentParams, host_to_device
-from voxseg.augment.spatial import centre_crop, mirror_dims, rotate90, sampling_grid, warp
+from voxseg.augment.spatial import centre_crop, mirror_dims, rotate90, sampling_grid
 
 __all__ = ["augment_reference"]
 
@@ -32,6 +35,14 @@ def _all_rows(image: torch.Tensor, fired: np.ndarray, transform: Callable[..., t
     return _where(fired, changed, image)
 
 
+def _warp(image: torch.Tensor, seg: torch.Tensor, grid: torch.Tensor, seg_fill: int) -> tuple[torch.Tensor, ...]:
+    """One whole-batch grid_sample each for image (linear, zeros outside) and labels (nearest, `seg_fill` outside)."""
+    warped = F.grid_sample(image, grid.to(image.dtype), mode="bilinear", padding_mode="zeros", align_corners=False)
+    labels = F.grid_sample(seg.to(torch.float32) - seg_fill, grid, mode="nearest", padding_mode="zeros",
+                           align_corners=False)
+    return warped, (labels + seg_fill).round().to(seg.dtype)
+
+
 @torch.no_grad()
 def augment_reference(image: torch.Tensor, seg: torch.Tensor, params: AugmentParams, config: AugmentConfig,
                       patch_size: Sequence[int], seg_fill: int = -1) -> tuple[torch.Tensor, torch.Tensor]:
@@ -42,7 +53,7 @@ def augment_reference(image: torch.Tensor, seg: torch.Tensor, params: AugmentPar
     crop_seg = torch.stack([centre_crop(seg, patch)[b].flip([d - 1 for d in mirror_dims(params.flips[b])])
                             for b in range(seg.shape[0])])
     grid = sampling_grid(params, config, image.shape[2:], patch, image.device)  # (B, *P, D)
-    warped, labels = warp(image, seg, grid, seg_fill)
+    warped, labels = _warp(image, seg, grid, seg_fill)
     out_image = _where(params.grid, warped, crop_image).contiguous()
     out_seg = _where(params.grid, labels, crop_seg).contiguous()
     axes = config.rot90_axes if config.rot90_axes is not None else tuple(range(len(patch)))

@@ -1,8 +1,10 @@
 """Spatial transforms that run only for the samples that drew them.
 
-Rotation, scaling, mirroring and elastic deformation of one sample are fused into one sampling grid and one
-`F.grid_sample` call each for the image and the labels. A sample that drew none of rotation, scaling and
-elastic deformation is not resampled at all: it is its centre crop, flipped along its mirror axes (exact).
+Rotation, scaling, mirroring and elastic deformation of one sample are fused into one sampling grid, read once
+for the image (`F.grid_sample`, linear; on a CPU in 3D block by block of the output, see `CPU_TILE`) and once
+for the labels (`nearest_labels`: grid_sample's nearest voxel by index arithmetic, gathered from the integer
+crop). A sample that drew none of rotation, scaling and elastic deformation is not resampled at all: it is
+its centre crop, flipped along its mirror axes (exact).
 90-degree turns are exact index permutations. Every decision comes from `AugmentParams` (host arrays), so
 nothing here reads a tensor on the host (no device sync).
 
@@ -14,7 +16,7 @@ like nnU-Net's.
 from __future__ import annotations
 
 import math
-from typing import Sequence
+from typing import Callable, Sequence
 
 import numpy as np
 import torch
@@ -140,14 +142,68 @@ def elastic_offset(params: AugmentParams, patch: Sequence[int], source: Sequence
     return field.movedim(1, -1).flip(-1)  # grid_sample wants (x, y, z) = reversed array axes
 
 
-def warp(image: torch.Tensor, seg: torch.Tensor, grid: torch.Tensor,
-         seg_fill: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Resample image (N, C, *S) linearly (zero outside) and labels (N, 1, *S) nearest (`seg_fill` outside)."""
-    warped = F.grid_sample(image, grid.to(image.dtype), mode="bilinear", padding_mode="zeros", align_corners=False)
-    # shift labels so that zero padding means `seg_fill`; nearest sampling of exact small integers stays exact
-    shifted = seg.to(torch.float32) - seg_fill
-    labels = F.grid_sample(shifted, grid, mode="nearest", padding_mode="zeros", align_corners=False)
-    return warped, (labels + seg_fill).round().to(seg.dtype)
+CPU_TILE = (16, 16, 64)
+"""Output block of one 3D grid_sample call on a CPU. PyTorch's 3D CPU sampler walks the output row by row, so a
+rotated grid reads the source along tilted lines whose neighbours are evicted before they are reused; a block of
+16 x 16 x 64 output voxels reads a source region that stays in cache. Same values (the sampler is pointwise),
+~2x faster for a rotated 128^3 patch of a 192^3 crop (one thread), no slower for an unrotated one."""
+
+
+def grid_sample_into(out: torch.Tensor, source: torch.Tensor, grid: torch.Tensor, mode: str,
+                     finish: Callable[[torch.Tensor], torch.Tensor] = lambda x: x) -> torch.Tensor:
+    """out (N, C, *P) = finish(F.grid_sample(source, grid)) with zero padding and align_corners=False.
+
+    On a CPU in 3D the output is sampled block by block (`CPU_TILE`); elsewhere in one call.
+    """
+    def sample(block: torch.Tensor) -> torch.Tensor:
+        return finish(F.grid_sample(source, block, mode=mode, padding_mode="zeros", align_corners=False))
+
+    if source.device.type != "cpu" or grid.ndim != 5:
+        out.copy_(sample(grid))
+        return out
+    for z in range(0, grid.shape[1], CPU_TILE[0]):
+        for y in range(0, grid.shape[2], CPU_TILE[1]):
+            for x in range(0, grid.shape[3], CPU_TILE[2]):
+                block = (slice(z, z + CPU_TILE[0]), slice(y, y + CPU_TILE[1]), slice(x, x + CPU_TILE[2]))
+                out[(slice(None), slice(None), *block)] = sample(grid[(slice(None), *block)])
+    return out
+
+
+def nearest_labels(seg: torch.Tensor, grid: torch.Tensor, fill: int) -> torch.Tensor:
+    """Labels (N, 1, *S) at the nearest source voxel of each grid point -> (N, 1, *P), `fill` outside; exact.
+
+    What F.grid_sample(mode="nearest", align_corners=False) does, as index arithmetic and one gather from the
+    integer labels: the same float32 unnormalisation ((g + 1) * size - 1) / 2 and round half to even, so the
+    same voxels, without a float copy of the label crop. The flat index is built in float32 where it is exact
+    (fewer than 2^24 voxels per crop), else in float64.
+    """
+    spatial = seg.shape[2:]
+    exact = torch.float32 if math.prod(spatial) < 2 ** 24 else torch.float64
+    index = inside = None
+    for axis, size in enumerate(spatial):  # grid coordinate k runs along array axis ndim - 1 - k
+        coordinate = grid[..., len(spatial) - 1 - axis].add(1.0).mul_(size).sub_(1.0).div_(2.0).round_()
+        ok = (coordinate >= 0).logical_and_(coordinate <= size - 1)
+        inside = ok if inside is None else inside.logical_and_(ok)
+        coordinate = coordinate.clamp_(0, size - 1).to(exact)
+        index = coordinate if index is None else index.mul_(size).add_(coordinate)
+    flat = seg.reshape(seg.shape[0], -1)
+    labels = torch.gather(flat, 1, index.reshape(index.shape[0], -1).long()).view(index.shape)
+    return labels.masked_fill_(~inside, fill).unsqueeze(1)
+
+
+def warp(image: torch.Tensor, seg: torch.Tensor, grid: torch.Tensor, seg_fill: int,
+         out: tuple[torch.Tensor, torch.Tensor] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Resample image (N, C, *S) linearly (zero outside) and labels (N, 1, *S) nearest (`seg_fill` outside).
+
+    `out`: the (image, labels) tensors to write into (N, C, *P), (N, 1, *P); new ones when None.
+    """
+    patch = tuple(grid.shape[1:-1])
+    if out is None:
+        out = (torch.empty((*image.shape[:2], *patch), dtype=image.dtype, device=image.device),
+               torch.empty((*seg.shape[:2], *patch), dtype=seg.dtype, device=seg.device))
+    grid_sample_into(out[0], image, grid.to(image.dtype), "bilinear")
+    out[1].copy_(nearest_labels(seg, grid, seg_fill))
+    return out
 
 
 def mirror_dims(flips: np.ndarray) -> list[int]:
@@ -175,7 +231,7 @@ def spatial_transform(image: torch.Tensor, seg: torch.Tensor, patch_size: Sequen
         out_seg[b:b + 1] = source_seg.flip(dims) if dims else source_seg
     for b in gridded.tolist():
         grid = sampling_grid(params.subset(b, b + 1), config, image.shape[2:], patch, image.device)  # (1, *P, D)
-        out_image[b:b + 1], out_seg[b:b + 1] = warp(image[b:b + 1], seg[b:b + 1], grid, seg_fill)
+        warp(image[b:b + 1], seg[b:b + 1], grid, seg_fill, out=(out_image[b:b + 1], out_seg[b:b + 1]))
     return out_image, out_seg
 
 
