@@ -251,7 +251,8 @@ def test_labels_are_decided_after_the_probabilities_are_restored():
     plan = tiny_plan()
     logits = torch.randn(plan.num_outputs, 5, 6, 5, generator=torch.Generator().manual_seed(3)) * 3
     properties = {"name": "c", "original_shape": [12, 14, 11], "crop_bbox": [[1, 11], [1, 13], [0, 10]],
-                  "shape_after_crop": [10, 12, 10], "shape_after_resample": [5, 6, 5], "anisotropy_axis": None}
+                  "shape_after_crop": [10, 12, 10], "shape_after_resample": [5, 6, 5],
+                  "original_spacing": [1.0, 1.0, 1.0], "target_spacing": [2.0, 2.0, 2.0]}
     labels, probabilities = labels_on_original_grid(logits, plan, properties, with_probabilities=True)
     assert labels.shape == (12, 14, 11) and labels.dtype == np.uint8 and probabilities.shape == (3, 12, 14, 11)
     np.testing.assert_allclose(probabilities.sum(0), 1.0, atol=1e-5)  # linear resampling keeps a distribution

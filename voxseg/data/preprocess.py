@@ -6,7 +6,10 @@ Cropping is a numpy slice on the host; the arithmetic (statistics, normalisation
 `device`, so a GPU can do the heavy part when one is present.
 
 Order follows nnU-Net: crop -> normalise -> resample. Normalising before resampling keeps the z-score
-statistics those of the voxels actually acquired, not of interpolated ones.
+statistics those of the voxels actually acquired, not of interpolated ones. Resampling follows nnU-Net's
+rule too (see `voxseg.data.resample`): images with third-order splines, labels by their linearly resampled
+masks, a coarse axis decided per case and resampled separately with nearest values; predictions go back
+as linearly resampled logits, activated on the original grid.
 """
 from __future__ import annotations
 
@@ -17,7 +20,7 @@ import time
 from concurrent.futures import ProcessPoolExecutor, as_completed
 from multiprocessing import get_context
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import numpy as np
 import torch
@@ -27,16 +30,16 @@ from voxseg.atomicio import sweep_stale_temporaries
 from voxseg.data.fingerprint import mask_bbox
 from voxseg.data.io import Geometry, read_channels, read_image
 from voxseg.plans import Plan
-from voxseg.data.resample import resample
+from voxseg.data.resample import ANISOTROPY_RATIO, OUTPUT_ORDER, resample, separate_axis
 from voxseg.data.store import case_paths, load_properties, sample_foreground_locations, save_case
 from voxseg.errors import DatasetError, InputError, VoxsegError
 from voxseg.normalization import normalize
 from voxseg.workers import exit_with_parent
 
-__all__ = ["resample", "preprocess_case", "restore_to_original", "preprocess_dataset", "plan_hash"]
+__all__ = ["resample", "separate_axis", "ANISOTROPY_RATIO", "preprocess_case", "restore_to_original",
+           "preprocess_dataset", "plan_hash", "new_shape_for_spacing"]
 
-PREPROCESS_VERSION = 2  # bump when the preprocessing code changes what it writes: every case is re-done
-ANISOTROPY_RATIO = 3.0  # an axis this many times coarser than the others is resampled separately (nnU-Net's 3)
+PREPROCESS_VERSION = 3  # bump when the preprocessing code changes what it writes: every case is re-done
 OUTSIDE_LABEL = -1  # background outside the nonzero mask, stored in CASE_seg.npy; losses treat it as background
 FLOAT16_MAX = 65504.0
 
@@ -46,7 +49,6 @@ def plan_hash(plan: Plan) -> str:
     relevant = {
         "version": PREPROCESS_VERSION,
         "target_spacing": [float(s) for s in plan.target_spacing],
-        "anisotropy_axis": plan.anisotropy_axis,
         "normalization": [vars(n) for n in plan.normalization],
         "image_dtype": plan.image_dtype,
         "labels": plan.labels,
@@ -55,15 +57,9 @@ def plan_hash(plan: Plan) -> str:
     return hashlib.sha256(json.dumps(relevant, sort_keys=True).encode()).hexdigest()[:16]
 
 
-def separate_axis(spacing: Sequence[float], target_spacing: Sequence[float], plan_axis: int | None) -> int | None:
-    """The plan's anisotropy axis when it is coarse (ANISOTROPY_RATIO x the others) in the case or the target."""
-    if plan_axis is None:
-        return None
-    for sp in (spacing, target_spacing):
-        others = [float(s) for a, s in enumerate(sp) if a != plan_axis]
-        if float(sp[plan_axis]) >= ANISOTROPY_RATIO * max(others):
-            return int(plan_axis)
-    return None
+def new_shape_for_spacing(shape: Sequence[int], spacing: Sequence[float], target: Sequence[float]) -> list[int]:
+    """The shape at the target spacing: round(spacing / target * shape) per axis, at least 1 (nnU-Net's rule)."""
+    return [max(1, int(round(float(sp) / float(t) * int(s)))) for s, sp, t in zip(shape, spacing, target)]
 
 
 def nonzero_bbox(image: np.ndarray) -> tuple[np.ndarray, list[list[int]]]:
@@ -95,7 +91,7 @@ def preprocess_case(
     Args:
         image: (C, D, H, W) float image in the raw geometry.
         geometry: its Geometry (spacing and affine).
-        plan: the plan (target spacing, normalisation, anisotropy axis).
+        plan: the plan (target spacing, normalisation).
         seg: (D, H, W) integer label map on the same grid, or None at inference.
         device: where the normalisation and resampling run ("cpu", "cuda", ...).
         name: case name recorded in the properties.
@@ -119,8 +115,8 @@ def preprocess_case(
     mask_t = torch.from_numpy(np.ascontiguousarray(mask[box])).to(device)
     cropped, stats = normalize(cropped, mask_t, plan.normalization)  # (C, d, h, w)
     shape_after_crop = [int(s) for s in cropped.shape[1:]]
-    new_shape = [max(1, int(round(s * sp / t))) for s, sp, t in zip(shape_after_crop, spacing, plan.target_spacing)]
-    axis = separate_axis(spacing, plan.target_spacing, plan.anisotropy_axis)
+    new_shape = new_shape_for_spacing(shape_after_crop, spacing, plan.target_spacing)
+    axis = separate_axis(spacing, plan.target_spacing)  # decided per case; the plan's axis is only recorded
     image_pp = resample(cropped, new_shape, is_label=False, anisotropy_axis=axis).cpu().numpy()
     seg_pp = None
     if seg is not None:
@@ -172,18 +168,21 @@ def restore_to_original(
     device: str | torch.device = "cpu",
     background_channel: bool = True,
     as_tensor: bool = False,
+    activation: Callable[[torch.Tensor], torch.Tensor] | None = None,
 ) -> np.ndarray | torch.Tensor:
     """Map a prediction at the target spacing back onto the case's original grid.
 
     Args:
-        array: (d, h, w) labels or (K, d, h, w) probabilities, shape_after_resample; numpy or torch.
+        array: (d, h, w) labels or (K, d, h, w) logits / probabilities, shape_after_resample; numpy or torch.
         properties: the case's properties from `preprocess_case`.
-        is_label: labels are resampled without creating values; probabilities linearly.
+        is_label: labels are resampled without creating values; logits / probabilities linearly.
         device: where the resampling runs.
         background_channel: probabilities only: outside the crop box channel 0 is set to 1 and the others
             to 0 (softmax outputs, channel 0 = background). Pass False for region (sigmoid) outputs, which have
             no background channel: then every channel is 0 outside.
         as_tensor: return a tensor on `device` instead of a numpy array (no device-to-host copy).
+        activation: applied to the resampled values before they are pasted into the crop box, e.g. a softmax
+            when `array` holds logits (nnU-Net resamples logits, then activates them).
 
     Returns:
         (D, H, W) labels (input dtype; -1 "outside" values become 0) or (K, D, H, W) float32 probabilities.
@@ -198,7 +197,11 @@ def restore_to_original(
             f"case '{properties.get('name', '')}': prediction shape {tuple(array.shape)} does not match the "
             f"preprocessed shape {properties['shape_after_resample']}"
         )
-    restored = resample(tensor, properties["shape_after_crop"], is_label, properties.get("anisotropy_axis"))
+    shape_after_crop = [int(s) for s in properties["shape_after_crop"]]
+    axis = _restore_axis(properties) if list(tensor.shape[1:]) != shape_after_crop else None
+    restored = resample(tensor, shape_after_crop, is_label, axis, order=OUTPUT_ORDER)
+    if activation is not None:
+        restored = activation(restored)
     shape = (restored.shape[0], *properties["original_shape"])
     out = torch.zeros(shape, dtype=restored.dtype, device=restored.device)
     if is_label:
@@ -208,6 +211,15 @@ def restore_to_original(
     out[(slice(None), *_slices(properties["crop_bbox"]))] = restored
     result = out[0] if is_label else out
     return result if as_tensor else result.cpu().numpy()
+
+
+def _restore_axis(properties: dict[str, Any]) -> int | None:
+    """The separate axis from the target spacing back to the case's (nnU-Net asks in this order)."""
+    try:
+        return separate_axis(properties["target_spacing"], properties["original_spacing"])
+    except KeyError as exc:
+        raise InputError(f"case '{properties.get('name', '')}': its properties lack {exc}; preprocess the case "
+                         "again with this voxseg version") from None
 
 
 # ----- whole dataset ------------------------------------------------------------------------------------------

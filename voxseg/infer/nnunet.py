@@ -13,8 +13,9 @@ Only what voxseg can represent exactly is accepted: 3D configurations of PlainCo
 (BasicBlockD blocks, run as voxseg's residual UNet with `pooled_skip`) with instance norm,
 LeakyReLU, no dropout, conv -> norm -> nonlin, the same convolution count in every encoder stage (and in every
 decoder level), no axis transposition, and z-score / CT normalisation. Anything else is a CheckpointError that
-names it. Preprocessing and resampling are voxseg's own (nnU-Net resamples images with third-order splines
-and probabilities back with them; results may differ slightly at the borders of structures).
+names it. Preprocessing is voxseg's, with nnU-Net's resampling rule (`voxseg.data.resample`: images with
+third-order splines, a coarse axis decided per case, logits back linearly before the softmax), so only the
+default resampling kwargs of nnU-Net's plans are accepted; other orders or a forced separate axis are refused.
 """
 from __future__ import annotations
 
@@ -105,6 +106,34 @@ def resolve_configuration(plans: dict[str, Any], name: str) -> dict[str, Any]:
 
 
 # ----- plans.json -> Plan ---------------------------------------------------------------------------------------
+# nnU-Net's default resampling (resample_data_or_seg_to_shape), the rule voxseg.data.resample implements
+_RESAMPLING_FN = "resample_data_or_seg_to_shape"
+_RESAMPLING_DEFAULTS = {"is_seg": False, "order": 3, "order_z": 0, "force_separate_z": False,
+                        "separate_z_anisotropy_threshold": 3}  # the function's own defaults
+_RESAMPLING_EXPECTED = {"data": {"order": 3, "order_z": 0, "force_separate_z": None},
+                        "seg": {"is_seg": True, "order": 1, "order_z": 0, "force_separate_z": None},
+                        "probabilities": {"order": 1, "order_z": 0, "force_separate_z": None}}
+
+
+def _check_resampling(config: dict[str, Any], configuration: str) -> None:
+    """Refuse resampling settings other than nnU-Net's defaults (voxseg implements those exactly)."""
+    for what, expected in _RESAMPLING_EXPECTED.items():
+        fn, kwargs = config.get(f"resampling_fn_{what}"), config.get(f"resampling_fn_{what}_kwargs")
+        if fn is None and kwargs is None:
+            continue  # plans without the entry: the defaults
+        if fn is not None and str(fn).rsplit(".", 1)[-1] != _RESAMPLING_FN:
+            raise CheckpointError(f"plans.json: configuration '{configuration}' resamples {what} with {fn}; voxseg "
+                                  f"implements only nnU-Net's default {_RESAMPLING_FN}")
+        effective = {**_RESAMPLING_DEFAULTS, **(kwargs or {})}
+        wanted = {**_RESAMPLING_DEFAULTS, **expected}
+        differ = [f"{k}={effective.get(k)!r}" for k in sorted(set(effective) | set(wanted))
+                  if effective.get(k) != wanted.get(k)]
+        if differ:
+            raise CheckpointError(f"plans.json: configuration '{configuration}' resampling_fn_{what}_kwargs has "
+                                  f"{', '.join(differ)}; voxseg implements only nnU-Net's default resampling "
+                                  f"({', '.join(f'{k}={v!r}' for k, v in expected.items())})")
+
+
 def _require_uniform(values: int | Sequence[int], what: str) -> int:
     values = [values] if isinstance(values, int) else list(values)
     if len(set(values)) != 1:
@@ -216,8 +245,8 @@ def plan_from_nnunet(plans: dict[str, Any], dataset: dict[str, Any], configurati
     """A voxseg Plan from nnU-Net's plans.json and dataset.json, and the network options it needs.
 
     Raises:
-        CheckpointError: the configuration transposes axes, is 2D, or uses a network, layer or normalisation
-            voxseg cannot represent exactly (the message names it).
+        CheckpointError: the configuration transposes axes, is 2D, or uses a network, layer, normalisation or
+            resampling voxseg cannot represent exactly (the message names it).
     """
     transpose = [int(a) for a in plans.get("transpose_forward", [0, 1, 2])]
     if transpose != sorted(transpose):
@@ -227,6 +256,7 @@ def plan_from_nnunet(plans: dict[str, Any], dataset: dict[str, Any], configurati
     if len(config["patch_size"]) != 3:
         raise CheckpointError(f"plans.json: configuration '{configuration}' is 2D; voxseg runs 3D nnU-Net models only")
     network, options = network_plan(config["architecture"])
+    _check_resampling(config, configuration)
     channels = dataset.get("channel_names") or dataset.get("modality")
     if not channels:
         raise CheckpointError("dataset.json has no channel_names")

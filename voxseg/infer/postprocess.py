@@ -73,14 +73,16 @@ def labels_on_original_grid(logits: torch.Tensor, plan: Plan, properties: dict[s
     """(K, d, h, w) logits at the target spacing -> ((D, H, W) uint8 labels, (K, D, H, W) float32 probabilities
     or None) on the case's original grid; the probabilities reach the host only when `with_probabilities`.
 
-    The probabilities are restored (linear resampling, then pasted into the crop box) and the labels taken from
-    them, as nnU-Net does: deciding after resampling keeps thin structures and smooth borders that resampling a
-    label map (nearest values) would lose when the original spacing differs from the target spacing.
+    As nnU-Net does: the logits are resampled linearly to the crop box's original shape, activated there (softmax
+    / sigmoid) and pasted into the full grid, and the labels are taken from those probabilities. Deciding after
+    resampling keeps thin structures and smooth borders that resampling a label map (nearest values) would
+    lose when the original spacing differs from the target spacing.
     """
     from voxseg.data.preprocess import restore_to_original
 
-    restored = restore_to_original(activate(logits, plan), properties, is_label=False, device=logits.device,
-                                   background_channel=not plan.is_region_based, as_tensor=True)  # (K, D, H, W)
+    restored = restore_to_original(logits, properties, is_label=False, device=logits.device,
+                                   background_channel=not plan.is_region_based, as_tensor=True,
+                                   activation=lambda values: activate(values, plan))  # (K, D, H, W)
     labels = probabilities_to_labels(restored, plan).cpu().numpy()
     return labels, (restored.cpu().numpy() if with_probabilities else None)
 
