@@ -17,18 +17,24 @@ Steps (everything under --work, default a temporary folder):
      p_nnU-Net| of the saved probabilities (voxseg stores float16, nnU-Net float32; both (K, D, H, W) in array
      axis order), Dice of each tool against the reference labels; per folder: wall time and voxseg/nnU-Net.
 
+nnU-Net accumulates the tile logits in float16 (its Gaussian weights too); --nnunet-fp32 runs its predictor
+with float32 accumulators instead (a diagnostic: what is left of the probability difference is then voxseg's).
+
 Run: python benchmarks/nnunet_predict_compare.py [--setup-nnunet] [--nnunet-python PY] [--work DIR]
-         [--threads 2] [--epochs 6] [--iterations 25] [--repeats 1] [--json benchmarks/results/nnunet_predict_compare.json]
+         [--threads 2] [--epochs 6] [--iterations 25] [--repeats 1] [--sets a,b] [--mirror-modes on,off]
+         [--nnunet-fp32] [--json benchmarks/results/nnunet_predict_compare.json]
 """
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import os
 import subprocess
 import sys
 import tempfile
 import time
+import types
 from pathlib import Path
 
 import numpy as np
@@ -102,6 +108,15 @@ def nnunet_train(args: argparse.Namespace) -> None:
     trainer.run_training()
 
 
+class _TorchFloat32(types.ModuleType):
+    """torch, except that torch.half is float32 (nnU-Net's predictor allocates its accumulators as torch.half)."""
+
+    def __getattr__(self, name: str):
+        import torch
+
+        return torch.float32 if name == "half" else getattr(torch, name)
+
+
 def nnunet_predict(args: argparse.Namespace) -> None:
     import torch
 
@@ -111,6 +126,9 @@ def nnunet_predict(args: argparse.Namespace) -> None:
     # the predictor looks the trainer up by name among every nnU-Net trainer module (which imports timm and
     # torchvision); the model's trainer is ours
     raw.recursive_find_trainer_class_by_name = lambda name: _trainer_class(1, 1)
+    if args.nnunet_fp32:  # diagnostic: nnU-Net's accumulators and Gaussian (float16 in nnU-Net) in float32
+        raw.torch = _TorchFloat32("torch")
+        raw.compute_gaussian = functools.partial(raw.compute_gaussian, dtype=torch.float32)
     predictor = raw.nnUNetPredictor(tile_step_size=0.5, use_gaussian=True, use_mirroring=args.mirror,
                                     perform_everything_on_device=True, device=torch.device("cpu"), verbose=False,
                                     verbose_preprocessing=False, allow_tqdm=False)
@@ -193,10 +211,10 @@ def compare(args: argparse.Namespace) -> dict:
                              str(args.iterations)), args.threads, voxseg=False)
         print(f"nnU-Net fingerprint/plan/preprocess/training: {time.perf_counter() - start:.0f} s")
     labels = [int(v) for k, v in json.loads((sets["a"] / "dataset.json").read_text())["labels"].items() if k != "background"]
-    report = {"threads": args.threads, "torch": torch.__version__, "model": str(model.name), "patch": PATCH,
+    report = {"threads": args.threads, "nnunet_fp32_accumulators": args.nnunet_fp32, "torch": torch.__version__, "model": str(model.name), "patch": PATCH,
               "features": FEATURES, "train_spacing": TRAIN_SPACING, "other_spacing": OTHER_SPACING, "runs": []}
-    for mirror in (True, False):
-        for key, folder in sets.items():
+    for mirror in [m == "on" for m in args.mirror_modes.split(",")]:
+        for key, folder in [(k, sets[k]) for k in args.sets.split(",")]:
             images, tag = folder / "imagesTs", f"{key}_{'mirror' if mirror else 'nomirror'}"
             out_v, out_n = work / "pred" / f"voxseg_{tag}", work / "pred" / f"nnunet_{tag}"
             times = {"voxseg": [], "nnunet": []}
@@ -210,7 +228,8 @@ def compare(args: argparse.Namespace) -> dict:
                     else:
                         command = _nnunet_command(args, "--nnunet-predict", "--model", str(model), "--input",
                                                   str(images), "--output", str(out_n),
-                                                  *(("--mirror",) if mirror else ()))
+                                                  *(("--mirror",) if mirror else ()),
+                                                  *(("--nnunet-fp32",) if args.nnunet_fp32 else ()))
                     times[tool].append(_run(command, args.threads, voxseg=tool == "voxseg"))
             names = sorted(p.name[: -len("_0000.nii.gz")] for p in images.glob("*_0000.nii.gz"))
             cases = [compare_case(n, out_v, out_n, folder / "labelsTs", labels) for n in names]
@@ -250,6 +269,10 @@ def main() -> None:
     parser.add_argument("--train-cases", type=int, default=10)
     parser.add_argument("--test-cases", type=int, default=3)
     parser.add_argument("--repeats", type=int, default=1)
+    parser.add_argument("--sets", default="a,b", help="test sets: a (training spacing), b (other spacing)")
+    parser.add_argument("--mirror-modes", default="on,off", help="on, off or on,off")
+    parser.add_argument("--nnunet-fp32", action="store_true",
+                        help="diagnostic: run nnU-Net's sliding window with float32 instead of float16 accumulators")
     parser.add_argument("--json", default=str(HERE / "results" / "nnunet_predict_compare.json"))
     for hidden in ("--nnunet-train", "--nnunet-predict", "--mirror"):
         parser.add_argument(hidden, action="store_true", help=argparse.SUPPRESS)
