@@ -128,7 +128,9 @@ def nnunet_predict(args: argparse.Namespace) -> None:
     raw.recursive_find_trainer_class_by_name = lambda name: _trainer_class(1, 1)
     if args.nnunet_fp32:  # diagnostic: nnU-Net's accumulators and Gaussian (float16 in nnU-Net) in float32
         raw.torch = _TorchFloat32("torch")
-        raw.compute_gaussian = functools.partial(raw.compute_gaussian, dtype=torch.float32)
+        gaussian = functools.partial(raw.compute_gaussian, dtype=torch.float32)
+        gaussian.cache_clear = raw.compute_gaussian.cache_clear  # the predictor clears the cache after each run
+        raw.compute_gaussian = gaussian
     predictor = raw.nnUNetPredictor(tile_step_size=0.5, use_gaussian=True, use_mirroring=args.mirror,
                                     perform_everything_on_device=True, device=torch.device("cpu"), verbose=False,
                                     verbose_preprocessing=False, allow_tqdm=False)
