@@ -123,6 +123,26 @@ def test_zscore_inside_mask_and_outside_marked():
     assert props["normalization_stats"][1][0] == pytest.approx(image[1][image[1] != 0].mean(), rel=1e-4)
 
 
+def test_holes_of_the_nonzero_mask_are_inside_it():
+    """Zero voxels enclosed by the object (a cavity) count as inside, as in nnU-Net: the z-score statistics
+    include them, they are normalised (not set to 0) and an unlabelled one is background, not "outside"."""
+    image, seg = make_case()
+    image[:, 14:18, 16:20, 18:22] = 0.0  # a cavity in the middle of the brain, in every channel
+    seg[14:18, 16:20, 18:22] = 0
+    out, seg_pp, props = preprocess_case(image, Geometry.from_spacing((1.0, 1.0, 1.0)), make_plan(), seg)
+    box = tuple(slice(a, b) for a, b in props["crop_bbox"])
+    brain = np.any(image != 0, axis=0)
+    brain[14:18, 16:20, 18:22] = True
+    for c in range(2):
+        mean, std = image[c][brain].mean(), image[c][brain].std()
+        assert props["normalization_stats"][c] == pytest.approx([mean, std], rel=1e-4)
+        np.testing.assert_allclose(out[c][14 - box[0].start, 16 - box[1].start, 18 - box[2].start], -mean / std,
+                                   rtol=1e-4)
+        assert np.all(out[c][~brain[box]] == 0)
+    assert np.all(seg_pp[0][brain[box] & (seg[box] == 0)] == 0)
+    assert np.all(seg_pp[0][~brain[box] & (seg[box] == 0)] == -1)
+
+
 def test_ct_normalization_clips_then_standardises():
     image = np.linspace(-2000, 3000, 2 * 16 * 16 * 16, dtype=np.float32).reshape(2, 16, 16, 16)
     image[0] = image[0] * 2.5 + 2500  # channel 0 spans -2500..3500: both clip bounds are hit

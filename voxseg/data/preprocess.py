@@ -24,6 +24,7 @@ from typing import Any, Callable, Sequence
 
 import numpy as np
 import torch
+from scipy import ndimage
 
 from voxseg.atomicio import sweep_stale_temporaries
 from voxseg.data.fingerprint import mask_bbox
@@ -38,7 +39,7 @@ from voxseg.workers import exit_with_parent
 __all__ = ["resample", "separate_axis", "ANISOTROPY_RATIO", "preprocess_case", "restore_to_original",
            "preprocess_dataset", "plan_hash", "new_shape_for_spacing"]
 
-PREPROCESS_VERSION = 2  # bump when the preprocessing code changes what it writes: every case is re-done
+PREPROCESS_VERSION = 3  # bump when the preprocessing code changes what it writes: every case is re-done
 OUTSIDE_LABEL = -1  # background outside the nonzero mask, stored in CASE_seg.npy; losses treat it as background
 FLOAT16_MAX = 65504.0
 
@@ -62,11 +63,14 @@ def new_shape_for_spacing(shape: Sequence[int], spacing: Sequence[float], target
 
 
 def nonzero_bbox(image: np.ndarray) -> tuple[np.ndarray, list[list[int]]]:
-    """Nonzero mask (any channel != 0) of a (C, D, H, W) image and its bounding box [[d0, d1], [h0, h1], [w0, w1]].
+    """Nonzero mask of a (C, D, H, W) image and its bounding box [[d0, d1], [h0, h1], [w0, w1]].
 
-    An all-zero image keeps its full extent.
+    The mask is where any channel is nonzero, with its holes filled (zero voxels enclosed by nonzero ones, e.g.
+    an air cavity in a skull-stripped brain, belong to the object), as nnU-Net builds it: the z-score statistics
+    of `use_nonzero_mask` channels include them and they are normalised rather than set to 0. An all-zero image
+    keeps its full extent.
     """
-    mask = np.any(image != 0, axis=0)  # (D, H, W)
+    mask = ndimage.binary_fill_holes(np.any(image != 0, axis=0))  # (D, H, W)
     return mask, mask_bbox(mask)
 
 
