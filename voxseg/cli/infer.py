@@ -3,7 +3,9 @@ from __future__ import annotations
 
 import argparse
 
-from voxseg.cli.common import Subparsers, add_command, csv_ints, device, folds, usable_device
+from voxseg.cli.common import (
+    Subparsers, add_command, add_configuration_flag, configuration_workdir, csv_ints, device, folds, usable_device,
+)
 from voxseg.errors import ConfigError
 
 
@@ -22,7 +24,7 @@ def cmd_predict(args: argparse.Namespace) -> int:
     if args.backend == "torch":
         usable_device(args.device)
     predictor = Predictor.from_workdir(
-        args.model, folds=args.folds, checkpoint=args.checkpoint, device=args.device, step=args.step,
+        configuration_workdir(args.model, args.configuration), folds=args.folds, checkpoint=args.checkpoint, device=args.device, step=args.step,
         mirror_axes=mirror, tile_batch=args.tile_batch, backend=args.backend,
     )
     cases = find_input_cases(args.input, predictor.plan.num_channels, predictor.plan.file_ending)
@@ -42,12 +44,14 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     if args.crossval:
         from voxseg.crossval import evaluate_crossval
 
-        result = evaluate_crossval(args.crossval, num_workers=args.workers, tolerance_mm=args.tolerance,
+        result = evaluate_crossval(configuration_workdir(args.crossval, args.configuration), num_workers=args.workers, tolerance_mm=args.tolerance,
                                    convention=args.convention)
         summary = result.summary
         print(f"postprocessing decided from cross-validation: {result.postprocessing} (saved to "
               f"{result.postprocessing_file}; 'voxseg predict' applies it)")
     else:
+        if args.configuration:
+            raise ConfigError("--configuration selects a work directory's configuration for --crossval WORKDIR")
         if not args.pred or not args.ref:
             raise ConfigError("evaluate needs PRED and REF folders, or --crossval WORKDIR")
         summary = evaluate_folder(
@@ -64,16 +68,17 @@ def cmd_export(args: argparse.Namespace) -> int:
 
     if not args.onnx and not args.archive:
         raise ConfigError("export needs --onnx FILE and/or --archive ZIP")
+    workdir = configuration_workdir(args.workdir, args.configuration)
     chosen = folds(args.folds)
     if args.onnx:
         if chosen != "all" and len(chosen) > 1:
             raise ConfigError(f"--onnx exports one fold's network; got --folds {args.folds}. Export each fold to its "
                               "own file (--folds 0 --onnx fold0.onnx, ...) or use --archive for an ensemble")
         fold = chosen if chosen == "all" else chosen[0]
-        diff = export_onnx(args.workdir, fold, args.onnx, checkpoint=args.checkpoint)
+        diff = export_onnx(workdir, fold, args.onnx, checkpoint=args.checkpoint)
         print(f"wrote {args.onnx} (onnxruntime vs PyTorch max abs difference {diff:.2e})")
     if args.archive:
-        export_archive(args.workdir, args.archive, folds=chosen, checkpoint=args.checkpoint)
+        export_archive(workdir, args.archive, folds=chosen, checkpoint=args.checkpoint)
         print(f"wrote {args.archive}")
     return 0
 
@@ -92,6 +97,7 @@ def _predict_arguments(p: argparse.ArgumentParser) -> None:
                         "(<Trainer>__<Plans>__<configuration> with fold_X/checkpoint_final.pth)")
     p.add_argument("-i", "--input", required=True, nargs="+", help="folder (nnU-Net or BraTS layout) or channel files")
     p.add_argument("-o", "--output", required=True)
+    add_configuration_flag(p)
     p.add_argument("--folds", type=folds, default=[0], help="0 | 0,1,2 | all (default 0)")
     _checkpoint_flag(p)
     p.add_argument("--step", type=float, default=0.5, help="tile step as a fraction of the patch (default 0.5)")
@@ -108,6 +114,7 @@ def _predict_arguments(p: argparse.ArgumentParser) -> None:
 
 def _export_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("workdir")
+    add_configuration_flag(p)
     p.add_argument("--onnx")
     p.add_argument("--archive")
     p.add_argument("--folds", default="0")
@@ -123,6 +130,7 @@ def _evaluate_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--tolerance", type=float, default=1.0, help="surface Dice tolerance in mm (default 1)")
     p.add_argument("--crossval", metavar="WORKDIR",
                    help="aggregate the folds' validation predictions and decide the postprocessing")
+    add_configuration_flag(p)
     p.add_argument("-j", "--workers", type=int, default=1)
     p.add_argument("--convention", choices=list(CONVENTIONS), default="voxseg",
                    help="how a class absent from the reference is scored, to match another tool's numbers "
