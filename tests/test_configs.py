@@ -119,6 +119,23 @@ def test_large_anisotropic_image_gets_lowres_and_cascade_with_nnunets_numbers():
     assert plans["2d"].network.n_stages == 9 and plans["2d"].network.features[-1] == 512
 
 
+def test_large_ct_at_8gb_matches_nnunets_planner():
+    """2.5 x 0.8 x 0.8 mm, 100 cases of 400x512x512, one CT channel, 3 outputs, 8 GiB. nnU-Net 2.8.1's planner
+    (run on the same fingerprint) plans 3d_fullres 112x128x128 and 3d_lowres at 4.132 x 2.122 x 2.122 mm
+    (median 242x193x193) with patch 160x128x112; voxseg's memory model lands on the same patches. The spacing:
+    16 in-plane-only steps (2.5 / (0.8 x 1.03^15) > 2), then 17 steps of every axis: 0.8 x 1.03^33, 2.5 x 1.03^17."""
+    stats = {"0": {"mean": 60.0, "std": 80.0, "percentile_00_5": -150.0, "percentile_99_5": 300.0}}
+    fp = {**fingerprint([2.5, 0.8, 0.8], [400, 512, 512], 100), "foreground_intensity": stats}
+    plans = make_plans(fp, raw_dataset({"0": "CT"}, {"background": 0, "liver": 1, "tumour": 2}), 8.0)
+    assert list(plans) == ["3d_fullres", "2d", "3d_lowres", "3d_cascade_fullres"]
+    fullres, lowres = plans["3d_fullres"], plans["3d_lowres"]
+    assert fullres.patch_size == [112, 128, 128] and fullres.network.strides[1] == [1, 2, 2]
+    assert lowres.target_spacing == pytest.approx([2.5 * 1.03**17, 0.8 * 1.03**33, 0.8 * 1.03**33])
+    assert lowres.median_shape_after_resample == [242, 193, 193] and lowres.patch_size == [160, 128, 112]
+    assert lowres.network.strides == [[1, 1, 1]] + [[2, 2, 2]] * 4 + [[2, 2, 1]]
+    assert plans["2d"].slice_axis == 0 and plans["2d"].patch_size == [512, 512]
+
+
 def test_lowres_is_dropped_when_it_barely_shrinks_the_image():
     """A median just over 4x the 256^3 starting patch: one 3% step covers a quarter, but the median case then
     shrinks by 1.03^3 = 1.09x < 2x, so nnU-Net drops 3d_lowres (and the cascade)."""

@@ -35,11 +35,10 @@ def plan_lowres(
         plan_at: plans a configuration for (spacing, median shape, dataset voxels) at that spacing.
         dataset_voxels: the dataset's voxels at the full-resolution spacing (the batch's 5% cap).
 
-    Example (one CT channel, 2 outputs, 8 GiB; median 1 x 0.8 x 0.8 mm, 300 x 512 x 512 voxels): 3d_fullres
-    is patch 64x192x160 (2.0M voxels) against a median of 78.6M voxels: 2.5% < 25%. Step k multiplies the
-    in-plane spacing by 1.03^k while it is finer than half the coarsest, else every axis; `plan_lowres`
-    stops at the first spacing whose planned patch covers >= 25% of the median at that spacing
-    (tests/test_configs.py works through the numbers).
+    Example (one CT channel, 3 outputs, 8 GiB; 2.5 x 0.8 x 0.8 mm, median 400 x 512 x 512 voxels): 3d_fullres
+    is patch 112x128x128, 2% of the median case. The in-plane spacing (finer than half of 2.5) grows alone
+    for 16 steps (0.8 -> 1.284 mm, when 2.5 / 1.284 <= 2), then every axis for 17 more (x 1.653): spacing
+    4.13 x 2.12 x 2.12, median 242x193x193, patch 160x128x112 (25%), as nnU-Net 2.8.1 plans it.
     """
     full_spacing = np.asarray(fullres.target_spacing, dtype=np.float64)
     median = np.asarray(fullres.median_shape_after_resample, dtype=np.float64)

@@ -12,7 +12,7 @@ channels, 1 mm isotropic, median brain crop 134x168x138, 4 outputs) and an 8 GB 
                      8 GB), 6 stages, features [32, 64, 128, 256, 320, 320], kernels 3x3x3, last stride
                      [1, 2, 2], batch 2
     2d               slices along axis 0, patch 192x160, 6 stages, features up to 512
-    3d_lowres        none: the full-resolution patch covers 1/3 of the median case (>= 1/4)
+    3d_lowres        none: the full-resolution patch covers 74% of the median case (>= 25%)
 
 The memory model lives in `voxseg.data.memory` and the topology / patch / batch search in
 `voxseg.data.topology`; `estimate_memory_gb` and `derive_topology` are re-exported here.
