@@ -91,7 +91,8 @@ def test_anisotropic_target_spacing_and_topology():
     assert expected < 5.0  # the median would have been 5
     assert plan.target_spacing == pytest.approx([expected, 0.8, 0.8])
     assert plan.network.kernel_sizes[0] == [1, 3, 3]
-    assert strides_along(plan.network, 0) < strides_along(plan.network, 1) == 5
+    # no stage limit (as nnU-Net): in plane 320 halves 6 times (-> 5), axis 0 twice (20 -> 5)
+    assert strides_along(plan.network, 0) == 2 < strides_along(plan.network, 1) == 6
     assert plan.patch_size[0] <= 32 and plan.patch_size[1] >= 128
     for p, t in zip(plan.patch_size, plan.network.total_stride):
         assert p % t == 0
@@ -100,19 +101,44 @@ def test_anisotropic_target_spacing_and_topology():
 
 def test_anisotropic_spacing_not_finer_than_other_axes():
     spacings = np.array([[4.0, 1.0, 1.0]] * 8 + [[0.5, 1.0, 1.0]] * 2)
-    target, axis = plan_target_spacing(spacings)
+    few_slices = np.array([[40, 200, 200]] * 10)  # 40 x 3 < 200: anisotropic in voxels too
+    target, axis = plan_target_spacing(spacings, few_slices)
     assert axis == 0 and target == [1.0, 1.0, 1.0]  # 10th percentile 0.5 clamped to the in-plane 1.0
-    target, axis = plan_target_spacing(np.array([[2.5, 1.0, 1.0]] * 5))
+    target, axis = plan_target_spacing(np.array([[2.5, 1.0, 1.0]] * 5), few_slices[:5])
     assert axis is None and target == [2.5, 1.0, 1.0]  # ratio 2.5 <= 3: plain median
+
+
+def test_anisotropic_target_needs_spacing_and_voxel_counts():
+    """nnU-Net's rule: the 10th percentile only when the coarse axis is > 3x coarser than every other axis
+    AND has > 3x fewer voxels than every other axis; the separate resampling axis needs the spacing only."""
+    spacings = np.array([[5.0, 0.8, 0.8]] * 9 + [[3.0, 0.8, 0.8]])
+    p10 = 3.0 + 0.9 * (5.0 - 3.0)  # numpy's linear 10th percentile of [3, 5 x 9]: 4.8
+    target, axis = plan_target_spacing(spacings, np.array([[40, 320, 320]] * 10))  # 40 x 3 = 120 < 320
+    assert axis == 0 and target == pytest.approx([p10, 0.8, 0.8])
+    target, axis = plan_target_spacing(spacings, np.array([[110, 320, 320]] * 10))  # 110 x 3 = 330 >= 320
+    assert axis == 0 and target == [5.0, 0.8, 0.8]  # the median: enough slices
+    # 3.0 mm against (0.5, 1.1): > 3x the finest (separate resampling) but not > 3x the coarser other axis
+    target, axis = plan_target_spacing(np.array([[3.0, 0.5, 1.1]] * 4), np.array([[20, 400, 200]] * 4))
+    assert axis == 0 and target == [3.0, 0.5, 1.1]
 
 
 def test_topology_rules():
     net = derive_topology([20, 320, 320], [5.0, 0.8, 0.8])
-    assert net.strides == [[1, 1, 1], [1, 2, 2], [1, 2, 2], [2, 2, 2], [2, 2, 2], [1, 2, 2]]
-    assert net.kernel_sizes[:2] == [[1, 3, 3], [1, 3, 3]] and net.kernel_sizes[2] == [3, 3, 3]
-    small = derive_topology([96, 96, 96], [1.0, 1.0, 1.0])  # 96 -> 6 after 4 halvings; 3 would be < 4
+    # by hand: 5 >= 2 x 0.8 -> in plane only ([1,2,2]) at spacings 0.8 and 1.6; 5 < 2 x 3.2 -> all axes for
+    # two stages (20 -> 10 -> 5); axis 0 at 5 < 8 voxels stops, in plane goes on 20 -> 10 -> 5
+    assert net.strides == [[1, 1, 1], [1, 2, 2], [1, 2, 2], [2, 2, 2], [2, 2, 2], [1, 2, 2], [1, 2, 2]]
+    assert net.kernel_sizes[:2] == [[1, 3, 3], [1, 3, 3]] and net.kernel_sizes[2:] == [[3, 3, 3]] * 5
+    small = derive_topology([96, 96, 96], [1.0, 1.0, 1.0])  # 96 -> 6 after 4 halvings; 6 < 8 stops
     assert small.n_stages == 5 and small.total_stride == [16, 16, 16]
     assert small.features == [32, 64, 128, 256, 320]
+    brats = derive_topology([112, 160, 128], [1.0, 1.0, 1.0])  # 112 -> 7 after 4 halvings: the last is [1,2,2]
+    assert brats.strides == [[1, 1, 1]] + [[2, 2, 2]] * 4 + [[1, 2, 2]] and brats.total_stride == [16, 32, 32]
+    # spacing exactly 2x the finest is not "within 2x": that axis waits (kernel 1) for one stage
+    assert derive_topology([64, 64, 64], [2.0, 1.0, 1.0]).strides[1] == [1, 2, 2]
+    # a single axis left is halved only while it has >= 12 voxels: 48 -> 24 -> 12 -> 6, not 6 -> 3
+    lone = derive_topology([4, 48, 4], [1.0, 1.0, 1.0])
+    assert lone.strides == [[1, 1, 1], [1, 2, 1], [1, 2, 1], [1, 2, 1]] and lone.kernel_sizes[-1] == [3, 3, 3]
+    assert derive_topology([4, 11, 4], [1.0, 1.0, 1.0]).strides == [[1, 1, 1]]  # 11 < 12
 
 
 # ----- normalisation -------------------------------------------------------------------------------------------

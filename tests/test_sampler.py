@@ -202,6 +202,22 @@ def test_2d_patches_are_slices(store):
         np.testing.assert_array_equal(image[b].numpy(), crop)
 
 
+@pytest.mark.parametrize("axis", [1, 2])
+def test_2d_patches_are_slices_along_the_plans_axis(store, axis):
+    """A 2d plan slicing along axis 1 or 2 (its coarsest axis): one-voxel-thick crops along that axis."""
+    cache = CaseCache(store, ["big"], mode="mmap")
+    sampler = PatchSampler(cache, (16, 16), batch_size=3, source_size=(20, 18), seed=10, slice_axis=axis)
+    image, seg = sampler.sample()
+    assert image.shape == (3, 2, 20, 18) and seg.shape == (3, 1, 20, 18)
+    thick = (20, 1, 18) if axis == 1 else (20, 18, 1)
+    stored = np.load(store / "big.npy").astype(np.float32)
+    for b, draw in enumerate(sampler.last_draws):
+        crop = reference_crop(stored, draw.start, thick, 0)
+        np.testing.assert_array_equal(image[b].numpy(), crop[:, :, 0] if axis == 1 else crop[..., 0])
+    with pytest.raises(ConfigError, match="slice_axis 3"):
+        PatchSampler(cache, (16, 16), batch_size=3, slice_axis=3)
+
+
 def test_prefetch_yields_the_same_batches_and_state_resumes(store):
     cache = CaseCache(store, list(SHAPES), mode="mmap")
     direct = PatchSampler(cache, (8, 8, 8), batch_size=2, seed=11)

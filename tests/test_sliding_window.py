@@ -174,6 +174,21 @@ def test_2d_network_runs_slice_by_slice():
     assert torch.allclose(out, expected, atol=1e-5)
 
 
+@pytest.mark.parametrize("axis", [1, 2])
+def test_2d_network_runs_along_the_slice_axis(axis):
+    torch.manual_seed(3)
+    net = torch.nn.Conv2d(1, 2, 3, padding=1).eval()  # a 3x3 kernel: slicing along the wrong axis would differ
+    image = torch.randn(1, 1, 5, 13, 11)
+    out = sliding_window_inference(net, image, (16, 16), 2, use_gaussian=False, slice_axis=axis)
+    with torch.no_grad():
+        if axis == 1:
+            expected = torch.stack([net(image[:, :, :, h])[0] for h in range(13)], dim=2)
+        else:
+            expected = torch.stack([net(image[:, :, :, :, w])[0] for w in range(11)], dim=3)
+    assert out.shape == (2, 5, 13, 11)
+    assert torch.allclose(out, expected, atol=1e-5)
+
+
 def test_bad_arguments():
     with pytest.raises(ValueError):
         tile_positions((10, 10, 10), (4, 4, 4), step=0.0)

@@ -6,6 +6,7 @@ The public API is small; everything is importable lazily so `voxseg --help` stay
     >>> voxseg.make_synthetic_dataset("data/Synth", num_cases=20)
     >>> plan = voxseg.plan_dataset("data/Synth", "work/synth")
     >>> voxseg.preprocess_dataset("work/synth")
+    >>> voxseg.preprocess_dataset(voxseg.config_workdir("work/synth", "2d"))   # another planned configuration
     >>> voxseg.train_fold("work/synth", fold=0, config=voxseg.TrainConfig())
     >>> predictor = voxseg.Predictor.from_workdir("work/synth", folds=[0])
     >>> labels = predictor.predict_array(image, geometry)
@@ -27,6 +28,7 @@ _LAZY = {
     "convert_msd": "voxseg.data.convert",
     "check_dataset": "voxseg.data.check",
     "plan_dataset": "voxseg.data.plan",
+    "config_workdir": "voxseg.data.configs",
     "Plan": "voxseg.plans",
     "preprocess_dataset": "voxseg.data.preprocess",
     "TrainConfig": "voxseg.config",

@@ -146,6 +146,11 @@ class Plan:
             trained mirrored along some axes only, e.g. an imported nnU-Net model's allowed axes); None: all.
         memory_calibration: the memory model fitted to real steps on a GPU by `voxseg plan --calibrate`
             (device, scale, fixed_gb, measured points), or None when the formula was used as it is.
+        configuration: which of the planned configurations this is: "3d_fullres" (the default), "2d",
+            "3d_lowres" or "3d_cascade_fullres" (see `voxseg.data.configs`).
+        slice_axis: 2D plans only: the array axis the 2D network slices along (the coarsest axis, nnU-Net's
+            transpose rule); the patch covers the other two axes in their order.
+        previous_stage: a cascade stage's first stage ("3d_lowres" for "3d_cascade_fullres"), else None.
     """
 
     dataset_name: str
@@ -169,6 +174,9 @@ class Plan:
     image_dtype: str = "float16"
     inference_mirror_axes: list[int] | None = None
     memory_calibration: dict[str, Any] | None = None
+    configuration: str = "3d_fullres"
+    slice_axis: int = 0
+    previous_stage: str | None = None
     version: int = PLAN_VERSION
 
     def __post_init__(self) -> None:
@@ -191,6 +199,11 @@ class Plan:
             raise ConfigError("plans.json: foreground_oversampling must be between 0 and 1")
         if self.image_dtype not in ("float16", "float32"):
             raise ConfigError("plans.json: image_dtype must be float16 or float32")
+        if not isinstance(self.slice_axis, int) or not 0 <= self.slice_axis < len(self.target_spacing):
+            raise ConfigError(f"plans.json: slice_axis {self.slice_axis!r} must be an array axis, "
+                              f"0..{len(self.target_spacing) - 1}")
+        if not isinstance(self.configuration, str) or not self.configuration:
+            raise ConfigError("plans.json: configuration must be a name such as 3d_fullres")
         self._check_patch_divisible()
 
     def _check_patch_divisible(self) -> None:
@@ -200,6 +213,18 @@ class Plan:
                     f"plans.json: patch_size[{axis}]={p} is not divisible by the network's total stride {t} "
                     f"along that axis; use a multiple of {t}"
                 )
+
+    def check_runnable(self, action: str) -> None:
+        """Refuse to train / predict with a cascade stage: not supported yet, and never run as a plain model.
+
+        Raises:
+            ConfigError: naming the configuration, what it needs and what to use instead.
+        """
+        if self.previous_stage is not None:
+            raise ConfigError(
+                f"configuration '{self.configuration}' is a cascade stage: its network takes the predictions of "
+                f"'{self.previous_stage}' as extra input channels, and {action} with a cascade is not supported "
+                f"yet. Use '--configuration {self.previous_stage}' or '--configuration 3d_fullres' instead")
 
     # ----- labels (see LabelScheme) -------------------------------------------------------------------------
     @property
@@ -269,9 +294,10 @@ def _known(cls: type, data: dict[str, Any], where: str) -> dict[str, Any]:
 
 
 # ----- overrides ----------------------------------------------------------------------------------------------
-# Plan fields no override may set: the version, the memory estimate (derived) and the network section as a
+# Plan fields no override may set: the version, the memory estimate (derived), which configuration a plan is
+# (decided by the planner) and the network section as a
 # whole (its fields are set one by one as network.<field>).
-_NOT_OVERRIDABLE = ("version", "estimated_memory_gb", "network")
+_NOT_OVERRIDABLE = ("version", "estimated_memory_gb", "network", "configuration", "previous_stage")
 # What a training run may change for itself (`plan.<key>` in the training config): everything that shapes
 # patches, batches and the network. The rest of the plan describes the preprocessed data and needs a re-plan.
 TRAINING_OVERRIDES = ("patch_size", "batch_size", "foreground_oversampling") + tuple(

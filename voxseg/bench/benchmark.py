@@ -99,6 +99,7 @@ def run_benchmark(workdir: str | Path, device: str = "auto", num_threads: int = 
     config = config_for(device, num_threads, overrides)
     dev = resolve_device(config.loop.device)
     plan = Plan.load(workdir / "plans.json")
+    plan.check_runnable("benchmarking")
     training = time_training(workdir, config, iterations=iterations, warmup=warmup, repeats=repeats)
     result: dict[str, Any] = {
         "device": device_name(dev), "torch": torch.__version__, "cpu_threads": num_threads,

@@ -193,7 +193,7 @@ def describe_calibration(calibration: MemoryCalibration) -> str:
 
 
 def calibrate_workdir(workdir: Any, measure: Measure, device: str, overrides: dict[str, Any] | None = None,
-                      dims: int = 3) -> tuple[Plan, MemoryCalibration]:
+                      dims: int = 3, cube_patch: bool = False) -> tuple[Plan, MemoryCalibration]:
     """Calibrate WORKDIR/plans.json on a device and plan again with the calibrated memory model.
 
     The plan is made anew from WORKDIR/fingerprint.json with the budget that makes the calibrated estimate fit
@@ -216,7 +216,7 @@ def calibrate_workdir(workdir: Any, measure: Measure, device: str, overrides: di
     values = {k: v for k, v in (overrides or {}).items() if k != "gpu_memory_gb"}
     fingerprint = load_fingerprint(workdir / "fingerprint.json")
     new = make_plan(fingerprint, load_dataset(plan.raw_dataset), gpu_memory_gb=calibration.effective_budget(budget),
-                    overrides=values, dims=dims)
+                    overrides=values, dims=dims, cube_patch=cube_patch)
     new.gpu_memory_gb = budget
     new.estimated_memory_gb = round(calibration.estimate_gb(new), 3)
     new.memory_calibration = calibration.to_dict()

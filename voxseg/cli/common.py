@@ -103,3 +103,19 @@ def folds(value: str) -> list[int] | str:
         return [int(v) for v in value.split(",")]
     except ValueError:
         raise argparse.ArgumentTypeError(f"--folds expects e.g. 0 or 0,1,2 or all, got '{value}'") from None
+
+
+def add_configuration_flag(parser: argparse.ArgumentParser) -> None:
+    """--configuration NAME: which planned configuration of the work directory (voxseg.data.configs)."""
+    parser.add_argument("--configuration", metavar="NAME",
+                        help="planned configuration to use: 3d_fullres (the default), 2d, 3d_lowres, "
+                             "3d_cascade_fullres; WORKDIR/configurations.json lists those planned")
+
+
+def configuration_workdir(workdir: str, name: str | None) -> str:
+    """The work directory a command runs on: WORKDIR itself, or its configuration NAME's folder."""
+    if name is None:
+        return workdir
+    from voxseg.data.configs import config_workdir
+
+    return str(config_workdir(workdir, name))

@@ -5,7 +5,10 @@ import argparse
 import sys
 from typing import Any
 
-from voxseg.cli.common import Subparsers, add_command, csv_floats, csv_ints, device, key_values, usable_device
+from voxseg.cli.common import (
+    Subparsers, add_command, add_configuration_flag, configuration_workdir, csv_floats, csv_ints, device, key_values,
+    usable_device,
+)
 
 
 def cmd_synth(args: argparse.Namespace) -> int:
@@ -38,17 +41,20 @@ def cmd_check(args: argparse.Namespace) -> int:
 
 
 def cmd_plan(args: argparse.Namespace) -> int:
+    from voxseg.data.configs import describe_configurations
     from voxseg.data.plan import describe_plan, plan_dataset
 
     plan = plan_dataset(
         args.dataset, args.output, gpu_memory_gb=args.gpu_memory, overrides=key_values(args.set),
         num_folds=args.folds, val_fraction=args.val_fraction, seed=args.seed, num_workers=args.workers,
-        dims=2 if args.two_d else 3,
+        dims=2 if args.two_d else 3, cube_patch=args.cube_patch,
     )
     if args.calibrate:
         plan = _calibrate(args, plan)
     print(describe_plan(plan))
-    print(f"wrote {args.output}/plans.json, fingerprint.json, splits.json")
+    print(f"wrote {args.output}/plans.json, fingerprint.json, splits.json, configurations.json")
+    print("configurations (select one with --configuration NAME):")
+    print(describe_configurations(args.output))
     return 0
 
 
@@ -63,7 +69,7 @@ def _calibrate(args: argparse.Namespace, plan: Any) -> Any:
     from voxseg.bench.calibrate import calibrate_workdir, cuda_measure, describe_calibration, device_name
 
     plan, calibration = calibrate_workdir(args.output, cuda_measure(), device_name(), overrides=key_values(args.set),
-                                          dims=2 if args.two_d else 3)
+                                          dims=2 if args.two_d else 3, cube_patch=args.cube_patch)
     print(describe_calibration(calibration))
     return plan
 
@@ -71,7 +77,7 @@ def _calibrate(args: argparse.Namespace, plan: Any) -> Any:
 def cmd_preprocess(args: argparse.Namespace) -> int:
     from voxseg.data.preprocess import preprocess_dataset
 
-    stats = preprocess_dataset(args.workdir, num_workers=args.workers, progress=not args.quiet,
+    stats = preprocess_dataset(configuration_workdir(args.workdir, args.configuration), num_workers=args.workers, progress=not args.quiet,
                                device=usable_device(args.device))
     print(
         f"preprocessed {stats['done']} cases, skipped {stats['skipped']} already done, "
@@ -121,15 +127,20 @@ def add_data_commands(sub: Subparsers) -> None:
     p.add_argument("--folds", type=int, default=5, help="cross-validation folds (default 5)")
     p.add_argument("--val-fraction", type=float, default=None, help="single train/val split instead of folds, e.g. 0.2")
     p.add_argument("--seed", type=int, default=12345)
-    p.add_argument("--2d", dest="two_d", action="store_true", help="plan a 2D configuration")
+    p.add_argument("--2d", dest="two_d", action="store_true",
+                   help="plan only the 2d configuration, as the default (plans.json)")
+    p.add_argument("--cube-patch", action="store_true",
+                   help="3D patches tend to a cube in mm (shrink the longest axis in mm) instead of following the "
+                        "median case's aspect ratio")
     p.add_argument("--calibrate", action="store_true",
                    help="fit the memory model to a few real training steps on this machine's CUDA GPU and plan "
                         "patch and batch with it (without a GPU the formula is used as it is, and said so)")
     p.add_argument("-j", "--workers", type=int, default=1)
 
     p = add_command(sub, "preprocess", cmd_preprocess, "crop, resample and normalise every case into the fast case store",
-                    "voxseg preprocess work/synth -j 2")
+                    "voxseg preprocess work/synth -j 2\nvoxseg preprocess work/synth --configuration 2d")
     p.add_argument("workdir")
+    add_configuration_flag(p)
     p.add_argument("-j", "--workers", type=int, default=1)
     p.add_argument("--device", type=device, default="cpu", help="cpu or cuda (resampling on the GPU)")
     p.add_argument("--quiet", action="store_true")

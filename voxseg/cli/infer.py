@@ -3,7 +3,9 @@ from __future__ import annotations
 
 import argparse
 
-from voxseg.cli.common import Subparsers, add_command, csv_ints, device, folds, usable_device
+from voxseg.cli.common import (
+    Subparsers, add_command, add_configuration_flag, configuration_workdir, csv_ints, device, folds, usable_device,
+)
 from voxseg.errors import ConfigError
 
 EXPORT_FORMATS = ("nnunet",)  # --format FORMAT OUT: another tool's model layout
@@ -24,7 +26,7 @@ def cmd_predict(args: argparse.Namespace) -> int:
     if args.backend == "torch":
         usable_device(args.device)
     predictor = Predictor.from_workdir(
-        args.model, folds=args.folds, checkpoint=args.checkpoint, device=args.device, step=args.step,
+        configuration_workdir(args.model, args.configuration), folds=args.folds, checkpoint=args.checkpoint, device=args.device, step=args.step,
         mirror_axes=mirror, tile_batch=args.tile_batch, backend=args.backend,
     )
     cases = find_input_cases(args.input, predictor.plan.num_channels, predictor.plan.file_ending)
@@ -44,12 +46,14 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     if args.crossval:
         from voxseg.crossval import evaluate_crossval
 
-        result = evaluate_crossval(args.crossval, num_workers=args.workers, tolerance_mm=args.tolerance,
+        result = evaluate_crossval(configuration_workdir(args.crossval, args.configuration), num_workers=args.workers, tolerance_mm=args.tolerance,
                                    convention=args.convention)
         summary = result.summary
         print(f"postprocessing decided from cross-validation: {result.postprocessing} (saved to "
               f"{result.postprocessing_file}; 'voxseg predict' applies it)")
     else:
+        if args.configuration:
+            raise ConfigError("--configuration selects a work directory's configuration for --crossval WORKDIR")
         if not args.pred or not args.ref:
             raise ConfigError("evaluate needs PRED and REF folders, or --crossval WORKDIR")
         summary = evaluate_folder(
@@ -69,11 +73,12 @@ def cmd_export(args: argparse.Namespace) -> int:
     if args.format and args.format[0] not in EXPORT_FORMATS:
         raise ConfigError(f"--format {args.format[0]}: unknown format; use {', '.join(EXPORT_FORMATS)} "
                           "(--format nnunet OUT)")
+    workdir = configuration_workdir(args.workdir, args.configuration)
     chosen = folds(args.folds)
     if args.format:
         from voxseg.infer.nnunet_export import export_nnunet
 
-        folder = export_nnunet(args.workdir, args.format[1], folds=chosen, checkpoint=args.checkpoint, force=args.force)
+        folder = export_nnunet(workdir, args.format[1], folds=chosen, checkpoint=args.checkpoint, force=args.force)
         print(f"wrote nnU-Net v2 model folder {folder}; predict with nnU-Net: nnUNetv2_predict_from_modelfolder "
               f"-m {folder} -i INPUT -o OUTPUT, or with voxseg: voxseg predict -m {folder} -i INPUT -o OUTPUT")
     if args.onnx:
@@ -81,10 +86,10 @@ def cmd_export(args: argparse.Namespace) -> int:
             raise ConfigError(f"--onnx exports one fold's network; got --folds {args.folds}. Export each fold to its "
                               "own file (--folds 0 --onnx fold0.onnx, ...) or use --archive for an ensemble")
         fold = chosen if chosen == "all" else chosen[0]
-        diff = export_onnx(args.workdir, fold, args.onnx, checkpoint=args.checkpoint)
+        diff = export_onnx(workdir, fold, args.onnx, checkpoint=args.checkpoint)
         print(f"wrote {args.onnx} (onnxruntime vs PyTorch max abs difference {diff:.2e})")
     if args.archive:
-        export_archive(args.workdir, args.archive, folds=chosen, checkpoint=args.checkpoint)
+        export_archive(workdir, args.archive, folds=chosen, checkpoint=args.checkpoint)
         print(f"wrote {args.archive}")
     return 0
 
@@ -103,6 +108,7 @@ def _predict_arguments(p: argparse.ArgumentParser) -> None:
                         "(<Trainer>__<Plans>__<configuration> with fold_X/checkpoint_final.pth)")
     p.add_argument("-i", "--input", required=True, nargs="+", help="folder (nnU-Net or BraTS layout) or channel files")
     p.add_argument("-o", "--output", required=True)
+    add_configuration_flag(p)
     p.add_argument("--folds", type=folds, default=[0], help="0 | 0,1,2 | all (default 0)")
     _checkpoint_flag(p)
     p.add_argument("--step", type=float, default=0.5, help="tile step as a fraction of the patch (default 0.5)")
@@ -119,6 +125,7 @@ def _predict_arguments(p: argparse.ArgumentParser) -> None:
 
 def _export_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("workdir")
+    add_configuration_flag(p)
     p.add_argument("--onnx")
     p.add_argument("--archive")
     p.add_argument("--format", nargs=2, metavar=("FORMAT", "OUT"),
@@ -138,6 +145,7 @@ def _evaluate_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--tolerance", type=float, default=1.0, help="surface Dice tolerance in mm (default 1)")
     p.add_argument("--crossval", metavar="WORKDIR",
                    help="aggregate the folds' validation predictions and decide the postprocessing")
+    add_configuration_flag(p)
     p.add_argument("-j", "--workers", type=int, default=1)
     p.add_argument("--convention", choices=list(CONVENTIONS), default="voxseg",
                    help="how a class absent from the reference is scored, to match another tool's numbers "

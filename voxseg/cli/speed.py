@@ -3,14 +3,16 @@ from __future__ import annotations
 
 import argparse
 
-from voxseg.cli.common import Subparsers, add_command, csv_ints, device, usable_device
+from voxseg.cli.common import (
+    Subparsers, add_command, add_configuration_flag, configuration_workdir, csv_ints, device, usable_device,
+)
 
 
 def cmd_benchmark(args: argparse.Namespace) -> int:
     from voxseg.bench.benchmark import format_benchmark, run_benchmark
 
     result = run_benchmark(
-        args.workdir, device=args.device, num_threads=args.threads, iterations=args.iterations,
+        configuration_workdir(args.workdir, args.configuration), device=args.device, num_threads=args.threads, iterations=args.iterations,
         warmup=args.warmup, inference=not args.no_inference, output=args.output, repeats=args.repeats,
     )
     print(format_benchmark(result))
@@ -21,7 +23,7 @@ def cmd_estimate(args: argparse.Namespace) -> int:
     from voxseg.bench.estimate import format_estimate, run_estimate
 
     table = run_estimate(
-        args.workdir, batch_sizes=args.batch_sizes, num_samples=args.num_samples, patch_sizes=args.patch_sizes,
+        configuration_workdir(args.workdir, args.configuration), batch_sizes=args.batch_sizes, num_samples=args.num_samples, patch_sizes=args.patch_sizes,
         epochs=args.epochs, iterations_per_epoch=args.iterations_per_epoch, device=args.device,
         iterations=args.iterations, output=args.output,
     )
@@ -41,6 +43,7 @@ def add_speed_commands(sub: Subparsers) -> None:
                     "measure step time, data wait, samples/s, memory, preprocessing and inference time",
                     "voxseg benchmark work/synth --threads 4\nvoxseg benchmark work/brats --device cuda --threads 2")
     p.add_argument("workdir")
+    add_configuration_flag(p)
     p.add_argument("--device", type=device, default="auto")
     p.add_argument("--threads", type=int, default=4, help="CPU threads for the data path")
     p.add_argument("--iterations", type=int, default=20)
@@ -54,6 +57,7 @@ def add_speed_commands(sub: Subparsers) -> None:
                     "what-if table of training time for batch sizes, patches per case, patch sizes, epochs",
                     "voxseg estimate work/brats --batch-sizes 2,4,8 --num-samples 1,2 --epochs 200")
     p.add_argument("workdir")
+    add_configuration_flag(p)
     p.add_argument("--batch-sizes", type=csv_ints)
     p.add_argument("--num-samples", type=csv_ints)
     p.add_argument("--patch-sizes", nargs="*", type=csv_ints)

@@ -10,7 +10,7 @@ import argparse
 import contextlib
 from typing import TYPE_CHECKING, Any, Iterator
 
-from voxseg.cli.common import Subparsers, add_command, fold
+from voxseg.cli.common import Subparsers, add_command, add_configuration_flag, configuration_workdir, fold
 from voxseg.errors import ConfigError
 
 if TYPE_CHECKING:
@@ -73,7 +73,8 @@ def config_from_args(args: argparse.Namespace) -> "TrainConfig":
     from voxseg.train.api import build_train_config
 
     with flags_named_in_errors(args):
-        return build_train_config(args.workdir, args.fold, **train_request(args))
+        return build_train_config(configuration_workdir(args.workdir, args.configuration), args.fold,
+                                  **train_request(args))
 
 
 def _launch_local_processes(args: argparse.Namespace) -> int:
@@ -111,8 +112,8 @@ def cmd_train(args: argparse.Namespace) -> int:
         if args.checkpoint and not args.test_only:
             raise ConfigError("--checkpoint chooses the checkpoint --test-only validates; add --test-only")
         test_only = (args.checkpoint or True) if args.test_only else False
-        result = train_fold(args.workdir, args.fold, test_only=test_only, pretrained=args.pretrained,
-                            **train_request(args))
+        workdir = configuration_workdir(args.workdir, args.configuration)
+        result = train_fold(workdir, args.fold, test_only=test_only, pretrained=args.pretrained, **train_request(args))
     if env_world()[0] != 0:  # under torchrun every rank returns the same result: rank 0 reports it
         return 0
     summary = {k: v for k, v in result.items() if not isinstance(v, dict)}
@@ -127,6 +128,7 @@ def add_train_command(sub: Subparsers) -> None:
                 "voxseg train work/synth --fold all --epochs 200 --optimizer adamw --lr 3e-4 --schedule cosine\n"
                 "voxseg train work/synth --fold 0 --recipe fast --batch-size 4 --residual\n"
                 "voxseg train work/synth --fold 0 --resume\n"
+                "voxseg train work/synth --configuration 2d --fold 0\n"
                 "voxseg train work/synth --fold 0 --set augment.rot90_p=0.5 --set plan.network.conv_per_stage=3",
                 setup=_train_arguments)
 
@@ -137,6 +139,7 @@ def _train_arguments(p: argparse.ArgumentParser) -> None:
 
     p.epilog = f"{p.epilog}\n\n{options_epilog()}"
     p.add_argument("workdir")
+    add_configuration_flag(p)
     p.add_argument("--fold", type=fold, default="0", help="fold index of splits.json (default 0), or all: every case")
     p.add_argument("--config", metavar="FILE",
                    help="JSON config to start from (a saved config.json works; missing fields take their defaults)")

@@ -1,22 +1,26 @@
 """The planner: from a dataset fingerprint to `plans.json` (target spacing, normalisation, patch, batch, U-Net).
 
-The heuristics follow nnU-Net v2's `3d_fullres` planner (the facts, re-derived here) and are explained with
-worked examples in each function's docstring. In short, for a BraTS-like dataset (4 MRI channels, 1 mm
-isotropic, median brain crop 140x170x140, 4 outputs) and an 8 GB GPU the planner chooses:
+The heuristics follow nnU-Net v2's planner (the facts, re-derived here) and are explained with worked
+examples in each function's docstring. `make_plans` plans every configuration that applies, as nnU-Net does:
+3d_fullres, 2d, and, for images much larger than the full-resolution patch, 3d_lowres with the cascade
+3d_cascade_fullres on top of it (`voxseg.data.configs` stores them). For a BraTS-like dataset (4 MRI
+channels, 1 mm isotropic, median brain crop 134x168x138, 4 outputs) and an 8 GB GPU the planner chooses:
 
     target spacing   [1, 1, 1]              per-axis median spacing
     normalisation    zscore inside the nonzero (brain) mask, per channel
-    patch size       [128, 128, 128]         shrunk from the median shape until the memory model fits 8 GB
-    network          6 stages, features [32, 64, 128, 256, 320, 320], kernels 3x3x3, strides 2 per axis
-    batch size       2
-
-and with a 40 GB budget the whole median case (160x192x160, rounded up to the network's stride) and a batch of 5.
+    3d_fullres       patch 112x160x128 (the median case's aspect ratio, shrunk until the memory model fits
+                     8 GB), 6 stages, features [32, 64, 128, 256, 320, 320], kernels 3x3x3, last stride
+                     [1, 2, 2], batch 2
+    2d               slices along axis 0, patch 192x160, 6 stages, features up to 512
+    3d_lowres        none: the full-resolution patch covers 74% of the median case (>= 25%)
 
 The memory model lives in `voxseg.data.memory` and the topology / patch / batch search in
 `voxseg.data.topology`; `estimate_memory_gb` and `derive_topology` are re-exported here.
 """
 from __future__ import annotations
 
+import dataclasses
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -24,7 +28,9 @@ import numpy as np
 
 from voxseg.atomicio import copy_file, make_output_folder
 from voxseg.data.dataset import RawDataset, load_dataset
+from voxseg.data.configs import configuration_entry, write_index
 from voxseg.data.fingerprint import compute_fingerprint, save_fingerprint
+from voxseg.data.lowres import plan_lowres
 from voxseg.data.memory import estimate_memory_gb
 from voxseg.labels import LabelScheme
 from voxseg.plans import ChannelNormalization, NetworkPlan, Plan, parse_overrides
@@ -40,41 +46,62 @@ from voxseg.data.topology import check_patch_divisible, derive_topology, fit_bat
 from voxseg.errors import ConfigError, DatasetError
 
 __all__ = [
-    "derive_topology", "describe_plan", "estimate_memory_gb", "make_plan",
-    "plan_dataset", "plan_normalization", "plan_target_spacing",
+    "derive_topology", "describe_plan", "estimate_memory_gb", "make_plan", "make_plans",
+    "plan_dataset", "plan_normalization", "plan_slice_axis", "plan_target_spacing",
 ]
 
-ANISOTROPY_RATIO = 3.0  # coarsest / finest median spacing above which an axis is handled separately
+ANISOTROPY_RATIO = 3.0  # nnU-Net's anisotropy threshold: coarsest spacing (and voxel count) ratio of 3
 NONZERO_MASK_THRESHOLD = 0.75  # z-score inside the nonzero mask when cropping left < 3/4 of the median case
 FOREGROUND_OVERSAMPLING = 0.33
 NETWORK_TOPOLOGY_KEYS = ("features", "kernel_sizes", "strides")
+# overrides that fix one configuration's shape, spacing or topology: given to the default configuration only
+SHAPE_OVERRIDES = ("patch_size", "batch_size", "target_spacing", "median_shape_after_resample", "slice_axis") + \
+    tuple(f"network.{k}" for k in NETWORK_TOPOLOGY_KEYS)
 
 
 # ----- spacing and normalisation ---------------------------------------------------------------------------
-def plan_target_spacing(spacings: np.ndarray) -> tuple[list[float], int | None]:
+def plan_target_spacing(spacings: np.ndarray, shapes: np.ndarray) -> tuple[list[float], int | None]:
     """Target spacing (per-axis median) and the anisotropic axis, if any.
 
-    When the coarsest median spacing is more than 3x the finest, resampling every case to the median would
-    interpolate many slices out of few; the coarse axis instead gets the 10th percentile of its spacings
-    (finer, so fewer cases lose slices), but never finer than the other axes' median spacing, so it stays the
-    coarse axis. That axis is recorded so preprocessing resamples it separately (nearest / linear along it).
+    The target is the per-axis median spacing, except for data that is anisotropic in spacing AND in voxels
+    (nnU-Net's rule): the coarsest median spacing is more than 3x the coarsest of the other axes, and the
+    median cropped shape has more than 3x fewer voxels along that axis than along any other. Resampling every
+    case to the median would then interpolate many slices out of few, so the coarse axis gets the 10th
+    percentile of its spacings (finer, so fewer cases lose slices), but never finer than the other axes.
 
-    Example: spacings (5.0, 0.8, 0.8) for 9 cases and (3.0, 0.8, 0.8) for one: median (5.0, 0.8, 0.8);
-    5.0 > 3 x 0.8, so axis 0 gets the 10th percentile of [3, 5, ..., 5] = 4.8 -> target (4.8, 0.8, 0.8),
-    anisotropy_axis 0. For 1 mm isotropic data the target is (1, 1, 1) and anisotropy_axis None.
+    `anisotropy_axis` (preprocessing resamples it separately: in plane first, then along it alone) is the
+    coarsest axis whenever its median spacing is more than 3x the finest one, whatever the voxel counts.
+
+    Example: spacings (5.0, 0.8, 0.8) for 9 cases and (3.0, 0.8, 0.8) for one, shapes 40x320x320: 5.0 >
+    3 x 0.8 and 40 x 3 < 320, so axis 0 gets the 10th percentile of [3, 5, ..., 5] = 4.8 -> target (4.8, 0.8,
+    0.8), anisotropy_axis 0. The same spacings with shapes 200x320x320 (200 x 3 >= 320) keep the median
+    (5, 0.8, 0.8), still anisotropy_axis 0. For 1 mm isotropic data the target is (1, 1, 1), axis None.
 
     Args:
         spacings: (N, ndim) per-case spacings, array axis order.
+        shapes: (N, ndim) per-case shapes after cropping (voxels, as in the raw images).
     """
     spacings = np.asarray(spacings, dtype=np.float64)
     median = np.median(spacings, axis=0)
+    median_shape = np.median(np.asarray(shapes, dtype=np.float64), axis=0)
     coarse = int(np.argmax(median))
-    if median[coarse] <= ANISOTROPY_RATIO * median.min():
-        return [float(s) for s in median], None
+    others = [a for a in range(len(median)) if a != coarse]
+    anisotropy_axis = coarse if median[coarse] > ANISOTROPY_RATIO * median.min() else None
     target = median.copy()
-    others = np.delete(median, coarse)
-    target[coarse] = max(float(np.percentile(spacings[:, coarse], 10)), float(others.max()))
-    return [float(s) for s in target], coarse
+    aniso_spacing = median[coarse] > ANISOTROPY_RATIO * max(median[a] for a in others)
+    aniso_voxels = median_shape[coarse] * ANISOTROPY_RATIO < min(median_shape[a] for a in others)
+    if aniso_spacing and aniso_voxels:
+        target[coarse] = max(float(np.percentile(spacings[:, coarse], 10)), max(float(median[a]) for a in others))
+    return [float(s) for s in target], anisotropy_axis
+
+
+def plan_slice_axis(target_spacing: list[float], median_spacing: list[float] | None = None) -> int:
+    """The axis a 2D configuration slices along: the coarsest axis of the target spacing (nnU-Net's transpose
+    rule puts it first). A tie goes to the axis with the coarser median spacing (the anisotropic axis whose
+    10th percentile was clamped to the others), then to the first axis (axis 0 for isotropic data).
+    Example: (4.8, 0.8, 0.8) -> 0, (0.8, 0.8, 3) -> 2, (1, 1, 1) with median spacing (1, 1, 4) -> 2."""
+    median = median_spacing if median_spacing is not None else target_spacing
+    return max(range(len(target_spacing)), key=lambda a: (float(target_spacing[a]), float(median[a])))
 
 
 def plan_normalization(fingerprint: dict[str, Any], channel_names: dict[str, str]) -> list[ChannelNormalization]:
@@ -114,7 +141,8 @@ def plan_normalization(fingerprint: dict[str, Any], channel_names: dict[str, str
 
 # ----- the plan ----------------------------------------------------------------------------------------------
 def _choose_patch_and_network(
-    values: dict[str, Any], spacing: list[float], median_shape: list[int], budget: float, channels: int, outputs: int
+    values: dict[str, Any], spacing: list[float], median_shape: list[int], budget: float, channels: int,
+    outputs: int, cube: bool = False,
 ) -> tuple[list[int], NetworkPlan]:
     """Patch and network: fitted to the budget, or derived for an overridden patch; network.* overrides last.
 
@@ -129,7 +157,7 @@ def _choose_patch_and_network(
             raise ConfigError(f"override patch_size={patch} needs {len(spacing)} entries for a {len(spacing)}D plan")
         network = derive_topology(patch, spacing, **block)
     else:
-        patch, network = fit_patch(median_shape, spacing, budget, block, channels, outputs)
+        patch, network = fit_patch(median_shape, spacing, budget, block, channels, outputs, cube=cube)
     if topology:
         network = NetworkPlan(**{**network.__dict__, **topology})
     check_patch_divisible(patch, network)
@@ -144,14 +172,117 @@ def check_gpu_memory(gpu_memory_gb: float) -> float:
     return float(gpu_memory_gb)
 
 
+@dataclass
+class _Planning:
+    """What every configuration of one dataset shares (the fingerprint's facts and the planning options)."""
+
+    base: dict[str, Any]  # Plan fields common to every configuration
+    values: dict[str, Any]  # overrides left for the default configuration
+    budget: float
+    channels: int
+    outputs: int
+    cube: bool
+
+    def configuration(self, name: str, spacing: list[float], median_shape: list[int], dataset_voxels: float,
+                      slice_axis: int, overrides: dict[str, Any]) -> Plan:
+        """One configuration: 3D over every axis, or 2D over the axes other than `slice_axis`."""
+        values = dict(overrides)
+        axes = [a for a in range(len(spacing)) if name != "2d" or a != slice_axis]
+        patch, network = _choose_patch_and_network(values, [spacing[a] for a in axes],
+                                                   [median_shape[a] for a in axes], self.budget, self.channels,
+                                                   self.outputs, self.cube)
+        batch = int(values.pop("batch_size")) if "batch_size" in values else \
+            fit_batch(network, patch, self.budget, self.channels, self.outputs, dataset_voxels)
+        fields = dict(self.base, target_spacing=[float(s) for s in spacing], median_shape_after_resample=median_shape,
+                      patch_size=patch, batch_size=batch, network=network, configuration=name, slice_axis=slice_axis)
+        fields.update(values)
+        fields["estimated_memory_gb"] = round(estimate_memory_gb(network, patch, batch, self.channels, self.outputs), 3)
+        return Plan(**fields)
+
+
+def _prepare(fingerprint: dict[str, Any], dataset: RawDataset, gpu_memory_gb: float,
+             overrides: dict[str, Any] | None, cube: bool) -> tuple[_Planning, list[float], list[int], float, int]:
+    """The shared facts, and the full-resolution spacing, median shape, dataset voxels and slice axis."""
+    values = parse_overrides(overrides)
+    budget = check_gpu_memory(float(values.pop("gpu_memory_gb", gpu_memory_gb)))
+    spacings = np.asarray(fingerprint["spacings"], dtype=np.float64)
+    shapes = np.asarray(fingerprint["shapes_after_crop"], dtype=np.float64)
+    median_spacing = [float(s) for s in np.median(spacings, axis=0)]
+    target, anisotropy_axis = plan_target_spacing(spacings, shapes)
+    target = [float(s) for s in values.pop("target_spacing", target)]
+    if len(target) != spacings.shape[1]:
+        raise ConfigError(f"override target_spacing={target} needs {spacings.shape[1]} entries (array axis order)")
+    resampled = shapes * spacings / np.asarray(target)  # (N, 3) per-case shape at the target spacing
+    median_shape = [int(round(s)) for s in np.median(resampled, axis=0)]
+    dataset_voxels = float(np.prod(resampled, axis=1).sum())
+    slice_axis = int(values.pop("slice_axis", plan_slice_axis(target, median_spacing)))
+    base = dict(
+        dataset_name=dataset.name, raw_dataset=str(dataset.root), channel_names=dataset.channel_names,
+        labels=dataset.labels, regions_class_order=dataset.regions_class_order, file_ending=dataset.file_ending,
+        original_median_spacing=median_spacing,
+        original_median_shape=[int(round(s)) for s in np.median(shapes, axis=0)],
+        anisotropy_axis=anisotropy_axis, normalization=plan_normalization(fingerprint, dataset.channel_names),
+        foreground_oversampling=FOREGROUND_OVERSAMPLING, gpu_memory_gb=budget, image_dtype="float16",
+    )
+    planning = _Planning(base, values, budget, dataset.num_channels, LabelScheme(dataset.labels).num_outputs, cube)
+    return planning, target, median_shape, dataset_voxels, slice_axis
+
+
+def make_plans(
+    fingerprint: dict[str, Any],
+    dataset: RawDataset,
+    gpu_memory_gb: float = 8.0,
+    overrides: dict[str, Any] | None = None,
+    cube_patch: bool = False,
+    only_2d: bool = False,
+) -> dict[str, Plan]:
+    """Every configuration nnU-Net would plan for `dataset`, by name, the default first.
+
+    - **3d_fullres** (the default): the target spacing, patch and network of `fit_patch`; planned when the
+      median case has more than one slice along the slice axis.
+    - **2d**: slices along `plan_slice_axis` (the coarsest axis), the patch over the other two axes.
+    - **3d_lowres** (`voxseg.data.lowres.plan_lowres`) when the 3d_fullres patch covers less than a quarter
+      of the median case, and **3d_cascade_fullres**: the 3d_fullres plan as the second stage of a cascade
+      on it (its previous_stage is 3d_lowres).
+
+    Overrides apply in full to the default configuration (and the cascade, its copy); the other
+    configurations take those that do not fix a shape, spacing or topology (e.g. network.residual).
+
+    Args:
+        fingerprint, dataset, gpu_memory_gb, overrides: as for `make_plan`.
+        cube_patch: fit 3D patches with the cube rule (`fit_patch(cube=True)`) instead of the aspect ratio.
+        only_2d: plan the 2d configuration alone, as the default (`voxseg plan --2d`).
+    """
+    planning, target, median_shape, dataset_voxels, slice_axis = _prepare(
+        fingerprint, dataset, gpu_memory_gb, overrides, cube_patch)
+    shared = {k: v for k, v in planning.values.items() if k not in SHAPE_OVERRIDES}
+    three_d = median_shape[slice_axis] > 1 and not only_2d
+    plans: dict[str, Plan] = {}
+    if three_d:
+        plans["3d_fullres"] = planning.configuration("3d_fullres", target, median_shape, dataset_voxels,
+                                                     slice_axis, planning.values)
+    plans["2d"] = planning.configuration("2d", target, median_shape, dataset_voxels, slice_axis,
+                                         shared if three_d else planning.values)
+    if three_d:
+        fullres = plans["3d_fullres"]
+        lowres = plan_lowres(fullres, lambda spacing, shape, voxels: planning.configuration(
+            "3d_lowres", spacing, shape, voxels, slice_axis, shared), dataset_voxels)
+        if lowres is not None:
+            plans["3d_lowres"] = lowres
+            plans["3d_cascade_fullres"] = dataclasses.replace(
+                fullres, configuration="3d_cascade_fullres", previous_stage="3d_lowres")
+    return plans
+
+
 def make_plan(
     fingerprint: dict[str, Any],
     dataset: RawDataset,
     gpu_memory_gb: float = 8.0,
     overrides: dict[str, Any] | None = None,
     dims: int = 3,
+    cube_patch: bool = False,
 ) -> Plan:
-    """Plan a configuration for `dataset` from its fingerprint.
+    """Plan one configuration for `dataset` from its fingerprint: 3d_fullres, or 2d with `dims=2`.
 
     Args:
         fingerprint: from `voxseg.data.fingerprint.compute_fingerprint` (needs spacings, shapes_after_crop,
@@ -161,54 +292,16 @@ def make_plan(
         overrides: dotted keys, values typed or strings (see `parse_overrides`). A `patch_size`
             override re-derives the network for that patch (unless network.features/kernel_sizes/strides are
             overridden too); the batch is then re-fitted unless `batch_size` is overridden.
-        dims: 3 for the 3D full-resolution configuration, 2 for a 2D configuration (slices along axis 0,
-            kernels and strides over the last two axes).
+        dims: 3 for the 3D full-resolution configuration, 2 for the 2D configuration (slices along
+            `plan_slice_axis`, kernels and strides over the other two axes).
+        cube_patch: the cube rule for the 3D patch (see `fit_patch`).
     """
     if dims not in (2, 3):
         raise ConfigError(f"dims={dims}: plan a 2 or 3 dimensional configuration")
-    values = parse_overrides(overrides)
-    budget = check_gpu_memory(float(values.pop("gpu_memory_gb", gpu_memory_gb)))
-    spacings = np.asarray(fingerprint["spacings"], dtype=np.float64)
-    shapes = np.asarray(fingerprint["shapes_after_crop"], dtype=np.float64)
-    target, anisotropy_axis = plan_target_spacing(spacings)
-    target = [float(s) for s in values.pop("target_spacing", target)]
-    if len(target) != spacings.shape[1]:
-        raise ConfigError(f"override target_spacing={target} needs {spacings.shape[1]} entries (array axis order)")
-    resampled = shapes * spacings / np.asarray(target)  # (N, 3) per-case shape at the target spacing
-    median_shape = [int(round(s)) for s in np.median(resampled, axis=0)]
-    dataset_voxels = float(np.prod(resampled, axis=1).sum())
-
-    channels, outputs = dataset.num_channels, LabelScheme(dataset.labels).num_outputs
-    spacing_net, shape_net = (target, median_shape) if dims == 3 else (target[1:], median_shape[1:])
-    patch, network = _choose_patch_and_network(values, spacing_net, shape_net, budget, channels, outputs)
-    if "batch_size" in values:
-        batch = int(values.pop("batch_size"))
-    else:
-        batch = fit_batch(network, patch, budget, channels, outputs, dataset_voxels)
-
-    fields: dict[str, Any] = dict(
-        dataset_name=dataset.name,
-        raw_dataset=str(dataset.root),
-        channel_names=dataset.channel_names,
-        labels=dataset.labels,
-        regions_class_order=dataset.regions_class_order,
-        file_ending=dataset.file_ending,
-        original_median_spacing=[float(s) for s in np.median(spacings, axis=0)],
-        original_median_shape=[int(round(s)) for s in np.median(shapes, axis=0)],
-        target_spacing=target,
-        anisotropy_axis=anisotropy_axis,
-        normalization=plan_normalization(fingerprint, dataset.channel_names),
-        median_shape_after_resample=median_shape,
-        patch_size=patch,
-        batch_size=batch,
-        network=network,
-        foreground_oversampling=FOREGROUND_OVERSAMPLING,
-        gpu_memory_gb=budget,
-        image_dtype="float16",
-    )
-    fields.update(values)
-    fields["estimated_memory_gb"] = round(estimate_memory_gb(network, patch, batch, channels, outputs), 3)
-    return Plan(**fields)
+    planning, target, median_shape, dataset_voxels, slice_axis = _prepare(
+        fingerprint, dataset, gpu_memory_gb, overrides, cube_patch)
+    name = "3d_fullres" if dims == 3 else "2d"
+    return planning.configuration(name, target, median_shape, dataset_voxels, slice_axis, planning.values)
 
 
 def plan_dataset(
@@ -221,13 +314,16 @@ def plan_dataset(
     seed: int = 12345,
     num_workers: int = 1,
     dims: int = 3,
+    cube_patch: bool = False,
 ) -> Plan:
-    """Check, fingerprint and plan a raw dataset; write the work directory.
+    """Check, fingerprint and plan a raw dataset; write the work directory. Returns the default plan.
 
-    Writes WORKDIR/fingerprint.json, plans.json, splits.json (only if it does not exist yet, so a hand-made
-    split is kept) and a copy of dataset.json. The folds are nnU-Net's `splits_final.json` when the raw dataset
-    folder holds one (checked against the cases), else `num_folds` random folds; `val_fraction` makes one random
-    split instead.
+    Writes WORKDIR/fingerprint.json, plans.json (the default configuration, 3d_fullres), splits.json (only if
+    it does not exist yet, so a hand-made split is kept), a copy of dataset.json, and every other configuration
+    `make_plans` plans into WORKDIR/configs/NAME/ with the index WORKDIR/configurations.json (see
+    `voxseg.data.configs`). `dims=2` plans the 2d configuration alone, as the default. The folds are nnU-Net's
+    `splits_final.json` when the raw dataset folder holds one (checked against the cases), else `num_folds`
+    random folds; `val_fraction` makes one random split instead.
 
     Raises:
         DatasetError: the dataset check found problems (the message lists them).
@@ -235,6 +331,8 @@ def plan_dataset(
     from voxseg.data.check import check_dataset  # lazy: check pulls in more I/O than planning needs
 
     check_gpu_memory(gpu_memory_gb)
+    if dims not in (2, 3):
+        raise ConfigError(f"dims={dims}: plan a 2 or 3 dimensional configuration")
     workdir = Path(workdir)
     if workdir.exists() and not workdir.is_dir():
         make_output_folder(workdir, "plan -o")  # says it is a file
@@ -242,7 +340,7 @@ def plan_dataset(
     report = check_dataset(dataset.root, num_workers=num_workers)
     if not report.ok:
         raise DatasetError(report.format())
-    # every option is validated (splits made, plan built) before anything is written
+    # every option is validated (splits made, plans built) before anything is written
     names = [case.name for case in dataset.cases]
     nnunet_splits = dataset.root / NNUNET_SPLITS_FILE
     if nnunet_splits.is_file() and val_fraction is None:  # the folds an nnU-Net user already has
@@ -251,14 +349,23 @@ def plan_dataset(
         splits = make_fraction_split(names, val_fraction, seed) if val_fraction is not None else \
             make_kfold_splits(names, num_folds, seed)
     fingerprint = compute_fingerprint(dataset, num_workers=num_workers)
-    plan = make_plan(fingerprint, dataset, gpu_memory_gb=gpu_memory_gb, overrides=overrides, dims=dims)
+    plans = make_plans(fingerprint, dataset, gpu_memory_gb=gpu_memory_gb, overrides=overrides,
+                       cube_patch=cube_patch, only_2d=dims == 2)
+    default = next(iter(plans))
+    entries = {name: configuration_entry(name, default, plan.previous_stage,
+                                         "3d_cascade_fullres" if name == "3d_lowres" else None)
+               for name, plan in plans.items()}
     workdir.mkdir(parents=True, exist_ok=True)
-    save_fingerprint(workdir / "fingerprint.json", fingerprint)
-    plan.save(workdir / "plans.json")
+    for name, plan in plans.items():
+        folder = workdir / entries[name]["path"]
+        folder.mkdir(parents=True, exist_ok=True)
+        save_fingerprint(folder / "fingerprint.json", fingerprint)
+        plan.save(folder / "plans.json")
+        copy_file(dataset.root / "dataset.json", folder / "dataset.json")
     if not (workdir / SPLITS_FILE).exists():
         save_splits(workdir, splits)
-    copy_file(dataset.root / "dataset.json", workdir / "dataset.json")
-    return plan
+    write_index(workdir, default, entries)
+    return plans[default]
 
 
 def describe_plan(plan: Plan) -> str:

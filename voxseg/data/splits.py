@@ -11,6 +11,7 @@ from typing import Any
 
 import numpy as np
 
+from voxseg.data.configs import parent_workdir
 from voxseg.jsonio import write_json_atomic
 from voxseg.errors import ConfigError
 from voxseg.jsonio import read_json
@@ -93,9 +94,17 @@ def save_splits(workdir: str | Path, splits: list[dict[str, list[str]]]) -> Path
     return path
 
 
-def load_splits(workdir: str | Path) -> list[dict[str, list[str]]]:
-    """Read `WORKDIR/splits.json`, checking it is a list of {"train": [...], "val": [...]}."""
+def splits_file(workdir: str | Path) -> Path:
+    """WORKDIR/splits.json; for a configuration folder without one (WORKDIR/configs/NAME), the parent work
+    directory's, so that every configuration uses the same folds."""
     path = Path(workdir) / SPLITS_FILE
+    parent = parent_workdir(workdir)
+    return parent / SPLITS_FILE if parent is not None and not path.exists() else path
+
+
+def load_splits(workdir: str | Path) -> list[dict[str, list[str]]]:
+    """Read `splits_file(workdir)`, checking it is a list of {"train": [...], "val": [...]}."""
+    path = splits_file(workdir)
     splits = read_json(path, ConfigError, missing=f"run 'voxseg plan DATASET -o {workdir}' first or write it by hand",
                        invalid="fix it or delete it and re-run 'voxseg plan'")
     _validate_structure(splits, path)
@@ -164,7 +173,7 @@ def get_fold(
         if unknown:
             shown = ", ".join(unknown[:5]) + (f" and {len(unknown) - 5} more" if len(unknown) > 5 else "")
             raise ConfigError(
-                f"{workdir / SPLITS_FILE}: fold {fold} names case(s) that do not exist: {shown}; "
+                f"{splits_file(workdir)}: fold {fold} names case(s) that do not exist: {shown}; "
                 "fix the names in splits.json or delete it and re-run 'voxseg plan'"
             )
     return train, val
@@ -177,7 +186,7 @@ def _fold_index(fold: int | str, num_folds: int, workdir: Path) -> int:
         raise ConfigError(f"fold '{fold}' is not a fold index; use 0..{num_folds - 1} or 'all'") from None
     if not 0 <= index < num_folds:
         raise ConfigError(
-            f"fold {index} is out of range: {workdir / SPLITS_FILE} has {num_folds} fold(s); "
+            f"fold {index} is out of range: {splits_file(workdir)} has {num_folds} fold(s); "
             f"use 0..{num_folds - 1} or 'all'"
         )
     return index

@@ -14,10 +14,11 @@ from voxseg.data.memory import estimate_memory_gb
 from voxseg.plans import NetworkPlan
 from voxseg.errors import ConfigError
 
-__all__ = ["check_patch_divisible", "derive_topology", "fit_batch", "fit_patch", "snap_to_topology"]
+__all__ = ["check_patch_divisible", "derive_topology", "fit_batch", "fit_patch", "initial_patch", "snap_to_topology"]
 
-MIN_FEATURE_MAP = 4  # no axis is downsampled below this many voxels
-MAX_STAGES = {3: 6, 2: 7}
+MIN_FEATURE_MAP = 4  # no axis is downsampled below this many voxels (nnU-Net: a feature map edge of 4)
+SINGLE_AXIS_MIN_SIZE = 3 * MIN_FEATURE_MAP  # an axis downsampled alone needs 12 voxels (nnU-Net's rule)
+SPACING_RATIO = 2.0  # an axis is downsampled only while its spacing is < 2x the finest one still downsampled
 MAX_FEATURES = {3: 320, 2: 512}
 BASE_FEATURES = 32
 START_PATCH_VOXELS = {3: 256**3, 2: 2048**2}  # the search starts at most this large
@@ -29,21 +30,24 @@ MAX_DATASET_FRACTION_PER_BATCH = 0.05  # one batch covers at most 5% of the data
 def derive_topology(
     patch_size: list[int], spacing: list[float], **block: Any
 ) -> NetworkPlan:
-    """U-Net topology for a patch: strides and kernels per stage, features per stage.
+    """U-Net topology for a patch: strides and kernels per stage, features per stage (nnU-Net's rules).
 
-    An axis is downsampled by 2 at the next stage while (a) its feature map stays >= 4 voxels and (b) its
-    current spacing is at most 2x the finest current spacing among the axes that can still be downsampled.
-    Rule (b) makes a coarse axis wait until the others have caught up, and its kernel is 1 until then.
-    Stages stop at 6 (3D) / 7 (2D) or when no axis can be downsampled; features start at 32 and double per
-    stage up to 320 (3D) / 512 (2D).
+    Stage by stage, the axes halved next are those whose feature map has at least 8 voxels (so it keeps >= 4)
+    and whose current spacing is less than 2x the finest current spacing among them; when that leaves one
+    axis, it needs 12 voxels (halving a single axis of a small map is not worth a stage). Stages end when no
+    axis may be halved (there is no fixed stage limit: the patch size decides). An axis's kernel is 3 once
+    its spacing is within 2x of the finest current spacing (and stays 3), else 1; the bottom stage's kernel
+    is always 3. Feature maps are rounded up when halved (an odd 35 becomes 18). Features start at 32 and
+    double per stage up to 320 (3D) / 512 (2D).
 
-    Example (isotropic 1 mm, patch 128^3): every axis halves 5 times (128 -> 4): 6 stages, kernels [3,3,3],
+    Example (isotropic 1 mm, patch 128^3): 128 -> 64 -> 32 -> 16 -> 8 -> 4: 6 stages, kernels [3,3,3],
     strides [1,1,1] then [2,2,2] x5, features [32, 64, 128, 256, 320, 320], total stride 32 per axis.
+    Patch 112x160x128: axis 0 stops at 7 after 4 halvings, so the last stride is [1,2,2]; total [16,32,32].
 
-    Example (5 x 0.8 x 0.8 mm, patch 20x320x320): stage 0 kernel [1,3,3] (5 > 2 x 0.8); stages 1-2 halve only
-    the in-plane axes (spacing 1.6, 3.2); at stage 3 the in-plane spacing 3.2 is within 2x of 5, so axis 0 is
-    halved too (kernel [3,3,3] from stage 2 on) -> strides [1,1,1],[1,2,2],[1,2,2],[2,2,2],[2,2,2],[1,2,2],
-    total stride [4, 32, 32]: 2 downsamplings along axis 0 against 5 in-plane.
+    Example (5 x 0.8 x 0.8 mm, patch 20x320x320): stage 0 kernel [1,3,3] (5 >= 2 x 0.8); stages 1-2 halve
+    only the in-plane axes (spacing 1.6, 3.2); then 5 < 2 x 3.2, so axis 0 is halved too (kernel 3 from
+    stage 2 on) for two stages (20 -> 10 -> 5), then only in plane (20 -> 10 -> 5) -> strides [1,1,1],
+    [1,2,2], [1,2,2], [2,2,2], [2,2,2], [1,2,2], [1,2,2]: total stride [4, 64, 64], 7 stages.
 
     Args:
         patch_size: patch in voxels (2 or 3 axes).
@@ -51,20 +55,26 @@ def derive_topology(
         **block: other NetworkPlan fields (name, conv_per_stage, residual, deep_supervision).
     """
     ndim = len(patch_size)
-    shape = [float(p) for p in patch_size]
+    size = [int(p) for p in patch_size]
     current = [float(s) for s in spacing]
-    kernels = [[3 if c <= 2 * min(current) else 1 for c in current]]
-    strides = [[1] * ndim]
-    while len(strides) < MAX_STAGES[ndim]:
-        by_size = [a for a in range(ndim) if shape[a] / 2 >= MIN_FEATURE_MAP]
+    kernel = [1] * ndim
+    kernels, strides = [], [[1] * ndim]
+    while True:
+        by_size = [a for a in range(ndim) if size[a] >= 2 * MIN_FEATURE_MAP]
         if not by_size:
             break
         finest = min(current[a] for a in by_size)
-        stride = [2 if a in by_size and current[a] <= 2 * finest else 1 for a in range(ndim)]
-        shape = [s / t for s, t in zip(shape, stride)]
-        current = [c * t for c, t in zip(current, stride)]
-        kernels.append([3 if k == 3 or c <= 2 * min(current) else 1 for k, c in zip(kernels[-1], current)])
-        strides.append(stride)
+        axes = [a for a in by_size if current[a] / finest < SPACING_RATIO]
+        if len(axes) == 1 and size[axes[0]] < SINGLE_AXIS_MIN_SIZE:
+            break
+        smallest = min(current)
+        kernel = [3 if k == 3 or c / smallest < SPACING_RATIO else 1 for k, c in zip(kernel, current)]
+        kernels.append(list(kernel))
+        strides.append([2 if a in axes else 1 for a in range(ndim)])
+        for a in axes:
+            current[a] *= 2
+            size[a] = math.ceil(size[a] / 2)
+    kernels.append([3] * ndim)  # the bottom stage
     features = [min(BASE_FEATURES * 2**s, MAX_FEATURES[ndim]) for s in range(len(strides))]
     return NetworkPlan(features=features, kernel_sizes=kernels, strides=strides, **block)
 
@@ -86,34 +96,66 @@ def snap_to_topology(
     return patch, derive_topology(patch, spacing, **block)
 
 
+def initial_patch(median_shape: list[int], spacing: list[float]) -> list[int]:
+    """Where the patch search starts: the aspect ratio of 1/spacing (equal millimetres per axis) scaled to
+    256^3 voxels (2048^2 in 2D), each axis clipped to the median shape (nnU-Net's start).
+
+    Example: 1 mm isotropic, median 134x168x138 -> 256^3 clipped -> 134x168x138. At 3 x 1 x 1 mm with median
+    60x400x400: 1/spacing (0.33, 1, 1) scaled to 256^3 voxels -> 123x369x369, clipped -> 60x369x369.
+    """
+    ndim = len(spacing)
+    inverse = [1.0 / float(s) for s in spacing]
+    scale = (START_PATCH_VOXELS[ndim] / math.prod(inverse)) ** (1.0 / ndim)
+    return [max(1, min(int(round(i * scale)), int(m))) for i, m in zip(inverse, median_shape)]
+
+
 def fit_patch(
-    median_shape: list[int], spacing: list[float], budget_gb: float, block: dict[str, Any], channels: int, outputs: int
+    median_shape: list[int], spacing: list[float], budget_gb: float, block: dict[str, Any], channels: int,
+    outputs: int, cube: bool = False,
 ) -> tuple[list[int], NetworkPlan]:
-    """Largest patch (with its network) whose batch of 2 fits `budget_gb`.
+    """Largest patch (with its network) whose batch of 2 fits `budget_gb` (nnU-Net's search, voxseg's memory
+    model).
 
-    Start from the median case shape (already the aspect ratio of the median case in mm), scaled down to at
-    most 256^3 voxels, rounded up to a multiple of the network's total stride. While the memory model says
-    a batch of 2 does not fit, shrink the axis that is longest in mm by that axis' total stride and re-derive
-    the network (a smaller patch may lose a downsampling step, which changes the stride).
+    Start from `initial_patch`, rounded up to a multiple of its network's total stride. While the memory model
+    says a batch of 2 does not fit, shrink the axis that is largest relative to the median shape (the last
+    such axis on a tie), so the patch keeps the median case's aspect ratio. The step is the total stride that
+    axis has once shrunk (128 -> 112 when 96 would need only 4 halvings, so no valid size is skipped); the
+    network is re-derived each time (a smaller patch may lose a stage, which changes the strides).
 
-    Example (BraTS-like, 4 outputs, 8 GiB): median 140x170x140 -> start 160x192x160 (multiples of 32, ~15 GiB)
-    -> 160x160x160 -> 128x160x160 -> 128x128x160 (~8.8 GiB) -> 128x128x128 (~7.3 GiB, fits). If even the
-    smallest patch does not fit (a tiny budget), the smallest patch is returned and batch 2 is used anyway.
+    Example (BraTS-like, 4 channels, 4 outputs, 8 GiB, median 134x168x138): start 160x192x160 (15.1 GiB)
+    -> axis 0: 128x192x160 -> axis 2: 128x192x128 -> axis 1: 128x160x128 (8.8 GiB) -> axis 0: 112x160x128
+    (7.8 GiB, fits; strides end with [1,2,2]). nnU-Net 2.8.1 plans the same patch for this median. A median of
+    140x170x140 ends at 128^3 instead (128/140 < 160/170 at the last step, so axis 1 shrinks).
+
+    `cube=True` keeps the earlier rule instead: start from the median shape and shrink the axis longest in mm
+    by its total stride (the patch tends to equal millimetres per axis: 128^3 for both medians above). If
+    even the smallest patch does not fit (a tiny budget), the smallest patch is returned and batch 2 is used
+    anyway.
     """
     ndim = len(median_shape)
-    patch = [max(1, int(s)) for s in median_shape]
-    scale = min(1.0, (START_PATCH_VOXELS[ndim] / float(np.prod(patch))) ** (1.0 / ndim))
-    patch = [max(1, int(round(p * scale))) for p in patch]
-    patch, network = snap_to_topology(patch, spacing, block, upward=True)
+    median = [max(1, int(s)) for s in median_shape]
+    if cube:
+        scale = min(1.0, (START_PATCH_VOXELS[ndim] / float(np.prod(median))) ** (1.0 / ndim))
+        start = [max(1, int(round(p * scale))) for p in median]
+    else:
+        start = initial_patch(median, spacing)
+    patch, network = snap_to_topology(start, spacing, block, upward=True)
     while estimate_memory_gb(network, patch, REFERENCE_BATCH, channels, outputs) > budget_gb:
         total = network.total_stride
         shrinkable = [a for a in range(ndim) if patch[a] - total[a] >= MIN_PATCH_AXIS]
         if not shrinkable:
             break
-        axis = max(shrinkable, key=lambda a: (patch[a] * spacing[a], -a))
         patch = list(patch)
-        patch[axis] -= total[axis]
-        patch, network = snap_to_topology(patch, spacing, block, upward=False)
+        if cube:
+            axis = max(shrinkable, key=lambda a: (patch[a] * spacing[a], -a))
+            patch[axis] -= total[axis]
+            patch, network = snap_to_topology(patch, spacing, block, upward=False)
+            continue
+        axis = max(shrinkable, key=lambda a: (patch[a] / median[a], a))
+        trial = list(patch)
+        trial[axis] -= total[axis]
+        patch[axis] -= derive_topology(trial, spacing, **block).total_stride[axis]
+        patch, network = snap_to_topology(patch, spacing, block, upward=True)
     return patch, network
 
 

@@ -113,6 +113,8 @@ class Predictor:
         if is_nnunet_model_folder(workdir):  # nnU-Net v2 <Trainer>__<Plans>__<configuration> folder
             backend, fold_list = "nnunet", nnunet_folds(workdir, folds, checkpoint)
         else:
+            if (workdir / "plans.json").is_file():  # a cascade stage is refused before any fold is looked for
+                Plan.load(workdir / "plans.json").check_runnable("prediction")
             fold_list = resolve_folds(workdir, folds, checkpoint) if onnx_files is None else []
         if backend == "nnunet":
             device = local_device(resolve_device(device))
@@ -168,6 +170,7 @@ class Predictor:
             return sliding_window_inference(
                 self.models, image, self.plan.patch_size, self.plan.num_outputs, step=self.step,
                 tile_batch=self.tile_batch, mirror_axes=self.mirror_axes, amp_dtype=self.amp_dtype,
+                slice_axis=self.plan.slice_axis,
             )
 
     def logits_to_labels(self, logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

@@ -155,6 +155,7 @@ def sliding_window_inference(
     output_device: torch.device | str | None = None,
     amp_dtype: torch.dtype | None = None,
     accumulator_device: torch.device | str | None = None,
+    slice_axis: int = 0,
 ) -> torch.Tensor:
     """Blended logits of one image, averaged over tiles x mirrors x models.
 
@@ -162,8 +163,8 @@ def sliding_window_inference(
         model_or_fn: a network (or any callable) mapping (B, C, *P) to (B, K, *P) logits (a deep-supervision
             list is accepted; its first entry is used), or a list of them (folds) that are averaged.
             Models must already be on `image.device` and in eval mode.
-        image: (1, C, *S) tensor on the compute device. When `patch_size` has one axis fewer than S, the first
-            spatial axis is treated as a stack of slices for a 2D network.
+        image: (1, C, *S) tensor on the compute device. When `patch_size` has one axis fewer than S, the
+            spatial axis `slice_axis` is treated as a stack of slices for a 2D network.
         patch_size: tile size in voxels.
         num_outputs: K, the number of output channels.
         step: distance between neighbouring tiles as a fraction of the patch (0.5 = half overlap).
@@ -175,6 +176,7 @@ def sliding_window_inference(
         amp_dtype: autocast dtype (torch.bfloat16 / torch.float16) or None for full precision.
         accumulator_device: force the accumulator's device; by default the compute device when it fits
             (`choose_accumulator_device`), with a fallback to CPU on an out-of-memory error.
+        slice_axis: for a 2D network, the spatial axis of `image` the slices are taken along (the plan's).
 
     Returns:
         (K, *S) float32 averaged logits.
@@ -183,7 +185,12 @@ def sliding_window_inference(
     patch_size = tuple(int(p) for p in patch_size)
     mirror_axes = tuple(int(a) for a in mirror_axes)
     if image.ndim == len(patch_size) + 3:
-        # 2D network over a 3D volume: tiles of depth 1 along the first spatial axis
+        # 2D network over a 3D volume: tiles of depth 1 along the slice axis, moved first (and back at the end)
+        if slice_axis:
+            logits = sliding_window_inference(
+                models, image.movedim(2 + slice_axis, 2), patch_size, num_outputs, step, tile_batch, mirror_axes,
+                use_gaussian, output_device, amp_dtype, accumulator_device)
+            return logits.movedim(1, 1 + slice_axis).contiguous()
         models = [_SliceModel(m) for m in models]
         patch_size = (1,) + patch_size
         mirror_axes = tuple(a + 1 for a in mirror_axes)

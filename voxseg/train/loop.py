@@ -268,6 +268,7 @@ def effective_plan(workdir: Path, config: TrainConfig) -> Plan:
     cache, is recomputed for the overridden patch, batch and network.
     """
     planned = Plan.load(workdir / PLAN_FILE)
+    planned.check_runnable("training")
     plan = apply_plan_overrides(planned, config.plan)
     if plan != planned:
         plan.estimated_memory_gb = round(estimate_memory_gb(plan.network, plan.patch_size, plan.batch_size,

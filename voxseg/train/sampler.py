@@ -41,12 +41,17 @@ class Draw:
     """Class it was centred on: a label value, or a region index when `regions` is given; None if random."""
 
 
+def _one_slice(plane: tuple[int, ...], axis: int) -> tuple[int, ...]:
+    """A 2D patch as a 3D crop one voxel thick along `axis`: (h, w) along axis 1 -> (h, 1, w)."""
+    return (*plane[:axis], 1, *plane[axis:])
+
+
 class PatchSampler:
     """Random and foreground-centred crops of size `source_size`, batched on `device`.
 
     Args:
         cache: the cases.
-        patch_size: final patch P (3 entries, or 2 for 2D training on slices along axis 0).
+        patch_size: final patch P (3 entries, or 2 for 2D training on slices along `slice_axis`).
         batch_size: B, patches per batch.
         foreground_fraction: long-run fraction of patches forced to contain foreground.
         num_samples: k patches per drawn case (B / k cases per batch; B must be divisible by k).
@@ -58,6 +63,8 @@ class PatchSampler:
         generator: a numpy Generator to draw positions from (host ints: drawing them is no device sync).
         device: where batches are returned; must be the cache's device (the default).
         seg_fill: label value of padding outside the case.
+        slice_axis: 2D patches only: the case axis the slices are taken along (the plan's `slice_axis`); the
+            patch covers the other two axes in their order.
     """
 
     def __init__(
@@ -74,6 +81,7 @@ class PatchSampler:
         generator: np.random.Generator | None = None,
         device: str | torch.device | None = None,
         seg_fill: int = -1,
+        slice_axis: int = 0,
     ) -> None:
         self.cache = cache
         self.patch_size = tuple(int(p) for p in patch_size)
@@ -91,9 +99,12 @@ class PatchSampler:
         self.rng = generator if generator is not None else np.random.default_rng(seed)
         self._credit = float(self.rng.random())  # random phase of the foreground schedule
         self.last_draws: list[Draw] = []
-        # 2D patches are 3D crops one slice thick along axis 0
-        self._crop = self.source_size if len(self.patch_size) == 3 else (1, *self.source_size)
-        self._final = self.patch_size if len(self.patch_size) == 3 else (1, *self.patch_size)
+        # 2D patches are 3D crops one slice thick along the slice axis
+        if not 0 <= int(slice_axis) <= 2:
+            raise ConfigError(f"sampler: slice_axis {slice_axis} must be 0, 1 or 2")
+        self.slice_axis = int(slice_axis)
+        self._crop = self.source_size if len(self.patch_size) == 3 else _one_slice(self.source_size, self.slice_axis)
+        self._final = self.patch_size if len(self.patch_size) == 3 else _one_slice(self.patch_size, self.slice_axis)
 
     def _validate(self) -> None:
         if len(self.patch_size) not in (2, 3) or len(self.source_size) != len(self.patch_size):
@@ -187,7 +198,7 @@ class PatchSampler:
             image = staging.to(self.device, non_blocking=pinned).to(torch.float32)
             seg = seg_staging.to(self.device, non_blocking=pinned)
         if len(self.patch_size) == 2:
-            image, seg = image.squeeze(2), seg.squeeze(2)
+            image, seg = image.squeeze(2 + self.slice_axis), seg.squeeze(2 + self.slice_axis)
         return image, seg
 
     def _fill(self, draws: list[Draw], image: torch.Tensor, seg: torch.Tensor) -> None:

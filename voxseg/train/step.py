@@ -279,7 +279,7 @@ class TrainData:
             self.val_cache = CaseCache(preprocessed_dir, val_names, device, mode=config.data.cache)
         self._sampler_args = dict(batch_size=plan.batch_size, foreground_fraction=plan.foreground_oversampling,
                                   regions=plan.regions if plan.is_region_based else None,
-                                  ignore_label=plan.ignore_label, device=device)
+                                  ignore_label=plan.ignore_label, device=device, slice_axis=plan.slice_axis)
         self.sampler = PatchSampler(self.train_cache, patch_size, num_samples=config.data.num_samples,
                                     source_size=source_size(patch_size, config.augment),
                                     generator=np.random.default_rng(seed), **self._sampler_args)
