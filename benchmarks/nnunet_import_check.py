@@ -15,7 +15,6 @@ Fails when any logit differs by more than 1e-4.
 """
 from __future__ import annotations
 
-import argparse
 import subprocess
 import sys
 import tempfile
@@ -25,7 +24,7 @@ import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from nnunet_parity import PATCH, PLAIN, REPO, RESENC, write_model_folder  # noqa: E402
+from nnunet_parity import PATCH, REPO, run_for_both_networks, write_model_folder  # noqa: E402
 
 VOXSEG_SIDE = """
 import sys, torch
@@ -95,11 +94,7 @@ def check(arch: dict, voxseg_python: str) -> float:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--voxseg-python", default="/root/.pyenv/versions/3.11.7/bin/python")
-    args = parser.parse_args()
-    worst = max(check(arch, args.voxseg_python) for arch in (PLAIN, RESENC))
-    sys.exit(0 if worst < 1e-4 else 1)
+    run_for_both_networks(__doc__.splitlines()[0], check)
 
 
 if __name__ == "__main__":

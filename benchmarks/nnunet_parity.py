@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -107,12 +108,18 @@ def parity(arch: dict, voxseg_python: str) -> float:
     return diff
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--voxseg-python", default="/root/.pyenv/versions/3.11.7/bin/python")
+def run_for_both_networks(description: str, check) -> None:
+    """`check(arch, voxseg_python)` for PlainConvUNet and ResidualEncoderUNet; exit 1 when either differs by 1e-4."""
+    parser = argparse.ArgumentParser(description=description)
+    parser.add_argument("--voxseg-python", default=shutil.which("python3") or "python3",
+                        help="the Python that has voxseg installed (default: python3 on PATH)")
     args = parser.parse_args()
-    worst = max(parity(arch, args.voxseg_python) for arch in (PLAIN, RESENC))
+    worst = max(check(arch, args.voxseg_python) for arch in (PLAIN, RESENC))
     sys.exit(0 if worst < 1e-4 else 1)
+
+
+def main() -> None:
+    run_for_both_networks(__doc__.splitlines()[0], parity)
 
 
 if __name__ == "__main__":
