@@ -16,7 +16,7 @@ first stage on the image and goes the same way from its logits to the cascade's 
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Sequence
+from typing import Any, Sequence
 
 import numpy as np
 import torch
@@ -26,20 +26,22 @@ from voxseg.data.configs import next_stage, parent_workdir, stage_workdir
 from voxseg.data.preprocess import new_shape_for_spacing
 from voxseg.data.resample import separate_axis, resample
 from voxseg.data.splits import load_splits
-from voxseg.errors import ConfigError, DatasetError
+from voxseg.errors import ConfigError, DatasetError, InputError
 from voxseg.infer.postprocess import activate, probabilities_to_labels
 from voxseg.plans import PLAN_FILE, Plan
 
 NEXT_STAGE_DIR = "predicted_next_stage"
 
-__all__ = ["NEXT_STAGE_DIR", "NextStage", "StoredPrevious", "labels_for_next_stage", "next_stage_target",
-           "onehot_previous", "stored_previous"]
+__all__ = ["NEXT_STAGE_DIR", "NextStage", "StoredPrevious", "first_stage_channels", "labels_for_next_stage",
+           "next_stage_target", "onehot_previous", "stored_previous"]
 
 
 def onehot_previous(labels: torch.Tensor, plan: Plan, dtype: torch.dtype = torch.float32) -> torch.Tensor:
     """(*S) label values of the first stage -> (L, *S), one channel per foreground label of `plan`."""
     values = plan.foreground_labels
-    return torch.stack([labels == int(v) for v in values]).to(dtype) if values else labels.new_zeros((0, *labels.shape), dtype=dtype)
+    if not values:
+        return torch.zeros((0, *labels.shape), dtype=dtype, device=labels.device)
+    return torch.stack([labels == int(v) for v in values]).to(dtype)
 
 
 def labels_for_next_stage(logits: torch.Tensor, plan: Plan, properties: dict, next_plan: Plan) -> torch.Tensor:
@@ -51,6 +53,18 @@ def labels_for_next_stage(logits: torch.Tensor, plan: Plan, properties: dict, ne
     axis = separate_axis(plan.target_spacing, next_plan.target_spacing)
     resampled = resample(logits.float(), shape, is_label=False, anisotropy_axis=axis, order=1)
     return probabilities_to_labels(activate(resampled, plan), plan)
+
+
+def first_stage_channels(first: Any, image: np.ndarray, geometry: Any, plan: Plan, properties: dict,
+                         name: str = "") -> np.ndarray:
+    """Prediction: run the first stage's Predictor `first` on the raw (C, D, H, W) image and return its
+    segmentation on the cascade `plan`'s preprocessed grid (the grid of `properties`), one-hot: (L, d, h, w)."""
+    first_pp, first_properties = first.preprocess(image, geometry, name)
+    labels = labels_for_next_stage(first.predict_logits(first_pp), first.plan, first_properties, plan)
+    if list(labels.shape) != list(properties["shape_after_resample"]):  # both stages crop the same box
+        raise InputError(f"case '{name}': the first stage's segmentation has shape {list(labels.shape)} on the "
+                         f"cascade's grid, expected {properties['shape_after_resample']}")
+    return onehot_previous(labels, plan).cpu().numpy()
 
 
 class NextStage:

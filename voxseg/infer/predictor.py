@@ -103,7 +103,8 @@ class Predictor:
         backend: str = "torch",
         onnx_files: Sequence[str | Path] | None = None,
     ) -> "Predictor":
-        """Load the folds' checkpoints (or ONNX files with backend="onnxruntime") of a work directory.
+        """Load the folds' checkpoints (or ONNX files with backend="onnxruntime") of a work directory; for a
+        cascade stage (WORKDIR/configs/3d_cascade_fullres) also its first stage's, with the same settings.
 
         Args:
             folds: see the module docstring.
@@ -151,8 +152,8 @@ class Predictor:
         previous = None
         if plan.previous_stage is not None:  # a cascade stage: its first stage's folds (the same selection)
             if backend != "torch":
-                raise ConfigError(f"configuration '{plan.configuration}' is a cascade stage: it predicts with the "
-                                  f"torch backend only")
+                raise ConfigError(f"configuration '{plan.configuration}': a cascade stage predicts with the torch "
+                                  "backend only")
             previous = cls.from_workdir(stage_workdir(workdir, plan.previous_stage), folds, checkpoint, device, step,
                                         requested_mirror, tile_batch, compile, amp)
         return cls(plan, models, device, step, _mirror_axes(mirror_axes, plan.network.ndim), tile_batch, amp_dtype,
@@ -220,19 +221,13 @@ class Predictor:
         """(C, D, H, W) float32 image -> (the network's input (C [+ L], d, h, w), preprocessing properties); a
         cascade stage runs its first stage here and appends the one-hot of its segmentation on this grid."""
         from voxseg.data.preprocess import preprocess_case
-        from voxseg.infer.cascade import labels_for_next_stage, onehot_previous
+        from voxseg.infer.cascade import first_stage_channels
 
         image_pp, _, properties = preprocess_case(image, geometry, self.plan, device=self.device, name=name)
         if self.previous is None:
             return image_pp, properties
-        first_pp, first_properties = self.previous.preprocess(image, geometry, name)
-        labels = labels_for_next_stage(self.previous.predict_logits(first_pp), self.previous.plan, first_properties,
-                                       self.plan)
-        if list(labels.shape) != list(properties["shape_after_resample"]):  # both crop the same box
-            raise InputError(f"case '{name}': the first stage's segmentation has shape {list(labels.shape)} on "
-                             f"this stage's grid, expected {properties['shape_after_resample']}")
-        onehot = onehot_previous(labels, self.plan).cpu().numpy()
-        return np.concatenate([image_pp, onehot.astype(image_pp.dtype)]), properties
+        extra = first_stage_channels(self.previous, image, geometry, self.plan, properties, name)
+        return np.concatenate([image_pp, extra.astype(image_pp.dtype)]), properties
 
     # ----- files ----------------------------------------------------------------------------------------------
     def _postprocessing_spec(self, postprocess: Any) -> dict[str, Any] | None:
