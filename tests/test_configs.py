@@ -145,11 +145,13 @@ def test_lowres_is_dropped_when_it_barely_shrinks_the_image():
     assert list(plans) == ["3d_fullres", "2d"]
 
 
-def test_cascade_is_refused_for_training_and_prediction():
+def test_cascade_is_refused_for_benchmarks_and_estimates():
     plans = make_plans(fingerprint([4, 1, 1], [500, 1200, 1200], 4), raw_dataset(), gpu_memory_gb=UNLIMITED_GB)
-    with pytest.raises(ConfigError, match="cascade.*not supported yet.*--configuration 3d_lowres"):
-        plans["3d_cascade_fullres"].check_runnable("training")
-    plans["3d_lowres"].check_runnable("training")  # the first stage is a plain 3D configuration
+    with pytest.raises(ConfigError, match="cascade.*benchmarking.*not supported.*--configuration 3d_lowres"):
+        plans["3d_cascade_fullres"].check_runnable("benchmarking")
+    plans["3d_lowres"].check_runnable("benchmarking")  # the first stage is a plain 3D configuration
+    # the cascade's network takes the image and the first stage's segmentation, one channel per label
+    assert plans["3d_cascade_fullres"].network_in_channels == 4 + 3 and plans["3d_lowres"].network_in_channels == 4
 
 
 # ----- the work directory -------------------------------------------------------------------------------------
@@ -250,11 +252,11 @@ def test_configuration_flag_selects_the_2d_configuration_end_to_end(tmp_path, ca
     assert "unknown configuration '3d_lowres'" in err and "3d_fullres, 2d" in err and "Traceback" not in err
 
 
-def test_cascade_configuration_refused_by_train_and_predict(tmp_path, capsys):
+def test_cascade_without_its_first_stage_refused_by_train_and_predict(tmp_path, capsys):
     raw, work = tmp_path / "Mini", tmp_path / "work"
     _write_dataset(raw)
     plan_dataset(raw, work, num_folds=2)
-    # a cascade stage on top of a first stage, as `voxseg plan` stores them for large images
+    # a cascade stage whose first stage is not planned in this work directory
     cascade_dir = work / "configs" / "3d_cascade_fullres"
     cascade_dir.mkdir(parents=True)
     plan = Plan.load(work / "plans.json")
@@ -264,10 +266,11 @@ def test_cascade_configuration_refused_by_train_and_predict(tmp_path, capsys):
     index["configurations"]["3d_cascade_fullres"] = {"path": "configs/3d_cascade_fullres",
                                                      "previous_stage": "3d_lowres"}
     (work / INDEX_FILE).write_text(json.dumps(index))
-    for args in (["train", work, "--configuration", "3d_cascade_fullres", "--fold", 0, "--device", "cpu"],
-                 ["predict", "-m", work, "--configuration", "3d_cascade_fullres", "-i", raw / "imagesTs",
-                  "-o", tmp_path / "p", "--device", "cpu"]):
-        assert _main(*args) != 0
-        err = capsys.readouterr().err
-        assert "cascade stage" in err and "not supported yet" in err and "Traceback" not in err
+    assert _main("train", work, "--configuration", "3d_cascade_fullres", "--fold", 0, "--device", "cpu") != 0
+    err = capsys.readouterr().err
+    assert "unknown configuration '3d_lowres'" in err and "Traceback" not in err
+    assert _main("predict", "-m", work, "--configuration", "3d_cascade_fullres", "-i", raw / "imagesTs",
+                 "-o", tmp_path / "p", "--device", "cpu") != 0  # nothing trained: told to train it first
+    err = capsys.readouterr().err
+    assert "3d_cascade_fullres" in err and "voxseg train" in err and "Traceback" not in err
     assert not (cascade_dir / "training").exists()  # refused before anything was written

@@ -215,7 +215,8 @@ class Plan:
                 )
 
     def check_runnable(self, action: str) -> None:
-        """Refuse to train / predict with a cascade stage: not supported yet, and never run as a plain model.
+        """Refuse `action` (benchmarking, estimating, exporting) for a cascade stage, which train and predict
+        support (they add the first stage's segmentation) but the plain single-network paths do not.
 
         Raises:
             ConfigError: naming the configuration, what it needs and what to use instead.
@@ -224,12 +225,21 @@ class Plan:
             raise ConfigError(
                 f"configuration '{self.configuration}' is a cascade stage: its network takes the predictions of "
                 f"'{self.previous_stage}' as extra input channels, and {action} with a cascade is not supported "
-                f"yet. Use '--configuration {self.previous_stage}' or '--configuration 3d_fullres' instead")
+                f"(train and predict are). Use '--configuration {self.previous_stage}' or '--configuration "
+                f"3d_fullres' instead")
 
     # ----- labels (see LabelScheme) -------------------------------------------------------------------------
     @property
     def num_channels(self) -> int:
+        """Image channels (files per case)."""
         return len(self.channel_names)
+
+    @property
+    def network_in_channels(self) -> int:
+        """The network's input channels: the image's, and for a cascade stage one more per foreground label
+        (the first stage's segmentation, one-hot; see `voxseg.infer.cascade`)."""
+        extra = len(self.foreground_labels) if self.previous_stage is not None else 0
+        return self.num_channels + extra
 
     @property
     def label_scheme(self) -> LabelScheme:

@@ -81,6 +81,7 @@ def augment_batch(
     seg_fill: int = -1,
     global_batch: int | None = None,
     first_sample: int = 0,
+    extra_channels: int = 0,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Augment a batch of crops and cut them to the patch size, on the batch's device.
 
@@ -94,6 +95,9 @@ def augment_batch(
         global_batch: draw the decisions for this many samples (default B) and apply those of samples
             first_sample .. first_sample + B - 1 (a data-parallel rank's slice of the global batch).
         first_sample: see global_batch.
+        extra_channels: the last channels of `image` are a cascade stage's one-hot first-stage segmentation:
+            they are transformed spatially with the image and set back to 0/1 (>= 0.5) afterwards, like the
+            labels, and get no intensity augmentation (nnU-Net transforms them as segmentation).
 
     Returns:
         (image (B, C, *P), seg (B, 1, *P)), new tensors; labels only take values in `seg` or `seg_fill`.
@@ -106,19 +110,31 @@ def augment_batch(
     if not 0 <= first_sample <= total - batch:
         raise InputError(f"augment_batch: samples {first_sample}..{first_sample + batch - 1} are not inside a "
                          f"global batch of {total}")
-    params = draw_batch_params(total, image.shape[1], patch, config, generator)
-    return apply_augment(image, seg, params.subset(first_sample, first_sample + batch), config, patch, seg_fill)
+    if not 0 <= extra_channels < image.shape[1]:
+        raise InputError(f"augment_batch: extra_channels={extra_channels} must leave at least one image channel "
+                         f"of {image.shape[1]}")
+    params = draw_batch_params(total, image.shape[1] - extra_channels, patch, config, generator)
+    return apply_augment(image, seg, params.subset(first_sample, first_sample + batch), config, patch, seg_fill,
+                         extra_channels)
 
 
 @torch.no_grad()
 def apply_augment(image: torch.Tensor, seg: torch.Tensor, params: AugmentParams, config: AugmentConfig,
-                  patch_size: Sequence[int], seg_fill: int = -1) -> tuple[torch.Tensor, torch.Tensor]:
-    """Apply drawn `params` (one per sample of image (B, C, *S), seg (B, 1, *S)) -> (B, C, *P), (B, 1, *P)."""
+                  patch_size: Sequence[int], seg_fill: int = -1,
+                  extra_channels: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """Apply drawn `params` (one per sample of image (B, C, *S), seg (B, 1, *S)) -> (B, C, *P), (B, 1, *P);
+    the last `extra_channels` channels are one-hot masks (see `augment_batch`)."""
     patch = tuple(int(p) for p in patch_size)
     image, seg = spatial_transform(image, seg, patch, params, config, seg_fill)  # new tensors: safe in place
     rotate90(image, seg, params, patch, _axes(config.rot90_axes, len(patch), "rot90_axes"))
-    _intensity(image, params, config)
-    return image, seg
+    if not extra_channels:
+        _intensity(image, params, config)
+        return image, seg
+    channels = image.shape[1] - extra_channels
+    intensities = image[:, :channels].contiguous()
+    _intensity(intensities, params, config)
+    masks = (image[:, channels:] >= 0.5).to(image.dtype)
+    return torch.cat([intensities, masks], dim=1), seg
 
 
 def on_rows(rows: torch.Tensor, index: np.ndarray, transform: Callable[..., torch.Tensor],

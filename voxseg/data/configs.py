@@ -28,7 +28,7 @@ CONFIGS_DIR = "configs"
 CONFIGURATION_ORDER = ("3d_fullres", "2d", "3d_lowres", "3d_cascade_fullres")
 
 __all__ = ["CONFIGS_DIR", "INDEX_FILE", "config_workdir", "configuration_entry", "describe_configurations",
-           "load_index", "parent_workdir", "write_index"]
+           "load_index", "next_stage", "parent_workdir", "stage_workdir", "write_index"]
 
 
 def configuration_entry(name: str, default: str, previous_stage: str | None = None,
@@ -103,6 +103,26 @@ def parent_workdir(workdir: str | Path) -> Path | None:
     return None
 
 
+def stage_workdir(workdir: str | Path, name: str) -> Path:
+    """The work directory of configuration `name` of the same dataset as `workdir`, which may be the parent
+    work directory or one of its configuration folders (a cascade stage finds its first stage this way).
+
+    Raises:
+        ConfigError: `name` is not planned for this dataset.
+    """
+    return config_workdir(parent_workdir(workdir) or Path(workdir), name)
+
+
+def next_stage(workdir: str | Path, name: str) -> str | None:
+    """The cascade stage that takes configuration `name`'s predictions ("3d_cascade_fullres" for "3d_lowres"),
+    from the index of `workdir`'s dataset, or None."""
+    root = parent_workdir(workdir) or Path(workdir)
+    if not (root / INDEX_FILE).is_file():
+        return None
+    entry = load_index(root)["configurations"].get(name, {})
+    return entry.get("next_stage") if isinstance(entry, dict) else None
+
+
 def describe_configurations(workdir: str | Path) -> str:
     """One line per planned configuration of a work directory: name, folder, patch x batch, spacing."""
     index = load_index(workdir)
@@ -110,7 +130,7 @@ def describe_configurations(workdir: str | Path) -> str:
     for name, entry in index["configurations"].items():
         plan = Plan.load(config_workdir(workdir, name) / PLAN_FILE)
         role = " (default)" if name == index["default"] else ""
-        stage = f", cascade after {plan.previous_stage} (training not supported yet)" if plan.previous_stage else ""
+        stage = f", cascade after {plan.previous_stage}" if plan.previous_stage else ""
         axis = f", slices along axis {plan.slice_axis}" if plan.network.ndim == 2 else ""
         lines.append(f"{name:<19} {entry['path']:<26} patch {_fmt(plan.patch_size)} x {plan.batch_size}, "
                      f"spacing {_fmt(plan.target_spacing)} mm{axis}{stage}{role}")

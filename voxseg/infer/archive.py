@@ -124,6 +124,7 @@ def export_archive(workdir: str | Path, out_zip: str | Path, folds: int | str | 
     workdir, out_zip = Path(workdir), Path(out_zip)
     if not (workdir / "plans.json").is_file():
         raise CheckpointError(f"{workdir / 'plans.json'} not found: is {workdir} a voxseg work directory?")
+    Plan.load(workdir / "plans.json").check_runnable("exporting an archive")  # it would lack the first stage
     fold_list = resolve_folds(workdir, folds, checkpoint)
     members: dict[str, bytes | Path] = {"plans.json": workdir / "plans.json"}
     for name in ("dataset.json", "postprocessing.json"):

@@ -62,6 +62,7 @@ def export_onnx(
     """
     _require_onnx()
     network, plan = load_fold_network(workdir, fold, checkpoint, "cpu")
+    plan.check_runnable("ONNX export")
     out_file = Path(out_file) if out_file is not None else fold_dir(workdir, fold) / "model.onnx"
     with atomic_path(out_file) as tmp:  # nothing is written unless the parity check passes
         example = torch.randn(1, plan.num_channels, *plan.patch_size)

@@ -151,6 +151,7 @@ def export_nnunet(workdir: str | Path, out: str | Path, folds: int | str | Seque
     loaded = []
     for fold in fold_list:
         network, plan = load_fold_network(workdir, fold, checkpoint)
+        plan.check_runnable("exporting to nnU-Net")
         _check_exportable(plan, fold)
         loaded.append((fold, network, plan, torch.load(checkpoint_path(workdir, fold, checkpoint),
                                                        map_location="cpu", weights_only=True)))

@@ -25,6 +25,7 @@ from voxseg.data.io import Geometry, read_channels, write_image
 from voxseg.distributed import env_world, local_device, shard_balanced
 from voxseg.plans import Plan
 from voxseg.errors import CheckpointError, ConfigError, InputError, VoxsegError
+from voxseg.data.configs import stage_workdir
 from voxseg.infer.archive import check_same_plan, fold_dir, load_fold_network, resolve_device, resolve_folds
 from voxseg.infer.inputs import find_input_cases
 from voxseg.infer.nnunet import is_nnunet_model_folder, load_nnunet_fold, nnunet_folds
@@ -65,11 +66,14 @@ class Predictor:
         tile_batch: tiles per forward call.
         amp_dtype: autocast dtype or None.
         postprocessing: default postprocessing spec (postprocessing.json of the work directory) or None.
+        previous: for a cascade stage, the Predictor of its first stage: it runs first on every image, and its
+            segmentation, on this plan's grid and one-hot, is appended to the image channels
+            (`voxseg.infer.cascade`).
     """
 
     def __init__(self, plan: Plan, models: Sequence[Any], device: str | torch.device = "cpu", step: float = 0.5,
                  mirror_axes: Sequence[int] = (), tile_batch: int = 4, amp_dtype: torch.dtype | None = None,
-                 postprocessing: dict[str, Any] | None = None) -> None:
+                 postprocessing: dict[str, Any] | None = None, previous: "Predictor | None" = None) -> None:
         check_tiling(step, tile_batch)
         self.plan = plan
         self.models = list(models)
@@ -79,6 +83,10 @@ class Predictor:
         self.tile_batch = tile_batch
         self.amp_dtype = amp_dtype
         self.postprocessing = postprocessing
+        self.previous = previous
+        if plan.previous_stage is not None and previous is None:
+            raise ConfigError(f"configuration '{plan.configuration}' is a cascade stage: give the Predictor of its "
+                              f"first stage '{plan.previous_stage}' (Predictor.from_workdir loads it)")
 
     @classmethod
     def from_workdir(
@@ -95,7 +103,8 @@ class Predictor:
         backend: str = "torch",
         onnx_files: Sequence[str | Path] | None = None,
     ) -> "Predictor":
-        """Load the folds' checkpoints (or ONNX files with backend="onnxruntime") of a work directory.
+        """Load the folds' checkpoints (or ONNX files with backend="onnxruntime") of a work directory; for a
+        cascade stage (WORKDIR/configs/3d_cascade_fullres) also its first stage's, with the same settings.
 
         Args:
             folds: see the module docstring.
@@ -107,14 +116,12 @@ class Predictor:
             amp: autocast (bf16 where supported, else fp16); default on for CUDA.
             onnx_files: ONNX models for the onnxruntime backend (default training/fold_F/model.onnx).
         """
-        workdir = Path(workdir)
+        workdir, requested_mirror = Path(workdir), mirror_axes
         if not workdir.is_dir():
             raise CheckpointError(f"model folder {workdir} not found; give the work directory of 'voxseg train'")
         if is_nnunet_model_folder(workdir):  # nnU-Net v2 <Trainer>__<Plans>__<configuration> folder
             backend, fold_list = "nnunet", nnunet_folds(workdir, folds, checkpoint)
         else:
-            if (workdir / "plans.json").is_file():  # a cascade stage is refused before any fold is looked for
-                Plan.load(workdir / "plans.json").check_runnable("prediction")
             fold_list = resolve_folds(workdir, folds, checkpoint) if onnx_files is None else []
         if backend == "nnunet":
             device = local_device(resolve_device(device))
@@ -142,8 +149,15 @@ class Predictor:
                 amp_dtype = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
         spec_path = workdir / POSTPROCESSING_FILE
         postprocessing = load_postprocessing(spec_path) if spec_path.is_file() else None
+        previous = None
+        if plan.previous_stage is not None:  # a cascade stage: its first stage's folds (the same selection)
+            if backend != "torch":
+                raise ConfigError(f"configuration '{plan.configuration}': a cascade stage predicts with the torch "
+                                  "backend only")
+            previous = cls.from_workdir(stage_workdir(workdir, plan.previous_stage), folds, checkpoint, device, step,
+                                        requested_mirror, tile_batch, compile, amp)
         return cls(plan, models, device, step, _mirror_axes(mirror_axes, plan.network.ndim), tile_batch, amp_dtype,
-                   postprocessing)
+                   postprocessing, previous)
 
     @staticmethod
     def _load_onnx(workdir: Path, folds: list[int | str], onnx_files: Sequence[str | Path] | None) -> list[Any]:
@@ -190,8 +204,6 @@ class Predictor:
         Returns:
             (D, H, W) uint8 labels [, probabilities].
         """
-        from voxseg.data.preprocess import preprocess_case
-
         image = np.asarray(image)
         if image.ndim == 3 and self.plan.num_channels == 1:
             image = image[None]
@@ -200,11 +212,22 @@ class Predictor:
                              f"({self.plan.num_channels}, D, H, W) with channels {list(self.plan.channel_names.values())}")
         if not isinstance(geometry, Geometry):
             geometry = Geometry.from_spacing(tuple(float(s) for s in geometry))
-        image_pp, _, properties = preprocess_case(image.astype(np.float32, copy=False), geometry, self.plan,
-                                                  device=self.device, name=name)
+        image_pp, properties = self.preprocess(image.astype(np.float32, copy=False), geometry, name)
         labels_out, probabilities_out = labels_on_original_grid(self.predict_logits(image_pp), self.plan, properties,
                                                                 with_probabilities=return_probabilities)
         return (labels_out, probabilities_out) if return_probabilities else labels_out
+
+    def preprocess(self, image: np.ndarray, geometry: Geometry, name: str = "") -> tuple[np.ndarray, dict[str, Any]]:
+        """(C, D, H, W) float32 image -> (the network's input (C [+ L], d, h, w), preprocessing properties); a
+        cascade stage runs its first stage here and appends the one-hot of its segmentation on this grid."""
+        from voxseg.data.preprocess import preprocess_case
+        from voxseg.infer.cascade import first_stage_channels
+
+        image_pp, _, properties = preprocess_case(image, geometry, self.plan, device=self.device, name=name)
+        if self.previous is None:
+            return image_pp, properties
+        extra = first_stage_channels(self.previous, image, geometry, self.plan, properties, name)
+        return np.concatenate([image_pp, extra.astype(image_pp.dtype)]), properties
 
     # ----- files ----------------------------------------------------------------------------------------------
     def _postprocessing_spec(self, postprocess: Any) -> dict[str, Any] | None:

@@ -18,6 +18,7 @@ from voxseg.data.io import Geometry, write_image
 from voxseg.data.store import case_paths, load_case
 from voxseg.distributed import all_gather_objects, current_world, shard_balanced
 from voxseg.evaluate.overlap import class_masks, dice_from_counts, nanmean, overlap_counts
+from voxseg.infer.cascade import NextStage, StoredPrevious
 from voxseg.infer.postprocess import labels_on_original_grid
 from voxseg.infer.sliding_window import sliding_window_inference
 from voxseg.jsonio import write_json_atomic
@@ -28,12 +29,17 @@ from voxseg.plans import Plan
 def full_validation(model: nn.Module, plan: Plan, preprocessed_dir: str | Path, names: Sequence[str],
                     out_dir: str | Path, device: torch.device | str, patch_size: Sequence[int],
                     amp_dtype: torch.dtype | None = None, step: float = 0.5, tile_batch: int = 2,
-                    write: bool = True) -> dict[str, Any]:
+                    write: bool = True, previous: StoredPrevious | None = None,
+                    next_stage: NextStage | None = None) -> dict[str, Any]:
     """Sliding-window prediction of each preprocessed validation case and its Dice on the preprocessed grid.
 
     Each prediction is mapped back to its raw image's grid (undo resampling and cropping) and written as
     `out_dir/CASE{plan.file_ending}` with the raw geometry, so `voxseg evaluate --crossval` can score the folds
     against labelsTr; the Dice table goes to `out_dir/summary.json` (when `write`).
+
+    Cascades (see `voxseg.infer.cascade`): a cascade stage's cases get the one-hot of the first stage's stored
+    predictions (`previous`) as extra channels, as in training; a first stage writes each case's labels on
+    the next stage's grid (`next_stage`, when `write`), which that stage trains on.
 
     In a distributed run (an initialised process group) the cases are sharded over the ranks, balanced by the
     size of their preprocessed images; each rank writes its own cases' predictions, the per-case Dice values
@@ -54,7 +60,10 @@ def full_validation(model: nn.Module, plan: Plan, preprocessed_dir: str | Path, 
     try:
         for name in local_names:
             image, seg, properties = load_case(preprocessed_dir, name, mmap=True)
-            x = torch.from_numpy(np.array(image, dtype=np.float32))[None].to(device)  # (1, C, d, h, w)
+            x = np.array(image, dtype=np.float32)
+            if previous is not None:
+                x = np.concatenate([x, previous.onehot(name, x.shape[1:])])
+            x = torch.from_numpy(x)[None].to(device)  # (1, C [+ L], d, h, w)
             logits = sliding_window_inference(model, x, patch_size, plan.num_outputs, step=step,
                                               tile_batch=tile_batch, amp_dtype=amp_dtype,
                                               slice_axis=plan.slice_axis)  # (K, d, h, w)
@@ -65,6 +74,8 @@ def full_validation(model: nn.Module, plan: Plan, preprocessed_dir: str | Path, 
             if write:
                 labels, _ = labels_on_original_grid(logits, plan, properties)  # (D, H, W) on the raw grid
                 write_image(out_dir / f"{name}{plan.file_ending}", labels, Geometry.from_list(properties["affine"]))
+                if next_stage is not None:
+                    next_stage.write(name, logits, plan, properties)
     finally:
         model.train(was_training)
     gathered = {case: dice for shard in all_gather_objects(per_case) for case, dice in shard.items()}

@@ -23,7 +23,7 @@ NETWORKS: Registry[Callable[..., nn.Module]] = Registry("network")
 
 
 def build_network(plan: Plan, deep_supervision: bool | None = None, **overrides: Any) -> nn.Module:
-    """Network for `plan`: input (B, plan.num_channels, *patch), output (B, plan.num_outputs, *patch) logits.
+    """Network for `plan`: input (B, plan.network_in_channels, *patch), output (B, plan.num_outputs, *patch) logits.
 
     Args:
         plan: the plan; `plan.network` gives the topology, `plan.network.name` the registry entry.
@@ -56,7 +56,7 @@ def build_unet(plan: Plan, deep_supervision: bool, **overrides: Any) -> UNet:
     """Plain or residual-encoder U-Net (`network.residual`) from the plan's topology."""
     net = plan.network
     kwargs: dict[str, Any] = dict(
-        in_channels=plan.num_channels,
+        in_channels=plan.network_in_channels,
         num_outputs=plan.num_outputs,
         features=list(net.features),
         kernel_sizes=[list(k) for k in net.kernel_sizes],

@@ -36,7 +36,7 @@ def measure_saved_activation_elements(plan: Plan, patch_size: list[int] | None =
             saved.setdefault(storage.data_ptr(), storage.nbytes())
         return tensor
 
-    image = torch.randn(1, plan.num_channels, *patch)  # (1, C, *P)
+    image = torch.randn(1, plan.network_in_channels, *patch)  # (1, C, *P)
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
         model(image)
     return sum(saved.values()) / image.element_size()
@@ -56,7 +56,7 @@ def measure_peak_memory_gb(plan: Plan, device: Any = "cuda", steps: int = 2, res
         raise ValueError(f"measure_peak_memory_gb needs a CUDA device, got '{device}'")
     model = build_network(plan).to(device).train()
     optimizer = torch.optim.SGD(model.parameters(), lr=1e-3, momentum=0.99, nesterov=True)
-    shape = (plan.batch_size, plan.num_channels, *plan.patch_size)
+    shape = (plan.batch_size, plan.network_in_channels, *plan.patch_size)
     image = torch.randn(shape, device=device)  # (B, C, *P)
     target = torch.randint(0, plan.num_outputs, (plan.batch_size, 1, *plan.patch_size), device=device)
     torch.cuda.synchronize(device)

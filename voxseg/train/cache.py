@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Sequence
+from typing import Any, Sequence
 
 import numpy as np
 import torch
@@ -50,6 +50,9 @@ class CaseCache:
         mode: "auto", "gpu", "pinned" or "mmap" (see the module docstring).
         budget_gb: memory the gpu mode may use; default 80% of the currently free device memory. Pass the
             free memory minus the training step's estimate when the model is not allocated yet.
+        previous: a cascade stage's stored first-stage predictions (`voxseg.infer.cascade.StoredPrevious`):
+            their one-hot channels are appended to each image's channels (held in memory also in mmap mode),
+            so crops and the spatial augmentation treat them with the image; `extra_channels` counts them.
     """
 
     def __init__(
@@ -59,6 +62,7 @@ class CaseCache:
         device: str | torch.device = "cpu",
         mode: str = "auto",
         budget_gb: float | None = None,
+        previous: Any = None,
     ) -> None:
         if mode not in MODES:
             raise ConfigError(f"cache mode '{mode}' is unknown; use one of {', '.join(MODES)}")
@@ -70,6 +74,10 @@ class CaseCache:
         if self.device.type == "cuda" and self.device.index is None:  # pin "cuda" to the current device
             self.device = torch.device("cuda", torch.cuda.current_device())
         self.requested_mode = mode
+        self.previous = previous
+        self.extra_channels = 0 if previous is None else int(previous.num_channels)
+        if previous is not None:
+            previous.check(self.names)  # every missing case named before anything is read
         maps = [self._open(name) for name in self.names]  # memory-mapped: shapes and sizes without reading
         self.nbytes = sum(image.nbytes + seg.nbytes for image, seg in maps)
         self.num_channels = int(maps[0][0].shape[0])
@@ -95,6 +103,9 @@ class CaseCache:
         if image.ndim != 4 or seg.shape != (1, *image.shape[1:]):
             raise DatasetError(f"{self.directory}: case '{name}' has image {image.shape} and seg {seg.shape}; "
                                "expected (C, D, H, W) and (1, D, H, W); run 'voxseg preprocess' again")
+        if self.previous is not None:
+            onehot = self.previous.onehot(name, image.shape[1:]).astype(image.dtype)
+            image = np.concatenate([np.asarray(image), onehot])
         return image, seg
 
     def _choose_mode(self, mode: str, budget_gb: float | None) -> str:

@@ -38,6 +38,7 @@ from voxseg.checkpoint import CHECKPOINT_CHOICES, Checkpointer, RngStates, check
 from voxseg.train.logger import TrainLogger
 from voxseg.optim import build_optimizer, build_scheduler
 from voxseg.train.step import RunningMeans, TrainData, TrainStep
+from voxseg.infer.cascade import next_stage_target, stored_previous
 from voxseg.infer.validation import full_validation
 from voxseg.train.validate import pseudo_dice
 from voxseg.units import gib
@@ -143,6 +144,9 @@ def _train(workdir: str | Path, fold: int | str, config: TrainConfig, world: Wor
     if test_only:  # the checkpoint's own effective plan decides everything; the config only the device/amp
         return _test_only(workdir, out_dir, config, val_names, start, world, test_only)
     plan = effective_plan(workdir, config)
+    previous = stored_previous(workdir, plan)  # a cascade stage: the first stage's cross-validation predictions
+    if previous is not None:
+        previous.check(train_names + val_names)  # refused before anything is written
     run = resolve(config, plan, len(train_names), world)
 
     seed_everything(config.loop.seed, config.loop.deterministic, config.data.num_threads)
@@ -204,7 +208,7 @@ def build_training(workdir: Path, plan: Plan, config: TrainConfig, run: Resolved
     # the cache comes after the model so that its GPU budget sees the memory the model already holds
     data = TrainData(workdir / "preprocessed", plan, config, train_names, val_names, run.device,
                      seed=config.loop.seed, cache_budget_gb=cache_budget_gb(config, plan, run.device),
-                     rank=world.rank, world_size=world.size)
+                     rank=world.rank, world_size=world.size, previous=stored_previous(workdir, plan))
     progress = Progress()
     checkpointer = Checkpointer(
         out_dir or workdir / "unsaved",
@@ -267,12 +271,11 @@ def effective_plan(workdir: Path, config: TrainConfig) -> Plan:
     Nothing is re-fitted (see `voxseg.plans.apply_overrides`); the memory estimate, which sizes the GPU
     cache, is recomputed for the overridden patch, batch and network.
     """
-    planned = Plan.load(workdir / PLAN_FILE)
-    planned.check_runnable("training")
+    planned = Plan.load(workdir / PLAN_FILE)  # a cascade stage trains on its first stage's predictions
     plan = apply_plan_overrides(planned, config.plan)
     if plan != planned:
         plan.estimated_memory_gb = round(estimate_memory_gb(plan.network, plan.patch_size, plan.batch_size,
-                                                            plan.num_channels, plan.num_outputs), 3)
+                                                            plan.network_in_channels, plan.num_outputs), 3)
     return plan
 
 
@@ -386,6 +389,8 @@ def _test_only(workdir: Path, out_dir: Path, config: TrainConfig, val_names: lis
 
 def _full_val_metrics(model: torch.nn.Module, plan: Plan, workdir: Path, out_dir: Path, names: list[str],
                       run: Resolved) -> dict[str, Any]:
+    # a cascade stage reads the first stage's stored predictions; a first stage writes them for the next one
     summary = full_validation(model, plan, workdir / "preprocessed", names, out_dir / "validation", run.device,
-                              plan.patch_size, amp_dtype=run.amp_dtype, tile_batch=max(1, plan.batch_size))
+                              plan.patch_size, amp_dtype=run.amp_dtype, tile_batch=max(1, plan.batch_size),
+                              previous=stored_previous(workdir, plan), next_stage=next_stage_target(workdir, plan))
     return {"val_dice_mean": summary["mean_dice"], "val_dice": summary["mean"]}

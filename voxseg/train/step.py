@@ -255,6 +255,7 @@ class TrainData:
         device: training device.
         seed: base seed, the same on every rank.
         cache_budget_gb: memory the training cache may take in gpu mode (None = the cache's default).
+        previous: a cascade stage's stored first-stage predictions (see `CaseCache`), else None.
         rank, world_size: this process's slice of the global batch. Every rank draws the whole global batch
             (patch positions and augmentation decisions) from the same seeded streams and keeps rows
             [rank * b, (rank + 1) * b), b = B / N, which it alone crops and augments, so the run is the same
@@ -263,7 +264,8 @@ class TrainData:
 
     def __init__(self, preprocessed_dir: str | os.PathLike, plan: Plan, config: TrainConfig, train_names: list[str],
                  val_names: list[str], device: torch.device, seed: int,
-                 cache_budget_gb: float | None = None, rank: int = 0, world_size: int = 1) -> None:
+                 cache_budget_gb: float | None = None, rank: int = 0, world_size: int = 1,
+                 previous: Any = None) -> None:
         patch_size = list(plan.patch_size)
         self.rank, self.world_size = rank, world_size
         local = local_batch_size(plan.batch_size, world_size)
@@ -271,12 +273,13 @@ class TrainData:
         self.config, self.patch_size, self.device = config, patch_size, torch.device(device)
         self.seed = seed
         self.train_cache = CaseCache(preprocessed_dir, train_names, device, mode=config.data.cache,
-                                     budget_gb=cache_budget_gb)
+                                     budget_gb=cache_budget_gb, previous=previous)
         self.val_cache: CaseCache | None = None
         if sorted(val_names) == sorted(train_names):  # fold "all": validate on the cached training cases
             self.val_cache = self.train_cache
         elif val_names:
-            self.val_cache = CaseCache(preprocessed_dir, val_names, device, mode=config.data.cache)
+            self.val_cache = CaseCache(preprocessed_dir, val_names, device, mode=config.data.cache,
+                                       previous=previous)
         self._sampler_args = dict(batch_size=plan.batch_size, foreground_fraction=plan.foreground_oversampling,
                                   regions=plan.regions if plan.is_region_based else None,
                                   ignore_label=plan.ignore_label, device=device, slice_axis=plan.slice_axis)
@@ -291,7 +294,8 @@ class TrainData:
         # draw for all B samples, so every rank's generators stay in step, and cut / augment only these rows
         image, seg = self.sampler.sample(self.rows if self.world_size > 1 else None)  # (B / N, C, *S)
         return augment_batch(image, seg, self.config.augment, self.augment_generator, self.patch_size,
-                             global_batch=self.sampler.batch_size, first_sample=self.rows.start)
+                             global_batch=self.sampler.batch_size, first_sample=self.rows.start,
+                             extra_channels=self.train_cache.extra_channels)
 
     def train_stream(self, count: int) -> BatchStream:
         """`count` augmented batches, prefetched `data.prefetch` ahead (-1: see DataConfig.prefetch)."""
