@@ -18,7 +18,7 @@ from voxseg.data.io import Geometry, write_image
 from voxseg.data.store import case_paths, load_case
 from voxseg.distributed import all_gather_objects, current_world, shard_balanced
 from voxseg.evaluate.overlap import class_masks, dice_from_counts, nanmean, overlap_counts
-from voxseg.infer.postprocess import labels_on_original_grid
+from voxseg.infer.postprocess import labels_on_original_grid, probability_names
 from voxseg.infer.sliding_window import sliding_window_inference
 from voxseg.jsonio import write_json_atomic
 from voxseg.plans import Plan
@@ -28,12 +28,15 @@ from voxseg.plans import Plan
 def full_validation(model: nn.Module, plan: Plan, preprocessed_dir: str | Path, names: Sequence[str],
                     out_dir: str | Path, device: torch.device | str, patch_size: Sequence[int],
                     amp_dtype: torch.dtype | None = None, step: float = 0.5, tile_batch: int = 2,
-                    write: bool = True) -> dict[str, Any]:
+                    write: bool = True, save_probabilities: bool = False) -> dict[str, Any]:
     """Sliding-window prediction of each preprocessed validation case and its Dice on the preprocessed grid.
 
     Each prediction is mapped back to its raw image's grid (undo resampling and cropping) and written as
     `out_dir/CASE{plan.file_ending}` with the raw geometry, so `voxseg evaluate --crossval` can score the folds
-    against labelsTr; the Dice table goes to `out_dir/summary.json` (when `write`).
+    against labelsTr; the Dice table goes to `out_dir/summary.json` (when `write`). With `save_probabilities`
+    each case's probabilities on that grid go next to it as `out_dir/CASE.npz` (the writer of `voxseg predict
+    --save-probabilities`), for ensembles of configurations (`voxseg.choice`); without it a CASE.npz left by
+    an earlier validation is removed, so probabilities never disagree with the label map beside them.
 
     In a distributed run (an initialised process group) the cases are sharded over the ranks, balanced by the
     size of their preprocessed images; each rank writes its own cases' predictions, the per-case Dice values
@@ -63,7 +66,9 @@ def full_validation(model: nn.Module, plan: Plan, preprocessed_dir: str | Path, 
                 counts = overlap_counts(*class_masks(logits[None], ref, plan))
                 per_case[name] = dict(zip(plan.class_names, dice_from_counts(counts)))
             if write:
-                labels, _ = labels_on_original_grid(logits, plan, properties)  # (D, H, W) on the raw grid
+                labels, probabilities = labels_on_original_grid(logits, plan, properties,
+                                                                with_probabilities=save_probabilities)
+                _write_probabilities(out_dir / f"{name}.npz", probabilities, plan)  # (K, D, H, W) or None
                 write_image(out_dir / f"{name}{plan.file_ending}", labels, Geometry.from_list(properties["affine"]))
     finally:
         model.train(was_training)
@@ -74,6 +79,16 @@ def full_validation(model: nn.Module, plan: Plan, preprocessed_dir: str | Path, 
     if write and rank == 0:
         write_json_atomic(out_dir / "summary.json", _json_safe(result))
     return result
+
+
+def _write_probabilities(path: Path, probabilities: np.ndarray | None, plan: Plan) -> None:
+    """CASE.npz as `voxseg predict --save-probabilities` writes it, or no CASE.npz when there are none."""
+    from voxseg.infer.predictor import save_probabilities  # the predictor's writer (it never imports this module)
+
+    if probabilities is None:
+        path.unlink(missing_ok=True)
+    else:
+        save_probabilities(path, probabilities, probability_names(plan))
 
 
 def _json_safe(value: Any) -> Any:
