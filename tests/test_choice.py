@@ -211,3 +211,30 @@ def test_predict_uses_the_choice(work: Path, tmp_path: Path, capsys) -> None:
     assert _main("predict", "-m", work, "-o", tmp_path / "bad", *predict) != 0
     err = capsys.readouterr().err
     assert CHOICE_FILE in err and "Traceback" not in err
+
+
+@pytest.mark.slow
+def test_train_choose_and_predict_end_to_end(work: Path, tmp_path: Path, capsys) -> None:
+    """Both configurations trained on both folds without probabilities (singles compared, the pair named),
+    re-validated with them as the skip reason says (the pair compared too), then predict follows the choice."""
+    assert _main("preprocess", work, "--quiet") == 0 and _main("preprocess", work, "--configuration", "2d", "--quiet") == 0
+    for fold in (0, 1):
+        assert _main("train", work, "--fold", fold, *TRAIN_TINY_3D, "--set", "loop.full_val=true") == 0
+        assert _main("train", work, "--configuration", "2d", "--fold", fold, *TRAIN_TINY_2D,
+                     "--set", "loop.full_val=true") == 0
+    first = choose_configuration(work)
+    assert [e["kind"] for e in first["compared"]] == ["configuration"] * 2 and "3d_fullres+2d" in first["skipped"]
+    for name in ("3d_fullres", "2d"):
+        for fold in (0, 1):
+            assert _main("train", work, "--configuration", name, "--fold", fold, "--test-only", "--checkpoint",
+                         "final", "--device", "cpu", "--set", "loop.save_val_probabilities=true") == 0
+    second = choose_configuration(work)
+    assert sorted(e["name"] for e in second["compared"]) == ["2d", "3d_fullres", "3d_fullres+2d"]
+    singles = {e["name"]: e["dice"] for e in first["compared"]}
+    assert {e["name"]: e["dice"] for e in second["compared"] if e["kind"] == "configuration"} == \
+        pytest.approx(singles)  # the same final weights validated again
+    capsys.readouterr()
+    assert _main("predict", "-m", work, "-i", tmp_path / "Mini" / "imagesTs", "-o", tmp_path / "preds",
+                 "--device", "cpu", "--no-mirror") == 0
+    assert "cross-validation choice" in capsys.readouterr().out
+    assert read_image(tmp_path / "preds" / "case4.nii.gz")[0].shape == SHAPE
