@@ -9,16 +9,18 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 
 from tests.test_configs import TRAIN_TINY as TRAIN_TINY_2D, _main, _write_dataset
+from tests.test_predictor import make_workdir, tiny_plan
 from voxseg.choice import choose_configuration
 from voxseg.data.configs import config_workdir
 from voxseg.data.io import Geometry, read_image, write_image
 from voxseg.data.plan import plan_dataset
 from voxseg.data.splits import load_splits
 from voxseg.errors import ConfigError
-from voxseg.infer.ensemble import CHOICE_FILE, load_choice
-from voxseg.infer.postprocess import apply_postprocessing
+from voxseg.infer.ensemble import CHOICE_FILE, EnsemblePredictor, load_choice
+from voxseg.infer.postprocess import apply_postprocessing, regions_to_labels
 from voxseg.infer.predictor import Predictor, save_probabilities
 
 SHAPE, SPACING = (20, 20, 12), (1.0, 1.0, 3.0)
@@ -65,7 +67,7 @@ def test_the_ensemble_is_chosen_when_it_is_best(work: Path, capsys) -> None:
     # each configuration finds the tumour and one false blob of its own; the other's 0.1 outvotes each blob
     _write_validation(work, "3d_fullres", _tumour_probability(0.9, FALSE_A, 0.6))
     _write_validation(work, "2d", _tumour_probability(0.9, FALSE_B, 0.7))
-    assert _main("evaluate", "--crossval", work, "--configurations", "all") == 0
+    assert _main("evaluate", "--crossval", work, "--configurations") == 0  # no value: all
     out = capsys.readouterr().out
     choice = json.loads((work / CHOICE_FILE).read_text())
     scores = {e["name"]: e["dice"] for e in choice["compared"]}
@@ -238,3 +240,28 @@ def test_train_choose_and_predict_end_to_end(work: Path, tmp_path: Path, capsys)
                  "--device", "cpu", "--no-mirror") == 0
     assert "cross-validation choice" in capsys.readouterr().out
     assert read_image(tmp_path / "preds" / "case4.nii.gz")[0].shape == SHAPE
+
+
+def test_region_ensemble_thresholds_the_mean_of_the_sigmoids(tmp_path: Path) -> None:
+    """Two region-based models (different weights): the ensemble's regions come from the mean of the two
+    sigmoid maps, thresholded and written in regions_class_order, as for one model."""
+    labels = {"background": 0, "whole": [1, 2], "core": 2}
+    members = []
+    for seed in (0, 1):
+        folder = tmp_path / f"m{seed}"
+        folder.mkdir()
+        make_workdir(folder, tiny_plan(labels=labels, regions_class_order=[1, 2]), seed=seed)
+        members.append(Predictor.from_workdir(folder, folds=[0], device="cpu", mirror_axes=None))
+    image = np.random.default_rng(0).normal(0, 1, (2, 18, 20, 17)).astype(np.float32)
+    outputs = [m.predict_array(image, (1.0, 1.0, 1.0), return_probabilities=True)[1] for m in members]
+    mean = (outputs[0] + outputs[1]) / np.float32(2)
+    assert np.abs(outputs[0] - outputs[1]).max() > 1e-3
+    ensemble = EnsemblePredictor(members)
+    got, probabilities = ensemble.predict_array(image, (1.0, 1.0, 1.0), return_probabilities=True)
+    assert np.array_equal(probabilities, mean)
+    assert np.array_equal(got, regions_to_labels(torch.from_numpy(mean), [1, 2]).numpy())
+    with pytest.raises(ConfigError, match="different channels or classes"):
+        other = tmp_path / "other"
+        other.mkdir()
+        make_workdir(other, tiny_plan())
+        EnsemblePredictor([members[0], Predictor.from_workdir(other, folds=[0], device="cpu")])

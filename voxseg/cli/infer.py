@@ -172,8 +172,9 @@ def _evaluate_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--crossval", metavar="WORKDIR",
                    help="aggregate the folds' validation predictions and decide the postprocessing")
     add_configuration_flag(p)
-    p.add_argument("--configurations", type=_configuration_names, metavar="all|NAME,NAME",
-                   help="with --crossval: rank these configurations (all: every one with all folds validated) "
+    p.add_argument("--configurations", type=_configuration_names, nargs="?", const="all", metavar="all|NAME,NAME",
+                   help="with --crossval: rank these configurations (all, the default when no value is given: "
+                        "every one with all folds validated) "
                         "and their pair ensembles by cross-validation Dice, and save the best to "
                         "WORKDIR/inference_choice.json for 'voxseg predict'")
     p.add_argument("-j", "--workers", type=int, default=1)
