@@ -107,6 +107,9 @@ class LoopConfig:
         deterministic: deterministic algorithms (slower on CUDA; resumed runs reproduce exactly).
         device: "auto" (cuda if available, else cpu), "cpu", "cuda" or "cuda:N".
         full_val: sliding-window validation of the whole validation cases after training.
+        save_val_probabilities: full validation also writes each case's probabilities on the raw grid
+            (validation/CASE.npz, as `voxseg predict --save-probabilities`), which `voxseg evaluate --crossval
+            WORKDIR --configurations all` needs to compare ensembles of configurations.
         dist_timeout_min: under torchrun, a collective waiting longer than this fails, so a rank that died or
             hangs does not leave the others blocked forever.
     """
@@ -126,6 +129,7 @@ class LoopConfig:
     deterministic: bool = False
     device: str = "auto"
     full_val: bool = True
+    save_val_probabilities: bool = False
     dist_timeout_min: float = 30.0
 
     def __post_init__(self) -> None:

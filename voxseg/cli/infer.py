@@ -25,10 +25,21 @@ def cmd_predict(args: argparse.Namespace) -> int:
     mirror = None if args.no_mirror else (tuple(args.mirror_axes) if args.mirror_axes else "all")
     if args.backend == "torch":
         usable_device(args.device)
-    predictor = Predictor.from_workdir(
-        configuration_workdir(args.model, args.configuration), folds=args.folds, checkpoint=args.checkpoint, device=args.device, step=args.step,
-        mirror_axes=mirror, tile_batch=args.tile_batch, backend=args.backend,
-    )
+    options = dict(folds=args.folds, checkpoint=args.checkpoint, device=args.device, step=args.step,
+                   mirror_axes=mirror, tile_batch=args.tile_batch, backend=args.backend)
+    choice = None
+    if args.configuration is None:
+        from voxseg.infer.ensemble import load_choice
+
+        choice = load_choice(args.model)
+    if choice is not None:
+        from voxseg.infer.ensemble import CHOICE_FILE, describe_choice, predictor_from_choice
+
+        predictor = predictor_from_choice(args.model, choice, **options)
+        print(f"using the cross-validation choice in {args.model}/{CHOICE_FILE}: {describe_choice(choice)}, "
+              f"postprocessing {choice['postprocessing']['largest_component']} (--configuration NAME overrides)")
+    else:
+        predictor = Predictor.from_workdir(configuration_workdir(args.model, args.configuration), **options)
     cases = find_input_cases(args.input, predictor.plan.num_channels, predictor.plan.file_ending)
     postprocess = False if args.no_postprocess else ("force" if args.postprocess else None)
     result = predictor.predict_files(
@@ -43,6 +54,21 @@ def cmd_predict(args: argparse.Namespace) -> int:
 def cmd_evaluate(args: argparse.Namespace) -> int:
     from voxseg.evaluate.folder import evaluate_folder, format_table
 
+    if args.configurations is not None and not args.crossval:
+        raise ConfigError("--configurations compares a work directory's configurations: add --crossval WORKDIR")
+    if args.crossval and args.configurations is not None:
+        from voxseg.choice import choose_configuration, format_choice
+        from voxseg.infer.ensemble import CHOICE_FILE
+
+        if args.configuration:
+            raise ConfigError("--configuration evaluates one configuration, --configurations compares several: "
+                              "give one of them")
+        choice = choose_configuration(args.crossval, args.configurations, num_workers=args.workers,
+                                      tolerance_mm=args.tolerance, convention=args.convention)
+        print(format_choice(choice))
+        print(f"chosen: {choice['choice']['name']}, postprocessing {choice['postprocessing']['largest_component']} "
+              f"(saved to {args.crossval}/{CHOICE_FILE}; 'voxseg predict -m {args.crossval}' uses it)")
+        return 0
     if args.crossval:
         from voxseg.crossval import evaluate_crossval
 
@@ -146,6 +172,11 @@ def _evaluate_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--crossval", metavar="WORKDIR",
                    help="aggregate the folds' validation predictions and decide the postprocessing")
     add_configuration_flag(p)
+    p.add_argument("--configurations", type=_configuration_names, nargs="?", const="all", metavar="all|NAME,NAME",
+                   help="with --crossval: rank these configurations (all, the default when no value is given: "
+                        "every one with all folds validated) "
+                        "and their pair ensembles by cross-validation Dice, and save the best to "
+                        "WORKDIR/inference_choice.json for 'voxseg predict'")
     p.add_argument("-j", "--workers", type=int, default=1)
     p.add_argument("--convention", choices=list(CONVENTIONS), default="voxseg",
                    help="how a class absent from the reference is scored, to match another tool's numbers "
@@ -155,6 +186,16 @@ def _evaluate_arguments(p: argparse.ArgumentParser) -> None:
                         "(default: an error)")
     p.add_argument("--allow-undeclared-labels", action="store_true",
                    help="list label values that dataset.json does not declare in summary.json (default: an error)")
+
+
+def _configuration_names(value: str) -> str | list[str]:
+    names = [v.strip() for v in value.split(",") if v.strip()]
+    if value.strip() == "all":
+        return "all"
+    if not names or "all" in names or len(set(names)) != len(names):
+        raise argparse.ArgumentTypeError(f"expected 'all' or distinct configuration names like 3d_fullres,2d, "
+                                         f"got '{value}'")
+    return names
 
 
 def add_infer_commands(sub: Subparsers) -> None:
@@ -167,7 +208,8 @@ def add_infer_commands(sub: Subparsers) -> None:
     add_command(sub, "evaluate", cmd_evaluate,
                 "score predictions: Dice, IoU, HD95, surface Dice, volumes per label and region",
                 "voxseg evaluate preds data/Dataset001_Synth/labelsTs --dataset-json data/Dataset001_Synth/dataset.json\n"
-                "voxseg evaluate --crossval work/synth", setup=_evaluate_arguments)
+                "voxseg evaluate --crossval work/synth\n"
+                "voxseg evaluate --crossval work/synth --configurations all", setup=_evaluate_arguments)
 
     add_command(sub, "export", cmd_export,
                 "export a trained model to ONNX, a shareable archive and/or an nnU-Net v2 model folder",

@@ -68,6 +68,11 @@ def probabilities_to_labels(probabilities: torch.Tensor, plan: Plan) -> torch.Te
     return values[probabilities.argmax(0)]
 
 
+def probability_names(plan: Plan) -> list[str]:
+    """The names of the probability channels: the regions, or background followed by the labels."""
+    return list(plan.class_names) if plan.is_region_based else ["background", *plan.class_names]
+
+
 def labels_on_original_grid(logits: torch.Tensor, plan: Plan, properties: dict[str, Any],
                             with_probabilities: bool = False) -> tuple[np.ndarray, np.ndarray | None]:
     """(K, d, h, w) logits at the target spacing -> ((D, H, W) uint8 labels, (K, D, H, W) float32 probabilities

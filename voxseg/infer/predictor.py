@@ -35,6 +35,7 @@ from voxseg.infer.postprocess import (
     load_postprocessing,
     labels_on_original_grid,
     logits_to_labels,
+    probability_names,
     regions_to_labels,
 )
 from voxseg.infer.sliding_window import check_tiling, sliding_window_inference
@@ -174,7 +175,7 @@ class Predictor:
     @property
     def class_names(self) -> list[str]:
         """Names of the probability channels."""
-        return self.plan.class_names if self.plan.is_region_based else ["background", *self.plan.class_names]
+        return probability_names(self.plan)
 
     def predict_logits(self, image_pp: np.ndarray | torch.Tensor) -> torch.Tensor:
         """(C, d, h, w) preprocessed image -> (K, d, h, w) float32 logits (on the compute device, or on the host

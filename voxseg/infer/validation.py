@@ -19,7 +19,7 @@ from voxseg.data.store import case_paths, load_case
 from voxseg.distributed import all_gather_objects, current_world, shard_balanced
 from voxseg.evaluate.overlap import class_masks, dice_from_counts, nanmean, overlap_counts
 from voxseg.infer.cascade import NextStage, StoredPrevious
-from voxseg.infer.postprocess import labels_on_original_grid
+from voxseg.infer.postprocess import labels_on_original_grid, probability_names
 from voxseg.infer.sliding_window import sliding_window_inference
 from voxseg.jsonio import write_json_atomic
 from voxseg.plans import Plan
@@ -30,12 +30,15 @@ def full_validation(model: nn.Module, plan: Plan, preprocessed_dir: str | Path, 
                     out_dir: str | Path, device: torch.device | str, patch_size: Sequence[int],
                     amp_dtype: torch.dtype | None = None, step: float = 0.5, tile_batch: int = 2,
                     write: bool = True, previous: StoredPrevious | None = None,
-                    next_stage: NextStage | None = None) -> dict[str, Any]:
+                    next_stage: NextStage | None = None, save_probabilities: bool = False) -> dict[str, Any]:
     """Sliding-window prediction of each preprocessed validation case and its Dice on the preprocessed grid.
 
     Each prediction is mapped back to its raw image's grid (undo resampling and cropping) and written as
     `out_dir/CASE{plan.file_ending}` with the raw geometry, so `voxseg evaluate --crossval` can score the folds
-    against labelsTr; the Dice table goes to `out_dir/summary.json` (when `write`).
+    against labelsTr; the Dice table goes to `out_dir/summary.json` (when `write`). With `save_probabilities`
+    each case's probabilities on that grid go next to it as `out_dir/CASE.npz` (the writer of `voxseg predict
+    --save-probabilities`), for ensembles of configurations (`voxseg.choice`); without it a CASE.npz left by
+    an earlier validation is removed, so probabilities never disagree with the label map beside them.
 
     Cascades (see `voxseg.infer.cascade`): a cascade stage's cases get the one-hot of the first stage's stored
     predictions (`previous`) as extra channels, as in training; a first stage writes each case's labels on
@@ -72,7 +75,9 @@ def full_validation(model: nn.Module, plan: Plan, preprocessed_dir: str | Path, 
                 counts = overlap_counts(*class_masks(logits[None], ref, plan))
                 per_case[name] = dict(zip(plan.class_names, dice_from_counts(counts)))
             if write:
-                labels, _ = labels_on_original_grid(logits, plan, properties)  # (D, H, W) on the raw grid
+                labels, probabilities = labels_on_original_grid(logits, plan, properties,
+                                                                with_probabilities=save_probabilities)
+                _write_probabilities(out_dir / f"{name}.npz", probabilities, plan)  # (K, D, H, W) or None
                 write_image(out_dir / f"{name}{plan.file_ending}", labels, Geometry.from_list(properties["affine"]))
                 if next_stage is not None:
                     next_stage.write(name, logits, plan, properties)
@@ -85,6 +90,16 @@ def full_validation(model: nn.Module, plan: Plan, preprocessed_dir: str | Path, 
     if write and rank == 0:
         write_json_atomic(out_dir / "summary.json", _json_safe(result))
     return result
+
+
+def _write_probabilities(path: Path, probabilities: np.ndarray | None, plan: Plan) -> None:
+    """CASE.npz as `voxseg predict --save-probabilities` writes it, or no CASE.npz when there are none."""
+    from voxseg.infer.predictor import save_probabilities  # the predictor's writer (it never imports this module)
+
+    if probabilities is None:
+        path.unlink(missing_ok=True)
+    else:
+        save_probabilities(path, probabilities, probability_names(plan))
 
 
 def _json_safe(value: Any) -> Any:

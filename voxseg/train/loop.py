@@ -187,7 +187,8 @@ def _train(workdir: str | Path, fold: int | str, config: TrainConfig, world: Wor
     if config.loop.full_val and val_names:
         # the final weights, as nnU-Net validates them; `--test-only` validates checkpoint_best instead
         logger.message(f"full validation of {len(val_names)} cases (sliding window)")
-        result.update(_full_val_metrics(t.model, plan, workdir, out_dir, val_names, run))
+        result.update(_full_val_metrics(t.model, plan, workdir, out_dir, val_names, run,
+                                         config.loop.save_val_probabilities))
     result["seconds"] = time.perf_counter() - start
     return result
 
@@ -382,15 +383,17 @@ def _test_only(workdir: Path, out_dir: Path, config: TrainConfig, val_names: lis
     run = Resolved(device, resolve_amp(config.loop.amp, device), False, 0, world)
     result: dict[str, Any] = {"checkpoint": str(path), "epochs": int(state["progress"]["epoch"])}
     if val_names:
-        result.update(_full_val_metrics(model, plan, workdir, out_dir, val_names, run))
+        result.update(_full_val_metrics(model, plan, workdir, out_dir, val_names, run,
+                                         config.loop.save_val_probabilities))
     result["seconds"] = time.perf_counter() - start
     return result
 
 
 def _full_val_metrics(model: torch.nn.Module, plan: Plan, workdir: Path, out_dir: Path, names: list[str],
-                      run: Resolved) -> dict[str, Any]:
+                      run: Resolved, probabilities: bool = False) -> dict[str, Any]:
     # a cascade stage reads the first stage's stored predictions; a first stage writes them for the next one
     summary = full_validation(model, plan, workdir / "preprocessed", names, out_dir / "validation", run.device,
                               plan.patch_size, amp_dtype=run.amp_dtype, tile_batch=max(1, plan.batch_size),
-                              previous=stored_previous(workdir, plan), next_stage=next_stage_target(workdir, plan))
+                              previous=stored_previous(workdir, plan), next_stage=next_stage_target(workdir, plan),
+                              save_probabilities=probabilities)
     return {"val_dice_mean": summary["mean_dice"], "val_dice": summary["mean"]}
