@@ -97,6 +97,15 @@ def test_cascade_trains_on_lowres_crossval_and_predicts_lowres_first(tmp_path, c
     assert trained.previous_stage == "3d_lowres" and trained.network_in_channels == 2
     assert json.loads((cascade / "training" / "fold_0" / "validation" / "summary.json").read_text())["per_case"]
 
+    # benchmark and estimate time the cascade's real data path (image + first-stage channels) and its predictor
+    assert _main("benchmark", work, "--configuration", "3d_cascade_fullres", "--device", "cpu", "--iterations", 2,
+                 "--warmup", 1, "--repeats", 1, "--threads", 1) == 0
+    timed = json.loads((cascade / "benchmark.json").read_text())
+    assert timed["training"]["end_to_end_step_s"] > 0 and timed["inference"]
+    assert _main("estimate", work, "--configuration", "3d_cascade_fullres", "--device", "cpu", "--iterations", 2,
+                 "--epochs", 2) == 0
+    assert json.loads((cascade / "estimate.json").read_text())["rows"][0]["step_s"] > 0
+
     preds = tmp_path / "preds"
     assert _main("predict", "-m", work, "--configuration", "3d_cascade_fullres", "-i", raw / "imagesTs",
                  "-o", preds, "--device", "cpu", "--no-mirror", "--folds", 0) == 0

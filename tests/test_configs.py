@@ -145,11 +145,11 @@ def test_lowres_is_dropped_when_it_barely_shrinks_the_image():
     assert list(plans) == ["3d_fullres", "2d"]
 
 
-def test_cascade_is_refused_for_benchmarks_and_estimates():
+def test_cascade_is_refused_for_export():
     plans = make_plans(fingerprint([4, 1, 1], [500, 1200, 1200], 4), raw_dataset(), gpu_memory_gb=UNLIMITED_GB)
-    with pytest.raises(ConfigError, match="cascade.*benchmarking.*not supported.*--configuration 3d_lowres"):
-        plans["3d_cascade_fullres"].check_runnable("benchmarking")
-    plans["3d_lowres"].check_runnable("benchmarking")  # the first stage is a plain 3D configuration
+    with pytest.raises(ConfigError, match="cascade.*ONNX export.*not supported.*--configuration 3d_lowres"):
+        plans["3d_cascade_fullres"].check_runnable("ONNX export")
+    plans["3d_lowres"].check_runnable("ONNX export")  # the first stage is a plain 3D configuration
     # the cascade's network takes the image and the first stage's segmentation, one channel per label
     assert plans["3d_cascade_fullres"].network_in_channels == 4 + 3 and plans["3d_lowres"].network_in_channels == 4
 

@@ -215,8 +215,8 @@ class Plan:
                 )
 
     def check_runnable(self, action: str) -> None:
-        """Refuse `action` (benchmarking, estimating, exporting) for a cascade stage, which train and predict
-        support (they add the first stage's segmentation) but the plain single-network paths do not.
+        """Refuse `action` (an export) for a cascade stage, which train, predict, benchmark and estimate
+        support (they add the first stage's segmentation) but a single exported network does not.
 
         Raises:
             ConfigError: naming the configuration, what it needs and what to use instead.
@@ -225,7 +225,7 @@ class Plan:
             raise ConfigError(
                 f"configuration '{self.configuration}' is a cascade stage: its network takes the predictions of "
                 f"'{self.previous_stage}' as extra input channels, and {action} with a cascade is not supported "
-                f"(train and predict are). Use '--configuration {self.previous_stage}' or '--configuration "
+                f"(train, predict, benchmark and estimate are). Use '--configuration {self.previous_stage}' or '--configuration "
                 f"3d_fullres' instead")
 
     # ----- labels (see LabelScheme) -------------------------------------------------------------------------

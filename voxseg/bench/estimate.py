@@ -109,7 +109,6 @@ def run_estimate(workdir: str | Path, batch_sizes: Sequence[int] | None = None,
     """Time every combination and extrapolate; the first row is the current plan (the reference)."""
     workdir = Path(workdir)
     plan = Plan.load(workdir / "plans.json")
-    plan.check_runnable("estimating training time")
     num_cases = fold_training_cases(workdir)
     combos = [(plan.batch_size, 1, list(plan.patch_size))]
     for batch in batch_sizes or [plan.batch_size]:
