@@ -72,7 +72,9 @@ def write_model_folder(root: Path, plans: dict = PLANS, dataset: dict = DATASET,
     (folder / "fold_0").mkdir(parents=True)
     (folder / "plans.json").write_text(json.dumps(plans))
     (folder / "dataset.json").write_text(json.dumps(dataset))
-    plan, options = plan_from_nnunet(plans, dataset, configuration)
+    # the network nnU-Net runs: on the case transposed by transpose_forward (its own axes)
+    plan, options = plan_from_nnunet(dict(plans, transpose_forward=[0, 1, 2], transpose_backward=[0, 1, 2]),
+                                     dataset, configuration)
     torch.manual_seed(seed)
     network = build_network(plan, deep_supervision=False, **options)
     for param in network.parameters():  # norms and biases away from their identity/zero init
@@ -146,7 +148,8 @@ def _changed(path: list[str], value) -> dict:
 
 @pytest.mark.parametrize("path, value, named", [
     (["configurations", "3d_fullres", "architecture", "network_class_name"], "my.nets.SwinUNETR", "my.nets.SwinUNETR"),
-    (["transpose_forward"], [2, 0, 1], "transpose_forward"),
+    (["transpose_forward"], [2, 0, 0], r"transpose_forward \[2, 0, 0\] is not an order"),
+    (["transpose_backward"], [2, 0, 1], "does not undo"),
     (["configurations", "3d_fullres", "normalization_schemes"], ["RescaleTo01Normalization"], "RescaleTo01Normalization"),
     (["configurations", "3d_fullres", "architecture", "arch_kwargs", "norm_op"], "torch.nn.BatchNorm3d", "BatchNorm3d"),
     (["configurations", "3d_fullres", "architecture", "arch_kwargs", "n_conv_per_stage"], [1, 2, 2], "n_conv_per_stage"),
@@ -213,3 +216,64 @@ def test_residual_encoder_unet_loads_with_pooled_skips(tmp_path):
     with pytest.raises(CheckpointError, match="BottleneckD"):
         arch["arch_kwargs"]["block"] = "dynamic_network_architectures.building_blocks.residual.BottleneckD"
         plan_from_nnunet(_changed(["configurations", "3d_fullres", "architecture"], arch), DATASET, "3d_fullres")
+
+
+TRANSPOSED_ARCH = copy.deepcopy(ARCH)
+TRANSPOSED_ARCH["arch_kwargs"].update(kernel_sizes=[[1, 3, 3], [3, 1, 3], [3, 3, 1]],
+                                      strides=[[1, 1, 1], [1, 2, 2], [2, 2, 1]])
+
+
+def transposed_plans(forward: list[int]) -> dict:
+    """PLANS planned with `forward` as transpose_forward: every per-axis value in nnU-Net's transposed order."""
+    plans = copy.deepcopy(PLANS)
+    plans.update(transpose_forward=forward, transpose_backward=[forward.index(a) for a in range(3)],
+                 original_median_spacing_after_transp=[3.0, 1.0, 0.5])
+    plans["configurations"]["3d_fullres"].update(patch_size=[8, 16, 12], spacing=[3.0, 1.0, 0.5],
+                                                 median_image_size_in_voxels=[8, 16, 12], architecture=TRANSPOSED_ARCH)
+    return plans
+
+
+@pytest.mark.parametrize("forward", [[2, 0, 1], [1, 0, 2]])
+def test_transposed_model_runs_on_the_untransposed_case(tmp_path, forward):
+    plans = transposed_plans(forward)
+    folder, network = write_model_folder(tmp_path, plans)  # `network` works in nnU-Net's transposed axes
+    backward = plans["transpose_backward"]
+    predictor = Predictor.from_workdir(folder, folds=0, device="cpu")
+    plan = predictor.plan
+    assert plan.target_spacing == [[3.0, 1.0, 0.5][backward[a]] for a in range(3)]
+    assert plan.patch_size == [[8, 16, 12][backward[a]] for a in range(3)]
+    assert plan.original_median_spacing == plan.target_spacing
+    assert plan.network.strides[2] == [[2, 2, 1][backward[a]] for a in range(3)]
+    assert predictor.mirror_axes == tuple(sorted(forward[a] for a in (0, 2)))  # nnU-Net's axes 0 and 2
+    image = torch.randn(1, 1, *[[8, 16, 12][backward[a]] for a in range(3)])
+    with torch.no_grad():
+        expected = network(image.permute(0, 1, *[2 + a for a in forward])).permute(0, 1, *[2 + a for a in backward])
+        logits = predictor.models[0](image)
+    assert logits.shape == expected.shape and torch.allclose(logits, expected, atol=1e-5)
+    assert float((logits - expected).abs().max()) < 1e-5 and float(expected.std()) > 1e-2
+    # the sliding window, mirroring included, on a case larger than the patch: nnU-Net's result in the case's axes
+    predictor.mirror_axes = (forward[0],)
+    case = np.random.default_rng(0).normal(0.0, 1.0, (1, *[[10, 20, 14][backward[a]] for a in range(3)]))
+    ours = predictor.predict_logits(case.astype(np.float32))
+    plan_t, _ = plan_from_nnunet(dict(plans, transpose_forward=[0, 1, 2], transpose_backward=[0, 1, 2]), DATASET,
+                                 "3d_fullres")
+    reference = Predictor(plan_t, [network], torch.device("cpu"), predictor.step, mirror_axes=(0,))
+    theirs = reference.predict_logits(np.ascontiguousarray(case.transpose(0, *[1 + a for a in forward])).astype(
+        np.float32)).permute(0, *[1 + a for a in backward])
+    assert torch.allclose(ours, theirs, atol=1e-5)
+
+
+def test_transposed_model_predicts_in_the_input_geometry(tmp_path):
+    from voxseg.cli import main
+    from voxseg.data.io import read_image, write_image
+
+    folder, _ = write_model_folder(tmp_path / "results", transposed_plans([2, 0, 1]))
+    inputs = tmp_path / "inputs"
+    inputs.mkdir()
+    image = np.random.default_rng(2).normal(50.0, 10.0, (18, 11, 9)).astype(np.float32)
+    geometry = Geometry.from_spacing((0.6, 1.1, 2.8))
+    write_image(inputs / "case_0000.nii.gz", image, geometry)
+    assert main(["predict", "-m", str(folder), "-i", str(inputs), "-o", str(tmp_path / "out"), "--folds", "0",
+                 "--device", "cpu"]) == 0
+    labels, written = read_image(tmp_path / "out" / "case.nii.gz")
+    assert labels.shape == image.shape and np.allclose(written.to_list(), geometry.to_list())

@@ -12,10 +12,17 @@ and their dtypes); anything else is refused and never executed. postprocessing.p
 Only what voxseg can represent exactly is accepted: 3D configurations of PlainConvUNet or ResidualEncoderUNet
 (BasicBlockD blocks, run as voxseg's residual UNet with `pooled_skip`) with instance norm,
 LeakyReLU, no dropout, conv -> norm -> nonlin, the same convolution count in every encoder stage (and in every
-decoder level), no axis transposition, and z-score / CT normalisation. Anything else is a CheckpointError that
+decoder level), and z-score / CT normalisation. Anything else is a CheckpointError that
 names it. Preprocessing is voxseg's, with nnU-Net's resampling rule (`voxseg.data.resample`: images with
 third-order splines, a coarse axis decided per case, logits back linearly before the softmax), so only the
 default resampling kwargs of nnU-Net's plans are accepted; other orders or a forced separate axis are refused.
+
+Axis transposition (`transpose_forward`, nnU-Net's planner puts the coarsest axis first) is translated away: nnU-Net
+runs its network on the case transposed, so every per-axis value of the configuration (spacing, patch, kernels,
+strides, median shapes), the spatial dimensions of every convolution weight and the mirror axes are permuted back
+to the case's own axes. A convolution, a transposed convolution and an instance norm of the permuted input with the
+permuted weights is the permuted output, so voxseg runs the same function on the untransposed case and nothing
+downstream knows of the transposition.
 """
 from __future__ import annotations
 
@@ -30,7 +37,7 @@ from torch import nn
 from voxseg.checkpoint import load_checkpoint
 from voxseg.data.dataset import check_nnunet_fields
 from voxseg.errors import CheckpointError
-from voxseg.infer.nnunet_weights import map_nnunet_weights
+from voxseg.infer.nnunet_weights import map_nnunet_weights, untranspose_weights
 from voxseg.models.factory import build_network
 from voxseg.plans import ChannelNormalization, NetworkPlan, Plan
 
@@ -175,8 +182,34 @@ def _check_residual(kwargs: dict[str, Any], features: list[int]) -> None:
                               f"{features[0]}; voxseg's stem has the first stage's features")
 
 
-def network_plan(arch: dict[str, Any]) -> tuple[NetworkPlan, dict[str, Any]]:
-    """The voxseg topology of a configuration's "architecture", and the build_network options it needs."""
+def nnunet_transpose(plans: dict[str, Any]) -> list[int]:
+    """plans.json's transpose_forward (the case axis each of nnU-Net's axes is), checked against transpose_backward."""
+    forward = [int(a) for a in plans.get("transpose_forward", [0, 1, 2])]
+    if sorted(forward) != [0, 1, 2]:
+        raise CheckpointError(f"plans.json: transpose_forward {forward} is not an order of the axes 0, 1, 2")
+    backward = plans.get("transpose_backward")
+    if backward is not None and [int(a) for a in backward] != [forward.index(a) for a in range(3)]:
+        raise CheckpointError(f"plans.json: transpose_backward {list(backward)} does not undo transpose_forward "
+                              f"{forward}")
+    return forward
+
+
+def untransposed(values: Sequence[Any], transpose: Sequence[int]) -> list[Any]:
+    """Per-axis `values` in nnU-Net's transposed order, in the case's own axis order."""
+    if len(values) != len(transpose):
+        raise CheckpointError(f"plans.json: {list(values)} has {len(values)} entries; the transposition "
+                              f"{list(transpose)} has {len(transpose)}")
+    return [values[list(transpose).index(axis)] for axis in range(len(transpose))]
+
+
+def untransposed_axes(axes: Sequence[int], transpose: Sequence[int]) -> list[int]:
+    """nnU-Net's (transposed) axis numbers as the case's axis numbers, sorted."""
+    return sorted(int(transpose[int(a)]) for a in axes)
+
+
+def network_plan(arch: dict[str, Any], transpose: Sequence[int] = (0, 1, 2)) -> tuple[NetworkPlan, dict[str, Any]]:
+    """The voxseg topology of a configuration's "architecture" in the case's axes (`transpose`: plans.json's
+    transpose_forward), and the build_network options it needs."""
     class_name = str(arch.get("network_class_name", ""))
     if class_name.rsplit(".", 1)[-1] not in SUPPORTED_NETWORKS:
         raise CheckpointError(f"plans.json: network class {class_name} is not supported; voxseg runs "
@@ -201,8 +234,9 @@ def network_plan(arch: dict[str, Any]) -> tuple[NetworkPlan, dict[str, Any]]:
     slope = float((kwargs.get("nonlin_kwargs") or {}).get("negative_slope", 1e-2))
     options.update(norm_kwargs=norm_kwargs, nonlin_kwargs={"negative_slope": slope, "inplace": True})
     # the plan carries every option too, so build_network(plan) alone builds this network (an imported work dir)
-    network = NetworkPlan(name="unet", features=features, kernel_sizes=[list(k) for k in kwargs["kernel_sizes"]],
-                          strides=[list(s) for s in kwargs["strides"]], conv_per_stage=encoder, residual=residual,
+    network = NetworkPlan(name="unet", features=features,
+                          kernel_sizes=[untransposed([int(v) for v in k], transpose) for k in kwargs["kernel_sizes"]],
+                          strides=[untransposed([int(v) for v in s], transpose) for s in kwargs["strides"]], conv_per_stage=encoder, residual=residual,
                           deep_supervision=True, blocks_per_stage=options.get("blocks_per_stage"),
                           decoder_conv_per_stage=decoder, pooled_skip=residual, norm_eps=norm_kwargs["eps"],
                           negative_slope=slope)
@@ -249,34 +283,35 @@ def plan_from_nnunet(plans: dict[str, Any], dataset: dict[str, Any], configurati
     """A voxseg Plan from nnU-Net's plans.json and dataset.json, and the network options it needs.
 
     Raises:
-        CheckpointError: the configuration transposes axes, is 2D, or uses a network, layer, normalisation or
+        CheckpointError: the configuration is 2D, or uses a network, layer, normalisation or
             resampling voxseg cannot represent exactly, or dataset.json names a file type or image reader voxseg
             reads differently (the message names it).
     """
     check_nnunet_fields(dataset, Path(source) / "dataset.json" if source else "dataset.json", CheckpointError)
-    transpose = [int(a) for a in plans.get("transpose_forward", [0, 1, 2])]
-    if transpose != sorted(transpose):
-        raise CheckpointError(f"plans.json: transpose_forward {transpose} reorders the axes; voxseg runs only models "
-                              "planned without transposition ([0, 1, 2])")
+    transpose = nnunet_transpose(plans)
     config = resolve_configuration(plans, configuration)
     if len(config["patch_size"]) != 3:
         raise CheckpointError(f"plans.json: configuration '{configuration}' is 2D; voxseg runs 3D nnU-Net models only")
-    network, options = network_plan(config["architecture"])
+    network, options = network_plan(config["architecture"], transpose)
     _check_resampling(config, configuration)
     channels = dataset.get("channel_names") or dataset.get("modality")
     if not channels:
         raise CheckpointError("dataset.json has no channel_names")
-    spacing = [float(s) for s in config["spacing"]]
+    spacing = untransposed([float(s) for s in config["spacing"]], transpose)
+
+    def per_axis(values: Sequence[Any], kind: type) -> list[Any]:
+        return untransposed([kind(v) for v in values], transpose) if values else []
+
     plan = Plan(
         dataset_name=str(plans.get("dataset_name", dataset.get("name", ""))), raw_dataset=source,
         channel_names={str(k): str(v) for k, v in channels.items()}, labels=_labels(dataset),
         regions_class_order=[int(v) for v in dataset["regions_class_order"]] if dataset.get("regions_class_order")
         else None, file_ending=str(dataset.get("file_ending", ".nii.gz")), target_spacing=spacing,
-        patch_size=[int(p) for p in config["patch_size"]], batch_size=int(config.get("batch_size", 2)),
+        patch_size=per_axis(config["patch_size"], int), batch_size=int(config.get("batch_size", 2)),
         network=network, normalization=_normalization(plans, config, len(channels)),
-        original_median_spacing=[float(s) for s in plans.get("original_median_spacing_after_transp", [])],
-        original_median_shape=[int(s) for s in plans.get("original_median_shape_after_transp", [])],
-        median_shape_after_resample=[int(s) for s in config.get("median_image_size_in_voxels", [])],
+        original_median_spacing=per_axis(plans.get("original_median_spacing_after_transp", []), float),
+        original_median_shape=per_axis(plans.get("original_median_shape_after_transp", []), int),
+        median_shape_after_resample=per_axis(config.get("median_image_size_in_voxels", []), int),
         anisotropy_axis=int(np.argmax(spacing)), image_dtype="float32",
     )
     return plan, options
@@ -304,15 +339,22 @@ def nnunet_folds(folder: str | Path, folds: int | str | Sequence[int | str] | No
     return paths
 
 
+def nnunet_fold_state(state: dict[str, Any], plans: dict[str, Any]) -> tuple[dict[str, torch.Tensor], list[int] | None]:
+    """A checkpoint's nnU-Net weights and allowed mirror axes (None: not recorded) in the case's axes."""
+    transpose = nnunet_transpose(plans)
+    axes = state.get("inference_allowed_mirroring_axes")
+    axes = untransposed_axes(axes, transpose) if axes is not None else None
+    return untranspose_weights(state["network_weights"], transpose), axes
+
+
 def load_nnunet_fold(folder: str | Path, checkpoint_file: str | Path, device: str | torch.device = "cpu"
                      ) -> tuple[nn.Module, Plan, tuple[int, ...]]:
     """The voxseg network of one nnU-Net fold in eval mode, its plan and the mirror axes it allows."""
     folder = Path(folder)
-    plan, options = plan_from_nnunet(_read_json(folder / "plans.json"), _read_json(folder / "dataset.json"),
-                                     configuration_name(folder), str(folder))
-    state = load_nnunet_checkpoint(checkpoint_file)
+    plans = _read_json(folder / "plans.json")
+    plan, options = plan_from_nnunet(plans, _read_json(folder / "dataset.json"), configuration_name(folder), str(folder))
+    weights, axes = nnunet_fold_state(load_nnunet_checkpoint(checkpoint_file), plans)
     network = build_network(plan, deep_supervision=False, **options)
-    network.load_state_dict(map_nnunet_weights(state["network_weights"], network, str(checkpoint_file)))
-    axes = state.get("inference_allowed_mirroring_axes")
-    mirror_axes = tuple(int(a) for a in axes) if axes is not None else ()
+    network.load_state_dict(map_nnunet_weights(weights, network, str(checkpoint_file)))
+    mirror_axes = tuple(axes) if axes is not None else ()
     return network.to(device).eval(), plan, mirror_axes
