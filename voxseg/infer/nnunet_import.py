@@ -122,7 +122,7 @@ def _read_fold(model: Path, path: Path, plans: dict[str, Any], dataset: dict[str
     plan, _ = plan_from_nnunet(plans, dataset, configuration, str(model))
     plan.raw_dataset = raw_dataset  # the raw data (labelsTr for cross-validation), not the model folder
     state = load_nnunet_checkpoint(path)
-    weights, axes = nnunet_fold_state(state, plans)  # in the case's axes, whatever nnU-Net's transposition
+    weights, axes = nnunet_fold_state(state, plans, configuration)  # in the case's axes, whatever nnU-Net's transposition
     plan.inference_mirror_axes = axes if axes is not None else []  # None: nnU-Net does not mirror
     network = build_network(plan, deep_supervision=False)  # the plan alone builds it: no options outside it
     network.load_state_dict(map_nnunet_weights(weights, network, str(path)))
