@@ -365,3 +365,18 @@ def test_transposed_model_imports_in_the_case_axes(tmp_path):
     ours = Predictor.from_workdir(work, folds=0, device="cpu")
     case = np.random.default_rng(4).normal(0.0, 1.0, (1, 18, 13, 9)).astype(np.float32)
     assert torch.equal(ours.predict_logits(case), theirs.predict_logits(case))
+
+
+def test_2d_model_imports_as_a_2d_plan(tmp_path):
+    from tests.test_nnunet import plans_2d
+
+    folder, _ = write_model_folder(tmp_path / "results", plans_2d([1, 2, 0]), configuration="2d")
+    work = tmp_path / "work"
+    import_nnunet(folder, work)
+    plan = Plan.load(work / "plans.json")
+    assert (plan.network.ndim, plan.slice_axis, plan.keep_slice_spacing, plan.patch_size) == (2, 1, True, [8, 16])
+    theirs = Predictor.from_workdir(folder, folds=0, device="cpu")
+    ours = Predictor.from_workdir(work, folds=0, device="cpu")
+    assert ours.mirror_axes == theirs.mirror_axes == (1,)
+    case = np.random.default_rng(5).normal(0.0, 1.0, (1, 10, 4, 19)).astype(np.float32)
+    assert torch.equal(ours.predict_logits(case), theirs.predict_logits(case))
