@@ -350,3 +350,33 @@ def test_residual_export_drops_the_skip_bias_nnunet_does_not_have(tmp_path):
     back = Predictor.from_workdir(folder, folds=0, device="cpu")
     image_pp = np.random.default_rng(4).normal(0.0, 1.0, (1, 16, 16, 16)).astype(np.float32)
     assert torch.allclose(back.predict_logits(image_pp), ours.predict_logits(image_pp), atol=1e-5)
+
+
+def test_transposed_model_imports_in_the_case_axes(tmp_path):
+    from tests.test_nnunet import transposed_plans
+
+    folder, _ = write_model_folder(tmp_path / "results", transposed_plans([2, 0, 1]))
+    work = tmp_path / "work"
+    import_nnunet(folder, work)
+    plan = Plan.load(work / "plans.json")
+    assert plan.target_spacing == [1.0, 0.5, 3.0] and plan.patch_size == [16, 12, 8]
+    assert plan.inference_mirror_axes == [1, 2]  # nnU-Net's axes 0 and 2
+    theirs = Predictor.from_workdir(folder, folds=0, device="cpu")
+    ours = Predictor.from_workdir(work, folds=0, device="cpu")
+    case = np.random.default_rng(4).normal(0.0, 1.0, (1, 18, 13, 9)).astype(np.float32)
+    assert torch.equal(ours.predict_logits(case), theirs.predict_logits(case))
+
+
+def test_2d_model_imports_as_a_2d_plan(tmp_path):
+    from tests.test_nnunet import plans_2d
+
+    folder, _ = write_model_folder(tmp_path / "results", plans_2d([1, 2, 0]), configuration="2d")
+    work = tmp_path / "work"
+    import_nnunet(folder, work)
+    plan = Plan.load(work / "plans.json")
+    assert (plan.network.ndim, plan.slice_axis, plan.keep_slice_spacing, plan.patch_size) == (2, 1, True, [8, 16])
+    theirs = Predictor.from_workdir(folder, folds=0, device="cpu")
+    ours = Predictor.from_workdir(work, folds=0, device="cpu")
+    assert ours.mirror_axes == theirs.mirror_axes == (1,)
+    case = np.random.default_rng(5).normal(0.0, 1.0, (1, 10, 4, 19)).astype(np.float32)
+    assert torch.equal(ours.predict_logits(case), theirs.predict_logits(case))

@@ -10,7 +10,7 @@ import dataclasses
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Sequence
 
 from voxseg.configtree import parse_value
 from voxseg.errors import ConfigError
@@ -150,6 +150,9 @@ class Plan:
             "3d_lowres" or "3d_cascade_fullres" (see `voxseg.data.configs`).
         slice_axis: 2D plans only: the array axis the 2D network slices along (the coarsest axis, nnU-Net's
             transpose rule); the patch covers the other two axes in their order.
+        keep_slice_spacing: 2D plans only: the slice axis keeps each case's own spacing, only the other two axes
+            are resampled (nnU-Net's 2d preprocessing, set for its imported 2d models); target_spacing's entry
+            for the slice axis is then only a typical value. False: every axis is resampled to target_spacing.
         previous_stage: a cascade stage's first stage ("3d_lowres" for "3d_cascade_fullres"), else None.
     """
 
@@ -176,6 +179,7 @@ class Plan:
     memory_calibration: dict[str, Any] | None = None
     configuration: str = "3d_fullres"
     slice_axis: int = 0
+    keep_slice_spacing: bool = False
     previous_stage: str | None = None
     version: int = PLAN_VERSION
 
@@ -202,9 +206,18 @@ class Plan:
         if not isinstance(self.slice_axis, int) or not 0 <= self.slice_axis < len(self.target_spacing):
             raise ConfigError(f"plans.json: slice_axis {self.slice_axis!r} must be an array axis, "
                               f"0..{len(self.target_spacing) - 1}")
+        if self.keep_slice_spacing and ndim != 2:
+            raise ConfigError("plans.json: keep_slice_spacing applies to 2D plans only")
         if not isinstance(self.configuration, str) or not self.configuration:
             raise ConfigError("plans.json: configuration must be a name such as 3d_fullres")
         self._check_patch_divisible()
+
+    def case_target_spacing(self, spacing: Sequence[float]) -> list[float]:
+        """The spacing a case of `spacing` is resampled to (target_spacing, but see keep_slice_spacing)."""
+        target = [float(t) for t in self.target_spacing]
+        if self.keep_slice_spacing:
+            target[self.slice_axis] = float(spacing[self.slice_axis])
+        return target
 
     def _check_patch_divisible(self) -> None:
         for axis, (p, t) in enumerate(zip(self.patch_size, self.network.total_stride)):

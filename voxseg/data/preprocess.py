@@ -54,6 +54,8 @@ def plan_hash(plan: Plan) -> str:
         "labels": plan.labels,
         "channel_names": plan.channel_names,
     }
+    if plan.keep_slice_spacing:  # only then: the hashes of other plans stay as they were
+        relevant["keep_slice_spacing"] = plan.slice_axis
     return hashlib.sha256(json.dumps(relevant, sort_keys=True).encode()).hexdigest()[:16]
 
 
@@ -115,8 +117,9 @@ def preprocess_case(
     mask_t = torch.from_numpy(np.ascontiguousarray(mask[box])).to(device)
     cropped, stats = normalize(cropped, mask_t, plan.normalization)  # (C, d, h, w)
     shape_after_crop = [int(s) for s in cropped.shape[1:]]
-    new_shape = new_shape_for_spacing(shape_after_crop, spacing, plan.target_spacing)
-    axis = separate_axis(spacing, plan.target_spacing)  # decided per case; the plan's axis is only recorded
+    target = plan.case_target_spacing(spacing)
+    new_shape = new_shape_for_spacing(shape_after_crop, spacing, target)
+    axis = separate_axis(spacing, target)  # decided per case; the plan's axis is only recorded
     image_pp = resample(cropped, new_shape, is_label=False, anisotropy_axis=axis).cpu().numpy()
     seg_pp = None
     if seg is not None:
@@ -133,7 +136,7 @@ def preprocess_case(
         "crop_bbox": bbox,
         "shape_after_crop": shape_after_crop,
         "shape_after_resample": new_shape,
-        "target_spacing": [float(t) for t in plan.target_spacing],
+        "target_spacing": target,
         "anisotropy_axis": axis,
         "normalization_stats": stats,
         "plan_hash": plan_hash(plan),

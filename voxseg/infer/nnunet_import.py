@@ -45,6 +45,7 @@ from voxseg.infer.nnunet import (
     configuration_name,
     is_nnunet_model_folder,
     load_nnunet_checkpoint,
+    nnunet_fold_state,
     nnunet_folds,
     plan_from_nnunet,
 )
@@ -121,10 +122,10 @@ def _read_fold(model: Path, path: Path, plans: dict[str, Any], dataset: dict[str
     plan, _ = plan_from_nnunet(plans, dataset, configuration, str(model))
     plan.raw_dataset = raw_dataset  # the raw data (labelsTr for cross-validation), not the model folder
     state = load_nnunet_checkpoint(path)
-    axes = state.get("inference_allowed_mirroring_axes")
-    plan.inference_mirror_axes = [int(a) for a in axes] if axes is not None else []  # None: nnU-Net does not mirror
+    weights, axes = nnunet_fold_state(state, plans, configuration)  # in the case's axes, whatever nnU-Net's transposition
+    plan.inference_mirror_axes = axes if axes is not None else []  # None: nnU-Net does not mirror
     network = build_network(plan, deep_supervision=False)  # the plan alone builds it: no options outside it
-    network.load_state_dict(map_nnunet_weights(state["network_weights"], network, str(path)))
+    network.load_state_dict(map_nnunet_weights(weights, network, str(path)))
     epoch = int(state.get("current_epoch") or 0)
     config = TrainConfig()
     config.loop.epochs = epoch or config.loop.epochs  # the epochs nnU-Net trained it for

@@ -19,7 +19,7 @@ tensor that differs instead of loading silently wrong.
 """
 from __future__ import annotations
 
-from typing import Iterator
+from typing import Iterator, Sequence
 
 import torch
 from torch import nn
@@ -116,3 +116,14 @@ def map_nnunet_weights(weights: dict[str, torch.Tensor], network: UNet, source: 
         raise CheckpointError(f"{source}: {len(left)} nnU-Net tensor(s) have no place in the network of plans.json "
                               f"(first: {', '.join(left[:3])}); is the checkpoint of another architecture?")
     return mapped
+
+
+def untranspose_weights(weights: dict[str, torch.Tensor], transpose: Sequence[int]) -> dict[str, torch.Tensor]:
+    """nnU-Net `weights` of a network run on cases transposed by `transpose` (plans.json's transpose_forward) with
+    the spatial dimensions of every convolution permuted back, so the network runs on the untransposed case."""
+    transpose = [int(a) for a in transpose]
+    if transpose == sorted(transpose):
+        return dict(weights)
+    spatial = [2 + transpose.index(axis) for axis in range(len(transpose))]
+    return {name: tensor.permute(0, 1, *spatial).contiguous() if tensor.ndim == 2 + len(transpose) else tensor
+            for name, tensor in weights.items()}
