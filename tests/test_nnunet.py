@@ -266,14 +266,19 @@ def test_transposed_model_runs_on_the_untransposed_case(tmp_path, forward):
 
 
 def test_transposed_model_predicts_in_the_input_geometry(tmp_path):
+    folder, _ = write_model_folder(tmp_path / "results", transposed_plans([2, 0, 1]))
+    _predict_keeps_geometry(folder, tmp_path, (18, 11, 9), (0.6, 1.1, 2.8))
+
+
+def _predict_keeps_geometry(folder, tmp_path, shape, spacing) -> None:
+    """`voxseg predict -m FOLDER` on one random case writes labels with the case's shape and affine."""
     from voxseg.cli import main
     from voxseg.data.io import read_image, write_image
 
-    folder, _ = write_model_folder(tmp_path / "results", transposed_plans([2, 0, 1]))
     inputs = tmp_path / "inputs"
     inputs.mkdir()
-    image = np.random.default_rng(2).normal(50.0, 10.0, (18, 11, 9)).astype(np.float32)
-    geometry = Geometry.from_spacing((0.6, 1.1, 2.8))
+    image = np.random.default_rng(2).normal(50.0, 10.0, shape).astype(np.float32)
+    geometry = Geometry.from_spacing(spacing)
     write_image(inputs / "case_0000.nii.gz", image, geometry)
     assert main(["predict", "-m", str(folder), "-i", str(inputs), "-o", str(tmp_path / "out"), "--folds", "0",
                  "--device", "cpu"]) == 0
@@ -347,19 +352,8 @@ def test_2d_residual_encoder_unet(tmp_path):
 
 
 def test_2d_model_predicts_in_the_input_geometry(tmp_path):
-    from voxseg.cli import main
-    from voxseg.data.io import read_image, write_image
-
     folder, _ = write_model_folder(tmp_path / "results", plans_2d([1, 2, 0]), configuration="2d")
-    inputs = tmp_path / "inputs"
-    inputs.mkdir()
-    image = np.random.default_rng(2).normal(50.0, 10.0, (13, 4, 11)).astype(np.float32)
-    geometry = Geometry.from_spacing((0.7, 2.5, 1.2))
-    write_image(inputs / "case_0000.nii.gz", image, geometry)
-    assert main(["predict", "-m", str(folder), "-i", str(inputs), "-o", str(tmp_path / "out"), "--folds", "0",
-                 "--device", "cpu"]) == 0
-    labels, written = read_image(tmp_path / "out" / "case.nii.gz")
-    assert labels.shape == image.shape and np.allclose(written.to_list(), geometry.to_list())
+    _predict_keeps_geometry(folder, tmp_path, (13, 4, 11), (0.7, 2.5, 1.2))
 
 
 def test_keep_slice_spacing_is_for_2d_plans_only():
