@@ -364,3 +364,10 @@ def test_keep_slice_spacing_is_for_2d_plans_only():
     assert not plan.keep_slice_spacing and plan.case_target_spacing([2.0, 3.0, 4.0]) == [1.0, 1.0, 1.0]
     with pytest.raises(ConfigError, match="keep_slice_spacing applies to 2D plans only"):
         Plan.from_dict(dict(plan.to_dict(), keep_slice_spacing=True))
+
+
+def test_a_cascade_stage_model_folder_is_refused_by_name(tmp_path):
+    plans = copy.deepcopy(PLANS)
+    plans["configurations"]["3d_cascade_fullres"] = {"inherits_from": "3d_fullres", "previous_stage": "3d_lowres"}
+    with pytest.raises(CheckpointError, match="'3d_cascade_fullres' is an nnU-Net cascade stage.*'3d_lowres'"):
+        plan_from_nnunet(plans, DATASET, "3d_cascade_fullres")

@@ -308,6 +308,12 @@ def plan_from_nnunet(plans: dict[str, Any], dataset: dict[str, Any], configurati
     check_nnunet_fields(dataset, Path(source) / "dataset.json" if source else "dataset.json", CheckpointError)
     transpose = nnunet_transpose(plans)
     config = resolve_configuration(plans, configuration)
+    if config.get("previous_stage"):
+        raise CheckpointError(
+            f"plans.json: configuration '{configuration}' is an nnU-Net cascade stage (its network also takes the "
+            f"segmentation of '{config['previous_stage']}'); voxseg runs nnU-Net's single-stage configurations: "
+            f"predict with the '{config['previous_stage']}' or '3d_fullres' model folder, or import the dataset "
+            "and train voxseg's own cascade (docs/PLANNING.md)")
     ndim = len(config["patch_size"])
     if ndim not in (2, 3):
         raise CheckpointError(f"plans.json: configuration '{configuration}' has a {ndim}-entry patch_size; voxseg "
