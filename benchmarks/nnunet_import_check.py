@@ -24,7 +24,7 @@ import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from nnunet_parity import PATCH, REPO, run_for_both_networks, write_model_folder  # noqa: E402
+from nnunet_parity import REPO, model_folder_with_reference, run_for_both_networks  # noqa: E402
 
 VOXSEG_SIDE = """
 import sys, torch
@@ -56,24 +56,9 @@ def nnunet_predictor(folder: Path):
 
 
 def check(arch: dict, voxseg_python: str) -> float:
-    from nnunetv2.utilities.get_network_from_plans import get_network_from_plans
-
-    torch.manual_seed(0)
-    network = get_network_from_plans(arch["network_class_name"], arch["arch_kwargs"], arch["_kw_requires_import"],
-                                     2, 3, deep_supervision=True)
-    for param in network.parameters():
-        param.data.add_(0.1 * torch.randn_like(param))
-    network.eval()
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)
-        folder = root / "nnUNetTrainer__nnUNetPlans__3d_fullres"
-        folder.mkdir()
-        write_model_folder(folder, network, arch)
-        image = torch.randn(2, 2, *PATCH)
-        torch.save(image, folder / "input.pt")
-        network.decoder.deep_supervision = False
-        with torch.no_grad():
-            reference = network(image)
+        folder, image, reference = model_folder_with_reference(root, arch)
         run = subprocess.run([voxseg_python, "-c", VOXSEG_SIDE, str(folder), str(root)], cwd=REPO,
                              capture_output=True, text=True)
         if run.returncode:

@@ -78,25 +78,38 @@ def write_model_folder(folder: Path, network: torch.nn.Module, arch: dict) -> No
                folder / "fold_0" / "checkpoint_final.pth")
 
 
-def parity(arch: dict, voxseg_python: str) -> float:
-    """max |voxseg - nnU-Net| logits for one architecture, on a random (2, 2, *PATCH) input."""
+def perturbed_network(arch: dict, in_channels: int, out_channels: int, deep_supervision: bool) -> torch.nn.Module:
+    """nnU-Net's network for `arch` (seeded), in eval mode, with trained-looking norms and biases (not the
+    identity/zero init), so that a mapping error cannot hide behind them."""
     from nnunetv2.utilities.get_network_from_plans import get_network_from_plans
 
     torch.manual_seed(0)
     network = get_network_from_plans(arch["network_class_name"], arch["arch_kwargs"], arch["_kw_requires_import"],
-                                     2, 3, deep_supervision=True)
-    for param in network.parameters():  # trained-looking norms and biases, not the identity/zero init
+                                     in_channels, out_channels, deep_supervision=deep_supervision)
+    for param in network.parameters():
         param.data.add_(0.1 * torch.randn_like(param))
-    network.eval()
+    return network.eval()
+
+
+def model_folder_with_reference(root: Path, arch: dict) -> tuple[Path, torch.Tensor, torch.Tensor]:
+    """A 3d_fullres model folder under `root` holding the perturbed network and a random (2, 2, *PATCH) input.pt;
+    returns the folder, the input and nnU-Net's logits for it (full resolution only)."""
+    network = perturbed_network(arch, 2, 3, deep_supervision=True)
+    folder = root / "nnUNetTrainer__nnUNetPlans__3d_fullres"
+    folder.mkdir()
+    write_model_folder(folder, network, arch)
+    image = torch.randn(2, 2, *PATCH)
+    torch.save(image, folder / "input.pt")
+    network.decoder.deep_supervision = False
+    with torch.no_grad():
+        reference = network(image)
+    return folder, image, reference
+
+
+def parity(arch: dict, voxseg_python: str) -> float:
+    """max |voxseg - nnU-Net| logits for one architecture, on a random (2, 2, *PATCH) input."""
     with tempfile.TemporaryDirectory() as tmp:
-        folder = Path(tmp) / "nnUNetTrainer__nnUNetPlans__3d_fullres"
-        folder.mkdir()
-        write_model_folder(folder, network, arch)
-        image = torch.randn(2, 2, *PATCH)
-        torch.save(image, folder / "input.pt")
-        network.decoder.deep_supervision = False
-        with torch.no_grad():
-            reference = network(image)
+        folder, image, reference = model_folder_with_reference(Path(tmp), arch)
         run = subprocess.run([voxseg_python, "-c", LOADER, str(folder)], cwd=REPO, capture_output=True, text=True)
         if run.returncode:
             sys.exit(f"voxseg failed to load the model folder:\n{run.stderr}")

@@ -32,7 +32,7 @@ import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from nnunet_parity import PLAIN, REPO, RESENC  # noqa: E402
+from nnunet_parity import PLAIN, REPO, RESENC, perturbed_network  # noqa: E402
 from nnunet_predict_compare import _TorchFloat32  # noqa: E402
 
 FORWARD = [2, 0, 1]
@@ -100,7 +100,6 @@ def check(base: dict, configuration: str, voxseg_python: str, fp32: bool = False
     import functools
 
     import nnunetv2.inference.predict_from_raw_data as raw
-    from nnunetv2.utilities.get_network_from_plans import get_network_from_plans
     from nnunetv2.utilities.plans_handling.plans_handler import PlansManager
 
     if fp32:  # nnU-Net's accumulators and Gaussian (float16 in nnU-Net) in float32
@@ -110,12 +109,7 @@ def check(base: dict, configuration: str, voxseg_python: str, fp32: bool = False
         raw.compute_gaussian = gaussian
     ndim = 3 if configuration == "3d_fullres" else 2
     arch = architecture(base, ndim)
-    torch.manual_seed(0)
-    network = get_network_from_plans(arch["network_class_name"], arch["arch_kwargs"], arch["_kw_requires_import"],
-                                     1, 3, deep_supervision=False)
-    for param in network.parameters():
-        param.data.add_(0.1 * torch.randn_like(param))
-    network.eval()
+    network = perturbed_network(arch, 1, 3, deep_supervision=False)
     rng = np.random.default_rng(0)
     case = rng.normal(100.0, 20.0, (1, *CASE_SHAPE)).astype(np.float32)
     with tempfile.TemporaryDirectory() as tmp:
