@@ -27,9 +27,10 @@ import math
 from dataclasses import dataclass, field
 from typing import Any, Callable, Sequence
 
+from voxseg.bench.timing import is_out_of_memory
 from voxseg.data.memory import estimate_memory_breakdown
 from voxseg.errors import ConfigError, VoxsegError
-from voxseg.plans import Plan
+from voxseg.plans import PLAN_FILE, Plan
 
 MIN_SCALE = 0.2  # a fitted scale outside [MIN_SCALE, MAX_SCALE] means the measurements are not usable
 MAX_SCALE = 5.0
@@ -142,15 +143,11 @@ def calibrate(plan: Plan, measure: Measure, device: str) -> MemoryCalibration:
         try:
             point["measured_gb"] = round(float(measure(candidate)), 4)
         except Exception as exc:  # noqa: BLE001 - out of memory is a result here; anything else is re-raised
-            if not _is_out_of_memory(exc):
+            if not is_out_of_memory(exc):
                 raise
             point["note"] = "out of memory"
         points.append(point)
     return fit_calibration(points, model_fixed, device)
-
-
-def _is_out_of_memory(exc: BaseException) -> bool:
-    return "out of memory" in str(exc).lower() or type(exc).__name__ == "OutOfMemoryError"
 
 
 def cuda_measure(device: Any = "cuda", steps: int = 3) -> Measure:
@@ -205,7 +202,6 @@ def calibrate_workdir(workdir: Any, measure: Measure, device: str, overrides: di
     from voxseg.data.dataset import load_dataset
     from voxseg.data.fingerprint import load_fingerprint
     from voxseg.data.plan import make_plan
-    from voxseg.plans import PLAN_FILE
 
     workdir = Path(workdir)
     plan = Plan.load(workdir / PLAN_FILE)
