@@ -80,6 +80,24 @@ def test_deep_supervision_off_and_toggle():
     assert build_network(plan, deep_supervision=True).deep_supervision is True
 
 
+@pytest.mark.parametrize("deep_supervision", [True, False])
+@pytest.mark.parametrize("residual", [False, True])
+def test_every_trainable_parameter_gets_a_gradient(deep_supervision, residual):
+    """What DistributedDataParallel needs: no parameter that requires a gradient goes without one (with deep
+    supervision off, the lower heads are frozen and toggling it back unfreezes them)."""
+    plan = make_plan(features=(4, 8, 16), deep_supervision=deep_supervision, residual=residual)
+    net = build_network(plan).train()
+    outputs = net(torch.randn(2, 4, 8, 8, 8))
+    loss = sum(o.sum() for o in outputs) if isinstance(outputs, list) else outputs.sum()
+    loss.backward()
+    without = [name for name, p in net.named_parameters() if p.requires_grad and p.grad is None]
+    assert without == []
+    frozen = [name for name, p in net.named_parameters() if not p.requires_grad]
+    assert frozen == ([] if deep_supervision else ["heads.0.weight", "heads.0.bias"])
+    net.deep_supervision = True
+    assert all(p.requires_grad for p in net.parameters())
+
+
 def test_2d_network_shapes():
     plan = make_plan(ndim=2, channels=1, labels={"background": 0, "a": 1})
     net = build_network(plan).train()

@@ -79,7 +79,6 @@ class UNet(nn.Module):
         self.spec = spec = LayerSpec(self.ndim, norm, nonlin, norm_kwargs, nonlin_kwargs)
         self.features = [int(f) for f in features]
         self.strides = [tuple(int(s) for s in stride) for stride in strides]
-        self.deep_supervision = bool(deep_supervision)
         self.num_outputs = int(num_outputs)
 
         if residual:
@@ -106,6 +105,21 @@ class UNet(nn.Module):
         )
         self.heads = nn.ModuleList(conv_layer(self.ndim, self.features[s], num_outputs, 1) for s in levels)
         self.apply(init_weights)
+        self.deep_supervision = bool(deep_supervision)
+
+    @property
+    def deep_supervision(self) -> bool:
+        """Whether training returns every decoder level's output (the heads exist either way)."""
+        return self._deep_supervision
+
+    @deep_supervision.setter
+    def deep_supervision(self, value: bool) -> None:
+        # without deep supervision the lower heads take no part in the loss: they are frozen, so that no
+        # parameter that needs a gradient goes without one (DistributedDataParallel fails on such a parameter at
+        # the second iteration) and the optimiser skips them, as it would skip any parameter without a gradient
+        self._deep_supervision = bool(value)
+        for head in self.heads[:-1]:
+            head.requires_grad_(self._deep_supervision)
 
     def _residual_encoder(
         self, spec: LayerSpec, kernel_sizes: Sequence[Sequence[int]], blocks: int | Sequence[int] | None,

@@ -113,6 +113,16 @@ class TrainLogger:
         return tqdm(total=iterations, desc=f"epoch {epoch + 1}/{self.total_epochs}{run}", leave=False,
                     disable=not (self.active and self.config.progress_bar), dynamic_ncols=True, file=sys.stderr)
 
+    def refreshes_loss(self, iteration: int) -> bool:
+        """Whether the bar's loss is refreshed after `iteration` (1-based) of an epoch.
+
+        The same answer on every rank of a distributed run (it reads the config, not whether this rank shows a
+        bar): the refresh reads the running means, which all-reduce over the ranks, so every rank must take it
+        or none. Each refresh is a host-device sync.
+        """
+        every = self.config.log_every_iter
+        return bool(self.config.progress_bar and every and iteration % every == 0)
+
     def message(self, text: str) -> None:
         if self.active:
             tqdm.write(text, file=sys.stderr)

@@ -317,7 +317,7 @@ def seed_everything(seed: int, deterministic: bool, num_threads: int) -> None:
 def run_epoch(step: TrainStep, data: TrainData, logger: TrainLogger, config: TrainConfig, epoch: int,
               run: Resolved, batch_size: int) -> dict[str, Any]:
     """Train one epoch; the host reads the losses only every `log_every_iter` iterations and at the end."""
-    accum, log_every = config.loop.grad_accum, config.logging.log_every_iter
+    accum = config.loop.grad_accum
     cuda = run.device.type == "cuda"
     if cuda:
         torch.cuda.reset_peak_memory_stats(run.device)
@@ -333,9 +333,12 @@ def run_epoch(step: TrainStep, data: TrainData, logger: TrainLogger, config: Tra
             bar.update(1)
             if cuda:
                 memory.append(torch.cuda.memory_allocated(run.device))  # host-side counter, no sync
-            # host-device sync at the log interval, and only when a bar shows it (not on other DDP ranks)
-            if log_every and not bar.disable and (micro // accum) % log_every == 0:
-                bar.set_postfix(loss=f"{running.means()['loss']:.4f}")
+            # host-device sync at the log interval. The running means all-reduce over the ranks, so whether
+            # to read them is decided from the config, the same on every rank, never from this rank's bar
+            # (only rank 0 has one: a rank entering a collective alone crashes or hangs the run)
+            if logger.refreshes_loss(micro // accum):
+                loss = running.means()["loss"]
+                bar.set_postfix(loss=f"{loss:.4f}")
     losses = running.means()  # host-device sync: end of epoch
     seconds = time.perf_counter() - start
     samples = run.iterations * accum * batch_size
