@@ -58,10 +58,13 @@ class DataConfig:
     Attributes:
         num_samples: patches cut from each drawn case (several patches per case amortise loading it).
         cache: where preprocessed cases live during training: "auto" (on the training device when they fit in
-            cache_budget_gb, else, for CUDA, pinned host memory when they fit in half the host RAM, else
-            "mmap"), "gpu", "pinned" or "mmap" (memory-mapped files, read on demand).
-        cache_budget_gb: GiB the "auto" cache may use on the device; None = on CUDA 0.8 x (free memory after
-            the model is built - 1.2 x the plan's estimated_memory_gb), on a CPU half the host RAM.
+            cache_budget_gb, else, for CUDA, pinned host memory when they fit in half the host RAM, counted as
+            the pinned allocator rounds each case up to a power of two, else "mmap"), "gpu", "pinned" or "mmap"
+            (memory-mapped files, read on demand). The training cache is placed first, the validation cache
+            in what it left.
+        cache_budget_gb: GiB the "auto" caches (training and validation together) may use on the device; None
+            = on CUDA 0.8 x (free memory after the model is built - 1.2 x the plan's estimated_memory_gb), on a
+            CPU half the host RAM.
         iterations_per_epoch: optimiser steps per epoch; 0 = one pass over the training cases.
         prefetch: batches prepared ahead by a background thread (0 = prepare in the training thread; -1 = auto:
             0 when the cache lives on the training device, where preparing a batch only queues device work,

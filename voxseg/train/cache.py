@@ -5,8 +5,10 @@ Modes:
     pinned  every case in page-locked host memory (plain host memory for a CPU device); crops are host copies
             followed by one asynchronous transfer per batch.
     mmap    memory-mapped .npy files; a crop reads only the pages it touches (for datasets larger than RAM).
-    auto    gpu if the cases fit in `budget_gb` (default 80% of the free device memory; for a CPU device 50%
-            of host RAM), else pinned if they fit in 50% of host RAM, else mmap.
+    auto    gpu if the cases fit in the device budget (default 80% of the free device memory; for a CPU device
+            50% of host RAM), else pinned if they fit in 50% of host RAM as the pinned allocator counts them
+            (each tensor rounded up to a power of two), else mmap. A run's training and validation caches share
+            one `CacheBudget`: the validation cache gets what the training cache left.
 
 Images stay in their stored dtype (usually float16) in the cache; the sampler converts crops on the device.
 """
@@ -14,7 +16,8 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Any, Sequence
+from dataclasses import dataclass
+from typing import Any, Iterable, Sequence
 
 import numpy as np
 import torch
@@ -40,6 +43,59 @@ def free_device_bytes(device: torch.device) -> int:
     return int(free)
 
 
+def pinned_bytes(sizes: Iterable[int]) -> int:
+    """Host memory that pinned tensors of these sizes (bytes) take. PyTorch's caching host allocator, which
+    `Tensor.pin_memory()` draws from, rounds every block up to a power of two: a 2.2 GB case pins 4 GiB."""
+    return sum(1 << (int(size) - 1).bit_length() for size in sizes if size > 0)
+
+
+@dataclass
+class CacheBudget:
+    """The memory that the case caches of one run may still take, shared by its training and validation caches
+    (each cache placed takes its part, so the validation cache sees what the training cache left).
+
+    Attributes:
+        device_bytes: what "gpu" mode may hold on the training device (on a CPU device: plain host tensors).
+        host_bytes: what "pinned" mode may hold in page-locked host memory (counted as the allocator rounds).
+    """
+
+    device_bytes: float
+    host_bytes: float
+
+    @classmethod
+    def for_device(cls, device: torch.device, budget_gb: float | None = None, host_total: int | None = None,
+                   free_device: int | None = None) -> "CacheBudget":
+        """The default budget: `budget_gb` on the device when given, else 80% of the free CUDA memory (on a CPU
+        device half the host RAM); pinned memory up to half the host RAM. The machine's numbers can be passed
+        in (`host_total`, `free_device`) instead of read."""
+        host = host_memory_bytes() if host_total is None else host_total
+        if budget_gb is not None:
+            device_budget = budget_gb * GIB
+        elif device.type == "cuda":
+            device_budget = 0.8 * (free_device_bytes(device) if free_device is None else free_device)
+        else:
+            device_budget = 0.5 * host
+        return cls(float(device_budget), 0.5 * host)
+
+    def place(self, requested: str, sizes: Sequence[int], device_type: str) -> str:
+        """The mode for a cache of tensors of `sizes` bytes ("auto": gpu if it fits the device budget, else, for
+        a CUDA device, pinned if its rounded size fits the host budget, else mmap); takes what it holds."""
+        total, pinned = sum(sizes), pinned_bytes(sizes)
+        mode = requested
+        if requested == "auto":
+            if total <= self.device_bytes:
+                mode = "gpu"
+            elif device_type == "cuda" and pinned <= self.host_bytes:
+                mode = "pinned"
+            else:
+                mode = "mmap"
+        if mode == "gpu":
+            self.device_bytes -= total
+        elif mode == "pinned" and device_type == "cuda":
+            self.host_bytes -= pinned
+        return mode
+
+
 class CaseCache:
     """Preprocessed cases (image, labels, foreground locations) for patch sampling.
 
@@ -50,6 +106,8 @@ class CaseCache:
         mode: "auto", "gpu", "pinned" or "mmap" (see the module docstring).
         budget_gb: memory the gpu mode may use; default 80% of the currently free device memory. Pass the
             free memory minus the training step's estimate when the model is not allocated yet.
+        budget: a `CacheBudget` shared with the run's other cache (instead of `budget_gb`): this cache takes its
+            part of it, so a second cache sees only what is left.
         previous: a cascade stage's stored first-stage predictions (`voxseg.infer.cascade.StoredPrevious`):
             their one-hot channels are appended to each image's channels (held in memory also in mmap mode),
             so crops and the spatial augmentation treat them with the image; `extra_channels` counts them.
@@ -63,6 +121,7 @@ class CaseCache:
         mode: str = "auto",
         budget_gb: float | None = None,
         previous: Any = None,
+        budget: CacheBudget | None = None,
     ) -> None:
         if mode not in MODES:
             raise ConfigError(f"cache mode '{mode}' is unknown; use one of {', '.join(MODES)}")
@@ -86,7 +145,10 @@ class CaseCache:
             if image.shape[0] != self.num_channels:
                 raise DatasetError(f"{self.directory}: case '{name}' has {image.shape[0]} channels, "
                                    f"'{self.names[0]}' has {self.num_channels}; run 'voxseg preprocess' again")
-        self.mode = self._choose_mode(mode, budget_gb)
+        if budget is None:
+            budget = CacheBudget.for_device(self.device, budget_gb)
+        self.tensor_sizes = [array.nbytes for pair in maps for array in pair]
+        self.mode = budget.place(mode, self.tensor_sizes, self.device.type)
         self.images: list[torch.Tensor | np.ndarray] = []
         self.segs: list[torch.Tensor | np.ndarray] = []
         for image, seg in maps:
@@ -107,21 +169,6 @@ class CaseCache:
             onehot = self.previous.onehot(name, image.shape[1:]).astype(image.dtype)
             image = np.concatenate([np.asarray(image), onehot])
         return image, seg
-
-    def _choose_mode(self, mode: str, budget_gb: float | None) -> str:
-        if mode != "auto":
-            return mode
-        if budget_gb is not None:
-            budget = budget_gb * GIB
-        elif self.device.type == "cuda":
-            budget = 0.8 * free_device_bytes(self.device)
-        else:  # "gpu" mode on a CPU device means plain host tensors
-            budget = 0.5 * host_memory_bytes()
-        if self.nbytes <= budget:
-            return "gpu"
-        if self.device.type == "cuda" and self.nbytes <= 0.5 * host_memory_bytes():
-            return "pinned"
-        return "mmap"
 
     def _hold(self, array: np.ndarray) -> torch.Tensor | np.ndarray:
         if self.mode == "mmap":

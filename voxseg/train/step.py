@@ -23,7 +23,7 @@ from voxseg.config import TrainConfig
 from voxseg.distributed import local_batch_size
 from voxseg.errors import ConfigError
 from voxseg.plans import Plan
-from voxseg.train.cache import CaseCache
+from voxseg.train.cache import CacheBudget, CaseCache
 from voxseg.train.sampler import PatchSampler
 
 Batch = tuple[Tensor, Tensor]
@@ -254,7 +254,8 @@ class TrainData:
         train_names, val_names: the fold's cases.
         device: training device.
         seed: base seed, the same on every rank.
-        cache_budget_gb: memory the training cache may take in gpu mode (None = the cache's default).
+        cache_budget_gb: memory the training and validation caches together may take in gpu mode (None = the
+            cache's default, `CacheBudget.for_device`).
         previous: a cascade stage's stored first-stage predictions (see `CaseCache`), else None.
         rank, world_size: this process's slice of the global batch. Every rank draws the whole global batch
             (patch positions and augmentation decisions) from the same seeded streams and keeps rows
@@ -272,14 +273,17 @@ class TrainData:
         self.rows = slice(rank * local, (rank + 1) * local)
         self.config, self.patch_size, self.device = config, patch_size, torch.device(device)
         self.seed = seed
+        # one budget for both caches: the validation cache takes only what the training cache left, so a plan
+        # sized to the device keeps room for the step's activations
+        budget = CacheBudget.for_device(torch.device(device), cache_budget_gb)
         self.train_cache = CaseCache(preprocessed_dir, train_names, device, mode=config.data.cache,
-                                     budget_gb=cache_budget_gb, previous=previous)
+                                     previous=previous, budget=budget)
         self.val_cache: CaseCache | None = None
         if sorted(val_names) == sorted(train_names):  # fold "all": validate on the cached training cases
             self.val_cache = self.train_cache
         elif val_names:
             self.val_cache = CaseCache(preprocessed_dir, val_names, device, mode=config.data.cache,
-                                       previous=previous)
+                                       previous=previous, budget=budget)
         self._sampler_args = dict(batch_size=plan.batch_size, foreground_fraction=plan.foreground_oversampling,
                                   regions=plan.regions if plan.is_region_based else None,
                                   ignore_label=plan.ignore_label, device=device, slice_axis=plan.slice_axis)
