@@ -58,13 +58,15 @@ def test_run_overrides_are_written_once_and_read_by_every_stage(workdir, monkeyp
 
     # test-only validates with the checkpoint's effective plan, whatever the config says
     windows = []
-    real_full_validation = loop.full_validation
+    from voxseg.train import evaluation
+
+    real_full_validation = evaluation.full_validation
 
     def spy_full_validation(model, plan, *args, **kwargs):
         windows.append((list(plan.patch_size), kwargs["tile_batch"], args[4]))
         return real_full_validation(model, plan, *args, **kwargs)
 
-    monkeypatch.setattr(loop, "full_validation", spy_full_validation)
+    monkeypatch.setattr(evaluation, "full_validation", spy_full_validation)
     train(workdir, 0, _config(), test_only=True)
     assert windows == [([16, 16, 12], 3, [16, 16, 12])]
 

@@ -182,10 +182,16 @@ def test_early_stopping_and_best_checkpoint(workdir, monkeypatch):
 
 def test_test_only_validates_the_best_checkpoint_on_full_volumes(workdir):
     _clear(workdir)
-    train(workdir, 0, _config("loop.epochs=1"))
+    # the run's own cross-validation outputs, probabilities included
+    train(workdir, 0, _config("loop.epochs=1", "loop.full_val=true", "loop.save_val_probabilities=true"))
+    crossval = workdir / "training" / "fold_0" / "validation"
+    before = {p.name: p.read_bytes() for p in crossval.iterdir()}
+    assert {"summary.json", "case_4.npz", "case_4.nii.gz"} <= set(before)
     result = train(workdir, 0, _config(), test_only=True)
-    out = workdir / "training" / "fold_0" / "validation"
-    assert result["checkpoint"].endswith("checkpoint_best.pt")
+    out = workdir / "training" / "fold_0" / "validation_best"
+    assert result["checkpoint"].endswith("checkpoint_best.pt") and result["validation_dir"] == str(out)
+    # the cross-validation outputs are untouched: nothing rewritten, no probabilities deleted
+    assert {p.name: p.read_bytes() for p in crossval.iterdir()} == before
     summary = json.loads((out / "summary.json").read_text())
     assert set(summary["per_case"]) == set(VAL)
     # the reported Dice is the Dice of the written predictions

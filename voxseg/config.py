@@ -103,9 +103,11 @@ class LoopConfig:
         compile: "auto" (torch.compile model + loss on CUDA only), "on" (also on CPU) or "off".
         patience: stop after this many epochs without EMA pseudo-Dice improvement (0 = never).
         ema_alpha: smoothing of the pseudo-Dice EMA: ema = alpha * ema + (1 - alpha) * dice.
-        save_freq: write checkpoint_latest every this many epochs (and always at the end).
-        keep_snapshots: also keep a checkpoint_epoch_E.pt every save_freq epochs, the newest this many of them
-            (0 = none; checkpoint_latest, _best and _final are always kept).
+        save_freq: write checkpoint_latest every this many epochs (and always at the end); the default, every
+            epoch, lets a killed run resume from its last completed epoch.
+        snapshot_freq: with keep_snapshots > 0, write a checkpoint_epoch_E.pt every this many epochs.
+        keep_snapshots: keep the newest this many checkpoint_epoch_E.pt snapshots (0 = none; checkpoint_latest,
+            _best and _final are always kept).
         seed: random seed, the same on every rank of a distributed run (each rank slices the global batch).
         deterministic: deterministic algorithms (slower on CUDA; resumed runs reproduce exactly).
         device: "auto" (cuda if available, else cpu), "cpu", "cuda" or "cuda:N".
@@ -126,7 +128,8 @@ class LoopConfig:
     compile: str = field(default="auto", metadata={"choices": ("auto", "on", "off")})
     patience: int = 0
     ema_alpha: float = 0.9
-    save_freq: int = 50
+    save_freq: int = 1
+    snapshot_freq: int = 50
     keep_snapshots: int = 0
     seed: int = 12345
     deterministic: bool = False
@@ -136,7 +139,7 @@ class LoopConfig:
     dist_timeout_min: float = 30.0
 
     def __post_init__(self) -> None:
-        for name in ("epochs", "val_freq", "grad_accum", "save_freq"):
+        for name in ("epochs", "val_freq", "grad_accum", "save_freq", "snapshot_freq"):
             _check(getattr(self, name) >= 1, f"loop.{name}", "must be >= 1")
         _check(self.val_iterations >= 0, "loop.val_iterations", "must be >= 0")
         _check(self.keep_snapshots >= 0, "loop.keep_snapshots", "must be >= 0 (0 = none)")
@@ -229,14 +232,39 @@ def _moved_to_plan(data: dict[str, Any]) -> dict[str, Any]:
     return data
 
 
+CONFIG_FILE = "config.json"  # training/fold_F/config.json: the config a run was started with (resolved)
+# config.json of a resumed run: the changes made on resume, replayed over the config the run started with
+CHANGES_KEY = "changes"
+
+
 def load_config_json(path: str | Path) -> TrainConfig:
-    """Read a config written by `TrainConfig.save` (or by hand; missing fields take their defaults)."""
+    """Read a config written by `TrainConfig.save` (or by hand; missing fields take their defaults).
+
+    A run's config.json holds the config the run started with and, under "changes", the options changed on
+    resume (`voxseg.train.resume`): they are replayed in order, so the result is the config in force at the end.
+    """
     from voxseg.jsonio import read_json
 
     data = read_json(path, ConfigError, missing="give an existing config file (a saved config.json works)")
     if not isinstance(data, dict):
         raise ConfigError(f"config file {path} must hold a JSON object")
-    return TrainConfig.from_dict(data)
+    changes = data.pop(CHANGES_KEY, None) or []
+    if not isinstance(changes, list):
+        raise ConfigError(f"config file {path}: '{CHANGES_KEY}' must be a list of {{epoch, options}} records")
+    config = TrainConfig.from_dict(data)
+    for record in changes:
+        options = record.get("options") if isinstance(record, dict) else None
+        if not isinstance(options, dict):
+            raise ConfigError(f"config file {path}: each '{CHANGES_KEY}' record needs an 'options' object, got "
+                              f"{record!r}")
+        data = config.to_dict()
+        for name, pair in options.items():
+            if not isinstance(pair, list) or len(pair) != 2:
+                raise ConfigError(f"config file {path}: change of '{name}' must be [before, after], got {pair!r}")
+            _, parent, leaf = locate_option(TrainConfig, name, data)
+            parent[leaf] = pair[1]
+        config = TrainConfig.from_dict(data)
+    return config
 
 
 def apply_overrides(config: TrainConfig, overrides: list[str]) -> TrainConfig:

@@ -75,12 +75,12 @@ def run_demo(workdir: str | Path, epochs: int | None = None, device: str = "auto
     print(f"[4/6] train fold 0 on {device}")
     overrides = [
         f"loop.epochs={epochs or size.epochs}", f"data.iterations_per_epoch={size.iterations}",
-        f"loop.device={device}", "loop.val_iterations=4", f"loop.save_freq={epochs or size.epochs}",
+        f"loop.device={device}", "loop.val_iterations=4",
     ]
     if device == "cpu":
         overrides += ["optim.name=adamw", "optim.lr=3e-3", "optim.weight_decay=1e-4", "logging.tensorboard=false"]
     config = apply_overrides(TrainConfig(), overrides)
-    result = train(model_dir, 0, config)
+    result = train(model_dir, 0, config, force=True)  # a demo run again starts its training over
     print(f"      validation Dice {result.get('val_dice_mean', float('nan')):.3f}")
 
     print("[5/6] predict held-out test cases")

@@ -51,7 +51,7 @@ def train_request(args: argparse.Namespace) -> dict[str, Any]:
     from voxseg.cli.derive import flag_overrides
 
     overrides = flag_overrides(args, TRAIN_FLAGS) + list(args.set or [])
-    return dict(config_file=args.config, recipe=args.recipe, overrides=overrides, resume=args.resume)
+    return dict(config_file=args.config, recipe=args.recipe, overrides=overrides, resume=args.resume or False)
 
 
 @contextlib.contextmanager
@@ -68,13 +68,26 @@ def flags_named_in_errors(args: argparse.Namespace) -> Iterator[None]:
         raise blamed from None
 
 
+def run_location(args: argparse.Namespace) -> tuple[str, int | str]:
+    """(work directory, fold) of the command: as given, or for `voxseg train --resume CHECKPOINT` without WORKDIR,
+    the run the checkpoint belongs to."""
+    if args.workdir is not None:
+        return configuration_workdir(args.workdir, args.configuration), args.fold
+    if isinstance(args.resume, str):
+        from voxseg.train.resume import run_of_checkpoint
+
+        workdir, fold_name = run_of_checkpoint(args.resume)
+        return str(workdir), fold(fold_name)
+    raise ConfigError("train needs WORKDIR (the work directory), or --resume CHECKPOINT of a run")
+
+
 def config_from_args(args: argparse.Namespace) -> "TrainConfig":
     """The config `voxseg train` runs with, without running it."""
     from voxseg.train.api import build_train_config
 
     with flags_named_in_errors(args):
-        return build_train_config(configuration_workdir(args.workdir, args.configuration), args.fold,
-                                  **train_request(args))
+        workdir, fold_name = run_location(args)
+        return build_train_config(workdir, fold_name, **train_request(args))
 
 
 def _launch_local_processes(args: argparse.Namespace) -> int:
@@ -112,8 +125,11 @@ def cmd_train(args: argparse.Namespace) -> int:
         if args.checkpoint and not args.test_only:
             raise ConfigError("--checkpoint chooses the checkpoint --test-only validates; add --test-only")
         test_only = (args.checkpoint or True) if args.test_only else False
-        workdir = configuration_workdir(args.workdir, args.configuration)
-        result = train_fold(workdir, args.fold, test_only=test_only, pretrained=args.pretrained, **train_request(args))
+        if args.force and args.resume:
+            raise ConfigError("--force starts the fold's run anew (deleting it), --resume continues it: give one")
+        workdir, fold_name = run_location(args)
+        result = train_fold(workdir, fold_name, test_only=test_only, pretrained=args.pretrained, force=args.force,
+                            **train_request(args))
     if env_world()[0] != 0:  # under torchrun every rank returns the same result: rank 0 reports it
         return 0
     summary = {k: v for k, v in result.items() if not isinstance(v, dict)}
@@ -128,6 +144,9 @@ def add_train_command(sub: Subparsers) -> None:
                 "voxseg train work/synth --fold all --epochs 200 --optimizer adamw --lr 3e-4 --schedule cosine\n"
                 "voxseg train work/synth --fold 0 --recipe fast --batch-size 4 --residual\n"
                 "voxseg train work/synth --fold 0 --resume\n"
+                "voxseg train work/synth --fold 0 --resume --epochs 300 --lr 1e-3     # new settings from the next epoch\n"
+                "voxseg train --resume work/synth/training/fold_0/checkpoint_best.pt\n"
+                "voxseg train work/synth --fold 0 --force                             # retrain: deletes the old run\n"
                 "voxseg train work/synth --configuration 2d --fold 0\n"
                 "voxseg train work/synth --fold 0 --set augment.rot90_p=0.5 --set plan.network.conv_per_stage=3",
                 setup=_train_arguments)
@@ -138,7 +157,8 @@ def _train_arguments(p: argparse.ArgumentParser) -> None:
     from voxseg.train.recipes import recipe_names
 
     p.epilog = f"{p.epilog}\n\n{options_epilog()}"
-    p.add_argument("workdir")
+    p.add_argument("workdir", nargs="?",
+                   help="work directory (from voxseg plan); may be left out with --resume CHECKPOINT")
     add_configuration_flag(p)
     p.add_argument("--fold", type=fold, default="0", help="fold index of splits.json (default 0), or all: every case")
     p.add_argument("--config", metavar="FILE",
@@ -151,15 +171,20 @@ def _train_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--list-options", action=ListOptions,
                    help="describe every config option (type, default, choices) and exit")
     add_flags(p, TRAIN_FLAGS)
-    p.add_argument("--resume", action="store_true",
-                   help="continue from checkpoint_latest.pt, starting from the run's own config.json")
+    p.add_argument("--resume", nargs="?", const=True, default=False, metavar="CHECKPOINT",
+                   help="continue the fold's run from checkpoint_latest.pt, or from CHECKPOINT (a checkpoint_*.pt of "
+                        "the run, or its folder), with the run's own settings; options given with it (--lr, "
+                        "--epochs, ...) take effect from the next epoch and are recorded in config.json")
+    p.add_argument("--force", action="store_true",
+                   help="train anew when the fold already holds a run, deleting that run first (default: refuse)")
     p.add_argument("--pretrained", metavar="FILE", help="initialise from a checkpoint's matching weights")
     p.add_argument("--gpus", type=int, metavar="N",
                    help="data-parallel training on N local processes: starts torchrun's launcher "
                         "(--standalone --nproc_per_node N) with the same command; one per GPU, or N CPU "
                         "processes with --device cpu")
     p.add_argument("--test-only", action="store_true",
-                   help="evaluate checkpoint_best.pt (else checkpoint_final.pt) without training")
+                   help="evaluate checkpoint_best.pt (else checkpoint_final.pt) without training, into "
+                        "training/fold_F/validation_best/ (never the run's validation/ folder)")
     from voxseg.checkpoint import CHECKPOINT_CHOICES
 
     p.add_argument("--checkpoint", choices=CHECKPOINT_CHOICES,

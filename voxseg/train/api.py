@@ -5,7 +5,7 @@ options gets the same config, resumes the same way and writes the same files.
 
 Example:
     >>> config = build_train_config("work/synth", 0, recipe="fast", overrides=["optim.lr=1e-3"])
-    >>> result = train_fold("work/synth", 0, resume=True, overrides=["loop.epochs=1500"])
+    >>> result = train_fold("work/synth", 0, resume=True, overrides=["loop.epochs=1500", "optim.lr=1e-3"])
 """
 from __future__ import annotations
 
@@ -13,21 +13,20 @@ import copy
 from pathlib import Path
 from typing import Any, Iterable
 
-from voxseg.config import TrainConfig, apply_overrides, load_config_json
+from voxseg.config import CONFIG_FILE, TrainConfig, apply_overrides, load_config_json
 from voxseg.data.splits import fold_dir
 from voxseg.errors import ConfigError
 from voxseg.train.recipes import apply_recipe
 
-CONFIG_FILE = "config.json"  # training/fold_F/config.json: the config a run was started with (resolved)
-
 
 def build_train_config(workdir: str | Path, fold: int | str = 0, config: TrainConfig | None = None,
                        config_file: str | Path | None = None, recipe: str | None = None,
-                       overrides: Iterable[str] = (), resume: bool = False) -> TrainConfig:
+                       overrides: Iterable[str] = (), resume: bool | str | Path = False) -> TrainConfig:
     """The config of a training run, built in a fixed order.
 
     1. The starting config: `config`, else `config_file`, else (with `resume`) the run's own
-       training/fold_F/config.json, so a resumed run continues with its own settings, else the defaults.
+       training/fold_F/config.json with the changes of earlier resumes replayed, so a resumed run continues with
+       the settings in force, else the defaults.
     2. The recipe (`voxseg.train.recipes`), so that everything after it wins.
     3. The dotted overrides, in order (`section.field=value`, `plan.key=value`).
 
@@ -38,7 +37,8 @@ def build_train_config(workdir: str | Path, fold: int | str = 0, config: TrainCo
         config_file: a JSON config to start from (a saved config.json works).
         recipe: a recipe name, e.g. "fast".
         overrides: dotted overrides, validated like `voxseg.config.apply_overrides`.
-        resume: start from the fold's config.json when it exists (the run itself resumes in `train_fold`).
+        resume: start from the fold's config.json when it exists (the run itself resumes in `train_fold`); True
+            or a checkpoint path of the run.
 
     Raises:
         ConfigError: both `config` and `config_file`, an unknown recipe or option, or an invalid value.
@@ -61,16 +61,19 @@ def build_train_config(workdir: str | Path, fold: int | str = 0, config: TrainCo
 
 def train_fold(workdir: str | Path, fold: int | str = 0, config: TrainConfig | None = None, *,
                config_file: str | Path | None = None, recipe: str | None = None, overrides: Iterable[str] = (),
-               resume: bool = False, test_only: bool | str = False,
-               pretrained: str | Path | None = None) -> dict[str, Any]:
+               resume: bool | str | Path = False, test_only: bool | str = False,
+               pretrained: str | Path | None = None, force: bool = False) -> dict[str, Any]:
     """Train (or, with `test_only`, evaluate) one fold with the config `build_train_config` builds.
 
     Args:
         workdir, fold, config, config_file, recipe, overrides, resume: as in `build_train_config`; `resume`
-            also continues from training/fold_F/checkpoint_latest.pt (a changed effective plan is refused).
+            also continues from training/fold_F/checkpoint_latest.pt, or from the checkpoint of the run it names
+            (a changed effective plan, loss, optimiser or seed is refused; other changed options take effect
+            from the next epoch and are recorded in config.json).
         test_only: skip training and validate on full volumes: True = checkpoint_best.pt (else
             checkpoint_final.pt), or "final" / "best" / "latest" for that checkpoint.
         pretrained: initialise from this checkpoint's matching weights.
+        force: train anew when the fold already holds a run, deleting it first (without it, refused).
 
     Returns:
         the metrics of `voxseg.train.loop.train`: {"epochs", "best_ema_dice", "stopped_early", "val_dice_mean",
@@ -79,4 +82,4 @@ def train_fold(workdir: str | Path, fold: int | str = 0, config: TrainConfig | N
     from voxseg.train import loop  # torch and the network: only when a run starts
 
     config = build_train_config(workdir, fold, config, config_file, recipe, overrides, resume)
-    return loop.train(workdir, fold, config, resume=resume, test_only=test_only, pretrained=pretrained)
+    return loop.train(workdir, fold, config, resume=resume, test_only=test_only, pretrained=pretrained, force=force)

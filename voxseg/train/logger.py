@@ -15,6 +15,7 @@ from tqdm import tqdm
 
 from voxseg.atomicio import atomic_path, write_text
 from voxseg.config import LoggingConfig
+from voxseg.train.eta import RunLength, format_duration
 
 LOG_FILE = "log.jsonl"
 
@@ -44,12 +45,6 @@ def read_log(path: str | Path) -> list[dict[str, Any]]:
     return records
 
 
-def format_seconds(seconds: float) -> str:
-    seconds = int(max(0.0, seconds))
-    hours, rest = divmod(seconds, 3600)
-    return f"{hours}:{rest // 60:02d}:{rest % 60:02d}" if hours else f"{rest // 60}:{rest % 60:02d}"
-
-
 class TrainLogger:
     """Writes the per-epoch records of one training run into `out_dir`.
 
@@ -59,15 +54,18 @@ class TrainLogger:
         total_epochs: for the ETA of the whole run.
         rank: only rank 0 writes.
         start_epoch: on resume, records of this epoch and later (written after the checkpoint) are dropped,
-            so log.jsonl tells the story of the run that the checkpoints hold.
+            so log.jsonl tells the story of the run that the checkpoints hold (TensorBoard hides them too).
+        length: what the run has left to do, for the expected duration and the running ETA.
     """
 
     def __init__(self, out_dir: str | Path, config: LoggingConfig, total_epochs: int, rank: int = 0,
-                 start_epoch: int = 0) -> None:
+                 start_epoch: int = 0, length: RunLength | None = None) -> None:
         self.out_dir = Path(out_dir)
         self.config = config
         self.total_epochs = total_epochs
         self.active = rank == 0
+        self.length = length
+        self.step_seconds: float | None = None  # one training step, measured at the start of this process
         self.history: list[dict[str, Any]] = []
         self._writer: Any = None
         if not self.active:
@@ -78,7 +76,23 @@ class TrainLogger:
         # rewrite atomically: drop records past the checkpoint we resume from
         write_text(self.path, "".join(json.dumps(r) + "\n" for r in self.history))
         if config.tensorboard:
-            self._writer = _tensorboard_writer(self.out_dir / "tensorboard")
+            # on resume, TensorBoard hides the events of the epochs run again (purge_step)
+            self._writer = _tensorboard_writer(self.out_dir / "tensorboard", start_epoch or None)
+
+    # ----- duration ----------------------------------------------------------------------------------------
+    def step_probe(self, iterations: int) -> int:
+        """The iteration after which to time the first steps of this process (0: no timing wanted): the step
+        time of iterations 2..N (the first one warms up) gives the expected duration printed at the start."""
+        if not self.active or self.length is None or self.step_seconds is not None or iterations < 2:
+            return 0
+        return min(iterations, 11)
+
+    def expect(self, step_seconds: float) -> None:
+        """Print the expected duration of the rest of the run from a measured training step."""
+        self.step_seconds = step_seconds
+        if self.length is not None:
+            self.message(f"{self.length.expected(step_seconds)} (step time measured on the first iterations; "
+                         "validation estimated until measured)")
 
     # ----- per epoch --------------------------------------------------------------------------------------
     def log_epoch(self, record: dict[str, Any]) -> None:
@@ -99,17 +113,26 @@ class TrainLogger:
         self.message(epoch_summary(record, self.total_epochs))
 
     def eta_seconds(self) -> float | None:
-        """Remaining epochs x mean epoch time of the epochs logged so far (None before the first)."""
-        times = [r["epoch_time"] for r in self.history if r.get("epoch_time")]
-        if not times or not self.history:
+        """Epochs left x the mean wall time of the epochs logged so far (training, validation and checkpoints),
+        plus the final full validation (None before the first epoch)."""
+        walls = [_wall_time(r) for r in self.history if r.get("epoch_time")]
+        if not walls:
             return None
-        remaining = self.total_epochs - (int(self.history[-1]["epoch"]) + 1)
-        return max(0, remaining) * sum(times) / len(times)
+        next_epoch = int(self.history[-1]["epoch"]) + 1
+        mean = sum(walls) / len(walls)
+        if self.length is None:
+            return max(0, self.total_epochs - next_epoch) * mean
+        timed = [r for r in self.history if r.get("val_time") and r.get("val_iterations")]
+        tile = None
+        if timed:  # one validation batch is `batch_size` tiles' worth of forward passes
+            tile = timed[-1]["val_time"] / (timed[-1]["val_iterations"] * self.length.batch_size)
+        step = self.step_seconds or float(self.history[-1].get("batch_time") or 0.0)
+        return self.length.remaining(next_epoch, mean, tile, step)
 
     def progress_bar(self, epoch: int, iterations: int) -> tqdm:
         """A bar for one epoch; disabled on other ranks, when switched off, or when nothing reads stderr."""
         eta = self.eta_seconds()
-        run = f" | run ETA {format_seconds(eta)}" if eta is not None else ""
+        run = f" | run ETA {format_duration(eta)}" if eta is not None else ""
         return tqdm(total=iterations, desc=f"epoch {epoch + 1}/{self.total_epochs}{run}", leave=False,
                     disable=not (self.active and self.config.progress_bar), dynamic_ncols=True, file=sys.stderr)
 
@@ -161,7 +184,14 @@ def _flatten(record: dict[str, Any], prefix: str = "") -> dict[str, Any]:
 _TENSORBOARD_NOTICE_SHOWN = False
 
 
-def _tensorboard_writer(log_dir: Path) -> Any:
+def _wall_time(record: dict[str, Any]) -> float:
+    """An epoch's whole time: its wall time, or for records without one, training plus validation."""
+    if record.get("wall_time"):
+        return float(record["wall_time"])
+    return float(record.get("epoch_time") or 0.0) + float(record.get("val_time") or 0.0)
+
+
+def _tensorboard_writer(log_dir: Path, purge_step: int | None = None) -> Any:
     global _TENSORBOARD_NOTICE_SHOWN
     try:
         from torch.utils.tensorboard import SummaryWriter
@@ -171,7 +201,7 @@ def _tensorboard_writer(log_dir: Path) -> Any:
                   file=sys.stderr)
             _TENSORBOARD_NOTICE_SHOWN = True
         return None
-    return SummaryWriter(log_dir=str(log_dir))
+    return SummaryWriter(log_dir=str(log_dir), purge_step=purge_step)
 
 
 def plot_progress(history: list[dict[str, Any]], path: str | Path) -> None:

@@ -23,23 +23,27 @@ import numpy as np
 import torch
 
 from voxseg.atomicio import sweep_stale_temporaries
-from voxseg.config import TrainConfig
+from voxseg.config import CONFIG_FILE, TrainConfig
 from voxseg.data.memory import estimate_memory_gb
 from voxseg.plans import PLAN_FILE, Plan
 from voxseg.plans import apply_overrides as apply_plan_overrides
 from voxseg.data.splits import fold_dir, get_fold
 from voxseg.devices import resolve_device
-from voxseg.distributed import World, all_reduce_mean, data_parallel, local_batch_size, process_group
-from voxseg.errors import CheckpointError, ConfigError, VoxsegError
+from voxseg.distributed import World, all_reduce_mean, barrier, data_parallel, local_batch_size, process_group
+from voxseg.errors import ConfigError, VoxsegError
 from voxseg.losses import build_loss
 from voxseg.models import build_network
 from voxseg.models.factory import warn_noop_deep_supervision
-from voxseg.checkpoint import CHECKPOINT_CHOICES, Checkpointer, RngStates, checkpoint_file, load_pretrained, network_from_checkpoint
+from voxseg.checkpoint import Checkpointer, RngStates, checkpoint_file, load_pretrained
 from voxseg.train.logger import TrainLogger
 from voxseg.optim import build_optimizer, build_scheduler
 from voxseg.train.step import RunningMeans, TrainData, TrainStep
-from voxseg.infer.cascade import next_stage_target, stored_previous
-from voxseg.infer.validation import full_validation
+from voxseg.infer.cascade import stored_previous
+from voxseg.jsonio import write_json_atomic
+from voxseg.train.eta import RunLength, count_tiles, format_duration
+from voxseg.train.evaluation import VALIDATION_DIR, evaluate_checkpoint, full_val_metrics
+from voxseg.train.resume import apply_changes, config_changes, describe_changes, record_changes, refuse_fixed, resume_tag
+from voxseg.train.rundir import check_run_dir, replace_run_dir
 from voxseg.train.validate import pseudo_dice
 from voxseg.units import gib
 
@@ -108,18 +112,22 @@ class Training:
     checkpointer: Checkpointer
 
 
-def train(workdir: str | Path, fold: int | str, config: TrainConfig, resume: bool = False,
-          test_only: bool | str = False, pretrained: str | Path | None = None) -> dict[str, Any]:
+def train(workdir: str | Path, fold: int | str, config: TrainConfig, resume: bool | str | Path = False,
+          test_only: bool | str = False, pretrained: str | Path | None = None, force: bool = False) -> dict[str, Any]:
     """Train (or, with `test_only`, evaluate) one fold; returns the final metrics.
 
     Args:
         workdir: work directory with plans.json, splits.json and preprocessed/.
         fold: fold index or "all".
         config: the run's settings.
-        resume: continue from training/fold_F/checkpoint_latest.pt (also `config.resume`).
-        test_only: skip training and validate on full volumes: True = checkpoint_best.pt (else
-            checkpoint_final.pt), or a name of `CHECKPOINT_CHOICES` ("final", "best", "latest") for that one.
+        resume: continue the fold's run from checkpoint_latest.pt (True, also `config.resume`), or from a given
+            checkpoint of that run (its path); changed options take effect from the next epoch
+            (`voxseg.train.resume`).
+        test_only: skip training and validate on full volumes into training/fold_F/validation_{tag}/: True =
+            checkpoint_best.pt (else checkpoint_final.pt), or a name of `CHECKPOINT_CHOICES` ("final", "best",
+            "latest") for that one.
         pretrained: initialise from this checkpoint's matching weights (also `config.pretrained`).
+        force: train anew even when the fold already holds a run, deleting it first (`voxseg.train.rundir`).
 
     Returns:
         {"epochs", "best_ema_dice", "stopped_early", "val_dice_mean", "val_dice": {class: dice}, "seconds"}
@@ -130,11 +138,11 @@ def train(workdir: str | Path, fold: int | str, config: TrainConfig, resume: boo
     the plan's batch is the global batch and every rank returns the same result; only rank 0 writes.
     """
     with process_group(config.loop.device, config.loop.dist_timeout_min) as world:
-        return _train(workdir, fold, config, world, resume, test_only, pretrained)
+        return _train(workdir, fold, config, world, resume or config.resume, test_only, pretrained, force)
 
 
-def _train(workdir: str | Path, fold: int | str, config: TrainConfig, world: World, resume: bool,
-           test_only: bool | str, pretrained: str | Path | None) -> dict[str, Any]:
+def _train(workdir: str | Path, fold: int | str, config: TrainConfig, world: World, resume: bool | str | Path,
+           test_only: bool | str, pretrained: str | Path | None, force: bool) -> dict[str, Any]:
     """`train` inside the run's process group (if any)."""
     start = time.perf_counter()
     workdir = Path(workdir)
@@ -142,7 +150,15 @@ def _train(workdir: str | Path, fold: int | str, config: TrainConfig, world: Wor
     sweep_stale_temporaries(out_dir, recursive=True)  # temporary files of a killed run
     train_names, val_names = get_fold(workdir, fold)
     if test_only:  # the checkpoint's own effective plan decides everything; the config only the device/amp
-        return _test_only(workdir, out_dir, config, val_names, start, world, test_only)
+        result = evaluate_checkpoint(workdir, out_dir, val_names, world.device,
+                                     resolve_amp(config.loop.amp, world.device), test_only,
+                                     config.loop.save_val_probabilities)
+        return {**result, "seconds": time.perf_counter() - start}
+    if resume and pretrained:
+        raise ConfigError("--pretrained starts a new run from a checkpoint's weights; a resumed run continues from "
+                          "its own checkpoint: give one of --resume and --pretrained")
+    tag = resume_tag(resume, out_dir) if resume else None
+    replacing = False if resume else check_run_dir(out_dir, force)  # refused before anything is written
     plan = effective_plan(workdir, config)
     previous = stored_previous(workdir, plan)  # a cascade stage: the first stage's cross-validation predictions
     if previous is not None:
@@ -151,17 +167,25 @@ def _train(workdir: str | Path, fold: int | str, config: TrainConfig, world: Wor
 
     seed_everything(config.loop.seed, config.loop.deterministic, config.data.num_threads)
     t = build_training(workdir, plan, config, run, train_names, val_names, out_dir)
-    if resume or config.resume:
+    changes: dict[str, Any] = {}
+    if tag is not None:
         # every rank reads the same file: a checkpoint holds no trace of the number of processes that wrote it
-        t.checkpointer.restore("latest", run.device)  # refuses a changed plan or optimiser
-        _print(world, f"resumed from {checkpoint_file(out_dir, 'latest')} at epoch {t.progress.epoch}")
+        state = t.checkpointer.restore(tag, run.device)  # refuses a changed plan or optimiser
+        changes = resumed_with_changes(state, t, run, checkpoint_file(out_dir, tag))
     elif pretrained or config.pretrained:
         _print(world, load_pretrained(t.model, pretrained or config.pretrained).summary())
     if world.is_main:
+        if replacing:
+            replace_run_dir(out_dir)
+        out_dir.mkdir(parents=True, exist_ok=True)
         plan.save(out_dir / PLAN_FILE)
-        resolved_config(config, run).save(out_dir / "config.json")
+        started = resolved_config(config, run).to_dict()
+        record_changes(out_dir / CONFIG_FILE, started, t.progress.epoch, changes) if tag else \
+            write_json_atomic(out_dir / CONFIG_FILE, started)
+    barrier()  # the other ranks start once rank 0 has replaced an old run
 
-    logger = TrainLogger(out_dir, config.logging, config.loop.epochs, rank=world.rank, start_epoch=t.progress.epoch)
+    logger = TrainLogger(out_dir, config.logging, config.loop.epochs, rank=world.rank, start_epoch=t.progress.epoch,
+                         length=run_length(t, run, val_names))
     processes = f" x {world.size} processes (batch {plan.batch_size // world.size} each)" if world.distributed else ""
     logger.message(f"training fold {fold} on {run.device}{processes}: {len(train_names)} training / {len(val_names)} "
                    f"validation cases, patch {plan.patch_size}, batch {plan.batch_size}, {run.iterations} "
@@ -169,6 +193,9 @@ def _train(workdir: str | Path, fold: int | str, config: TrainConfig, world: Wor
                    f"compile {'on' if run.compile else 'off'}\n"
                    f"{t.data.describe()}")
     warn_noop_deep_supervision(plan, logger.message)
+    eta = logger.eta_seconds()
+    if eta is not None and t.progress.epoch < config.loop.epochs:
+        logger.message(f"expected duration of the epochs left: {format_duration(eta)} (from the epochs logged)")
     try:
         fit(t, run, logger, validate=bool(val_names))
     except KeyboardInterrupt:
@@ -185,12 +212,44 @@ def _train(workdir: str | Path, fold: int | str, config: TrainConfig, world: Wor
     result: dict[str, Any] = {"epochs": t.progress.epoch, "best_ema_dice": t.progress.best_metric,
                               "stopped_early": t.progress.epoch < config.loop.epochs}
     if config.loop.full_val and val_names:
-        # the final weights, as nnU-Net validates them; `--test-only` validates checkpoint_best instead
+        # the final weights, as nnU-Net validates them; `--test-only` validates checkpoint_best instead. A run
+        # killed here resumes (--resume) with nothing left to train and validates again
         logger.message(f"full validation of {len(val_names)} cases (sliding window)")
-        result.update(_full_val_metrics(t.model, plan, workdir, out_dir, val_names, run,
-                                         config.loop.save_val_probabilities))
+        result.update(full_val_metrics(t.model, plan, workdir, out_dir / VALIDATION_DIR, val_names, run.device,
+                                       run.amp_dtype, config.loop.save_val_probabilities))
     result["seconds"] = time.perf_counter() - start
     return result
+
+
+def resumed_with_changes(state: dict[str, Any], t: "Training", run: "Resolved", path: Path) -> dict[str, Any]:
+    """After a restore: the options changed since the checkpoint (refused where they may not change), applied to
+    the restored optimiser and schedule and announced; returns them."""
+    saved = state.get("config") if isinstance(state.get("config"), dict) else {}
+    changes = config_changes(saved, resolved_config(t.config, run).to_dict()) if saved else {}
+    # a checkpoint of an older version holds "auto" where the machine's choice now stands
+    changes = {k: v for k, v in changes.items() if not (k in _MACHINE_OPTIONS and v[0] == "auto")}
+    refuse_fixed(changes, path)
+    apply_changes(changes, t.optimizer, t.scheduler, t.config)
+    epoch = t.progress.epoch
+    text = f"resumed from {path} after epoch {epoch} of {t.config.loop.epochs}"
+    if changes:
+        text += f"; from epoch {epoch + 1} on: {describe_changes(changes)}"
+    _print(run.world, text)
+    return changes
+
+
+_MACHINE_OPTIONS = ("loop.device", "loop.amp", "loop.compile")
+
+
+def run_length(t: "Training", run: "Resolved", val_names: list[str]) -> RunLength:
+    """What the run has left, for the expected duration: epochs, validations and the final validation's tiles."""
+    config, plan = t.config, t.plan
+    cache = t.data.val_cache
+    tiles = 0
+    if config.loop.full_val and cache is not None:
+        tiles = count_tiles([cache.shape(i) for i in range(len(cache))], plan.patch_size, slice_axis=plan.slice_axis)
+    return RunLength(t.progress.epoch, config.loop.epochs, run.iterations, config.loop.val_freq if val_names else 0,
+                     config.loop.val_iterations, plan.batch_size, tiles)
 
 
 def build_training(workdir: Path, plan: Plan, config: TrainConfig, run: Resolved, train_names: list[str],
@@ -215,28 +274,31 @@ def build_training(workdir: Path, plan: Plan, config: TrainConfig, run: Resolved
         out_dir or workdir / "unsaved",
         {"model": model, "optimizer": optimizer, "scheduler": scheduler, "scaler": step, "data": data,
          "progress": progress, "rng": RngStates(data.generators)},  # RNGs last: nothing after them draws
-        metadata={"plan": plan.to_dict(), "config": config.to_dict()},
+        metadata={"plan": plan.to_dict(), "config": resolved_config(config, run).to_dict()},
         keep_snapshots=config.loop.keep_snapshots, enabled=out_dir is not None and world.is_main)
     return Training(model, loss_fn, optimizer, scheduler, step, data, plan, config, progress, checkpointer)
 
 
 def fit(t: Training, run: Resolved, logger: TrainLogger, validate: bool = True) -> None:
-    """The epoch loop: train, validate every val_freq epochs, step the schedule, log, checkpoint, stop early."""
+    """The epoch loop: train, validate every val_freq epochs, step the schedule, checkpoint, log, stop early."""
     loop_config, progress = t.config.loop, t.progress
     while progress.epoch < loop_config.epochs:
-        epoch = progress.epoch
+        epoch, started = progress.epoch, time.perf_counter()
         record = run_epoch(t.step, t.data, logger, t.config, epoch, run, t.plan.batch_size)
         validated = validate and (epoch + 1) % loop_config.val_freq == 0
         if validated:
             record.update(validate_epoch(t.model, t.loss_fn, t.data, t.plan, t.config, run, progress))
         t.scheduler.step(progress.ema if validated else None)
         progress.epoch += 1
-        logger.log_epoch(record)
+        # checkpoints before the log line: log.jsonl never holds an epoch that no checkpoint holds
         if record.get("new_best"):
             t.checkpointer.save("best")
         if progress.epoch % loop_config.save_freq == 0:
             t.checkpointer.save("latest")
+        if progress.epoch % loop_config.snapshot_freq == 0:
             t.checkpointer.snapshot(progress.epoch)
+        record["wall_time"] = time.perf_counter() - started  # training, validation and checkpoints: the ETA's unit
+        logger.log_epoch(record)
         if loop_config.patience and progress.epochs_without_improvement() >= loop_config.patience:
             logger.message(f"early stopping: no EMA pseudo-Dice improvement for {loop_config.patience} epochs")
             return
@@ -324,6 +386,7 @@ def run_epoch(step: TrainStep, data: TrainData, logger: TrainLogger, config: Tra
     running, memory = RunningMeans(reduce=all_reduce_mean), []  # logged losses: the mean over the ranks
     lr = float(step.optimizer.param_groups[0]["lr"])
     stream = data.train_stream(run.iterations * accum)
+    probe, marks = logger.step_probe(run.iterations), []  # the first epoch of a process times its first steps
     start = time.perf_counter()
     with logger.progress_bar(epoch, run.iterations) as bar:
         for micro, (image, seg) in enumerate(stream, start=1):
@@ -331,6 +394,12 @@ def run_epoch(step: TrainStep, data: TrainData, logger: TrainLogger, config: Tra
             if micro % accum:
                 continue
             bar.update(1)
+            if probe and micro // accum in (1, probe):
+                if cuda:  # twice per process (this rank only): the expected duration needs the device's time
+                    torch.cuda.synchronize(run.device)
+                marks.append(time.perf_counter())
+                if len(marks) == 2:
+                    logger.expect((marks[1] - marks[0]) / (probe - 1))
             if cuda:
                 memory.append(torch.cuda.memory_allocated(run.device))  # host-side counter, no sync
             # host-device sync at the log interval. The running means all-reduce over the ranks, so whether
@@ -359,44 +428,9 @@ def validate_epoch(model: torch.nn.Module, loss_fn: torch.nn.Module, data: Train
     new_best = progress.update(val["dice_mean"], config.loop.ema_alpha)
     return {"val_loss": val["val_loss"], "pseudo_dice": dict(zip(plan.class_names, val["dice"])),
             "pseudo_dice_mean": val["dice_mean"], "ema_dice": progress.ema, "new_best": new_best,
-            "val_time": time.perf_counter() - start}
+            "val_time": time.perf_counter() - start, "val_iterations": config.loop.val_iterations}
 
 
 def _print(world: World, text: str) -> None:
     if world.is_main:
         print(text, flush=True)
-
-
-# ----- test-only ------------------------------------------------------------------------------------------
-def _test_only(workdir: Path, out_dir: Path, config: TrainConfig, val_names: list[str],
-               start: float, world: World, which: bool | str = True) -> dict[str, Any]:
-    """Full validation of checkpoint `which` (True: checkpoint_best, else checkpoint_final) without training."""
-    if isinstance(which, str):
-        if which not in CHECKPOINT_CHOICES:
-            raise ConfigError(f"test-only checkpoint '{which}' is unknown; use one of {', '.join(CHECKPOINT_CHOICES)}")
-        candidates = [checkpoint_file(out_dir, which)]
-    else:
-        candidates = [checkpoint_file(out_dir, "best"), checkpoint_file(out_dir, "final")]
-    path = next((p for p in candidates if p.is_file()), None)
-    if path is None:
-        names = " nor ".join(p.name for p in candidates)
-        raise CheckpointError(f"{out_dir}: {'neither ' if len(candidates) > 1 else ''}{names} exists; train first")
-    device = world.device
-    model, plan, state = network_from_checkpoint(path, device)  # the effective plan the weights were trained with
-    run = Resolved(device, resolve_amp(config.loop.amp, device), False, 0, world)
-    result: dict[str, Any] = {"checkpoint": str(path), "epochs": int(state["progress"]["epoch"])}
-    if val_names:
-        result.update(_full_val_metrics(model, plan, workdir, out_dir, val_names, run,
-                                         config.loop.save_val_probabilities))
-    result["seconds"] = time.perf_counter() - start
-    return result
-
-
-def _full_val_metrics(model: torch.nn.Module, plan: Plan, workdir: Path, out_dir: Path, names: list[str],
-                      run: Resolved, probabilities: bool = False) -> dict[str, Any]:
-    # a cascade stage reads the first stage's stored predictions; a first stage writes them for the next one
-    summary = full_validation(model, plan, workdir / "preprocessed", names, out_dir / "validation", run.device,
-                              plan.patch_size, amp_dtype=run.amp_dtype, tile_batch=max(1, plan.batch_size),
-                              previous=stored_previous(workdir, plan), next_stage=next_stage_target(workdir, plan),
-                              save_probabilities=probabilities)
-    return {"val_dice_mean": summary["mean_dice"], "val_dice": summary["mean"]}

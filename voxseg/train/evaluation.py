@@ -1,0 +1,70 @@
+"""Full validation of a fold: at the end of training (the final weights, into training/fold_F/validation/, which
+cross-validation reads) and `--test-only` (a chosen checkpoint, into its own folder, touching nothing else).
+
+`--test-only` writes training/fold_F/validation_{best,final,latest}/ and never the run's validation/ folder, its
+saved probabilities or a cascade's stored first-stage predictions: evaluating a checkpoint does not change what
+`voxseg evaluate --crossval` scores or chooses.
+"""
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from voxseg.checkpoint import CHECKPOINT_CHOICES, checkpoint_file, network_from_checkpoint
+from voxseg.errors import CheckpointError, ConfigError
+from voxseg.infer.cascade import next_stage_target, stored_previous
+from voxseg.infer.validation import full_validation
+from voxseg.plans import Plan
+
+VALIDATION_DIR = "validation"  # the run's cross-validation outputs
+
+
+def checkpoint_validation_dir(out_dir: Path, tag: str) -> Path:
+    """Where `--test-only` writes the validation of checkpoint_{tag}.pt: training/fold_F/validation_{tag}."""
+    return out_dir / f"{VALIDATION_DIR}_{tag}"
+
+
+def full_val_metrics(model: torch.nn.Module, plan: Plan, workdir: Path, val_dir: Path, names: list[str],
+                     device: torch.device, amp_dtype: torch.dtype | None, probabilities: bool = False,
+                     write_next_stage: bool = True) -> dict[str, Any]:
+    """Sliding-window validation of `names` into `val_dir`; {"val_dice_mean", "val_dice": {class: dice}}.
+
+    A cascade stage reads the first stage's stored predictions; a first stage writes them for the next stage
+    (only with `write_next_stage`: the run's own final validation)."""
+    summary = full_validation(model, plan, workdir / "preprocessed", names, val_dir, device, plan.patch_size,
+                              amp_dtype=amp_dtype, tile_batch=max(1, plan.batch_size),
+                              previous=stored_previous(workdir, plan),
+                              next_stage=next_stage_target(workdir, plan) if write_next_stage else None,
+                              save_probabilities=probabilities)
+    return {"val_dice_mean": summary["mean_dice"], "val_dice": summary["mean"]}
+
+
+def evaluate_checkpoint(workdir: Path, out_dir: Path, val_names: list[str], device: torch.device,
+                        amp_dtype: torch.dtype | None, which: bool | str = True,
+                        probabilities: bool = False) -> dict[str, Any]:
+    """`--test-only`: full validation of checkpoint `which` (True: checkpoint_best, else checkpoint_final) into
+    its own folder; returns {"checkpoint", "epochs", "validation_dir", "val_dice_mean", "val_dice", "seconds"}."""
+    start = time.perf_counter()
+    if isinstance(which, str):
+        if which not in CHECKPOINT_CHOICES:
+            raise ConfigError(f"test-only checkpoint '{which}' is unknown; use one of {', '.join(CHECKPOINT_CHOICES)}")
+        candidates = [checkpoint_file(out_dir, which)]
+    else:
+        candidates = [checkpoint_file(out_dir, "best"), checkpoint_file(out_dir, "final")]
+    path = next((p for p in candidates if p.is_file()), None)
+    if path is None:
+        names = " nor ".join(p.name for p in candidates)
+        raise CheckpointError(f"{out_dir}: {'neither ' if len(candidates) > 1 else ''}{names} exists; train first")
+    model, plan, state = network_from_checkpoint(path, device)  # the effective plan the weights were trained with
+    tag = path.stem[len("checkpoint_"):]
+    val_dir = checkpoint_validation_dir(out_dir, tag)
+    result: dict[str, Any] = {"checkpoint": str(path), "epochs": int(state["progress"]["epoch"]),
+                              "validation_dir": str(val_dir)}
+    if val_names:
+        result.update(full_val_metrics(model, plan, workdir, val_dir, val_names, device, amp_dtype, probabilities,
+                                       write_next_stage=False))
+    result["seconds"] = time.perf_counter() - start
+    return result
