@@ -28,6 +28,7 @@ from voxseg.configtree import check_choice as _choice
 from voxseg.jsonio import write_json_atomic
 from voxseg.errors import ConfigError
 from voxseg.losses import LOSSES, loss_weights
+from voxseg.lossoptions import TermOptions
 from voxseg.optim import OptimConfig, ScheduleConfig  # owned by the optimiser component, part of this tree
 from voxseg.plans import TRAINING_OVERRIDES, parse_overrides
 
@@ -40,15 +41,43 @@ class LossConfig:
         name: dice_ce (default), dice, ce, focal, tversky or dice_focal (`voxseg.losses.LOSSES`).
         weights: per-term weights, e.g. {"dice": 1.0, "ce": 1.0}; None = the loss's defaults. Keys must be
             terms of the chosen loss.
+        class_weights: one weight >= 0 per network output, in output order: background then each label for
+            softmax plans, one per region for region-based plans (e.g. 1,2,2,2); None = all equal. CE and focal
+            become weighted means over the voxels (each voxel weighted by its class, as torch's CrossEntropyLoss
+            weight; each region's term by its weight), Dice and Tversky the weighted mean of the per-class
+            scores (softmax: background has no Dice, so its weight only counts in CE and focal). Only ratios
+            matter. The count is checked against the plan when training starts.
+        focal_gamma: focal loss exponent in (1 - p_t)^gamma, >= 0; 0 with no alpha is cross-entropy.
+        focal_alpha: focal loss alpha_t factor: None = none; a number in [0, 1] weights foreground voxels (for
+            regions: region members) by alpha and the rest by 1 - alpha; a list gives one factor per output,
+            in class_weights' order. Unlike class_weights it scales the loss (it is not normalised).
+        tversky_alpha: Tversky loss weight of false positives, >= 0 (alpha = beta = 0.5 is Dice).
+        tversky_beta: Tversky loss weight of false negatives, >= 0; beta > alpha favours recall.
     """
 
     name: str = field(default="dice_ce", metadata={"choices": LOSSES})
     weights: dict[str, float] | None = None
+    class_weights: list[float] | None = None
+    focal_gamma: float = 2.0
+    focal_alpha: float | list[float] | None = None
+    tversky_alpha: float = 0.3
+    tversky_beta: float = 0.7
 
     def __post_init__(self) -> None:
         _choice(self, "loss.name")
         # caught here, not minutes later when the loss is built
         loss_weights(self.name, self.weights)
+        options = TermOptions(**self.term_options())  # validated; kept as floats and lists (JSON has no tuples)
+        self.class_weights = None if options.class_weights is None else list(options.class_weights)
+        alpha = options.focal_alpha
+        self.focal_alpha = list(alpha) if isinstance(alpha, tuple) else alpha
+        self.focal_gamma, self.tversky_alpha, self.tversky_beta = (options.focal_gamma, options.tversky_alpha,
+                                                                   options.tversky_beta)
+
+    def term_options(self) -> dict[str, Any]:
+        """The options of `voxseg.losses.build_loss` this config sets (`voxseg.lossoptions.TermOptions`)."""
+        return dict(class_weights=self.class_weights, focal_gamma=self.focal_gamma, focal_alpha=self.focal_alpha,
+                    tversky_alpha=self.tversky_alpha, tversky_beta=self.tversky_beta)
 
 
 @dataclass

@@ -11,6 +11,14 @@ softmax over background + labels (Dice excludes background); region-based plans 
 one sigmoid per region with region target r_k = isin(target, regions[k]), and "ce" is binary cross-entropy.
 All terms are computed in float32 whatever the autocast dtype, and nothing syncs with the host.
 
+Per-class weights (`class_weights`, one per network output: background then the labels for softmax, one per
+region for sigmoid outputs) make CE and focal the weighted mean over the voxels, each voxel weighted by its class
+(for regions: each region's term by its weight), as `torch.nn.CrossEntropyLoss(weight=...)` does, and Dice and
+Tversky the weighted mean of the per-class scores (softmax: over the labels, background has no Dice).
+Without them every term is exactly the unweighted mean:
+
+    loss = build_loss("dice_ce", plan, class_weights=[1, 2, 2, 2], focal_gamma=3.0)
+
 Two registries: `LOSS_TERMS` (term name -> function of `TermInputs` giving a scalar) and `LOSSES` (loss name ->
 `LossSpec`, the terms it sums with their default weights). A new loss is a registered term and a spec:
 
@@ -24,7 +32,7 @@ and `loss.name=dice_fp` selects it; `loss.weights=false_positive=0.1` changes a 
 """
 from __future__ import annotations
 
-import inspect
+import dataclasses
 from dataclasses import dataclass
 from typing import Any, Callable, Sequence
 
@@ -32,7 +40,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from voxseg.distributed import all_reduce_autograd
+from voxseg.distributed import all_reduce_autograd, all_reduce_mean
+from voxseg.lossoptions import TermOptions, per_output
 from voxseg.plans import Plan
 from voxseg.errors import ConfigError
 from voxseg.registry import Registry, unknown_name_message
@@ -49,7 +58,7 @@ class TermInputs:
         index: (B, 1, *P) long softmax channel of every voxel; None for region-based plans.
         valid: (B, 1, *P) 1 where the voxel is not the ignore label; None when the plan has no ignore label.
         loss: the `SegmentationLoss` computing the terms, holding their options (smooth, batch_dice,
-            focal_gamma, focal_alpha, tversky_alpha, tversky_beta) and `region_based`.
+            class_weights, focal_gamma, focal_alpha, tversky_alpha, tversky_beta) and `region_based`.
     """
 
     logits: Tensor
@@ -69,6 +78,33 @@ class TermInputs:
         if not self.loss.region_based:
             tp, fp, fn = tp[..., 1:], fp[..., 1:], fn[..., 1:]
         return tp, fp, fn
+
+    def class_mean(self, score: Tensor) -> Tensor:
+        """Mean of a per-class score from `overlap` ((K',) or (B, K')); with class weights the mean over the
+        batch of the weighted mean over the classes."""
+        weights = self.loss.overlap_weights  # (K',) or None
+        if weights is None:
+            return score.mean()
+        return (score * weights).sum(-1).mean() / weights.sum()
+
+    def voxel_mean(self, per_voxel: Tensor) -> Tensor:
+        """Mean of (B, 1|K, *P) over the valid voxels; with class weights the weighted mean, each voxel (for
+        regions: each region's channel) weighted by its class. In a distributed training step the normaliser is
+        the global batch's, so DDP's gradient average gives the weighted mean of the global batch."""
+        weights = self.loss.class_weights  # (K,) or None
+        if weights is None:
+            return _mean_valid(per_voxel, self.valid)
+        if self.loss.region_based:
+            voxel_weight = weights.view([1, -1] + [1] * (per_voxel.ndim - 2)).expand_as(per_voxel)
+        else:
+            voxel_weight = weights[self.index]  # (B, 1, *P) the weight of each voxel's class
+        if self.valid is not None:
+            voxel_weight = voxel_weight * self.valid
+        total = voxel_weight.sum()
+        if self.loss.sync_batch_dice and self.loss.training:
+            # rank r returns sum_r / mean_r(total): DDP's mean over ranks is then sum / global total
+            total = all_reduce_mean(total)
+        return (per_voxel * voxel_weight).sum() / total.clamp_min(torch.finfo(torch.float32).tiny)
 
 
 LossTerm = Callable[[TermInputs], Tensor]
@@ -144,7 +180,7 @@ def _mean_valid(per_voxel: Tensor, valid: Tensor | None) -> Tensor:
 def dice(x: TermInputs) -> Tensor:
     tp, fp, fn = x.overlap()
     smooth = x.loss.smooth
-    return 1.0 - ((2 * tp + smooth) / (2 * tp + fp + fn + smooth).clamp_min(1e-8)).mean()
+    return 1.0 - x.class_mean((2 * tp + smooth) / (2 * tp + fp + fn + smooth).clamp_min(1e-8))
 
 
 @LOSS_TERMS.register("tversky", "1 - Tversky index: Dice with false positives / negatives weighted alpha / beta")
@@ -152,7 +188,7 @@ def tversky(x: TermInputs) -> Tensor:
     tp, fp, fn = x.overlap()
     smooth = x.loss.smooth
     denominator = tp + x.loss.tversky_alpha * fp + x.loss.tversky_beta * fn + smooth
-    return 1.0 - ((tp + smooth) / denominator.clamp_min(1e-8)).mean()
+    return 1.0 - x.class_mean((tp + smooth) / denominator.clamp_min(1e-8))
 
 
 @LOSS_TERMS.register("ce", "cross-entropy (binary cross-entropy per region for region-based plans)")
@@ -161,7 +197,7 @@ def cross_entropy(x: TermInputs) -> Tensor:
         per_voxel = F.binary_cross_entropy_with_logits(x.logits, x.onehot, reduction="none")
     else:
         per_voxel = F.cross_entropy(x.logits, x.index[:, 0], reduction="none").unsqueeze(1)
-    return _mean_valid(per_voxel, x.valid)
+    return x.voxel_mean(per_voxel)
 
 
 @LOSS_TERMS.register("focal", "focal loss -alpha_t (1 - p_t)^gamma log p_t")
@@ -185,7 +221,7 @@ def focal(x: TermInputs) -> Tensor:
             loss = loss * alpha[index]
         else:  # one float: weight alpha on foreground voxels, 1 - alpha on background
             loss = loss * torch.where(index > 0, alpha, 1 - alpha)
-    return _mean_valid(loss, x.valid)
+    return x.voxel_mean(loss)
 
 
 LOSSES.add("dice_ce", LossSpec({"dice": 1.0, "ce": 1.0}), "Dice + cross-entropy (nnU-Net's default)")
@@ -202,43 +238,43 @@ class SegmentationLoss(nn.Module):
     Args:
         plan: gives label values / regions, the ignore label and whether outputs are sigmoid or softmax.
         weights: term name -> weight; the terms are those of the chosen loss (`LOSSES`, `loss_weights`).
-        smooth: added to Dice/Tversky numerator and denominator.
-        batch_dice: Dice statistics summed over the batch (nnU-Net's batch Dice) instead of per sample.
-        focal_gamma, focal_alpha: focal loss focusing exponent and optional class weight (float: weight of the
-            positive/foreground side; list: one weight per output channel).
-        tversky_alpha, tversky_beta: Tversky weights of false positives and false negatives.
+        options: the terms' options (`voxseg.lossoptions.TermOptions`: smooth, batch_dice, class_weights,
+            focal_gamma, focal_alpha, tversky_alpha, tversky_beta); per-output lists are checked against the
+            plan's outputs here.
         sync_batch_dice: in a distributed run, all-reduce the batch Dice statistics over the ranks (in training
             mode only), so Dice/Tversky are those of the global batch as in a single process; mean-reduced
-            terms (CE, focal) need nothing: DDP averages their gradients. Training sets it under torchrun.
+            terms (CE, focal) need nothing: DDP averages their gradients (with class weights, the normaliser of
+            their weighted mean is all-reduced too). Training sets it under torchrun.
     """
 
-    def __init__(
-        self,
-        plan: Plan,
-        weights: dict[str, float],
-        smooth: float = 1e-5,
-        batch_dice: bool = True,
-        focal_gamma: float = 2.0,
-        focal_alpha: float | Sequence[float] | None = None,
-        tversky_alpha: float = 0.3,
-        tversky_beta: float = 0.7,
-        sync_batch_dice: bool = False,
-    ) -> None:
+    def __init__(self, plan: Plan, weights: dict[str, float], options: TermOptions | None = None,
+                 sync_batch_dice: bool = False) -> None:
         super().__init__()
+        options = options or TermOptions()
         self.weights = dict(weights)
         self.terms = {name: LOSS_TERMS.get(name) for name in self.weights}  # resolved once, at build time
         self.region_based = plan.is_region_based
         self.ignore_label = plan.ignore_label
         self.num_outputs = plan.num_outputs
-        self.smooth, self.batch_dice, self.sync_batch_dice = float(smooth), bool(batch_dice), bool(sync_batch_dice)
-        self.focal_gamma, self.tversky_alpha, self.tversky_beta = float(focal_gamma), tversky_alpha, tversky_beta
+        self.smooth, self.batch_dice = options.smooth, bool(options.batch_dice)
+        self.sync_batch_dice = bool(sync_batch_dice)
+        self.focal_gamma, self.tversky_alpha, self.tversky_beta = (options.focal_gamma, options.tversky_alpha,
+                                                                   options.tversky_beta)
         channel_table, region_table = _lookup_tables(plan)
         self.register_buffer("channel_table", channel_table, persistent=False)
         self.register_buffer("region_table", region_table, persistent=False)
-        alpha = None if focal_alpha is None else torch.as_tensor(focal_alpha, dtype=torch.float32)
-        if alpha is not None and alpha.ndim == 1 and len(alpha) != self.num_outputs:
-            raise ConfigError(f"focal_alpha has {len(alpha)} entries; the network has {self.num_outputs} outputs")
-        self.register_buffer("focal_alpha", alpha, persistent=False)
+        class_weights = None if options.class_weights is None else torch.tensor(
+            per_output(options.class_weights, plan, "loss.class_weights"))
+        overlap_weights = class_weights if self.region_based or class_weights is None else class_weights[1:]
+        if overlap_weights is not None and overlap_weights.sum() <= 0 and {"dice", "tversky"} & set(self.terms):
+            raise ConfigError(f"loss.class_weights={list(options.class_weights)} gives every label weight 0: Dice "
+                              "and Tversky average over the labels (background has no Dice); weight one > 0")
+        self.register_buffer("class_weights", class_weights, persistent=False)  # (K,)
+        self.register_buffer("overlap_weights", overlap_weights, persistent=False)  # (K',) the classes Dice sees
+        alpha = options.focal_alpha
+        if isinstance(alpha, tuple):
+            alpha = per_output(alpha, plan, "loss.focal_alpha")
+        self.register_buffer("focal_alpha", None if alpha is None else torch.tensor(alpha), persistent=False)
 
     def forward(self, output: Tensor, target: Tensor) -> tuple[Tensor, dict[str, Tensor]]:
         """output (B, K, *P) logits, target (B, 1, *P) integer labels."""
@@ -330,14 +366,19 @@ def build_loss(
     Args:
         weights: term weights, e.g. {"dice": 1.0, "ce": 0.5}; keys must be terms of the loss.
         deep_supervision: accept the network's list of outputs and weight them (a single tensor still works).
-        **kwargs: options of `SegmentationLoss` (smooth, batch_dice, focal_gamma, focal_alpha, tversky_alpha,
-            tversky_beta) and `ds_weights` (explicit per-output deep-supervision weights).
+        **kwargs: the terms' options (`TermOptions`: smooth, batch_dice, class_weights, focal_gamma,
+            focal_alpha, tversky_alpha, tversky_beta), `sync_batch_dice` (see `SegmentationLoss`) and
+            `ds_weights` (explicit per-output deep-supervision weights).
+
+    Raises:
+        ConfigError: an unknown loss, term or option, an invalid value, or a per-output list (class_weights,
+            focal_alpha) whose length is not the plan's number of outputs.
     """
     ds_weights = kwargs.pop("ds_weights", None)
-    valid = [p for p in inspect.signature(SegmentationLoss.__init__).parameters if p not in ("self", "plan", "weights")]
+    sync_batch_dice = kwargs.pop("sync_batch_dice", False)
+    valid = [item.name for item in dataclasses.fields(TermOptions)]
     for key in kwargs:
         if key not in valid:
-            raise ConfigError(unknown_name_message("loss option", key, valid + ["ds_weights"]))
-    loss: nn.Module = SegmentationLoss(plan, loss_weights(name, weights), **kwargs)
+            raise ConfigError(unknown_name_message("loss option", key, valid + ["sync_batch_dice", "ds_weights"]))
+    loss: nn.Module = SegmentationLoss(plan, loss_weights(name, weights), TermOptions(**kwargs), sync_batch_dice)
     return DeepSupervisionLoss(loss, ds_weights) if deep_supervision else loss
-

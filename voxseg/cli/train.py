@@ -10,7 +10,7 @@ import argparse
 import contextlib
 from typing import TYPE_CHECKING, Any, Iterator
 
-from voxseg.cli.common import Subparsers, add_command, add_configuration_flag, configuration_workdir, fold
+from voxseg.cli.common import Spelling, Subparsers, add_command, add_configuration_flag, configuration_workdir, fold
 from voxseg.errors import ConfigError
 
 if TYPE_CHECKING:
@@ -32,6 +32,11 @@ TRAIN_FLAGS: dict[str, str] = {
     "--schedule": "schedule.name",
     "--loss": "loss.name",
     "--loss-weights": "loss.weights",
+    "--class-weights": "loss.class_weights",
+    "--focal-gamma": "loss.focal_gamma",
+    "--focal-alpha": "loss.focal_alpha",
+    "--tversky-alpha": "loss.tversky_alpha",
+    "--tversky-beta": "loss.tversky_beta",
     "--val-freq": "loop.val_freq",
     "--patience": "loop.patience",
     "--save-freq": "loop.save_freq",
@@ -42,6 +47,19 @@ TRAIN_FLAGS: dict[str, str] = {
     "--cache": "data.cache",
     "--device": "loop.device",
     "--seed": "loop.seed",
+}
+
+# flags of the widely used 3D U-Net training scripts whose voxseg names differ (the underscore spelling of a
+# voxseg flag, --batch_size or --class_weights, needs no entry): `voxseg train` answers them with a hint
+SCRIPT_SPELLINGS: dict[str, Spelling] = {
+    "--loss_weights": Spelling("loss.class_weights", "(per-class weights) or --loss-weights dice=1,ce=1 "
+                                                     "(per-term weights)"),
+    "--learning_rate": Spelling("--lr"),
+    "--num_epochs": Spelling("--epochs"),
+    "--n_epochs": Spelling("--epochs"),
+    "--max_epochs": Spelling("--epochs"),
+    "--weight_decay": Spelling("optim.weight_decay"),
+    "--val_interval": Spelling("--val-freq"),
 }
 
 
@@ -148,8 +166,9 @@ def add_train_command(sub: Subparsers) -> None:
                 "voxseg train --resume work/synth/training/fold_0/checkpoint_best.pt\n"
                 "voxseg train work/synth --fold 0 --force                             # retrain: deletes the old run\n"
                 "voxseg train work/synth --configuration 2d --fold 0\n"
-                "voxseg train work/synth --fold 0 --set augment.rot90_p=0.5 --set plan.network.conv_per_stage=3",
-                setup=_train_arguments)
+                "voxseg train work/synth --fold 0 --set augment.rot90_p=0.5 --set plan.network.conv_per_stage=3\n"
+                "voxseg train work/synth --fold 0 --loss dice_focal --class-weights 1,2,2 --focal-gamma 3",
+                setup=_train_arguments, spellings=SCRIPT_SPELLINGS)
 
 
 def _train_arguments(p: argparse.ArgumentParser) -> None:

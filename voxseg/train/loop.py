@@ -258,7 +258,7 @@ def build_training(workdir: Path, plan: Plan, config: TrainConfig, run: Resolved
     world = run.world
     model = build_network(plan).to(run.device)  # deep supervision as the plan says
     loss_fn = build_loss(config.loss.name, plan, config.loss.weights, plan.network.deep_supervision,
-                         sync_batch_dice=world.distributed).to(run.device)
+                         sync_batch_dice=world.distributed, **config.loss.term_options()).to(run.device)
     optimizer = build_optimizer(model.parameters(), config.optim)
     scheduler = build_scheduler(optimizer, config.schedule, config.loop.epochs)
     # the step trains the DDP wrapper (gradients averaged over ranks before clipping); everything else,
