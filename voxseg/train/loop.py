@@ -7,29 +7,24 @@ log). Detail lives in the helpers below and in the sibling modules.
 A resumed run continues exactly where the checkpoint left off: model, optimiser, schedule, loss scaler,
 epoch, best metric, EMA, patience counter and every random generator (global ones, the sampler's and the
 augmentation's) are restored, so on a CPU with deterministic settings it reproduces an uninterrupted run.
+Options given on resume take effect from the next epoch (`voxseg.train.resume`); checkpoint_latest.pt is
+written after every epoch by default, so a killed run loses at most the epoch it was in.
 """
 from __future__ import annotations
 
-import copy
 import math
-import os
-import random
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 
 from voxseg.atomicio import sweep_stale_temporaries
 from voxseg.config import CONFIG_FILE, TrainConfig
-from voxseg.data.memory import estimate_memory_gb
 from voxseg.plans import PLAN_FILE, Plan
-from voxseg.plans import apply_overrides as apply_plan_overrides
 from voxseg.data.splits import fold_dir, get_fold
-from voxseg.devices import resolve_device
-from voxseg.distributed import World, all_reduce_mean, barrier, data_parallel, local_batch_size, process_group
+from voxseg.distributed import World, all_reduce_mean, barrier, data_parallel, process_group
 from voxseg.errors import ConfigError, VoxsegError
 from voxseg.losses import build_loss
 from voxseg.models import build_network
@@ -44,6 +39,9 @@ from voxseg.train.eta import RunLength, count_tiles, format_duration
 from voxseg.train.evaluation import VALIDATION_DIR, evaluate_checkpoint, full_val_metrics
 from voxseg.train.resume import apply_changes, config_changes, describe_changes, record_changes, refuse_fixed, resume_tag
 from voxseg.train.rundir import check_run_dir, replace_run_dir
+from voxseg.train.setup import (  # noqa: F401 - resolve, effective_plan, seed_everything: part of this module's API
+    Resolved, _amp_name, cache_budget_gb, effective_plan, resolve, resolve_amp, resolved_config, seed_everything,
+)
 from voxseg.train.validate import pseudo_dice
 from voxseg.units import gib
 
@@ -52,18 +50,6 @@ class TrainingInterrupted(VoxsegError):
     """Ctrl-C during training; checkpoint_latest.pt holds the state to resume from."""
 
     exit_code = 130
-
-
-@dataclass
-class Resolved:
-    """Settings that depend on the machine or the plan, fixed once at the start."""
-
-    device: torch.device
-    amp_dtype: torch.dtype | None
-    compile: bool
-    iterations: int
-    world: World = field(default_factory=World)
-    """This process's rank among the run's processes (torchrun) and its device."""
 
 
 @dataclass
@@ -302,77 +288,6 @@ def fit(t: Training, run: Resolved, logger: TrainLogger, validate: bool = True) 
         if loop_config.patience and progress.epochs_without_improvement() >= loop_config.patience:
             logger.message(f"early stopping: no EMA pseudo-Dice improvement for {loop_config.patience} epochs")
             return
-
-
-# ----- resolving the run ------------------------------------------------------------------------------------
-def resolve_amp(name: str, device: torch.device) -> torch.dtype | None:
-    """Autocast dtype: bf16 where supported, fp16 (with loss scaling) on older GPUs; float32 on CPU by default."""
-    if name == "off" or (name == "auto" and device.type != "cuda"):
-        return None
-    if name == "fp16" and device.type != "cuda":
-        raise ConfigError("loop.amp=fp16 needs a CUDA device; use loop.amp=bf16 or off on the CPU")
-    if name == "auto":
-        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-    return torch.bfloat16 if name == "bf16" else torch.float16
-
-
-def resolve(config: TrainConfig, plan: Plan, num_train: int, world: World | None = None) -> Resolved:
-    """Device, autocast, compile and iterations per epoch for this machine, this effective plan and this
-    process's place in the run (`world`, default a single process); the batch must divide over the ranks."""
-    world = world or World(device=resolve_device(config.loop.device, option="loop.device"))
-    device = world.device
-    batch = plan.batch_size  # the global batch: iterations do not depend on the number of processes
-    local_batch_size(batch, world.size)
-    iterations = config.data.iterations_per_epoch or max(1, math.ceil(num_train * config.data.num_samples / batch))
-    compile_ = config.loop.compile == "on" or (config.loop.compile == "auto" and device.type == "cuda")
-    return Resolved(device, resolve_amp(config.loop.amp, device), compile_, iterations, world)
-
-
-def effective_plan(workdir: Path, config: TrainConfig) -> Plan:
-    """The run's plan: WORKDIR/plans.json with the config's plan overrides, built once per run.
-
-    Nothing is re-fitted (see `voxseg.plans.apply_overrides`); the memory estimate, which sizes the GPU
-    cache, is recomputed for the overridden patch, batch and network.
-    """
-    planned = Plan.load(workdir / PLAN_FILE)  # a cascade stage trains on its first stage's predictions
-    plan = apply_plan_overrides(planned, config.plan)
-    if plan != planned:
-        plan.estimated_memory_gb = round(estimate_memory_gb(plan.network, plan.patch_size, plan.batch_size,
-                                                            plan.network_in_channels, plan.num_outputs), 3)
-    return plan
-
-
-def resolved_config(config: TrainConfig, run: Resolved) -> TrainConfig:
-    """The config with every 'auto' that depends on the machine filled in (config.json)."""
-    out = copy.deepcopy(config)
-    out.loop.device = str(run.device)
-    out.loop.amp = _amp_name(run.amp_dtype)
-    out.loop.compile = "on" if run.compile else "off"
-    return out
-
-
-def _amp_name(dtype: torch.dtype | None) -> str:
-    return {None: "off", torch.bfloat16: "bf16", torch.float16: "fp16"}[dtype]
-
-
-def cache_budget_gb(config: TrainConfig, plan: Plan, device: torch.device) -> float | None:
-    """GPU memory (GiB) the training cache may take: the configured budget, else the free memory (the model
-    is already allocated) minus the plan's estimate of the step's activations, with a margin."""
-    if config.data.cache_budget_gb is not None or device.type != "cuda":
-        return config.data.cache_budget_gb
-    free_gb = gib(torch.cuda.mem_get_info(device)[0])
-    return max(0.0, 0.8 * (free_gb - 1.2 * (plan.estimated_memory_gb or 0.0)))
-
-
-def seed_everything(seed: int, deterministic: bool, num_threads: int) -> None:
-    """Seed every global generator; cap torch's CPU threads at the machine's cores."""
-    random.seed(seed)
-    np.random.seed(seed % 2**32)
-    torch.manual_seed(seed)
-    torch.set_num_threads(max(1, min(num_threads, os.cpu_count() or 1)))
-    torch.backends.cudnn.benchmark = not deterministic
-    torch.backends.cudnn.deterministic = deterministic
-    torch.use_deterministic_algorithms(deterministic, warn_only=True)
 
 
 # ----- one epoch --------------------------------------------------------------------------------------------
