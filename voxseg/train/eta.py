@@ -43,7 +43,9 @@ def count_tiles(shapes: Sequence[Sequence[int]], patch_size: Sequence[int], step
         slices = 1
         if slice_axis is not None and len(patch_size) == len(shape) - 1:
             slices = shape.pop(slice_axis)
-        total += slices * math.prod(len(axis_starts(size, patch, step)) for size, patch in zip(shape, patch_size))
+        # an axis shorter than the patch is padded to it: one tile
+        total += slices * math.prod(len(axis_starts(max(size, patch), patch, step))
+                                    for size, patch in zip(shape, patch_size))
     return total
 
 
