@@ -23,12 +23,18 @@ def cmd_predict(args: argparse.Namespace) -> int:
     from voxseg.infer.predictor import Predictor, find_input_cases
 
     mirror = None if args.no_mirror else (tuple(args.mirror_axes) if args.mirror_axes else "all")
-    if args.backend == "torch":
+    backend = args.backend or ("onnxruntime" if args.onnx_model else "torch")
+    if args.onnx_model and backend != "onnxruntime":
+        raise ConfigError(f"--onnx-model runs ONNX files with onnxruntime; drop '--backend {backend}' or use "
+                          "--backend onnxruntime")
+    if backend == "torch":
         usable_device(args.device)
     options = dict(folds=args.folds, checkpoint=args.checkpoint, device=args.device, step=args.step,
-                   mirror_axes=mirror, tile_batch=args.tile_batch, backend=args.backend)
+                   mirror_axes=mirror, tile_batch=args.tile_batch, backend=backend)
+    if args.onnx_model:  # the files are the model: no cross-validation choice of configurations
+        options["onnx_files"] = args.onnx_model
     choice = None
-    if args.configuration is None:
+    if args.configuration is None and not args.onnx_model:
         from voxseg.infer.ensemble import load_choice
 
         choice = load_choice(args.model)
@@ -92,10 +98,9 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
 
 def cmd_export(args: argparse.Namespace) -> int:
     from voxseg.infer.archive import export_archive
-    from voxseg.infer.export import export_onnx
 
-    if not args.onnx and not args.archive and not args.format:
-        raise ConfigError("export needs --onnx FILE, --archive ZIP and/or --format nnunet OUT")
+    if args.onnx is None and not args.archive and not args.format:
+        raise ConfigError("export needs --onnx [FILE], --archive ZIP and/or --format nnunet OUT")
     if args.format and args.format[0] not in EXPORT_FORMATS:
         raise ConfigError(f"--format {args.format[0]}: unknown format; use {', '.join(EXPORT_FORMATS)} "
                           "(--format nnunet OUT)")
@@ -107,17 +112,32 @@ def cmd_export(args: argparse.Namespace) -> int:
         folder = export_nnunet(workdir, args.format[1], folds=chosen, checkpoint=args.checkpoint, force=args.force)
         print(f"wrote nnU-Net v2 model folder {folder}; predict with nnU-Net: nnUNetv2_predict_from_modelfolder "
               f"-m {folder} -i INPUT -o OUTPUT, or with voxseg: voxseg predict -m {folder} -i INPUT -o OUTPUT")
-    if args.onnx:
-        if chosen != "all" and len(chosen) > 1:
-            raise ConfigError(f"--onnx exports one fold's network; got --folds {args.folds}. Export each fold to its "
-                              "own file (--folds 0 --onnx fold0.onnx, ...) or use --archive for an ensemble")
-        fold = chosen if chosen == "all" else chosen[0]
-        diff = export_onnx(workdir, fold, args.onnx, checkpoint=args.checkpoint)
-        print(f"wrote {args.onnx} (onnxruntime vs PyTorch max abs difference {diff:.2e})")
+    if args.onnx is not None:
+        _export_onnx(args, workdir, chosen)
     if args.archive:
         export_archive(workdir, args.archive, folds=chosen, checkpoint=args.checkpoint)
         print(f"wrote {args.archive}")
     return 0
+
+
+def _export_onnx(args: argparse.Namespace, workdir: str, chosen: list[int] | str) -> None:
+    """--onnx: every chosen fold to WORKDIR/training/fold_F/model.onnx; --onnx FILE: one fold to FILE."""
+    from voxseg.infer.export import export_onnx, export_onnx_folds
+
+    if not args.onnx:
+        for fold, (path, diff) in export_onnx_folds(workdir, chosen, checkpoint=args.checkpoint).items():
+            print(f"wrote {path} (fold {fold}; onnxruntime vs PyTorch max abs difference {diff:.2e})")
+        print(f"predict with onnxruntime: voxseg predict -m {workdir} -i INPUT -o OUTPUT --backend onnxruntime "
+              f"--folds {args.folds}" + ("" if args.checkpoint == "final" else f" --checkpoint {args.checkpoint}"))
+        return
+    if chosen != "all" and len(chosen) > 1:
+        raise ConfigError(f"--onnx FILE exports one fold's network; got --folds {args.folds}. Give --onnx without a "
+                          "file to export each fold into its folder (training/fold_F/model.onnx), or export each "
+                          "fold to its own file (--folds 0 --onnx fold0.onnx, ...)")
+    fold = chosen if chosen == "all" else chosen[0]
+    diff = export_onnx(workdir, fold, args.onnx, checkpoint=args.checkpoint)
+    print(f"wrote {args.onnx} (onnxruntime vs PyTorch max abs difference {diff:.2e}); predict with it: "
+          f"voxseg predict -m {workdir} -i INPUT -o OUTPUT --onnx-model {args.onnx}")
 
 
 def cmd_install(args: argparse.Namespace) -> int:
@@ -142,7 +162,12 @@ def _predict_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--mirror-axes", type=csv_ints, help="axes to mirror, e.g. 0,1,2")
     p.add_argument("--tile-batch", type=int, default=4)
     p.add_argument("--device", type=device, default="auto")
-    p.add_argument("--backend", choices=["torch", "onnxruntime"], default="torch")
+    p.add_argument("--backend", choices=["torch", "onnxruntime"],
+                   help="torch, or onnxruntime: run the folds' exported training/fold_F/model.onnx on the CPU "
+                        "(default torch; onnxruntime with --onnx-model)")
+    p.add_argument("--onnx-model", nargs="+", metavar="FILE",
+                   help="run these ONNX files (from 'voxseg export --onnx FILE') with onnxruntime instead of the "
+                        "folds' networks; several are averaged as an ensemble. -m still gives postprocessing.json")
     p.add_argument("--save-probabilities", action="store_true")
     p.add_argument("--postprocess", action="store_true", help="force largest-component postprocessing")
     p.add_argument("--no-postprocess", action="store_true")
@@ -152,7 +177,10 @@ def _predict_arguments(p: argparse.ArgumentParser) -> None:
 def _export_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("workdir")
     add_configuration_flag(p)
-    p.add_argument("--onnx")
+    p.add_argument("--onnx", nargs="?", const="", metavar="FILE",
+                   help="export each chosen fold's network to ONNX (checked against PyTorch) as "
+                        "WORKDIR/training/fold_F/model.onnx, where 'predict --backend onnxruntime' and archives "
+                        "find it; with FILE, one fold's network to FILE (predict with --onnx-model FILE)")
     p.add_argument("--archive")
     p.add_argument("--format", nargs=2, metavar=("FORMAT", "OUT"),
                    help="--format nnunet OUT: an nnU-Net v2 model folder (OUT/nnUNetTrainer__voxsegPlans__3d_fullres, "
@@ -203,7 +231,8 @@ def add_infer_commands(sub: Subparsers) -> None:
     add_command(sub, "predict", cmd_predict,
                 "segment images with a trained model (sliding window, mirroring, fold ensemble)",
                 "voxseg predict -m work/synth -i data/Dataset001_Synth/imagesTs -o preds --folds 0\n"
-                "voxseg predict -m work/synth -i case_0000.nii.gz case_0001.nii.gz -o preds --folds all --no-mirror",
+                "voxseg predict -m work/synth -i case_0000.nii.gz case_0001.nii.gz -o preds --folds all --no-mirror\n"
+                "voxseg predict -m work/synth -i imagesTs -o preds --folds 0,1 --backend onnxruntime  # after export --onnx",
                 setup=_predict_arguments)
     add_command(sub, "evaluate", cmd_evaluate,
                 "score predictions: Dice, IoU, HD95, surface Dice, volumes per label and region",
@@ -213,8 +242,8 @@ def add_infer_commands(sub: Subparsers) -> None:
 
     add_command(sub, "export", cmd_export,
                 "export a trained model to ONNX, a shareable archive and/or an nnU-Net v2 model folder",
-                "voxseg export work/synth --onnx model.onnx --folds 0\n"
-                "voxseg export work/synth --archive model.zip --folds all\n"
+                "voxseg export work/synth --onnx --folds 0,1\n"
+                "voxseg export work/synth --onnx --archive model.zip --folds all\n"
                 "voxseg export work/synth --format nnunet nnUNet_results/Dataset001_Synth --folds all",
                 setup=_export_arguments)
 

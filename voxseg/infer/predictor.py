@@ -26,7 +26,7 @@ from voxseg.distributed import env_world, local_device, shard_balanced
 from voxseg.plans import Plan
 from voxseg.errors import CheckpointError, ConfigError, InputError, VoxsegError
 from voxseg.data.configs import stage_workdir
-from voxseg.infer.archive import check_same_plan, fold_dir, load_fold_network, resolve_device, resolve_folds
+from voxseg.infer.archive import check_same_plan, load_fold_network, resolve_device, resolve_folds
 from voxseg.infer.inputs import find_input_cases
 from voxseg.infer.nnunet import is_nnunet_model_folder, load_nnunet_fold, nnunet_folds
 from voxseg.infer.postprocess import (
@@ -132,7 +132,9 @@ class Predictor:
             if mirror_axes == "all":  # the axes the model was trained to be mirror-invariant along
                 mirror_axes = loaded[0][2]
         elif backend == "onnxruntime":
-            device, models = torch.device("cpu"), cls._load_onnx(workdir, fold_list, onnx_files)
+            from voxseg.infer.export import load_onnx_models
+
+            device, models = torch.device("cpu"), load_onnx_models(workdir, fold_list, onnx_files, checkpoint)
             plan = next((m.plan for m in models if m.plan is not None), None) or Plan.load(workdir / "plans.json")
         elif backend == "torch":
             device = local_device(resolve_device(device))  # under torchrun: cuda:LOCAL_RANK
@@ -159,17 +161,6 @@ class Predictor:
                                         requested_mirror, tile_batch, compile, amp)
         return cls(plan, models, device, step, _mirror_axes(mirror_axes, plan.network.ndim), tile_batch, amp_dtype,
                    postprocessing, previous)
-
-    @staticmethod
-    def _load_onnx(workdir: Path, folds: list[int | str], onnx_files: Sequence[str | Path] | None) -> list[Any]:
-        from voxseg.infer.export import load_onnx_model
-
-        paths = [Path(p) for p in onnx_files] if onnx_files is not None else [fold_dir(workdir, f) / "model.onnx" for f in folds]
-        for path, fold in zip(paths, folds or [None] * len(paths)):
-            if not path.is_file():
-                hint = f"'voxseg export {workdir} --onnx {path} --folds {fold}'" if fold is not None else "'voxseg export'"
-                raise CheckpointError(f"ONNX model {path} not found; export it first with {hint}")
-        return [load_onnx_model(p) for p in paths]
 
     # ----- arrays ---------------------------------------------------------------------------------------------
     @property
