@@ -9,6 +9,10 @@ from voxseg.errors import ConfigError
 
 def _postprocessing_note(result) -> str:  # noqa: ANN001 - an ImportResult (torch is imported on first use only)
     """What happened to nnU-Net's postprocessing, and how to get voxseg's decision."""
+    if result.postprocessing is not None:  # a folder voxseg exported: its decision came along
+        return (f"postprocessing: voxseg's cross-validation decision (largest component of "
+                f"{result.postprocessing['largest_component']}) restored from the model folder's "
+                f"voxseg_postprocessing.json into {result.workdir}/postprocessing.json; 'voxseg predict' applies it")
     lines = []
     if result.ignored_pickles:
         names = ", ".join(str(p) for p in result.ignored_pickles)

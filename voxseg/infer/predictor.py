@@ -30,11 +30,11 @@ from voxseg.infer.archive import check_same_plan, load_fold_network, resolve_dev
 from voxseg.infer.inputs import find_input_cases
 from voxseg.infer.nnunet import is_nnunet_model_folder, load_nnunet_fold, nnunet_folds
 from voxseg.infer.postprocess import (
-    POSTPROCESSING_FILE,
     apply_postprocessing,
     load_postprocessing,
     labels_on_original_grid,
     logits_to_labels,
+    model_postprocessing,
     probability_names,
     regions_to_labels,
 )
@@ -150,8 +150,7 @@ class Predictor:
         if device.type == "cuda":
             if amp is None or amp:
                 amp_dtype = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-        spec_path = workdir / POSTPROCESSING_FILE
-        postprocessing = load_postprocessing(spec_path) if spec_path.is_file() else None
+        postprocessing = model_postprocessing(workdir, plan.regions, nnunet_folder=backend == "nnunet")
         previous = None
         if plan.previous_stage is not None:  # a cascade stage: its first stage's folds (the same selection)
             if backend != "torch":
