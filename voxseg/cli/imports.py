@@ -72,7 +72,7 @@ def _import_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--crossval", action="store_true",
                    help="after importing, evaluate the folds' validation predictions and decide the postprocessing "
                         "(needs --dataset)")
-    p.add_argument("-j", "--workers", type=int, default=1, help="threads scoring cases for --crossval")
+    p.add_argument("-j", "--workers", type=int, default=1, help="threads scoring cases for --crossval (default 1)")
     p.add_argument("--force", action="store_true", help="replace the contents of a non-empty WORKDIR as a whole")
 
 

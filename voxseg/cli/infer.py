@@ -153,49 +153,62 @@ def _predict_arguments(p: argparse.ArgumentParser) -> None:
                    help="work directory with plans.json and training/fold_F, or an nnU-Net v2 trained-model folder "
                         "(<Trainer>__<Plans>__<configuration> with fold_X/checkpoint_final.pth)")
     p.add_argument("-i", "--input", required=True, nargs="+", help="folder (nnU-Net or BraTS layout) or channel files")
-    p.add_argument("-o", "--output", required=True)
+    p.add_argument("-o", "--output", required=True,
+                   help="folder for the predictions, OUT/CASE{file ending} (created)")
     add_configuration_flag(p)
     p.add_argument("--folds", type=folds, default=[0], help="0 | 0,1,2 | all (default 0)")
     _checkpoint_flag(p)
     p.add_argument("--step", type=float, default=0.5, help="tile step as a fraction of the patch (default 0.5)")
     p.add_argument("--no-mirror", action="store_true", help="no mirror test-time augmentation")
-    p.add_argument("--mirror-axes", type=csv_ints, help="axes to mirror, e.g. 0,1,2")
-    p.add_argument("--tile-batch", type=int, default=4)
-    p.add_argument("--device", type=device, default="auto")
+    p.add_argument("--mirror-axes", type=csv_ints,
+                   help="spatial axes to mirror, e.g. 0,1,2 (default: every axis the model allows)")
+    p.add_argument("--tile-batch", type=int, default=4,
+                   help="tiles per forward pass, times the mirror combinations (default 4)")
+    p.add_argument("--device", type=device, default="auto",
+                   help="auto (CUDA when available), cpu, cuda or cuda:N (default auto; onnxruntime runs on the CPU)")
     p.add_argument("--backend", choices=["torch", "onnxruntime"],
                    help="torch, or onnxruntime: run the folds' exported training/fold_F/model.onnx on the CPU "
                         "(default torch; onnxruntime with --onnx-model)")
     p.add_argument("--onnx-model", nargs="+", metavar="FILE",
                    help="run these ONNX files (from 'voxseg export --onnx FILE') with onnxruntime instead of the "
                         "folds' networks; several are averaged as an ensemble. -m still gives postprocessing.json")
-    p.add_argument("--save-probabilities", action="store_true")
-    p.add_argument("--postprocess", action="store_true", help="force largest-component postprocessing")
-    p.add_argument("--no-postprocess", action="store_true")
+    p.add_argument("--save-probabilities", action="store_true",
+                   help="also write OUT/CASE.npz with the probabilities (float16, on the input grid)")
+    p.add_argument("--postprocess", action="store_true",
+                   help="force largest-component postprocessing of every class (default: the model's "
+                        "postprocessing.json, if any)")
+    p.add_argument("--no-postprocess", action="store_true",
+                   help="no postprocessing, even where the model has a postprocessing.json")
     p.add_argument("--continue", dest="continue_run", action="store_true", help="skip cases already predicted")
 
 
 def _export_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("workdir")
+    p.add_argument("workdir", help="the trained work directory (or an installed model folder)")
     add_configuration_flag(p)
     p.add_argument("--onnx", nargs="?", const="", metavar="FILE",
                    help="export each chosen fold's network to ONNX (checked against PyTorch) as "
                         "WORKDIR/training/fold_F/model.onnx, where 'predict --backend onnxruntime' and archives "
                         "find it; with FILE, one fold's network to FILE (predict with --onnx-model FILE)")
-    p.add_argument("--archive")
+    p.add_argument("--archive", metavar="ZIP",
+                   help="write a shareable model archive: the chosen folds' weights, plans, dataset.json, "
+                        "postprocessing.json and any training/fold_F/model.onnx ('voxseg install' unpacks it)")
     p.add_argument("--format", nargs=2, metavar=("FORMAT", "OUT"),
                    help="--format nnunet OUT: an nnU-Net v2 model folder (OUT/nnUNetTrainer__voxsegPlans__3d_fullres, "
                         "or OUT itself when named <Trainer>__<Plans>__<configuration>)")
     p.add_argument("--force", action="store_true", help="with --format: replace an existing model folder")
-    p.add_argument("--folds", default="0")
+    p.add_argument("--folds", default="0",
+                   help="0 | 0,1,2 | all (fold_all, else every trained fold): the folds to export (default 0)")
     _checkpoint_flag(p)
 
 
 def _evaluate_arguments(p: argparse.ArgumentParser) -> None:
     from voxseg.evaluate.conventions import CONVENTIONS  # the evaluation package reads images: on first use
 
-    p.add_argument("pred", nargs="?")
-    p.add_argument("ref", nargs="?")
-    p.add_argument("--dataset-json")
+    p.add_argument("pred", nargs="?", help="folder of predicted label maps (not with --crossval)")
+    p.add_argument("ref", nargs="?", help="folder of reference label maps with the same file names")
+    p.add_argument("--dataset-json", metavar="FILE",
+                   help="dataset.json with the labels (and regions) to score (default: REF/dataset.json or "
+                        "REF/../dataset.json, the raw dataset's own)")
     p.add_argument("--tolerance", type=float, default=1.0, help="surface Dice tolerance in mm (default 1)")
     p.add_argument("--crossval", metavar="WORKDIR",
                    help="aggregate the folds' validation predictions and decide the postprocessing")
@@ -205,7 +218,7 @@ def _evaluate_arguments(p: argparse.ArgumentParser) -> None:
                         "every one with all folds validated) "
                         "and their pair ensembles by cross-validation Dice, and save the best to "
                         "WORKDIR/inference_choice.json for 'voxseg predict'")
-    p.add_argument("-j", "--workers", type=int, default=1)
+    p.add_argument("-j", "--workers", type=int, default=1, help="threads reading and scoring cases (default 1)")
     p.add_argument("--convention", choices=list(CONVENTIONS), default="voxseg",
                    help="how a class absent from the reference is scored, to match another tool's numbers "
                         "(default voxseg; see docs/INFERENCE.md)")
@@ -249,7 +262,7 @@ def add_infer_commands(sub: Subparsers) -> None:
 
     p = add_command(sub, "install", cmd_install, "install a model archive (never writes outside TARGET)",
                     "voxseg install model.zip models/synth")
-    p.add_argument("archive")
-    p.add_argument("target")
+    p.add_argument("archive", help="the model archive (.zip) written by 'voxseg export --archive'")
+    p.add_argument("target", help="the model folder to install into (absent or empty, unless --force)")
     p.add_argument("--force", action="store_true",
                    help="replace a model already installed in TARGET (as a whole; default: refuse)")

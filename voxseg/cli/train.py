@@ -138,7 +138,7 @@ def _train_arguments(p: argparse.ArgumentParser) -> None:
     from voxseg.train.recipes import recipe_names
 
     p.epilog = f"{p.epilog}\n\n{options_epilog()}"
-    p.add_argument("workdir")
+    p.add_argument("workdir", help="the work directory written by 'voxseg plan' and 'voxseg preprocess'")
     add_configuration_flag(p)
     p.add_argument("--fold", type=fold, default="0", help="fold index of splits.json (default 0), or all: every case")
     p.add_argument("--config", metavar="FILE",
