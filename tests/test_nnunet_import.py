@@ -243,7 +243,7 @@ def test_crossval_at_import_decides_voxsegs_postprocessing(crossval_model, tmp_p
     raw, folder, _, marker = crossval_model
     work = tmp_path / "work"
     code, out, _ = run_cli("import", "nnunet", folder, work, "--dataset", raw, "--crossval")
-    assert code == 0 and "postprocessing decided from cross-validation" in out and "postprocessing.pkl" in out
+    assert code == 0 and "postprocessing: keep the largest foreground component" in out and "postprocessing.pkl" in out
     decision = json.loads((work / "postprocessing.json").read_text())
     assert decision["num_cases"] == 4 and [1, 2, 3] in decision["largest_component"]
     assert decision["mean_dice_foreground_candidate"] > decision["mean_dice_before"]
@@ -423,7 +423,8 @@ def test_postprocessing_decision_survives_nnunet_export_and_import(tmp_path):
 
     code, out, err = run_cli("import", "nnunet", folder, tmp_path / "again")
     assert code == 0, err
-    assert "voxseg_postprocessing.json into" in out and "largest component of [[1], [2]]" in out
+    assert "postprocessing: keep the largest component of classes edema, core (voxseg's cross-validation" in out
+    assert "voxseg_postprocessing.json into" in out
     assert json.loads((tmp_path / "again" / SOURCE_FILE).read_text())["postprocessing"] == "voxseg_postprocessing.json"
     assert json.loads((tmp_path / "again" / "postprocessing.json").read_text())["largest_component"] == [[1], [2]]
     assert np.array_equal(_predict_case(tmp_path / "again", inputs, tmp_path / "imported"), original)

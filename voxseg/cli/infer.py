@@ -76,22 +76,22 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
               f"(saved to {args.crossval}/{CHOICE_FILE}; 'voxseg predict -m {args.crossval}' uses it)")
         return 0
     if args.crossval:
-        from voxseg.crossval import evaluate_crossval
+        from voxseg.crossval import describe_crossval, evaluate_crossval
 
-        result = evaluate_crossval(configuration_workdir(args.crossval, args.configuration), num_workers=args.workers, tolerance_mm=args.tolerance,
+        workdir = configuration_workdir(args.crossval, args.configuration)
+        result = evaluate_crossval(workdir, num_workers=args.workers, tolerance_mm=args.tolerance,
                                    convention=args.convention)
-        summary = result.summary
-        print(f"postprocessing decided from cross-validation: {result.postprocessing} (saved to "
-              f"{result.postprocessing_file}; 'voxseg predict' applies it)")
-    else:
-        if args.configuration:
-            raise ConfigError("--configuration selects a work directory's configuration for --crossval WORKDIR")
-        if not args.pred or not args.ref:
-            raise ConfigError("evaluate needs PRED and REF folders, or --crossval WORKDIR")
-        summary = evaluate_folder(
-            args.pred, args.ref, dataset_json=args.dataset_json, tolerance_mm=args.tolerance, num_workers=args.workers,
-            allow_missing=args.allow_missing, allow_undeclared=args.allow_undeclared_labels, convention=args.convention,
-        )
+        print(format_table(result.final_summary))
+        print(describe_crossval(workdir, result))
+        return 0
+    if args.configuration:
+        raise ConfigError("--configuration selects a work directory's configuration for --crossval WORKDIR")
+    if not args.pred or not args.ref:
+        raise ConfigError("evaluate needs PRED and REF folders, or --crossval WORKDIR")
+    summary = evaluate_folder(
+        args.pred, args.ref, dataset_json=args.dataset_json, tolerance_mm=args.tolerance, num_workers=args.workers,
+        allow_missing=args.allow_missing, allow_undeclared=args.allow_undeclared_labels, convention=args.convention,
+    )
     print(format_table(summary))
     return 0
 
