@@ -44,10 +44,11 @@ def cmd_plan(args: argparse.Namespace) -> int:
     from voxseg.data.configs import describe_configurations
     from voxseg.data.plan import describe_plan, plan_dataset
 
+    not_planned: dict[str, str] = {}
     plan = plan_dataset(
         args.dataset, args.output, gpu_memory_gb=args.gpu_memory, overrides=key_values(args.set),
         num_folds=args.folds, val_fraction=args.val_fraction, seed=args.seed, num_workers=args.workers,
-        dims=2 if args.two_d else 3, cube_patch=args.cube_patch,
+        dims=2 if args.two_d else 3, cube_patch=args.cube_patch, notes=not_planned,
     )
     if args.calibrate:
         plan = _calibrate(args, plan)
@@ -55,6 +56,8 @@ def cmd_plan(args: argparse.Namespace) -> int:
     print(f"wrote {args.output}/plans.json, fingerprint.json, splits.json, configurations.json")
     print("configurations (select one with --configuration NAME):")
     print(describe_configurations(args.output))
+    for reason in not_planned.values():
+        print(reason)
     return 0
 
 
