@@ -233,7 +233,7 @@ def test_crossval_evaluates_every_training_case(pipeline: Pipeline, tmp_path: Pa
     assert summary["folds"] == [0, 1]
     assert summary["counts"]["cases"] == 6
     assert sorted(c["name"] for c in summary["per_case"]) == _case_names(pipeline.dataset / "labelsTr")
-    assert (work / "postprocessing.json").is_file() and "postprocessing decided" in result.out
+    assert (work / "postprocessing.json").is_file() and "postprocessing: " in result.out
     assert all(name in result.out for name in CLASSES)
 
 

@@ -271,10 +271,10 @@ def test_evaluate_crossval_decides_postprocessing_like_the_cli(crossval_workdir:
     out = io.StringIO()
     with contextlib.redirect_stdout(out):
         assert main(["evaluate", "--crossval", str(cli_work)]) == 0
-    assert "postprocessing decided from cross-validation" in out.getvalue()
+    assert "postprocessing: keep the largest foreground component" in out.getvalue()
 
     result = voxseg.evaluate_crossval(crossval_workdir)
-    summary, decision, path = result
+    summary, decision, path, _ = result
     assert path == crossval_workdir / "postprocessing.json" and json.loads(path.read_text()) == decision
     assert decision == json.loads((cli_work / "postprocessing.json").read_text())
     assert decision["num_cases"] == 4 and [1, 2, 3] in decision["largest_component"]  # the blob goes: Dice rises
@@ -298,3 +298,40 @@ def test_building_the_parser_imports_no_torch() -> None:
             "parser.parse_args(['check', 'x']); assert 'torch' not in sys.modules")
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, cwd=ROOT)
     assert done.returncode == 0, done.stderr
+
+
+def test_crossval_prints_its_decision_as_a_sentence_and_the_table_after_it(crossval_workdir: Path,
+                                                                            tmp_path: Path) -> None:
+    from voxseg.evaluate.folder import format_table
+
+    work = tmp_path / "work"
+    shutil.copytree(crossval_workdir, work)
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out):
+        assert main(["evaluate", "--crossval", str(work)]) == 0
+    printed = out.getvalue()
+    before = json.loads((work / "training" / "crossval" / "summary.json").read_text())
+    after = json.loads((work / "training" / "crossval" / "postprocessed" / "summary.json").read_text())
+    assert after["counts"]["cases"] == 4 and after["foreground_mean"]["dice"] > before["foreground_mean"]["dice"]
+    assert printed.startswith(format_table(after)) and format_table(before) not in printed  # the table after it
+    dice = f"(cross-validation Dice {before['foreground_mean']['dice']:.3f} -> {after['foreground_mean']['dice']:.3f})"
+    assert f"postprocessing: keep the largest foreground component (all classes together) {dice}" in printed
+    assert "{" not in printed.split("postprocessing:")[1]  # a sentence, not a dict
+    assert "the table is after postprocessing" in printed
+
+
+@pytest.mark.parametrize("kept, dice, sentence", [
+    ([[1], [3]], (0.812, 0.823), "keep the largest component of classes edema, enhancing (cross-validation Dice "
+                                 "0.812 -> 0.823); none for necrosis"),
+    ([[1, 2, 3], [2]], None, "keep the largest foreground component (all classes together), then keep the largest "
+                             "component of class necrosis; none for edema, enhancing"),
+    ([[1, 2, 3]], (0.5, 0.6), "keep the largest foreground component (all classes together) (cross-validation Dice "
+                              "0.500 -> 0.600); no class on its own"),
+    ([], (0.7, 0.7), "none: keeping the largest component raised the Dice of no class (cross-validation Dice 0.700)"),
+    ([[1], [2], [3]], None, "keep the largest component of classes edema, necrosis, enhancing"),
+])
+def test_postprocessing_sentence(kept, dice, sentence) -> None:
+    from voxseg.infer.postprocess import describe_postprocessing
+
+    names = ["edema", "necrosis", "enhancing"]
+    assert describe_postprocessing({"largest_component": kept}, [[1], [2], [3]], names, dice) == sentence

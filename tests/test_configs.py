@@ -274,3 +274,38 @@ def test_cascade_without_its_first_stage_refused_by_train_and_predict(tmp_path, 
     err = capsys.readouterr().err
     assert "3d_cascade_fullres" in err and "voxseg train" in err and "Traceback" not in err
     assert not (cascade_dir / "training").exists()  # refused before anything was written
+
+
+# ----- why 3d_lowres was not planned ----------------------------------------------------------------------------
+def test_plan_says_why_3d_lowres_was_not_planned():
+    notes: dict[str, str] = {}
+    make_plans(fingerprint([1, 1, 1], [134, 168, 138], 400), raw_dataset(), gpu_memory_gb=8.0, notes=notes)
+    assert notes == {"3d_lowres": "3d_lowres and 3d_cascade_fullres not planned: the 3d_fullres patch 112x160x128 "
+                                  "covers 74% of the median case 134x168x138 (>= 25%)"}
+    notes.clear()  # 256^3 / 410^3 = 24%; one 3% step reaches 25% but shrinks the case 1.03^3 = 1.09x only
+    make_plans(fingerprint([1, 1, 1], [410] * 3, 4), raw_dataset(), gpu_memory_gb=UNLIMITED_GB, notes=notes)
+    assert notes == {"3d_lowres": "3d_lowres and 3d_cascade_fullres not planned: the 3d_fullres patch 256x256x256 "
+                                  "covers 24% of the median case 410x410x410 (< 25%), but at the spacing where a patch "
+                                  "covers 25% of it (1.03x1.03x1.03 mm, patch 256x256x256) the median case has only "
+                                  "1.09x fewer voxels (< 2x): not worth a second stage"}
+    notes.clear()
+    planned = make_plans(fingerprint([4, 1, 1], [500, 1200, 1200], 4), raw_dataset(), UNLIMITED_GB, notes=notes)
+    assert "3d_lowres" in planned and notes == {}
+    notes.clear()
+    make_plans(fingerprint([1, 1, 5], [80, 96, 1], 4), raw_dataset(), gpu_memory_gb=8.0, notes=notes)
+    assert notes == {"3d_fullres": "3d configurations not planned: the median case has a single slice along axis 2 "
+                                   "(a 2D dataset)"}
+
+
+def test_plan_command_prints_why(tmp_path, capsys):
+    from voxseg.cli import main
+
+    root = tmp_path / "Dataset001_Tiny"
+    _write_dataset(root, spacing=(1.0, 1.0, 1.0))
+    assert main(["plan", str(root), "-o", str(tmp_path / "work"), "--folds", "2"]) == 0
+    plan = Plan.load(tmp_path / "work" / "plans.json")
+    coverage = math.prod(plan.patch_size) / math.prod(plan.median_shape_after_resample)
+    median = "x".join(map(str, plan.median_shape_after_resample))
+    verb = f"covers {coverage:.0%} of the" if coverage < 1 else f"has {coverage:.0%} of the voxels of the"
+    assert (f"3d_lowres and 3d_cascade_fullres not planned: the 3d_fullres patch {'x'.join(map(str, plan.patch_size))} "
+            f"{verb} median case {median} (>= 25%)") in capsys.readouterr().out

@@ -1,9 +1,12 @@
-"""ONNX export (parity with PyTorch, onnxruntime backend) and model archives (round trip, unsafe members)."""
+"""ONNX export (parity with PyTorch, onnxruntime backend, the export -> predict / archive -> install -> predict
+workflows) and model archives (round trip, unsafe members)."""
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import io
 import json
+import shutil
 import stat
 import zipfile
 
@@ -11,6 +14,8 @@ import numpy as np
 import pytest
 import torch
 
+from voxseg.cli import main
+from voxseg.data.io import Geometry, read_image, write_image
 from voxseg.plans import ChannelNormalization, NetworkPlan, Plan
 from voxseg.errors import CheckpointError
 from voxseg.infer import export as export_module
@@ -156,3 +161,113 @@ def test_not_an_archive(tmp_path):
         handle.writestr("notes.json", "{}")
     with pytest.raises(CheckpointError, match="not a voxseg model archive"):
         install_archive(path, tmp_path / "target")
+
+
+# ----- the ONNX workflow through the command line: export -> predict, export -> archive -> install -> predict ----
+def _cli(*args: object) -> str:
+    """voxseg.cli.main, which must succeed; returns stdout."""
+    out, err = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        code = main([str(a) for a in args])
+    assert code == 0, err.getvalue()
+    return out.getvalue()
+
+
+@pytest.fixture
+def onnx_work(workdir, tmp_path):
+    """A copy of the trained work dir (the module's own gets ONNX files) and one input case."""
+    work = tmp_path / "work"
+    shutil.copytree(workdir, work)
+    for path in work.glob("training/fold_*/model.onnx*"):
+        path.unlink()
+    inputs = tmp_path / "inputs"
+    inputs.mkdir()
+    image = np.random.default_rng(5).normal(size=(2, 20, 17, 18)).astype(np.float32)
+    for channel in range(2):
+        write_image(inputs / f"case_{channel:04d}.nii.gz", image[channel], Geometry.from_spacing((1.0, 1.2, 0.9)))
+    return work, inputs
+
+
+def _labels(folder) -> np.ndarray:
+    return read_image(folder / "case.nii.gz")[0]
+
+
+def test_onnx_without_a_file_exports_each_fold_where_predict_looks(onnx_work, tmp_path):
+    work, inputs = onnx_work
+    out = _cli("export", work, "--onnx", "--folds", "0,1")
+    for fold in (0, 1):
+        path = work / "training" / f"fold_{fold}" / "model.onnx"
+        assert f"wrote {path} (fold {fold}" in out and path.with_name("model.onnx.sha256").is_file()
+    assert f"voxseg predict -m {work} -i INPUT -o OUTPUT --backend onnxruntime --folds 0,1" in out
+    _cli("predict", "-m", work, "-i", inputs, "-o", tmp_path / "torch", "--folds", "0,1", "--device", "cpu")
+    _cli("predict", "-m", work, "-i", inputs, "-o", tmp_path / "onnx", "--folds", "0,1", "--backend", "onnxruntime")
+    assert np.array_equal(_labels(tmp_path / "onnx"), _labels(tmp_path / "torch"))
+    assert len(np.unique(_labels(tmp_path / "torch"))) > 1
+
+
+def test_predict_runs_an_explicit_onnx_file(onnx_work, tmp_path, capsys):
+    work, inputs = onnx_work
+    onnx_file = tmp_path / "exported" / "fold1.onnx"
+    onnx_file.parent.mkdir()
+    out = _cli("export", work, "--onnx", onnx_file, "--folds", "1")
+    assert f"--onnx-model {onnx_file}" in out and not (work / "training" / "fold_1" / "model.onnx").exists()
+    _cli("predict", "-m", work, "-i", inputs, "-o", tmp_path / "torch", "--folds", "1", "--device", "cpu")
+    _cli("predict", "-m", work, "-i", inputs, "-o", tmp_path / "onnx", "--onnx-model", onnx_file)
+    assert np.array_equal(_labels(tmp_path / "onnx"), _labels(tmp_path / "torch"))
+    capsys.readouterr()
+    assert main(["predict", "-m", str(work), "-i", str(inputs), "-o", str(tmp_path / "x"), "--backend", "torch",
+                 "--onnx-model", str(onnx_file)]) != 0
+    assert "--onnx-model runs ONNX files with onnxruntime" in capsys.readouterr().err
+    with pytest.raises(CheckpointError, match=r"fold_0/model.onnx not found; export it first with 'voxseg export "
+                                              r".* --onnx --folds 0 --checkpoint final', or give a file with --onnx-model"):
+        Predictor.from_workdir(work, folds=[0], backend="onnxruntime")
+
+
+def test_archive_carries_the_onnx_files_and_the_installed_model_runs_them(onnx_work, tmp_path):
+    work, inputs = onnx_work
+    archive, installed = tmp_path / "model.zip", tmp_path / "installed"
+    _cli("export", work, "--onnx", "--archive", archive, "--folds", "0,1")
+    with zipfile.ZipFile(archive) as handle:
+        manifest = json.loads(handle.read(MANIFEST))
+        for fold in (0, 1):
+            member = f"training/fold_{fold}/model.onnx"
+            assert manifest["files"][member]["sha256"] == hashlib.sha256(handle.read(member)).hexdigest()
+    _cli("install", archive, installed)
+    assert (installed / "training" / "fold_0" / "model.onnx.sha256").is_file()  # verified again when loaded
+    _cli("predict", "-m", work, "-i", inputs, "-o", tmp_path / "torch", "--folds", "0,1", "--device", "cpu")
+    _cli("predict", "-m", installed, "-i", inputs, "-o", tmp_path / "onnx", "--folds", "0,1", "--backend", "onnxruntime")
+    assert np.array_equal(_labels(tmp_path / "onnx"), _labels(tmp_path / "torch"))
+
+    altered = tmp_path / "altered.zip"  # an ONNX member that does not match its digest
+    with zipfile.ZipFile(archive) as source, zipfile.ZipFile(altered, "w") as target:
+        for name in source.namelist():
+            data = source.read(name)
+            target.writestr(name, data[:-1] + bytes([data[-1] ^ 1]) if name.endswith("fold_1/model.onnx") else data)
+    with pytest.raises(CheckpointError, match="'training/fold_1/model.onnx' does not match its SHA-256"):
+        install_archive(altered, tmp_path / "refused")
+    assert not (tmp_path / "refused" / "training").exists()
+
+
+def test_onnx_member_with_external_data_is_refused(tmp_path):
+    import onnx
+    from onnx import helper
+
+    weight = helper.make_tensor("w", onnx.TensorProto.FLOAT, [2], np.array([1, 2], np.float32).tobytes(), raw=True)
+    graph = helper.make_graph([helper.make_node("Add", ["x", "w"], ["y"])], "g",
+                              [helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, [2])],
+                              [helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, [2])], [weight])
+    (tmp_path / "made").mkdir()
+    onnx.save_model(helper.make_model(graph), str(tmp_path / "made" / "model.onnx"), save_as_external_data=True,
+                    location="weights.bin", size_threshold=0)
+    content = (tmp_path / "made" / "model.onnx").read_bytes()
+    with pytest.raises(CheckpointError, match="'training/fold_0/model.onnx' keeps weights in external data files"):
+        install_archive(_zip_with(tmp_path, "training/fold_0/model.onnx", content), tmp_path / "target")
+    assert sorted(p.name for p in (tmp_path / "target").iterdir()) == []
+
+
+def test_default_onnx_file_of_another_checkpoint_is_refused(onnx_work):
+    work, _ = onnx_work
+    export_onnx(work, 0, None, checkpoint="final")
+    with pytest.raises(CheckpointError, match=r"exported from checkpoint_final.pt, not the checkpoint_best.pt asked "
+                                              r"for; predict with --checkpoint final"):
+        Predictor.from_workdir(work, folds=[0], checkpoint="best", backend="onnxruntime")

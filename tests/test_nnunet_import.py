@@ -243,7 +243,7 @@ def test_crossval_at_import_decides_voxsegs_postprocessing(crossval_model, tmp_p
     raw, folder, _, marker = crossval_model
     work = tmp_path / "work"
     code, out, _ = run_cli("import", "nnunet", folder, work, "--dataset", raw, "--crossval")
-    assert code == 0 and "postprocessing decided from cross-validation" in out and "postprocessing.pkl" in out
+    assert code == 0 and "postprocessing: keep the largest foreground component" in out and "postprocessing.pkl" in out
     decision = json.loads((work / "postprocessing.json").read_text())
     assert decision["num_cases"] == 4 and [1, 2, 3] in decision["largest_component"]
     assert decision["mean_dice_foreground_candidate"] > decision["mean_dice_before"]
@@ -380,3 +380,68 @@ def test_2d_model_imports_as_a_2d_plan(tmp_path):
     assert ours.mirror_axes == theirs.mirror_axes == (1,)
     case = np.random.default_rng(5).normal(0.0, 1.0, (1, 10, 4, 19)).astype(np.float32)
     assert torch.equal(ours.predict_logits(case), theirs.predict_logits(case))
+
+
+def _predict_case(model: Path, inputs: Path, out: Path, *options: str) -> np.ndarray:
+    code, _, err = run_cli("predict", "-m", model, "-i", inputs, "-o", out, "--folds", "0", "--device", "cpu", *options)
+    assert code == 0, err
+    return read_image(out / "case.nii.gz")[0]
+
+
+def _balance_classes(work: Path, image: np.ndarray) -> None:
+    """Shift the output biases of fold 0 so that every class wins about as often on `image`: a random network's
+    labels are then scattered blobs, which largest-component postprocessing visibly thins out."""
+    logits = Predictor.from_workdir(work, folds=0, device="cpu", mirror_axes=None).predict_logits(image)
+    path = work / "training" / "fold_0" / "checkpoint_final.pt"
+    state = torch.load(path, weights_only=True)
+    state["model"]["heads.0.bias"] -= logits.mean(dim=(1, 2, 3))
+    torch.save(state, path)
+
+
+def test_postprocessing_decision_survives_nnunet_export_and_import(tmp_path):
+    from tests.test_predictor import make_workdir, tiny_plan
+
+    work = make_workdir(tmp_path / "work", tiny_plan(), folds=(0,))
+    (work / "postprocessing.json").write_text(json.dumps({"largest_component": [[1], [2]], "num_cases": 4}))
+    inputs = tmp_path / "inputs"
+    inputs.mkdir()
+    image = np.random.default_rng(7).normal(0.0, 1.0, (2, 24, 22, 20)).astype(np.float32)
+    _balance_classes(work, image)
+    for channel in range(2):
+        write_image(inputs / f"case_{channel:04d}.nii.gz", image[channel], Geometry.from_spacing((1.0, 1.0, 1.0)))
+    original = _predict_case(work, inputs, tmp_path / "original")
+    unprocessed = _predict_case(work, inputs, tmp_path / "unprocessed", "--no-postprocess")
+    assert (original != unprocessed).sum() > 500  # the decision removes voxels of both classes
+    assert all(((original == v) != (unprocessed == v)).any() for v in (1, 2))
+
+    code, _, err = run_cli("export", work, "--format", "nnunet", tmp_path / "results", "--folds", "0")
+    assert code == 0, err
+    folder = tmp_path / "results" / "nnUNetTrainer__voxsegPlans__3d_fullres"
+    exported = json.loads((folder / "voxseg_postprocessing.json").read_text())
+    assert exported["largest_component"] == [[1], [2]] and not list(folder.glob("*.pkl"))
+    assert np.array_equal(_predict_case(folder, inputs, tmp_path / "from_folder"), original)
+
+    code, out, err = run_cli("import", "nnunet", folder, tmp_path / "again")
+    assert code == 0, err
+    assert "postprocessing: keep the largest component of classes edema, core (voxseg's cross-validation" in out
+    assert "voxseg_postprocessing.json into" in out
+    assert json.loads((tmp_path / "again" / SOURCE_FILE).read_text())["postprocessing"] == "voxseg_postprocessing.json"
+    assert json.loads((tmp_path / "again" / "postprocessing.json").read_text())["largest_component"] == [[1], [2]]
+    assert np.array_equal(_predict_case(tmp_path / "again", inputs, tmp_path / "imported"), original)
+
+
+@pytest.mark.parametrize("content, message", [
+    ({"largest_component": [[1], [7]]}, r"label value\(s\) \[7\] are not labels of the model"),
+    ({"largest_component": "import os"}, "expected {\"largest_component\""),
+    ({"largest_component": [[True]]}, "expected {\"largest_component\""),
+    ([1, 2], "expected {\"largest_component\""),
+])
+def test_exported_postprocessing_is_checked_as_untrusted_input(tmp_path, content, message):
+    from tests.test_predictor import make_workdir, tiny_plan
+    from voxseg.infer.nnunet_export import export_nnunet
+
+    folder = export_nnunet(make_workdir(tmp_path / "work", tiny_plan()), tmp_path / "results")
+    (folder / "voxseg_postprocessing.json").write_text(json.dumps(content))
+    with pytest.raises(ConfigError, match=message):
+        import_nnunet(folder, tmp_path / "again")
+    assert not (tmp_path / "again").exists()

@@ -11,7 +11,7 @@ The public API is small; everything is importable lazily so `voxseg --help` stay
     >>> predictor = voxseg.Predictor.from_workdir("work/synth", folds=[0])
     >>> labels = predictor.predict_array(image, geometry)
     >>> voxseg.evaluate_folder("preds", "data/Synth/labelsTs", dataset_json="data/Synth/dataset.json")
-    >>> summary, postprocessing, _ = voxseg.evaluate_crossval("work/synth")   # after training every fold
+    >>> result = voxseg.evaluate_crossval("work/synth")   # after training every fold: .summary, .postprocessing
 """
 from __future__ import annotations
 

@@ -3,17 +3,25 @@ decide the postprocessing from them (`voxseg evaluate --crossval WORKDIR` calls 
 
 It sits above evaluation and inference (it uses both) and below the command line.
 
+When the decision keeps a largest component anywhere, the postprocessed predictions are written to
+WORKDIR/training/crossval/postprocessed/ and evaluated too (its summary.json), so the table printed is the one
+`voxseg predict` will deliver.
+
 Example:
     >>> result = evaluate_crossval("work/synth")
-    >>> result.summary["foreground_mean"]["dice"], result.postprocessing
+    >>> result.summary["foreground_mean"]["dice"], result.postprocessing, result.final_summary["foreground_mean"]
 """
 from __future__ import annotations
 
+import warnings
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, NamedTuple, Sequence
 
 from voxseg.data.splits import trained_folds
 from voxseg.errors import ConfigError
+
+POSTPROCESSED_FOLDER = "postprocessed"  # WORKDIR/training/crossval/postprocessed/
 
 
 class CrossvalResult(NamedTuple):
@@ -23,11 +31,19 @@ class CrossvalResult(NamedTuple):
         summary: the evaluation of every fold's validation cases together (also training/crossval/summary.json).
         postprocessing: the decided largest-component postprocessing (also `postprocessing_file`).
         postprocessing_file: WORKDIR/postprocessing.json, which `voxseg predict` applies.
+        final_summary: the evaluation after that postprocessing (training/crossval/postprocessed/summary.json);
+            `summary` itself when the decision changes nothing.
     """
 
     summary: dict[str, Any]
     postprocessing: dict[str, Any]
     postprocessing_file: Path
+    final_summary: dict[str, Any]
+
+    @property
+    def dice(self) -> tuple[float, float]:
+        """Foreground-mean Dice before and after the postprocessing."""
+        return self.summary["foreground_mean"]["dice"], self.final_summary["foreground_mean"]["dice"]
 
 
 def evaluate_crossval(workdir: str | Path, folds: Sequence[int] | None = None, num_workers: int = 1,
@@ -43,7 +59,8 @@ def evaluate_crossval(workdir: str | Path, folds: Sequence[int] | None = None, n
         convention: scoring convention of absent classes (`voxseg.evaluate.conventions.CONVENTIONS`).
 
     Returns:
-        the summary (training/crossval/summary.json), the postprocessing decision and where it was saved.
+        the summary (training/crossval/summary.json), the postprocessing decision, where it was saved, and the
+        summary after postprocessing.
     """
     from voxseg.evaluate.folder import aggregate_folds
     from voxseg.infer.postprocess import POSTPROCESSING_FILE, decide_postprocessing
@@ -62,4 +79,52 @@ def evaluate_crossval(workdir: str | Path, folds: Sequence[int] | None = None, n
     out_file = workdir / POSTPROCESSING_FILE
     spec = decide_postprocessing(workdir / "training" / "crossval", Path(plan.raw_dataset) / "labelsTr", plan.regions,
                                  file_ending=plan.file_ending, out_file=out_file, num_workers=num_workers)
-    return CrossvalResult(summary, spec, out_file)
+    final = summary
+    if spec["largest_component"]:
+        final = _evaluate_postprocessed(workdir, plan, spec, folds, num_workers, tolerance_mm, convention)
+    return CrossvalResult(summary, spec, out_file, final)
+
+
+def _evaluate_postprocessed(workdir: Path, plan: Any, spec: dict[str, Any], folds: list[int], num_workers: int,
+                            tolerance_mm: float, convention: str) -> dict[str, Any]:
+    """Apply `spec` to training/crossval/CASE files into training/crossval/postprocessed/ and evaluate them."""
+    from voxseg.data.io import read_image, write_image
+    from voxseg.evaluate.folder import evaluate_folder
+    from voxseg.evaluate.summary import write_summary
+    from voxseg.infer.postprocess import apply_postprocessing
+
+    crossval, ending = workdir / "training" / "crossval", plan.file_ending
+    out = crossval / POSTPROCESSED_FOLDER
+    out.mkdir(exist_ok=True)
+    for stale in out.glob(f"*{ending}"):  # a previous decision's files
+        stale.unlink()
+
+    def postprocess(path: Path) -> None:
+        labels, geometry = read_image(path)
+        write_image(out / path.name, apply_postprocessing(labels, spec), geometry)
+
+    with ThreadPoolExecutor(max(1, num_workers)) as pool:
+        list(pool.map(postprocess, sorted(p for p in crossval.glob(f"*{ending}") if p.name[0] != ".")))
+    raw = Path(plan.raw_dataset)
+    meta = workdir / "dataset.json" if (workdir / "dataset.json").is_file() else raw / "dataset.json"
+    with warnings.catch_warnings():  # the same missing cases were reported by the first evaluation
+        warnings.simplefilter("ignore", UserWarning)
+        summary = evaluate_folder(out, raw / "labelsTr", meta, tolerance_mm=tolerance_mm, num_workers=num_workers,
+                                  file_ending=ending, out=False, allow_missing=True, convention=convention)
+    summary["folds"] = folds
+    write_summary(summary, out)
+    return summary
+
+
+def describe_crossval(workdir: str | Path, result: CrossvalResult) -> str:
+    """The decision as a sentence (`voxseg.infer.postprocess.describe_postprocessing`) with the foreground-mean
+    Dice before and after it, where it was saved, and which table `final_summary` is."""
+    from voxseg.infer.postprocess import describe_postprocessing
+    from voxseg.plans import Plan
+
+    plan = Plan.load(Path(workdir) / "plans.json")
+    decision = describe_postprocessing(result.postprocessing, plan.regions, plan.class_names, result.dice)
+    table = (f"the table is after postprocessing; before it: {Path(workdir) / 'training' / 'crossval' / 'summary.json'}"
+             if result.final_summary is not result.summary else "the table is the folds' predictions as they are")
+    return (f"postprocessing: {decision}\n(saved to {result.postprocessing_file}, which 'voxseg predict' applies; "
+            f"{table})")

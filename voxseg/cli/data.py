@@ -44,10 +44,11 @@ def cmd_plan(args: argparse.Namespace) -> int:
     from voxseg.data.configs import describe_configurations
     from voxseg.data.plan import describe_plan, plan_dataset
 
+    not_planned: dict[str, str] = {}
     plan = plan_dataset(
         args.dataset, args.output, gpu_memory_gb=args.gpu_memory, overrides=key_values(args.set),
         num_folds=args.folds, val_fraction=args.val_fraction, seed=args.seed, num_workers=args.workers,
-        dims=2 if args.two_d else 3, cube_patch=args.cube_patch,
+        dims=2 if args.two_d else 3, cube_patch=args.cube_patch, notes=not_planned,
     )
     if args.calibrate:
         plan = _calibrate(args, plan)
@@ -55,6 +56,8 @@ def cmd_plan(args: argparse.Namespace) -> int:
     print(f"wrote {args.output}/plans.json, fingerprint.json, splits.json, configurations.json")
     print("configurations (select one with --configuration NAME):")
     print(describe_configurations(args.output))
+    for reason in not_planned.values():
+        print(reason)
     return 0
 
 
@@ -95,38 +98,42 @@ def _synth_and_convert(sub: Subparsers) -> None:
     p.add_argument("--test-cases", type=int, default=0, help="test cases in imagesTs/labelsTs (default 0)")
     p.add_argument("--shape", type=csv_ints, default=[64, 64, 64], help="D,H,W voxels (default 64,64,64)")
     p.add_argument("--spacing", type=csv_floats, default=[1.0, 1.0, 1.0], help="mm per voxel (default 1,1,1)")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=int, default=0, help="random seed; the same seed writes the same dataset (default 0)")
     p.add_argument("--regions", action="store_true", help="BraTS regions (whole tumour, core, enhancing) as labels")
-    p.add_argument("--layout", choices=["nnunet", "brats"], default="nnunet")
+    p.add_argument("--layout", choices=["nnunet", "brats"], default="nnunet",
+                   help="nnunet: imagesTr/CASE_0000.nii.gz ... with dataset.json; brats: one folder per case with "
+                        "CASE_t1, _t1ce, _t2, _flair, _seg files (default nnunet)")
 
     p = add_command(sub, "convert", cmd_convert,
                     "convert a BraTS 2021 folder or a Decathlon task to the nnU-Net v2 layout",
                     "voxseg convert brats /data/BraTS2021_TrainingData data/Dataset137_BraTS\n"
                     "voxseg convert msd /data/Task01_BrainTumour data/Dataset001_BrainTumour")
-    p.add_argument("format", choices=["brats", "msd"])
-    p.add_argument("src")
-    p.add_argument("dst")
+    p.add_argument("format", choices=["brats", "msd"],
+                   help="brats: a BraTS 2021 training folder (one folder per case); msd: a Medical Segmentation "
+                        "Decathlon task folder (TaskNN_Name with dataset.json)")
+    p.add_argument("src", help="the folder to convert")
+    p.add_argument("dst", help="the nnU-Net v2 dataset folder to write, e.g. data/Dataset137_BraTS")
 
 
 def add_data_commands(sub: Subparsers) -> None:
     _synth_and_convert(sub)
     p = add_command(sub, "check", cmd_check, "check a dataset's integrity (files, channels, shapes, geometry, labels, NaN)",
                     "voxseg check data/Dataset001_Synth -j 2")
-    p.add_argument("dataset")
-    p.add_argument("-j", "--workers", type=int, default=1)
+    p.add_argument("dataset", help="the raw dataset folder (nnU-Net v2 layout, with dataset.json)")
+    p.add_argument("-j", "--workers", type=int, default=1, help="processes reading cases (default 1)")
 
     p = add_command(sub, "plan", cmd_plan,
                     "check, fingerprint and plan a dataset: writes plans.json, fingerprint.json, splits.json",
                     "voxseg plan data/Dataset001_Synth -o work/synth --gpu-memory 8\n"
                     "voxseg plan data/brats -o work/brats --set batch_size=4 --set network.residual=true "
                     "--val-fraction 0.2")
-    p.add_argument("dataset")
+    p.add_argument("dataset", help="the raw dataset folder (nnU-Net v2 layout, with dataset.json)")
     p.add_argument("-o", "--output", required=True, help="work directory")
     p.add_argument("--gpu-memory", type=float, default=8.0, help="GPU memory budget in GB (default 8)")
     p.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a plan field (repeatable)")
     p.add_argument("--folds", type=int, default=5, help="cross-validation folds (default 5)")
     p.add_argument("--val-fraction", type=float, default=None, help="single train/val split instead of folds, e.g. 0.2")
-    p.add_argument("--seed", type=int, default=12345)
+    p.add_argument("--seed", type=int, default=12345, help="random seed of the folds (default 12345)")
     p.add_argument("--2d", dest="two_d", action="store_true",
                    help="plan only the 2d configuration, as the default (plans.json)")
     p.add_argument("--cube-patch", action="store_true",
@@ -135,12 +142,12 @@ def add_data_commands(sub: Subparsers) -> None:
     p.add_argument("--calibrate", action="store_true",
                    help="fit the memory model to a few real training steps on this machine's CUDA GPU and plan "
                         "patch and batch with it (without a GPU the formula is used as it is, and said so)")
-    p.add_argument("-j", "--workers", type=int, default=1)
+    p.add_argument("-j", "--workers", type=int, default=1, help="processes reading cases for the fingerprint (default 1)")
 
     p = add_command(sub, "preprocess", cmd_preprocess, "crop, resample and normalise every case into the fast case store",
                     "voxseg preprocess work/synth -j 2\nvoxseg preprocess work/synth --configuration 2d")
-    p.add_argument("workdir")
+    p.add_argument("workdir", help="the work directory written by 'voxseg plan'")
     add_configuration_flag(p)
-    p.add_argument("-j", "--workers", type=int, default=1)
-    p.add_argument("--device", type=device, default="cpu", help="cpu or cuda (resampling on the GPU)")
-    p.add_argument("--quiet", action="store_true")
+    p.add_argument("-j", "--workers", type=int, default=1, help="processes preprocessing cases (default 1)")
+    p.add_argument("--device", type=device, default="cpu", help="cpu or cuda (resampling on the GPU) (default cpu)")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")

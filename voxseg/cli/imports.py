@@ -9,6 +9,14 @@ from voxseg.errors import ConfigError
 
 def _postprocessing_note(result) -> str:  # noqa: ANN001 - an ImportResult (torch is imported on first use only)
     """What happened to nnU-Net's postprocessing, and how to get voxseg's decision."""
+    if result.postprocessing is not None:  # a folder voxseg exported: its decision came along
+        from voxseg.infer.postprocess import describe_postprocessing
+        from voxseg.plans import Plan
+
+        plan = Plan.load(result.workdir / "plans.json")
+        decision = describe_postprocessing(result.postprocessing, plan.regions, plan.class_names)
+        return (f"postprocessing: {decision} (voxseg's cross-validation decision, restored from the model folder's "
+                f"voxseg_postprocessing.json into {result.workdir}/postprocessing.json; 'voxseg predict' applies it)")
     lines = []
     if result.ignored_pickles:
         names = ", ".join(str(p) for p in result.ignored_pickles)
@@ -40,14 +48,13 @@ def cmd_import(args: argparse.Namespace) -> int:
     print(f"imported {args.model} (folds {','.join(result.folds)}, checkpoint {result.checkpoint}) into "
           f"{result.workdir}; predict with: voxseg predict -m {result.workdir} -i INPUT -o OUTPUT --folds all{chosen}")
     if args.crossval and result.validation_folds:
-        from voxseg.crossval import evaluate_crossval
+        from voxseg.crossval import describe_crossval, evaluate_crossval
         from voxseg.evaluate.folder import format_table
 
         numbered = [int(f) for f in result.validation_folds if f.isdigit()]
         crossval = evaluate_crossval(result.workdir, folds=numbered, num_workers=args.workers)
-        print(format_table(crossval.summary))
-        print(f"postprocessing decided from cross-validation: {crossval.postprocessing['largest_component']} "
-              f"(saved to {crossval.postprocessing_file}; 'voxseg predict' applies it)")
+        print(format_table(crossval.final_summary))
+        print(describe_crossval(result.workdir, crossval))
         if result.ignored_pickles:
             print(f"note: {', '.join(str(p) for p in result.ignored_pickles)} was not read (a pickle, which voxseg "
                   "never opens); the decision above replaces it.")
@@ -68,7 +75,7 @@ def _import_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--crossval", action="store_true",
                    help="after importing, evaluate the folds' validation predictions and decide the postprocessing "
                         "(needs --dataset)")
-    p.add_argument("-j", "--workers", type=int, default=1, help="threads scoring cases for --crossval")
+    p.add_argument("-j", "--workers", type=int, default=1, help="threads scoring cases for --crossval (default 1)")
     p.add_argument("--force", action="store_true", help="replace the contents of a non-empty WORKDIR as a whole")
 
 

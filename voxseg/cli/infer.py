@@ -23,12 +23,18 @@ def cmd_predict(args: argparse.Namespace) -> int:
     from voxseg.infer.predictor import Predictor, find_input_cases
 
     mirror = None if args.no_mirror else (tuple(args.mirror_axes) if args.mirror_axes else "all")
-    if args.backend == "torch":
+    backend = args.backend or ("onnxruntime" if args.onnx_model else "torch")
+    if args.onnx_model and backend != "onnxruntime":
+        raise ConfigError(f"--onnx-model runs ONNX files with onnxruntime; drop '--backend {backend}' or use "
+                          "--backend onnxruntime")
+    if backend == "torch":
         usable_device(args.device)
     options = dict(folds=args.folds, checkpoint=args.checkpoint, device=args.device, step=args.step,
-                   mirror_axes=mirror, tile_batch=args.tile_batch, backend=args.backend)
+                   mirror_axes=mirror, tile_batch=args.tile_batch, backend=backend)
+    if args.onnx_model:  # the files are the model: no cross-validation choice of configurations
+        options["onnx_files"] = args.onnx_model
     choice = None
-    if args.configuration is None:
+    if args.configuration is None and not args.onnx_model:
         from voxseg.infer.ensemble import load_choice
 
         choice = load_choice(args.model)
@@ -70,32 +76,31 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
               f"(saved to {args.crossval}/{CHOICE_FILE}; 'voxseg predict -m {args.crossval}' uses it)")
         return 0
     if args.crossval:
-        from voxseg.crossval import evaluate_crossval
+        from voxseg.crossval import describe_crossval, evaluate_crossval
 
-        result = evaluate_crossval(configuration_workdir(args.crossval, args.configuration), num_workers=args.workers, tolerance_mm=args.tolerance,
+        workdir = configuration_workdir(args.crossval, args.configuration)
+        result = evaluate_crossval(workdir, num_workers=args.workers, tolerance_mm=args.tolerance,
                                    convention=args.convention)
-        summary = result.summary
-        print(f"postprocessing decided from cross-validation: {result.postprocessing} (saved to "
-              f"{result.postprocessing_file}; 'voxseg predict' applies it)")
-    else:
-        if args.configuration:
-            raise ConfigError("--configuration selects a work directory's configuration for --crossval WORKDIR")
-        if not args.pred or not args.ref:
-            raise ConfigError("evaluate needs PRED and REF folders, or --crossval WORKDIR")
-        summary = evaluate_folder(
-            args.pred, args.ref, dataset_json=args.dataset_json, tolerance_mm=args.tolerance, num_workers=args.workers,
-            allow_missing=args.allow_missing, allow_undeclared=args.allow_undeclared_labels, convention=args.convention,
-        )
+        print(format_table(result.final_summary))
+        print(describe_crossval(workdir, result))
+        return 0
+    if args.configuration:
+        raise ConfigError("--configuration selects a work directory's configuration for --crossval WORKDIR")
+    if not args.pred or not args.ref:
+        raise ConfigError("evaluate needs PRED and REF folders, or --crossval WORKDIR")
+    summary = evaluate_folder(
+        args.pred, args.ref, dataset_json=args.dataset_json, tolerance_mm=args.tolerance, num_workers=args.workers,
+        allow_missing=args.allow_missing, allow_undeclared=args.allow_undeclared_labels, convention=args.convention,
+    )
     print(format_table(summary))
     return 0
 
 
 def cmd_export(args: argparse.Namespace) -> int:
     from voxseg.infer.archive import export_archive
-    from voxseg.infer.export import export_onnx
 
-    if not args.onnx and not args.archive and not args.format:
-        raise ConfigError("export needs --onnx FILE, --archive ZIP and/or --format nnunet OUT")
+    if args.onnx is None and not args.archive and not args.format:
+        raise ConfigError("export needs --onnx [FILE], --archive ZIP and/or --format nnunet OUT")
     if args.format and args.format[0] not in EXPORT_FORMATS:
         raise ConfigError(f"--format {args.format[0]}: unknown format; use {', '.join(EXPORT_FORMATS)} "
                           "(--format nnunet OUT)")
@@ -107,17 +112,32 @@ def cmd_export(args: argparse.Namespace) -> int:
         folder = export_nnunet(workdir, args.format[1], folds=chosen, checkpoint=args.checkpoint, force=args.force)
         print(f"wrote nnU-Net v2 model folder {folder}; predict with nnU-Net: nnUNetv2_predict_from_modelfolder "
               f"-m {folder} -i INPUT -o OUTPUT, or with voxseg: voxseg predict -m {folder} -i INPUT -o OUTPUT")
-    if args.onnx:
-        if chosen != "all" and len(chosen) > 1:
-            raise ConfigError(f"--onnx exports one fold's network; got --folds {args.folds}. Export each fold to its "
-                              "own file (--folds 0 --onnx fold0.onnx, ...) or use --archive for an ensemble")
-        fold = chosen if chosen == "all" else chosen[0]
-        diff = export_onnx(workdir, fold, args.onnx, checkpoint=args.checkpoint)
-        print(f"wrote {args.onnx} (onnxruntime vs PyTorch max abs difference {diff:.2e})")
+    if args.onnx is not None:
+        _export_onnx(args, workdir, chosen)
     if args.archive:
         export_archive(workdir, args.archive, folds=chosen, checkpoint=args.checkpoint)
         print(f"wrote {args.archive}")
     return 0
+
+
+def _export_onnx(args: argparse.Namespace, workdir: str, chosen: list[int] | str) -> None:
+    """--onnx: every chosen fold to WORKDIR/training/fold_F/model.onnx; --onnx FILE: one fold to FILE."""
+    from voxseg.infer.export import export_onnx, export_onnx_folds
+
+    if not args.onnx:
+        for fold, (path, diff) in export_onnx_folds(workdir, chosen, checkpoint=args.checkpoint).items():
+            print(f"wrote {path} (fold {fold}; onnxruntime vs PyTorch max abs difference {diff:.2e})")
+        print(f"predict with onnxruntime: voxseg predict -m {workdir} -i INPUT -o OUTPUT --backend onnxruntime "
+              f"--folds {args.folds}" + ("" if args.checkpoint == "final" else f" --checkpoint {args.checkpoint}"))
+        return
+    if chosen != "all" and len(chosen) > 1:
+        raise ConfigError(f"--onnx FILE exports one fold's network; got --folds {args.folds}. Give --onnx without a "
+                          "file to export each fold into its folder (training/fold_F/model.onnx), or export each "
+                          "fold to its own file (--folds 0 --onnx fold0.onnx, ...)")
+    fold = chosen if chosen == "all" else chosen[0]
+    diff = export_onnx(workdir, fold, args.onnx, checkpoint=args.checkpoint)
+    print(f"wrote {args.onnx} (onnxruntime vs PyTorch max abs difference {diff:.2e}); predict with it: "
+          f"voxseg predict -m {workdir} -i INPUT -o OUTPUT --onnx-model {args.onnx}")
 
 
 def cmd_install(args: argparse.Namespace) -> int:
@@ -133,41 +153,62 @@ def _predict_arguments(p: argparse.ArgumentParser) -> None:
                    help="work directory with plans.json and training/fold_F, or an nnU-Net v2 trained-model folder "
                         "(<Trainer>__<Plans>__<configuration> with fold_X/checkpoint_final.pth)")
     p.add_argument("-i", "--input", required=True, nargs="+", help="folder (nnU-Net or BraTS layout) or channel files")
-    p.add_argument("-o", "--output", required=True)
+    p.add_argument("-o", "--output", required=True,
+                   help="folder for the predictions, OUT/CASE{file ending} (created)")
     add_configuration_flag(p)
     p.add_argument("--folds", type=folds, default=[0], help="0 | 0,1,2 | all (default 0)")
     _checkpoint_flag(p)
     p.add_argument("--step", type=float, default=0.5, help="tile step as a fraction of the patch (default 0.5)")
     p.add_argument("--no-mirror", action="store_true", help="no mirror test-time augmentation")
-    p.add_argument("--mirror-axes", type=csv_ints, help="axes to mirror, e.g. 0,1,2")
-    p.add_argument("--tile-batch", type=int, default=4)
-    p.add_argument("--device", type=device, default="auto")
-    p.add_argument("--backend", choices=["torch", "onnxruntime"], default="torch")
-    p.add_argument("--save-probabilities", action="store_true")
-    p.add_argument("--postprocess", action="store_true", help="force largest-component postprocessing")
-    p.add_argument("--no-postprocess", action="store_true")
+    p.add_argument("--mirror-axes", type=csv_ints,
+                   help="spatial axes to mirror, e.g. 0,1,2 (default: every axis the model allows)")
+    p.add_argument("--tile-batch", type=int, default=4,
+                   help="tiles per forward pass, times the mirror combinations (default 4)")
+    p.add_argument("--device", type=device, default="auto",
+                   help="auto (CUDA when available), cpu, cuda or cuda:N (default auto; onnxruntime runs on the CPU)")
+    p.add_argument("--backend", choices=["torch", "onnxruntime"],
+                   help="torch, or onnxruntime: run the folds' exported training/fold_F/model.onnx on the CPU "
+                        "(default torch; onnxruntime with --onnx-model)")
+    p.add_argument("--onnx-model", nargs="+", metavar="FILE",
+                   help="run these ONNX files (from 'voxseg export --onnx FILE') with onnxruntime instead of the "
+                        "folds' networks; several are averaged as an ensemble. -m still gives postprocessing.json")
+    p.add_argument("--save-probabilities", action="store_true",
+                   help="also write OUT/CASE.npz with the probabilities (float16, on the input grid)")
+    p.add_argument("--postprocess", action="store_true",
+                   help="force largest-component postprocessing of every class (default: the model's "
+                        "postprocessing.json, if any)")
+    p.add_argument("--no-postprocess", action="store_true",
+                   help="no postprocessing, even where the model has a postprocessing.json")
     p.add_argument("--continue", dest="continue_run", action="store_true", help="skip cases already predicted")
 
 
 def _export_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("workdir")
+    p.add_argument("workdir", help="the trained work directory (or an installed model folder)")
     add_configuration_flag(p)
-    p.add_argument("--onnx")
-    p.add_argument("--archive")
+    p.add_argument("--onnx", nargs="?", const="", metavar="FILE",
+                   help="export each chosen fold's network to ONNX (checked against PyTorch) as "
+                        "WORKDIR/training/fold_F/model.onnx, where 'predict --backend onnxruntime' and archives "
+                        "find it; with FILE, one fold's network to FILE (predict with --onnx-model FILE)")
+    p.add_argument("--archive", metavar="ZIP",
+                   help="write a shareable model archive: the chosen folds' weights, plans, dataset.json, "
+                        "postprocessing.json and any training/fold_F/model.onnx ('voxseg install' unpacks it)")
     p.add_argument("--format", nargs=2, metavar=("FORMAT", "OUT"),
                    help="--format nnunet OUT: an nnU-Net v2 model folder (OUT/nnUNetTrainer__voxsegPlans__3d_fullres, "
                         "or OUT itself when named <Trainer>__<Plans>__<configuration>)")
     p.add_argument("--force", action="store_true", help="with --format: replace an existing model folder")
-    p.add_argument("--folds", default="0")
+    p.add_argument("--folds", default="0",
+                   help="0 | 0,1,2 | all (fold_all, else every trained fold): the folds to export (default 0)")
     _checkpoint_flag(p)
 
 
 def _evaluate_arguments(p: argparse.ArgumentParser) -> None:
     from voxseg.evaluate.conventions import CONVENTIONS  # the evaluation package reads images: on first use
 
-    p.add_argument("pred", nargs="?")
-    p.add_argument("ref", nargs="?")
-    p.add_argument("--dataset-json")
+    p.add_argument("pred", nargs="?", help="folder of predicted label maps (not with --crossval)")
+    p.add_argument("ref", nargs="?", help="folder of reference label maps with the same file names")
+    p.add_argument("--dataset-json", metavar="FILE",
+                   help="dataset.json with the labels (and regions) to score (default: REF/dataset.json or "
+                        "REF/../dataset.json, the raw dataset's own)")
     p.add_argument("--tolerance", type=float, default=1.0, help="surface Dice tolerance in mm (default 1)")
     p.add_argument("--crossval", metavar="WORKDIR",
                    help="aggregate the folds' validation predictions and decide the postprocessing")
@@ -177,7 +218,7 @@ def _evaluate_arguments(p: argparse.ArgumentParser) -> None:
                         "every one with all folds validated) "
                         "and their pair ensembles by cross-validation Dice, and save the best to "
                         "WORKDIR/inference_choice.json for 'voxseg predict'")
-    p.add_argument("-j", "--workers", type=int, default=1)
+    p.add_argument("-j", "--workers", type=int, default=1, help="threads reading and scoring cases (default 1)")
     p.add_argument("--convention", choices=list(CONVENTIONS), default="voxseg",
                    help="how a class absent from the reference is scored, to match another tool's numbers "
                         "(default voxseg; see docs/INFERENCE.md)")
@@ -203,7 +244,8 @@ def add_infer_commands(sub: Subparsers) -> None:
     add_command(sub, "predict", cmd_predict,
                 "segment images with a trained model (sliding window, mirroring, fold ensemble)",
                 "voxseg predict -m work/synth -i data/Dataset001_Synth/imagesTs -o preds --folds 0\n"
-                "voxseg predict -m work/synth -i case_0000.nii.gz case_0001.nii.gz -o preds --folds all --no-mirror",
+                "voxseg predict -m work/synth -i case_0000.nii.gz case_0001.nii.gz -o preds --folds all --no-mirror\n"
+                "voxseg predict -m work/synth -i imagesTs -o preds --folds 0,1 --backend onnxruntime  # after export --onnx",
                 setup=_predict_arguments)
     add_command(sub, "evaluate", cmd_evaluate,
                 "score predictions: Dice, IoU, HD95, surface Dice, volumes per label and region",
@@ -213,14 +255,14 @@ def add_infer_commands(sub: Subparsers) -> None:
 
     add_command(sub, "export", cmd_export,
                 "export a trained model to ONNX, a shareable archive and/or an nnU-Net v2 model folder",
-                "voxseg export work/synth --onnx model.onnx --folds 0\n"
-                "voxseg export work/synth --archive model.zip --folds all\n"
+                "voxseg export work/synth --onnx --folds 0,1\n"
+                "voxseg export work/synth --onnx --archive model.zip --folds all\n"
                 "voxseg export work/synth --format nnunet nnUNet_results/Dataset001_Synth --folds all",
                 setup=_export_arguments)
 
     p = add_command(sub, "install", cmd_install, "install a model archive (never writes outside TARGET)",
                     "voxseg install model.zip models/synth")
-    p.add_argument("archive")
-    p.add_argument("target")
+    p.add_argument("archive", help="the model archive (.zip) written by 'voxseg export --archive'")
+    p.add_argument("target", help="the model folder to install into (absent or empty, unless --force)")
     p.add_argument("--force", action="store_true",
                    help="replace a model already installed in TARGET (as a whole; default: refuse)")

@@ -177,7 +177,8 @@ def _train_arguments(p: argparse.ArgumentParser) -> None:
 
     p.epilog = f"{p.epilog}\n\n{options_epilog()}"
     p.add_argument("workdir", nargs="?",
-                   help="work directory (from voxseg plan); may be left out with --resume CHECKPOINT")
+                   help="the work directory written by 'voxseg plan' and 'voxseg preprocess'; may be left out with "
+                        "--resume CHECKPOINT")
     add_configuration_flag(p)
     p.add_argument("--fold", type=fold, default="0", help="fold index of splits.json (default 0), or all: every case")
     p.add_argument("--config", metavar="FILE",

@@ -28,7 +28,17 @@ def plan_lowres(
     plan_at: Callable[[list[float], list[int], float], Plan],
     dataset_voxels: float,
 ) -> Plan | None:
-    """The 3d_lowres plan for a 3d_fullres plan, or None when the full-resolution patch is large enough.
+    """The 3d_lowres plan for a 3d_fullres plan, or None (`decide_lowres` says why)."""
+    return decide_lowres(fullres, plan_at, dataset_voxels)[0]
+
+
+def decide_lowres(
+    fullres: Plan,
+    plan_at: Callable[[list[float], list[int], float], Plan],
+    dataset_voxels: float,
+) -> tuple[Plan | None, str]:
+    """The 3d_lowres plan for a 3d_fullres plan and "", or None and why it was not planned: the full-resolution
+    patch is large enough, or the coarser spacing shrinks the median case too little.
 
     Args:
         fullres: the 3d_fullres plan (target spacing, median shape, patch).
@@ -57,6 +67,20 @@ def plan_lowres(
         lowres = plan_at([float(s) for s in spacing], [int(round(s)) for s in scaled],
                          dataset_voxels * float(np.prod(full_spacing / spacing)))
         patch_voxels = float(math.prod(lowres.patch_size))
-    if lowres is None or float(np.prod(median)) / median_voxels < LOWRES_MIN_REDUCTION:
-        return None
-    return lowres
+    full_coverage = float(math.prod(fullres.patch_size)) / float(np.prod(median))
+    verb = "covers" if full_coverage < 1 else "has"  # a patch larger than the median case: its voxel ratio
+    covers = f"the 3d_fullres patch {_fmt(fullres.patch_size)} {verb} {full_coverage:.0%} of " \
+             f"{'the' if full_coverage < 1 else 'the voxels of the'} median case {_fmt(fullres.median_shape_after_resample)}"
+    if lowres is None:
+        return None, f"{covers} (>= {LOWRES_COVERAGE:.0%})"
+    reduction = float(np.prod(median)) / median_voxels
+    if reduction < LOWRES_MIN_REDUCTION:
+        return None, (f"{covers} (< {LOWRES_COVERAGE:.0%}), but at the spacing where a patch covers "
+                      f"{LOWRES_COVERAGE:.0%} of it ({_fmt(lowres.target_spacing)} mm, patch "
+                      f"{_fmt(lowres.patch_size)}) the median case has only {reduction:.2f}x fewer voxels "
+                      f"(< {LOWRES_MIN_REDUCTION:g}x): not worth a second stage")
+    return lowres, ""
+
+
+def _fmt(values: list[int] | list[float]) -> str:
+    return "x".join(f"{v:.3g}" if isinstance(v, float) else str(v) for v in values)

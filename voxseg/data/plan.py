@@ -12,7 +12,7 @@ channels, 1 mm isotropic, median brain crop 134x168x138, 4 outputs) and an 8 GB 
                      8 GB), 6 stages, features [32, 64, 128, 256, 320, 320], kernels 3x3x3, last stride
                      [1, 2, 2], batch 2
     2d               slices along axis 0, patch 192x160, 6 stages, features up to 512
-    3d_lowres        none: the full-resolution patch covers 74% of the median case (>= 25%)
+    3d_lowres        none: the 3d_fullres patch 112x160x128 covers 74% of the median case 134x168x138 (>= 25%)
 
 The memory model lives in `voxseg.data.memory` and the topology / patch / batch search in
 `voxseg.data.topology`; `estimate_memory_gb` and `derive_topology` are re-exported here.
@@ -30,7 +30,7 @@ from voxseg.atomicio import copy_file, make_output_folder
 from voxseg.data.dataset import RawDataset, load_dataset
 from voxseg.data.configs import configuration_entry, write_index
 from voxseg.data.fingerprint import compute_fingerprint, save_fingerprint
-from voxseg.data.lowres import plan_lowres
+from voxseg.data.lowres import decide_lowres
 from voxseg.data.memory import estimate_memory_gb
 from voxseg.labels import LabelScheme
 from voxseg.plans import ChannelNormalization, NetworkPlan, Plan, parse_overrides
@@ -235,6 +235,7 @@ def make_plans(
     overrides: dict[str, Any] | None = None,
     cube_patch: bool = False,
     only_2d: bool = False,
+    notes: dict[str, str] | None = None,
 ) -> dict[str, Plan]:
     """Every configuration nnU-Net would plan for `dataset`, by name, the default first.
 
@@ -252,11 +253,18 @@ def make_plans(
         fingerprint, dataset, gpu_memory_gb, overrides: as for `make_plan`.
         cube_patch: fit 3D patches with the cube rule (`fit_patch(cube=True)`) instead of the aspect ratio.
         only_2d: plan the 2d configuration alone, as the default (`voxseg plan --2d`).
+        notes: filled with {configuration: why it was not planned}, e.g. {"3d_lowres": "3d_lowres and
+            3d_cascade_fullres not planned: the 3d_fullres patch 112x160x128 covers 74% of the median case ..."}.
     """
     planning, target, median_shape, dataset_voxels, slice_axis = _prepare(
         fingerprint, dataset, gpu_memory_gb, overrides, cube_patch)
     shared = {k: v for k, v in planning.values.items() if k not in SHAPE_OVERRIDES}
     three_d = median_shape[slice_axis] > 1 and not only_2d
+    notes = {} if notes is None else notes
+    if not three_d:
+        notes["3d_fullres"] = "3d configurations not planned: " + (
+            "--2d plans the 2d configuration alone" if only_2d else
+            f"the median case has a single slice along axis {slice_axis} (a 2D dataset)")
     plans: dict[str, Plan] = {}
     if three_d:
         plans["3d_fullres"] = planning.configuration("3d_fullres", target, median_shape, dataset_voxels,
@@ -265,9 +273,11 @@ def make_plans(
                                          shared if three_d else planning.values)
     if three_d:
         fullres = plans["3d_fullres"]
-        lowres = plan_lowres(fullres, lambda spacing, shape, voxels: planning.configuration(
+        lowres, reason = decide_lowres(fullres, lambda spacing, shape, voxels: planning.configuration(
             "3d_lowres", spacing, shape, voxels, slice_axis, shared), dataset_voxels)
-        if lowres is not None:
+        if lowres is None:
+            notes["3d_lowres"] = f"3d_lowres and 3d_cascade_fullres not planned: {reason}"
+        else:
             plans["3d_lowres"] = lowres
             plans["3d_cascade_fullres"] = dataclasses.replace(
                 fullres, configuration="3d_cascade_fullres", previous_stage="3d_lowres")
@@ -315,6 +325,7 @@ def plan_dataset(
     num_workers: int = 1,
     dims: int = 3,
     cube_patch: bool = False,
+    notes: dict[str, str] | None = None,
 ) -> Plan:
     """Check, fingerprint and plan a raw dataset; write the work directory. Returns the default plan.
 
@@ -323,7 +334,8 @@ def plan_dataset(
     `make_plans` plans into WORKDIR/configs/NAME/ with the index WORKDIR/configurations.json (see
     `voxseg.data.configs`). `dims=2` plans the 2d configuration alone, as the default. The folds are nnU-Net's
     `splits_final.json` when the raw dataset folder holds one (checked against the cases), else `num_folds`
-    random folds; `val_fraction` makes one random split instead.
+    random folds; `val_fraction` makes one random split instead. `notes` is filled as by `make_plans` (why a
+    configuration was not planned).
 
     Raises:
         DatasetError: the dataset check found problems (the message lists them).
@@ -350,7 +362,7 @@ def plan_dataset(
             make_kfold_splits(names, num_folds, seed)
     fingerprint = compute_fingerprint(dataset, num_workers=num_workers)
     plans = make_plans(fingerprint, dataset, gpu_memory_gb=gpu_memory_gb, overrides=overrides,
-                       cube_patch=cube_patch, only_2d=dims == 2)
+                       cube_patch=cube_patch, only_2d=dims == 2, notes=notes)
     default = next(iter(plans))
     entries = {name: configuration_entry(name, default, plan.previous_stage,
                                          "3d_cascade_fullres" if name == "3d_lowres" else None)

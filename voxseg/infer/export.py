@@ -2,16 +2,26 @@
 
 The exported graph takes `image` (B, C, *patch_size) float32 with a dynamic batch axis and returns `logits`
 (B, K, *patch_size); the spatial size is fixed to the training patch, which is all sliding-window inference
-feeds it. The plan travels inside the file (metadata "voxseg_plan"), so an .onnx file alone is enough to
-predict with `Predictor(..., backend="onnxruntime")`. Next to it, `model.onnx.sha256` holds its SHA-256
+feeds it. The plan travels inside the file (metadata "voxseg_plan"), and so does the checkpoint it was
+exported from ("voxseg_fold", "voxseg_checkpoint"). Next to it, `model.onnx.sha256` holds its SHA-256
 (`sha256sum -c` format); loading refuses a file that does not match it.
+
+Where the files go, and how predict finds them:
+```
+voxseg export W --onnx --folds 0,1      ->  W/training/fold_0/model.onnx, W/training/fold_1/model.onnx
+voxseg predict -m W --backend onnxruntime --folds 0,1          (reads those: `load_onnx_models`)
+voxseg export W --onnx fold0.onnx --folds 0                    (one fold, anywhere)
+voxseg predict -m W --onnx-model fold0.onnx                    (an explicit file; W gives postprocessing.json)
+```
+The default location is inside the model folder, so `voxseg export W --onnx --archive Z` ships the ONNX files
+in the archive and the installed folder predicts with onnxruntime too.
 """
 from __future__ import annotations
 
 import json
 import warnings
 from pathlib import Path
-from typing import Any
+from typing import Any, Sequence
 
 import numpy as np
 import torch
@@ -20,9 +30,11 @@ from voxseg.atomicio import atomic_path
 from voxseg.digest import digest_file_path, verify_digest_file, write_digest_file
 from voxseg.plans import Plan
 from voxseg.errors import CheckpointError, ConfigError
-from voxseg.infer.archive import fold_dir, load_fold_network
+from voxseg.infer.archive import check_same_plan, checkpoint_path, fold_dir, load_fold_network, resolve_folds
 
 PLAN_METADATA_KEY = "voxseg_plan"
+CHECKPOINT_METADATA_KEY = "voxseg_checkpoint"
+ONNX_FILE = "model.onnx"  # WORKDIR/training/fold_F/model.onnx: where the onnxruntime backend looks by default
 
 
 def _require_onnx() -> None:
@@ -63,7 +75,7 @@ def export_onnx(
     _require_onnx()
     network, plan = load_fold_network(workdir, fold, checkpoint, "cpu")
     plan.check_runnable("ONNX export")
-    out_file = Path(out_file) if out_file is not None else fold_dir(workdir, fold) / "model.onnx"
+    out_file = Path(out_file) if out_file is not None else default_onnx_path(workdir, fold)
     with atomic_path(out_file) as tmp:  # nothing is written unless the parity check passes
         example = torch.randn(1, plan.num_channels, *plan.patch_size)
         with warnings.catch_warnings(), torch.no_grad():
@@ -75,7 +87,7 @@ def export_onnx(
                 dynamic_axes={"image": {0: "batch"}, "logits": {0: "batch"}},
             )
         _add_metadata(tmp, {PLAN_METADATA_KEY: json.dumps(plan.to_dict()), "voxseg_fold": str(fold),
-                            "voxseg_checkpoint": checkpoint})
+                            CHECKPOINT_METADATA_KEY: checkpoint})
         difference = onnx_parity(tmp, network, plan)
         if not difference <= tolerance:
             raise CheckpointError(
@@ -84,6 +96,29 @@ def export_onnx(
             )
     write_digest_file(out_file)  # OUT.sha256, checked by load_onnx_model
     return difference
+
+
+def default_onnx_path(workdir: str | Path, fold: int | str) -> Path:
+    """WORKDIR/training/fold_F/model.onnx, where `voxseg predict --backend onnxruntime` looks for fold F."""
+    return fold_dir(workdir, fold) / ONNX_FILE
+
+
+def export_onnx_folds(workdir: str | Path, folds: int | str | Sequence[int | str] | None = (0,),
+                      checkpoint: str = "final", **options: Any) -> dict[int | str, tuple[Path, float]]:
+    """Export every chosen fold to its default location (`voxseg export WORKDIR --onnx`).
+
+    Args:
+        folds: as for `voxseg.infer.archive.resolve_folds` ("all": fold_all, else every trained fold).
+        options: `export_onnx`'s opset, tolerance, dynamo.
+
+    Returns:
+        {fold: (the .onnx file, its largest logit difference to PyTorch)}.
+    """
+    fold_list = resolve_folds(workdir, folds, checkpoint)
+    for fold in fold_list:  # every checkpoint is there before the first file is written
+        checkpoint_path(workdir, fold, checkpoint)
+    return {fold: (default_onnx_path(workdir, fold), export_onnx(workdir, fold, None, checkpoint, **options))
+            for fold in fold_list}
 
 
 def _add_metadata(path: Path, entries: dict[str, str]) -> None:
@@ -114,6 +149,7 @@ class OnnxModel:
 
     Attributes:
         plan: the plan stored in the file, or None for a file exported elsewhere.
+        metadata: the file's metadata properties (voxseg_plan, voxseg_fold, voxseg_checkpoint).
     """
 
     def __init__(self, path: str | Path, threads: int | None = None) -> None:
@@ -130,6 +166,7 @@ class OnnxModel:
         self.path = Path(path)
         self.input_name = self.session.get_inputs()[0].name
         metadata: dict[str, Any] = self.session.get_modelmeta().custom_metadata_map
+        self.metadata = dict(metadata)
         self.plan = Plan.from_dict(json.loads(metadata[PLAN_METADATA_KEY])) if PLAN_METADATA_KEY in metadata else None
 
     def __call__(self, image: torch.Tensor) -> torch.Tensor:
@@ -149,3 +186,41 @@ def load_onnx_model(path: str | Path, threads: int | None = None) -> OnnxModel:
         raise CheckpointError(f"{path}: {mismatch}; the file is corrupt or was altered: export it again "
                               f"('voxseg export') or delete {digest_file_path(path).name} if you changed it on purpose")
     return OnnxModel(path, threads)
+
+
+def load_onnx_models(workdir: str | Path, folds: Sequence[int | str], onnx_files: Sequence[str | Path] | None = None,
+                     checkpoint: str = "final") -> list[OnnxModel]:
+    """The ONNX networks the onnxruntime backend runs: the files given, or each fold's default file.
+
+    A default file must have been exported from `checkpoint` (its metadata says which); several networks must
+    share one plan, as the folds of an ensemble do.
+
+    Raises:
+        CheckpointError: a missing file (saying how to export it), one exported from another checkpoint, a
+            file that does not match its digest, or networks of different plans.
+    """
+    if onnx_files is not None:
+        paths, names = [Path(p) for p in onnx_files], [str(p) for p in onnx_files]
+        for path in paths:
+            if not path.is_file():
+                raise CheckpointError(f"ONNX model {path} (--onnx-model) not found; export one with "
+                                      f"'voxseg export {workdir} --onnx {path} --folds F'")
+    else:
+        paths, names = [default_onnx_path(workdir, fold) for fold in folds], [str(fold) for fold in folds]
+        for path, fold in zip(paths, folds):
+            if not path.is_file():
+                raise CheckpointError(f"ONNX model {path} not found; export it first with 'voxseg export {workdir} "
+                                      f"--onnx --folds {fold} --checkpoint {checkpoint}', or give a file with "
+                                      "--onnx-model FILE")
+    models = [load_onnx_model(path) for path in paths]
+    if onnx_files is None:
+        for model, path in zip(models, paths):
+            exported = model.metadata.get(CHECKPOINT_METADATA_KEY, checkpoint)
+            if exported != checkpoint:
+                raise CheckpointError(f"{path} was exported from checkpoint_{exported}.pt, not the checkpoint_"
+                                      f"{checkpoint}.pt asked for; predict with --checkpoint {exported}, or export "
+                                      f"again with 'voxseg export {workdir} --onnx --checkpoint {checkpoint}'")
+    with_plans = [(model.plan, name) for model, name in zip(models, names) if model.plan is not None]
+    if len(with_plans) > 1:
+        check_same_plan([plan for plan, _ in with_plans], [name for _, name in with_plans])
+    return models

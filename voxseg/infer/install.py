@@ -7,7 +7,10 @@ installs only what the manifest lists, and before anything reaches the target fo
   `max_member_bytes`, or a member (over 1 MiB) that inflates more than `max_compression_ratio` times
   (a zip bomb), and checks the free disk space;
 - unpacks into a staging folder next to the target, counting the bytes actually inflated (zip headers can lie),
-  verifies every digest, and test-loads checkpoints with `weights_only=True` (loading never executes code);
+  verifies every digest, and test-loads checkpoints with `weights_only=True` (loading never executes code) and
+  ONNX files with the onnx package when it is installed (an ONNX file that points at external data files, which
+  could be read from anywhere, is refused); next to each ONNX file it writes `model.onnx.sha256`, so loading
+  it later verifies it as it verifies an exported one;
 - refuses a target that already holds a model unless `force=True`; then the staged folder replaces the old
   one by renames, so the folder holds one model or the other, never a mix of two.
 """
@@ -25,6 +28,7 @@ from typing import Any
 
 import torch
 
+from voxseg.digest import write_digest_file
 from voxseg.errors import CheckpointError
 from voxseg.units import GIB
 
@@ -131,6 +135,27 @@ def _unpack_checked(archive: zipfile.ZipFile, info: zipfile.ZipInfo, path: Path,
         except Exception as exc:  # noqa: BLE001 - any failure means it is not a plain-weights checkpoint
             raise CheckpointError(f"archive member '{info.filename}' is not a plain-weights checkpoint "
                                   f"({type(exc).__name__}); nothing was installed") from None
+    elif path.suffix == ".onnx":
+        _check_onnx(path, info.filename)
+        write_digest_file(path)  # model.onnx.sha256: load_onnx_model verifies the installed file
+
+
+def _check_onnx(path: Path, name: str) -> None:
+    """Refuse an ONNX member that is not an ONNX model or keeps tensors in external files (when onnx is here)."""
+    try:
+        import onnx
+        from onnx.external_data_helper import uses_external_data
+    except ImportError:  # without onnx there is no onnxruntime to run it either; the digest was checked
+        return
+    try:
+        model = onnx.load(str(path), load_external_data=False)
+    except Exception as exc:  # noqa: BLE001 - onnx raises protobuf's and its own errors
+        raise CheckpointError(f"archive member '{name}' is not an ONNX model ({type(exc).__name__}); nothing was "
+                              "installed") from None
+    if any(uses_external_data(tensor) for tensor in model.graph.initializer):
+        raise CheckpointError(f"archive member '{name}' keeps weights in external data files, which an archive "
+                              "does not carry; export it again with 'voxseg export WORKDIR --onnx'; nothing was "
+                              "installed")
 
 
 def swap_in_folder(staging: Path, target: Path) -> None:

@@ -2,7 +2,7 @@
 
 ```
 OUT/nnUNetTrainer__voxsegPlans__3d_fullres/     (OUT itself when its name is <Trainer>__<Plans>__<configuration>)
-  plans.json  dataset.json  fold_F/checkpoint_{final,best}.pth
+  plans.json  dataset.json  fold_F/checkpoint_{final,best}.pth  [voxseg_postprocessing.json]
 ```
 The inverse of `voxseg import nnunet`: plans.json holds one 3D configuration whose "architecture" is the
 PlainConvUNet or ResidualEncoderUNet that voxseg's UNet is structurally (same layers, same order), the
@@ -10,6 +10,15 @@ checkpoint holds the weights under nnU-Net's names (with the aliases nnU-Net's s
 strict `load_state_dict` accepts them), the mirror axes and the trainer name nnU-Net builds the network with.
 Reading it back with `voxseg predict -m` gives voxseg's logits exactly; nnU-Net's own predictor runs the same
 network, with its own preprocessing (third-order spline resampling), so its labels may differ near borders.
+
+The postprocessing decision (WORKDIR/postprocessing.json, from `voxseg evaluate --crossval`) travels as
+voxseg_postprocessing.json, which `voxseg import nnunet` restores as the work directory's postprocessing.json and
+`voxseg predict -m OUT/...` applies, so default predictions stay the same voxel for voxel. No postprocessing.pkl
+is written, for two reasons: nnU-Net's pickle holds references to its own functions (a pickle that imports
+code when loaded; voxseg writes and reads only plain data), and nnU-Net's largest-component function labels
+components with full (26-) connectivity and keeps every component tied for largest, where voxseg uses face
+(6-) connectivity, so the same decision applied by nnU-Net would change other voxels. With nnU-Net, apply the
+JSON's classes (label values; a list is a region) by hand if you need them.
 
 Exported only what nnU-Net's networks represent: 3D plans, plain UNets, residual ones with pooled skips
 (nnU-Net's BasicBlockD; voxseg's default strided-projection skip has no nnU-Net counterpart), no transposition.
@@ -28,6 +37,7 @@ from voxseg.checkpoint import save_checkpoint
 from voxseg.errors import CheckpointError, ConfigError
 from voxseg.infer.archive import checkpoint_path, load_fold_network, resolve_folds
 from voxseg.infer.install import swap_in_folder
+from voxseg.infer.postprocess import EXPORTED_POSTPROCESSING_FILE, model_postprocessing
 from voxseg.infer.nnunet_weights import nnunet_names
 from voxseg.jsonio import read_json, write_json_atomic
 from voxseg.plans import Plan
@@ -133,6 +143,14 @@ def _dataset_json(workdir: Path, plan: Plan) -> dict[str, Any]:
     return meta
 
 
+def _exported_postprocessing(spec: dict[str, Any]) -> dict[str, Any]:
+    """voxseg_postprocessing.json: the decision, and what it means for a reader without voxseg."""
+    return {**spec, "format": "voxseg-postprocessing",
+            "meaning": "largest_component: for each entry in order (a label value, or a list of values: a region), "
+                       "keep the largest face-connected (6-neighbour) component of its voxels and set its other "
+                       "voxels to 0. Decided by 'voxseg evaluate --crossval'; 'voxseg import nnunet' restores it"}
+
+
 def export_nnunet(workdir: str | Path, out: str | Path, folds: int | str | Sequence[int | str] | None = (0,),
                   checkpoint: str = "final", force: bool = False) -> Path:
     """Write the folds of a voxseg work directory as an nnU-Net v2 model folder; returns its path.
@@ -163,12 +181,15 @@ def export_nnunet(workdir: str | Path, out: str | Path, folds: int | str | Seque
             raise CheckpointError(f"fold {fold} was trained with another plan than fold {loaded[0][0]}; an nnU-Net "
                                   "model folder has one plans.json: export the folds separately")
     dataset = _dataset_json(workdir, plan)
+    postprocessing = model_postprocessing(workdir, plan.regions)  # checked before anything is written
     axes = plan.inference_mirror_axes if plan.inference_mirror_axes is not None else list(range(plan.network.ndim))
     target.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.export-", dir=target.parent))
     try:
         write_json_atomic(staging / "plans.json", plans)
         write_json_atomic(staging / "dataset.json", dataset)
+        if postprocessing is not None:
+            write_json_atomic(staging / EXPORTED_POSTPROCESSING_FILE, _exported_postprocessing(postprocessing))
         for fold, network, _, state in loaded:
             epoch = int((state.get("progress") or {}).get("epoch") or 0)
             (staging / f"fold_{fold}").mkdir()

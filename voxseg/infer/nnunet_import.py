@@ -8,6 +8,7 @@ MODEL = <Trainer>__<Plans>__<configuration>/          WORKDIR/
                                                                                    config.json
   [fold_F/validation/CASE.nii.gz ...]           ->      [training/fold_F/validation/CASE.nii.gz ...]
   [postprocessing.pkl]                                  (never read)
+  [voxseg_postprocessing.json]                  ->      [postprocessing.json] (from `voxseg export --format nnunet`)
                                                         nnunet_source.json (where it came from, SHA-256s)
 ```
 The work directory then serves every command a trained one serves (predict, export, install, benchmark,
@@ -22,7 +23,9 @@ so WORKDIR holds the whole import or what it held before.
 
 nnU-Net's postprocessing.pkl is a pickle (reading it could run code) and is never opened: voxseg decides its own
 postprocessing from the folds' validation predictions (`voxseg evaluate --crossval WORKDIR`, which needs the
-raw dataset's labelsTr: give `dataset`).
+raw dataset's labelsTr: give `dataset`). A model folder that voxseg exported carries voxseg's decision as
+voxseg_postprocessing.json; it is checked (plain JSON, label values of the model only) and restored as
+WORKDIR/postprocessing.json, so the imported work directory predicts what the exported one did.
 """
 from __future__ import annotations
 
@@ -50,6 +53,7 @@ from voxseg.infer.nnunet import (
     plan_from_nnunet,
 )
 from voxseg.infer.nnunet_weights import map_nnunet_weights
+from voxseg.infer.postprocess import EXPORTED_POSTPROCESSING_FILE, POSTPROCESSING_FILE, model_postprocessing
 from voxseg.jsonio import read_json, write_json_atomic
 from voxseg.models import build_network
 from voxseg.plans import PLAN_FILE, Plan
@@ -83,6 +87,7 @@ class ImportResult:
         ignored_pickles: nnU-Net postprocessing pickles found in the model folder and not read.
         has_splits: splits_final.json was imported as splits.json.
         raw_dataset: the raw dataset given (its labelsTr scores the cross-validation), or "".
+        postprocessing: the decision restored from voxseg_postprocessing.json (a folder voxseg exported), or None.
     """
 
     workdir: Path
@@ -92,6 +97,7 @@ class ImportResult:
     ignored_pickles: list[Path]
     has_splits: bool
     raw_dataset: str
+    postprocessing: dict[str, Any] | None = None
 
 
 def _read_model_json(path: Path) -> dict[str, Any]:
@@ -227,9 +233,14 @@ def _check_target(workdir: Path, model: Path, force: bool) -> None:
 
 
 def _write(staging: Path, dataset: dict[str, Any], folds: list[ImportedFold],
-           splits: list[dict[str, list[str]]] | None, source: dict[str, Any], checkpoint: str) -> None:
+           splits: list[dict[str, list[str]]] | None, source: dict[str, Any], checkpoint: str,
+           postprocessing: dict[str, Any] | None) -> None:
     folds[0].plan.save(staging / PLAN_FILE)
     write_json_atomic(staging / "dataset.json", dataset)
+    if postprocessing is not None:  # only the checked decision, nothing else of the untrusted file
+        write_json_atomic(staging / POSTPROCESSING_FILE, {
+            "largest_component": postprocessing["largest_component"],
+            "restored_from": f"{source['source']}/{EXPORTED_POSTPROCESSING_FILE}"})
     if splits is not None:
         save_splits(staging, splits)
     for fold in folds:
@@ -270,12 +281,14 @@ def import_nnunet(model: str | Path, workdir: str | Path, folds: int | str | Seq
     check_model_folder(model)
     _check_target(workdir, model, force)
     dataset, imported, splits, source = read_nnunet_model(model, folds, checkpoint, raw_dataset)
+    postprocessing = model_postprocessing(model, imported[0].plan.regions, nnunet_folder=True)
+    source["postprocessing"] = EXPORTED_POSTPROCESSING_FILE if postprocessing is not None else None
     workdir.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{workdir.name}.import-", dir=workdir.parent))
     try:
-        _write(staging, dataset, imported, splits, source, checkpoint)
+        _write(staging, dataset, imported, splits, source, checkpoint, postprocessing)
         swap_in_folder(staging, workdir)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
     return ImportResult(workdir, [f.name for f in imported], checkpoint, [f.name for f in imported if f.validation],
-                        _postprocessing_pickles(model), splits is not None, source["raw_dataset"])
+                        _postprocessing_pickles(model), splits is not None, source["raw_dataset"], postprocessing)

@@ -13,6 +13,11 @@ cross-validation predictions (`decide_postprocessing`), and the decision is save
 Each entry is a class (a list of label values: one value for a label, several for a region). Applying an
 entry keeps the largest face-connected component of the voxels whose label is in that list and sets the
 other voxels of that list to background (0). Entries are applied in order.
+
+Where a model's decision lives (`model_postprocessing`): WORKDIR/postprocessing.json in a voxseg work directory
+or installed archive; voxseg_postprocessing.json in an nnU-Net v2 model folder written by `voxseg export
+--format nnunet`, which `voxseg import nnunet` and `voxseg predict -m` read back (checked like any untrusted
+input: only label values of the model).
 """
 from __future__ import annotations
 
@@ -31,6 +36,7 @@ from voxseg.jsonio import write_json_atomic
 from voxseg.errors import ConfigError, InputError
 
 POSTPROCESSING_FILE = "postprocessing.json"
+EXPORTED_POSTPROCESSING_FILE = "voxseg_postprocessing.json"  # in an nnU-Net model folder voxseg exported
 # a candidate must raise the mean Dice by more than this, so float noise never switches postprocessing on
 _MIN_IMPROVEMENT = 1e-6
 
@@ -126,8 +132,8 @@ def apply_postprocessing(seg: np.ndarray, spec: dict[str, Any] | None) -> np.nda
     return seg
 
 
-def load_postprocessing(path: str | Path) -> dict[str, Any]:
-    """Read and validate postprocessing.json."""
+def load_postprocessing(path: str | Path, classes: Sequence[Sequence[int]] | None = None) -> dict[str, Any]:
+    """Read and validate a postprocessing.json (see `check_postprocessing`)."""
     path = Path(path)
     try:
         spec = json.loads(path.read_text())
@@ -135,11 +141,82 @@ def load_postprocessing(path: str | Path) -> dict[str, Any]:
         raise ConfigError(f"{path} not found") from None
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
         raise ConfigError(f"{path} is not valid JSON ({exc}); delete it or decide postprocessing again") from None
+    return check_postprocessing(spec, str(path), classes)
+
+
+def check_postprocessing(spec: Any, source: str, classes: Sequence[Sequence[int]] | None = None) -> dict[str, Any]:
+    """A postprocessing spec with its "largest_component" entries as lists of label values.
+
+    Args:
+        spec: the parsed JSON (untrusted).
+        source: where it came from, for the error message.
+        classes: the model's classes (`plan.regions`); when given, every value must be one of their label values.
+
+    Raises:
+        ConfigError: naming `source`, when the spec is not {"largest_component": [[values], ...]} of label values.
+    """
     entries = spec.get("largest_component") if isinstance(spec, dict) else None
-    if not isinstance(entries, list) or not all(isinstance(e, (int, list)) for e in entries):
-        raise ConfigError(f"{path}: expected {{\"largest_component\": [[label values], ...]}}")
-    spec["largest_component"] = _normalise_classes(entries)
-    return spec
+
+    def is_value(value: Any) -> bool:
+        return isinstance(value, int) and not isinstance(value, bool) and 0 < value < 256
+
+    if not isinstance(entries, list) or not all(
+            is_value(e) or (isinstance(e, list) and e and all(is_value(v) for v in e)) for e in entries):
+        raise ConfigError(f"{source}: expected {{\"largest_component\": [[label values], ...]}} with label values "
+                          "1..255; delete it or decide postprocessing again ('voxseg evaluate --crossval WORKDIR')")
+    normalised = _normalise_classes(entries)
+    if classes is not None:
+        known = {int(v) for c in classes for v in c}
+        unknown = sorted({v for entry in normalised for v in entry} - known)
+        if unknown:
+            raise ConfigError(f"{source}: label value(s) {unknown} are not labels of the model ({sorted(known)}); "
+                              "it belongs to another model: delete it or decide postprocessing again")
+    return {**spec, "largest_component": normalised}
+
+
+def model_postprocessing(folder: str | Path, classes: Sequence[Sequence[int]],
+                         nnunet_folder: bool = False) -> dict[str, Any] | None:
+    """The postprocessing a model folder brings, or None: its postprocessing.json, or for an nnU-Net v2 model
+    folder the voxseg_postprocessing.json `voxseg export --format nnunet` wrote (nnU-Net's own files are
+    never read), checked against the model's `classes`."""
+    path = Path(folder) / (EXPORTED_POSTPROCESSING_FILE if nnunet_folder else POSTPROCESSING_FILE)
+    return load_postprocessing(path, classes) if path.is_file() else None
+
+
+def describe_postprocessing(spec: dict[str, Any] | None, classes: Sequence[Sequence[int]], names: Sequence[str],
+                            dice: tuple[float, float] | None = None) -> str:
+    """The decision as a sentence, e.g. "keep the largest component of classes edema, enhancing (cross-validation
+    Dice 0.812 -> 0.823); none for necrosis".
+
+    Args:
+        spec: the decision ({"largest_component": [[values], ...]}) or None.
+        classes, names: the model's classes (`plan.regions`) and their names (`plan.class_names`).
+        dice: (before, after) cross-validation Dice, shown when given.
+    """
+    entries = _normalise_classes((spec or {}).get("largest_component", []))
+    by_values = {tuple(sorted(c)): name for c, name in zip(_normalise_classes(classes), names)}
+    everything = tuple(sorted({v for c in classes for v in c}))
+    scores = f" (cross-validation Dice {dice[0]:.3f} -> {dice[1]:.3f})" if dice else ""
+    if not entries:
+        kept = f" (cross-validation Dice {dice[0]:.3f})" if dice else ""
+        return f"none: keeping the largest component raised the Dice of no class{kept}"
+    parts, kept_names = [], []
+    for entry in entries:
+        key = tuple(sorted(entry))
+        if key in by_values:
+            kept_names.append(by_values[key])
+        elif key == everything:
+            parts.append("keep the largest foreground component (all classes together)")
+        else:
+            kept_names.append("+".join(str(v) for v in entry))
+    if kept_names:
+        label = "class" if len(kept_names) == 1 else "classes"
+        parts.append(f"keep the largest component of {label} {', '.join(kept_names)}")
+    sentence = ", then ".join(parts) + scores
+    others = [name for name in names if name not in kept_names]
+    if not kept_names and len(parts) == 1:  # the foreground step alone
+        return sentence + "; no class on its own"
+    return sentence + (f"; none for {', '.join(others)}" if others else "")
 
 
 def _class_dice(seg: np.ndarray, ref: np.ndarray, classes: list[list[int]]) -> np.ndarray:

@@ -26,15 +26,15 @@ from voxseg.distributed import env_world, local_device, shard_balanced
 from voxseg.plans import Plan
 from voxseg.errors import CheckpointError, ConfigError, InputError, VoxsegError
 from voxseg.data.configs import stage_workdir
-from voxseg.infer.archive import check_same_plan, fold_dir, load_fold_network, resolve_device, resolve_folds
+from voxseg.infer.archive import check_same_plan, load_fold_network, resolve_device, resolve_folds
 from voxseg.infer.inputs import find_input_cases
 from voxseg.infer.nnunet import is_nnunet_model_folder, load_nnunet_fold, nnunet_folds
 from voxseg.infer.postprocess import (
-    POSTPROCESSING_FILE,
     apply_postprocessing,
     load_postprocessing,
     labels_on_original_grid,
     logits_to_labels,
+    model_postprocessing,
     probability_names,
     regions_to_labels,
 )
@@ -132,7 +132,9 @@ class Predictor:
             if mirror_axes == "all":  # the axes the model was trained to be mirror-invariant along
                 mirror_axes = loaded[0][2]
         elif backend == "onnxruntime":
-            device, models = torch.device("cpu"), cls._load_onnx(workdir, fold_list, onnx_files)
+            from voxseg.infer.export import load_onnx_models
+
+            device, models = torch.device("cpu"), load_onnx_models(workdir, fold_list, onnx_files, checkpoint)
             plan = next((m.plan for m in models if m.plan is not None), None) or Plan.load(workdir / "plans.json")
         elif backend == "torch":
             device = local_device(resolve_device(device))  # under torchrun: cuda:LOCAL_RANK
@@ -148,8 +150,7 @@ class Predictor:
         if device.type == "cuda":
             if amp is None or amp:
                 amp_dtype = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-        spec_path = workdir / POSTPROCESSING_FILE
-        postprocessing = load_postprocessing(spec_path) if spec_path.is_file() else None
+        postprocessing = model_postprocessing(workdir, plan.regions, nnunet_folder=backend == "nnunet")
         previous = None
         if plan.previous_stage is not None:  # a cascade stage: its first stage's folds (the same selection)
             if backend != "torch":
@@ -159,17 +160,6 @@ class Predictor:
                                         requested_mirror, tile_batch, compile, amp)
         return cls(plan, models, device, step, _mirror_axes(mirror_axes, plan.network.ndim), tile_batch, amp_dtype,
                    postprocessing, previous)
-
-    @staticmethod
-    def _load_onnx(workdir: Path, folds: list[int | str], onnx_files: Sequence[str | Path] | None) -> list[Any]:
-        from voxseg.infer.export import load_onnx_model
-
-        paths = [Path(p) for p in onnx_files] if onnx_files is not None else [fold_dir(workdir, f) / "model.onnx" for f in folds]
-        for path, fold in zip(paths, folds or [None] * len(paths)):
-            if not path.is_file():
-                hint = f"'voxseg export {workdir} --onnx {path} --folds {fold}'" if fold is not None else "'voxseg export'"
-                raise CheckpointError(f"ONNX model {path} not found; export it first with {hint}")
-        return [load_onnx_model(p) for p in paths]
 
     # ----- arrays ---------------------------------------------------------------------------------------------
     @property

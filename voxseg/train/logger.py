@@ -205,11 +205,20 @@ def _tensorboard_writer(log_dir: Path, purge_step: int | None = None) -> Any:
 
 
 def plot_progress(history: list[dict[str, Any]], path: str | Path) -> None:
-    """Redraw progress.png: losses, pseudo-Dice (+EMA), learning rate and epoch time against the epoch."""
+    """Redraw progress.png (`progress_figure`)."""
+    figure = progress_figure(history)
+    with atomic_path(path) as tmp:  # keeps the .png ending, from which matplotlib picks the format
+        figure.savefig(tmp, dpi=80)
+
+
+def progress_figure(history: list[dict[str, Any]]) -> Any:
+    """Losses, pseudo-Dice (+EMA), learning rate and epoch time against the epoch, counted from 1 as the console
+    counts them ('epoch 1/10' is the record with "epoch": 0), on whole-number ticks. Returns the Figure."""
     # the object-oriented API renders with Agg and leaves pyplot's global backend state alone
     from matplotlib.figure import Figure
+    from matplotlib.ticker import MaxNLocator
 
-    epochs = [r["epoch"] for r in history]
+    epochs = [int(r["epoch"]) + 1 for r in history]
 
     def series(key: str, sub: str | None = None) -> list[float]:
         values = [(r.get(key) or {}).get(sub) if sub else r.get(key) for r in history]
@@ -228,10 +237,12 @@ def plot_progress(history: list[dict[str, Any]], path: str | Path) -> None:
     axes[3].plot(epochs, series("epoch_time"))
     axes[3].set_ylabel("epoch time (s)")
     axes[3].set_xlabel("epoch")
+    axes[3].xaxis.set_major_locator(MaxNLocator(integer=True, min_n_ticks=1))  # shared: no epoch 1.5
+    if epochs:  # half an epoch either side, so even a single epoch has a whole-number tick in view
+        axes[3].set_xlim(min(epochs) - 0.5, max(epochs) + 0.5)
     for axis in axes[:2]:
         axis.legend(loc="best")
     for axis in axes:
         axis.grid(alpha=0.3)
     fig.tight_layout()
-    with atomic_path(path) as tmp:  # keeps the .png ending, from which matplotlib picks the format
-        fig.savefig(tmp, dpi=80)
+    return fig
