@@ -191,7 +191,7 @@ def _train_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--list-options", action=ListOptions,
                    help="describe every config option (type, default, choices) and exit")
     add_flags(p, TRAIN_FLAGS)
-    p.add_argument("--resume", nargs="?", const=True, default=False, metavar="CHECKPOINT",
+    p.add_argument("--resume", nargs="?", const=True, metavar="CHECKPOINT",
                    help="continue the fold's run from checkpoint_latest.pt, or from CHECKPOINT (a checkpoint_*.pt of "
                         "the run, or its folder), with the run's own settings; options given with it (--lr, "
                         "--epochs, ...) take effect from the next epoch and are recorded in config.json")
