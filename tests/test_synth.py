@@ -168,3 +168,18 @@ def test_brats_layout_uses_brats_names_and_label_values(tmp_path):
         assert (brats_seg[ours == our_value] == brats_value).all()
     flair, _ = read_image(case / "BraTS2021_00001_flair.nii.gz")
     np.testing.assert_array_equal(flair, read_image(nnunet / "imagesTr" / "SYN_001_0003.nii.gz")[0])
+
+
+def test_ct_like_cases_hold_every_class_in_hounsfield_units(tmp_path):
+    from voxseg.data.synth_ct import generate_ct_case, make_ct_dataset
+
+    image, seg = generate_ct_case((16, 40, 40), (2.5, 0.8, 0.8), num_classes=12, seed=3)
+    assert image.shape == (1, 16, 40, 40) and image.dtype == np.int16 and seg.dtype == np.uint8
+    assert set(np.unique(seg)) == set(range(12))  # every class, even where organs meet
+    assert image.min() >= -1024 and (image[0][seg == 0] < -500).mean() > 0.2  # air around the body
+    again, same = generate_ct_case((16, 40, 40), (2.5, 0.8, 0.8), num_classes=12, seed=3)
+    assert np.array_equal(again, image) and np.array_equal(same, seg)
+    out = make_ct_dataset(tmp_path / "ct", num_cases=2, num_test=1, shape=(12, 24, 24), num_classes=5)
+    meta = json.loads((out / "dataset.json").read_text())
+    assert meta["channel_names"] == {"0": "CT"} and list(meta["labels"].values()) == [0, 1, 2, 3, 4]
+    assert sorted(p.name for p in (out / "imagesTs").iterdir()) == ["CT_002_0000.nii.gz"]

@@ -5,6 +5,7 @@ import argparse
 import sys
 from typing import Any
 
+from voxseg.errors import ConfigError
 from voxseg.cli.common import (
     Subparsers, add_command, add_configuration_flag, configuration_workdir, csv_floats, csv_ints, device, key_values,
     usable_device,
@@ -12,12 +13,24 @@ from voxseg.cli.common import (
 
 
 def cmd_synth(args: argparse.Namespace) -> int:
-    from voxseg.data.synth import make_synthetic_dataset
+    if args.kind == "ct":
+        from voxseg.data.synth_ct import make_ct_dataset
 
-    path = make_synthetic_dataset(
-        args.out, num_cases=args.cases, num_test=args.test_cases, shape=tuple(args.shape),
-        spacing=tuple(args.spacing), seed=args.seed, regions=args.regions, layout=args.layout,
-    )
+        if args.regions or args.layout != "nnunet":
+            raise ConfigError("--kind ct writes the nnU-Net layout with one label per class: leave out --regions and "
+                              "--layout")
+        path = make_ct_dataset(args.out, num_cases=args.cases, num_test=args.test_cases, shape=tuple(args.shape),
+                               spacing=tuple(args.spacing or (2.5, 0.8, 0.8)), num_classes=args.classes or 41,
+                               seed=args.seed)
+    else:
+        from voxseg.data.synth import make_synthetic_dataset
+
+        if args.classes is not None:
+            raise ConfigError("--classes sets the number of classes of --kind ct; the brain tumour data has 4")
+        path = make_synthetic_dataset(
+            args.out, num_cases=args.cases, num_test=args.test_cases, shape=tuple(args.shape),
+            spacing=tuple(args.spacing or (1.0, 1.0, 1.0)), seed=args.seed, regions=args.regions, layout=args.layout,
+        )
     print(f"wrote {args.cases} training and {args.test_cases} test cases to {path}")
     return 0
 
@@ -90,15 +103,23 @@ def cmd_preprocess(args: argparse.Namespace) -> int:
 
 
 def _synth_and_convert(sub: Subparsers) -> None:
-    p = add_command(sub, "synth", cmd_synth, "write a synthetic brain-tumour-like dataset (nnU-Net or BraTS layout)",
+    p = add_command(sub, "synth", cmd_synth,
+                    "write a synthetic dataset: brain-tumour-like MRI (nnU-Net or BraTS layout) or CT-like with many "
+                    "classes",
                     "voxseg synth data/Dataset001_Synth --cases 20 --test-cases 5\n"
-                    "voxseg synth data/brats --layout brats --shape 155,240,240")
+                    "voxseg synth data/brats --layout brats --shape 155,240,240\n"
+                    "voxseg synth data/Dataset002_CT --kind ct --classes 41 --cases 4 --shape 300,512,512")
     p.add_argument("out", help="output dataset folder")
     p.add_argument("--cases", type=int, default=20, help="training cases (default 20)")
     p.add_argument("--test-cases", type=int, default=0, help="test cases in imagesTs/labelsTs (default 0)")
     p.add_argument("--shape", type=csv_ints, default=[64, 64, 64], help="D,H,W voxels (default 64,64,64)")
-    p.add_argument("--spacing", type=csv_floats, default=[1.0, 1.0, 1.0], help="mm per voxel (default 1,1,1)")
+    p.add_argument("--spacing", type=csv_floats,
+                   help="mm per voxel (default 1,1,1; for --kind ct 2.5,0.8,0.8)")
     p.add_argument("--seed", type=int, default=0, help="random seed; the same seed writes the same dataset (default 0)")
+    p.add_argument("--kind", choices=["brain", "ct"], default="brain",
+                   help="brain: 4-channel MRI-like brain tumour cases; ct: 1-channel CT-like cases (int16 Hounsfield "
+                        "units) with one organ per class (default brain)")
+    p.add_argument("--classes", type=int, help="with --kind ct: number of classes, background included (default 41)")
     p.add_argument("--regions", action="store_true", help="BraTS regions (whole tumour, core, enhancing) as labels")
     p.add_argument("--layout", choices=["nnunet", "brats"], default="nnunet",
                    help="nnunet: imagesTr/CASE_0000.nii.gz ... with dataset.json; brats: one folder per case with "
