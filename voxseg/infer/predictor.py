@@ -177,15 +177,15 @@ class Predictor:
         """Names of the probability channels."""
         return probability_names(self.plan)
 
-    def predict_logits(self, image_pp: np.ndarray | torch.Tensor) -> torch.Tensor:
+    def predict_logits(self, image_pp: np.ndarray | torch.Tensor, name: str = "") -> torch.Tensor:
         """(C, d, h, w) preprocessed image -> (K, d, h, w) float32 logits (on the compute device, or on the host
-        when the accumulator did not fit in device memory)."""
+        when the accumulator did not fit in device memory); `name` is the case named in out-of-memory messages."""
         image = torch.as_tensor(image_pp, dtype=torch.float32).to(self.device, non_blocking=True)[None]
         with _cudnn_autotuning(self.device.type == "cuda"):
             return sliding_window_inference(
                 self.models, image, self.plan.patch_size, self.plan.num_outputs, step=self.step,
                 tile_batch=self.tile_batch, mirror_axes=self.mirror_axes, amp_dtype=self.amp_dtype,
-                slice_axis=self.plan.slice_axis,
+                slice_axis=self.plan.slice_axis, case_name=name,
             )
 
     def logits_to_labels(self, logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -214,7 +214,7 @@ class Predictor:
         if not isinstance(geometry, Geometry):
             geometry = Geometry.from_spacing(tuple(float(s) for s in geometry))
         image_pp, properties = self.preprocess(image.astype(np.float32, copy=False), geometry, name)
-        labels_out, probabilities_out = labels_on_original_grid(self.predict_logits(image_pp), self.plan, properties,
+        labels_out, probabilities_out = labels_on_original_grid(self.predict_logits(image_pp, name), self.plan, properties,
                                                                 with_probabilities=return_probabilities)
         return (labels_out, probabilities_out) if return_probabilities else labels_out
 
