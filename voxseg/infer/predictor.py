@@ -22,6 +22,7 @@ import torch
 
 from voxseg.atomicio import atomic_open, make_output_folder, sweep_stale_temporaries
 from voxseg.data.io import Geometry, read_channels, write_image
+from voxseg.data.restore import DEFAULT_RESTORE_VALUES
 from voxseg.distributed import env_world, local_device, shard_balanced
 from voxseg.plans import Plan
 from voxseg.errors import CheckpointError, ConfigError, InputError, VoxsegError
@@ -70,7 +71,14 @@ class Predictor:
         previous: for a cascade stage, the Predictor of its first stage: it runs first on every image, and its
             segmentation, on this plan's grid and one-hot, is appended to the image channels
             (`voxseg.infer.cascade`).
+
+    Attributes:
+        restore_values: the most values (channels x voxels) restoring a prediction to the original grid holds on
+            the device at once (`voxseg.data.restore`; default 2^28, 1 GiB of float32); set it lower for a
+            small GPU.
     """
+
+    restore_values: int = DEFAULT_RESTORE_VALUES
 
     def __init__(self, plan: Plan, models: Sequence[Any], device: str | torch.device = "cpu", step: float = 0.5,
                  mirror_axes: Sequence[int] = (), tile_batch: int = 4, amp_dtype: torch.dtype | None = None,
@@ -214,8 +222,9 @@ class Predictor:
         if not isinstance(geometry, Geometry):
             geometry = Geometry.from_spacing(tuple(float(s) for s in geometry))
         image_pp, properties = self.preprocess(image.astype(np.float32, copy=False), geometry, name)
-        labels_out, probabilities_out = labels_on_original_grid(self.predict_logits(image_pp, name), self.plan, properties,
-                                                                with_probabilities=return_probabilities)
+        labels_out, probabilities_out = labels_on_original_grid(
+            self.predict_logits(image_pp, name), self.plan, properties, with_probabilities=return_probabilities,
+            max_values=self.restore_values)
         return (labels_out, probabilities_out) if return_probabilities else labels_out
 
     def preprocess(self, image: np.ndarray, geometry: Geometry, name: str = "") -> tuple[np.ndarray, dict[str, Any]]:
