@@ -91,6 +91,58 @@ def test_fold_ensemble_is_the_mean_of_the_folds_logits(workdir):
     assert (logits[0] - logits[1]).abs().max() > 1e-3  # the two folds really differ
 
 
+def _count_host_copies(monkeypatch) -> dict[str, int]:
+    """Counts calls of Tensor.cpu and Tensor.numpy (the ways a tensor goes back to host memory) from now on."""
+    counts = {"cpu": 0, "numpy": 0}
+    for method in counts:
+        original = getattr(torch.Tensor, method)
+
+        def counted(self, *args, _original=original, _method=method, **kwargs):
+            counts[_method] += 1
+            return _original(self, *args, **kwargs)
+
+        monkeypatch.setattr(torch.Tensor, method, counted)
+    return counts
+
+
+def test_the_case_goes_from_the_image_to_the_network_without_a_trip_back_to_the_host(workdir, monkeypatch):
+    from voxseg.data.preprocess import preprocess_case
+
+    predictor = Predictor.from_workdir(workdir, folds=0, device="cpu", mirror_axes=None)
+    image = np.random.default_rng(4).normal(size=(2, 21, 18, 20)).astype(np.float32)
+    geometry = Geometry.from_spacing((1.3, 1.0, 0.9))
+    counts = _count_host_copies(monkeypatch)
+    image_pp, properties = predictor.preprocess(image, geometry, "c")
+    logits = predictor.predict_logits(image_pp, "c")
+    assert counts == {"cpu": 0, "numpy": 0}  # normalised, resampled and predicted where it was put once
+    monkeypatch.undo()
+    assert isinstance(image_pp, torch.Tensor) and image_pp.device == predictor.device == logits.device
+    stored, _, stored_properties = preprocess_case(image, geometry, predictor.plan, name="c")  # training's path
+    assert np.array_equal(image_pp.numpy(), stored) and properties == stored_properties
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_cuda_prediction_keeps_the_case_on_the_device_and_matches_the_cpu(workdir, monkeypatch):
+    from tests.test_sliding_window import full_float32_precision
+
+    on_cpu = Predictor.from_workdir(workdir, folds=0, device="cpu", mirror_axes=None)
+    on_gpu = Predictor.from_workdir(workdir, folds=0, device="cuda", mirror_axes=None, amp=False)
+    image = np.random.default_rng(5).normal(size=(2, 33, 30, 28)).astype(np.float32)
+    geometry = Geometry.from_spacing((1.3, 1.0, 0.9))
+    counts = _count_host_copies(monkeypatch)
+    image_pp, _ = on_gpu.preprocess(image, geometry, "c")
+    logits = on_gpu.predict_logits(image_pp, "c")
+    torch.cuda.synchronize()
+    assert counts == {"cpu": 0, "numpy": 0}
+    monkeypatch.undo()
+    assert image_pp.device.type == "cuda" and logits.device.type == "cuda"
+    with full_float32_precision():
+        labels_gpu, probabilities_gpu = on_gpu.predict_array(image, geometry, return_probabilities=True)
+    labels_cpu, probabilities_cpu = on_cpu.predict_array(image, geometry, return_probabilities=True)
+    assert np.abs(probabilities_gpu - probabilities_cpu).max() < 1e-4 and (labels_gpu != labels_cpu).mean() < 1e-3
+
+
 def test_fold_selection_and_missing_checkpoint(workdir, tmp_path):
     assert resolve_folds(workdir, None) == [0, 1]
     assert resolve_folds(workdir, "all") == [0, 1]  # no fold_all trained: every trained fold

@@ -227,17 +227,18 @@ class Predictor:
             max_values=self.restore_values)
         return (labels_out, probabilities_out) if return_probabilities else labels_out
 
-    def preprocess(self, image: np.ndarray, geometry: Geometry, name: str = "") -> tuple[np.ndarray, dict[str, Any]]:
-        """(C, D, H, W) float32 image -> (the network's input (C [+ L], d, h, w), preprocessing properties); a
-        cascade stage runs its first stage here and appends the one-hot of its segmentation on this grid."""
-        from voxseg.data.preprocess import preprocess_case
+    def preprocess(self, image: np.ndarray, geometry: Geometry, name: str = "") -> tuple[torch.Tensor, dict[str, Any]]:
+        """(C, D, H, W) float32 image -> (the network's input (C [+ L], d, h, w) float32 on the compute device,
+        preprocessing properties); a cascade stage runs its first stage here and appends the one-hot of its
+        segmentation on this grid. The input is not copied back to the host (`preprocess_image`)."""
+        from voxseg.data.preprocess import preprocess_image
         from voxseg.infer.cascade import first_stage_channels
 
-        image_pp, _, properties = preprocess_case(image, geometry, self.plan, device=self.device, name=name)
+        image_pp, properties = preprocess_image(image, geometry, self.plan, device=self.device, name=name)
         if self.previous is None:
             return image_pp, properties
         extra = first_stage_channels(self.previous, image, geometry, self.plan, properties, name)
-        return np.concatenate([image_pp, extra.astype(image_pp.dtype)]), properties
+        return torch.cat([image_pp, extra.to(image_pp.device, image_pp.dtype)]), properties
 
     # ----- files ----------------------------------------------------------------------------------------------
     def _postprocessing_spec(self, postprocess: Any) -> dict[str, Any] | None:
