@@ -20,16 +20,18 @@ from typing import Any, Iterator, Sequence
 import numpy as np
 import torch
 
-from voxseg.atomicio import atomic_open, make_output_folder, sweep_stale_temporaries
+from voxseg.atomicio import make_output_folder, sweep_stale_temporaries
 from voxseg.data.io import Geometry, read_channels, write_image
 from voxseg.data.restore import DEFAULT_RESTORE_VALUES
-from voxseg.distributed import env_world, local_device, shard_balanced
+from voxseg.distributed import local_device
 from voxseg.plans import Plan
 from voxseg.errors import CheckpointError, ConfigError, InputError, VoxsegError
 from voxseg.data.configs import stage_workdir
+from voxseg.infer.casefiles import case_failure_reason, collect_write, my_share, save_probabilities
 from voxseg.infer.archive import check_same_plan, fold_dir, load_fold_network, resolve_device, resolve_folds
 from voxseg.infer.inputs import find_input_cases
 from voxseg.infer.nnunet import is_nnunet_model_folder, load_nnunet_fold, nnunet_folds
+from voxseg.infer.progress import CaseProgress
 from voxseg.infer.postprocess import (
     POSTPROCESSING_FILE,
     apply_postprocessing,
@@ -273,7 +275,7 @@ class Predictor:
         num_io_threads: int = 2,
         postprocess: Any = None,
         file_ending: str | None = None,
-        progress: bool | None = None,
+        progress: bool = False,
     ) -> dict[str, Any]:
         """Predict cases from files and write OUT/NAME{file_ending} with each input's geometry.
 
@@ -288,7 +290,9 @@ class Predictor:
             postprocess: None (the model's postprocessing.json, if any), False, "force" (largest component of
                 every class), a spec dict or a path to a postprocessing.json.
             file_ending: output ending (default the plan's).
-            progress: show a progress bar (default: when stderr is a terminal).
+            progress: report each case on stderr with its time (a bar on a terminal, a plain line per case
+                otherwise) and a summary line at the end (`voxseg.infer.progress`); off by default, `voxseg
+                predict` turns it on.
 
         Under torchrun (RANK / WORLD_SIZE in the environment) each process predicts its share of the cases,
         balanced by input file size, and writes its own outputs; no process group is needed. The shares are
@@ -301,13 +305,13 @@ class Predictor:
         sweep_stale_temporaries(out_dir)  # left by a killed run
         ending = file_ending or self.plan.file_ending
         spec = self._postprocessing_spec(postprocess)
-        cases = _my_share(cases)
+        cases = my_share(cases)
         todo = [(name, files) for name, files in cases
                 if not (continue_run and self._outputs_exist(out_dir, name, ending, save_probabilities))]
         failures: list[tuple[str, str]] = []
-        bar = _progress(len(todo), progress)
-        written = self._pipeline(todo, out_dir, ending, spec, save_probabilities, num_io_threads, failures, bar)
-        bar.close()
+        report = CaseProgress(len(todo), progress)
+        written = self._pipeline(todo, out_dir, ending, spec, save_probabilities, num_io_threads, failures, report)
+        report.close()
         if failures:
             lines = "\n".join(f"  {name}: {reason}" for name, reason in failures)
             raise InputError(f"{len(failures)} of {len(todo)} case(s) failed ({written} written to {out_dir}):\n{lines}")
@@ -315,7 +319,7 @@ class Predictor:
 
     def _pipeline(self, todo: list[tuple[str, Sequence[str | Path]]], out_dir: Path, ending: str,
                   spec: dict[str, Any] | None, save_probabilities: bool, num_io_threads: int,
-                  failures: list[tuple[str, str]], bar: Any) -> int:
+                  failures: list[tuple[str, str]], report: CaseProgress) -> int:
         """Read ahead and write behind on `num_io_threads` threads while the device predicts; returns the number
         of cases written and appends (name, reason) for each case that failed."""
         threads, written = max(1, num_io_threads), 0
@@ -334,22 +338,23 @@ class Predictor:
             while pending_reads:
                 name, future = pending_reads.popleft()
                 read_ahead()
+                start = time.perf_counter()  # from waiting for the read to the prediction handed to a writer
                 try:
                     image, geometry = future.result()
                     result = self.predict_array(image, geometry, return_probabilities=save_probabilities, name=name)
                 except (VoxsegError, OSError) as exc:
-                    failures.append((name, _reason(name, exc)))
-                    bar.update()
+                    failures.append((name, case_failure_reason(name, exc)))
+                    report.done(name, time.perf_counter() - start, failed=True)
                     continue
                 labels, probabilities = result if save_probabilities else (result, None)
                 labels = apply_postprocessing(labels, spec)
                 pending_writes.append((name, pool.submit(self._write_case, out_dir, name, ending, labels, geometry,
                                                          probabilities)))
                 while len(pending_writes) > threads:  # bound the finished cases waiting for the writers
-                    written += _collect(pending_writes.popleft(), failures)
-                bar.update()
+                    written += collect_write(pending_writes.popleft(), failures)
+                report.done(name, time.perf_counter() - start)
             while pending_writes:
-                written += _collect(pending_writes.popleft(), failures)
+                written += collect_write(pending_writes.popleft(), failures)
         return written
 
     @staticmethod
@@ -373,45 +378,3 @@ def _cudnn_autotuning(enabled: bool) -> Iterator[None]:
         yield
     finally:
         torch.backends.cudnn.benchmark = previous
-
-
-def _my_share(cases: Sequence[tuple[str, Sequence[str | Path]]]) -> list[tuple[str, Sequence[str | Path]]]:
-    """This torchrun rank's cases, balanced by the size of their input files (all cases for one process)."""
-    rank, size, _ = env_world()
-    if size == 1:
-        return list(cases)
-    sizes = [sum(Path(f).stat().st_size for f in files if Path(f).is_file()) for _, files in cases]
-    mine = shard_balanced(list(cases), sizes, rank, size)
-    print(f"rank {rank}/{size}: predicting {len(mine)} of {len(cases)} cases", file=sys.stderr, flush=True)
-    return mine
-
-
-def _reason(name: str, exc: Exception) -> str:
-    """The error message without a leading "case NAME:", which the failure list already shows."""
-    message = str(exc)
-    for prefix in (f"case '{name}': ", f"case {name}: "):
-        if message.startswith(prefix):
-            return message[len(prefix):]
-    return message
-
-
-def _collect(item: tuple[str, Future], failures: list[tuple[str, str]]) -> int:
-    name, future = item
-    try:
-        future.result()
-        return 1
-    except (VoxsegError, OSError) as exc:
-        failures.append((name, f"could not write the prediction ({exc})"))
-        return 0
-
-
-def _progress(total: int, show: bool | None) -> Any:
-    from tqdm import tqdm
-
-    return tqdm(total=total, desc="predict", unit="case", disable=not (sys.stderr.isatty() if show is None else show))
-
-
-def save_probabilities(path: Path, probabilities: np.ndarray, class_names: Sequence[str]) -> None:
-    """NAME.npz with "probabilities" (K, D, H, W) float16 and "class_names", written atomically."""
-    with atomic_open(path) as handle:
-        np.savez_compressed(handle, probabilities=probabilities.astype(np.float16), class_names=np.array(class_names))
