@@ -5,13 +5,14 @@
     >>> predictor.predict_files(find_input_cases("imagesTs", 4, ".nii.gz"), "preds")
 
 Folds: an int or list of ints picks training/fold_F; "all" picks training/fold_all (the model trained on every
-case, nnU-Net's `-f all`), or, when no fold_all was trained, every trained fold_F as an ensemble; None picks
-every trained fold_F. Folds are averaged in logit space inside one sliding-window pass.
+case, nnU-Net's `-f all`), or, when no fold_all was trained, every trained fold_F as an ensemble; None (the
+default, as in nnU-Net) picks every trained fold_F, or fold_all when it is the only trained model. Folds are
+averaged in logit space inside one sliding-window pass; `Predictor.folds` lists those loaded.
 """
 from __future__ import annotations
 
 import contextlib
-import sys
+import time
 from collections import deque
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
@@ -75,11 +76,13 @@ class Predictor:
             (`voxseg.infer.cascade`).
 
     Attributes:
+        folds: the folds `from_workdir` loaded (fold numbers, or "all" for fold_all); empty otherwise.
         restore_values: the most values (channels x voxels) restoring a prediction to the original grid holds on
             the device at once (`voxseg.data.restore`; default 2^28, 1 GiB of float32); set it lower for a
             small GPU.
     """
 
+    folds: tuple[int | str, ...] = ()
     restore_values: int = DEFAULT_RESTORE_VALUES
 
     def __init__(self, plan: Plan, models: Sequence[Any], device: str | torch.device = "cpu", step: float = 0.5,
@@ -103,7 +106,7 @@ class Predictor:
     def from_workdir(
         cls,
         workdir: str | Path,
-        folds: int | str | Sequence[int | str] | None = (0,),
+        folds: int | str | Sequence[int | str] | None = None,
         checkpoint: str = "final",
         device: str | torch.device = "auto",
         step: float = 0.5,
@@ -132,8 +135,10 @@ class Predictor:
             raise CheckpointError(f"model folder {workdir} not found; give the work directory of 'voxseg train'")
         if is_nnunet_model_folder(workdir):  # nnU-Net v2 <Trainer>__<Plans>__<configuration> folder
             backend, fold_list = "nnunet", nnunet_folds(workdir, folds, checkpoint)
+            names = [int(p.parent.name[5:]) if p.parent.name[5:].isdigit() else p.parent.name[5:] for p in fold_list]
         else:
             fold_list = resolve_folds(workdir, folds, checkpoint) if onnx_files is None else []
+            names = list(fold_list)
         if backend == "nnunet":
             device = local_device(resolve_device(device))
             loaded = [load_nnunet_fold(workdir, path, device) for path in fold_list]
@@ -167,8 +172,10 @@ class Predictor:
                                   "backend only")
             previous = cls.from_workdir(stage_workdir(workdir, plan.previous_stage), folds, checkpoint, device, step,
                                         requested_mirror, tile_batch, compile, amp)
-        return cls(plan, models, device, step, _mirror_axes(mirror_axes, plan.network.ndim), tile_batch, amp_dtype,
-                   postprocessing, previous)
+        predictor = cls(plan, models, device, step, _mirror_axes(mirror_axes, plan.network.ndim), tile_batch,
+                        amp_dtype, postprocessing, previous)
+        predictor.folds = tuple(names)
+        return predictor
 
     @staticmethod
     def _load_onnx(workdir: Path, folds: list[int | str], onnx_files: Sequence[str | Path] | None) -> list[Any]:
