@@ -184,12 +184,7 @@ def sliding_window_inference(
         slice_axis: for a 2D network, the spatial axis of `image` the slices are taken along (the plan's).
         case_name: the case, named in the out-of-memory message and error.
 
-    Out of device memory (CUDA), the pass does not give up at once (see `OutOfMemoryFallback`): a forward that
-    runs out is retried with half the tiles, down to 1 tile, then with half the mirrored copies, down to 1;
-    when that is not enough, or the accumulator itself does not fit, the pass starts again with the
-    accumulator in host memory; only then `DeviceMemoryError` names the case and what to try. The result
-    does not depend on the fallback taken (the same tiles are summed in the same order). One line on stderr
-    says which fallback was taken.
+    Out of CUDA memory, the pass backs off (`OutOfMemoryFallback`) to the same result, or raises DeviceMemoryError.
 
     Returns:
         (K, *S) float32 averaged logits.
@@ -236,9 +231,11 @@ def sliding_window_inference(
 class OutOfMemoryFallback:
     """How far a sliding-window pass had to back off after CUDA out-of-memory errors, and the one report of it.
 
-    The forward batch is tiles x mirrored copies; it shrinks first by tiles (halving `tile_batch` down to 1),
-    then by mirrored copies (`mirror_group` copies per forward, halved down to 1); `host_accumulator` records
-    that the accumulator moved to host memory.
+    A forward that runs out is retried with a smaller forward batch (tiles x mirrored copies): half the tiles,
+    down to 1 (`tile_batch`), then half the mirrored copies, down to 1 (`mirror_group`). When that is not
+    enough, or the accumulator itself does not fit, the pass starts again with the accumulator in host memory
+    (`host_accumulator`); only then `error()` names the case and what to try. The result does not depend on
+    the fallback taken: the same tiles are summed in the same order. `report()` writes one line on stderr.
     """
 
     def __init__(self, tile_batch: int, num_mirrors: int, case_name: str = "") -> None:
