@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
-# One prepared command for a GPU session: environment, pytest -m gpu, training step (device / end to end),
-# data wait, peak memory, inference (1 fold; 5 folds x 8 mirrors), augmentation throughput.
+# One prepared command for a GPU session: environment, pytest -m gpu, torch.compile warm-up (timed apart),
+# training step (device / end to end), data wait, peak memory, inference (1 fold; 5 folds x 8 mirrors),
+# augmentation throughput. Ends within 8.5 minutes on CUDA (a total budget cuts the stages' own).
 # Usage: benchmarks/gpu_check.sh [--device cuda|cpu] [--quick] [--out DIR] [--keep]   (see benchmarks/gpu_check.py)
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."

@@ -117,14 +117,15 @@ def test_cascade_trains_on_lowres_crossval_and_predicts_lowres_first(tmp_path, c
     assert predictor.previous is not None and predictor.previous.plan.configuration == "3d_lowres"
     image, geometry = read_image(raw / "imagesTs" / "case4_0000.nii.gz")
     for foreground in (True, False):
-        def fixed(image_pp, foreground=foreground):
+        def fixed(image_pp, name="", foreground=foreground):
             logits = torch.zeros((2, *image_pp.shape[1:]))
             logits[1 if foreground else 0] = 5.0
             return logits
         predictor.previous.predict_logits = fixed
         network_input, properties = predictor.preprocess(image[None].astype(np.float32), geometry, "case4")
         assert network_input.shape == (2, *properties["shape_after_resample"])
-        assert np.all(network_input[1] == (1.0 if foreground else 0.0))
+        assert isinstance(network_input, torch.Tensor)  # the network's input stays on the compute device
+        assert bool((network_input[1] == (1.0 if foreground else 0.0)).all())
 
 
 def test_augmentation_keeps_extra_channels_binary_and_without_intensity_changes():

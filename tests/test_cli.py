@@ -158,6 +158,14 @@ def test_predictions_keep_the_input_geometry(pipeline: Pipeline) -> None:
     names = sorted({p.name[: -len("_0000.nii.gz")] for p in (pipeline.dataset / "imagesTs").glob("*_0000.nii.gz")})
     assert _case_names(pipeline.preds) == names and len(names) == 2
     assert f"wrote {len(names)} prediction(s)" in pipeline.steps["predict"].out
+    # without --folds: the ensemble of every trained fold, said so
+    assert "using folds 0,1 (every trained fold; --folds to choose)" in pipeline.steps["predict"].out
+    # stderr is no terminal here: a plain line per case with its time, then the summary
+    lines = pipeline.steps["predict"].err.splitlines()
+    assert len(lines) == 3, lines
+    for number, (line, name) in enumerate(zip(lines, names), start=1):
+        assert re.fullmatch(rf"{name}: \d+\.\d s \({number}/2\)", line), line
+    assert re.fullmatch(r"predicted 2 case\(s\) in \d+\.\d s \(\d+\.\d s/case\)", lines[2]), lines[2]
     for name in names:
         image, geometry = read_image(pipeline.dataset / "imagesTs" / f"{name}_0000.nii.gz")
         labels, pred_geometry = read_image(pipeline.preds / f"{name}.nii.gz")
@@ -196,7 +204,7 @@ def test_resume_continues_training(pipeline: Pipeline, tmp_path: Path) -> None:
 
 def test_export_archive_install_and_onnx(pipeline: Pipeline, tmp_path: Path) -> None:
     archive, installed = tmp_path / "model.zip", tmp_path / "installed"
-    result = _run("export", pipeline.work, "--archive", archive, "--folds", 0)
+    result = _run("export", pipeline.work, "--archive", archive, "--folds", "0,1")
     assert result.code == 0, result.err
     assert archive.is_file()
     result = _run("install", archive, installed)
@@ -207,8 +215,14 @@ def test_export_archive_install_and_onnx(pipeline: Pipeline, tmp_path: Path) -> 
     out = tmp_path / "pred_installed"
     result = _run("predict", "-m", installed, "-i", pipeline.dataset / "imagesTs", "-o", out, "--device", "cpu")
     assert result.code == 0, result.err
+    assert "using folds 0,1 (every trained fold" in result.out  # an installed archive: its folds by default
     for name, labels in reference.items():  # the installed model is the trained one
         np.testing.assert_array_equal(read_image(out / f"{name}.nii.gz")[0], labels)
+    out = tmp_path / "pred_fold0"
+    result = _run("predict", "-m", installed, "-i", pipeline.dataset / "imagesTs", "-o", out, "--device", "cpu",
+                  "--folds", 0)
+    assert result.code == 0 and "using fold 0\n" in result.out, result.err
+    reference = {n: read_image(out / f"{n}.nii.gz")[0] for n in reference}
 
     onnx_file = installed / "training" / "fold_0" / "model.onnx"  # where the onnxruntime backend looks
     result = _run("export", installed, "--onnx", onnx_file, "--folds", 0)
@@ -217,7 +231,7 @@ def test_export_archive_install_and_onnx(pipeline: Pipeline, tmp_path: Path) -> 
     assert onnx_file.is_file() and difference < 1e-3
     out = tmp_path / "pred_onnx"
     result = _run("predict", "-m", installed, "-i", pipeline.dataset / "imagesTs", "-o", out,
-                  "--backend", "onnxruntime")
+                  "--backend", "onnxruntime", "--folds", 0)
     assert result.code == 0, result.err
     for name, labels in reference.items():  # float differences may flip a rare tie, nothing more
         assert np.mean(read_image(out / f"{name}.nii.gz")[0] == labels) > 0.999

@@ -49,3 +49,60 @@ def test_a_stage_past_its_budget_or_failing_is_recorded_and_the_run_goes_on() ->
     assert "budget of 0.2 s" in report["errors"]["slow"] and report["stage_seconds"]["slow"] < 2
     assert report["errors"]["broken"].startswith("ZeroDivisionError") and "fine" not in report["errors"]
     assert gpu_check.slug("NVIDIA H200 NVL") == "nvidia-h200-nvl"
+
+
+def _stages():
+    import importlib
+
+    _gpu_check()  # importing gpu_check puts benchmarks/ on sys.path, where measure() imports its stages from
+    return importlib.import_module("gpu_check_stages")
+
+
+def test_stage_budgets_are_cut_to_what_is_left_of_the_total() -> None:
+    stages = _stages()
+    assert stages.stage_budget(90, 0, 510) == 90 and stages.stage_budget(90, 480, 510) == 30
+    assert stages.stage_budget(90, 506, 510) is None  # less than MIN_STAGE_S left: not started
+    # a cold compile has a stage of its own, and the whole CUDA check ends well within 10 minutes
+    assert stages.CUDA_BUDGETS["warmup"] >= 150 and stages.CUDA_TOTAL_S <= 540
+    assert set(stages.CUDA_BUDGETS) == set(stages.CPU_BUDGETS) == set(_gpu_check().STAGES)
+
+
+def test_a_failed_or_skipped_warmup_times_the_training_without_compile() -> None:
+    overrides = _stages().training_overrides
+    assert overrides({"compile": True, "warmup_s": 95.0}, None) == ([], None)
+    assert overrides({"compile": False, "skipped": "torch.compile is off on cpu"}, None) == ([], None)
+    items, note = overrides(None, "StageTimeout: ran past its budget of 180 s\nTraceback ...")
+    assert items == ["loop.compile=off"] and note.endswith("failed (StageTimeout: ran past its budget of 180 s)")
+    items, note = overrides({"skipped": True}, None)
+    assert items == ["loop.compile=off"] and "--skip warmup" in note
+
+
+def test_a_cold_compile_past_its_budget_neither_fails_the_training_stage_nor_the_total(monkeypatch, tmp_path) -> None:
+    import time
+
+    import torch
+
+    gpu_check, stages = _gpu_check(), _stages()
+    received = {}
+
+    def training(workdir, device, sizes, threads, overrides):
+        received["overrides"] = overrides
+        return {"device_step_s": 0.01}
+
+    fakes = {"environment": lambda device: {}, "gpu_tests": lambda timeout: {}, "calibration": lambda *a: {},
+             "dataset": lambda *a: {"workdir": "w"}, "compile_warmup": lambda *a: time.sleep(3),  # a cold compile
+             "training": training, "inference": lambda *a: time.sleep(5), "augmentation": lambda *a: {}}
+    for name, fake in fakes.items():
+        monkeypatch.setattr(stages, name, fake)
+    budgets = {name: 5.0 for name in gpu_check.STAGES} | {"warmup": 0.3}
+    sizes = stages.Sizes(1, (8, 8, 8), 1, 1, 1, 8, 1, 1, budgets=budgets, total_budget_s=1.5)
+    monkeypatch.setattr(stages, "sizes_for", lambda device, args: sizes)
+    monkeypatch.setattr(stages, "MIN_STAGE_S", 0.2)
+    report = {"errors": {}, "stage_seconds": {}}
+    start = time.perf_counter()
+    gpu_check.measure(gpu_check.parse_args([]), torch.device("cpu"), tmp_path, report)
+    assert time.perf_counter() - start < 2.5  # the total budget (1.5 s) held, the 5 s inference cut short
+    assert "budget of 0.3 s" in report["errors"]["warmup"]
+    assert received["overrides"][0] == ["loop.compile=off"] and report["training"] == {"device_step_s": 0.01}
+    assert "ran past its budget" in report["errors"]["inference"]
+    assert report["errors"]["augment"] == "not run: the check's total budget of 1.5 s was spent"

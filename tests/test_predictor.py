@@ -91,6 +91,58 @@ def test_fold_ensemble_is_the_mean_of_the_folds_logits(workdir):
     assert (logits[0] - logits[1]).abs().max() > 1e-3  # the two folds really differ
 
 
+def _count_host_copies(monkeypatch) -> dict[str, int]:
+    """Counts calls of Tensor.cpu and Tensor.numpy (the ways a tensor goes back to host memory) from now on."""
+    counts = {"cpu": 0, "numpy": 0}
+    for method in counts:
+        original = getattr(torch.Tensor, method)
+
+        def counted(self, *args, _original=original, _method=method, **kwargs):
+            counts[_method] += 1
+            return _original(self, *args, **kwargs)
+
+        monkeypatch.setattr(torch.Tensor, method, counted)
+    return counts
+
+
+def test_the_case_goes_from_the_image_to_the_network_without_a_trip_back_to_the_host(workdir, monkeypatch):
+    from voxseg.data.preprocess import preprocess_case
+
+    predictor = Predictor.from_workdir(workdir, folds=0, device="cpu", mirror_axes=None)
+    image = np.random.default_rng(4).normal(size=(2, 21, 18, 20)).astype(np.float32)
+    geometry = Geometry.from_spacing((1.3, 1.0, 0.9))
+    counts = _count_host_copies(monkeypatch)
+    image_pp, properties = predictor.preprocess(image, geometry, "c")
+    logits = predictor.predict_logits(image_pp, "c")
+    assert counts == {"cpu": 0, "numpy": 0}  # normalised, resampled and predicted where it was put once
+    monkeypatch.undo()
+    assert isinstance(image_pp, torch.Tensor) and image_pp.device == predictor.device == logits.device
+    stored, _, stored_properties = preprocess_case(image, geometry, predictor.plan, name="c")  # training's path
+    assert np.array_equal(image_pp.numpy(), stored) and properties == stored_properties
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_cuda_prediction_keeps_the_case_on_the_device_and_matches_the_cpu(workdir, monkeypatch):
+    from tests.test_sliding_window import full_float32_precision
+
+    on_cpu = Predictor.from_workdir(workdir, folds=0, device="cpu", mirror_axes=None)
+    on_gpu = Predictor.from_workdir(workdir, folds=0, device="cuda", mirror_axes=None, amp=False)
+    image = np.random.default_rng(5).normal(size=(2, 33, 30, 28)).astype(np.float32)
+    geometry = Geometry.from_spacing((1.3, 1.0, 0.9))
+    counts = _count_host_copies(monkeypatch)
+    image_pp, _ = on_gpu.preprocess(image, geometry, "c")
+    logits = on_gpu.predict_logits(image_pp, "c")
+    torch.cuda.synchronize()
+    assert counts == {"cpu": 0, "numpy": 0}
+    monkeypatch.undo()
+    assert image_pp.device.type == "cuda" and logits.device.type == "cuda"
+    with full_float32_precision():
+        labels_gpu, probabilities_gpu = on_gpu.predict_array(image, geometry, return_probabilities=True)
+    labels_cpu, probabilities_cpu = on_cpu.predict_array(image, geometry, return_probabilities=True)
+    assert np.abs(probabilities_gpu - probabilities_cpu).max() < 1e-4 and (labels_gpu != labels_cpu).mean() < 1e-3
+
+
 def test_fold_selection_and_missing_checkpoint(workdir, tmp_path):
     assert resolve_folds(workdir, None) == [0, 1]
     assert resolve_folds(workdir, "all") == [0, 1]  # no fold_all trained: every trained fold
@@ -101,6 +153,28 @@ def test_fold_selection_and_missing_checkpoint(workdir, tmp_path):
         Predictor.from_workdir(workdir, folds=[0], checkpoint="best", device="cpu")
     other = make_workdir(tmp_path, tiny_plan(), folds=("all",))
     assert resolve_folds(other, "all") == ["all"]
+    assert resolve_folds(other, None) == ["all"]  # the default when fold_all is the only trained model
+
+
+def test_every_trained_fold_is_the_default(workdir, tmp_path):
+    from voxseg.cli.infer import _folds_line
+    from voxseg.infer.nnunet import nnunet_folds
+
+    predictor = Predictor.from_workdir(workdir, device="cpu", mirror_axes=None)
+    assert predictor.folds == (0, 1) and len(predictor.models) == 2  # as nnU-Net: the ensemble of the folds
+    assert _folds_line(predictor, None) == "using folds 0,1 (every trained fold; --folds to choose)"
+    assert _folds_line(Predictor.from_workdir(workdir, folds=[1], device="cpu"), [1]) == "using fold 1"
+    only_all = Predictor.from_workdir(make_workdir(tmp_path / "w", tiny_plan(), folds=("all",)), device="cpu")
+    assert only_all.folds == ("all",)
+    assert _folds_line(only_all, None) == "using fold all (the only trained model, fold_all; --folds to choose)"
+    for fold in ("all", "0", "2"):  # an nnU-Net model folder: its numbered folds, else fold_all
+        (tmp_path / "nnunet" / f"fold_{fold}").mkdir(parents=True)
+        (tmp_path / "nnunet" / f"fold_{fold}" / "checkpoint_final.pth").touch()
+    assert [p.parent.name for p in nnunet_folds(tmp_path / "nnunet", None, "final")] == ["fold_0", "fold_2"]
+    assert [p.parent.name for p in nnunet_folds(tmp_path / "nnunet", "all", "final")] == ["fold_all"]
+    for fold in ("0", "2"):
+        (tmp_path / "nnunet" / f"fold_{fold}" / "checkpoint_final.pth").unlink()
+    assert [p.parent.name for p in nnunet_folds(tmp_path / "nnunet", None, "final")] == ["fold_all"]
 
 
 def test_regions_to_labels_and_default_order():
@@ -233,6 +307,20 @@ def test_decide_postprocessing_keeps_only_what_helps(tmp_path):
     assert json.loads((tmp_path / "pp.json").read_text())["largest_component"] == [[1]]
     fixed = apply_postprocessing(read_image(tmp_path / "pred" / "c0.nii.gz")[0], spec)
     assert np.array_equal(fixed, read_image(tmp_path / "ref" / "c0.nii.gz")[0])
+
+
+def test_predict_files_reports_progress_only_when_asked(workdir, tmp_path, capsys):
+    rng = np.random.default_rng(6)
+    for name in ("a", "b"):
+        write_case(tmp_path / "in", name, rng.normal(size=(2, 12, 13, 11)).astype(np.float32), rotated_geometry())
+    predictor = Predictor.from_workdir(workdir, folds=[0], device="cpu", mirror_axes=None)
+    cases = find_input_cases(tmp_path / "in", 2, ".nii.gz")
+    assert predictor.predict_files(cases, tmp_path / "quiet")["written"] == 2
+    assert capsys.readouterr().err == ""  # the Python API is quiet by default
+    assert predictor.predict_files(cases, tmp_path / "loud", progress=True)["written"] == 2
+    lines = capsys.readouterr().err.splitlines()  # captured: no terminal, so a plain line per case
+    assert [line.split(":")[0] for line in lines[:2]] == ["a", "b"] and lines[1].endswith(" s (2/2)")
+    assert lines[2].startswith("predicted 2 case(s) in ") and len(lines) == 3
 
 
 def test_predict_files_postprocessing_options(workdir, tmp_path):

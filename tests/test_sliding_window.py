@@ -1,6 +1,8 @@
 """Sliding-window inference: tiling, Gaussian blending, mirrored TTA and fold ensembling."""
 from __future__ import annotations
 
+import contextlib
+
 import numpy as np
 import pytest
 import torch
@@ -142,25 +144,59 @@ def test_fold_ensemble_averages_models():
     assert torch.allclose(both, (single + 4.0) / 2, atol=1e-5)
 
 
-def test_out_of_memory_retries_with_a_host_accumulator():
-    net = _asymmetric_net()
-    calls = {"n": 0}
+def _out_of_memory_when(fails, net):
+    """`net`, except that a call for which `fails(batch_size, call_number)` holds raises CUDA's out-of-memory."""
+    calls = []
 
-    def flaky(x):
-        calls["n"] += 1
-        if calls["n"] == 2:
+    def model(x):
+        calls.append(x.shape[0])
+        if fails(x.shape[0], len(calls)):
             raise torch.cuda.OutOfMemoryError("simulated")
         return net(x)
 
-    image = torch.randn(1, 1, 16, 16, 16)
-    reference = sliding_window_inference(net, image, (8, 8, 8), 2)
-    # the accumulator is forced onto a "device" (here the CPU again) so the fallback path runs and restarts
-    with pytest.raises(torch.cuda.OutOfMemoryError):
-        sliding_window_inference(flaky, image, (8, 8, 8), 2, accumulator_device="cpu")
-    calls["n"] = 0
-    out = sliding_window_inference(flaky, image, (8, 8, 8), 2, accumulator_device="meta")
-    assert calls["n"] > 2  # it failed once and ran the whole image again
+    return model, calls
+
+
+def test_out_of_memory_in_a_forward_halves_the_tiles_then_the_mirrors_with_the_same_result(capsys):
+    net = _asymmetric_net()
+    image = torch.randn(1, 1, 20, 16, 18)
+    reference = sliding_window_inference(net, image, (8, 8, 8), 2, tile_batch=4, mirror_axes=(0, 1, 2))
+    model, calls = _out_of_memory_when(lambda batch, _: batch > 2, net)
+    out = sliding_window_inference(model, image, (8, 8, 8), 2, tile_batch=4, mirror_axes=(0, 1, 2), case_name="c7")
+    # 4 tiles x 8 mirrors = 32 -> 16 -> 8 (1 tile) -> 4 -> 2 mirrored copies per forward, which fits
+    assert calls[:5] == [32, 16, 8, 4, 2] and set(calls[5:]) == {2}
     assert torch.allclose(out, reference, atol=1e-6)
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "case 'c7': out of GPU memory" in err
+    assert "1 tile(s) per forward pass instead of 4" in err and "2 of the 8 mirrored copies" in err
+    assert "host memory" not in err
+
+
+def test_out_of_memory_at_one_tile_moves_the_accumulator_to_the_host(capsys):
+    net = _asymmetric_net()
+    image = torch.randn(1, 1, 16, 16, 16)
+    reference = sliding_window_inference(net, image, (8, 8, 8), 2, tile_batch=4)
+    model, calls = _out_of_memory_when(lambda _, call: call <= 3, net)
+    # an accumulator forced onto another "device" (meta): the host fallback must start the pass again on the CPU
+    out = sliding_window_inference(model, image, (8, 8, 8), 2, tile_batch=4, accumulator_device="meta",
+                                   case_name="c8")
+    assert calls[:3] == [4, 2, 1] and set(calls[3:]) == {1}  # the halved batch is kept on the host
+    assert out.device.type == "cpu" and torch.allclose(out, reference, atol=1e-6)
+    assert len(calls) == 3 + 27  # 3 failed forwards, then each of the 3 x 3 x 3 tiles once
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "1 tile(s) per forward pass instead of 4 and the accumulator in host memory" in err
+
+
+def test_out_of_memory_after_every_fallback_is_an_error_naming_the_case():
+    from voxseg.errors import DeviceMemoryError, VoxsegError
+
+    model, calls = _out_of_memory_when(lambda *_: True, _asymmetric_net())
+    with pytest.raises(DeviceMemoryError, match=r"case 'c9': out of GPU memory even with 1 tile") as caught:
+        sliding_window_inference(model, torch.randn(1, 1, 16, 16, 16), (8, 8, 8), 2, tile_batch=2,
+                                 mirror_axes=(0,), accumulator_device="meta", case_name="c9")
+    assert isinstance(caught.value, VoxsegError) and "--device cpu" in str(caught.value)
+    assert "--tile-batch 2" in str(caught.value)
+    assert calls == [4, 2, 1, 1]  # 2 tiles x 2 mirrors, 1 tile, 1 copy; then again with the host accumulator
 
 
 def test_2d_network_runs_slice_by_slice():
@@ -198,6 +234,30 @@ def test_bad_arguments():
         sliding_window_inference(Constant(1.0, k=3), torch.zeros(1, 1, 8, 8, 8), (4, 4, 4), 2)
 
 
+@contextlib.contextmanager
+def full_float32_precision():
+    """TF32 off for CUDA matmuls and cuDNN convolutions (10-bit mantissas: ~1e-3 relative error, far above a
+    float32 parity tolerance), the caller's settings restored afterwards."""
+    saved = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
+    try:
+        yield
+    finally:
+        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = saved
+
+
+def test_full_float32_precision_turns_tf32_off_and_restores_the_settings():
+    saved = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+    try:
+        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
+        with pytest.raises(RuntimeError), full_float32_precision():
+            assert not torch.backends.cuda.matmul.allow_tf32 and not torch.backends.cudnn.allow_tf32
+            raise RuntimeError("a failing parity assertion")
+        assert torch.backends.cuda.matmul.allow_tf32 and torch.backends.cudnn.allow_tf32
+    finally:
+        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = saved
+
+
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 def test_cuda_matches_cpu_with_amp_and_host_accumulator():
@@ -205,9 +265,10 @@ def test_cuda_matches_cpu_with_amp_and_host_accumulator():
     image = torch.randn(1, 1, 40, 36, 44)
     reference = sliding_window_inference(net, image, (16, 16, 16), 2, mirror_axes=(0, 1, 2))
     cuda_net, cuda_image = net.cuda(), image.cuda()
-    on_device = sliding_window_inference(cuda_net, cuda_image, (16, 16, 16), 2, mirror_axes=(0, 1, 2))
-    host = sliding_window_inference(cuda_net, cuda_image, (16, 16, 16), 2, mirror_axes=(0, 1, 2),
-                                    accumulator_device="cpu")
+    with full_float32_precision():  # cuDNN convolutions default to TF32 on Ampere and later
+        on_device = sliding_window_inference(cuda_net, cuda_image, (16, 16, 16), 2, mirror_axes=(0, 1, 2))
+        host = sliding_window_inference(cuda_net, cuda_image, (16, 16, 16), 2, mirror_axes=(0, 1, 2),
+                                        accumulator_device="cpu")
     amp = sliding_window_inference(cuda_net, cuda_image, (16, 16, 16), 2, mirror_axes=(0, 1, 2),
                                    amp_dtype=torch.bfloat16)
     assert on_device.device.type == "cuda" and host.device.type == "cpu"

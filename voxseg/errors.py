@@ -33,3 +33,7 @@ class InputError(VoxsegError):
 
 class DiskFullError(VoxsegError):
     """The disk filled up while a file was being written (the previous file, if any, is unchanged)."""
+
+
+class DeviceMemoryError(VoxsegError):
+    """The accelerator ran out of memory even after the fallbacks (smaller batches, host memory) were tried."""

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import argparse
+from typing import Any
 
 from voxseg.cli.common import (
     Subparsers, add_command, add_configuration_flag, configuration_workdir, csv_ints, device, folds, usable_device,
@@ -46,15 +47,30 @@ def cmd_predict(args: argparse.Namespace) -> int:
               f"postprocessing {choice['postprocessing']['largest_component']} (--configuration NAME overrides)")
     else:
         predictor = Predictor.from_workdir(configuration_workdir(args.model, args.configuration), **options)
+    print(_folds_line(predictor, args.folds))
     cases = find_input_cases(args.input, predictor.plan.num_channels, predictor.plan.file_ending)
     postprocess = False if args.no_postprocess else ("force" if args.postprocess else None)
     result = predictor.predict_files(
         cases, args.output, save_probabilities=args.save_probabilities, continue_run=args.continue_run,
-        postprocess=postprocess,
+        postprocess=postprocess, progress=True,
     )
     skipped = f", skipped {result['skipped']} already there (--continue)" if result["skipped"] else ""
     print(f"wrote {result['written']} prediction(s) to {result['out_dir']}{skipped}")
     return 0
+
+
+def _folds_line(predictor: Any, requested: list[int] | str | None) -> str:
+    """'using folds 0,1,2,3,4 (every trained fold; --folds to choose)', per configuration for an ensemble."""
+    members = getattr(predictor, "members", None) or [predictor]
+    parts = []
+    for member in members:
+        folds = [str(f) for f in member.folds] or ["?"]
+        where = f" of {member.plan.configuration}" if len(members) > 1 else ""
+        parts.append(f"fold{'s' if len(folds) > 1 else ''} {','.join(folds)}{where}")
+    if requested is not None:
+        return f"using {' and '.join(parts)}"
+    why = "the only trained model, fold_all" if all(list(m.folds) == ["all"] for m in members) else "every trained fold"
+    return f"using {' and '.join(parts)} ({why}; --folds to choose)"
 
 
 def cmd_evaluate(args: argparse.Namespace) -> int:
@@ -156,7 +172,8 @@ def _predict_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("-o", "--output", required=True,
                    help="folder for the predictions, OUT/CASE{file ending} (created)")
     add_configuration_flag(p)
-    p.add_argument("--folds", type=folds, default=[0], help="0 | 0,1,2 | all (default 0)")
+    p.add_argument("--folds", type=folds, default=None,
+                   help="0 | 0,1,2 | all (default: every trained fold, averaged; fold_all when it is the only one)")
     _checkpoint_flag(p)
     p.add_argument("--step", type=float, default=0.5, help="tile step as a fraction of the patch (default 0.5)")
     p.add_argument("--no-mirror", action="store_true", help="no mirror test-time augmentation")
@@ -243,7 +260,8 @@ def add_infer_commands(sub: Subparsers) -> None:
     # predict and export read the checkpoint names from voxseg.infer.archive (torch): set up on first use
     add_command(sub, "predict", cmd_predict,
                 "segment images with a trained model (sliding window, mirroring, fold ensemble)",
-                "voxseg predict -m work/synth -i data/Dataset001_Synth/imagesTs -o preds --folds 0\n"
+                "voxseg predict -m work/synth -i data/Dataset001_Synth/imagesTs -o preds\n"
+                "voxseg predict -m work/synth -i data/Dataset001_Synth/imagesTs -o preds_fold0 --folds 0\n"
                 "voxseg predict -m work/synth -i case_0000.nii.gz case_0001.nii.gz -o preds --folds all --no-mirror\n"
                 "voxseg predict -m work/synth -i imagesTs -o preds --folds 0,1 --backend onnxruntime  # after export --onnx",
                 setup=_predict_arguments)

@@ -3,7 +3,8 @@
 The same `preprocess_case` serves training (with a label map) and inference (without one), so a model
 always sees inputs prepared one way; `restore_to_original` undoes the geometric part for predictions.
 Cropping is a numpy slice on the host; the arithmetic (statistics, normalisation, resampling) runs in torch on
-`device`, so a GPU can do the heavy part when one is present.
+`device`, so a GPU can do the heavy part when one is present. Prediction uses `preprocess_image`, whose result
+stays on that device: read -> host -> device once -> network, never back to the host in between.
 
 Order follows nnU-Net: crop -> normalise -> resample. Normalising before resampling keeps the z-score
 statistics those of the voxels actually acquired, not of interpolated ones. Resampling follows nnU-Net's
@@ -36,7 +37,7 @@ from voxseg.errors import DatasetError, InputError, VoxsegError
 from voxseg.normalization import normalize
 from voxseg.workers import exit_with_parent
 
-__all__ = ["resample", "separate_axis", "ANISOTROPY_RATIO", "preprocess_case", "restore_to_original",
+__all__ = ["resample", "separate_axis", "ANISOTROPY_RATIO", "preprocess_case", "preprocess_image", "restore_to_original",
            "preprocess_dataset", "plan_hash", "new_shape_for_spacing"]
 
 PREPROCESS_VERSION = 3  # bump when the preprocessing code changes what it writes: every case is re-done
@@ -88,7 +89,7 @@ def preprocess_case(
     device: str | torch.device = "cpu",
     name: str = "",
 ) -> tuple[np.ndarray, np.ndarray | None, dict[str, Any]]:
-    """Crop, normalise and resample one case.
+    """Crop, normalise and resample one case (the preprocessed case store's arrays, on the host).
 
     Args:
         image: (C, D, H, W) float image in the raw geometry.
@@ -101,18 +102,44 @@ def preprocess_case(
     Returns:
         (image (C, d, h, w) float32, seg (1, d, h, w) int8 or None, properties dict, JSON-serialisable).
     """
-    if image.ndim != 4 or image.shape[0] != plan.num_channels:
-        raise InputError(f"case '{name}': image shape {image.shape} is not (C={plan.num_channels}, D, H, W) as the plan expects")
+    _check_image(image, plan, name)
     if seg is not None and tuple(seg.shape) != tuple(image.shape[1:]):
         raise DatasetError(f"case '{name}': label shape {tuple(seg.shape)} differs from the image's {tuple(image.shape[1:])}")
+    image_pp, properties, mask = _preprocess_image(image, geometry, plan, device, name)
+    seg_pp = None
+    if seg is not None:
+        seg_pp = _preprocess_labels(seg, mask, plan, properties, device, name)
+    return image_pp.cpu().numpy(), seg_pp, properties
+
+
+def preprocess_image(image: np.ndarray, geometry: Geometry, plan: Plan, device: str | torch.device = "cpu",
+                     name: str = "") -> tuple[torch.Tensor, dict[str, Any]]:
+    """`preprocess_case` for prediction: the (C, d, h, w) float32 network input stays a tensor on `device`.
+
+    The image crosses from the host to the device once (the cropped box, with its nonzero mask) and is not
+    copied back: on a GPU, prediction hands it to the network where it already is.
+    """
+    _check_image(image, plan, name)
+    image_pp, properties, _ = _preprocess_image(image, geometry, plan, device, name)
+    return image_pp, properties
+
+
+def _check_image(image: np.ndarray, plan: Plan, name: str) -> None:
+    if image.ndim != 4 or image.shape[0] != plan.num_channels:
+        raise InputError(f"case '{name}': image shape {image.shape} is not (C={plan.num_channels}, D, H, W) as the plan expects")
+
+
+def _preprocess_image(image: np.ndarray, geometry: Geometry, plan: Plan, device: str | torch.device,
+                      name: str) -> tuple[torch.Tensor, dict[str, Any], np.ndarray]:
+    """(C, d, h, w) preprocessed image on `device`, the properties and the (D, H, W) nonzero mask (host)."""
     _check_finite(image, name)
     spacing = [float(s) for s in geometry.spacing]
     mask, bbox = nonzero_bbox(image)
     box = _slices(bbox)
-    use_mask = any(n.use_nonzero_mask for n in plan.normalization)
     crop_np = np.ascontiguousarray(image[(slice(None), *box)], dtype=np.float32)
     if np.may_share_memory(crop_np, image):
         crop_np = crop_np.copy()  # normalisation works in place: never on the caller's (maybe read-only) array
+    # the one host -> device copy of the image (the cropped box) and of its mask
     cropped = torch.from_numpy(crop_np).to(device)
     mask_t = torch.from_numpy(np.ascontiguousarray(mask[box])).to(device)
     cropped, stats = normalize(cropped, mask_t, plan.normalization)  # (C, d, h, w)
@@ -120,14 +147,7 @@ def preprocess_case(
     target = plan.case_target_spacing(spacing)
     new_shape = new_shape_for_spacing(shape_after_crop, spacing, target)
     axis = separate_axis(spacing, target)  # decided per case; the plan's axis is only recorded
-    image_pp = resample(cropped, new_shape, is_label=False, anisotropy_axis=axis).cpu().numpy()
-    seg_pp = None
-    if seg is not None:
-        seg_crop = _checked_labels(seg, name)[box]
-        if use_mask:
-            seg_crop = np.where((seg_crop == 0) & ~mask[box], OUTSIDE_LABEL, seg_crop).astype(np.int8)
-        seg_t = torch.from_numpy(np.ascontiguousarray(seg_crop)).to(device)[None]  # (1, d, h, w)
-        seg_pp = resample(seg_t, new_shape, is_label=True, anisotropy_axis=axis).cpu().numpy().astype(np.int8)
+    image_pp = resample(cropped, new_shape, is_label=False, anisotropy_axis=axis)
     properties = {
         "name": name,
         "original_shape": [int(s) for s in image.shape[1:]],
@@ -143,7 +163,20 @@ def preprocess_case(
         "channel_files": [],
         "label_file": None,
     }
-    return image_pp, seg_pp, properties
+    return image_pp, properties, mask
+
+
+def _preprocess_labels(seg: np.ndarray, mask: np.ndarray, plan: Plan, properties: dict[str, Any],
+                       device: str | torch.device, name: str) -> np.ndarray:
+    """(1, d, h, w) int8 label map on the preprocessed grid: cropped like the image, -1 outside the nonzero mask
+    (when a channel normalises within it), resampled by its masks."""
+    box = _slices(properties["crop_bbox"])
+    seg_crop = _checked_labels(seg, name)[box]
+    if any(n.use_nonzero_mask for n in plan.normalization):
+        seg_crop = np.where((seg_crop == 0) & ~mask[box], OUTSIDE_LABEL, seg_crop).astype(np.int8)
+    seg_t = torch.from_numpy(np.ascontiguousarray(seg_crop)).to(device)[None]  # (1, d, h, w)
+    return resample(seg_t, properties["shape_after_resample"], is_label=True,
+                    anisotropy_axis=properties["anisotropy_axis"]).cpu().numpy().astype(np.int8)
 
 
 def _check_finite(image: np.ndarray, name: str) -> None:

@@ -8,7 +8,8 @@ The rule is nnU-Net v2's (preprocessing/resampling/default_resampling.py with th
   structures sharper than linear interpolation, and a model trained by nnU-Net saw its inputs prepared so.
 - Network outputs back to the original grid (`restore_to_original`): linear (order 1). nnU-Net resamples the
   logits, then applies the softmax / sigmoid; `F.interpolate(align_corners=False)` is the same linear map
-  (voxel centres of the new grid at `(i + 0.5) * old_size / new_size - 0.5`, edges clamped).
+  (voxel centres of the new grid at `(i + 0.5) * old_size / new_size - 0.5`, edges clamped). Prediction
+  restores in slabs of rows with the same rule (`voxseg.data.restore`), so memory stays bounded.
 - Label maps: every label value is turned into a binary mask, the masks are resampled linearly, and each
   voxel takes the value whose mask is largest; a tie goes to the nearest-neighbour label when it is one
   of the tied values, otherwise to the lowest tied value (batchgenerators' `resize_segmentation` that nnU-Net

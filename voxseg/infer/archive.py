@@ -44,19 +44,23 @@ def resolve_folds(workdir: str | Path, folds: int | str | Sequence[int | str] | 
     """Fold names for the `folds` option.
 
     An int or list picks those folds; "all" picks fold_all (the model trained on every case, nnU-Net's
-    `-f all`) or, when no fold_all was trained, every trained numbered fold; None every trained numbered fold.
+    `-f all`) or, when no fold_all was trained, every trained numbered fold; None (the default of `voxseg
+    predict`) every trained numbered fold, or fold_all when it is the only trained model.
     """
     workdir = Path(workdir)
     if folds is None or folds == "all":
-        if folds == "all" and checkpoint_file(fold_dir(workdir, "all"), checkpoint).is_file():
+        has_fold_all = checkpoint_file(fold_dir(workdir, "all"), checkpoint).is_file()
+        if folds == "all" and has_fold_all:
             return ["all"]
         trained = trained_folds(workdir, checkpoint)
-        if not trained:
-            raise CheckpointError(
-                f"{workdir / 'training'}: no trained fold has checkpoint_{checkpoint}.pt; train one first "
-                f"('voxseg train {workdir} --fold 0', or '--fold all')"
-            )
-        return list(trained)
+        if trained:
+            return list(trained)
+        if has_fold_all:
+            return ["all"]
+        raise CheckpointError(
+            f"{workdir / 'training'}: no trained fold has checkpoint_{checkpoint}.pt; train one first "
+            f"('voxseg train {workdir} --fold 0', or '--fold all')"
+        )
     if isinstance(folds, (int, str)):
         folds = [folds]
     out: list[int | str] = []

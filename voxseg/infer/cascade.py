@@ -56,15 +56,16 @@ def labels_for_next_stage(logits: torch.Tensor, plan: Plan, properties: dict, ne
 
 
 def first_stage_channels(first: Any, image: np.ndarray, geometry: Any, plan: Plan, properties: dict,
-                         name: str = "") -> np.ndarray:
+                         name: str = "") -> torch.Tensor:
     """Prediction: run the first stage's Predictor `first` on the raw (C, D, H, W) image and return its
-    segmentation on the cascade `plan`'s preprocessed grid (the grid of `properties`), one-hot: (L, d, h, w)."""
+    segmentation on the cascade `plan`'s preprocessed grid (the grid of `properties`), one-hot: (L, d, h, w)
+    float32 on the first stage's compute device."""
     first_pp, first_properties = first.preprocess(image, geometry, name)
-    labels = labels_for_next_stage(first.predict_logits(first_pp), first.plan, first_properties, plan)
+    labels = labels_for_next_stage(first.predict_logits(first_pp, name), first.plan, first_properties, plan)
     if list(labels.shape) != list(properties["shape_after_resample"]):  # both stages crop the same box
         raise InputError(f"case '{name}': the first stage's segmentation has shape {list(labels.shape)} on the "
                          f"cascade's grid, expected {properties['shape_after_resample']}")
-    return onehot_previous(labels, plan).cpu().numpy()
+    return onehot_previous(labels, plan)
 
 
 class NextStage:

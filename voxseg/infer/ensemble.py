@@ -90,7 +90,7 @@ class EnsemblePredictor(Predictor):
                          first.amp_dtype, postprocessing)
         self.members = list(members)
 
-    def predict_logits(self, image_pp: np.ndarray | torch.Tensor) -> torch.Tensor:
+    def predict_logits(self, image_pp: np.ndarray | torch.Tensor, name: str = "") -> torch.Tensor:
         raise ConfigError("an ensemble of configurations has no logits of its own: each configuration "
                           "preprocesses the case itself; use predict_array")
 

@@ -353,15 +353,19 @@ def plan_from_nnunet(plans: dict[str, Any], dataset: dict[str, Any], configurati
 
 # ----- folds ----------------------------------------------------------------------------------------------------
 def nnunet_folds(folder: str | Path, folds: int | str | Sequence[int | str] | None, checkpoint: str) -> list[Path]:
-    """Checkpoint files of the chosen folds: ints / "all" (fold_all, else every fold) / None (every fold_N)."""
+    """Checkpoint files of the chosen folds: ints / "all" (fold_all, else every fold) / None (every fold_N, else
+    fold_all when it is the only one)."""
     folder = Path(folder)
     if checkpoint not in CHECKPOINT_FILES:
         raise CheckpointError(f"checkpoint '{checkpoint}' does not exist in nnU-Net model folders; use "
                               f"{' or '.join(CHECKPOINT_FILES)}")
     filename = CHECKPOINT_FILES[checkpoint]
     if folds is None or folds == "all":
-        names = ["all"] if folds == "all" and (folder / "fold_all" / filename).is_file() else sorted(
-            (p.name[5:] for p in folder.glob("fold_*") if p.name[5:].isdigit() and (p / filename).is_file()), key=int)
+        has_fold_all = (folder / "fold_all" / filename).is_file()
+        names = sorted((p.name[5:] for p in folder.glob("fold_*") if p.name[5:].isdigit() and (p / filename).is_file()),
+                       key=int)
+        if has_fold_all and (folds == "all" or not names):
+            names = ["all"]
     else:
         names = [str(f) for f in ([folds] if isinstance(folds, (int, str)) else folds)]
     if not names:

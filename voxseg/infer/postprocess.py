@@ -31,6 +31,7 @@ import torch
 from scipy import ndimage
 
 from voxseg.data.io import SUPPORTED_ENDINGS, read_image
+from voxseg.data.restore import DEFAULT_RESTORE_VALUES, crop_box, paste_rows, restore_in_slabs
 from voxseg.plans import Plan
 from voxseg.jsonio import write_json_atomic
 from voxseg.errors import ConfigError, InputError
@@ -80,7 +81,8 @@ def probability_names(plan: Plan) -> list[str]:
 
 
 def labels_on_original_grid(logits: torch.Tensor, plan: Plan, properties: dict[str, Any],
-                            with_probabilities: bool = False) -> tuple[np.ndarray, np.ndarray | None]:
+                            with_probabilities: bool = False,
+                            max_values: int = DEFAULT_RESTORE_VALUES) -> tuple[np.ndarray, np.ndarray | None]:
     """(K, d, h, w) logits at the target spacing -> ((D, H, W) uint8 labels, (K, D, H, W) float32 probabilities
     or None) on the case's original grid; the probabilities reach the host only when `with_probabilities`.
 
@@ -88,14 +90,33 @@ def labels_on_original_grid(logits: torch.Tensor, plan: Plan, properties: dict[s
     / sigmoid) and pasted into the full grid, and the labels are taken from those probabilities. Deciding after
     resampling keeps thin structures and smooth borders that resampling a label map (nearest values) would
     lose when the original spacing differs from the target spacing.
-    """
-    from voxseg.data.preprocess import restore_to_original
 
-    restored = restore_to_original(logits, properties, is_label=False, device=logits.device,
-                                   background_channel=not plan.is_region_based, as_tensor=True,
-                                   activation=lambda values: activate(values, plan))  # (K, D, H, W)
-    labels = probabilities_to_labels(restored, plan).cpu().numpy()
-    return labels, (restored.cpu().numpy() if with_probabilities else None)
+    Memory: the crop box is restored in slabs of rows (`voxseg.data.restore`) on the logits' device, each slab
+    activated, turned into labels and copied to the host before the next, so that the device holds at most
+    `max_values` values (channels x voxels) of slab tensors at once; on a CUDA out-of-memory error the rest is
+    done on the CPU. The result does not depend on `max_values`.
+    """
+    expected = [int(s) for s in properties["shape_after_resample"]]
+    if logits.ndim != 4 or list(logits.shape[1:]) != expected:
+        raise InputError(f"case '{properties.get('name', '')}': prediction shape {tuple(logits.shape)} does not "
+                         f"match the preprocessed shape {expected}")
+    original = tuple(int(s) for s in properties["original_shape"])
+    labels = np.zeros(original, dtype=np.uint8)  # background outside the crop box
+    probabilities = None
+    if with_probabilities:
+        probabilities = np.zeros((logits.shape[0], *original), dtype=np.float32)
+        if not plan.is_region_based:
+            probabilities[0] = 1.0  # softmax: background outside the crop box; regions: every channel 0
+    box = crop_box(properties)
+
+    def consume(rows: slice, restored: torch.Tensor) -> None:  # (K, rows, H, W) logits of the crop box
+        activated = activate(restored, plan)
+        paste_rows(labels, box, rows, probabilities_to_labels(activated, plan).cpu().numpy())
+        if probabilities is not None:
+            paste_rows(probabilities, box, rows, activated.cpu().numpy())
+
+    restore_in_slabs(logits, properties, consume, max_values)
+    return labels, probabilities
 
 
 # ----- largest connected component --------------------------------------------------------------------------

@@ -5,13 +5,14 @@
     >>> predictor.predict_files(find_input_cases("imagesTs", 4, ".nii.gz"), "preds")
 
 Folds: an int or list of ints picks training/fold_F; "all" picks training/fold_all (the model trained on every
-case, nnU-Net's `-f all`), or, when no fold_all was trained, every trained fold_F as an ensemble; None picks
-every trained fold_F. Folds are averaged in logit space inside one sliding-window pass.
+case, nnU-Net's `-f all`), or, when no fold_all was trained, every trained fold_F as an ensemble; None (the
+default, as in nnU-Net) picks every trained fold_F, or fold_all when it is the only trained model. Folds are
+averaged in logit space inside one sliding-window pass; `Predictor.folds` lists those loaded.
 """
 from __future__ import annotations
 
 import contextlib
-import sys
+import time
 from collections import deque
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
@@ -20,15 +21,18 @@ from typing import Any, Iterator, Sequence
 import numpy as np
 import torch
 
-from voxseg.atomicio import atomic_open, make_output_folder, sweep_stale_temporaries
+from voxseg.atomicio import make_output_folder, sweep_stale_temporaries
 from voxseg.data.io import Geometry, read_channels, write_image
-from voxseg.distributed import env_world, local_device, shard_balanced
+from voxseg.data.restore import DEFAULT_RESTORE_VALUES
+from voxseg.distributed import local_device
 from voxseg.plans import Plan
 from voxseg.errors import CheckpointError, ConfigError, InputError, VoxsegError
 from voxseg.data.configs import stage_workdir
+from voxseg.infer.casefiles import case_failure_reason, collect_write, my_share, save_probabilities
 from voxseg.infer.archive import check_same_plan, load_fold_network, resolve_device, resolve_folds
 from voxseg.infer.inputs import find_input_cases
 from voxseg.infer.nnunet import is_nnunet_model_folder, load_nnunet_fold, nnunet_folds
+from voxseg.infer.progress import CaseProgress
 from voxseg.infer.postprocess import (
     apply_postprocessing,
     load_postprocessing,
@@ -70,7 +74,16 @@ class Predictor:
         previous: for a cascade stage, the Predictor of its first stage: it runs first on every image, and its
             segmentation, on this plan's grid and one-hot, is appended to the image channels
             (`voxseg.infer.cascade`).
+
+    Attributes:
+        folds: the folds `from_workdir` loaded (fold numbers, or "all" for fold_all); empty otherwise.
+        restore_values: the most values (channels x voxels) restoring a prediction to the original grid holds on
+            the device at once (`voxseg.data.restore`; default 2^28, 1 GiB of float32); set it lower for a
+            small GPU.
     """
+
+    folds: tuple[int | str, ...] = ()
+    restore_values: int = DEFAULT_RESTORE_VALUES
 
     def __init__(self, plan: Plan, models: Sequence[Any], device: str | torch.device = "cpu", step: float = 0.5,
                  mirror_axes: Sequence[int] = (), tile_batch: int = 4, amp_dtype: torch.dtype | None = None,
@@ -93,7 +106,7 @@ class Predictor:
     def from_workdir(
         cls,
         workdir: str | Path,
-        folds: int | str | Sequence[int | str] | None = (0,),
+        folds: int | str | Sequence[int | str] | None = None,
         checkpoint: str = "final",
         device: str | torch.device = "auto",
         step: float = 0.5,
@@ -122,8 +135,10 @@ class Predictor:
             raise CheckpointError(f"model folder {workdir} not found; give the work directory of 'voxseg train'")
         if is_nnunet_model_folder(workdir):  # nnU-Net v2 <Trainer>__<Plans>__<configuration> folder
             backend, fold_list = "nnunet", nnunet_folds(workdir, folds, checkpoint)
+            names = [int(p.parent.name[5:]) if p.parent.name[5:].isdigit() else p.parent.name[5:] for p in fold_list]
         else:
             fold_list = resolve_folds(workdir, folds, checkpoint) if onnx_files is None else []
+            names = list(fold_list)
         if backend == "nnunet":
             device = local_device(resolve_device(device))
             loaded = [load_nnunet_fold(workdir, path, device) for path in fold_list]
@@ -158,8 +173,10 @@ class Predictor:
                                   "backend only")
             previous = cls.from_workdir(stage_workdir(workdir, plan.previous_stage), folds, checkpoint, device, step,
                                         requested_mirror, tile_batch, compile, amp)
-        return cls(plan, models, device, step, _mirror_axes(mirror_axes, plan.network.ndim), tile_batch, amp_dtype,
-                   postprocessing, previous)
+        predictor = cls(plan, models, device, step, _mirror_axes(mirror_axes, plan.network.ndim), tile_batch,
+                        amp_dtype, postprocessing, previous)
+        predictor.folds = tuple(names)
+        return predictor
 
     # ----- arrays ---------------------------------------------------------------------------------------------
     @property
@@ -167,15 +184,15 @@ class Predictor:
         """Names of the probability channels."""
         return probability_names(self.plan)
 
-    def predict_logits(self, image_pp: np.ndarray | torch.Tensor) -> torch.Tensor:
+    def predict_logits(self, image_pp: np.ndarray | torch.Tensor, name: str = "") -> torch.Tensor:
         """(C, d, h, w) preprocessed image -> (K, d, h, w) float32 logits (on the compute device, or on the host
-        when the accumulator did not fit in device memory)."""
+        when the accumulator did not fit in device memory); `name` is the case named in out-of-memory messages."""
         image = torch.as_tensor(image_pp, dtype=torch.float32).to(self.device, non_blocking=True)[None]
         with _cudnn_autotuning(self.device.type == "cuda"):
             return sliding_window_inference(
                 self.models, image, self.plan.patch_size, self.plan.num_outputs, step=self.step,
                 tile_batch=self.tile_batch, mirror_axes=self.mirror_axes, amp_dtype=self.amp_dtype,
-                slice_axis=self.plan.slice_axis,
+                slice_axis=self.plan.slice_axis, case_name=name,
             )
 
     def logits_to_labels(self, logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -204,21 +221,23 @@ class Predictor:
         if not isinstance(geometry, Geometry):
             geometry = Geometry.from_spacing(tuple(float(s) for s in geometry))
         image_pp, properties = self.preprocess(image.astype(np.float32, copy=False), geometry, name)
-        labels_out, probabilities_out = labels_on_original_grid(self.predict_logits(image_pp), self.plan, properties,
-                                                                with_probabilities=return_probabilities)
+        labels_out, probabilities_out = labels_on_original_grid(
+            self.predict_logits(image_pp, name), self.plan, properties, with_probabilities=return_probabilities,
+            max_values=self.restore_values)
         return (labels_out, probabilities_out) if return_probabilities else labels_out
 
-    def preprocess(self, image: np.ndarray, geometry: Geometry, name: str = "") -> tuple[np.ndarray, dict[str, Any]]:
-        """(C, D, H, W) float32 image -> (the network's input (C [+ L], d, h, w), preprocessing properties); a
-        cascade stage runs its first stage here and appends the one-hot of its segmentation on this grid."""
-        from voxseg.data.preprocess import preprocess_case
+    def preprocess(self, image: np.ndarray, geometry: Geometry, name: str = "") -> tuple[torch.Tensor, dict[str, Any]]:
+        """(C, D, H, W) float32 image -> (the network's input (C [+ L], d, h, w) float32 on the compute device,
+        preprocessing properties); a cascade stage runs its first stage here and appends the one-hot of its
+        segmentation on this grid. The input is not copied back to the host (`preprocess_image`)."""
+        from voxseg.data.preprocess import preprocess_image
         from voxseg.infer.cascade import first_stage_channels
 
-        image_pp, _, properties = preprocess_case(image, geometry, self.plan, device=self.device, name=name)
+        image_pp, properties = preprocess_image(image, geometry, self.plan, device=self.device, name=name)
         if self.previous is None:
             return image_pp, properties
         extra = first_stage_channels(self.previous, image, geometry, self.plan, properties, name)
-        return np.concatenate([image_pp, extra.astype(image_pp.dtype)]), properties
+        return torch.cat([image_pp, extra.to(image_pp.device, image_pp.dtype)]), properties
 
     # ----- files ----------------------------------------------------------------------------------------------
     def _postprocessing_spec(self, postprocess: Any) -> dict[str, Any] | None:
@@ -253,7 +272,7 @@ class Predictor:
         num_io_threads: int = 2,
         postprocess: Any = None,
         file_ending: str | None = None,
-        progress: bool | None = None,
+        progress: bool = False,
     ) -> dict[str, Any]:
         """Predict cases from files and write OUT/NAME{file_ending} with each input's geometry.
 
@@ -268,7 +287,9 @@ class Predictor:
             postprocess: None (the model's postprocessing.json, if any), False, "force" (largest component of
                 every class), a spec dict or a path to a postprocessing.json.
             file_ending: output ending (default the plan's).
-            progress: show a progress bar (default: when stderr is a terminal).
+            progress: report each case on stderr with its time (a bar on a terminal, a plain line per case
+                otherwise) and a summary line at the end (`voxseg.infer.progress`); off by default, `voxseg
+                predict` turns it on.
 
         Under torchrun (RANK / WORLD_SIZE in the environment) each process predicts its share of the cases,
         balanced by input file size, and writes its own outputs; no process group is needed. The shares are
@@ -281,13 +302,13 @@ class Predictor:
         sweep_stale_temporaries(out_dir)  # left by a killed run
         ending = file_ending or self.plan.file_ending
         spec = self._postprocessing_spec(postprocess)
-        cases = _my_share(cases)
+        cases = my_share(cases)
         todo = [(name, files) for name, files in cases
                 if not (continue_run and self._outputs_exist(out_dir, name, ending, save_probabilities))]
         failures: list[tuple[str, str]] = []
-        bar = _progress(len(todo), progress)
-        written = self._pipeline(todo, out_dir, ending, spec, save_probabilities, num_io_threads, failures, bar)
-        bar.close()
+        report = CaseProgress(len(todo), progress)
+        written = self._pipeline(todo, out_dir, ending, spec, save_probabilities, num_io_threads, failures, report)
+        report.close()
         if failures:
             lines = "\n".join(f"  {name}: {reason}" for name, reason in failures)
             raise InputError(f"{len(failures)} of {len(todo)} case(s) failed ({written} written to {out_dir}):\n{lines}")
@@ -295,7 +316,7 @@ class Predictor:
 
     def _pipeline(self, todo: list[tuple[str, Sequence[str | Path]]], out_dir: Path, ending: str,
                   spec: dict[str, Any] | None, save_probabilities: bool, num_io_threads: int,
-                  failures: list[tuple[str, str]], bar: Any) -> int:
+                  failures: list[tuple[str, str]], report: CaseProgress) -> int:
         """Read ahead and write behind on `num_io_threads` threads while the device predicts; returns the number
         of cases written and appends (name, reason) for each case that failed."""
         threads, written = max(1, num_io_threads), 0
@@ -314,22 +335,23 @@ class Predictor:
             while pending_reads:
                 name, future = pending_reads.popleft()
                 read_ahead()
+                start = time.perf_counter()  # from waiting for the read to the prediction handed to a writer
                 try:
                     image, geometry = future.result()
                     result = self.predict_array(image, geometry, return_probabilities=save_probabilities, name=name)
                 except (VoxsegError, OSError) as exc:
-                    failures.append((name, _reason(name, exc)))
-                    bar.update()
+                    failures.append((name, case_failure_reason(name, exc)))
+                    report.done(name, time.perf_counter() - start, failed=True)
                     continue
                 labels, probabilities = result if save_probabilities else (result, None)
                 labels = apply_postprocessing(labels, spec)
                 pending_writes.append((name, pool.submit(self._write_case, out_dir, name, ending, labels, geometry,
                                                          probabilities)))
                 while len(pending_writes) > threads:  # bound the finished cases waiting for the writers
-                    written += _collect(pending_writes.popleft(), failures)
-                bar.update()
+                    written += collect_write(pending_writes.popleft(), failures)
+                report.done(name, time.perf_counter() - start)
             while pending_writes:
-                written += _collect(pending_writes.popleft(), failures)
+                written += collect_write(pending_writes.popleft(), failures)
         return written
 
     @staticmethod
@@ -353,45 +375,3 @@ def _cudnn_autotuning(enabled: bool) -> Iterator[None]:
         yield
     finally:
         torch.backends.cudnn.benchmark = previous
-
-
-def _my_share(cases: Sequence[tuple[str, Sequence[str | Path]]]) -> list[tuple[str, Sequence[str | Path]]]:
-    """This torchrun rank's cases, balanced by the size of their input files (all cases for one process)."""
-    rank, size, _ = env_world()
-    if size == 1:
-        return list(cases)
-    sizes = [sum(Path(f).stat().st_size for f in files if Path(f).is_file()) for _, files in cases]
-    mine = shard_balanced(list(cases), sizes, rank, size)
-    print(f"rank {rank}/{size}: predicting {len(mine)} of {len(cases)} cases", file=sys.stderr, flush=True)
-    return mine
-
-
-def _reason(name: str, exc: Exception) -> str:
-    """The error message without a leading "case NAME:", which the failure list already shows."""
-    message = str(exc)
-    for prefix in (f"case '{name}': ", f"case {name}: "):
-        if message.startswith(prefix):
-            return message[len(prefix):]
-    return message
-
-
-def _collect(item: tuple[str, Future], failures: list[tuple[str, str]]) -> int:
-    name, future = item
-    try:
-        future.result()
-        return 1
-    except (VoxsegError, OSError) as exc:
-        failures.append((name, f"could not write the prediction ({exc})"))
-        return 0
-
-
-def _progress(total: int, show: bool | None) -> Any:
-    from tqdm import tqdm
-
-    return tqdm(total=total, desc="predict", unit="case", disable=not (sys.stderr.isatty() if show is None else show))
-
-
-def save_probabilities(path: Path, probabilities: np.ndarray, class_names: Sequence[str]) -> None:
-    """NAME.npz with "probabilities" (K, D, H, W) float16 and "class_names", written atomically."""
-    with atomic_open(path) as handle:
-        np.savez_compressed(handle, probabilities=probabilities.astype(np.float16), class_names=np.array(class_names))

@@ -11,17 +11,21 @@ logit over tiles x mirrors x folds; the caller applies softmax / sigmoid once at
 Batching: `tile_batch` tiles are cropped at once; their mirrored copies are concatenated along the batch axis
 into one forward call per model; every fold model runs on the same gathered batch. The tile loop never syncs
 with the host (no `.item()`, no `.cpu()`) unless the accumulator itself had to fall back to host memory.
+
+Out of GPU memory, a pass backs off step by step (`OutOfMemoryFallback`): fewer tiles per forward, then fewer
+mirrored copies per forward, then the accumulator in host memory, and only then a `DeviceMemoryError`.
 """
 from __future__ import annotations
 
 import itertools
 import math
+import sys
 from typing import Callable, Sequence
 
 import torch
 import torch.nn.functional as F
 
-from voxseg.errors import ConfigError
+from voxseg.errors import ConfigError, DeviceMemoryError
 
 ModelLike = Callable[[torch.Tensor], "torch.Tensor | Sequence[torch.Tensor]"]
 
@@ -156,6 +160,7 @@ def sliding_window_inference(
     amp_dtype: torch.dtype | None = None,
     accumulator_device: torch.device | str | None = None,
     slice_axis: int = 0,
+    case_name: str = "",
 ) -> torch.Tensor:
     """Blended logits of one image, averaged over tiles x mirrors x models.
 
@@ -175,8 +180,11 @@ def sliding_window_inference(
         output_device: where the result goes (default: where it was accumulated).
         amp_dtype: autocast dtype (torch.bfloat16 / torch.float16) or None for full precision.
         accumulator_device: force the accumulator's device; by default the compute device when it fits
-            (`choose_accumulator_device`), with a fallback to CPU on an out-of-memory error.
+            (`choose_accumulator_device`).
         slice_axis: for a 2D network, the spatial axis of `image` the slices are taken along (the plan's).
+        case_name: the case, named in the out-of-memory message and error.
+
+    Out of CUDA memory, the pass backs off (`OutOfMemoryFallback`) to the same result, or raises DeviceMemoryError.
 
     Returns:
         (K, *S) float32 averaged logits.
@@ -188,8 +196,9 @@ def sliding_window_inference(
         # 2D network over a 3D volume: tiles of depth 1 along the slice axis, moved first (and back at the end)
         if slice_axis:
             logits = sliding_window_inference(
-                models, image.movedim(2 + slice_axis, 2), patch_size, num_outputs, step, tile_batch, mirror_axes,
-                use_gaussian, output_device, amp_dtype, accumulator_device)
+                models, image.movedim(2 + slice_axis, 2), patch_size, num_outputs, step=step, tile_batch=tile_batch,
+                mirror_axes=mirror_axes, use_gaussian=use_gaussian, output_device=output_device,
+                amp_dtype=amp_dtype, accumulator_device=accumulator_device, case_name=case_name)
             return logits.movedim(1, 1 + slice_axis).contiguous()
         models = [_SliceModel(m) for m in models]
         patch_size = (1,) + patch_size
@@ -210,22 +219,90 @@ def sliding_window_inference(
         if accumulator_device is not None
         else choose_accumulator_device(image.device, num_outputs, padded.shape[2:])
     )
+    mirrors = mirror_combinations(mirror_axes)
+    fallback = OutOfMemoryFallback(tile_batch, len(mirrors), case_name)
     run = dict(models=models, image=padded, positions=positions, patch_size=patch_size, num_outputs=num_outputs,
-               tile_batch=tile_batch, mirrors=mirror_combinations(mirror_axes), weight=weight, amp_dtype=amp_dtype)
+               mirrors=mirrors, weight=weight, amp_dtype=amp_dtype, fallback=fallback)
     logits = _accumulate_with_fallback(acc_device, run)[(slice(None),) + crop]
+    fallback.report()
     return logits.to(output_device) if output_device is not None else logits
 
 
+class OutOfMemoryFallback:
+    """How far a sliding-window pass had to back off after CUDA out-of-memory errors, and the one report of it.
+
+    A forward that runs out is retried with a smaller forward batch (tiles x mirrored copies): half the tiles,
+    down to 1 (`tile_batch`), then half the mirrored copies, down to 1 (`mirror_group`). When that is not
+    enough, or the accumulator itself does not fit, the pass starts again with the accumulator in host memory
+    (`host_accumulator`); only then `error()` names the case and what to try. The result does not depend on
+    the fallback taken: the same tiles are summed in the same order. `report()` writes one line on stderr.
+    """
+
+    def __init__(self, tile_batch: int, num_mirrors: int, case_name: str = "") -> None:
+        self.requested_tile_batch = tile_batch
+        self.tile_batch = tile_batch
+        self.mirror_group = num_mirrors
+        self.num_mirrors = num_mirrors
+        self.host_accumulator = False
+        self.case_name = case_name
+
+    def shrink(self) -> bool:
+        """Halve the tiles per forward, else the mirrored copies per forward; False when both are at 1."""
+        if self.tile_batch > 1:
+            self.tile_batch = max(1, self.tile_batch // 2)
+        elif self.mirror_group > 1:
+            self.mirror_group = max(1, self.mirror_group // 2)
+        else:
+            return False
+        return True
+
+    def taken(self) -> list[str]:
+        """The fallbacks taken, in words (empty when none)."""
+        steps = []
+        if self.tile_batch != self.requested_tile_batch:
+            steps.append(f"{self.tile_batch} tile(s) per forward pass instead of {self.requested_tile_batch}")
+        if self.mirror_group != self.num_mirrors:
+            steps.append(f"{self.mirror_group} of the {self.num_mirrors} mirrored copies per forward pass")
+        if self.host_accumulator:
+            steps.append("the accumulator in host memory")
+        return steps
+
+    def report(self) -> None:
+        """One line on stderr when a fallback was taken."""
+        steps = self.taken()
+        if steps:
+            hint = (f"--tile-batch {self.tile_batch}" if self.mirror_group == self.num_mirrors else
+                    "--tile-batch 1 and fewer --mirror-axes")
+            print(f"{self._case()}out of GPU memory; finished with {' and '.join(steps)} (slower; {hint} "
+                  "avoids the retries)", file=sys.stderr, flush=True)
+
+    def error(self) -> DeviceMemoryError:
+        return DeviceMemoryError(
+            f"{self._case()}out of GPU memory even with 1 tile and 1 mirrored copy per forward pass and the "
+            f"accumulator in host memory (asked: --tile-batch {self.requested_tile_batch}); predict on the CPU "
+            "(--device cpu), free the GPU memory other processes hold, or use a GPU with more memory")
+
+    def _case(self) -> str:
+        return f"case '{self.case_name}': " if self.case_name else ""
+
+
 def _accumulate_with_fallback(acc_device: torch.device, run: dict) -> torch.Tensor:
-    """Accumulate on `acc_device`; on a CUDA out-of-memory error, again with the accumulator on the host."""
-    try:
-        return _accumulate_tiles(acc_device=acc_device, **run)
-    except torch.cuda.OutOfMemoryError:
-        if acc_device.type == "cpu":
-            raise
-    # retried outside the except block so the failed attempt's tensors (held by the traceback) are freed
-    torch.cuda.empty_cache()
-    return _accumulate_tiles(acc_device=torch.device("cpu"), **run)
+    """Accumulate on `acc_device`; when CUDA runs out of memory beyond what smaller forward batches solve,
+    again with the accumulator on the host; DeviceMemoryError when even that runs out."""
+    fallback: OutOfMemoryFallback = run["fallback"]
+    for device in (acc_device,) if acc_device.type == "cpu" else (acc_device, torch.device("cpu")):
+        fallback.host_accumulator = device.type == "cpu" and acc_device.type != "cpu"
+        try:
+            return _accumulate_tiles(acc_device=device, **run)
+        except torch.cuda.OutOfMemoryError:
+            pass  # retried outside the except block, so the failed attempt's tensors (held by the traceback) go
+        _free_cached_memory()
+    raise fallback.error()
+
+
+def _free_cached_memory() -> None:
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        torch.cuda.empty_cache()
 
 
 def _accumulate_tiles(
@@ -234,10 +311,10 @@ def _accumulate_tiles(
     positions: list[tuple[int, ...]],
     patch_size: tuple[int, ...],
     num_outputs: int,
-    tile_batch: int,
     mirrors: list[tuple[int, ...]],
     weight: torch.Tensor,
     amp_dtype: torch.dtype | None,
+    fallback: OutOfMemoryFallback,
     acc_device: torch.device,
 ) -> torch.Tensor:
     """Sum weighted tile logits into (K, *S) and divide by the summed weights (image is already padded)."""
@@ -245,22 +322,40 @@ def _accumulate_tiles(
     logits = torch.zeros((num_outputs, *spatial), dtype=torch.float32, device=acc_device)  # (K, *S)
     weight_sum = torch.zeros(spatial, dtype=torch.float32, device=acc_device)  # (*S)
     weight_on_acc = weight.to(acc_device, torch.float32)
+    first = 0
     # no_grad rather than inference_mode: callers may modify the returned logits in place
     with torch.no_grad():
-        for first in range(0, len(positions), tile_batch):
+        while first < len(positions):
             slices = [
                 tuple(slice(s, s + p) for s, p in zip(start, patch_size))
-                for start in positions[first : first + tile_batch]
+                for start in positions[first : first + fallback.tile_batch]
             ]
-            tiles = torch.stack([image[0][(slice(None),) + sl] for sl in slices])  # (n, C, *P)
-            out = _predict_tiles(models, tiles, mirrors, num_outputs, amp_dtype)  # (n, K, *P)
+            out = _weighted_tiles(models, image, slices, mirrors, num_outputs, amp_dtype, weight, fallback)
+            if out is None:  # out of memory: the same tiles again with a smaller forward batch
+                _free_cached_memory()
+                continue
             # the only device->host copy of the loop, and only when the accumulator lives on the host
-            out = (out * weight).to(acc_device)
+            out = out.to(acc_device)
             for i, sl in enumerate(slices):
                 logits[(slice(None),) + sl] += out[i]
                 weight_sum[sl] += weight_on_acc
+            first += len(slices)
         logits /= weight_sum
     return logits
+
+
+def _weighted_tiles(models: list[ModelLike], image: torch.Tensor, slices: list[tuple[slice, ...]],
+                    mirrors: list[tuple[int, ...]], num_outputs: int, amp_dtype: torch.dtype | None,
+                    weight: torch.Tensor, fallback: OutOfMemoryFallback) -> torch.Tensor | None:
+    """Weighted mean logits (n, K, *P) of the tiles at `slices`; None after an out-of-memory error that a
+    smaller forward batch may avoid (`fallback` has shrunk it); the error itself when nothing is left to shrink."""
+    try:
+        tiles = torch.stack([image[0][(slice(None),) + sl] for sl in slices])  # (n, C, *P)
+        return _predict_tiles(models, tiles, mirrors, num_outputs, amp_dtype, fallback.mirror_group) * weight
+    except torch.cuda.OutOfMemoryError:
+        if not fallback.shrink():
+            raise
+    return None
 
 
 def _predict_tiles(
@@ -269,25 +364,33 @@ def _predict_tiles(
     mirrors: list[tuple[int, ...]],
     num_outputs: int,
     amp_dtype: torch.dtype | None,
+    mirror_group: int | None = None,
 ) -> torch.Tensor:
-    """Mean logits (n, K, *P) over mirror combinations and models for a batch of tiles (n, C, *P)."""
+    """Mean logits (n, K, *P) over mirror combinations and models for a batch of tiles (n, C, *P).
+
+    The mirrored copies of the tiles go through each model `mirror_group` combinations at a time (default all
+    in one batch); the sum runs over models, then combinations, in the same order whatever the grouping.
+    """
     n = tiles.shape[0]
-    # every mirrored copy in one batch: (n * M, C, *P)
-    batch = torch.cat([tiles.flip([a + 2 for a in combo]) if combo else tiles for combo in mirrors])
+    group = len(mirrors) if mirror_group is None else max(1, int(mirror_group))
     total = None
     with torch.autocast(device_type=tiles.device.type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None):
         for model in models:
-            out = model(batch)
-            out = out[0] if isinstance(out, (list, tuple)) else out
-            if out.shape[0] != batch.shape[0] or out.shape[1] != num_outputs or out.shape[2:] != batch.shape[2:]:
-                raise ValueError(
-                    f"model output {tuple(out.shape)} does not match the expected "
-                    f"({batch.shape[0]}, {num_outputs}, {', '.join(map(str, batch.shape[2:]))})"
-                )
-            out = out.float()
-            for j, combo in enumerate(mirrors):
-                chunk = out[j * n : (j + 1) * n]
-                chunk = chunk.flip([a + 2 for a in combo]) if combo else chunk
-                total = chunk if total is None else total + chunk
+            for first in range(0, len(mirrors), group):
+                combos = mirrors[first : first + group]
+                # every mirrored copy of the group in one batch: (n * len(combos), C, *P)
+                batch = torch.cat([tiles.flip([a + 2 for a in combo]) if combo else tiles for combo in combos])
+                out = model(batch)
+                out = out[0] if isinstance(out, (list, tuple)) else out
+                if out.shape[0] != batch.shape[0] or out.shape[1] != num_outputs or out.shape[2:] != batch.shape[2:]:
+                    raise ValueError(
+                        f"model output {tuple(out.shape)} does not match the expected "
+                        f"({batch.shape[0]}, {num_outputs}, {', '.join(map(str, batch.shape[2:]))})"
+                    )
+                out = out.float()
+                for j, combo in enumerate(combos):
+                    chunk = out[j * n : (j + 1) * n]
+                    chunk = chunk.flip([a + 2 for a in combo]) if combo else chunk
+                    total = chunk if total is None else total + chunk
     assert total is not None
     return total / (len(models) * len(mirrors))

@@ -69,7 +69,7 @@ def full_validation(model: nn.Module, plan: Plan, preprocessed_dir: str | Path, 
             x = torch.from_numpy(x)[None].to(device)  # (1, C [+ L], d, h, w)
             logits = sliding_window_inference(model, x, patch_size, plan.num_outputs, step=step,
                                               tile_batch=tile_batch, amp_dtype=amp_dtype,
-                                              slice_axis=plan.slice_axis)  # (K, d, h, w)
+                                              slice_axis=plan.slice_axis, case_name=name)  # (K, d, h, w)
             if seg is not None:
                 ref = torch.from_numpy(np.array(seg)).to(logits.device)[None]  # (1, 1, d, h, w)
                 counts = overlap_counts(*class_masks(logits[None], ref, plan))
