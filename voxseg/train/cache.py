@@ -40,6 +40,23 @@ def free_device_bytes(device: torch.device) -> int:
     return int(free)
 
 
+def choose_cache_mode(nbytes: float, device: torch.device, budget_gb: float | None = None) -> str:
+    """The mode "auto" picks for `nbytes` of cases: "gpu" within `budget_gb` (default 80% of the free device
+    memory; for a CPU device 50% of host RAM), else "pinned" for a CUDA device when they fit in 50% of host RAM,
+    else "mmap". `voxseg estimate` asks it for a dataset it times only a few cases of."""
+    if budget_gb is not None:
+        budget = budget_gb * GIB
+    elif device.type == "cuda":
+        budget = 0.8 * free_device_bytes(device)
+    else:  # "gpu" mode on a CPU device means plain host tensors
+        budget = 0.5 * host_memory_bytes()
+    if nbytes <= budget:
+        return "gpu"
+    if device.type == "cuda" and nbytes <= 0.5 * host_memory_bytes():
+        return "pinned"
+    return "mmap"
+
+
 class CaseCache:
     """Preprocessed cases (image, labels, foreground locations) for patch sampling.
 
@@ -109,19 +126,7 @@ class CaseCache:
         return image, seg
 
     def _choose_mode(self, mode: str, budget_gb: float | None) -> str:
-        if mode != "auto":
-            return mode
-        if budget_gb is not None:
-            budget = budget_gb * GIB
-        elif self.device.type == "cuda":
-            budget = 0.8 * free_device_bytes(self.device)
-        else:  # "gpu" mode on a CPU device means plain host tensors
-            budget = 0.5 * host_memory_bytes()
-        if self.nbytes <= budget:
-            return "gpu"
-        if self.device.type == "cuda" and self.nbytes <= 0.5 * host_memory_bytes():
-            return "pinned"
-        return "mmap"
+        return mode if mode != "auto" else choose_cache_mode(self.nbytes, self.device, budget_gb)
 
     def _hold(self, array: np.ndarray) -> torch.Tensor | np.ndarray:
         if self.mode == "mmap":
