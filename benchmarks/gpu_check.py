@@ -202,7 +202,8 @@ def markdown_table(report: dict[str, Any]) -> str:
         (f"step, end to end, {training.get('cpu_threads', '?')} CPU threads (amp {training.get('amp')}, "
          f"compile {training.get('compile')})",
          _cell(report["step_ms_end_to_end"], ".1f", " ms") + spread["end_to_end_range_s"]),
-        (f"waiting for data ({report.get('data_wait_kind', '?')})", _cell(report["data_wait_fraction"] and report["data_wait_fraction"] * 100, ".1f", " %")),
+        (f"waiting for data ({report.get('data_wait_kind', '?')})",
+         _cell(report["data_wait_fraction"] and report["data_wait_fraction"] * 100, ".1f", " %")),
         (f"peak memory ({training.get('memory_kind', '?')}) / plan estimate",
          f"{_cell(report['peak_memory_gb'], '.2f', ' GB')} / {_cell(report['estimated_memory_gb'], '.2f', ' GB')}"),
         ("predict 1 fold, no TTA (file to file)", _cell(report["infer_s_1fold"], ".2f", " s/case")),

@@ -74,7 +74,8 @@ def test_benchmark_fields_file_and_table(workdir: Path) -> None:
 
     table = format_benchmark(result)
     for row in ("device", "patch x batch", "step, data on device", "step, end to end", "host waiting for a batch",
-                "GPU time between steps (data)  n/a (no CUDA device)", "samples/s", "peak memory (process RSS)", "read one raw case", "preprocess one case",
+                "GPU time between steps (data)  n/a (no CUDA device)", "samples/s", "peak memory (process RSS)",
+                "read one raw case", "preprocess one case",
                 "predict, 1 fold, no TTA", "predict, 5 folds, mirroring"):
         assert row in table
     assert f"{t['samples_per_s']:.2f}" in table and f"{t['end_to_end_step_s'] * 1000:.1f} ms" in table
