@@ -10,7 +10,8 @@ stage records {"error": ...} and the others still report:
   4. on CUDA, `voxseg plan --calibrate`: the memory model fitted to real steps of candidate configurations and
      the work directory planned again with it (the fit and the plan before/after are recorded);
   5. the training step with data on the device and end to end with 4 CPU threads (`time_training`: bf16 and
-     compile as the defaults choose), the data-wait fraction, peak memory against the (calibrated) estimate;
+     compile as the defaults choose), waiting for data (GPU time between steps on CUDA, the host's wait for a
+     batch on a CPU), peak memory after warm-up (reserved + context on CUDA) against the (calibrated) estimate;
   6. inference file to file: 1 fold without TTA and 5 folds with 8 mirrors (one initialised checkpoint copied
      to fold_0..fold_4: speed does not depend on the weights);
   7. augmentation throughput (`augment_batch`, 2 x 4 x 128^3 on CUDA).
@@ -169,7 +170,7 @@ def headline(report: dict[str, Any]) -> None:
 
     report.update({
         "step_ms_device": milliseconds("device_step_s"), "step_ms_end_to_end": milliseconds("end_to_end_step_s"),
-        "data_wait_fraction": training.get("data_wait_fraction"), "peak_memory_gb": training.get("peak_memory_gb"),
+        **_data_wait(training), "peak_memory_gb": training.get("peak_memory_gb"),
         "estimated_memory_gb": training.get("estimated_memory_gb"),
         "infer_s_1fold": inference.get("1_fold_no_tta_s"), "infer_s_5fold_tta": inference.get("5_folds_8_mirrors_s"),
         "augment_samples_per_s": (report.get("augment") or {}).get("samples_per_s"),
@@ -180,6 +181,15 @@ def headline(report: dict[str, Any]) -> None:
             skipped = report.get(stage) == {"skipped": True}
             report["errors"].setdefault(stage, f"skipped (--skip {stage})" if skipped else
                                         f"the {stage} stage gave no '{key}'")
+
+
+def _data_wait(training: dict[str, Any]) -> dict[str, Any]:
+    """The headline data wait, named for what it measures: on CUDA the GPU's time between steps, else the
+    training thread's wait for a batch prepared on the host."""
+    if training.get("gpu_data_wait_fraction") is not None:
+        return {"data_wait_fraction": training["gpu_data_wait_fraction"], "data_wait_kind": "GPU time between steps"}
+    return {"data_wait_fraction": training.get("host_data_wait_fraction"),
+            "data_wait_kind": "host waiting for a batch"}
 
 
 def _cell(value: Any, form: str, unit: str = "") -> str:
@@ -209,7 +219,8 @@ def markdown_table(report: dict[str, Any]) -> str:
         (f"step, end to end, {training.get('cpu_threads', '?')} CPU threads (amp {training.get('amp')}, "
          f"compile {training.get('compile')})",
          _cell(report["step_ms_end_to_end"], ".1f", " ms") + spread["end_to_end_range_s"]),
-        ("waiting for data", _cell(report["data_wait_fraction"] and report["data_wait_fraction"] * 100, ".1f", " %")),
+        (f"waiting for data ({report.get('data_wait_kind', '?')})",
+         _cell(report["data_wait_fraction"] and report["data_wait_fraction"] * 100, ".1f", " %")),
         (f"peak memory ({training.get('memory_kind', '?')}) / plan estimate",
          f"{_cell(report['peak_memory_gb'], '.2f', ' GB')} / {_cell(report['estimated_memory_gb'], '.2f', ' GB')}"),
         ("predict 1 fold, no TTA (file to file)", _cell(report["infer_s_1fold"], ".2f", " s/case")),

@@ -5,20 +5,19 @@ from __future__ import annotations
 
 import json
 import math
-import shutil
 from pathlib import Path
 
 import pytest
 import torch
 
-from voxseg.bench import estimate as estimate_module
-from voxseg.bench.benchmark import format_benchmark, run_benchmark
-from voxseg.bench.estimate import epoch_iterations, format_estimate, run_estimate
+from voxseg.bench.benchmark import format_benchmark, memory_row, run_benchmark
 from voxseg.bench import timing as timing_module
-from voxseg.bench.timing import StepTiming, interleaved, is_noise, is_out_of_memory, spread
+from voxseg.bench.timing import (
+    StepTiming, between_steps_fraction, cuda_context_gb, gpu_peak_memory_gb, host_prepares_batches, interleaved,
+    is_noise, is_out_of_memory, spread,
+)
 from voxseg.data.plan import plan_dataset
 from voxseg.data.preprocess import preprocess_dataset
-from voxseg.data.splits import get_fold
 from voxseg.data.synth import make_synthetic_dataset
 
 PATCH = [16, 16, 16]
@@ -51,11 +50,15 @@ def test_benchmark_fields_file_and_table(workdir: Path) -> None:
     result = run_benchmark(workdir, device="cpu", num_threads=1, iterations=2, warmup=1, inference=True)
     assert set(result) == {"device", "torch", "cpu_threads", "plan", "training", "preprocessing", "inference"}
     assert result["device"].startswith("CPU") and result["torch"] == torch.__version__ and result["cpu_threads"] == 1
-    assert result["plan"] == {"patch_size": PATCH, "batch_size": 2, "features": [4, 8, 8]}
+    assert result["plan"] == {"patch_size": PATCH, "batch_size": 2, "features": [4, 8, 8],
+                              "estimated_memory_gb": result["plan"]["estimated_memory_gb"]}
+    assert _positive(result["plan"]["estimated_memory_gb"])
 
     t = result["training"]
     assert _positive(t["device_step_s"]) and _positive(t["end_to_end_step_s"])
-    assert 0.0 <= t["data_wait_fraction"] <= 1.0
+    # on a CPU the batch is made on the host: the host's wait is the data wait; there are no GPU figures
+    assert 0.0 <= t["host_data_wait_fraction"] <= 1.0 and t["gpu_data_wait_fraction"] is None
+    assert t["peak_allocated_gb"] is None
     assert t["samples_per_s"] == pytest.approx(2 / t["end_to_end_step_s"])
     assert (t["batch_size"], t["patch_size"], t["num_samples"], t["memory_kind"]) == (2, PATCH, 1, "rss")
     assert 0.01 < t["peak_memory_gb"] < 64  # the process's peak resident set on a CPU
@@ -70,12 +73,14 @@ def test_benchmark_fields_file_and_table(workdir: Path) -> None:
     assert json.loads((workdir / "benchmark.json").read_text()) == json.loads(json.dumps(result))
 
     table = format_benchmark(result)
-    for row in ("device", "patch x batch", "step, data on device", "step, end to end", "waiting for data",
-                "samples/s", "peak memory (process RSS)", "read one raw case", "preprocess one case",
+    for row in ("device", "patch x batch", "step, data on device", "step, end to end", "host waiting for a batch",
+                "GPU time between steps (data)  n/a (no CUDA device)", "samples/s", "peak memory (process RSS)",
+                "read one raw case", "preprocess one case",
                 "predict, 1 fold, no TTA", "predict, 5 folds, mirroring"):
         assert row in table
     assert f"{t['samples_per_s']:.2f}" in table and f"{t['end_to_end_step_s'] * 1000:.1f} ms" in table
     assert f"{single:.2f} s/case" in table
+    assert f"host waiting for a batch       {t['host_data_wait_fraction'] * 100:.1f} %" in table
 
 
 def test_benchmark_without_inference_writes_to_output(workdir: Path, tmp_path: Path) -> None:
@@ -86,127 +91,12 @@ def test_benchmark_without_inference_writes_to_output(workdir: Path, tmp_path: P
     assert torch.get_num_threads() == 1  # the thread limit is what the benchmark ran with
 
 
-# ----- estimate ----------------------------------------------------------------------------------------------
-@pytest.mark.parametrize(
-    ("fixed", "cases", "samples", "batch", "expected"),
-    [(250, 100, 1, 2, 250), (0, 6, 1, 2, 3), (0, 7, 1, 2, 4), (0, 6, 2, 4, 3), (0, 5, 2, 4, 3), (0, 1, 1, 8, 1),
-     (0, 0, 1, 2, 1), (1, 1000, 4, 2, 1)],
-)
-def test_epoch_iterations(fixed: int, cases: int, samples: int, batch: int, expected: int) -> None:
-    assert epoch_iterations(fixed, cases, samples, batch) == expected
-
-
 def test_is_out_of_memory() -> None:
     assert is_out_of_memory(torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2 GiB"))
     assert is_out_of_memory(MemoryError())
     assert is_out_of_memory(RuntimeError("DefaultCPUAllocator: can't allocate memory: out of memory"))
     assert not is_out_of_memory(RuntimeError("shape mismatch"))
     assert not is_out_of_memory(ValueError("out of memory"))
-
-
-def _check_arithmetic(result: dict, epochs: int, num_cases: int) -> None:
-    rows = result["rows"]
-    reference_rate = rows[0]["batch_size"] / rows[0]["step_s"]
-    for row in rows:
-        if not row["fits"]:
-            continue
-        assert row["iterations_per_epoch"] == math.ceil(num_cases * row["num_samples"] / row["batch_size"])
-        assert row["epoch_s"] == pytest.approx(row["step_s"] * row["iterations_per_epoch"])
-        assert row["total_h"] == pytest.approx(row["epoch_s"] * epochs / 3600)
-        if not (row["noisy"] or rows[0]["noisy"]):  # equal samples seen: the ratio of samples/s
-            assert row["speedup"] == pytest.approx(row["batch_size"] / row["step_s"] / reference_rate)
-
-
-def test_estimate_measures_every_combination(workdir: Path) -> None:
-    result = run_estimate(workdir, batch_sizes=[2, 4], num_samples=[1, 2], epochs=10, iterations_per_epoch=0,
-                          device="cpu", iterations=2)
-    num_cases = len(get_fold(workdir, 0)[0])  # one pass over fold 0's training cases, as training counts it
-    assert (result["epochs"], result["iterations_per_epoch"], result["num_cases"]) == (10, 0, num_cases) == (10, 0, 4)
-    rows = result["rows"]
-    # the plan's own setting first (batch 2, 1 patch per case), then each new combination once
-    assert [(r["batch_size"], r["num_samples"], r["patch_size"]) for r in rows] == [
-        (2, 1, PATCH), (2, 2, PATCH), (4, 1, PATCH), (4, 2, PATCH)]
-    assert all(r["fits"] and _positive(r["step_s"]) and r["peak_memory_gb"] > 0 for r in rows)
-    assert rows[0]["speedup"] in (1.0, None)  # None: the timing was noise
-    assert [r["iterations_per_epoch"] for r in rows] == [2, 4, 1, 2]
-    _check_arithmetic(result, 10, num_cases)
-    assert json.loads((workdir / "estimate.json").read_text()) == json.loads(json.dumps(result))
-
-    table = format_estimate(result)
-    assert f"{num_cases} training cases, 10 epochs (one pass over the cases per epoch)" in table
-    lines = [line.split() for line in table.splitlines() if "16x16x16" in line]
-    # batch, patches per case, iterations per epoch
-    assert [(int(c[0]), int(c[1]), int(c[4])) for c in lines] == [(2, 1, 2), (2, 2, 4), (4, 1, 1), (4, 2, 2)]
-    assert "1.00x" in table or "noise" in table
-
-
-def _fake_timing(step_per_batch: float, oom_batches: set[int]):
-    """A stand-in for time_training: step time 5 ms + step_per_batch x batch; OOM for some batch sizes."""
-    calls = []
-
-    def fake(workdir, config, iterations=20, warmup=5):
-        batch, samples = config.plan["batch_size"], config.data.num_samples
-        calls.append((batch, samples))
-        if batch in oom_batches:
-            raise torch.cuda.OutOfMemoryError(f"CUDA out of memory. Tried to allocate {batch} GiB")
-        step = 0.005 + step_per_batch * batch
-        return StepTiming(device_step_s=step / 2, end_to_end_step_s=step, data_wait_fraction=0.1,
-                          samples_per_s=batch / step, peak_memory_gb=0.5 * batch, batch_size=batch,
-                          patch_size=list(config.plan["patch_size"]), num_samples=samples)
-
-    return fake, calls
-
-
-def test_estimate_reports_impossible_and_out_of_memory_rows(workdir: Path, tmp_path: Path, monkeypatch) -> None:
-    fake, calls = _fake_timing(0.01, oom_batches={4})
-    monkeypatch.setattr(estimate_module, "time_training", fake)
-    result = run_estimate(workdir, batch_sizes=[2, 3, 4], num_samples=[1, 2], epochs=100, iterations_per_epoch=0,
-                          device="cpu", output=tmp_path / "e.json")
-    rows = {(r["batch_size"], r["num_samples"]): r for r in result["rows"]}
-    assert list(rows) == [(2, 1), (2, 2), (3, 1), (3, 2), (4, 1), (4, 2)]
-    # batch 3 cannot hold whole groups of 2 patches: reported, never timed
-    assert not rows[3, 2]["fits"] and "not a multiple" in rows[3, 2]["note"] and (3, 2) not in calls
-    # out of memory is an answer, and the rows after it were still measured
-    for key in ((4, 1), (4, 2)):
-        assert not rows[key]["fits"] and rows[key]["note"] == "does not fit (out of memory)"
-        assert rows[key]["step_s"] is None and rows[key]["total_h"] is None and rows[key]["speedup"] is None
-    assert calls == [(2, 1), (2, 2), (3, 1), (4, 1), (4, 2)]
-
-    # exact arithmetic with the known step times: 4 training cases in fold 0, 100 epochs
-    assert rows[2, 1]["step_s"] == pytest.approx(0.025) and rows[2, 1]["iterations_per_epoch"] == 2
-    assert rows[2, 1]["epoch_s"] == pytest.approx(0.05) and rows[2, 1]["total_h"] == pytest.approx(5 / 3600)
-    # equal samples seen: (2, 2) steps as fast as (2, 1) with the same batch; batch 3 gives 3/0.035 vs 2/0.025
-    assert rows[2, 2]["iterations_per_epoch"] == 4 and rows[2, 2]["speedup"] == pytest.approx(1.0)
-    assert rows[3, 1]["iterations_per_epoch"] == 2 and rows[3, 1]["speedup"] == pytest.approx(3 / 0.035 / 80)
-    assert rows[3, 1]["peak_memory_gb"] == pytest.approx(1.5)
-    _check_arithmetic(result, 100, 4)
-    assert json.loads((tmp_path / "e.json").read_text()) == json.loads(json.dumps(result))
-
-    table = format_estimate(result)
-    assert table.count("does not fit (out of memory)") == 2 and "batch 3 is not a multiple of 2" in table
-    assert "1.07x" in table and "5.0 s" in table  # (2, 1): 100 epochs x 0.05 s
-
-
-def test_estimate_with_fixed_iterations_and_oom_reference(workdir: Path, tmp_path: Path, monkeypatch) -> None:
-    fake, _ = _fake_timing(0.01, oom_batches={2})  # the plan's own batch does not fit
-    monkeypatch.setattr(estimate_module, "time_training", fake)
-    result = run_estimate(workdir, batch_sizes=[1], epochs=1000, iterations_per_epoch=250, device="cpu",
-                          output=tmp_path / "e.json")
-    reference, smaller = result["rows"]
-    assert not reference["fits"] and smaller["fits"] and smaller["speedup"] is None  # nothing to compare with
-    assert smaller["iterations_per_epoch"] == 250
-    assert smaller["total_h"] == pytest.approx(0.015 * 250 * 1000 / 3600)
-    table = format_estimate(result)
-    assert "250 iterations per epoch" in table and "does not fit" in table and "62.5 min" in table
-
-
-def test_estimate_reraises_other_errors(workdir: Path, tmp_path: Path, monkeypatch) -> None:
-    def broken(*args, **kwargs):
-        raise RuntimeError("a real bug, not a memory limit")
-
-    monkeypatch.setattr(estimate_module, "time_training", broken)
-    with pytest.raises(RuntimeError, match="a real bug"):
-        run_estimate(workdir, device="cpu", output=tmp_path / "e.json")
 
 
 # ----- timing logic with a fake clock ------------------------------------------------------------------------
@@ -243,51 +133,66 @@ def test_noise_threshold_is_twenty_percent() -> None:
     assert not is_noise([1.0, 1.1, 1.2]) and is_noise([1.0, 1.1, 1.25])
 
 
-def test_noisy_timings_are_flagged_not_compared(workdir: Path, tmp_path: Path, monkeypatch) -> None:
-    fake, _ = _fake_timing(0.01, oom_batches=set())
-
-    def noisy_for_batch_4(workdir, config, iterations=20, warmup=5):
-        timing = fake(workdir, config, iterations, warmup)
-        timing.noisy = timing.batch_size == 4
-        return timing
-
-    monkeypatch.setattr(estimate_module, "time_training", noisy_for_batch_4)
-    result = run_estimate(workdir, batch_sizes=[2, 4], epochs=10, device="cpu", output=tmp_path / "e.json")
-    rows = {r["batch_size"]: r for r in result["rows"]}
-    assert rows[2]["speedup"] == pytest.approx(1.0) and rows[4]["speedup"] is None and rows[4]["noisy"]
-    line = next(line for line in format_estimate(result).splitlines() if line.split()[:2] == ["4", "1"])
-    assert line.rstrip().split()[-3] == "noise"  # the speed-up column, before memory and model
+def test_noisy_benchmark_says_so() -> None:
     table = format_benchmark({"device": "CPU", "torch": "x", "cpu_threads": 1, "preprocessing": {
-        "read_s": 1.0, "preprocess_s": 1.0}, "training": StepTiming(0.02, 0.01, 0.1, 200.0, 1.5, 2, PATCH, 1, noisy=True,
+        "read_s": 1.0, "preprocess_s": 1.0}, "training": StepTiming(0.02, 0.01, 200.0, 1.5, 2, PATCH, 1, noisy=True,
                                                              memory_kind="rss").to_dict()})
     assert "NOISE" in table and "peak memory (process RSS)" in table
 
 
-def test_estimate_rows_carry_the_memory_model_formula_or_its_calibration(workdir: Path, tmp_path: Path,
-                                                                        monkeypatch) -> None:
-    from voxseg.bench.calibrate import MemoryCalibration
-    from voxseg.data.memory import estimate_memory_breakdown
-    from voxseg.plans import Plan
+# ----- memory against the estimate, data waiting: the device's numbers in, figures out ------------------------------
+def test_gpu_peak_memory_is_reserved_plus_context() -> None:
+    gib = 2**30
+    # 80 GiB device, 72.9 GiB free while the allocator holds 6.5 GiB: 0.6 GiB of context outside it
+    assert cuda_context_gb(80 * gib, 72.9 * gib, 6.5 * gib) == pytest.approx(0.6)
+    assert gpu_peak_memory_gb(6.0 * gib, 80 * gib, 72.9 * gib, 6.5 * gib) == pytest.approx(6.6)
+    assert cuda_context_gb(8 * gib, 8 * gib, 0) == 0.0  # nothing in use: no negative context
+    assert cuda_context_gb(8 * gib, 2 * gib, 7 * gib) == 0.0  # a racy read never goes below zero
 
-    fake, _ = _fake_timing(0.01, oom_batches=set())
-    monkeypatch.setattr(estimate_module, "time_training", fake)
-    plan = Plan.load(workdir / "plans.json")
 
-    def terms(batch: int) -> dict:
-        return estimate_memory_breakdown(plan.network, plan.patch_size, batch, plan.num_channels, plan.num_outputs)
+def test_memory_row_compares_like_with_like() -> None:
+    cuda = {"peak_memory_gb": 6.6, "memory_kind": "reserved+context"}
+    assert memory_row(cuda, 7.3) == ("peak GPU memory (reserved + context) / plan estimate",
+                                     "6.60 GB / 7.30 GB (0.90x)")
+    assert memory_row(cuda, None)[1] == "6.60 GB / -"
+    assert memory_row({"peak_memory_gb": 0.46, "memory_kind": "rss"}, 7.3) == ("peak memory (process RSS)",
+                                                                                "0.46 GB")
 
-    result = run_estimate(workdir, batch_sizes=[1, 4], device="cpu", output=tmp_path / "e.json")
-    rows = {r["batch_size"]: r for r in result["rows"]}
-    for batch in (1, 4):
-        assert rows[batch]["model_memory_gb"] == pytest.approx(terms(batch)["total"], abs=1e-4)
-    assert not result["calibrated"]
 
-    calibrated = tmp_path / "calibrated"
-    shutil.copytree(workdir, calibrated)
-    fit = MemoryCalibration(device="fake GPU", scale=0.5, fixed_gb=0.25, model_fixed_gb=terms(1)["fixed"])
-    plan.memory_calibration = fit.to_dict()
-    plan.save(calibrated / "plans.json")
-    result = run_estimate(calibrated, batch_sizes=[4], device="cpu", output=tmp_path / "c.json")
-    row = {r["batch_size"]: r for r in result["rows"]}[4]
-    assert row["model_memory_gb"] == pytest.approx(0.5 * (terms(4)["total"] - terms(4)["fixed"]) + 0.25, abs=1e-4)
-    assert result["calibrated"] and "(calibrated)" in format_estimate(result)
+def test_between_steps_fraction() -> None:
+    assert between_steps_fraction(0.0, [2.0, 12.0], [10.0, 20.0]) == pytest.approx(0.2)  # (2 + 2) / 20
+    assert between_steps_fraction(5.0, [5.0, 6.0], [6.0, 7.0]) == 0.0  # back to back: no waiting
+    assert between_steps_fraction(0.0, [9.0], [10.0]) == pytest.approx(0.9)  # 9 ms of data before a 1 ms step
+    with pytest.raises(ValueError):
+        between_steps_fraction(0.0, [1.0], [])
+
+
+def test_host_wait_means_data_wait_only_where_the_host_makes_batches() -> None:
+    cpu, cuda = torch.device("cpu"), torch.device("cuda")
+    assert host_prepares_batches(cpu, "gpu") and host_prepares_batches(cpu, "mmap")
+    assert host_prepares_batches(cuda, "pinned") and host_prepares_batches(cuda, "mmap")
+    assert not host_prepares_batches(cuda, "gpu")  # the host only queues kernels: launch time, not waiting
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_gpu_data_wait_sees_a_slow_data_path_and_memory_is_after_warm_up(workdir: Path, monkeypatch) -> None:
+    """On CUDA: a data path that keeps the GPU busy (a spin kernel per batch) shows up as time between steps;
+    the host's wait is not reported for the GPU cache; peak reserved + context is at least the allocated peak."""
+    from voxseg.bench.timing import config_for, time_training
+    from voxseg.train.step import TrainData
+
+    config = config_for("cuda", 2, ["data.cache=gpu", "loop.compile=off"])
+    quick = time_training(workdir, config, iterations=4, warmup=2, repeats=3)
+    make = TrainData.next_batch
+
+    def slow_batch(self):
+        torch.cuda._sleep(200_000_000)  # ~0.1 s of GPU time on the stream, before the batch's kernels
+        return make(self)
+
+    monkeypatch.setattr(TrainData, "next_batch", slow_batch)
+    slow = time_training(workdir, config, iterations=4, warmup=2, repeats=3)
+    assert quick.host_data_wait_fraction is None and slow.host_data_wait_fraction is None
+    assert 0.0 <= quick.gpu_data_wait_fraction < slow.gpu_data_wait_fraction <= 1.0
+    assert slow.gpu_data_wait_fraction > 0.5  # the spin dwarfs a tiny step
+    assert slow.memory_kind == "reserved+context" and slow.peak_memory_gb >= slow.peak_allocated_gb > 0

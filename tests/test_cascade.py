@@ -103,8 +103,8 @@ def test_cascade_trains_on_lowres_crossval_and_predicts_lowres_first(tmp_path, c
     timed = json.loads((cascade / "benchmark.json").read_text())
     assert timed["training"]["end_to_end_step_s"] > 0 and timed["inference"]
     assert _main("estimate", work, "--configuration", "3d_cascade_fullres", "--device", "cpu", "--iterations", 2,
-                 "--epochs", 2) == 0
-    assert json.loads((cascade / "estimate.json").read_text())["rows"][0]["step_s"] > 0
+                 "--epochs", 2, "--warmup", 1, "--rounds", 2) == 0
+    assert json.loads((cascade / "estimate.json").read_text())["rows"][0]["step_ms"] > 0
 
     preds = tmp_path / "preds"
     assert _main("predict", "-m", work, "--configuration", "3d_cascade_fullres", "-i", raw / "imagesTs",

@@ -264,11 +264,16 @@ def test_benchmark_and_estimate_commands(pipeline: Pipeline, tmp_path: Path) -> 
 
     result = _run("estimate", pipeline.work, "--device", "cpu", "--batch-sizes", "2,4", "--num-samples", "1,2",
                   "--patch-sizes", "16,16,16", "--epochs", 5, "--iterations-per-epoch", 0, "--iterations", 1,
-                  "--output", tmp_path / "estimate.json")
+                  "--warmup", 1, "--rounds", 2, "--set", "loop.val_iterations=1", "--output", tmp_path / "estimate.json")
     assert result.code == 0, result.err
     table = json.loads((tmp_path / "estimate.json").read_text())
     assert [(r["batch_size"], r["num_samples"]) for r in table["rows"]] == [(2, 1), (2, 2), (4, 1), (4, 2)]
-    assert table["num_cases"] == 3 and "3 training cases, 5 epochs" in result.out  # fold 0 trains on 3 of 6
+    assert table["num_cases"] == 3 and table["val_iterations"] == 1  # fold 0 trains on 3 of 6
+    assert "3 training cases (fold 0 of this work directory), one pass over the cases per epoch" in result.out
+    assert "1.00x (baseline)" in result.out and table["schedule"]["rounds"] == 2
+
+    result = _run("estimate", pipeline.work, "--device", "cpu", "--cases", 0)
+    assert result.code != 0 and "--cases: must be >= 1" in result.err and "Traceback" not in result.err
     assert not (pipeline.work / "benchmark.json").exists() and not (pipeline.work / "estimate.json").exists()
 
 

@@ -1,7 +1,9 @@
 """`voxseg benchmark WORKDIR`: where the time goes on this device, measured.
 
 Reports the device step time (data already on the device), the end-to-end step time (sampling +
-augmentation + step), the fraction of time spent waiting for data, samples/s, peak memory, the time to
+augmentation + step), waiting for data (on CUDA the GPU's time between steps; where batches are made on the
+host, the training thread's wait), samples/s, peak memory after warm-up (on CUDA reserved + context, set
+against the plan's estimate, which models the same quantity), the time to
 preprocess one raw case, and inference time per case file-to-file (1 fold without mirroring; 5 folds with
 mirroring along every axis). `--threads` limits the CPU threads, so the same command shows what 2, 4 or 16
 cores give. Inference uses freshly initialised networks of the planned shape when no trained fold exists:
@@ -115,7 +117,8 @@ def run_benchmark(workdir: str | Path, device: str = "auto", num_threads: int = 
     training = time_training(workdir, config, iterations=iterations, warmup=warmup, repeats=repeats)
     result: dict[str, Any] = {
         "device": device_name(dev), "torch": torch.__version__, "cpu_threads": num_threads,
-        "plan": {"patch_size": plan.patch_size, "batch_size": plan.batch_size, "features": plan.network.features},
+        "plan": {"patch_size": plan.patch_size, "batch_size": plan.batch_size, "features": plan.network.features,
+                 "estimated_memory_gb": plan.estimated_memory_gb},
         "training": training.to_dict(),
         "preprocessing": time_preprocessing(plan, dev),
     }
@@ -134,17 +137,34 @@ def _milliseconds(median_s: float, range_s: list[float] | None) -> str:
     return text + (f" ({range_s[0] * 1000:.1f}..{range_s[1] * 1000:.1f})" if range_s else "")
 
 
+def _fraction(value: float | None, missing: str) -> str:
+    return missing if value is None else f"{value * 100:.1f} %"
+
+
+def memory_row(training: dict[str, Any], estimate_gb: float | None) -> tuple[str, str]:
+    """The peak memory row: on CUDA reserved + context against the plan's estimate (like with like, with their
+    ratio); on a CPU the process's peak RSS, which the GPU estimate says nothing about."""
+    peak = training["peak_memory_gb"]
+    if training.get("memory_kind") == "rss":
+        return "peak memory (process RSS)", f"{peak:.2f} GB"
+    name = "peak GPU memory (reserved + context) / plan estimate"
+    if not estimate_gb:
+        return name, f"{peak:.2f} GB / -"
+    return name, f"{peak:.2f} GB / {estimate_gb:.2f} GB ({peak / estimate_gb:.2f}x)"
+
+
 def format_benchmark(result: dict[str, Any]) -> str:
     t = result["training"]
-    memory = "peak GPU memory" if t.get("memory_kind", "gpu") == "gpu" else "peak memory (process RSS)"
     rows = [
         ("device", f"{result['device']}, torch {result['torch']}, {result['cpu_threads']} CPU threads"),
         ("patch x batch", f"{t['patch_size']} x {t['batch_size']}"),
         ("step, data on device", _milliseconds(t["device_step_s"], t.get("device_step_range_s"))),
         ("step, end to end", _milliseconds(t["end_to_end_step_s"], t.get("end_to_end_range_s"))),
-        ("waiting for data", f"{t['data_wait_fraction'] * 100:.1f} %"),
+        ("GPU time between steps (data)", _fraction(t.get("gpu_data_wait_fraction"), "n/a (no CUDA device)")),
+        ("host waiting for a batch", _fraction(t.get("host_data_wait_fraction"),
+                                                "n/a (batches are made on the GPU)")),
         ("samples/s", f"{t['samples_per_s']:.2f}"),
-        (memory, f"{t['peak_memory_gb']:.2f} GB"),
+        memory_row(t, result.get("plan", {}).get("estimated_memory_gb")),
         ("read one raw case", f"{result['preprocessing']['read_s']:.2f} s"),
         ("preprocess one case", f"{result['preprocessing']['preprocess_s']:.2f} s"),
     ]

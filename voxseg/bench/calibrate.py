@@ -150,12 +150,14 @@ def calibrate(plan: Plan, measure: Measure, device: str) -> MemoryCalibration:
     return fit_calibration(points, model_fixed, device)
 
 
-def cuda_measure(device: Any = "cuda", steps: int = 3) -> Measure:
-    """A Measure running real bf16 training steps on a CUDA device: allocator peak + the process's context."""
+def cuda_measure(device: Any = "cuda", steps: int = 2, warmup: int = 1) -> Measure:
+    """A Measure running real bf16 training steps on a CUDA device: the allocator's peak reserved memory over
+    `steps` steps after `warmup` (cuDNN autotuning's trial workspaces are a one-off, left out) + the context,
+    the same quantity `voxseg benchmark` compares with the estimate (`timing.gpu_peak_memory_gb`)."""
     import torch
 
+    from voxseg.bench.timing import cuda_context_gb
     from voxseg.models.measure import measure_peak_memory_gb
-    from voxseg.units import gib
 
     dev = torch.device(device)
     if dev.type != "cuda" or not torch.cuda.is_available():
@@ -164,8 +166,8 @@ def cuda_measure(device: Any = "cuda", steps: int = 3) -> Measure:
     def measure(candidate: Plan) -> float:
         torch.cuda.empty_cache()
         free, total = torch.cuda.mem_get_info(dev)
-        context = max(0.0, gib(total - free) - gib(torch.cuda.memory_reserved(dev)))
-        peak = measure_peak_memory_gb(candidate, device=dev, steps=steps, reserved=True)
+        context = cuda_context_gb(total, free, torch.cuda.memory_reserved(dev))
+        peak = measure_peak_memory_gb(candidate, device=dev, steps=steps, reserved=True, warmup=warmup)
         torch.cuda.empty_cache()
         return peak + context
 

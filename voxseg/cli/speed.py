@@ -20,13 +20,18 @@ def cmd_benchmark(args: argparse.Namespace) -> int:
 
 
 def cmd_estimate(args: argparse.Namespace) -> int:
-    from voxseg.bench.estimate import format_estimate, run_estimate
+    from voxseg.bench.estimate import EstimateRequest, run_estimate
+    from voxseg.bench.estimate_table import format_estimate
+    from voxseg.bench.rowtiming import Schedule
 
-    table = run_estimate(
-        configuration_workdir(args.workdir, args.configuration), batch_sizes=args.batch_sizes, num_samples=args.num_samples, patch_sizes=args.patch_sizes,
-        epochs=args.epochs, iterations_per_epoch=args.iterations_per_epoch, device=args.device,
-        iterations=args.iterations, output=args.output,
+    request = EstimateRequest(
+        batch_sizes=args.batch_sizes, num_samples=args.num_samples, patch_sizes=args.patch_sizes,
+        baseline=args.baseline, epochs=args.epochs, iterations_per_epoch=args.iterations_per_epoch,
+        cases=args.cases, current_epoch_s=args.current_epoch_time, device=args.device, threads=args.threads,
+        schedule=Schedule(warmup=args.warmup, iterations=args.iterations, rounds=args.rounds),
+        overrides=list(args.set or []),
     )
+    table = run_estimate(configuration_workdir(args.workdir, args.configuration), request, output=args.output)
     print(format_estimate(table))
     return 0
 
@@ -56,22 +61,41 @@ def add_speed_commands(sub: Subparsers) -> None:
     p.add_argument("--output", help="benchmark.json path (default WORKDIR/benchmark.json)")
 
     p = add_command(sub, "estimate", cmd_estimate,
-                    "what-if table of training time for batch sizes, patches per case, patch sizes, epochs",
-                    "voxseg estimate work/brats --batch-sizes 2,4,8 --num-samples 1,2 --epochs 200")
+                    "what-if table of training time: batch sizes, patches per case, patch sizes, epochs, against "
+                    "your current run",
+                    "voxseg estimate work/brats --cases 329 --current-epoch-time 302 --batch-sizes 2,4 "
+                    "--num-samples 1,2 --epochs 1000,500\n"
+                    "voxseg estimate work/synth --device cpu --iterations-per-epoch 0")
     p.add_argument("workdir", help="a planned and preprocessed work directory")
     add_configuration_flag(p)
-    p.add_argument("--batch-sizes", type=csv_ints, metavar="B,B,...",
-                   help="batch sizes to time, e.g. 2,4,8 (default: the plan's)")
-    p.add_argument("--num-samples", type=csv_ints, metavar="N,N,...",
-                   help="patches drawn per loaded case, e.g. 1,2 (default 1)")
-    p.add_argument("--patch-sizes", nargs="*", type=csv_ints, metavar="DxHxW",
-                   help="patch sizes to time, e.g. 128x128x128 96x160x160 (default: the plan's)")
-    p.add_argument("--epochs", type=int, default=1000, help="epochs the total time is extrapolated to (default 1000)")
+    p.add_argument("--batch-sizes", type=csv_ints, help="batch sizes to compare (default: the baseline's)")
+    p.add_argument("--num-samples", type=csv_ints,
+                   help="patches per case to compare (default: the baseline's)")
+    p.add_argument("--patch-sizes", nargs="*", type=csv_ints,
+                   help="patch sizes to compare, e.g. 128,128,128 96,96,96 (default: the baseline's)")
+    p.add_argument("--baseline", type=csv_ints, metavar="BATCH,PATCHES_PER_CASE[,PATCH]",
+                   help="the setting of the run you have, row #1 (default: the plan's batch and patch, "
+                        "data.num_samples patches per case)")
+    p.add_argument("--epochs", type=csv_ints, default=[1000],
+                   help="epochs; the first is the baseline's, more values add rows (default 1000)")
     p.add_argument("--iterations-per-epoch", type=int, default=250,
-                   help="training steps per epoch; 0: one pass over fold 0's training cases (cases x patches "
-                        "per case / batch) (default 250)")
-    p.add_argument("--iterations", type=int, default=10, help="timed iterations per configuration (default 10)")
-    p.add_argument("--device", type=device, default="auto", help="auto (CUDA when available), cpu, cuda or cuda:N (default auto)")
+                   help="training iterations per epoch; 0 = one pass over the training cases (default 250)")
+    p.add_argument("--cases", type=int, default=None,
+                   help="training cases of the run you ask about, e.g. 329 for fold 0 of 5 on 411 cases "
+                        "(default: fold 0's training cases in WORKDIR)")
+    p.add_argument("--current-epoch-time", type=float, default=None, metavar="SECONDS",
+                   help="seconds per epoch of your run in the baseline setting: epochs and totals are scaled "
+                        "to it by the ratios measured here (default: none, this machine's times)")
+    p.add_argument("--warmup", type=int, default=2, help="warm-up steps per setting (default 2)")
+    p.add_argument("--iterations", type=int, default=3, help="timed steps per setting per round (default 3)")
+    p.add_argument("--rounds", type=int, default=5,
+                   help="timing rounds per setting; speed-ups are median (min-max) over them (default 5)")
+    p.add_argument("--device", type=device, default="auto", help="auto, cpu, cuda or cuda:N (default auto)")
+    p.add_argument("--threads", type=int, default=None,
+                   help="CPU threads torch uses; 1 is steadiest on a shared machine (default: all it uses now)")
+    p.add_argument("--set", action="append", metavar="SECTION.FIELD=VALUE",
+                   help="training config override every setting starts from, e.g. loop.compile=off "
+                        "(repeatable; default none)")
     p.add_argument("--output", help="estimate.json path (default WORKDIR/estimate.json)")
 
     p = add_command(sub, "demo", cmd_demo,

@@ -42,11 +42,14 @@ def measure_saved_activation_elements(plan: Plan, patch_size: list[int] | None =
     return sum(saved.values()) / image.element_size()
 
 
-def measure_peak_memory_gb(plan: Plan, device: Any = "cuda", steps: int = 2, reserved: bool = False) -> float:
+def measure_peak_memory_gb(plan: Plan, device: Any = "cuda", steps: int = 2, reserved: bool = False,
+                           warmup: int = 0) -> float:
     """Peak allocator memory (GiB) of real training steps with the plan's patch and batch on a CUDA device.
 
-    Builds the network, runs `steps` bf16-autocast forward/backward/SGD steps (the second one includes the
-    optimiser's momentum) with a cross-entropy over every deep-supervision output, and returns
+    Builds the network, runs `warmup` steps (cuDNN autotuning tries algorithms with their own workspaces on
+    the first step: a one-off), resets the peak statistics, then runs `steps` bf16-autocast
+    forward/backward/SGD steps (from the second step on, with the optimiser's momentum) with a cross-entropy
+    over every deep-supervision output, and returns
     torch.cuda.max_memory_allocated (`reserved=True`: max_memory_reserved, what the caching allocator took from
     the device, rounding and fragmentation included: what decides an out-of-memory error). It excludes the CUDA
     context, so compare it with `voxseg.data.memory.estimate_memory_gb(...) - CUDA_CONTEXT_GB`.
@@ -59,9 +62,12 @@ def measure_peak_memory_gb(plan: Plan, device: Any = "cuda", steps: int = 2, res
     shape = (plan.batch_size, plan.network_in_channels, *plan.patch_size)
     image = torch.randn(shape, device=device)  # (B, C, *P)
     target = torch.randint(0, plan.num_outputs, (plan.batch_size, 1, *plan.patch_size), device=device)
-    torch.cuda.synchronize(device)
-    torch.cuda.reset_peak_memory_stats(device)
-    for _ in range(steps):
+    for index in range(warmup + steps):
+        if index == warmup:
+            torch.cuda.synchronize(device)
+            if warmup:  # release the blocks autotuning reserved, so the peak is the steady state's
+                torch.cuda.empty_cache()
+            torch.cuda.reset_peak_memory_stats(device)
         with torch.autocast(device.type, dtype=torch.bfloat16):
             outputs = model(image)
             outputs = outputs if isinstance(outputs, (list, tuple)) else [outputs]

@@ -96,6 +96,12 @@ class CacheBudget:
         return mode
 
 
+def choose_cache_mode(sizes: Sequence[int], device: torch.device, budget_gb: float | None = None) -> str:
+    """The mode "auto" picks for cases of these sizes (bytes per tensor) on their own, with
+    `CacheBudget.for_device`'s default budget: `voxseg estimate` asks it for a dataset it times a few cases of."""
+    return CacheBudget.for_device(device, budget_gb).place("auto", [int(size) for size in sizes], device.type)
+
+
 class CaseCache:
     """Preprocessed cases (image, labels, foreground locations) for patch sampling.
 

@@ -62,6 +62,11 @@ class TrainStep:
         self.grad_norm: Tensor | None = None
         self._forward_loss = torch.compile(self._forward_loss_eager) if compile else self._forward_loss_eager
 
+    def compile_with(self, compiler: Callable[[Callable], Callable]) -> None:
+        """Run the forward + loss as `compiler(eager forward + loss)` from now on (`voxseg estimate` compiles
+        each configuration it times itself, after clearing what earlier ones compiled)."""
+        self._forward_loss = compiler(self._forward_loss_eager)
+
     def _forward_loss_eager(self, image: Tensor, seg: Tensor) -> tuple[Tensor, dict[str, Tensor]]:
         with torch.autocast(self.device.type, dtype=self.amp_dtype or torch.float32,
                             enabled=self.amp_dtype is not None):
