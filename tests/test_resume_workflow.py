@@ -150,7 +150,8 @@ def test_count_tiles_and_durations():
     assert count_tiles([(24, 24, 20)], [16, 16, 16]) == 2 * 2 * 2  # starts 0, 8 on each axis (step 0.5)
     assert count_tiles([(10, 24, 20)], [16, 16], slice_axis=0) == 10 * 2 * 2
     assert count_tiles([(12, 24, 20)], [16, 16, 16]) == 1 * 2 * 2  # the short axis is padded to one tile
-    assert [format_duration(s) for s in (42, 187, 18720, 192_720)] == ["42 s", "3:07", "5:12:00", "2 d 5:32:00"]
+    assert [format_duration(s) for s in (0.2, 42, 187, 18720, 192_720)] == ["<1 s", "42 s", "3:07", "5:12:00",
+                                                                          "2 d 5:32:00"]
 
 
 def test_training_prints_the_expected_duration_and_an_eta_with_validation(workdir, capsys):

@@ -23,7 +23,9 @@ FORWARD_SHARE = 1 / 3
 
 
 def format_duration(seconds: float) -> str:
-    """'42 s', '3:07' (min:s), '5:12:00' (h:min:s) or '2 d 5:12:00'."""
+    """'<1 s', '42 s', '3:07' (min:s), '5:12:00' (h:min:s) or '2 d 5:12:00'."""
+    if 0 < seconds < 0.5:
+        return "<1 s"
     seconds = int(round(max(0.0, seconds)))
     if seconds < 60:
         return f"{seconds} s"
