@@ -61,7 +61,7 @@ def _brats(root: Path, device: str, predict: list[str]) -> None:
     output = _step(f"BraTS-sized: predict 1 case ({device}{', ' + ' '.join(predict) if predict else ''})",
                    voxseg("predict", "-m", work, "-i", root / "raw" / "imagesTs", "-o", root / "preds",
                           "--device", device, *predict), root)
-    assert "using folds 0 (every trained fold" in output and "predicted 1 case(s) in" in output
+    assert "using fold 0 (every trained fold" in output and "predicted 1 case(s) in" in output
     _check_prediction(root / "raw", root / "preds", "SYN_005", "0000", 4)
 
 

@@ -353,3 +353,30 @@ def test_labels_are_decided_after_the_probabilities_are_restored():
     same_grid = {**properties, "shape_after_crop": [5, 6, 5], "crop_bbox": [[1, 6], [1, 7], [0, 5]]}
     np.testing.assert_array_equal(labels_on_original_grid(logits, plan, same_grid)[0],
                                   restore_to_original(low_labels, same_grid, is_label=True))  # no resampling: same
+
+
+def test_forward_passes_fit_the_free_memory(monkeypatch):
+    """The predictor caps tiles x mirrored copies per forward pass by the memory free now (on a CPU a pass too
+    large is killed, not caught): with room for 2 tiles, calls of 2, and the labels of the uncapped run."""
+    import voxseg.infer.budget as budget
+    from voxseg.data.memory import inference_bytes_per_tile
+
+    plan = tiny_plan()
+    torch.manual_seed(0)
+    network = build_network(plan, deep_supervision=False).eval()
+    calls = []
+
+    def model(x):
+        calls.append(x.shape[0])
+        return network(x)
+
+    image = np.random.default_rng(0).normal(size=(2, 30, 28, 20)).astype(np.float32)
+    predictor = Predictor(plan, [model], device="cpu", mirror_axes=(0, 1, 2), tile_batch=4)
+    reference = predictor.predict_array(image, (1.0, 1.0, 1.0))
+    assert max(calls) == 32  # 4 tiles x 8 mirrored copies while memory is plentiful
+    tile = inference_bytes_per_tile(plan.network, plan.patch_size, 2, 3)
+    accumulators = 4 * 30 * 28 * 20 * 4
+    monkeypatch.setattr(budget, "available_memory_bytes", lambda device: accumulators + 4.5 * tile)
+    calls.clear()
+    assert np.array_equal(predictor.predict_array(image, (1.0, 1.0, 1.0)), reference)
+    assert set(calls) == {2}  # half of 4.5 tiles' worth: 2 per pass (1 tile x 2 mirrored copies)

@@ -157,6 +157,39 @@ def _out_of_memory_when(fails, net):
     return model, calls
 
 
+def test_a_forward_batch_limit_caps_tiles_then_mirrors_with_the_same_result(capsys):
+    """On a CPU a forward pass too large for the memory is not an error to catch: the process is killed. The
+    limit the predictor computes from the free memory is applied before anything runs."""
+    from voxseg.infer.sliding_window import forward_batch_limit, split_forward_batch
+
+    assert split_forward_batch(4, 8, None) == (4, 8) and split_forward_batch(4, 8, 5) == (1, 4)
+    assert split_forward_batch(4, 1, 2) == (2, 1) and split_forward_batch(1, 8, 1) == (1, 1)
+    gib = 2**30
+    assert forward_batch_limit(1.8 * gib, 20 * gib) == 5 and forward_batch_limit(1.8 * gib, 20 * gib, 10 * gib) == 2
+    assert forward_batch_limit(1.8 * gib, 1 * gib) == 1  # one tile at least, whatever is free
+    net = _asymmetric_net()
+    image = torch.randn(1, 1, 20, 16, 18)
+    reference = sliding_window_inference(net, image, (8, 8, 8), 2, tile_batch=4, mirror_axes=(0, 1, 2))
+    model, calls = _out_of_memory_when(lambda batch, _: False, net)
+    out = sliding_window_inference(model, image, (8, 8, 8), 2, tile_batch=4, mirror_axes=(0, 1, 2),
+                                   max_forward_batch=5)
+    assert set(calls) == {4}  # 1 tile x 4 of the 8 mirrored copies per call, never more than 5
+    assert torch.allclose(out, reference, atol=1e-6)
+    assert capsys.readouterr().err == ""  # a planned limit, not a fallback: nothing to report
+
+
+def test_inference_memory_per_tile_of_the_reference_network():
+    from voxseg.data.memory import inference_bytes_per_tile
+    from voxseg.plans import NetworkPlan
+
+    network = NetworkPlan(features=[32, 64, 128, 256, 320, 320], kernel_sizes=[[3, 3, 3]] * 6,
+                          strides=[[1, 1, 1]] + [[2, 2, 2]] * 5)
+    # measured on a CPU in float32: 1.74 GiB per tile at 96x128x160
+    assert inference_bytes_per_tile(network, [96, 128, 160], 4, 4) / 2**30 == pytest.approx(1.8, abs=0.1)
+    half = inference_bytes_per_tile(network, [96, 128, 160], 4, 4, dtype_bytes=2)
+    assert half < 0.6 * inference_bytes_per_tile(network, [96, 128, 160], 4, 4)
+
+
 def test_out_of_memory_in_a_forward_halves_the_tiles_then_the_mirrors_with_the_same_result(capsys):
     net = _asymmetric_net()
     image = torch.randn(1, 1, 20, 16, 18)

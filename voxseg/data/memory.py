@@ -143,3 +143,26 @@ def estimate_memory_gb(
     each further sample of that size adds ~2.9 GiB.
     """
     return estimate_memory_breakdown(network, patch_size, batch_size, in_channels, num_outputs, dtype_bytes)["total"]
+
+
+# Inference (no autograd): what one tile's forward pass holds at its peak, measured on a CPU (fp32): the nnU-Net
+# reference network (6 stages, 32..320 features) at patch 96x128x160 takes 1.74 GiB per tile in a batch of 1, 2
+# or 4, 7.4 x features[0] x voxels x 4 bytes; the count below gives 5.6 of it, and INFERENCE_WORKSPACE_FACTOR
+# covers the rest (convolution buffers, allocator rounding).
+INFERENCE_WORKSPACE_FACTOR = 1.4
+
+
+def inference_bytes_per_tile(network: NetworkPlan, patch_size: list[int], in_channels: int, num_outputs: int,
+                             dtype_bytes: int = 4) -> float:
+    """Peak bytes one tile adds to a forward pass without gradients.
+
+    A U-Net's forward keeps every encoder stage's output for its skip connection (sum of F_s x V_s); at the
+    full-resolution decoder level the concatenation (2 F_0 V_0), a convolution's output and its normalised copy
+    (2 F_0 V_0) are alive at once, with the input and the logits ((C + K) V_0, float32).
+
+    Example: features [32, 64, 128, 256, 320, 320], patch 96x128x160, 4 channels, 4 outputs, float32 -> ~1.8 GiB.
+    """
+    voxels = stage_voxels(network, patch_size)
+    skips = sum(f * v for f, v in zip(network.features, voxels))
+    working = 4 * network.features[0] * voxels[0]
+    return INFERENCE_WORKSPACE_FACTOR * ((skips + working) * dtype_bytes + (in_channels + num_outputs) * voxels[0] * 4)

@@ -42,6 +42,7 @@ from voxseg.infer.postprocess import (
     probability_names,
     regions_to_labels,
 )
+from voxseg.infer.budget import forward_limit
 from voxseg.infer.sliding_window import check_tiling, sliding_window_inference
 
 __all__ = ["Predictor", "find_input_cases", "load_fold_network", "regions_to_labels", "resolve_folds"]
@@ -193,6 +194,7 @@ class Predictor:
                 self.models, image, self.plan.patch_size, self.plan.num_outputs, step=self.step,
                 tile_batch=self.tile_batch, mirror_axes=self.mirror_axes, amp_dtype=self.amp_dtype,
                 slice_axis=self.plan.slice_axis, case_name=name,
+                max_forward_batch=forward_limit(self.plan, self.device, image.shape[2:], self.amp_dtype),
             )
 
     def logits_to_labels(self, logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

@@ -12,8 +12,13 @@ Batching: `tile_batch` tiles are cropped at once; their mirrored copies are conc
 into one forward call per model; every fold model runs on the same gathered batch. The tile loop never syncs
 with the host (no `.item()`, no `.cpu()`) unless the accumulator itself had to fall back to host memory.
 
-Out of GPU memory, a pass backs off step by step (`OutOfMemoryFallback`): fewer tiles per forward, then fewer
-mirrored copies per forward, then the accumulator in host memory, and only then a `DeviceMemoryError`.
+Memory: a forward pass holds about `voxseg.data.memory.inference_bytes_per_tile` per tile (1.8 GiB in float32
+for the reference 6-stage network at 96x128x160), so tiles x mirrors in one call can exceed the machine: on
+a CPU there is no out-of-memory error to catch, the kernel kills the process. `max_forward_batch` (the
+predictor computes it with `forward_batch_limit` from the memory that is free) caps the tiles x mirrored copies
+of one call before anything runs, taking fewer tiles first, then fewer mirrored copies; the result is the same.
+Out of GPU memory all the same, a pass backs off step by step (`OutOfMemoryFallback`): fewer tiles per forward,
+then fewer mirrored copies per forward, then the accumulator in host memory, and only then a `DeviceMemoryError`.
 """
 from __future__ import annotations
 
@@ -138,6 +143,43 @@ class _SliceModel(torch.nn.Module):
         return out.unsqueeze(2)
 
 
+# the share of the free memory the forward passes of a sliding window may take (the rest: accumulator, restore,
+# other processes)
+_FORWARD_MEMORY_SHARE = 0.5
+
+
+def available_memory_bytes(device: torch.device) -> int:
+    """Memory free for new tensors: on CUDA the device's free memory, on a CPU the host's MemAvailable."""
+    if device.type == "cuda":
+        return int(torch.cuda.mem_get_info(device)[0])
+    try:
+        for line in open("/proc/meminfo"):
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    import os
+
+    return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+
+
+def forward_batch_limit(tile_bytes: float, free_bytes: float, reserved_bytes: float = 0.0) -> int:
+    """Tiles (mirrored copies included) one forward pass may hold: half of what is free after `reserved_bytes`
+    (the accumulator), at `tile_bytes` each, at least 1. E.g. 1.8 GiB per tile, 20 GiB free -> 5."""
+    return max(1, int(_FORWARD_MEMORY_SHARE * (free_bytes - reserved_bytes) // max(tile_bytes, 1.0)))
+
+
+def split_forward_batch(tile_batch: int, num_mirrors: int, limit: int | None) -> tuple[int, int]:
+    """(tiles, mirrored copies) per forward pass within `limit` tiles: halve the tiles first, then the copies."""
+    mirror_group = num_mirrors
+    while limit is not None and tile_batch * mirror_group > limit and (tile_batch > 1 or mirror_group > 1):
+        if tile_batch > 1:
+            tile_batch = max(1, tile_batch // 2)
+        else:
+            mirror_group = max(1, mirror_group // 2)
+    return tile_batch, mirror_group
+
+
 def choose_accumulator_device(device: torch.device, num_outputs: int, spatial_shape: Sequence[int]) -> torch.device:
     """The compute device when the (K + 1) float32 accumulators fit comfortably in its free memory, else CPU."""
     if device.type != "cuda":
@@ -161,6 +203,7 @@ def sliding_window_inference(
     accumulator_device: torch.device | str | None = None,
     slice_axis: int = 0,
     case_name: str = "",
+    max_forward_batch: int | None = None,
 ) -> torch.Tensor:
     """Blended logits of one image, averaged over tiles x mirrors x models.
 
@@ -183,6 +226,8 @@ def sliding_window_inference(
             (`choose_accumulator_device`).
         slice_axis: for a 2D network, the spatial axis of `image` the slices are taken along (the plan's).
         case_name: the case, named in the out-of-memory message and error.
+        max_forward_batch: the most tiles (mirrored copies included) one forward call may hold (None: tile_batch
+            x mirrors); see `forward_batch_limit`.
 
     Out of CUDA memory, the pass backs off (`OutOfMemoryFallback`) to the same result, or raises DeviceMemoryError.
 
@@ -198,7 +243,8 @@ def sliding_window_inference(
             logits = sliding_window_inference(
                 models, image.movedim(2 + slice_axis, 2), patch_size, num_outputs, step=step, tile_batch=tile_batch,
                 mirror_axes=mirror_axes, use_gaussian=use_gaussian, output_device=output_device,
-                amp_dtype=amp_dtype, accumulator_device=accumulator_device, case_name=case_name)
+                amp_dtype=amp_dtype, accumulator_device=accumulator_device, case_name=case_name,
+                max_forward_batch=max_forward_batch)
             return logits.movedim(1, 1 + slice_axis).contiguous()
         models = [_SliceModel(m) for m in models]
         patch_size = (1,) + patch_size
@@ -220,7 +266,8 @@ def sliding_window_inference(
         else choose_accumulator_device(image.device, num_outputs, padded.shape[2:])
     )
     mirrors = mirror_combinations(mirror_axes)
-    fallback = OutOfMemoryFallback(tile_batch, len(mirrors), case_name)
+    tile_batch, mirror_group = split_forward_batch(tile_batch, len(mirrors), max_forward_batch)
+    fallback = OutOfMemoryFallback(tile_batch, len(mirrors), case_name, mirror_group)
     run = dict(models=models, image=padded, positions=positions, patch_size=patch_size, num_outputs=num_outputs,
                mirrors=mirrors, weight=weight, amp_dtype=amp_dtype, fallback=fallback)
     logits = _accumulate_with_fallback(acc_device, run)[(slice(None),) + crop]
@@ -238,10 +285,12 @@ class OutOfMemoryFallback:
     the fallback taken: the same tiles are summed in the same order. `report()` writes one line on stderr.
     """
 
-    def __init__(self, tile_batch: int, num_mirrors: int, case_name: str = "") -> None:
+    def __init__(self, tile_batch: int, num_mirrors: int, case_name: str = "",
+                 mirror_group: int | None = None) -> None:
         self.requested_tile_batch = tile_batch
         self.tile_batch = tile_batch
-        self.mirror_group = num_mirrors
+        self.requested_mirror_group = num_mirrors if mirror_group is None else mirror_group
+        self.mirror_group = self.requested_mirror_group
         self.num_mirrors = num_mirrors
         self.host_accumulator = False
         self.case_name = case_name
@@ -261,7 +310,7 @@ class OutOfMemoryFallback:
         steps = []
         if self.tile_batch != self.requested_tile_batch:
             steps.append(f"{self.tile_batch} tile(s) per forward pass instead of {self.requested_tile_batch}")
-        if self.mirror_group != self.num_mirrors:
+        if self.mirror_group != self.requested_mirror_group:
             steps.append(f"{self.mirror_group} of the {self.num_mirrors} mirrored copies per forward pass")
         if self.host_accumulator:
             steps.append("the accumulator in host memory")

@@ -20,6 +20,7 @@ from voxseg.distributed import all_gather_objects, current_world, shard_balanced
 from voxseg.evaluate.overlap import class_masks, dice_from_counts, nanmean, overlap_counts
 from voxseg.infer.cascade import NextStage, StoredPrevious
 from voxseg.infer.postprocess import labels_on_original_grid, probability_names
+from voxseg.infer.budget import forward_limit
 from voxseg.infer.sliding_window import sliding_window_inference
 from voxseg.jsonio import write_json_atomic
 from voxseg.plans import Plan
@@ -69,7 +70,9 @@ def full_validation(model: nn.Module, plan: Plan, preprocessed_dir: str | Path, 
             x = torch.from_numpy(x)[None].to(device)  # (1, C [+ L], d, h, w)
             logits = sliding_window_inference(model, x, patch_size, plan.num_outputs, step=step,
                                               tile_batch=tile_batch, amp_dtype=amp_dtype,
-                                              slice_axis=plan.slice_axis, case_name=name)  # (K, d, h, w)
+                                              slice_axis=plan.slice_axis, case_name=name,
+                                              max_forward_batch=forward_limit(plan, device, x.shape[2:],
+                                                                              amp_dtype))  # (K, d, h, w)
             if seg is not None:
                 ref = torch.from_numpy(np.array(seg)).to(logits.device)[None]  # (1, 1, d, h, w)
                 counts = overlap_counts(*class_masks(logits[None], ref, plan))
