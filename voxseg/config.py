@@ -15,7 +15,6 @@ metadata convention) live in `voxseg.configtree`; `parse_value` is re-exported h
 """
 from __future__ import annotations
 
-import copy
 import dataclasses
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -225,29 +224,10 @@ class TrainConfig:
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> "TrainConfig":
-        return build_dataclass(cls, _moved_to_plan(data), "")
+        return build_dataclass(cls, data, "")
 
     def save(self, path: str | Path) -> None:
         write_json_atomic(path, self.to_dict())
-
-
-# options that were training-config fields before the plan became their one home: old name -> plan key
-MOVED_TO_PLAN = {"data.patch_size": "patch_size", "data.batch_size": "batch_size",
-                 "data.foreground_fraction": "foreground_oversampling", "loop.residual": "network.residual",
-                 "loss.deep_supervision": "network.deep_supervision"}
-
-
-def _moved_to_plan(data: dict[str, Any]) -> dict[str, Any]:
-    """A config dict written before plan overrides were one field (an older config.json): the moved options
-    become plan overrides (None meant "the plan's", so it is dropped)."""
-    data = copy.deepcopy(data)
-    for old, key in MOVED_TO_PLAN.items():
-        section, leaf = old.split(".")
-        if isinstance(data.get(section), dict) and leaf in data[section]:
-            value = data[section].pop(leaf)
-            if value is not None:
-                data.setdefault("plan", {}).setdefault(key, value)
-    return data
 
 
 CONFIG_FILE = "config.json"  # training/fold_F/config.json: the config a run was started with (resolved)
@@ -289,9 +269,9 @@ def apply_overrides(config: TrainConfig, overrides: list[str]) -> TrainConfig:
     """Return a copy of `config` with dotted `section.field=value` overrides applied and validated.
 
     `plan.<key>=value` sets a plan override for the run (see `TrainConfig.plan`), e.g. `plan.batch_size=4`,
-    `plan.network.residual=true`. Values are parsed by the field's type: bools accept true/false/1/0/yes/no/on/off; lists accept JSON
-    (`[96,96,96]`) or commas (`96,96,96`); dicts accept JSON or pairs (`dice=1,ce=0.5`); `none`/`null` sets
-    an optional field to None.
+    `plan.network.residual=true`. Values are parsed by the field's type: bools accept true/false/1/0/yes/no/on/off;
+    lists accept JSON (`[96,96,96]`) or commas (`96,96,96`); dicts accept JSON or pairs (`dice=1,ce=0.5`);
+    `none`/`null` sets an optional field to None. An unknown option is refused with the nearest valid name.
     """
     data = config.to_dict()
     for item in overrides:
@@ -299,8 +279,6 @@ def apply_overrides(config: TrainConfig, overrides: list[str]) -> TrainConfig:
         key = key.strip()
         if not sep or not key:
             raise ConfigError(f"override '{item}' must look like section.field=value, e.g. optim.lr=3e-4")
-        if key in MOVED_TO_PLAN:
-            raise ConfigError(f"option '{key}' is a plan setting now: use plan.{MOVED_TO_PLAN[key]}={text.strip()}")
         if key.startswith("plan."):  # plan overrides: one dict, keyed like the plan's own fields
             data["plan"][key[len("plan."):]] = text.strip()
             continue
