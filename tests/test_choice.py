@@ -13,7 +13,7 @@ import torch
 
 from tests.test_configs import TRAIN_TINY as TRAIN_TINY_2D, _main, _write_dataset
 from tests.test_predictor import make_workdir, tiny_plan
-from voxseg.choice import choose_configuration
+from voxseg.crossval import choose_configuration
 from voxseg.data.configs import config_workdir
 from voxseg.data.io import Geometry, read_image, write_image
 from voxseg.data.plan import plan_dataset

@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import dataclasses
 import io
 import json
 import shutil
@@ -20,7 +19,7 @@ from scipy import ndimage
 
 import voxseg
 from voxseg.cli import build_parser, main
-from voxseg.cli.derive import PLAN_DEFAULT, field_docs, train_options
+from voxseg.cli.derive import PLAN_DEFAULT, train_options
 from voxseg.cli.docs import BLOCKS, render, train_parser
 from voxseg.cli.train import TRAIN_FLAGS, config_from_args
 from voxseg.config import LossConfig, OptimConfig, TrainConfig, apply_overrides
@@ -126,7 +125,7 @@ def test_a_bad_flag_value_names_the_flag(capsys: pytest.CaptureFixture, tmp_path
         main(["train", str(tmp_path), "--epochs", "many"])
     assert "argument --epochs" in capsys.readouterr().err
     assert main(["train", str(tmp_path), "--set", "loop.residual=true"]) != 0
-    assert "plan.network.residual" in capsys.readouterr().err  # the old name points at the new one
+    assert "unknown option 'loop.residual'" in capsys.readouterr().err  # a plan setting, not a loop option
 
 
 # ----- every option documented, defaults and choices from the field -------------------------------------------
@@ -193,33 +192,6 @@ def test_field_choices_reads_registries_and_tuples() -> None:
     assert field_choices(Settings, "by_tuple") == ["x", "y"] and field_choices(Settings, "free") is None
     with pytest.raises(KeyError):
         field_choices(Settings, "missing")
-
-
-def test_field_docs_read_both_docstring_styles() -> None:
-    @dataclass
-    class Documented:
-        """Settings.
-
-        Attributes:
-            alpha: the first
-                one, continued.
-            beta, gamma: two at once.
-        """
-
-        alpha: int = 1
-        beta: int = 2
-        gamma: int = 3
-        delta: float = 0.5
-        """Under the field:
-        two lines."""
-
-    assert field_docs(Documented) == {"alpha": "the first one, continued.", "beta": "two at once.",
-                                      "gamma": "two at once.", "delta": "Under the field: two lines."}
-    from voxseg.augment import AugmentConfig
-
-    docs = field_docs(AugmentConfig)
-    assert docs["rot90_p"].startswith("Probability of 1-3 quarter turns")
-    assert set(docs) == {f.name for f in dataclasses.fields(AugmentConfig)}
 
 
 def test_checkpoint_choices_are_one_list() -> None:

@@ -96,7 +96,7 @@ def test_resume_refuses_a_changed_plan(workdir):
 def test_plan_overrides_are_one_config_field(tmp_path):
     config = apply_overrides(TrainConfig(), ["plan.batch_size=4", "plan.network.residual=yes"])
     assert config.plan == {"batch_size": 4, "network.residual": True}
-    with pytest.raises(ConfigError, match=r"'data.patch_size' is a plan setting now: use plan.patch_size=16,16,16"):
+    with pytest.raises(ConfigError, match=r"unknown option 'data.patch_size'"):  # the training config has no copy
         apply_overrides(TrainConfig(), ["data.patch_size=16,16,16"])
     with pytest.raises(ConfigError, match=r"plan.target_spacing' describes the preprocessed data.*voxseg plan"):
         apply_overrides(TrainConfig(), ["plan.target_spacing=1,1,1"])
@@ -104,13 +104,8 @@ def test_plan_overrides_are_one_config_field(tmp_path):
         apply_overrides(TrainConfig(), ["plan.bach_size=4"])
     with pytest.raises(ConfigError, match=r"plan.batch_size.*expects an integer"):
         apply_overrides(TrainConfig(), ["plan.batch_size=four"])
-    # a config.json written when these options were training settings: they become plan overrides
-    old = {"data": {"patch_size": [32, 32, 32], "batch_size": None, "foreground_fraction": 0.5},
-           "loop": {"residual": True}, "loss": {"deep_supervision": False}}
-    (tmp_path / "config.json").write_text(json.dumps(old))
-    assert load_config_json(tmp_path / "config.json").plan == {
-        "patch_size": [32, 32, 32], "foreground_oversampling": 0.5, "network.residual": True,
-        "network.deep_supervision": False}
+    (tmp_path / "config.json").write_text(json.dumps({"plan": {"patch_size": [32, 32, 32], "network.residual": True}}))
+    assert load_config_json(tmp_path / "config.json").plan == {"patch_size": [32, 32, 32], "network.residual": True}
 
 
 def test_test_only_validates_the_chosen_checkpoint(workdir):

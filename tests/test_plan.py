@@ -301,7 +301,7 @@ def test_plan_dataset_refuses_broken_dataset(tmp_path):
 
 
 def test_the_planner_never_imports_the_network_code():
-    """data/ sits beside models/: the memory model shares `voxseg.stages` with the network, not its code."""
+    """data/ sits beside models/: the memory model shares `voxseg.network_plan` with the network, not its code."""
     import ast
 
     import voxseg.data

@@ -12,6 +12,7 @@ The public API is small; everything is importable lazily so `voxseg --help` stay
     >>> labels = predictor.predict_array(image, geometry)
     >>> voxseg.evaluate_folder("preds", "data/Synth/labelsTs", dataset_json="data/Synth/dataset.json")
     >>> result = voxseg.evaluate_crossval("work/synth")   # after training every fold: .summary, .postprocessing
+    >>> choice = voxseg.choose_configuration("work/synth")   # every trained configuration and pair ensemble
 """
 from __future__ import annotations
 
@@ -37,6 +38,7 @@ _LAZY = {
     "Predictor": "voxseg.infer.predictor",
     "evaluate_folder": "voxseg.evaluate.folder",
     "evaluate_crossval": "voxseg.crossval",
+    "choose_configuration": "voxseg.crossval",
     "read_image": "voxseg.data.io",
     "write_image": "voxseg.data.io",
 }

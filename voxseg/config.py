@@ -15,7 +15,6 @@ metadata convention) live in `voxseg.configtree`; `parse_value` is re-exported h
 """
 from __future__ import annotations
 
-import copy
 import dataclasses
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -35,33 +34,29 @@ from voxseg.plans import TRAINING_OVERRIDES, parse_overrides
 
 @dataclass
 class LossConfig:
-    """The loss.
-
-    Attributes:
-        name: dice_ce (default), dice, ce, focal, tversky or dice_focal (`voxseg.losses.LOSSES`).
-        weights: per-term weights, e.g. {"dice": 1.0, "ce": 1.0}; None = the loss's defaults. Keys must be
-            terms of the chosen loss.
-        class_weights: one weight >= 0 per network output, in output order: background then each label for
-            softmax plans, one per region for region-based plans (e.g. 1,2,2,2); None = all equal. CE and focal
-            become weighted means over the voxels (each voxel weighted by its class, as torch's CrossEntropyLoss
-            weight; each region's term by its weight), Dice and Tversky the weighted mean of the per-class
-            scores (softmax: background has no Dice, so its weight only counts in CE and focal). Only ratios
-            matter. The count is checked against the plan when training starts.
-        focal_gamma: focal loss exponent in (1 - p_t)^gamma, >= 0; 0 with no alpha is cross-entropy.
-        focal_alpha: focal loss alpha_t factor: None = none; a number in [0, 1] weights foreground voxels (for
-            regions: region members) by alpha and the rest by 1 - alpha; a list gives one factor per output,
-            in class_weights' order. Unlike class_weights it scales the loss (it is not normalised).
-        tversky_alpha: Tversky loss weight of false positives, >= 0 (alpha = beta = 0.5 is Dice).
-        tversky_beta: Tversky loss weight of false negatives, >= 0; beta > alpha favours recall.
-    """
+    """The loss."""
 
     name: str = field(default="dice_ce", metadata={"choices": LOSSES})
+    """dice_ce (default), dice, ce, focal, tversky or dice_focal (`voxseg.losses.LOSSES`)."""
     weights: dict[str, float] | None = None
+    """per-term weights, e.g. {"dice": 1.0, "ce": 1.0}; None = the loss's defaults. Keys must be terms of the chosen
+    loss."""
     class_weights: list[float] | None = None
+    """one weight >= 0 per network output, in output order: background then each label for softmax plans, one per
+    region for region-based plans (e.g. 1,2,2,2); None = all equal. CE and focal become weighted means over the voxels
+    (each voxel weighted by its class, as torch's CrossEntropyLoss weight; each region's term by its weight), Dice and
+    Tversky the weighted mean of the per-class scores (softmax: background has no Dice, so its weight only counts in
+    CE and focal). Only ratios matter. The count is checked against the plan when training starts."""
     focal_gamma: float = 2.0
+    """focal loss exponent in (1 - p_t)^gamma, >= 0; 0 with no alpha is cross-entropy."""
     focal_alpha: float | list[float] | None = None
+    """focal loss alpha_t factor: None = none; a number in [0, 1] weights foreground voxels (for regions: region
+    members) by alpha and the rest by 1 - alpha; a list gives one factor per output, in class_weights' order. Unlike
+    class_weights it scales the loss (it is not normalised)."""
     tversky_alpha: float = 0.3
+    """Tversky loss weight of false positives, >= 0 (alpha = beta = 0.5 is Dice)."""
     tversky_beta: float = 0.7
+    """Tversky loss weight of false negatives, >= 0; beta > alpha favours recall."""
 
     def __post_init__(self) -> None:
         _choice(self, "loss.name")
@@ -82,31 +77,26 @@ class LossConfig:
 
 @dataclass
 class DataConfig:
-    """How training patches are drawn.
-
-    Attributes:
-        num_samples: patches cut from each drawn case (several patches per case amortise loading it).
-        cache: where preprocessed cases live during training: "auto" (on the training device when they fit in
-            cache_budget_gb, else, for CUDA, pinned host memory when they fit in half the host RAM, counted as
-            the pinned allocator rounds each case up to a power of two, else "mmap"), "gpu", "pinned" or "mmap"
-            (memory-mapped files, read on demand). The training cache is placed first, the validation cache
-            in what it left.
-        cache_budget_gb: GiB the "auto" caches (training and validation together) may use on the device; None
-            = on CUDA 0.8 x (free memory after the model is built - 1.2 x the plan's estimated_memory_gb), on a
-            CPU half the host RAM.
-        iterations_per_epoch: optimiser steps per epoch; 0 = one pass over the training cases.
-        prefetch: batches prepared ahead by a background thread (0 = prepare in the training thread; -1 = auto:
-            0 when the cache lives on the training device, where preparing a batch only queues device work,
-            2 for pinned or memory-mapped caches, whose host-side reads would otherwise stall the step).
-        num_threads: CPU threads torch may use (intra-op); capped at the machine's core count.
-    """
+    """How training patches are drawn."""
 
     num_samples: int = 1
+    """patches cut from each drawn case (several patches per case amortise loading it)."""
     cache: str = field(default="auto", metadata={"choices": ("auto", "gpu", "pinned", "mmap")})
+    """where preprocessed cases live during training: "auto" (on the training device when they fit in cache_budget_gb,
+    else, for CUDA, pinned host memory when they fit in half the host RAM, counted as the pinned allocator rounds each
+    case up to a power of two, else "mmap"), "gpu", "pinned" or "mmap" (memory-mapped files, read on demand). The
+    training cache is placed first, the validation cache in what it left."""
     cache_budget_gb: float | None = None
+    """GiB the "auto" caches (training and validation together) may use on the device; None = on CUDA 0.8 x (free
+    memory after the model is built - 1.2 x the plan's estimated_memory_gb), on a CPU half the host RAM."""
     iterations_per_epoch: int = 250
+    """optimiser steps per epoch; 0 = one pass over the training cases."""
     prefetch: int = -1
+    """batches prepared ahead by a background thread (0 = prepare in the training thread; -1 = auto: 0 when the cache
+    lives on the training device, where preparing a batch only queues device work, 2 for pinned or memory-mapped
+    caches, whose host-side reads would otherwise stall the step)."""
     num_threads: int = 4
+    """CPU threads torch may use (intra-op); capped at the machine's core count."""
 
     def __post_init__(self) -> None:
         _check(self.num_samples >= 1, "data.num_samples", "must be >= 1")
@@ -119,53 +109,50 @@ class DataConfig:
 
 @dataclass
 class LoopConfig:
-    """The epoch loop.
-
-    Attributes:
-        epochs: number of epochs.
-        val_freq: validate (pseudo-Dice on patches) every this many epochs.
-        val_iterations: validation batches per validation.
-        grad_accum: micro-batches accumulated per optimiser step.
-        grad_clip: gradient norm clip (0 = off).
-        amp: "auto" (bf16 where supported, else fp16 with a GradScaler, on CUDA; float32 on CPU), "bf16",
-            "fp16" (CUDA only) or "off".
-        compile: "auto" (torch.compile model + loss on CUDA only), "on" (also on CPU) or "off".
-        patience: stop after this many epochs without EMA pseudo-Dice improvement (0 = never).
-        ema_alpha: smoothing of the pseudo-Dice EMA: ema = alpha * ema + (1 - alpha) * dice.
-        save_freq: write checkpoint_latest every this many epochs (and always at the end); the default, every
-            epoch, lets a killed run resume from its last completed epoch.
-        snapshot_freq: with keep_snapshots > 0, write a checkpoint_epoch_E.pt every this many epochs.
-        keep_snapshots: keep the newest this many checkpoint_epoch_E.pt snapshots (0 = none; checkpoint_latest,
-            _best and _final are always kept).
-        seed: random seed, the same on every rank of a distributed run (each rank slices the global batch).
-        deterministic: deterministic algorithms (slower on CUDA; resumed runs reproduce exactly).
-        device: "auto" (cuda if available, else cpu), "cpu", "cuda" or "cuda:N".
-        full_val: sliding-window validation of the whole validation cases after training.
-        save_val_probabilities: full validation also writes each case's probabilities on the raw grid
-            (validation/CASE.npz, as `voxseg predict --save-probabilities`), which `voxseg evaluate --crossval
-            WORKDIR --configurations all` needs to compare ensembles of configurations.
-        dist_timeout_min: under torchrun, a collective waiting longer than this fails, so a rank that died or
-            hangs does not leave the others blocked forever.
-    """
+    """The epoch loop."""
 
     epochs: int = 1000
+    """number of epochs."""
     val_freq: int = 1
+    """validate (pseudo-Dice on patches) every this many epochs."""
     val_iterations: int = 50
+    """validation batches per validation."""
     grad_accum: int = 1
+    """micro-batches accumulated per optimiser step."""
     grad_clip: float = 12.0
+    """gradient norm clip (0 = off)."""
     amp: str = field(default="auto", metadata={"choices": ("auto", "bf16", "fp16", "off")})
+    """mixed precision: "auto" (bf16 where supported, else fp16 with a GradScaler, on CUDA; float32 on CPU), "bf16",
+    "fp16" (CUDA only) or "off"."""
     compile: str = field(default="auto", metadata={"choices": ("auto", "on", "off")})
+    """torch.compile: "auto" (model + loss on CUDA only), "on" (also on CPU) or "off"."""
     patience: int = 0
+    """stop after this many epochs without EMA pseudo-Dice improvement (0 = never)."""
     ema_alpha: float = 0.9
+    """smoothing of the pseudo-Dice EMA: ema = alpha * ema + (1 - alpha) * dice."""
     save_freq: int = 1
+    """write checkpoint_latest every this many epochs (and always at the end); the default, every epoch, lets a killed
+    run resume from its last completed epoch."""
     snapshot_freq: int = 50
+    """with keep_snapshots > 0, write a checkpoint_epoch_E.pt every this many epochs."""
     keep_snapshots: int = 0
+    """keep the newest this many checkpoint_epoch_E.pt snapshots (0 = none; checkpoint_latest, _best and _final are
+    always kept)."""
     seed: int = 12345
+    """random seed, the same on every rank of a distributed run (each rank slices the global batch)."""
     deterministic: bool = False
+    """deterministic algorithms (slower on CUDA; resumed runs reproduce exactly)."""
     device: str = "auto"
+    """the training device: "auto" (cuda if available, else cpu), "cpu", "cuda" or "cuda:N"."""
     full_val: bool = True
+    """sliding-window validation of the whole validation cases after training."""
     save_val_probabilities: bool = False
+    """full validation also writes each case's probabilities on the raw grid (validation/CASE.npz, as `voxseg predict
+    --save-probabilities`), which `voxseg evaluate --crossval WORKDIR --configurations all` needs to compare ensembles
+    of configurations."""
     dist_timeout_min: float = 30.0
+    """under torchrun, a collective waiting longer than this fails, so a rank that died or hangs does not leave the
+    others blocked forever."""
 
     def __post_init__(self) -> None:
         for name in ("epochs", "val_freq", "grad_accum", "save_freq", "snapshot_freq"):
@@ -185,20 +172,17 @@ class LoopConfig:
 
 @dataclass
 class LoggingConfig:
-    """What the run writes besides checkpoints (log.jsonl is always written).
-
-    Attributes:
-        tensorboard: TensorBoard scalars in training/fold_F/tensorboard (skipped if tensorboard is missing).
-        progress_png: progress.png redrawn every epoch.
-        progress_bar: a tqdm bar per epoch.
-        log_every_iter: refresh the bar's loss every this many iterations; each refresh is a host-device sync
-            (0 = only at the end of the epoch).
-    """
+    """What the run writes besides checkpoints (log.jsonl is always written)."""
 
     tensorboard: bool = True
+    """TensorBoard scalars in training/fold_F/tensorboard (skipped if tensorboard is missing)."""
     progress_png: bool = True
+    """progress.png redrawn every epoch."""
     progress_bar: bool = True
+    """a tqdm bar per epoch."""
     log_every_iter: int = 25
+    """refresh the bar's loss every this many iterations; each refresh is a host-device sync (0 = only at the end of
+    the epoch)."""
 
     def __post_init__(self) -> None:
         _check(self.log_every_iter >= 0, "logging.log_every_iter", "must be >= 0")
@@ -206,27 +190,31 @@ class LoggingConfig:
 
 @dataclass
 class TrainConfig:
-    """The whole training run.
-
-    Attributes:
-        plan: overrides of the work directory's plan for this run, as dotted plan keys: patch_size, batch_size,
-            foreground_oversampling and network.<field> (residual, deep_supervision, ...), e.g.
-            {"batch_size": 4, "network.residual": true}. The effective plan (plans.json + these) is written
-            to training/fold_F/plans.json and is the one everything in the run reads.
-        pretrained: checkpoint whose matching-shape weights initialise the network (fine-tuning).
-        resume: continue from training/fold_F/checkpoint_latest.pt.
-    """
+    """The whole training run."""
 
     optim: OptimConfig = field(default_factory=OptimConfig)
+    """the optimiser (`optim.*`)."""
     schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
+    """the learning-rate schedule (`schedule.*`)."""
     loss: LossConfig = field(default_factory=LossConfig)
+    """the loss (`loss.*`)."""
     data: DataConfig = field(default_factory=DataConfig)
+    """how training patches are drawn and where the cases are cached (`data.*`)."""
     augment: AugmentConfig = field(default_factory=AugmentConfig)
+    """the training augmentation (`augment.*`)."""
     loop: LoopConfig = field(default_factory=LoopConfig)
+    """the epoch loop: length, validation, precision, checkpoints, device (`loop.*`)."""
     logging: LoggingConfig = field(default_factory=LoggingConfig)
+    """what the run writes besides checkpoints (`logging.*`)."""
     plan: dict[str, Any] = field(default_factory=dict)
+    """overrides of the work directory's plan for this run, as dotted plan keys: patch_size, batch_size,
+    foreground_oversampling and network.<field> (residual, deep_supervision, ...), e.g. {"batch_size": 4,
+    "network.residual": true}. The effective plan (plans.json + these) is written to training/fold_F/plans.json and is
+    the one everything in the run reads."""
     pretrained: str | None = None
+    """checkpoint whose matching-shape weights initialise the network (fine-tuning)."""
     resume: bool = False
+    """continue from training/fold_F/checkpoint_latest.pt."""
 
     def __post_init__(self) -> None:
         self.plan = parse_overrides(self.plan, allowed=TRAINING_OVERRIDES, prefix="plan.")
@@ -236,29 +224,10 @@ class TrainConfig:
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> "TrainConfig":
-        return build_dataclass(cls, _moved_to_plan(data), "")
+        return build_dataclass(cls, data, "")
 
     def save(self, path: str | Path) -> None:
         write_json_atomic(path, self.to_dict())
-
-
-# options that were training-config fields before the plan became their one home: old name -> plan key
-MOVED_TO_PLAN = {"data.patch_size": "patch_size", "data.batch_size": "batch_size",
-                 "data.foreground_fraction": "foreground_oversampling", "loop.residual": "network.residual",
-                 "loss.deep_supervision": "network.deep_supervision"}
-
-
-def _moved_to_plan(data: dict[str, Any]) -> dict[str, Any]:
-    """A config dict written before plan overrides were one field (an older config.json): the moved options
-    become plan overrides (None meant "the plan's", so it is dropped)."""
-    data = copy.deepcopy(data)
-    for old, key in MOVED_TO_PLAN.items():
-        section, leaf = old.split(".")
-        if isinstance(data.get(section), dict) and leaf in data[section]:
-            value = data[section].pop(leaf)
-            if value is not None:
-                data.setdefault("plan", {}).setdefault(key, value)
-    return data
 
 
 CONFIG_FILE = "config.json"  # training/fold_F/config.json: the config a run was started with (resolved)
@@ -300,9 +269,9 @@ def apply_overrides(config: TrainConfig, overrides: list[str]) -> TrainConfig:
     """Return a copy of `config` with dotted `section.field=value` overrides applied and validated.
 
     `plan.<key>=value` sets a plan override for the run (see `TrainConfig.plan`), e.g. `plan.batch_size=4`,
-    `plan.network.residual=true`. Values are parsed by the field's type: bools accept true/false/1/0/yes/no/on/off; lists accept JSON
-    (`[96,96,96]`) or commas (`96,96,96`); dicts accept JSON or pairs (`dice=1,ce=0.5`); `none`/`null` sets
-    an optional field to None.
+    `plan.network.residual=true`. Values are parsed by the field's type: bools accept true/false/1/0/yes/no/on/off;
+    lists accept JSON (`[96,96,96]`) or commas (`96,96,96`); dicts accept JSON or pairs (`dice=1,ce=0.5`);
+    `none`/`null` sets an optional field to None. An unknown option is refused with the nearest valid name.
     """
     data = config.to_dict()
     for item in overrides:
@@ -310,8 +279,6 @@ def apply_overrides(config: TrainConfig, overrides: list[str]) -> TrainConfig:
         key = key.strip()
         if not sep or not key:
             raise ConfigError(f"override '{item}' must look like section.field=value, e.g. optim.lr=3e-4")
-        if key in MOVED_TO_PLAN:
-            raise ConfigError(f"option '{key}' is a plan setting now: use plan.{MOVED_TO_PLAN[key]}={text.strip()}")
         if key.startswith("plan."):  # plan overrides: one dict, keyed like the plan's own fields
             data["plan"][key[len("plan."):]] = text.strip()
             continue

@@ -36,26 +36,24 @@ def _numbers(values: Any, option: str) -> tuple[float, ...]:
 
 @dataclass(frozen=True)
 class TermOptions:
-    """Options of the loss terms (`voxseg.config.LossConfig` documents each for users, as loss.<name>).
-
-    Attributes:
-        smooth: added to Dice/Tversky numerator and denominator.
-        batch_dice: Dice statistics summed over the batch (nnU-Net's batch Dice) instead of per sample.
-        class_weights: one weight >= 0 per network output (None = all equal): CE and focal become weighted
-            means over the voxels, Dice and Tversky weighted means over the classes.
-        focal_gamma: focal loss focusing exponent, >= 0 (0 = cross-entropy).
-        focal_alpha: None, a number in [0, 1] (the weight of the foreground / region-member side, 1 - alpha on
-            the other) or one factor >= 0 per output.
-        tversky_alpha, tversky_beta: Tversky weights (>= 0) of false positives and false negatives.
-    """
+    """Options of the loss terms (`voxseg.config.LossConfig` documents each for users, as loss.<name>)."""
 
     smooth: float = 1e-5
+    """added to Dice/Tversky numerator and denominator."""
     batch_dice: bool = True
+    """Dice statistics summed over the batch (nnU-Net's batch Dice) instead of per sample."""
     class_weights: tuple[float, ...] | None = None
+    """one weight >= 0 per network output (None = all equal): CE and focal become weighted means over the voxels, Dice
+    and Tversky weighted means over the classes."""
     focal_gamma: float = 2.0
+    """focal loss focusing exponent, >= 0 (0 = cross-entropy)."""
     focal_alpha: float | tuple[float, ...] | None = None
+    """None, a number in [0, 1] (the weight of the foreground / region-member side, 1 - alpha on the other) or one
+    factor >= 0 per output."""
     tversky_alpha: float = 0.3
+    """Tversky weight (>= 0) of false positives."""
     tversky_beta: float = 0.7
+    """Tversky weight (>= 0) of false negatives."""
 
     def __post_init__(self) -> None:
         store = self._store

@@ -35,23 +35,20 @@ SCHEDULES: Registry[ScheduleFactor] = Registry("schedule")
 
 @dataclass
 class OptimConfig:
-    """The optimiser.
-
-    Attributes:
-        name: "sgd" (nnU-Net's default: SGD with Nesterov momentum), "adam" or "adamw" (`OPTIMIZERS`).
-        lr: initial learning rate (the schedule scales it per epoch).
-        momentum: SGD momentum.
-        nesterov: Nesterov momentum for SGD.
-        weight_decay: L2 penalty (decoupled for adamw).
-        betas: Adam/AdamW (beta1, beta2).
-    """
+    """The optimiser."""
 
     name: str = field(default="sgd", metadata={"choices": OPTIMIZERS})
+    """the optimiser: "sgd" (nnU-Net's default: SGD with Nesterov momentum), "adam" or "adamw" (`OPTIMIZERS`)."""
     lr: float = 1e-2
+    """initial learning rate (the schedule scales it per epoch)."""
     momentum: float = 0.99
+    """SGD momentum."""
     nesterov: bool = True
+    """Nesterov momentum for SGD."""
     weight_decay: float = 3e-5
+    """L2 penalty (decoupled for adamw)."""
     betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
+    """Adam/AdamW (beta1, beta2)."""
 
     def __post_init__(self) -> None:
         check_choice(self, "optim.name")
@@ -66,30 +63,27 @@ class OptimConfig:
 
 @dataclass
 class ScheduleConfig:
-    """How the learning rate changes from epoch to epoch (set at the start of every epoch).
-
-    Attributes:
-        name: "poly" lr * (1 - epoch/epochs)^exponent (nnU-Net's default); "cosine" half cosine to min_lr after
-            a linear warm-up of warmup_epochs; "step" lr * gamma^(epoch // step_size); "exponential"
-            lr * gamma^epoch; "plateau" multiplies the lr by factor when the validation EMA pseudo-Dice has
-            not improved for more than patience validations in a row (`SCHEDULES`).
-        exponent: poly exponent.
-        warmup_epochs: cosine linear warm-up length in epochs (0 = none).
-        step_size: step schedule period in epochs.
-        gamma: step / exponential decay factor; None = 0.1 for step, 0.99 for exponential.
-        factor: plateau decay factor.
-        patience: plateau patience: validations without improvement tolerated before the lr is decayed.
-        min_lr: the lr never goes below this (cosine decays to it; the others are floored at it).
-    """
+    """How the learning rate changes from epoch to epoch (set at the start of every epoch)."""
 
     name: str = field(default="poly", metadata={"choices": SCHEDULES})
+    """the schedule: "poly" lr * (1 - epoch/epochs)^exponent (nnU-Net's default); "cosine" half cosine to min_lr after
+    a linear warm-up of warmup_epochs; "step" lr * gamma^(epoch // step_size); "exponential" lr * gamma^epoch;
+    "plateau" multiplies the lr by factor when the validation EMA pseudo-Dice has not improved for more than patience
+    validations in a row (`SCHEDULES`)."""
     exponent: float = 0.9
+    """poly exponent."""
     warmup_epochs: int = 0
+    """cosine linear warm-up length in epochs (0 = none)."""
     step_size: int = 100
+    """step schedule period in epochs."""
     gamma: float | None = None
+    """step / exponential decay factor; None = 0.1 for step, 0.99 for exponential."""
     factor: float = 0.5
+    """plateau decay factor."""
     patience: int = 10
+    """plateau patience: validations without improvement tolerated before the lr is decayed."""
     min_lr: float = 0.0
+    """the lr never goes below this (cosine decays to it; the others are floored at it)."""
 
     def __post_init__(self) -> None:
         check_choice(self, "schedule.name")

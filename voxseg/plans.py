@@ -16,6 +16,7 @@ from voxseg.configtree import parse_value
 from voxseg.errors import ConfigError
 from voxseg.jsonio import read_json, write_json_atomic
 from voxseg.labels import LabelScheme
+from voxseg.network_plan import NetworkPlan
 from voxseg.normalization import SCHEMES, required_fields
 from voxseg.registry import unknown_name_message
 
@@ -25,24 +26,24 @@ PLAN_FILE = "plans.json"  # WORKDIR/plans.json (as planned) and training/fold_F/
 
 @dataclass
 class ChannelNormalization:
-    """How one input channel is normalised.
-
-    Attributes:
-        scheme: "zscore" (per-case z-score; MRI and most modalities), "ct" (clip to the dataset's foreground
-            0.5/99.5 percentiles, then z-score with the dataset's foreground mean/std) or "none"; any name
-            registered in `voxseg.normalization.SCHEMES`.
-        use_nonzero_mask: z-score statistics computed inside the nonzero (brain) mask only, and voxels outside
-            the mask set to 0. True when cropping to the nonzero region shrank the cases noticeably.
-        clip_low, clip_high, mean, std: dataset-wide statistics used by the "ct" scheme (a scheme declares
-            the ones it needs when it is registered).
-    """
+    """How one input channel is normalised."""
 
     scheme: str = "zscore"
+    """the normalisation scheme: "zscore" (per-case z-score; MRI and most modalities), "ct" (clip to the dataset's
+    foreground 0.5/99.5 percentiles, then z-score with the dataset's foreground mean/std) or "none"; any name
+    registered in `voxseg.normalization.SCHEMES`."""
     use_nonzero_mask: bool = False
+    """z-score statistics computed inside the nonzero (brain) mask only, and voxels outside the mask set to 0. True
+    when cropping to the nonzero region shrank the cases noticeably."""
     clip_low: float | None = None
+    """lower clip bound of the "ct" scheme: the dataset's foreground 0.5 percentile (a scheme declares the
+    fields it needs when it is registered; the others leave them None)."""
     clip_high: float | None = None
+    """upper clip bound of the "ct" scheme: the dataset's foreground 99.5 percentile."""
     mean: float | None = None
+    """the dataset's foreground mean, subtracted by the "ct" scheme."""
     std: float | None = None
+    """the dataset's foreground standard deviation, divided by in the "ct" scheme."""
 
     def __post_init__(self) -> None:
         if self.scheme not in SCHEMES:
@@ -55,133 +56,67 @@ class ChannelNormalization:
 
 
 @dataclass
-class NetworkPlan:
-    """U-Net topology.
-
-    Attributes:
-        name: registered network name ("unet"; `residual` switches the encoder to residual blocks).
-        features: feature maps per stage, e.g. [32, 64, 128, 256, 320, 320].
-        kernel_sizes: per stage, e.g. [[1,3,3], [3,3,3], ...] (1 along a coarse axis that is not yet isotropic).
-        strides: per stage downsampling stride; the first stage's is [1,1,1].
-        conv_per_stage: convolutions per encoder stage (and per decoder level unless decoder_conv_per_stage).
-        residual: residual encoder blocks instead of plain conv blocks.
-        deep_supervision: extra output heads on the decoder's lower resolutions during training.
-        blocks_per_stage: residual blocks per encoder stage (residual networks); None: voxseg's default
-            [1, 3, 4, 6, 6, 6] (cut to the stage count).
-        decoder_conv_per_stage: convolutions per decoder level; None: conv_per_stage.
-        pooled_skip: residual skips downsample by average pooling and project only when the feature count
-            changes (nnU-Net's ResidualEncoderUNet); False: a strided 1x1 projection.
-        norm_eps: epsilon of the normalisation layers.
-        negative_slope: slope of the leaky ReLU.
-    """
-
-    name: str = "unet"
-    features: list[int] = field(default_factory=lambda: [32, 64, 128, 256, 320, 320])
-    kernel_sizes: list[list[int]] = field(default_factory=lambda: [[3, 3, 3]] * 6)
-    strides: list[list[int]] = field(default_factory=lambda: [[1, 1, 1]] + [[2, 2, 2]] * 5)
-    conv_per_stage: int = 2
-    residual: bool = False
-    deep_supervision: bool = True
-    blocks_per_stage: list[int] | None = None
-    decoder_conv_per_stage: int | None = None
-    pooled_skip: bool = False
-    norm_eps: float = 1e-5
-    negative_slope: float = 1e-2
-
-    def __post_init__(self) -> None:
-        n = len(self.features)
-        if not (len(self.kernel_sizes) == len(self.strides) == n):
-            raise ConfigError(
-                f"plans.json: network.features ({n} stages), kernel_sizes ({len(self.kernel_sizes)}) and strides "
-                f"({len(self.strides)}) must have the same length"
-            )
-        dims = {len(k) for k in self.kernel_sizes} | {len(s) for s in self.strides}
-        if len(dims) != 1 or dims.pop() not in (2, 3):
-            raise ConfigError("plans.json: network kernel_sizes and strides must all be 2D or all be 3D")
-        if self.blocks_per_stage is not None and len(self.blocks_per_stage) != n:
-            raise ConfigError(f"plans.json: network.blocks_per_stage {self.blocks_per_stage} needs one entry per "
-                              f"stage ({n})")
-
-    @property
-    def n_stages(self) -> int:
-        return len(self.features)
-
-    @property
-    def ndim(self) -> int:
-        return len(self.strides[0])
-
-    @property
-    def total_stride(self) -> list[int]:
-        """Product of the per-stage strides, per axis: patch sizes must be multiples of it."""
-        total = [1] * self.ndim
-        for stride in self.strides:
-            total = [t * int(s) for t, s in zip(total, stride)]
-        return total
-
-
-@dataclass
 class Plan:
-    """Everything later stages need to know about the dataset and the chosen configuration.
-
-    Attributes:
-        dataset_name: name from dataset.json.
-        raw_dataset: absolute path of the raw dataset the plan was made from.
-        channel_names: {"0": "T1", ...} as in dataset.json.
-        labels: {"background": 0, "edema": 1, ...}; a value may be a list (a region).
-        regions_class_order: for region-based datasets, the label value each region writes back, in order.
-        file_ending: raw image file ending, e.g. ".nii.gz".
-        original_median_spacing / original_median_shape: from the fingerprint, array axis order.
-        target_spacing: spacing every case is resampled to (array axis order, mm).
-        anisotropy_axis: index of the coarse axis handled separately when resampling, or None.
-        normalization: one scheme per channel.
-        patch_size: training patch size in voxels (array axis order).
-        batch_size: patches per optimiser step.
-        median_shape_after_resample: median case shape at target_spacing.
-        network: the U-Net topology.
-        foreground_oversampling: fraction of patches forced to contain foreground.
-        gpu_memory_gb: the memory budget the patch and batch size were planned for.
-        estimated_memory_gb: the memory model's estimate of peak training memory for this plan.
-        image_dtype: dtype of the preprocessed images ("float16" or "float32").
-        inference_mirror_axes: the spatial axes test-time mirroring uses when every axis is asked for (a model
-            trained mirrored along some axes only, e.g. an imported nnU-Net model's allowed axes); None: all.
-        memory_calibration: the memory model fitted to real steps on a GPU by `voxseg plan --calibrate`
-            (device, scale, fixed_gb, measured points), or None when the formula was used as it is.
-        configuration: which of the planned configurations this is: "3d_fullres" (the default), "2d",
-            "3d_lowres" or "3d_cascade_fullres" (see `voxseg.data.configs`).
-        slice_axis: 2D plans only: the array axis the 2D network slices along (the coarsest axis, nnU-Net's
-            transpose rule); the patch covers the other two axes in their order.
-        keep_slice_spacing: 2D plans only: the slice axis keeps each case's own spacing, only the other two axes
-            are resampled (nnU-Net's 2d preprocessing, set for its imported 2d models); target_spacing's entry
-            for the slice axis is then only a typical value. False: every axis is resampled to target_spacing.
-        previous_stage: a cascade stage's first stage ("3d_lowres" for "3d_cascade_fullres"), else None.
-    """
+    """Everything later stages need to know about the dataset and the chosen configuration."""
 
     dataset_name: str
+    """name from dataset.json."""
     raw_dataset: str
+    """absolute path of the raw dataset the plan was made from."""
     channel_names: dict[str, str]
+    """{"0": "T1", ...} as in dataset.json."""
     labels: dict[str, Any]
+    """{"background": 0, "edema": 1, ...}; a value may be a list (a region)."""
     file_ending: str
+    """raw image file ending, e.g. ".nii.gz"."""
     target_spacing: list[float]
+    """spacing every case is resampled to (array axis order, mm)."""
     patch_size: list[int]
+    """training patch size in voxels (array axis order)."""
     batch_size: int
+    """patches per optimiser step."""
     network: NetworkPlan
+    """the U-Net topology."""
     normalization: list[ChannelNormalization]
+    """one scheme per channel."""
     regions_class_order: list[int] | None = None
+    """for region-based datasets, the label value each region writes back, in order."""
     original_median_spacing: list[float] = field(default_factory=list)
+    """the raw cases' median spacing, from the fingerprint (array axis order, mm)."""
     original_median_shape: list[int] = field(default_factory=list)
+    """the raw cases' median shape, from the fingerprint (array axis order)."""
     median_shape_after_resample: list[int] = field(default_factory=list)
+    """median case shape at target_spacing."""
     anisotropy_axis: int | None = None
+    """index of the coarse axis handled separately when resampling, or None."""
     foreground_oversampling: float = 0.33
+    """fraction of patches forced to contain foreground."""
     gpu_memory_gb: float = 8.0
+    """the memory budget the patch and batch size were planned for."""
     estimated_memory_gb: float | None = None
+    """the memory model's estimate of peak training memory for this plan."""
     image_dtype: str = "float16"
+    """dtype of the preprocessed images ("float16" or "float32")."""
     inference_mirror_axes: list[int] | None = None
+    """the spatial axes test-time mirroring uses when every axis is asked for (a model trained mirrored along some
+    axes only, e.g. an imported nnU-Net model's allowed axes); None: all."""
     memory_calibration: dict[str, Any] | None = None
+    """the memory model fitted to real steps on a GPU by `voxseg plan --calibrate` (device, scale, fixed_gb, measured
+    points), or None when the formula was used as it is."""
     configuration: str = "3d_fullres"
+    """which of the planned configurations this is: "3d_fullres" (the default), "2d", "3d_lowres" or
+    "3d_cascade_fullres" (see `voxseg.data.configs`)."""
     slice_axis: int = 0
+    """2D plans only: the array axis the 2D network slices along (the coarsest axis, nnU-Net's transpose rule); the
+    patch covers the other two axes in their order."""
     keep_slice_spacing: bool = False
+    """2D plans only: the slice axis keeps each case's own spacing, only the other two axes are resampled (nnU-Net's
+    2d preprocessing, set for its imported 2d models); target_spacing's entry for the slice axis is then only a
+    typical value. False: every axis is resampled to target_spacing."""
     previous_stage: str | None = None
+    """a cascade stage's first stage ("3d_lowres" for "3d_cascade_fullres"), else None."""
     version: int = PLAN_VERSION
+    """the plans.json format version (`PLAN_VERSION`)."""
 
     def __post_init__(self) -> None:
         if isinstance(self.network, dict):
@@ -238,8 +173,8 @@ class Plan:
             raise ConfigError(
                 f"configuration '{self.configuration}' is a cascade stage: its network takes the predictions of "
                 f"'{self.previous_stage}' as extra input channels, and {action} with a cascade is not supported "
-                f"(train, predict, benchmark and estimate are). Use '--configuration {self.previous_stage}' or '--configuration "
-                f"3d_fullres' instead")
+                f"(train, predict, benchmark and estimate are). Use '--configuration {self.previous_stage}' or "
+                "'--configuration 3d_fullres' instead")
 
     # ----- labels (see LabelScheme) -------------------------------------------------------------------------
     @property

@@ -1,10 +1,9 @@
 """Command-line flags derived from the config tree: one definition of every option's type, default, choices and
 help, read from the dataclass field it names.
 
-A field's documentation is either an "Attributes:" entry in its class docstring (`voxseg.config`, `Plan`) or a
-string literal right under the field (`AugmentConfig`); its choices are `metadata={"choices": ...}`
-(`voxseg.configtree.field_choices`). Plan overrides (`plan.batch_size`, `plan.network.residual`, ...) are
-described by the `Plan` / `NetworkPlan` field they override.
+A field's documentation is the string literal right under the field (`field_docs`); its choices are
+`metadata={"choices": ...}` (`voxseg.configtree.field_choices`). Plan overrides (`plan.batch_size`,
+`plan.network.residual`, ...) are described by the `Plan` / `NetworkPlan` field they override.
 
 To give an option a short flag, add `flag -> dotted option` to an alias table (`voxseg.cli.train.TRAIN_FLAGS`);
 to change its help, type or choices, change the field.
@@ -41,21 +40,18 @@ PLAN_DEFAULT = "the plan's"  # what a plan override defaults to: the work direct
 
 @dataclass(frozen=True)
 class Option:
-    """One dotted option of the training config, with everything a flag or a doc table says about it.
-
-    Attributes:
-        name: dotted name as `--set` takes it, e.g. "optim.lr", "plan.network.residual".
-        hint: the field's type hint.
-        default: the default value; PLAN_DEFAULT for plan overrides.
-        help: the field's documentation, on one line.
-        choices: the allowed values, or None.
-    """
+    """One dotted option of the training config, with everything a flag or a doc table says about it."""
 
     name: str
+    """dotted name as `--set` takes it, e.g. "optim.lr", "plan.network.residual"."""
     hint: Any
+    """the field's type hint."""
     default: Any
+    """the default value; PLAN_DEFAULT for plan overrides."""
     help: str
+    """the field's documentation, on one line."""
     choices: list[str] | None
+    """the allowed values, or None."""
 
     @property
     def section(self) -> str:
@@ -74,38 +70,14 @@ class Option:
 # ----- reading the dataclasses --------------------------------------------------------------------------------
 @functools.cache
 def field_docs(cls: type) -> dict[str, str]:
-    """Documentation of each field of dataclass `cls`: its "Attributes:" entry, or the string literal under it.
+    '''Documentation of each field of dataclass `cls`: the string literal right under the field, on one line.
 
-    An entry may document several fields at once ("clip_low, clip_high: ..." or "a / b: ...").
-    """
-    docs = _attribute_section(inspect.getdoc(cls) or "")
-    docs.update(_field_literals(cls))
-    return {name: " ".join(text.split()) for name, text in docs.items()}
+    The one style config fields are documented in (tests/test_config_docs.py holds every config dataclass to it):
 
-
-def _attribute_section(docstring: str) -> dict[str, str]:
-    """Google style: "Attributes:" then one "name: text" per field, continuation lines indented deeper."""
-    lines = docstring.splitlines()
-    start = next((i for i, line in enumerate(lines) if line.strip() == "Attributes:"), None)
-    if start is None:
-        return {}
-    docs: dict[str, str] = {}
-    names: list[str] = []
-    indent = None
-    for line in lines[start + 1:]:
-        if not line.strip():
-            continue
-        depth = len(line) - len(line.lstrip())
-        indent = depth if indent is None else indent
-        if depth < indent:  # the next section
-            break
-        entry = re.match(r"([\w\s,/]+?):\s(.*)", line.strip()) if depth == indent else None
-        if entry:
-            names = [n.strip() for n in re.split(r"[,/]", entry.group(1)) if n.strip()]
-            docs.update({name: entry.group(2) for name in names})
-        else:
-            docs.update({name: f"{docs[name]} {line.strip()}" for name in names})
-    return docs
+        lr: float = 1e-2
+        """initial learning rate (the schedule scales it per epoch)."""
+    '''
+    return {name: " ".join(text.split()) for name, text in _field_literals(cls).items()}
 
 
 def _field_literals(cls: type) -> dict[str, str]:

@@ -79,7 +79,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     if args.configurations is not None and not args.crossval:
         raise ConfigError("--configurations compares a work directory's configurations: add --crossval WORKDIR")
     if args.crossval and args.configurations is not None:
-        from voxseg.choice import choose_configuration, format_choice
+        from voxseg.crossval import choose_configuration, format_choice
         from voxseg.infer.ensemble import CHOICE_FILE
 
         if args.configuration:

@@ -24,8 +24,7 @@ from __future__ import annotations
 
 import math
 
-from voxseg.plans import NetworkPlan
-from voxseg.stages import default_blocks_per_stage
+from voxseg.network_plan import NetworkPlan, default_blocks_per_stage
 from voxseg.units import gib
 
 # Constants of the memory model, calibrated by measurement:

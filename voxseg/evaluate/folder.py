@@ -1,4 +1,4 @@
-"""Evaluate a folder of predictions against a folder of references, and aggregate cross-validation folds.
+"""Evaluate a folder of predictions against a folder of references.
 
 Classes evaluated (each a set of label values, see `classes_from_labels`):
     - every named label of dataset.json (``"liver": 1``) -> kind "label";
@@ -15,20 +15,14 @@ Outputs (atomic writes into `out`, default the prediction folder; written by `vo
 """
 from __future__ import annotations
 
-import json
-import os
-import shutil
 from concurrent.futures import ProcessPoolExecutor
 from multiprocessing import get_context
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any
 
-
-from voxseg.data.io import SUPPORTED_ENDINGS, file_ending as _file_ending, geometry_differences, read_image
-from voxseg.data.splits import fold_dir
+from voxseg.data.io import SUPPORTED_ENDINGS, geometry_differences, read_image
+from voxseg.data.io import file_ending as _file_ending
 from voxseg.errors import ConfigError, InputError
-from voxseg.labels import LabelScheme
-from voxseg.jsonio import read_json
 from voxseg.evaluate.conventions import apply_convention, check_convention, metric_options
 from voxseg.evaluate.conventions import describe as describe_convention
 from voxseg.evaluate.matching import (
@@ -39,7 +33,6 @@ from voxseg.evaluate.matching import (
     match_predictions,
 )
 from voxseg.evaluate.metrics import compute_case_metrics, conventions
-from voxseg.workers import exit_with_parent
 from voxseg.evaluate.summary import (
     CSV_COLUMNS,
     MEAN_METRICS,
@@ -49,14 +42,19 @@ from voxseg.evaluate.summary import (
     nan_to_none,
     write_summary,
 )
+from voxseg.jsonio import read_json
+from voxseg.labels import LabelScheme
+from voxseg.workers import exit_with_parent
 
 __all__ = [
-    "CSV_COLUMNS", "MEAN_METRICS", "aggregate_folds", "classes_from_labels", "evaluate_case", "evaluate_folder",
-    "format_table", "write_summary",
+    "CSV_COLUMNS", "MEAN_METRICS", "classes_from_labels", "evaluate_case", "evaluate_folder", "format_table",
+    "load_dataset_json", "write_summary",
 ]
 
 
-def _load_dataset_json(dataset_json: str | Path | dict | None, ref_dir: Path) -> dict[str, Any] | None:
+def load_dataset_json(dataset_json: str | Path | dict | None, ref_dir: Path) -> dict[str, Any] | None:
+    """dataset.json as a dict: `dataset_json` itself (a dict or a path), else the one beside `ref_dir` (a raw
+    dataset's labelsTr), else None."""
     if isinstance(dataset_json, dict):
         return dataset_json
     if dataset_json is None:
@@ -238,7 +236,7 @@ def evaluate_folder(
         raise InputError(f"{pred_dir}: prediction folder not found")
     if not ref_dir.is_dir():
         raise InputError(f"{ref_dir}: reference folder not found; give the folder of the reference label files")
-    meta = _load_dataset_json(dataset_json, ref_dir)
+    meta = load_dataset_json(dataset_json, ref_dir)
     label_map, ignore_value = _resolve_labels(labels, meta, dataset_json)
     classes, foreground = classes_from_labels(label_map, regions)
     if file_ending is None and meta is not None and "file_ending" in meta:
@@ -278,79 +276,3 @@ def _settings(tolerance_mm: float, one_empty_hd95: str, convention: str) -> dict
 def _means(per_case: list[dict], classes: dict[str, Any], foreground: list[str]) -> dict[str, Any]:
     mean = {name: class_means(per_case, name) for name in classes}
     return {"mean": mean, "foreground_mean": foreground_mean(mean, foreground)}
-
-
-def _link_or_copy(src: Path, dst: Path) -> None:
-    try:
-        os.link(src, dst)
-    except OSError:  # other filesystem, or links not allowed
-        shutil.copy2(src, dst)
-
-
-def _read_workdir(workdir: Path) -> tuple[Path, dict[str, Any], str]:
-    plans_path = workdir / "plans.json"
-    if not plans_path.is_file():
-        raise InputError(f"{plans_path} not found: is {workdir} a voxseg work directory ('voxseg plan')?")
-    plans = json.loads(plans_path.read_text())
-    if "raw_dataset" not in plans:
-        raise ConfigError(f"{plans_path}: no 'raw_dataset' entry; re-run 'voxseg plan'")
-    raw = Path(plans["raw_dataset"])
-    meta_path = workdir / "dataset.json" if (workdir / "dataset.json").is_file() else raw / "dataset.json"
-    meta = _load_dataset_json(meta_path, raw)
-    assert meta is not None
-    ending = str(plans.get("file_ending") or meta["file_ending"])
-    if not (raw / "labelsTr").is_dir():
-        raise InputError(f"{raw / 'labelsTr'}: the raw dataset's labels (plans.json 'raw_dataset') are not there")
-    return raw, meta, ending
-
-
-def aggregate_folds(
-    workdir: str | Path,
-    folds: Iterable[int] = range(5),
-    num_workers: int = 1,
-    tolerance_mm: float = 1.0,
-    one_empty_hd95: str = "nan",
-    regions: bool | dict[str, list[int]] = True,
-    convention: str = "voxseg",
-) -> dict[str, Any]:
-    """Gather every fold's validation predictions into WORKDIR/training/crossval/ and evaluate them together.
-
-    Predictions are hard-linked (copied across filesystems) from WORKDIR/training/fold_F/validation/ and
-    evaluated against the raw dataset's labelsTr; summary.json/csv go into the crossval folder.
-
-    Raises:
-        InputError: a fold has no validation predictions, or two folds predicted the same case.
-    """
-    workdir = Path(workdir)
-    raw, meta, ending = _read_workdir(workdir)
-    folds = list(folds)
-    crossval = workdir / "training" / "crossval"
-    sources: dict[str, tuple[int, Path]] = {}
-    for fold in folds:
-        val_dir = fold_dir(workdir, fold) / "validation"
-        files = sorted(p for p in val_dir.glob(f"*{ending}") if p.name[0] != ".") if val_dir.is_dir() else []
-        if not files:
-            raise InputError(
-                f"fold {fold} has no validation predictions in {val_dir}; finish training it "
-                f"('voxseg train {workdir} --fold {fold}') or leave it out of folds"
-            )
-        for path in files:
-            name = path.name[: -len(ending)]
-            if name in sources:
-                raise InputError(
-                    f"case {name} was predicted by fold {sources[name][0]} and fold {fold}: the folds' "
-                    "validation sets overlap, so they cannot be aggregated into one cross-validation"
-                )
-            sources[name] = (fold, path)
-    crossval.mkdir(parents=True, exist_ok=True)
-    for stale in crossval.glob(f"*{ending}"):  # a previous run may have used other folds
-        stale.unlink()
-    for name, (_, path) in sources.items():
-        _link_or_copy(path, crossval / f"{name}{ending}")
-    summary = evaluate_folder(
-        crossval, raw / "labelsTr", meta, regions=regions, tolerance_mm=tolerance_mm, num_workers=num_workers,
-        file_ending=ending, out=False, one_empty_hd95=one_empty_hd95, allow_missing=True, convention=convention,
-    )
-    summary["folds"] = folds
-    write_summary(summary, crossval)
-    return summary

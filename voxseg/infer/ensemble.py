@@ -1,6 +1,6 @@
 """Predicting with the configuration (or pair of configurations) that cross-validation chose.
 
-`voxseg evaluate --crossval WORKDIR --configurations all` (`voxseg.choice`) writes WORKDIR/inference_choice.json:
+`voxseg evaluate --crossval WORKDIR --configurations all` (`voxseg.crossval`) writes WORKDIR/inference_choice.json:
 
     {"choice": {"kind": "ensemble", "configurations": ["3d_fullres", "2d"], "dice": 0.91},
      "postprocessing": {"largest_component": [[1, 2, 3]], ...}, "compared": [...], "folds": [0, 1, 2, 3, 4], ...}

@@ -40,8 +40,8 @@ from voxseg.infer.install import swap_in_folder
 from voxseg.infer.postprocess import EXPORTED_POSTPROCESSING_FILE, model_postprocessing
 from voxseg.infer.nnunet_weights import nnunet_names
 from voxseg.jsonio import read_json, write_json_atomic
+from voxseg.network_plan import default_blocks_per_stage
 from voxseg.plans import Plan
-from voxseg.stages import default_blocks_per_stage
 
 DEFAULT_FOLDER = "nnUNetTrainer__voxsegPlans__3d_fullres"
 _NORMALIZATION = {"zscore": "ZScoreNormalization", "ct": "CTNormalization", "none": "NoNormalization"}

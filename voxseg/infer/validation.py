@@ -38,7 +38,7 @@ def full_validation(model: nn.Module, plan: Plan, preprocessed_dir: str | Path, 
     `out_dir/CASE{plan.file_ending}` with the raw geometry, so `voxseg evaluate --crossval` can score the folds
     against labelsTr; the Dice table goes to `out_dir/summary.json` (when `write`). With `save_probabilities`
     each case's probabilities on that grid go next to it as `out_dir/CASE.npz` (the writer of `voxseg predict
-    --save-probabilities`), for ensembles of configurations (`voxseg.choice`); without it a CASE.npz left by
+    --save-probabilities`), for ensembles of configurations (`voxseg.crossval`); without it a CASE.npz left by
     an earlier validation is removed, so probabilities never disagree with the label map beside them.
 
     Cascades (see `voxseg.infer.cascade`): a cascade stage's cases get the one-hot of the first stage's stored

@@ -28,7 +28,8 @@ from voxseg.models.blocks import (
     init_weights,
     transposed_conv_layer,
 )
-from voxseg.stages import default_blocks_per_stage
+from voxseg.network_plan import default_blocks_per_stage
+
 
 class UNet(nn.Module):
     """U-Net with strided-conv encoder, transposed-conv decoder and a segmentation head per decoder level.

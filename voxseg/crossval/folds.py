@@ -1,7 +1,6 @@
-"""Cross-validation as one step: gather the trained folds' validation predictions, evaluate them together, and
-decide the postprocessing from them (`voxseg evaluate --crossval WORKDIR` calls this and prints the result).
-
-It sits above evaluation and inference (it uses both) and below the command line.
+"""Cross-validation of one configuration: gather the trained folds' validation predictions, evaluate them
+together, and decide the postprocessing from them (`voxseg evaluate --crossval WORKDIR` calls this and prints
+the result).
 
 When the decision keeps a largest component anywhere, the postprocessed predictions are written to
 WORKDIR/training/crossval/postprocessed/ and evaluated too (its summary.json), so the table printed is the one
@@ -18,8 +17,17 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, NamedTuple, Sequence
 
+from voxseg.data.io import read_image, write_image
 from voxseg.data.splits import trained_folds
 from voxseg.errors import ConfigError
+from voxseg.evaluate.workdir import aggregate_folds, crossval_dir, evaluate_workdir_predictions
+from voxseg.infer.postprocess import (
+    POSTPROCESSING_FILE,
+    apply_postprocessing,
+    decide_postprocessing,
+    describe_postprocessing,
+)
+from voxseg.plans import PLAN_FILE, Plan
 
 POSTPROCESSED_FOLDER = "postprocessed"  # WORKDIR/training/crossval/postprocessed/
 
@@ -62,10 +70,6 @@ def evaluate_crossval(workdir: str | Path, folds: Sequence[int] | None = None, n
         the summary (training/crossval/summary.json), the postprocessing decision, where it was saved, and the
         summary after postprocessing.
     """
-    from voxseg.evaluate.folder import aggregate_folds
-    from voxseg.infer.postprocess import POSTPROCESSING_FILE, decide_postprocessing
-    from voxseg.plans import Plan
-
     workdir = Path(workdir)
     if folds is None:
         folds = trained_folds(workdir)
@@ -75,9 +79,9 @@ def evaluate_crossval(workdir: str | Path, folds: Sequence[int] | None = None, n
     folds = list(folds)
     summary = aggregate_folds(workdir, folds=folds, num_workers=num_workers, tolerance_mm=tolerance_mm,
                               convention=convention)
-    plan = Plan.load(workdir / "plans.json")
+    plan = Plan.load(workdir / PLAN_FILE)
     out_file = workdir / POSTPROCESSING_FILE
-    spec = decide_postprocessing(workdir / "training" / "crossval", Path(plan.raw_dataset) / "labelsTr", plan.regions,
+    spec = decide_postprocessing(crossval_dir(workdir), Path(plan.raw_dataset) / "labelsTr", plan.regions,
                                  file_ending=plan.file_ending, out_file=out_file, num_workers=num_workers)
     final = summary
     if spec["largest_component"]:
@@ -85,15 +89,10 @@ def evaluate_crossval(workdir: str | Path, folds: Sequence[int] | None = None, n
     return CrossvalResult(summary, spec, out_file, final)
 
 
-def _evaluate_postprocessed(workdir: Path, plan: Any, spec: dict[str, Any], folds: list[int], num_workers: int,
+def _evaluate_postprocessed(workdir: Path, plan: Plan, spec: dict[str, Any], folds: list[int], num_workers: int,
                             tolerance_mm: float, convention: str) -> dict[str, Any]:
     """Apply `spec` to training/crossval/CASE files into training/crossval/postprocessed/ and evaluate them."""
-    from voxseg.data.io import read_image, write_image
-    from voxseg.evaluate.folder import evaluate_folder
-    from voxseg.evaluate.summary import write_summary
-    from voxseg.infer.postprocess import apply_postprocessing
-
-    crossval, ending = workdir / "training" / "crossval", plan.file_ending
+    crossval, ending = crossval_dir(workdir), plan.file_ending
     out = crossval / POSTPROCESSED_FOLDER
     out.mkdir(exist_ok=True)
     for stale in out.glob(f"*{ending}"):  # a previous decision's files
@@ -105,26 +104,18 @@ def _evaluate_postprocessed(workdir: Path, plan: Any, spec: dict[str, Any], fold
 
     with ThreadPoolExecutor(max(1, num_workers)) as pool:
         list(pool.map(postprocess, sorted(p for p in crossval.glob(f"*{ending}") if p.name[0] != ".")))
-    raw = Path(plan.raw_dataset)
-    meta = workdir / "dataset.json" if (workdir / "dataset.json").is_file() else raw / "dataset.json"
     with warnings.catch_warnings():  # the same missing cases were reported by the first evaluation
         warnings.simplefilter("ignore", UserWarning)
-        summary = evaluate_folder(out, raw / "labelsTr", meta, tolerance_mm=tolerance_mm, num_workers=num_workers,
-                                  file_ending=ending, out=False, allow_missing=True, convention=convention)
-    summary["folds"] = folds
-    write_summary(summary, out)
-    return summary
+        return evaluate_workdir_predictions(out, workdir, folds, num_workers=num_workers, tolerance_mm=tolerance_mm,
+                                            convention=convention)
 
 
 def describe_crossval(workdir: str | Path, result: CrossvalResult) -> str:
     """The decision as a sentence (`voxseg.infer.postprocess.describe_postprocessing`) with the foreground-mean
     Dice before and after it, where it was saved, and which table `final_summary` is."""
-    from voxseg.infer.postprocess import describe_postprocessing
-    from voxseg.plans import Plan
-
-    plan = Plan.load(Path(workdir) / "plans.json")
+    plan = Plan.load(Path(workdir) / PLAN_FILE)
     decision = describe_postprocessing(result.postprocessing, plan.regions, plan.class_names, result.dice)
-    table = (f"the table is after postprocessing; before it: {Path(workdir) / 'training' / 'crossval' / 'summary.json'}"
+    table = (f"the table is after postprocessing; before it: {crossval_dir(workdir) / 'summary.json'}"
              if result.final_summary is not result.summary else "the table is the folds' predictions as they are")
     return (f"postprocessing: {decision}\n(saved to {result.postprocessing_file}, which 'voxseg predict' applies; "
             f"{table})")

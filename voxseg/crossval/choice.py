@@ -28,9 +28,22 @@ from itertools import combinations
 from pathlib import Path
 from typing import Any, Sequence
 
+import numpy as np
+import torch
+
 from voxseg.data.configs import config_workdir, load_index
+from voxseg.data.io import read_image, write_image
 from voxseg.data.splits import fold_dir, load_splits
 from voxseg.errors import ConfigError, InputError
+from voxseg.evaluate.workdir import aggregate_folds, crossval_dir, evaluate_workdir_predictions
+from voxseg.infer.ensemble import CHOICE_FILE, average_probabilities
+from voxseg.infer.postprocess import (
+    POSTPROCESSING_FILE,
+    decide_postprocessing,
+    probabilities_to_labels,
+    probability_names,
+)
+from voxseg.jsonio import write_json_atomic
 from voxseg.plans import PLAN_FILE, Plan
 
 ENSEMBLES_DIR = "ensembles"
@@ -45,7 +58,7 @@ def choose_configuration(workdir: str | Path, configurations: str | Sequence[str
         workdir: the work directory (WORKDIR/configurations.json lists its configurations).
         configurations: "all" (every configuration whose folds are all validated; the others are skipped and
             named) or the names to compare (each must have every fold validated).
-        num_workers, tolerance_mm, convention: as for `voxseg.crossval.evaluate_crossval`.
+        num_workers, tolerance_mm, convention: as for `voxseg.crossval.folds.evaluate_crossval`.
 
     Returns:
         what WORKDIR/inference_choice.json holds: folds, compared (ranked, best first), skipped, choice,
@@ -55,10 +68,6 @@ def choose_configuration(workdir: str | Path, configurations: str | Sequence[str
         ConfigError: an unknown configuration, a named configuration with folds missing, no configuration
             with every fold, or configurations validated on different folds or cases.
     """
-    from voxseg.evaluate.folder import aggregate_folds
-    from voxseg.infer.ensemble import CHOICE_FILE
-    from voxseg.jsonio import write_json_atomic
-
     workdir = Path(workdir)
     folds, names, skipped = _comparable(workdir, configurations)
     dirs = {name: config_workdir(workdir, name) for name in names}
@@ -66,7 +75,7 @@ def choose_configuration(workdir: str | Path, configurations: str | Sequence[str
     for name in names:
         summary = aggregate_folds(dirs[name], folds=folds, num_workers=num_workers, tolerance_mm=tolerance_mm,
                                   convention=convention)
-        entries.append(_entry(name, "configuration", [name], summary, dirs[name] / "training" / "crossval"))
+        entries.append(_entry(name, "configuration", [name], summary, crossval_dir(dirs[name])))
     for first, second in combinations(names, 2):
         missing = [n for n in (first, second) if not _has_probabilities(dirs[n], folds)]
         if missing:
@@ -177,8 +186,6 @@ def _score(entry: dict[str, Any]) -> float:
 def _score_ensemble(workdirs: list[Path], folds: list[int], out_dir: Path, num_workers: int, tolerance_mm: float,
                     convention: str) -> dict[str, Any]:
     """Write the ensemble's label map of every validation case into `out_dir` and evaluate them."""
-    from voxseg.evaluate.folder import _read_workdir, evaluate_folder, write_summary
-
     plan = Plan.load(workdirs[0] / PLAN_FILE)
     out_dir.mkdir(parents=True, exist_ok=True)
     for stale in out_dir.glob(f"*{plan.file_ending}"):  # an earlier comparison may have used other folds
@@ -186,22 +193,11 @@ def _score_ensemble(workdirs: list[Path], folds: list[int], out_dir: Path, num_w
     for fold in folds:
         for name in sorted(_validated(workdirs[0], fold, plan.file_ending)):
             _write_ensemble_case(workdirs, fold, name, plan, out_dir)
-    raw, meta, ending = _read_workdir(workdirs[0])
-    summary = evaluate_folder(out_dir, raw / "labelsTr", meta, tolerance_mm=tolerance_mm, num_workers=num_workers,
-                              file_ending=ending, out=False, allow_missing=True, convention=convention)
-    summary["folds"] = folds
-    write_summary(summary, out_dir)
-    return summary
+    return evaluate_workdir_predictions(out_dir, workdirs[0], folds, num_workers=num_workers,
+                                        tolerance_mm=tolerance_mm, convention=convention)
 
 
 def _write_ensemble_case(workdirs: list[Path], fold: int, name: str, plan: Plan, out_dir: Path) -> None:
-    import numpy as np
-    import torch
-
-    from voxseg.data.io import read_image, write_image
-    from voxseg.infer.ensemble import average_probabilities
-    from voxseg.infer.postprocess import probabilities_to_labels, probability_names
-
     members = []
     for folder in workdirs:
         validation = fold_dir(folder, fold) / "validation"
@@ -221,8 +217,6 @@ def _write_ensemble_case(workdirs: list[Path], fold: int, name: str, plan: Plan,
 def _decide_postprocessing(winner: dict[str, Any], first: Path, num_workers: int) -> dict[str, Any]:
     """Largest-component postprocessing decided on the winner's cross-validation label maps; a single
     configuration's decision is also its postprocessing.json (as `voxseg evaluate --crossval` writes it)."""
-    from voxseg.infer.postprocess import POSTPROCESSING_FILE, decide_postprocessing
-
     plan = Plan.load(first / PLAN_FILE)
     folder = Path(winner["folder"])
     out_file = (first if winner["kind"] == "configuration" else folder) / POSTPROCESSING_FILE
