@@ -18,13 +18,13 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from voxseg.augment import augment_batch, source_size
+from voxseg.augment import BatchRows, augment_batch, source_size
 from voxseg.config import TrainConfig
 from voxseg.distributed import local_batch_size
 from voxseg.errors import ConfigError
 from voxseg.plans import Plan
 from voxseg.train.cache import CacheBudget, CaseCache
-from voxseg.train.sampler import PatchSampler
+from voxseg.train.sampler import ForegroundSampling, PatchSampler
 
 Batch = tuple[Tensor, Tensor]
 
@@ -289,12 +289,13 @@ class TrainData:
         elif val_names:
             self.val_cache = CaseCache(preprocessed_dir, val_names, device, mode=config.data.cache,
                                        previous=previous, budget=budget)
-        self._sampler_args = dict(batch_size=plan.batch_size, foreground_fraction=plan.foreground_oversampling,
-                                  regions=plan.regions if plan.is_region_based else None,
-                                  ignore_label=plan.ignore_label, device=device, slice_axis=plan.slice_axis)
+        foreground = ForegroundSampling(plan.foreground_oversampling,
+                                        regions=plan.regions if plan.is_region_based else None,
+                                        ignore_label=plan.ignore_label)
+        self._sampler_args = dict(batch_size=plan.batch_size, foreground=foreground, slice_axis=plan.slice_axis)
         self.sampler = PatchSampler(self.train_cache, patch_size, num_samples=config.data.num_samples,
                                     source_size=source_size(patch_size, config.augment),
-                                    generator=np.random.default_rng(seed), **self._sampler_args)
+                                    seed=seed, **self._sampler_args)
         # decisions are drawn on the host; with data parallelism seed it alike on every rank (global batch)
         self.augment_generator = np.random.default_rng(seed + 1)
 
@@ -303,7 +304,7 @@ class TrainData:
         # draw for all B samples, so every rank's generators stay in step, and cut / augment only these rows
         image, seg = self.sampler.sample(self.rows if self.world_size > 1 else None)  # (B / N, C, *S)
         return augment_batch(image, seg, self.config.augment, self.augment_generator, self.patch_size,
-                             global_batch=self.sampler.batch_size, first_sample=self.rows.start,
+                             rows=BatchRows(self.rows.start, self.sampler.batch_size),
                              extra_channels=self.train_cache.extra_channels)
 
     def train_stream(self, count: int) -> BatchStream:
@@ -316,7 +317,7 @@ class TrainData:
         if self.val_cache is None:
             return
         sampler = PatchSampler(self.val_cache, self.patch_size, num_samples=1,
-                               generator=np.random.default_rng(self.seed + 2), **self._sampler_args)
+                               seed=self.seed + 2, **self._sampler_args)
         for index in range(count):
             if index % self.world_size == self.rank:
                 yield sampler.sample()
