@@ -259,7 +259,7 @@ def build_training(workdir: Path, plan: Plan, config: TrainConfig, run: Resolved
     checkpointer = Checkpointer(
         out_dir or workdir / "unsaved",
         {"model": model, "optimizer": optimizer, "scheduler": scheduler, "scaler": step, "data": data,
-         "progress": progress, "rng": RngStates(data.generators)},  # RNGs last: nothing after them draws
+         "progress": progress, "rng": RngStates()},  # RNGs last: nothing after them draws
         metadata={"plan": plan.to_dict(), "config": resolved_config(config, run).to_dict()},
         keep_snapshots=config.loop.keep_snapshots, enabled=out_dir is not None and world.is_main)
     return Training(model, loss_fn, optimizer, scheduler, step, data, plan, config, progress, checkpointer)

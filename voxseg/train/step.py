@@ -330,14 +330,6 @@ class TrainData:
             text += f"; validation {self.val_cache.describe()}"
         return text
 
-    @property
-    def generators(self) -> dict[str, torch.Generator]:
-        """Torch generators whose states a checkpoint saves (see `checkpoint.rng_state`): none of its own.
-
-        The augmentation draws on the host from a numpy Generator, saved by `state_dict`.
-        """
-        return {}
-
     def state_dict(self) -> dict[str, Any]:
         """The sampler's position generator and foreground credit, and the augmentation's generator."""
         return {"sampler": self.sampler.state_dict(), "augment": self.augment_generator.bit_generator.state}
