@@ -32,7 +32,8 @@ from voxseg.models import build_network
 from voxseg.train import loop
 from voxseg.train.cache import CaseCache
 from voxseg.train.logger import TrainLogger
-from voxseg.train.step import RunningMeans, TrainData, TrainStep
+from voxseg.train.feed import TrainData
+from voxseg.train.step import RunningMeans, TrainStep
 from voxseg.train.validate import pseudo_dice
 
 # ----- the guard ----------------------------------------------------------------------------------------------
@@ -245,7 +246,7 @@ def _training(preprocessed, plan: Plan, config: TrainConfig, loss: str = "dice_c
     loss_fn = build_loss(loss, plan, deep_supervision=True)
     optimizer = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.99, nesterov=True)
     step = TrainStep(model, loss_fn, optimizer, torch.device("cpu"), grad_clip=12.0)
-    data = TrainData(preprocessed, plan, config, TRAIN, VAL, torch.device("cpu"), seed=3)
+    data = TrainData(preprocessed, plan, apply_overrides(config, ["loop.seed=3"]), TRAIN, VAL)
     return model, loss_fn, step, data
 
 

@@ -13,7 +13,7 @@ from voxseg.errors import ConfigError, DatasetError
 from voxseg.plans import NetworkPlan
 from voxseg.train.cache import CaseCache
 from voxseg.train.sampler import ForegroundSampling, PatchSampler
-from voxseg.train.step import BatchStream
+from voxseg.train.prefetch import BatchStream
 from voxseg.units import GIB
 
 SHAPES = {"big": (30, 24, 26), "small": (10, 12, 9), "empty": (20, 18, 22)}

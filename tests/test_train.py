@@ -19,7 +19,8 @@ from voxseg.errors import CheckpointError, ConfigError
 from voxseg.train import loop
 from voxseg.checkpoint import load_checkpoint
 from voxseg.train.loop import TrainingInterrupted, train
-from voxseg.train.step import BatchStream, RunningMeans, TrainStep
+from voxseg.train.prefetch import BatchStream
+from voxseg.train.step import RunningMeans, TrainStep
 from voxseg.evaluate.overlap import class_masks, dice_from_counts, overlap_counts
 from voxseg.infer.validation import full_validation
 
@@ -330,7 +331,7 @@ def test_gradient_clipping_and_bf16_on_cpu():
 
 
 def test_auto_prefetch_depth_follows_the_cache_mode():
-    from voxseg.train.step import prefetch_depth
+    from voxseg.train.prefetch import prefetch_depth
 
     assert prefetch_depth(-1, "gpu") == 0  # batches only queue device work
     assert prefetch_depth(-1, "pinned") == 2 and prefetch_depth(-1, "mmap") == 2  # host reads overlap the step

@@ -32,7 +32,8 @@ from voxseg.models.factory import warn_noop_deep_supervision
 from voxseg.checkpoint import Checkpointer, RngStates, checkpoint_file, load_pretrained
 from voxseg.train.logger import TrainLogger
 from voxseg.optim import build_optimizer, build_scheduler
-from voxseg.train.step import RunningMeans, TrainData, TrainStep
+from voxseg.train.feed import TrainData
+from voxseg.train.step import RunningMeans, TrainStep
 from voxseg.infer.cascade import stored_previous
 from voxseg.jsonio import write_json_atomic
 from voxseg.train.eta import RunLength, count_tiles, format_duration
@@ -252,9 +253,9 @@ def build_training(workdir: Path, plan: Plan, config: TrainConfig, run: Resolved
     step = TrainStep(data_parallel(model, world), loss_fn, optimizer, run.device, run.amp_dtype,
                      config.loop.grad_accum, config.loop.grad_clip, compile=run.compile)
     # the cache comes after the model so that its GPU budget sees the memory the model already holds
-    data = TrainData(workdir / "preprocessed", plan, config, train_names, val_names, run.device,
-                     seed=config.loop.seed, cache_budget_gb=cache_budget_gb(config, plan, run.device),
-                     rank=world.rank, world_size=world.size, previous=stored_previous(workdir, plan))
+    data = TrainData(workdir / "preprocessed", plan, config, train_names, val_names, world,
+                     cache_budget_gb=cache_budget_gb(config, plan, run.device),
+                     previous=stored_previous(workdir, plan))
     progress = Progress()
     checkpointer = Checkpointer(
         out_dir or workdir / "unsaved",
