@@ -294,23 +294,25 @@ def fit(t: Training, run: Resolved, logger: TrainLogger, validate: bool = True) 
 # ----- one epoch --------------------------------------------------------------------------------------------
 def run_epoch(step: TrainStep, data: TrainData, logger: TrainLogger, config: TrainConfig, epoch: int,
               run: Resolved, batch_size: int) -> dict[str, Any]:
-    """Train one epoch; the host reads the losses only every `log_every_iter` iterations and at the end."""
-    accum = config.loop.grad_accum
+    """Train one epoch of `run.iterations` optimiser steps; the host reads the losses only every
+    `log_every_iter` iterations and at the end."""
     cuda = run.device.type == "cuda"
     if cuda:
         torch.cuda.reset_peak_memory_stats(run.device)
     running, memory = RunningMeans(reduce=all_reduce_mean), []  # logged losses: the mean over the ranks
     lr = float(step.optimizer.param_groups[0]["lr"])
-    stream = data.train_stream(run.iterations * accum)
+    micro_batches = run.iterations * step.grad_accum
+    stream = data.train_stream(micro_batches)
     probe, marks = logger.step_probe(run.iterations), []  # the first epoch of a process times its first steps
-    start = time.perf_counter()
+    iteration, start = 0, time.perf_counter()
     with logger.progress_bar(epoch, run.iterations) as bar:
-        for micro, (image, seg) in enumerate(stream, start=1):
+        for image, seg in stream:
             running.add(step(image, seg))
-            if micro % accum:
+            if not step.optimizer_stepped:  # the step decides where an iteration ends (gradient accumulation)
                 continue
+            iteration += 1
             bar.update(1)
-            if probe and micro // accum in (1, probe):
+            if probe and iteration in (1, probe):
                 if cuda:  # twice per process (this rank only): the expected duration needs the device's time
                     torch.cuda.synchronize(run.device)
                 marks.append(time.perf_counter())
@@ -321,16 +323,14 @@ def run_epoch(step: TrainStep, data: TrainData, logger: TrainLogger, config: Tra
             # host-device sync at the log interval. The running means all-reduce over the ranks, so whether
             # to read them is decided from the config, the same on every rank, never from this rank's bar
             # (only rank 0 has one: a rank entering a collective alone crashes or hangs the run)
-            if logger.refreshes_loss(micro // accum):
-                loss = running.means()["loss"]
-                bar.set_postfix(loss=f"{loss:.4f}")
+            if logger.refreshes_loss(iteration):
+                bar.set_postfix(loss=f"{running.means()['loss']:.4f}")
     losses = running.means()  # host-device sync: end of epoch
     seconds = time.perf_counter() - start
-    samples = run.iterations * accum * batch_size
     return {
         "epoch": epoch, "loss": losses, "lr": lr, "iterations": run.iterations,
         "epoch_time": seconds, "batch_time": seconds / run.iterations,
-        "data_time": stream.wait_seconds / run.iterations, "samples_per_s": samples / seconds,
+        "data_time": stream.wait_seconds / run.iterations, "samples_per_s": micro_batches * batch_size / seconds,
         "gpu_mem_mean_gb": gib(sum(memory) / len(memory)) if memory else 0.0,
         "gpu_mem_max_gb": gib(torch.cuda.max_memory_allocated(run.device)) if cuda else 0.0,
     }

@@ -19,6 +19,10 @@ class TrainStep:
 
     With `grad_accum` > 1 the loss is divided by it and the optimiser steps every `grad_accum` micro-batches,
     so the gradient equals that of one batch `grad_accum` times larger (for losses that average over the batch).
+    This class alone decides where an optimiser step falls: after each micro-batch `optimizer_stepped` says
+    whether it completed one, and the loop counts its iterations from that. The count restarts at every
+    optimiser step and after a restore (a checkpoint holds no half-accumulated gradients), so a resumed run
+    whose `grad_accum` changed still steps after the first `grad_accum` micro-batches of its epoch.
 
     Args:
         model: the network (kept uncompiled here, so its state_dict has no compile prefixes).
@@ -43,7 +47,8 @@ class TrainStep:
         self.grad_clip = float(grad_clip)
         # only fp16 needs loss scaling; bf16 has float32's exponent range
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=amp_dtype == torch.float16)
-        self.micro_steps = 0
+        self.accumulated = 0  # micro-batches whose gradients wait for the next optimiser step
+        self.optimizer_stepped = False  # whether the last micro-batch completed an optimiser step
         self.grad_norm: Tensor | None = None
         self._forward_loss = torch.compile(self._forward_loss_eager) if compile else self._forward_loss_eager
 
@@ -66,15 +71,16 @@ class TrainStep:
     def step(self, image: Tensor, seg: Tensor) -> dict[str, Tensor]:
         """One micro-batch: image (B, C, *P), seg (B, 1, *P). Returns {"loss": total, **components}, detached."""
         self.model.train()
-        last = (self.micro_steps + 1) % self.grad_accum == 0
+        completes = self.accumulated + 1 >= self.grad_accum  # the one place the optimiser-step boundary is decided
         # DDP: all-reduce gradients only on the micro-batch that steps the optimiser
-        sync = contextlib.nullcontext() if last or not hasattr(self.model, "no_sync") else self.model.no_sync()
+        sync = contextlib.nullcontext() if completes or not hasattr(self.model, "no_sync") else self.model.no_sync()
         with sync:
             total, components = self._forward_loss(image, seg)
             self.scaler.scale(total / self.grad_accum).backward()
-        self.micro_steps += 1
-        if self.micro_steps % self.grad_accum == 0:
+        if completes:
             self._optimizer_step()
+        self.accumulated = 0 if completes else self.accumulated + 1
+        self.optimizer_stepped = completes
         out = {"loss": total.detach()}
         out.update({name: value.detach() for name, value in components.items() if name != "loss"})
         return out
@@ -91,12 +97,14 @@ class TrainStep:
         self.optimizer.zero_grad(set_to_none=True)
 
     def state_dict(self) -> dict[str, Any]:
-        return {"scaler": self.scaler.state_dict(), "micro_steps": self.micro_steps}
+        return {"scaler": self.scaler.state_dict()}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restore the loss scaler; an accumulation starts afresh (older checkpoints' "micro_steps" is unused)."""
         if state.get("scaler"):
             self.scaler.load_state_dict(state["scaler"])
-        self.micro_steps = int(state.get("micro_steps", 0))
+        self.accumulated = 0
+        self.optimizer_stepped = False
 
 
 class RunningMeans:
