@@ -26,6 +26,7 @@ from voxseg.infer.predictor import Predictor, find_input_cases
 from voxseg.train import loop
 from voxseg.train.logger import read_log
 from voxseg.train.feed import TrainData
+from voxseg.train.start import RunStart
 
 ROOT = Path(__file__).resolve().parents[1]
 RUN = ["loop.epochs=2", "data.iterations_per_epoch=3", "loop.val_iterations=3", "loop.device=cpu",
@@ -180,7 +181,7 @@ def runs(tmp_path_factory):
               "weights": _weights(fold / "checkpoint_final.pt"),
               "summary": json.loads((fold / "validation" / "summary.json").read_text())}
     shutil.copy(fold / "checkpoint_epoch_1.pt", fold / "checkpoint_latest.pt")
-    loop.train(double, 0, _config(), resume=True)
+    loop.train(double, 0, _config(), RunStart(resume=True))
     result.update(resumed_losses=_losses(double), resumed_weights=_weights(fold / "checkpoint_final.pt"))
     return result
 

@@ -272,7 +272,7 @@ def test_an_epoch_reads_the_losses_once(preprocessed, tmp_path, monkeypatch, log
     """run_epoch's only sync is the end-of-epoch read (the bar is off, so the log interval must not read)."""
     config = _config(f"logging.log_every_iter={log_every}")
     _, _, step, data = _training(preprocessed, _plan(False), config)
-    run = loop.Resolved(torch.device("cpu"), None, False, 3)
+    setup = loop.RunSetup(torch.device("cpu"), None, False, 3)
     logger = TrainLogger(tmp_path, config.logging, 1)
     reads = []
     guard = SyncGuard()
@@ -285,7 +285,7 @@ def test_an_epoch_reads_the_losses_once(preprocessed, tmp_path, monkeypatch, log
 
     monkeypatch.setattr(RunningMeans, "means", counted_means)
     with guard:
-        record = loop.run_epoch(step, data, logger, config, 0, run, 2)
+        record = loop.run_epoch(step, data, logger, 0, setup, 2)
     logger.close()
     assert reads == [3]  # once, after all 3 iterations
     assert record["iterations"] == 3 and np.isfinite(record["loss"]["loss"])
