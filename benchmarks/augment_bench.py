@@ -201,7 +201,7 @@ def bench_sampler(args: argparse.Namespace) -> None:
         save_case(tmp, "case", image, seg, {"name": "case"}, sample_foreground_locations(seg, [1]))
         for mode in ("gpu", "pinned", "mmap"):
             cache = CaseCache(tmp, ["case"], device=device, mode=mode)
-            sampler = PatchSampler(cache, patch, args.batch, source_size=size, seed=0, device=device)
+            sampler = PatchSampler(cache, patch, args.batch, source_size=size, seed=0)
             rate = throughput(sampler.sample, args.batch, args.repeats)
             print(f"PatchSampler {mode:6s} {args.batch / rate['median'] * 1000:8.1f} ms/batch of {size} crops")
 

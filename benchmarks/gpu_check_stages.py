@@ -210,7 +210,7 @@ def calibration(workdir: Path, device: torch.device) -> dict[str, Any]:
 # ----- 5. training step: the compile warm-up, then the steady state ---------------------------------------
 def _training_config(workdir: Path, device: torch.device, threads: int, overrides: list[str] | None = None
                      ) -> tuple[Any, Any, Any, int]:
-    """(config, effective plan, resolved run, threads) of the timed training, as `voxseg benchmark` sets it up."""
+    """(config, effective plan, run setup, threads) of the timed training, as `voxseg benchmark` sets it up."""
     from voxseg.bench.timing import config_for, training_cases
     from voxseg.train.loop import effective_plan, resolve
 
@@ -227,12 +227,12 @@ def compile_warmup(workdir: Path, device: torch.device, sizes: Sizes, threads: i
     from voxseg.bench.timing import sync, training_cases
     from voxseg.train.loop import build_training, seed_everything
 
-    config, plan, run, _ = _training_config(workdir, device, threads)
-    if not run.compile:
+    config, plan, setup, _ = _training_config(workdir, device, threads)
+    if not setup.compile:
         return {"compile": False, "skipped": f"torch.compile is off on {device.type} (loop.compile=auto)"}
     seed_everything(config.loop.seed, False, config.data.num_threads)
     start = time.perf_counter()
-    built = build_training(workdir, plan, config, run, training_cases(workdir), [])
+    built = build_training(workdir, plan, config, setup, training_cases(workdir), [])
     build_s = time.perf_counter() - start
     batch = built.data.next_batch()
     step_s = []
@@ -267,14 +267,15 @@ def training(workdir: Path, device: torch.device, sizes: Sizes, threads: int,
     items, note = overrides
     if items and not _training_config(workdir, device, threads)[2].compile:
         items, note = [], None  # compile is off on this device anyway
-    config, plan, run, threads = _training_config(workdir, device, threads, items)
+    config, plan, setup, threads = _training_config(workdir, device, threads, items)
     start = time.perf_counter()
     timing = time_training(workdir, config, iterations=sizes.iterations, warmup=sizes.warmup,
                            repeats=sizes.repeats).to_dict()
     estimate = plan.estimated_memory_gb
+    amp = str(setup.amp_dtype).replace("torch.", "") if setup.amp_dtype else None
     return {
-        **timing, "cpu_threads": threads, "amp": str(run.amp_dtype).replace("torch.", "") if run.amp_dtype else None,
-        "compile": run.compile, "iterations": sizes.iterations, "warmup": sizes.warmup, "repeats": sizes.repeats,
+        **timing, "cpu_threads": threads, "amp": amp,
+        "compile": setup.compile, "iterations": sizes.iterations, "warmup": sizes.warmup, "repeats": sizes.repeats,
         "seconds": round(time.perf_counter() - start, 2), "compile_note": note, "estimated_memory_gb": estimate,
         "peak_over_estimate": round(timing["peak_memory_gb"] / estimate, 3) if estimate else None,
     }

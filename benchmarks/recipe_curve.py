@@ -102,8 +102,8 @@ class Runner:
     name: str
     overrides: list[str]
     config: TrainConfig
-    run: loop.Resolved
-    t: loop.Training
+    setup: loop.RunSetup
+    training: loop.Training
     logger: TrainLogger
     eval_epochs: set[int]
     clock: float = 0.0  # seconds of training epochs + pseudo-Dice validation
@@ -114,41 +114,43 @@ class Runner:
 
     @property
     def done(self) -> bool:
-        return self.stopped or self.t.progress.epoch >= self.config.loop.epochs
+        return self.stopped or self.training.progress.epoch >= self.config.loop.epochs
 
 
 def build_runner(name: str, config: TrainConfig, overrides: list[str], eval_every: int, workdir: Path, out: Path,
                  names: tuple[list[str], list[str]]) -> Runner:
     plan = loop.effective_plan(workdir, config)
-    run = loop.resolve(config, plan, len(names[0]))
+    setup = loop.resolve(config, plan, len(names[0]))
     loop.seed_everything(config.loop.seed, config.loop.deterministic, config.data.num_threads)  # same init
-    t = loop.build_training(workdir, plan, config, run, names[0], names[1])
+    training = loop.build_training(workdir, plan, config, setup, names[0], names[1])
     run_dir = out / "runs" / name
     run_dir.mkdir(parents=True, exist_ok=True)
     config.save(run_dir / "config.json")
     logger = TrainLogger(run_dir, config.logging, config.loop.epochs)
     eval_epochs = set(range(eval_every, config.loop.epochs + 1, eval_every)) | {config.loop.epochs}
-    return Runner(name, overrides, config, run, t, logger, eval_epochs)
+    return Runner(name, overrides, config, setup, training, logger, eval_epochs)
 
 
 def warm_up(r: Runner) -> None:
     """Forward + backward on a validation batch, gradients dropped: torch.compile, cuDNN autotuning and oneDNN
     set-up happen outside the clock, without changing the weights or drawing from the training generators."""
-    image, seg = next(iter(r.t.data.val_batches(1)))
-    r.t.model.train()
-    total, _ = r.t.step._forward_loss(image, seg)
+    image, seg = next(iter(r.training.data.val_batches(1)))
+    r.training.model.train()
+    total, _ = r.training.step._forward_loss(image, seg)
     total.backward()
-    r.t.optimizer.zero_grad(set_to_none=True)
-    _sync(r.run.device)
+    r.training.optimizer.zero_grad(set_to_none=True)
+    _sync(r.setup.device)
 
 
 def train_epoch(r: Runner) -> None:
     """One epoch as `loop.fit` runs it (train, pseudo-Dice + EMA, schedule step, log.jsonl), on the clock."""
-    t, config = r.t, r.config
-    record = loop.run_epoch(t.step, t.data, r.logger, config, t.progress.epoch, r.run, t.plan.batch_size)
-    record.update(loop.validate_epoch(t.model, t.loss_fn, t.data, t.plan, config, r.run, t.progress))
-    t.scheduler.step(t.progress.ema)
-    t.progress.epoch += 1
+    training, config = r.training, r.config
+    record = loop.run_epoch(training.step, training.data, r.logger, training.progress.epoch, r.setup,
+                            training.plan.batch_size)
+    record.update(loop.validate_epoch(training.model, training.loss_fn, training.data, training.plan, config, r.setup,
+                                      training.progress))
+    training.scheduler.step(training.progress.ema)
+    training.progress.epoch += 1
     r.clock += record["epoch_time"] + record["val_time"]
     r.iterations += record["iterations"]
     record["clock_s"] = r.clock
@@ -159,15 +161,16 @@ def train_epoch(r: Runner) -> None:
 
 def evaluate(r: Runner, workdir: Path, val_names: list[str]) -> None:
     """Full sliding-window validation Dice of the current weights (off the clock)."""
-    _sync(r.run.device)
-    summary = full_validation(r.t.model, r.t.plan, workdir / "preprocessed", val_names, workdir / "unused",
-                              r.run.device, r.t.plan.patch_size, amp_dtype=r.run.amp_dtype,
-                              tile_batch=max(1, r.t.plan.batch_size), write=False)
+    _sync(r.setup.device)
+    plan = r.training.plan
+    summary = full_validation(r.training.model, plan, workdir / "preprocessed", val_names, workdir / "unused",
+                              r.setup.device, plan.patch_size, amp_dtype=r.setup.amp_dtype,
+                              tile_batch=max(1, plan.batch_size), write=False)
     last = r.epochs[-1] if r.epochs else {}
-    r.points.append({"epoch": r.t.progress.epoch, "clock_s": r.clock, "iterations": r.iterations,
+    r.points.append({"epoch": r.training.progress.epoch, "clock_s": r.clock, "iterations": r.iterations,
                      "dice": summary["mean_dice"], "dice_per_class": summary["mean"],
                      "pseudo_dice": last.get("pseudo_dice_mean"), "ema_dice": last.get("ema_dice")})
-    print(f"  {r.name:>8}  epoch {r.t.progress.epoch:4d}/{r.config.loop.epochs}  {r.clock:7.1f} s  "
+    print(f"  {r.name:>8}  epoch {r.training.progress.epoch:4d}/{r.config.loop.epochs}  {r.clock:7.1f} s  "
           f"{r.iterations:6d} it  Dice {summary['mean_dice']:.4f}", flush=True)
 
 
@@ -180,7 +183,7 @@ def race(runners: list[Runner], workdir: Path, val_names: list[str], budget: flo
         r = min((r for r in runners if not r.done), key=lambda r: r.clock)
         train_epoch(r)
         r.stopped = budget is not None and r.clock >= budget
-        if r.t.progress.epoch in r.eval_epochs or r.done:
+        if r.training.progress.epoch in r.eval_epochs or r.done:
             evaluate(r, workdir, val_names)
     for r in runners:
         r.logger.close()
@@ -211,7 +214,7 @@ def summarise(runners: list[Runner], fractions: list[float], thresholds: list[fl
                                                         "epoch": p["epoch"]}
         out["recipes"][r.name] = {
             "final_dice": r.points[-1]["dice"], "best_dice": max(p["dice"] for p in r.points),
-            "clock_s": r.clock, "epochs": r.t.progress.epoch, "iterations": r.iterations,
+            "clock_s": r.clock, "epochs": r.training.progress.epoch, "iterations": r.iterations,
             "median_s_per_iteration": median,
             # > 1.5: some epochs ran much slower than the median (another process competed for the cores)
             "slowest_epoch_vs_median": max(times) / median if median else math.nan,
@@ -341,10 +344,11 @@ def main(argv: list[str] | None = None) -> int:
     eval_every = max(1, math.ceil(min(c.loop.epochs for c in configs.values()) / args.points))
     runners = [build_runner(n, configs[n], recipes[n], eval_every, workdir, out, names) for n in recipes]
     print(f"{len(names[0])} training / {len(names[1])} validation cases; "
-          + "; ".join(f"{r.name}: {r.config.loop.epochs} epochs x {r.run.iterations} it" for r in runners), flush=True)
+          + "; ".join(f"{r.name}: {r.config.loop.epochs} epochs x {r.setup.iterations} it" for r in runners),
+          flush=True)
     start = time.perf_counter()
     race(runners, workdir, names[1], args.budget)
-    device = runners[0].run.device
+    device = runners[0].setup.device
     info = machine(device)
     scale = "BraTS-sized" if args.brats else "CPU miniature"
     result: dict[str, Any] = {
@@ -354,8 +358,8 @@ def main(argv: list[str] | None = None) -> int:
         "settings": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
         "wall_s": time.perf_counter() - start,
         "curves": {r.name: {"overrides": r.overrides, "epochs_total": r.config.loop.epochs,
-                            "iterations_per_epoch": r.run.iterations, "batch_size": r.t.plan.batch_size,
-                            "patch_size": r.t.plan.patch_size, "optim": vars(r.config.optim),
+                            "iterations_per_epoch": r.setup.iterations, "batch_size": r.training.plan.batch_size,
+                            "patch_size": r.training.plan.patch_size, "optim": vars(r.config.optim),
                             "schedule": vars(r.config.schedule), "points": r.points, "epochs": r.epochs}
                    for r in runners},
     }

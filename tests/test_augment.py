@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 from scipy import ndimage
 
-from voxseg.augment import AugmentConfig, augment_batch, source_size
+from voxseg.augment import AugmentConfig, BatchRows, augment_batch, source_size
 from voxseg.augment.intensity import simulate_low_resolution
 from voxseg.augment.spatial import centre_crop
 from voxseg.errors import ConfigError, InputError
@@ -349,11 +349,11 @@ def test_a_slice_of_the_global_batch_gets_the_global_draws():
     whole = augment_batch(image, seg, config, gen(4), patch)
     for rank in range(3):
         part = slice(2 * rank, 2 * rank + 2)
-        mine = augment_batch(image[part], seg[part], config, gen(4), patch, global_batch=6, first_sample=part.start)
+        mine = augment_batch(image[part], seg[part], config, gen(4), patch, rows=BatchRows(part.start, 6))
         torch.testing.assert_close(mine[0], whole[0][part], atol=1e-5, rtol=1e-5)
         assert torch.equal(mine[1], whole[1][part])
     with pytest.raises(InputError, match="global batch"):
-        augment_batch(image[:2], seg[:2], config, gen(4), patch, global_batch=6, first_sample=5)
+        augment_batch(image[:2], seg[:2], config, gen(4), patch, rows=BatchRows(first_sample=5, global_batch=6))
     with pytest.raises(InputError, match="numpy Generator"):
         augment_batch(image, seg, config, torch.Generator(), patch)
 

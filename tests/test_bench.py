@@ -180,7 +180,7 @@ def test_gpu_data_wait_sees_a_slow_data_path_and_memory_is_after_warm_up(workdir
     """On CUDA: a data path that keeps the GPU busy (a spin kernel per batch) shows up as time between steps;
     the host's wait is not reported for the GPU cache; peak reserved + context is at least the allocated peak."""
     from voxseg.bench.timing import config_for, time_training
-    from voxseg.train.step import TrainData
+    from voxseg.train.feed import TrainData
 
     config = config_for("cuda", 2, ["data.cache=gpu", "loop.compile=off"])
     quick = time_training(workdir, config, iterations=4, warmup=2, repeats=3)

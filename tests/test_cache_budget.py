@@ -6,7 +6,7 @@ import torch
 
 from test_train import TRAIN, VAL, _config, _plan, make_workdir
 from voxseg.train.cache import CacheBudget, pinned_bytes
-from voxseg.train.step import TrainData
+from voxseg.train.feed import TrainData
 from voxseg.units import GIB
 
 
@@ -39,13 +39,13 @@ def test_validation_cache_gets_what_the_training_cache_left():
 
 def test_train_data_places_the_validation_cache_in_what_training_left(tmp_path):
     workdir = make_workdir(tmp_path)
-    plan, config = _plan(), _config()
-    probe = TrainData(workdir / "preprocessed", plan, config, TRAIN, VAL, torch.device("cpu"), seed=0)
+    plan, config = _plan(), _config("loop.seed=0")
+    probe = TrainData(workdir / "preprocessed", plan, config, TRAIN, VAL)
     train_bytes, val_bytes = probe.train_cache.nbytes, probe.val_cache.nbytes
     # room for the training cases and half the validation cases
-    data = TrainData(workdir / "preprocessed", plan, config, TRAIN, VAL, torch.device("cpu"), seed=0,
+    data = TrainData(workdir / "preprocessed", plan, config, TRAIN, VAL,
                      cache_budget_gb=(train_bytes + val_bytes / 2) / GIB)
     assert (data.train_cache.mode, data.val_cache.mode) == ("gpu", "mmap")
-    roomy = TrainData(workdir / "preprocessed", plan, config, TRAIN, VAL, torch.device("cpu"), seed=0,
+    roomy = TrainData(workdir / "preprocessed", plan, config, TRAIN, VAL,
                       cache_budget_gb=(train_bytes + val_bytes) / GIB)
     assert (roomy.train_cache.mode, roomy.val_cache.mode) == ("gpu", "gpu")

@@ -11,7 +11,9 @@ from torch import nn
 
 from voxseg.errors import CheckpointError
 from voxseg import checkpoint as ckpt
-from voxseg.checkpoint import load_checkpoint, load_pretrained, rng_state, save_checkpoint, set_rng_state
+from voxseg.checkpoint import (
+    RngStates, load_checkpoint, load_pretrained, rng_state, save_checkpoint, set_rng_state,
+)
 
 
 def _net(out_channels: int = 3) -> nn.Module:
@@ -67,18 +69,28 @@ def test_missing_corrupt_and_unsafe_checkpoints_raise_checkpoint_error(tmp_path)
 
 
 def test_rng_states_survive_a_weights_only_round_trip(tmp_path):
-    generator = torch.Generator().manual_seed(7)
     torch.manual_seed(1), np.random.seed(2), random.seed(3)
-    torch.rand(5, generator=generator)
-    save_checkpoint(tmp_path / "rng.pt", {"rng": rng_state({"sampler": generator})})
-    expected = (torch.rand(4), np.random.rand(4), [random.random() for _ in range(4)],
-                torch.rand(4, generator=generator))
+    save_checkpoint(tmp_path / "rng.pt", {"rng": RngStates().state_dict()})
+    expected = (torch.rand(4), np.random.rand(4), [random.random() for _ in range(4)])
     torch.manual_seed(99), np.random.seed(99), random.seed(99)
-    generator.manual_seed(99)
-    set_rng_state(load_checkpoint(tmp_path / "rng.pt")["rng"], {"sampler": generator})
-    again = (torch.rand(4), np.random.rand(4), [random.random() for _ in range(4)], torch.rand(4, generator=generator))
+    RngStates().load_state_dict(load_checkpoint(tmp_path / "rng.pt")["rng"])
+    again = (torch.rand(4), np.random.rand(4), [random.random() for _ in range(4)])
     assert torch.equal(expected[0], again[0]) and np.array_equal(expected[1], again[1])
-    assert expected[2] == again[2] and torch.equal(expected[3], again[3])
+    assert expected[2] == again[2]
+
+
+def test_rng_state_of_an_earlier_version_with_named_generators_still_loads(tmp_path):
+    """Checkpoints written before the named-generator path was removed hold "generators" (empty in practice, a
+    torch generator's state at most): it is ignored, and the global states are restored."""
+    torch.manual_seed(5), np.random.seed(6), random.seed(7)
+    older = {**rng_state(), "generators": {"sampler": torch.Generator().manual_seed(3).get_state()}}
+    save_checkpoint(tmp_path / "older.pt", {"rng": older})
+    expected = (torch.rand(3), np.random.rand(3), random.random())
+    torch.manual_seed(0), np.random.seed(0), random.seed(0)
+    set_rng_state(load_checkpoint(tmp_path / "older.pt")["rng"])
+    again = (torch.rand(3), np.random.rand(3), random.random())
+    assert torch.equal(expected[0], again[0]) and np.array_equal(expected[1], again[1]) and expected[2] == again[2]
+    assert "generators" not in RngStates().state_dict()  # new checkpoints no longer write it
 
 
 def test_pretrained_loads_matching_shapes_and_reports_the_rest(tmp_path):

@@ -28,6 +28,7 @@ from voxseg.data.io import read_image, write_image
 from voxseg.errors import ConfigError
 from voxseg.infer.archive import CHECKPOINT_CHOICES
 from voxseg.train.api import build_train_config, train_fold
+from voxseg.train.start import RunStart
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -89,7 +90,7 @@ def test_resume_starts_from_the_fold_config_json_in_api_and_cli(tmp_path: Path, 
     (tmp_path / "training" / "fold_1").mkdir(parents=True)
     saved.save(tmp_path / "training" / "fold_1" / "config.json")
 
-    resumed = build_train_config(tmp_path, 1, overrides=["loop.epochs=5"], resume=True)
+    resumed = build_train_config(tmp_path, 1, overrides=["loop.epochs=5"], start=RunStart(resume=True))
     assert resumed.loop.epochs == 5  # the override
     assert resumed.data.iterations_per_epoch == 2 and resumed.loop.device == "cpu"  # the run's own settings
     assert resumed.plan == {"batch_size": 2}
@@ -97,14 +98,15 @@ def test_resume_starts_from_the_fold_config_json_in_api_and_cli(tmp_path: Path, 
     assert cli.to_dict() == resumed.to_dict()
     # not resuming, or another fold: the defaults
     assert build_train_config(tmp_path, 1).data.iterations_per_epoch == 250
-    assert build_train_config(tmp_path, 0, resume=True).data.iterations_per_epoch == 250
+    assert build_train_config(tmp_path, 0, start=RunStart(resume=True)).data.iterations_per_epoch == 250
 
     seen = {}
-    monkeypatch.setattr("voxseg.train.loop.train", lambda workdir, fold, config, **kw: seen.update(config=config, **kw)
-                        or {"epochs": config.loop.epochs})
-    assert train_fold(tmp_path, 1, overrides=["loop.epochs=5"], resume=True) == {"epochs": 5}
-    assert seen["config"].to_dict() == resumed.to_dict() and seen["resume"] is True
+    monkeypatch.setattr("voxseg.train.loop.train", lambda workdir, fold, config, start: seen.update(
+        config=config, start=start) or {"epochs": config.loop.epochs})
+    assert train_fold(tmp_path, 1, overrides=["loop.epochs=5"], start=RunStart(resume=True)) == {"epochs": 5}
+    assert seen["config"].to_dict() == resumed.to_dict() and seen["start"] == RunStart(resume=True)
     assert voxseg.train_fold is train_fold and voxseg.build_train_config is build_train_config
+    assert voxseg.RunStart is RunStart
 
 
 def test_config_sources_exclude_each_other(tmp_path: Path) -> None:
@@ -131,7 +133,8 @@ def test_a_bad_flag_value_names_the_flag(capsys: pytest.CaptureFixture, tmp_path
 # ----- every option documented, defaults and choices from the field -------------------------------------------
 def test_every_option_has_help_and_its_default_shows_in_help() -> None:
     options = train_options()
-    assert {"optim.lr", "augment.rot90_p", "plan.batch_size", "plan.network.residual", "pretrained"} <= set(options)
+    assert {"optim.lr", "augment.rot90_p", "plan.batch_size", "plan.network.residual"} <= set(options)
+    assert not {"resume", "pretrained"} & set(options)  # flags of the run (--resume, --pretrained), not options
     assert "plan" not in options and set(TRAIN_FLAGS.values()) <= set(options)
     text = _help("train", "--help")
     listing = _help("train", "--list-options")

@@ -114,7 +114,8 @@ def test_augment_section_is_nested_and_overridable():
     names = option_names()
     augment_names = [n for n in names if n.startswith("augment.")]
     assert augment_names, "the augmentation config is part of the tree"
-    assert {"optim.lr", "loop.epochs", "data.num_samples", "logging.tensorboard", "pretrained"} <= set(names)
+    assert {"optim.lr", "loop.epochs", "data.num_samples", "logging.tensorboard"} <= set(names)
+    assert not {"resume", "pretrained"} & set(names)  # how a run starts is given with the run, not a setting
     # pick a numeric or boolean augmentation option and override it through the same path
     config = TrainConfig()
     for name in augment_names:

@@ -25,7 +25,8 @@ from voxseg.errors import ConfigError
 from voxseg.infer.predictor import Predictor, find_input_cases
 from voxseg.train import loop
 from voxseg.train.logger import read_log
-from voxseg.train.step import TrainData
+from voxseg.train.feed import TrainData
+from voxseg.train.start import RunStart
 
 ROOT = Path(__file__).resolve().parents[1]
 RUN = ["loop.epochs=2", "data.iterations_per_epoch=3", "loop.val_iterations=3", "loop.device=cpu",
@@ -124,12 +125,11 @@ def test_a_plain_process_is_a_world_of_one(monkeypatch):
 
 def test_each_rank_gets_its_rows_of_the_same_global_batch(tmp_path):
     workdir = make_workdir(tmp_path)
-    plan, config = _plan(), _config()
+    plan, config = _plan(), _config("loop.seed=3")
     plan.batch_size = 4
 
     def batches(rank: int, size: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
-        data = TrainData(workdir / "preprocessed", plan, config, TRAIN, [], torch.device("cpu"), seed=3,
-                         rank=rank, world_size=size)
+        data = TrainData(workdir / "preprocessed", plan, config, TRAIN, [], World(rank=rank, size=size))
         return [data.next_batch() for _ in range(2)]
 
     single = batches(0, 1)
@@ -181,7 +181,7 @@ def runs(tmp_path_factory):
               "weights": _weights(fold / "checkpoint_final.pt"),
               "summary": json.loads((fold / "validation" / "summary.json").read_text())}
     shutil.copy(fold / "checkpoint_epoch_1.pt", fold / "checkpoint_latest.pt")
-    loop.train(double, 0, _config(), resume=True)
+    loop.train(double, 0, _config(), RunStart(resume=True))
     result.update(resumed_losses=_losses(double), resumed_weights=_weights(fold / "checkpoint_final.pt"))
     return result
 

@@ -15,6 +15,8 @@ from voxseg.losses import DeepSupervisionLoss
 from voxseg.plans import Plan
 from voxseg.train import loop
 from voxseg.train.loop import train
+from voxseg.train.start import RunStart
+from voxseg.train.testonly import evaluate_fold
 
 OVERRIDES = ("plan.patch_size=16,16,12", "plan.batch_size=3", "plan.foreground_oversampling=1.0",
              "plan.network.deep_supervision=false")
@@ -67,7 +69,7 @@ def test_run_overrides_are_written_once_and_read_by_every_stage(workdir, monkeyp
         return real_full_validation(model, plan, *args, **kwargs)
 
     monkeypatch.setattr(evaluation, "full_validation", spy_full_validation)
-    train(workdir, 0, _config(), test_only=True)
+    evaluate_fold(workdir, 0, _config(), checkpoint=True)
     assert windows == [([16, 16, 12], 3, [16, 16, 12])]
 
     # prediction reads the same plan from the checkpoint
@@ -79,7 +81,7 @@ def test_resume_refuses_a_changed_plan(workdir):
     _clear(workdir)
     train(workdir, 0, _config("loop.epochs=1"))
     with pytest.raises(CheckpointError, match=r"another plan.*batch_size: 2 -> 3"):
-        train(workdir, 0, _config("loop.epochs=2", "plan.batch_size=3"), resume=True)
+        train(workdir, 0, _config("loop.epochs=2", "plan.batch_size=3"), RunStart(resume=True))
     # a hand edit of the work directory's plans.json between the runs is refused too
     original = (workdir / "plans.json").read_text()
     edited = Plan.load(workdir / "plans.json")
@@ -87,10 +89,10 @@ def test_resume_refuses_a_changed_plan(workdir):
     try:
         edited.save(workdir / "plans.json")
         with pytest.raises(CheckpointError, match=r"foreground_oversampling: 0.33 -> 0.5"):
-            train(workdir, 0, _config("loop.epochs=2"), resume=True)
+            train(workdir, 0, _config("loop.epochs=2"), RunStart(resume=True))
     finally:
         (workdir / "plans.json").write_text(original)
-    assert train(workdir, 0, _config("loop.epochs=2"), resume=True)["epochs"] == 2  # unchanged: resumes
+    assert train(workdir, 0, _config("loop.epochs=2"), RunStart(resume=True))["epochs"] == 2  # unchanged: resumes
 
 
 def test_plan_overrides_are_one_config_field(tmp_path):
@@ -111,10 +113,10 @@ def test_plan_overrides_are_one_config_field(tmp_path):
 def test_test_only_validates_the_chosen_checkpoint(workdir):
     _clear(workdir)
     train(workdir, 0, _config("loop.epochs=1"))
-    assert train(workdir, 0, _config(), test_only=True)["checkpoint"].endswith("checkpoint_best.pt")
-    assert train(workdir, 0, _config(), test_only="final")["checkpoint"].endswith("checkpoint_final.pt")
+    assert evaluate_fold(workdir, 0, _config(), checkpoint=True)["checkpoint"].endswith("checkpoint_best.pt")
+    assert evaluate_fold(workdir, 0, _config(), checkpoint="final")["checkpoint"].endswith("checkpoint_final.pt")
     (workdir / "training" / "fold_0" / "checkpoint_latest.pt").unlink()
     with pytest.raises(CheckpointError, match="checkpoint_latest.pt exists; train first"):
-        train(workdir, 0, _config(), test_only="latest")
+        evaluate_fold(workdir, 0, _config(), checkpoint="latest")
     with pytest.raises(ConfigError, match="'newest' is unknown"):
-        train(workdir, 0, _config(), test_only="newest")
+        evaluate_fold(workdir, 0, _config(), checkpoint="newest")

@@ -26,7 +26,7 @@ from voxseg.infer.sliding_window import (
 )
 from voxseg.models import build_network
 from voxseg.train.cache import CaseCache
-from voxseg.train.sampler import PatchSampler
+from voxseg.train.sampler import ForegroundSampling, PatchSampler
 
 
 # ----- sliding window ---------------------------------------------------------------------------------------
@@ -147,7 +147,8 @@ def test_host_staged_batches_match_direct_crops(store, monkeypatch, mode):
     cache = CaseCache(store, ["c0", "c1"], "cpu", mode=mode)
 
     def batches() -> list[tuple[torch.Tensor, torch.Tensor]]:
-        sampler = PatchSampler(cache, (12, 12, 12), 3, foreground_fraction=0.5, source_size=(16, 14, 16), seed=2)
+        sampler = PatchSampler(cache, (12, 12, 12), 3, foreground=ForegroundSampling(0.5), source_size=(16, 14, 16),
+                               seed=2)
         return [sampler.sample() for _ in range(4)]
 
     direct = batches()

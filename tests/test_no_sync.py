@@ -32,7 +32,8 @@ from voxseg.models import build_network
 from voxseg.train import loop
 from voxseg.train.cache import CaseCache
 from voxseg.train.logger import TrainLogger
-from voxseg.train.step import RunningMeans, TrainData, TrainStep
+from voxseg.train.feed import TrainData
+from voxseg.train.step import RunningMeans, TrainStep
 from voxseg.train.validate import pseudo_dice
 
 # ----- the guard ----------------------------------------------------------------------------------------------
@@ -245,7 +246,7 @@ def _training(preprocessed, plan: Plan, config: TrainConfig, loss: str = "dice_c
     loss_fn = build_loss(loss, plan, deep_supervision=True)
     optimizer = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.99, nesterov=True)
     step = TrainStep(model, loss_fn, optimizer, torch.device("cpu"), grad_clip=12.0)
-    data = TrainData(preprocessed, plan, config, TRAIN, VAL, torch.device("cpu"), seed=3)
+    data = TrainData(preprocessed, plan, apply_overrides(config, ["loop.seed=3"]), TRAIN, VAL)
     return model, loss_fn, step, data
 
 
@@ -271,7 +272,7 @@ def test_an_epoch_reads_the_losses_once(preprocessed, tmp_path, monkeypatch, log
     """run_epoch's only sync is the end-of-epoch read (the bar is off, so the log interval must not read)."""
     config = _config(f"logging.log_every_iter={log_every}")
     _, _, step, data = _training(preprocessed, _plan(False), config)
-    run = loop.Resolved(torch.device("cpu"), None, False, 3)
+    setup = loop.RunSetup(torch.device("cpu"), None, False, 3)
     logger = TrainLogger(tmp_path, config.logging, 1)
     reads = []
     guard = SyncGuard()
@@ -284,7 +285,7 @@ def test_an_epoch_reads_the_losses_once(preprocessed, tmp_path, monkeypatch, log
 
     monkeypatch.setattr(RunningMeans, "means", counted_means)
     with guard:
-        record = loop.run_epoch(step, data, logger, config, 0, run, 2)
+        record = loop.run_epoch(step, data, logger, 0, setup, 2)
     logger.close()
     assert reads == [3]  # once, after all 3 iterations
     assert record["iterations"] == 3 and np.isfinite(record["loss"]["loss"])

@@ -17,6 +17,7 @@ from voxseg.train import loop
 from voxseg.train.eta import RunLength, count_tiles, format_duration
 from voxseg.train.logger import read_log
 from voxseg.train.loop import train
+from voxseg.train.start import RunStart
 
 
 def _fold(workdir):
@@ -31,7 +32,7 @@ def test_a_new_learning_rate_on_resume_takes_effect_and_is_recorded(workdir, cap
     _clear(workdir)
     train(workdir, 0, _config("loop.epochs=1", "schedule.name=step"))
     capsys.readouterr()
-    train(workdir, 0, _config("loop.epochs=3", "schedule.name=step", "optim.lr=5e-5"), resume=True)
+    train(workdir, 0, _config("loop.epochs=3", "schedule.name=step", "optim.lr=5e-5"), RunStart(resume=True))
     assert _lrs(workdir) == pytest.approx([0.01, 5e-5, 5e-5])
     assert "from epoch 2 on: optim.lr 0.01 -> 5e-05, loop.epochs 1 -> 3" in capsys.readouterr().out
     saved = json.loads((_fold(workdir) / "config.json").read_text())
@@ -45,7 +46,7 @@ def test_a_new_learning_rate_on_resume_takes_effect_and_is_recorded(workdir, cap
 def test_a_new_learning_rate_continues_the_cosine_schedule(workdir):
     _clear(workdir)
     train(workdir, 0, _config("loop.epochs=2", "schedule.name=cosine"))
-    train(workdir, 0, _config("loop.epochs=4", "schedule.name=cosine", "optim.lr=1e-3"), resume=True)
+    train(workdir, 0, _config("loop.epochs=4", "schedule.name=cosine", "optim.lr=1e-3"), RunStart(resume=True))
     # epochs 3-4 of 4: the half cosine over the 4 epochs, from the new base rate
     expected = [0.01, 0.01 * 0.5 * (1 + math.cos(math.pi / 2)), 1e-3 * 0.5 * (1 + math.cos(math.pi * 2 / 4)),
                 1e-3 * 0.5 * (1 + math.cos(math.pi * 3 / 4))]
@@ -70,9 +71,9 @@ def test_options_that_cannot_change_on_resume_are_refused_with_the_reason(workdi
     train(workdir, 0, _config("loop.epochs=1"))
     before = (_fold(workdir) / "config.json").read_text()
     with pytest.raises(ConfigError, match=r"loss.name dice_ce -> focal \(the logged losses"):
-        train(workdir, 0, _config("loop.epochs=2", "loss.name=focal"), resume=True)
+        train(workdir, 0, _config("loop.epochs=2", "loss.name=focal"), RunStart(resume=True))
     with pytest.raises(ConfigError, match=r"loop.seed 12345 -> 7 \(the random generators"):
-        train(workdir, 0, _config("loop.epochs=2", "loop.seed=7"), resume=True)
+        train(workdir, 0, _config("loop.epochs=2", "loop.seed=7"), RunStart(resume=True))
     assert (_fold(workdir) / "config.json").read_text() == before  # refused before anything was written
 
 
@@ -90,7 +91,7 @@ def test_resume_from_a_checkpoint_path(workdir, tmp_path, capsys):
     assert main(["train", str(workdir), "--fold", "0", "--resume", str(foreign)]) == 2
     assert "not a checkpoint of a voxseg run" in capsys.readouterr().err
     with pytest.raises(ConfigError, match="belongs to the run in"):
-        train(workdir, "all", _config(), resume=str(best))
+        train(workdir, "all", _config(), RunStart(resume=str(best)))
 
 
 def test_a_trained_fold_is_not_overwritten_without_force(workdir, capsys):
@@ -101,7 +102,7 @@ def test_a_trained_fold_is_not_overwritten_without_force(workdir, capsys):
         train(workdir, 0, _config("loop.epochs=1"))
     assert main(["train", str(workdir), "--fold", "0", "--device", "cpu"]) == 2
     assert "--resume, or train anew with --force" in capsys.readouterr().err
-    train(workdir, 0, _config("loop.epochs=1"), force=True)
+    train(workdir, 0, _config("loop.epochs=1"), RunStart(force=True))
     files = sorted(p.name for p in _fold(workdir).iterdir())
     assert "checkpoint_epoch_2.pt" not in files and "checkpoint_epoch_1.pt" not in files  # nothing of the old run
     assert [r["epoch"] for r in read_log(_fold(workdir) / "log.jsonl")] == [0]
@@ -126,7 +127,7 @@ def test_a_crash_mid_run_resumes_from_the_last_completed_epoch(workdir, monkeypa
         train(workdir, 0, config)
     assert load_checkpoint(_fold(workdir) / "checkpoint_latest.pt")["progress"]["epoch"] == 2
     monkeypatch.setattr(loop, "run_epoch", real_run_epoch)
-    assert train(workdir, 0, config, resume=True)["epochs"] == 4
+    assert train(workdir, 0, config, RunStart(resume=True))["epochs"] == 4
     assert [r["epoch"] for r in read_log(_fold(workdir) / "log.jsonl")] == [0, 1, 2, 3]
 
 

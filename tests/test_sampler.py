@@ -12,8 +12,8 @@ from voxseg.data.store import sample_foreground_locations, save_case
 from voxseg.errors import ConfigError, DatasetError
 from voxseg.plans import NetworkPlan
 from voxseg.train.cache import CaseCache
-from voxseg.train.sampler import PatchSampler
-from voxseg.train.step import BatchStream
+from voxseg.train.sampler import ForegroundSampling, PatchSampler
+from voxseg.train.prefetch import BatchStream
 from voxseg.units import GIB
 
 SHAPES = {"big": (30, 24, 26), "small": (10, 12, 9), "empty": (20, 18, 22)}
@@ -71,8 +71,8 @@ def test_batch_shapes_and_crops_match_numpy(store):
 
 def test_small_case_is_centred_and_padded(store):
     cache = CaseCache(store, ["small"], mode="gpu")
-    sampler = PatchSampler(cache, (16, 16, 16), batch_size=2, source_size=(20, 20, 20), foreground_fraction=0.5,
-                           seed=1)
+    sampler = PatchSampler(cache, (16, 16, 16), batch_size=2, source_size=(20, 20, 20),
+                           foreground=ForegroundSampling(0.5), seed=1)
     stored = np.load(store / "small.npy").astype(np.float32)
     for _ in range(3):
         image, seg = sampler.sample()
@@ -85,7 +85,7 @@ def test_small_case_is_centred_and_padded(store):
 
 def test_foreground_fraction_statistic(store):
     cache = CaseCache(store, ["big", "small"], mode="gpu")
-    sampler = PatchSampler(cache, (12, 12, 12), batch_size=2, foreground_fraction=0.33, seed=3)
+    sampler = PatchSampler(cache, (12, 12, 12), batch_size=2, foreground=ForegroundSampling(0.33), seed=3)
     forced, per_batch = [], []
     for _ in range(300):
         draws = sampler.draw()
@@ -98,7 +98,7 @@ def test_foreground_fraction_statistic(store):
 def test_forced_patches_contain_their_class_and_classes_are_balanced(store):
     cache = CaseCache(store, ["big", "small"], mode="gpu")
     patch, source = (12, 12, 12), (16, 16, 16)
-    sampler = PatchSampler(cache, patch, batch_size=4, foreground_fraction=1.0, source_size=source, seed=4)
+    sampler = PatchSampler(cache, patch, batch_size=4, foreground=ForegroundSampling(1.0), source_size=source, seed=4)
     labels = []
     for _ in range(40):
         _, seg = sampler.sample()
@@ -113,8 +113,8 @@ def test_forced_patches_contain_their_class_and_classes_are_balanced(store):
 
 def test_random_patches_keep_the_final_patch_inside_the_case(store):
     cache = CaseCache(store, ["big"], mode="gpu")
-    sampler = PatchSampler(cache, (12, 12, 12), batch_size=8, foreground_fraction=0.0, source_size=(16, 16, 16),
-                           seed=5)
+    sampler = PatchSampler(cache, (12, 12, 12), batch_size=8, foreground=ForegroundSampling(0.0),
+                           source_size=(16, 16, 16), seed=5)
     starts = np.array([d.start for _ in range(50) for d in sampler.draw()])
     final_starts = starts + 2
     assert (final_starts >= 0).all() and (final_starts + 12 <= np.array(SHAPES["big"])).all()
@@ -125,7 +125,7 @@ def test_random_patches_keep_the_final_patch_inside_the_case(store):
 
 def test_case_without_foreground_gives_random_patches(store):
     cache = CaseCache(store, ["empty"], mode="gpu")
-    sampler = PatchSampler(cache, (8, 8, 8), batch_size=2, foreground_fraction=1.0, seed=6)
+    sampler = PatchSampler(cache, (8, 8, 8), batch_size=2, foreground=ForegroundSampling(1.0), seed=6)
     image, seg = sampler.sample()
     assert all(d.label is None for d in sampler.last_draws)
     assert image.shape == (2, 2, 8, 8, 8)
@@ -146,7 +146,8 @@ def test_num_samples_groups_patches_by_case(store):
 
 def test_regions_as_foreground_classes(store):
     cache = CaseCache(store, ["big"], mode="gpu")
-    sampler = PatchSampler(cache, (8, 8, 8), batch_size=4, foreground_fraction=1.0, regions=[[1, 2], [2]], seed=8)
+    sampler = PatchSampler(cache, (8, 8, 8), batch_size=4, foreground=ForegroundSampling(1.0, regions=[[1, 2], [2]]),
+                           seed=8)
     seen = set()
     for _ in range(20):
         _, seg = sampler.sample()
@@ -303,8 +304,8 @@ def test_cuda_sampling_without_host_sync_matches_cpu(store, mode):
 
 def test_a_ranks_rows_are_the_same_crops_and_the_generator_stays_in_step(store):
     cache = CaseCache(store, sorted(SHAPES), "cpu", mode="gpu")
-    whole = PatchSampler(cache, (12, 12, 12), batch_size=4, foreground_fraction=0.5, seed=21)
-    part = PatchSampler(cache, (12, 12, 12), batch_size=4, foreground_fraction=0.5, seed=21)
+    whole = PatchSampler(cache, (12, 12, 12), batch_size=4, foreground=ForegroundSampling(0.5), seed=21)
+    part = PatchSampler(cache, (12, 12, 12), batch_size=4, foreground=ForegroundSampling(0.5), seed=21)
     for _ in range(3):
         image, seg = whole.sample()
         rows_image, rows_seg = part.sample(slice(2, 4))  # rank 1 of 2

@@ -19,7 +19,10 @@ from voxseg.errors import CheckpointError, ConfigError
 from voxseg.train import loop
 from voxseg.checkpoint import load_checkpoint
 from voxseg.train.loop import TrainingInterrupted, train
-from voxseg.train.step import BatchStream, RunningMeans, TrainStep
+from voxseg.train.prefetch import BatchStream
+from voxseg.train.start import RunStart
+from voxseg.train.step import RunningMeans, TrainStep
+from voxseg.train.testonly import evaluate_fold
 from voxseg.evaluate.overlap import class_masks, dice_from_counts, overlap_counts
 from voxseg.infer.validation import full_validation
 
@@ -143,7 +146,7 @@ def test_resume_after_interrupt_matches_an_uninterrupted_run(workdir, monkeypatc
         train(workdir, 0, config)
     assert load_checkpoint(workdir / "training" / "fold_0" / "checkpoint_latest.pt")["progress"]["epoch"] == 1
     monkeypatch.setattr(loop, "run_epoch", real_run_epoch)
-    result = train(workdir, 0, config, resume=True)
+    result = train(workdir, 0, config, RunStart(resume=True))
     assert result["epochs"] == 2
     resumed = _final_weights(workdir)
     assert resumed.keys() == expected.keys()
@@ -159,7 +162,7 @@ def test_resume_after_interrupt_matches_an_uninterrupted_run(workdir, monkeypatc
 def test_resume_without_checkpoint_is_a_clear_error(workdir):
     _clear(workdir, "all")
     with pytest.raises(CheckpointError, match="nothing to resume"):
-        train(workdir, "all", _config(), resume=True)
+        train(workdir, "all", _config(), RunStart(resume=True))
 
 
 def test_early_stopping_and_best_checkpoint(workdir, monkeypatch):
@@ -187,7 +190,7 @@ def test_test_only_validates_the_best_checkpoint_on_full_volumes(workdir):
     crossval = workdir / "training" / "fold_0" / "validation"
     before = {p.name: p.read_bytes() for p in crossval.iterdir()}
     assert {"summary.json", "case_4.npz", "case_4.nii.gz"} <= set(before)
-    result = train(workdir, 0, _config(), test_only=True)
+    result = evaluate_fold(workdir, 0, _config(), checkpoint=True)
     out = workdir / "training" / "fold_0" / "validation_best"
     assert result["checkpoint"].endswith("checkpoint_best.pt") and result["validation_dir"] == str(out)
     # the cross-validation outputs are untouched: nothing rewritten, no probabilities deleted
@@ -210,7 +213,7 @@ def test_test_only_validates_the_best_checkpoint_on_full_volumes(workdir):
 def test_test_only_without_checkpoints_is_an_error(workdir):
     _clear(workdir)
     with pytest.raises(CheckpointError, match="train first"):
-        train(workdir, 0, _config(), test_only=True)
+        evaluate_fold(workdir, 0, _config(), checkpoint=True)
 
 
 class _Oracle(nn.Module):
@@ -330,7 +333,7 @@ def test_gradient_clipping_and_bf16_on_cpu():
 
 
 def test_auto_prefetch_depth_follows_the_cache_mode():
-    from voxseg.train.step import prefetch_depth
+    from voxseg.train.prefetch import prefetch_depth
 
     assert prefetch_depth(-1, "gpu") == 0  # batches only queue device work
     assert prefetch_depth(-1, "pinned") == 2 and prefetch_depth(-1, "mmap") == 2  # host reads overlap the step

@@ -35,6 +35,7 @@ _LAZY = {
     "TrainConfig": "voxseg.config",
     "build_train_config": "voxseg.train.api",
     "train_fold": "voxseg.train.api",
+    "RunStart": "voxseg.train.start",
     "Predictor": "voxseg.infer.predictor",
     "evaluate_folder": "voxseg.evaluate.folder",
     "evaluate_crossval": "voxseg.crossval",

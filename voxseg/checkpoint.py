@@ -6,7 +6,7 @@ The training loop hands a `Checkpointer` the objects to save, each with `state_d
 (model, optimiser, schedule, loss scaler, data position, the run's progress, the RNGs), plus metadata (the
 effective plan and the config as dicts). The loop never lists keys:
 
-    checkpointer = Checkpointer(out_dir, {"model": model, "optimizer": optimizer, ..., "rng": RngStates(gens)},
+    checkpointer = Checkpointer(out_dir, {"model": model, "optimizer": optimizer, ..., "rng": RngStates()},
                                 metadata={"plan": plan.to_dict(), "config": config.to_dict()})
     checkpointer.save("latest")                      # training/fold_F/checkpoint_latest.pt, atomically
     checkpointer.restore("latest", device)           # refuses a changed plan or optimiser, then loads in order
@@ -208,11 +208,11 @@ def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") 
 
 
 # ----- random number generator states ---------------------------------------------------------------------
-def rng_state(generators: dict[str, torch.Generator] | None = None) -> dict[str, Any]:
-    """Every RNG state the run depends on, as tensors and plain lists (safe for weights_only loading).
+def rng_state() -> dict[str, Any]:
+    """The global RNG states (torch, CUDA, numpy, Python) as tensors and plain lists (safe for weights_only loading).
 
-    Args:
-        generators: named extra generators (the sampler's, augmentation's) to save alongside the global ones.
+    The run's own generators (the sampler's positions, the augmentation's decisions) are numpy Generators that
+    `TrainData.state_dict` saves with the data.
     """
     np_state = np.random.get_state()
     py_version, py_internal, py_gauss = random.getstate()
@@ -221,15 +221,15 @@ def rng_state(generators: dict[str, torch.Generator] | None = None) -> dict[str,
         "numpy": {"name": str(np_state[0]), "keys": [int(k) for k in np_state[1]], "pos": int(np_state[2]),
                   "has_gauss": int(np_state[3]), "cached_gaussian": float(np_state[4])},
         "python": {"version": int(py_version), "internal": [int(v) for v in py_internal], "gauss": py_gauss},
-        "generators": {name: gen.get_state() for name, gen in (generators or {}).items()},
     }
     if torch.cuda.is_available() and torch.cuda.is_initialized():
         state["cuda"] = [s for s in torch.cuda.get_rng_state_all()]
     return state
 
 
-def set_rng_state(state: dict[str, Any], generators: dict[str, torch.Generator] | None = None) -> None:
-    """Restore what `rng_state` saved (generators present in both are restored; others are left alone)."""
+def set_rng_state(state: dict[str, Any]) -> None:
+    """Restore what `rng_state` saved. Checkpoints of earlier versions also hold a "generators" entry (named torch
+    generators, always empty in practice): nothing uses it, so it is ignored."""
     torch.set_rng_state(state["torch"].cpu())
     np_state = state["numpy"]
     np.random.set_state((np_state["name"], np.asarray(np_state["keys"], dtype=np.uint32), np_state["pos"],
@@ -239,22 +239,16 @@ def set_rng_state(state: dict[str, Any], generators: dict[str, torch.Generator] 
     if "cuda" in state and torch.cuda.is_available():
         saved = state["cuda"][: torch.cuda.device_count()]
         torch.cuda.set_rng_state_all([s.cpu() for s in saved])
-    for name, gen in (generators or {}).items():
-        if name in state.get("generators", {}):
-            gen.set_state(state["generators"][name].cpu())
 
 
 class RngStates:
-    """The run's random generators (global ones and named extra ones) as one checkpointable object."""
-
-    def __init__(self, generators: dict[str, torch.Generator] | None = None) -> None:
-        self.generators = dict(generators or {})
+    """The run's global random generators as one checkpointable object (`rng_state` / `set_rng_state`)."""
 
     def state_dict(self) -> dict[str, Any]:
-        return rng_state(self.generators)
+        return rng_state()
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        set_rng_state(state, self.generators)
+        set_rng_state(state)
 
 
 # ----- pretrained weights -----------------------------------------------------------------------------------

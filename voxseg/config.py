@@ -16,6 +16,7 @@ metadata convention) live in `voxseg.configtree`; `parse_value` is re-exported h
 from __future__ import annotations
 
 import dataclasses
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -211,10 +212,6 @@ class TrainConfig:
     foreground_oversampling and network.<field> (residual, deep_supervision, ...), e.g. {"batch_size": 4,
     "network.residual": true}. The effective plan (plans.json + these) is written to training/fold_F/plans.json and is
     the one everything in the run reads."""
-    pretrained: str | None = None
-    """checkpoint whose matching-shape weights initialise the network (fine-tuning)."""
-    resume: bool = False
-    """continue from training/fold_F/checkpoint_latest.pt."""
 
     def __post_init__(self) -> None:
         self.plan = parse_overrides(self.plan, allowed=TRAINING_OVERRIDES, prefix="plan.")
@@ -233,6 +230,10 @@ class TrainConfig:
 CONFIG_FILE = "config.json"  # training/fold_F/config.json: the config a run was started with (resolved)
 # config.json of a resumed run: the changes made on resume, replayed over the config the run started with
 CHANGES_KEY = "changes"
+# How a run starts is given with the run (--resume, --pretrained, --force: `voxseg.train.start.RunStart`), never a
+# setting. Up to version 0.1.0 TrainConfig also had these two fields, so every config.json and checkpoint "config"
+# written then holds "resume": false, "pretrained": null. `saved_config` is the one place that reads them.
+FORMER_START_KEYS = ("resume", "pretrained")
 
 
 def load_config_json(path: str | Path) -> TrainConfig:
@@ -240,25 +241,47 @@ def load_config_json(path: str | Path) -> TrainConfig:
 
     A run's config.json holds the config the run started with and, under "changes", the options changed on
     resume (`voxseg.train.resume`): they are replayed in order, so the result is the config in force at the end.
+    A file of an earlier version may hold "resume" and "pretrained" (`FORMER_START_KEYS`): see `saved_config`.
     """
     from voxseg.jsonio import read_json
 
     data = read_json(path, ConfigError, missing="give an existing config file (a saved config.json works)")
     if not isinstance(data, dict):
         raise ConfigError(f"config file {path} must hold a JSON object")
+    return saved_config(data, f"config file {path}")
+
+
+def saved_config(data: dict[str, Any], source: str) -> TrainConfig:
+    """The config a saved dict holds (a config.json's object, a checkpoint's "config"), changes replayed.
+
+    "resume" and "pretrained", written by versions up to 0.1.0 (`FORMER_START_KEYS`), are dropped: a resumed
+    run is resumed by --resume, and its checkpoint holds its weights. A value other than the old default (a run
+    started with `--set pretrained=FILE`) is dropped with a warning that says how to give it now.
+
+    Args:
+        data: the saved object (not modified).
+        source: what it was read from, for messages ("config file PATH").
+    """
+    data = dict(data)
+    for key in FORMER_START_KEYS:
+        value = data.pop(key, None)
+        if value not in (None, False):
+            flag = "--resume" if key == "resume" else f"--pretrained {value}"
+            warnings.warn(f"{source}: '{key}' is no longer a config option and is ignored; give {flag} with the "
+                          "run instead", stacklevel=2)
     changes = data.pop(CHANGES_KEY, None) or []
     if not isinstance(changes, list):
-        raise ConfigError(f"config file {path}: '{CHANGES_KEY}' must be a list of {{epoch, options}} records")
+        raise ConfigError(f"{source}: '{CHANGES_KEY}' must be a list of {{epoch, options}} records")
     config = TrainConfig.from_dict(data)
     for record in changes:
         options = record.get("options") if isinstance(record, dict) else None
         if not isinstance(options, dict):
-            raise ConfigError(f"config file {path}: each '{CHANGES_KEY}' record needs an 'options' object, got "
+            raise ConfigError(f"{source}: each '{CHANGES_KEY}' record needs an 'options' object, got "
                               f"{record!r}")
         data = config.to_dict()
         for name, pair in options.items():
             if not isinstance(pair, list) or len(pair) != 2:
-                raise ConfigError(f"config file {path}: change of '{name}' must be [before, after], got {pair!r}")
+                raise ConfigError(f"{source}: change of '{name}' must be [before, after], got {pair!r}")
             _, parent, leaf = locate_option(TrainConfig, name, data)
             parent[leaf] = pair[1]
         config = TrainConfig.from_dict(data)

@@ -48,6 +48,7 @@ def run_demo(workdir: str | Path, epochs: int | None = None, device: str = "auto
     from voxseg.evaluate.folder import evaluate_folder, format_table
     from voxseg.infer.predictor import Predictor, find_input_cases
     from voxseg.train.loop import train
+    from voxseg.train.start import RunStart
 
     # a device that does not exist fails now, not after minutes of data preparation
     device = str(resolve_device(device))
@@ -80,7 +81,7 @@ def run_demo(workdir: str | Path, epochs: int | None = None, device: str = "auto
     if device == "cpu":
         overrides += ["optim.name=adamw", "optim.lr=3e-3", "optim.weight_decay=1e-4", "logging.tensorboard=false"]
     config = apply_overrides(TrainConfig(), overrides)
-    result = train(model_dir, 0, config, force=True)  # a demo run again starts its training over
+    result = train(model_dir, 0, config, RunStart(force=True))  # a demo run again starts its training over
     print(f"      validation Dice {result.get('val_dice_mean', float('nan')):.3f}")
 
     print("[5/6] predict held-out test cases")

@@ -6,6 +6,7 @@ from the patch sampler and returns augmented patches of `patch_size`; `generator
 """
 from voxseg.augment.config import AugmentConfig
 from voxseg.augment.draws import AugmentParams
-from voxseg.augment.pipeline import apply_augment, augment_batch, draw_batch_params, source_size
+from voxseg.augment.pipeline import BatchRows, apply_augment, augment_batch, draw_batch_params, source_size
 
-__all__ = ["AugmentConfig", "AugmentParams", "apply_augment", "augment_batch", "draw_batch_params", "source_size"]
+__all__ = ["AugmentConfig", "AugmentParams", "BatchRows", "apply_augment", "augment_batch", "draw_batch_params",
+           "source_size"]

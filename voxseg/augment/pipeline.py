@@ -7,8 +7,8 @@ Defaults follow nnU-Net's default training recipe; every probability is per samp
 Two steps: `draw_params` draws every decision on the host (numpy Generator, no device work), then
 `apply_augment` launches each transform only for the samples (or sample channels) it fires for: the rows are
 gathered (a view when they are contiguous), transformed and written back. For data parallelism every rank
-draws the same parameters for the global batch and applies its slice: `augment_batch(..., global_batch=G,
-first_sample=rank * B)`.
+draws the same parameters for the global batch and applies its slice: `augment_batch(...,
+rows=BatchRows(first_sample=rank * B, global_batch=G))`.
 
 Cost on one CPU thread (2 x 4 channels x 128^3 from 192^3 crops, BENCHMARKS.md): the rotated samples are most
 of it (the 3D grid_sample of their 4 channels), then the scaled-only samples, then the intensity transforms
@@ -16,6 +16,7 @@ of it (the 3D grid_sample of their 4 channels), then the scaled-only samples, th
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Callable, Sequence
 
 import numpy as np
@@ -27,7 +28,17 @@ from voxseg.augment.draws import AugmentParams, draw_params, host_to_device
 from voxseg.augment.spatial import centre_crop, rotate90, source_size, spatial_transform
 from voxseg.errors import ConfigError, InputError
 
-__all__ = ["AugmentConfig", "apply_augment", "augment_batch", "draw_batch_params", "source_size"]
+__all__ = ["AugmentConfig", "BatchRows", "apply_augment", "augment_batch", "draw_batch_params", "source_size"]
+
+
+@dataclass(frozen=True)
+class BatchRows:
+    """The samples one call augments out of a larger global batch (a data-parallel rank's rows): the decisions
+    are drawn for all `global_batch` samples, so every rank's generator stays in step, and those of samples
+    `first_sample` .. `first_sample` + B - 1 are applied."""
+
+    first_sample: int
+    global_batch: int
 
 
 def _check_inputs(image: torch.Tensor, seg: torch.Tensor, patch_size: Sequence[int]) -> tuple[int, ...]:
@@ -79,8 +90,7 @@ def augment_batch(
     patch_size: Sequence[int],
     *,
     seg_fill: int = -1,
-    global_batch: int | None = None,
-    first_sample: int = 0,
+    rows: BatchRows | None = None,
     extra_channels: int = 0,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Augment a batch of crops and cut them to the patch size, on the batch's device.
@@ -92,9 +102,8 @@ def augment_batch(
         generator: numpy Generator the decisions are drawn from (None = a fresh, unseeded one).
         patch_size: P, 2 or 3 entries.
         seg_fill: label written where a transform samples outside the crop (-1 = "outside", as in the store).
-        global_batch: draw the decisions for this many samples (default B) and apply those of samples
-            first_sample .. first_sample + B - 1 (a data-parallel rank's slice of the global batch).
-        first_sample: see global_batch.
+        rows: the batch is these rows of a larger global batch (a data-parallel rank's slice): the decisions are
+            drawn for the global batch and those of its rows applied; None: the batch is the whole batch.
         extra_channels: the last channels of `image` are a cascade stage's one-hot first-stage segmentation:
             they are transformed spatially with the image and set back to 0/1 (>= 0.5) afterwards, like the
             labels, and get no intensity augmentation (nnU-Net transforms them as segmentation).
@@ -106,7 +115,8 @@ def augment_batch(
     if not config.enabled:
         return centre_crop(image, patch).contiguous(), centre_crop(seg, patch).contiguous()
     batch = image.shape[0]
-    total = batch if global_batch is None else int(global_batch)
+    total = batch if rows is None else int(rows.global_batch)
+    first_sample = 0 if rows is None else int(rows.first_sample)
     if not 0 <= first_sample <= total - batch:
         raise InputError(f"augment_batch: samples {first_sample}..{first_sample + batch - 1} are not inside a "
                          f"global batch of {total}")

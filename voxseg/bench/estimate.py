@@ -186,33 +186,33 @@ def run_estimate(workdir: str | Path, request: EstimateRequest | None = None, ou
     plan = effective_plan(workdir, config)
     num_cases = request.cases or fold_training_cases(workdir)
     cases = training_cases(workdir)[:TIMING_CASES]
-    run = resolve(config, plan, num_cases)
+    setup = resolve(config, plan, num_cases)
     if config.loop.val_iterations == 0:
         schedule = dataclasses.replace(schedule, val_batches=0)
     settings = settings_for(plan, config, request)
     cache_mode = training_cache_mode(workdir, config, plan, cases, num_cases)
     measured = _measure(settings, open_row or _open_rows(workdir, config, cases, cache_mode, schedule), schedule,
-                        run.device, run.compile, compiler)
+                        setup.device, setup.compile, compiler)
     shape = EpochShape(request.iterations_per_epoch, num_cases, config.loop.val_iterations, config.loop.val_freq)
     rows = project(settings, measured, shape, request.epochs, request.current_epoch_s)
     for row in rows:
         row.model_memory_gb = model_memory_gb(plan, row.batch_size, row.patch_size)
     first_rows = [next(r.index for r in rows if r.setting_index == i) for i in range(len(settings))]
-    note = noise_note(rows, schedule.rounds, shared_threads=run.device.type == "cpu" and config.data.num_threads > 1)
+    note = noise_note(rows, schedule.rounds, shared_threads=setup.device.type == "cpu" and config.data.num_threads > 1)
     result = {
-        "device": device_name(run.device), "device_type": run.device.type, "torch": torch.__version__,
+        "device": device_name(setup.device), "device_type": setup.device.type, "torch": torch.__version__,
         "cpu_threads": config.data.num_threads, "num_cases": num_cases,
         "cases_from": "--cases" if request.cases else "fold 0 of this work directory",
         "epochs": list(request.epochs), "iterations_per_epoch": request.iterations_per_epoch,
         "val_iterations": config.loop.val_iterations, "val_freq": config.loop.val_freq,
-        "current_epoch_s": request.current_epoch_s, "cache_mode": cache_mode, "compile": run.compile,
-        "schedule": {**dataclasses.asdict(schedule), "interleaved": run.device.type == "cpu" and not run.compile,
+        "current_epoch_s": request.current_epoch_s, "cache_mode": cache_mode, "compile": setup.compile,
+        "schedule": {**dataclasses.asdict(schedule), "interleaved": setup.device.type == "cpu" and not setup.compile,
                      "timing_cases": len(cases)},
         "calibrated": bool(plan.memory_calibration),
         "settings": [{**dataclasses.asdict(s), "patch_size": list(s.patch_size), **dataclasses.asdict(m)}
                      for s, m in zip(settings, measured)],
         "rows": [dataclasses.asdict(row) for row in rows],
-        "warnings": contradictions(settings, measured, run.device.type, first_rows),
+        "warnings": contradictions(settings, measured, setup.device.type, first_rows),
         "notes": [note] if note else [],
         "seconds": round(time.perf_counter() - start, 1),
     }

@@ -234,14 +234,14 @@ class TrainingRow:
             f"plan.batch_size={setting.batch_size}", f"data.num_samples={setting.num_samples}",
             "plan.patch_size=" + ",".join(map(str, setting.patch_size)), f"data.cache={cache_mode}"])
         plan = effective_plan(workdir, config)
-        run = resolve(config, plan, len(cases))
+        setup = resolve(config, plan, len(cases))
         seed_everything(config.loop.seed, False, config.data.num_threads)
-        self.device, self.amp_dtype, self.schedule, self.plan = run.device, run.amp_dtype, schedule, plan
+        self.device, self.amp_dtype, self.schedule, self.plan = setup.device, setup.amp_dtype, schedule, plan
         free_device_memory()
         self.reserved_before = torch.cuda.memory_reserved(self.device) if self.device.type == "cuda" else 0
         validate = schedule.val_batches > 0
         # compiled here, not by TrainStep, so that the caller decides what each setting's compilation starts from
-        self.training: Any = build_training(workdir, plan, config, dataclasses.replace(run, compile=False), cases,
+        self.training: Any = build_training(workdir, plan, config, dataclasses.replace(setup, compile=False), cases,
                                             cases if validate else [])
         if compiler is not None:
             self.training.step.compile_with(compiler.compile)
@@ -253,8 +253,9 @@ class TrainingRow:
     def _validate(self) -> None:
         from voxseg.train.validate import pseudo_dice
 
-        t = self.training
-        pseudo_dice(t.model, t.data.val_batches(self.schedule.val_batches), self.plan, t.loss_fn, self.amp_dtype)
+        training = self.training
+        pseudo_dice(training.model, training.data.val_batches(self.schedule.val_batches), self.plan, training.loss_fn,
+                    self.amp_dtype)
 
     def warm_up(self) -> None:
         self._steps(self.schedule.warmup)

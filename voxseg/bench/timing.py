@@ -230,25 +230,25 @@ def time_training(workdir: str | Path, config: TrainConfig, iterations: int = 20
     workdir = Path(workdir)
     names = training_cases(workdir)
     plan = effective_plan(workdir, config)
-    run = resolve(config, plan, len(names))
+    setup = resolve(config, plan, len(names))
     seed_everything(config.loop.seed, False, config.data.num_threads)
-    t = build_training(workdir, plan, config, run, names, [])
-    device = run.device
-    pool = [t.data.next_batch() for _ in range(max(1, min(iterations, 4)))]  # fresh batches, data on the device
+    training = build_training(workdir, plan, config, setup, names, [])
+    device = setup.device
+    pool = [training.data.next_batch() for _ in range(max(1, min(iterations, 4)))]  # fresh batches, data on the device
     host_waits: list[float] = []
     marks = StepMarks(device)
     between: list[float] = []
 
     def device_steps(count: int = iterations) -> None:
         for index in range(count):
-            t.step(*pool[index % len(pool)])
+            training.step(*pool[index % len(pool)])
 
     def end_to_end_steps(count: int = iterations) -> None:
         marks.begin_round()
-        stream = t.data.train_stream(count)
+        stream = training.data.train_stream(count)
         for batch in stream:
             marks.before_step()
-            t.step(*batch)
+            training.step(*batch)
             marks.after_step()
         host_waits.append(stream.wait_seconds)
 
@@ -268,7 +268,7 @@ def time_training(workdir: str | Path, config: TrainConfig, iterations: int = 20
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats(device)
     device_times, end_times = interleaved(device_steps, end_to_end_steps, max(1, repeats), sync_and_mark)
-    host_prepared = host_prepares_batches(device, t.data.train_cache.mode)
+    host_prepared = host_prepares_batches(device, training.data.train_cache.mode)
     return _step_timing(device_times, end_times, iterations, host_waits if host_prepared else None, between,
                         plan, config.data.num_samples, device)
 

@@ -65,11 +65,13 @@ SCRIPT_SPELLINGS: dict[str, Spelling] = {
 
 def train_request(args: argparse.Namespace) -> dict[str, Any]:
     """The keyword arguments of `build_train_config` / `train_fold` that the flags ask for: the flags, then
-    the --set options, as overrides (an unset flag overrides nothing)."""
+    the --set options, as overrides (an unset flag overrides nothing), and how the run starts."""
     from voxseg.cli.derive import flag_overrides
+    from voxseg.train.start import RunStart
 
     overrides = flag_overrides(args, TRAIN_FLAGS) + list(args.set or [])
-    return dict(config_file=args.config, recipe=args.recipe, overrides=overrides, resume=args.resume or False)
+    start = RunStart(resume=args.resume or False, pretrained=args.pretrained, force=args.force)
+    return dict(config_file=args.config, recipe=args.recipe, overrides=overrides, start=start)
 
 
 @contextlib.contextmanager
@@ -143,11 +145,9 @@ def cmd_train(args: argparse.Namespace) -> int:
         if args.checkpoint and not args.test_only:
             raise ConfigError("--checkpoint chooses the checkpoint --test-only validates; add --test-only")
         test_only = (args.checkpoint or True) if args.test_only else False
-        if args.force and args.resume:
-            raise ConfigError("--force starts the fold's run anew (deleting it), --resume continues it: give one")
+        request = train_request(args)  # refuses --force with --resume, and --pretrained with --resume
         workdir, fold_name = run_location(args)
-        result = train_fold(workdir, fold_name, test_only=test_only, pretrained=args.pretrained, force=args.force,
-                            **train_request(args))
+        result = train_fold(workdir, fold_name, test_only=test_only, **request)
     if env_world()[0] != 0:  # under torchrun every rank returns the same result: rank 0 reports it
         return 0
     summary = {k: v for k, v in result.items() if not isinstance(v, dict)}

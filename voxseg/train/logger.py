@@ -132,8 +132,8 @@ class TrainLogger:
     def progress_bar(self, epoch: int, iterations: int) -> tqdm:
         """A bar for one epoch; disabled on other ranks, when switched off, or when nothing reads stderr."""
         eta = self.eta_seconds()
-        run = f" | run ETA {format_duration(eta)}" if eta is not None else ""
-        return tqdm(total=iterations, desc=f"epoch {epoch + 1}/{self.total_epochs}{run}", leave=False,
+        run_eta = f" | run ETA {format_duration(eta)}" if eta is not None else ""
+        return tqdm(total=iterations, desc=f"epoch {epoch + 1}/{self.total_epochs}{run_eta}", leave=False,
                     disable=not (self.active and self.config.progress_bar), dynamic_ncols=True, file=sys.stderr)
 
     def refreshes_loss(self, iteration: int) -> bool:

@@ -1,8 +1,11 @@
 """The training loop: `train(workdir, fold, config)` trains one fold and writes `training/fold_F/`.
 
-It reads top to bottom: load the plan and the split, resolve the device, build data, model, loss, optimiser
-and schedule, optionally resume, then loop over epochs (sample -> augment -> step, validate, checkpoint,
-log). Detail lives in the helpers below and in the sibling modules.
+It reads top to bottom: load the plan and the split, resolve the run's setup (device, precision, iterations),
+build data, model, loss, optimiser and schedule, resume or start, then loop over epochs (sample -> augment ->
+step, validate, checkpoint, log) and validate the final weights. Detail lives in the helpers below and in the
+sibling modules: `setup` (what is resolved once), `feed` and `prefetch` (the data), `step` (one micro-batch),
+`resume`, `rundir` and `start` (how a run starts), `evaluation` (full validation). `--test-only` is not a run:
+it is `voxseg.train.testonly.evaluate_fold`.
 
 A resumed run continues exactly where the checkpoint left off: model, optimiser, schedule, loss scaler,
 epoch, best metric, EMA, patience counter and every random generator (global ones, the sampler's and the
@@ -21,27 +24,31 @@ from typing import Any
 import torch
 
 from voxseg.atomicio import sweep_stale_temporaries
+from voxseg.checkpoint import Checkpointer, RngStates, checkpoint_file, load_pretrained
 from voxseg.config import CONFIG_FILE, TrainConfig
-from voxseg.plans import PLAN_FILE, Plan
 from voxseg.data.splits import fold_dir, get_fold
 from voxseg.distributed import World, all_reduce_mean, barrier, data_parallel, process_group
-from voxseg.errors import ConfigError, VoxsegError
+from voxseg.errors import VoxsegError
+from voxseg.infer.cascade import stored_previous
+from voxseg.jsonio import write_json_atomic
 from voxseg.losses import build_loss
 from voxseg.models import build_network
 from voxseg.models.factory import warn_noop_deep_supervision
-from voxseg.checkpoint import Checkpointer, RngStates, checkpoint_file, load_pretrained
-from voxseg.train.logger import TrainLogger
 from voxseg.optim import build_optimizer, build_scheduler
-from voxseg.train.step import RunningMeans, TrainData, TrainStep
-from voxseg.infer.cascade import stored_previous
-from voxseg.jsonio import write_json_atomic
+from voxseg.plans import PLAN_FILE, Plan
 from voxseg.train.eta import RunLength, count_tiles, format_duration
-from voxseg.train.evaluation import VALIDATION_DIR, evaluate_checkpoint, full_val_metrics
-from voxseg.train.resume import apply_changes, config_changes, describe_changes, record_changes, refuse_fixed, resume_tag
-from voxseg.train.rundir import check_run_dir, replace_run_dir
-from voxseg.train.setup import (  # noqa: F401 - resolve, effective_plan, seed_everything: part of this module's API
-    Resolved, _amp_name, cache_budget_gb, effective_plan, resolve, resolve_amp, resolved_config, seed_everything,
+from voxseg.train.evaluation import VALIDATION_DIR, full_val_metrics
+from voxseg.train.feed import TrainData
+from voxseg.train.logger import TrainLogger
+from voxseg.train.resume import (
+    apply_changes, config_changes, describe_changes, record_changes, refuse_fixed, resume_tag,
 )
+from voxseg.train.rundir import check_run_dir, replace_run_dir
+from voxseg.train.setup import (  # noqa: F401 - cache_budget_gb, effective_plan, resolve, seed_everything: API
+    RunSetup, _amp_name, cache_budget_gb, effective_plan, resolve, resolved_config, seed_everything,
+)
+from voxseg.train.start import RunStart
+from voxseg.train.step import RunningMeans, TrainStep
 from voxseg.train.validate import pseudo_dice
 from voxseg.units import gib
 
@@ -98,22 +105,15 @@ class Training:
     checkpointer: Checkpointer
 
 
-def train(workdir: str | Path, fold: int | str, config: TrainConfig, resume: bool | str | Path = False,
-          test_only: bool | str = False, pretrained: str | Path | None = None, force: bool = False) -> dict[str, Any]:
-    """Train (or, with `test_only`, evaluate) one fold; returns the final metrics.
+def train(workdir: str | Path, fold: int | str, config: TrainConfig, start: RunStart = RunStart()) -> dict[str, Any]:
+    """Train one fold; returns the final metrics.
 
     Args:
         workdir: work directory with plans.json, splits.json and preprocessed/.
         fold: fold index or "all".
         config: the run's settings.
-        resume: continue the fold's run from checkpoint_latest.pt (True, also `config.resume`), or from a given
-            checkpoint of that run (its path); changed options take effect from the next epoch
-            (`voxseg.train.resume`).
-        test_only: skip training and validate on full volumes into training/fold_F/validation_{tag}/: True =
-            checkpoint_best.pt (else checkpoint_final.pt), or a name of `CHECKPOINT_CHOICES` ("final", "best",
-            "latest") for that one.
-        pretrained: initialise from this checkpoint's matching weights (also `config.pretrained`).
-        force: train anew even when the fold already holds a run, deleting it first (`voxseg.train.rundir`).
+        start: how the run starts: anew (refused when the fold holds a run, unless `force`), resumed from its
+            own checkpoint, or from pretrained weights (`voxseg.train.start.RunStart`).
 
     Returns:
         {"epochs", "best_ema_dice", "stopped_early", "val_dice_mean", "val_dice": {class: dice}, "seconds"}
@@ -124,165 +124,187 @@ def train(workdir: str | Path, fold: int | str, config: TrainConfig, resume: boo
     the plan's batch is the global batch and every rank returns the same result; only rank 0 writes.
     """
     with process_group(config.loop.device, config.loop.dist_timeout_min) as world:
-        return _train(workdir, fold, config, world, resume or config.resume, test_only, pretrained, force)
+        return _train(Path(workdir), fold, config, world, start)
 
 
-def _train(workdir: str | Path, fold: int | str, config: TrainConfig, world: World, resume: bool | str | Path,
-           test_only: bool | str, pretrained: str | Path | None, force: bool) -> dict[str, Any]:
+def _train(workdir: Path, fold: int | str, config: TrainConfig, world: World, start: RunStart) -> dict[str, Any]:
     """`train` inside the run's process group (if any)."""
-    start = time.perf_counter()
-    workdir = Path(workdir)
+    started = time.perf_counter()
     out_dir = fold_dir(workdir, fold)
     sweep_stale_temporaries(out_dir, recursive=True)  # temporary files of a killed run
     train_names, val_names = get_fold(workdir, fold)
-    if test_only:  # the checkpoint's own effective plan decides everything; the config only the device/amp
-        result = evaluate_checkpoint(workdir, out_dir, val_names, world.device,
-                                     resolve_amp(config.loop.amp, world.device), test_only,
-                                     config.loop.save_val_probabilities)
-        return {**result, "seconds": time.perf_counter() - start}
-    if resume and pretrained:
-        raise ConfigError("--pretrained starts a new run from a checkpoint's weights; a resumed run continues from "
-                          "its own checkpoint: give one of --resume and --pretrained")
-    tag = resume_tag(resume, out_dir) if resume else None
-    replacing = False if resume else check_run_dir(out_dir, force)  # refused before anything is written
+    tag = resume_tag(start.resume, out_dir) if start.resume else None
+    replacing = False if start.resume else check_run_dir(out_dir, start.force)  # refused before anything is written
     plan = effective_plan(workdir, config)
     previous = stored_previous(workdir, plan)  # a cascade stage: the first stage's cross-validation predictions
     if previous is not None:
         previous.check(train_names + val_names)  # refused before anything is written
-    run = resolve(config, plan, len(train_names), world)
+    setup = resolve(config, plan, len(train_names), world)
 
     seed_everything(config.loop.seed, config.loop.deterministic, config.data.num_threads)
-    t = build_training(workdir, plan, config, run, train_names, val_names, out_dir)
-    changes: dict[str, Any] = {}
-    if tag is not None:
-        # every rank reads the same file: a checkpoint holds no trace of the number of processes that wrote it
-        state = t.checkpointer.restore(tag, run.device)  # refuses a changed plan or optimiser
-        changes = resumed_with_changes(state, t, run, checkpoint_file(out_dir, tag))
-    elif pretrained or config.pretrained:
-        _print(world, load_pretrained(t.model, pretrained or config.pretrained).summary())
+    training = build_training(workdir, plan, config, setup, train_names, val_names, out_dir)
+    changes = restore_or_initialise(training, setup, tag, start.pretrained)
     if world.is_main:
-        if replacing:
-            replace_run_dir(out_dir)
-        out_dir.mkdir(parents=True, exist_ok=True)
-        plan.save(out_dir / PLAN_FILE)
-        started = resolved_config(config, run).to_dict()
-        record_changes(out_dir / CONFIG_FILE, started, t.progress.epoch, changes) if tag else \
-            write_json_atomic(out_dir / CONFIG_FILE, started)
+        write_run_files(training, setup, replacing, tag, changes)
     barrier()  # the other ranks start once rank 0 has replaced an old run
 
-    logger = TrainLogger(out_dir, config.logging, config.loop.epochs, rank=world.rank, start_epoch=t.progress.epoch,
-                         length=run_length(t, run, val_names))
-    processes = f" x {world.size} processes (batch {plan.batch_size // world.size} each)" if world.distributed else ""
-    logger.message(f"training fold {fold} on {run.device}{processes}: {len(train_names)} training / {len(val_names)} "
-                   f"validation cases, patch {plan.patch_size}, batch {plan.batch_size}, {run.iterations} "
-                   f"iterations x {config.loop.epochs} epochs, amp {_amp_name(run.amp_dtype)}, "
-                   f"compile {'on' if run.compile else 'off'}\n"
-                   f"{t.data.describe()}")
-    warn_noop_deep_supervision(plan, logger.message)
-    eta = logger.eta_seconds()
-    if eta is not None and t.progress.epoch < config.loop.epochs:
-        logger.message(f"expected duration of the epochs left: {format_duration(eta)} (from the epochs logged)")
-    try:
-        fit(t, run, logger, validate=bool(val_names))
-    except KeyboardInterrupt:
-        # the interrupted epoch does not count: resuming runs it again, from the weights it had reached. Under
-        # torchrun every rank gets the signal; a rank interrupted alone leaves, and the others' next collective
-        # fails (Gloo: at once, the peer is gone; NCCL: after loop.dist_timeout_min) instead of waiting forever
-        path = t.checkpointer.save("latest") or checkpoint_file(out_dir, "latest")  # rank 0 writes it
-        raise TrainingInterrupted(f"interrupted; resume with --resume ({path})") from None
-    finally:
-        logger.close()
-    t.checkpointer.save("latest")
-    t.checkpointer.save("final")
-
-    result: dict[str, Any] = {"epochs": t.progress.epoch, "best_ema_dice": t.progress.best_metric,
-                              "stopped_early": t.progress.epoch < config.loop.epochs}
+    logger = start_logger(training, setup, fold, train_names, val_names)
+    fit_to_the_end(training, setup, logger, validate=bool(val_names))
+    result: dict[str, Any] = {"epochs": training.progress.epoch, "best_ema_dice": training.progress.best_metric,
+                              "stopped_early": training.progress.epoch < config.loop.epochs}
     if config.loop.full_val and val_names:
         # the final weights, as nnU-Net validates them; `--test-only` validates checkpoint_best instead. A run
         # killed here resumes (--resume) with nothing left to train and validates again
         logger.message(f"full validation of {len(val_names)} cases (sliding window)")
-        result.update(full_val_metrics(t.model, plan, workdir, out_dir / VALIDATION_DIR, val_names, run.device,
-                                       run.amp_dtype, config.loop.save_val_probabilities))
-    result["seconds"] = time.perf_counter() - start
+        result.update(full_val_metrics(training.model, plan, workdir, out_dir / VALIDATION_DIR, val_names,
+                                       setup.device, setup.amp_dtype, config.loop.save_val_probabilities))
+    result["seconds"] = time.perf_counter() - started
     return result
 
 
-def resumed_with_changes(state: dict[str, Any], t: "Training", run: "Resolved", path: Path) -> dict[str, Any]:
+# ----- before the first epoch -------------------------------------------------------------------------------
+def restore_or_initialise(training: Training, setup: RunSetup, tag: str | None,
+                          pretrained: str | Path | None) -> dict[str, Any]:
+    """A resumed run (`tag`): its checkpoint restored, and the options changed since (returned); a new run with
+    `pretrained`: those weights loaded into the model."""
+    if tag is not None:
+        # every rank reads the same file: a checkpoint holds no trace of the number of processes that wrote it
+        state = training.checkpointer.restore(tag, setup.device)  # refuses a changed plan or optimiser
+        return resumed_with_changes(state, training, setup, checkpoint_file(training.checkpointer.directory, tag))
+    if pretrained:
+        _print(setup.world, load_pretrained(training.model, pretrained).summary())
+    return {}
+
+
+def write_run_files(training: Training, setup: RunSetup, replacing: bool, tag: str | None,
+                    changes: dict[str, Any]) -> None:
+    """Rank 0, before the first epoch: the old run deleted (`replacing`), then the effective plan and config.json
+    (a resumed run's keeps the config it started with and records this resume's changes)."""
+    out_dir = training.checkpointer.directory
+    if replacing:
+        replace_run_dir(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    training.plan.save(out_dir / PLAN_FILE)
+    started = resolved_config(training.config, setup).to_dict()
+    if tag:
+        record_changes(out_dir / CONFIG_FILE, started, training.progress.epoch, changes)
+    else:
+        write_json_atomic(out_dir / CONFIG_FILE, started)
+
+
+def start_logger(training: Training, setup: RunSetup, fold: int | str, train_names: list[str],
+                 val_names: list[str]) -> TrainLogger:
+    """The run's logger, after it has announced the run and its expected duration."""
+    config, plan, world = training.config, training.plan, setup.world
+    logger = TrainLogger(training.checkpointer.directory, config.logging, config.loop.epochs, rank=world.rank,
+                         start_epoch=training.progress.epoch, length=run_length(training, setup, val_names))
+    processes = f" x {world.size} processes (batch {plan.batch_size // world.size} each)" if world.distributed else ""
+    logger.message(f"training fold {fold} on {setup.device}{processes}: {len(train_names)} training / "
+                   f"{len(val_names)} validation cases, patch {plan.patch_size}, batch {plan.batch_size}, "
+                   f"{setup.iterations} iterations x {config.loop.epochs} epochs, amp {_amp_name(setup.amp_dtype)}, "
+                   f"compile {'on' if setup.compile else 'off'}\n"
+                   f"{training.data.describe()}")
+    warn_noop_deep_supervision(plan, logger.message)
+    eta = logger.eta_seconds()
+    if eta is not None and training.progress.epoch < config.loop.epochs:
+        logger.message(f"expected duration of the epochs left: {format_duration(eta)} (from the epochs logged)")
+    return logger
+
+
+def resumed_with_changes(state: dict[str, Any], training: Training, setup: RunSetup, path: Path) -> dict[str, Any]:
     """After a restore: the options changed since the checkpoint (refused where they may not change), applied to
     the restored optimiser and schedule and announced; returns them."""
     saved = state.get("config") if isinstance(state.get("config"), dict) else {}
-    changes = config_changes(saved, resolved_config(t.config, run).to_dict()) if saved else {}
+    changes = config_changes(saved, resolved_config(training.config, setup).to_dict()) if saved else {}
     # a checkpoint of an older version holds "auto" where the machine's choice now stands
     changes = {k: v for k, v in changes.items() if not (k in _MACHINE_OPTIONS and v[0] == "auto")}
     refuse_fixed(changes, path)
-    apply_changes(changes, t.optimizer, t.scheduler, t.config)
-    epoch = t.progress.epoch
-    text = f"resumed from {path} after epoch {epoch} of {t.config.loop.epochs}"
+    apply_changes(changes, training.optimizer, training.scheduler, training.config)
+    epoch = training.progress.epoch
+    text = f"resumed from {path} after epoch {epoch} of {training.config.loop.epochs}"
     if changes:
         text += f"; from epoch {epoch + 1} on: {describe_changes(changes)}"
-    _print(run.world, text)
+    _print(setup.world, text)
     return changes
 
 
 _MACHINE_OPTIONS = ("loop.device", "loop.amp", "loop.compile")
 
 
-def run_length(t: "Training", run: "Resolved", val_names: list[str]) -> RunLength:
+def run_length(training: Training, setup: RunSetup, val_names: list[str]) -> RunLength:
     """What the run has left, for the expected duration: epochs, validations and the final validation's tiles."""
-    config, plan = t.config, t.plan
-    cache = t.data.val_cache
+    config, plan = training.config, training.plan
+    cache = training.data.val_cache
     tiles = 0
     if config.loop.full_val and cache is not None:
         tiles = count_tiles([cache.shape(i) for i in range(len(cache))], plan.patch_size, slice_axis=plan.slice_axis)
-    return RunLength(t.progress.epoch, config.loop.epochs, run.iterations, config.loop.val_freq if val_names else 0,
-                     config.loop.val_iterations, plan.batch_size, tiles)
+    return RunLength(training.progress.epoch, config.loop.epochs, setup.iterations,
+                     config.loop.val_freq if val_names else 0, config.loop.val_iterations, plan.batch_size, tiles)
 
 
-def build_training(workdir: Path, plan: Plan, config: TrainConfig, run: Resolved, train_names: list[str],
+def build_training(workdir: Path, plan: Plan, config: TrainConfig, setup: RunSetup, train_names: list[str],
                    val_names: list[str], out_dir: Path | None = None) -> Training:
     """Model, loss, optimiser, schedule, step, data and their checkpointer (into `out_dir`), on the device."""
-    world = run.world
-    model = build_network(plan).to(run.device)  # deep supervision as the plan says
+    world = setup.world
+    model = build_network(plan).to(setup.device)  # deep supervision as the plan says
     loss_fn = build_loss(config.loss.name, plan, config.loss.weights, plan.network.deep_supervision,
-                         sync_batch_dice=world.distributed, **config.loss.term_options()).to(run.device)
+                         sync_batch_dice=world.distributed, **config.loss.term_options()).to(setup.device)
     optimizer = build_optimizer(model.parameters(), config.optim)
     scheduler = build_scheduler(optimizer, config.schedule, config.loop.epochs)
     # the step trains the DDP wrapper (gradients averaged over ranks before clipping); everything else,
     # checkpoints included, sees the model itself
-    step = TrainStep(data_parallel(model, world), loss_fn, optimizer, run.device, run.amp_dtype,
-                     config.loop.grad_accum, config.loop.grad_clip, compile=run.compile)
+    step = TrainStep(data_parallel(model, world), loss_fn, optimizer, setup.device, setup.amp_dtype,
+                     config.loop.grad_accum, config.loop.grad_clip, compile=setup.compile)
     # the cache comes after the model so that its GPU budget sees the memory the model already holds
-    data = TrainData(workdir / "preprocessed", plan, config, train_names, val_names, run.device,
-                     seed=config.loop.seed, cache_budget_gb=cache_budget_gb(config, plan, run.device),
-                     rank=world.rank, world_size=world.size, previous=stored_previous(workdir, plan))
+    data = TrainData(workdir / "preprocessed", plan, config, train_names, val_names, world,
+                     cache_budget_gb=cache_budget_gb(config, plan, setup.device),
+                     previous=stored_previous(workdir, plan))
     progress = Progress()
     checkpointer = Checkpointer(
         out_dir or workdir / "unsaved",
         {"model": model, "optimizer": optimizer, "scheduler": scheduler, "scaler": step, "data": data,
-         "progress": progress, "rng": RngStates(data.generators)},  # RNGs last: nothing after them draws
-        metadata={"plan": plan.to_dict(), "config": resolved_config(config, run).to_dict()},
+         "progress": progress, "rng": RngStates()},  # RNGs last: nothing after them draws
+        metadata={"plan": plan.to_dict(), "config": resolved_config(config, setup).to_dict()},
         keep_snapshots=config.loop.keep_snapshots, enabled=out_dir is not None and world.is_main)
     return Training(model, loss_fn, optimizer, scheduler, step, data, plan, config, progress, checkpointer)
 
 
-def fit(t: Training, run: Resolved, logger: TrainLogger, validate: bool = True) -> None:
+# ----- the epochs -------------------------------------------------------------------------------------------
+def fit_to_the_end(training: Training, setup: RunSetup, logger: TrainLogger, validate: bool) -> None:
+    """`fit`, then the final checkpoints; Ctrl-C saves checkpoint_latest.pt and raises TrainingInterrupted."""
+    try:
+        fit(training, setup, logger, validate)
+    except KeyboardInterrupt:
+        # the interrupted epoch does not count: resuming runs it again, from the weights it had reached. Under
+        # torchrun every rank gets the signal; a rank interrupted alone leaves, and the others' next collective
+        # fails (Gloo: at once, the peer is gone; NCCL: after loop.dist_timeout_min) instead of waiting forever
+        path = training.checkpointer.save("latest") or checkpoint_file(training.checkpointer.directory, "latest")
+        raise TrainingInterrupted(f"interrupted; resume with --resume ({path})") from None  # rank 0 wrote it
+    finally:
+        logger.close()
+    training.checkpointer.save("latest")
+    training.checkpointer.save("final")
+
+
+def fit(training: Training, setup: RunSetup, logger: TrainLogger, validate: bool = True) -> None:
     """The epoch loop: train, validate every val_freq epochs, step the schedule, checkpoint, log, stop early."""
-    loop_config, progress = t.config.loop, t.progress
+    loop_config, progress, checkpointer = training.config.loop, training.progress, training.checkpointer
     while progress.epoch < loop_config.epochs:
         epoch, started = progress.epoch, time.perf_counter()
-        record = run_epoch(t.step, t.data, logger, t.config, epoch, run, t.plan.batch_size)
+        record = run_epoch(training.step, training.data, logger, epoch, setup, training.plan.batch_size)
         validated = validate and (epoch + 1) % loop_config.val_freq == 0
         if validated:
-            record.update(validate_epoch(t.model, t.loss_fn, t.data, t.plan, t.config, run, progress))
-        t.scheduler.step(progress.ema if validated else None)
+            record.update(validate_epoch(training.model, training.loss_fn, training.data, training.plan,
+                                         training.config, setup, progress))
+        training.scheduler.step(progress.ema if validated else None)
         progress.epoch += 1
         # checkpoints before the log line: log.jsonl never holds an epoch that no checkpoint holds
         if record.get("new_best"):
-            t.checkpointer.save("best")
+            checkpointer.save("best")
         if progress.epoch % loop_config.save_freq == 0:
-            t.checkpointer.save("latest")
+            checkpointer.save("latest")
         if progress.epoch % loop_config.snapshot_freq == 0:
-            t.checkpointer.snapshot(progress.epoch)
+            checkpointer.snapshot(progress.epoch)
         record["wall_time"] = time.perf_counter() - started  # training, validation and checkpoints: the ETA's unit
         logger.log_epoch(record)
         if loop_config.patience and progress.epochs_without_improvement() >= loop_config.patience:
@@ -290,56 +312,55 @@ def fit(t: Training, run: Resolved, logger: TrainLogger, validate: bool = True) 
             return
 
 
-# ----- one epoch --------------------------------------------------------------------------------------------
-def run_epoch(step: TrainStep, data: TrainData, logger: TrainLogger, config: TrainConfig, epoch: int,
-              run: Resolved, batch_size: int) -> dict[str, Any]:
-    """Train one epoch; the host reads the losses only every `log_every_iter` iterations and at the end."""
-    accum = config.loop.grad_accum
-    cuda = run.device.type == "cuda"
+def run_epoch(step: TrainStep, data: TrainData, logger: TrainLogger, epoch: int, setup: RunSetup,
+              batch_size: int) -> dict[str, Any]:
+    """Train one epoch of `setup.iterations` optimiser steps; the host reads the losses only every
+    `log_every_iter` iterations and at the end."""
+    cuda = setup.device.type == "cuda"
     if cuda:
-        torch.cuda.reset_peak_memory_stats(run.device)
+        torch.cuda.reset_peak_memory_stats(setup.device)
     running, memory = RunningMeans(reduce=all_reduce_mean), []  # logged losses: the mean over the ranks
     lr = float(step.optimizer.param_groups[0]["lr"])
-    stream = data.train_stream(run.iterations * accum)
-    probe, marks = logger.step_probe(run.iterations), []  # the first epoch of a process times its first steps
-    start = time.perf_counter()
-    with logger.progress_bar(epoch, run.iterations) as bar:
-        for micro, (image, seg) in enumerate(stream, start=1):
+    micro_batches = setup.iterations * step.grad_accum
+    stream = data.train_stream(micro_batches)
+    probe, marks = logger.step_probe(setup.iterations), []  # the first epoch of a process times its first steps
+    iteration, start = 0, time.perf_counter()
+    with logger.progress_bar(epoch, setup.iterations) as bar:
+        for image, seg in stream:
             running.add(step(image, seg))
-            if micro % accum:
+            if not step.optimizer_stepped:  # the step decides where an iteration ends (gradient accumulation)
                 continue
+            iteration += 1
             bar.update(1)
-            if probe and micro // accum in (1, probe):
+            if probe and iteration in (1, probe):
                 if cuda:  # twice per process (this rank only): the expected duration needs the device's time
-                    torch.cuda.synchronize(run.device)
+                    torch.cuda.synchronize(setup.device)
                 marks.append(time.perf_counter())
                 if len(marks) == 2:
                     logger.expect((marks[1] - marks[0]) / (probe - 1))
             if cuda:
-                memory.append(torch.cuda.memory_allocated(run.device))  # host-side counter, no sync
+                memory.append(torch.cuda.memory_allocated(setup.device))  # host-side counter, no sync
             # host-device sync at the log interval. The running means all-reduce over the ranks, so whether
             # to read them is decided from the config, the same on every rank, never from this rank's bar
             # (only rank 0 has one: a rank entering a collective alone crashes or hangs the run)
-            if logger.refreshes_loss(micro // accum):
-                loss = running.means()["loss"]
-                bar.set_postfix(loss=f"{loss:.4f}")
+            if logger.refreshes_loss(iteration):
+                bar.set_postfix(loss=f"{running.means()['loss']:.4f}")
     losses = running.means()  # host-device sync: end of epoch
     seconds = time.perf_counter() - start
-    samples = run.iterations * accum * batch_size
     return {
-        "epoch": epoch, "loss": losses, "lr": lr, "iterations": run.iterations,
-        "epoch_time": seconds, "batch_time": seconds / run.iterations,
-        "data_time": stream.wait_seconds / run.iterations, "samples_per_s": samples / seconds,
+        "epoch": epoch, "loss": losses, "lr": lr, "iterations": setup.iterations,
+        "epoch_time": seconds, "batch_time": seconds / setup.iterations,
+        "data_time": stream.wait_seconds / setup.iterations, "samples_per_s": micro_batches * batch_size / seconds,
         "gpu_mem_mean_gb": gib(sum(memory) / len(memory)) if memory else 0.0,
-        "gpu_mem_max_gb": gib(torch.cuda.max_memory_allocated(run.device)) if cuda else 0.0,
+        "gpu_mem_max_gb": gib(torch.cuda.max_memory_allocated(setup.device)) if cuda else 0.0,
     }
 
 
 def validate_epoch(model: torch.nn.Module, loss_fn: torch.nn.Module, data: TrainData, plan: Plan,
-                   config: TrainConfig, run: Resolved, progress: Progress) -> dict[str, Any]:
+                   config: TrainConfig, setup: RunSetup, progress: Progress) -> dict[str, Any]:
     """Pseudo-Dice on validation patches, folded into the EMA that picks the best checkpoint."""
     start = time.perf_counter()
-    val = pseudo_dice(model, data.val_batches(config.loop.val_iterations), plan, loss_fn, run.amp_dtype)
+    val = pseudo_dice(model, data.val_batches(config.loop.val_iterations), plan, loss_fn, setup.amp_dtype)
     new_best = progress.update(val["dice_mean"], config.loop.ema_alpha)
     return {"val_loss": val["val_loss"], "pseudo_dice": dict(zip(plan.class_names, val["dice"])),
             "pseudo_dice_mean": val["dice_mean"], "ema_dice": progress.ema, "new_best": new_best,

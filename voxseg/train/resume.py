@@ -18,12 +18,13 @@ effect; `voxseg.config.load_config_json` replays them, so a second resume starts
 """
 from __future__ import annotations
 
+import warnings
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from voxseg.config import CHANGES_KEY, TrainConfig, option_names
+from voxseg.config import CHANGES_KEY, TrainConfig, option_names, saved_config
 from voxseg.errors import ConfigError
 from voxseg.jsonio import read_json, write_json_atomic
 
@@ -34,8 +35,8 @@ FIXED_ON_RESUME: dict[str, str] = {
              "run's loss",
     "loop.seed": "the random generators are restored from the checkpoint, so a new seed would be ignored",
 }
-# how a run starts, not how it trains: never a change
-NOT_SETTINGS = ("resume", "pretrained", "plan")  # the effective plan is compared field by field by the checkpointer
+# not compared as options: the effective plan is compared field by field by the checkpointer
+NOT_SETTINGS = ("plan",)
 
 
 def _value(data: dict[str, Any], name: str) -> Any:
@@ -47,9 +48,12 @@ def _value(data: dict[str, Any], name: str) -> Any:
 
 
 def _normalised(data: dict[str, Any]) -> dict[str, Any]:
-    """A config dict with every field present (defaults for fields an older version did not write)."""
+    """A config dict with every field present (defaults for fields an older version did not write, the keys it
+    wrote that are no options dropped: `voxseg.config.saved_config`)."""
     try:
-        return TrainConfig.from_dict({k: v for k, v in data.items() if k != CHANGES_KEY}).to_dict()
+        with warnings.catch_warnings():  # comparing, not starting a run: whatever it drops concerns no change
+            warnings.simplefilter("ignore")
+            return saved_config({k: v for k, v in data.items() if k != CHANGES_KEY}, "a checkpoint's config").to_dict()
     except ConfigError:
         return data
 

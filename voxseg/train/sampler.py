@@ -46,57 +46,64 @@ def _one_slice(plane: tuple[int, ...], axis: int) -> tuple[int, ...]:
     return (*plane[:axis], 1, *plane[axis:])
 
 
+@dataclass(frozen=True)
+class ForegroundSampling:
+    """Which patches are forced to contain foreground, and what counts as foreground (the plan says both)."""
+
+    fraction: float = 0.33
+    """Long-run fraction of patches forced to be centred on a foreground voxel (the plan's
+    foreground_oversampling)."""
+    regions: Sequence[Sequence[int]] | None = None
+    """Foreground classes as lists of label values (region-based datasets); None: each label value > 0 present in
+    the case's foreground file is its own class."""
+    ignore_label: int | None = None
+    """A label value never used as a foreground class."""
+
+
 class PatchSampler:
-    """Random and foreground-centred crops of size `source_size`, batched on `device`.
+    """Random and foreground-centred crops of size `source_size`, batched on the cache's device.
 
     Args:
-        cache: the cases.
+        cache: the cases; batches are returned on its device.
         patch_size: final patch P (3 entries, or 2 for 2D training on slices along `slice_axis`).
         batch_size: B, patches per batch.
-        foreground_fraction: long-run fraction of patches forced to contain foreground.
+        foreground: how many patches are forced to contain foreground, and which classes count (default
+            `ForegroundSampling()`: 0.33, every label value > 0).
         num_samples: k patches per drawn case (B / k cases per batch; B must be divisible by k).
         source_size: crop size S >= P (from `voxseg.augment.source_size`); default P.
-        regions: foreground classes as lists of label values (region-based datasets); default each label
-            value > 0 present in the foreground file is its own class.
-        ignore_label: label value never used as a foreground class.
-        seed: seed of the position generator (ignored when `generator` is given).
-        generator: a numpy Generator to draw positions from (host ints: drawing them is no device sync).
-        device: where batches are returned; must be the cache's device (the default).
-        seg_fill: label value of padding outside the case.
+        seed: a seed of the position generator, or a numpy Generator to draw positions from (numpy's
+            `default_rng` convention; host ints: drawing them is no device sync).
         slice_axis: 2D patches only: the case axis the slices are taken along (the plan's `slice_axis`); the
             patch covers the other two axes in their order.
     """
+
+    SEG_FILL = -1
+    """Label value of padding outside the case: "outside", as in the case store."""
 
     def __init__(
         self,
         cache: CaseCache,
         patch_size: Sequence[int],
         batch_size: int,
-        foreground_fraction: float = 0.33,
+        foreground: ForegroundSampling | None = None,
         num_samples: int = 1,
         source_size: Sequence[int] | None = None,
-        regions: Sequence[Sequence[int]] | None = None,
-        ignore_label: int | None = None,
-        seed: int | None = None,
-        generator: np.random.Generator | None = None,
-        device: str | torch.device | None = None,
-        seg_fill: int = -1,
+        seed: int | np.random.Generator | None = None,
         slice_axis: int = 0,
     ) -> None:
+        foreground = foreground if foreground is not None else ForegroundSampling()
         self.cache = cache
         self.patch_size = tuple(int(p) for p in patch_size)
         self.source_size = tuple(int(s) for s in (source_size if source_size is not None else patch_size))
         self.batch_size, self.num_samples = int(batch_size), int(num_samples)
-        self.foreground_fraction = float(foreground_fraction)
+        self.foreground_fraction = float(foreground.fraction)
         self._validate()
+        regions = foreground.regions
         self.regions = [tuple(int(v) for v in r) for r in regions] if regions is not None else None
-        self.ignore_label = ignore_label
-        if device is not None and torch.device(device).type != cache.device.type:
-            raise ConfigError(f"sampler: device {device} differs from the cache's device {cache.device}; "
-                              "create the CaseCache with the training device")
+        self.ignore_label = foreground.ignore_label
         self.device = cache.device
-        self.seg_fill = int(seg_fill)
-        self.rng = generator if generator is not None else np.random.default_rng(seed)
+        self.seg_fill = self.SEG_FILL
+        self.rng = np.random.default_rng(seed)  # a Generator given as the seed is used as it is
         self._credit = float(self.rng.random())  # random phase of the foreground schedule
         self.last_draws: list[Draw] = []
         # 2D patches are 3D crops one slice thick along the slice axis

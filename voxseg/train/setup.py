@@ -23,8 +23,9 @@ from voxseg.units import gib
 
 
 @dataclass
-class Resolved:
-    """Settings that depend on the machine or the plan, fixed once at the start."""
+class RunSetup:
+    """What a run resolves once at its start from the config, the machine and the plan: device, autocast,
+    compile, optimiser steps per epoch and this process's place in the run."""
 
     device: torch.device
     amp_dtype: torch.dtype | None
@@ -45,7 +46,7 @@ def resolve_amp(name: str, device: torch.device) -> torch.dtype | None:
     return torch.bfloat16 if name == "bf16" else torch.float16
 
 
-def resolve(config: TrainConfig, plan: Plan, num_train: int, world: World | None = None) -> Resolved:
+def resolve(config: TrainConfig, plan: Plan, num_train: int, world: World | None = None) -> RunSetup:
     """Device, autocast, compile and iterations per epoch for this machine, this effective plan and this
     process's place in the run (`world`, default a single process); the batch must divide over the ranks."""
     world = world or World(device=resolve_device(config.loop.device, option="loop.device"))
@@ -54,7 +55,7 @@ def resolve(config: TrainConfig, plan: Plan, num_train: int, world: World | None
     local_batch_size(batch, world.size)
     iterations = config.data.iterations_per_epoch or max(1, math.ceil(num_train * config.data.num_samples / batch))
     compile_ = config.loop.compile == "on" or (config.loop.compile == "auto" and device.type == "cuda")
-    return Resolved(device, resolve_amp(config.loop.amp, device), compile_, iterations, world)
+    return RunSetup(device, resolve_amp(config.loop.amp, device), compile_, iterations, world)
 
 
 def effective_plan(workdir: Path, config: TrainConfig) -> Plan:
@@ -71,12 +72,12 @@ def effective_plan(workdir: Path, config: TrainConfig) -> Plan:
     return plan
 
 
-def resolved_config(config: TrainConfig, run: Resolved) -> TrainConfig:
+def resolved_config(config: TrainConfig, setup: RunSetup) -> TrainConfig:
     """The config with every 'auto' that depends on the machine filled in (config.json)."""
     out = copy.deepcopy(config)
-    out.loop.device = str(run.device)
-    out.loop.amp = _amp_name(run.amp_dtype)
-    out.loop.compile = "on" if run.compile else "off"
+    out.loop.device = str(setup.device)
+    out.loop.amp = _amp_name(setup.amp_dtype)
+    out.loop.compile = "on" if setup.compile else "off"
     return out
 
 

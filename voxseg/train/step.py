@@ -1,5 +1,5 @@
-"""One training step (forward, loss, backward, optimiser) and the data that feeds it (caches, samplers,
-augmentation, an optional prefetch thread).
+"""One training step (forward, loss, backward, optimiser: `TrainStep`) and the device-side sums of its losses
+(`RunningMeans`). The data that feeds it is `voxseg.train.feed`, prepared ahead by `voxseg.train.prefetch`.
 
 Nothing here reads a tensor on the host: losses come back as detached device tensors and are summed on the
 device by `RunningMeans`; the loop reads them only at log intervals and at the end of an epoch, which are the
@@ -8,25 +8,10 @@ only host-device syncs of the hot loop (besides the GradScaler's inf check with 
 from __future__ import annotations
 
 import contextlib
-import os
-import queue
-import threading
-import time
-from typing import Any, Callable, Iterator
+from typing import Any, Callable
 
-import numpy as np
 import torch
 from torch import Tensor, nn
-
-from voxseg.augment import augment_batch, source_size
-from voxseg.config import TrainConfig
-from voxseg.distributed import local_batch_size
-from voxseg.errors import ConfigError
-from voxseg.plans import Plan
-from voxseg.train.cache import CacheBudget, CaseCache
-from voxseg.train.sampler import PatchSampler
-
-Batch = tuple[Tensor, Tensor]
 
 
 class TrainStep:
@@ -34,6 +19,10 @@ class TrainStep:
 
     With `grad_accum` > 1 the loss is divided by it and the optimiser steps every `grad_accum` micro-batches,
     so the gradient equals that of one batch `grad_accum` times larger (for losses that average over the batch).
+    This class alone decides where an optimiser step falls: after each micro-batch `optimizer_stepped` says
+    whether it completed one, and the loop counts its iterations from that. The count restarts at every
+    optimiser step and after a restore (a checkpoint holds no half-accumulated gradients), so a resumed run
+    whose `grad_accum` changed still steps after the first `grad_accum` micro-batches of its epoch.
 
     Args:
         model: the network (kept uncompiled here, so its state_dict has no compile prefixes).
@@ -58,7 +47,8 @@ class TrainStep:
         self.grad_clip = float(grad_clip)
         # only fp16 needs loss scaling; bf16 has float32's exponent range
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=amp_dtype == torch.float16)
-        self.micro_steps = 0
+        self.accumulated = 0  # micro-batches whose gradients wait for the next optimiser step
+        self.optimizer_stepped = False  # whether the last micro-batch completed an optimiser step
         self.grad_norm: Tensor | None = None
         self._forward_loss = torch.compile(self._forward_loss_eager) if compile else self._forward_loss_eager
 
@@ -81,15 +71,16 @@ class TrainStep:
     def step(self, image: Tensor, seg: Tensor) -> dict[str, Tensor]:
         """One micro-batch: image (B, C, *P), seg (B, 1, *P). Returns {"loss": total, **components}, detached."""
         self.model.train()
-        last = (self.micro_steps + 1) % self.grad_accum == 0
+        completes = self.accumulated + 1 >= self.grad_accum  # the one place the optimiser-step boundary is decided
         # DDP: all-reduce gradients only on the micro-batch that steps the optimiser
-        sync = contextlib.nullcontext() if last or not hasattr(self.model, "no_sync") else self.model.no_sync()
+        sync = contextlib.nullcontext() if completes or not hasattr(self.model, "no_sync") else self.model.no_sync()
         with sync:
             total, components = self._forward_loss(image, seg)
             self.scaler.scale(total / self.grad_accum).backward()
-        self.micro_steps += 1
-        if self.micro_steps % self.grad_accum == 0:
+        if completes:
             self._optimizer_step()
+        self.accumulated = 0 if completes else self.accumulated + 1
+        self.optimizer_stepped = completes
         out = {"loss": total.detach()}
         out.update({name: value.detach() for name, value in components.items() if name != "loss"})
         return out
@@ -106,12 +97,14 @@ class TrainStep:
         self.optimizer.zero_grad(set_to_none=True)
 
     def state_dict(self) -> dict[str, Any]:
-        return {"scaler": self.scaler.state_dict(), "micro_steps": self.micro_steps}
+        return {"scaler": self.scaler.state_dict()}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restore the loss scaler; an accumulation starts afresh (older checkpoints' "micro_steps" is unused)."""
         if state.get("scaler"):
             self.scaler.load_state_dict(state["scaler"])
-        self.micro_steps = int(state.get("micro_steps", 0))
+        self.accumulated = 0
+        self.optimizer_stepped = False
 
 
 class RunningMeans:
@@ -139,209 +132,3 @@ class RunningMeans:
         stacked = torch.stack(list(self.sums.values()))
         values = (self.reduce(stacked) if self.reduce is not None else stacked).cpu().tolist()
         return {name: v / self.count for name, v in zip(self.sums, values)}
-
-
-class BatchStream:
-    """Yields `count` batches from `make_batch()`, prepared `depth` ahead in a background thread (0 = inline).
-
-    Exactly `count` batches are made per iteration over the stream, so the random generators that
-    `make_batch` uses end an epoch in the same state with or without prefetching (resumed runs stay exact).
-    On CUDA the thread works on its own stream and the consumer waits on an event, so a batch is never read
-    before its kernels finish. An exception in the thread is re-raised in the consumer; leaving the loop
-    early (break, an error, or closing the iterator) stops and joins the thread. `wait_seconds` accumulates
-    the time the consumer waited for data.
-
-    Raises:
-        ConfigError: a negative depth.
-    """
-
-    THREAD_NAME = "voxseg-prefetch"
-
-    def __init__(self, make_batch: Callable[[], Batch], count: int, depth: int = 0,
-                 device: torch.device | str = "cpu") -> None:
-        if depth < 0:
-            raise ConfigError(f"prefetch depth {depth} must be >= 0 (0 prepares batches inline)")
-        self.make_batch = make_batch
-        self.count = int(count)
-        self.depth = int(depth)
-        self.device = torch.device(device)
-        self.wait_seconds = 0.0
-
-    def __iter__(self) -> Iterator[Batch]:
-        if self.depth == 0:
-            for _ in range(self.count):
-                start = time.perf_counter()
-                batch = self.make_batch()
-                self.wait_seconds += time.perf_counter() - start
-                yield batch
-            return
-        yield from self._threaded()
-
-    def _threaded(self) -> Iterator[Batch]:
-        slots: queue.Queue = queue.Queue(maxsize=self.depth)
-        stop = threading.Event()
-        cuda = self.device.type == "cuda"
-        device = self.device
-        if cuda and device.index is None:
-            # "cuda" means the consumer's current device; a new thread's current device is always cuda:0
-            device = torch.device("cuda", torch.cuda.current_device())
-        thread = threading.Thread(target=self._produce, args=(slots, stop, device), name=self.THREAD_NAME,
-                                  daemon=True)
-        thread.start()
-        try:
-            for _ in range(self.count):
-                start = time.perf_counter()
-                item = slots.get()
-                self.wait_seconds += time.perf_counter() - start
-                if isinstance(item, BaseException):
-                    raise item
-                batch, event = item
-                if cuda:
-                    current = torch.cuda.current_stream(device)
-                    current.wait_event(event)
-                    for tensor in batch:
-                        tensor.record_stream(current)  # the side stream's allocator must not reuse it early
-                yield batch
-        finally:
-            stop.set()
-            while thread.is_alive():  # unblock a producer waiting on a full queue
-                try:
-                    slots.get_nowait()
-                except queue.Empty:
-                    pass
-                thread.join(timeout=0.05)
-
-    def _produce(self, slots: queue.Queue, stop: threading.Event, device: torch.device) -> None:
-        stream = None
-        try:
-            if device.type == "cuda":
-                torch.cuda.set_device(device)  # the thread's current device starts as cuda:0
-                stream = torch.cuda.Stream(device)
-            for _ in range(self.count):
-                if stop.is_set():
-                    return
-                event = None
-                if stream is not None:
-                    with torch.cuda.stream(stream):
-                        batch = self.make_batch()
-                        event = torch.cuda.Event()
-                        event.record(stream)
-                else:
-                    batch = self.make_batch()
-                while not stop.is_set():
-                    try:
-                        slots.put((batch, event), timeout=0.1)
-                        break
-                    except queue.Full:
-                        continue
-        except BaseException as exc:  # handed to the consumer, which re-raises it in the training thread
-            slots.put(exc)
-
-
-def prefetch_depth(configured: int, cache_mode: str) -> int:
-    """The configured depth, or for -1 (auto): 0 for a device-resident cache, 2 when reads happen on the host."""
-    if configured >= 0:
-        return configured
-    return 0 if cache_mode == "gpu" else 2
-
-
-class TrainData:
-    """The data side of training: case caches, patch samplers and the augmentation generator.
-
-    Training batches: sample crops of `source_size` -> augment on the device -> (B, C, *P), (B, 1, *P).
-    Validation batches: crops of P without augmentation, from a sampler re-seeded at every validation, so
-    every validation sees the same patches (a fair comparison between epochs, and no state to checkpoint).
-
-    Args:
-        preprocessed_dir: WORKDIR/preprocessed.
-        plan: the run's effective plan: patch and batch size, foreground oversampling, labels/regions.
-        config: the run's settings (data and augment sections).
-        train_names, val_names: the fold's cases.
-        device: training device.
-        seed: base seed, the same on every rank.
-        cache_budget_gb: memory the training and validation caches together may take in gpu mode (None = the
-            cache's default, `CacheBudget.for_device`).
-        previous: a cascade stage's stored first-stage predictions (see `CaseCache`), else None.
-        rank, world_size: this process's slice of the global batch. Every rank draws the whole global batch
-            (patch positions and augmentation decisions) from the same seeded streams and keeps rows
-            [rank * b, (rank + 1) * b), b = B / N, which it alone crops and augments, so the run is the same
-            on 1 or N processes. Validation batches are dealt round-robin: rank r crops batches r, r + N, ...
-    """
-
-    def __init__(self, preprocessed_dir: str | os.PathLike, plan: Plan, config: TrainConfig, train_names: list[str],
-                 val_names: list[str], device: torch.device, seed: int,
-                 cache_budget_gb: float | None = None, rank: int = 0, world_size: int = 1,
-                 previous: Any = None) -> None:
-        patch_size = list(plan.patch_size)
-        self.rank, self.world_size = rank, world_size
-        local = local_batch_size(plan.batch_size, world_size)
-        self.rows = slice(rank * local, (rank + 1) * local)
-        self.config, self.patch_size, self.device = config, patch_size, torch.device(device)
-        self.seed = seed
-        # one budget for both caches: the validation cache takes only what the training cache left, so a plan
-        # sized to the device keeps room for the step's activations
-        budget = CacheBudget.for_device(torch.device(device), cache_budget_gb)
-        self.train_cache = CaseCache(preprocessed_dir, train_names, device, mode=config.data.cache,
-                                     previous=previous, budget=budget)
-        self.val_cache: CaseCache | None = None
-        if sorted(val_names) == sorted(train_names):  # fold "all": validate on the cached training cases
-            self.val_cache = self.train_cache
-        elif val_names:
-            self.val_cache = CaseCache(preprocessed_dir, val_names, device, mode=config.data.cache,
-                                       previous=previous, budget=budget)
-        self._sampler_args = dict(batch_size=plan.batch_size, foreground_fraction=plan.foreground_oversampling,
-                                  regions=plan.regions if plan.is_region_based else None,
-                                  ignore_label=plan.ignore_label, device=device, slice_axis=plan.slice_axis)
-        self.sampler = PatchSampler(self.train_cache, patch_size, num_samples=config.data.num_samples,
-                                    source_size=source_size(patch_size, config.augment),
-                                    generator=np.random.default_rng(seed), **self._sampler_args)
-        # decisions are drawn on the host; with data parallelism seed it alike on every rank (global batch)
-        self.augment_generator = np.random.default_rng(seed + 1)
-
-    def next_batch(self) -> Batch:
-        # this rank's rows of the global batch (all of it in one process): the sampler and the augmentation
-        # draw for all B samples, so every rank's generators stay in step, and cut / augment only these rows
-        image, seg = self.sampler.sample(self.rows if self.world_size > 1 else None)  # (B / N, C, *S)
-        return augment_batch(image, seg, self.config.augment, self.augment_generator, self.patch_size,
-                             global_batch=self.sampler.batch_size, first_sample=self.rows.start,
-                             extra_channels=self.train_cache.extra_channels)
-
-    def train_stream(self, count: int) -> BatchStream:
-        """`count` augmented batches, prefetched `data.prefetch` ahead (-1: see DataConfig.prefetch)."""
-        depth = prefetch_depth(self.config.data.prefetch, self.train_cache.mode)
-        return BatchStream(self.next_batch, count, depth, self.device)
-
-    def val_batches(self, count: int) -> Iterator[Batch]:
-        """This rank's share of `count` unaugmented validation batches, the same ones at every call."""
-        if self.val_cache is None:
-            return
-        sampler = PatchSampler(self.val_cache, self.patch_size, num_samples=1,
-                               generator=np.random.default_rng(self.seed + 2), **self._sampler_args)
-        for index in range(count):
-            if index % self.world_size == self.rank:
-                yield sampler.sample()
-            else:
-                sampler.draw()  # another rank's batch: the same host draws, no crops
-
-    def describe(self) -> str:
-        text = self.train_cache.describe()
-        if self.val_cache is not None and self.val_cache is not self.train_cache:
-            text += f"; validation {self.val_cache.describe()}"
-        return text
-
-    @property
-    def generators(self) -> dict[str, torch.Generator]:
-        """Torch generators whose states a checkpoint saves (see `checkpoint.rng_state`): none of its own.
-
-        The augmentation draws on the host from a numpy Generator, saved by `state_dict`.
-        """
-        return {}
-
-    def state_dict(self) -> dict[str, Any]:
-        """The sampler's position generator and foreground credit, and the augmentation's generator."""
-        return {"sampler": self.sampler.state_dict(), "augment": self.augment_generator.bit_generator.state}
-
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        self.sampler.load_state_dict(state["sampler"])
-        if "augment" in state:  # checkpoints from before host-side draws restore the sampler only
-            self.augment_generator.bit_generator.state = state["augment"]
