@@ -43,6 +43,7 @@ from voxseg.train import loop
 from voxseg.train.logger import TrainLogger
 from voxseg.train.recipes import recipe_overrides
 from voxseg.infer.validation import full_validation
+from voxseg.train.evaluation import validation_config
 
 
 # ----- data ---------------------------------------------------------------------------------------------------
@@ -160,9 +161,8 @@ def train_epoch(r: Runner) -> None:
 def evaluate(r: Runner, workdir: Path, val_names: list[str]) -> None:
     """Full sliding-window validation Dice of the current weights (off the clock)."""
     _sync(r.run.device)
-    summary = full_validation(r.t.model, r.t.plan, workdir / "preprocessed", val_names, workdir / "unused",
-                              r.run.device, r.t.plan.patch_size, amp_dtype=r.run.amp_dtype,
-                              tile_batch=max(1, r.t.plan.batch_size), write=False)
+    summary = full_validation(r.t.model, r.t.plan, workdir / "preprocessed", val_names, None, r.run.device,
+                              validation_config(r.t.plan, r.run.amp_dtype))  # as training validates, nothing written
     last = r.epochs[-1] if r.epochs else {}
     r.points.append({"epoch": r.t.progress.epoch, "clock_s": r.clock, "iterations": r.iterations,
                      "dice": summary["mean_dice"], "dice_per_class": summary["mean"],
