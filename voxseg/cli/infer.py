@@ -196,7 +196,7 @@ def cmd_install(args: argparse.Namespace) -> int:
 
 
 def _predict_arguments(p: argparse.ArgumentParser) -> None:
-    from voxseg.cli.derive import add_flags, config_options, flag_help
+    from voxseg.cli.derive import add_flags, as_text, config_options, flag_help
     from voxseg.infer.config import InferConfig
 
     p.add_argument("-m", "--model", required=True,
@@ -214,8 +214,8 @@ def _predict_arguments(p: argparse.ArgumentParser) -> None:
                    help="no mirror test-time augmentation (the same as --mirror-axes none)")
     p.add_argument("--onnx-model", dest="onnx_files", nargs="+", metavar="FILE", default=argparse.SUPPRESS,
                    help=flag_help(options["onnx_files"]))
-    # every field's default in the namespace: the config is built from the flags alone
-    p.set_defaults(**{name: option.default for name, option in options.items()})
+    # every field's default in the namespace, as text like a given value: the config is built from the flags alone
+    p.set_defaults(**{name: as_text(option.default) for name, option in options.items()})
     p.add_argument("--continue", dest="continue_run", action="store_true", help="skip cases already predicted")
 
 
