@@ -43,6 +43,7 @@ from voxseg.train import loop
 from voxseg.train.logger import TrainLogger
 from voxseg.train.recipes import recipe_overrides
 from voxseg.infer.validation import full_validation
+from voxseg.train.evaluation import validation_config
 
 
 # ----- data ---------------------------------------------------------------------------------------------------
@@ -163,9 +164,8 @@ def evaluate(r: Runner, workdir: Path, val_names: list[str]) -> None:
     """Full sliding-window validation Dice of the current weights (off the clock)."""
     _sync(r.setup.device)
     plan = r.training.plan
-    summary = full_validation(r.training.model, plan, workdir / "preprocessed", val_names, workdir / "unused",
-                              r.setup.device, plan.patch_size, amp_dtype=r.setup.amp_dtype,
-                              tile_batch=max(1, plan.batch_size), write=False)
+    summary = full_validation(r.training.model, plan, workdir / "preprocessed", val_names, None, r.setup.device,
+                              validation_config(plan, r.setup.amp_dtype))  # as training validates, nothing written
     last = r.epochs[-1] if r.epochs else {}
     r.points.append({"epoch": r.training.progress.epoch, "clock_s": r.clock, "iterations": r.iterations,
                      "dice": summary["mean_dice"], "dice_per_class": summary["mean"],

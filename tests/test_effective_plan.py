@@ -58,19 +58,20 @@ def test_run_overrides_are_written_once_and_read_by_every_stage(workdir, monkeyp
     record = json.loads((out / "log.jsonl").read_text().splitlines()[0])
     assert record["samples_per_s"] == pytest.approx(3 * 3 / record["epoch_time"])  # 3 iterations x batch 3
 
-    # test-only validates with the checkpoint's effective plan, whatever the config says
+    # test-only validates with the checkpoint's effective plan, whatever the config says: the windows are its patch,
+    # batched by its batch size
     windows = []
-    from voxseg.train import evaluation
+    from voxseg.infer import validation
 
-    real_full_validation = evaluation.full_validation
+    real_window = validation.sliding_window_inference
 
-    def spy_full_validation(model, plan, *args, **kwargs):
-        windows.append((list(plan.patch_size), kwargs["tile_batch"], args[4]))
-        return real_full_validation(model, plan, *args, **kwargs)
+    def spy_window(model, image, patch_size, num_outputs, tiling, *args):
+        windows.append((list(patch_size), tiling.tile_batch))
+        return real_window(model, image, patch_size, num_outputs, tiling, *args)
 
-    monkeypatch.setattr(evaluation, "full_validation", spy_full_validation)
+    monkeypatch.setattr(validation, "sliding_window_inference", spy_window)
     evaluate_fold(workdir, 0, _config(), checkpoint=True)
-    assert windows == [([16, 16, 12], 3, [16, 16, 12])]
+    assert windows and set(map(tuple, (w[0] for w in windows))) == {(16, 16, 12)} and {w[1] for w in windows} == {3}
 
     # prediction reads the same plan from the checkpoint
     predictor = Predictor.from_workdir(workdir, folds=[0], device="cpu")

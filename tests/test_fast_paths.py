@@ -17,6 +17,7 @@ from voxseg.augment import AugmentConfig, apply_augment, draw_batch_params, sour
 from voxseg.augment.reference import augment_reference
 from voxseg.plans import ChannelNormalization, NetworkPlan, Plan
 from voxseg.data.store import sample_foreground_locations, save_case
+from voxseg.infer.config import Tiling
 from voxseg.infer.sliding_window import (
     gaussian_importance,
     mirror_combinations,
@@ -77,8 +78,7 @@ def _unet(seed: int, ndim: int = 3) -> torch.nn.Module:
 def test_batched_sliding_window_matches_a_per_tile_loop(shape, patch, step, tile_batch, mirror_axes, folds, gaussian):
     models = [_unet(seed) for seed in range(folds)]
     image = torch.randn(1, 2, *shape, generator=torch.Generator().manual_seed(0))
-    fast = sliding_window_inference(models, image, patch, 3, step=step, tile_batch=tile_batch,
-                                    mirror_axes=mirror_axes, use_gaussian=gaussian)
+    fast = sliding_window_inference(models, image, patch, 3, Tiling(step, tile_batch, mirror_axes, use_gaussian=gaussian))
     simple = per_tile_reference(models, image, patch, 3, step, mirror_axes, gaussian)
     assert fast.shape == (3, *shape)
     torch.testing.assert_close(fast, simple, atol=2e-5, rtol=1e-5)
@@ -90,7 +90,7 @@ def test_batched_sliding_window_matches_a_per_tile_loop(shape, patch, step, tile
 def test_2d_network_over_a_volume_matches_a_per_slice_per_tile_loop():
     net = _unet(5, ndim=2)
     image = torch.randn(1, 2, 3, 21, 9, generator=torch.Generator().manual_seed(1))
-    fast = sliding_window_inference(net, image, (8, 8), 3, step=0.5, tile_batch=3, mirror_axes=(0, 1))
+    fast = sliding_window_inference(net, image, (8, 8), 3, Tiling(0.5, 3, (0, 1)))
     simple = torch.stack([per_tile_reference([net], image[:, :, d], (8, 8), 3, 0.5, (0, 1), True)
                           for d in range(image.shape[2])], dim=1)
     torch.testing.assert_close(fast, simple, atol=2e-5, rtol=1e-5)

@@ -259,7 +259,7 @@ def test_transposed_model_runs_on_the_untransposed_case(tmp_path, forward):
     ours = predictor.predict_logits(case.astype(np.float32))
     plan_t, _ = plan_from_nnunet(dict(plans, transpose_forward=[0, 1, 2], transpose_backward=[0, 1, 2]), DATASET,
                                  "3d_fullres")
-    reference = Predictor(plan_t, [network], torch.device("cpu"), predictor.step, mirror_axes=(0,))
+    reference = Predictor(plan_t, [network], predictor.config.replace(mirror_axes=(0,)), torch.device("cpu"))
     theirs = reference.predict_logits(np.ascontiguousarray(case.transpose(0, *[1 + a for a in forward])).astype(
         np.float32)).permute(0, *[1 + a for a in backward])
     assert torch.allclose(ours, theirs, atol=1e-5)

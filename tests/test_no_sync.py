@@ -26,6 +26,7 @@ from voxseg.augment import AugmentConfig, augment_batch, source_size
 from voxseg.config import TrainConfig, apply_overrides
 from voxseg.plans import ChannelNormalization, NetworkPlan, Plan
 from voxseg.data.store import sample_foreground_locations, save_case
+from voxseg.infer.config import Tiling
 from voxseg.infer.sliding_window import sliding_window_inference
 from voxseg.losses import build_loss
 from voxseg.models import build_network
@@ -326,14 +327,14 @@ def test_sliding_window_does_not_sync(accumulator):
     folds = [build_network(plan, deep_supervision=True).eval() for _ in range(2)]
     image = torch.randn(1, 2, 30, 21, 12)
     with SyncGuard():
-        logits = sliding_window_inference(folds, image, (16, 16, 16), plan.num_outputs, tile_batch=3,
-                                          mirror_axes=(0, 1, 2), accumulator_device=accumulator)
+        logits = sliding_window_inference(folds, image, (16, 16, 16), plan.num_outputs,
+                                          Tiling.default(tile_batch=3, mirror_axes=(0, 1, 2), accumulator_device=accumulator))
     assert logits.shape == (3, 30, 21, 12) and torch.isfinite(logits).all()
 
 
 def test_2d_sliding_window_does_not_sync():
     net = torch.nn.Conv2d(2, 3, 3, padding=1).eval()
     with SyncGuard():
-        logits = sliding_window_inference(net, torch.randn(1, 2, 4, 20, 9), (8, 8), 3, tile_batch=5,
-                                          mirror_axes=(0, 1))
+        logits = sliding_window_inference(net, torch.randn(1, 2, 4, 20, 9), (8, 8), 3,
+                                          Tiling.default(tile_batch=5, mirror_axes=(0, 1)))
     assert logits.shape == (3, 4, 20, 9)

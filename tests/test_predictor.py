@@ -11,6 +11,7 @@ from voxseg.data.io import Geometry, read_image, write_image
 from voxseg.labels import LabelScheme
 from voxseg.plans import ChannelNormalization, NetworkPlan, Plan
 from voxseg.errors import CheckpointError, InputError
+from voxseg.infer.config import InferConfig
 from voxseg.infer.postprocess import (
     apply_postprocessing,
     decide_postprocessing,
@@ -371,7 +372,7 @@ def test_forward_passes_fit_the_free_memory(monkeypatch):
         return network(x)
 
     image = np.random.default_rng(0).normal(size=(2, 30, 28, 20)).astype(np.float32)
-    predictor = Predictor(plan, [model], device="cpu", mirror_axes=(0, 1, 2), tile_batch=4)
+    predictor = Predictor(plan, [model], InferConfig(mirror_axes=(0, 1, 2), tile_batch=4), device="cpu")
     reference = predictor.predict_array(image, (1.0, 1.0, 1.0))
     assert max(calls) == 32  # 4 tiles x 8 mirrored copies while memory is plentiful
     tile = inference_bytes_per_tile(plan.network, plan.patch_size, 2, 3)

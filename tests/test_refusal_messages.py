@@ -13,6 +13,7 @@ import voxseg.checkpoint as checkpoint_module
 from voxseg.checkpoint import load_checkpoint, save_checkpoint
 from voxseg.data.store import save_case
 from voxseg.errors import CheckpointError, ConfigError, DiskFullError, VoxsegError
+from voxseg.infer.config import InferConfig
 from voxseg.infer.predictor import Predictor
 from tests.test_predictor import make_workdir, tiny_plan
 
@@ -21,7 +22,7 @@ from tests.test_predictor import make_workdir, tiny_plan
                                             ({"tile_batch": 0}, "tile_batch=0")])
 def test_bad_tiling_options_name_the_option(tmp_path, options, words):
     with pytest.raises(ConfigError, match=words):
-        Predictor(tiny_plan(), [], **options)
+        Predictor(tiny_plan(), [], InferConfig(**options), device="cpu")
 
 
 def test_predict_output_that_is_a_file(tmp_path):

@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 import torch
 
+from voxseg.infer.config import Tiling
 from voxseg.infer.sliding_window import (
     axis_starts,
     gaussian_importance,
@@ -85,7 +86,7 @@ class Constant(torch.nn.Module):
 @pytest.mark.parametrize("shape", [(20, 23, 17), (5, 9, 6), (16, 16, 16)])
 def test_blending_all_ones_network_returns_exactly_ones(shape):
     image = torch.randn(1, 2, *shape)
-    out = sliding_window_inference(Constant(1.0, 3), image, (8, 8, 8), 3, tile_batch=3, mirror_axes=(0, 1, 2))
+    out = sliding_window_inference(Constant(1.0, 3), image, (8, 8, 8), 3, Tiling.default(tile_batch=3, mirror_axes=(0, 1, 2)))
     assert out.shape == (3, *shape)
     assert torch.allclose(out, torch.ones_like(out), atol=1e-6)
 
@@ -98,7 +99,7 @@ def test_pointwise_network_matches_full_image_forward():
     image = torch.randn(1, 2, 21, 18, 13)
     with torch.no_grad():
         full = net(image)[0]
-    out = sliding_window_inference(net, image, (8, 10, 6), 3, step=0.5, tile_batch=4)
+    out = sliding_window_inference(net, image, (8, 10, 6), 3, Tiling(step=0.5, tile_batch=4))
     assert torch.allclose(out, full, atol=1e-5)
 
 
@@ -114,7 +115,7 @@ def test_mirrored_tta_is_undone_correctly():
     net = _asymmetric_net()
     image = torch.randn(1, 1, 12, 12, 12)
     patch = (12, 12, 12)  # one tile: the blend is the plain network output
-    tta = sliding_window_inference(net, image, patch, 2, mirror_axes=(0, 2))
+    tta = sliding_window_inference(net, image, patch, 2, Tiling.default(mirror_axes=(0, 2)))
     with torch.no_grad():
         dims = lambda axes: [a + 2 for a in axes]  # noqa: E731
         manual = sum(net(image.flip(dims(c))).flip(dims(c)) for c in [(), (0,), (2,), (0, 2)])[0] / 4
@@ -129,14 +130,14 @@ def test_mirrored_tta_is_undone_correctly():
 def test_tile_batch_and_mirrors_give_the_same_result_across_batching():
     net = _asymmetric_net()
     image = torch.randn(1, 1, 20, 15, 18)
-    a = sliding_window_inference(net, image, (8, 8, 8), 2, tile_batch=1, mirror_axes=(0, 1, 2))
-    b = sliding_window_inference(net, image, (8, 8, 8), 2, tile_batch=7, mirror_axes=(0, 1, 2))
+    a = sliding_window_inference(net, image, (8, 8, 8), 2, Tiling.default(tile_batch=1, mirror_axes=(0, 1, 2)))
+    b = sliding_window_inference(net, image, (8, 8, 8), 2, Tiling.default(tile_batch=7, mirror_axes=(0, 1, 2)))
     assert torch.allclose(a, b, atol=1e-5)
 
 
 def test_fold_ensemble_averages_models():
     image = torch.randn(1, 1, 14, 10, 9)
-    out = sliding_window_inference([Constant(0.0), Constant(2.0)], image, (8, 8, 8), 2, mirror_axes=(1,))
+    out = sliding_window_inference([Constant(0.0), Constant(2.0)], image, (8, 8, 8), 2, Tiling.default(mirror_axes=(1,)))
     assert torch.allclose(out, torch.ones_like(out), atol=1e-6)
     net = _asymmetric_net()
     both = sliding_window_inference([net, Constant(4.0)], image, (8, 8, 8), 2)
@@ -160,7 +161,7 @@ def _out_of_memory_when(fails, net):
 def test_a_forward_batch_limit_caps_tiles_then_mirrors_with_the_same_result(capsys):
     """On a CPU a forward pass too large for the memory is not an error to catch: the process is killed. The
     limit the predictor computes from the free memory is applied before anything runs."""
-    from voxseg.infer.sliding_window import forward_batch_limit, split_forward_batch
+    from voxseg.infer.budget import forward_batch_limit, split_forward_batch
 
     assert split_forward_batch(4, 8, None) == (4, 8) and split_forward_batch(4, 8, 5) == (1, 4)
     assert split_forward_batch(4, 1, 2) == (2, 1) and split_forward_batch(1, 8, 1) == (1, 1)
@@ -169,9 +170,9 @@ def test_a_forward_batch_limit_caps_tiles_then_mirrors_with_the_same_result(caps
     assert forward_batch_limit(1.8 * gib, 1 * gib) == 1  # one tile at least, whatever is free
     net = _asymmetric_net()
     image = torch.randn(1, 1, 20, 16, 18)
-    reference = sliding_window_inference(net, image, (8, 8, 8), 2, tile_batch=4, mirror_axes=(0, 1, 2))
+    reference = sliding_window_inference(net, image, (8, 8, 8), 2, Tiling.default(tile_batch=4, mirror_axes=(0, 1, 2)))
     model, calls = _out_of_memory_when(lambda batch, _: False, net)
-    out = sliding_window_inference(model, image, (8, 8, 8), 2, tile_batch=4, mirror_axes=(0, 1, 2),
+    out = sliding_window_inference(model, image, (8, 8, 8), 2, Tiling.default(tile_batch=4, mirror_axes=(0, 1, 2)),
                                    max_forward_batch=5)
     assert set(calls) == {4}  # 1 tile x 4 of the 8 mirrored copies per call, never more than 5
     assert torch.allclose(out, reference, atol=1e-6)
@@ -193,9 +194,10 @@ def test_inference_memory_per_tile_of_the_reference_network():
 def test_out_of_memory_in_a_forward_halves_the_tiles_then_the_mirrors_with_the_same_result(capsys):
     net = _asymmetric_net()
     image = torch.randn(1, 1, 20, 16, 18)
-    reference = sliding_window_inference(net, image, (8, 8, 8), 2, tile_batch=4, mirror_axes=(0, 1, 2))
+    reference = sliding_window_inference(net, image, (8, 8, 8), 2, Tiling.default(tile_batch=4, mirror_axes=(0, 1, 2)))
     model, calls = _out_of_memory_when(lambda batch, _: batch > 2, net)
-    out = sliding_window_inference(model, image, (8, 8, 8), 2, tile_batch=4, mirror_axes=(0, 1, 2), case_name="c7")
+    out = sliding_window_inference(model, image, (8, 8, 8), 2, Tiling.default(tile_batch=4, mirror_axes=(0, 1, 2)),
+                                   case_name="c7")
     # 4 tiles x 8 mirrors = 32 -> 16 -> 8 (1 tile) -> 4 -> 2 mirrored copies per forward, which fits
     assert calls[:5] == [32, 16, 8, 4, 2] and set(calls[5:]) == {2}
     assert torch.allclose(out, reference, atol=1e-6)
@@ -208,10 +210,10 @@ def test_out_of_memory_in_a_forward_halves_the_tiles_then_the_mirrors_with_the_s
 def test_out_of_memory_at_one_tile_moves_the_accumulator_to_the_host(capsys):
     net = _asymmetric_net()
     image = torch.randn(1, 1, 16, 16, 16)
-    reference = sliding_window_inference(net, image, (8, 8, 8), 2, tile_batch=4)
+    reference = sliding_window_inference(net, image, (8, 8, 8), 2, Tiling.default(tile_batch=4))
     model, calls = _out_of_memory_when(lambda _, call: call <= 3, net)
     # an accumulator forced onto another "device" (meta): the host fallback must start the pass again on the CPU
-    out = sliding_window_inference(model, image, (8, 8, 8), 2, tile_batch=4, accumulator_device="meta",
+    out = sliding_window_inference(model, image, (8, 8, 8), 2, Tiling.default(tile_batch=4, accumulator_device="meta"),
                                    case_name="c8")
     assert calls[:3] == [4, 2, 1] and set(calls[3:]) == {1}  # the halved batch is kept on the host
     assert out.device.type == "cpu" and torch.allclose(out, reference, atol=1e-6)
@@ -225,8 +227,8 @@ def test_out_of_memory_after_every_fallback_is_an_error_naming_the_case():
 
     model, calls = _out_of_memory_when(lambda *_: True, _asymmetric_net())
     with pytest.raises(DeviceMemoryError, match=r"case 'c9': out of GPU memory even with 1 tile") as caught:
-        sliding_window_inference(model, torch.randn(1, 1, 16, 16, 16), (8, 8, 8), 2, tile_batch=2,
-                                 mirror_axes=(0,), accumulator_device="meta", case_name="c9")
+        sliding_window_inference(model, torch.randn(1, 1, 16, 16, 16), (8, 8, 8), 2,
+                                 Tiling.default(tile_batch=2, mirror_axes=(0,), accumulator_device="meta"), case_name="c9")
     assert isinstance(caught.value, VoxsegError) and "--device cpu" in str(caught.value)
     assert "--tile-batch 2" in str(caught.value)
     assert calls == [4, 2, 1, 1]  # 2 tiles x 2 mirrors, 1 tile, 1 copy; then again with the host accumulator
@@ -236,7 +238,7 @@ def test_2d_network_runs_slice_by_slice():
     torch.manual_seed(2)
     net = torch.nn.Conv2d(1, 2, 1).eval()
     image = torch.randn(1, 1, 5, 13, 11)
-    out = sliding_window_inference(net, image, (8, 8), 2, mirror_axes=(0, 1))
+    out = sliding_window_inference(net, image, (8, 8), 2, Tiling.default(mirror_axes=(0, 1)))
     with torch.no_grad():
         expected = torch.stack([net(image[:, :, d])[0] for d in range(5)], dim=1)
     assert out.shape == (2, 5, 13, 11)
@@ -248,7 +250,7 @@ def test_2d_network_runs_along_the_slice_axis(axis):
     torch.manual_seed(3)
     net = torch.nn.Conv2d(1, 2, 3, padding=1).eval()  # a 3x3 kernel: slicing along the wrong axis would differ
     image = torch.randn(1, 1, 5, 13, 11)
-    out = sliding_window_inference(net, image, (16, 16), 2, use_gaussian=False, slice_axis=axis)
+    out = sliding_window_inference(net, image, (16, 16), 2, Tiling.default(use_gaussian=False), slice_axis=axis)
     with torch.no_grad():
         if axis == 1:
             expected = torch.stack([net(image[:, :, :, h])[0] for h in range(13)], dim=2)
@@ -296,14 +298,14 @@ def test_full_float32_precision_turns_tf32_off_and_restores_the_settings():
 def test_cuda_matches_cpu_with_amp_and_host_accumulator():
     net = _asymmetric_net()
     image = torch.randn(1, 1, 40, 36, 44)
-    reference = sliding_window_inference(net, image, (16, 16, 16), 2, mirror_axes=(0, 1, 2))
+    reference = sliding_window_inference(net, image, (16, 16, 16), 2, Tiling.default(mirror_axes=(0, 1, 2)))
     cuda_net, cuda_image = net.cuda(), image.cuda()
     with full_float32_precision():  # cuDNN convolutions default to TF32 on Ampere and later
-        on_device = sliding_window_inference(cuda_net, cuda_image, (16, 16, 16), 2, mirror_axes=(0, 1, 2))
-        host = sliding_window_inference(cuda_net, cuda_image, (16, 16, 16), 2, mirror_axes=(0, 1, 2),
-                                        accumulator_device="cpu")
-    amp = sliding_window_inference(cuda_net, cuda_image, (16, 16, 16), 2, mirror_axes=(0, 1, 2),
-                                   amp_dtype=torch.bfloat16)
+        on_device = sliding_window_inference(cuda_net, cuda_image, (16, 16, 16), 2, Tiling.default(mirror_axes=(0, 1, 2)))
+        host = sliding_window_inference(cuda_net, cuda_image, (16, 16, 16), 2,
+                                        Tiling.default(mirror_axes=(0, 1, 2), accumulator_device="cpu"))
+    amp = sliding_window_inference(cuda_net, cuda_image, (16, 16, 16), 2,
+                                   Tiling.default(mirror_axes=(0, 1, 2), amp_dtype=torch.bfloat16))
     assert on_device.device.type == "cuda" and host.device.type == "cpu"
     assert torch.allclose(on_device.cpu(), reference, atol=1e-4)
     assert torch.allclose(host, reference, atol=1e-4)

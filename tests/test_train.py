@@ -24,6 +24,7 @@ from voxseg.train.start import RunStart
 from voxseg.train.step import RunningMeans, TrainStep
 from voxseg.train.testonly import evaluate_fold
 from voxseg.evaluate.overlap import class_masks, dice_from_counts, overlap_counts
+from voxseg.infer.config import InferConfig
 from voxseg.infer.validation import full_validation
 
 CASE_SHAPE = (24, 24, 20)
@@ -234,7 +235,8 @@ def test_full_validation_of_a_perfect_model_is_one(tmp_path):
         properties = {"name": name, "original_shape": raw_shape, "affine": affine, "crop_bbox": box,
                       "shape_after_crop": list(CASE_SHAPE), "shape_after_resample": list(CASE_SHAPE)}
         save_case(tmp_path / "pre", name, seg.astype(np.float32), seg, properties)
-    result = full_validation(_Oracle(), plan, tmp_path / "pre", ["a", "b"], tmp_path / "val", "cpu", [16, 16, 16])
+    config = InferConfig(tile_batch=2, mirror_axes="none")
+    result = full_validation(_Oracle(), plan, tmp_path / "pre", ["a", "b"], tmp_path / "val", "cpu", config)
     assert result["mean"] == {"outer": 1.0, "inner": 1.0} and result["mean_dice"] == 1.0
     written, geometry = read_image(tmp_path / "val" / "a.nii.gz")
     expected = np.zeros(raw_shape, np.uint8)

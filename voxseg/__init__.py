@@ -9,6 +9,7 @@ The public API is small; everything is importable lazily so `voxseg --help` stay
     >>> voxseg.preprocess_dataset(voxseg.config_workdir("work/synth", "2d"))   # another planned configuration
     >>> voxseg.train_fold("work/synth", fold=0, config=voxseg.TrainConfig())
     >>> predictor = voxseg.Predictor.from_workdir("work/synth", folds=[0])
+    >>> predictor = voxseg.Predictor.from_workdir("work/synth", voxseg.InferConfig(folds=[0], step=0.25))
     >>> labels = predictor.predict_array(image, geometry)
     >>> voxseg.evaluate_folder("preds", "data/Synth/labelsTs", dataset_json="data/Synth/dataset.json")
     >>> result = voxseg.evaluate_crossval("work/synth")   # after training every fold: .summary, .postprocessing
@@ -37,6 +38,7 @@ _LAZY = {
     "train_fold": "voxseg.train.api",
     "RunStart": "voxseg.train.start",
     "Predictor": "voxseg.infer.predictor",
+    "InferConfig": "voxseg.infer.config",
     "evaluate_folder": "voxseg.evaluate.folder",
     "evaluate_crossval": "voxseg.crossval",
     "choose_configuration": "voxseg.crossval",

@@ -1,4 +1,6 @@
-"""One place that turns a device option ("auto", "cpu", "cuda", "cuda:1") into a usable torch device."""
+"""One place that turns a device option ("auto", "cpu", "cuda", "cuda:1") into a usable torch device, and one
+that turns a mixed-precision option ("auto", "bf16", "fp16", "off") into an autocast dtype: training
+(`loop.amp`) and inference (`InferConfig.amp`) both resolve theirs here."""
 from __future__ import annotations
 
 import re
@@ -8,6 +10,13 @@ import torch
 from voxseg.errors import ConfigError
 
 _DEVICE = re.compile(r"^(auto|cpu|cuda(:\d+)?)$")
+
+AMP_CHOICES = ("auto", "bf16", "fp16", "off")  # the values of a mixed-precision option
+
+
+def is_device_name(name: str) -> bool:
+    """Whether `name` is a device option `resolve_device` understands: auto, cpu, cuda or cuda:N."""
+    return isinstance(name, str) and _DEVICE.match(name) is not None
 
 
 def resolve_device(name: str | torch.device, option: str = "--device") -> torch.device:
@@ -33,3 +42,31 @@ def resolve_device(name: str | torch.device, option: str = "--device") -> torch.
         if device.index is not None and device.index >= torch.cuda.device_count():
             raise ConfigError(f"{option} {name}: only {torch.cuda.device_count()} GPU(s) are visible")
     return device
+
+
+def resolve_amp(name: str, device: torch.device, option: str = "loop.amp") -> torch.dtype | None:
+    """Autocast dtype of mixed-precision option `name` (one of `AMP_CHOICES`) on `device`.
+
+    "auto" is bf16 where the GPU supports it, else fp16 (training adds loss scaling), and float32 (None) on a
+    CPU; "bf16" and "off" are taken as they are; "fp16" needs CUDA.
+
+    Args:
+        name: the option's value.
+        device: the compute device.
+        option: how the user spelled the option, for the error message ("loop.amp", "amp").
+
+    Raises:
+        ConfigError: "fp16" on a device that is not CUDA.
+    """
+    if name == "off" or (name == "auto" and device.type != "cuda"):
+        return None
+    if name == "fp16" and device.type != "cuda":
+        raise ConfigError(f"{option}=fp16 needs a CUDA device; use {option}=bf16 or off on the CPU")
+    if name == "auto":
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    return torch.bfloat16 if name == "bf16" else torch.float16
+
+
+def amp_name(dtype: torch.dtype | None) -> str:
+    """The mixed-precision option that resolves to `dtype` on any device that supports it: bf16, fp16 or off."""
+    return {None: "off", torch.bfloat16: "bf16", torch.float16: "fp16"}[dtype]

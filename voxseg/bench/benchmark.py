@@ -3,11 +3,11 @@
 Reports the device step time (data already on the device), the end-to-end step time (sampling +
 augmentation + step), waiting for data (on CUDA the GPU's time between steps; where batches are made on the
 host, the training thread's wait), samples/s, peak memory after warm-up (on CUDA reserved + context, set
-against the plan's estimate, which models the same quantity), the time to
-preprocess one raw case, and inference time per case file-to-file (1 fold without mirroring; 5 folds with
-mirroring along every axis). `--threads` limits the CPU threads, so the same command shows what 2, 4 or 16
-cores give. Inference uses freshly initialised networks of the planned shape when no trained fold exists:
-speed does not depend on the weights.
+against the plan's estimate, which models the same quantity), the time to preprocess one raw case, and
+inference time per case file-to-file (1 fold without mirroring; 5 folds with mirroring along every axis the
+model allows), with `voxseg predict`'s defaults otherwise (`voxseg.infer.config.InferConfig`). `--threads`
+limits the CPU threads, so the same command shows what 2, 4 or 16 cores give. Inference uses freshly
+initialised networks of the planned shape when no trained fold exists: speed does not depend on the weights.
 """
 from __future__ import annotations
 
@@ -20,9 +20,10 @@ from typing import Any
 import torch
 
 from voxseg.bench.timing import config_for, sync, time_training
-from voxseg.plans import Plan
-from voxseg.jsonio import write_json_atomic
 from voxseg.errors import DatasetError
+from voxseg.infer.config import InferConfig
+from voxseg.jsonio import write_json_atomic
+from voxseg.plans import Plan
 
 
 def device_name(device: torch.device) -> str:
@@ -65,16 +66,15 @@ def _models(plan: Plan, count: int, device: torch.device) -> list[torch.nn.Modul
     return [build_network(plan, deep_supervision=False).to(device).eval() for _ in range(count)]
 
 
-def time_inference(plan: Plan, device: torch.device, folds: int, mirror: bool, repeats: int = 2,
-                   tile_batch: int = 4, workdir: str | Path | None = None) -> float:
-    """Seconds per case, file to file (read, preprocess, sliding window, restore, write); best of `repeats`.
+def time_inference(plan: Plan, device: torch.device, folds: int, config: InferConfig, repeats: int = 2,
+                   workdir: str | Path | None = None) -> float:
+    """Seconds per case, file to file (read, preprocess, sliding window, restore, write) with `folds` networks
+    and the inference settings `config` (tile step and batch, mirroring, precision, as `voxseg predict` takes
+    them); best of `repeats`.
 
     A cascade stage's time includes its first stage (found from `workdir`), which runs first on every case.
     """
     from voxseg.infer.predictor import Predictor
-
-    mirror_axes = tuple(range(plan.network.ndim)) if mirror else ()
-    amp_dtype = torch.bfloat16 if device.type == "cuda" else None  # as `voxseg predict` runs on a GPU
 
     def predictor_for(stage: Plan) -> Predictor:
         previous = None
@@ -84,8 +84,7 @@ def time_inference(plan: Plan, device: torch.device, folds: int, mirror: bool, r
             from voxseg.data.configs import stage_workdir
 
             previous = predictor_for(Plan.load(stage_workdir(workdir, stage.previous_stage) / "plans.json"))
-        return Predictor(stage, _models(stage, folds, device), device=device, mirror_axes=mirror_axes,
-                         tile_batch=tile_batch, amp_dtype=amp_dtype, previous=previous)
+        return Predictor(stage, _models(stage, folds, device), config, device, previous=previous)
 
     return time_predictor(predictor_for(plan), _first_raw_case(plan), device, repeats)
 
@@ -124,8 +123,8 @@ def run_benchmark(workdir: str | Path, device: str = "auto", num_threads: int = 
     }
     if inference:
         result["inference"] = {
-            "1_fold_no_tta_s": time_inference(plan, dev, folds=1, mirror=False, workdir=workdir),
-            "5_folds_mirror_s": time_inference(plan, dev, folds=5, mirror=True, workdir=workdir),
+            "1_fold_no_tta_s": time_inference(plan, dev, 1, InferConfig(mirror_axes="none"), workdir=workdir),
+            "5_folds_mirror_s": time_inference(plan, dev, 5, InferConfig(), workdir=workdir),
         }
     write_json_atomic(Path(output) if output else workdir / "benchmark.json", result)
     return result

@@ -121,6 +121,13 @@ def _plan_option(key: str) -> Option:
 
 
 @functools.cache
+def config_options(cls: type) -> dict[str, Option]:
+    """Every option of config dataclass `cls` (e.g. `voxseg.infer.config.InferConfig`), by dotted name, in the
+    tree's order."""
+    return {option.name: option for option in _options_of(cls, "")}
+
+
+@functools.cache
 def train_options() -> dict[str, Option]:
     """Every option of `TrainConfig`, by dotted name, in the tree's order, then the plan overrides
     (`voxseg.plans.TRAINING_OVERRIDES`)."""

@@ -2,58 +2,89 @@
 from __future__ import annotations
 
 import argparse
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from voxseg.cli.common import (
-    Subparsers, add_command, add_configuration_flag, configuration_workdir, csv_ints, device, folds, usable_device,
+    Subparsers, add_command, add_configuration_flag, configuration_workdir, folds, usable_device,
 )
 from voxseg.errors import ConfigError
 
+if TYPE_CHECKING:
+    from voxseg.infer.config import InferConfig
+
 EXPORT_FORMATS = ("nnunet",)  # --format FORMAT OUT: another tool's model layout
+
+# `voxseg predict`'s flags, each naming the InferConfig field it sets: type, choices, default and help come from
+# the field (`voxseg.cli.derive`); the config module is imported when `voxseg predict` is used (it imports torch)
+PREDICT_FLAGS: dict[str, str] = {
+    "--folds": "folds",
+    "--checkpoint": "checkpoint",
+    "--step": "step",
+    "--tile-batch": "tile_batch",
+    "--mirror-axes": "mirror_axes",
+    "--amp": "amp",
+    "--device": "device",
+    "--backend": "backend",
+    "--compile": "compile",
+    "--save-probabilities": "save_probabilities",
+    "--postprocess": "postprocess",
+    "--file-ending": "file_ending",
+}
+# fields with a hand-written flag: another spelling (--no-mirror), or several values after one flag (--onnx-model)
+PREDICT_EXTRA_FLAGS: dict[str, str] = {"--no-mirror": "mirror_axes", "--onnx-model": "onnx_files"}
 
 
 def _checkpoint_flag(parser: argparse.ArgumentParser) -> None:
-    """--checkpoint: the names of `voxseg.infer.archive.CHECKPOINT_CHOICES`, the one list every command uses."""
+    """export's --checkpoint: the names of `voxseg.checkpoint.CHECKPOINT_CHOICES`, the one list every command uses
+    (predict's flag is derived from `InferConfig.checkpoint`, which declares the same choices)."""
     from voxseg.infer.archive import CHECKPOINT_CHOICES
 
     parser.add_argument("--checkpoint", choices=CHECKPOINT_CHOICES, default="final",
                         help="which checkpoint_NAME.pt of each fold (default final)")
 
 
+def predict_config(args: argparse.Namespace) -> "InferConfig":
+    """The InferConfig `voxseg predict` runs with: each field as its flag gives it, else its default (the
+    parser holds every field's default, `_predict_arguments`)."""
+    from voxseg.cli.derive import blame_flag, flag_overrides
+    from voxseg.infer.config import infer_config
+
+    try:
+        return infer_config(flag_overrides(args, {name: name for name in _flag_names().values()}))
+    except ConfigError as exc:
+        blamed = blame_flag(exc, _flag_names(), args)
+        if blamed is exc:
+            raise
+        raise blamed from None
+
+
+def _flag_names() -> dict[str, str]:
+    """Every flag of `voxseg predict` that sets an InferConfig field: the derived ones and the hand-written."""
+    return {**PREDICT_FLAGS, **PREDICT_EXTRA_FLAGS}
+
+
 def cmd_predict(args: argparse.Namespace) -> int:
     from voxseg.infer.predictor import Predictor, find_input_cases
 
-    mirror = None if args.no_mirror else (tuple(args.mirror_axes) if args.mirror_axes else "all")
-    backend = args.backend or ("onnxruntime" if args.onnx_model else "torch")
-    if args.onnx_model and backend != "onnxruntime":
-        raise ConfigError(f"--onnx-model runs ONNX files with onnxruntime; drop '--backend {backend}' or use "
-                          "--backend onnxruntime")
-    if backend == "torch":
-        usable_device(args.device)
-    options = dict(folds=args.folds, checkpoint=args.checkpoint, device=args.device, step=args.step,
-                   mirror_axes=mirror, tile_batch=args.tile_batch, backend=backend)
-    if args.onnx_model:  # the files are the model: no cross-validation choice of configurations
-        options["onnx_files"] = args.onnx_model
+    config = predict_config(args)
+    if config.resolved_backend() == "torch":
+        usable_device(config.device)
     choice = None
-    if args.configuration is None and not args.onnx_model:
+    if args.configuration is None and not config.onnx_files:  # ONNX files are the model: no configuration choice
         from voxseg.infer.ensemble import load_choice
 
         choice = load_choice(args.model)
     if choice is not None:
         from voxseg.infer.ensemble import CHOICE_FILE, describe_choice, predictor_from_choice
 
-        predictor = predictor_from_choice(args.model, choice, **options)
+        predictor = predictor_from_choice(args.model, choice, config)
         print(f"using the cross-validation choice in {args.model}/{CHOICE_FILE}: {describe_choice(choice)}, "
               f"postprocessing {choice['postprocessing']['largest_component']} (--configuration NAME overrides)")
     else:
-        predictor = Predictor.from_workdir(configuration_workdir(args.model, args.configuration), **options)
-    print(_folds_line(predictor, args.folds))
+        predictor = Predictor.from_workdir(configuration_workdir(args.model, args.configuration), config)
+    print(_folds_line(predictor, config.folds))
     cases = find_input_cases(args.input, predictor.plan.num_channels, predictor.plan.file_ending)
-    postprocess = False if args.no_postprocess else ("force" if args.postprocess else None)
-    result = predictor.predict_files(
-        cases, args.output, save_probabilities=args.save_probabilities, continue_run=args.continue_run,
-        postprocess=postprocess, progress=True,
-    )
+    result = predictor.predict_files(cases, args.output, continue_run=args.continue_run, progress=True)
     skipped = f", skipped {result['skipped']} already there (--continue)" if result["skipped"] else ""
     print(f"wrote {result['written']} prediction(s) to {result['out_dir']}{skipped}")
     return 0
@@ -165,6 +196,9 @@ def cmd_install(args: argparse.Namespace) -> int:
 
 
 def _predict_arguments(p: argparse.ArgumentParser) -> None:
+    from voxseg.cli.derive import add_flags, as_text, config_options, flag_help
+    from voxseg.infer.config import InferConfig
+
     p.add_argument("-m", "--model", required=True,
                    help="work directory with plans.json and training/fold_F, or an nnU-Net v2 trained-model folder "
                         "(<Trainer>__<Plans>__<configuration> with fold_X/checkpoint_final.pth)")
@@ -172,30 +206,16 @@ def _predict_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("-o", "--output", required=True,
                    help="folder for the predictions, OUT/CASE{file ending} (created)")
     add_configuration_flag(p)
-    p.add_argument("--folds", type=folds, default=None,
-                   help="0 | 0,1,2 | all (default: every trained fold, averaged; fold_all when it is the only one)")
-    _checkpoint_flag(p)
-    p.add_argument("--step", type=float, default=0.5, help="tile step as a fraction of the patch (default 0.5)")
-    p.add_argument("--no-mirror", action="store_true", help="no mirror test-time augmentation")
-    p.add_argument("--mirror-axes", type=csv_ints,
-                   help="spatial axes to mirror, e.g. 0,1,2 (default: every axis the model allows)")
-    p.add_argument("--tile-batch", type=int, default=4,
-                   help="tiles per forward pass, times the mirror combinations (default 4)")
-    p.add_argument("--device", type=device, default="auto",
-                   help="auto (CUDA when available), cpu, cuda or cuda:N (default auto; onnxruntime runs on the CPU)")
-    p.add_argument("--backend", choices=["torch", "onnxruntime"],
-                   help="torch, or onnxruntime: run the folds' exported training/fold_F/model.onnx on the CPU "
-                        "(default torch; onnxruntime with --onnx-model)")
-    p.add_argument("--onnx-model", nargs="+", metavar="FILE",
-                   help="run these ONNX files (from 'voxseg export --onnx FILE') with onnxruntime instead of the "
-                        "folds' networks; several are averaged as an ensemble. -m still gives postprocessing.json")
-    p.add_argument("--save-probabilities", action="store_true",
-                   help="also write OUT/CASE.npz with the probabilities (float16, on the input grid)")
-    p.add_argument("--postprocess", action="store_true",
-                   help="force largest-component postprocessing of every class (default: the model's "
-                        "postprocessing.json, if any)")
-    p.add_argument("--no-postprocess", action="store_true",
-                   help="no postprocessing, even where the model has a postprocessing.json")
+    p.epilog = (f"{p.epilog}\n\nEvery inference option has a flag: each sets one field of voxseg.infer.config."
+                "InferConfig, the one home of its default and documentation (docs/INFERENCE.md).")
+    options = config_options(InferConfig)
+    add_flags(p, PREDICT_FLAGS, options)
+    p.add_argument("--no-mirror", dest="mirror_axes", action="store_const", const="none", default=argparse.SUPPRESS,
+                   help="no mirror test-time augmentation (the same as --mirror-axes none)")
+    p.add_argument("--onnx-model", dest="onnx_files", nargs="+", metavar="FILE", default=argparse.SUPPRESS,
+                   help=flag_help(options["onnx_files"]))
+    # every field's default in the namespace, as text like a given value: the config is built from the flags alone
+    p.set_defaults(**{name: as_text(option.default) for name, option in options.items()})
     p.add_argument("--continue", dest="continue_run", action="store_true", help="skip cases already predicted")
 
 
@@ -257,13 +277,14 @@ def _configuration_names(value: str) -> str | list[str]:
 
 
 def add_infer_commands(sub: Subparsers) -> None:
-    # predict and export read the checkpoint names from voxseg.infer.archive (torch): set up on first use
+    # predict reads InferConfig and export the checkpoint names (both import torch): set up on first use
     add_command(sub, "predict", cmd_predict,
                 "segment images with a trained model (sliding window, mirroring, fold ensemble)",
                 "voxseg predict -m work/synth -i data/Dataset001_Synth/imagesTs -o preds\n"
                 "voxseg predict -m work/synth -i data/Dataset001_Synth/imagesTs -o preds_fold0 --folds 0\n"
                 "voxseg predict -m work/synth -i case_0000.nii.gz case_0001.nii.gz -o preds --folds all --no-mirror\n"
-                "voxseg predict -m work/synth -i imagesTs -o preds --folds 0,1 --backend onnxruntime  # after export --onnx",
+                "voxseg predict -m work/synth -i imagesTs -o preds --folds 0,1 --backend onnxruntime  # after export --onnx\n"
+                "voxseg predict -m work/synth -i imagesTs -o preds --step 0.25 --tile-batch 8 --amp bf16 --mirror-axes 1,2",
                 setup=_predict_arguments)
     add_command(sub, "evaluate", cmd_evaluate,
                 "score predictions: Dice, IoU, HD95, surface Dice, volumes per label and region",

@@ -23,6 +23,7 @@ from voxseg.data.configs import config_workdir
 from voxseg.data.io import Geometry
 from voxseg.errors import ConfigError
 from voxseg.infer.postprocess import probabilities_to_labels, probability_names
+from voxseg.infer.config import InferConfig
 from voxseg.infer.predictor import Predictor
 from voxseg.jsonio import read_json
 
@@ -86,8 +87,7 @@ class EnsemblePredictor(Predictor):
                     member.plan.num_channels != first.plan.num_channels:
                 raise ConfigError(f"configurations {first.plan.configuration} and {member.plan.configuration} "
                                   "predict different channels or classes; an ensemble needs the same dataset")
-        super().__init__(first.plan, [], first.device, first.step, first.mirror_axes, first.tile_batch,
-                         first.amp_dtype, postprocessing)
+        super().__init__(first.plan, [], first.config, first.device, postprocessing)
         self.members = list(members)
 
     def predict_logits(self, image_pp: np.ndarray | torch.Tensor, name: str = "") -> torch.Tensor:
@@ -104,12 +104,11 @@ class EnsemblePredictor(Predictor):
         return (labels, probabilities) if return_probabilities else labels
 
 
-def predictor_from_choice(workdir: str | Path, choice: dict[str, Any], **options: Any) -> Predictor:
+def predictor_from_choice(workdir: str | Path, choice: dict[str, Any], config: InferConfig | None = None) -> Predictor:
     """The predictor of the chosen configuration, or the ensemble of the two chosen ones, with the chosen
-    postprocessing; `options` are `Predictor.from_workdir`'s (folds, checkpoint, device, ...), the same for
-    every configuration."""
+    postprocessing; `config` (folds, checkpoint, device, ...) is the same for every configuration."""
     spec = dict(choice["postprocessing"])
-    members = [Predictor.from_workdir(config_workdir(workdir, name), **options)
+    members = [Predictor.from_workdir(config_workdir(workdir, name), config)
                for name in choice["choice"]["configurations"]]
     if len(members) == 1:
         members[0].postprocessing = spec

@@ -1,8 +1,12 @@
 """Predict segmentations with a trained model: read -> preprocess (training's code) -> sliding window -> invert -> write.
 
-    >>> predictor = Predictor.from_workdir("work/synth", folds=[0, 1, 2, 3, 4])
+    >>> predictor = Predictor.from_workdir("work/synth", InferConfig(folds=[0, 1, 2, 3, 4], step=0.5))
+    >>> predictor = Predictor.from_workdir("work/synth", folds=[0])   # the same, InferConfig fields as keywords
     >>> labels = predictor.predict_array(image, geometry)          # (C, D, H, W) -> (D, H, W) uint8
     >>> predictor.predict_files(find_input_cases("imagesTs", 4, ".nii.gz"), "preds")
+
+Every setting (tile step, tile batch, mirroring, precision, device, backend, folds, checkpoint, outputs) is a
+field of `voxseg.infer.config.InferConfig`, with its default there.
 
 Folds: an int or list of ints picks training/fold_F; "all" picks training/fold_all (the model trained on every
 case, nnU-Net's `-f all`), or, when no fold_all was trained, every trained fold_F as an ensemble; None (the
@@ -15,6 +19,7 @@ import contextlib
 import time
 from collections import deque
 from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import replace
 from pathlib import Path
 from typing import Any, Iterator, Sequence
 
@@ -22,61 +27,51 @@ import numpy as np
 import torch
 
 from voxseg.atomicio import make_output_folder, sweep_stale_temporaries
+from voxseg.data.configs import stage_workdir
 from voxseg.data.io import Geometry, read_channels, write_image
 from voxseg.data.restore import DEFAULT_RESTORE_VALUES
+from voxseg.devices import resolve_device
 from voxseg.distributed import local_device
-from voxseg.plans import Plan
-from voxseg.errors import CheckpointError, ConfigError, InputError, VoxsegError
-from voxseg.data.configs import stage_workdir
+from voxseg.errors import ConfigError, InputError, VoxsegError
+from voxseg.infer.archive import load_fold_network, resolve_folds
+from voxseg.infer.budget import forward_limit
 from voxseg.infer.casefiles import case_failure_reason, collect_write, my_share, save_probabilities
-from voxseg.infer.archive import check_same_plan, load_fold_network, resolve_device, resolve_folds
+from voxseg.infer.config import InferConfig
 from voxseg.infer.inputs import find_input_cases
-from voxseg.infer.nnunet import is_nnunet_model_folder, load_nnunet_fold, nnunet_folds
-from voxseg.infer.progress import CaseProgress
+from voxseg.infer.loading import load_models
 from voxseg.infer.postprocess import (
     apply_postprocessing,
-    load_postprocessing,
     labels_on_original_grid,
+    load_postprocessing,
     logits_to_labels,
     model_postprocessing,
     probability_names,
     regions_to_labels,
 )
-from voxseg.infer.budget import forward_limit
-from voxseg.infer.sliding_window import check_tiling, sliding_window_inference
+from voxseg.infer.progress import CaseProgress
+from voxseg.infer.sliding_window import sliding_window_inference
+from voxseg.plans import Plan
 
-__all__ = ["Predictor", "find_input_cases", "load_fold_network", "regions_to_labels", "resolve_folds"]
-
-
-def _mirror_axes(option: str | Sequence[int] | None | bool, ndim: int) -> tuple[int, ...]:
-    if option is None or option is False:
-        return ()
-    if option == "all":
-        return tuple(range(ndim))
-    axes = tuple(int(a) for a in option)  # type: ignore[union-attr]
-    bad = [a for a in axes if not 0 <= a < ndim]
-    if bad:
-        raise ConfigError(f"mirror axes {bad} do not exist: the network has {ndim} spatial axes (0..{ndim - 1})")
-    return axes
+__all__ = ["InferConfig", "Predictor", "find_input_cases", "load_fold_network", "regions_to_labels", "resolve_folds"]
 
 
 class Predictor:
     """A loaded model (one or more folds) plus its plan and inference settings.
 
     Args:
-        plan: the plan the models were trained with.
+        plan: the plan the models were trained with (its patch is the tile size).
         models: networks (in eval mode, on `device`) or callables (B, C, *P) -> (B, K, *P) logits.
-        device: compute device.
-        step: tile step as a fraction of the patch.
-        mirror_axes: spatial axes mirrored for test-time augmentation (every combination is evaluated).
-        tile_batch: tiles per forward call.
-        amp_dtype: autocast dtype or None.
+        config: the inference settings (default `InferConfig()`); tiling, mirroring and precision are resolved
+            from it for this plan and device (`tiling`).
+        device: the compute device the models are on (default: `config.device`, resolved).
         postprocessing: default postprocessing spec (postprocessing.json of the work directory) or None.
         previous: for a cascade stage, the Predictor of its first stage: it runs first on every image, and its
             segmentation, on this plan's grid and one-hot, is appended to the image channels
             (`voxseg.infer.cascade`).
 
     Attributes:
+        config: the settings given.
+        tiling: the sliding-window settings resolved from them (`voxseg.infer.config.Tiling`).
         folds: the folds `from_workdir` loaded (fold numbers, or "all" for fold_all); empty otherwise.
         restore_values: the most values (channels x voxels) restoring a prediction to the original grid holds on
             the device at once (`voxseg.data.restore`; default 2^28, 1 GiB of float32); set it lower for a
@@ -86,97 +81,60 @@ class Predictor:
     folds: tuple[int | str, ...] = ()
     restore_values: int = DEFAULT_RESTORE_VALUES
 
-    def __init__(self, plan: Plan, models: Sequence[Any], device: str | torch.device = "cpu", step: float = 0.5,
-                 mirror_axes: Sequence[int] = (), tile_batch: int = 4, amp_dtype: torch.dtype | None = None,
-                 postprocessing: dict[str, Any] | None = None, previous: "Predictor | None" = None) -> None:
-        check_tiling(step, tile_batch)
+    def __init__(self, plan: Plan, models: Sequence[Any], config: InferConfig | None = None,
+                 device: str | torch.device | None = None, postprocessing: dict[str, Any] | None = None,
+                 previous: "Predictor | None" = None) -> None:
+        if config is not None and not isinstance(config, InferConfig):
+            raise TypeError(f"Predictor: config must be an InferConfig, got {type(config).__name__}")
         self.plan = plan
         self.models = list(models)
-        self.device = torch.device(device)
-        self.step = step
-        self.mirror_axes = tuple(mirror_axes)
-        self.tile_batch = tile_batch
-        self.amp_dtype = amp_dtype
+        self.config = config or InferConfig()
+        self.device = torch.device(device) if device is not None else local_device(resolve_device(self.config.device))
+        self.tiling = self.config.tiling(plan, self.device)
         self.postprocessing = postprocessing
         self.previous = previous
         if plan.previous_stage is not None and previous is None:
             raise ConfigError(f"configuration '{plan.configuration}' is a cascade stage: give the Predictor of its "
                               f"first stage '{plan.previous_stage}' (Predictor.from_workdir loads it)")
 
+    @property
+    def mirror_axes(self) -> tuple[int, ...]:
+        """The spatial axes mirrored for test-time augmentation (resolved: "all" is the axes the model allows)."""
+        return self.tiling.mirror_axes
+
+    @mirror_axes.setter
+    def mirror_axes(self, axes: Sequence[int]) -> None:
+        self.tiling = replace(self.tiling, mirror_axes=tuple(axes))
+
     @classmethod
-    def from_workdir(
-        cls,
-        workdir: str | Path,
-        folds: int | str | Sequence[int | str] | None = None,
-        checkpoint: str = "final",
-        device: str | torch.device = "auto",
-        step: float = 0.5,
-        mirror_axes: str | Sequence[int] | None = "all",
-        tile_batch: int = 4,
-        compile: bool = False,
-        amp: bool | None = None,
-        backend: str = "torch",
-        onnx_files: Sequence[str | Path] | None = None,
-    ) -> "Predictor":
-        """Load the folds' checkpoints (or ONNX files with backend="onnxruntime") of a work directory; for a
+    def from_workdir(cls, workdir: str | Path, config: InferConfig | None = None, **settings: Any) -> "Predictor":
+        """Load the folds' checkpoints (or ONNX files with the onnxruntime backend) of a work directory; for a
         cascade stage (WORKDIR/configs/3d_cascade_fullres) also its first stage's, with the same settings.
 
         Args:
-            folds: see the module docstring.
-            checkpoint: "final", "best" or "latest" ("final" or "best" for an nnU-Net v2 model folder, whose folds
-                fold_F/checkpoint_{final,best}.pth load through `voxseg.infer.nnunet`).
-            device: "auto" (CUDA when available), "cpu", "cuda", "cuda:1", ...; onnxruntime runs on the CPU.
-            mirror_axes: "all" (every spatial axis; for an nnU-Net model the axes its checkpoint allows), None (no test-time mirroring) or a tuple of axes.
-            compile: torch.compile the networks (pays off for many cases).
-            amp: autocast (bf16 where supported, else fp16); default on for CUDA.
-            onnx_files: ONNX models for the onnxruntime backend (default training/fold_F/model.onnx).
+            workdir: a work directory of `voxseg train`, an installed model folder or an nnU-Net v2 model folder
+                (<Trainer>__<Plans>__<configuration>, whose fold_F/checkpoint_{final,best}.pth load through
+                `voxseg.infer.nnunet`).
+            config: the inference settings (default `InferConfig()`).
+            **settings: `InferConfig` fields replacing the config's, e.g. `folds=[0], device="cpu",
+                mirror_axes=None` (the keyword form of the Python API; None/False for mirror_axes is "none", and
+                amp=None/True/False is "auto"/"auto"/"off").
         """
-        workdir, requested_mirror = Path(workdir), mirror_axes
-        if not workdir.is_dir():
-            raise CheckpointError(f"model folder {workdir} not found; give the work directory of 'voxseg train'")
-        if is_nnunet_model_folder(workdir):  # nnU-Net v2 <Trainer>__<Plans>__<configuration> folder
-            backend, fold_list = "nnunet", nnunet_folds(workdir, folds, checkpoint)
-            names = [int(p.parent.name[5:]) if p.parent.name[5:].isdigit() else p.parent.name[5:] for p in fold_list]
-        else:
-            fold_list = resolve_folds(workdir, folds, checkpoint) if onnx_files is None else []
-            names = list(fold_list)
-        if backend == "nnunet":
-            device = local_device(resolve_device(device))
-            loaded = [load_nnunet_fold(workdir, path, device) for path in fold_list]
-            check_same_plan([p for _, p, _ in loaded], [path.parent.name for path in fold_list])
-            plan, models = loaded[0][1], [torch.compile(net) if compile else net for net, _, _ in loaded]
-            if mirror_axes == "all":  # the axes the model was trained to be mirror-invariant along
-                mirror_axes = loaded[0][2]
-        elif backend == "onnxruntime":
-            from voxseg.infer.export import load_onnx_models
-
-            device, models = torch.device("cpu"), load_onnx_models(workdir, fold_list, onnx_files, checkpoint)
-            plan = next((m.plan for m in models if m.plan is not None), None) or Plan.load(workdir / "plans.json")
-        elif backend == "torch":
-            device = local_device(resolve_device(device))  # under torchrun: cuda:LOCAL_RANK
-            loaded = [load_fold_network(workdir, fold, checkpoint, device) for fold in fold_list]
-            check_same_plan([p for _, p in loaded], fold_list)
-            plan = loaded[0][1]
-            models = [torch.compile(net) if compile else net for net, _ in loaded]
-        else:
-            raise ConfigError(f"backend '{backend}' is unknown; use 'torch' or 'onnxruntime'")
-        if mirror_axes == "all" and plan.inference_mirror_axes is not None:  # the axes the model was trained for
-            mirror_axes = tuple(plan.inference_mirror_axes)
-        amp_dtype = None
-        if device.type == "cuda":
-            if amp is None or amp:
-                amp_dtype = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-        postprocessing = model_postprocessing(workdir, plan.regions, nnunet_folder=backend == "nnunet")
+        if config is not None and not isinstance(config, InferConfig):
+            raise TypeError(f"Predictor.from_workdir: config must be an InferConfig (give folds=... as a keyword), "
+                            f"got {type(config).__name__}")
+        config = (config or InferConfig()).replace(**settings)
+        workdir = Path(workdir)
+        loaded = load_models(workdir, config)
+        postprocessing = model_postprocessing(workdir, loaded.plan.regions, nnunet_folder=loaded.backend == "nnunet")
         previous = None
-        if plan.previous_stage is not None:  # a cascade stage: its first stage's folds (the same selection)
-            if backend != "torch":
-                raise ConfigError(f"configuration '{plan.configuration}': a cascade stage predicts with the torch "
-                                  "backend only")
-            previous = cls.from_workdir(stage_workdir(workdir, plan.previous_stage), folds, checkpoint, device, step,
-                                        requested_mirror, tile_batch, compile, amp)
-        predictor = cls(plan, models, device, step, _mirror_axes(mirror_axes, plan.network.ndim), tile_batch,
-                        amp_dtype, postprocessing, previous)
-        predictor.folds = tuple(names)
+        if loaded.plan.previous_stage is not None:  # a cascade stage: its first stage's folds (the same selection)
+            if loaded.backend != "torch":
+                raise ConfigError(f"configuration '{loaded.plan.configuration}': a cascade stage predicts with the "
+                                  "torch backend only")
+            previous = cls.from_workdir(stage_workdir(workdir, loaded.plan.previous_stage), config)
+        predictor = cls(loaded.plan, loaded.models, config, loaded.device, postprocessing, previous)
+        predictor.folds = loaded.folds
         return predictor
 
     # ----- arrays ---------------------------------------------------------------------------------------------
@@ -189,13 +147,10 @@ class Predictor:
         """(C, d, h, w) preprocessed image -> (K, d, h, w) float32 logits (on the compute device, or on the host
         when the accumulator did not fit in device memory); `name` is the case named in out-of-memory messages."""
         image = torch.as_tensor(image_pp, dtype=torch.float32).to(self.device, non_blocking=True)[None]
+        limit = forward_limit(self.plan, self.device, image.shape[2:], self.tiling.amp_dtype)
         with _cudnn_autotuning(self.device.type == "cuda"):
-            return sliding_window_inference(
-                self.models, image, self.plan.patch_size, self.plan.num_outputs, step=self.step,
-                tile_batch=self.tile_batch, mirror_axes=self.mirror_axes, amp_dtype=self.amp_dtype,
-                slice_axis=self.plan.slice_axis, case_name=name,
-                max_forward_batch=forward_limit(self.plan, self.device, image.shape[2:], self.amp_dtype),
-            )
+            return sliding_window_inference(self.models, image, self.plan.patch_size, self.plan.num_outputs,
+                                            self.tiling, self.plan.slice_axis, name, limit)
 
     def logits_to_labels(self, logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(K, *S) logits -> ((*S) uint8 labels, (K, *S) probabilities)."""
@@ -243,8 +198,10 @@ class Predictor:
 
     # ----- files ----------------------------------------------------------------------------------------------
     def _postprocessing_spec(self, postprocess: Any) -> dict[str, Any] | None:
-        """None: the work directory's postprocessing.json if any; False: none; "force": every class; a dict or
-        a path: that spec."""
+        """None: the config's choice (`InferConfig.postprocess`; by default the work directory's
+        postprocessing.json if any); False: none; "force" or True: every class; a dict or a path: that spec."""
+        if postprocess is None:
+            postprocess = self.config.postprocess
         if postprocess is None:
             return self.postprocessing
         if postprocess is False:
@@ -269,7 +226,7 @@ class Predictor:
         self,
         cases: Sequence[tuple[str, Sequence[str | Path]]],
         out_dir: str | Path,
-        save_probabilities: bool = False,
+        save_probabilities: bool | None = None,
         continue_run: bool = False,
         num_io_threads: int = 2,
         postprocess: Any = None,
@@ -284,11 +241,12 @@ class Predictor:
 
         Args:
             cases: (name, [channel files in channel order]), e.g. from `find_input_cases`.
-            save_probabilities: also write NAME.npz: "probabilities" (K, D, H, W) float16 and "class_names".
+            save_probabilities: also write NAME.npz: "probabilities" (K, D, H, W) float16 and "class_names"
+                (None: `config.save_probabilities`).
             continue_run: skip cases whose outputs already exist.
-            postprocess: None (the model's postprocessing.json, if any), False, "force" (largest component of
-                every class), a spec dict or a path to a postprocessing.json.
-            file_ending: output ending (default the plan's).
+            postprocess: None (`config.postprocess`: by default the model's postprocessing.json, if any), False,
+                "force" (largest component of every class), a spec dict or a path to a postprocessing.json.
+            file_ending: output ending (None: `config.file_ending`, by default the plan's).
             progress: report each case on stderr with its time (a bar on a terminal, a plain line per case
                 otherwise) and a summary line at the end (`voxseg.infer.progress`); off by default, `voxseg
                 predict` turns it on.
@@ -302,7 +260,9 @@ class Predictor:
         """
         out_dir = make_output_folder(out_dir, "predict -o")
         sweep_stale_temporaries(out_dir)  # left by a killed run
-        ending = file_ending or self.plan.file_ending
+        ending = file_ending or self.config.file_ending or self.plan.file_ending
+        if save_probabilities is None:
+            save_probabilities = self.config.save_probabilities
         spec = self._postprocessing_spec(postprocess)
         cases = my_share(cases)
         todo = [(name, files) for name, files in cases

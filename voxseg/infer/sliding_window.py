@@ -8,6 +8,9 @@ What is accumulated: **logits**, as nnU-Net does. Mirrored copies (test-time aug
 ensemble of models) are averaged in logit space inside the same tile pass, so the result is the weighted mean
 logit over tiles x mirrors x folds; the caller applies softmax / sigmoid once at the end.
 
+The settings of a pass (step, tile batch, mirror axes, autocast) come as one `Tiling`, which
+`voxseg.infer.config.InferConfig.tiling` resolves from the inference config; the patch is the plan's.
+
 Batching: `tile_batch` tiles are cropped at once; their mirrored copies are concatenated along the batch axis
 into one forward call per model; every fold model runs on the same gathered batch. The tile loop never syncs
 with the host (no `.item()`, no `.cpu()`) unless the accumulator itself had to fall back to host memory.
@@ -15,7 +18,7 @@ with the host (no `.item()`, no `.cpu()`) unless the accumulator itself had to f
 Memory: a forward pass holds about `voxseg.data.memory.inference_bytes_per_tile` per tile (1.8 GiB in float32
 for the reference 6-stage network at 96x128x160), so tiles x mirrors in one call can exceed the machine: on
 a CPU there is no out-of-memory error to catch, the kernel kills the process. `max_forward_batch` (the
-predictor computes it with `forward_batch_limit` from the memory that is free) caps the tiles x mirrored copies
+predictor computes it with `voxseg.infer.budget.forward_limit` from the memory that is free) caps the tiles x mirrored copies
 of one call before anything runs, taking fewer tiles first, then fewer mirrored copies; the result is the same.
 Out of GPU memory all the same, a pass backs off step by step (`OutOfMemoryFallback`): fewer tiles per forward,
 then fewer mirrored copies per forward, then the accumulator in host memory, and only then a `DeviceMemoryError`.
@@ -25,27 +28,17 @@ from __future__ import annotations
 import itertools
 import math
 import sys
+from dataclasses import dataclass
 from typing import Callable, Sequence
 
 import torch
 import torch.nn.functional as F
 
-from voxseg.errors import ConfigError, DeviceMemoryError
+from voxseg.errors import DeviceMemoryError
+from voxseg.infer.budget import choose_accumulator_device, split_forward_batch
+from voxseg.infer.config import Tiling
 
 ModelLike = Callable[[torch.Tensor], "torch.Tensor | Sequence[torch.Tensor]"]
-
-# share of the free device memory the accumulator may take; the rest is left for the network's activations
-_ACCUMULATOR_MEMORY_SHARE = 0.5
-
-
-def check_tiling(step: float, tile_batch: int) -> None:
-    """ConfigError naming the option for a tile step outside (0, 1] or a tile batch below 1."""
-    if isinstance(step, bool) or not isinstance(step, (int, float)) or not 0.0 < step <= 1.0:
-        raise ConfigError(f"step={step!r}: the tile step is a fraction of the patch in (0, 1], e.g. 0.5 "
-                          "(predict --step); smaller steps overlap the tiles more")
-    if isinstance(tile_batch, bool) or not isinstance(tile_batch, int) or tile_batch < 1:
-        raise ConfigError(f"tile_batch={tile_batch!r}: the number of tiles per forward pass must be an integer >= 1 "
-                          "(predict --tile-batch)")
 
 
 def pad_to_patch(image: torch.Tensor, patch_size: Sequence[int]) -> tuple[torch.Tensor, tuple[slice, ...]]:
@@ -67,7 +60,7 @@ def pad_to_patch(image: torch.Tensor, patch_size: Sequence[int]) -> tuple[torch.
     return image, tuple(crop)
 
 
-def axis_starts(size: int, patch: int, step: float = 0.5) -> list[int]:
+def axis_starts(size: int, patch: int, step: float) -> list[int]:
     """Tile start indices along one axis (size >= patch).
 
     The number of tiles is the smallest that keeps neighbouring tiles at most `patch * step` apart,
@@ -83,7 +76,7 @@ def axis_starts(size: int, patch: int, step: float = 0.5) -> list[int]:
     return [int(round(spacing * i)) for i in range(num)]
 
 
-def tile_positions(image_shape: Sequence[int], patch_size: Sequence[int], step: float = 0.5) -> list[tuple[int, ...]]:
+def tile_positions(image_shape: Sequence[int], patch_size: Sequence[int], step: float) -> list[tuple[int, ...]]:
     """Start index of every tile of `patch_size` that together cover an image of spatial shape `image_shape`.
 
     An axis shorter than the patch is taken as padded to the patch size (see `pad_to_patch`), so it gets a
@@ -143,64 +136,12 @@ class _SliceModel(torch.nn.Module):
         return out.unsqueeze(2)
 
 
-# the share of the free memory the forward passes of a sliding window may take (the rest: accumulator, restore,
-# other processes)
-_FORWARD_MEMORY_SHARE = 0.5
-
-
-def available_memory_bytes(device: torch.device) -> int:
-    """Memory free for new tensors: on CUDA the device's free memory, on a CPU the host's MemAvailable."""
-    if device.type == "cuda":
-        return int(torch.cuda.mem_get_info(device)[0])
-    try:
-        for line in open("/proc/meminfo"):
-            if line.startswith("MemAvailable:"):
-                return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    import os
-
-    return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
-
-
-def forward_batch_limit(tile_bytes: float, free_bytes: float, reserved_bytes: float = 0.0) -> int:
-    """Tiles (mirrored copies included) one forward pass may hold: half of what is free after `reserved_bytes`
-    (the accumulator), at `tile_bytes` each, at least 1. E.g. 1.8 GiB per tile, 20 GiB free -> 5."""
-    return max(1, int(_FORWARD_MEMORY_SHARE * (free_bytes - reserved_bytes) // max(tile_bytes, 1.0)))
-
-
-def split_forward_batch(tile_batch: int, num_mirrors: int, limit: int | None) -> tuple[int, int]:
-    """(tiles, mirrored copies) per forward pass within `limit` tiles: halve the tiles first, then the copies."""
-    mirror_group = num_mirrors
-    while limit is not None and tile_batch * mirror_group > limit and (tile_batch > 1 or mirror_group > 1):
-        if tile_batch > 1:
-            tile_batch = max(1, tile_batch // 2)
-        else:
-            mirror_group = max(1, mirror_group // 2)
-    return tile_batch, mirror_group
-
-
-def choose_accumulator_device(device: torch.device, num_outputs: int, spatial_shape: Sequence[int]) -> torch.device:
-    """The compute device when the (K + 1) float32 accumulators fit comfortably in its free memory, else CPU."""
-    if device.type != "cuda":
-        return device
-    needed = (num_outputs + 1) * math.prod(int(s) for s in spatial_shape) * 4
-    free, _ = torch.cuda.mem_get_info(device)
-    return device if needed < _ACCUMULATOR_MEMORY_SHARE * free else torch.device("cpu")
-
-
 def sliding_window_inference(
     model_or_fn: ModelLike | Sequence[ModelLike],
     image: torch.Tensor,
     patch_size: Sequence[int],
     num_outputs: int,
-    step: float = 0.5,
-    tile_batch: int = 4,
-    mirror_axes: Sequence[int] = (),
-    use_gaussian: bool = True,
-    output_device: torch.device | str | None = None,
-    amp_dtype: torch.dtype | None = None,
-    accumulator_device: torch.device | str | None = None,
+    tiling: Tiling | None = None,
     slice_axis: int = 0,
     case_name: str = "",
     max_forward_batch: int | None = None,
@@ -213,66 +154,49 @@ def sliding_window_inference(
             Models must already be on `image.device` and in eval mode.
         image: (1, C, *S) tensor on the compute device. When `patch_size` has one axis fewer than S, the
             spatial axis `slice_axis` is treated as a stack of slices for a 2D network.
-        patch_size: tile size in voxels.
+        patch_size: tile size in voxels (the plan's).
         num_outputs: K, the number of output channels.
-        step: distance between neighbouring tiles as a fraction of the patch (0.5 = half overlap).
-        tile_batch: tiles per forward call (times the number of mirror combinations).
-        mirror_axes: spatial axes (0-based, in patch axes) to mirror for test-time augmentation; every
-            combination of them is evaluated, so 3 axes mean 8 copies per tile.
-        use_gaussian: blend with `gaussian_importance` (else a flat average).
-        output_device: where the result goes (default: where it was accumulated).
-        amp_dtype: autocast dtype (torch.bfloat16 / torch.float16) or None for full precision.
-        accumulator_device: force the accumulator's device; by default the compute device when it fits
-            (`choose_accumulator_device`).
+        tiling: step, tiles per forward call, mirror axes (in patch axes), autocast, blending and accumulator
+            device (`voxseg.infer.config.Tiling`; `InferConfig.tiling` resolves one). None: `Tiling.default()`,
+            InferConfig's step and tile batch without mirroring, in float32.
         slice_axis: for a 2D network, the spatial axis of `image` the slices are taken along (the plan's).
         case_name: the case, named in the out-of-memory message and error.
         max_forward_batch: the most tiles (mirrored copies included) one forward call may hold (None: tile_batch
-            x mirrors); see `forward_batch_limit`.
+            x mirrors); see `voxseg.infer.budget.forward_batch_limit`.
 
     Out of CUDA memory, the pass backs off (`OutOfMemoryFallback`) to the same result, or raises DeviceMemoryError.
 
     Returns:
-        (K, *S) float32 averaged logits.
+        (K, *S) float32 averaged logits, where they were accumulated.
     """
     models = list(model_or_fn) if isinstance(model_or_fn, (list, tuple)) else [model_or_fn]
     patch_size = tuple(int(p) for p in patch_size)
-    mirror_axes = tuple(int(a) for a in mirror_axes)
+    tiling = tiling or Tiling.default()
+    mirror_axes = tiling.mirror_axes
     if image.ndim == len(patch_size) + 3:
         # 2D network over a 3D volume: tiles of depth 1 along the slice axis, moved first (and back at the end)
         if slice_axis:
-            logits = sliding_window_inference(
-                models, image.movedim(2 + slice_axis, 2), patch_size, num_outputs, step=step, tile_batch=tile_batch,
-                mirror_axes=mirror_axes, use_gaussian=use_gaussian, output_device=output_device,
-                amp_dtype=amp_dtype, accumulator_device=accumulator_device, case_name=case_name,
-                max_forward_batch=max_forward_batch)
+            logits = sliding_window_inference(models, image.movedim(2 + slice_axis, 2), patch_size, num_outputs,
+                                              tiling, case_name=case_name, max_forward_batch=max_forward_batch)
             return logits.movedim(1, 1 + slice_axis).contiguous()
         models = [_SliceModel(m) for m in models]
         patch_size = (1,) + patch_size
         mirror_axes = tuple(a + 1 for a in mirror_axes)
     if image.ndim != len(patch_size) + 2 or image.shape[0] != 1:
         raise ValueError(f"image must be (1, C, *S) with {len(patch_size)} spatial axes, got {tuple(image.shape)}")
-    if tile_batch < 1:
-        raise ValueError(f"tile_batch must be >= 1, got {tile_batch}")
     padded, crop = pad_to_patch(image, patch_size)
-    positions = tile_positions(padded.shape[2:], patch_size, step)
-    weight = (
-        gaussian_importance(patch_size, device=image.device)
-        if use_gaussian
-        else torch.ones(patch_size, device=image.device)
-    )
-    acc_device = (
-        torch.device(accumulator_device)
-        if accumulator_device is not None
-        else choose_accumulator_device(image.device, num_outputs, padded.shape[2:])
-    )
+    weight = (gaussian_importance(patch_size, device=image.device) if tiling.use_gaussian
+              else torch.ones(patch_size, device=image.device))
+    acc_device = (torch.device(tiling.accumulator_device) if tiling.accumulator_device is not None
+                  else choose_accumulator_device(image.device, num_outputs, padded.shape[2:]))
     mirrors = mirror_combinations(mirror_axes)
-    tile_batch, mirror_group = split_forward_batch(tile_batch, len(mirrors), max_forward_batch)
-    fallback = OutOfMemoryFallback(tile_batch, len(mirrors), case_name, mirror_group)
-    run = dict(models=models, image=padded, positions=positions, patch_size=patch_size, num_outputs=num_outputs,
-               mirrors=mirrors, weight=weight, amp_dtype=amp_dtype, fallback=fallback)
-    logits = _accumulate_with_fallback(acc_device, run)[(slice(None),) + crop]
-    fallback.report()
-    return logits.to(output_device) if output_device is not None else logits
+    tile_batch, mirror_group = split_forward_batch(tiling.tile_batch, len(mirrors), max_forward_batch)
+    tile_pass = TilePass(models, padded, tile_positions(padded.shape[2:], patch_size, tiling.step), patch_size,
+                         num_outputs, mirrors, weight, tiling.amp_dtype,
+                         OutOfMemoryFallback(tile_batch, len(mirrors), case_name, mirror_group))
+    logits = _accumulate_with_fallback(acc_device, tile_pass)[(slice(None),) + crop]
+    tile_pass.fallback.report()
+    return logits
 
 
 class OutOfMemoryFallback:
@@ -335,14 +259,29 @@ class OutOfMemoryFallback:
         return f"case '{self.case_name}': " if self.case_name else ""
 
 
-def _accumulate_with_fallback(acc_device: torch.device, run: dict) -> torch.Tensor:
+@dataclass
+class TilePass:
+    """One sliding-window pass over a padded image: what every group of tiles reads."""
+
+    models: list[ModelLike]
+    image: torch.Tensor  # (1, C, *S) padded to at least the patch
+    positions: list[tuple[int, ...]]  # start of every tile
+    patch_size: tuple[int, ...]
+    num_outputs: int
+    mirrors: list[tuple[int, ...]]  # every combination of mirrored axes, () first
+    weight: torch.Tensor  # (*P) blending weights on the compute device
+    amp_dtype: torch.dtype | None
+    fallback: OutOfMemoryFallback  # the forward batch, shrunk after out-of-memory errors
+
+
+def _accumulate_with_fallback(acc_device: torch.device, tile_pass: TilePass) -> torch.Tensor:
     """Accumulate on `acc_device`; when CUDA runs out of memory beyond what smaller forward batches solve,
     again with the accumulator on the host; DeviceMemoryError when even that runs out."""
-    fallback: OutOfMemoryFallback = run["fallback"]
+    fallback = tile_pass.fallback
     for device in (acc_device,) if acc_device.type == "cpu" else (acc_device, torch.device("cpu")):
         fallback.host_accumulator = device.type == "cpu" and acc_device.type != "cpu"
         try:
-            return _accumulate_tiles(acc_device=device, **run)
+            return _accumulate_tiles(tile_pass, device)
         except torch.cuda.OutOfMemoryError:
             pass  # retried outside the except block, so the failed attempt's tensors (held by the traceback) go
         _free_cached_memory()
@@ -354,32 +293,21 @@ def _free_cached_memory() -> None:
         torch.cuda.empty_cache()
 
 
-def _accumulate_tiles(
-    models: list[ModelLike],
-    image: torch.Tensor,
-    positions: list[tuple[int, ...]],
-    patch_size: tuple[int, ...],
-    num_outputs: int,
-    mirrors: list[tuple[int, ...]],
-    weight: torch.Tensor,
-    amp_dtype: torch.dtype | None,
-    fallback: OutOfMemoryFallback,
-    acc_device: torch.device,
-) -> torch.Tensor:
-    """Sum weighted tile logits into (K, *S) and divide by the summed weights (image is already padded)."""
-    spatial = tuple(image.shape[2:])
-    logits = torch.zeros((num_outputs, *spatial), dtype=torch.float32, device=acc_device)  # (K, *S)
+def _accumulate_tiles(tile_pass: TilePass, acc_device: torch.device) -> torch.Tensor:
+    """Sum weighted tile logits into (K, *S) and divide by the summed weights (the image is already padded)."""
+    spatial = tuple(tile_pass.image.shape[2:])
+    logits = torch.zeros((tile_pass.num_outputs, *spatial), dtype=torch.float32, device=acc_device)  # (K, *S)
     weight_sum = torch.zeros(spatial, dtype=torch.float32, device=acc_device)  # (*S)
-    weight_on_acc = weight.to(acc_device, torch.float32)
-    first = 0
+    weight_on_acc = tile_pass.weight.to(acc_device, torch.float32)
+    positions, first = tile_pass.positions, 0
     # no_grad rather than inference_mode: callers may modify the returned logits in place
     with torch.no_grad():
         while first < len(positions):
             slices = [
-                tuple(slice(s, s + p) for s, p in zip(start, patch_size))
-                for start in positions[first : first + fallback.tile_batch]
+                tuple(slice(s, s + p) for s, p in zip(start, tile_pass.patch_size))
+                for start in positions[first : first + tile_pass.fallback.tile_batch]
             ]
-            out = _weighted_tiles(models, image, slices, mirrors, num_outputs, amp_dtype, weight, fallback)
+            out = _weighted_tiles(tile_pass, slices)
             if out is None:  # out of memory: the same tiles again with a smaller forward batch
                 _free_cached_memory()
                 continue
@@ -393,14 +321,16 @@ def _accumulate_tiles(
     return logits
 
 
-def _weighted_tiles(models: list[ModelLike], image: torch.Tensor, slices: list[tuple[slice, ...]],
-                    mirrors: list[tuple[int, ...]], num_outputs: int, amp_dtype: torch.dtype | None,
-                    weight: torch.Tensor, fallback: OutOfMemoryFallback) -> torch.Tensor | None:
+def _weighted_tiles(tile_pass: TilePass, slices: list[tuple[slice, ...]]) -> torch.Tensor | None:
     """Weighted mean logits (n, K, *P) of the tiles at `slices`; None after an out-of-memory error that a
-    smaller forward batch may avoid (`fallback` has shrunk it); the error itself when nothing is left to shrink."""
+    smaller forward batch may avoid (the pass's fallback has shrunk it); the error itself when nothing is left
+    to shrink."""
+    fallback = tile_pass.fallback
     try:
-        tiles = torch.stack([image[0][(slice(None),) + sl] for sl in slices])  # (n, C, *P)
-        return _predict_tiles(models, tiles, mirrors, num_outputs, amp_dtype, fallback.mirror_group) * weight
+        tiles = torch.stack([tile_pass.image[0][(slice(None),) + sl] for sl in slices])  # (n, C, *P)
+        mean = _predict_tiles(tile_pass.models, tiles, tile_pass.mirrors, tile_pass.num_outputs, tile_pass.amp_dtype,
+                              fallback.mirror_group)
+        return mean * tile_pass.weight
     except torch.cuda.OutOfMemoryError:
         if not fallback.shrink():
             raise

@@ -7,6 +7,7 @@ imports it (never the other way round).
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -18,32 +19,44 @@ from voxseg.data.io import Geometry, write_image
 from voxseg.data.store import case_paths, load_case
 from voxseg.distributed import all_gather_objects, current_world, shard_balanced
 from voxseg.evaluate.overlap import class_masks, dice_from_counts, nanmean, overlap_counts
-from voxseg.infer.cascade import NextStage, StoredPrevious
-from voxseg.infer.postprocess import labels_on_original_grid, probability_names
 from voxseg.infer.budget import forward_limit
+from voxseg.infer.cascade import NextStage, StoredPrevious
+from voxseg.infer.casefiles import save_probabilities  # the predictor's writer
+from voxseg.infer.config import InferConfig
+from voxseg.infer.postprocess import labels_on_original_grid, probability_names
 from voxseg.infer.sliding_window import sliding_window_inference
 from voxseg.jsonio import write_json_atomic
 from voxseg.plans import Plan
 
 
+@dataclass(frozen=True)
+class CascadeLinks:
+    """The stored predictions that link a cascade's stages around one configuration's full validation."""
+
+    previous: StoredPrevious | None = None
+    """A cascade stage's input: the first stage's stored predictions, appended one-hot as channels."""
+    next_stage: NextStage | None = None
+    """A first stage's output: where each case's labels go on the next stage's grid (only when writing)."""
+
+
 @torch.no_grad()
 def full_validation(model: nn.Module, plan: Plan, preprocessed_dir: str | Path, names: Sequence[str],
-                    out_dir: str | Path, device: torch.device | str, patch_size: Sequence[int],
-                    amp_dtype: torch.dtype | None = None, step: float = 0.5, tile_batch: int = 2,
-                    write: bool = True, previous: StoredPrevious | None = None,
-                    next_stage: NextStage | None = None, save_probabilities: bool = False) -> dict[str, Any]:
+                    out_dir: str | Path | None, device: torch.device | str, config: InferConfig,
+                    cascade: CascadeLinks | None = None) -> dict[str, Any]:
     """Sliding-window prediction of each preprocessed validation case and its Dice on the preprocessed grid.
 
-    Each prediction is mapped back to its raw image's grid (undo resampling and cropping) and written as
-    `out_dir/CASE{plan.file_ending}` with the raw geometry, so `voxseg evaluate --crossval` can score the folds
-    against labelsTr; the Dice table goes to `out_dir/summary.json` (when `write`). With `save_probabilities`
-    each case's probabilities on that grid go next to it as `out_dir/CASE.npz` (the writer of `voxseg predict
+    The tiles are the plan's patch; step, tile batch, mirroring and precision are `config`'s (training
+    validates with `voxseg.train.evaluation.validation_config`). Each prediction is mapped back to its raw
+    image's grid (undo resampling and cropping) and written as `out_dir/CASE{plan.file_ending}` with the raw
+    geometry, so `voxseg evaluate --crossval` can score the folds against labelsTr; the Dice table goes to
+    `out_dir/summary.json` (nothing is written when `out_dir` is None). With `config.save_probabilities` each
+    case's probabilities on that grid go next to it as `out_dir/CASE.npz` (the writer of `voxseg predict
     --save-probabilities`), for ensembles of configurations (`voxseg.crossval`); without it a CASE.npz left by
     an earlier validation is removed, so probabilities never disagree with the label map beside them.
 
     Cascades (see `voxseg.infer.cascade`): a cascade stage's cases get the one-hot of the first stage's stored
-    predictions (`previous`) as extra channels, as in training; a first stage writes each case's labels on
-    the next stage's grid (`next_stage`, when `write`), which that stage trains on.
+    predictions (`cascade.previous`) as extra channels, as in training; a first stage writes each case's labels
+    on the next stage's grid (`cascade.next_stage`, when writing), which that stage trains on.
 
     In a distributed run (an initialised process group) the cases are sharded over the ranks, balanced by the
     size of their preprocessed images; each rank writes its own cases' predictions, the per-case Dice values
@@ -54,10 +67,11 @@ def full_validation(model: nn.Module, plan: Plan, preprocessed_dir: str | Path, 
         where a class absent from a case's reference and prediction does not count towards its mean.
     """
     device = torch.device(device)
-    out_dir = Path(out_dir)
+    cascade = cascade or CascadeLinks()
     rank, size = current_world()
     sizes = [case_paths(preprocessed_dir, name)["image"].stat().st_size if size > 1 else 0 for name in names]
     local_names = shard_balanced(list(names), sizes, rank, size)
+    tiling = config.tiling(plan, device)
     was_training = model.training
     model.eval()
     per_case: dict[str, dict[str, float]] = {}
@@ -65,40 +79,42 @@ def full_validation(model: nn.Module, plan: Plan, preprocessed_dir: str | Path, 
         for name in local_names:
             image, seg, properties = load_case(preprocessed_dir, name, mmap=True)
             x = np.array(image, dtype=np.float32)
-            if previous is not None:
-                x = np.concatenate([x, previous.onehot(name, x.shape[1:])])
+            if cascade.previous is not None:
+                x = np.concatenate([x, cascade.previous.onehot(name, x.shape[1:])])
             x = torch.from_numpy(x)[None].to(device)  # (1, C [+ L], d, h, w)
-            logits = sliding_window_inference(model, x, patch_size, plan.num_outputs, step=step,
-                                              tile_batch=tile_batch, amp_dtype=amp_dtype,
-                                              slice_axis=plan.slice_axis, case_name=name,
-                                              max_forward_batch=forward_limit(plan, device, x.shape[2:],
-                                                                              amp_dtype))  # (K, d, h, w)
+            limit = forward_limit(plan, device, x.shape[2:], tiling.amp_dtype)
+            logits = sliding_window_inference(model, x, plan.patch_size, plan.num_outputs, tiling, plan.slice_axis,
+                                              name, limit)  # (K, d, h, w)
             if seg is not None:
                 ref = torch.from_numpy(np.array(seg)).to(logits.device)[None]  # (1, 1, d, h, w)
                 counts = overlap_counts(*class_masks(logits[None], ref, plan))
                 per_case[name] = dict(zip(plan.class_names, dice_from_counts(counts)))
-            if write:
-                labels, probabilities = labels_on_original_grid(logits, plan, properties,
-                                                                with_probabilities=save_probabilities)
-                _write_probabilities(out_dir / f"{name}.npz", probabilities, plan)  # (K, D, H, W) or None
-                write_image(out_dir / f"{name}{plan.file_ending}", labels, Geometry.from_list(properties["affine"]))
-                if next_stage is not None:
-                    next_stage.write(name, logits, plan, properties)
+            if out_dir is not None:
+                _write_case(Path(out_dir), name, logits, plan, properties, config.save_probabilities,
+                            cascade.next_stage)
     finally:
         model.train(was_training)
     gathered = {case: dice for shard in all_gather_objects(per_case) for case, dice in shard.items()}
     per_case = {name: gathered[name] for name in names if name in gathered}  # in the given order
     mean = {c: nanmean([d[c] for d in per_case.values()]) for c in plan.class_names}
     result = {"per_case": per_case, "mean": mean, "mean_dice": nanmean(list(mean.values()))}
-    if write and rank == 0:
-        write_json_atomic(out_dir / "summary.json", _json_safe(result))
+    if out_dir is not None and rank == 0:
+        write_json_atomic(Path(out_dir) / "summary.json", _json_safe(result))
     return result
+
+
+def _write_case(out_dir: Path, name: str, logits: torch.Tensor, plan: Plan, properties: dict[str, Any],
+                with_probabilities: bool, next_stage: NextStage | None) -> None:
+    """A validation case's label map (and probabilities) on the raw grid, and its labels for the next stage."""
+    labels, probabilities = labels_on_original_grid(logits, plan, properties, with_probabilities=with_probabilities)
+    _write_probabilities(out_dir / f"{name}.npz", probabilities, plan)  # (K, D, H, W) or None
+    write_image(out_dir / f"{name}{plan.file_ending}", labels, Geometry.from_list(properties["affine"]))
+    if next_stage is not None:
+        next_stage.write(name, logits, plan, properties)
 
 
 def _write_probabilities(path: Path, probabilities: np.ndarray | None, plan: Plan) -> None:
     """CASE.npz as `voxseg predict --save-probabilities` writes it, or no CASE.npz when there are none."""
-    from voxseg.infer.predictor import save_probabilities  # the predictor's writer (it never imports this module)
-
     if probabilities is None:
         path.unlink(missing_ok=True)
     else:

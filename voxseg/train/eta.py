@@ -15,6 +15,7 @@ import math
 from dataclasses import dataclass
 from typing import Sequence
 
+from voxseg.infer.config import InferConfig
 from voxseg.infer.sliding_window import axis_starts
 
 # a forward pass without gradients costs about a third of a training step (the backward pass costs about twice
@@ -36,9 +37,11 @@ def format_duration(seconds: float) -> str:
     return f"{days} d {clock}" if days else clock
 
 
-def count_tiles(shapes: Sequence[Sequence[int]], patch_size: Sequence[int], step: float = 0.5,
+def count_tiles(shapes: Sequence[Sequence[int]], patch_size: Sequence[int], step: float | None = None,
                 slice_axis: int | None = None) -> int:
-    """Sliding-window tiles over cases of these spatial shapes (a 2D plan: tiles per slice x slices)."""
+    """Sliding-window tiles over cases of these spatial shapes (a 2D plan: tiles per slice x slices) at tile
+    step `step` (None: the one full validation uses, `InferConfig`'s)."""
+    step = InferConfig().step if step is None else step
     total = 0
     for shape in shapes:
         shape = list(shape)

@@ -14,9 +14,11 @@ from typing import Any
 import torch
 
 from voxseg.checkpoint import CHECKPOINT_CHOICES, checkpoint_file, network_from_checkpoint
+from voxseg.devices import amp_name
 from voxseg.errors import CheckpointError, ConfigError
 from voxseg.infer.cascade import next_stage_target, stored_previous
-from voxseg.infer.validation import full_validation
+from voxseg.infer.config import InferConfig
+from voxseg.infer.validation import CascadeLinks, full_validation
 from voxseg.plans import Plan
 
 VALIDATION_DIR = "validation"  # the run's cross-validation outputs
@@ -27,18 +29,29 @@ def checkpoint_validation_dir(out_dir: Path, tag: str) -> Path:
     return out_dir / f"{VALIDATION_DIR}_{tag}"
 
 
-def full_val_metrics(model: torch.nn.Module, plan: Plan, workdir: Path, val_dir: Path, names: list[str],
-                     device: torch.device, amp_dtype: torch.dtype | None, probabilities: bool = False,
-                     write_next_stage: bool = True) -> dict[str, Any]:
-    """Sliding-window validation of `names` into `val_dir`; {"val_dice_mean", "val_dice": {class: dice}}.
+def validation_config(plan: Plan, amp_dtype: torch.dtype | None, save_probabilities: bool = False) -> InferConfig:
+    """How training validates on full volumes: `voxseg predict`'s sliding window (InferConfig's tile step)
+    without test-time mirroring, the plan's batch as the tile batch and the run's autocast."""
+    return InferConfig(tile_batch=max(1, plan.batch_size), mirror_axes="none", amp=amp_name(amp_dtype),
+                       save_probabilities=save_probabilities)
 
-    A cascade stage reads the first stage's stored predictions; a first stage writes them for the next stage
-    (only with `write_next_stage`: the run's own final validation)."""
-    summary = full_validation(model, plan, workdir / "preprocessed", names, val_dir, device, plan.patch_size,
-                              amp_dtype=amp_dtype, tile_batch=max(1, plan.batch_size),
-                              previous=stored_previous(workdir, plan),
-                              next_stage=next_stage_target(workdir, plan) if write_next_stage else None,
-                              save_probabilities=probabilities)
+
+def full_val_metrics(model: torch.nn.Module, plan: Plan, workdir: Path, val_dir: Path, names: list[str],
+                     device: torch.device, amp_dtype: torch.dtype | None, probabilities: bool = False) -> dict[str, Any]:
+    """The run's own final validation of `names` into `val_dir` (`validation_config`); a cascade stage reads
+    the first stage's stored predictions, a first stage writes them for the next stage.
+
+    Returns:
+        {"val_dice_mean", "val_dice": {class: dice}}.
+    """
+    links = CascadeLinks(stored_previous(workdir, plan), next_stage_target(workdir, plan))
+    return _metrics(model, plan, workdir, names, val_dir, device, validation_config(plan, amp_dtype, probabilities),
+                    links)
+
+
+def _metrics(model: torch.nn.Module, plan: Plan, workdir: Path, names: list[str], val_dir: Path,
+             device: torch.device, config: InferConfig, links: CascadeLinks) -> dict[str, Any]:
+    summary = full_validation(model, plan, workdir / "preprocessed", names, val_dir, device, config, links)
     return {"val_dice_mean": summary["mean_dice"], "val_dice": summary["mean"]}
 
 
@@ -63,8 +76,9 @@ def evaluate_checkpoint(workdir: Path, out_dir: Path, val_names: list[str], devi
     val_dir = checkpoint_validation_dir(out_dir, tag)
     result: dict[str, Any] = {"checkpoint": str(path), "epochs": int(state["progress"]["epoch"]),
                               "validation_dir": str(val_dir)}
-    if val_names:
-        result.update(full_val_metrics(model, plan, workdir, val_dir, val_names, device, amp_dtype, probabilities,
-                                       write_next_stage=False))
+    if val_names:  # the stored first-stage predictions of a cascade are read, never written
+        links = CascadeLinks(previous=stored_previous(workdir, plan))
+        result.update(_metrics(model, plan, workdir, val_names, val_dir, device,
+                               validation_config(plan, amp_dtype, probabilities), links))
     result["seconds"] = time.perf_counter() - start
     return result

@@ -37,6 +37,7 @@ from voxseg.models.factory import warn_noop_deep_supervision
 from voxseg.optim import build_optimizer, build_scheduler
 from voxseg.plans import PLAN_FILE, Plan
 from voxseg.train.eta import RunLength, count_tiles, format_duration
+from voxseg.devices import amp_name
 from voxseg.train.evaluation import VALIDATION_DIR, full_val_metrics
 from voxseg.train.feed import TrainData
 from voxseg.train.logger import TrainLogger
@@ -45,7 +46,7 @@ from voxseg.train.resume import (
 )
 from voxseg.train.rundir import check_run_dir, replace_run_dir
 from voxseg.train.setup import (  # noqa: F401 - cache_budget_gb, effective_plan, resolve, seed_everything: API
-    RunSetup, _amp_name, cache_budget_gb, effective_plan, resolve, resolved_config, seed_everything,
+    RunSetup, cache_budget_gb, effective_plan, resolve, resolved_config, seed_everything,
 )
 from voxseg.train.start import RunStart
 from voxseg.train.step import RunningMeans, TrainStep
@@ -201,7 +202,7 @@ def start_logger(training: Training, setup: RunSetup, fold: int | str, train_nam
     processes = f" x {world.size} processes (batch {plan.batch_size // world.size} each)" if world.distributed else ""
     logger.message(f"training fold {fold} on {setup.device}{processes}: {len(train_names)} training / "
                    f"{len(val_names)} validation cases, patch {plan.patch_size}, batch {plan.batch_size}, "
-                   f"{setup.iterations} iterations x {config.loop.epochs} epochs, amp {_amp_name(setup.amp_dtype)}, "
+                   f"{setup.iterations} iterations x {config.loop.epochs} epochs, amp {amp_name(setup.amp_dtype)}, "
                    f"compile {'on' if setup.compile else 'off'}\n"
                    f"{training.data.describe()}")
     warn_noop_deep_supervision(plan, logger.message)

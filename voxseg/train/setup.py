@@ -14,9 +14,8 @@ import torch
 
 from voxseg.config import TrainConfig
 from voxseg.data.memory import estimate_memory_gb
-from voxseg.devices import resolve_device
+from voxseg.devices import amp_name, resolve_amp, resolve_device  # resolve_amp: shared with inference
 from voxseg.distributed import World, local_batch_size
-from voxseg.errors import ConfigError
 from voxseg.plans import PLAN_FILE, Plan
 from voxseg.plans import apply_overrides as apply_plan_overrides
 from voxseg.units import gib
@@ -33,17 +32,6 @@ class RunSetup:
     iterations: int
     world: World = field(default_factory=World)
     """This process's rank among the run's processes (torchrun) and its device."""
-
-
-def resolve_amp(name: str, device: torch.device) -> torch.dtype | None:
-    """Autocast dtype: bf16 where supported, fp16 (with loss scaling) on older GPUs; float32 on CPU by default."""
-    if name == "off" or (name == "auto" and device.type != "cuda"):
-        return None
-    if name == "fp16" and device.type != "cuda":
-        raise ConfigError("loop.amp=fp16 needs a CUDA device; use loop.amp=bf16 or off on the CPU")
-    if name == "auto":
-        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-    return torch.bfloat16 if name == "bf16" else torch.float16
 
 
 def resolve(config: TrainConfig, plan: Plan, num_train: int, world: World | None = None) -> RunSetup:
@@ -76,13 +64,11 @@ def resolved_config(config: TrainConfig, setup: RunSetup) -> TrainConfig:
     """The config with every 'auto' that depends on the machine filled in (config.json)."""
     out = copy.deepcopy(config)
     out.loop.device = str(setup.device)
-    out.loop.amp = _amp_name(setup.amp_dtype)
+    out.loop.amp = amp_name(setup.amp_dtype)
     out.loop.compile = "on" if setup.compile else "off"
     return out
 
 
-def _amp_name(dtype: torch.dtype | None) -> str:
-    return {None: "off", torch.bfloat16: "bf16", torch.float16: "fp16"}[dtype]
 
 
 def cache_budget_gb(config: TrainConfig, plan: Plan, device: torch.device) -> float | None:

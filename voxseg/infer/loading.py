@@ -1,0 +1,77 @@
+"""A model folder's networks, loaded for prediction as an `InferConfig` asks: a voxseg work directory's folds
+(torch), ONNX files (onnxruntime) or an nnU-Net v2 model folder's folds (`voxseg.infer.nnunet`, whatever the
+backend asked for).
+
+    loaded = load_models(Path("work/synth"), InferConfig(folds=[0, 1], device="cpu"))
+    loaded.plan, loaded.models, loaded.device, loaded.folds      # -> the Predictor
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from voxseg.devices import resolve_device
+from voxseg.distributed import local_device
+from voxseg.errors import CheckpointError
+from voxseg.infer.archive import check_same_plan, load_fold_network, resolve_folds
+from voxseg.infer.config import InferConfig
+from voxseg.infer.nnunet import is_nnunet_model_folder, load_nnunet_fold, nnunet_folds
+from voxseg.plans import PLAN_FILE, Plan
+
+
+@dataclass
+class LoadedModels:
+    """The networks of the chosen folds (or ONNX files) on their device, with the plan they share."""
+
+    plan: Plan
+    models: list[Any]
+    """Networks in eval mode on `device`, or callables (B, C, *P) -> (B, K, *P) logits (ONNX)."""
+    device: torch.device
+    folds: tuple[int | str, ...]
+    """Fold numbers, or "all" for fold_all; empty for ONNX files given by name."""
+    backend: str
+    """torch, onnxruntime or nnunet (an nnU-Net v2 model folder)."""
+
+
+def load_models(workdir: Path, config: InferConfig) -> LoadedModels:
+    """The folds `config.folds` of checkpoint `config.checkpoint` of the model folder `workdir`, on
+    `config.device` (under torchrun: cuda:LOCAL_RANK); onnxruntime always runs on the CPU."""
+    if not workdir.is_dir():
+        raise CheckpointError(f"model folder {workdir} not found; give the work directory of 'voxseg train'")
+    if is_nnunet_model_folder(workdir):  # nnU-Net v2 <Trainer>__<Plans>__<configuration> folder
+        return _nnunet_models(workdir, config)
+    if config.resolved_backend() == "onnxruntime":
+        return _onnx_models(workdir, config)
+    device = local_device(resolve_device(config.device))
+    folds = resolve_folds(workdir, config.folds, config.checkpoint)
+    loaded = [load_fold_network(workdir, fold, config.checkpoint, device) for fold in folds]
+    check_same_plan([plan for _, plan in loaded], folds)
+    return LoadedModels(loaded[0][1], _compiled([net for net, _ in loaded], config), device, tuple(folds), "torch")
+
+
+def _onnx_models(workdir: Path, config: InferConfig) -> LoadedModels:
+    from voxseg.infer.export import load_onnx_models  # onnxruntime: imported only when it runs
+
+    folds = resolve_folds(workdir, config.folds, config.checkpoint) if config.onnx_files is None else []
+    models = load_onnx_models(workdir, folds, config.onnx_files, config.checkpoint)
+    plan = next((m.plan for m in models if m.plan is not None), None) or Plan.load(workdir / PLAN_FILE)
+    return LoadedModels(plan, models, torch.device("cpu"), tuple(folds), "onnxruntime")
+
+
+def _nnunet_models(workdir: Path, config: InferConfig) -> LoadedModels:
+    device = local_device(resolve_device(config.device))
+    paths = nnunet_folds(workdir, config.folds, config.checkpoint)
+    loaded = [load_nnunet_fold(workdir, path, device) for path in paths]
+    check_same_plan([plan for _, plan, _ in loaded], [path.parent.name for path in paths])
+    plan = loaded[0][1]
+    # "all" mirrors along the axes the checkpoint was trained to be mirror-invariant along, as nnU-Net does
+    plan.inference_mirror_axes = list(loaded[0][2])
+    folds = tuple(int(p.parent.name[5:]) if p.parent.name[5:].isdigit() else p.parent.name[5:] for p in paths)
+    return LoadedModels(plan, _compiled([net for net, _, _ in loaded], config), device, folds, "nnunet")
+
+
+def _compiled(networks: list[torch.nn.Module], config: InferConfig) -> list[Any]:
+    return [torch.compile(net) for net in networks] if config.compile else networks
