@@ -265,3 +265,30 @@ def test_region_ensemble_thresholds_the_mean_of_the_sigmoids(tmp_path: Path) -> 
         other.mkdir()
         make_workdir(other, tiny_plan())
         EnsemblePredictor([members[0], Predictor.from_workdir(other, folds=[0], device="cpu")])
+
+
+def test_probabilities_of_a_test_only_validation_count_while_its_checkpoint_is_unchanged(work: Path) -> None:
+    """A run validated without probabilities gets them from `--test-only --checkpoint final` in
+    validation_final/ (its cross-validation outputs stay as they are); once checkpoint_final.pt is rewritten (a
+    resumed, longer run), those probabilities are stale and the ensemble is not compared."""
+    from voxseg.checkpoint import checkpoint_identity
+
+    _write_validation(work, "3d_fullres", _tumour_probability(0.9, FALSE_A, 0.6), with_npz=False)
+    _write_validation(work, "2d", _tumour_probability(0.9, FALSE_B, 0.7))
+    folder = config_workdir(work, "3d_fullres")
+    for fold in (0, 1):
+        run = folder / "training" / f"fold_{fold}"
+        (run / "checkpoint_final.pt").write_bytes(b"weights")
+        shutil.copytree(run / "validation", run / "validation_final")
+        for case in load_splits(work)[fold]["val"]:
+            save_probabilities(run / "validation_final" / f"{case}.npz", _tumour_probability(0.9, FALSE_A, 0.6),
+                               ["background", "tumour"])
+        (run / "validation_final" / "checkpoint.json").write_text(json.dumps(checkpoint_identity(
+            run / "checkpoint_final.pt")))
+    choice = choose_configuration(work)
+    assert {e["name"]: e["dice"] for e in choice["compared"]}["3d_fullres+2d"] == pytest.approx(1.0)
+    assert not list((folder / "training" / "fold_0" / "validation").glob("*.npz"))  # untouched
+    (folder / "training" / "fold_1" / "checkpoint_final.pt").write_bytes(b"longer run")  # a resume rewrote it
+    stale = choose_configuration(work)
+    assert "3d_fullres+2d" not in {e["name"] for e in stale["compared"]}
+    assert "validation_final" in stale["skipped"]["3d_fullres+2d"]

@@ -196,6 +196,8 @@ def test_test_only_validates_the_best_checkpoint_on_full_volumes(workdir):
     assert result["checkpoint"].endswith("checkpoint_best.pt") and result["validation_dir"] == str(out)
     # the cross-validation outputs are untouched: nothing rewritten, no probabilities deleted
     assert {p.name: p.read_bytes() for p in crossval.iterdir()} == before
+    identity = json.loads((out / "checkpoint.json").read_text())  # which checkpoint file these predictions are of
+    assert identity["checkpoint"] == "checkpoint_best.pt" and identity["epoch"] == 1
     summary = json.loads((out / "summary.json").read_text())
     assert set(summary["per_case"]) == set(VAL)
     # the reported Dice is the Dice of the written predictions

@@ -54,6 +54,23 @@ def checkpoint_file(directory: str | Path, tag: str) -> Path:
     return Path(directory) / f"checkpoint_{tag}.pt"
 
 
+def checkpoint_identity(path: str | Path) -> dict[str, Any]:
+    """What identifies one written checkpoint file: its name, size and modification time. Outputs computed from
+    a checkpoint keep it beside them (e.g. validation_final/checkpoint.json) so that a later reader can tell
+    whether they still belong to the file of that name (a resumed run rewrites checkpoint_final.pt)."""
+    stat = Path(path).stat()
+    return {"checkpoint": Path(path).name, "bytes": int(stat.st_size), "modified_ns": int(stat.st_mtime_ns)}
+
+
+def same_checkpoint(identity: Any, path: str | Path) -> bool:
+    """Whether `identity` (from `checkpoint_identity`) still describes the file at `path`."""
+    path = Path(path)
+    if not isinstance(identity, dict) or not path.is_file():
+        return False
+    current = checkpoint_identity(path)
+    return all(identity.get(key) == value for key, value in current.items())
+
+
 class Checkpointer:
     """Saves and restores a run's state objects; owns file names, retention and compatibility checks.
 

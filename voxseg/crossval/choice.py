@@ -33,6 +33,7 @@ import torch
 
 from voxseg.data.configs import config_workdir, load_index
 from voxseg.data.io import read_image, write_image
+from voxseg.checkpoint import checkpoint_file, same_checkpoint
 from voxseg.data.splits import fold_dir, load_splits
 from voxseg.errors import ConfigError, InputError
 from voxseg.evaluate.workdir import aggregate_folds, crossval_dir, evaluate_workdir_predictions
@@ -43,8 +44,9 @@ from voxseg.infer.postprocess import (
     probabilities_to_labels,
     probability_names,
 )
-from voxseg.jsonio import write_json_atomic
+from voxseg.jsonio import read_json, write_json_atomic
 from voxseg.plans import PLAN_FILE, Plan
+from voxseg.train.evaluation import CHECKPOINT_IDENTITY_FILE, VALIDATION_DIR, checkpoint_validation_dir
 
 ENSEMBLES_DIR = "ensembles"
 _TIE = 1e-6  # a more complex entry must beat a simpler one by more than this
@@ -80,9 +82,9 @@ def choose_configuration(workdir: str | Path, configurations: str | Sequence[str
         missing = [n for n in (first, second) if not _has_probabilities(dirs[n], folds)]
         if missing:
             skipped[f"{first}+{second}"] = (
-                f"no validation probabilities for {', '.join(missing)}: re-validate each fold with them "
-                f"('voxseg train {workdir} --configuration {missing[0]} --fold F --test-only --checkpoint final "
-                f"--set loop.save_val_probabilities=true')")
+                f"no validation probabilities for {', '.join(missing)}: re-validate each fold's final weights with "
+                f"them ('voxseg train {workdir} --configuration {missing[0]} --fold F --test-only --checkpoint final "
+                f"--set loop.save_val_probabilities=true', into training/fold_F/validation_final/)")
             continue
         out_dir = workdir / ENSEMBLES_DIR / f"{first}+{second}"
         summary = _score_ensemble([dirs[first], dirs[second]], folds, out_dir, num_workers, tolerance_mm, convention)
@@ -165,10 +167,27 @@ def _comparable(workdir: Path, configurations: str | Sequence[str]) -> tuple[lis
     return folds, names, skipped
 
 
+def _probabilities_dir(workdir: Path, fold: int, ending: str) -> Path | None:
+    """Where fold `fold`'s validation probabilities of the final weights are: validation/ when the run's final
+    validation wrote them, else validation_final/ (`--test-only --checkpoint final --set
+    loop.save_val_probabilities=true`) while checkpoint_final.pt is the file it validated; None without them."""
+    cases = _validated(workdir, fold, ending)
+    run = fold_dir(workdir, fold)
+    for folder in (run / VALIDATION_DIR, checkpoint_validation_dir(run, "final")):
+        if folder.name != VALIDATION_DIR:
+            identity = folder / CHECKPOINT_IDENTITY_FILE
+            if not identity.is_file() or not same_checkpoint(read_json(identity, InputError),
+                                                             checkpoint_file(run, "final")):
+                continue
+        if cases and all((folder / f"{name}.npz").is_file() and (folder / f"{name}{ending}").is_file()
+                         for name in cases):
+            return folder
+    return None
+
+
 def _has_probabilities(workdir: Path, folds: list[int]) -> bool:
     ending = Plan.load(workdir / PLAN_FILE).file_ending
-    return all((fold_dir(workdir, f) / "validation" / f"{name}.npz").is_file()
-               for f in folds for name in _validated(workdir, f, ending))
+    return all(_probabilities_dir(workdir, f, ending) is not None for f in folds)
 
 
 # ----- scores -------------------------------------------------------------------------------------------------
@@ -200,7 +219,7 @@ def _score_ensemble(workdirs: list[Path], folds: list[int], out_dir: Path, num_w
 def _write_ensemble_case(workdirs: list[Path], fold: int, name: str, plan: Plan, out_dir: Path) -> None:
     members = []
     for folder in workdirs:
-        validation = fold_dir(folder, fold) / "validation"
+        validation = _probabilities_dir(folder, fold, plan.file_ending)
         labels, geometry = read_image(validation / f"{name}{plan.file_ending}")
         with np.load(validation / f"{name}.npz") as saved:
             probabilities, classes = saved["probabilities"], [str(c) for c in saved["class_names"]]

@@ -13,15 +13,17 @@ from typing import Any
 
 import torch
 
-from voxseg.checkpoint import CHECKPOINT_CHOICES, checkpoint_file, network_from_checkpoint
+from voxseg.checkpoint import CHECKPOINT_CHOICES, checkpoint_file, checkpoint_identity, network_from_checkpoint
 from voxseg.devices import amp_name
 from voxseg.errors import CheckpointError, ConfigError
 from voxseg.infer.cascade import next_stage_target, stored_previous
 from voxseg.infer.config import InferConfig
 from voxseg.infer.validation import CascadeLinks, full_validation
+from voxseg.jsonio import write_json_atomic
 from voxseg.plans import Plan
 
 VALIDATION_DIR = "validation"  # the run's cross-validation outputs
+CHECKPOINT_IDENTITY_FILE = "checkpoint.json"  # in validation_TAG/: which checkpoint file it validated
 
 
 def checkpoint_validation_dir(out_dir: Path, tag: str) -> Path:
@@ -80,5 +82,9 @@ def evaluate_checkpoint(workdir: Path, out_dir: Path, val_names: list[str], devi
         links = CascadeLinks(previous=stored_previous(workdir, plan))
         result.update(_metrics(model, plan, workdir, val_names, val_dir, device,
                                validation_config(plan, amp_dtype, probabilities), links))
+        # which checkpoint these are: cross-validation may take the final checkpoint's probabilities from here
+        # while that file is unchanged (voxseg.crossval.choice)
+        write_json_atomic(val_dir / CHECKPOINT_IDENTITY_FILE,
+                          {**checkpoint_identity(path), "epoch": result["epochs"]})
     result["seconds"] = time.perf_counter() - start
     return result
