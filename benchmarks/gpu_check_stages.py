@@ -308,7 +308,7 @@ def _write_fold_checkpoints(workdir: Path, folds: int) -> Any:
     """
     from voxseg.checkpoint import CHECKPOINT_FORMAT, save_checkpoint
     from voxseg.config import TrainConfig
-    from voxseg.data.splits import fold_dir
+    from voxseg.workdir import WorkDir
     from voxseg.models import build_network
     from voxseg.train.loop import Progress, effective_plan
 
@@ -316,9 +316,9 @@ def _write_fold_checkpoints(workdir: Path, folds: int) -> Any:
     plan = effective_plan(workdir, config)
     state = {"format": CHECKPOINT_FORMAT, "model": build_network(plan, deep_supervision=False).state_dict(),
              "plan": plan.to_dict(), "config": config.to_dict(), "progress": Progress().state_dict()}
-    first = save_checkpoint(fold_dir(workdir, 0) / "checkpoint_final.pt", state)
+    first = save_checkpoint(WorkDir(workdir).fold(0).checkpoint("final"), state)
     for fold in range(1, folds):
-        target = fold_dir(workdir, fold) / "checkpoint_final.pt"
+        target = WorkDir(workdir).fold(fold).checkpoint("final")
         target.parent.mkdir(parents=True, exist_ok=True)
         shutil.copyfile(first, target)
     return plan

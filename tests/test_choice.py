@@ -19,9 +19,10 @@ from voxseg.data.io import Geometry, read_image, write_image
 from voxseg.data.plan import plan_dataset
 from voxseg.data.splits import load_splits
 from voxseg.errors import ConfigError
-from voxseg.infer.ensemble import CHOICE_FILE, EnsemblePredictor, load_choice
+from voxseg.infer.ensemble import EnsemblePredictor, load_choice
 from voxseg.infer.postprocess import apply_postprocessing, regions_to_labels
 from voxseg.infer.predictor import Predictor, save_probabilities
+from voxseg.workdir import WorkDir
 
 SHAPE, SPACING = (20, 20, 12), (1.0, 1.0, 3.0)
 TRUTH = (slice(6, 13), slice(5, 12), slice(3, 8))  # _write_dataset's tumour: 7 x 7 x 5 = 245 voxels
@@ -69,7 +70,7 @@ def test_the_ensemble_is_chosen_when_it_is_best(work: Path, capsys) -> None:
     _write_validation(work, "2d", _tumour_probability(0.9, FALSE_B, 0.7))
     assert _main("evaluate", "--crossval", work, "--configurations") == 0  # no value: all
     out = capsys.readouterr().out
-    choice = json.loads((work / CHOICE_FILE).read_text())
+    choice = json.loads(WorkDir(work).inference_choice.read_text())
     scores = {e["name"]: e["dice"] for e in choice["compared"]}
     assert scores == pytest.approx({"3d_fullres+2d": 1.0, "3d_fullres": _dice(27), "2d": _dice(100)})
     assert [e["name"] for e in choice["compared"]] == ["3d_fullres+2d", "3d_fullres", "2d"]  # ranked
@@ -133,7 +134,7 @@ def test_mismatched_folds_are_refused(work: Path) -> None:
         (two_d / "fold_0" / "validation" / f"{moved}{ending}").rename(two_d / "fold_1" / "validation" / f"{moved}{ending}")
     with pytest.raises(ConfigError, match=f"'2d' fold 0: .*not the fold's validation cases.*{moved}"):
         choose_configuration(work)
-    assert not (work / CHOICE_FILE).exists()
+    assert not WorkDir(work).inference_choice.exists()
 
 
 def test_pairs_without_probabilities_are_named_and_left_out(work: Path) -> None:
@@ -161,7 +162,7 @@ TRAIN_TINY_3D = [a.replace("[[1,1],[2,2],[2,2]]", "[[1,1,1],[2,2,2],[2,2,2]]")
 
 def _write_choice(work: Path, names: list[str], largest_component: list) -> None:
     kind = "configuration" if len(names) == 1 else "ensemble"
-    (work / CHOICE_FILE).write_text(json.dumps({
+    WorkDir(work).inference_choice.write_text(json.dumps({
         "choice": {"name": "+".join(names), "kind": kind, "configurations": names, "dice": 0.5},
         "postprocessing": {"largest_component": largest_component}}))
 
@@ -209,10 +210,10 @@ def test_predict_uses_the_choice(work: Path, tmp_path: Path, capsys) -> None:
     expected = probabilities[0].argmax(0).astype(np.uint8)
     assert np.array_equal(read_image(tmp_path / "override" / "case4.nii.gz")[0], expected)
 
-    (work / CHOICE_FILE).write_text(json.dumps({"choice": {"kind": "ensemble", "configurations": ["2d"]}}))
+    WorkDir(work).inference_choice.write_text(json.dumps({"choice": {"kind": "ensemble", "configurations": ["2d"]}}))
     assert _main("predict", "-m", work, "-o", tmp_path / "bad", *predict) != 0
     err = capsys.readouterr().err
-    assert CHOICE_FILE in err and "Traceback" not in err
+    assert WorkDir(work).inference_choice.name in err and "Traceback" not in err
 
 
 @pytest.mark.slow

@@ -227,7 +227,6 @@ class TrainConfig:
         write_json_atomic(path, self.to_dict())
 
 
-CONFIG_FILE = "config.json"  # training/fold_F/config.json: the config a run was started with (resolved)
 # config.json of a resumed run: the changes made on resume, replayed over the config the run started with
 CHANGES_KEY = "changes"
 # How a run starts is given with the run (--resume, --pretrained, --force: `voxseg.train.start.RunStart`), never a

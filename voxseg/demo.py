@@ -11,6 +11,7 @@ from pathlib import Path
 
 from voxseg.devices import resolve_device
 from voxseg.plans import Plan
+from voxseg.workdir import WorkDir
 
 
 @dataclass
@@ -66,7 +67,7 @@ def run_demo(workdir: str | Path, epochs: int | None = None, device: str = "auto
     plan = plan_dataset(dataset, model_dir, gpu_memory_gb=8.0, val_fraction=0.25)
     if device == "cpu":
         plan = shrink_plan_for_cpu(plan, size.max_features, patch=32)
-        plan.save(model_dir / "plans.json")
+        plan.save(WorkDir(model_dir).plans)
     print(describe_plan(plan))
 
     print("[3/6] preprocess")

@@ -21,7 +21,6 @@ from voxseg.normalization import SCHEMES, required_fields
 from voxseg.registry import unknown_name_message
 
 PLAN_VERSION = 1
-PLAN_FILE = "plans.json"  # WORKDIR/plans.json (as planned) and training/fold_F/plans.json (a run's effective plan)
 
 
 @dataclass

@@ -28,6 +28,7 @@ from voxseg.jsonio import write_json_atomic
 from voxseg.errors import DatasetError
 from voxseg.workers import exit_with_parent
 from voxseg.jsonio import read_json
+from voxseg.workdir import WorkDir
 
 
 def nonzero_bbox(image: np.ndarray, seg: np.ndarray | None = None) -> list[list[int]]:
@@ -183,6 +184,6 @@ def load_fingerprint(path: str | Path) -> dict[str, Any]:
     """Read fingerprint.json (a work directory or the file itself)."""
     path = Path(path)
     if path.is_dir():
-        path = path / "fingerprint.json"
+        path = WorkDir(path).fingerprint
     return read_json(path, DatasetError, missing="run 'voxseg plan DATASET -o WORKDIR' first",
                      invalid="delete it and re-run 'voxseg plan'")

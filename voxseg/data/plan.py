@@ -36,7 +36,6 @@ from voxseg.labels import LabelScheme
 from voxseg.plans import ChannelNormalization, NetworkPlan, Plan, parse_overrides
 from voxseg.data.splits import (
     NNUNET_SPLITS_FILE,
-    SPLITS_FILE,
     make_fraction_split,
     make_kfold_splits,
     read_nnunet_splits,
@@ -44,6 +43,7 @@ from voxseg.data.splits import (
 )
 from voxseg.data.topology import check_patch_divisible, derive_topology, fit_batch, fit_patch
 from voxseg.errors import ConfigError, DatasetError
+from voxseg.workdir import WorkDir
 
 __all__ = [
     "derive_topology", "describe_plan", "estimate_memory_gb", "make_plan", "make_plans",
@@ -369,12 +369,12 @@ def plan_dataset(
                for name, plan in plans.items()}
     workdir.mkdir(parents=True, exist_ok=True)
     for name, plan in plans.items():
-        folder = workdir / entries[name]["path"]
-        folder.mkdir(parents=True, exist_ok=True)
-        save_fingerprint(folder / "fingerprint.json", fingerprint)
-        plan.save(folder / "plans.json")
-        copy_file(dataset.root / "dataset.json", folder / "dataset.json")
-    if not (workdir / SPLITS_FILE).exists():
+        folder = WorkDir(workdir / entries[name]["path"])
+        folder.path.mkdir(parents=True, exist_ok=True)
+        save_fingerprint(folder.fingerprint, fingerprint)
+        plan.save(folder.plans)
+        copy_file(dataset.root / "dataset.json", folder.dataset_json)  # the raw dataset's, copied
+    if not WorkDir(workdir).splits.exists():
         save_splits(workdir, splits)
     write_index(workdir, default, entries)
     return plans[default]

@@ -36,6 +36,7 @@ from voxseg.data.store import case_paths, load_properties, sample_foreground_loc
 from voxseg.errors import DatasetError, InputError, VoxsegError
 from voxseg.normalization import normalize
 from voxseg.workers import exit_with_parent
+from voxseg.workdir import WorkDir
 
 __all__ = ["resample", "separate_axis", "ANISOTROPY_RATIO", "preprocess_case", "preprocess_image", "restore_to_original",
            "preprocess_dataset", "plan_hash", "new_shape_for_spacing"]
@@ -319,10 +320,10 @@ def preprocess_dataset(
 
     from voxseg.data.dataset import load_dataset
 
-    workdir = Path(workdir)
-    plan = Plan.load(workdir / "plans.json")
+    workdir = WorkDir(workdir)
+    plan = Plan.load(workdir.plans)
     dataset = load_dataset(plan.raw_dataset)
-    out_dir = workdir / "preprocessed"
+    out_dir = workdir.preprocessed
     out_dir.mkdir(parents=True, exist_ok=True)
     sweep_stale_temporaries(out_dir)  # left by a killed run; hidden files, but they hold disk space
     expected = plan_hash(plan)

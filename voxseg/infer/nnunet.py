@@ -43,6 +43,11 @@ from voxseg.infer.nnunet_weights import map_nnunet_weights, untranspose_weights
 from voxseg.models.factory import build_network
 from voxseg.plans import ChannelNormalization, NetworkPlan, Plan
 
+# The layout of an nnU-Net v2 model folder: nnU-Net's own, not a voxseg work directory (that is voxseg.workdir)
+NNUNET_PLANS = "plans.json"
+NNUNET_DATASET = "dataset.json"
+NNUNET_FOLD_PREFIX = "fold_"
+NNUNET_VALIDATION = "validation"  # in fold_F/: the fold's validation predictions
 CHECKPOINT_FILES = {"final": "checkpoint_final.pth", "best": "checkpoint_best.pth"}
 SUPPORTED_NETWORKS = ("PlainConvUNet", "ResidualEncoderUNet")
 _NUMPY_DTYPES = ("Float16DType", "Float32DType", "Float64DType", "Int8DType", "Int16DType", "Int32DType",
@@ -69,15 +74,20 @@ def load_nnunet_checkpoint(path: str | Path) -> dict[str, Any]:
 
 
 # ----- the model folder ---------------------------------------------------------------------------------------
+def nnunet_fold_dir(folder: str | Path, fold: int | str) -> Path:
+    """MODEL/fold_F of an nnU-Net model folder (F a number or "all")."""
+    return Path(folder) / f"{NNUNET_FOLD_PREFIX}{fold}"
+
+
 def is_nnunet_model_folder(path: str | Path) -> bool:
     """True for a folder with nnU-Net's plans.json (it has "configurations"), dataset.json and a fold_* folder."""
     path = Path(path)
-    if not ((path / "plans.json").is_file() and (path / "dataset.json").is_file()):
+    if not ((path / NNUNET_PLANS).is_file() and (path / NNUNET_DATASET).is_file()):
         return False
-    if not any(p.is_dir() for p in path.glob("fold_*")):
+    if not any(p.is_dir() for p in path.glob(f"{NNUNET_FOLD_PREFIX}*")):
         return False
     try:
-        return "configurations" in json.loads((path / "plans.json").read_text())
+        return "configurations" in json.loads((path / NNUNET_PLANS).read_text())
     except (OSError, ValueError):
         return False
 
@@ -305,7 +315,7 @@ def plan_from_nnunet(plans: dict[str, Any], dataset: dict[str, Any], configurati
             resampling voxseg cannot represent exactly, or dataset.json names a file type or image reader voxseg
             reads differently (the message names it).
     """
-    check_nnunet_fields(dataset, Path(source) / "dataset.json" if source else "dataset.json", CheckpointError)
+    check_nnunet_fields(dataset, Path(source) / NNUNET_DATASET if source else NNUNET_DATASET, CheckpointError)
     transpose = nnunet_transpose(plans)
     config = resolve_configuration(plans, configuration)
     if config.get("previous_stage"):
@@ -361,16 +371,16 @@ def nnunet_folds(folder: str | Path, folds: int | str | Sequence[int | str] | No
                               f"{' or '.join(CHECKPOINT_FILES)}")
     filename = CHECKPOINT_FILES[checkpoint]
     if folds is None or folds == "all":
-        has_fold_all = (folder / "fold_all" / filename).is_file()
-        names = sorted((p.name[5:] for p in folder.glob("fold_*") if p.name[5:].isdigit() and (p / filename).is_file()),
-                       key=int)
+        has_fold_all = (nnunet_fold_dir(folder, "all") / filename).is_file()
+        numbers = {p.name[len(NNUNET_FOLD_PREFIX):]: p for p in folder.glob(f"{NNUNET_FOLD_PREFIX}*")}
+        names = sorted((n for n, p in numbers.items() if n.isdigit() and (p / filename).is_file()), key=int)
         if has_fold_all and (folds == "all" or not names):
             names = ["all"]
     else:
         names = [str(f) for f in ([folds] if isinstance(folds, (int, str)) else folds)]
     if not names:
         raise CheckpointError(f"{folder}: no fold_N folder holds {filename}")
-    paths = [folder / f"fold_{name}" / filename for name in names]
+    paths = [nnunet_fold_dir(folder, name) / filename for name in names]
     for path in paths:
         if not path.is_file():
             raise CheckpointError(f"{path} not found (nnU-Net model folder {folder})")
@@ -390,8 +400,8 @@ def load_nnunet_fold(folder: str | Path, checkpoint_file: str | Path, device: st
                      ) -> tuple[nn.Module, Plan, tuple[int, ...]]:
     """The voxseg network of one nnU-Net fold in eval mode, its plan and the mirror axes it allows."""
     folder = Path(folder)
-    plans, configuration = _read_json(folder / "plans.json"), configuration_name(folder)
-    plan, options = plan_from_nnunet(plans, _read_json(folder / "dataset.json"), configuration, str(folder))
+    plans, configuration = _read_json(folder / NNUNET_PLANS), configuration_name(folder)
+    plan, options = plan_from_nnunet(plans, _read_json(folder / NNUNET_DATASET), configuration, str(folder))
     weights, axes = nnunet_fold_state(load_nnunet_checkpoint(checkpoint_file), plans, configuration)
     network = build_network(plan, deep_supervision=False, **options)
     network.load_state_dict(map_nnunet_weights(weights, network, str(checkpoint_file)))
