@@ -227,7 +227,8 @@ def markdown(result: dict[str, Any]) -> str:
     summary, curves = result["summary"], result["curves"]
     names = list(curves)
     longest = max(s["clock_s"] for s in summary["recipes"].values())
-    marks = sorted({longest * f for f in (0.125, 0.25, 0.5, 0.75)} | {s["clock_s"] for s in summary["recipes"].values()})
+    marks = sorted({longest * f for f in (0.125, 0.25, 0.5, 0.75)}
+                   | {s["clock_s"] for s in summary["recipes"].values()})
     lines = ["| training time (s) | " + " | ".join(f"{n} Dice" for n in names) + " |",
              "|---:|" + "---:|" * len(names)]
     for mark in marks:
@@ -259,7 +260,8 @@ def plot(result: dict[str, Any], path: Path) -> None:
     ax_time, ax_iter = fig.subplots(1, 2, sharey=True)
     for name, curve in result["curves"].items():
         points, epochs = curve["points"], curve["epochs"]
-        line, = ax_time.plot([p["clock_s"] for p in points], [p["dice"] for p in points], "o-", label=f"{name} (full val)")
+        line, = ax_time.plot([p["clock_s"] for p in points], [p["dice"] for p in points], "o-",
+                             label=f"{name} (full val)")
         ax_time.plot([e["clock_s"] for e in epochs], [e["pseudo_dice_mean"] for e in epochs], ":", alpha=0.5,
                      color=line.get_color(), label=f"{name} pseudo-Dice")
         ax_iter.plot([p["iterations"] for p in points], [p["dice"] for p in points], "o-", color=line.get_color(),

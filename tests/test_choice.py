@@ -131,7 +131,8 @@ def test_mismatched_folds_are_refused(work: Path) -> None:
     moved = load_splits(work)[0]["val"][0]
     two_d = config_workdir(work, "2d") / "training"
     for ending in (".nii.gz", ".npz"):  # 2d validated this case in fold 1, not in fold 0 as splits.json says
-        (two_d / "fold_0" / "validation" / f"{moved}{ending}").rename(two_d / "fold_1" / "validation" / f"{moved}{ending}")
+        (two_d / "fold_0" / "validation" / f"{moved}{ending}").rename(
+            two_d / "fold_1" / "validation" / f"{moved}{ending}")
     with pytest.raises(ConfigError, match=f"'2d' fold 0: .*not the fold's validation cases.*{moved}"):
         choose_configuration(work)
     assert not WorkDir(work).inference_choice.exists()
@@ -169,7 +170,8 @@ def _write_choice(work: Path, names: list[str], largest_component: list) -> None
 
 def test_predict_uses_the_choice(work: Path, tmp_path: Path, capsys) -> None:
     raw = tmp_path / "Mini"
-    assert _main("preprocess", work, "--quiet") == 0 and _main("preprocess", work, "--configuration", "2d", "--quiet") == 0
+    assert _main("preprocess", work, "--quiet") == 0
+    assert _main("preprocess", work, "--configuration", "2d", "--quiet") == 0
     # 3d_fullres also validates fold 0 with probabilities, as a run meant for ensembles does
     assert _main("train", work, "--fold", 0, *TRAIN_TINY_3D, "--set", "loop.full_val=true",
                  "--set", "loop.save_val_probabilities=true") == 0
@@ -220,7 +222,8 @@ def test_predict_uses_the_choice(work: Path, tmp_path: Path, capsys) -> None:
 def test_train_choose_and_predict_end_to_end(work: Path, tmp_path: Path, capsys) -> None:
     """Both configurations trained on both folds without probabilities (singles compared, the pair named),
     re-validated with them as the skip reason says (the pair compared too), then predict follows the choice."""
-    assert _main("preprocess", work, "--quiet") == 0 and _main("preprocess", work, "--configuration", "2d", "--quiet") == 0
+    assert _main("preprocess", work, "--quiet") == 0
+    assert _main("preprocess", work, "--configuration", "2d", "--quiet") == 0
     for fold in (0, 1):
         assert _main("train", work, "--fold", fold, *TRAIN_TINY_3D, "--set", "loop.full_val=true") == 0
         assert _main("train", work, "--configuration", "2d", "--fold", fold, *TRAIN_TINY_2D,

@@ -31,7 +31,8 @@ from voxseg.train.start import RunStart
 ROOT = Path(__file__).resolve().parents[1]
 RUN = ["loop.epochs=2", "data.iterations_per_epoch=3", "loop.val_iterations=3", "loop.device=cpu",
        "logging.tensorboard=false", "logging.progress_png=false", "logging.progress_bar=false",
-       "loop.full_val=true", "data.num_threads=1", "data.prefetch=0", "loop.save_freq=1", "loop.snapshot_freq=1", "loop.keep_snapshots=2",
+       "loop.full_val=true", "data.num_threads=1", "data.prefetch=0", "loop.save_freq=1", "loop.snapshot_freq=1",
+       "loop.keep_snapshots=2",
        "loop.deterministic=true", "loop.dist_timeout_min=2"]
 TORCH_ENV = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
 

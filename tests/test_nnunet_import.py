@@ -18,7 +18,7 @@ import numpy as np
 import pytest
 import torch
 
-from tests.test_nnunet import ARCH, DATASET, PLANS, _RunsCode, nnunet_state_dict, write_model_folder
+from tests.test_nnunet import ARCH, DATASET, PLANS, _RunsCode, write_model_folder
 from voxseg.cli import main
 from voxseg.data.io import Geometry, read_image, write_image
 from voxseg.data.preprocess import preprocess_case

@@ -327,8 +327,8 @@ def test_sliding_window_does_not_sync(accumulator):
     folds = [build_network(plan, deep_supervision=True).eval() for _ in range(2)]
     image = torch.randn(1, 2, 30, 21, 12)
     with SyncGuard():
-        logits = sliding_window_inference(folds, image, (16, 16, 16), plan.num_outputs,
-                                          Tiling.default(tile_batch=3, mirror_axes=(0, 1, 2), accumulator_device=accumulator))
+        tiling = Tiling.default(tile_batch=3, mirror_axes=(0, 1, 2), accumulator_device=accumulator)
+        logits = sliding_window_inference(folds, image, (16, 16, 16), plan.num_outputs, tiling)
     assert logits.shape == (3, 30, 21, 12) and torch.isfinite(logits).all()
 
 

@@ -310,7 +310,8 @@ def test_the_planner_never_imports_the_network_code():
         for node in ast.walk(ast.parse(path.read_text())):
             names = [a.name for a in node.names] if isinstance(node, ast.Import) else []
             if isinstance(node, ast.ImportFrom):
-                names = [f"{node.module}.{a.name}" if node.module == "voxseg" else node.module or "" for a in node.names]
+                names = [f"{node.module}.{a.name}" if node.module == "voxseg" else node.module or ""
+                         for a in node.names]
             assert not any(n == "voxseg.models" or n.startswith("voxseg.models.") for n in names), path.name
 
 
@@ -329,6 +330,7 @@ def test_nnunet_dataset_conventions_plain_number_regions_and_splits_final(tmp_pa
     assert json.loads((tmp_path / "work" / "splits.json").read_text()) == folds  # nnU-Net's folds, as they are
     folds[1]["val"] = ["SYN_999"]
     (raw / "splits_final.json").write_text(json.dumps(folds))
-    with pytest.raises(ConfigError, match=r"splits_final.json: fold 1 names case\(s\) that are not in the dataset: SYN_999"):
+    with pytest.raises(ConfigError,
+                       match=r"splits_final.json: fold 1 names case\(s\) that are not in the dataset: SYN_999"):
         plan_dataset(raw, tmp_path / "work2", gpu_memory_gb=8.0)
     assert not (tmp_path / "work2").exists()  # refused before anything was written

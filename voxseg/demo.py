@@ -59,7 +59,8 @@ def run_demo(workdir: str | Path, epochs: int | None = None, device: str = "auto
     model_dir = workdir / "model"
     start = time.perf_counter()
 
-    print(f"[1/6] synthetic dataset: {size.train_cases} training + {size.test_cases} test cases of {size.shape} -> {dataset}")
+    print(f"[1/6] synthetic dataset: {size.train_cases} training + {size.test_cases} test cases of {size.shape} "
+          f"-> {dataset}")
     if not (dataset / "dataset.json").is_file():
         make_synthetic_dataset(dataset, num_cases=size.train_cases, num_test=size.test_cases, shape=size.shape, seed=0)
 

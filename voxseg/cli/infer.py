@@ -80,7 +80,8 @@ def cmd_predict(args: argparse.Namespace) -> int:
 
         predictor = predictor_from_choice(args.model, choice, config)
         print(f"using the cross-validation choice in {WorkDir(args.model).inference_choice}: "
-              f"{describe_choice(choice)}, postprocessing {choice['postprocessing']['largest_component']} (--configuration NAME overrides)")
+              f"{describe_choice(choice)}, postprocessing {choice['postprocessing']['largest_component']} "
+              "(--configuration NAME overrides)")
     else:
         predictor = Predictor.from_workdir(configuration_workdir(args.model, args.configuration), config)
     print(_folds_line(predictor, config.folds))
@@ -283,12 +284,15 @@ def add_infer_commands(sub: Subparsers) -> None:
                 "voxseg predict -m work/synth -i data/Dataset001_Synth/imagesTs -o preds\n"
                 "voxseg predict -m work/synth -i data/Dataset001_Synth/imagesTs -o preds_fold0 --folds 0\n"
                 "voxseg predict -m work/synth -i case_0000.nii.gz case_0001.nii.gz -o preds --folds all --no-mirror\n"
-                "voxseg predict -m work/synth -i imagesTs -o preds --folds 0,1 --backend onnxruntime  # after export --onnx\n"
-                "voxseg predict -m work/synth -i imagesTs -o preds --step 0.25 --tile-batch 8 --amp bf16 --mirror-axes 1,2",
+                "voxseg predict -m work/synth -i imagesTs -o preds --folds 0,1 --backend onnxruntime"
+                "  # after export --onnx\n"
+                "voxseg predict -m work/synth -i imagesTs -o preds --step 0.25 --tile-batch 8 --amp bf16"
+                " --mirror-axes 1,2",
                 setup=_predict_arguments)
     add_command(sub, "evaluate", cmd_evaluate,
                 "score predictions: Dice, IoU, HD95, surface Dice, volumes per label and region",
-                "voxseg evaluate preds data/Dataset001_Synth/labelsTs --dataset-json data/Dataset001_Synth/dataset.json\n"
+                "voxseg evaluate preds data/Dataset001_Synth/labelsTs"
+                " --dataset-json data/Dataset001_Synth/dataset.json\n"
                 "voxseg evaluate --crossval work/synth\n"
                 "voxseg evaluate --crossval work/synth --configurations all", setup=_evaluate_arguments)
 

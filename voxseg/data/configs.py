@@ -61,8 +61,9 @@ def load_index(workdir: str | Path) -> dict[str, Any]:
         index = read_json(path, ConfigError, invalid="fix it or re-run 'voxseg plan'")
         if not isinstance(index, dict) or not isinstance(index.get("configurations"), dict) or \
                 index.get("default") not in index["configurations"]:
-            raise ConfigError(f"{path}: expected {{\"default\": NAME, \"configurations\": {{NAME: {{\"path\": ...}}}}}} "
-                              "with the default among the configurations; re-run 'voxseg plan'")
+            raise ConfigError(f"{path}: expected {{\"default\": NAME, \"configurations\": "
+                              "{NAME: {\"path\": ...}}} with the default among the configurations; re-run "
+                              "'voxseg plan'")
         return index
     plan = read_json(WorkDir(workdir).plans, ConfigError, missing=f"run 'voxseg plan DATASET -o {workdir}' first",
                      invalid="fix it or re-run 'voxseg plan'")

@@ -144,7 +144,8 @@ def export_archive(workdir: str | Path, out_zip: str | Path, folds: int | str | 
         for path in (fold_files.config, fold_files.plans, fold_files.onnx):
             if path.is_file():
                 members[workdir.member(path)] = path
-    members = {name: content if isinstance(content, bytes) else content.read_bytes() for name, content in members.items()}
+    members = {name: content if isinstance(content, bytes) else content.read_bytes()
+               for name, content in members.items()}
     files = {name: {"sha256": sha256_bytes(content), "size": len(content)} for name, content in members.items()}
     manifest = {"format": ARCHIVE_FORMAT, "version": 2, "folds": fold_list, "checkpoint": checkpoint, "files": files}
     members[MANIFEST] = json.dumps(manifest, indent=2).encode()

@@ -180,7 +180,8 @@ def _check_layers(arch: dict[str, Any], ndim: int) -> None:
     if not str(kwargs.get("conv_op")).endswith(f"Conv{ndim}d"):
         problems.append(f"conv_op {kwargs.get('conv_op')} (a {ndim}D configuration runs Conv{ndim}d)")
     if problems:
-        raise CheckpointError("plans.json: voxseg cannot represent this nnU-Net network exactly: " + "; ".join(problems))
+        raise CheckpointError("plans.json: voxseg cannot represent this nnU-Net network exactly: "
+                              + "; ".join(problems))
 
 
 def _check_residual(kwargs: dict[str, Any], features: list[int]) -> None:
@@ -264,7 +265,8 @@ def network_plan(arch: dict[str, Any], order: Sequence[int] = (0, 1, 2)) -> tupl
     # the plan carries every option too, so build_network(plan) alone builds this network (an imported work dir)
     network = NetworkPlan(name="unet", features=features,
                           kernel_sizes=[untransposed([int(v) for v in k], order) for k in kwargs["kernel_sizes"]],
-                          strides=[untransposed([int(v) for v in s], order) for s in kwargs["strides"]], conv_per_stage=encoder, residual=residual,
+                          strides=[untransposed([int(v) for v in s], order) for s in kwargs["strides"]],
+                          conv_per_stage=encoder, residual=residual,
                           deep_supervision=True, blocks_per_stage=options.get("blocks_per_stage"),
                           decoder_conv_per_stage=decoder, pooled_skip=residual, norm_eps=norm_kwargs["eps"],
                           negative_slope=slope)
@@ -351,11 +353,13 @@ def plan_from_nnunet(plans: dict[str, Any], dataset: dict[str, Any], configurati
         channel_names={str(k): str(v) for k, v in channels.items()}, labels=_labels(dataset),
         regions_class_order=[int(v) for v in dataset["regions_class_order"]] if dataset.get("regions_class_order")
         else None, file_ending=str(dataset.get("file_ending", ".nii.gz")), target_spacing=spacing,
-        patch_size=untransposed([int(p) for p in config["patch_size"]], order), batch_size=int(config.get("batch_size", 2)),
+        patch_size=untransposed([int(p) for p in config["patch_size"]], order),
+        batch_size=int(config.get("batch_size", 2)),
         network=network, normalization=_normalization(plans, config, len(channels)),
         original_median_spacing=median_spacing, original_median_shape=median_shape,
         median_shape_after_resample=per_axis(median_after, int), anisotropy_axis=int(np.argmax(spacing)),
-        image_dtype="float32", configuration="2d" if ndim == 2 else "3d_fullres", slice_axis=transpose[0] if ndim == 2 else 0,
+        image_dtype="float32", configuration="2d" if ndim == 2 else "3d_fullres",
+        slice_axis=transpose[0] if ndim == 2 else 0,
         keep_slice_spacing=ndim == 2,
     )
     return plan, options

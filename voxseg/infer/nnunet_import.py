@@ -132,7 +132,8 @@ def _read_fold(model: Path, path: Path, plans: dict[str, Any], dataset: dict[str
     plan, _ = plan_from_nnunet(plans, dataset, configuration, str(model))
     plan.raw_dataset = raw_dataset  # the raw data (labelsTr for cross-validation), not the model folder
     state = load_nnunet_checkpoint(path)
-    weights, axes = nnunet_fold_state(state, plans, configuration)  # in the case's axes, whatever nnU-Net's transposition
+    # in the case's axes, whatever nnU-Net's transposition
+    weights, axes = nnunet_fold_state(state, plans, configuration)
     plan.inference_mirror_axes = axes if axes is not None else []  # None: nnU-Net does not mirror
     network = build_network(plan, deep_supervision=False)  # the plan alone builds it: no options outside it
     network.load_state_dict(map_nnunet_weights(weights, network, str(path)))
@@ -142,7 +143,8 @@ def _read_fold(model: Path, path: Path, plans: dict[str, Any], dataset: dict[str
     best = state.get("_best_ema")
     progress = {"epoch": epoch, "ema": None, "best_metric": float(best) if best is not None else None,
                 "best_epoch": None}
-    checkpoint = {"format": CHECKPOINT_FORMAT, "model": {k: v.detach().clone() for k, v in network.state_dict().items()},
+    model_state = {k: v.detach().clone() for k, v in network.state_dict().items()}
+    checkpoint = {"format": CHECKPOINT_FORMAT, "model": model_state,
                   "plan": plan.to_dict(), "config": config.to_dict(), "progress": progress}
     return ImportedFold(path.parent.name[len(NNUNET_FOLD_PREFIX):], path, sha256_file(path), plan, checkpoint)
 

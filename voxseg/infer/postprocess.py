@@ -3,8 +3,9 @@
 Region-based models (BraTS) output one sigmoid per region; `regions_to_labels` writes label values back in
 `regions_class_order`.
 
-Largest connected component: a trained network sometimes predicts small blobs far from the structure (a second "tumour" in noise). Keeping
-only the largest connected component of a class removes them, but hurts where a class is legitimately split
+Largest connected component: a trained network sometimes predicts small blobs far from the structure (a second
+"tumour" in noise). Keeping only the largest connected component of a class removes them, but hurts where a
+class is legitimately split
 (metastases, left and right kidney), so it is only switched on where it improved the mean Dice of the
 cross-validation predictions (`decide_postprocessing`), and the decision is saved as postprocessing.json:
 
@@ -43,7 +44,8 @@ _MIN_IMPROVEMENT = 1e-6
 
 
 # ----- network output -> labels ----------------------------------------------------------------------------
-def regions_to_labels(probabilities: torch.Tensor, regions_class_order: Sequence[int], threshold: float = 0.5) -> torch.Tensor:
+def regions_to_labels(probabilities: torch.Tensor, regions_class_order: Sequence[int],
+                      threshold: float = 0.5) -> torch.Tensor:
     """(R, *S) region probabilities -> (*S) uint8 labels: start at 0; region r writes its value where p > 0.5."""
     labels = torch.zeros(probabilities.shape[1:], dtype=torch.uint8, device=probabilities.device)
     for region, value in enumerate(regions_class_order):

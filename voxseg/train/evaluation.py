@@ -31,7 +31,8 @@ def validation_config(plan: Plan, amp_dtype: torch.dtype | None, save_probabilit
 
 
 def full_val_metrics(model: torch.nn.Module, plan: Plan, workdir: Path, val_dir: Path, names: list[str],
-                     device: torch.device, amp_dtype: torch.dtype | None, probabilities: bool = False) -> dict[str, Any]:
+                     device: torch.device, amp_dtype: torch.dtype | None,
+                     probabilities: bool = False) -> dict[str, Any]:
     """The run's own final validation of `names` into `val_dir` (`validation_config`); a cascade stage reads
     the first stage's stored predictions, a first stage writes them for the next stage.
 
