@@ -308,9 +308,9 @@ def _write_fold_checkpoints(workdir: Path, folds: int) -> Any:
     """
     from voxseg.checkpoint import CHECKPOINT_FORMAT, save_checkpoint
     from voxseg.config import TrainConfig
-    from voxseg.workdir import WorkDir
     from voxseg.models import build_network
     from voxseg.train.loop import Progress, effective_plan
+    from voxseg.workdir import WorkDir
 
     config = TrainConfig()
     plan = effective_plan(workdir, config)

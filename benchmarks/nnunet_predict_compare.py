@@ -88,8 +88,7 @@ def nnunet_train(args: argparse.Namespace) -> None:
     work = Path(args.work)
     _nnunet_env(work)
     torch.set_num_threads(args.threads)
-    from nnunetv2.experiment_planning.plan_and_preprocess_api import (extract_fingerprints, plan_experiments,
-                                                                      preprocess)
+    from nnunetv2.experiment_planning.plan_and_preprocess_api import extract_fingerprints, plan_experiments, preprocess
     from nnunetv2.utilities.dataset_name_id_conversion import maybe_convert_to_dataset_name
 
     dataset_id = int(DATASET[7:10])

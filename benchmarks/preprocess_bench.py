@@ -20,9 +20,9 @@ import numpy as np
 import torch
 
 from voxseg.data.io import Geometry
-from voxseg.plans import ChannelNormalization, NetworkPlan, Plan
 from voxseg.data.preprocess import preprocess_case
 from voxseg.data.store import sample_foreground_locations, save_case
+from voxseg.plans import ChannelNormalization, NetworkPlan, Plan
 
 SHAPE = (155, 240, 240)
 PATCH = 128

@@ -34,16 +34,16 @@ from typing import Any
 import torch
 
 from voxseg.config import TrainConfig, apply_overrides
-from voxseg.plans import Plan
 from voxseg.data.splits import get_fold
 from voxseg.devices import resolve_device
 from voxseg.errors import VoxsegError
+from voxseg.infer.validation import full_validation
 from voxseg.jsonio import write_json_atomic
+from voxseg.plans import Plan
 from voxseg.train import loop
+from voxseg.train.evaluation import validation_config
 from voxseg.train.logger import TrainLogger
 from voxseg.train.recipes import recipe_overrides
-from voxseg.infer.validation import full_validation
-from voxseg.train.evaluation import validation_config
 
 
 # ----- data ---------------------------------------------------------------------------------------------------

@@ -11,7 +11,8 @@ import numpy as np
 import pytest
 import torch
 
-from tests.test_configs import TRAIN_TINY as TRAIN_TINY_2D, _main, _write_dataset
+from tests.test_configs import TRAIN_TINY as TRAIN_TINY_2D
+from tests.test_configs import _main, _write_dataset
 from tests.test_predictor import make_workdir, tiny_plan
 from voxseg.crossval import choose_configuration
 from voxseg.data.configs import config_workdir

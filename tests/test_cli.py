@@ -19,9 +19,9 @@ import pytest
 import torch
 
 import voxseg
+from voxseg.checkpoint import load_checkpoint
 from voxseg.cli import build_parser, main
 from voxseg.data.io import read_image
-from voxseg.checkpoint import load_checkpoint
 
 CLASSES = ("edema", "necrosis", "enhancing")
 SHAPE = (24, 28, 32)  # not a cube, so a swapped axis anywhere changes a shape

@@ -24,8 +24,8 @@ from voxseg.distributed import World, env_world, local_batch_size, process_group
 from voxseg.errors import ConfigError
 from voxseg.infer.predictor import Predictor, find_input_cases
 from voxseg.train import loop
-from voxseg.train.logger import read_log
 from voxseg.train.feed import TrainData
+from voxseg.train.logger import read_log
 from voxseg.train.start import RunStart
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -4,9 +4,9 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
+from tests.test_evaluate import PLAIN_META, _write
 from voxseg.errors import ConfigError
 from voxseg.evaluate import evaluate_folder, format_table
-from tests.test_evaluate import PLAIN_META, _write
 
 ENDING = ".mha"
 

@@ -16,14 +16,14 @@ import torch
 
 from voxseg.cli import main
 from voxseg.data.io import Geometry, read_image, write_image
-from voxseg.plans import ChannelNormalization, NetworkPlan, Plan
 from voxseg.errors import CheckpointError
 from voxseg.infer import export as export_module
 from voxseg.infer.archive import export_archive, install_archive, load_fold_network
-from voxseg.infer.install import MANIFEST
 from voxseg.infer.export import export_onnx, load_onnx_model
+from voxseg.infer.install import MANIFEST
 from voxseg.infer.predictor import Predictor
 from voxseg.models import build_network
+from voxseg.plans import ChannelNormalization, NetworkPlan, Plan
 
 pytest.importorskip("onnxruntime")
 

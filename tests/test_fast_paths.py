@@ -15,7 +15,6 @@ import torch
 
 from voxseg.augment import AugmentConfig, apply_augment, draw_batch_params, source_size
 from voxseg.augment.reference import augment_reference
-from voxseg.plans import ChannelNormalization, NetworkPlan, Plan
 from voxseg.data.store import sample_foreground_locations, save_case
 from voxseg.infer.config import Tiling
 from voxseg.infer.sliding_window import (
@@ -26,6 +25,7 @@ from voxseg.infer.sliding_window import (
     tile_positions,
 )
 from voxseg.models import build_network
+from voxseg.plans import ChannelNormalization, NetworkPlan, Plan
 from voxseg.train.cache import CaseCache
 from voxseg.train.sampler import ForegroundSampling, PatchSampler
 

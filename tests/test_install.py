@@ -9,12 +9,12 @@ from collections import namedtuple
 
 import pytest
 
+from tests.test_export import tiny_plan
+from tests.test_predictor import make_workdir
 from voxseg.errors import CheckpointError
 from voxseg.infer import install as install_module
 from voxseg.infer.archive import export_archive, install_archive
 from voxseg.infer.install import MANIFEST
-from tests.test_export import tiny_plan
-from tests.test_predictor import make_workdir
 
 
 @pytest.fixture(scope="module")

@@ -12,9 +12,9 @@ from voxseg.data.dataset import RawDataset
 from voxseg.data.io import Geometry, write_image
 from voxseg.data.memory import CUDA_CONTEXT_GB, activation_elements, estimate_memory_gb, parameter_count
 from voxseg.data.plan import derive_topology, describe_plan, make_plan, plan_dataset, plan_target_spacing
-from voxseg.plans import NetworkPlan, Plan
 from voxseg.errors import ConfigError, DatasetError
 from voxseg.models.measure import measure_peak_memory_gb, measure_saved_activation_elements
+from voxseg.plans import NetworkPlan, Plan
 
 MRI = {"0": "T1", "1": "T1ce", "2": "T2", "3": "FLAIR"}
 LABELS = {"background": 0, "edema": 1, "core": 2, "enhancing": 3}  # 4 outputs (softmax)

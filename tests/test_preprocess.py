@@ -10,10 +10,10 @@ import pytest
 import torch
 
 from voxseg.data.io import Geometry, write_image
-from voxseg.plans import ChannelNormalization, NetworkPlan, Plan
 from voxseg.data.preprocess import plan_hash, preprocess_case, preprocess_dataset, resample, restore_to_original
 from voxseg.data.store import list_cases, load_case, load_foreground_locations
 from voxseg.errors import DatasetError, InputError
+from voxseg.plans import ChannelNormalization, NetworkPlan, Plan
 
 LABELS = {"background": 0, "edema": 1, "core": 2, "enhancing": 3}
 

@@ -25,8 +25,8 @@ from voxseg.augment.config import AugmentConfig
 from voxseg.configtree import build_dataclass, dotted_names, locate_option, parse_value
 from voxseg.configtree import check as _check
 from voxseg.configtree import check_choice as _choice
-from voxseg.jsonio import write_json_atomic
 from voxseg.errors import ConfigError
+from voxseg.jsonio import write_json_atomic
 from voxseg.losses import LOSSES, loss_weights
 from voxseg.lossoptions import TermOptions
 from voxseg.optim import OptimConfig, ScheduleConfig  # owned by the optimiser component, part of this tree

@@ -36,7 +36,14 @@ from voxseg.bench.calibrate import MemoryCalibration
 from voxseg.bench.plausibility import contradictions, noise_note
 from voxseg.bench.projection import EpochShape, project
 from voxseg.bench.rowtiming import (
-    TIMING_CASES, Compiler, Measured, OpenRow, Schedule, Setting, TrainingRow, measure_settings,
+    TIMING_CASES,
+    Compiler,
+    Measured,
+    OpenRow,
+    Schedule,
+    Setting,
+    TrainingRow,
+    measure_settings,
 )
 from voxseg.bench.timing import config_for, training_cases
 from voxseg.config import TrainConfig

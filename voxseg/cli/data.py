@@ -5,11 +5,18 @@ import argparse
 import sys
 from typing import Any
 
-from voxseg.errors import ConfigError
 from voxseg.cli.common import (
-    Subparsers, add_command, add_configuration_flag, configuration_workdir, csv_floats, csv_ints, device, key_values,
+    Subparsers,
+    add_command,
+    add_configuration_flag,
+    configuration_workdir,
+    csv_floats,
+    csv_ints,
+    device,
+    key_values,
     usable_device,
 )
+from voxseg.errors import ConfigError
 
 
 def cmd_synth(args: argparse.Namespace) -> int:

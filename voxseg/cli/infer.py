@@ -5,7 +5,12 @@ import argparse
 from typing import TYPE_CHECKING, Any
 
 from voxseg.cli.common import (
-    Subparsers, add_command, add_configuration_flag, configuration_workdir, folds, usable_device,
+    Subparsers,
+    add_command,
+    add_configuration_flag,
+    configuration_workdir,
+    folds,
+    usable_device,
 )
 from voxseg.errors import ConfigError
 from voxseg.workdir import WorkDir

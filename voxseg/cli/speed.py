@@ -4,7 +4,13 @@ from __future__ import annotations
 import argparse
 
 from voxseg.cli.common import (
-    Subparsers, add_command, add_configuration_flag, configuration_workdir, csv_ints, device, usable_device,
+    Subparsers,
+    add_command,
+    add_configuration_flag,
+    configuration_workdir,
+    csv_ints,
+    device,
+    usable_device,
 )
 
 

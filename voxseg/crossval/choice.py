@@ -31,9 +31,9 @@ from typing import Any, Sequence
 import numpy as np
 import torch
 
+from voxseg.checkpoint import same_checkpoint
 from voxseg.data.configs import config_workdir, load_index
 from voxseg.data.io import read_image, write_image
-from voxseg.checkpoint import same_checkpoint
 from voxseg.data.splits import load_splits
 from voxseg.errors import ConfigError, InputError
 from voxseg.evaluate.workdir import aggregate_folds, crossval_dir, evaluate_workdir_predictions

@@ -24,11 +24,10 @@ import numpy as np
 
 from voxseg.data.dataset import RawCase, RawDataset
 from voxseg.data.io import read_channels, read_image
-from voxseg.jsonio import write_json_atomic
 from voxseg.errors import DatasetError
-from voxseg.workers import exit_with_parent
-from voxseg.jsonio import read_json
+from voxseg.jsonio import read_json, write_json_atomic
 from voxseg.workdir import WorkDir
+from voxseg.workers import exit_with_parent
 
 
 def nonzero_bbox(image: np.ndarray, seg: np.ndarray | None = None) -> list[list[int]]:

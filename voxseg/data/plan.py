@@ -27,13 +27,11 @@ from typing import Any
 import numpy as np
 
 from voxseg.atomicio import copy_file, make_output_folder
-from voxseg.data.dataset import RawDataset, load_dataset
 from voxseg.data.configs import configuration_entry, write_index
+from voxseg.data.dataset import RawDataset, load_dataset
 from voxseg.data.fingerprint import compute_fingerprint, save_fingerprint
 from voxseg.data.lowres import decide_lowres
 from voxseg.data.memory import estimate_memory_gb
-from voxseg.labels import LabelScheme
-from voxseg.plans import ChannelNormalization, NetworkPlan, Plan, parse_overrides
 from voxseg.data.splits import (
     NNUNET_SPLITS_FILE,
     make_fraction_split,
@@ -43,6 +41,8 @@ from voxseg.data.splits import (
 )
 from voxseg.data.topology import check_patch_divisible, derive_topology, fit_batch, fit_patch
 from voxseg.errors import ConfigError, DatasetError
+from voxseg.labels import LabelScheme
+from voxseg.plans import ChannelNormalization, NetworkPlan, Plan, parse_overrides
 from voxseg.workdir import WorkDir
 
 __all__ = [

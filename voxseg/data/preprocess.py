@@ -30,13 +30,13 @@ from scipy import ndimage
 from voxseg.atomicio import sweep_stale_temporaries
 from voxseg.data.fingerprint import mask_bbox
 from voxseg.data.io import Geometry, read_channels, read_image
-from voxseg.plans import Plan
 from voxseg.data.resample import ANISOTROPY_RATIO, OUTPUT_ORDER, resample, separate_axis
 from voxseg.data.store import case_paths, load_properties, sample_foreground_locations, save_case
 from voxseg.errors import DatasetError, InputError, VoxsegError
 from voxseg.normalization import normalize
-from voxseg.workers import exit_with_parent
+from voxseg.plans import Plan
 from voxseg.workdir import WorkDir
+from voxseg.workers import exit_with_parent
 
 __all__ = ["resample", "separate_axis", "ANISOTROPY_RATIO", "preprocess_case", "preprocess_image",
            "restore_to_original", "preprocess_dataset", "plan_hash", "new_shape_for_spacing"]

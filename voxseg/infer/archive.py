@@ -24,12 +24,12 @@ from torch import nn
 
 from voxseg.atomicio import atomic_path
 from voxseg.checkpoint import CHECKPOINT_CHOICES, load_checkpoint, network_from_checkpoint
-from voxseg.plans import Plan
 from voxseg.data.splits import trained_folds
-from voxseg.errors import CheckpointError, ConfigError
 from voxseg.devices import resolve_device  # noqa: F401 - re-exported for the predictor
 from voxseg.digest import sha256_bytes
+from voxseg.errors import CheckpointError, ConfigError
 from voxseg.infer.install import ARCHIVE_FORMAT, MANIFEST, install_archive  # noqa: F401 - install re-exported
+from voxseg.plans import Plan
 from voxseg.workdir import WorkDir
 
 # checkpoint entries kept in an archive; optimiser, scheduler, scaler and RNG states are for resuming only

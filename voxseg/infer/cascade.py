@@ -24,7 +24,7 @@ import torch
 from voxseg.atomicio import atomic_open
 from voxseg.data.configs import next_stage, parent_workdir, stage_workdir
 from voxseg.data.preprocess import new_shape_for_spacing
-from voxseg.data.resample import separate_axis, resample
+from voxseg.data.resample import resample, separate_axis
 from voxseg.data.splits import load_splits
 from voxseg.errors import ConfigError, DatasetError, InputError
 from voxseg.infer.postprocess import activate, probabilities_to_labels

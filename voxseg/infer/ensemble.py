@@ -22,8 +22,8 @@ import torch
 from voxseg.data.configs import config_workdir
 from voxseg.data.io import Geometry
 from voxseg.errors import ConfigError
-from voxseg.infer.postprocess import probabilities_to_labels, probability_names
 from voxseg.infer.config import InferConfig
+from voxseg.infer.postprocess import probabilities_to_labels, probability_names
 from voxseg.infer.predictor import Predictor
 from voxseg.jsonio import read_json
 from voxseg.workdir import WorkDir

@@ -28,9 +28,9 @@ import torch
 
 from voxseg.atomicio import atomic_path
 from voxseg.digest import digest_file_path, verify_digest_file, write_digest_file
-from voxseg.plans import Plan
 from voxseg.errors import CheckpointError, ConfigError
 from voxseg.infer.archive import check_same_plan, checkpoint_path, load_fold_network, resolve_folds
+from voxseg.plans import Plan
 from voxseg.workdir import WorkDir
 
 PLAN_METADATA_KEY = "voxseg_plan"

@@ -33,9 +33,9 @@ from scipy import ndimage
 
 from voxseg.data.io import SUPPORTED_ENDINGS, read_image
 from voxseg.data.restore import DEFAULT_RESTORE_VALUES, crop_box, paste_rows, restore_in_slabs
-from voxseg.plans import Plan
-from voxseg.jsonio import write_json_atomic
 from voxseg.errors import ConfigError, InputError
+from voxseg.jsonio import write_json_atomic
+from voxseg.plans import Plan
 from voxseg.workdir import WorkDir
 
 EXPORTED_POSTPROCESSING_FILE = "voxseg_postprocessing.json"  # in an nnU-Net model folder voxseg exported

@@ -23,6 +23,7 @@ from voxseg.jsonio import write_json_atomic
 from voxseg.plans import Plan
 from voxseg.workdir import FoldDir, WorkDir
 
+
 def validation_config(plan: Plan, amp_dtype: torch.dtype | None, save_probabilities: bool = False) -> InferConfig:
     """How training validates on full volumes: `voxseg predict`'s sliding window (InferConfig's tile step)
     without test-time mirroring, the plan's batch as the tile batch and the run's autocast."""

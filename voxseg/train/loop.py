@@ -27,6 +27,7 @@ from voxseg.atomicio import sweep_stale_temporaries
 from voxseg.checkpoint import Checkpointer, RngStates, load_pretrained
 from voxseg.config import TrainConfig
 from voxseg.data.splits import get_fold
+from voxseg.devices import amp_name
 from voxseg.distributed import World, all_reduce_mean, barrier, data_parallel, process_group
 from voxseg.errors import VoxsegError
 from voxseg.infer.cascade import stored_previous
@@ -37,16 +38,25 @@ from voxseg.models.factory import warn_noop_deep_supervision
 from voxseg.optim import build_optimizer, build_scheduler
 from voxseg.plans import Plan
 from voxseg.train.eta import RunLength, count_tiles, format_duration
-from voxseg.devices import amp_name
 from voxseg.train.evaluation import full_val_metrics
 from voxseg.train.feed import TrainData
 from voxseg.train.logger import TrainLogger
 from voxseg.train.resume import (
-    apply_changes, config_changes, describe_changes, record_changes, refuse_fixed, resume_tag,
+    apply_changes,
+    config_changes,
+    describe_changes,
+    record_changes,
+    refuse_fixed,
+    resume_tag,
 )
 from voxseg.train.rundir import check_run_dir, replace_run_dir
 from voxseg.train.setup import (  # noqa: F401 - cache_budget_gb, effective_plan, resolve, seed_everything: API
-    RunSetup, cache_budget_gb, effective_plan, resolve, resolved_config, seed_everything,
+    RunSetup,
+    cache_budget_gb,
+    effective_plan,
+    resolve,
+    resolved_config,
+    seed_everything,
 )
 from voxseg.train.start import RunStart
 from voxseg.train.step import RunningMeans, TrainStep
