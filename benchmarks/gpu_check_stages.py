@@ -153,6 +153,7 @@ def dataset(root: Path, device: torch.device, sizes: Sizes, gpu_memory_gb: float
     from voxseg.data.preprocess import preprocess_dataset
     from voxseg.data.synth import make_synthetic_dataset
     from voxseg.demo import shrink_plan_for_cpu
+    from voxseg.workdir import WorkDir
 
     workdir = root / "work"
     memory = gpu_memory_gb or (_gpu_memory_gb(device) if device.type == "cuda" else CUDA_PLAN_FALLBACK_GB)
@@ -164,7 +165,7 @@ def dataset(root: Path, device: torch.device, sizes: Sizes, gpu_memory_gb: float
     plan = plan_dataset(raw, workdir, gpu_memory_gb=memory, num_workers=workers)
     if sizes.max_features is not None:  # a CPU trains the planned network far too slowly: shrink as the demo does
         plan = shrink_plan_for_cpu(plan, sizes.max_features, patch=sizes.max_patch)
-        plan.save(workdir / "plans.json")
+        plan.save(WorkDir(workdir).plans)
     plan_s = time.perf_counter() - start
     stats = preprocess_dataset(workdir, num_workers=workers, progress=False)
     return {
@@ -193,8 +194,9 @@ def calibration(workdir: Path, device: torch.device) -> dict[str, Any]:
     if device.type != "cuda":
         return {"skipped": "needs a CUDA device; the memory formula is used as it is"}
     from voxseg.bench.calibrate import calibrate_workdir, cuda_measure, device_name
+    from voxseg.workdir import WorkDir
 
-    before = Plan.load(workdir / "plans.json")
+    before = Plan.load(WorkDir(workdir).plans)
     start = time.perf_counter()
     after, fit = calibrate_workdir(workdir, cuda_measure(device), device_name(device))
     return {

@@ -45,7 +45,8 @@ RESENC = {  # as nnU-Net's ResEnc planners write it: blocks [1, 3, 4, 6], one co
 PATCH = [16, 32, 32]
 LOADER = """
 import sys, torch
-from voxseg.infer.nnunet import load_nnunet_fold, nnunet_folds
+from voxseg.infer.nnunet import load_nnunet_fold
+from voxseg.infer.nnunet_folder import nnunet_folds
 folder = sys.argv[1]
 net, plan, axes = load_nnunet_fold(folder, nnunet_folds(folder, 0, "final")[0])
 with torch.no_grad():

@@ -44,6 +44,7 @@ from voxseg.train import loop
 from voxseg.train.evaluation import validation_config
 from voxseg.train.logger import TrainLogger
 from voxseg.train.recipes import recipe_overrides
+from voxseg.workdir import WorkDir
 
 
 # ----- data ---------------------------------------------------------------------------------------------------
@@ -59,12 +60,12 @@ def prepare_data(out: Path, args: argparse.Namespace) -> Path:
         start = time.perf_counter()
         make_synthetic_dataset(dataset, num_cases=args.cases, shape=tuple(args.shape), seed=0)
         print(f"synthesised {args.cases} cases of {args.shape} in {time.perf_counter() - start:.0f} s", flush=True)
-    if not (workdir / "plans.json").is_file():
+    if not WorkDir(workdir).plans.is_file():
         plan = plan_dataset(dataset, workdir, gpu_memory_gb=args.gpu_memory, val_fraction=0.25)
         if not args.brats:
             plan = shrink_plan_for_cpu(plan, max_features=args.max_features, patch=args.patch)
-            plan.save(workdir / "plans.json")
-    print(describe_plan(Plan.load(workdir / "plans.json")), flush=True)
+            plan.save(WorkDir(workdir).plans)
+    print(describe_plan(Plan.load(WorkDir(workdir).plans)), flush=True)
     preprocess_dataset(workdir, num_workers=args.workers, progress=False)
     return workdir
 
@@ -164,7 +165,7 @@ def evaluate(r: Runner, workdir: Path, val_names: list[str]) -> None:
     """Full sliding-window validation Dice of the current weights (off the clock)."""
     _sync(r.setup.device)
     plan = r.training.plan
-    summary = full_validation(r.training.model, plan, workdir / "preprocessed", val_names, None, r.setup.device,
+    summary = full_validation(r.training.model, plan, WorkDir(workdir).preprocessed, val_names, None, r.setup.device,
                               validation_config(plan, r.setup.amp_dtype))  # as training validates, nothing written
     last = r.epochs[-1] if r.epochs else {}
     r.points.append({"epoch": r.training.progress.epoch, "clock_s": r.clock, "iterations": r.iterations,

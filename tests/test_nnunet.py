@@ -13,13 +13,8 @@ import torch
 from voxseg.data.io import Geometry
 from voxseg.data.preprocess import preprocess_case
 from voxseg.errors import CheckpointError
-from voxseg.infer.nnunet import (
-    is_nnunet_model_folder,
-    load_nnunet_checkpoint,
-    load_nnunet_fold,
-    nnunet_folds,
-    plan_from_nnunet,
-)
+from voxseg.infer.nnunet import load_nnunet_fold, plan_from_nnunet
+from voxseg.infer.nnunet_folder import is_nnunet_model_folder, load_nnunet_checkpoint, nnunet_folds
 from voxseg.infer.nnunet_weights import map_nnunet_weights, nnunet_names
 from voxseg.infer.predictor import Predictor
 from voxseg.models import build_network

@@ -159,7 +159,7 @@ def test_fold_selection_and_missing_checkpoint(workdir, tmp_path):
 
 def test_every_trained_fold_is_the_default(workdir, tmp_path):
     from voxseg.cli.infer import _folds_line
-    from voxseg.infer.nnunet import nnunet_folds
+    from voxseg.infer.nnunet_folder import nnunet_folds
 
     predictor = Predictor.from_workdir(workdir, device="cpu", mirror_axes=None)
     assert predictor.folds == (0, 1) and len(predictor.models) == 2  # as nnU-Net: the ensemble of the folds

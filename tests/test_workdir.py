@@ -18,7 +18,7 @@ HOME = PACKAGE / "workdir.py"
 
 # Path components of the work-directory layout. "dataset.json" is left out on purpose: the raw dataset and an
 # nnU-Net model folder have a file of that name too (their layouts live in voxseg/data/dataset.py and
-# voxseg/infer/nnunet.py); the work directory's copy is `WorkDir.dataset_json`.
+# voxseg/infer/nnunet_folder.py); the work directory's copy is `WorkDir.dataset_json`.
 LAYOUT_NAMES = (
     "training", "validation", "preprocessed", "configs", "crossval", "postprocessed", "ensembles", "tensorboard",
     "predicted_next_stage", "plans.json", "splits.json", "config.json", "postprocessing.json",
@@ -32,11 +32,11 @@ LAYOUT_PATTERNS = (
 )
 # (module, literal) -> why it may spell a layout name. Each entry must still be used (see the test).
 ALLOWED = {
-    ("infer/nnunet.py", "plans.json"): "an nnU-Net v2 model folder's own layout, not a voxseg work directory",
-    ("infer/nnunet.py", "fold_"): "an nnU-Net v2 model folder's own layout",
-    ("infer/nnunet.py", "validation"): "an nnU-Net v2 model folder's own layout",
-    ("infer/nnunet.py", "checkpoint_final.pth"): "an nnU-Net v2 model folder's own layout",
-    ("infer/nnunet.py", "checkpoint_best.pth"): "an nnU-Net v2 model folder's own layout",
+    ("infer/nnunet_folder.py", "plans.json"): "an nnU-Net v2 model folder's own layout, not a voxseg work directory",
+    ("infer/nnunet_folder.py", "fold_"): "an nnU-Net v2 model folder's own layout",
+    ("infer/nnunet_folder.py", "validation"): "an nnU-Net v2 model folder's own layout",
+    ("infer/nnunet_folder.py", "checkpoint_final.pth"): "an nnU-Net v2 model folder's own layout",
+    ("infer/nnunet_folder.py", "checkpoint_best.pth"): "an nnU-Net v2 model folder's own layout",
     ("plans.py", "plans.json"): "the schema's name in messages about a plan's fields, wherever it was read from",
     ("data/convert.py", "training"): "the key of an MSD dataset.json that lists its training cases",
 }

@@ -18,7 +18,8 @@ from voxseg.distributed import local_device
 from voxseg.errors import CheckpointError
 from voxseg.infer.archive import check_same_plan, load_fold_network, resolve_folds
 from voxseg.infer.config import InferConfig
-from voxseg.infer.nnunet import NNUNET_FOLD_PREFIX, is_nnunet_model_folder, load_nnunet_fold, nnunet_folds
+from voxseg.infer.nnunet import load_nnunet_fold
+from voxseg.infer.nnunet_folder import NNUNET_FOLD_PREFIX, is_nnunet_model_folder, nnunet_folds
 from voxseg.plans import Plan
 from voxseg.workdir import WorkDir
 

@@ -37,7 +37,7 @@ from voxseg.checkpoint import save_checkpoint
 from voxseg.errors import CheckpointError, ConfigError
 from voxseg.infer.archive import checkpoint_path, load_fold_network, resolve_folds
 from voxseg.infer.install import swap_in_folder
-from voxseg.infer.nnunet import CHECKPOINT_FILES, NNUNET_DATASET, NNUNET_PLANS, nnunet_fold_dir
+from voxseg.infer.nnunet_folder import CHECKPOINT_FILES, NNUNET_DATASET, NNUNET_PLANS, nnunet_fold_dir
 from voxseg.infer.nnunet_weights import nnunet_names
 from voxseg.infer.postprocess import EXPORTED_POSTPROCESSING_FILE, model_postprocessing
 from voxseg.jsonio import read_json, write_json_atomic

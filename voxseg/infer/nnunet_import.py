@@ -43,7 +43,8 @@ from voxseg.data.splits import NNUNET_SPLITS_FILE, read_nnunet_splits, save_spli
 from voxseg.digest import sha256_file
 from voxseg.errors import CheckpointError, ConfigError
 from voxseg.infer.install import swap_in_folder
-from voxseg.infer.nnunet import (
+from voxseg.infer.nnunet import nnunet_fold_state, plan_from_nnunet
+from voxseg.infer.nnunet_folder import (
     CHECKPOINT_FILES,
     NNUNET_DATASET,
     NNUNET_FOLD_PREFIX,
@@ -53,9 +54,7 @@ from voxseg.infer.nnunet import (
     is_nnunet_model_folder,
     load_nnunet_checkpoint,
     nnunet_fold_dir,
-    nnunet_fold_state,
     nnunet_folds,
-    plan_from_nnunet,
 )
 from voxseg.infer.nnunet_weights import map_nnunet_weights
 from voxseg.infer.postprocess import EXPORTED_POSTPROCESSING_FILE, model_postprocessing
