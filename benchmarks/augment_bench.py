@@ -17,15 +17,15 @@ Each figure: `--batches` batches (fresh draws each, the same sequence in every r
 times after one warm-up on the same draws; median samples/s with min..max.
 
 Which transforms fire is random, and with few samples the two pipelines' draws differ a lot (8 samples may
-hold 0 or 3 rotations; a rotated sample costs ~10x an unrotated one). `--rounds R` measures every column R times, each round
-on the draws of its own seed (--seed, --seed + 1, ...) and the columns one after the other within a round,
+hold 0 or 3 rotations; a rotated sample costs ~10x an unrotated one). `--rounds R` measures every column R times,
+each round on the draws of its own seed (--seed, --seed + 1, ...) and the columns one after the other within a round,
 so that load on a shared machine hits them alike; the pooled figure is samples over the summed round times.
 `--clock cpu` (one thread only) times the process's CPU time instead of wall time: other work on the machine
 then no longer counts against a column, though it still slows both through shared caches and memory.
 
 Run: python benchmarks/augment_bench.py [--patch 128] [--batch 2] [--channels 4] [--threads 1] [--repeats 3]
-         [--batches 10] [--rounds 1] [--seed 1] [--clock wall|cpu] [--device cpu] [--no-reference] [--no-nnunet] [--sampler]
-         [--setup-nnunet]
+         [--batches 10] [--rounds 1] [--seed 1] [--clock wall|cpu] [--device cpu] [--no-reference] [--no-nnunet]
+         [--sampler] [--setup-nnunet]
 """
 from __future__ import annotations
 

@@ -244,7 +244,8 @@ MEAN_ROWS = [
 
 
 def table(ours: dict, tools: dict) -> tuple[str, list[dict]]:
-    lines = ["| tool | setting | voxseg --convention | values | defined on one side only | max abs diff | max rel diff |",
+    lines = ["| tool | setting | voxseg --convention | values | defined on one side only | max abs diff "
+             "| max rel diff |",
              "|---|---|---|---|---|---|---|"]
     results = []
     for rows, compare_fn, unit in ((ROWS, compare, "case x class"), (MEAN_ROWS, compare_means, "class means")):

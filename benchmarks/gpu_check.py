@@ -99,7 +99,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--shape", type=int, nargs=3, default=None, metavar=("D", "H", "W"),
                         help="override the synthetic case shape")
     parser.add_argument("--iterations", type=int, default=0, help="override the timed steps per round")
-    parser.add_argument("--threads", type=int, default=4, help="CPU threads of the training step (default 4, at most the CPU count)")
+    parser.add_argument("--threads", type=int, default=4,
+                        help="CPU threads of the training step (default 4, at most the CPU count)")
     parser.add_argument("--gpu-memory", type=float, default=None,
                         help="GiB to plan for (default: the device's memory on CUDA, 8 on a CPU)")
     return parser.parse_args(argv)
@@ -208,7 +209,8 @@ def markdown_table(report: dict[str, Any]) -> str:
                    + (f"CUDA {env.get('cuda')}, {env.get('gpu_memory_gb')} GB GPU memory, " if env.get("cuda") else "")
                    + f"{env.get('cpu_count')} CPUs"),
         ("pytest -m gpu", f"{tests.get('passed')} passed, {tests.get('failed')} failed, "
-                          f"{tests.get('skipped')} skipped, {tests.get('errors')} errors" if tests and not tests.get("skipped") is True else "n/a"),
+                          f"{tests.get('skipped')} skipped, {tests.get('errors')} errors"
+                          if tests and tests.get("skipped") is not True else "n/a"),
         ("synthetic data", f"{sizes.get('cases')} cases x 4 x {'x'.join(map(str, sizes.get('shape', [])))}"),
         ("plan", f"patch {plan.get('patch_size')} x batch {plan.get('batch_size')}, features "
                  f"{plan.get('features')}, planned for {plan.get('gpu_memory_gb')} GB"),

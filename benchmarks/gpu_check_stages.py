@@ -153,6 +153,7 @@ def dataset(root: Path, device: torch.device, sizes: Sizes, gpu_memory_gb: float
     from voxseg.data.preprocess import preprocess_dataset
     from voxseg.data.synth import make_synthetic_dataset
     from voxseg.demo import shrink_plan_for_cpu
+    from voxseg.workdir import WorkDir
 
     workdir = root / "work"
     memory = gpu_memory_gb or (_gpu_memory_gb(device) if device.type == "cuda" else CUDA_PLAN_FALLBACK_GB)
@@ -164,7 +165,7 @@ def dataset(root: Path, device: torch.device, sizes: Sizes, gpu_memory_gb: float
     plan = plan_dataset(raw, workdir, gpu_memory_gb=memory, num_workers=workers)
     if sizes.max_features is not None:  # a CPU trains the planned network far too slowly: shrink as the demo does
         plan = shrink_plan_for_cpu(plan, sizes.max_features, patch=sizes.max_patch)
-        plan.save(workdir / "plans.json")
+        plan.save(WorkDir(workdir).plans)
     plan_s = time.perf_counter() - start
     stats = preprocess_dataset(workdir, num_workers=workers, progress=False)
     return {
@@ -193,8 +194,9 @@ def calibration(workdir: Path, device: torch.device) -> dict[str, Any]:
     if device.type != "cuda":
         return {"skipped": "needs a CUDA device; the memory formula is used as it is"}
     from voxseg.bench.calibrate import calibrate_workdir, cuda_measure, device_name
+    from voxseg.workdir import WorkDir
 
-    before = Plan.load(workdir / "plans.json")
+    before = Plan.load(WorkDir(workdir).plans)
     start = time.perf_counter()
     after, fit = calibrate_workdir(workdir, cuda_measure(device), device_name(device))
     return {
@@ -308,17 +310,17 @@ def _write_fold_checkpoints(workdir: Path, folds: int) -> Any:
     """
     from voxseg.checkpoint import CHECKPOINT_FORMAT, save_checkpoint
     from voxseg.config import TrainConfig
-    from voxseg.data.splits import fold_dir
     from voxseg.models import build_network
     from voxseg.train.loop import Progress, effective_plan
+    from voxseg.workdir import WorkDir
 
     config = TrainConfig()
     plan = effective_plan(workdir, config)
     state = {"format": CHECKPOINT_FORMAT, "model": build_network(plan, deep_supervision=False).state_dict(),
              "plan": plan.to_dict(), "config": config.to_dict(), "progress": Progress().state_dict()}
-    first = save_checkpoint(fold_dir(workdir, 0) / "checkpoint_final.pt", state)
+    first = save_checkpoint(WorkDir(workdir).fold(0).checkpoint("final"), state)
     for fold in range(1, folds):
-        target = fold_dir(workdir, fold) / "checkpoint_final.pt"
+        target = WorkDir(workdir).fold(fold).checkpoint("final")
         target.parent.mkdir(parents=True, exist_ok=True)
         shutil.copyfile(first, target)
     return plan

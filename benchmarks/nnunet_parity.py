@@ -4,9 +4,9 @@ Run with the python of an environment that has nnunetv2 / dynamic_network_archit
 
     benchmarks/.venv-nnunet/bin/python benchmarks/nnunet_parity.py [--voxseg-python /path/to/python]
 
-For each network it builds the network from nnU-Net-style arch_kwargs (as its planner writes them), saves an nnU-Net-style
-model folder (plans.json, dataset.json, fold_0/checkpoint_final.pth with the dict nnU-Net's trainer saves),
-then loads that folder with voxseg's adapter in a subprocess of voxseg's own python and compares the logits
+For each network it builds the network from nnU-Net-style arch_kwargs (as its planner writes them), saves an
+nnU-Net-style model folder (plans.json, dataset.json, fold_0/checkpoint_final.pth with the dict nnU-Net's trainer
+saves), then loads that folder with voxseg's adapter in a subprocess of voxseg's own python and compares the logits
 (same weights, so they must agree to float rounding; the script fails above 1e-4).
 """
 from __future__ import annotations
@@ -31,7 +31,8 @@ PLAIN = {
         "strides": [[1, 1, 1], [1, 2, 2], [2, 2, 2], [2, 2, 2]],
         "n_conv_per_stage": [2, 2, 2, 2], "n_conv_per_stage_decoder": [2, 2, 2], "conv_bias": True,
         "norm_op": "torch.nn.modules.instancenorm.InstanceNorm3d", "norm_op_kwargs": {"eps": 1e-5, "affine": True},
-        "dropout_op": None, "dropout_op_kwargs": None, "nonlin": "torch.nn.LeakyReLU", "nonlin_kwargs": {"inplace": True},
+        "dropout_op": None, "dropout_op_kwargs": None, "nonlin": "torch.nn.LeakyReLU",
+        "nonlin_kwargs": {"inplace": True},
     },
     "_kw_requires_import": ["conv_op", "norm_op", "dropout_op", "nonlin"],
 }
@@ -44,7 +45,8 @@ RESENC = {  # as nnU-Net's ResEnc planners write it: blocks [1, 3, 4, 6], one co
 PATCH = [16, 32, 32]
 LOADER = """
 import sys, torch
-from voxseg.infer.nnunet import load_nnunet_fold, nnunet_folds
+from voxseg.infer.nnunet import load_nnunet_fold
+from voxseg.infer.nnunet_folder import nnunet_folds
 folder = sys.argv[1]
 net, plan, axes = load_nnunet_fold(folder, nnunet_folds(folder, 0, "final")[0])
 with torch.no_grad():
@@ -61,7 +63,8 @@ def write_model_folder(folder: Path, network: torch.nn.Module, arch: dict) -> No
               "use_mask_for_norm": [True, False], "architecture": arch}
     plans = {"dataset_name": "Dataset999_Parity", "plans_name": "nnUNetPlans", "transpose_forward": [0, 1, 2],
              "transpose_backward": [0, 1, 2], "configurations": {"3d_fullres": config},
-             "original_median_spacing_after_transp": [3.0, 0.8, 0.8], "original_median_shape_after_transp": [40, 64, 64],
+             "original_median_spacing_after_transp": [3.0, 0.8, 0.8],
+             "original_median_shape_after_transp": [40, 64, 64],
              "foreground_intensity_properties_per_channel": {
                  "1": {"mean": 40.0, "std": 50.0, "percentile_00_5": -100.0, "percentile_99_5": 300.0}}}
     dataset = {"channel_names": {"0": "T2", "1": "CT"}, "labels": {"background": 0, "a": 1, "b": 2},

@@ -69,7 +69,8 @@ def main() -> None:
                     continue
                 strides = [list(s) for s in plan["architecture"]["arch_kwargs"]["strides"][1:]]
                 spacing = "x".join(f"{s:.4g}" for s in plan["spacing"])
-                print(f"  {config:<19} spacing {spacing:<18} median {[round(float(m)) for m in plan['median_image_size_in_voxels']]} "
+                median = [round(float(m)) for m in plan["median_image_size_in_voxels"]]
+                print(f"  {config:<19} spacing {spacing:<18} median {median} "
                       f"patch {[int(p) for p in plan['patch_size']]} x {plan['batch_size']} strides {strides}")
 
 

@@ -88,8 +88,7 @@ def nnunet_train(args: argparse.Namespace) -> None:
     work = Path(args.work)
     _nnunet_env(work)
     torch.set_num_threads(args.threads)
-    from nnunetv2.experiment_planning.plan_and_preprocess_api import (extract_fingerprints, plan_experiments,
-                                                                      preprocess)
+    from nnunetv2.experiment_planning.plan_and_preprocess_api import extract_fingerprints, plan_experiments, preprocess
     from nnunetv2.utilities.dataset_name_id_conversion import maybe_convert_to_dataset_name
 
     dataset_id = int(DATASET[7:10])
@@ -190,8 +189,8 @@ def compare_case(name: str, ours: Path, theirs: Path, reference: Path, labels: l
     result.update(agreement=float((seg_v == seg_n).mean()), differing_voxels=int((seg_v != seg_n).sum()),
                   prob_max_abs_diff=float(diff.max()), prob_mean_abs_diff=float(diff.mean()),
                   foreground_voxels=[int((seg_v > 0).sum()), int((seg_n > 0).sum())],
-                  dice_voxseg={str(l): _dice(seg_v, ref, l) for l in labels},
-                  dice_nnunet={str(l): _dice(seg_n, ref, l) for l in labels})
+                  dice_voxseg={str(label): _dice(seg_v, ref, label) for label in labels},
+                  dice_nnunet={str(label): _dice(seg_n, ref, label) for label in labels})
     return result
 
 
@@ -212,8 +211,10 @@ def compare(args: argparse.Namespace) -> dict:
         _run(_nnunet_command(args, "--nnunet-train", "--epochs", str(args.epochs), "--iterations",
                              str(args.iterations)), args.threads, voxseg=False)
         print(f"nnU-Net fingerprint/plan/preprocess/training: {time.perf_counter() - start:.0f} s")
-    labels = [int(v) for k, v in json.loads((sets["a"] / "dataset.json").read_text())["labels"].items() if k != "background"]
-    report = {"threads": args.threads, "nnunet_fp32_accumulators": args.nnunet_fp32, "torch": torch.__version__, "model": str(model.name), "patch": PATCH,
+    labels = [int(v) for k, v in json.loads((sets["a"] / "dataset.json").read_text())["labels"].items()
+              if k != "background"]
+    report = {"threads": args.threads, "nnunet_fp32_accumulators": args.nnunet_fp32, "torch": torch.__version__,
+              "model": str(model.name), "patch": PATCH,
               "features": FEATURES, "train_spacing": TRAIN_SPACING, "other_spacing": OTHER_SPACING, "runs": []}
     for mirror in [m == "on" for m in args.mirror_modes.split(",")]:
         for key, folder in [(k, sets[k]) for k in args.sets.split(",")]:
@@ -253,7 +254,8 @@ def print_run(run: dict) -> None:
             f"voxseg {np.median(run['seconds_voxseg']):.1f} s, nnU-Net {np.median(run['seconds_nnunet']):.1f} s, "
             f"ratio {run['ratio']:.2f}; geometry identical: {run['geometry_identical']}")
     print(head)
-    print(f"  {'case':10s} {'agreement':>10s} {'differ':>7s} {'max|dp|':>9s} {'Dice voxseg':>12s} {'Dice nnU-Net':>13s}")
+    print(f"  {'case':10s} {'agreement':>10s} {'differ':>7s} {'max|dp|':>9s} {'Dice voxseg':>12s} "
+          f"{'Dice nnU-Net':>13s}")
     for c in run["cases"]:
         dv, dn = (np.mean([d for d in c[k].values() if d is not None]) for k in ("dice_voxseg", "dice_nnunet"))
         print(f"  {c['case']:10s} {100 * c['agreement']:9.4f}% {c['differing_voxels']:7d} "

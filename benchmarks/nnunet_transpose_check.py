@@ -12,8 +12,8 @@ grid than the plans' spacing: both tools resample there and back) twice: with nn
 (manual_initialization, predict_single_npy_array: its preprocessing transposes the case, its export transposes
 back) and with voxseg's Predictor.from_workdir(model folder).predict_array in a subprocess of voxseg's python.
 Mirroring is on (the checkpoint allows nnU-Net's axes 0 and 2), tile step 0.5, Gaussian, CPU. It prints the
-voxel agreement of the label maps and max |p_voxseg - p_nnU-Net|. nnU-Net accumulates the tiles and its Gaussian in float16;
---nnunet-fp32 runs its predictor in float32 instead (as benchmarks/nnunet_predict_compare.py does), which shows
+voxel agreement of the label maps and max |p_voxseg - p_nnU-Net|. nnU-Net accumulates the tiles and its Gaussian in
+float16; --nnunet-fp32 runs its predictor in float32 instead (as benchmarks/nnunet_predict_compare.py does), which shows
 what is left of the difference: then the script fails when the maps differ in more than 0.1% of the voxels or a
 probability by more than 1e-4 (without it: more than 1% of the voxels).
 """
@@ -46,7 +46,8 @@ predictor = Predictor.from_workdir(folder, folds=0, device="cpu")
 labels, probs = predictor.predict_array(np.load(folder + "/case.npy"), (0.9, 0.8, 3.0), return_probabilities=True)
 np.save(folder + "/voxseg_labels.npy", labels)
 np.save(folder + "/voxseg_probs.npy", probs)
-print("voxseg: patch", predictor.plan.patch_size, "slice axis", predictor.plan.slice_axis, "mirror", predictor.mirror_axes)
+print("voxseg: patch", predictor.plan.patch_size, "slice axis", predictor.plan.slice_axis,
+      "mirror", predictor.mirror_axes)
 """
 
 
@@ -145,8 +146,8 @@ def main() -> None:
                         help="the Python that has voxseg installed (default: python3 on PATH)")
     args = parser.parse_args()
     torch.set_num_threads(2)
-    results = [check(base, configuration, args.voxseg_python, args.nnunet_fp32) for configuration in ("3d_fullres", "2d")
-               for base in (PLAIN, RESENC)]
+    results = [check(base, configuration, args.voxseg_python, args.nnunet_fp32)
+               for configuration in ("3d_fullres", "2d") for base in (PLAIN, RESENC)]
     # float32 on both sides: the same function up to float rounding; float16 in nnU-Net: its rounding, which tiny
     # Gaussian weights at the edges of a small patch make large, so only the label maps are held to a bound
     agree, worst = (0.999, 1e-4) if args.nnunet_fp32 else (0.99, 1.0)

@@ -20,9 +20,9 @@ import numpy as np
 import torch
 
 from voxseg.data.io import Geometry
-from voxseg.plans import ChannelNormalization, NetworkPlan, Plan
 from voxseg.data.preprocess import preprocess_case
 from voxseg.data.store import sample_foreground_locations, save_case
+from voxseg.plans import ChannelNormalization, NetworkPlan, Plan
 
 SHAPE = (155, 240, 240)
 PATCH = 128
@@ -97,7 +97,8 @@ def bench_patch_reads(image_pp: np.ndarray, seg_pp: np.ndarray, repeats: int) ->
         fg = sample_foreground_locations(seg_pp, [1, 2, 3], seed="bench")
         seconds = timed(lambda: save_case(tmp, "case", image_pp, seg_pp, {"name": "case"}, fg, image_dtype="float16"))
         npy = tmp / "case.npy"
-        print(f"save_case (float16 .npy + seg + fg + json): {seconds:.2f} s, image file {npy.stat().st_size / 1e6:.0f} MB")
+        print(f"save_case (float16 .npy + seg + fg + json): {seconds:.2f} s, "
+              f"image file {npy.stat().st_size / 1e6:.0f} MB")
         npz = tmp / "case.npz"
         seconds = timed(lambda: np.savez_compressed(npz, image=image_pp.astype(np.float16)))
         print(f"np.savez_compressed: {seconds:.2f} s, file {npz.stat().st_size / 1e6:.0f} MB")
@@ -113,7 +114,8 @@ def bench_patch_reads(image_pp: np.ndarray, seg_pp: np.ndarray, repeats: int) ->
             cold.append(timed(lambda: np.array(np.load(npy, mmap_mode="r")[random_slices(mapped.shape, rng)])))
         if cold:
             print(f"128^3 patch, mmap .npy, cold cache (fadvise): median {np.median(cold) * 1e3:.1f} ms")
-        packed = [timed(lambda: np.load(npz)["image"][random_slices(mapped.shape, rng)]) for _ in range(max(3, repeats // 4))]
+        packed = [timed(lambda: np.load(npz)["image"][random_slices(mapped.shape, rng)])
+                  for _ in range(max(3, repeats // 4))]
         print(f"128^3 patch, compressed .npz: median {np.median(packed) * 1e3:.1f} ms")
 
 
@@ -138,7 +140,8 @@ def main() -> None:
     bench_preprocess(image, seg, "cpu")
     if args.device != "cpu":
         bench_preprocess(image, seg, args.device)
-    image_pp, seg_pp, _ = preprocess_case(image, Geometry.from_spacing((1.0, 1.0, 1.0)), make_plan((1.0, 1.0, 1.0)), seg)
+    image_pp, seg_pp, _ = preprocess_case(image, Geometry.from_spacing((1.0, 1.0, 1.0)), make_plan((1.0, 1.0, 1.0)),
+                                          seg)
     bench_float16(image_pp)
     bench_patch_reads(image_pp, seg_pp, args.repeats)
 

@@ -34,16 +34,17 @@ from typing import Any
 import torch
 
 from voxseg.config import TrainConfig, apply_overrides
-from voxseg.plans import Plan
 from voxseg.data.splits import get_fold
 from voxseg.devices import resolve_device
 from voxseg.errors import VoxsegError
+from voxseg.infer.validation import full_validation
 from voxseg.jsonio import write_json_atomic
+from voxseg.plans import Plan
 from voxseg.train import loop
+from voxseg.train.evaluation import validation_config
 from voxseg.train.logger import TrainLogger
 from voxseg.train.recipes import recipe_overrides
-from voxseg.infer.validation import full_validation
-from voxseg.train.evaluation import validation_config
+from voxseg.workdir import WorkDir
 
 
 # ----- data ---------------------------------------------------------------------------------------------------
@@ -59,12 +60,12 @@ def prepare_data(out: Path, args: argparse.Namespace) -> Path:
         start = time.perf_counter()
         make_synthetic_dataset(dataset, num_cases=args.cases, shape=tuple(args.shape), seed=0)
         print(f"synthesised {args.cases} cases of {args.shape} in {time.perf_counter() - start:.0f} s", flush=True)
-    if not (workdir / "plans.json").is_file():
+    if not WorkDir(workdir).plans.is_file():
         plan = plan_dataset(dataset, workdir, gpu_memory_gb=args.gpu_memory, val_fraction=0.25)
         if not args.brats:
             plan = shrink_plan_for_cpu(plan, max_features=args.max_features, patch=args.patch)
-            plan.save(workdir / "plans.json")
-    print(describe_plan(Plan.load(workdir / "plans.json")), flush=True)
+            plan.save(WorkDir(workdir).plans)
+    print(describe_plan(Plan.load(WorkDir(workdir).plans)), flush=True)
     preprocess_dataset(workdir, num_workers=args.workers, progress=False)
     return workdir
 
@@ -164,7 +165,7 @@ def evaluate(r: Runner, workdir: Path, val_names: list[str]) -> None:
     """Full sliding-window validation Dice of the current weights (off the clock)."""
     _sync(r.setup.device)
     plan = r.training.plan
-    summary = full_validation(r.training.model, plan, workdir / "preprocessed", val_names, None, r.setup.device,
+    summary = full_validation(r.training.model, plan, WorkDir(workdir).preprocessed, val_names, None, r.setup.device,
                               validation_config(plan, r.setup.amp_dtype))  # as training validates, nothing written
     last = r.epochs[-1] if r.epochs else {}
     r.points.append({"epoch": r.training.progress.epoch, "clock_s": r.clock, "iterations": r.iterations,
@@ -227,7 +228,8 @@ def markdown(result: dict[str, Any]) -> str:
     summary, curves = result["summary"], result["curves"]
     names = list(curves)
     longest = max(s["clock_s"] for s in summary["recipes"].values())
-    marks = sorted({longest * f for f in (0.125, 0.25, 0.5, 0.75)} | {s["clock_s"] for s in summary["recipes"].values()})
+    marks = sorted({longest * f for f in (0.125, 0.25, 0.5, 0.75)}
+                   | {s["clock_s"] for s in summary["recipes"].values()})
     lines = ["| training time (s) | " + " | ".join(f"{n} Dice" for n in names) + " |",
              "|---:|" + "---:|" * len(names)]
     for mark in marks:
@@ -259,7 +261,8 @@ def plot(result: dict[str, Any], path: Path) -> None:
     ax_time, ax_iter = fig.subplots(1, 2, sharey=True)
     for name, curve in result["curves"].items():
         points, epochs = curve["points"], curve["epochs"]
-        line, = ax_time.plot([p["clock_s"] for p in points], [p["dice"] for p in points], "o-", label=f"{name} (full val)")
+        line, = ax_time.plot([p["clock_s"] for p in points], [p["dice"] for p in points], "o-",
+                             label=f"{name} (full val)")
         ax_time.plot([e["clock_s"] for e in epochs], [e["pseudo_dice_mean"] for e in epochs], ":", alpha=0.5,
                      color=line.get_color(), label=f"{name} pseudo-Dice")
         ax_iter.plot([p["iterations"] for p in points], [p["dice"] for p in points], "o-", color=line.get_color(),

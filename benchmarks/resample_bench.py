@@ -35,8 +35,8 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=1)
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
-    from scipy import ndimage
     from nnunetv2.preprocessing.resampling.default_resampling import compute_new_shape, resample_data_or_seg_to_shape
+    from scipy import ndimage
 
     from voxseg.data.preprocess import new_shape_for_spacing
     from voxseg.data.resample import OUTPUT_ORDER, resample, separate_axis

@@ -316,7 +316,8 @@ def test_draws_keep_the_recipes_probabilities_and_ranges():
                                 (params.inverted_gamma_exponent, config.gamma_range)]:
         assert values.min() >= low and values.max() <= high
         assert close((values < 1).mean(), 0.5, values.size)  # half the draws below 1, half above
-        assert abs(values[values < 1].mean() - (low + 1) / 2) < 0.01 and abs(values[values >= 1].mean() - (1 + high) / 2) < 0.01
+        assert abs(values[values < 1].mean() - (low + 1) / 2) < 0.01
+        assert abs(values[values >= 1].mean() - (1 + high) / 2) < 0.01
     assert set(np.unique(params.rot90_turns)) == {1, 2, 3} and len(np.unique(params.noise_seed)) == n
 
 

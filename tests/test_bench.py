@@ -10,11 +10,18 @@ from pathlib import Path
 import pytest
 import torch
 
-from voxseg.bench.benchmark import format_benchmark, memory_row, run_benchmark
 from voxseg.bench import timing as timing_module
+from voxseg.bench.benchmark import format_benchmark, memory_row, run_benchmark
 from voxseg.bench.timing import (
-    StepTiming, between_steps_fraction, cuda_context_gb, gpu_peak_memory_gb, host_prepares_batches, interleaved,
-    is_noise, is_out_of_memory, spread,
+    StepTiming,
+    between_steps_fraction,
+    cuda_context_gb,
+    gpu_peak_memory_gb,
+    host_prepares_batches,
+    interleaved,
+    is_noise,
+    is_out_of_memory,
+    spread,
 )
 from voxseg.data.plan import plan_dataset
 from voxseg.data.preprocess import preprocess_dataset

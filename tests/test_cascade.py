@@ -13,18 +13,18 @@ import torch
 
 from test_configs import _main, _write_dataset
 from voxseg.augment import AugmentConfig, augment_batch
-from voxseg.data.configs import INDEX_FILE
 from voxseg.data.io import read_image
 from voxseg.data.plan import plan_dataset
 from voxseg.data.splits import load_splits
 from voxseg.data.store import load_case
 from voxseg.errors import ConfigError
 from voxseg.infer.archive import export_archive, load_fold_network
-from voxseg.infer.cascade import NEXT_STAGE_DIR, labels_for_next_stage, onehot_previous, stored_previous
+from voxseg.infer.cascade import labels_for_next_stage, onehot_previous, stored_previous
 from voxseg.infer.predictor import Predictor
 from voxseg.infer.sliding_window import sliding_window_inference
 from voxseg.plans import Plan
 from voxseg.train.cache import CaseCache
+from voxseg.workdir import WorkDir
 
 TRAIN_3D = ["--epochs", "1", "--iterations", "2", "--device", "cpu", "--set", "logging.tensorboard=false",
             "--set", "logging.progress_png=false", "--set", "logging.progress_bar=false",
@@ -40,7 +40,7 @@ def _cascade_workdir(tmp_path: Path) -> tuple[Path, Path]:
     _write_dataset(raw)  # four 20x20x12 training cases at 1x1x3 mm, one test case
     plan_dataset(raw, work, num_folds=2)
     base = Plan.load(work / "plans.json")
-    index = json.loads((work / INDEX_FILE).read_text())
+    index = json.loads(WorkDir(work).configurations.read_text())
     for name, previous, factor in (("3d_lowres", None, 2.0), ("3d_cascade_fullres", "3d_lowres", 1.0)):
         folder = work / "configs" / name
         folder.mkdir(parents=True)
@@ -53,7 +53,7 @@ def _cascade_workdir(tmp_path: Path) -> tuple[Path, Path]:
         index["configurations"][name] = {"path": f"configs/{name}"}
     index["configurations"]["3d_lowres"]["next_stage"] = "3d_cascade_fullres"
     index["configurations"]["3d_cascade_fullres"]["previous_stage"] = "3d_lowres"
-    (work / INDEX_FILE).write_text(json.dumps(index))
+    WorkDir(work).configurations.write_text(json.dumps(index))
     return raw, work
 
 
@@ -71,7 +71,7 @@ def test_cascade_trains_on_lowres_crossval_and_predicts_lowres_first(tmp_path, c
 
     for fold in (0, 1):
         assert _main("train", work, "--configuration", "3d_lowres", "--fold", fold, *TRAIN_3D) == 0
-    stored = lowres / NEXT_STAGE_DIR / "3d_cascade_fullres"
+    stored = WorkDir(lowres).next_stage_predictions("3d_cascade_fullres")
     low_plan, cascade_plan = Plan.load(lowres / "plans.json"), Plan.load(cascade / "plans.json")
     for fold, split in enumerate(load_splits(work)):
         network, _ = load_fold_network(lowres, fold, "final", "cpu")

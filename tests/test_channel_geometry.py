@@ -4,10 +4,10 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
+from tests.test_predictor import make_workdir, tiny_plan, write_case
 from voxseg.data.io import Geometry, geometry_differences, read_channels, write_image
 from voxseg.errors import ImageReadError, InputError
 from voxseg.infer.predictor import Predictor, find_input_cases
-from tests.test_predictor import make_workdir, tiny_plan, write_case
 
 
 def _flipped(geometry: Geometry) -> Geometry:

@@ -88,7 +88,8 @@ BREAKERS = {
     "flipped direction": (lambda r: _rewrite(r / "labelsTr/SYN_000.nii.gz", change_geometry=_flip_axis_2),
                           "SYN_000", "labelsTr/SYN_000.nii.gz", ["direction"]),
     "shifted origin": (lambda r: _rewrite(r / "imagesTr/SYN_001_0000.nii.gz",
-                                          change_geometry=lambda g: Geometry(g.affine + np.pad(np.ones((3, 1)) * 4.0, ((0, 1), (3, 0))))),
+                                          change_geometry=lambda g: Geometry(
+                                              g.affine + np.pad(np.ones((3, 1)) * 4.0, ((0, 1), (3, 0))))),
                        "SYN_001", "SYN_001_0000.nii.gz", ["origin"]),
     "unexpected label value": (lambda r: _rewrite(r / "labelsTr/SYN_001.nii.gz", _with_value_7),
                                "SYN_001", "labelsTr/SYN_001.nii.gz", ["unexpected label value(s) [7]", "[0, 1, 2, 3]"]),
@@ -104,14 +105,19 @@ BREAKERS = {
                                   "SYN_003", "imagesTs/SYN_003_0001.nii.gz", ["missing"]),
     "test case unreadable": (lambda r: (r / "imagesTs/SYN_003_0002.nii.gz").write_bytes(b"junk" * 50),
                              "SYN_003", "imagesTs/SYN_003_0002.nii.gz", ["unreadable"]),
-    "extra channel file": (lambda r: shutil.copy(r / "imagesTr/SYN_000_0000.nii.gz", r / "imagesTr/SYN_000_0004.nii.gz"),
+    "extra channel file": (lambda r: shutil.copy(r / "imagesTr/SYN_000_0000.nii.gz",
+                                                 r / "imagesTr/SYN_000_0004.nii.gz"),
                            "SYN_000", "imagesTr/SYN_000_0004.nii.gz", ["channel 4", "4 channel(s)"]),
-    "labels not consecutive": (lambda r: _set_json(r, labels={"background": 0, "edema": 1, "necrosis": 2, "enhancing": 3, "cyst": 5}),
+    "labels not consecutive": (lambda r: _set_json(r, labels={"background": 0, "edema": 1, "necrosis": 2,
+                                                              "enhancing": 3, "cyst": 5}),
                                None, "dataset.json", ["not consecutive", "[0, 1, 2, 3, 5]"]),
-    "regions without class order": (lambda r: _set_json(r, labels={"background": 0, "whole": [1, 2, 3], "core": [2, 3], "enh": [3]}),
+    "regions without class order": (lambda r: _set_json(r, labels={"background": 0, "whole": [1, 2, 3],
+                                                                   "core": [2, 3], "enh": [3]}),
                                     None, "dataset.json", ["regions_class_order"]),
-    "missing dataset.json": (lambda r: (r / "dataset.json").unlink(), None, "dataset.json", ["missing", "channel_names"]),
-    "broken dataset.json": (lambda r: (r / "dataset.json").write_text("{not json"), None, "dataset.json", ["not valid JSON"]),
+    "missing dataset.json": (lambda r: (r / "dataset.json").unlink(), None, "dataset.json",
+                             ["missing", "channel_names"]),
+    "broken dataset.json": (lambda r: (r / "dataset.json").write_text("{not json"), None, "dataset.json",
+                            ["not valid JSON"]),
 }
 
 
@@ -155,7 +161,8 @@ def test_stray_file_is_a_warning(dataset):
 
 
 def test_all_problems_are_reported_and_workers_agree(dataset):
-    for name in ("missing channel", "nan in image", "truncated file", "unexpected label value", "test case channel missing"):
+    for name in ("missing channel", "nan in image", "truncated file", "unexpected label value",
+                 "test case channel missing"):
         BREAKERS[name][0](dataset)
     _set_json(dataset, numTraining=4)
     serial = check_dataset(dataset)

@@ -9,11 +9,16 @@ import pytest
 import torch
 from torch import nn
 
-from voxseg.errors import CheckpointError
 from voxseg import checkpoint as ckpt
 from voxseg.checkpoint import (
-    RngStates, load_checkpoint, load_pretrained, rng_state, save_checkpoint, set_rng_state,
+    RngStates,
+    load_checkpoint,
+    load_pretrained,
+    rng_state,
+    save_checkpoint,
+    set_rng_state,
 )
+from voxseg.errors import CheckpointError
 
 
 def _net(out_channels: int = 3) -> nn.Module:
@@ -180,8 +185,8 @@ def test_checkpointer_keeps_the_newest_snapshots_and_writes_only_where_enabled(t
 
 
 def test_network_from_checkpoint_rebuilds_the_trained_network(tmp_path):
-    from voxseg.models import build_network
     from test_train import _plan
+    from voxseg.models import build_network
 
     plan = _plan()
     trained = build_network(plan)

@@ -11,7 +11,8 @@ import numpy as np
 import pytest
 import torch
 
-from tests.test_configs import TRAIN_TINY as TRAIN_TINY_2D, _main, _write_dataset
+from tests.test_configs import TRAIN_TINY as TRAIN_TINY_2D
+from tests.test_configs import _main, _write_dataset
 from tests.test_predictor import make_workdir, tiny_plan
 from voxseg.crossval import choose_configuration
 from voxseg.data.configs import config_workdir
@@ -19,9 +20,10 @@ from voxseg.data.io import Geometry, read_image, write_image
 from voxseg.data.plan import plan_dataset
 from voxseg.data.splits import load_splits
 from voxseg.errors import ConfigError
-from voxseg.infer.ensemble import CHOICE_FILE, EnsemblePredictor, load_choice
+from voxseg.infer.ensemble import EnsemblePredictor, load_choice
 from voxseg.infer.postprocess import apply_postprocessing, regions_to_labels
 from voxseg.infer.predictor import Predictor, save_probabilities
+from voxseg.workdir import WorkDir
 
 SHAPE, SPACING = (20, 20, 12), (1.0, 1.0, 3.0)
 TRUTH = (slice(6, 13), slice(5, 12), slice(3, 8))  # _write_dataset's tumour: 7 x 7 x 5 = 245 voxels
@@ -69,7 +71,7 @@ def test_the_ensemble_is_chosen_when_it_is_best(work: Path, capsys) -> None:
     _write_validation(work, "2d", _tumour_probability(0.9, FALSE_B, 0.7))
     assert _main("evaluate", "--crossval", work, "--configurations") == 0  # no value: all
     out = capsys.readouterr().out
-    choice = json.loads((work / CHOICE_FILE).read_text())
+    choice = json.loads(WorkDir(work).inference_choice.read_text())
     scores = {e["name"]: e["dice"] for e in choice["compared"]}
     assert scores == pytest.approx({"3d_fullres+2d": 1.0, "3d_fullres": _dice(27), "2d": _dice(100)})
     assert [e["name"] for e in choice["compared"]] == ["3d_fullres+2d", "3d_fullres", "2d"]  # ranked
@@ -130,10 +132,11 @@ def test_mismatched_folds_are_refused(work: Path) -> None:
     moved = load_splits(work)[0]["val"][0]
     two_d = config_workdir(work, "2d") / "training"
     for ending in (".nii.gz", ".npz"):  # 2d validated this case in fold 1, not in fold 0 as splits.json says
-        (two_d / "fold_0" / "validation" / f"{moved}{ending}").rename(two_d / "fold_1" / "validation" / f"{moved}{ending}")
+        (two_d / "fold_0" / "validation" / f"{moved}{ending}").rename(
+            two_d / "fold_1" / "validation" / f"{moved}{ending}")
     with pytest.raises(ConfigError, match=f"'2d' fold 0: .*not the fold's validation cases.*{moved}"):
         choose_configuration(work)
-    assert not (work / CHOICE_FILE).exists()
+    assert not WorkDir(work).inference_choice.exists()
 
 
 def test_pairs_without_probabilities_are_named_and_left_out(work: Path) -> None:
@@ -161,14 +164,15 @@ TRAIN_TINY_3D = [a.replace("[[1,1],[2,2],[2,2]]", "[[1,1,1],[2,2,2],[2,2,2]]")
 
 def _write_choice(work: Path, names: list[str], largest_component: list) -> None:
     kind = "configuration" if len(names) == 1 else "ensemble"
-    (work / CHOICE_FILE).write_text(json.dumps({
+    WorkDir(work).inference_choice.write_text(json.dumps({
         "choice": {"name": "+".join(names), "kind": kind, "configurations": names, "dice": 0.5},
         "postprocessing": {"largest_component": largest_component}}))
 
 
 def test_predict_uses_the_choice(work: Path, tmp_path: Path, capsys) -> None:
     raw = tmp_path / "Mini"
-    assert _main("preprocess", work, "--quiet") == 0 and _main("preprocess", work, "--configuration", "2d", "--quiet") == 0
+    assert _main("preprocess", work, "--quiet") == 0
+    assert _main("preprocess", work, "--configuration", "2d", "--quiet") == 0
     # 3d_fullres also validates fold 0 with probabilities, as a run meant for ensembles does
     assert _main("train", work, "--fold", 0, *TRAIN_TINY_3D, "--set", "loop.full_val=true",
                  "--set", "loop.save_val_probabilities=true") == 0
@@ -209,17 +213,18 @@ def test_predict_uses_the_choice(work: Path, tmp_path: Path, capsys) -> None:
     expected = probabilities[0].argmax(0).astype(np.uint8)
     assert np.array_equal(read_image(tmp_path / "override" / "case4.nii.gz")[0], expected)
 
-    (work / CHOICE_FILE).write_text(json.dumps({"choice": {"kind": "ensemble", "configurations": ["2d"]}}))
+    WorkDir(work).inference_choice.write_text(json.dumps({"choice": {"kind": "ensemble", "configurations": ["2d"]}}))
     assert _main("predict", "-m", work, "-o", tmp_path / "bad", *predict) != 0
     err = capsys.readouterr().err
-    assert CHOICE_FILE in err and "Traceback" not in err
+    assert WorkDir(work).inference_choice.name in err and "Traceback" not in err
 
 
 @pytest.mark.slow
 def test_train_choose_and_predict_end_to_end(work: Path, tmp_path: Path, capsys) -> None:
     """Both configurations trained on both folds without probabilities (singles compared, the pair named),
     re-validated with them as the skip reason says (the pair compared too), then predict follows the choice."""
-    assert _main("preprocess", work, "--quiet") == 0 and _main("preprocess", work, "--configuration", "2d", "--quiet") == 0
+    assert _main("preprocess", work, "--quiet") == 0
+    assert _main("preprocess", work, "--configuration", "2d", "--quiet") == 0
     for fold in (0, 1):
         assert _main("train", work, "--fold", fold, *TRAIN_TINY_3D, "--set", "loop.full_val=true") == 0
         assert _main("train", work, "--configuration", "2d", "--fold", fold, *TRAIN_TINY_2D,

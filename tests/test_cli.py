@@ -19,9 +19,9 @@ import pytest
 import torch
 
 import voxseg
+from voxseg.checkpoint import load_checkpoint
 from voxseg.cli import build_parser, main
 from voxseg.data.io import read_image
-from voxseg.checkpoint import load_checkpoint
 
 CLASSES = ("edema", "necrosis", "enhancing")
 SHAPE = (24, 28, 32)  # not a cube, so a swapped axis anywhere changes a shape
@@ -264,7 +264,8 @@ def test_benchmark_and_estimate_commands(pipeline: Pipeline, tmp_path: Path) -> 
 
     result = _run("estimate", pipeline.work, "--device", "cpu", "--batch-sizes", "2,4", "--num-samples", "1,2",
                   "--patch-sizes", "16,16,16", "--epochs", 5, "--iterations-per-epoch", 0, "--iterations", 1,
-                  "--warmup", 1, "--rounds", 2, "--set", "loop.val_iterations=1", "--output", tmp_path / "estimate.json")
+                  "--warmup", 1, "--rounds", 2, "--set", "loop.val_iterations=1",
+                  "--output", tmp_path / "estimate.json")
     assert result.code == 0, result.err
     table = json.loads((tmp_path / "estimate.json").read_text())
     assert [(r["batch_size"], r["num_samples"]) for r in table["rows"]] == [(2, 1), (2, 2), (4, 1), (4, 2)]

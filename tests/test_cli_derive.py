@@ -175,7 +175,8 @@ def test_choices_in_help_equal_the_field_choices() -> None:
             assert f"{flag} {{{','.join(expected)}}}" in text
     assert with_choices == 6  # optimizer, schedule, loss, amp, compile, cache
     assert field_choices(OptimConfig, "name") == ["sgd", "adam", "adamw"]
-    assert field_choices(LossConfig, "name") == ["dice_ce", "dice", "ce", "focal", "tversky", "dice_focal"] and field_choices(LossConfig, "weights") is None
+    assert field_choices(LossConfig, "name") == ["dice_ce", "dice", "ce", "focal", "tversky", "dice_focal"]
+    assert field_choices(LossConfig, "weights") is None
     with pytest.raises(SystemExit):
         _parse("train", "w", "--optimizer", "sgdd")
 

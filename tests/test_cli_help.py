@@ -63,7 +63,8 @@ def test_the_walk_sets_up_every_command():
     assert {"voxseg predict", "voxseg export", "voxseg estimate", "voxseg train", "voxseg import", "voxseg demo",
             "voxseg install", "voxseg convert", "voxseg evaluate", "voxseg benchmark"} <= commands
     names = {_name(path, action) for path, action, _ in arguments}
-    assert {"voxseg predict -o/--output", "voxseg export --onnx", "voxseg convert src", "voxseg train --epochs"} <= names
+    assert {"voxseg predict -o/--output", "voxseg export --onnx", "voxseg convert src",
+            "voxseg train --epochs"} <= names
 
 
 def test_every_argument_has_help():

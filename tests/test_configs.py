@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from voxseg.data.configs import INDEX_FILE, config_workdir, load_index
+from voxseg.data.configs import config_workdir, load_index
 from voxseg.data.dataset import RawDataset
 from voxseg.data.io import Geometry, write_image
 from voxseg.data.lowres import LOWRES_SPACING_STEP
@@ -19,6 +19,7 @@ from voxseg.data.plan import make_plan, make_plans, plan_dataset, plan_slice_axi
 from voxseg.data.splits import get_fold, load_splits
 from voxseg.errors import ConfigError
 from voxseg.plans import Plan
+from voxseg.workdir import WorkDir
 
 MRI = {"0": "T1", "1": "T1ce", "2": "T2", "3": "FLAIR"}
 LABELS = {"background": 0, "edema": 1, "core": 2, "enhancing": 3}
@@ -180,7 +181,7 @@ def test_plan_dataset_stores_every_configuration_with_the_same_folds(tmp_path):
     _write_dataset(raw)
     default = plan_dataset(raw, work, num_folds=2)
     assert default.configuration == "3d_fullres" and Plan.load(work / "plans.json") == default
-    index = json.loads((work / INDEX_FILE).read_text())
+    index = json.loads(WorkDir(work).configurations.read_text())
     assert index == {"default": "3d_fullres", "configurations": {
         "3d_fullres": {"path": "."}, "2d": {"path": "configs/2d"}}}
     two_d_dir = config_workdir(work, "2d")
@@ -200,7 +201,7 @@ def test_old_work_directory_without_index(tmp_path):
     raw, work = tmp_path / "Mini", tmp_path / "work"
     _write_dataset(raw)
     plan_dataset(raw, work, num_folds=2)
-    (work / INDEX_FILE).unlink()
+    WorkDir(work).configurations.unlink()
     data = json.loads((work / "plans.json").read_text())
     for key in ("configuration", "slice_axis", "previous_stage"):  # a plans.json written before these fields
         del data[key]
@@ -262,10 +263,10 @@ def test_cascade_without_its_first_stage_refused_by_train_and_predict(tmp_path, 
     plan = Plan.load(work / "plans.json")
     plan.configuration, plan.previous_stage = "3d_cascade_fullres", "3d_lowres"
     plan.save(cascade_dir / "plans.json")
-    index = json.loads((work / INDEX_FILE).read_text())
+    index = json.loads(WorkDir(work).configurations.read_text())
     index["configurations"]["3d_cascade_fullres"] = {"path": "configs/3d_cascade_fullres",
                                                      "previous_stage": "3d_lowres"}
-    (work / INDEX_FILE).write_text(json.dumps(index))
+    WorkDir(work).configurations.write_text(json.dumps(index))
     assert _main("train", work, "--configuration", "3d_cascade_fullres", "--fold", 0, "--device", "cpu") != 0
     err = capsys.readouterr().err
     assert "unknown configuration '3d_lowres'" in err and "Traceback" not in err

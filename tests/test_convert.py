@@ -149,7 +149,8 @@ def _make_msd(root, num_channels=3, image_channels=None):
         "modality": {str(i): name for i, name in enumerate(["FLAIR", "T1w", "t1gd", "T2w"][:num_channels])},
         "labels": {"0": "background", "1": "edema", "2": "tumour"},
         "numTraining": 2, "numTest": 1,
-        "training": [{"image": f"./imagesTr/{n}.nii.gz", "label": f"./labelsTr/{n}.nii.gz"} for n in ("BRATS_001", "BRATS_002")],
+        "training": [{"image": f"./imagesTr/{n}.nii.gz", "label": f"./labelsTr/{n}.nii.gz"}
+                     for n in ("BRATS_001", "BRATS_002")],
         "test": ["./imagesTs/BRATS_005.nii.gz"],
     }
     (root / "dataset.json").write_text(json.dumps(meta))
@@ -209,7 +210,8 @@ def test_link_falls_back_to_symlink_then_copy(brats_folder, tmp_path, monkeypatc
     monkeypatch.setattr(os, "link", no_hardlinks)
     dst = convert_brats(brats_folder, tmp_path / "symlinked")
     converted = dst / "imagesTr" / "BraTS2021_00000_0001.nii.gz"
-    assert converted.is_symlink() and os.path.samefile(converted, brats_folder / "BraTS2021_00000" / "BraTS2021_00000_t1ce.nii.gz")
+    assert converted.is_symlink() and os.path.samefile(
+        converted, brats_folder / "BraTS2021_00000" / "BraTS2021_00000_t1ce.nii.gz")
     monkeypatch.setattr(os, "symlink", no_hardlinks)
     dst = convert_brats(brats_folder, tmp_path / "copied")
     converted = dst / "imagesTr" / "BraTS2021_00000_0001.nii.gz"
@@ -221,7 +223,8 @@ def test_synthetic_brats_round_trip(tmp_path):
     """BraTS layout written by the generator converts back to the generator's own labels."""
     from voxseg.data.synth import make_synthetic_dataset
 
-    brats = make_synthetic_dataset(tmp_path / "brats", num_cases=2, num_test=1, shape=(16, 16, 16), seed=9, layout="brats")
+    brats = make_synthetic_dataset(tmp_path / "brats", num_cases=2, num_test=1, shape=(16, 16, 16), seed=9,
+                                   layout="brats")
     ours = make_synthetic_dataset(tmp_path / "ours", num_cases=2, num_test=1, shape=(16, 16, 16), seed=9)
     dst = convert_brats(brats, tmp_path / "converted")
     for index in range(2):

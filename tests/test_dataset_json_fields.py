@@ -91,7 +91,8 @@ def test_modality_is_read_as_channel_names(raw, tmp_path):
 def test_explicit_file_list_of_the_standard_layout_is_read(raw, tmp_path, monkeypatch):
     monkeypatch.setenv("VOXSEG_TEST_RAW", str(tmp_path / raw.name))
     listed = {
-        "SYN_000": {"images": [f"imagesTr/SYN_000_{c:04d}.nii.gz" for c in range(4)], "label": "labelsTr/SYN_000.nii.gz"},
+        "SYN_000": {"images": [f"imagesTr/SYN_000_{c:04d}.nii.gz" for c in range(4)],
+                    "label": "labelsTr/SYN_000.nii.gz"},
         "SYN_002": {"images": [f"$VOXSEG_TEST_RAW/imagesTr/SYN_002_{c:04d}.nii.gz" for c in range(4)],
                     "label": str(tmp_path / raw.name / "labelsTr" / "SYN_002.nii.gz")},
     }

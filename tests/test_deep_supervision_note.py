@@ -1,8 +1,8 @@
 """Deep supervision on a network with fewer than 3 stages does nothing: training says so."""
 from __future__ import annotations
 
-from voxseg.models.factory import warn_noop_deep_supervision
 from tests.test_predictor import tiny_plan
+from voxseg.models.factory import warn_noop_deep_supervision
 
 
 def test_two_stage_network_with_deep_supervision_warns():

@@ -10,8 +10,8 @@ import pytest
 
 from voxseg.cli import main
 from voxseg.data.io import read_image
-from voxseg.plans import Plan
 from voxseg.demo import QUICK_DEMO, run_demo, shrink_plan_for_cpu
+from voxseg.plans import Plan
 
 CLASSES = ["edema", "necrosis", "enhancing"]
 

@@ -24,14 +24,15 @@ from voxseg.distributed import World, env_world, local_batch_size, process_group
 from voxseg.errors import ConfigError
 from voxseg.infer.predictor import Predictor, find_input_cases
 from voxseg.train import loop
-from voxseg.train.logger import read_log
 from voxseg.train.feed import TrainData
+from voxseg.train.logger import read_log
 from voxseg.train.start import RunStart
 
 ROOT = Path(__file__).resolve().parents[1]
 RUN = ["loop.epochs=2", "data.iterations_per_epoch=3", "loop.val_iterations=3", "loop.device=cpu",
        "logging.tensorboard=false", "logging.progress_png=false", "logging.progress_bar=false",
-       "loop.full_val=true", "data.num_threads=1", "data.prefetch=0", "loop.save_freq=1", "loop.snapshot_freq=1", "loop.keep_snapshots=2",
+       "loop.full_val=true", "data.num_threads=1", "data.prefetch=0", "loop.save_freq=1", "loop.snapshot_freq=1",
+       "loop.keep_snapshots=2",
        "loop.deterministic=true", "loop.dist_timeout_min=2"]
 TORCH_ENV = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
 

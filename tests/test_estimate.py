@@ -369,7 +369,8 @@ def test_cache_mode_is_the_whole_training_sets(workdir: Path, tmp_path: Path) ->
     cpu, cuda = torch.device("cpu"), torch.device("cuda")
     assert choose_cache_mode([2 * GIB, 2 * GIB], cpu, budget_gb=5) == "gpu"
     assert choose_cache_mode([3 * GIB, 3 * GIB], cpu, budget_gb=5) == "mmap"
-    assert choose_cache_mode([3 * GIB, 3 * GIB], cuda, budget_gb=5) in ("pinned", "mmap")  # pinned when half the RAM holds it
+    # pinned when half the RAM holds it
+    assert choose_cache_mode([3 * GIB, 3 * GIB], cuda, budget_gb=5) in ("pinned", "mmap")
     script = Script({(2, 1): [0.1]})
     small = _estimate(workdir, tmp_path, script, epochs=[10], overrides=["data.cache_budget_gb=0.001"])
     large = _estimate(workdir, tmp_path, script, epochs=[10], cases=100_000,

@@ -7,9 +7,9 @@ import json
 import numpy as np
 import pytest
 
+from tests.test_evaluate import PLAIN_META, _write
 from voxseg.errors import ConfigError, InputError
 from voxseg.evaluate import evaluate_folder
-from tests.test_evaluate import PLAIN_META, _write
 
 ENDING = ".mha"
 

@@ -16,14 +16,14 @@ import torch
 
 from voxseg.cli import main
 from voxseg.data.io import Geometry, read_image, write_image
-from voxseg.plans import ChannelNormalization, NetworkPlan, Plan
 from voxseg.errors import CheckpointError
 from voxseg.infer import export as export_module
 from voxseg.infer.archive import export_archive, install_archive, load_fold_network
-from voxseg.infer.install import MANIFEST
 from voxseg.infer.export import export_onnx, load_onnx_model
+from voxseg.infer.install import MANIFEST
 from voxseg.infer.predictor import Predictor
 from voxseg.models import build_network
+from voxseg.plans import ChannelNormalization, NetworkPlan, Plan
 
 pytest.importorskip("onnxruntime")
 
@@ -112,7 +112,8 @@ def _zip_with(tmp_path, extra: zipfile.ZipInfo | str, content: bytes = b"x") -> 
     path = tmp_path / "bad.zip"
     members = {"plans.json": b"{}", "training/fold_0/checkpoint_final.pt": buffer.getvalue()}
     name = extra.filename if isinstance(extra, zipfile.ZipInfo) else extra
-    files = {n: {"sha256": hashlib.sha256(c).hexdigest(), "size": len(c)} for n, c in {**members, name: content}.items()}
+    files = {n: {"sha256": hashlib.sha256(c).hexdigest(), "size": len(c)}
+             for n, c in {**members, name: content}.items()}
     with zipfile.ZipFile(path, "w") as handle:
         for member, data in members.items():
             handle.writestr(member, data)
@@ -219,7 +220,8 @@ def test_predict_runs_an_explicit_onnx_file(onnx_work, tmp_path, capsys):
                  "--onnx-model", str(onnx_file)]) != 0
     assert "--onnx-model runs ONNX files with onnxruntime" in capsys.readouterr().err
     with pytest.raises(CheckpointError, match=r"fold_0/model.onnx not found; export it first with 'voxseg export "
-                                              r".* --onnx --folds 0 --checkpoint final', or give a file with --onnx-model"):
+                                              r".* --onnx --folds 0 --checkpoint final', or give a file with "
+                                              r"--onnx-model"):
         Predictor.from_workdir(work, folds=[0], backend="onnxruntime")
 
 
@@ -235,7 +237,8 @@ def test_archive_carries_the_onnx_files_and_the_installed_model_runs_them(onnx_w
     _cli("install", archive, installed)
     assert (installed / "training" / "fold_0" / "model.onnx.sha256").is_file()  # verified again when loaded
     _cli("predict", "-m", work, "-i", inputs, "-o", tmp_path / "torch", "--folds", "0,1", "--device", "cpu")
-    _cli("predict", "-m", installed, "-i", inputs, "-o", tmp_path / "onnx", "--folds", "0,1", "--backend", "onnxruntime")
+    _cli("predict", "-m", installed, "-i", inputs, "-o", tmp_path / "onnx", "--folds", "0,1",
+         "--backend", "onnxruntime")
     assert np.array_equal(_labels(tmp_path / "onnx"), _labels(tmp_path / "torch"))
 
     altered = tmp_path / "altered.zip"  # an ONNX member that does not match its digest

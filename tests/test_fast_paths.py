@@ -15,7 +15,6 @@ import torch
 
 from voxseg.augment import AugmentConfig, apply_augment, draw_batch_params, source_size
 from voxseg.augment.reference import augment_reference
-from voxseg.plans import ChannelNormalization, NetworkPlan, Plan
 from voxseg.data.store import sample_foreground_locations, save_case
 from voxseg.infer.config import Tiling
 from voxseg.infer.sliding_window import (
@@ -26,6 +25,7 @@ from voxseg.infer.sliding_window import (
     tile_positions,
 )
 from voxseg.models import build_network
+from voxseg.plans import ChannelNormalization, NetworkPlan, Plan
 from voxseg.train.cache import CaseCache
 from voxseg.train.sampler import ForegroundSampling, PatchSampler
 
@@ -78,7 +78,8 @@ def _unet(seed: int, ndim: int = 3) -> torch.nn.Module:
 def test_batched_sliding_window_matches_a_per_tile_loop(shape, patch, step, tile_batch, mirror_axes, folds, gaussian):
     models = [_unet(seed) for seed in range(folds)]
     image = torch.randn(1, 2, *shape, generator=torch.Generator().manual_seed(0))
-    fast = sliding_window_inference(models, image, patch, 3, Tiling(step, tile_batch, mirror_axes, use_gaussian=gaussian))
+    fast = sliding_window_inference(models, image, patch, 3,
+                                    Tiling(step, tile_batch, mirror_axes, use_gaussian=gaussian))
     simple = per_tile_reference(models, image, patch, 3, step, mirror_axes, gaussian)
     assert fast.shape == (3, *shape)
     torch.testing.assert_close(fast, simple, atol=2e-5, rtol=1e-5)

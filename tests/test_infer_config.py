@@ -16,6 +16,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from tests.test_predictor import make_workdir, tiny_plan
 from voxseg.cli import build_parser, main
 from voxseg.cli.derive import as_text
 from voxseg.cli.infer import PREDICT_EXTRA_FLAGS, PREDICT_FLAGS, predict_config
@@ -26,7 +27,6 @@ from voxseg.infer.predictor import Predictor
 from voxseg.infer.sliding_window import sliding_window_inference
 from voxseg.infer.validation import full_validation
 from voxseg.train import setup
-from tests.test_predictor import make_workdir, tiny_plan
 
 ROOT = Path(__file__).resolve().parents[1]
 HOME = ROOT / "voxseg" / "infer" / "config.py"

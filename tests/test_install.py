@@ -9,12 +9,12 @@ from collections import namedtuple
 
 import pytest
 
+from tests.test_export import tiny_plan
+from tests.test_predictor import make_workdir
 from voxseg.errors import CheckpointError
 from voxseg.infer import install as install_module
 from voxseg.infer.archive import export_archive, install_archive
 from voxseg.infer.install import MANIFEST
-from tests.test_export import tiny_plan
-from tests.test_predictor import make_workdir
 
 
 @pytest.fixture(scope="module")
@@ -87,7 +87,8 @@ def test_size_and_compression_limits(archives, tmp_path):
 def test_a_full_disk_says_not_enough_space(archives, tmp_path, monkeypatch):
     usage = namedtuple("usage", "total used free")
     monkeypatch.setattr(install_module.shutil, "disk_usage", lambda path: usage(10**6, 10**6 - 10, 10))
-    with pytest.raises(CheckpointError, match=r"not enough space in .*needs \d+ bytes .*10 bytes \(0.00 GiB\) are free"):
+    with pytest.raises(CheckpointError,
+                       match=r"not enough space in .*needs \d+ bytes .*10 bytes \(0.00 GiB\) are free"):
         install_archive(archives[0], tmp_path / "target")
 
 

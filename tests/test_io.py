@@ -137,7 +137,8 @@ def test_read_channels_stacks_and_rejects_mismatched_grids(tmp_path):
 @pytest.mark.parametrize("ending", [".nii.gz", ".mha", ".nrrd"])
 def test_truncated_file_raises_with_path(tmp_path, ending):
     path = tmp_path / f"cut{ending}"
-    write_image(path, np.random.default_rng(0).normal(size=(16, 16, 16)).astype(np.float32), Geometry.from_spacing((1, 1, 1)))
+    write_image(path, np.random.default_rng(0).normal(size=(16, 16, 16)).astype(np.float32),
+                Geometry.from_spacing((1, 1, 1)))
     data = path.read_bytes()
     path.write_bytes(data[: len(data) // 2])
     with pytest.raises(ImageReadError) as info:

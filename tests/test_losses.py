@@ -8,9 +8,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from voxseg.plans import ChannelNormalization, NetworkPlan, Plan
 from voxseg.errors import ConfigError
 from voxseg.losses import LOSSES, DeepSupervisionLoss, build_loss, downsample_target
+from voxseg.plans import ChannelNormalization, NetworkPlan, Plan
 
 LABELS = {"background": 0, "edema": 1, "core": 2, "enhancing": 3}
 LABELS_IGNORE = {"background": 0, "edema": 1, "core": 2, "ignore": 3}

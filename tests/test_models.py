@@ -8,10 +8,10 @@ import pytest
 import torch
 from torch import nn
 
-from voxseg.plans import ChannelNormalization, NetworkPlan, Plan
 from voxseg.errors import ConfigError
 from voxseg.models import NETWORKS, build_network, count_parameters
 from voxseg.models.blocks import ResidualBlock
+from voxseg.plans import ChannelNormalization, NetworkPlan, Plan
 
 BRATS_REGIONS = {"background": 0, "whole_tumor": [1, 2, 3], "tumor_core": [2, 3], "enhancing_tumor": [3]}
 LABELS = {"background": 0, "edema": 1, "core": 2, "enhancing": 3}

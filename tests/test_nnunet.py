@@ -13,13 +13,8 @@ import torch
 from voxseg.data.io import Geometry
 from voxseg.data.preprocess import preprocess_case
 from voxseg.errors import CheckpointError
-from voxseg.infer.nnunet import (
-    is_nnunet_model_folder,
-    load_nnunet_checkpoint,
-    load_nnunet_fold,
-    nnunet_folds,
-    plan_from_nnunet,
-)
+from voxseg.infer.nnunet import load_nnunet_fold, plan_from_nnunet
+from voxseg.infer.nnunet_folder import is_nnunet_model_folder, load_nnunet_checkpoint, nnunet_folds
 from voxseg.infer.nnunet_weights import map_nnunet_weights, nnunet_names
 from voxseg.infer.predictor import Predictor
 from voxseg.models import build_network
@@ -31,7 +26,8 @@ ARCH = {
         "kernel_sizes": [[3, 3, 3]] * 3, "strides": [[1, 1, 1], [2, 2, 2], [2, 2, 2]],
         "n_conv_per_stage": [2, 2, 2], "n_conv_per_stage_decoder": [1, 1], "conv_bias": True,
         "norm_op": "torch.nn.modules.instancenorm.InstanceNorm3d", "norm_op_kwargs": {"eps": 1e-5, "affine": True},
-        "dropout_op": None, "dropout_op_kwargs": None, "nonlin": "torch.nn.LeakyReLU", "nonlin_kwargs": {"inplace": True},
+        "dropout_op": None, "dropout_op_kwargs": None, "nonlin": "torch.nn.LeakyReLU",
+        "nonlin_kwargs": {"inplace": True},
     },
     "_kw_requires_import": ["conv_op", "norm_op", "dropout_op", "nonlin"],
 }
@@ -151,9 +147,11 @@ def _changed(path: list[str], value) -> dict:
     (["configurations", "3d_fullres", "architecture", "network_class_name"], "my.nets.SwinUNETR", "my.nets.SwinUNETR"),
     (["transpose_forward"], [2, 0, 0], r"transpose_forward \[2, 0, 0\] is not an order"),
     (["transpose_backward"], [2, 0, 1], "does not undo"),
-    (["configurations", "3d_fullres", "normalization_schemes"], ["RescaleTo01Normalization"], "RescaleTo01Normalization"),
+    (["configurations", "3d_fullres", "normalization_schemes"], ["RescaleTo01Normalization"],
+     "RescaleTo01Normalization"),
     (["configurations", "3d_fullres", "architecture", "arch_kwargs", "norm_op"], "torch.nn.BatchNorm3d", "BatchNorm3d"),
-    (["configurations", "3d_fullres", "architecture", "arch_kwargs", "n_conv_per_stage"], [1, 2, 2], "n_conv_per_stage"),
+    (["configurations", "3d_fullres", "architecture", "arch_kwargs", "n_conv_per_stage"], [1, 2, 2],
+     "n_conv_per_stage"),
     (["configurations", "3d_fullres", "patch_size"], [16, 16], "Conv3d"),
     (["configurations", "3d_fullres", "patch_size"], [16, 16, 16, 16], "4-entry patch_size"),
 ])
@@ -287,7 +285,8 @@ def _predict_keeps_geometry(folder, tmp_path, shape, spacing) -> None:
 
 
 ARCH_2D = copy.deepcopy(ARCH)
-ARCH_2D["arch_kwargs"].update(conv_op="torch.nn.modules.conv.Conv2d", norm_op="torch.nn.modules.instancenorm.InstanceNorm2d",
+ARCH_2D["arch_kwargs"].update(conv_op="torch.nn.modules.conv.Conv2d",
+                              norm_op="torch.nn.modules.instancenorm.InstanceNorm2d",
                               kernel_sizes=[[1, 3], [3, 3], [3, 1]], strides=[[1, 1], [2, 1], [2, 2]])
 
 

@@ -18,15 +18,16 @@ import numpy as np
 import pytest
 import torch
 
-from tests.test_nnunet import ARCH, DATASET, PLANS, _RunsCode, nnunet_state_dict, write_model_folder
+from tests.test_nnunet import ARCH, DATASET, PLANS, _RunsCode, write_model_folder
 from voxseg.cli import main
 from voxseg.data.io import Geometry, read_image, write_image
 from voxseg.data.preprocess import preprocess_case
 from voxseg.errors import CheckpointError, ConfigError
 from voxseg.infer.archive import export_archive, install_archive
-from voxseg.infer.nnunet_import import SOURCE_FILE, import_nnunet
+from voxseg.infer.nnunet_import import import_nnunet
 from voxseg.infer.predictor import Predictor
 from voxseg.plans import Plan
+from voxseg.workdir import WorkDir
 
 
 def add_fold(folder: Path, fold: int, seed: int) -> None:
@@ -60,7 +61,7 @@ def test_imported_workdir_predicts_exactly_like_the_model_folder(tmp_path):
         assert Plan.load(fold_dir / "plans.json").to_dict() == state["plan"]
     assert Plan.load(work / "plans.json").inference_mirror_axes == [0, 2]
 
-    source = json.loads((work / SOURCE_FILE).read_text())
+    source = json.loads(WorkDir(work).nnunet_source.read_text())
     assert (source["trainer"], source["plans_name"], source["configuration"]) == (
         "nnUNetTrainer", "nnUNetPlans", "3d_fullres")
     assert source["source"] == str(folder.resolve()) and source["checkpoint"] == "final"
@@ -161,7 +162,7 @@ def test_force_replaces_the_workdir_as_a_whole(tmp_path):
     os.rename(folder / "fold_0" / "checkpoint_final.pth", folder / "fold_0" / "checkpoint_best.pth")
     import_nnunet(folder, work, checkpoint="best", force=True)
     assert sorted(p.name for p in (work / "training" / "fold_0").glob("*.pt")) == ["checkpoint_best.pt"]
-    assert json.loads((work / SOURCE_FILE).read_text())["checkpoint"] == "best"
+    assert json.loads(WorkDir(work).nnunet_source.read_text())["checkpoint"] == "best"
     assert len(Predictor.from_workdir(work, folds=0, checkpoint="best", device="cpu").models) == 1
 
 
@@ -235,7 +236,7 @@ def test_splits_and_validation_predictions_are_imported(crossval_model, tmp_path
     for fold, split in enumerate(splits):
         copied = sorted(p.name for p in (work / "training" / f"fold_{fold}" / "validation").iterdir())
         assert copied == [f"{name}.nii.gz" for name in split["val"]]  # predictions only, not nnU-Net's summary
-    assert json.loads((work / SOURCE_FILE).read_text())["ignored"] == ["postprocessing.pkl"]
+    assert json.loads(WorkDir(work).nnunet_source.read_text())["ignored"] == ["postprocessing.pkl"]
     assert not marker.exists()
 
 
@@ -425,7 +426,8 @@ def test_postprocessing_decision_survives_nnunet_export_and_import(tmp_path):
     assert code == 0, err
     assert "postprocessing: keep the largest component of classes edema, core (voxseg's cross-validation" in out
     assert "voxseg_postprocessing.json into" in out
-    assert json.loads((tmp_path / "again" / SOURCE_FILE).read_text())["postprocessing"] == "voxseg_postprocessing.json"
+    source = json.loads(WorkDir(tmp_path / "again").nnunet_source.read_text())
+    assert source["postprocessing"] == "voxseg_postprocessing.json"
     assert json.loads((tmp_path / "again" / "postprocessing.json").read_text())["largest_component"] == [[1], [2]]
     assert np.array_equal(_predict_case(tmp_path / "again", inputs, tmp_path / "imported"), original)
 

@@ -24,16 +24,16 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 from voxseg.augment import AugmentConfig, augment_batch, source_size
 from voxseg.config import TrainConfig, apply_overrides
-from voxseg.plans import ChannelNormalization, NetworkPlan, Plan
 from voxseg.data.store import sample_foreground_locations, save_case
 from voxseg.infer.config import Tiling
 from voxseg.infer.sliding_window import sliding_window_inference
 from voxseg.losses import build_loss
 from voxseg.models import build_network
+from voxseg.plans import ChannelNormalization, NetworkPlan, Plan
 from voxseg.train import loop
 from voxseg.train.cache import CaseCache
-from voxseg.train.logger import TrainLogger
 from voxseg.train.feed import TrainData
+from voxseg.train.logger import TrainLogger
 from voxseg.train.step import RunningMeans, TrainStep
 from voxseg.train.validate import pseudo_dice
 
@@ -327,8 +327,8 @@ def test_sliding_window_does_not_sync(accumulator):
     folds = [build_network(plan, deep_supervision=True).eval() for _ in range(2)]
     image = torch.randn(1, 2, 30, 21, 12)
     with SyncGuard():
-        logits = sliding_window_inference(folds, image, (16, 16, 16), plan.num_outputs,
-                                          Tiling.default(tile_batch=3, mirror_axes=(0, 1, 2), accumulator_device=accumulator))
+        tiling = Tiling.default(tile_batch=3, mirror_axes=(0, 1, 2), accumulator_device=accumulator)
+        logits = sliding_window_inference(folds, image, (16, 16, 16), plan.num_outputs, tiling)
     assert logits.shape == (3, 30, 21, 12) and torch.isfinite(logits).all()
 
 

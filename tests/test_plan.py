@@ -12,9 +12,9 @@ from voxseg.data.dataset import RawDataset
 from voxseg.data.io import Geometry, write_image
 from voxseg.data.memory import CUDA_CONTEXT_GB, activation_elements, estimate_memory_gb, parameter_count
 from voxseg.data.plan import derive_topology, describe_plan, make_plan, plan_dataset, plan_target_spacing
-from voxseg.plans import NetworkPlan, Plan
 from voxseg.errors import ConfigError, DatasetError
 from voxseg.models.measure import measure_peak_memory_gb, measure_saved_activation_elements
+from voxseg.plans import NetworkPlan, Plan
 
 MRI = {"0": "T1", "1": "T1ce", "2": "T2", "3": "FLAIR"}
 LABELS = {"background": 0, "edema": 1, "core": 2, "enhancing": 3}  # 4 outputs (softmax)
@@ -310,7 +310,8 @@ def test_the_planner_never_imports_the_network_code():
         for node in ast.walk(ast.parse(path.read_text())):
             names = [a.name for a in node.names] if isinstance(node, ast.Import) else []
             if isinstance(node, ast.ImportFrom):
-                names = [f"{node.module}.{a.name}" if node.module == "voxseg" else node.module or "" for a in node.names]
+                names = [f"{node.module}.{a.name}" if node.module == "voxseg" else node.module or ""
+                         for a in node.names]
             assert not any(n == "voxseg.models" or n.startswith("voxseg.models.") for n in names), path.name
 
 
@@ -329,6 +330,7 @@ def test_nnunet_dataset_conventions_plain_number_regions_and_splits_final(tmp_pa
     assert json.loads((tmp_path / "work" / "splits.json").read_text()) == folds  # nnU-Net's folds, as they are
     folds[1]["val"] = ["SYN_999"]
     (raw / "splits_final.json").write_text(json.dumps(folds))
-    with pytest.raises(ConfigError, match=r"splits_final.json: fold 1 names case\(s\) that are not in the dataset: SYN_999"):
+    with pytest.raises(ConfigError,
+                       match=r"splits_final.json: fold 1 names case\(s\) that are not in the dataset: SYN_999"):
         plan_dataset(raw, tmp_path / "work2", gpu_memory_gb=8.0)
     assert not (tmp_path / "work2").exists()  # refused before anything was written

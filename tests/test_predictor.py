@@ -8,8 +8,6 @@ import pytest
 import torch
 
 from voxseg.data.io import Geometry, read_image, write_image
-from voxseg.labels import LabelScheme
-from voxseg.plans import ChannelNormalization, NetworkPlan, Plan
 from voxseg.errors import CheckpointError, InputError
 from voxseg.infer.config import InferConfig
 from voxseg.infer.postprocess import (
@@ -21,7 +19,9 @@ from voxseg.infer.postprocess import (
     regions_to_labels,
 )
 from voxseg.infer.predictor import Predictor, find_input_cases, resolve_folds
+from voxseg.labels import LabelScheme
 from voxseg.models import build_network
+from voxseg.plans import ChannelNormalization, NetworkPlan, Plan
 
 LABELS = {"background": 0, "edema": 1, "core": 2}
 REGIONS = {"background": 0, "whole": [1, 2, 3], "core": [2, 3], "enhancing": [3]}
@@ -159,7 +159,7 @@ def test_fold_selection_and_missing_checkpoint(workdir, tmp_path):
 
 def test_every_trained_fold_is_the_default(workdir, tmp_path):
     from voxseg.cli.infer import _folds_line
-    from voxseg.infer.nnunet import nnunet_folds
+    from voxseg.infer.nnunet_folder import nnunet_folds
 
     predictor = Predictor.from_workdir(workdir, device="cpu", mirror_axes=None)
     assert predictor.folds == (0, 1) and len(predictor.models) == 2  # as nnU-Net: the ensemble of the folds

@@ -10,10 +10,10 @@ import pytest
 import torch
 
 from voxseg.data.io import Geometry, write_image
-from voxseg.plans import ChannelNormalization, NetworkPlan, Plan
 from voxseg.data.preprocess import plan_hash, preprocess_case, preprocess_dataset, resample, restore_to_original
 from voxseg.data.store import list_cases, load_case, load_foreground_locations
 from voxseg.errors import DatasetError, InputError
+from voxseg.plans import ChannelNormalization, NetworkPlan, Plan
 
 LABELS = {"background": 0, "edema": 1, "core": 2, "enhancing": 3}
 
@@ -168,7 +168,8 @@ def test_round_trip_equal_spacing_is_exact():
     assert np.all(restored >= 0)  # the "outside" marker -1 does not leak into predictions
 
 
-@pytest.mark.parametrize("shape,target,axis", [((40, 40, 40), (1.3, 1.2, 0.8), None), ((24, 40, 40), (2.0, 1.5, 1.5), 0)])
+@pytest.mark.parametrize("shape,target,axis", [((40, 40, 40), (1.3, 1.2, 0.8), None),
+                                               ((24, 40, 40), (2.0, 1.5, 1.5), 0)])
 def test_round_trip_with_resampling(shape, target, axis):
     # labels here are 4-10 voxel spheres: coarser targets lose them (information loss, not a bug)
     image, seg = make_case(shape=shape)
@@ -187,7 +188,8 @@ def test_round_trip_with_resampling(shape, target, axis):
 
 def test_restore_probabilities_fills_background_outside_the_crop():
     image, seg = make_case()
-    _, seg_pp, props = preprocess_case(image, Geometry.from_spacing((1.0, 1.0, 1.0)), make_plan(target=(1.5, 1.5, 1.5)), seg)
+    _, seg_pp, props = preprocess_case(image, Geometry.from_spacing((1.0, 1.0, 1.0)),
+                                       make_plan(target=(1.5, 1.5, 1.5)), seg)
     probs = np.stack([(np.maximum(seg_pp[0], 0) == k) for k in range(4)]).astype(np.float32)  # (4, d, h, w)
     restored = restore_to_original(probs, props, is_label=False)
     assert restored.shape == (4, *seg.shape) and restored.dtype == np.float32
@@ -207,7 +209,8 @@ def write_dataset(root: Path, num_cases: int = 3) -> Path:
         for c in range(2):
             write_image(root / "imagesTr" / f"case{i}_{c:04d}.nii.gz", image[c], geometry)
         write_image(root / "labelsTr" / f"case{i}.nii.gz", seg, geometry)
-    meta = {"channel_names": {"0": "ch0", "1": "ch1"}, "labels": LABELS, "numTraining": num_cases, "file_ending": ".nii.gz"}
+    meta = {"channel_names": {"0": "ch0", "1": "ch1"}, "labels": LABELS, "numTraining": num_cases,
+            "file_ending": ".nii.gz"}
     (root / "dataset.json").write_text(json.dumps(meta))
     return root
 

@@ -27,7 +27,8 @@ def test_without_a_terminal_each_case_gets_a_plain_line_then_the_summary():
     lines = stream.getvalue().splitlines()
     assert progress.mode == "lines" and "\r" not in stream.getvalue()
     assert lines[:3] == ["case_001: 4.2 s (1/3)", "case_002: failed after 0.3 s (2/3)", "case_003: 12.0 s (3/3)"]
-    assert re.fullmatch(r"predicted 3 case\(s\) in \d+\.\d s \(\d+\.\d s/case, 1 failed\)", lines[3]) and len(lines) == 4
+    assert re.fullmatch(r"predicted 3 case\(s\) in \d+\.\d s \(\d+\.\d s/case, 1 failed\)", lines[3])
+    assert len(lines) == 4
 
 
 def test_on_a_terminal_a_bar_counts_the_cases_with_the_last_case_time():

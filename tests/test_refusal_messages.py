@@ -10,12 +10,12 @@ import pytest
 import torch
 
 import voxseg.checkpoint as checkpoint_module
+from tests.test_predictor import make_workdir, tiny_plan
 from voxseg.checkpoint import load_checkpoint, save_checkpoint
 from voxseg.data.store import save_case
 from voxseg.errors import CheckpointError, ConfigError, DiskFullError, VoxsegError
 from voxseg.infer.config import InferConfig
 from voxseg.infer.predictor import Predictor
-from tests.test_predictor import make_workdir, tiny_plan
 
 
 @pytest.mark.parametrize("options, words", [({"step": 0}, "step=0"), ({"step": 1.5}, "step=1.5"),

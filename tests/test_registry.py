@@ -10,6 +10,7 @@ import pytest
 import torch
 from torch import Tensor, nn
 
+from voxseg.checkpoint import load_checkpoint
 from voxseg.config import DataConfig, LoopConfig, LossConfig, OptimConfig, ScheduleConfig, TrainConfig, apply_overrides
 from voxseg.configtree import field_choices
 from voxseg.data.plan import plan_dataset
@@ -24,7 +25,6 @@ from voxseg.normalization import SCHEMES
 from voxseg.optim import OPTIMIZERS, SCHEDULES, build_optimizer, build_scheduler
 from voxseg.plans import ChannelNormalization, NetworkPlan, Plan
 from voxseg.registry import Registry
-from voxseg.checkpoint import load_checkpoint
 from voxseg.train.loop import train
 
 

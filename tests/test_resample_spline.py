@@ -14,10 +14,10 @@ import pytest
 import torch
 from scipy import ndimage
 
+from voxseg.data.io import Geometry
 from voxseg.data.preprocess import preprocess_case, restore_to_original
 from voxseg.data.resample import resample, separate_axis
 from voxseg.data.spline import nearest_indices, zoom
-from voxseg.data.io import Geometry
 from voxseg.errors import CheckpointError
 from voxseg.plans import ChannelNormalization, NetworkPlan, Plan
 

@@ -12,8 +12,8 @@ from voxseg.data.store import sample_foreground_locations, save_case
 from voxseg.errors import ConfigError, DatasetError
 from voxseg.plans import NetworkPlan
 from voxseg.train.cache import CaseCache
-from voxseg.train.sampler import ForegroundSampling, PatchSampler
 from voxseg.train.prefetch import BatchStream
+from voxseg.train.sampler import ForegroundSampling, PatchSampler
 from voxseg.units import GIB
 
 SHAPES = {"big": (30, 24, 26), "small": (10, 12, 9), "empty": (20, 18, 22)}

@@ -86,7 +86,8 @@ class Constant(torch.nn.Module):
 @pytest.mark.parametrize("shape", [(20, 23, 17), (5, 9, 6), (16, 16, 16)])
 def test_blending_all_ones_network_returns_exactly_ones(shape):
     image = torch.randn(1, 2, *shape)
-    out = sliding_window_inference(Constant(1.0, 3), image, (8, 8, 8), 3, Tiling.default(tile_batch=3, mirror_axes=(0, 1, 2)))
+    out = sliding_window_inference(Constant(1.0, 3), image, (8, 8, 8), 3,
+                                   Tiling.default(tile_batch=3, mirror_axes=(0, 1, 2)))
     assert out.shape == (3, *shape)
     assert torch.allclose(out, torch.ones_like(out), atol=1e-6)
 
@@ -137,7 +138,8 @@ def test_tile_batch_and_mirrors_give_the_same_result_across_batching():
 
 def test_fold_ensemble_averages_models():
     image = torch.randn(1, 1, 14, 10, 9)
-    out = sliding_window_inference([Constant(0.0), Constant(2.0)], image, (8, 8, 8), 2, Tiling.default(mirror_axes=(1,)))
+    out = sliding_window_inference([Constant(0.0), Constant(2.0)], image, (8, 8, 8), 2,
+                                   Tiling.default(mirror_axes=(1,)))
     assert torch.allclose(out, torch.ones_like(out), atol=1e-6)
     net = _asymmetric_net()
     both = sliding_window_inference([net, Constant(4.0)], image, (8, 8, 8), 2)
@@ -228,7 +230,8 @@ def test_out_of_memory_after_every_fallback_is_an_error_naming_the_case():
     model, calls = _out_of_memory_when(lambda *_: True, _asymmetric_net())
     with pytest.raises(DeviceMemoryError, match=r"case 'c9': out of GPU memory even with 1 tile") as caught:
         sliding_window_inference(model, torch.randn(1, 1, 16, 16, 16), (8, 8, 8), 2,
-                                 Tiling.default(tile_batch=2, mirror_axes=(0,), accumulator_device="meta"), case_name="c9")
+                                 Tiling.default(tile_batch=2, mirror_axes=(0,), accumulator_device="meta"),
+                                 case_name="c9")
     assert isinstance(caught.value, VoxsegError) and "--device cpu" in str(caught.value)
     assert "--tile-batch 2" in str(caught.value)
     assert calls == [4, 2, 1, 1]  # 2 tiles x 2 mirrors, 1 tile, 1 copy; then again with the host accumulator
@@ -301,7 +304,8 @@ def test_cuda_matches_cpu_with_amp_and_host_accumulator():
     reference = sliding_window_inference(net, image, (16, 16, 16), 2, Tiling.default(mirror_axes=(0, 1, 2)))
     cuda_net, cuda_image = net.cuda(), image.cuda()
     with full_float32_precision():  # cuDNN convolutions default to TF32 on Ampere and later
-        on_device = sliding_window_inference(cuda_net, cuda_image, (16, 16, 16), 2, Tiling.default(mirror_axes=(0, 1, 2)))
+        on_device = sliding_window_inference(cuda_net, cuda_image, (16, 16, 16), 2,
+                                             Tiling.default(mirror_axes=(0, 1, 2)))
         host = sliding_window_inference(cuda_net, cuda_image, (16, 16, 16), 2,
                                         Tiling.default(mirror_axes=(0, 1, 2), accumulator_device="cpu"))
     amp = sliding_window_inference(cuda_net, cuda_image, (16, 16, 16), 2,

@@ -2,13 +2,11 @@
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 import numpy as np
 import pytest
 
 from voxseg.data.splits import (
-    fold_dir,
     get_fold,
     load_splits,
     make_fraction_split,
@@ -17,6 +15,7 @@ from voxseg.data.splits import (
     trained_folds,
 )
 from voxseg.errors import ConfigError
+from voxseg.workdir import WorkDir
 
 NAMES = [f"case_{i:03d}" for i in range(23)]
 
@@ -115,22 +114,17 @@ def test_malformed_or_missing_splits(tmp_path):
         load_splits(tmp_path)
 
 
-def test_fold_dir_is_under_training():
-    assert fold_dir("work", 3) == fold_dir("work", "3") == Path("work/training/fold_3")
-    assert fold_dir("work", "all").name == "fold_all"
-
-
 def test_trained_folds_counts_numbered_fold_folders_or_those_with_the_checkpoint(tmp_path):
     assert trained_folds(tmp_path) == [] and trained_folds(tmp_path, "final") == []  # no training/ yet
     for fold in (10, 2, 0):
-        fold_dir(tmp_path, fold).mkdir(parents=True)
-    (fold_dir(tmp_path, 0) / "checkpoint_final.pt").write_bytes(b"")
-    (fold_dir(tmp_path, 10) / "checkpoint_final.pt").write_bytes(b"")
-    (fold_dir(tmp_path, 10) / "checkpoint_best.pt").write_bytes(b"")
-    fold_dir(tmp_path, "all").mkdir()
-    (fold_dir(tmp_path, "all") / "checkpoint_final.pt").write_bytes(b"")
-    fold_dir(tmp_path, "x1").mkdir()
-    (fold_dir(tmp_path, 0).parent / "fold_5").write_text("a file, not a fold folder")
+        WorkDir(tmp_path).fold(fold).path.mkdir(parents=True)
+    (WorkDir(tmp_path).fold(0).path / "checkpoint_final.pt").write_bytes(b"")
+    (WorkDir(tmp_path).fold(10).path / "checkpoint_final.pt").write_bytes(b"")
+    (WorkDir(tmp_path).fold(10).path / "checkpoint_best.pt").write_bytes(b"")
+    WorkDir(tmp_path).fold("all").path.mkdir()
+    (WorkDir(tmp_path).fold("all").path / "checkpoint_final.pt").write_bytes(b"")
+    WorkDir(tmp_path).fold("x1").path.mkdir()
+    (WorkDir(tmp_path).training / "fold_5").write_text("a file, not a fold folder")
     assert trained_folds(tmp_path) == [0, 2, 10]  # numeric order; fold_all, fold_x1 and files left out
     assert trained_folds(tmp_path, "final") == [0, 10]
     assert trained_folds(tmp_path, "best") == [10]

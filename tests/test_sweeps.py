@@ -6,12 +6,12 @@ import sys
 
 import numpy as np
 
+from tests.test_predictor import make_workdir, tiny_plan, write_case
 from voxseg.data.io import Geometry
 from voxseg.data.plan import plan_dataset
 from voxseg.data.preprocess import preprocess_dataset
 from voxseg.data.synth import make_synthetic_dataset
 from voxseg.infer.predictor import Predictor, find_input_cases
-from tests.test_predictor import make_workdir, tiny_plan, write_case
 
 
 def _stale(folder, name):

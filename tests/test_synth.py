@@ -150,11 +150,13 @@ def test_dataset_is_deterministic_and_regions_are_declared(tmp_path):
         np.testing.assert_array_equal(read_image(first / name)[0], read_image(second / name)[0])
         assert not np.array_equal(read_image(first / name)[0], read_image(other / name)[0])
     # the cases of one dataset are not copies of each other
-    assert not np.array_equal(read_image(first / "labelsTr/SYN_000.nii.gz")[0], read_image(first / "labelsTr/SYN_001.nii.gz")[0])
+    assert not np.array_equal(read_image(first / "labelsTr/SYN_000.nii.gz")[0],
+                              read_image(first / "labelsTr/SYN_001.nii.gz")[0])
 
 
 def test_brats_layout_uses_brats_names_and_label_values(tmp_path):
-    brats = make_synthetic_dataset(tmp_path / "brats", num_cases=2, num_test=1, shape=(16, 16, 16), seed=4, layout="brats")
+    brats = make_synthetic_dataset(tmp_path / "brats", num_cases=2, num_test=1, shape=(16, 16, 16), seed=4,
+                                   layout="brats")
     nnunet = make_synthetic_dataset(tmp_path / "nnunet", num_cases=2, num_test=1, shape=(16, 16, 16), seed=4)
     assert sorted(p.name for p in brats.iterdir()) == ["BraTS2021_00000", "BraTS2021_00001", "BraTS2021_00002"]
     case = brats / "BraTS2021_00001"

@@ -9,23 +9,23 @@ import pytest
 import torch
 from torch import nn
 
+from voxseg.checkpoint import load_checkpoint
 from voxseg.config import TrainConfig, apply_overrides
 from voxseg.data.io import Geometry, read_image
-from voxseg.plans import ChannelNormalization, NetworkPlan, Plan
-from voxseg.plans import apply_overrides as apply_plan_overrides
 from voxseg.data.splits import save_splits
 from voxseg.data.store import sample_foreground_locations, save_case
 from voxseg.errors import CheckpointError, ConfigError
+from voxseg.evaluate.overlap import class_masks, dice_from_counts, overlap_counts
+from voxseg.infer.config import InferConfig
+from voxseg.infer.validation import full_validation
+from voxseg.plans import ChannelNormalization, NetworkPlan, Plan
+from voxseg.plans import apply_overrides as apply_plan_overrides
 from voxseg.train import loop
-from voxseg.checkpoint import load_checkpoint
 from voxseg.train.loop import TrainingInterrupted, train
 from voxseg.train.prefetch import BatchStream
 from voxseg.train.start import RunStart
 from voxseg.train.step import RunningMeans, TrainStep
 from voxseg.train.testonly import evaluate_fold
-from voxseg.evaluate.overlap import class_masks, dice_from_counts, overlap_counts
-from voxseg.infer.config import InferConfig
-from voxseg.infer.validation import full_validation
 
 CASE_SHAPE = (24, 24, 20)
 TRAIN = ["case_0", "case_1", "case_2", "case_3"]

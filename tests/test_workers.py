@@ -59,8 +59,8 @@ def test_workers_exit_when_the_parent_is_killed(tmp_path, mechanism):
     if not Path(f"/proc/{os.getpid()}/task/{os.getpid()}/children").exists():
         pytest.skip("kernel without /proc/PID/task/TID/children")
     repo = Path(__file__).resolve().parents[1]
-    parent = subprocess.Popen([sys.executable, "-c", SCRIPT, str(tmp_path), mechanism], cwd=repo, stdout=subprocess.PIPE,
-                              env={**os.environ, "PYTHONPATH": str(repo)})
+    parent = subprocess.Popen([sys.executable, "-c", SCRIPT, str(tmp_path), mechanism], cwd=repo,
+                              stdout=subprocess.PIPE, env={**os.environ, "PYTHONPATH": str(repo)})
     workers: set[int] = set()
     try:
         assert parent.stdout.readline().strip() == b"preprocessing"

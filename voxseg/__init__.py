@@ -14,6 +14,7 @@ The public API is small; everything is importable lazily so `voxseg --help` stay
     >>> voxseg.evaluate_folder("preds", "data/Synth/labelsTs", dataset_json="data/Synth/dataset.json")
     >>> result = voxseg.evaluate_crossval("work/synth")   # after training every fold: .summary, .postprocessing
     >>> choice = voxseg.choose_configuration("work/synth")   # every trained configuration and pair ensemble
+    >>> voxseg.WorkDir("work/synth").fold(0).checkpoint("final")   # every path of a work directory
 """
 from __future__ import annotations
 
@@ -31,6 +32,7 @@ _LAZY = {
     "check_dataset": "voxseg.data.check",
     "plan_dataset": "voxseg.data.plan",
     "config_workdir": "voxseg.data.configs",
+    "WorkDir": "voxseg.workdir",
     "Plan": "voxseg.plans",
     "preprocess_dataset": "voxseg.data.preprocess",
     "TrainConfig": "voxseg.config",

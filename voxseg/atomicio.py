@@ -28,8 +28,8 @@ from typing import IO, Any, Iterator
 
 from voxseg.errors import ConfigError, DiskFullError
 
-__all__ = ["atomic_open", "atomic_path", "copy_file", "make_output_folder", "sweep_stale_temporaries", "temporary_path", "write_bytes",
-           "write_text"]
+__all__ = ["atomic_open", "atomic_path", "copy_file", "make_output_folder", "sweep_stale_temporaries", "temporary_path",
+           "write_bytes", "write_text"]
 
 # what torch.save's C++ writer says when a write comes up short (it raises RuntimeError, not OSError)
 _SHORT_WRITE_MARKERS = ("file write failed", "unexpected pos", "No space left on device")

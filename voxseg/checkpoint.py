@@ -32,6 +32,7 @@ from voxseg.atomicio import atomic_path
 from voxseg.errors import CheckpointError
 from voxseg.models import build_network
 from voxseg.plans import Plan, plan_differences
+from voxseg.workdir import FoldDir
 
 CHECKPOINT_FORMAT = 2
 CHECKPOINT_CHOICES = ("final", "best", "latest")
@@ -47,11 +48,6 @@ class Stateful(Protocol):
     def state_dict(self) -> dict[str, Any]: ...
 
     def load_state_dict(self, state: dict[str, Any]) -> Any: ...
-
-
-def checkpoint_file(directory: str | Path, tag: str) -> Path:
-    """DIRECTORY/checkpoint_{tag}.pt (tag: final, best, latest or epoch_E)."""
-    return Path(directory) / f"checkpoint_{tag}.pt"
 
 
 def checkpoint_identity(path: str | Path) -> dict[str, Any]:
@@ -92,6 +88,7 @@ class Checkpointer:
         if clash:
             raise ValueError(f"checkpoint object names {sorted(clash)} clash with metadata keys")
         self.directory, self.objects = Path(directory), dict(objects)
+        self.files = FoldDir(directory)  # where checkpoint_{tag}.pt and the run's plans.json and config.json are
         self.metadata, self.keep_snapshots, self.enabled = dict(metadata or {}), int(keep_snapshots), enabled
 
     def state(self) -> dict[str, Any]:
@@ -103,22 +100,20 @@ class Checkpointer:
         """Write checkpoint_{tag}.pt atomically (only where enabled); returns its path."""
         if not self.enabled:
             return None
-        return save_checkpoint(checkpoint_file(self.directory, tag), self.state())
+        return save_checkpoint(self.files.checkpoint(tag), self.state())
 
     def snapshot(self, epoch: int) -> Path | None:
         """A periodic checkpoint_epoch_E.pt, keeping the newest `keep_snapshots` of them."""
         if not self.enabled or self.keep_snapshots <= 0:
             return None
-        path = self.save(f"epoch_{epoch}")
+        path = self.save(FoldDir.snapshot_tag(epoch))
         for old in self.snapshots()[:-self.keep_snapshots]:
             old.unlink(missing_ok=True)
         return path
 
     def snapshots(self) -> list[Path]:
         """Existing periodic snapshots, oldest first."""
-        found = [(int(p.stem.rsplit("_", 1)[1]), p) for p in self.directory.glob("checkpoint_epoch_*.pt")
-                 if p.stem.rsplit("_", 1)[1].isdigit()]
-        return [p for _, p in sorted(found)]
+        return self.files.snapshots()
 
     def restore(self, tag: str = "latest", map_location: str | torch.device = "cpu") -> dict[str, Any]:
         """Load checkpoint_{tag}.pt into every object after checking it belongs to this run; returns the state.
@@ -127,7 +122,7 @@ class Checkpointer:
             CheckpointError: the file is missing, unreadable, lacks an object's entry, was trained with another
                 plan or optimiser, or its weights do not fit (the message says what differs and what to do).
         """
-        path = checkpoint_file(self.directory, tag)
+        path = self.files.checkpoint(tag)
         if not path.is_file():
             raise CheckpointError(f"{path} does not exist: nothing to resume; train without --resume first")
         state = load_checkpoint(path, map_location=map_location)
@@ -151,7 +146,7 @@ class Checkpointer:
             if changed:
                 raise CheckpointError(
                     f"{path} was trained with another plan; a resumed run keeps its effective plan "
-                    f"({self.directory / 'plans.json'}). Changed: {'; '.join(changed)}. Resume without these plan "
+                    f"({self.files.plans}). Changed: {'; '.join(changed)}. Resume without these plan "
                     "overrides (and with the work directory's plans.json as it was), or train a new run")
         saved, current = state.get("config"), self.metadata.get("config")
         if isinstance(saved, dict) and isinstance(current, dict):
@@ -160,7 +155,7 @@ class Checkpointer:
                 if before != now:
                     raise CheckpointError(
                         f"{path} was trained with {section}.{name}={before} but this run uses {now}; resume with "
-                        f"the run's own settings: --config {self.directory / 'config.json'} --resume")
+                        f"the run's own settings: --config {self.files.config} --resume")
 
 
 def save_checkpoint(path: str | Path, state: dict[str, Any]) -> Path:

@@ -25,8 +25,8 @@ from voxseg.augment.config import AugmentConfig
 from voxseg.configtree import build_dataclass, dotted_names, locate_option, parse_value
 from voxseg.configtree import check as _check
 from voxseg.configtree import check_choice as _choice
-from voxseg.jsonio import write_json_atomic
 from voxseg.errors import ConfigError
+from voxseg.jsonio import write_json_atomic
 from voxseg.losses import LOSSES, loss_weights
 from voxseg.lossoptions import TermOptions
 from voxseg.optim import OptimConfig, ScheduleConfig  # owned by the optimiser component, part of this tree
@@ -227,7 +227,6 @@ class TrainConfig:
         write_json_atomic(path, self.to_dict())
 
 
-CONFIG_FILE = "config.json"  # training/fold_F/config.json: the config a run was started with (resolved)
 # config.json of a resumed run: the changes made on resume, replayed over the config the run started with
 CHANGES_KEY = "changes"
 # How a run starts is given with the run (--resume, --pretrained, --force: `voxseg.train.start.RunStart`), never a

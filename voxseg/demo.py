@@ -11,6 +11,7 @@ from pathlib import Path
 
 from voxseg.devices import resolve_device
 from voxseg.plans import Plan
+from voxseg.workdir import WorkDir
 
 
 @dataclass
@@ -58,7 +59,8 @@ def run_demo(workdir: str | Path, epochs: int | None = None, device: str = "auto
     model_dir = workdir / "model"
     start = time.perf_counter()
 
-    print(f"[1/6] synthetic dataset: {size.train_cases} training + {size.test_cases} test cases of {size.shape} -> {dataset}")
+    print(f"[1/6] synthetic dataset: {size.train_cases} training + {size.test_cases} test cases of {size.shape} "
+          f"-> {dataset}")
     if not (dataset / "dataset.json").is_file():
         make_synthetic_dataset(dataset, num_cases=size.train_cases, num_test=size.test_cases, shape=size.shape, seed=0)
 
@@ -66,7 +68,7 @@ def run_demo(workdir: str | Path, epochs: int | None = None, device: str = "auto
     plan = plan_dataset(dataset, model_dir, gpu_memory_gb=8.0, val_fraction=0.25)
     if device == "cpu":
         plan = shrink_plan_for_cpu(plan, size.max_features, patch=32)
-        plan.save(model_dir / "plans.json")
+        plan.save(WorkDir(model_dir).plans)
     print(describe_plan(plan))
 
     print("[3/6] preprocess")

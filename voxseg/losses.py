@@ -41,9 +41,9 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from voxseg.distributed import all_reduce_autograd, all_reduce_mean
+from voxseg.errors import ConfigError
 from voxseg.lossoptions import TermOptions, per_output
 from voxseg.plans import Plan
-from voxseg.errors import ConfigError
 from voxseg.registry import Registry, unknown_name_message
 
 

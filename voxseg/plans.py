@@ -21,7 +21,6 @@ from voxseg.normalization import SCHEMES, required_fields
 from voxseg.registry import unknown_name_message
 
 PLAN_VERSION = 1
-PLAN_FILE = "plans.json"  # WORKDIR/plans.json (as planned) and training/fold_F/plans.json (a run's effective plan)
 
 
 @dataclass
@@ -249,6 +248,33 @@ def _known(cls: type, data: dict[str, Any], where: str) -> dict[str, Any]:
     if missing:
         raise ConfigError(f"{where}: missing field(s) {', '.join(missing)}")
     return data
+
+
+# ----- summary ------------------------------------------------------------------------------------------------
+def describe_plan(plan: Plan) -> str:
+    """A short human summary of a plan, e.g. for `voxseg plan` to print."""
+    net = plan.network
+    aniso = f" (axis {plan.anisotropy_axis} anisotropic)" if plan.anisotropy_axis is not None else ""
+    norms = ", ".join(
+        n.scheme + ("+mask" if n.use_nonzero_mask else "") for n in plan.normalization
+    )
+    memory = f"{plan.estimated_memory_gb:.1f}" if plan.estimated_memory_gb is not None else "?"
+    lines = [
+        f"dataset        {plan.dataset_name}: {plan.num_channels} channel(s), {plan.num_outputs} output(s)"
+        + (" (regions)" if plan.is_region_based else ""),
+        f"spacing        {_fmt(plan.original_median_spacing)} -> {_fmt(plan.target_spacing)} mm{aniso}",
+        f"median shape   {_fmt(plan.median_shape_after_resample)} at target spacing",
+        f"normalisation  {norms}",
+        f"patch x batch  {_fmt(plan.patch_size)} x {plan.batch_size}",
+        f"network        {plan.network.name}{' (residual)' if net.residual else ''}, {net.n_stages} stages, "
+        f"features {net.features}, total stride {_fmt(net.total_stride)}",
+        f"memory         ~{memory} GB estimated (budget {plan.gpu_memory_gb:g} GB)",
+    ]
+    return "\n".join(lines)
+
+
+def _fmt(values: Any) -> str:  # 1.5x1x1, 128x128x128
+    return "x".join(f"{v:g}" if isinstance(v, float) else str(v) for v in values)
 
 
 # ----- overrides ----------------------------------------------------------------------------------------------

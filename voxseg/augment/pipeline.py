@@ -48,10 +48,11 @@ def _check_inputs(image: torch.Tensor, seg: torch.Tensor, patch_size: Sequence[i
         raise InputError(f"augment_batch: image {tuple(image.shape)} must be (B, C, *S) with {ndim} spatial axes "
                          f"like patch_size {list(patch)}")
     if seg.shape[0] != image.shape[0] or seg.shape[1] != 1 or seg.shape[2:] != image.shape[2:]:
-        raise InputError(f"augment_batch: seg {tuple(seg.shape)} must be (B, 1, *S) matching image {tuple(image.shape)}")
+        raise InputError(f"augment_batch: seg {tuple(seg.shape)} must be (B, 1, *S) matching image "
+                         f"{tuple(image.shape)}")
     if any(s < p for s, p in zip(image.shape[2:], patch)):
-        raise InputError(f"augment_batch: source size {tuple(image.shape[2:])} is smaller than patch_size {list(patch)}; "
-                         "crop it with PatchSampler(source_size=source_size(patch_size, config))")
+        raise InputError(f"augment_batch: source size {tuple(image.shape[2:])} is smaller than patch_size "
+                         f"{list(patch)}; crop it with PatchSampler(source_size=source_size(patch_size, config))")
     if not image.is_floating_point():
         raise InputError(f"augment_batch: image must be a floating-point tensor, got {image.dtype}")
     return patch

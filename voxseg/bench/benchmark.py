@@ -24,6 +24,7 @@ from voxseg.errors import DatasetError
 from voxseg.infer.config import InferConfig
 from voxseg.jsonio import write_json_atomic
 from voxseg.plans import Plan
+from voxseg.workdir import WorkDir
 
 
 def device_name(device: torch.device) -> str:
@@ -83,7 +84,7 @@ def time_inference(plan: Plan, device: torch.device, folds: int, config: InferCo
                 raise ValueError("time_inference: a cascade stage needs its workdir to find its first stage")
             from voxseg.data.configs import stage_workdir
 
-            previous = predictor_for(Plan.load(stage_workdir(workdir, stage.previous_stage) / "plans.json"))
+            previous = predictor_for(Plan.load(WorkDir(stage_workdir(workdir, stage.previous_stage)).plans))
         return Predictor(stage, _models(stage, folds, device), config, device, previous=previous)
 
     return time_predictor(predictor_for(plan), _first_raw_case(plan), device, repeats)
@@ -112,7 +113,7 @@ def run_benchmark(workdir: str | Path, device: str = "auto", num_threads: int = 
     torch.set_num_threads(num_threads)
     config = config_for(device, num_threads, overrides)
     dev = resolve_device(config.loop.device)
-    plan = Plan.load(workdir / "plans.json")
+    plan = Plan.load(WorkDir(workdir).plans)
     training = time_training(workdir, config, iterations=iterations, warmup=warmup, repeats=repeats)
     result: dict[str, Any] = {
         "device": device_name(dev), "torch": torch.__version__, "cpu_threads": num_threads,
@@ -126,7 +127,7 @@ def run_benchmark(workdir: str | Path, device: str = "auto", num_threads: int = 
             "1_fold_no_tta_s": time_inference(plan, dev, 1, InferConfig(mirror_axes="none"), workdir=workdir),
             "5_folds_mirror_s": time_inference(plan, dev, 5, InferConfig(), workdir=workdir),
         }
-    write_json_atomic(Path(output) if output else workdir / "benchmark.json", result)
+    write_json_atomic(Path(output) if output else WorkDir(workdir).benchmark, result)
     return result
 
 

@@ -30,7 +30,8 @@ from typing import Any, Callable, Sequence
 from voxseg.bench.timing import is_out_of_memory
 from voxseg.data.memory import estimate_memory_breakdown
 from voxseg.errors import ConfigError, VoxsegError
-from voxseg.plans import PLAN_FILE, Plan
+from voxseg.plans import Plan
+from voxseg.workdir import WorkDir
 
 MIN_SCALE = 0.2  # a fitted scale outside [MIN_SCALE, MAX_SCALE] means the measurements are not usable
 MAX_SCALE = 5.0
@@ -206,17 +207,17 @@ def calibrate_workdir(workdir: Any, measure: Measure, device: str, overrides: di
     from voxseg.data.plan import make_plan
 
     workdir = Path(workdir)
-    plan = Plan.load(workdir / PLAN_FILE)
+    plan = Plan.load(WorkDir(workdir).plans)
     if plan.network.ndim != 3:
         raise ConfigError("memory calibration is for 3D plans; this work directory holds a 2D plan")
     calibration = calibrate(plan, measure, device)
     budget = plan.gpu_memory_gb
     values = {k: v for k, v in (overrides or {}).items() if k != "gpu_memory_gb"}
-    fingerprint = load_fingerprint(workdir / "fingerprint.json")
+    fingerprint = load_fingerprint(WorkDir(workdir).fingerprint)
     new = make_plan(fingerprint, load_dataset(plan.raw_dataset), gpu_memory_gb=calibration.effective_budget(budget),
                     overrides=values, dims=dims, cube_patch=cube_patch)
     new.gpu_memory_gb = budget
     new.estimated_memory_gb = round(calibration.estimate_gb(new), 3)
     new.memory_calibration = calibration.to_dict()
-    new.save(workdir / PLAN_FILE)
+    new.save(WorkDir(workdir).plans)
     return new, calibration

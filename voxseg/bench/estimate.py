@@ -36,7 +36,14 @@ from voxseg.bench.calibrate import MemoryCalibration
 from voxseg.bench.plausibility import contradictions, noise_note
 from voxseg.bench.projection import EpochShape, project
 from voxseg.bench.rowtiming import (
-    TIMING_CASES, Compiler, Measured, OpenRow, Schedule, Setting, TrainingRow, measure_settings,
+    TIMING_CASES,
+    Compiler,
+    Measured,
+    OpenRow,
+    Schedule,
+    Setting,
+    TrainingRow,
+    measure_settings,
 )
 from voxseg.bench.timing import config_for, training_cases
 from voxseg.config import TrainConfig
@@ -44,6 +51,7 @@ from voxseg.data.memory import estimate_memory_gb
 from voxseg.errors import ConfigError, VoxsegError
 from voxseg.jsonio import write_json_atomic
 from voxseg.plans import Plan
+from voxseg.workdir import WorkDir
 
 
 @dataclass
@@ -87,10 +95,10 @@ class EstimateRequest:
 
 def fold_training_cases(workdir: Path) -> int:
     """Training cases of fold 0 (what one pass of `voxseg train --fold 0` covers); all cases without splits."""
-    from voxseg.data.splits import SPLITS_FILE, get_fold
+    from voxseg.data.splits import get_fold
 
     names = training_cases(workdir)
-    if not (workdir / SPLITS_FILE).is_file():
+    if not WorkDir(workdir).splits.is_file():
         return len(names)
     return len(get_fold(workdir, 0, available=names)[0])
 
@@ -139,7 +147,7 @@ def training_cache_mode(workdir: Path, config: TrainConfig, plan: Plan, cases: l
 
     sizes = []  # image and labels of each case are a tensor each, pinned one by one
     for name in cases:
-        image, seg, _ = load_case(workdir / "preprocessed", name, mmap=True)
+        image, seg, _ = load_case(WorkDir(workdir).preprocessed, name, mmap=True)
         sizes += [image.nbytes] + ([seg.nbytes] if seg is not None else [])
     device = resolve_device(config.loop.device, option="--device")
     # the dataset at hand's cases, repeated to `num_cases` cases
@@ -216,6 +224,6 @@ def run_estimate(workdir: str | Path, request: EstimateRequest | None = None, ou
         "notes": [note] if note else [],
         "seconds": round(time.perf_counter() - start, 1),
     }
-    write_json_atomic(Path(output) if output else workdir / "estimate.json", result)
+    write_json_atomic(Path(output) if output else WorkDir(workdir).estimate, result)
     return result
 

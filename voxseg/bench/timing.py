@@ -34,6 +34,7 @@ from voxseg.config import TrainConfig
 from voxseg.data.store import list_cases
 from voxseg.errors import DatasetError
 from voxseg.units import gib
+from voxseg.workdir import WorkDir
 
 NOISE_SPREAD = 0.2
 """A figure whose (max - min) / median over its rounds exceeds this is reported as noise, not compared."""
@@ -205,9 +206,9 @@ def is_out_of_memory(exc: BaseException) -> bool:
 
 
 def training_cases(workdir: Path) -> list[str]:
-    names = list_cases(workdir / "preprocessed")
+    names = list_cases(WorkDir(workdir).preprocessed)
     if not names:
-        raise DatasetError(f"{workdir}/preprocessed has no cases: run 'voxseg preprocess {workdir}' first")
+        raise DatasetError(f"{WorkDir(workdir).preprocessed} has no cases: run 'voxseg preprocess {workdir}' first")
     return names
 
 

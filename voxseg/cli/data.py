@@ -5,11 +5,18 @@ import argparse
 import sys
 from typing import Any
 
-from voxseg.errors import ConfigError
 from voxseg.cli.common import (
-    Subparsers, add_command, add_configuration_flag, configuration_workdir, csv_floats, csv_ints, device, key_values,
+    Subparsers,
+    add_command,
+    add_configuration_flag,
+    configuration_workdir,
+    csv_floats,
+    csv_ints,
+    device,
+    key_values,
     usable_device,
 )
+from voxseg.errors import ConfigError
 
 
 def cmd_synth(args: argparse.Namespace) -> int:
@@ -93,8 +100,8 @@ def _calibrate(args: argparse.Namespace, plan: Any) -> Any:
 def cmd_preprocess(args: argparse.Namespace) -> int:
     from voxseg.data.preprocess import preprocess_dataset
 
-    stats = preprocess_dataset(configuration_workdir(args.workdir, args.configuration), num_workers=args.workers, progress=not args.quiet,
-                               device=usable_device(args.device))
+    stats = preprocess_dataset(configuration_workdir(args.workdir, args.configuration), num_workers=args.workers,
+                               progress=not args.quiet, device=usable_device(args.device))
     print(
         f"preprocessed {stats['done']} cases, skipped {stats['skipped']} already done, "
         f"{stats['seconds']:.1f} s ({stats.get('cases_per_s', 0):.2f} cases/s)"
@@ -138,7 +145,8 @@ def _synth_and_convert(sub: Subparsers) -> None:
 
 def add_data_commands(sub: Subparsers) -> None:
     _synth_and_convert(sub)
-    p = add_command(sub, "check", cmd_check, "check a dataset's integrity (files, channels, shapes, geometry, labels, NaN)",
+    p = add_command(sub, "check", cmd_check,
+                    "check a dataset's integrity (files, channels, shapes, geometry, labels, NaN)",
                     "voxseg check data/Dataset001_Synth -j 2")
     p.add_argument("dataset", help="the raw dataset folder (nnU-Net v2 layout, with dataset.json)")
     p.add_argument("-j", "--workers", type=int, default=1, help="processes reading cases (default 1)")
@@ -163,9 +171,11 @@ def add_data_commands(sub: Subparsers) -> None:
     p.add_argument("--calibrate", action="store_true",
                    help="fit the memory model to a few real training steps on this machine's CUDA GPU and plan "
                         "patch and batch with it (without a GPU the formula is used as it is, and said so)")
-    p.add_argument("-j", "--workers", type=int, default=1, help="processes reading cases for the fingerprint (default 1)")
+    p.add_argument("-j", "--workers", type=int, default=1,
+                   help="processes reading cases for the fingerprint (default 1)")
 
-    p = add_command(sub, "preprocess", cmd_preprocess, "crop, resample and normalise every case into the fast case store",
+    p = add_command(sub, "preprocess", cmd_preprocess,
+                    "crop, resample and normalise every case into the fast case store",
                     "voxseg preprocess work/synth -j 2\nvoxseg preprocess work/synth --configuration 2d")
     p.add_argument("workdir", help="the work directory written by 'voxseg plan'")
     add_configuration_flag(p)

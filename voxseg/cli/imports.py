@@ -5,6 +5,7 @@ import argparse
 
 from voxseg.cli.common import Subparsers, add_command, folds
 from voxseg.errors import ConfigError
+from voxseg.workdir import WorkDir
 
 
 def _postprocessing_note(result) -> str:  # noqa: ANN001 - an ImportResult (torch is imported on first use only)
@@ -13,10 +14,11 @@ def _postprocessing_note(result) -> str:  # noqa: ANN001 - an ImportResult (torc
         from voxseg.infer.postprocess import describe_postprocessing
         from voxseg.plans import Plan
 
-        plan = Plan.load(result.workdir / "plans.json")
+        plan = Plan.load(WorkDir(result.workdir).plans)
         decision = describe_postprocessing(result.postprocessing, plan.regions, plan.class_names)
         return (f"postprocessing: {decision} (voxseg's cross-validation decision, restored from the model folder's "
-                f"voxseg_postprocessing.json into {result.workdir}/postprocessing.json; 'voxseg predict' applies it)")
+                f"voxseg_postprocessing.json into {WorkDir(result.workdir).postprocessing}; 'voxseg predict' applies "
+                "it)")
     lines = []
     if result.ignored_pickles:
         names = ", ".join(str(p) for p in result.ignored_pickles)

@@ -5,9 +5,15 @@ import argparse
 from typing import TYPE_CHECKING, Any
 
 from voxseg.cli.common import (
-    Subparsers, add_command, add_configuration_flag, configuration_workdir, folds, usable_device,
+    Subparsers,
+    add_command,
+    add_configuration_flag,
+    configuration_workdir,
+    folds,
+    usable_device,
 )
 from voxseg.errors import ConfigError
+from voxseg.workdir import WorkDir
 
 if TYPE_CHECKING:
     from voxseg.infer.config import InferConfig
@@ -75,11 +81,12 @@ def cmd_predict(args: argparse.Namespace) -> int:
 
         choice = load_choice(args.model)
     if choice is not None:
-        from voxseg.infer.ensemble import CHOICE_FILE, describe_choice, predictor_from_choice
+        from voxseg.infer.ensemble import describe_choice, predictor_from_choice
 
         predictor = predictor_from_choice(args.model, choice, config)
-        print(f"using the cross-validation choice in {args.model}/{CHOICE_FILE}: {describe_choice(choice)}, "
-              f"postprocessing {choice['postprocessing']['largest_component']} (--configuration NAME overrides)")
+        print(f"using the cross-validation choice in {WorkDir(args.model).inference_choice}: "
+              f"{describe_choice(choice)}, postprocessing {choice['postprocessing']['largest_component']} "
+              "(--configuration NAME overrides)")
     else:
         predictor = Predictor.from_workdir(configuration_workdir(args.model, args.configuration), config)
     print(_folds_line(predictor, config.folds))
@@ -111,7 +118,6 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
         raise ConfigError("--configurations compares a work directory's configurations: add --crossval WORKDIR")
     if args.crossval and args.configurations is not None:
         from voxseg.crossval import choose_configuration, format_choice
-        from voxseg.infer.ensemble import CHOICE_FILE
 
         if args.configuration:
             raise ConfigError("--configuration evaluates one configuration, --configurations compares several: "
@@ -120,7 +126,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
                                       tolerance_mm=args.tolerance, convention=args.convention)
         print(format_choice(choice))
         print(f"chosen: {choice['choice']['name']}, postprocessing {choice['postprocessing']['largest_component']} "
-              f"(saved to {args.crossval}/{CHOICE_FILE}; 'voxseg predict -m {args.crossval}' uses it)")
+              f"(saved to {WorkDir(args.crossval).inference_choice}; 'voxseg predict -m {args.crossval}' uses it)")
         return 0
     if args.crossval:
         from voxseg.crossval import describe_crossval, evaluate_crossval
@@ -283,12 +289,15 @@ def add_infer_commands(sub: Subparsers) -> None:
                 "voxseg predict -m work/synth -i data/Dataset001_Synth/imagesTs -o preds\n"
                 "voxseg predict -m work/synth -i data/Dataset001_Synth/imagesTs -o preds_fold0 --folds 0\n"
                 "voxseg predict -m work/synth -i case_0000.nii.gz case_0001.nii.gz -o preds --folds all --no-mirror\n"
-                "voxseg predict -m work/synth -i imagesTs -o preds --folds 0,1 --backend onnxruntime  # after export --onnx\n"
-                "voxseg predict -m work/synth -i imagesTs -o preds --step 0.25 --tile-batch 8 --amp bf16 --mirror-axes 1,2",
+                "voxseg predict -m work/synth -i imagesTs -o preds --folds 0,1 --backend onnxruntime"
+                "  # after export --onnx\n"
+                "voxseg predict -m work/synth -i imagesTs -o preds --step 0.25 --tile-batch 8 --amp bf16"
+                " --mirror-axes 1,2",
                 setup=_predict_arguments)
     add_command(sub, "evaluate", cmd_evaluate,
                 "score predictions: Dice, IoU, HD95, surface Dice, volumes per label and region",
-                "voxseg evaluate preds data/Dataset001_Synth/labelsTs --dataset-json data/Dataset001_Synth/dataset.json\n"
+                "voxseg evaluate preds data/Dataset001_Synth/labelsTs"
+                " --dataset-json data/Dataset001_Synth/dataset.json\n"
                 "voxseg evaluate --crossval work/synth\n"
                 "voxseg evaluate --crossval work/synth --configurations all", setup=_evaluate_arguments)
 

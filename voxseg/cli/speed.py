@@ -4,7 +4,13 @@ from __future__ import annotations
 import argparse
 
 from voxseg.cli.common import (
-    Subparsers, add_command, add_configuration_flag, configuration_workdir, csv_ints, device, usable_device,
+    Subparsers,
+    add_command,
+    add_configuration_flag,
+    configuration_workdir,
+    csv_ints,
+    device,
+    usable_device,
 )
 
 
@@ -12,8 +18,9 @@ def cmd_benchmark(args: argparse.Namespace) -> int:
     from voxseg.bench.benchmark import format_benchmark, run_benchmark
 
     result = run_benchmark(
-        configuration_workdir(args.workdir, args.configuration), device=args.device, num_threads=args.threads, iterations=args.iterations,
-        warmup=args.warmup, inference=not args.no_inference, output=args.output, repeats=args.repeats,
+        configuration_workdir(args.workdir, args.configuration), device=args.device, num_threads=args.threads,
+        iterations=args.iterations, warmup=args.warmup, inference=not args.no_inference, output=args.output,
+        repeats=args.repeats,
     )
     print(format_benchmark(result))
     return 0
@@ -49,7 +56,8 @@ def add_speed_commands(sub: Subparsers) -> None:
                     "voxseg benchmark work/synth --threads 4\nvoxseg benchmark work/brats --device cuda --threads 2")
     p.add_argument("workdir", help="a planned and preprocessed work directory (a trained fold is not needed)")
     add_configuration_flag(p)
-    p.add_argument("--device", type=device, default="auto", help="auto (CUDA when available), cpu, cuda or cuda:N (default auto)")
+    p.add_argument("--device", type=device, default="auto",
+                   help="auto (CUDA when available), cpu, cuda or cuda:N (default auto)")
     p.add_argument("--threads", type=int, default=4, help="CPU threads for the data path (default 4)")
     p.add_argument("--iterations", type=int, default=20, help="timed training steps per round (default 20)")
     p.add_argument("--warmup", type=int, default=5,
@@ -105,5 +113,6 @@ def add_speed_commands(sub: Subparsers) -> None:
                    help="where the dataset, model and predictions go (default voxseg_work/demo)")
     p.add_argument("--epochs", type=int, default=None,
                    help="training epochs (default: 12 on a CPU, 50 on a GPU, 2 with --quick)")
-    p.add_argument("--device", type=device, default="auto", help="auto (CUDA when available), cpu, cuda or cuda:N (default auto)")
+    p.add_argument("--device", type=device, default="auto",
+                   help="auto (CUDA when available), cpu, cuda or cuda:N (default auto)")
     p.add_argument("--quick", action="store_true", help="a smaller, faster run (used by the tests)")

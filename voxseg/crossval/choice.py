@@ -31,24 +31,18 @@ from typing import Any, Sequence
 import numpy as np
 import torch
 
+from voxseg.checkpoint import same_checkpoint
 from voxseg.data.configs import config_workdir, load_index
 from voxseg.data.io import read_image, write_image
-from voxseg.checkpoint import checkpoint_file, same_checkpoint
-from voxseg.data.splits import fold_dir, load_splits
+from voxseg.data.splits import load_splits
 from voxseg.errors import ConfigError, InputError
 from voxseg.evaluate.workdir import aggregate_folds, crossval_dir, evaluate_workdir_predictions
-from voxseg.infer.ensemble import CHOICE_FILE, average_probabilities
-from voxseg.infer.postprocess import (
-    POSTPROCESSING_FILE,
-    decide_postprocessing,
-    probabilities_to_labels,
-    probability_names,
-)
+from voxseg.infer.ensemble import average_probabilities
+from voxseg.infer.postprocess import decide_postprocessing, probabilities_to_labels, probability_names
 from voxseg.jsonio import read_json, write_json_atomic
-from voxseg.plans import PLAN_FILE, Plan
-from voxseg.train.evaluation import CHECKPOINT_IDENTITY_FILE, VALIDATION_DIR, checkpoint_validation_dir
+from voxseg.plans import Plan
+from voxseg.workdir import FoldDir, WorkDir
 
-ENSEMBLES_DIR = "ensembles"
 _TIE = 1e-6  # a more complex entry must beat a simpler one by more than this
 
 
@@ -86,7 +80,7 @@ def choose_configuration(workdir: str | Path, configurations: str | Sequence[str
                 f"them ('voxseg train {workdir} --configuration {missing[0]} --fold F --test-only --checkpoint final "
                 f"--set loop.save_val_probabilities=true', into training/fold_F/validation_final/)")
             continue
-        out_dir = workdir / ENSEMBLES_DIR / f"{first}+{second}"
+        out_dir = WorkDir(workdir).ensemble(f"{first}+{second}")
         summary = _score_ensemble([dirs[first], dirs[second]], folds, out_dir, num_workers, tolerance_mm, convention)
         entries.append(_entry(f"{first}+{second}", "ensemble", [first, second], summary, out_dir))
     order = {name: i for i, name in enumerate(names)}
@@ -95,14 +89,14 @@ def choose_configuration(workdir: str | Path, configurations: str | Sequence[str
     winner = next(e for e in sorted(entries, key=lambda e: (e["kind"] == "ensemble",
                                                             [order[n] for n in e["configurations"]]))
                   if _score(e) >= best - _TIE)
-    postprocessing = _decide_postprocessing(winner, dirs[winner["configurations"][0]], num_workers)
+    postprocessing = _decide_postprocessing(winner, WorkDir(workdir), dirs[winner["configurations"][0]], num_workers)
     choice = {
         "folds": folds, "compared": [{k: v for k, v in e.items() if k != "folder"} for e in entries],
         "skipped": skipped,
         "choice": {k: winner[k] for k in ("name", "kind", "configurations", "dice")},
         "postprocessing": postprocessing, "convention": convention, "tolerance_mm": tolerance_mm,
     }
-    write_json_atomic(workdir / CHOICE_FILE, choice)
+    write_json_atomic(WorkDir(workdir).inference_choice, choice)
     return choice
 
 
@@ -120,7 +114,7 @@ def format_choice(choice: dict[str, Any]) -> str:
 
 # ----- what can be compared -------------------------------------------------------------------------------------
 def _validated(workdir: Path, fold: int, ending: str) -> set[str]:
-    folder = fold_dir(workdir, fold) / "validation"
+    folder = WorkDir(workdir).fold(fold).validation
     files = folder.glob(f"*{ending}") if folder.is_dir() else []
     return {p.name[: -len(ending)] for p in files if not p.name.startswith(".")}
 
@@ -136,11 +130,11 @@ def _comparable(workdir: Path, configurations: str | Sequence[str]) -> tuple[lis
     names, skipped, incomplete = [], {}, []
     for name in asked:
         folder = config_workdir(workdir, name)
-        ending = Plan.load(folder / PLAN_FILE).file_ending
+        ending = Plan.load(WorkDir(folder).plans).file_ending
         if load_splits(folder) != splits:
-            raise ConfigError(f"configuration '{name}': {folder}/splits.json differs from {workdir}/splits.json; "
-                              "configurations are compared on the same folds only: delete it and re-train, or "
-                              f"leave '{name}' out of --configurations")
+            raise ConfigError(f"configuration '{name}': {WorkDir(folder).splits} differs from "
+                              f"{WorkDir(workdir).splits}; configurations are compared on the same folds only: delete "
+                              f"it and re-train, or leave '{name}' out of --configurations")
         missing = [f for f in folds if not _validated(folder, f, ending)]
         if missing:
             why = f"fold(s) {', '.join(map(str, missing))} of {len(folds)} have no validation predictions"
@@ -172,21 +166,24 @@ def _probabilities_dir(workdir: Path, fold: int, ending: str) -> Path | None:
     validation wrote them, else validation_final/ (`--test-only --checkpoint final --set
     loop.save_val_probabilities=true`) while checkpoint_final.pt is the file it validated; None without them."""
     cases = _validated(workdir, fold, ending)
-    run = fold_dir(workdir, fold)
-    for folder in (run / VALIDATION_DIR, checkpoint_validation_dir(run, "final")):
-        if folder.name != VALIDATION_DIR:
-            identity = folder / CHECKPOINT_IDENTITY_FILE
-            if not identity.is_file() or not same_checkpoint(read_json(identity, InputError),
-                                                             checkpoint_file(run, "final")):
-                continue
+    fold_files = WorkDir(workdir).fold(fold)
+    for folder in (fold_files.validation, fold_files.checkpoint_validation("final")):
+        if folder != fold_files.validation and not _validates_final_weights(fold_files):
+            continue
         if cases and all((folder / f"{name}.npz").is_file() and (folder / f"{name}{ending}").is_file()
                          for name in cases):
             return folder
     return None
 
 
+def _validates_final_weights(fold_files: FoldDir) -> bool:
+    """Whether validation_final/ is of the checkpoint_final.pt the fold holds now."""
+    identity = fold_files.validated_checkpoint("final")
+    return identity.is_file() and same_checkpoint(read_json(identity, InputError), fold_files.checkpoint("final"))
+
+
 def _has_probabilities(workdir: Path, folds: list[int]) -> bool:
-    ending = Plan.load(workdir / PLAN_FILE).file_ending
+    ending = Plan.load(WorkDir(workdir).plans).file_ending
     return all(_probabilities_dir(workdir, f, ending) is not None for f in folds)
 
 
@@ -205,7 +202,7 @@ def _score(entry: dict[str, Any]) -> float:
 def _score_ensemble(workdirs: list[Path], folds: list[int], out_dir: Path, num_workers: int, tolerance_mm: float,
                     convention: str) -> dict[str, Any]:
     """Write the ensemble's label map of every validation case into `out_dir` and evaluate them."""
-    plan = Plan.load(workdirs[0] / PLAN_FILE)
+    plan = Plan.load(WorkDir(workdirs[0]).plans)
     out_dir.mkdir(parents=True, exist_ok=True)
     for stale in out_dir.glob(f"*{plan.file_ending}"):  # an earlier comparison may have used other folds
         stale.unlink()
@@ -233,11 +230,14 @@ def _write_ensemble_case(workdirs: list[Path], fold: int, name: str, plan: Plan,
                 geometry)
 
 
-def _decide_postprocessing(winner: dict[str, Any], first: Path, num_workers: int) -> dict[str, Any]:
+def _decide_postprocessing(winner: dict[str, Any], workdir: WorkDir, first: Path, num_workers: int) -> dict[str, Any]:
     """Largest-component postprocessing decided on the winner's cross-validation label maps; a single
     configuration's decision is also its postprocessing.json (as `voxseg evaluate --crossval` writes it)."""
-    plan = Plan.load(first / PLAN_FILE)
+    plan = Plan.load(WorkDir(first).plans)
     folder = Path(winner["folder"])
-    out_file = (first if winner["kind"] == "configuration" else folder) / POSTPROCESSING_FILE
+    if winner["kind"] == "configuration":
+        out_file = WorkDir(first).postprocessing
+    else:  # an ensemble's decision lives beside its predictions (WORKDIR/ensembles/A+B/)
+        out_file = workdir.ensemble_postprocessing(winner["name"])
     return decide_postprocessing(folder, Path(plan.raw_dataset) / "labelsTr", plan.regions,
                                  file_ending=plan.file_ending, out_file=out_file, num_workers=num_workers)

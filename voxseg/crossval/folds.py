@@ -21,15 +21,9 @@ from voxseg.data.io import read_image, write_image
 from voxseg.data.splits import trained_folds
 from voxseg.errors import ConfigError
 from voxseg.evaluate.workdir import aggregate_folds, crossval_dir, evaluate_workdir_predictions
-from voxseg.infer.postprocess import (
-    POSTPROCESSING_FILE,
-    apply_postprocessing,
-    decide_postprocessing,
-    describe_postprocessing,
-)
-from voxseg.plans import PLAN_FILE, Plan
-
-POSTPROCESSED_FOLDER = "postprocessed"  # WORKDIR/training/crossval/postprocessed/
+from voxseg.infer.postprocess import apply_postprocessing, decide_postprocessing, describe_postprocessing
+from voxseg.plans import Plan
+from voxseg.workdir import WorkDir
 
 
 class CrossvalResult(NamedTuple):
@@ -74,13 +68,13 @@ def evaluate_crossval(workdir: str | Path, folds: Sequence[int] | None = None, n
     if folds is None:
         folds = trained_folds(workdir)
         if not folds:
-            raise ConfigError(f"{workdir}/training has no fold_N folders; train folds first "
+            raise ConfigError(f"{WorkDir(workdir).training} has no fold_N folders; train folds first "
                               f"('voxseg train {workdir} --fold N')")
     folds = list(folds)
     summary = aggregate_folds(workdir, folds=folds, num_workers=num_workers, tolerance_mm=tolerance_mm,
                               convention=convention)
-    plan = Plan.load(workdir / PLAN_FILE)
-    out_file = workdir / POSTPROCESSING_FILE
+    plan = Plan.load(WorkDir(workdir).plans)
+    out_file = WorkDir(workdir).postprocessing
     spec = decide_postprocessing(crossval_dir(workdir), Path(plan.raw_dataset) / "labelsTr", plan.regions,
                                  file_ending=plan.file_ending, out_file=out_file, num_workers=num_workers)
     final = summary
@@ -93,7 +87,7 @@ def _evaluate_postprocessed(workdir: Path, plan: Plan, spec: dict[str, Any], fol
                             tolerance_mm: float, convention: str) -> dict[str, Any]:
     """Apply `spec` to training/crossval/CASE files into training/crossval/postprocessed/ and evaluate them."""
     crossval, ending = crossval_dir(workdir), plan.file_ending
-    out = crossval / POSTPROCESSED_FOLDER
+    out = WorkDir(workdir).crossval_postprocessed
     out.mkdir(exist_ok=True)
     for stale in out.glob(f"*{ending}"):  # a previous decision's files
         stale.unlink()
@@ -113,9 +107,9 @@ def _evaluate_postprocessed(workdir: Path, plan: Plan, spec: dict[str, Any], fol
 def describe_crossval(workdir: str | Path, result: CrossvalResult) -> str:
     """The decision as a sentence (`voxseg.infer.postprocess.describe_postprocessing`) with the foreground-mean
     Dice before and after it, where it was saved, and which table `final_summary` is."""
-    plan = Plan.load(Path(workdir) / PLAN_FILE)
+    plan = Plan.load(WorkDir(workdir).plans)
     decision = describe_postprocessing(result.postprocessing, plan.regions, plan.class_names, result.dice)
-    table = (f"the table is after postprocessing; before it: {crossval_dir(workdir) / 'summary.json'}"
+    table = (f"the table is after postprocessing; before it: {WorkDir(workdir).crossval_summary}"
              if result.final_summary is not result.summary else "the table is the folds' predictions as they are")
     return (f"postprocessing: {decision}\n(saved to {result.postprocessing_file}, which 'voxseg predict' applies; "
             f"{table})")

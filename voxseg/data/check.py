@@ -266,7 +266,8 @@ def _check_stray_files(dataset: RawDataset) -> list[Problem]:
             elif int(match.group("channel")) >= dataset.num_channels:
                 problems.append(Problem(match.group("case"), _relative(path, root),
                                         f"channel {int(match.group('channel'))} but dataset.json declares "
-                                        f"{dataset.num_channels} channel(s); add it to channel_names or remove the file"))
+                                        f"{dataset.num_channels} channel(s); add it to channel_names or remove the "
+                                        "file"))
     return problems
 
 

@@ -20,21 +20,21 @@ from typing import Any
 
 from voxseg.errors import ConfigError
 from voxseg.jsonio import read_json, write_json_atomic
-from voxseg.plans import PLAN_FILE, Plan
+from voxseg.plans import Plan
 from voxseg.registry import unknown_name_message
+from voxseg.workdir import WorkDir
 
-INDEX_FILE = "configurations.json"
-CONFIGS_DIR = "configs"
 CONFIGURATION_ORDER = ("3d_fullres", "2d", "3d_lowres", "3d_cascade_fullres")
 
-__all__ = ["CONFIGS_DIR", "INDEX_FILE", "config_workdir", "configuration_entry", "describe_configurations",
-           "load_index", "next_stage", "parent_workdir", "stage_workdir", "write_index"]
+__all__ = ["config_workdir", "configuration_entry", "describe_configurations", "load_index", "next_stage",
+           "parent_workdir", "stage_workdir", "write_index"]
 
 
 def configuration_entry(name: str, default: str, previous_stage: str | None = None,
                         next_stage: str | None = None) -> dict[str, Any]:
     """The index entry of one configuration: its folder relative to the work directory, cascade links."""
-    entry: dict[str, Any] = {"path": "." if name == default else f"{CONFIGS_DIR}/{name}"}
+    root = WorkDir(".")
+    entry: dict[str, Any] = {"path": "." if name == default else root.member(root.configuration(name).path)}
     if previous_stage:
         entry["previous_stage"] = previous_stage
     if next_stage:
@@ -44,7 +44,7 @@ def configuration_entry(name: str, default: str, previous_stage: str | None = No
 
 def write_index(workdir: str | Path, default: str, entries: dict[str, dict[str, Any]]) -> Path:
     """Write WORKDIR/configurations.json atomically; returns its path."""
-    path = Path(workdir) / INDEX_FILE
+    path = WorkDir(workdir).configurations
     write_json_atomic(path, {"default": default, "configurations": entries})
     return path
 
@@ -56,15 +56,16 @@ def load_index(workdir: str | Path) -> dict[str, Any]:
     plan in WORKDIR/plans.json is the default, named by its `configuration` field (3d_fullres if absent).
     """
     workdir = Path(workdir)
-    path = workdir / INDEX_FILE
+    path = WorkDir(workdir).configurations
     if path.is_file():
         index = read_json(path, ConfigError, invalid="fix it or re-run 'voxseg plan'")
         if not isinstance(index, dict) or not isinstance(index.get("configurations"), dict) or \
                 index.get("default") not in index["configurations"]:
-            raise ConfigError(f"{path}: expected {{\"default\": NAME, \"configurations\": {{NAME: {{\"path\": ...}}}}}} "
-                              "with the default among the configurations; re-run 'voxseg plan'")
+            raise ConfigError(f"{path}: expected {{\"default\": NAME, \"configurations\": "
+                              "{NAME: {\"path\": ...}}} with the default among the configurations; re-run "
+                              "'voxseg plan'")
         return index
-    plan = read_json(workdir / PLAN_FILE, ConfigError, missing=f"run 'voxseg plan DATASET -o {workdir}' first",
+    plan = read_json(WorkDir(workdir).plans, ConfigError, missing=f"run 'voxseg plan DATASET -o {workdir}' first",
                      invalid="fix it or re-run 'voxseg plan'")
     name = str(plan.get("configuration", "3d_fullres")) if isinstance(plan, dict) else "3d_fullres"
     return {"default": name, "configurations": {name: {"path": "."}}}
@@ -89,18 +90,15 @@ def config_workdir(workdir: str | Path, name: str | None = None) -> Path:
                           + f". These are the configurations planned for this dataset ('voxseg plan DATASET -o "
                           f"{workdir}' plans every one that applies; --2d plans only 2d)")
     folder = workdir / str(configurations[name].get("path", "."))
-    if not (folder / PLAN_FILE).is_file():
-        raise ConfigError(f"configuration '{name}': {folder / PLAN_FILE} is missing; re-run 'voxseg plan'")
+    if not WorkDir(folder).plans.is_file():
+        raise ConfigError(f"configuration '{name}': {WorkDir(folder).plans} is missing; re-run 'voxseg plan'")
     return folder
 
 
 def parent_workdir(workdir: str | Path) -> Path | None:
     """The work directory a configuration folder WORKDIR/configs/NAME belongs to, or None for any other."""
-    workdir = Path(workdir)
-    parent = workdir.parent.parent
-    if workdir.parent.name == CONFIGS_DIR and (parent / INDEX_FILE).is_file():
-        return parent
-    return None
+    parent = WorkDir(workdir).parent
+    return parent.path if parent is not None else None
 
 
 def stage_workdir(workdir: str | Path, name: str) -> Path:
@@ -117,7 +115,7 @@ def next_stage(workdir: str | Path, name: str) -> str | None:
     """The cascade stage that takes configuration `name`'s predictions ("3d_cascade_fullres" for "3d_lowres"),
     from the index of `workdir`'s dataset, or None."""
     root = parent_workdir(workdir) or Path(workdir)
-    if not (root / INDEX_FILE).is_file():
+    if not WorkDir(root).configurations.is_file():
         return None
     entry = load_index(root)["configurations"].get(name, {})
     return entry.get("next_stage") if isinstance(entry, dict) else None
@@ -128,7 +126,7 @@ def describe_configurations(workdir: str | Path) -> str:
     index = load_index(workdir)
     lines = []
     for name, entry in index["configurations"].items():
-        plan = Plan.load(config_workdir(workdir, name) / PLAN_FILE)
+        plan = Plan.load(WorkDir(config_workdir(workdir, name)).plans)
         role = " (default)" if name == index["default"] else ""
         stage = f", cascade after {plan.previous_stage}" if plan.previous_stage else ""
         axis = f", slices along axis {plan.slice_axis}" if plan.network.ndim == 2 else ""

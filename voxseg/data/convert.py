@@ -33,7 +33,7 @@ BRATS_MODALITY_NAMES = {"t1": ("t1", "t1n"), "t1ce": ("t1ce", "t1c"), "t2": ("t2
 _BRATS_TO_OURS = {0: 0, 1: 2, 2: 1, 3: 3, 4: 3}
 
 
-# ----- placing and writing files atomically -------------------------------------------------------------------------------
+# ----- placing and writing files atomically ----------------------------------------------------------------------
 
 def _place_file(src: Path, dst: Path, link: bool) -> str:
     """Put `src` at `dst`: hard link, else symlink, else copy (always when link=False). Returns what was done."""

@@ -24,10 +24,10 @@ import numpy as np
 
 from voxseg.data.dataset import RawCase, RawDataset
 from voxseg.data.io import read_channels, read_image
-from voxseg.jsonio import write_json_atomic
 from voxseg.errors import DatasetError
+from voxseg.jsonio import read_json, write_json_atomic
+from voxseg.workdir import WorkDir
 from voxseg.workers import exit_with_parent
-from voxseg.jsonio import read_json
 
 
 def nonzero_bbox(image: np.ndarray, seg: np.ndarray | None = None) -> list[list[int]]:
@@ -183,6 +183,6 @@ def load_fingerprint(path: str | Path) -> dict[str, Any]:
     """Read fingerprint.json (a work directory or the file itself)."""
     path = Path(path)
     if path.is_dir():
-        path = path / "fingerprint.json"
+        path = WorkDir(path).fingerprint
     return read_json(path, DatasetError, missing="run 'voxseg plan DATASET -o WORKDIR' first",
                      invalid="delete it and re-run 'voxseg plan'")

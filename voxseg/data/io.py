@@ -96,9 +96,11 @@ def read_image(path: str | Path) -> tuple[np.ndarray, Geometry]:
     except ImageReadError:
         raise
     except Exception as exc:  # noqa: BLE001 - any backend failure is a bad file for the user
-        raise ImageReadError(f"{path}: cannot be read ({type(exc).__name__}: {exc}); the file may be truncated or corrupt") from None
+        raise ImageReadError(f"{path}: cannot be read ({type(exc).__name__}: {exc}); the file may be truncated or "
+                             "corrupt") from None
     if array.ndim != 3:
-        raise ImageReadError(f"{path}: expected a 3D image, found shape {array.shape}; split 4D images with 'voxseg convert'")
+        raise ImageReadError(f"{path}: expected a 3D image, found shape {array.shape}; split 4D images with "
+                             "'voxseg convert'")
     return array, geometry
 
 
@@ -207,7 +209,8 @@ def geometry_differences(shape: tuple, geometry: Geometry, ref_shape: tuple, ref
     return differences
 
 
-def read_channels(paths: list[Path], case: str = "", error: type[Exception] = ImageReadError) -> tuple[np.ndarray, Geometry]:
+def read_channels(paths: list[Path], case: str = "",
+                  error: type[Exception] = ImageReadError) -> tuple[np.ndarray, Geometry]:
     """Read one case's channel files into (C, D, H, W) float32, checking they lie on one voxel grid.
 
     Args:

@@ -70,7 +70,8 @@ def decide_lowres(
     full_coverage = float(math.prod(fullres.patch_size)) / float(np.prod(median))
     verb = "covers" if full_coverage < 1 else "has"  # a patch larger than the median case: its voxel ratio
     covers = f"the 3d_fullres patch {_fmt(fullres.patch_size)} {verb} {full_coverage:.0%} of " \
-             f"{'the' if full_coverage < 1 else 'the voxels of the'} median case {_fmt(fullres.median_shape_after_resample)}"
+             f"{'the' if full_coverage < 1 else 'the voxels of the'} median case " \
+             f"{_fmt(fullres.median_shape_after_resample)}"
     if lowres is None:
         return None, f"{covers} (>= {LOWRES_COVERAGE:.0%})"
     reduction = float(np.prod(median)) / median_voxels

@@ -27,16 +27,13 @@ from typing import Any
 import numpy as np
 
 from voxseg.atomicio import copy_file, make_output_folder
-from voxseg.data.dataset import RawDataset, load_dataset
 from voxseg.data.configs import configuration_entry, write_index
+from voxseg.data.dataset import RawDataset, load_dataset
 from voxseg.data.fingerprint import compute_fingerprint, save_fingerprint
 from voxseg.data.lowres import decide_lowres
 from voxseg.data.memory import estimate_memory_gb
-from voxseg.labels import LabelScheme
-from voxseg.plans import ChannelNormalization, NetworkPlan, Plan, parse_overrides
 from voxseg.data.splits import (
     NNUNET_SPLITS_FILE,
-    SPLITS_FILE,
     make_fraction_split,
     make_kfold_splits,
     read_nnunet_splits,
@@ -44,6 +41,9 @@ from voxseg.data.splits import (
 )
 from voxseg.data.topology import check_patch_divisible, derive_topology, fit_batch, fit_patch
 from voxseg.errors import ConfigError, DatasetError
+from voxseg.labels import LabelScheme
+from voxseg.plans import ChannelNormalization, NetworkPlan, Plan, describe_plan, parse_overrides
+from voxseg.workdir import WorkDir
 
 __all__ = [
     "derive_topology", "describe_plan", "estimate_memory_gb", "make_plan", "make_plans",
@@ -369,38 +369,12 @@ def plan_dataset(
                for name, plan in plans.items()}
     workdir.mkdir(parents=True, exist_ok=True)
     for name, plan in plans.items():
-        folder = workdir / entries[name]["path"]
-        folder.mkdir(parents=True, exist_ok=True)
-        save_fingerprint(folder / "fingerprint.json", fingerprint)
-        plan.save(folder / "plans.json")
-        copy_file(dataset.root / "dataset.json", folder / "dataset.json")
-    if not (workdir / SPLITS_FILE).exists():
+        folder = WorkDir(workdir / entries[name]["path"])
+        folder.path.mkdir(parents=True, exist_ok=True)
+        save_fingerprint(folder.fingerprint, fingerprint)
+        plan.save(folder.plans)
+        copy_file(dataset.root / "dataset.json", folder.dataset_json)  # the raw dataset's, copied
+    if not WorkDir(workdir).splits.exists():
         save_splits(workdir, splits)
     write_index(workdir, default, entries)
     return plans[default]
-
-
-def describe_plan(plan: Plan) -> str:
-    """A short human summary of a plan, e.g. for `voxseg plan` to print."""
-    net = plan.network
-    aniso = f" (axis {plan.anisotropy_axis} anisotropic)" if plan.anisotropy_axis is not None else ""
-    norms = ", ".join(
-        n.scheme + ("+mask" if n.use_nonzero_mask else "") for n in plan.normalization
-    )
-    memory = f"{plan.estimated_memory_gb:.1f}" if plan.estimated_memory_gb is not None else "?"
-    lines = [
-        f"dataset        {plan.dataset_name}: {plan.num_channels} channel(s), {plan.num_outputs} output(s)"
-        + (" (regions)" if plan.is_region_based else ""),
-        f"spacing        {_fmt(plan.original_median_spacing)} -> {_fmt(plan.target_spacing)} mm{aniso}",
-        f"median shape   {_fmt(plan.median_shape_after_resample)} at target spacing",
-        f"normalisation  {norms}",
-        f"patch x batch  {_fmt(plan.patch_size)} x {plan.batch_size}",
-        f"network        {plan.network.name}{' (residual)' if net.residual else ''}, {net.n_stages} stages, "
-        f"features {net.features}, total stride {_fmt(net.total_stride)}",
-        f"memory         ~{memory} GB estimated (budget {plan.gpu_memory_gb:g} GB)",
-    ]
-    return "\n".join(lines)
-
-
-def _fmt(values: Any) -> str:
-    return "x".join(f"{v:g}" if isinstance(v, float) else str(v) for v in values)

@@ -30,15 +30,16 @@ from scipy import ndimage
 from voxseg.atomicio import sweep_stale_temporaries
 from voxseg.data.fingerprint import mask_bbox
 from voxseg.data.io import Geometry, read_channels, read_image
-from voxseg.plans import Plan
 from voxseg.data.resample import ANISOTROPY_RATIO, OUTPUT_ORDER, resample, separate_axis
 from voxseg.data.store import case_paths, load_properties, sample_foreground_locations, save_case
 from voxseg.errors import DatasetError, InputError, VoxsegError
 from voxseg.normalization import normalize
+from voxseg.plans import Plan
+from voxseg.workdir import WorkDir
 from voxseg.workers import exit_with_parent
 
-__all__ = ["resample", "separate_axis", "ANISOTROPY_RATIO", "preprocess_case", "preprocess_image", "restore_to_original",
-           "preprocess_dataset", "plan_hash", "new_shape_for_spacing"]
+__all__ = ["resample", "separate_axis", "ANISOTROPY_RATIO", "preprocess_case", "preprocess_image",
+           "restore_to_original", "preprocess_dataset", "plan_hash", "new_shape_for_spacing"]
 
 PREPROCESS_VERSION = 3  # bump when the preprocessing code changes what it writes: every case is re-done
 OUTSIDE_LABEL = -1  # background outside the nonzero mask, stored in CASE_seg.npy; losses treat it as background
@@ -104,7 +105,8 @@ def preprocess_case(
     """
     _check_image(image, plan, name)
     if seg is not None and tuple(seg.shape) != tuple(image.shape[1:]):
-        raise DatasetError(f"case '{name}': label shape {tuple(seg.shape)} differs from the image's {tuple(image.shape[1:])}")
+        raise DatasetError(f"case '{name}': label shape {tuple(seg.shape)} differs from the image's "
+                           f"{tuple(image.shape[1:])}")
     image_pp, properties, mask = _preprocess_image(image, geometry, plan, device, name)
     seg_pp = None
     if seg is not None:
@@ -126,7 +128,8 @@ def preprocess_image(image: np.ndarray, geometry: Geometry, plan: Plan, device: 
 
 def _check_image(image: np.ndarray, plan: Plan, name: str) -> None:
     if image.ndim != 4 or image.shape[0] != plan.num_channels:
-        raise InputError(f"case '{name}': image shape {image.shape} is not (C={plan.num_channels}, D, H, W) as the plan expects")
+        raise InputError(f"case '{name}': image shape {image.shape} is not (C={plan.num_channels}, D, H, W) as the "
+                         "plan expects")
 
 
 def _preprocess_image(image: np.ndarray, geometry: Geometry, plan: Plan, device: str | torch.device,
@@ -191,7 +194,8 @@ def _check_finite(image: np.ndarray, name: str) -> None:
 def _checked_labels(seg: np.ndarray, name: str) -> np.ndarray:
     """Label map as int8, refusing values that are negative, fractional or above 127 (int8 storage)."""
     if seg.size and (seg.min() < 0 or seg.max() > 127):
-        raise DatasetError(f"case '{name}': label values must lie in 0..127, found {seg.min()}..{seg.max()}; fix the label file")
+        raise DatasetError(f"case '{name}': label values must lie in 0..127, found {seg.min()}..{seg.max()}; fix the "
+                           "label file")
     if np.issubdtype(seg.dtype, np.floating) and not np.array_equal(seg, np.round(seg)):
         raise DatasetError(f"case '{name}': label map holds non-integer values; labels must be integers")
     return seg.astype(np.int8)
@@ -319,10 +323,10 @@ def preprocess_dataset(
 
     from voxseg.data.dataset import load_dataset
 
-    workdir = Path(workdir)
-    plan = Plan.load(workdir / "plans.json")
+    workdir = WorkDir(workdir)
+    plan = Plan.load(workdir.plans)
     dataset = load_dataset(plan.raw_dataset)
-    out_dir = workdir / "preprocessed"
+    out_dir = workdir.preprocessed
     out_dir.mkdir(parents=True, exist_ok=True)
     sweep_stale_temporaries(out_dir)  # left by a killed run; hidden files, but they hold disk space
     expected = plan_hash(plan)

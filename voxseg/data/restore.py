@@ -118,7 +118,8 @@ class RestoreSlabs:
         _, h_out, w_out = self.crop_shape
         after_rows, after_h, after_w = (channels * rows * h_in * w_in, channels * rows * h_out * w_in,
                                         channels * rows * h_out * w_out)
-        steps = (2 * after_rows, after_rows + 2 * after_h, after_h + 2 * after_w, 2 * after_w + 2 * rows * h_out * w_out)
+        steps = (2 * after_rows, after_rows + 2 * after_h, after_h + 2 * after_w,
+                 2 * after_w + 2 * rows * h_out * w_out)
         tables = 4 * sum(self.crop_shape)  # indices and weights per axis
         return max(steps) + tables
 

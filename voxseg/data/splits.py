@@ -11,19 +11,11 @@ from typing import Any
 
 import numpy as np
 
-from voxseg.data.configs import parent_workdir
-from voxseg.jsonio import write_json_atomic
 from voxseg.errors import ConfigError
-from voxseg.jsonio import read_json
+from voxseg.jsonio import read_json, write_json_atomic
+from voxseg.workdir import WorkDir
 
-SPLITS_FILE = "splits.json"
 NNUNET_SPLITS_FILE = "splits_final.json"  # nnU-Net's split file: the same list of {"train", "val"} folds
-FOLD_PREFIX = "fold_"
-
-
-def fold_dir(workdir: str | Path, fold: int | str) -> Path:
-    """Where a fold's training run lives: WORKDIR/training/fold_F (F an index or "all")."""
-    return Path(workdir) / "training" / f"{FOLD_PREFIX}{fold}"
 
 
 def trained_folds(workdir: str | Path, checkpoint: str | None = None) -> list[int]:
@@ -37,15 +29,8 @@ def trained_folds(workdir: str | Path, checkpoint: str | None = None) -> list[in
     Example: training/fold_0/checkpoint_final.pt, training/fold_2/ (still running), training/fold_all/
     -> [0, 2], or [0] with checkpoint="final".
     """
-    training = fold_dir(workdir, 0).parent
-    found = []
-    for path in training.glob(f"{FOLD_PREFIX}*"):
-        number = path.name[len(FOLD_PREFIX):]
-        if not (number.isdigit() and path.is_dir()):
-            continue
-        if checkpoint is None or (path / f"checkpoint_{checkpoint}.pt").is_file():
-            found.append(int(number))
-    return sorted(found)
+    return [number for number, folder in WorkDir(workdir).numbered_folds().items()
+            if checkpoint is None or folder.checkpoint(checkpoint).is_file()]
 
 
 def make_kfold_splits(names: list[str], num_folds: int = 5, seed: int = 12345) -> list[dict[str, list[str]]]:
@@ -88,8 +73,8 @@ def make_fraction_split(names: list[str], val_fraction: float, seed: int = 12345
 
 def save_splits(workdir: str | Path, splits: list[dict[str, list[str]]]) -> Path:
     """Write `WORKDIR/splits.json` atomically; returns its path."""
-    _validate_structure(splits, Path(workdir) / SPLITS_FILE)
-    path = Path(workdir) / SPLITS_FILE
+    path = WorkDir(workdir).splits
+    _validate_structure(splits, path)
     write_json_atomic(path, [{"train": list(s["train"]), "val": list(s["val"])} for s in splits])
     return path
 
@@ -97,9 +82,9 @@ def save_splits(workdir: str | Path, splits: list[dict[str, list[str]]]) -> Path
 def splits_file(workdir: str | Path) -> Path:
     """WORKDIR/splits.json; for a configuration folder without one (WORKDIR/configs/NAME), the parent work
     directory's, so that every configuration uses the same folds."""
-    path = Path(workdir) / SPLITS_FILE
-    parent = parent_workdir(workdir)
-    return parent / SPLITS_FILE if parent is not None and not path.exists() else path
+    path = WorkDir(workdir).splits
+    parent = WorkDir(workdir).parent
+    return parent.splits if parent is not None and not path.exists() else path
 
 
 def load_splits(workdir: str | Path) -> list[dict[str, list[str]]]:
@@ -194,12 +179,12 @@ def _fold_index(fold: int | str, num_folds: int, workdir: Path) -> int:
 
 def _available_cases(workdir: Path) -> list[str] | None:
     """Cases present in the work directory: preprocessed arrays, else the fingerprint's case list."""
-    preprocessed = workdir / "preprocessed"
+    preprocessed = WorkDir(workdir).preprocessed
     if preprocessed.is_dir():
         names = [p.stem for p in preprocessed.glob("*.npy") if not p.stem.endswith("_seg") and p.name[0] != "."]
         if names:
             return names
-    fingerprint = workdir / "fingerprint.json"
+    fingerprint = WorkDir(workdir).fingerprint
     if fingerprint.is_file():
         try:
             return list(json.loads(fingerprint.read_text())["case_names"])

@@ -81,7 +81,8 @@ def _coordinates(shape: tuple[int, ...], spacing: np.ndarray, origin_mm: np.ndar
     return coords
 
 
-def _ellipsoid_radius(coords: list[np.ndarray], semi_axes: np.ndarray, rotation: np.ndarray | None = None) -> np.ndarray:
+def _ellipsoid_radius(coords: list[np.ndarray], semi_axes: np.ndarray,
+                      rotation: np.ndarray | None = None) -> np.ndarray:
     """Normalised ellipsoid radius (1 on the surface) at `coords` (mm, centred); `rotation` (3, 3) columns = axes."""
     if rotation is None:
         local = coords
@@ -117,7 +118,8 @@ def _brain_tissues(rng: np.random.Generator, shape: tuple[int, ...],
     # two lateral ventricles near the centre, elongated front to back (array axis 1)
     for side in (-1.0, 1.0):
         offset = np.array([0.05, 0.0, side * 0.14]) * semi
-        ventricle = _ellipsoid_radius(_coordinates(shape, spacing, centre + offset), semi * np.array([0.16, 0.32, 0.08]))
+        ventricle = _ellipsoid_radius(_coordinates(shape, spacing, centre + offset),
+                                      semi * np.array([0.16, 0.32, 0.08]))
         tissues[brain & (ventricle <= 1.0)] = _CSF
     return tissues, centre, semi
 
@@ -270,7 +272,8 @@ def make_synthetic_dataset(out_dir: str | Path, num_cases: int = 20, num_test: i
             _write_brats_case(out, index, image, seg, geometry, file_ending, with_seg=not is_test)
             continue
         name = f"SYN_{index:03d}"
-        images_dir, labels_dir = (out / "imagesTs", out / "labelsTs") if is_test else (out / "imagesTr", out / "labelsTr")
+        images_dir, labels_dir = ((out / "imagesTs", out / "labelsTs") if is_test
+                                  else (out / "imagesTr", out / "labelsTr"))
         for channel in range(image.shape[0]):
             write_image(images_dir / f"{name}_{channel:04d}{file_ending}", image[channel], geometry)
         write_image(labels_dir / f"{name}{file_ending}", seg, geometry)

@@ -81,7 +81,8 @@ def _draw_ellipsoid(seg: np.ndarray, image: np.ndarray, label: int, value: int, 
     high = np.minimum(np.ceil((centre_mm + semi_mm) / spacing).astype(int) + 1, seg.shape)
     if (high <= low).any():
         return
-    axes = [((np.arange(lo, hi) + 0.5) * sp - c) / s for lo, hi, sp, c, s in zip(low, high, spacing, centre_mm, semi_mm)]
+    axes = [((np.arange(lo, hi) + 0.5) * sp - c) / s
+            for lo, hi, sp, c, s in zip(low, high, spacing, centre_mm, semi_mm)]
     inside = (axes[0][:, None, None] ** 2 + axes[1][None, :, None] ** 2 + axes[2][None, None, :] ** 2) <= 1.0
     box = tuple(slice(lo, hi) for lo, hi in zip(low, high))
     seg[box][inside] = label

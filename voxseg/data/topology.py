@@ -11,8 +11,8 @@ from typing import Any
 import numpy as np
 
 from voxseg.data.memory import estimate_memory_gb
-from voxseg.plans import NetworkPlan
 from voxseg.errors import ConfigError
+from voxseg.plans import NetworkPlan
 
 __all__ = ["check_patch_divisible", "derive_topology", "fit_batch", "fit_patch", "initial_patch", "snap_to_topology"]
 

@@ -18,10 +18,10 @@ import shutil
 from pathlib import Path
 from typing import Any, Iterable, NamedTuple
 
-from voxseg.data.splits import fold_dir
 from voxseg.errors import ConfigError, InputError
 from voxseg.evaluate.folder import evaluate_folder, load_dataset_json
 from voxseg.evaluate.summary import write_summary
+from voxseg.workdir import WorkDir
 
 __all__ = ["References", "aggregate_folds", "crossval_dir", "evaluate_workdir_predictions", "workdir_references"]
 
@@ -42,7 +42,7 @@ class References(NamedTuple):
 
 def crossval_dir(workdir: str | Path) -> Path:
     """WORKDIR/training/crossval: every fold's validation predictions together, and their summary."""
-    return fold_dir(workdir, 0).parent / "crossval"
+    return WorkDir(workdir).crossval
 
 
 def workdir_references(workdir: str | Path) -> References:
@@ -53,14 +53,15 @@ def workdir_references(workdir: str | Path) -> References:
         ConfigError: plans.json names no raw dataset.
     """
     workdir = Path(workdir)
-    plans_path = workdir / "plans.json"
+    plans_path = WorkDir(workdir).plans
     if not plans_path.is_file():
         raise InputError(f"{plans_path} not found: is {workdir} a voxseg work directory ('voxseg plan')?")
     plans = json.loads(plans_path.read_text())
     if "raw_dataset" not in plans:
         raise ConfigError(f"{plans_path}: no 'raw_dataset' entry; re-run 'voxseg plan'")
     raw = Path(plans["raw_dataset"])
-    meta_path = workdir / "dataset.json" if (workdir / "dataset.json").is_file() else raw / "dataset.json"
+    copy = WorkDir(workdir).dataset_json
+    meta_path = copy if copy.is_file() else raw / "dataset.json"
     meta = load_dataset_json(meta_path, raw)
     assert meta is not None
     ending = str(plans.get("file_ending") or meta["file_ending"])
@@ -136,7 +137,7 @@ def _fold_predictions(workdir: Path, folds: list[int], ending: str) -> dict[str,
     two folds predicted."""
     sources: dict[str, tuple[int, Path]] = {}
     for fold in folds:
-        val_dir = fold_dir(workdir, fold) / "validation"
+        val_dir = WorkDir(workdir).fold(fold).validation
         files = sorted(p for p in val_dir.glob(f"*{ending}") if p.name[0] != ".") if val_dir.is_dir() else []
         if not files:
             raise InputError(

@@ -23,13 +23,14 @@ import torch
 from torch import nn
 
 from voxseg.atomicio import atomic_path
-from voxseg.checkpoint import CHECKPOINT_CHOICES, checkpoint_file, load_checkpoint, network_from_checkpoint
-from voxseg.plans import Plan
-from voxseg.data.splits import fold_dir, trained_folds
-from voxseg.errors import CheckpointError, ConfigError
+from voxseg.checkpoint import CHECKPOINT_CHOICES, load_checkpoint, network_from_checkpoint
+from voxseg.data.splits import trained_folds
 from voxseg.devices import resolve_device  # noqa: F401 - re-exported for the predictor
 from voxseg.digest import sha256_bytes
+from voxseg.errors import CheckpointError, ConfigError
 from voxseg.infer.install import ARCHIVE_FORMAT, MANIFEST, install_archive  # noqa: F401 - install re-exported
+from voxseg.plans import Plan
+from voxseg.workdir import WorkDir
 
 # checkpoint entries kept in an archive; optimiser, scheduler, scaler and RNG states are for resuming only
 _KEPT_KEYS = ("format", "model", "plan", "config", "progress")
@@ -49,7 +50,7 @@ def resolve_folds(workdir: str | Path, folds: int | str | Sequence[int | str] | 
     """
     workdir = Path(workdir)
     if folds is None or folds == "all":
-        has_fold_all = checkpoint_file(fold_dir(workdir, "all"), checkpoint).is_file()
+        has_fold_all = WorkDir(workdir).fold("all").checkpoint(checkpoint).is_file()
         if folds == "all" and has_fold_all:
             return ["all"]
         trained = trained_folds(workdir, checkpoint)
@@ -58,7 +59,7 @@ def resolve_folds(workdir: str | Path, folds: int | str | Sequence[int | str] | 
         if has_fold_all:
             return ["all"]
         raise CheckpointError(
-            f"{workdir / 'training'}: no trained fold has checkpoint_{checkpoint}.pt; train one first "
+            f"{WorkDir(workdir).training}: no trained fold has checkpoint_{checkpoint}.pt; train one first "
             f"('voxseg train {workdir} --fold 0', or '--fold all')"
         )
     if isinstance(folds, (int, str)):
@@ -77,9 +78,10 @@ def checkpoint_path(workdir: str | Path, fold: int | str, checkpoint: str = "fin
     """Path of a fold's checkpoint; CheckpointError naming it (and suggesting `voxseg train`) when missing."""
     if checkpoint not in CHECKPOINT_CHOICES:
         raise ConfigError(f"checkpoint '{checkpoint}' is unknown; use one of {', '.join(CHECKPOINT_CHOICES)}")
-    path = checkpoint_file(fold_dir(workdir, fold), checkpoint)
+    fold_files = WorkDir(workdir).fold(fold)
+    path = fold_files.checkpoint(checkpoint)
     if not path.is_file():
-        others = sorted(p.name for p in path.parent.glob("checkpoint_*.pt")) if path.parent.is_dir() else []
+        others = [p.name for p in fold_files.checkpoints()]
         hint = f" (found {', '.join(others)}: choose it with the checkpoint option)" if others else ""
         raise CheckpointError(f"{path} not found{hint}; train this fold first: 'voxseg train {workdir} --fold {fold}'")
     return path
@@ -93,7 +95,7 @@ def load_fold_network(workdir: str | Path, fold: int | str, checkpoint: str = "f
     plans.json is the fallback for checkpoints without one.
     """
     path = checkpoint_path(workdir, fold, checkpoint)
-    network, plan, _ = network_from_checkpoint(path, device, fallback_plan=Path(workdir) / "plans.json")
+    network, plan, _ = network_from_checkpoint(path, device, fallback_plan=WorkDir(workdir).plans)
     return network, plan
 
 
@@ -125,22 +127,25 @@ def export_archive(workdir: str | Path, out_zip: str | Path, folds: int | str | 
     The archive keeps the model-folder layout, so the folder `install_archive` writes works with
     `Predictor.from_workdir` and `voxseg predict -m`.
     """
-    workdir, out_zip = Path(workdir), Path(out_zip)
-    if not (workdir / "plans.json").is_file():
-        raise CheckpointError(f"{workdir / 'plans.json'} not found: is {workdir} a voxseg work directory?")
-    Plan.load(workdir / "plans.json").check_runnable("exporting an archive")  # it would lack the first stage
-    fold_list = resolve_folds(workdir, folds, checkpoint)
-    members: dict[str, bytes | Path] = {"plans.json": workdir / "plans.json"}
-    for name in ("dataset.json", "postprocessing.json"):
-        if (workdir / name).is_file():
-            members[name] = workdir / name
+    workdir, out_zip = WorkDir(workdir), Path(out_zip)
+    if not workdir.plans.is_file():
+        raise CheckpointError(f"{workdir.plans} not found: is {workdir.path} a voxseg work directory?")
+    Plan.load(workdir.plans).check_runnable("exporting an archive")  # it would lack the first stage
+    fold_list = resolve_folds(workdir.path, folds, checkpoint)
+    # members are named by their place in the work directory, so that installing the archive rebuilds it
+    members: dict[str, bytes | Path] = {workdir.member(workdir.plans): workdir.plans}
+    for path in (workdir.dataset_json, workdir.postprocessing):
+        if path.is_file():
+            members[workdir.member(path)] = path
     for fold in fold_list:
-        prefix = fold_dir(workdir, fold).relative_to(workdir).as_posix()  # training/fold_F inside the zip
-        members[f"{prefix}/checkpoint_{checkpoint}.pt"] = _slim_checkpoint(checkpoint_path(workdir, fold, checkpoint))
-        for name in ("config.json", "plans.json", "model.onnx"):
-            if (fold_dir(workdir, fold) / name).is_file():
-                members[f"{prefix}/{name}"] = fold_dir(workdir, fold) / name
-    members = {name: content if isinstance(content, bytes) else content.read_bytes() for name, content in members.items()}
+        fold_files = workdir.fold(fold)
+        weights = _slim_checkpoint(checkpoint_path(workdir.path, fold, checkpoint))
+        members[workdir.member(fold_files.checkpoint(checkpoint))] = weights
+        for path in (fold_files.config, fold_files.plans, fold_files.onnx):
+            if path.is_file():
+                members[workdir.member(path)] = path
+    members = {name: content if isinstance(content, bytes) else content.read_bytes()
+               for name, content in members.items()}
     files = {name: {"sha256": sha256_bytes(content), "size": len(content)} for name, content in members.items()}
     manifest = {"format": ARCHIVE_FORMAT, "version": 2, "folds": fold_list, "checkpoint": checkpoint, "files": files}
     members[MANIFEST] = json.dumps(manifest, indent=2).encode()

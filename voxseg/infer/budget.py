@@ -15,7 +15,6 @@ import torch
 from voxseg.data.memory import inference_bytes_per_tile
 from voxseg.plans import Plan
 
-
 # share of the free device memory the accumulator may take; the rest is left for the network's activations
 _ACCUMULATOR_MEMORY_SHARE = 0.5
 # the share of the free memory the forward passes of a sliding window may take (the rest: accumulator, restore,

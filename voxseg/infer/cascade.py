@@ -24,15 +24,14 @@ import torch
 from voxseg.atomicio import atomic_open
 from voxseg.data.configs import next_stage, parent_workdir, stage_workdir
 from voxseg.data.preprocess import new_shape_for_spacing
-from voxseg.data.resample import separate_axis, resample
+from voxseg.data.resample import resample, separate_axis
 from voxseg.data.splits import load_splits
 from voxseg.errors import ConfigError, DatasetError, InputError
 from voxseg.infer.postprocess import activate, probabilities_to_labels
-from voxseg.plans import PLAN_FILE, Plan
+from voxseg.plans import Plan
+from voxseg.workdir import WorkDir
 
-NEXT_STAGE_DIR = "predicted_next_stage"
-
-__all__ = ["NEXT_STAGE_DIR", "NextStage", "StoredPrevious", "first_stage_channels", "labels_for_next_stage",
+__all__ = ["NextStage", "StoredPrevious", "first_stage_channels", "labels_for_next_stage",
            "next_stage_target", "onehot_previous", "stored_previous"]
 
 
@@ -88,8 +87,8 @@ def next_stage_target(workdir: str | Path, plan: Plan) -> NextStage | None:
     name = next_stage(workdir, plan.configuration)
     if name is None:
         return None
-    next_plan = Plan.load(stage_workdir(workdir, name) / PLAN_FILE)
-    return NextStage(name, next_plan, Path(workdir) / NEXT_STAGE_DIR / name)
+    next_plan = Plan.load(WorkDir(stage_workdir(workdir, name)).plans)
+    return NextStage(name, next_plan, WorkDir(workdir).next_stage_predictions(name))
 
 
 class StoredPrevious:
@@ -142,4 +141,4 @@ def stored_previous(workdir: str | Path, plan: Plan) -> StoredPrevious | None:
     if plan.network.ndim != 3:
         raise ConfigError(f"configuration '{plan.configuration}': a cascade stage must be a 3D configuration")
     first = stage_workdir(workdir, plan.previous_stage)
-    return StoredPrevious(plan, first / NEXT_STAGE_DIR / plan.configuration, first)
+    return StoredPrevious(plan, WorkDir(first).next_stage_predictions(plan.configuration), first)

@@ -22,15 +22,15 @@ import torch
 from voxseg.data.configs import config_workdir
 from voxseg.data.io import Geometry
 from voxseg.errors import ConfigError
-from voxseg.infer.postprocess import probabilities_to_labels, probability_names
 from voxseg.infer.config import InferConfig
+from voxseg.infer.postprocess import probabilities_to_labels, probability_names
 from voxseg.infer.predictor import Predictor
 from voxseg.jsonio import read_json
+from voxseg.workdir import WorkDir
 
-CHOICE_FILE = "inference_choice.json"
 CHOICE_KINDS = ("configuration", "ensemble")
 
-__all__ = ["CHOICE_FILE", "EnsemblePredictor", "average_probabilities", "load_choice", "predictor_from_choice"]
+__all__ = ["EnsemblePredictor", "average_probabilities", "load_choice", "predictor_from_choice"]
 
 
 def average_probabilities(probabilities: Sequence[np.ndarray]) -> np.ndarray:
@@ -43,7 +43,7 @@ def average_probabilities(probabilities: Sequence[np.ndarray]) -> np.ndarray:
 
 def load_choice(workdir: str | Path) -> dict[str, Any] | None:
     """WORKDIR/inference_choice.json, checked; None when the work directory has none."""
-    path = Path(workdir) / CHOICE_FILE
+    path = WorkDir(workdir).inference_choice
     if not path.is_file():
         return None
     fix = f"re-run 'voxseg evaluate --crossval {workdir} --configurations all' or delete {path}"

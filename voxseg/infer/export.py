@@ -28,13 +28,13 @@ import torch
 
 from voxseg.atomicio import atomic_path
 from voxseg.digest import digest_file_path, verify_digest_file, write_digest_file
-from voxseg.plans import Plan
 from voxseg.errors import CheckpointError, ConfigError
-from voxseg.infer.archive import check_same_plan, checkpoint_path, fold_dir, load_fold_network, resolve_folds
+from voxseg.infer.archive import check_same_plan, checkpoint_path, load_fold_network, resolve_folds
+from voxseg.plans import Plan
+from voxseg.workdir import WorkDir
 
 PLAN_METADATA_KEY = "voxseg_plan"
 CHECKPOINT_METADATA_KEY = "voxseg_checkpoint"
-ONNX_FILE = "model.onnx"  # WORKDIR/training/fold_F/model.onnx: where the onnxruntime backend looks by default
 
 
 def _require_onnx() -> None:
@@ -100,7 +100,7 @@ def export_onnx(
 
 def default_onnx_path(workdir: str | Path, fold: int | str) -> Path:
     """WORKDIR/training/fold_F/model.onnx, where `voxseg predict --backend onnxruntime` looks for fold F."""
-    return fold_dir(workdir, fold) / ONNX_FILE
+    return WorkDir(workdir).fold(fold).onnx
 
 
 def export_onnx_folds(workdir: str | Path, folds: int | str | Sequence[int | str] | None = (0,),

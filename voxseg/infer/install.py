@@ -31,6 +31,7 @@ import torch
 from voxseg.digest import write_digest_file
 from voxseg.errors import CheckpointError
 from voxseg.units import GIB
+from voxseg.workdir import WorkDir
 
 MANIFEST = "voxseg_archive.json"
 ARCHIVE_FORMAT = "voxseg-model"
@@ -44,7 +45,7 @@ _SPACE_MARGIN = 1.05
 
 def holds_model(folder: Path) -> bool:
     """True when `folder` holds a model: plans.json or a trained fold's checkpoint."""
-    return (folder / "plans.json").is_file() or any(folder.glob("training/fold_*/checkpoint_*.pt"))
+    return WorkDir(folder).plans.is_file() or WorkDir(folder).has_checkpoints()
 
 
 def _check_member(info: zipfile.ZipInfo, target: Path) -> None:
@@ -73,7 +74,8 @@ def _read_manifest(archive: zipfile.ZipFile, zip_path: Path) -> dict[str, dict[s
     """The manifest's {member: {"sha256", "size"}}; CheckpointError when it is missing or has no digests."""
     redo = "re-export the model with 'voxseg export WORKDIR --archive ZIP'"
     names = set(archive.namelist())
-    if "plans.json" not in names or not any(n.endswith((".pt", ".onnx")) for n in names):
+    root = WorkDir(".")
+    if root.member(root.plans) not in names or not any(n.endswith((".pt", ".onnx")) for n in names):
         raise CheckpointError(f"{zip_path} is not a voxseg model archive (needs plans.json and weights)")
     if MANIFEST not in names:
         raise CheckpointError(f"{zip_path} has no {MANIFEST} (member list with SHA-256 digests); {redo}")

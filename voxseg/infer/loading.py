@@ -18,8 +18,10 @@ from voxseg.distributed import local_device
 from voxseg.errors import CheckpointError
 from voxseg.infer.archive import check_same_plan, load_fold_network, resolve_folds
 from voxseg.infer.config import InferConfig
-from voxseg.infer.nnunet import is_nnunet_model_folder, load_nnunet_fold, nnunet_folds
-from voxseg.plans import PLAN_FILE, Plan
+from voxseg.infer.nnunet import load_nnunet_fold
+from voxseg.infer.nnunet_folder import NNUNET_FOLD_PREFIX, is_nnunet_model_folder, nnunet_folds
+from voxseg.plans import Plan
+from voxseg.workdir import WorkDir
 
 
 @dataclass
@@ -57,7 +59,7 @@ def _onnx_models(workdir: Path, config: InferConfig) -> LoadedModels:
 
     folds = resolve_folds(workdir, config.folds, config.checkpoint) if config.onnx_files is None else []
     models = load_onnx_models(workdir, folds, config.onnx_files, config.checkpoint)
-    plan = next((m.plan for m in models if m.plan is not None), None) or Plan.load(workdir / PLAN_FILE)
+    plan = next((m.plan for m in models if m.plan is not None), None) or Plan.load(WorkDir(workdir).plans)
     return LoadedModels(plan, models, torch.device("cpu"), tuple(folds), "onnxruntime")
 
 
@@ -69,7 +71,8 @@ def _nnunet_models(workdir: Path, config: InferConfig) -> LoadedModels:
     plan = loaded[0][1]
     # "all" mirrors along the axes the checkpoint was trained to be mirror-invariant along, as nnU-Net does
     plan.inference_mirror_axes = list(loaded[0][2])
-    folds = tuple(int(p.parent.name[5:]) if p.parent.name[5:].isdigit() else p.parent.name[5:] for p in paths)
+    names = [p.parent.name[len(NNUNET_FOLD_PREFIX):] for p in paths]  # fold_F/checkpoint_*.pth -> F
+    folds = tuple(int(name) if name.isdigit() else name for name in names)
     return LoadedModels(plan, _compiled([net for net, _, _ in loaded], config), device, folds, "nnunet")
 
 

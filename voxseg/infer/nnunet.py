@@ -1,13 +1,6 @@
-"""Run nnU-Net v2 trained models: safe checkpoint loading, plans.json -> voxseg Plan, weights into a voxseg UNet.
+"""Run nnU-Net v2 trained models: plans.json -> voxseg Plan, a fold's weights into a voxseg UNet.
 
-An nnU-Net v2 model folder:
-```
-MODEL = <Trainer>__<Plans>__<configuration>/   plans.json  dataset.json  [dataset_fingerprint.json]
-MODEL/fold_F/checkpoint_final.pth  [checkpoint_best.pth]      (F = 0..4 or "all")
-```
-A checkpoint is a pickle (nnU-Net loads it with `weights_only=False`). Here it is read with `weights_only=True`
-and an allowlist of the few plain types nnU-Net's trainer puts next to the weights (numpy scalars in its logs
-and their dtypes); anything else is refused and never executed. postprocessing.pkl is never read.
+The model folder itself (its layout, folds and safe checkpoint loading) is `voxseg.infer.nnunet_folder`.
 
 Only what voxseg can represent exactly is accepted: 2D and 3D configurations of PlainConvUNet or ResidualEncoderUNet
 (BasicBlockD blocks, run as voxseg's residual UNet with `pooled_skip`) with instance norm,
@@ -28,7 +21,6 @@ transpose_forward[0] (`slice_axis`), which keeps each case's own spacing as nnU-
 """
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -36,66 +28,20 @@ import numpy as np
 import torch
 from torch import nn
 
-from voxseg.checkpoint import load_checkpoint
 from voxseg.data.dataset import check_nnunet_fields
 from voxseg.errors import CheckpointError
+from voxseg.infer.nnunet_folder import (
+    NNUNET_DATASET,
+    NNUNET_PLANS,
+    configuration_name,
+    load_nnunet_checkpoint,
+    read_model_json,
+)
 from voxseg.infer.nnunet_weights import map_nnunet_weights, untranspose_weights
 from voxseg.models.factory import build_network
 from voxseg.plans import ChannelNormalization, NetworkPlan, Plan
 
-CHECKPOINT_FILES = {"final": "checkpoint_final.pth", "best": "checkpoint_best.pth"}
 SUPPORTED_NETWORKS = ("PlainConvUNet", "ResidualEncoderUNet")
-_NUMPY_DTYPES = ("Float16DType", "Float32DType", "Float64DType", "Int8DType", "Int16DType", "Int32DType",
-                 "Int64DType", "UInt8DType", "UInt16DType", "UInt32DType", "UInt64DType", "BoolDType")
-
-
-# ----- safe loading -------------------------------------------------------------------------------------------
-def _safe_globals() -> list[Any]:
-    """The plain numpy types nnU-Net's checkpoints hold (numpy scalars in 'logging' and '_best_ema')."""
-    from numpy._core.multiarray import scalar
-
-    allowed: list[Any] = [scalar, (scalar, "numpy.core.multiarray.scalar"), np.dtype]
-    allowed += [getattr(np.dtypes, name) for name in _NUMPY_DTYPES if hasattr(np.dtypes, name)]
-    return allowed
-
-
-def load_nnunet_checkpoint(path: str | Path) -> dict[str, Any]:
-    """An nnU-Net checkpoint read with `weights_only=True`; CheckpointError when it holds anything unsafe."""
-    with torch.serialization.safe_globals(_safe_globals()):
-        state = load_checkpoint(path, map_location="cpu")
-    if not isinstance(state.get("network_weights"), dict):
-        raise CheckpointError(f"{path} has no 'network_weights'; is it an nnU-Net v2 checkpoint?")
-    return state
-
-
-# ----- the model folder ---------------------------------------------------------------------------------------
-def is_nnunet_model_folder(path: str | Path) -> bool:
-    """True for a folder with nnU-Net's plans.json (it has "configurations"), dataset.json and a fold_* folder."""
-    path = Path(path)
-    if not ((path / "plans.json").is_file() and (path / "dataset.json").is_file()):
-        return False
-    if not any(p.is_dir() for p in path.glob("fold_*")):
-        return False
-    try:
-        return "configurations" in json.loads((path / "plans.json").read_text())
-    except (OSError, ValueError):
-        return False
-
-
-def configuration_name(folder: str | Path) -> str:
-    """The configuration of a `<Trainer>__<Plans>__<configuration>` folder name."""
-    parts = Path(folder).resolve().name.split("__")
-    if len(parts) != 3 or not all(parts):
-        raise CheckpointError(f"{folder}: an nnU-Net model folder is named <Trainer>__<Plans>__<configuration> "
-                              "(e.g. nnUNetTrainer__nnUNetPlans__3d_fullres); rename it so")
-    return parts[2]
-
-
-def _read_json(path: Path) -> dict[str, Any]:
-    try:
-        return json.loads(path.read_text())
-    except (OSError, ValueError) as exc:
-        raise CheckpointError(f"{path} cannot be read as JSON ({exc})") from None
 
 
 def resolve_configuration(plans: dict[str, Any], name: str) -> dict[str, Any]:
@@ -170,7 +116,8 @@ def _check_layers(arch: dict[str, Any], ndim: int) -> None:
     if not str(kwargs.get("conv_op")).endswith(f"Conv{ndim}d"):
         problems.append(f"conv_op {kwargs.get('conv_op')} (a {ndim}D configuration runs Conv{ndim}d)")
     if problems:
-        raise CheckpointError("plans.json: voxseg cannot represent this nnU-Net network exactly: " + "; ".join(problems))
+        raise CheckpointError("plans.json: voxseg cannot represent this nnU-Net network exactly: "
+                              + "; ".join(problems))
 
 
 def _check_residual(kwargs: dict[str, Any], features: list[int]) -> None:
@@ -254,7 +201,8 @@ def network_plan(arch: dict[str, Any], order: Sequence[int] = (0, 1, 2)) -> tupl
     # the plan carries every option too, so build_network(plan) alone builds this network (an imported work dir)
     network = NetworkPlan(name="unet", features=features,
                           kernel_sizes=[untransposed([int(v) for v in k], order) for k in kwargs["kernel_sizes"]],
-                          strides=[untransposed([int(v) for v in s], order) for s in kwargs["strides"]], conv_per_stage=encoder, residual=residual,
+                          strides=[untransposed([int(v) for v in s], order) for s in kwargs["strides"]],
+                          conv_per_stage=encoder, residual=residual,
                           deep_supervision=True, blocks_per_stage=options.get("blocks_per_stage"),
                           decoder_conv_per_stage=decoder, pooled_skip=residual, norm_eps=norm_kwargs["eps"],
                           negative_slope=slope)
@@ -305,7 +253,7 @@ def plan_from_nnunet(plans: dict[str, Any], dataset: dict[str, Any], configurati
             resampling voxseg cannot represent exactly, or dataset.json names a file type or image reader voxseg
             reads differently (the message names it).
     """
-    check_nnunet_fields(dataset, Path(source) / "dataset.json" if source else "dataset.json", CheckpointError)
+    check_nnunet_fields(dataset, Path(source) / NNUNET_DATASET if source else NNUNET_DATASET, CheckpointError)
     transpose = nnunet_transpose(plans)
     config = resolve_configuration(plans, configuration)
     if config.get("previous_stage"):
@@ -341,42 +289,19 @@ def plan_from_nnunet(plans: dict[str, Any], dataset: dict[str, Any], configurati
         channel_names={str(k): str(v) for k, v in channels.items()}, labels=_labels(dataset),
         regions_class_order=[int(v) for v in dataset["regions_class_order"]] if dataset.get("regions_class_order")
         else None, file_ending=str(dataset.get("file_ending", ".nii.gz")), target_spacing=spacing,
-        patch_size=untransposed([int(p) for p in config["patch_size"]], order), batch_size=int(config.get("batch_size", 2)),
+        patch_size=untransposed([int(p) for p in config["patch_size"]], order),
+        batch_size=int(config.get("batch_size", 2)),
         network=network, normalization=_normalization(plans, config, len(channels)),
         original_median_spacing=median_spacing, original_median_shape=median_shape,
         median_shape_after_resample=per_axis(median_after, int), anisotropy_axis=int(np.argmax(spacing)),
-        image_dtype="float32", configuration="2d" if ndim == 2 else "3d_fullres", slice_axis=transpose[0] if ndim == 2 else 0,
+        image_dtype="float32", configuration="2d" if ndim == 2 else "3d_fullres",
+        slice_axis=transpose[0] if ndim == 2 else 0,
         keep_slice_spacing=ndim == 2,
     )
     return plan, options
 
 
 # ----- folds ----------------------------------------------------------------------------------------------------
-def nnunet_folds(folder: str | Path, folds: int | str | Sequence[int | str] | None, checkpoint: str) -> list[Path]:
-    """Checkpoint files of the chosen folds: ints / "all" (fold_all, else every fold) / None (every fold_N, else
-    fold_all when it is the only one)."""
-    folder = Path(folder)
-    if checkpoint not in CHECKPOINT_FILES:
-        raise CheckpointError(f"checkpoint '{checkpoint}' does not exist in nnU-Net model folders; use "
-                              f"{' or '.join(CHECKPOINT_FILES)}")
-    filename = CHECKPOINT_FILES[checkpoint]
-    if folds is None or folds == "all":
-        has_fold_all = (folder / "fold_all" / filename).is_file()
-        names = sorted((p.name[5:] for p in folder.glob("fold_*") if p.name[5:].isdigit() and (p / filename).is_file()),
-                       key=int)
-        if has_fold_all and (folds == "all" or not names):
-            names = ["all"]
-    else:
-        names = [str(f) for f in ([folds] if isinstance(folds, (int, str)) else folds)]
-    if not names:
-        raise CheckpointError(f"{folder}: no fold_N folder holds {filename}")
-    paths = [folder / f"fold_{name}" / filename for name in names]
-    for path in paths:
-        if not path.is_file():
-            raise CheckpointError(f"{path} not found (nnU-Net model folder {folder})")
-    return paths
-
-
 def nnunet_fold_state(state: dict[str, Any], plans: dict[str, Any], configuration: str
                       ) -> tuple[dict[str, torch.Tensor], list[int] | None]:
     """A checkpoint's nnU-Net weights and allowed mirror axes (None: not recorded) in voxseg's network axes."""
@@ -390,8 +315,8 @@ def load_nnunet_fold(folder: str | Path, checkpoint_file: str | Path, device: st
                      ) -> tuple[nn.Module, Plan, tuple[int, ...]]:
     """The voxseg network of one nnU-Net fold in eval mode, its plan and the mirror axes it allows."""
     folder = Path(folder)
-    plans, configuration = _read_json(folder / "plans.json"), configuration_name(folder)
-    plan, options = plan_from_nnunet(plans, _read_json(folder / "dataset.json"), configuration, str(folder))
+    plans, configuration = read_model_json(folder / NNUNET_PLANS), configuration_name(folder)
+    plan, options = plan_from_nnunet(plans, read_model_json(folder / NNUNET_DATASET), configuration, str(folder))
     weights, axes = nnunet_fold_state(load_nnunet_checkpoint(checkpoint_file), plans, configuration)
     network = build_network(plan, deep_supervision=False, **options)
     network.load_state_dict(map_nnunet_weights(weights, network, str(checkpoint_file)))

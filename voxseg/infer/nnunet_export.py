@@ -37,11 +37,13 @@ from voxseg.checkpoint import save_checkpoint
 from voxseg.errors import CheckpointError, ConfigError
 from voxseg.infer.archive import checkpoint_path, load_fold_network, resolve_folds
 from voxseg.infer.install import swap_in_folder
-from voxseg.infer.postprocess import EXPORTED_POSTPROCESSING_FILE, model_postprocessing
+from voxseg.infer.nnunet_folder import CHECKPOINT_FILES, NNUNET_DATASET, NNUNET_PLANS, nnunet_fold_dir
 from voxseg.infer.nnunet_weights import nnunet_names
+from voxseg.infer.postprocess import EXPORTED_POSTPROCESSING_FILE, model_postprocessing
 from voxseg.jsonio import read_json, write_json_atomic
 from voxseg.network_plan import default_blocks_per_stage
 from voxseg.plans import Plan
+from voxseg.workdir import WorkDir
 
 DEFAULT_FOLDER = "nnUNetTrainer__voxsegPlans__3d_fullres"
 _NORMALIZATION = {"zscore": "ZScoreNormalization", "ct": "CTNormalization", "none": "NoNormalization"}
@@ -134,7 +136,8 @@ def nnunet_weights(network: nn.Module) -> dict[str, torch.Tensor]:
 
 
 def _dataset_json(workdir: Path, plan: Plan) -> dict[str, Any]:
-    meta = read_json(workdir / "dataset.json", ConfigError) if (workdir / "dataset.json").is_file() else {}
+    copy = WorkDir(workdir).dataset_json
+    meta = read_json(copy, ConfigError) if copy.is_file() else {}
     meta = {**meta, "channel_names": dict(plan.channel_names), "labels": dict(plan.labels),
             "file_ending": plan.file_ending}
     if plan.regions_class_order:
@@ -186,14 +189,14 @@ def export_nnunet(workdir: str | Path, out: str | Path, folds: int | str | Seque
     target.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.export-", dir=target.parent))
     try:
-        write_json_atomic(staging / "plans.json", plans)
-        write_json_atomic(staging / "dataset.json", dataset)
+        write_json_atomic(staging / NNUNET_PLANS, plans)
+        write_json_atomic(staging / NNUNET_DATASET, dataset)
         if postprocessing is not None:
             write_json_atomic(staging / EXPORTED_POSTPROCESSING_FILE, _exported_postprocessing(postprocessing))
         for fold, network, _, state in loaded:
             epoch = int((state.get("progress") or {}).get("epoch") or 0)
-            (staging / f"fold_{fold}").mkdir()
-            save_checkpoint(staging / f"fold_{fold}" / f"checkpoint_{checkpoint}.pth", {
+            nnunet_fold_dir(staging, fold).mkdir()
+            save_checkpoint(nnunet_fold_dir(staging, fold) / CHECKPOINT_FILES[checkpoint], {
                 "network_weights": nnunet_weights(network), "trainer_name": "nnUNetTrainer", "current_epoch": epoch,
                 "init_args": {"plans": plans, "configuration": configuration, "fold": fold,
                               "dataset_json": dataset},

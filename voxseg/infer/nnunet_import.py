@@ -36,30 +36,33 @@ from pathlib import Path
 from typing import Any, Sequence
 
 from voxseg import __version__
-from voxseg.checkpoint import CHECKPOINT_FORMAT, checkpoint_file, save_checkpoint
+from voxseg.checkpoint import CHECKPOINT_FORMAT, save_checkpoint
 from voxseg.config import TrainConfig
 from voxseg.data.dataset import load_dataset
-from voxseg.data.splits import NNUNET_SPLITS_FILE, fold_dir, read_nnunet_splits, save_splits
+from voxseg.data.splits import NNUNET_SPLITS_FILE, read_nnunet_splits, save_splits
 from voxseg.digest import sha256_file
 from voxseg.errors import CheckpointError, ConfigError
 from voxseg.infer.install import swap_in_folder
-from voxseg.infer.nnunet import (
+from voxseg.infer.nnunet import nnunet_fold_state, plan_from_nnunet
+from voxseg.infer.nnunet_folder import (
     CHECKPOINT_FILES,
+    NNUNET_DATASET,
+    NNUNET_FOLD_PREFIX,
+    NNUNET_PLANS,
+    NNUNET_VALIDATION,
     configuration_name,
     is_nnunet_model_folder,
     load_nnunet_checkpoint,
-    nnunet_fold_state,
+    nnunet_fold_dir,
     nnunet_folds,
-    plan_from_nnunet,
 )
 from voxseg.infer.nnunet_weights import map_nnunet_weights
-from voxseg.infer.postprocess import EXPORTED_POSTPROCESSING_FILE, POSTPROCESSING_FILE, model_postprocessing
+from voxseg.infer.postprocess import EXPORTED_POSTPROCESSING_FILE, model_postprocessing
 from voxseg.jsonio import read_json, write_json_atomic
 from voxseg.models import build_network
-from voxseg.plans import PLAN_FILE, Plan
+from voxseg.plans import Plan
+from voxseg.workdir import WorkDir
 
-SOURCE_FILE = "nnunet_source.json"  # WORKDIR/nnunet_source.json: the model folder a work dir was imported from
-CONFIG_FILE = "config.json"
 POSTPROCESSING_PICKLES = ("postprocessing.pkl", "crossval_results_folds_*/postprocessing.pkl")
 
 
@@ -112,8 +115,8 @@ def check_model_folder(model: Path) -> tuple[str, str, str]:
     if not model.is_dir():
         raise CheckpointError(f"nnU-Net model folder {model} not found")
     if not is_nnunet_model_folder(model):
-        lacks = [name for name in ("plans.json", "dataset.json") if not (model / name).is_file()]
-        if not any(p.is_dir() for p in model.glob("fold_*")):
+        lacks = [name for name in (NNUNET_PLANS, NNUNET_DATASET) if not (model / name).is_file()]
+        if not any(p.is_dir() for p in model.glob(f"{NNUNET_FOLD_PREFIX}*")):
             lacks.append("fold_X/ folders")
         what = f"it lacks {', '.join(lacks)}" if lacks else "its plans.json has no \"configurations\""
         raise CheckpointError(f"{model} is not an nnU-Net v2 model folder ({what}); give the "
@@ -128,7 +131,8 @@ def _read_fold(model: Path, path: Path, plans: dict[str, Any], dataset: dict[str
     plan, _ = plan_from_nnunet(plans, dataset, configuration, str(model))
     plan.raw_dataset = raw_dataset  # the raw data (labelsTr for cross-validation), not the model folder
     state = load_nnunet_checkpoint(path)
-    weights, axes = nnunet_fold_state(state, plans, configuration)  # in the case's axes, whatever nnU-Net's transposition
+    # in the case's axes, whatever nnU-Net's transposition
+    weights, axes = nnunet_fold_state(state, plans, configuration)
     plan.inference_mirror_axes = axes if axes is not None else []  # None: nnU-Net does not mirror
     network = build_network(plan, deep_supervision=False)  # the plan alone builds it: no options outside it
     network.load_state_dict(map_nnunet_weights(weights, network, str(path)))
@@ -138,15 +142,16 @@ def _read_fold(model: Path, path: Path, plans: dict[str, Any], dataset: dict[str
     best = state.get("_best_ema")
     progress = {"epoch": epoch, "ema": None, "best_metric": float(best) if best is not None else None,
                 "best_epoch": None}
-    checkpoint = {"format": CHECKPOINT_FORMAT, "model": {k: v.detach().clone() for k, v in network.state_dict().items()},
+    model_state = {k: v.detach().clone() for k, v in network.state_dict().items()}
+    checkpoint = {"format": CHECKPOINT_FORMAT, "model": model_state,
                   "plan": plan.to_dict(), "config": config.to_dict(), "progress": progress}
-    return ImportedFold(path.parent.name[len("fold_"):], path, sha256_file(path), plan, checkpoint)
+    return ImportedFold(path.parent.name[len(NNUNET_FOLD_PREFIX):], path, sha256_file(path), plan, checkpoint)
 
 
 def _validation_files(model: Path, fold: ImportedFold, ending: str, splits: list[dict[str, list[str]]] | None
                       ) -> list[Path]:
     """fold_F/validation/CASE{ending}, checked against the fold's validation cases of splits_final.json."""
-    folder = model / f"fold_{fold.name}" / "validation"
+    folder = nnunet_fold_dir(model, fold.name) / NNUNET_VALIDATION
     files = sorted(p for p in folder.glob(f"*{ending}") if p.is_file() and p.name[0] != ".") if folder.is_dir() else []
     if splits is not None and fold.name.isdigit() and files:
         index = int(fold.name)
@@ -194,7 +199,7 @@ def read_nnunet_model(model: str | Path, folds: int | str | Sequence[int | str] 
     """Read and check everything an import writes: (dataset.json, folds, splits or None, provenance)."""
     model = Path(model)
     trainer, plans_name, configuration = check_model_folder(model)
-    plans, dataset = _read_model_json(model / "plans.json"), _read_model_json(model / "dataset.json")
+    plans, dataset = _read_model_json(model / NNUNET_PLANS), _read_model_json(model / NNUNET_DATASET)
     if "channel_names" not in dataset and isinstance(dataset.get("modality"), dict):
         dataset = {**dataset, "channel_names": dataset["modality"]}
     raw = str(Path(raw_dataset).resolve()) if raw_dataset else ""
@@ -235,25 +240,26 @@ def _check_target(workdir: Path, model: Path, force: bool) -> None:
 def _write(staging: Path, dataset: dict[str, Any], folds: list[ImportedFold],
            splits: list[dict[str, list[str]]] | None, source: dict[str, Any], checkpoint: str,
            postprocessing: dict[str, Any] | None) -> None:
-    folds[0].plan.save(staging / PLAN_FILE)
-    write_json_atomic(staging / "dataset.json", dataset)
+    target = WorkDir(staging)
+    folds[0].plan.save(target.plans)
+    write_json_atomic(target.dataset_json, dataset)
     if postprocessing is not None:  # only the checked decision, nothing else of the untrusted file
-        write_json_atomic(staging / POSTPROCESSING_FILE, {
+        write_json_atomic(target.postprocessing, {
             "largest_component": postprocessing["largest_component"],
             "restored_from": f"{source['source']}/{EXPORTED_POSTPROCESSING_FILE}"})
     if splits is not None:
         save_splits(staging, splits)
     for fold in folds:
-        out = fold_dir(staging, fold.name)
-        out.mkdir(parents=True)
-        save_checkpoint(checkpoint_file(out, checkpoint), fold.state)
-        fold.plan.save(out / PLAN_FILE)
-        write_json_atomic(out / CONFIG_FILE, fold.state["config"])
+        out = target.fold(fold.name)
+        out.path.mkdir(parents=True)
+        save_checkpoint(out.checkpoint(checkpoint), fold.state)
+        fold.plan.save(out.plans)
+        write_json_atomic(out.config, fold.state["config"])
         if fold.validation:
-            (out / "validation").mkdir()
+            out.validation.mkdir()
             for path in fold.validation:
-                shutil.copyfile(path, out / "validation" / path.name)
-    write_json_atomic(staging / SOURCE_FILE, source)
+                shutil.copyfile(path, out.validation / path.name)
+    write_json_atomic(target.nnunet_source, source)
 
 
 def import_nnunet(model: str | Path, workdir: str | Path, folds: int | str | Sequence[int | str] | None = None,

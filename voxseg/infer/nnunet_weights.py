@@ -107,8 +107,8 @@ def map_nnunet_weights(weights: dict[str, torch.Tensor], network: UNet, source: 
                                   "the checkpoint does not match the architecture in plans.json")
         tensor = weights[theirs]
         if tuple(tensor.shape) != expected:
-            raise CheckpointError(f"{source}: nnU-Net tensor {theirs} has shape {tuple(tensor.shape)}, but plans.json's "
-                                  f"architecture needs {expected} (voxseg {ours})")
+            raise CheckpointError(f"{source}: nnU-Net tensor {theirs} has shape {tuple(tensor.shape)}, but "
+                                  f"plans.json's architecture needs {expected} (voxseg {ours})")
         mapped[ours] = tensor
         used.add(theirs)
     left = sorted(name for name in weights if name not in used and not _is_alias(name))

@@ -3,8 +3,9 @@
 Region-based models (BraTS) output one sigmoid per region; `regions_to_labels` writes label values back in
 `regions_class_order`.
 
-Largest connected component: a trained network sometimes predicts small blobs far from the structure (a second "tumour" in noise). Keeping
-only the largest connected component of a class removes them, but hurts where a class is legitimately split
+Largest connected component: a trained network sometimes predicts small blobs far from the structure (a second
+"tumour" in noise). Keeping only the largest connected component of a class removes them, but hurts where a
+class is legitimately split
 (metastases, left and right kidney), so it is only switched on where it improved the mean Dice of the
 cross-validation predictions (`decide_postprocessing`), and the decision is saved as postprocessing.json:
 
@@ -32,18 +33,19 @@ from scipy import ndimage
 
 from voxseg.data.io import SUPPORTED_ENDINGS, read_image
 from voxseg.data.restore import DEFAULT_RESTORE_VALUES, crop_box, paste_rows, restore_in_slabs
-from voxseg.plans import Plan
-from voxseg.jsonio import write_json_atomic
 from voxseg.errors import ConfigError, InputError
+from voxseg.jsonio import write_json_atomic
+from voxseg.plans import Plan
+from voxseg.workdir import WorkDir
 
-POSTPROCESSING_FILE = "postprocessing.json"
 EXPORTED_POSTPROCESSING_FILE = "voxseg_postprocessing.json"  # in an nnU-Net model folder voxseg exported
 # a candidate must raise the mean Dice by more than this, so float noise never switches postprocessing on
 _MIN_IMPROVEMENT = 1e-6
 
 
 # ----- network output -> labels ----------------------------------------------------------------------------
-def regions_to_labels(probabilities: torch.Tensor, regions_class_order: Sequence[int], threshold: float = 0.5) -> torch.Tensor:
+def regions_to_labels(probabilities: torch.Tensor, regions_class_order: Sequence[int],
+                      threshold: float = 0.5) -> torch.Tensor:
     """(R, *S) region probabilities -> (*S) uint8 labels: start at 0; region r writes its value where p > 0.5."""
     labels = torch.zeros(probabilities.shape[1:], dtype=torch.uint8, device=probabilities.device)
     for region, value in enumerate(regions_class_order):
@@ -200,7 +202,7 @@ def model_postprocessing(folder: str | Path, classes: Sequence[Sequence[int]],
     """The postprocessing a model folder brings, or None: its postprocessing.json, or for an nnU-Net v2 model
     folder the voxseg_postprocessing.json `voxseg export --format nnunet` wrote (nnU-Net's own files are
     never read), checked against the model's `classes`."""
-    path = Path(folder) / (EXPORTED_POSTPROCESSING_FILE if nnunet_folder else POSTPROCESSING_FILE)
+    path = (Path(folder) / EXPORTED_POSTPROCESSING_FILE) if nnunet_folder else WorkDir(folder).postprocessing
     return load_postprocessing(path, classes) if path.is_file() else None
 
 
@@ -287,7 +289,8 @@ def decide_postprocessing(
     ref_dir: str | Path,
     classes: Sequence[int | Sequence[int]],
     file_ending: str | None = None,
-    out_file: str | Path | None = None,
+    *,
+    out_file: str | Path,
     num_workers: int = 1,
 ) -> dict[str, Any]:
     """Choose the largest-component postprocessing that raises the mean Dice of cross-validation predictions.
@@ -302,7 +305,7 @@ def decide_postprocessing(
         ref_dir: reference label maps with the same file names (the raw dataset's labelsTr).
         classes: label values or regions (lists of values), e.g. `plan.regions`.
         file_ending: prediction file ending; detected from the folder when None.
-        out_file: where postprocessing.json goes (default: pred_dir/postprocessing.json).
+        out_file: where the decision is saved (WORKDIR/postprocessing.json for a work directory's folds).
         num_workers: threads reading and scoring cases.
 
     Returns:
@@ -331,5 +334,5 @@ def decide_postprocessing(
         "mean_dice_per_class_candidate": {json.dumps(c): m for c, m in zip(classes, class_means)},
         "mean_dice_per_class_before": before_per_class,
     }
-    write_json_atomic(Path(out_file) if out_file is not None else pred_dir / POSTPROCESSING_FILE, spec)
+    write_json_atomic(Path(out_file), spec)
     return spec

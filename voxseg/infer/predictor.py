@@ -1,4 +1,5 @@
-"""Predict segmentations with a trained model: read -> preprocess (training's code) -> sliding window -> invert -> write.
+"""Predict segmentations with a trained model: read -> preprocess (training's code) -> sliding window -> invert ->
+write.
 
     >>> predictor = Predictor.from_workdir("work/synth", InferConfig(folds=[0, 1, 2, 3, 4], step=0.5))
     >>> predictor = Predictor.from_workdir("work/synth", folds=[0])   # the same, InferConfig fields as keywords
@@ -174,7 +175,8 @@ class Predictor:
             image = image[None]
         if image.ndim != 4 or image.shape[0] != self.plan.num_channels:
             raise InputError(f"case '{name}': image of shape {image.shape} given; the model expects "
-                             f"({self.plan.num_channels}, D, H, W) with channels {list(self.plan.channel_names.values())}")
+                             f"({self.plan.num_channels}, D, H, W) with channels "
+                             f"{list(self.plan.channel_names.values())}")
         if not isinstance(geometry, Geometry):
             geometry = Geometry.from_spacing(tuple(float(s) for s in geometry))
         image_pp, properties = self.preprocess(image.astype(np.float32, copy=False), geometry, name)
@@ -273,7 +275,8 @@ class Predictor:
         report.close()
         if failures:
             lines = "\n".join(f"  {name}: {reason}" for name, reason in failures)
-            raise InputError(f"{len(failures)} of {len(todo)} case(s) failed ({written} written to {out_dir}):\n{lines}")
+            raise InputError(f"{len(failures)} of {len(todo)} case(s) failed ({written} written to "
+                             f"{out_dir}):\n{lines}")
         return {"written": written, "skipped": len(cases) - len(todo), "out_dir": str(out_dir)}
 
     def _pipeline(self, todo: list[tuple[str, Sequence[str | Path]]], out_dir: Path, ending: str,
@@ -318,7 +321,8 @@ class Predictor:
 
     @staticmethod
     def _outputs_exist(out_dir: Path, name: str, ending: str, with_probabilities: bool) -> bool:
-        return (out_dir / f"{name}{ending}").is_file() and (not with_probabilities or (out_dir / f"{name}.npz").is_file())
+        return (out_dir / f"{name}{ending}").is_file() and (
+            not with_probabilities or (out_dir / f"{name}.npz").is_file())
 
     def _write_case(self, out_dir: Path, name: str, ending: str, labels: np.ndarray, geometry: Geometry,
                     probabilities: np.ndarray | None) -> None:

@@ -18,8 +18,9 @@ with the host (no `.item()`, no `.cpu()`) unless the accumulator itself had to f
 Memory: a forward pass holds about `voxseg.data.memory.inference_bytes_per_tile` per tile (1.8 GiB in float32
 for the reference 6-stage network at 96x128x160), so tiles x mirrors in one call can exceed the machine: on
 a CPU there is no out-of-memory error to catch, the kernel kills the process. `max_forward_batch` (the
-predictor computes it with `voxseg.infer.budget.forward_limit` from the memory that is free) caps the tiles x mirrored copies
-of one call before anything runs, taking fewer tiles first, then fewer mirrored copies; the result is the same.
+predictor computes it with `voxseg.infer.budget.forward_limit` from the memory that is free) caps the tiles x
+mirrored copies of one call before anything runs, taking fewer tiles first, then fewer mirrored copies; the result
+is the same.
 Out of GPU memory all the same, a pass backs off step by step (`OutOfMemoryFallback`): fewer tiles per forward,
 then fewer mirrored copies per forward, then the accumulator in host memory, and only then a `DeviceMemoryError`.
 """

@@ -14,9 +14,9 @@ from typing import Any, Callable
 
 from torch import nn
 
-from voxseg.plans import NetworkPlan, Plan
 from voxseg.errors import ConfigError
 from voxseg.models.unet import UNet
+from voxseg.plans import NetworkPlan, Plan
 from voxseg.registry import Registry, unknown_name_message
 
 NETWORKS: Registry[Callable[..., nn.Module]] = Registry("network")

@@ -13,11 +13,11 @@ import copy
 from pathlib import Path
 from typing import Any, Iterable
 
-from voxseg.config import CONFIG_FILE, TrainConfig, apply_overrides, load_config_json
-from voxseg.data.splits import fold_dir
+from voxseg.config import TrainConfig, apply_overrides, load_config_json
 from voxseg.errors import ConfigError
 from voxseg.train.recipes import apply_recipe
 from voxseg.train.start import RunStart
+from voxseg.workdir import WorkDir
 
 
 def build_train_config(workdir: str | Path, fold: int | str = 0, config: TrainConfig | None = None,
@@ -46,7 +46,7 @@ def build_train_config(workdir: str | Path, fold: int | str = 0, config: TrainCo
     """
     if config is not None and config_file is not None:
         raise ConfigError("give a config or a config file, not both")
-    saved = fold_dir(Path(workdir), fold) / CONFIG_FILE
+    saved = WorkDir(workdir).fold(fold).config
     if config is not None:
         start = copy.deepcopy(config)
     elif config_file is not None:

@@ -15,8 +15,8 @@ Images stay in their stored dtype (usually float16) in the cache; the sampler co
 from __future__ import annotations
 
 import os
-from pathlib import Path
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Iterable, Sequence
 
 import numpy as np

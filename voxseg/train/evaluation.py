@@ -13,7 +13,7 @@ from typing import Any
 
 import torch
 
-from voxseg.checkpoint import CHECKPOINT_CHOICES, checkpoint_file, checkpoint_identity, network_from_checkpoint
+from voxseg.checkpoint import CHECKPOINT_CHOICES, checkpoint_identity, network_from_checkpoint
 from voxseg.devices import amp_name
 from voxseg.errors import CheckpointError, ConfigError
 from voxseg.infer.cascade import next_stage_target, stored_previous
@@ -21,14 +21,7 @@ from voxseg.infer.config import InferConfig
 from voxseg.infer.validation import CascadeLinks, full_validation
 from voxseg.jsonio import write_json_atomic
 from voxseg.plans import Plan
-
-VALIDATION_DIR = "validation"  # the run's cross-validation outputs
-CHECKPOINT_IDENTITY_FILE = "checkpoint.json"  # in validation_TAG/: which checkpoint file it validated
-
-
-def checkpoint_validation_dir(out_dir: Path, tag: str) -> Path:
-    """Where `--test-only` writes the validation of checkpoint_{tag}.pt: training/fold_F/validation_{tag}."""
-    return out_dir / f"{VALIDATION_DIR}_{tag}"
+from voxseg.workdir import FoldDir, WorkDir
 
 
 def validation_config(plan: Plan, amp_dtype: torch.dtype | None, save_probabilities: bool = False) -> InferConfig:
@@ -39,7 +32,8 @@ def validation_config(plan: Plan, amp_dtype: torch.dtype | None, save_probabilit
 
 
 def full_val_metrics(model: torch.nn.Module, plan: Plan, workdir: Path, val_dir: Path, names: list[str],
-                     device: torch.device, amp_dtype: torch.dtype | None, probabilities: bool = False) -> dict[str, Any]:
+                     device: torch.device, amp_dtype: torch.dtype | None,
+                     probabilities: bool = False) -> dict[str, Any]:
     """The run's own final validation of `names` into `val_dir` (`validation_config`); a cascade stage reads
     the first stage's stored predictions, a first stage writes them for the next stage.
 
@@ -53,7 +47,7 @@ def full_val_metrics(model: torch.nn.Module, plan: Plan, workdir: Path, val_dir:
 
 def _metrics(model: torch.nn.Module, plan: Plan, workdir: Path, names: list[str], val_dir: Path,
              device: torch.device, config: InferConfig, links: CascadeLinks) -> dict[str, Any]:
-    summary = full_validation(model, plan, workdir / "preprocessed", names, val_dir, device, config, links)
+    summary = full_validation(model, plan, WorkDir(workdir).preprocessed, names, val_dir, device, config, links)
     return {"val_dice_mean": summary["mean_dice"], "val_dice": summary["mean"]}
 
 
@@ -63,19 +57,20 @@ def evaluate_checkpoint(workdir: Path, out_dir: Path, val_names: list[str], devi
     """`--test-only`: full validation of checkpoint `which` (True: checkpoint_best, else checkpoint_final) into
     its own folder; returns {"checkpoint", "epochs", "validation_dir", "val_dice_mean", "val_dice", "seconds"}."""
     start = time.perf_counter()
+    files = FoldDir(out_dir)
     if isinstance(which, str):
         if which not in CHECKPOINT_CHOICES:
             raise ConfigError(f"test-only checkpoint '{which}' is unknown; use one of {', '.join(CHECKPOINT_CHOICES)}")
-        candidates = [checkpoint_file(out_dir, which)]
+        candidates = [which]
     else:
-        candidates = [checkpoint_file(out_dir, "best"), checkpoint_file(out_dir, "final")]
-    path = next((p for p in candidates if p.is_file()), None)
-    if path is None:
-        names = " nor ".join(p.name for p in candidates)
+        candidates = ["best", "final"]
+    tag = next((name for name in candidates if files.checkpoint(name).is_file()), None)
+    if tag is None:
+        names = " nor ".join(files.checkpoint(name).name for name in candidates)
         raise CheckpointError(f"{out_dir}: {'neither ' if len(candidates) > 1 else ''}{names} exists; train first")
+    path = files.checkpoint(tag)
     model, plan, state = network_from_checkpoint(path, device)  # the effective plan the weights were trained with
-    tag = path.stem[len("checkpoint_"):]
-    val_dir = checkpoint_validation_dir(out_dir, tag)
+    val_dir = files.checkpoint_validation(tag)
     result: dict[str, Any] = {"checkpoint": str(path), "epochs": int(state["progress"]["epoch"]),
                               "validation_dir": str(val_dir)}
     if val_names:  # the stored first-stage predictions of a cascade are read, never written
@@ -84,7 +79,7 @@ def evaluate_checkpoint(workdir: Path, out_dir: Path, val_names: list[str], devi
                                validation_config(plan, amp_dtype, probabilities), links))
         # which checkpoint these are: cross-validation may take the final checkpoint's probabilities from here
         # while that file is unchanged (voxseg.crossval.choice)
-        write_json_atomic(val_dir / CHECKPOINT_IDENTITY_FILE,
+        write_json_atomic(files.validated_checkpoint(tag),
                           {**checkpoint_identity(path), "epoch": result["epochs"]})
     result["seconds"] = time.perf_counter() - start
     return result

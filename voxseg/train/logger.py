@@ -16,8 +16,7 @@ from tqdm import tqdm
 from voxseg.atomicio import atomic_path, write_text
 from voxseg.config import LoggingConfig
 from voxseg.train.eta import RunLength, format_duration
-
-LOG_FILE = "log.jsonl"
+from voxseg.workdir import FoldDir
 
 
 def _clean(value: Any) -> Any:
@@ -71,13 +70,13 @@ class TrainLogger:
         if not self.active:
             return
         self.out_dir.mkdir(parents=True, exist_ok=True)
-        self.path = self.out_dir / LOG_FILE
+        self.path = FoldDir(self.out_dir).log
         self.history = [r for r in read_log(self.path) if int(r.get("epoch", -1)) < start_epoch]
         # rewrite atomically: drop records past the checkpoint we resume from
         write_text(self.path, "".join(json.dumps(r) + "\n" for r in self.history))
         if config.tensorboard:
             # on resume, TensorBoard hides the events of the epochs run again (purge_step)
-            self._writer = _tensorboard_writer(self.out_dir / "tensorboard", start_epoch or None)
+            self._writer = _tensorboard_writer(FoldDir(self.out_dir).tensorboard, start_epoch or None)
 
     # ----- duration ----------------------------------------------------------------------------------------
     def step_probe(self, iterations: int) -> int:
@@ -109,7 +108,7 @@ class TrainLogger:
                     self._writer.add_scalar(name, value, record["epoch"])
             self._writer.flush()
         if self.config.progress_png:
-            plot_progress(self.history, self.out_dir / "progress.png")
+            plot_progress(self.history, FoldDir(self.out_dir).progress_plot)
         self.message(epoch_summary(record, self.total_epochs))
 
     def eta_seconds(self) -> float | None:

@@ -24,9 +24,10 @@ from typing import Any
 import torch
 
 from voxseg.atomicio import sweep_stale_temporaries
-from voxseg.checkpoint import Checkpointer, RngStates, checkpoint_file, load_pretrained
-from voxseg.config import CONFIG_FILE, TrainConfig
-from voxseg.data.splits import fold_dir, get_fold
+from voxseg.checkpoint import Checkpointer, RngStates, load_pretrained
+from voxseg.config import TrainConfig
+from voxseg.data.splits import get_fold
+from voxseg.devices import amp_name
 from voxseg.distributed import World, all_reduce_mean, barrier, data_parallel, process_group
 from voxseg.errors import VoxsegError
 from voxseg.infer.cascade import stored_previous
@@ -35,23 +36,33 @@ from voxseg.losses import build_loss
 from voxseg.models import build_network
 from voxseg.models.factory import warn_noop_deep_supervision
 from voxseg.optim import build_optimizer, build_scheduler
-from voxseg.plans import PLAN_FILE, Plan
+from voxseg.plans import Plan
 from voxseg.train.eta import RunLength, count_tiles, format_duration
-from voxseg.devices import amp_name
-from voxseg.train.evaluation import VALIDATION_DIR, full_val_metrics
+from voxseg.train.evaluation import full_val_metrics
 from voxseg.train.feed import TrainData
 from voxseg.train.logger import TrainLogger
 from voxseg.train.resume import (
-    apply_changes, config_changes, describe_changes, record_changes, refuse_fixed, resume_tag,
+    apply_changes,
+    config_changes,
+    describe_changes,
+    record_changes,
+    refuse_fixed,
+    resume_tag,
 )
 from voxseg.train.rundir import check_run_dir, replace_run_dir
 from voxseg.train.setup import (  # noqa: F401 - cache_budget_gb, effective_plan, resolve, seed_everything: API
-    RunSetup, cache_budget_gb, effective_plan, resolve, resolved_config, seed_everything,
+    RunSetup,
+    cache_budget_gb,
+    effective_plan,
+    resolve,
+    resolved_config,
+    seed_everything,
 )
 from voxseg.train.start import RunStart
 from voxseg.train.step import RunningMeans, TrainStep
 from voxseg.train.validate import pseudo_dice
 from voxseg.units import gib
+from voxseg.workdir import FoldDir, WorkDir
 
 
 class TrainingInterrupted(VoxsegError):
@@ -131,7 +142,7 @@ def train(workdir: str | Path, fold: int | str, config: TrainConfig, start: RunS
 def _train(workdir: Path, fold: int | str, config: TrainConfig, world: World, start: RunStart) -> dict[str, Any]:
     """`train` inside the run's process group (if any)."""
     started = time.perf_counter()
-    out_dir = fold_dir(workdir, fold)
+    out_dir = WorkDir(workdir).fold(fold).path
     sweep_stale_temporaries(out_dir, recursive=True)  # temporary files of a killed run
     train_names, val_names = get_fold(workdir, fold)
     tag = resume_tag(start.resume, out_dir) if start.resume else None
@@ -157,7 +168,7 @@ def _train(workdir: Path, fold: int | str, config: TrainConfig, world: World, st
         # the final weights, as nnU-Net validates them; `--test-only` validates checkpoint_best instead. A run
         # killed here resumes (--resume) with nothing left to train and validates again
         logger.message(f"full validation of {len(val_names)} cases (sliding window)")
-        result.update(full_val_metrics(training.model, plan, workdir, out_dir / VALIDATION_DIR, val_names,
+        result.update(full_val_metrics(training.model, plan, workdir, FoldDir(out_dir).validation, val_names,
                                        setup.device, setup.amp_dtype, config.loop.save_val_probabilities))
     result["seconds"] = time.perf_counter() - started
     return result
@@ -171,7 +182,7 @@ def restore_or_initialise(training: Training, setup: RunSetup, tag: str | None,
     if tag is not None:
         # every rank reads the same file: a checkpoint holds no trace of the number of processes that wrote it
         state = training.checkpointer.restore(tag, setup.device)  # refuses a changed plan or optimiser
-        return resumed_with_changes(state, training, setup, checkpoint_file(training.checkpointer.directory, tag))
+        return resumed_with_changes(state, training, setup, training.checkpointer.files.checkpoint(tag))
     if pretrained:
         _print(setup.world, load_pretrained(training.model, pretrained).summary())
     return {}
@@ -181,16 +192,16 @@ def write_run_files(training: Training, setup: RunSetup, replacing: bool, tag: s
                     changes: dict[str, Any]) -> None:
     """Rank 0, before the first epoch: the old run deleted (`replacing`), then the effective plan and config.json
     (a resumed run's keeps the config it started with and records this resume's changes)."""
-    out_dir = training.checkpointer.directory
+    files = training.checkpointer.files
     if replacing:
-        replace_run_dir(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    training.plan.save(out_dir / PLAN_FILE)
+        replace_run_dir(files.path)
+    files.path.mkdir(parents=True, exist_ok=True)
+    training.plan.save(files.plans)
     started = resolved_config(training.config, setup).to_dict()
     if tag:
-        record_changes(out_dir / CONFIG_FILE, started, training.progress.epoch, changes)
+        record_changes(files.config, started, training.progress.epoch, changes)
     else:
-        write_json_atomic(out_dir / CONFIG_FILE, started)
+        write_json_atomic(files.config, started)
 
 
 def start_logger(training: Training, setup: RunSetup, fold: int | str, train_names: list[str],
@@ -257,7 +268,7 @@ def build_training(workdir: Path, plan: Plan, config: TrainConfig, setup: RunSet
     step = TrainStep(data_parallel(model, world), loss_fn, optimizer, setup.device, setup.amp_dtype,
                      config.loop.grad_accum, config.loop.grad_clip, compile=setup.compile)
     # the cache comes after the model so that its GPU budget sees the memory the model already holds
-    data = TrainData(workdir / "preprocessed", plan, config, train_names, val_names, world,
+    data = TrainData(WorkDir(workdir).preprocessed, plan, config, train_names, val_names, world,
                      cache_budget_gb=cache_budget_gb(config, plan, setup.device),
                      previous=stored_previous(workdir, plan))
     progress = Progress()
@@ -279,7 +290,7 @@ def fit_to_the_end(training: Training, setup: RunSetup, logger: TrainLogger, val
         # the interrupted epoch does not count: resuming runs it again, from the weights it had reached. Under
         # torchrun every rank gets the signal; a rank interrupted alone leaves, and the others' next collective
         # fails (Gloo: at once, the peer is gone; NCCL: after loop.dist_timeout_min) instead of waiting forever
-        path = training.checkpointer.save("latest") or checkpoint_file(training.checkpointer.directory, "latest")
+        path = training.checkpointer.save("latest") or training.checkpointer.files.checkpoint("latest")
         raise TrainingInterrupted(f"interrupted; resume with --resume ({path})") from None  # rank 0 wrote it
     finally:
         logger.close()

@@ -27,6 +27,7 @@ import torch
 from voxseg.config import CHANGES_KEY, TrainConfig, option_names, saved_config
 from voxseg.errors import ConfigError
 from voxseg.jsonio import read_json, write_json_atomic
+from voxseg.workdir import FoldDir, checkpoint_tag
 
 # option (or section, ending in ".") -> why it cannot change on resume
 FIXED_ON_RESUME: dict[str, str] = {
@@ -139,14 +140,13 @@ def resume_tag(resume: bool | str | Path, out_dir: Path) -> str:
     if path.is_dir():
         folder, tag = path, "latest"
     else:
-        folder, name = path.parent, path.name
-        if not (name.startswith("checkpoint_") and name.endswith(".pt")):
+        folder, tag = path.parent, checkpoint_tag(path)
+        if tag is None:
             raise ConfigError(f"--resume {path}: not a checkpoint of a voxseg run (checkpoint_latest.pt, "
                               "checkpoint_best.pt, checkpoint_final.pt or checkpoint_epoch_E.pt). To start a new run "
                               f"from another script's weights use --pretrained {path}")
         if not path.is_file():
             raise ConfigError(f"--resume {path}: the file does not exist")
-        tag = name[len("checkpoint_"):-len(".pt")]
     if folder.resolve() != out_dir.resolve():
         raise ConfigError(f"--resume {path}: that checkpoint belongs to the run in {folder}, not to {out_dir}; give "
                           "the work directory and --fold (and --configuration) of its run, or leave WORKDIR out: "
@@ -157,8 +157,8 @@ def resume_tag(resume: bool | str | Path, out_dir: Path) -> str:
 def run_of_checkpoint(path: str | Path) -> tuple[Path, str]:
     """(work directory, fold) of a run's checkpoint or folder: WORKDIR/training/fold_F[/checkpoint_*.pt]."""
     path = Path(path)
-    folder = path if path.is_dir() else path.parent
-    if folder.parent.name != "training" or not folder.name.startswith("fold_"):
+    folder = FoldDir(path if path.is_dir() else path.parent)
+    if not folder.in_workdir:
         raise ConfigError(f"--resume {path}: not inside a run folder (WORKDIR/training/fold_F); give WORKDIR and "
                           "--fold, or a checkpoint inside WORKDIR/training/fold_F")
-    return folder.parent.parent, folder.name[len("fold_"):]
+    return folder.workdir.path, folder.fold

@@ -14,24 +14,15 @@ import time
 from pathlib import Path
 
 from voxseg.errors import ConfigError
-
-# what makes a folder a run: a checkpoint, its log or its config
-RUN_MARKERS = ("checkpoint_*.pt", "log.jsonl", "config.json")
-
-
-def run_files(out_dir: Path) -> list[Path]:
-    """The files that show `out_dir` holds a run (empty when it holds none)."""
-    if not out_dir.is_dir():
-        return []
-    return sorted(path for pattern in RUN_MARKERS for path in out_dir.glob(pattern))
+from voxseg.workdir import FoldDir
 
 
 def describe_run(out_dir: Path) -> str:
     """'5 epochs logged, checkpoint_latest.pt of 2026-12-06 13:40' (what a refusal shows of the old run)."""
-    from voxseg.train.logger import LOG_FILE, read_log
+    from voxseg.train.logger import read_log
 
-    epochs = len(read_log(out_dir / LOG_FILE))
-    checkpoints = sorted(out_dir.glob("checkpoint_*.pt"), key=lambda p: p.stat().st_mtime)
+    epochs = len(read_log(FoldDir(out_dir).log))
+    checkpoints = sorted(FoldDir(out_dir).checkpoints(), key=lambda p: p.stat().st_mtime)
     saved = "no checkpoint" if not checkpoints else (
         f"{checkpoints[-1].name} of {time.strftime('%Y-%m-%d %H:%M', time.localtime(checkpoints[-1].stat().st_mtime))}")
     return f"{epochs} epoch{'s' if epochs != 1 else ''} logged, {saved}"
@@ -39,7 +30,7 @@ def describe_run(out_dir: Path) -> str:
 
 def check_run_dir(out_dir: Path, force: bool) -> bool:
     """Refuse to train into a folder that holds a run unless `force`; True when there is a run to replace."""
-    if not run_files(out_dir):
+    if not FoldDir(out_dir).run_files():  # a checkpoint, its log or its config
         return False
     if not force:
         raise ConfigError(f"{out_dir} already holds a run ({describe_run(out_dir)}). Continue it with --resume, or "

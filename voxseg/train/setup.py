@@ -16,9 +16,10 @@ from voxseg.config import TrainConfig
 from voxseg.data.memory import estimate_memory_gb
 from voxseg.devices import amp_name, resolve_amp, resolve_device  # resolve_amp: shared with inference
 from voxseg.distributed import World, local_batch_size
-from voxseg.plans import PLAN_FILE, Plan
+from voxseg.plans import Plan
 from voxseg.plans import apply_overrides as apply_plan_overrides
 from voxseg.units import gib
+from voxseg.workdir import WorkDir
 
 
 @dataclass
@@ -52,7 +53,7 @@ def effective_plan(workdir: Path, config: TrainConfig) -> Plan:
     Nothing is re-fitted (see `voxseg.plans.apply_overrides`); the memory estimate, which sizes the GPU
     cache, is recomputed for the overridden patch, batch and network.
     """
-    planned = Plan.load(workdir / PLAN_FILE)  # a cascade stage trains on its first stage's predictions
+    planned = Plan.load(WorkDir(workdir).plans)  # a cascade stage trains on its first stage's predictions
     plan = apply_plan_overrides(planned, config.plan)
     if plan != planned:
         plan.estimated_memory_gb = round(estimate_memory_gb(plan.network, plan.patch_size, plan.batch_size,

@@ -13,10 +13,11 @@ from typing import Any
 
 from voxseg.atomicio import sweep_stale_temporaries
 from voxseg.config import TrainConfig
-from voxseg.data.splits import fold_dir, get_fold
+from voxseg.data.splits import get_fold
 from voxseg.distributed import process_group
 from voxseg.train.evaluation import evaluate_checkpoint
 from voxseg.train.setup import resolve_amp
+from voxseg.workdir import WorkDir
 
 
 def evaluate_fold(workdir: str | Path, fold: int | str, config: TrainConfig,
@@ -41,7 +42,7 @@ def evaluate_fold(workdir: str | Path, fold: int | str, config: TrainConfig,
     with process_group(config.loop.device, config.loop.dist_timeout_min) as world:
         start = time.perf_counter()
         workdir = Path(workdir)
-        out_dir = fold_dir(workdir, fold)
+        out_dir = WorkDir(workdir).fold(fold).path
         sweep_stale_temporaries(out_dir, recursive=True)  # temporary files of a killed run
         _, val_names = get_fold(workdir, fold)
         result = evaluate_checkpoint(workdir, out_dir, val_names, world.device,
