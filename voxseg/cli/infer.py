@@ -246,13 +246,16 @@ def _export_arguments(p: argparse.ArgumentParser) -> None:
 
 def _evaluate_arguments(p: argparse.ArgumentParser) -> None:
     from voxseg.evaluate.conventions import CONVENTIONS  # the evaluation package reads images: on first use
+    from voxseg.evaluate.settings import EvaluationSettings
 
     p.add_argument("pred", nargs="?", help="folder of predicted label maps (not with --crossval)")
     p.add_argument("ref", nargs="?", help="folder of reference label maps with the same file names")
     p.add_argument("--dataset-json", metavar="FILE",
                    help="dataset.json with the labels (and regions) to score (default: REF/dataset.json or "
                         "REF/../dataset.json, the raw dataset's own)")
-    p.add_argument("--tolerance", type=float, default=1.0, help="surface Dice tolerance in mm (default 1)")
+    defaults = EvaluationSettings()  # the one home of the evaluation defaults
+    p.add_argument("--tolerance", type=float, default=defaults.tolerance_mm,
+                   help=f"surface Dice tolerance in mm (default {defaults.tolerance_mm:g})")
     p.add_argument("--crossval", metavar="WORKDIR",
                    help="aggregate the folds' validation predictions and decide the postprocessing")
     add_configuration_flag(p)
@@ -261,10 +264,11 @@ def _evaluate_arguments(p: argparse.ArgumentParser) -> None:
                         "every one with all folds validated) "
                         "and their pair ensembles by cross-validation Dice, and save the best to "
                         "WORKDIR/inference_choice.json for 'voxseg predict'")
-    p.add_argument("-j", "--workers", type=int, default=1, help="threads reading and scoring cases (default 1)")
-    p.add_argument("--convention", choices=list(CONVENTIONS), default="voxseg",
+    p.add_argument("-j", "--workers", type=int, default=defaults.num_workers,
+                   help=f"processes reading and scoring cases (default {defaults.num_workers})")
+    p.add_argument("--convention", choices=list(CONVENTIONS), default=defaults.convention,
                    help="how a class absent from the reference is scored, to match another tool's numbers "
-                        "(default voxseg; see docs/INFERENCE.md)")
+                        f"(default {defaults.convention}; see docs/INFERENCE.md)")
     p.add_argument("--allow-missing", action="store_true",
                    help="score the cases present on both sides and list missing/extra cases in summary.json "
                         "(default: an error)")

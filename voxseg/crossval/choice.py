@@ -36,6 +36,7 @@ from voxseg.data.configs import config_workdir, load_index
 from voxseg.data.io import read_image, write_image
 from voxseg.data.splits import load_splits
 from voxseg.errors import ConfigError, InputError
+from voxseg.evaluate import EvaluationSettings
 from voxseg.evaluate.workdir import aggregate_folds, crossval_dir, evaluate_workdir_predictions
 from voxseg.infer.ensemble import average_probabilities
 from voxseg.infer.postprocess import decide_postprocessing, probabilities_to_labels, probability_names
@@ -46,15 +47,15 @@ from voxseg.workdir import FoldDir, WorkDir
 _TIE = 1e-6  # a more complex entry must beat a simpler one by more than this
 
 
-def choose_configuration(workdir: str | Path, configurations: str | Sequence[str] = "all", num_workers: int = 1,
-                         tolerance_mm: float = 1.0, convention: str = "voxseg") -> dict[str, Any]:
+def choose_configuration(workdir: str | Path, configurations: str | Sequence[str] = "all",
+                         settings: EvaluationSettings | None = None, **options: Any) -> dict[str, Any]:
     """Rank the configurations and their pair ensembles by cross-validation Dice and save the choice.
 
     Args:
         workdir: the work directory (WORKDIR/configurations.json lists its configurations).
         configurations: "all" (every configuration whose folds are all validated; the others are skipped and
             named) or the names to compare (each must have every fold validated).
-        num_workers, tolerance_mm, convention: as for `voxseg.crossval.folds.evaluate_crossval`.
+        settings, options: how to score, as for `voxseg.crossval.folds.evaluate_crossval`.
 
     Returns:
         what WORKDIR/inference_choice.json holds: folds, compared (ranked, best first), skipped, choice,
@@ -65,12 +66,12 @@ def choose_configuration(workdir: str | Path, configurations: str | Sequence[str
             with every fold, or configurations validated on different folds or cases.
     """
     workdir = Path(workdir)
+    settings = EvaluationSettings.build(settings, **options)
     folds, names, skipped = _comparable(workdir, configurations)
     dirs = {name: config_workdir(workdir, name) for name in names}
     entries = []
     for name in names:
-        summary = aggregate_folds(dirs[name], folds=folds, num_workers=num_workers, tolerance_mm=tolerance_mm,
-                                  convention=convention)
+        summary = aggregate_folds(dirs[name], folds=folds, settings=settings)
         entries.append(_entry(name, "configuration", [name], summary, crossval_dir(dirs[name])))
     for first, second in combinations(names, 2):
         missing = [n for n in (first, second) if not _has_probabilities(dirs[n], folds)]
@@ -81,7 +82,7 @@ def choose_configuration(workdir: str | Path, configurations: str | Sequence[str
                 f"--set loop.save_val_probabilities=true', into training/fold_F/validation_final/)")
             continue
         out_dir = WorkDir(workdir).ensemble(f"{first}+{second}")
-        summary = _score_ensemble([dirs[first], dirs[second]], folds, out_dir, num_workers, tolerance_mm, convention)
+        summary = _score_ensemble([dirs[first], dirs[second]], folds, out_dir, settings)
         entries.append(_entry(f"{first}+{second}", "ensemble", [first, second], summary, out_dir))
     order = {name: i for i, name in enumerate(names)}
     entries.sort(key=lambda e: (-_score(e), e["kind"] == "ensemble", [order[n] for n in e["configurations"]]))
@@ -89,12 +90,13 @@ def choose_configuration(workdir: str | Path, configurations: str | Sequence[str
     winner = next(e for e in sorted(entries, key=lambda e: (e["kind"] == "ensemble",
                                                             [order[n] for n in e["configurations"]]))
                   if _score(e) >= best - _TIE)
-    postprocessing = _decide_postprocessing(winner, WorkDir(workdir), dirs[winner["configurations"][0]], num_workers)
+    postprocessing = _decide_postprocessing(winner, WorkDir(workdir), dirs[winner["configurations"][0]],
+                                            settings.num_workers)
     choice = {
         "folds": folds, "compared": [{k: v for k, v in e.items() if k != "folder"} for e in entries],
         "skipped": skipped,
         "choice": {k: winner[k] for k in ("name", "kind", "configurations", "dice")},
-        "postprocessing": postprocessing, "convention": convention, "tolerance_mm": tolerance_mm,
+        "postprocessing": postprocessing, "convention": settings.convention, "tolerance_mm": settings.tolerance_mm,
     }
     write_json_atomic(WorkDir(workdir).inference_choice, choice)
     return choice
@@ -199,8 +201,8 @@ def _score(entry: dict[str, Any]) -> float:
     return -math.inf if entry["dice"] is None else entry["dice"]
 
 
-def _score_ensemble(workdirs: list[Path], folds: list[int], out_dir: Path, num_workers: int, tolerance_mm: float,
-                    convention: str) -> dict[str, Any]:
+def _score_ensemble(workdirs: list[Path], folds: list[int], out_dir: Path,
+                    settings: EvaluationSettings) -> dict[str, Any]:
     """Write the ensemble's label map of every validation case into `out_dir` and evaluate them."""
     plan = Plan.load(WorkDir(workdirs[0]).plans)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -209,8 +211,7 @@ def _score_ensemble(workdirs: list[Path], folds: list[int], out_dir: Path, num_w
     for fold in folds:
         for name in sorted(_validated(workdirs[0], fold, plan.file_ending)):
             _write_ensemble_case(workdirs, fold, name, plan, out_dir)
-    return evaluate_workdir_predictions(out_dir, workdirs[0], folds, num_workers=num_workers,
-                                        tolerance_mm=tolerance_mm, convention=convention)
+    return evaluate_workdir_predictions(out_dir, workdirs[0], folds, settings)
 
 
 def _write_ensemble_case(workdirs: list[Path], fold: int, name: str, plan: Plan, out_dir: Path) -> None:

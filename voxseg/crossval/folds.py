@@ -20,6 +20,7 @@ from typing import Any, NamedTuple, Sequence
 from voxseg.data.io import read_image, write_image
 from voxseg.data.splits import trained_folds
 from voxseg.errors import ConfigError
+from voxseg.evaluate import EvaluationSettings
 from voxseg.evaluate.workdir import aggregate_folds, crossval_dir, evaluate_workdir_predictions
 from voxseg.infer.postprocess import apply_postprocessing, decide_postprocessing, describe_postprocessing
 from voxseg.plans import Plan
@@ -48,17 +49,16 @@ class CrossvalResult(NamedTuple):
         return self.summary["foreground_mean"]["dice"], self.final_summary["foreground_mean"]["dice"]
 
 
-def evaluate_crossval(workdir: str | Path, folds: Sequence[int] | None = None, num_workers: int = 1,
-                      tolerance_mm: float = 1.0, convention: str = "voxseg") -> CrossvalResult:
+def evaluate_crossval(workdir: str | Path, folds: Sequence[int] | None = None,
+                      settings: EvaluationSettings | None = None, **options: Any) -> CrossvalResult:
     """Evaluate the folds' validation predictions together, then keep largest-component postprocessing only
     where it raised their mean Dice.
 
     Args:
         workdir: the work directory with training/fold_N/validation/ predictions.
         folds: the folds to aggregate; None = every trained numbered fold.
-        num_workers: threads reading and scoring cases.
-        tolerance_mm: surface Dice tolerance.
-        convention: scoring convention of absent classes (`voxseg.evaluate.conventions.CONVENTIONS`).
+        settings, options: how to score (`voxseg.evaluate.EvaluationSettings`: num_workers, tolerance_mm,
+            convention, ...); `options` replace single fields.
 
     Returns:
         the summary (training/crossval/summary.json), the postprocessing decision, where it was saved, and the
@@ -71,20 +71,21 @@ def evaluate_crossval(workdir: str | Path, folds: Sequence[int] | None = None, n
             raise ConfigError(f"{WorkDir(workdir).training} has no fold_N folders; train folds first "
                               f"('voxseg train {workdir} --fold N')")
     folds = list(folds)
-    summary = aggregate_folds(workdir, folds=folds, num_workers=num_workers, tolerance_mm=tolerance_mm,
-                              convention=convention)
+    settings = EvaluationSettings.build(settings, **options)
+    num_workers = settings.num_workers
+    summary = aggregate_folds(workdir, folds=folds, settings=settings)
     plan = Plan.load(WorkDir(workdir).plans)
     out_file = WorkDir(workdir).postprocessing
     spec = decide_postprocessing(crossval_dir(workdir), Path(plan.raw_dataset) / "labelsTr", plan.regions,
                                  file_ending=plan.file_ending, out_file=out_file, num_workers=num_workers)
     final = summary
     if spec["largest_component"]:
-        final = _evaluate_postprocessed(workdir, plan, spec, folds, num_workers, tolerance_mm, convention)
+        final = _evaluate_postprocessed(workdir, plan, spec, folds, settings)
     return CrossvalResult(summary, spec, out_file, final)
 
 
-def _evaluate_postprocessed(workdir: Path, plan: Plan, spec: dict[str, Any], folds: list[int], num_workers: int,
-                            tolerance_mm: float, convention: str) -> dict[str, Any]:
+def _evaluate_postprocessed(workdir: Path, plan: Plan, spec: dict[str, Any], folds: list[int],
+                            settings: EvaluationSettings) -> dict[str, Any]:
     """Apply `spec` to training/crossval/CASE files into training/crossval/postprocessed/ and evaluate them."""
     crossval, ending = crossval_dir(workdir), plan.file_ending
     out = WorkDir(workdir).crossval_postprocessed
@@ -96,12 +97,11 @@ def _evaluate_postprocessed(workdir: Path, plan: Plan, spec: dict[str, Any], fol
         labels, geometry = read_image(path)
         write_image(out / path.name, apply_postprocessing(labels, spec), geometry)
 
-    with ThreadPoolExecutor(max(1, num_workers)) as pool:
+    with ThreadPoolExecutor(settings.num_workers) as pool:
         list(pool.map(postprocess, sorted(p for p in crossval.glob(f"*{ending}") if p.name[0] != ".")))
     with warnings.catch_warnings():  # the same missing cases were reported by the first evaluation
         warnings.simplefilter("ignore", UserWarning)
-        return evaluate_workdir_predictions(out, workdir, folds, num_workers=num_workers, tolerance_mm=tolerance_mm,
-                                            convention=convention)
+        return evaluate_workdir_predictions(out, workdir, folds, settings)
 
 
 def describe_crossval(workdir: str | Path, result: CrossvalResult) -> str:

@@ -23,16 +23,16 @@ from typing import Any
 from voxseg.data.io import SUPPORTED_ENDINGS, geometry_differences, read_image
 from voxseg.data.io import file_ending as _file_ending
 from voxseg.errors import ConfigError, InputError
-from voxseg.evaluate.conventions import apply_convention, check_convention, metric_options
+from voxseg.evaluate.conventions import apply_convention, metric_options
 from voxseg.evaluate.conventions import describe as describe_convention
 from voxseg.evaluate.matching import (
     case_label_values,
-    check_tolerance,
     check_undeclared,
     declared_values,
     match_predictions,
 )
-from voxseg.evaluate.metrics import compute_case_metrics, conventions
+from voxseg.evaluate.metrics import MetricOptions, compute_case_metrics, conventions
+from voxseg.evaluate.settings import EvaluationSettings
 from voxseg.evaluate.summary import (
     CSV_COLUMNS,
     MEAN_METRICS,
@@ -146,11 +146,9 @@ def evaluate_case_values(
     pred_file: str | Path,
     ref_file: str | Path,
     classes: dict[str, list[int]],
-    tolerance_mm: float = 1.0,
-    one_empty_hd95: str = "nan",
+    settings: EvaluationSettings | None = None,
     ignore_value: int | None = None,
     declared: set[int] | None = None,
-    convention: str = "voxseg",
 ) -> tuple[dict[str, dict[str, float | int]], dict[str, list[int]]]:
     """Metrics of one prediction/reference pair, and the label values outside `declared` found in each file
     ({"prediction": [...], "reference": [...]}, only the kinds with such values).
@@ -172,9 +170,10 @@ def evaluate_case_values(
         raise InputError(f"{pred_file}: geometry differs from the reference {ref_file}: {'; '.join(differences)}; "
                          "predictions must be written on the reference image's grid")
     undeclared = {kind: sorted(set(values) - declared) for kind, values in found.items()} if declared else {}
-    metrics = compute_case_metrics(pred, ref, ref_geometry.spacing, classes, tolerance_mm, one_empty_hd95, ignore_value,
-                                   **metric_options(convention))
-    metrics = {name: apply_convention(values, convention) for name, values in metrics.items()}
+    settings = settings or EvaluationSettings()
+    options = MetricOptions(settings.tolerance_mm, settings.one_empty_hd95, **metric_options(settings.convention))
+    metrics = compute_case_metrics(pred, ref, ref_geometry.spacing, classes, options, ignore_value)
+    metrics = {name: apply_convention(values, settings.convention) for name, values in metrics.items()}
     return metrics, {kind: values for kind, values in undeclared.items() if values}
 
 
@@ -192,15 +191,9 @@ def evaluate_folder(
     ref_dir: str | Path,
     dataset_json: str | Path | dict | None = None,
     labels: dict[str, Any] | list[int] | None = None,
-    regions: bool | dict[str, list[int]] = True,
-    tolerance_mm: float = 1.0,
-    num_workers: int = 1,
-    file_ending: str | None = None,
     out: str | Path | bool | None = None,
-    one_empty_hd95: str = "nan",
-    allow_missing: bool = False,
-    allow_undeclared: bool = False,
-    convention: str = "voxseg",
+    settings: EvaluationSettings | None = None,
+    **options: Any,
 ) -> dict[str, Any]:
     """Evaluate every reference in `ref_dir` that has a prediction of the same file name in `pred_dir`.
 
@@ -209,17 +202,10 @@ def evaluate_folder(
             dataset.json in `ref_dir` or its parent (a raw dataset's labelsTr) is used if present.
         labels: name -> value (or list of values) used instead of dataset.json's labels; a list of ints names
             each value `label_<value>`.
-        regions: True evaluates dataset.json's regions, False skips them, a dict adds extra regions.
-        tolerance_mm: NSD tolerance.
-        num_workers: processes reading and evaluating cases in parallel.
-        file_ending: e.g. ".nii.gz"; default dataset.json's, else the single ending found in `ref_dir`.
         out: folder for summary.json / summary.csv (default `pred_dir`); False writes nothing.
-        one_empty_hd95: "nan" (default) or "diagonal", see `voxseg.evaluate.metrics`.
-        allow_missing: evaluate only the matching cases when references lack a prediction or predictions lack
-            a reference (listed under "missing_predictions" / "extra_predictions" and warned about).
-        allow_undeclared: accept label values dataset.json does not declare (listed under "undeclared_values").
-        convention: how a class absent from the reference scores: "voxseg", "nnunet", "monai" or "brats"
-            (see `voxseg.evaluate.conventions`).
+        settings, options: how to score (`EvaluationSettings`: regions, tolerance_mm, num_workers, file_ending,
+            one_empty_hd95, allow_missing, allow_undeclared, convention); `options` replace single fields, e.g.
+            `evaluate_folder(pred, ref, convention="brats", tolerance_mm=2.0)`.
 
     Returns:
         The summary (also written to summary.json), with NaN as None.
@@ -230,7 +216,8 @@ def evaluate_folder(
             different grid.
         ConfigError: a negative tolerance.
     """
-    tolerance_mm, convention = check_tolerance(tolerance_mm), check_convention(convention)
+    settings = EvaluationSettings.build(settings, **options)
+    file_ending = settings.file_ending
     pred_dir, ref_dir = Path(pred_dir), Path(ref_dir)
     if not pred_dir.is_dir():
         raise InputError(f"{pred_dir}: prediction folder not found")
@@ -238,23 +225,23 @@ def evaluate_folder(
         raise InputError(f"{ref_dir}: reference folder not found; give the folder of the reference label files")
     meta = load_dataset_json(dataset_json, ref_dir)
     label_map, ignore_value = _resolve_labels(labels, meta, dataset_json)
-    classes, foreground = classes_from_labels(label_map, regions)
+    classes, foreground = classes_from_labels(label_map, settings.regions)
     if file_ending is None and meta is not None and "file_ending" in meta:
         file_ending = str(meta["file_ending"])
     names, ending = _list_references(ref_dir, file_ending)
-    present, missing, extra = match_predictions(pred_dir, ref_dir, names, ending, allow_missing)
+    present, missing, extra = match_predictions(pred_dir, ref_dir, names, ending, settings.allow_missing)
     class_values = {name: spec["values"] for name, spec in classes.items()}
     declared = declared_values(label_map)
-    jobs = [(pred_dir / f"{n}{ending}", ref_dir / f"{n}{ending}", class_values, tolerance_mm, one_empty_hd95,
-             ignore_value, declared, convention) for n in present]
-    evaluated = _run_cases(jobs, num_workers)
+    jobs = [(pred_dir / f"{n}{ending}", ref_dir / f"{n}{ending}", class_values, settings, ignore_value, declared)
+            for n in present]
+    evaluated = _run_cases(jobs, settings.num_workers)
     undeclared = {n: found for n, (_, found) in zip(present, evaluated) if found}
-    check_undeclared(undeclared, declared, allow_undeclared)
+    check_undeclared(undeclared, declared, settings.allow_undeclared)
     per_case = [{"name": n, "prediction": str(job[0]), "reference": str(job[1]), "metrics": metrics}
                 for n, job, (metrics, _) in zip(present, jobs, evaluated)]
     summary = {
         "pred_dir": str(pred_dir.resolve()), "ref_dir": str(ref_dir.resolve()), "file_ending": ending,
-        **_settings(tolerance_mm, one_empty_hd95, convention), "classes": classes, "foreground_classes": foreground,
+        **_settings(settings), "classes": classes, "foreground_classes": foreground,
         "ignore_label": ignore_value,
         "counts": {"cases": len(present), "references": len(names), "missing_predictions": len(missing)},
         "missing_predictions": missing, "extra_predictions": extra, "undeclared_values": undeclared,
@@ -268,9 +255,11 @@ def evaluate_folder(
 
 
 
-def _settings(tolerance_mm: float, one_empty_hd95: str, convention: str) -> dict[str, Any]:
-    return {"tolerance_mm": float(tolerance_mm), "one_empty_hd95": one_empty_hd95, "convention": convention,
-            "conventions": {**conventions(one_empty_hd95), "empty_classes": describe_convention(convention)}}
+def _settings(settings: EvaluationSettings) -> dict[str, Any]:
+    return {"tolerance_mm": float(settings.tolerance_mm), "one_empty_hd95": settings.one_empty_hd95,
+            "convention": settings.convention,
+            "conventions": {**conventions(settings.one_empty_hd95),
+                            "empty_classes": describe_convention(settings.convention)}}
 
 
 def _means(per_case: list[dict], classes: dict[str, Any], foreground: list[str]) -> dict[str, Any]:

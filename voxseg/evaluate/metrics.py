@@ -36,6 +36,8 @@ and shared by HD95 and NSD.
 """
 from __future__ import annotations
 
+import dataclasses
+from dataclasses import dataclass
 from typing import Any, Sequence
 
 import numpy as np
@@ -255,16 +257,28 @@ def binary_metrics(
     }
 
 
+@dataclass(frozen=True)
+class MetricOptions:
+    """How the distance metrics of one case are computed (the defaults: voxseg's convention)."""
+
+    tolerance_mm: float = 1.0
+    """NSD tolerance in mm."""
+    one_empty_hd95: str = "nan"
+    """HD95 when exactly one mask is empty: "nan" or "diagonal", see `hausdorff95`."""
+    surface_connectivity: str = "full"
+    """"full" or "face" surface voxels (see `surface`; set by the evaluation convention)."""
+    hd95_mode: str = "pooled"
+    """"pooled" or "max_directed" (see `binary_metrics`; set by the evaluation convention)."""
+
+
 def compute_case_metrics(
     pred_labels: np.ndarray,
     ref_labels: np.ndarray,
     spacing: Sequence[float],
     classes: dict[str, list[int]],
-    tolerance_mm: float = 1.0,
-    one_empty_hd95: str = "nan",
+    options: MetricOptions | None = None,
     ignore_value: int | None = None,
-    surface_connectivity: str = "full",
-    hd95_mode: str = "pooled",
+    **fields: Any,
 ) -> dict[str, dict[str, float | int]]:
     """Metrics of every class (a label or a region) of one case.
 
@@ -272,15 +286,15 @@ def compute_case_metrics(
         pred_labels, ref_labels: (D, H, W) integer label maps.
         spacing: voxel size in mm, array axis order.
         classes: name -> label values forming the class, e.g. {"liver": [1], "whole_tumor": [1, 2, 3]}.
-        tolerance_mm: NSD tolerance.
-        one_empty_hd95: "nan" or "diagonal", see `hausdorff95`.
+        options, fields: how distances are scored (`MetricOptions`); `fields` replace single ones, e.g.
+            `tolerance_mm=2.0`.
         ignore_value: label value in the reference whose voxels are left out of every metric (treated as
             background in both masks), like nnU-Net's ignore label.
-        surface_connectivity, hd95_mode: see `binary_metrics` (set by the evaluation convention).
 
     Returns:
         name -> `binary_metrics` dict.
     """
+    options = dataclasses.replace(options or MetricOptions(), **fields)
     pred_labels, ref_labels = np.asarray(pred_labels), np.asarray(ref_labels)
     if pred_labels.shape != ref_labels.shape:
         raise InputError(f"prediction shape {pred_labels.shape} differs from reference shape {ref_labels.shape}")
@@ -291,6 +305,6 @@ def compute_case_metrics(
         if valid is not None:
             pred_mask &= valid
             ref_mask &= valid
-        out[name] = binary_metrics(pred_mask, ref_mask, spacing, tolerance_mm, one_empty_hd95,
-                                   surface_connectivity, hd95_mode)
+        out[name] = binary_metrics(pred_mask, ref_mask, spacing, options.tolerance_mm, options.one_empty_hd95,
+                                   options.surface_connectivity, options.hd95_mode)
     return out

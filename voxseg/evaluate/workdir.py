@@ -12,6 +12,7 @@ Example:
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import shutil
@@ -20,6 +21,7 @@ from typing import Any, Iterable, NamedTuple
 
 from voxseg.errors import ConfigError, InputError
 from voxseg.evaluate.folder import evaluate_folder, load_dataset_json
+from voxseg.evaluate.settings import EvaluationSettings
 from voxseg.evaluate.summary import write_summary
 from voxseg.workdir import WorkDir
 
@@ -74,11 +76,8 @@ def evaluate_workdir_predictions(
     pred_dir: str | Path,
     workdir: str | Path,
     folds: Iterable[int],
-    num_workers: int = 1,
-    tolerance_mm: float = 1.0,
-    one_empty_hd95: str = "nan",
-    regions: bool | dict[str, list[int]] = True,
-    convention: str = "voxseg",
+    settings: EvaluationSettings | None = None,
+    **options: Any,
 ) -> dict[str, Any]:
     """Score the label maps in `pred_dir` (cases of `workdir`'s dataset, predicted by `folds`) against the raw
     dataset's labels; the summary, with its "folds", goes to `pred_dir`/summary.json and .csv.
@@ -87,15 +86,13 @@ def evaluate_workdir_predictions(
         pred_dir: the label maps, named like the references (CASE + file ending).
         workdir: the work directory whose plans.json names the raw dataset.
         folds: the folds whose validation cases `pred_dir` holds (recorded in the summary).
-        num_workers, tolerance_mm, one_empty_hd95, regions, convention: as for
-            `voxseg.evaluate.folder.evaluate_folder`.
+        settings, options: how to score, as for `voxseg.evaluate.folder.evaluate_folder` (the file ending is
+            the dataset's; cases without a prediction are allowed).
     """
     references = workdir_references(workdir)
-    summary = evaluate_folder(
-        pred_dir, references.labels_dir, references.dataset, regions=regions, tolerance_mm=tolerance_mm,
-        num_workers=num_workers, file_ending=references.file_ending, out=False, one_empty_hd95=one_empty_hd95,
-        allow_missing=True, convention=convention,
-    )
+    settings = EvaluationSettings.build(settings, **options)
+    settings = dataclasses.replace(settings, file_ending=references.file_ending, allow_missing=True)
+    summary = evaluate_folder(pred_dir, references.labels_dir, references.dataset, out=False, settings=settings)
     summary["folds"] = list(folds)
     write_summary(summary, pred_dir)
     return summary
@@ -104,13 +101,11 @@ def evaluate_workdir_predictions(
 def aggregate_folds(
     workdir: str | Path,
     folds: Iterable[int] = range(5),
-    num_workers: int = 1,
-    tolerance_mm: float = 1.0,
-    one_empty_hd95: str = "nan",
-    regions: bool | dict[str, list[int]] = True,
-    convention: str = "voxseg",
+    settings: EvaluationSettings | None = None,
+    **options: Any,
 ) -> dict[str, Any]:
-    """Gather every fold's validation predictions into WORKDIR/training/crossval/ and evaluate them together.
+    """Gather every fold's validation predictions into WORKDIR/training/crossval/ and evaluate them together
+    (`settings`/`options` as for `evaluate_workdir_predictions`).
 
     Predictions are hard-linked (copied across filesystems) from WORKDIR/training/fold_F/validation/ and
     evaluated against the raw dataset's labelsTr; summary.json/csv go into the crossval folder.
@@ -128,8 +123,7 @@ def aggregate_folds(
         stale.unlink()
     for name, (_, path) in sources.items():
         _link_or_copy(path, crossval / f"{name}{ending}")
-    return evaluate_workdir_predictions(crossval, workdir, folds, num_workers=num_workers, tolerance_mm=tolerance_mm,
-                                        one_empty_hd95=one_empty_hd95, regions=regions, convention=convention)
+    return evaluate_workdir_predictions(crossval, workdir, folds, settings, **options)
 
 
 def _fold_predictions(workdir: Path, folds: list[int], ending: str) -> dict[str, tuple[int, Path]]:
