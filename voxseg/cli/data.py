@@ -16,6 +16,7 @@ from voxseg.cli.common import (
     key_values,
     usable_device,
 )
+from voxseg.data.plan_options import PlanOptions  # plain dataclass: no torch at parser build time
 from voxseg.errors import ConfigError
 
 
@@ -158,11 +159,15 @@ def add_data_commands(sub: Subparsers) -> None:
                     "--val-fraction 0.2")
     p.add_argument("dataset", help="the raw dataset folder (nnU-Net v2 layout, with dataset.json)")
     p.add_argument("-o", "--output", required=True, help="work directory")
-    p.add_argument("--gpu-memory", type=float, default=8.0, help="GPU memory budget in GB (default 8)")
+    defaults = PlanOptions()  # the one home of the planning defaults
+    p.add_argument("--gpu-memory", type=float, default=defaults.gpu_memory_gb,
+                   help=f"GPU memory budget in GB (default {defaults.gpu_memory_gb:g})")
     p.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a plan field (repeatable)")
-    p.add_argument("--folds", type=int, default=5, help="cross-validation folds (default 5)")
+    p.add_argument("--folds", type=int, default=defaults.num_folds,
+                   help=f"cross-validation folds (default {defaults.num_folds})")
     p.add_argument("--val-fraction", type=float, default=None, help="single train/val split instead of folds, e.g. 0.2")
-    p.add_argument("--seed", type=int, default=12345, help="random seed of the folds (default 12345)")
+    p.add_argument("--seed", type=int, default=defaults.seed,
+                   help=f"random seed of the folds (default {defaults.seed})")
     p.add_argument("--2d", dest="two_d", action="store_true",
                    help="plan only the 2d configuration, as the default (plans.json)")
     p.add_argument("--cube-patch", action="store_true",
@@ -171,8 +176,8 @@ def add_data_commands(sub: Subparsers) -> None:
     p.add_argument("--calibrate", action="store_true",
                    help="fit the memory model to a few real training steps on this machine's CUDA GPU and plan "
                         "patch and batch with it (without a GPU the formula is used as it is, and said so)")
-    p.add_argument("-j", "--workers", type=int, default=1,
-                   help="processes reading cases for the fingerprint (default 1)")
+    p.add_argument("-j", "--workers", type=int, default=defaults.num_workers,
+                   help=f"processes reading cases for the fingerprint (default {defaults.num_workers})")
 
     p = add_command(sub, "preprocess", cmd_preprocess,
                     "crop, resample and normalise every case into the fast case store",

@@ -32,6 +32,7 @@ from voxseg.data.dataset import RawDataset, load_dataset
 from voxseg.data.fingerprint import compute_fingerprint, save_fingerprint
 from voxseg.data.lowres import decide_lowres
 from voxseg.data.memory import estimate_memory_gb
+from voxseg.data.plan_options import PlanOptions, check_gpu_memory
 from voxseg.data.splits import (
     NNUNET_SPLITS_FILE,
     make_fraction_split,
@@ -162,14 +163,6 @@ def _choose_patch_and_network(
         network = NetworkPlan(**{**network.__dict__, **topology})
     check_patch_divisible(patch, network)
     return patch, network
-
-
-def check_gpu_memory(gpu_memory_gb: float) -> float:
-    """The GPU memory budget in GiB the plan is sized for: a positive number."""
-    if not (isinstance(gpu_memory_gb, (int, float)) and gpu_memory_gb > 0 and np.isfinite(gpu_memory_gb)):
-        raise ConfigError(f"gpu_memory_gb={gpu_memory_gb!r}: the GPU memory to plan for must be a positive number "
-                          "of GiB, e.g. 8 (voxseg plan --gpu-memory)")
-    return float(gpu_memory_gb)
 
 
 @dataclass
@@ -317,64 +310,69 @@ def make_plan(
 def plan_dataset(
     dataset_dir: str | Path,
     workdir: str | Path,
-    gpu_memory_gb: float = 8.0,
-    overrides: dict[str, Any] | None = None,
-    num_folds: int = 5,
-    val_fraction: float | None = None,
-    seed: int = 12345,
-    num_workers: int = 1,
-    dims: int = 3,
-    cube_patch: bool = False,
+    options: PlanOptions | None = None,
     notes: dict[str, str] | None = None,
+    **fields: Any,
 ) -> Plan:
     """Check, fingerprint and plan a raw dataset; write the work directory. Returns the default plan.
 
     Writes WORKDIR/fingerprint.json, plans.json (the default configuration, 3d_fullres), splits.json (only if
     it does not exist yet, so a hand-made split is kept), a copy of dataset.json, and every other configuration
     `make_plans` plans into WORKDIR/configs/NAME/ with the index WORKDIR/configurations.json (see
-    `voxseg.data.configs`). `dims=2` plans the 2d configuration alone, as the default. The folds are nnU-Net's
-    `splits_final.json` when the raw dataset folder holds one (checked against the cases), else `num_folds`
-    random folds; `val_fraction` makes one random split instead. `notes` is filled as by `make_plans` (why a
-    configuration was not planned).
+    `voxseg.data.configs`). The folds are nnU-Net's `splits_final.json` when the raw dataset folder holds one
+    (checked against the cases), else random folds or one random split (`PlanOptions`). `notes` is filled as by
+    `make_plans` (why a configuration was not planned). `options`/`fields`: how to plan (`PlanOptions`;
+    `fields` replace single ones, e.g. `plan_dataset(raw, work, gpu_memory_gb=8, num_folds=3)`).
 
     Raises:
         DatasetError: the dataset check found problems (the message lists them).
     """
     from voxseg.data.check import check_dataset  # lazy: check pulls in more I/O than planning needs
 
-    check_gpu_memory(gpu_memory_gb)
-    if dims not in (2, 3):
-        raise ConfigError(f"dims={dims}: plan a 2 or 3 dimensional configuration")
+    options = PlanOptions.build(options, **fields)
     workdir = Path(workdir)
     if workdir.exists() and not workdir.is_dir():
         make_output_folder(workdir, "plan -o")  # says it is a file
     dataset = load_dataset(dataset_dir)
-    report = check_dataset(dataset.root, num_workers=num_workers)
+    report = check_dataset(dataset.root, num_workers=options.num_workers)
     if not report.ok:
         raise DatasetError(report.format())
     # every option is validated (splits made, plans built) before anything is written
+    splits = _splits(dataset, options)
+    fingerprint = compute_fingerprint(dataset, num_workers=options.num_workers)
+    plans = make_plans(fingerprint, dataset, gpu_memory_gb=options.gpu_memory_gb, overrides=options.overrides,
+                       cube_patch=options.cube_patch, only_2d=options.dims == 2, notes=notes)
+    _write_workdir(WorkDir(workdir), dataset, fingerprint, plans, splits)
+    return plans[next(iter(plans))]
+
+
+def _splits(dataset: RawDataset, options: PlanOptions) -> list[dict[str, list[str]]]:
+    """nnU-Net's splits_final.json of the dataset when it has one (and no val_fraction is asked), else random
+    folds or one random split."""
     names = [case.name for case in dataset.cases]
     nnunet_splits = dataset.root / NNUNET_SPLITS_FILE
-    if nnunet_splits.is_file() and val_fraction is None:  # the folds an nnU-Net user already has
-        splits = read_nnunet_splits(nnunet_splits, names)
-    else:
-        splits = make_fraction_split(names, val_fraction, seed) if val_fraction is not None else \
-            make_kfold_splits(names, num_folds, seed)
-    fingerprint = compute_fingerprint(dataset, num_workers=num_workers)
-    plans = make_plans(fingerprint, dataset, gpu_memory_gb=gpu_memory_gb, overrides=overrides,
-                       cube_patch=cube_patch, only_2d=dims == 2, notes=notes)
+    if nnunet_splits.is_file() and options.val_fraction is None:  # the folds an nnU-Net user already has
+        return read_nnunet_splits(nnunet_splits, names)
+    if options.val_fraction is not None:
+        return make_fraction_split(names, options.val_fraction, options.seed)
+    return make_kfold_splits(names, options.num_folds, options.seed)
+
+
+def _write_workdir(workdir: WorkDir, dataset: RawDataset, fingerprint: dict[str, Any], plans: dict[str, Plan],
+                   splits: list[dict[str, list[str]]]) -> None:
+    """Every configuration's folder (fingerprint, plan, dataset.json copy), the index and, when none exists yet,
+    the splits."""
     default = next(iter(plans))
     entries = {name: configuration_entry(name, default, plan.previous_stage,
                                          "3d_cascade_fullres" if name == "3d_lowres" else None)
                for name, plan in plans.items()}
-    workdir.mkdir(parents=True, exist_ok=True)
+    workdir.path.mkdir(parents=True, exist_ok=True)
     for name, plan in plans.items():
-        folder = WorkDir(workdir / entries[name]["path"])
+        folder = WorkDir(workdir.path / entries[name]["path"])
         folder.path.mkdir(parents=True, exist_ok=True)
         save_fingerprint(folder.fingerprint, fingerprint)
         plan.save(folder.plans)
         copy_file(dataset.root / "dataset.json", folder.dataset_json)  # the raw dataset's, copied
-    if not WorkDir(workdir).splits.exists():
-        save_splits(workdir, splits)
-    write_index(workdir, default, entries)
-    return plans[default]
+    if not workdir.splits.exists():
+        save_splits(workdir.path, splits)
+    write_index(workdir.path, default, entries)
