@@ -12,7 +12,10 @@ the brain's size, which keeps tiny test volumes (16^3) meaningful and full-size 
 """
 from __future__ import annotations
 
+import dataclasses
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 from scipy import ndimage
@@ -243,11 +246,29 @@ def _geometry(shape: tuple[int, ...], spacing: tuple[float, ...]) -> Geometry:
     return geometry
 
 
-def make_synthetic_dataset(out_dir: str | Path, num_cases: int = 20, num_test: int = 0,
-                           shape: tuple[int, int, int] = (64, 64, 64),
-                           spacing: tuple[float, float, float] = (1.0, 1.0, 1.0),
-                           seed: int = 0, regions: bool = False, layout: str = "nnunet",
-                           file_ending: str = ".nii.gz") -> Path:
+@dataclass(frozen=True)
+class SynthOptions:
+    """What `make_synthetic_dataset` writes (the one home of `voxseg synth`'s defaults)."""
+
+    num_cases: int = 20
+    """training cases (imagesTr/labelsTr)."""
+    num_test: int = 0
+    """test cases (imagesTs/labelsTs; in the BraTS layout without seg files)."""
+    shape: tuple[int, int, int] = (64, 64, 64)
+    """(D, H, W) voxels of every case."""
+    spacing: tuple[float, float, float] = (1.0, 1.0, 1.0)
+    """mm per voxel, array axis order."""
+    seed: int = 0
+    """the same seed writes the same dataset."""
+    regions: bool = False
+    """declare the BraTS regions (whole tumour, tumour core, enhancing) instead of the three labels."""
+    layout: str = "nnunet"
+    """"nnunet" (imagesTr/CASE_0000 ... with dataset.json) or "brats" (one folder per case)."""
+    file_ending: str = ".nii.gz"
+    """image file ending."""
+
+
+def make_synthetic_dataset(out_dir: str | Path, options: SynthOptions | None = None, **fields: Any) -> Path:
     """Write a synthetic dataset and return its folder.
 
     layout="nnunet": nnU-Net v2 raw layout with dataset.json; cases SYN_000..., test cases continue the
@@ -255,7 +276,15 @@ def make_synthetic_dataset(out_dir: str | Path, num_cases: int = 20, num_test: i
     (whole tumour, tumour core, enhancing) instead of the three labels; the label files are the same.
     layout="brats": BraTS 2021 folders BraTS2021_XXXXX/BraTS2021_XXXXX_{t1,t1ce,t2,flair,seg}.nii.gz with BraTS
     label values (1 necrosis, 2 edema, 4 enhancing); test cases have no seg file. Convert with `convert_brats`.
+    `options`/`fields`: what to write (`SynthOptions`; `fields` replace single ones, e.g. `num_cases=5`).
     """
+    unknown = [key for key in fields if key not in {f.name for f in dataclasses.fields(SynthOptions)}]
+    if unknown:
+        raise ConfigError(f"synthetic data: option(s) {', '.join(unknown)} unknown; use "
+                          f"{', '.join(f.name for f in dataclasses.fields(SynthOptions))}")
+    options = dataclasses.replace(options or SynthOptions(), **fields)
+    num_cases, num_test, shape, spacing = options.num_cases, options.num_test, options.shape, options.spacing
+    seed, regions, layout, file_ending = options.seed, options.regions, options.layout, options.file_ending
     if layout not in ("nnunet", "brats"):
         raise ConfigError(f"synthetic data: layout '{layout}' is unknown; use 'nnunet' or 'brats'")
     if layout == "brats" and file_ending not in (".nii.gz", ".nii"):
