@@ -11,9 +11,11 @@ initialised networks of the planned shape when no trained fold exists: speed doe
 """
 from __future__ import annotations
 
+import dataclasses
 import platform
 import tempfile
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -103,26 +105,48 @@ def time_predictor(predictor: Any, case: tuple[str, list[Path]], device: torch.d
     return best
 
 
-def run_benchmark(workdir: str | Path, device: str = "auto", num_threads: int = 4, iterations: int = 20,
-                  warmup: int = 5, inference: bool = True, output: str | Path | None = None,
-                  overrides: list[str] | None = None, repeats: int = 3) -> dict[str, Any]:
-    """Measure everything listed in the module docstring; writes benchmark.json and returns it."""
+@dataclass(frozen=True)
+class BenchmarkOptions:
+    """What `voxseg benchmark` measures and how long."""
+
+    device: str = "auto"
+    """auto (CUDA when available), cpu, cuda or cuda:N."""
+    num_threads: int = 4
+    """CPU threads torch may use."""
+    iterations: int = 20
+    """timed training steps per round."""
+    warmup: int = 5
+    """untimed steps first (autotuning, compile, caches)."""
+    repeats: int = 3
+    """timing rounds; the figures are their median and range."""
+    inference: bool = True
+    """also time prediction (1 fold without mirroring, 5 folds with)."""
+    overrides: tuple[str, ...] = ()
+    """training config overrides (section.field=value) the timed steps run with."""
+
+
+def run_benchmark(workdir: str | Path, options: BenchmarkOptions | None = None, output: str | Path | None = None,
+                  **fields: Any) -> dict[str, Any]:
+    """Measure everything listed in the module docstring; writes benchmark.json (or `output`) and returns it.
+    `options`/`fields`: what to measure (`BenchmarkOptions`; `fields` replace single ones)."""
     from voxseg.devices import resolve_device
 
+    options = dataclasses.replace(options or BenchmarkOptions(), **fields)
     workdir = Path(workdir)
-    torch.set_num_threads(num_threads)
-    config = config_for(device, num_threads, overrides)
+    torch.set_num_threads(options.num_threads)
+    config = config_for(options.device, options.num_threads, list(options.overrides) or None)
     dev = resolve_device(config.loop.device)
     plan = Plan.load(WorkDir(workdir).plans)
-    training = time_training(workdir, config, iterations=iterations, warmup=warmup, repeats=repeats)
+    training = time_training(workdir, config, iterations=options.iterations, warmup=options.warmup,
+                             repeats=options.repeats)
     result: dict[str, Any] = {
-        "device": device_name(dev), "torch": torch.__version__, "cpu_threads": num_threads,
+        "device": device_name(dev), "torch": torch.__version__, "cpu_threads": options.num_threads,
         "plan": {"patch_size": plan.patch_size, "batch_size": plan.batch_size, "features": plan.network.features,
                  "estimated_memory_gb": plan.estimated_memory_gb},
         "training": training.to_dict(),
         "preprocessing": time_preprocessing(plan, dev),
     }
-    if inference:
+    if options.inference:
         result["inference"] = {
             "1_fold_no_tta_s": time_inference(plan, dev, 1, InferConfig(mirror_axes="none"), workdir=workdir),
             "5_folds_mirror_s": time_inference(plan, dev, 5, InferConfig(), workdir=workdir),

@@ -114,7 +114,8 @@ def project(settings: Sequence[Setting], measured: Sequence[Measured], shape: Ep
     """The table's rows: every setting x every epochs value, the first (settings[0], epochs[0]) the baseline."""
     base_setting, base = settings[0], measured[0]
     base_ok = base.fits and bool(base.step_s)
-    base_epochs = round_epochs(base_setting, base, shape) if base_ok else []
+    baseline = _Baseline(base_setting, base, round_epochs(base_setting, base, shape) if base_ok else [], epochs[0],
+                         current_epoch_s)
     rows = []
     for setting_index, (setting, timing) in enumerate(zip(settings, measured)):
         own = round_epochs(setting, timing, shape) if timing.fits and timing.step_s else []
@@ -125,24 +126,37 @@ def project(settings: Sequence[Setting], measured: Sequence[Measured], shape: Ep
                 iterations_per_epoch=shape.iterations(setting), baseline=not rows, fits=timing.fits,
                 note=timing.note, memory_gb=timing.memory_gb)
             if own:
-                _fill(row, setting, timing, own, base_setting, base, base_epochs, epochs[0], current_epoch_s)
+                _fill(row, setting, timing, own, baseline)
             rows.append(row)
     return rows
 
 
-def _fill(row: EstimateRow, setting: Setting, timing: Measured, own: list[float], base_setting: Setting,
-          base: Measured, base_epochs: list[float], base_epoch_count: int, current_epoch_s: float | None) -> None:
+@dataclass
+class _Baseline:
+    """What every row is set against: the baseline setting, its timing and epochs per round, its epoch count, and
+    the user's own epoch time in that setting (None: this machine's times)."""
+
+    setting: Setting
+    timing: Measured
+    epochs_per_round: list[float]
+    epoch_count: int
+    current_epoch_s: float | None
+
+
+def _fill(row: EstimateRow, setting: Setting, timing: Measured, own: list[float], baseline: _Baseline) -> None:
+    base_epochs = baseline.epochs_per_round
     row.step_ms = float(np.median(timing.step_s)) * 1000
     row.spread = relative_spread(timing.step_s)  # without a baseline to pair with, the raw rounds' spread
     if base_epochs:
         epoch_ratio = paired_ratios(own, base_epochs)
-        row.speedup = summary([base_epoch_count / (row.epochs * r) for r in epoch_ratio])
+        row.speedup = summary([baseline.epoch_count / (row.epochs * r) for r in epoch_ratio])
         rate = [setting.batch_size / step for step in timing.step_s]
-        base_rate = [base_setting.batch_size / step for step in base.step_s]
+        base_rate = [baseline.setting.batch_size / step for step in baseline.timing.step_s]
         row.per_sample = summary(paired_ratios(rate, base_rate))
         row.spread = relative_spread(epoch_ratio)  # load that hit both rows in a round cancels here
-    if current_epoch_s is not None:
-        row.epoch_s = current_epoch_s * float(np.median(paired_ratios(own, base_epochs))) if base_epochs else None
+    if baseline.current_epoch_s is not None:
+        row.epoch_s = (baseline.current_epoch_s * float(np.median(paired_ratios(own, base_epochs)))
+                       if base_epochs else None)
     else:
         row.epoch_s = float(np.median(own))
     row.total_s = None if row.epoch_s is None else row.epoch_s * row.epochs
