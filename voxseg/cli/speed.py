@@ -51,61 +51,16 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 
 def add_speed_commands(sub: Subparsers) -> None:
-    p = add_command(sub, "benchmark", cmd_benchmark,
-                    "measure step time, data wait, samples/s, memory, preprocessing and inference time",
-                    "voxseg benchmark work/synth --threads 4\nvoxseg benchmark work/brats --device cuda --threads 2")
-    p.add_argument("workdir", help="a planned and preprocessed work directory (a trained fold is not needed)")
-    add_configuration_flag(p)
-    p.add_argument("--device", type=device, default="auto",
-                   help="auto (CUDA when available), cpu, cuda or cuda:N (default auto)")
-    p.add_argument("--threads", type=int, default=4, help="CPU threads for the data path (default 4)")
-    p.add_argument("--iterations", type=int, default=20, help="timed training steps per round (default 20)")
-    p.add_argument("--warmup", type=int, default=5,
-                   help="untimed training steps first (cuDNN autotuning, caches) (default 5)")
-    p.add_argument("--repeats", type=int, default=3,
-                   help="interleaved rounds of both step timings; medians and spread are reported (default 3)")
-    p.add_argument("--no-inference", action="store_true",
-                   help="skip the inference timings (1 fold without mirroring, 5 folds with)")
-    p.add_argument("--output", help="benchmark.json path (default WORKDIR/benchmark.json)")
-
-    p = add_command(sub, "estimate", cmd_estimate,
-                    "what-if table of training time: batch sizes, patches per case, patch sizes, epochs, against "
-                    "your current run",
-                    "voxseg estimate work/brats --cases 329 --current-epoch-time 302 --batch-sizes 2,4 "
-                    "--num-samples 1,2 --epochs 1000,500\n"
-                    "voxseg estimate work/synth --device cpu --iterations-per-epoch 0")
-    p.add_argument("workdir", help="a planned and preprocessed work directory")
-    add_configuration_flag(p)
-    p.add_argument("--batch-sizes", type=csv_ints, help="batch sizes to compare (default: the baseline's)")
-    p.add_argument("--num-samples", type=csv_ints,
-                   help="patches per case to compare (default: the baseline's)")
-    p.add_argument("--patch-sizes", nargs="*", type=csv_ints,
-                   help="patch sizes to compare, e.g. 128,128,128 96,96,96 (default: the baseline's)")
-    p.add_argument("--baseline", type=csv_ints, metavar="BATCH,PATCHES_PER_CASE[,PATCH]",
-                   help="the setting of the run you have, row #1 (default: the plan's batch and patch, "
-                        "data.num_samples patches per case)")
-    p.add_argument("--epochs", type=csv_ints, default=[1000],
-                   help="epochs; the first is the baseline's, more values add rows (default 1000)")
-    p.add_argument("--iterations-per-epoch", type=int, default=250,
-                   help="training iterations per epoch; 0 = one pass over the training cases (default 250)")
-    p.add_argument("--cases", type=int, default=None,
-                   help="training cases of the run you ask about, e.g. 329 for fold 0 of 5 on 411 cases "
-                        "(default: fold 0's training cases in WORKDIR)")
-    p.add_argument("--current-epoch-time", type=float, default=None, metavar="SECONDS",
-                   help="seconds per epoch of your run in the baseline setting: epochs and totals are scaled "
-                        "to it by the ratios measured here (default: none, this machine's times)")
-    p.add_argument("--warmup", type=int, default=2, help="warm-up steps per setting (default 2)")
-    p.add_argument("--iterations", type=int, default=3, help="timed steps per setting per round (default 3)")
-    p.add_argument("--rounds", type=int, default=5,
-                   help="timing rounds per setting; speed-ups are median (min-max) over them (default 5)")
-    p.add_argument("--device", type=device, default="auto", help="auto, cpu, cuda or cuda:N (default auto)")
-    p.add_argument("--threads", type=int, default=None,
-                   help="CPU threads torch uses; 1 is steadiest on a shared machine (default: all it uses now)")
-    p.add_argument("--set", action="append", metavar="SECTION.FIELD=VALUE",
-                   help="training config override every setting starts from, e.g. loop.compile=off "
-                        "(repeatable; default none)")
-    p.add_argument("--output", help="estimate.json path (default WORKDIR/estimate.json)")
-
+    add_command(sub, "benchmark", cmd_benchmark,
+                "measure step time, data wait, samples/s, memory, preprocessing and inference time",
+                "voxseg benchmark work/synth --threads 4\nvoxseg benchmark work/brats --device cuda --threads 2",
+                setup=_benchmark_arguments)
+    add_command(sub, "estimate", cmd_estimate,
+                "what-if table of training time: batch sizes, patches per case, patch sizes, epochs, against "
+                "your current run",
+                "voxseg estimate work/brats --cases 329 --current-epoch-time 302 --batch-sizes 2,4 "
+                "--num-samples 1,2 --epochs 1000,500\n"
+                "voxseg estimate work/synth --device cpu --iterations-per-epoch 0", setup=_estimate_arguments)
     p = add_command(sub, "demo", cmd_demo,
                     "the whole pipeline on the built-in synthetic dataset: synth, plan, preprocess, train, predict, "
                     "evaluate", "voxseg demo\nvoxseg demo work/demo --epochs 20 --device cuda")
@@ -116,3 +71,69 @@ def add_speed_commands(sub: Subparsers) -> None:
     p.add_argument("--device", type=device, default="auto",
                    help="auto (CUDA when available), cpu, cuda or cuda:N (default auto)")
     p.add_argument("--quick", action="store_true", help="a smaller, faster run (used by the tests)")
+
+
+def _benchmark_arguments(p: argparse.ArgumentParser) -> None:
+    from voxseg.bench.benchmark import BenchmarkOptions  # torch: only when the command is used
+
+    defaults = BenchmarkOptions()  # the one home of the benchmark's defaults
+    p.add_argument("workdir", help="a planned and preprocessed work directory (a trained fold is not needed)")
+    add_configuration_flag(p)
+    p.add_argument("--device", type=device, default=defaults.device,
+                   help=f"auto (CUDA when available), cpu, cuda or cuda:N (default {defaults.device})")
+    p.add_argument("--threads", type=int, default=defaults.num_threads,
+                   help=f"CPU threads for the data path (default {defaults.num_threads})")
+    p.add_argument("--iterations", type=int, default=defaults.iterations,
+                   help=f"timed training steps per round (default {defaults.iterations})")
+    p.add_argument("--warmup", type=int, default=defaults.warmup,
+                   help=f"untimed training steps first (cuDNN autotuning, caches) (default {defaults.warmup})")
+    p.add_argument("--repeats", type=int, default=defaults.repeats,
+                   help="interleaved rounds of both step timings; medians and spread are reported "
+                        f"(default {defaults.repeats})")
+    p.add_argument("--no-inference", action="store_true",
+                   help="skip the inference timings (1 fold without mirroring, 5 folds with)")
+    p.add_argument("--output", help="benchmark.json path (default WORKDIR/benchmark.json)")
+
+
+def _estimate_arguments(p: argparse.ArgumentParser) -> None:
+    from voxseg.bench.estimate import EstimateRequest  # torch: only when the command is used
+
+    defaults = EstimateRequest()  # the one home of the estimate's defaults (its timing schedule included)
+    p.add_argument("workdir", help="a planned and preprocessed work directory")
+    add_configuration_flag(p)
+    p.add_argument("--batch-sizes", type=csv_ints, help="batch sizes to compare (default: the baseline's)")
+    p.add_argument("--num-samples", type=csv_ints,
+                   help="patches per case to compare (default: the baseline's)")
+    p.add_argument("--patch-sizes", nargs="*", type=csv_ints,
+                   help="patch sizes to compare, e.g. 128,128,128 96,96,96 (default: the baseline's)")
+    p.add_argument("--baseline", type=csv_ints, metavar="BATCH,PATCHES_PER_CASE[,PATCH]",
+                   help="the setting of the run you have, row #1 (default: the plan's batch and patch, "
+                        "data.num_samples patches per case)")
+    p.add_argument("--epochs", type=csv_ints, default=defaults.epochs,
+                   help="epochs; the first is the baseline's, more values add rows "
+                        f"(default {','.join(map(str, defaults.epochs))})")
+    p.add_argument("--iterations-per-epoch", type=int, default=defaults.iterations_per_epoch,
+                   help="training iterations per epoch; 0 = one pass over the training cases "
+                        f"(default {defaults.iterations_per_epoch})")
+    p.add_argument("--cases", type=int, default=None,
+                   help="training cases of the run you ask about, e.g. 329 for fold 0 of 5 on 411 cases "
+                        "(default: fold 0's training cases in WORKDIR)")
+    p.add_argument("--current-epoch-time", type=float, default=None, metavar="SECONDS",
+                   help="seconds per epoch of your run in the baseline setting: epochs and totals are scaled "
+                        "to it by the ratios measured here (default: none, this machine's times)")
+    schedule = defaults.schedule
+    p.add_argument("--warmup", type=int, default=schedule.warmup,
+                   help=f"warm-up steps per setting (default {schedule.warmup})")
+    p.add_argument("--iterations", type=int, default=schedule.iterations,
+                   help=f"timed steps per setting per round (default {schedule.iterations})")
+    p.add_argument("--rounds", type=int, default=schedule.rounds,
+                   help=f"timing rounds per setting; speed-ups are median (min-max) over them (default "
+                        f"{schedule.rounds})")
+    p.add_argument("--device", type=device, default=defaults.device,
+                   help=f"auto, cpu, cuda or cuda:N (default {defaults.device})")
+    p.add_argument("--threads", type=int, default=None,
+                   help="CPU threads torch uses; 1 is steadiest on a shared machine (default: all it uses now)")
+    p.add_argument("--set", action="append", metavar="SECTION.FIELD=VALUE",
+                   help="training config override every setting starts from, e.g. loop.compile=off "
+                        "(repeatable; default none)")
+    p.add_argument("--output", help="estimate.json path (default WORKDIR/estimate.json)")
