@@ -303,6 +303,32 @@ def _pool_context(device: str) -> Any:
     return get_context("spawn" if cuda or os.name != "posix" else "fork")
 
 
+def _run_cases(todo: list, plan: Plan, out_dir: Path, device: str, num_workers: int,
+               advance: Callable[[], Any]) -> tuple[int, list[str]]:
+    """Preprocess `todo` in this process or a pool of `num_workers`; (decoded bytes, ["case: why"] failures).
+    `advance()` is called once per finished case."""
+    failures, nbytes = [], 0
+    num_workers = max(1, min(int(num_workers), len(todo) or 1))
+    threads = max(1, (os.cpu_count() or 1) // num_workers) if num_workers > 1 else 0
+    if num_workers == 1:
+        for name, size, error in (_preprocess_one(case, plan, str(out_dir), device, threads) for case in todo):
+            nbytes += size
+            failures += [f"{name}: {error}"] if error else []
+            advance()
+        return nbytes, failures
+    with ProcessPoolExecutor(num_workers, mp_context=_pool_context(device), initializer=exit_with_parent) as pool:
+        futures = {pool.submit(_preprocess_one, c, plan, str(out_dir), device, threads): c.name for c in todo}
+        for future in as_completed(futures):
+            try:
+                name, size, error = future.result()
+            except Exception as exc:  # noqa: BLE001 - a worker killed (e.g. out of memory) fails its case
+                name, size, error = futures[future], 0, f"worker process died ({type(exc).__name__}: {exc})"
+            nbytes += size
+            failures += [f"{name}: {error}"] if error else []
+            advance()
+    return nbytes, failures
+
+
 def preprocess_dataset(
     workdir: str | Path, num_workers: int = 1, progress: bool = True, device: str = "cpu"
 ) -> dict[str, Any]:
@@ -333,28 +359,8 @@ def preprocess_dataset(
     todo = [case for case in dataset.cases if not _is_complete(out_dir, case.name, expected)]
     skipped = len(dataset.cases) - len(todo)
     start = time.perf_counter()
-    failures, nbytes = [], 0
-    num_workers = max(1, min(int(num_workers), len(todo) or 1))
-    threads = max(1, (os.cpu_count() or 1) // num_workers) if num_workers > 1 else 0
     with tqdm(total=len(todo), desc="preprocess", unit="case", disable=not progress) as bar:
-        if num_workers == 1:
-            results = (_preprocess_one(case, plan, str(out_dir), device, threads) for case in todo)
-            for name, size, error in results:
-                nbytes += size
-                failures += [f"{name}: {error}"] if error else []
-                bar.update()
-        else:
-            with ProcessPoolExecutor(num_workers, mp_context=_pool_context(device),
-                                     initializer=exit_with_parent) as pool:
-                futures = {pool.submit(_preprocess_one, c, plan, str(out_dir), device, threads): c.name for c in todo}
-                for future in as_completed(futures):
-                    try:
-                        name, size, error = future.result()
-                    except Exception as exc:  # noqa: BLE001 - a worker killed (e.g. out of memory) fails its case
-                        name, size, error = futures[future], 0, f"worker process died ({type(exc).__name__}: {exc})"
-                    nbytes += size
-                    failures += [f"{name}: {error}"] if error else []
-                    bar.update()
+        nbytes, failures = _run_cases(todo, plan, out_dir, device, num_workers, bar.update)
     seconds = time.perf_counter() - start
     if failures:
         raise DatasetError(f"preprocessing failed for {len(failures)} case(s):\n  " + "\n  ".join(sorted(failures)))

@@ -186,10 +186,9 @@ def sliding_window_inference(
     if image.ndim != len(patch_size) + 2 or image.shape[0] != 1:
         raise ValueError(f"image must be (1, C, *S) with {len(patch_size)} spatial axes, got {tuple(image.shape)}")
     padded, crop = pad_to_patch(image, patch_size)
-    weight = (gaussian_importance(patch_size, device=image.device) if tiling.use_gaussian
-              else torch.ones(patch_size, device=image.device))
-    acc_device = (torch.device(tiling.accumulator_device) if tiling.accumulator_device is not None
-                  else choose_accumulator_device(image.device, num_outputs, padded.shape[2:]))
+    weight = gaussian_importance(patch_size, device=image.device) if tiling.use_gaussian else \
+        torch.ones(patch_size, device=image.device)
+    acc_device = _accumulator_device(tiling, image.device, num_outputs, padded.shape[2:])
     mirrors = mirror_combinations(mirror_axes)
     tile_batch, mirror_group = split_forward_batch(tiling.tile_batch, len(mirrors), max_forward_batch)
     tile_pass = TilePass(models, padded, tile_positions(padded.shape[2:], patch_size, tiling.step), patch_size,
@@ -198,6 +197,14 @@ def sliding_window_inference(
     logits = _accumulate_with_fallback(acc_device, tile_pass)[(slice(None),) + crop]
     tile_pass.fallback.report()
     return logits
+
+
+def _accumulator_device(tiling: Tiling, device: torch.device, num_outputs: int,
+                        spatial: Sequence[int]) -> torch.device:
+    """The tiling's accumulator device when it names one, else the compute device when the accumulators fit."""
+    if tiling.accumulator_device is not None:
+        return torch.device(tiling.accumulator_device)
+    return choose_accumulator_device(device, num_outputs, spatial)
 
 
 class OutOfMemoryFallback:

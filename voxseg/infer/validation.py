@@ -77,11 +77,7 @@ def full_validation(model: nn.Module, plan: Plan, preprocessed_dir: str | Path, 
     per_case: dict[str, dict[str, float]] = {}
     try:
         for name in local_names:
-            image, seg, properties = load_case(preprocessed_dir, name, mmap=True)
-            x = np.array(image, dtype=np.float32)
-            if cascade.previous is not None:
-                x = np.concatenate([x, cascade.previous.onehot(name, x.shape[1:])])
-            x = torch.from_numpy(x)[None].to(device)  # (1, C [+ L], d, h, w)
+            x, seg, properties = _network_input(preprocessed_dir, name, cascade, device)  # (1, C [+ L], d, h, w)
             limit = forward_limit(plan, device, x.shape[2:], tiling.amp_dtype)
             logits = sliding_window_inference(model, x, plan.patch_size, plan.num_outputs, tiling, plan.slice_axis,
                                               name, limit)  # (K, d, h, w)
@@ -101,6 +97,17 @@ def full_validation(model: nn.Module, plan: Plan, preprocessed_dir: str | Path, 
     if out_dir is not None and rank == 0:
         write_json_atomic(Path(out_dir) / "summary.json", _json_safe(result))
     return result
+
+
+def _network_input(preprocessed_dir: str | Path, name: str, cascade: CascadeLinks,
+                   device: torch.device) -> tuple[torch.Tensor, Any, dict[str, Any]]:
+    """A preprocessed case as the network's (1, C [+ L], d, h, w) input on `device` (a cascade stage's first-stage
+    one-hot appended), its stored labels (or None) and its properties."""
+    image, seg, properties = load_case(preprocessed_dir, name, mmap=True)
+    x = np.array(image, dtype=np.float32)
+    if cascade.previous is not None:
+        x = np.concatenate([x, cascade.previous.onehot(name, x.shape[1:])])
+    return torch.from_numpy(x)[None].to(device), seg, properties
 
 
 def _write_case(out_dir: Path, name: str, logits: torch.Tensor, plan: Plan, properties: dict[str, Any],
