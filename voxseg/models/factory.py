@@ -9,13 +9,13 @@ and `"network": {"name": "my_net", ...}` in plans.json.
 """
 from __future__ import annotations
 
-import inspect
+import dataclasses
 from typing import Any, Callable
 
 from torch import nn
 
 from voxseg.errors import ConfigError
-from voxseg.models.unet import UNet
+from voxseg.models.unet import UNet, UNetTopology
 from voxseg.plans import NetworkPlan, Plan
 from voxseg.registry import Registry, unknown_name_message
 
@@ -55,9 +55,7 @@ def warn_noop_deep_supervision(plan: Plan, emit: Callable[[str], None] = print) 
 def build_unet(plan: Plan, deep_supervision: bool, **overrides: Any) -> UNet:
     """Plain or residual-encoder U-Net (`network.residual`) from the plan's topology."""
     net = plan.network
-    kwargs: dict[str, Any] = dict(
-        in_channels=plan.network_in_channels,
-        num_outputs=plan.num_outputs,
+    fields: dict[str, Any] = dict(
         features=list(net.features),
         kernel_sizes=[list(k) for k in net.kernel_sizes],
         strides=[list(s) for s in net.strides],
@@ -66,17 +64,16 @@ def build_unet(plan: Plan, deep_supervision: bool, **overrides: Any) -> UNet:
         blocks_per_stage=net.blocks_per_stage,
         decoder_conv_per_stage=net.decoder_conv_per_stage,
         pooled_skip=net.pooled_skip,
-        deep_supervision=deep_supervision,
     )
     # layer constants only when the plan departs from the layers' defaults, so that a `norm` or `nonlin`
     # override (which may take other options) keeps working
     if net.norm_eps != NetworkPlan.norm_eps:
-        kwargs["norm_kwargs"] = {"eps": net.norm_eps}
+        fields["norm_kwargs"] = {"eps": net.norm_eps}
     if net.negative_slope != NetworkPlan.negative_slope:
-        kwargs["nonlin_kwargs"] = {"negative_slope": net.negative_slope}
-    valid = [name for name in inspect.signature(UNet.__init__).parameters if name != "self"]
+        fields["nonlin_kwargs"] = {"negative_slope": net.negative_slope}
+    valid = [field.name for field in dataclasses.fields(UNetTopology)]
     for key in overrides:
         if key not in valid:
             raise ConfigError(unknown_name_message("network option", key, valid))
-    kwargs.update(overrides)
-    return UNet(**kwargs)
+    fields.update(overrides)
+    return UNet(plan.network_in_channels, plan.num_outputs, UNetTopology(**fields), deep_supervision)

@@ -13,6 +13,7 @@ supervision is on, so checkpoints load either way.
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any, Sequence
 
 import torch
@@ -31,70 +32,78 @@ from voxseg.models.blocks import (
 from voxseg.network_plan import default_blocks_per_stage
 
 
+@dataclass
+class UNetTopology:
+    """The shape of a U-Net: stages, their features, kernels and strides, blocks, and its layers."""
+
+    features: Sequence[int]
+    """feature maps per stage (the last stage is the bottleneck)."""
+    kernel_sizes: Sequence[Sequence[int]]
+    """per-stage kernel size (a list of ndim ints); its length sets 2D or 3D."""
+    strides: Sequence[Sequence[int]]
+    """per-stage downsampling stride applied by the stage's first convolution."""
+    conv_per_stage: int = 2
+    """convolutions per encoder stage (plain encoder) and per decoder level."""
+    residual: bool = False
+    """residual encoder (ResEnc): a stem convolution, then `blocks_per_stage` residual blocks per stage; the
+    decoder stays plain."""
+    blocks_per_stage: int | Sequence[int] | None = None
+    """residual blocks per encoder stage (int or list); default nnU-Net's [1, 3, 4, 6, 6, 6]."""
+    decoder_conv_per_stage: int | None = None
+    """convolutions per decoder level (default `conv_per_stage`)."""
+    pooled_skip: bool = False
+    """residual skips downsample by average pooling and project only when the feature count changes (nnU-Net's
+    ResidualEncoderUNet, BasicBlockD); default a strided 1x1 projection."""
+    norm: str = "instance"
+    """normalisation layer, by name (`voxseg.models.blocks.NORMS`)."""
+    nonlin: str = "leaky_relu"
+    """nonlinearity, by name (`voxseg.models.blocks.NONLINS`)."""
+    norm_kwargs: dict[str, Any] | None = None
+    """options of the normalisation layer (e.g. {"eps": 1e-5})."""
+    nonlin_kwargs: dict[str, Any] | None = None
+    """options of the nonlinearity (e.g. {"negative_slope": 0.01})."""
+
+
 class UNet(nn.Module):
     """U-Net with strided-conv encoder, transposed-conv decoder and a segmentation head per decoder level.
 
     Args:
         in_channels: input image channels.
         num_outputs: output logit channels.
-        features: feature maps per stage (the last stage is the bottleneck).
-        kernel_sizes: per-stage kernel size (a list of ndim ints); its length sets 2D or 3D.
-        strides: per-stage downsampling stride applied by the stage's first convolution.
-        conv_per_stage: convolutions per encoder stage (plain encoder) and per decoder level.
-        residual: residual encoder (ResEnc): a stem convolution, then `blocks_per_stage` residual blocks per
-            stage; the decoder stays plain.
-        blocks_per_stage: residual blocks per encoder stage (int or list); default nnU-Net's [1, 3, 4, 6, 6, 6].
-        decoder_conv_per_stage: convolutions per decoder level (default `conv_per_stage`).
-        pooled_skip: residual skips downsample by average pooling and project only when the feature count
-            changes (nnU-Net's ResidualEncoderUNet, BasicBlockD); default a strided 1x1 projection.
+        topology: stages, features, kernels, strides, blocks and layers (`UNetTopology`).
         deep_supervision: in training mode return all decoder outputs, highest resolution first.
-        norm, nonlin, norm_kwargs, nonlin_kwargs: layer choices, see `voxseg.models.blocks`.
     """
 
-    def __init__(
-        self,
-        in_channels: int,
-        num_outputs: int,
-        features: Sequence[int],
-        kernel_sizes: Sequence[Sequence[int]],
-        strides: Sequence[Sequence[int]],
-        conv_per_stage: int = 2,
-        residual: bool = False,
-        blocks_per_stage: int | Sequence[int] | None = None,
-        decoder_conv_per_stage: int | None = None,
-        pooled_skip: bool = False,
-        deep_supervision: bool = True,
-        norm: str = "instance",
-        nonlin: str = "leaky_relu",
-        norm_kwargs: dict[str, Any] | None = None,
-        nonlin_kwargs: dict[str, Any] | None = None,
-    ) -> None:
+    def __init__(self, in_channels: int, num_outputs: int, topology: UNetTopology,
+                 deep_supervision: bool = True) -> None:
         super().__init__()
-        num_stages = len(features)
-        if num_stages < 2 or len(kernel_sizes) != num_stages or len(strides) != num_stages:
+        top = topology
+        num_stages = len(top.features)
+        if num_stages < 2 or len(top.kernel_sizes) != num_stages or len(top.strides) != num_stages:
             raise ConfigError(
                 f"network needs at least 2 stages and one kernel size and stride per stage; got {num_stages} "
-                f"features, {len(kernel_sizes)} kernel sizes, {len(strides)} strides"
+                f"features, {len(top.kernel_sizes)} kernel sizes, {len(top.strides)} strides"
             )
+        kernel_sizes = top.kernel_sizes
         self.ndim = len(kernel_sizes[0])
-        self.spec = spec = LayerSpec(self.ndim, norm, nonlin, norm_kwargs, nonlin_kwargs)
-        self.features = [int(f) for f in features]
-        self.strides = [tuple(int(s) for s in stride) for stride in strides]
+        self.spec = spec = LayerSpec(self.ndim, top.norm, top.nonlin, top.norm_kwargs, top.nonlin_kwargs)
+        self.features = [int(f) for f in top.features]
+        self.strides = [tuple(int(s) for s in stride) for stride in top.strides]
         self.num_outputs = int(num_outputs)
 
-        if residual:
+        if top.residual:
             self.stem: nn.Module = ConvNormAct(spec, in_channels, self.features[0], kernel_sizes[0])
-            self.encoder = self._residual_encoder(spec, kernel_sizes, blocks_per_stage, pooled_skip)
+            self.encoder = self._residual_encoder(spec, kernel_sizes, top.blocks_per_stage, top.pooled_skip)
         else:
             self.stem = nn.Identity()
             self.encoder = nn.ModuleList(
-                StackedConvs(spec, conv_per_stage, c_in, c_out, kernel, stride)
+                StackedConvs(spec, top.conv_per_stage, c_in, c_out, kernel, stride)
                 for c_in, c_out, kernel, stride in zip(
                     [in_channels] + self.features[:-1], self.features, kernel_sizes, self.strides
                 )
             )
 
-        decoder_convs = decoder_conv_per_stage or conv_per_stage
+        decoder_convs = top.decoder_conv_per_stage or top.conv_per_stage
         # Decoder level i (0 = just above the bottleneck) works at the resolution of encoder stage s = n-2-i.
         levels = list(range(num_stages - 2, -1, -1))
         self.upsample = nn.ModuleList(
