@@ -218,11 +218,7 @@ def evaluate_folder(
     """
     settings = EvaluationSettings.build(settings, **options)
     file_ending = settings.file_ending
-    pred_dir, ref_dir = Path(pred_dir), Path(ref_dir)
-    if not pred_dir.is_dir():
-        raise InputError(f"{pred_dir}: prediction folder not found")
-    if not ref_dir.is_dir():
-        raise InputError(f"{ref_dir}: reference folder not found; give the folder of the reference label files")
+    pred_dir, ref_dir = _existing_folders(Path(pred_dir), Path(ref_dir))
     meta = load_dataset_json(dataset_json, ref_dir)
     label_map, ignore_value = _resolve_labels(labels, meta, dataset_json)
     classes, foreground = classes_from_labels(label_map, settings.regions)
@@ -253,6 +249,14 @@ def evaluate_folder(
         write_summary(summary, out)
     return nan_to_none(summary)
 
+
+
+def _existing_folders(pred_dir: Path, ref_dir: Path) -> tuple[Path, Path]:
+    if not pred_dir.is_dir():
+        raise InputError(f"{pred_dir}: prediction folder not found")
+    if not ref_dir.is_dir():
+        raise InputError(f"{ref_dir}: reference folder not found; give the folder of the reference label files")
+    return pred_dir, ref_dir
 
 
 def _settings(settings: EvaluationSettings) -> dict[str, Any]:
