@@ -243,10 +243,8 @@ def evaluate_folder(
         "missing_predictions": missing, "extra_predictions": extra, "undeclared_values": undeclared,
         **_means(per_case, classes, foreground), "per_case": per_case,
     }
-    if out is None or out is True:
-        out = pred_dir
     if out is not False:
-        write_summary(summary, out)
+        write_summary(summary, pred_dir if out is None or out is True else out)
     return nan_to_none(summary)
 
 
