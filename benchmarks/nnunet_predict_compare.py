@@ -22,7 +22,7 @@ with float32 accumulators instead (a diagnostic: what is left of the probability
 
 Run: python benchmarks/nnunet_predict_compare.py [--setup-nnunet] [--nnunet-python PY] [--work DIR]
          [--threads 2] [--epochs 6] [--iterations 25] [--repeats 1] [--sets a,b] [--mirror-modes on,off]
-         [--nnunet-fp32] [--json benchmarks/results/nnunet_predict_compare.json]
+         [--nnunet-fp32] [--voxseg-args '--amp bf16'] [--json benchmarks/results/nnunet_predict_compare.json]
 """
 from __future__ import annotations
 
@@ -227,7 +227,7 @@ def compare(args: argparse.Namespace) -> dict:
                     if tool == "voxseg":
                         command = [sys.executable, "-m", "voxseg", "predict", "-m", str(model), "-i", str(images),
                                    "-o", str(out_v), "--step", "0.5", "--device", "cpu", "--save-probabilities",
-                                   *(() if mirror else ("--no-mirror",))]
+                                   *(() if mirror else ("--no-mirror",)), *args.voxseg_args.split()]
                     else:
                         command = _nnunet_command(args, "--nnunet-predict", "--model", str(model), "--input",
                                                   str(images), "--output", str(out_n),
@@ -277,6 +277,7 @@ def main() -> None:
     parser.add_argument("--mirror-modes", default="on,off", help="on, off or on,off")
     parser.add_argument("--nnunet-fp32", action="store_true",
                         help="diagnostic: run nnU-Net's sliding window with float32 instead of float16 accumulators")
+    parser.add_argument("--voxseg-args", default="", help="more options for voxseg predict, e.g. '--amp bf16'")
     parser.add_argument("--json", default=str(HERE / "results" / "nnunet_predict_compare.json"))
     for hidden in ("--nnunet-train", "--nnunet-predict", "--mirror"):
         parser.add_argument(hidden, action="store_true", help=argparse.SUPPRESS)

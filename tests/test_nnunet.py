@@ -89,7 +89,7 @@ def test_model_folder_predicts_with_the_networks_logits(tmp_path):
     assert is_nnunet_model_folder(folder) and not is_nnunet_model_folder(tmp_path)
     predictor = Predictor.from_workdir(folder, folds=0, device="cpu")
     assert predictor.mirror_axes == (0, 2)  # from the checkpoint, not every axis
-    assert predictor.plan.network.conv_per_stage == 2 and predictor.models[0].decoder[0][0][0].in_channels == 16
+    assert predictor.plan.network.conv_per_stage == 2 and predictor.models[0].network.decoder[0][0][0].in_channels == 16
     predictor.mirror_axes = ()
     image = np.random.default_rng(0).normal(50.0, 10.0, (1, 16, 16, 16)).astype(np.float32)
     image_pp, _, _ = preprocess_case(image, Geometry.from_spacing((1.0, 1.0, 1.0)), predictor.plan)

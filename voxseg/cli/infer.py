@@ -30,6 +30,7 @@ PREDICT_FLAGS: dict[str, str] = {
     "--mirror-axes": "mirror_axes",
     "--amp": "amp",
     "--device": "device",
+    "--cpu-forward": "cpu_forward",
     "--backend": "backend",
     "--compile": "compile",
     "--save-probabilities": "save_probabilities",

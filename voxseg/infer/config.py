@@ -27,6 +27,7 @@ from voxseg.configtree import build_dataclass, check_choice, locate_option, pars
 from voxseg.data.io import SUPPORTED_ENDINGS
 from voxseg.devices import AMP_CHOICES, is_device_name, resolve_amp
 from voxseg.errors import ConfigError
+from voxseg.infer.cpu_forward import VARIANTS as CPU_FORWARD_VARIANTS
 from voxseg.plans import Plan
 from voxseg.registry import unknown_name_message
 
@@ -59,6 +60,10 @@ class InferConfig:
     only) or off."""
     device: str = "auto"
     """auto (CUDA when available), cpu, cuda or cuda:N; onnxruntime runs on the CPU."""
+    cpu_forward: str = field(default="auto", metadata={"choices": ("auto",) + CPU_FORWARD_VARIANTS})
+    """How a CPU runs the network: auto = the fastest variant the precision allows (float32: fp32 or fp32-cl,
+    channels-last; --amp bf16: bf16-cl), measured once per model and machine and kept in
+    ~/.cache/voxseg/cpu_forward.json; or one variant by name, whose precision then holds."""
     backend: str = field(default="auto", metadata={"choices": BACKENDS})
     """torch, or onnxruntime: run ONNX files (onnx_files, else each fold's exported
     training/fold_F/model.onnx) on the CPU; auto = onnxruntime when onnx_files are given, else torch."""
@@ -81,6 +86,7 @@ class InferConfig:
         check_choice(self, "checkpoint")
         check_choice(self, "amp")
         check_choice(self, "backend")
+        check_choice(self, "cpu_forward")
         if not is_device_name(self.device):
             raise ConfigError(f"device='{self.device}' is not allowed; use auto, cpu, cuda or cuda:N")
         if isinstance(self.mirror_axes, str) and self.mirror_axes not in MIRROR_WORDS:

@@ -13,11 +13,12 @@ from typing import Any
 
 import torch
 
-from voxseg.devices import resolve_device
+from voxseg.devices import resolve_amp, resolve_device
 from voxseg.distributed import local_device
 from voxseg.errors import CheckpointError
 from voxseg.infer.archive import check_same_plan, load_fold_network, resolve_folds
 from voxseg.infer.config import InferConfig
+from voxseg.infer.cpu_forward import cpu_candidates, prepare_cpu_networks
 from voxseg.infer.nnunet import load_nnunet_fold
 from voxseg.infer.nnunet_folder import NNUNET_FOLD_PREFIX, is_nnunet_model_folder, nnunet_folds
 from voxseg.plans import Plan
@@ -51,7 +52,8 @@ def load_models(workdir: Path, config: InferConfig) -> LoadedModels:
     folds = resolve_folds(workdir, config.folds, config.checkpoint)
     loaded = [load_fold_network(workdir, fold, config.checkpoint, device) for fold in folds]
     check_same_plan([plan for _, plan in loaded], folds)
-    return LoadedModels(loaded[0][1], _compiled([net for net, _ in loaded], config), device, tuple(folds), "torch")
+    plan = loaded[0][1]
+    return LoadedModels(plan, _ready([net for net, _ in loaded], plan, config, device), device, tuple(folds), "torch")
 
 
 def _onnx_models(workdir: Path, config: InferConfig) -> LoadedModels:
@@ -73,8 +75,14 @@ def _nnunet_models(workdir: Path, config: InferConfig) -> LoadedModels:
     plan.inference_mirror_axes = list(loaded[0][2])
     names = [p.parent.name[len(NNUNET_FOLD_PREFIX):] for p in paths]  # fold_F/checkpoint_*.pth -> F
     folds = tuple(int(name) if name.isdigit() else name for name in names)
-    return LoadedModels(plan, _compiled([net for net, _, _ in loaded], config), device, folds, "nnunet")
+    return LoadedModels(plan, _ready([net for net, _, _ in loaded], plan, config, device), device, folds, "nnunet")
 
 
-def _compiled(networks: list[torch.nn.Module], config: InferConfig) -> list[Any]:
-    return [torch.compile(net) for net in networks] if config.compile else networks
+def _ready(networks: list[torch.nn.Module], plan: Plan, config: InferConfig, device: torch.device) -> list[Any]:
+    """The networks as they run: on a CPU in the fastest measured variant (`voxseg.infer.cpu_forward`), then
+    compiled when asked."""
+    runners: list[Any] = networks
+    if device.type == "cpu":
+        candidates = cpu_candidates(resolve_amp(config.amp, device, "amp"), config.cpu_forward)
+        runners = prepare_cpu_networks(networks, (plan.network_in_channels, *plan.patch_size), candidates)
+    return [torch.compile(net) for net in runners] if config.compile else runners
