@@ -134,7 +134,7 @@ def nnunet_predict(args: argparse.Namespace) -> None:
                                     perform_everything_on_device=True, device=torch.device("cpu"), verbose=False,
                                     verbose_preprocessing=False, allow_tqdm=False)
     predictor.initialize_from_trained_model_folder(args.model, use_folds=(0,), checkpoint_name="checkpoint_final.pth")
-    predictor.predict_from_files(args.input, args.output, save_probabilities=True, overwrite=True,
+    predictor.predict_from_files(args.input, args.output, save_probabilities=not args.no_probabilities, overwrite=True,
                                  num_processes_preprocessing=args.threads,
                                  num_processes_segmentation_export=args.threads)
 
@@ -150,12 +150,13 @@ def make_data(work: Path, args: argparse.Namespace) -> dict[str, Path]:
     return {"a": raw, "b": other}
 
 
-def _run(command: list[str], threads: int, voxseg: bool) -> float:
-    """Wall time of one process; its output is shown only when it fails."""
+def _run(command: list[str], threads: int, voxseg: bool, cwd: Path | None = None) -> float:
+    """Wall time of one process (this checkout's voxseg on its path when `voxseg`); its output is shown only
+    when it fails."""
     env = {**os.environ, "OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads)}
     env["PYTHONPATH"] = str(HERE.parent) if voxseg else ""
     start = time.perf_counter()
-    done = subprocess.run(command, capture_output=True, text=True, env=env)
+    done = subprocess.run(command, capture_output=True, text=True, env=env, cwd=cwd)
     seconds = time.perf_counter() - start
     if done.returncode:
         sys.exit(f"{' '.join(command)} failed:\n{done.stdout[-3000:]}\n{done.stderr[-5000:]}")
@@ -281,6 +282,7 @@ def main() -> None:
     parser.add_argument("--json", default=str(HERE / "results" / "nnunet_predict_compare.json"))
     for hidden in ("--nnunet-train", "--nnunet-predict", "--mirror"):
         parser.add_argument(hidden, action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--no-probabilities", action="store_true", help=argparse.SUPPRESS)
     for hidden in ("--model", "--input", "--output"):
         parser.add_argument(hidden, help=argparse.SUPPRESS)
     args = parser.parse_args()

@@ -35,7 +35,7 @@ import torch
 
 from voxseg.config import TrainConfig, apply_overrides
 from voxseg.data.splits import get_fold
-from voxseg.devices import resolve_device
+from voxseg.devices import cpu_name, resolve_device
 from voxseg.errors import VoxsegError
 from voxseg.infer.validation import full_validation
 from voxseg.jsonio import write_json_atomic
@@ -281,16 +281,6 @@ def plot(result: dict[str, Any], path: Path) -> None:
     tmp = path.with_name(f".{path.stem}.tmp{os.getpid()}.png")
     fig.savefig(tmp, dpi=100)
     os.replace(tmp, path)
-
-
-def cpu_name() -> str:
-    try:  # Linux names the model; platform.processor() often says only "x86_64"
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
 
 
 def machine(device: torch.device) -> dict[str, Any]:

@@ -174,3 +174,12 @@ def test_prepared_networks_measure_once_and_predict_the_same_labels():
     assert torch.allclose(got, expected, atol=1e-4)
     assert np.array_equal(got.argmax(0).numpy(), expected.argmax(0).numpy())
     assert len(json.loads(cache_file().read_text())) == 1
+
+
+def test_an_unwritable_cache_still_gives_the_choice(tmp_path, monkeypatch, capsys):
+    blocker = tmp_path / "file"
+    blocker.write_text("")
+    monkeypatch.setenv("VOXSEG_CACHE_DIR", str(blocker / "below"))  # a folder under a file: cannot be made
+    timer = lambda network, variant, sample: {"fp32": 2.0, "fp32-cl": 1.0}[variant]  # noqa: E731
+    assert choose_variant(_unet(), (2, 16, 16, 16), ("fp32", "fp32-cl"), timer, lambda line: None) == "fp32-cl"
+    assert "could not keep the CPU forward choice" in capsys.readouterr().err

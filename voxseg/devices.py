@@ -3,7 +3,9 @@ that turns a mixed-precision option ("auto", "bf16", "fp16", "off") into an auto
 (`loop.amp`) and inference (`InferConfig.amp`) both resolve theirs here."""
 from __future__ import annotations
 
+import platform
 import re
+from pathlib import Path
 
 import torch
 
@@ -70,3 +72,14 @@ def resolve_amp(name: str, device: torch.device, option: str = "loop.amp") -> to
 def amp_name(dtype: torch.dtype | None) -> str:
     """The mixed-precision option that resolves to `dtype` on any device that supports it: bf16, fp16 or off."""
     return {None: "off", torch.bfloat16: "bf16", torch.float16: "fp16"}[dtype]
+
+
+def cpu_name() -> str:
+    """The CPU's model name (Linux's /proc/cpuinfo; elsewhere what `platform` knows, often only the architecture)."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
