@@ -183,3 +183,16 @@ def test_an_unwritable_cache_still_gives_the_choice(tmp_path, monkeypatch, capsy
     timer = lambda network, variant, sample: {"fp32": 2.0, "fp32-cl": 1.0}[variant]  # noqa: E731
     assert choose_variant(_unet(), (2, 16, 16, 16), ("fp32", "fp32-cl"), timer, lambda line: None) == "fp32-cl"
     assert "could not keep the CPU forward choice" in capsys.readouterr().err
+
+
+def test_without_a_home_the_cache_goes_to_the_temporary_folder(monkeypatch, tmp_path):
+    import tempfile
+    from pathlib import Path
+
+    def no_home():
+        raise RuntimeError("Could not determine home directory.")
+
+    monkeypatch.delenv("VOXSEG_CACHE_DIR")
+    monkeypatch.setattr(Path, "home", staticmethod(no_home))
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
+    assert cache_file() == tmp_path / "voxseg-cache" / "cpu_forward.json"

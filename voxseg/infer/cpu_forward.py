@@ -25,6 +25,7 @@ import hashlib
 import json
 import os
 import sys
+import tempfile
 import time
 from pathlib import Path
 from typing import Any, Callable, Sequence
@@ -155,7 +156,12 @@ def cpu_candidates(amp_dtype: torch.dtype | None, requested: str = "auto") -> tu
 # ----- the measurement and its cache ------------------------------------------------------------------------
 def cache_file() -> Path:
     """Where measured choices are kept: $VOXSEG_CACHE_DIR/cpu_forward.json, else ~/.cache/voxseg/."""
-    root = os.environ.get("VOXSEG_CACHE_DIR") or Path.home() / ".cache" / "voxseg"
+    root = os.environ.get("VOXSEG_CACHE_DIR")
+    if not root:
+        try:
+            root = Path.home() / ".cache" / "voxseg"
+        except (RuntimeError, KeyError):  # no home directory known: a temporary folder keeps it for this machine
+            root = Path(tempfile.gettempdir()) / "voxseg-cache"
     return Path(root) / "cpu_forward.json"
 
 
