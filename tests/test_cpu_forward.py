@@ -119,7 +119,7 @@ def test_the_fastest_candidate_is_chosen_and_kept(tmp_path):
 
     def timer(network, variant, sample):
         calls.append(variant)
-        assert tuple(sample.shape) in [(1, 2, 16, 16, 16), (1, 2, 32, 16, 16)]
+        assert tuple(sample.shape) in [(8, 2, 16, 16, 16), (8, 2, 32, 16, 16)]  # small tiles: measured as a batch
         return {"fp32": 2.0, "fp32-cl": 1.0}[variant]
 
     lines: list[str] = []
@@ -196,3 +196,19 @@ def test_without_a_home_the_cache_goes_to_the_temporary_folder(monkeypatch, tmp_
     monkeypatch.setattr(Path, "home", staticmethod(no_home))
     monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
     assert cache_file() == tmp_path / "voxseg-cache" / "cpu_forward.json"
+
+
+def test_large_tiles_run_one_at_a_time_and_small_ones_as_a_batch(monkeypatch):
+    import voxseg.infer.cpu_forward as cpu_forward
+
+    net = _unet(8)
+    _replace_instance_norms(net)
+    runner = CpuForward(net, "fp32-cl")
+    batches: list[int] = []
+    monkeypatch.setattr(runner, "_sample", lambda x: batches.append(x.shape[0]) or torch.zeros(x.shape[0], 3, 1))
+    runner(torch.zeros(3, 2, 16, 16, 16))
+    assert batches == [3]
+    monkeypatch.setattr(cpu_forward, "SAMPLE_ALONE_VOXELS", 16**3)
+    batches.clear()
+    runner(torch.zeros(3, 2, 16, 16, 16))
+    assert batches == [1, 1, 1]

@@ -8,10 +8,10 @@ and which is fastest depends on the CPU, so it is measured, not guessed:
     bf16-cl   bfloat16 convolutions, channels-last: on CPUs with native bfloat16 (AMX, AVX512-BF16) several
               times faster; the logits differ from float32's by the rounding of bfloat16 (see docs/INFERENCE.md)
 
-In every variant each tile goes through the network on its own (batch 1): oneDNN already keeps the cores busy
-with one tile, the activations of one tile are what the memory has to hold, and instance normalisation of a
-single sample is batch normalisation with the sample's own statistics, whose kernel runs on channels-last
-tensors without copying them (`SampleInstanceNorm`). The variant is chosen by timing one forward pass of each
+In every variant a large tile (`SAMPLE_ALONE_VOXELS`, 2^19 voxels, e.g. 96 x 128 x 160) goes through the network on
+its own: oneDNN already keeps the cores busy with one, and the memory then holds one tile's activations; small
+tiles go as one batch. Instance normalisation runs on channels-last tensors without copying them, one sample at
+a time (`SampleInstanceNorm`). The variant is chosen by timing one forward pass of each
 candidate with the network's own shapes (`choose_variant`). The result is kept per CPU, PyTorch version, thread
 count and network in the cache file `cache_file()` (~/.cache/voxseg/cpu_forward.json; VOXSEG_CACHE_DIR moves
 it), so the measurement costs a few forward passes once per model and machine.
@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
 import sys
 import tempfile
@@ -38,7 +39,10 @@ from voxseg.devices import cpu_name
 from voxseg.jsonio import write_json_atomic
 
 VARIANTS = ("fp32", "fp32-cl", "bf16-cl")
-IMPLEMENTATION = 2  # part of the cache key: a change of how a variant runs measures again
+IMPLEMENTATION = 3  # part of the cache key: a change of how a variant runs measures again
+SAMPLE_ALONE_VOXELS = 2**19
+"""Tiles of at least this many voxels go through the network one at a time (one keeps 2 cores busy, and memory
+holds one tile's activations); smaller tiles go as one batch (per-call overhead would dominate)."""
 FLOAT32_VARIANTS = ("fp32", "fp32-cl")
 
 __all__ = ["VARIANTS", "CpuForward", "SampleInstanceNorm", "cache_file", "choose_variant", "cpu_candidates",
@@ -130,7 +134,7 @@ class CpuForward(nn.Module):
         return out.float().contiguous()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if x.shape[0] == 1:
+        if x.shape[0] == 1 or x[0, 0].numel() < SAMPLE_ALONE_VOXELS:
             return self._sample(x)
         return torch.cat([self._sample(x[i : i + 1]) for i in range(x.shape[0])])
 
@@ -209,7 +213,8 @@ def choose_variant(network: nn.Module, input_shape: Sequence[int], candidates: S
     entry = entries.get(key)
     if isinstance(entry, dict) and entry.get("variant") in candidates:
         return entry["variant"]
-    sample = torch.randn((1, *input_shape), generator=torch.Generator().manual_seed(0))
+    batch = 1 if math.prod(input_shape[1:]) >= SAMPLE_ALONE_VOXELS else 8  # as the tiles will run
+    sample = torch.randn((batch, *input_shape), generator=torch.Generator().manual_seed(0))
     seconds = {variant: timer(network, variant, sample) for variant in candidates}
     network.to(memory_format=torch.contiguous_format)
     best = min(seconds, key=seconds.get)
