@@ -36,7 +36,7 @@ def test_settings_validate_and_take_single_fields():
     settings = EvaluationSettings.build(tolerance_mm=2, convention="brats")
     assert (settings.tolerance_mm, settings.convention, settings.num_workers) == (2.0, "brats", 1)
     assert EvaluationSettings.build(settings, num_workers=3).tolerance_mm == 2.0
-    with pytest.raises(ConfigError, match="evaluation option\\(s\\) tolerance unknown"):
+    with pytest.raises(ConfigError, match=r"unknown evaluation option 'tolerance'; did you mean 'tolerance_mm'\?"):
         EvaluationSettings.build(tolerance=2)
     with pytest.raises(ConfigError, match="tolerance_mm=-1"):
         EvaluationSettings(tolerance_mm=-1)

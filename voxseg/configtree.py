@@ -73,6 +73,16 @@ def dataclass_fields(cls: type) -> dict[str, Any]:
     return {f.name: hints[f.name] for f in dataclasses.fields(cls) if f.init}
 
 
+def replace_fields(base: Any, kind: str, **fields: Any) -> Any:
+    """A copy of dataclass instance `base` with single fields replaced (validated again by its __post_init__);
+    an unknown name is refused as an unknown `kind`, with the nearest valid name."""
+    names = [f.name for f in dataclasses.fields(base)]
+    unknown = sorted(set(fields) - set(names))
+    if unknown:
+        raise ConfigError(unknown_name_message(kind, unknown[0], names))
+    return dataclasses.replace(base, **fields)
+
+
 def build_dataclass(cls: type, data: dict[str, Any], where: str = "") -> Any:
     """Build dataclass `cls` from a dict, recursing into nested dataclasses; unknown keys are errors."""
     if not isinstance(data, dict):

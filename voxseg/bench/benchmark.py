@@ -11,7 +11,6 @@ initialised networks of the planned shape when no trained fold exists: speed doe
 """
 from __future__ import annotations
 
-import dataclasses
 import platform
 import tempfile
 import time
@@ -22,6 +21,7 @@ from typing import Any
 import torch
 
 from voxseg.bench.timing import config_for, sync, time_training
+from voxseg.configtree import replace_fields
 from voxseg.errors import DatasetError
 from voxseg.infer.config import InferConfig
 from voxseg.jsonio import write_json_atomic
@@ -131,7 +131,7 @@ def run_benchmark(workdir: str | Path, options: BenchmarkOptions | None = None, 
     `options`/`fields`: what to measure (`BenchmarkOptions`; `fields` replace single ones)."""
     from voxseg.devices import resolve_device
 
-    options = dataclasses.replace(options or BenchmarkOptions(), **fields)
+    options = replace_fields(options or BenchmarkOptions(), "benchmark option", **fields)
     workdir = Path(workdir)
     torch.set_num_threads(options.num_threads)
     config = config_for(options.device, options.num_threads, list(options.overrides) or None)

@@ -1,11 +1,11 @@
 """`PlanOptions`: how `voxseg plan` / `plan_dataset` plans a dataset (the one home of these defaults)."""
 from __future__ import annotations
 
-import dataclasses
 import math
 from dataclasses import dataclass
 from typing import Any
 
+from voxseg.configtree import replace_fields
 from voxseg.errors import ConfigError
 
 
@@ -46,8 +46,4 @@ class PlanOptions:
     @classmethod
     def build(cls, options: "PlanOptions | None" = None, **fields: Any) -> "PlanOptions":
         """`options` (default: the defaults) with single fields replaced; an unknown name is refused."""
-        names = [f.name for f in dataclasses.fields(cls)]
-        unknown = [key for key in fields if key not in names]
-        if unknown:
-            raise ConfigError(f"planning option(s) {', '.join(unknown)} unknown; use {', '.join(names)}")
-        return dataclasses.replace(options or cls(), **fields)
+        return replace_fields(options or cls(), "planning option", **fields)

@@ -12,7 +12,6 @@ the brain's size, which keeps tiny test volumes (16^3) meaningful and full-size 
 """
 from __future__ import annotations
 
-import dataclasses
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -20,6 +19,7 @@ from typing import Any
 import numpy as np
 from scipy import ndimage
 
+from voxseg.configtree import replace_fields
 from voxseg.data.io import Geometry, write_image
 from voxseg.errors import ConfigError
 from voxseg.jsonio import write_json_atomic
@@ -278,11 +278,7 @@ def make_synthetic_dataset(out_dir: str | Path, options: SynthOptions | None = N
     label values (1 necrosis, 2 edema, 4 enhancing); test cases have no seg file. Convert with `convert_brats`.
     `options`/`fields`: what to write (`SynthOptions`; `fields` replace single ones, e.g. `num_cases=5`).
     """
-    unknown = [key for key in fields if key not in {f.name for f in dataclasses.fields(SynthOptions)}]
-    if unknown:
-        raise ConfigError(f"synthetic data: option(s) {', '.join(unknown)} unknown; use "
-                          f"{', '.join(f.name for f in dataclasses.fields(SynthOptions))}")
-    options = dataclasses.replace(options or SynthOptions(), **fields)
+    options = replace_fields(options or SynthOptions(), "synthetic data option", **fields)
     num_cases, num_test, shape, spacing = options.num_cases, options.num_test, options.shape, options.spacing
     seed, regions, layout, file_ending = options.seed, options.regions, options.layout, options.file_ending
     if layout not in ("nnunet", "brats"):

@@ -36,13 +36,13 @@ and shared by HD95 and NSD.
 """
 from __future__ import annotations
 
-import dataclasses
 from dataclasses import dataclass
 from typing import Any, Sequence
 
 import numpy as np
 from scipy import ndimage
 
+from voxseg.configtree import replace_fields
 from voxseg.errors import ConfigError, InputError
 
 HD95_ONE_EMPTY_CHOICES = ("nan", "diagonal")
@@ -294,7 +294,7 @@ def compute_case_metrics(
     Returns:
         name -> `binary_metrics` dict.
     """
-    options = dataclasses.replace(options or MetricOptions(), **fields)
+    options = replace_fields(options or MetricOptions(), "metric option", **fields)
     pred_labels, ref_labels = np.asarray(pred_labels), np.asarray(ref_labels)
     if pred_labels.shape != ref_labels.shape:
         raise InputError(f"prediction shape {pred_labels.shape} differs from reference shape {ref_labels.shape}")

@@ -2,10 +2,10 @@
 (`voxseg evaluate`'s options, `evaluate_folder`'s keywords, cross-validation's scoring)."""
 from __future__ import annotations
 
-import dataclasses
 from dataclasses import dataclass
 from typing import Any
 
+from voxseg.configtree import replace_fields
 from voxseg.errors import ConfigError
 from voxseg.evaluate.conventions import check_convention
 from voxseg.evaluate.matching import check_tolerance
@@ -45,8 +45,4 @@ class EvaluationSettings:
     @classmethod
     def build(cls, settings: "EvaluationSettings | None" = None, **options: Any) -> "EvaluationSettings":
         """`settings` (default: the defaults) with `options` (field=value) replaced; an unknown name is refused."""
-        names = [f.name for f in dataclasses.fields(cls)]
-        unknown = [key for key in options if key not in names]
-        if unknown:
-            raise ConfigError(f"evaluation option(s) {', '.join(unknown)} unknown; use {', '.join(names)}")
-        return dataclasses.replace(settings or cls(), **options)
+        return replace_fields(settings or cls(), "evaluation option", **options)

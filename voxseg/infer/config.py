@@ -23,13 +23,12 @@ from typing import Any, Sequence
 import torch
 
 from voxseg.checkpoint import CHECKPOINT_CHOICES
-from voxseg.configtree import build_dataclass, check_choice, locate_option, parse_value
+from voxseg.configtree import build_dataclass, check_choice, locate_option, parse_value, replace_fields
 from voxseg.data.io import SUPPORTED_ENDINGS
 from voxseg.devices import AMP_CHOICES, is_device_name, resolve_amp
 from voxseg.errors import ConfigError
 from voxseg.infer.cpu_forward import VARIANTS as CPU_FORWARD_VARIANTS
 from voxseg.plans import Plan
-from voxseg.registry import unknown_name_message
 
 BACKENDS = ("auto", "torch", "onnxruntime")
 MIRROR_WORDS = ("all", "none")  # mirror_axes given as a word instead of axes
@@ -152,11 +151,7 @@ class InferConfig:
     # ----- copies ---------------------------------------------------------------------------------------------
     def replace(self, **changes: Any) -> "InferConfig":
         """A copy with some fields changed (validated); unknown names are refused with the nearest one."""
-        names = [f.name for f in dataclasses.fields(self)]
-        unknown = sorted(set(changes) - set(names))
-        if unknown:
-            raise ConfigError(unknown_name_message("inference option", unknown[0], names))
-        return dataclasses.replace(self, **changes)
+        return replace_fields(self, "inference option", **changes)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
