@@ -1,17 +1,17 @@
-"""One forward pass of a planned network on the CPU, in each way PyTorch (and onnxruntime) can run it.
+"""One forward pass of a planned network on the CPU, in each variant voxseg's predictor can choose, and onnxruntime.
 
 Variants (each timed on the same input, the same weights, `--threads` torch threads):
-  fp32            eager, contiguous (N, C, D, H, W)  - what voxseg and nnU-Net's predictor run today
-  fp32-cl         eager, channels_last_3d weights and input
-  bf16            autocast to bfloat16 (oneDNN; AMX where the CPU has it)
-  bf16-cl         autocast to bfloat16, channels_last_3d
+  fp32            float32, (N, C, D, H, W) contiguous: the network as built (nnU-Net's predictor runs this)
+  fp32-cl         float32, channels-last, voxseg's instance norm for that layout (voxseg.infer.cpu_forward)
+  bf16-cl         bfloat16 convolutions, channels-last (`predict --amp bf16`)
   onnxruntime     the network exported to ONNX, run by onnxruntime's CPU provider (needs voxseg[onnx])
 
-For each: seconds per forward (median of --repeats after one warm-up), the ratio to fp32, the largest absolute
-logit difference from fp32 and the share of voxels whose argmax differs from fp32's.
+The torch variants run as `voxseg predict` runs them (`voxseg.infer.cpu_forward.CpuForward`). For each: seconds
+per forward (median of --repeats after one warm-up), the ratio to fp32, the largest absolute logit difference
+from fp32 and the share of voxels whose argmax differs from fp32's.
 
-Run: python benchmarks/forward_variants.py WORKDIR [--batch 2] [--repeats 3] [--threads 2]
-         [--variants fp32,fp32-cl,bf16,bf16-cl,onnxruntime] [--weights fold_0/checkpoint_final.pt]
+Run: python benchmarks/forward_variants.py WORKDIR [--batch 1] [--repeats 3] [--threads 2]
+         [--variants fp32,fp32-cl,bf16-cl,onnxruntime] [--weights fold_0/checkpoint_final.pt]
 WORKDIR is a voxseg work directory (its plans.json gives network and patch). Without --weights the network keeps
 its random initial weights.
 """
@@ -29,23 +29,10 @@ import torch
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent))
 
+from voxseg.infer.cpu_forward import CpuForward, replace_instance_norms  # noqa: E402
 from voxseg.jsonio import read_json  # noqa: E402
 from voxseg.models.factory import build_network  # noqa: E402
 from voxseg.plans import Plan  # noqa: E402
-
-CL = torch.channels_last_3d
-
-
-def _torch_runner(model: torch.nn.Module, channels_last: bool, amp: torch.dtype | None):
-    net = model.to(memory_format=CL) if channels_last else model
-
-    def run(batch: torch.Tensor) -> torch.Tensor:
-        x = batch.contiguous(memory_format=CL) if channels_last else batch
-        with torch.no_grad(), torch.autocast("cpu", dtype=amp or torch.float32, enabled=amp is not None):
-            out = net(x)
-        out = out[0] if isinstance(out, (list, tuple)) else out
-        return out.float().contiguous()
-    return run
 
 
 def _onnx_runner(model: torch.nn.Module, example: torch.Tensor, threads: int):
@@ -67,10 +54,10 @@ def _onnx_runner(model: torch.nn.Module, example: torch.Tensor, threads: int):
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("workdir")
-    parser.add_argument("--batch", type=int, default=2)
+    parser.add_argument("--batch", type=int, default=1)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--variants", default="fp32,fp32-cl,bf16,bf16-cl,onnxruntime")
+    parser.add_argument("--variants", default="fp32,fp32-cl,bf16-cl,onnxruntime")
     parser.add_argument("--weights", help="a checkpoint_*.pt of the work directory (default: random weights)")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
@@ -85,17 +72,22 @@ def main() -> None:
     print(f"network {plan.network.name}, patch {plan.patch_size}, batch {args.batch}, {args.threads} threads")
     reference = None
     base_seconds = None
+    prepared = build_network(plan, deep_supervision=False).eval()
+    prepared.load_state_dict(model.state_dict())
+    replace_instance_norms(prepared)
     for name in args.variants.split(","):
         if name == "onnxruntime":
             run = _onnx_runner(model, batch[:1], args.threads)
         else:
-            run = _torch_runner(model, name.endswith("-cl"), torch.bfloat16 if name.startswith("bf16") else None)
-        out = run(batch)  # warm-up (oneDNN primitive creation)
-        times = []
-        for _ in range(args.repeats):
-            start = time.perf_counter()
-            out = run(batch)
-            times.append(time.perf_counter() - start)
+            prepared.to(memory_format=torch.contiguous_format)
+            run = CpuForward(prepared, name)
+        with torch.no_grad():
+            out = run(batch)  # warm-up (oneDNN primitive creation)
+            times = []
+            for _ in range(args.repeats):
+                start = time.perf_counter()
+                out = run(batch)
+                times.append(time.perf_counter() - start)
         seconds = statistics.median(times)
         if reference is None:
             reference, base_seconds = out, seconds
@@ -103,7 +95,6 @@ def main() -> None:
         flips = (out.argmax(1) != reference.argmax(1)).float().mean().item()
         print(f"{name:12s} {seconds:8.2f} s  x{seconds / base_seconds:5.2f}  max|dlogit| {diff:.3g}  "
               f"argmax differs {100 * flips:.4f} %", flush=True)
-        model = model.to(memory_format=torch.contiguous_format)
 
 
 if __name__ == "__main__":

@@ -11,11 +11,11 @@ import torch.nn as nn
 from voxseg.infer.cpu_forward import (
     CpuForward,
     SampleInstanceNorm,
-    _replace_instance_norms,
     cache_file,
     choose_variant,
     cpu_candidates,
     prepare_cpu_networks,
+    replace_instance_norms,
 )
 from voxseg.models.unet import UNet, UNetTopology
 
@@ -58,7 +58,7 @@ def test_every_instance_norm_is_replaced_and_shares_its_parameters():
     net = _unet()
     norms = [m for m in net.modules() if isinstance(m, nn.InstanceNorm3d)]
     weights = [m.weight for m in norms]
-    assert _replace_instance_norms(net) == len(norms) > 0
+    assert replace_instance_norms(net) == len(norms) > 0
     assert not any(isinstance(m, nn.InstanceNorm3d) for m in net.modules())
     replaced = [m for m in net.modules() if isinstance(m, SampleInstanceNorm)]
     assert all(a is b for a, b in zip(weights, [m.weight for m in replaced]))
@@ -71,7 +71,7 @@ def test_float32_variants_give_the_networks_logits(variant):
     x = torch.randn(3, 2, 16, 16, 16)
     with torch.no_grad():
         expected = _first(reference(x))
-        _replace_instance_norms(net)
+        replace_instance_norms(net)
         got = CpuForward(net, variant)(x)
     assert got.dtype == torch.float32 and got.is_contiguous()
     assert got.shape == expected.shape
@@ -87,7 +87,7 @@ def test_bf16_variant_rounds_like_bfloat16_autocast():
         expected = _first(reference(x)).float()
     with torch.no_grad():
         exact = _first(reference(x))
-        _replace_instance_norms(net)
+        replace_instance_norms(net)
         got = CpuForward(net, "bf16-cl")(x)
     assert got.dtype == torch.float32
     # bfloat16 keeps 8 significant bits: the logits move by that rounding, as autocast's do, not more
@@ -114,7 +114,7 @@ def test_a_2d_network_runs_channels_last_on_4d_tiles():
 
 def test_the_fastest_candidate_is_chosen_and_kept(tmp_path):
     net = _unet()
-    _replace_instance_norms(net)
+    replace_instance_norms(net)
     calls: list[str] = []
 
     def timer(network, variant, sample):
@@ -202,7 +202,7 @@ def test_large_tiles_run_one_at_a_time_and_small_ones_as_a_batch(monkeypatch):
     import voxseg.infer.cpu_forward as cpu_forward
 
     net = _unet(8)
-    _replace_instance_norms(net)
+    replace_instance_norms(net)
     runner = CpuForward(net, "fp32-cl")
     batches: list[int] = []
     monkeypatch.setattr(runner, "_sample", lambda x: batches.append(x.shape[0]) or torch.zeros(x.shape[0], 3, 1))

@@ -46,7 +46,7 @@ holds one tile's activations); smaller tiles go as one batch (per-call overhead 
 FLOAT32_VARIANTS = ("fp32", "fp32-cl")
 
 __all__ = ["VARIANTS", "CpuForward", "SampleInstanceNorm", "cache_file", "choose_variant", "cpu_candidates",
-           "prepare_cpu_networks"]
+           "prepare_cpu_networks", "replace_instance_norms"]
 
 
 class SampleInstanceNorm(nn.Module):
@@ -91,7 +91,7 @@ def _sample_statistics(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return mean, deviation.mean(0)
 
 
-def _replace_instance_norms(module: nn.Module) -> int:
+def replace_instance_norms(module: nn.Module) -> int:
     """Replace every instance norm without running statistics by a SampleInstanceNorm (in place); the count."""
     count = 0
     for name, child in module.named_children():
@@ -99,7 +99,7 @@ def _replace_instance_norms(module: nn.Module) -> int:
             setattr(module, name, SampleInstanceNorm(child))
             count += 1
         else:
-            count += _replace_instance_norms(child)
+            count += replace_instance_norms(child)
     return count
 
 
@@ -144,7 +144,7 @@ def prepare_cpu_networks(networks: Sequence[nn.Module], input_shape: Sequence[in
     """The networks (modified in place: instance norms replaced) wrapped to run on the CPU as the fastest of
     `candidates` for inputs of `input_shape` (C, *P) (`choose_variant`, measured on the first network)."""
     for network in networks:
-        _replace_instance_norms(network)
+        replace_instance_norms(network)
     variant = choose_variant(networks[0], input_shape, candidates)
     return [CpuForward(network, variant) for network in networks]
 
