@@ -357,10 +357,10 @@ def test_labels_are_decided_after_the_probabilities_are_restored():
 
 
 def test_forward_passes_fit_the_free_memory(monkeypatch):
-    """The predictor caps tiles x mirrored copies per forward pass by the memory free now (on a CPU a pass too
-    large is killed, not caught): with room for 2 tiles, calls of 2, and the labels of the uncapped run."""
+    """On a CPU the predictor caps tiles x mirrored copies per forward pass by the case's memory budget (a pass
+    too large is killed, not caught): with room for one tile beyond the rest of the case, calls of 2, and the
+    labels of the uncapped run."""
     import voxseg.infer.budget as budget
-    from voxseg.data.memory import inference_bytes_per_tile
 
     plan = tiny_plan()
     torch.manual_seed(0)
@@ -375,9 +375,11 @@ def test_forward_passes_fit_the_free_memory(monkeypatch):
     predictor = Predictor(plan, [model], InferConfig(mirror_axes=(0, 1, 2), tile_batch=4), device="cpu")
     reference = predictor.predict_array(image, (1.0, 1.0, 1.0))
     assert max(calls) == 32  # 4 tiles x 8 mirrored copies while memory is plentiful
-    tile = inference_bytes_per_tile(plan.network, plan.patch_size, 2, 3)
-    accumulators = 4 * 30 * 28 * 20 * 4
-    monkeypatch.setattr(budget, "available_memory_bytes", lambda device: accumulators + 4.5 * tile)
+    values = predictor._restore_values()
+    one_tile = budget.case_memory(plan, image.shape, (1.0, 1.0, 1.0), torch.device("cpu"), values, 1, "none")
+    tile = one_tile.forward
+    free = (one_tile.peak + 1.5 * tile) / budget.DEFAULT_BUDGET_SHARE  # the rest of the case and 2.5 tiles
+    monkeypatch.setattr(budget, "available_memory_bytes", lambda device: free)
     calls.clear()
     assert np.array_equal(predictor.predict_array(image, (1.0, 1.0, 1.0)), reference)
-    assert set(calls) == {2}  # half of 4.5 tiles' worth: 2 per pass (1 tile x 2 mirrored copies)
+    assert set(calls) == {2}  # 2 per pass (1 tile x 2 mirrored copies)

@@ -174,8 +174,8 @@ def test_a_forward_batch_limit_caps_tiles_then_mirrors_with_the_same_result(caps
     image = torch.randn(1, 1, 20, 16, 18)
     reference = sliding_window_inference(net, image, (8, 8, 8), 2, Tiling.default(tile_batch=4, mirror_axes=(0, 1, 2)))
     model, calls = _out_of_memory_when(lambda batch, _: False, net)
-    out = sliding_window_inference(model, image, (8, 8, 8), 2, Tiling.default(tile_batch=4, mirror_axes=(0, 1, 2)),
-                                   max_forward_batch=5)
+    out = sliding_window_inference(model, image, (8, 8, 8), 2,
+                                   Tiling.default(tile_batch=4, mirror_axes=(0, 1, 2), max_forward_batch=5))
     assert set(calls) == {4}  # 1 tile x 4 of the 8 mirrored copies per call, never more than 5
     assert torch.allclose(out, reference, atol=1e-6)
     assert capsys.readouterr().err == ""  # a planned limit, not a fallback: nothing to report

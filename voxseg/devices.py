@@ -3,9 +3,11 @@ that turns a mixed-precision option ("auto", "bf16", "fp16", "off") into an auto
 (`loop.amp`) and inference (`InferConfig.amp`) both resolve theirs here."""
 from __future__ import annotations
 
+import contextlib
 import platform
 import re
 from pathlib import Path
+from typing import Iterator
 
 import torch
 
@@ -83,3 +85,14 @@ def cpu_name() -> str:
     except OSError:
         pass
     return platform.processor() or platform.machine()
+
+
+@contextlib.contextmanager
+def cudnn_autotuning(enabled: bool) -> Iterator[None]:
+    """cuDNN autotuning while tiles run (one patch shape for every tile: it pays), then the caller's setting."""
+    previous = torch.backends.cudnn.benchmark
+    torch.backends.cudnn.benchmark = enabled or previous
+    try:
+        yield
+    finally:
+        torch.backends.cudnn.benchmark = previous

@@ -37,3 +37,8 @@ class DiskFullError(VoxsegError):
 
 class DeviceMemoryError(VoxsegError):
     """The accelerator ran out of memory even after the fallbacks (smaller batches, host memory) were tried."""
+
+
+class MemoryBudgetError(VoxsegError):
+    """A case needs more memory than the budget allows (predict --max-memory, or what is free); refused before
+    any work, with the numbers."""

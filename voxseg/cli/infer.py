@@ -36,6 +36,7 @@ PREDICT_FLAGS: dict[str, str] = {
     "--save-probabilities": "save_probabilities",
     "--postprocess": "postprocess",
     "--file-ending": "file_ending",
+    "--max-memory": "max_memory",
 }
 # fields with a hand-written flag: another spelling (--no-mirror), or several values after one flag (--onnx-model)
 PREDICT_EXTRA_FLAGS: dict[str, str] = {"--no-mirror": "mirror_axes", "--onnx-model": "onnx_files"}

@@ -157,7 +157,9 @@ def _write_nibabel(path: Path, array: np.ndarray, geometry: Geometry) -> None:
     import nibabel as nib
 
     ras_affine = _RAS_TO_LPS @ geometry.affine[:, [2, 1, 0, 3]]
-    image = nib.Nifti1Image(np.ascontiguousarray(array.transpose(2, 1, 0)), ras_affine)
+    # NIfTI stores x fastest: the transposed view of a C-ordered (z, y, x) array is already in that order, and
+    # nibabel writes it as it lies in memory (no copy of the volume)
+    image = nib.Nifti1Image(array.transpose(2, 1, 0), ras_affine)
     image.set_qform(ras_affine, code=1)
     image.set_sform(ras_affine, code=1)
     image.header.set_xyzt_units("mm")

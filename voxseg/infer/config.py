@@ -78,6 +78,10 @@ class InferConfig:
     class; false = none, even where the model has a postprocessing.json."""
     file_ending: str | None = None
     """File ending of the written label maps (.nii.gz, .nii, .mha, .mhd, .nrrd, .nhdr); none = the plan's."""
+    max_memory: float | None = None
+    """Host memory in GB one case's prediction may take at its peak; none = 85% of what is available when the
+    case starts. The restore slab and the tiles per forward pass are fitted into it, and a case that cannot
+    fit is refused before any work, with the numbers (docs/INFERENCE.md, "Memory")."""
 
     def __post_init__(self) -> None:
         self._normalise()
@@ -100,6 +104,11 @@ class InferConfig:
         for name in ("compile", "save_probabilities"):
             if not isinstance(getattr(self, name), bool):
                 raise ConfigError(f"{name}={getattr(self, name)!r}: give true or false")
+        if self.max_memory is not None and (isinstance(self.max_memory, bool) or
+                                            not isinstance(self.max_memory, (int, float)) or
+                                            not 0 < self.max_memory < float("inf")):
+            raise ConfigError(f"max_memory={self.max_memory!r}: give the memory one case may take in GB, e.g. 4 "
+                              "(predict --max-memory), or none for 85% of what is available")
         if self.postprocess not in (None, True, False):
             raise ConfigError(f"postprocess={self.postprocess!r}: give none (the model's), true or false")
 
@@ -174,6 +183,9 @@ class Tiling:
     """Blend the tiles with a Gaussian importance map (else a flat average)."""
     accumulator_device: str | torch.device | None = None
     """Where the logits are summed; None: the compute device when they fit in its free memory, else the host."""
+    max_forward_batch: int | None = None
+    """The most tiles (mirrored copies included) one forward call may hold; None: tile_batch x mirrors. Set per
+    case from the memory free (`voxseg.infer.budget.forward_limit`)."""
 
     def __post_init__(self) -> None:
         check_tiling(self.step, self.tile_batch)

@@ -22,6 +22,7 @@ import torch
 from voxseg.data.configs import config_workdir
 from voxseg.data.io import Geometry
 from voxseg.errors import ConfigError
+from voxseg.infer.casefiles import CaseImage
 from voxseg.infer.config import InferConfig
 from voxseg.infer.postprocess import probabilities_to_labels, probability_names
 from voxseg.infer.predictor import Predictor
@@ -93,6 +94,12 @@ class EnsemblePredictor(Predictor):
     def predict_logits(self, image_pp: np.ndarray | torch.Tensor, name: str = "") -> torch.Tensor:
         raise ConfigError("an ensemble of configurations has no logits of its own: each configuration "
                           "preprocesses the case itself; use predict_array")
+
+    def _predict_for_files(self, case: CaseImage, name: str, out_dir: Path,
+                           with_probabilities: bool) -> tuple[np.ndarray, np.ndarray | None]:
+        """The members' mean probabilities are needed whole (in memory) to take the labels from them."""
+        result = self.predict_array(case.image, case.geometry, return_probabilities=with_probabilities, name=name)
+        return result if with_probabilities else (result, None)
 
     def predict_array(self, image: np.ndarray, geometry: Geometry | Sequence[float],
                       return_probabilities: bool = False, name: str = "") -> np.ndarray | tuple[np.ndarray, np.ndarray]:

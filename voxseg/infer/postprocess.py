@@ -44,18 +44,29 @@ _MIN_IMPROVEMENT = 1e-6
 
 
 # ----- network output -> labels ----------------------------------------------------------------------------
+def label_dtype(plan: Plan) -> torch.dtype:
+    """uint8 while every label value fits (<= 255), else int32 on the device (written as uint16)."""
+    return torch.uint8 if max(plan.label_scheme.class_order or [0]) <= 255 else torch.int32
+
+
+def label_numpy_dtype(plan: Plan) -> np.dtype:
+    """The label map's dtype on the host and in the written file: uint8, or uint16 for label values above 255."""
+    return np.dtype(np.uint8) if label_dtype(plan) == torch.uint8 else np.dtype(np.uint16)
+
+
 def regions_to_labels(probabilities: torch.Tensor, regions_class_order: Sequence[int],
                       threshold: float = 0.5) -> torch.Tensor:
-    """(R, *S) region probabilities -> (*S) uint8 labels: start at 0; region r writes its value where p > 0.5."""
-    labels = torch.zeros(probabilities.shape[1:], dtype=torch.uint8, device=probabilities.device)
+    """(R, *S) region probabilities -> (*S) labels (uint8, or int32 with a value above 255): start at 0; region
+    r writes its value where p > 0.5."""
+    dtype = torch.uint8 if max(regions_class_order or [0]) <= 255 else torch.int32
+    labels = torch.zeros(probabilities.shape[1:], dtype=dtype, device=probabilities.device)
     for region, value in enumerate(regions_class_order):
         labels[probabilities[region] > threshold] = int(value)
     return labels
 
 
-
 def logits_to_labels(logits: torch.Tensor, plan: Plan) -> tuple[torch.Tensor, torch.Tensor]:
-    """(K, *S) logits -> ((*S) uint8 label values, (K, *S) probabilities).
+    """(K, *S) logits -> ((*S) label values, (K, *S) probabilities).
 
     Softmax plans: channel i + 1 predicts the label value of the i-th foreground class (labels need not be
     listed in value order). Region plans: sigmoid per region, then regions -> labels in regions_class_order.
@@ -70,11 +81,22 @@ def activate(logits: torch.Tensor, plan: Plan) -> torch.Tensor:
 
 
 def probabilities_to_labels(probabilities: torch.Tensor, plan: Plan) -> torch.Tensor:
-    """(K, *S) probabilities (softmax, or sigmoid per region) -> (*S) uint8 label values."""
+    """(K, *S) probabilities (softmax, or sigmoid per region) -> (*S) label values (`label_dtype`)."""
     if plan.is_region_based:
         return regions_to_labels(probabilities, plan.label_scheme.class_order)
-    values = torch.tensor([0] + plan.label_scheme.class_order, dtype=torch.uint8, device=probabilities.device)
+    values = torch.tensor([0] + plan.label_scheme.class_order, dtype=label_dtype(plan), device=probabilities.device)
     return values[probabilities.argmax(0)]
+
+
+def logits_to_label_map(logits: torch.Tensor, plan: Plan) -> torch.Tensor:
+    """(K, *S) logits -> (*S) label values, decided on the logits: the largest logit (the softmax keeps the
+    order), or a region where its logit is above 0 (its sigmoid above 0.5). The same labels as
+    `probabilities_to_labels(activate(logits))` without computing K exponentials per voxel (they may differ only
+    where rounding makes two probabilities equal that the logits tell apart)."""
+    if plan.is_region_based:
+        return regions_to_labels(logits, plan.label_scheme.class_order, threshold=0.0)
+    values = torch.tensor([0] + plan.label_scheme.class_order, dtype=label_dtype(plan), device=logits.device)
+    return values[logits.argmax(0)]
 
 
 def probability_names(plan: Plan) -> list[str]:
@@ -82,11 +104,47 @@ def probability_names(plan: Plan) -> list[str]:
     return list(plan.class_names) if plan.is_region_based else ["background", *plan.class_names]
 
 
+class OriginalGrid:
+    """Where restored slabs of a case go (`consume(rows, restored)` of `voxseg.data.restore`): each (K, rows, H, W)
+    slab of the crop box's logits is activated, turned into labels and pasted into the (D, H, W) label map of the
+    original grid; its probabilities into `probabilities` when asked for: an array (K, D, H, W) float32 kept in
+    memory (`with_probabilities=True`), or any object with the same `paste(rows, box, values)` /
+    `fill_outside(...)` (e.g. `voxseg.infer.casefiles.ProbabilityFile`, which writes them to disk as they come).
+    Outside the crop box: background (label 0; softmax probability 1 for background, 0 for the rest; regions 0).
+    Pasting a slab twice (a retry) writes the same values again.
+    """
+
+    def __init__(self, plan: Plan, properties: dict[str, Any], with_probabilities: bool = False,
+                 probability_sink: Any = None) -> None:
+        self.plan = plan
+        self.box = crop_box(properties)
+        original = tuple(int(s) for s in properties["original_shape"])
+        self.labels = np.zeros(original, dtype=label_numpy_dtype(plan))  # background outside the crop box
+        self.probabilities = None
+        self.sink = probability_sink
+        if with_probabilities and probability_sink is None:
+            self.probabilities = np.zeros((plan.num_outputs, *original), dtype=np.float32)
+            if not plan.is_region_based:
+                self.probabilities[0] = 1.0
+
+    def __call__(self, rows: slice, restored: torch.Tensor) -> None:
+        labels = logits_to_label_map(restored, self.plan).cpu().numpy()
+        paste_rows(self.labels, self.box, rows, labels.astype(self.labels.dtype, copy=False))
+        if self.probabilities is None and self.sink is None:
+            return
+        activated = activate(restored, self.plan)
+        if self.probabilities is not None:
+            paste_rows(self.probabilities, self.box, rows, activated.cpu().numpy())
+        if self.sink is not None:
+            self.sink.paste(rows, self.box, activated)
+
+
 def labels_on_original_grid(logits: torch.Tensor, plan: Plan, properties: dict[str, Any],
                             with_probabilities: bool = False,
                             max_values: int = DEFAULT_RESTORE_VALUES) -> tuple[np.ndarray, np.ndarray | None]:
-    """(K, d, h, w) logits at the target spacing -> ((D, H, W) uint8 labels, (K, D, H, W) float32 probabilities
-    or None) on the case's original grid; the probabilities reach the host only when `with_probabilities`.
+    """(K, d, h, w) logits at the target spacing -> ((D, H, W) labels (uint8, uint16 for label values above
+    255), (K, D, H, W) float32 probabilities or None) on the case's original grid; the probabilities reach the
+    host only when `with_probabilities`.
 
     As nnU-Net does: the logits are resampled linearly to the crop box's original shape, activated there (softmax
     / sigmoid) and pasted into the full grid, and the labels are taken from those probabilities. Deciding after
@@ -96,29 +154,16 @@ def labels_on_original_grid(logits: torch.Tensor, plan: Plan, properties: dict[s
     Memory: the crop box is restored in slabs of rows (`voxseg.data.restore`) on the logits' device, each slab
     activated, turned into labels and copied to the host before the next, so that the device holds at most
     `max_values` values (channels x voxels) of slab tensors at once; on a CUDA out-of-memory error the rest is
-    done on the CPU. The result does not depend on `max_values`.
+    done on the CPU. The result does not depend on `max_values`. Prediction does not hold the whole logits at
+    all: the sliding window hands its finished rows to a `StreamingRestore` feeding the same `OriginalGrid`.
     """
     expected = [int(s) for s in properties["shape_after_resample"]]
     if logits.ndim != 4 or list(logits.shape[1:]) != expected:
         raise InputError(f"case '{properties.get('name', '')}': prediction shape {tuple(logits.shape)} does not "
                          f"match the preprocessed shape {expected}")
-    original = tuple(int(s) for s in properties["original_shape"])
-    labels = np.zeros(original, dtype=np.uint8)  # background outside the crop box
-    probabilities = None
-    if with_probabilities:
-        probabilities = np.zeros((logits.shape[0], *original), dtype=np.float32)
-        if not plan.is_region_based:
-            probabilities[0] = 1.0  # softmax: background outside the crop box; regions: every channel 0
-    box = crop_box(properties)
-
-    def consume(rows: slice, restored: torch.Tensor) -> None:  # (K, rows, H, W) logits of the crop box
-        activated = activate(restored, plan)
-        paste_rows(labels, box, rows, probabilities_to_labels(activated, plan).cpu().numpy())
-        if probabilities is not None:
-            paste_rows(probabilities, box, rows, activated.cpu().numpy())
-
-    restore_in_slabs(logits, properties, consume, max_values)
-    return labels, probabilities
+    grid = OriginalGrid(plan, properties, with_probabilities)
+    restore_in_slabs(logits, properties, grid, max_values)
+    return grid.labels, grid.probabilities
 
 
 # ----- largest connected component --------------------------------------------------------------------------

@@ -16,13 +16,12 @@ averaged in logit space inside one sliding-window pass; `Predictor.folds` lists 
 """
 from __future__ import annotations
 
-import contextlib
 import time
 from collections import deque
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import replace
 from pathlib import Path
-from typing import Any, Iterator, Sequence
+from typing import Any, Callable, Sequence
 
 import numpy as np
 import torch
@@ -30,19 +29,26 @@ import torch
 from voxseg.atomicio import make_output_folder, sweep_stale_temporaries
 from voxseg.data.configs import stage_workdir
 from voxseg.data.io import Geometry, read_channels, write_image
-from voxseg.data.restore import DEFAULT_RESTORE_VALUES
-from voxseg.devices import resolve_device
+from voxseg.data.restore import StreamingRestore, default_restore_values
+from voxseg.devices import cudnn_autotuning, resolve_device
 from voxseg.distributed import local_device
 from voxseg.errors import ConfigError, InputError, VoxsegError
 from voxseg.infer.archive import load_fold_network, resolve_folds
-from voxseg.infer.budget import forward_limit
-from voxseg.infer.casefiles import case_failure_reason, collect_write, my_share, save_probabilities
+from voxseg.infer.budget import FittedCase, fit_case, forward_limit
+from voxseg.infer.casefiles import (
+    CaseImage,
+    ProbabilityFile,
+    case_failure_reason,
+    collect_write,
+    my_share,
+    save_probabilities,
+)
 from voxseg.infer.config import InferConfig
 from voxseg.infer.inputs import find_input_cases
 from voxseg.infer.loading import load_models
 from voxseg.infer.postprocess import (
+    OriginalGrid,
     apply_postprocessing,
-    labels_on_original_grid,
     load_postprocessing,
     logits_to_labels,
     model_postprocessing,
@@ -75,12 +81,12 @@ class Predictor:
         tiling: the sliding-window settings resolved from them (`voxseg.infer.config.Tiling`).
         folds: the folds `from_workdir` loaded (fold numbers, or "all" for fold_all); empty otherwise.
         restore_values: the most values (channels x voxels) restoring a prediction to the original grid holds on
-            the device at once (`voxseg.data.restore`; default 2^28, 1 GiB of float32); set it lower for a
-            small GPU.
+            the device at once (`voxseg.data.restore`; None, the default: 2^28, 1 GiB of float32, on a GPU,
+            2^26 on a CPU); set it lower for a small GPU. A case's memory budget may lower it further.
     """
 
     folds: tuple[int | str, ...] = ()
-    restore_values: int = DEFAULT_RESTORE_VALUES
+    restore_values: int | None = None
 
     def __init__(self, plan: Plan, models: Sequence[Any], config: InferConfig | None = None,
                  device: str | torch.device | None = None, postprocessing: dict[str, Any] | None = None,
@@ -144,14 +150,34 @@ class Predictor:
         """Names of the probability channels."""
         return probability_names(self.plan)
 
-    def predict_logits(self, image_pp: np.ndarray | torch.Tensor, name: str = "") -> torch.Tensor:
+    def predict_logits(self, image_pp: np.ndarray | torch.Tensor, name: str = "",
+                       consume: Callable[[slice, torch.Tensor], None] | None = None,
+                       forward_tiles: int | None = None) -> torch.Tensor | None:
         """(C, d, h, w) preprocessed image -> (K, d, h, w) float32 logits (on the compute device, or on the host
-        when the accumulator did not fit in device memory); `name` is the case named in out-of-memory messages."""
+        when they do not fit in device memory); `name` is the case named in out-of-memory messages. With
+        `consume`, the logits go to it row by row as the sliding window finishes them, and None is returned
+        (`sliding_window_inference`). `forward_tiles` caps the tiles x mirrored copies of a forward pass (the
+        case's memory budget on a CPU, `fit_case`; default: half of what the device has free, `forward_limit`)."""
         image = torch.as_tensor(image_pp, dtype=torch.float32).to(self.device, non_blocking=True)[None]
-        limit = forward_limit(self.plan, self.device, image.shape[2:], self.tiling.amp_dtype)
-        with _cudnn_autotuning(self.device.type == "cuda"):
+        limit = forward_tiles
+        if limit is None:
+            limit = forward_limit(self.plan, self.device, image.shape[2:], self.tiling.amp_dtype)
+        with cudnn_autotuning(self.device.type == "cuda"):
             return sliding_window_inference(self.models, image, self.plan.patch_size, self.plan.num_outputs,
-                                            self.tiling, self.plan.slice_axis, name, limit)
+                                            replace(self.tiling, max_forward_batch=limit), self.plan.slice_axis,
+                                            name, consume)
+
+    def predict_to_grid(self, image_pp: np.ndarray | torch.Tensor, properties: dict[str, Any], grid: OriginalGrid,
+                        name: str = "", fitted: FittedCase | None = None) -> None:
+        """Predict a preprocessed case straight onto its original grid: the sliding window's finished rows are
+        restored (`StreamingRestore`, on the compute device) into `grid` as they come, so neither the whole
+        logits nor anything of K x the original grid is held at once; `fitted` (`fit_case`) gives the restore
+        slab and the tiles per forward pass."""
+        values = fitted.restore_values if fitted is not None else self._restore_values()
+        restorer = StreamingRestore(properties, self.plan.num_outputs, grid, values, self.device)
+        self.predict_logits(image_pp, name, consume=restorer.feed,
+                            forward_tiles=fitted.forward_tiles if fitted is not None else None)
+        restorer.finish()
 
     def logits_to_labels(self, logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(K, *S) logits -> ((*S) uint8 labels, (K, *S) probabilities)."""
@@ -170,6 +196,17 @@ class Predictor:
         Returns:
             (D, H, W) uint8 labels [, probabilities].
         """
+        image = self._checked_image(image, name)
+        if not isinstance(geometry, Geometry):
+            geometry = Geometry.from_spacing(tuple(float(s) for s in geometry))
+        grid = self._predict_case(CaseImage(image, geometry), name, with_probabilities=return_probabilities)
+        return (grid.labels, grid.probabilities) if return_probabilities else grid.labels
+
+    def _restore_values(self) -> int:
+        return self.restore_values if self.restore_values is not None else default_restore_values(self.device)
+
+    def _checked_image(self, image: np.ndarray, name: str) -> np.ndarray:
+        """(C, D, H, W) (a (D, H, W) image for a one-channel model gets its channel axis), or InputError."""
         image = np.asarray(image)
         if image.ndim == 3 and self.plan.num_channels == 1:
             image = image[None]
@@ -177,13 +214,20 @@ class Predictor:
             raise InputError(f"case '{name}': image of shape {image.shape} given; the model expects "
                              f"({self.plan.num_channels}, D, H, W) with channels "
                              f"{list(self.plan.channel_names.values())}")
-        if not isinstance(geometry, Geometry):
-            geometry = Geometry.from_spacing(tuple(float(s) for s in geometry))
-        image_pp, properties = self.preprocess(image.astype(np.float32, copy=False), geometry, name)
-        labels_out, probabilities_out = labels_on_original_grid(
-            self.predict_logits(image_pp, name), self.plan, properties, with_probabilities=return_probabilities,
-            max_values=self.restore_values)
-        return (labels_out, probabilities_out) if return_probabilities else labels_out
+        return image
+
+    def _predict_case(self, case: CaseImage, name: str, with_probabilities: bool = False,
+                      probability_sink: Any = None) -> OriginalGrid:
+        """A (C, D, H, W) image, checked against the model, on its own grid -> its OriginalGrid (labels, and
+        probabilities in memory or in `probability_sink`). The case's memory is fitted into the budget first
+        (refused if it cannot fit), and the case lets go of its image once preprocessed."""
+        probabilities = "disk" if probability_sink is not None else ("memory" if with_probabilities else "none")
+        fitted = fit_case(self.plan, case.image.shape, case.geometry.spacing, self.device, self._restore_values(),
+                          probabilities, self.config.max_memory, name)  # before any work
+        image_pp, properties = self.preprocess(case.take_image().astype(np.float32, copy=False), case.geometry, name)
+        grid = OriginalGrid(self.plan, properties, with_probabilities, probability_sink)
+        self.predict_to_grid(image_pp, properties, grid, name, fitted)
+        return grid
 
     def preprocess(self, image: np.ndarray, geometry: Geometry, name: str = "") -> tuple[torch.Tensor, dict[str, Any]]:
         """(C, D, H, W) float32 image -> (the network's input (C [+ L], d, h, w) float32 on the compute device,
@@ -302,13 +346,14 @@ class Predictor:
                 read_ahead()
                 start = time.perf_counter()  # from waiting for the read to the prediction handed to a writer
                 try:
-                    image, geometry = future.result()
-                    result = self.predict_array(image, geometry, return_probabilities=save_probabilities, name=name)
+                    case = CaseImage(*future.result())
+                    future = None  # the image is dropped once preprocessed: nothing else may hold it
+                    geometry = case.geometry
+                    labels, probabilities = self._predict_for_files(case, name, out_dir, save_probabilities)
                 except (VoxsegError, OSError) as exc:
                     failures.append((name, case_failure_reason(name, exc)))
                     report.done(name, time.perf_counter() - start, failed=True)
                     continue
-                labels, probabilities = result if save_probabilities else (result, None)
                 labels = apply_postprocessing(labels, spec)
                 pending_writes.append((name, pool.submit(self._write_case, out_dir, name, ending, labels, geometry,
                                                          probabilities)))
@@ -324,20 +369,26 @@ class Predictor:
         return (out_dir / f"{name}{ending}").is_file() and (
             not with_probabilities or (out_dir / f"{name}.npz").is_file())
 
+    def _predict_for_files(self, case: CaseImage, name: str, out_dir: Path,
+                           with_probabilities: bool) -> tuple[np.ndarray, ProbabilityFile | np.ndarray | None]:
+        """(labels, probabilities) of a case for `predict_files`: the probabilities (when asked for) go to disk
+        slab by slab as they are restored (`ProbabilityFile`, committed by the writer)."""
+        case.image = self._checked_image(case.image, name)
+        if not with_probabilities:
+            return self._predict_case(case, name).labels, None
+        sink = ProbabilityFile(out_dir / f"{name}.npz", self.plan.num_outputs, case.image.shape[1:],
+                               self.class_names, background_channel=not self.plan.is_region_based)
+        try:
+            return self._predict_case(case, name, probability_sink=sink).labels, sink
+        except BaseException:
+            sink.discard()
+            raise
+
     def _write_case(self, out_dir: Path, name: str, ending: str, labels: np.ndarray, geometry: Geometry,
-                    probabilities: np.ndarray | None) -> None:
-        if probabilities is not None:
+                    probabilities: ProbabilityFile | np.ndarray | None) -> None:
+        if isinstance(probabilities, ProbabilityFile):
+            probabilities.commit()
+        elif probabilities is not None:
             save_probabilities(out_dir / f"{name}.npz", probabilities, self.class_names)
         # the label map last: continue_run treats a case as done once it exists
         write_image(out_dir / f"{name}{ending}", labels, geometry)
-
-
-@contextlib.contextmanager
-def _cudnn_autotuning(enabled: bool) -> Iterator[None]:
-    """cuDNN autotuning while tiles run (one patch shape for every tile: it pays), then the caller's setting."""
-    previous = torch.backends.cudnn.benchmark
-    torch.backends.cudnn.benchmark = enabled or previous
-    try:
-        yield
-    finally:
-        torch.backends.cudnn.benchmark = previous

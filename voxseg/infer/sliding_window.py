@@ -17,7 +17,7 @@ with the host (no `.item()`, no `.cpu()`) unless the accumulator itself had to f
 
 Memory: a forward pass holds about `voxseg.data.memory.inference_bytes_per_tile` per tile (1.8 GiB in float32
 for the reference 6-stage network at 96x128x160), so tiles x mirrors in one call can exceed the machine: on
-a CPU there is no out-of-memory error to catch, the kernel kills the process. `max_forward_batch` (the
+a CPU there is no out-of-memory error to catch, the kernel kills the process. `Tiling.max_forward_batch` (the
 predictor computes it with `voxseg.infer.budget.forward_limit` from the memory that is free) caps the tiles x
 mirrored copies of one call before anything runs, taking fewer tiles first, then fewer mirrored copies; the result
 is the same.
@@ -28,18 +28,22 @@ from __future__ import annotations
 
 import itertools
 import math
-import sys
-from dataclasses import dataclass
-from typing import Callable, Sequence
+from typing import Sequence
 
 import torch
 import torch.nn.functional as F
 
-from voxseg.errors import DeviceMemoryError
 from voxseg.infer.budget import choose_accumulator_device, split_forward_batch
 from voxseg.infer.config import Tiling
-
-ModelLike = Callable[[torch.Tensor], "torch.Tensor | Sequence[torch.Tensor]"]
+from voxseg.infer.tile_pass import (
+    Collected,
+    CroppedRows,
+    ModelLike,
+    OutOfMemoryFallback,
+    RowConsumer,
+    TilePass,
+    accumulate_with_fallback,
+)
 
 
 def pad_to_patch(image: torch.Tensor, patch_size: Sequence[int]) -> tuple[torch.Tensor, tuple[slice, ...]]:
@@ -145,8 +149,8 @@ def sliding_window_inference(
     tiling: Tiling | None = None,
     slice_axis: int = 0,
     case_name: str = "",
-    max_forward_batch: int | None = None,
-) -> torch.Tensor:
+    consume: RowConsumer | None = None,
+) -> torch.Tensor | None:
     """Blended logits of one image, averaged over tiles x mirrors x models.
 
     Args:
@@ -162,222 +166,80 @@ def sliding_window_inference(
             InferConfig's step and tile batch without mirroring, in float32.
         slice_axis: for a 2D network, the spatial axis of `image` the slices are taken along (the plan's).
         case_name: the case, named in the out-of-memory message and error.
-        max_forward_batch: the most tiles (mirrored copies included) one forward call may hold (None: tile_batch
-            x mirrors); see `voxseg.infer.budget.forward_batch_limit`.
+        consume: called as `consume(rows, logits)` with the finished (K, len(rows), *S[1:]) float32 logits of the
+            rows `rows` of the first spatial axis, in order, each row once, as soon as no later tile touches
+            them; then nothing is returned and the whole (K, *S) never exists (`StreamingRestore` takes them).
+
+    Memory: tiles run in order of their first coordinate, and the sums live in a band as deep as the patch
+    (K x patch depth x S[1] x S[2] float32, plus the weights) that moves down the image; finished rows leave it
+    for `consume` (or a (K, *S) result). The sums are the same, in the same order, as with one accumulator for
+    the whole image.
 
     Out of CUDA memory, the pass backs off (`OutOfMemoryFallback`) to the same result, or raises DeviceMemoryError.
 
     Returns:
-        (K, *S) float32 averaged logits, where they were accumulated.
+        (K, *S) float32 averaged logits (on the compute device when they fit, else on the host), or None when
+        `consume` takes them.
     """
     models = list(model_or_fn) if isinstance(model_or_fn, (list, tuple)) else [model_or_fn]
     patch_size = tuple(int(p) for p in patch_size)
     tiling = tiling or Tiling.default()
     mirror_axes = tiling.mirror_axes
     if image.ndim == len(patch_size) + 3:
-        # 2D network over a 3D volume: tiles of depth 1 along the slice axis, moved first (and back at the end)
+        # 2D network over a 3D volume: tiles of depth 1 along the slice axis
         if slice_axis:
-            logits = sliding_window_inference(models, image.movedim(2 + slice_axis, 2), patch_size, num_outputs,
-                                              tiling, case_name=case_name, max_forward_batch=max_forward_batch)
-            return logits.movedim(1, 1 + slice_axis).contiguous()
+            return _slices_along(models, image, patch_size, num_outputs, tiling, slice_axis, case_name, consume)
         models = [_SliceModel(m) for m in models]
         patch_size = (1,) + patch_size
         mirror_axes = tuple(a + 1 for a in mirror_axes)
     if image.ndim != len(patch_size) + 2 or image.shape[0] != 1:
         raise ValueError(f"image must be (1, C, *S) with {len(patch_size)} spatial axes, got {tuple(image.shape)}")
+    return _run_pass(models, image, patch_size, num_outputs, tiling, mirror_axes, case_name, consume)
+
+
+def _slices_along(models: list[ModelLike], image: torch.Tensor, patch_size: tuple[int, ...], num_outputs: int,
+                  tiling: Tiling, slice_axis: int, case_name: str, consume: RowConsumer | None) -> torch.Tensor | None:
+    """A 2D network over slices along `slice_axis` > 0: that axis moved first and back at the end; the whole
+    logits are made (the slices run along another axis than the rows handed to `consume`)."""
+    logits = sliding_window_inference(models, image.movedim(2 + slice_axis, 2), patch_size, num_outputs, tiling,
+                                      case_name=case_name)
+    logits = logits.movedim(1, 1 + slice_axis).contiguous()
+    if consume is None:
+        return logits
+    consume(slice(0, logits.shape[1]), logits)
+    return None
+
+
+def _run_pass(models: list[ModelLike], image: torch.Tensor, patch_size: tuple[int, ...], num_outputs: int,
+              tiling: Tiling, mirror_axes: tuple[int, ...], case_name: str,
+              consume: RowConsumer | None) -> torch.Tensor | None:
+    """The pass over a (1, C, *S) image whose spatial axes are the patch's (see `sliding_window_inference`)."""
     padded, crop = pad_to_patch(image, patch_size)
     weight = gaussian_importance(patch_size, device=image.device) if tiling.use_gaussian else \
         torch.ones(patch_size, device=image.device)
-    acc_device = _accumulator_device(tiling, image.device, num_outputs, padded.shape[2:])
+    band_shape = (int(patch_size[0]), *padded.shape[3:])
+    acc_device = _accumulator_device(tiling, image.device, num_outputs, band_shape)
     mirrors = mirror_combinations(mirror_axes)
-    tile_batch, mirror_group = split_forward_batch(tiling.tile_batch, len(mirrors), max_forward_batch)
+    tile_batch, mirror_group = split_forward_batch(tiling.tile_batch, len(mirrors), tiling.max_forward_batch)
     tile_pass = TilePass(models, padded, tile_positions(padded.shape[2:], patch_size, tiling.step), patch_size,
                          num_outputs, mirrors, weight, tiling.amp_dtype,
                          OutOfMemoryFallback(tile_batch, len(mirrors), case_name, mirror_group))
-    logits = _accumulate_with_fallback(acc_device, tile_pass)[(slice(None),) + crop]
+    collected = None
+    if consume is None:  # the whole result, where it fits
+        full_device = _accumulator_device(tiling, image.device, num_outputs, image.shape[2:])
+        collected = Collected(num_outputs, image.shape[2:], full_device)
+        consume = collected
+    accumulate_with_fallback(acc_device, tile_pass, CroppedRows(crop, consume))
     tile_pass.fallback.report()
-    return logits
+    return None if collected is None else collected.logits
 
 
 def _accumulator_device(tiling: Tiling, device: torch.device, num_outputs: int,
                         spatial: Sequence[int]) -> torch.device:
-    """The tiling's accumulator device when it names one, else the compute device when the accumulators fit."""
+    """The tiling's accumulator device when it names one, else the compute device when (K + 1) float32 values
+    of `spatial` fit comfortably."""
     if tiling.accumulator_device is not None:
         return torch.device(tiling.accumulator_device)
     return choose_accumulator_device(device, num_outputs, spatial)
 
 
-class OutOfMemoryFallback:
-    """How far a sliding-window pass had to back off after CUDA out-of-memory errors, and the one report of it.
-
-    A forward that runs out is retried with a smaller forward batch (tiles x mirrored copies): half the tiles,
-    down to 1 (`tile_batch`), then half the mirrored copies, down to 1 (`mirror_group`). When that is not
-    enough, or the accumulator itself does not fit, the pass starts again with the accumulator in host memory
-    (`host_accumulator`); only then `error()` names the case and what to try. The result does not depend on
-    the fallback taken: the same tiles are summed in the same order. `report()` writes one line on stderr.
-    """
-
-    def __init__(self, tile_batch: int, num_mirrors: int, case_name: str = "",
-                 mirror_group: int | None = None) -> None:
-        self.requested_tile_batch = tile_batch
-        self.tile_batch = tile_batch
-        self.requested_mirror_group = num_mirrors if mirror_group is None else mirror_group
-        self.mirror_group = self.requested_mirror_group
-        self.num_mirrors = num_mirrors
-        self.host_accumulator = False
-        self.case_name = case_name
-
-    def shrink(self) -> bool:
-        """Halve the tiles per forward, else the mirrored copies per forward; False when both are at 1."""
-        if self.tile_batch > 1:
-            self.tile_batch = max(1, self.tile_batch // 2)
-        elif self.mirror_group > 1:
-            self.mirror_group = max(1, self.mirror_group // 2)
-        else:
-            return False
-        return True
-
-    def taken(self) -> list[str]:
-        """The fallbacks taken, in words (empty when none)."""
-        steps = []
-        if self.tile_batch != self.requested_tile_batch:
-            steps.append(f"{self.tile_batch} tile(s) per forward pass instead of {self.requested_tile_batch}")
-        if self.mirror_group != self.requested_mirror_group:
-            steps.append(f"{self.mirror_group} of the {self.num_mirrors} mirrored copies per forward pass")
-        if self.host_accumulator:
-            steps.append("the accumulator in host memory")
-        return steps
-
-    def report(self) -> None:
-        """One line on stderr when a fallback was taken."""
-        steps = self.taken()
-        if steps:
-            hint = (f"--tile-batch {self.tile_batch}" if self.mirror_group == self.num_mirrors else
-                    "--tile-batch 1 and fewer --mirror-axes")
-            print(f"{self._case()}out of GPU memory; finished with {' and '.join(steps)} (slower; {hint} "
-                  "avoids the retries)", file=sys.stderr, flush=True)
-
-    def error(self) -> DeviceMemoryError:
-        return DeviceMemoryError(
-            f"{self._case()}out of GPU memory even with 1 tile and 1 mirrored copy per forward pass and the "
-            f"accumulator in host memory (asked: --tile-batch {self.requested_tile_batch}); predict on the CPU "
-            "(--device cpu), free the GPU memory other processes hold, or use a GPU with more memory")
-
-    def _case(self) -> str:
-        return f"case '{self.case_name}': " if self.case_name else ""
-
-
-@dataclass
-class TilePass:
-    """One sliding-window pass over a padded image: what every group of tiles reads."""
-
-    models: list[ModelLike]
-    image: torch.Tensor  # (1, C, *S) padded to at least the patch
-    positions: list[tuple[int, ...]]  # start of every tile
-    patch_size: tuple[int, ...]
-    num_outputs: int
-    mirrors: list[tuple[int, ...]]  # every combination of mirrored axes, () first
-    weight: torch.Tensor  # (*P) blending weights on the compute device
-    amp_dtype: torch.dtype | None
-    fallback: OutOfMemoryFallback  # the forward batch, shrunk after out-of-memory errors
-
-
-def _accumulate_with_fallback(acc_device: torch.device, tile_pass: TilePass) -> torch.Tensor:
-    """Accumulate on `acc_device`; when CUDA runs out of memory beyond what smaller forward batches solve,
-    again with the accumulator on the host; DeviceMemoryError when even that runs out."""
-    fallback = tile_pass.fallback
-    for device in (acc_device,) if acc_device.type == "cpu" else (acc_device, torch.device("cpu")):
-        fallback.host_accumulator = device.type == "cpu" and acc_device.type != "cpu"
-        try:
-            return _accumulate_tiles(tile_pass, device)
-        except torch.cuda.OutOfMemoryError:
-            pass  # retried outside the except block, so the failed attempt's tensors (held by the traceback) go
-        _free_cached_memory()
-    raise fallback.error()
-
-
-def _free_cached_memory() -> None:
-    if torch.cuda.is_available() and torch.cuda.is_initialized():
-        torch.cuda.empty_cache()
-
-
-def _accumulate_tiles(tile_pass: TilePass, acc_device: torch.device) -> torch.Tensor:
-    """Sum weighted tile logits into (K, *S) and divide by the summed weights (the image is already padded)."""
-    spatial = tuple(tile_pass.image.shape[2:])
-    logits = torch.zeros((tile_pass.num_outputs, *spatial), dtype=torch.float32, device=acc_device)  # (K, *S)
-    weight_sum = torch.zeros(spatial, dtype=torch.float32, device=acc_device)  # (*S)
-    weight_on_acc = tile_pass.weight.to(acc_device, torch.float32)
-    positions, first = tile_pass.positions, 0
-    # no_grad rather than inference_mode: callers may modify the returned logits in place
-    with torch.no_grad():
-        while first < len(positions):
-            slices = [
-                tuple(slice(s, s + p) for s, p in zip(start, tile_pass.patch_size))
-                for start in positions[first : first + tile_pass.fallback.tile_batch]
-            ]
-            out = _weighted_tiles(tile_pass, slices)
-            if out is None:  # out of memory: the same tiles again with a smaller forward batch
-                _free_cached_memory()
-                continue
-            # the only device->host copy of the loop, and only when the accumulator lives on the host
-            out = out.to(acc_device)
-            for i, sl in enumerate(slices):
-                logits[(slice(None),) + sl] += out[i]
-                weight_sum[sl] += weight_on_acc
-            first += len(slices)
-        logits /= weight_sum
-    return logits
-
-
-def _weighted_tiles(tile_pass: TilePass, slices: list[tuple[slice, ...]]) -> torch.Tensor | None:
-    """Weighted mean logits (n, K, *P) of the tiles at `slices`; None after an out-of-memory error that a
-    smaller forward batch may avoid (the pass's fallback has shrunk it); the error itself when nothing is left
-    to shrink."""
-    fallback = tile_pass.fallback
-    try:
-        tiles = torch.stack([tile_pass.image[0][(slice(None),) + sl] for sl in slices])  # (n, C, *P)
-        mean = _predict_tiles(tile_pass.models, tiles, tile_pass.mirrors, tile_pass.num_outputs, tile_pass.amp_dtype,
-                              fallback.mirror_group)
-        return mean * tile_pass.weight
-    except torch.cuda.OutOfMemoryError:
-        if not fallback.shrink():
-            raise
-    return None
-
-
-def _predict_tiles(
-    models: list[ModelLike],
-    tiles: torch.Tensor,
-    mirrors: list[tuple[int, ...]],
-    num_outputs: int,
-    amp_dtype: torch.dtype | None,
-    mirror_group: int | None = None,
-) -> torch.Tensor:
-    """Mean logits (n, K, *P) over mirror combinations and models for a batch of tiles (n, C, *P).
-
-    The mirrored copies of the tiles go through each model `mirror_group` combinations at a time (default all
-    in one batch); the sum runs over models, then combinations, in the same order whatever the grouping.
-    """
-    n = tiles.shape[0]
-    group = len(mirrors) if mirror_group is None else max(1, int(mirror_group))
-    total = None
-    with torch.autocast(device_type=tiles.device.type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None):
-        for model in models:
-            for first in range(0, len(mirrors), group):
-                combos = mirrors[first : first + group]
-                # every mirrored copy of the group in one batch: (n * len(combos), C, *P)
-                batch = torch.cat([tiles.flip([a + 2 for a in combo]) if combo else tiles for combo in combos])
-                out = model(batch)
-                out = out[0] if isinstance(out, (list, tuple)) else out
-                if out.shape[0] != batch.shape[0] or out.shape[1] != num_outputs or out.shape[2:] != batch.shape[2:]:
-                    raise ValueError(
-                        f"model output {tuple(out.shape)} does not match the expected "
-                        f"({batch.shape[0]}, {num_outputs}, {', '.join(map(str, batch.shape[2:]))})"
-                    )
-                out = out.float()
-                for j, combo in enumerate(combos):
-                    chunk = out[j * n : (j + 1) * n]
-                    chunk = chunk.flip([a + 2 for a in combo]) if combo else chunk
-                    total = chunk if total is None else total + chunk
-    assert total is not None
-    return total / (len(models) * len(mirrors))

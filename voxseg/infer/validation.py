@@ -7,7 +7,7 @@ imports it (never the other way round).
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -16,14 +16,15 @@ import torch
 from torch import nn
 
 from voxseg.data.io import Geometry, write_image
+from voxseg.data.restore import StreamingRestore, default_restore_values
 from voxseg.data.store import case_paths, load_case
 from voxseg.distributed import all_gather_objects, current_world, shard_balanced
 from voxseg.evaluate.overlap import class_masks, dice_from_counts, nanmean, overlap_counts
 from voxseg.infer.budget import forward_limit
 from voxseg.infer.cascade import NextStage, StoredPrevious
-from voxseg.infer.casefiles import save_probabilities  # the predictor's writer
+from voxseg.infer.casefiles import ProbabilityFile  # the predictor's writer
 from voxseg.infer.config import InferConfig
-from voxseg.infer.postprocess import labels_on_original_grid, probability_names
+from voxseg.infer.postprocess import OriginalGrid, probability_names
 from voxseg.infer.sliding_window import sliding_window_inference
 from voxseg.jsonio import write_json_atomic
 from voxseg.plans import Plan
@@ -79,15 +80,18 @@ def full_validation(model: nn.Module, plan: Plan, preprocessed_dir: str | Path, 
         for name in local_names:
             x, seg, properties = _network_input(preprocessed_dir, name, cascade, device)  # (1, C [+ L], d, h, w)
             limit = forward_limit(plan, device, x.shape[2:], tiling.amp_dtype)
-            logits = sliding_window_inference(model, x, plan.patch_size, plan.num_outputs, tiling, plan.slice_axis,
-                                              name, limit)  # (K, d, h, w)
+            rows = CaseRows(plan, seg, properties, Path(out_dir) if out_dir is not None else None,
+                            config.save_probabilities, device)
+            try:
+                _validate_case(model, x, plan, replace(tiling, max_forward_batch=limit), name, rows, cascade,
+                               properties)
+            except BaseException:
+                rows.discard()
+                raise
             if seg is not None:
-                ref = torch.from_numpy(np.array(seg)).to(logits.device)[None]  # (1, 1, d, h, w)
-                counts = overlap_counts(*class_masks(logits[None], ref, plan))
-                per_case[name] = dict(zip(plan.class_names, dice_from_counts(counts)))
+                per_case[name] = dict(zip(plan.class_names, dice_from_counts(rows.counts)))
             if out_dir is not None:
-                _write_case(Path(out_dir), name, logits, plan, properties, config.save_probabilities,
-                            cascade.next_stage)
+                rows.write(name)
     finally:
         model.train(was_training)
     gathered = {case: dice for shard in all_gather_objects(per_case) for case, dice in shard.items()}
@@ -110,22 +114,63 @@ def _network_input(preprocessed_dir: str | Path, name: str, cascade: CascadeLink
     return torch.from_numpy(x)[None].to(device), seg, properties
 
 
-def _write_case(out_dir: Path, name: str, logits: torch.Tensor, plan: Plan, properties: dict[str, Any],
-                with_probabilities: bool, next_stage: NextStage | None) -> None:
-    """A validation case's label map (and probabilities) on the raw grid, and its labels for the next stage."""
-    labels, probabilities = labels_on_original_grid(logits, plan, properties, with_probabilities=with_probabilities)
-    _write_probabilities(out_dir / f"{name}.npz", probabilities, plan)  # (K, D, H, W) or None
-    write_image(out_dir / f"{name}{plan.file_ending}", labels, Geometry.from_list(properties["affine"]))
-    if next_stage is not None:
-        next_stage.write(name, logits, plan, properties)
-
-
-def _write_probabilities(path: Path, probabilities: np.ndarray | None, plan: Plan) -> None:
-    """CASE.npz as `voxseg predict --save-probabilities` writes it, or no CASE.npz when there are none."""
-    if probabilities is None:
-        path.unlink(missing_ok=True)
+def _validate_case(model: nn.Module, x: torch.Tensor, plan: Plan, tiling: Any, name: str, rows: "CaseRows",
+                   cascade: CascadeLinks, properties: dict[str, Any]) -> None:
+    """One case's sliding window, its rows handed to `rows` as they are finished (K x the case is never held
+    whole), or, for a first stage whose next stage needs its logits on another grid, all at once."""
+    if rows.out_dir is not None and cascade.next_stage is not None:
+        logits = sliding_window_inference(model, x, plan.patch_size, plan.num_outputs, tiling, plan.slice_axis,
+                                          name)  # (K, d, h, w)
+        rows(slice(0, logits.shape[1]), logits)
+        cascade.next_stage.write(name, logits, plan, properties)
     else:
-        save_probabilities(path, probabilities, probability_names(plan))
+        sliding_window_inference(model, x, plan.patch_size, plan.num_outputs, tiling, plan.slice_axis, name, rows)
+
+
+class CaseRows:
+    """Where a validation case's finished rows of logits go (`sliding_window_inference`'s `consume`): Dice counts
+    against its stored labels on the preprocessed grid, summed row by row, and, when writing, the restoration to
+    the raw grid (`StreamingRestore` into an `OriginalGrid`; probabilities to disk slab by slab)."""
+
+    def __init__(self, plan: Plan, seg: Any, properties: dict[str, Any], out_dir: Path | None,
+                 with_probabilities: bool, device: torch.device) -> None:
+        self.plan, self.properties, self.out_dir = plan, properties, out_dir
+        self.ref = None if seg is None else torch.from_numpy(np.array(seg)).to(device)[None]  # (1, 1, d, h, w)
+        self.counts: torch.Tensor | None = None
+        self.grid = self.restorer = self.sink = None
+        if out_dir is not None:
+            name = properties.get("name") or ""
+            if with_probabilities:
+                self.sink = ProbabilityFile(out_dir / f"{name}.npz", plan.num_outputs,
+                                            tuple(properties["original_shape"]), probability_names(plan),
+                                            background_channel=not plan.is_region_based)
+            self.grid = OriginalGrid(plan, properties, probability_sink=self.sink)
+            self.restorer = StreamingRestore(properties, plan.num_outputs, self.grid,
+                                             default_restore_values(device), device)
+
+    def __call__(self, rows: slice, values: torch.Tensor) -> None:
+        if self.ref is not None:
+            ref = self.ref[:, :, rows].to(values.device)
+            part = overlap_counts(*class_masks(values[None], ref, self.plan))
+            self.counts = part if self.counts is None else self.counts + part
+        if self.restorer is not None:
+            self.restorer.feed(rows, values)
+
+    def discard(self) -> None:
+        """After a failure: nothing half-written is left (the probabilities' raw file)."""
+        if self.sink is not None:
+            self.sink.discard()
+
+    def write(self, name: str) -> None:
+        """The case's label map on the raw grid (and its CASE.npz, or no stale one)."""
+        assert self.out_dir is not None and self.restorer is not None and self.grid is not None
+        self.restorer.finish()
+        if self.sink is not None:
+            self.sink.commit()
+        else:
+            (self.out_dir / f"{name}.npz").unlink(missing_ok=True)
+        write_image(self.out_dir / f"{name}{self.plan.file_ending}", self.grid.labels,
+                    Geometry.from_list(self.properties["affine"]))
 
 
 def _json_safe(value: Any) -> Any:
