@@ -27,7 +27,7 @@ The first voxseg run of a model on a machine includes the measurement of the CPU
 passes; kept in ~/.cache/voxseg/cpu_forward.json); --warm runs voxseg predict once, untimed, before.
 
 Run: python benchmarks/ct_predict.py [--work /tmp/ct_predict_bench] [--classes 41] [--depth 300] [--cases 2]
-         [--tools voxseg,nnunet] [--timeout 7200] [--warm] [--json benchmarks/results/ct_predict.json]
+         [--iterations 1] [--tools voxseg,nnunet] [--timeout 7200] [--warm] [--json benchmarks/results/ct_predict.json]
 Smoke test (a minute): python benchmarks/ct_predict.py --depth 40 --classes 6 --inplane 96 --json /tmp/ct_smoke.json
 """
 from __future__ import annotations
@@ -137,7 +137,7 @@ def build(work: Path, args: argparse.Namespace) -> Path:
         ["plan", "raw", "-o", "work", "--val-fraction", "0.5",
          "--set", f"target_spacing={','.join(map(str, TARGET_SPACING))}"],
         ["preprocess", "work"],
-        ["train", "work", "--fold", "0", "--device", "cpu", "--epochs", "1", "--iterations", "1",
+        ["train", "work", "--fold", "0", "--device", "cpu", "--epochs", "1", "--iterations", str(args.iterations),
          "--set", "loop.val_iterations=1", "--set", "loop.full_val=false"],
         ["export", "work", "--folds", "0", "--format", "nnunet", str(model)],
     ]
@@ -212,6 +212,9 @@ def main() -> None:
     parser.add_argument("--depth", type=int, default=300, help="slices of each case (default 300)")
     parser.add_argument("--inplane", type=int, default=512, help=argparse.SUPPRESS)  # smaller for smoke runs
     parser.add_argument("--cases", type=int, default=2, help="training cases (default 2)")
+    parser.add_argument("--iterations", type=int, default=1,
+                        help="training iterations of the model (default 1: nearly the initial weights, near ties "
+                             "everywhere; more give the logits margins, for the label agreement)")
     parser.add_argument("--threads", type=int, default=os.cpu_count(),
                         help="OMP/MKL threads of both tools (default: every core, as nnU-Net's CPU predictor sets "
                              "torch's threads to every core itself)")
@@ -226,7 +229,9 @@ def main() -> None:
     if "nnunet" in tools and not Path(args.nnunet_python).is_file():
         sys.exit(f"no {args.nnunet_python}: create it with `python benchmarks/predict_speed.py --setup-nnunet`")
     shape = (args.depth, args.inplane, args.inplane)
-    work = Path(args.work).resolve() / f"ct_{args.classes}classes_{'x'.join(map(str, shape))}_{args.cases}cases"
+    trained = f"_{args.iterations}iterations" if args.iterations != 1 else ""
+    name = f"ct_{args.classes}classes_{'x'.join(map(str, shape))}_{args.cases}cases{trained}"
+    work = Path(args.work).resolve() / name
     work.mkdir(parents=True, exist_ok=True)
     from predict_speed import _folder, agreement
 
@@ -236,7 +241,8 @@ def main() -> None:
               "case": {"shape": list(shape), "spacing": list(SPACING), "classes": args.classes,
                        "channels": 1, "voxels": shape[0] * shape[1] * shape[2],
                        "test_case": sorted(p.name for p in images.glob("*.nii.gz"))},
-              "training_cases": args.cases, "plan": plan_summary(work), "model": str(model),
+              "training_cases": args.cases, "training_iterations": args.iterations, "plan": plan_summary(work),
+              "model": str(model),
               "settings": "fold 0, tile step 0.5, no mirroring, device cpu, no probabilities", "tools": {}}
     print(f"case {'x'.join(map(str, shape))} at {SPACING} mm, {args.classes} classes; plan: {report['plan']}",
           flush=True)

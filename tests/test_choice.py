@@ -19,7 +19,7 @@ from voxseg.data.configs import config_workdir
 from voxseg.data.io import Geometry, read_image, write_image
 from voxseg.data.plan import plan_dataset
 from voxseg.data.splits import load_splits
-from voxseg.errors import ConfigError
+from voxseg.errors import ConfigError, MemoryBudgetError
 from voxseg.infer.ensemble import EnsemblePredictor, load_choice
 from voxseg.infer.postprocess import apply_postprocessing, regions_to_labels
 from voxseg.infer.predictor import Predictor, save_probabilities
@@ -270,6 +270,23 @@ def test_region_ensemble_thresholds_the_mean_of_the_sigmoids(tmp_path: Path) -> 
         other.mkdir()
         make_workdir(other, tiny_plan())
         EnsemblePredictor([members[0], Predictor.from_workdir(other, folds=[0], device="cpu")])
+
+
+def test_an_ensemble_over_the_memory_budget_is_refused_before_any_work(tmp_path: Path) -> None:
+    members = []
+    for seed in (0, 1):
+        folder = tmp_path / f"m{seed}"
+        folder.mkdir()
+        make_workdir(folder, tiny_plan(), seed=seed)
+        members.append(Predictor.from_workdir(folder, folds=[0], device="cpu", mirror_axes=None,
+                                              max_memory=0.002))
+    image = np.random.default_rng(0).normal(0, 1, (2, 40, 40, 40)).astype(np.float32)
+    calls = []
+    members[0].predict_logits = lambda *args, **kwargs: calls.append(1)  # must never run
+    refusal = r"case 'big': an ensemble of 2 configurations holds .*\(3 x 40x40x40 .* MiB allowed"
+    with pytest.raises(MemoryBudgetError, match=refusal):
+        EnsemblePredictor(members).predict_array(image, (1.0, 1.0, 1.0), name="big")
+    assert calls == []
 
 
 def test_probabilities_of_a_test_only_validation_count_while_its_checkpoint_is_unchanged(work: Path) -> None:

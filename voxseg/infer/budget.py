@@ -85,6 +85,11 @@ DEFAULT_BUDGET_SHARE = 0.85
 GIB = 2**30
 
 
+def size_text(count: float) -> str:
+    """Bytes in words: '3.5 GiB', or '12 MiB' below 1 GiB."""
+    return f"{count / GIB:.1f} GiB" if count >= GIB else f"{count / 2**20:.0f} MiB"
+
+
 @dataclass(frozen=True)
 class CaseMemory:
     """Bytes of host memory one case's prediction holds at its peak, by part (a CPU computes everything on the
@@ -198,8 +203,8 @@ def fit_case(plan: Plan, image_shape: Sequence[int], spacing: Sequence[float], d
         case = f"case '{name}': " if name else ""
         raise MemoryBudgetError(
             f"{case}predicting {'x'.join(str(int(s)) for s in image_shape)} voxels with {plan.num_outputs} outputs "
-            f"needs about {memory.peak / GIB:.1f} GiB at its peak ({memory.describe()}), more than the "
-            f"{budget / GIB:.1f} GiB allowed ({source}). Give a larger --max-memory if the machine has it, free "
+            f"needs about {size_text(memory.peak)} at its peak ({memory.describe()}), more than the "
+            f"{size_text(budget)} allowed ({source}). Give a larger --max-memory if the machine has it, free "
             "memory, or predict on a GPU" + ("; --save-probabilities writes them to disk as they come"
                                              if probabilities == "memory" else ""))
     tiles = None

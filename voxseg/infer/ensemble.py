@@ -21,7 +21,9 @@ import torch
 
 from voxseg.data.configs import config_workdir
 from voxseg.data.io import Geometry
-from voxseg.errors import ConfigError
+from voxseg.data.restore import default_restore_values
+from voxseg.errors import ConfigError, MemoryBudgetError
+from voxseg.infer.budget import budget_bytes, case_memory, size_text
 from voxseg.infer.casefiles import CaseImage
 from voxseg.infer.config import InferConfig
 from voxseg.infer.postprocess import probabilities_to_labels, probability_names
@@ -104,11 +106,30 @@ class EnsemblePredictor(Predictor):
     def predict_array(self, image: np.ndarray, geometry: Geometry | Sequence[float],
                       return_probabilities: bool = False, name: str = "") -> np.ndarray | tuple[np.ndarray, np.ndarray]:
         """Segment one image given on its own grid with every member (see `Predictor.predict_array`)."""
+        self._check_memory(np.asarray(image), geometry, name)
         outputs = [member.predict_array(image, geometry, return_probabilities=True, name=name)
                    for member in self.members]
         probabilities = average_probabilities([p for _, p in outputs])  # (K, D, H, W) on the original grid
         labels = probabilities_to_labels(torch.from_numpy(probabilities), self.plan).numpy()
         return (labels, probabilities) if return_probabilities else labels
+
+
+    def _check_memory(self, image: np.ndarray, geometry: Geometry | Sequence[float], name: str) -> None:
+        """Refuse before any work when the members' probabilities, held on the input grid until their mean is
+        taken (one array per member and the mean), do not fit the budget beside one member's prediction."""
+        spacing = geometry.spacing if isinstance(geometry, Geometry) else tuple(float(s) for s in geometry)
+        shape = image.shape if image.ndim == 4 else (1, *image.shape)
+        memory = case_memory(self.plan, shape, spacing, self.device, default_restore_values(self.device), 1, "memory")
+        held = len(self.members) * memory.probabilities  # the finished members' arrays and the mean
+        budget, source = budget_bytes(self.config.max_memory)
+        if memory.peak + held > budget:
+            case = f"case '{name}': " if name else ""
+            raise MemoryBudgetError(
+                f"{case}an ensemble of {len(self.members)} configurations holds their probabilities on the input "
+                f"grid ({self.plan.num_outputs} x {'x'.join(str(int(s)) for s in shape[1:])} float32 each) to "
+                f"average them: about {size_text(memory.peak + held)} at the peak, more than the "
+                f"{size_text(budget)} allowed ({source}). Predict with one configuration (--configuration "
+                "NAME), give a larger --max-memory if the machine has it, or free memory")
 
 
 def predictor_from_choice(workdir: str | Path, choice: dict[str, Any], config: InferConfig | None = None) -> Predictor:
