@@ -27,7 +27,8 @@ The first voxseg run of a model on a machine includes the measurement of the CPU
 passes; kept in ~/.cache/voxseg/cpu_forward.json); --warm runs voxseg predict once, untimed, before.
 
 Run: python benchmarks/ct_predict.py [--work /tmp/ct_predict_bench] [--classes 41] [--depth 300] [--cases 2]
-         [--iterations 1] [--tools voxseg,nnunet] [--timeout 7200] [--warm] [--json benchmarks/results/ct_predict.json]
+         [--iterations 1] [--tools voxseg,nnunet] [--timeout 7200] [--warm] [--nnunet-fp32]
+         [--json benchmarks/results/ct_predict.json]
 Smoke test (a minute): python benchmarks/ct_predict.py --depth 40 --classes 6 --inplane 96 --json /tmp/ct_smoke.json
 """
 from __future__ import annotations
@@ -61,6 +62,17 @@ def nnunet_cli(argv: list[str]) -> None:
     from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
 
     raw.recursive_find_trainer_class_by_name = lambda *args, **kwargs: nnUNetTrainer
+    if "--nnunet-fp32" in argv:  # diagnostic: its accumulators and Gaussian (float16 in nnU-Net) in float32
+        import functools
+
+        import torch
+        from nnunet_predict_compare import _TorchFloat32
+
+        argv = [a for a in argv if a != "--nnunet-fp32"]
+        raw.torch = _TorchFloat32("torch")
+        gaussian = functools.partial(raw.compute_gaussian, dtype=torch.float32)
+        gaussian.cache_clear = raw.compute_gaussian.cache_clear  # the predictor clears the cache after each run
+        raw.compute_gaussian = gaussian
     sys.argv = [NNUNET_CLI, *argv]
     raw.predict_entry_point_modelfolder()
 
@@ -157,7 +169,7 @@ def commands(tool: str, model: Path, images: Path, out: Path, args: argparse.Nam
                 "--folds", "0", "--step", "0.5", "--no-mirror", "--device", "cpu"]
     return [args.nnunet_python, __file__, "--nnunet-cli", "-i", str(images), "-o", str(out), "-m", str(model),
             "-f", "0", "-step_size", "0.5", "--disable_tta", "-device", "cpu", "-npp", "1", "-nps", "1",
-            "--disable_progress_bar"]
+            "--disable_progress_bar", *(["--nnunet-fp32"] if args.nnunet_fp32 else [])]
 
 
 def environment(tool: str, threads: int) -> dict[str, str]:
@@ -221,6 +233,9 @@ def main() -> None:
     parser.add_argument("--tools", default="voxseg,nnunet")
     parser.add_argument("--timeout", type=float, default=7200, help="seconds per prediction run (default 7200)")
     parser.add_argument("--warm", action="store_true", help="run voxseg predict once, untimed, first")
+    parser.add_argument("--nnunet-fp32", action="store_true",
+                        help="diagnostic: nnU-Net's sliding window with float32 instead of float16 accumulators and "
+                             "Gaussian (what is left of the label differences is then not its rounding)")
     parser.add_argument("--json", default=str(HERE / "results" / "ct_predict.json"))
     args = parser.parse_args()
     tools = args.tools.split(",")
@@ -243,15 +258,18 @@ def main() -> None:
                        "test_case": sorted(p.name for p in images.glob("*.nii.gz"))},
               "training_cases": args.cases, "training_iterations": args.iterations, "plan": plan_summary(work),
               "model": str(model),
-              "settings": "fold 0, tile step 0.5, no mirroring, device cpu, no probabilities", "tools": {}}
+              "settings": "fold 0, tile step 0.5, no mirroring, device cpu, no probabilities",
+              "nnunet_fp32_accumulators": args.nnunet_fp32, "tools": {}}
     print(f"case {'x'.join(map(str, shape))} at {SPACING} mm, {args.classes} classes; plan: {report['plan']}",
           flush=True)
     if args.warm and "voxseg" in tools:
         warm = measure(commands("voxseg", model, images, work / "pred" / "warm", args),
                        environment("voxseg", args.threads), work / "logs" / "voxseg_warm.log", args.timeout)
         print(f"voxseg warm-up: {warm['status']}, {warm['seconds']:.1f} s", flush=True)
+    folders = {"voxseg": work / "pred" / "voxseg",
+               "nnunet": work / "pred" / ("nnunet-fp32" if args.nnunet_fp32 else "nnunet")}
     for tool in tools:
-        out = work / "pred" / tool
+        out = folders[tool]
         shutil.rmtree(out, ignore_errors=True)  # no earlier prediction is taken for this run's
         command = commands(tool, model, images, out, args)
         result = measure(command, environment(tool, args.threads), work / "logs" / f"{tool}.log", args.timeout)
@@ -263,10 +281,14 @@ def main() -> None:
         if result["returncode"] != 0:
             print(f"  last output of {tool}:\n{result['output_tail'][-1500:]}", flush=True)
     done = [t for t in ("voxseg", "nnunet") if report["tools"].get(t, {}).get("returncode") == 0]
+    if done == ["nnunet"] and any(folders["voxseg"].glob("*.nii.gz")):  # against an earlier voxseg run's labels
+        report["agreement_against"] = f"the voxseg prediction already in {folders['voxseg']}"
+        done = ["voxseg", "nnunet"]
     if done == ["voxseg", "nnunet"]:
-        values = agreement(work / "pred" / "voxseg", work / "pred" / "nnunet")
-        ours, theirs = report["tools"]["voxseg"], report["tools"]["nnunet"]
+        values = agreement(folders["voxseg"], folders["nnunet"])
         report["agreement"] = values[0] if len(values) == 1 else values
+    if all(t in report["tools"] and report["tools"][t]["returncode"] == 0 for t in ("voxseg", "nnunet")):
+        ours, theirs = report["tools"]["voxseg"], report["tools"]["nnunet"]
         report["voxseg/nnunet"] = {key: round(ours[key] / theirs[key], 3) if theirs[key] else None
                                    for key in ("seconds", "peak_rss_gib", "peak_pss_gib")}
     print_table(report)
@@ -283,6 +305,7 @@ def print_table(report: dict) -> None:
         ratio = report["voxseg/nnunet"]
         print(f"{'voxseg/nnU-Net':37s} {ratio['seconds']:9.2f} {ratio['peak_rss_gib']:13.2f} "
               f"{ratio['peak_pss_gib']:13.2f}")
+    if "agreement" in report:
         agree = report["agreement"]
         print("label agreement: " + ", ".join(f"{100 * a:.4f} %" for a in (agree if isinstance(agree, list)
                                                                           else [agree])))
