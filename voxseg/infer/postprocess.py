@@ -106,12 +106,12 @@ def probability_names(plan: Plan) -> list[str]:
 
 class OriginalGrid:
     """Where restored slabs of a case go (`consume(rows, restored)` of `voxseg.data.restore`): each (K, rows, H, W)
-    slab of the crop box's logits is activated, turned into labels and pasted into the (D, H, W) label map of the
-    original grid; its probabilities into `probabilities` when asked for: an array (K, D, H, W) float32 kept in
-    memory (`with_probabilities=True`), or any object with the same `paste(rows, box, values)` /
-    `fill_outside(...)` (e.g. `voxseg.infer.casefiles.ProbabilityFile`, which writes them to disk as they come).
-    Outside the crop box: background (label 0; softmax probability 1 for background, 0 for the rest; regions 0).
-    Pasting a slab twice (a retry) writes the same values again.
+    slab of the crop box's logits is turned into labels (`logits_to_label_map`) and pasted into the (D, H, W)
+    label map of the original grid; when probabilities are asked for, it is activated and they go into
+    `probabilities`, an array (K, D, H, W) float32 kept in memory (`with_probabilities=True`), or to
+    `probability_sink`, an object with `paste(rows, box, activated)` (`voxseg.infer.casefiles.ProbabilityFile`
+    writes them to disk as they come). Outside the crop box: background (label 0; softmax probability 1 for
+    background, 0 for the rest; regions 0). Pasting a slab twice (a retry) writes the same values again.
     """
 
     def __init__(self, plan: Plan, properties: dict[str, Any], with_probabilities: bool = False,
@@ -147,9 +147,10 @@ def labels_on_original_grid(logits: torch.Tensor, plan: Plan, properties: dict[s
     host only when `with_probabilities`.
 
     As nnU-Net does: the logits are resampled linearly to the crop box's original shape, activated there (softmax
-    / sigmoid) and pasted into the full grid, and the labels are taken from those probabilities. Deciding after
-    resampling keeps thin structures and smooth borders that resampling a label map (nearest values) would
-    lose when the original spacing differs from the target spacing.
+    / sigmoid) and pasted into the full grid, and the labels are decided there (on the resampled logits: the
+    same decision as on their probabilities, `logits_to_label_map`). Deciding after resampling keeps thin
+    structures and smooth borders that resampling a label map (nearest values) would lose when the original
+    spacing differs from the target spacing.
 
     Memory: the crop box is restored in slabs of rows (`voxseg.data.restore`) on the logits' device, each slab
     activated, turned into labels and copied to the host before the next, so that the device holds at most
@@ -226,12 +227,12 @@ def check_postprocessing(spec: Any, source: str, classes: Sequence[Sequence[int]
     entries = spec.get("largest_component") if isinstance(spec, dict) else None
 
     def is_value(value: Any) -> bool:
-        return isinstance(value, int) and not isinstance(value, bool) and 0 < value < 256
+        return isinstance(value, int) and not isinstance(value, bool) and 0 < value < 65536
 
     if not isinstance(entries, list) or not all(
             is_value(e) or (isinstance(e, list) and e and all(is_value(v) for v in e)) for e in entries):
         raise ConfigError(f"{source}: expected {{\"largest_component\": [[label values], ...]}} with label values "
-                          "1..255; delete it or decide postprocessing again ('voxseg evaluate --crossval WORKDIR')")
+                          "1..65535; delete it or decide postprocessing again ('voxseg evaluate --crossval WORKDIR')")
     normalised = _normalise_classes(entries)
     if classes is not None:
         known = {int(v) for c in classes for v in c}

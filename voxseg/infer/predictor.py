@@ -3,7 +3,7 @@ write.
 
     >>> predictor = Predictor.from_workdir("work/synth", InferConfig(folds=[0, 1, 2, 3, 4], step=0.5))
     >>> predictor = Predictor.from_workdir("work/synth", folds=[0])   # the same, InferConfig fields as keywords
-    >>> labels = predictor.predict_array(image, geometry)          # (C, D, H, W) -> (D, H, W) uint8
+    >>> labels = predictor.predict_array(image, geometry)          # (C, D, H, W) -> (D, H, W) uint8 (uint16 > 255)
     >>> predictor.predict_files(find_input_cases("imagesTs", 4, ".nii.gz"), "preds")
 
 Every setting (tile step, tile batch, mirroring, precision, device, backend, folds, checkpoint, outputs) is a
@@ -180,7 +180,7 @@ class Predictor:
         restorer.finish()
 
     def logits_to_labels(self, logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """(K, *S) logits -> ((*S) uint8 labels, (K, *S) probabilities)."""
+        """(K, *S) logits -> ((*S) labels, (K, *S) probabilities)."""
         return logits_to_labels(logits, self.plan)
 
     def predict_array(self, image: np.ndarray, geometry: Geometry | Sequence[float],
@@ -194,7 +194,7 @@ class Predictor:
             name: case name used in error messages.
 
         Returns:
-            (D, H, W) uint8 labels [, probabilities].
+            (D, H, W) labels, uint8 (uint16 for label values above 255) [, probabilities].
         """
         image = self._checked_image(image, name)
         if not isinstance(geometry, Geometry):
