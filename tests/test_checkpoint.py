@@ -13,12 +13,12 @@ from voxseg import checkpoint as ckpt
 from voxseg.checkpoint import (
     RngStates,
     load_checkpoint,
-    load_pretrained,
     rng_state,
     save_checkpoint,
     set_rng_state,
 )
 from voxseg.errors import CheckpointError
+from voxseg.pretrained import load_pretrained
 
 
 def _net(out_channels: int = 3) -> nn.Module:

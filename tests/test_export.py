@@ -24,6 +24,7 @@ from voxseg.infer.install import MANIFEST
 from voxseg.infer.predictor import Predictor
 from voxseg.models import build_network
 from voxseg.plans import ChannelNormalization, NetworkPlan, Plan
+from voxseg.weights import read_weights_header
 
 pytest.importorskip("onnxruntime")
 
@@ -94,11 +95,13 @@ def test_archive_round_trip(workdir, tmp_path):
     archive = export_archive(workdir, tmp_path / "model.zip", folds=[0, 1])
     with zipfile.ZipFile(archive) as handle:
         names = set(handle.namelist())
-    assert {"plans.json", "dataset.json", "postprocessing.json", "training/fold_0/checkpoint_final.pt",
+    assert {"plans.json", "dataset.json", "postprocessing.json", "training/fold_0/model_final.safetensors",
             "training/fold_1/config.json"} <= names
+    assert not any(name.endswith(".pt") for name in names)  # no pickle is shipped, nor the resuming state
     target = install_archive(archive, tmp_path / "installed")
-    installed = torch.load(target / "training" / "fold_0" / "checkpoint_final.pt", weights_only=True)
-    assert "optimizer" not in installed and installed["progress"]["epoch"] == 1  # resuming state is not shipped
+    installed = read_weights_header(target / "training" / "fold_0" / "model_final.safetensors")
+    assert installed.epoch == 1 and installed.provenance["source"] == "converted"
+    assert installed.provenance["source_file"] == "checkpoint_final.pt"
     image = np.random.default_rng(1).normal(size=(2, 18, 16, 20)).astype(np.float32)
     original = Predictor.from_workdir(workdir, folds=[0, 1], device="cpu", mirror_axes=None)
     copy = Predictor.from_workdir(target, folds=[0, 1], device="cpu", mirror_axes=None)
@@ -147,7 +150,8 @@ class NotWeights:
 def test_checkpoint_with_code_is_refused(tmp_path):
     buffer = io.BytesIO()
     torch.save({"model": NotWeights()}, buffer)
-    with pytest.raises(CheckpointError, match="fold_1/checkpoint_final.pt' is not a plain-weights checkpoint"):
+    with pytest.raises(CheckpointError, match="fold_1/checkpoint_final.pt': checkpoint .* holds Python objects "
+                       ".*nothing was installed"):
         install_archive(_zip_with(tmp_path, "training/fold_1/checkpoint_final.pt", buffer.getvalue()),
                         tmp_path / "target")
     assert sorted(p.name for p in (tmp_path / "target").iterdir()) == []

@@ -34,12 +34,12 @@ def test_manifest_lists_every_member_with_its_digest(archives):
 
 def test_installing_over_a_model_is_refused_unless_forced_and_then_replaces_it_whole(archives, tmp_path):
     target = install_archive(archives[0], tmp_path / "model")
-    before = (target / "training/fold_0/checkpoint_final.pt").read_bytes()
+    before = (target / "training/fold_0/model_final.safetensors").read_bytes()
     with pytest.raises(CheckpointError, match="already holds a model .*force"):
         install_archive(archives[1], target)
-    assert (target / "training/fold_0/checkpoint_final.pt").read_bytes() == before
+    assert (target / "training/fold_0/model_final.safetensors").read_bytes() == before
     install_archive(archives[1], target, force=True)
-    assert (target / "training/fold_0/checkpoint_final.pt").read_bytes() != before
+    assert (target / "training/fold_0/model_final.safetensors").read_bytes() != before
     assert not (target / "training/fold_1").exists()  # nothing of the first model is left
     assert sorted(p.name for p in tmp_path.iterdir()) == ["model"]  # no staging or retired folder left
 

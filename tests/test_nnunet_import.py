@@ -55,7 +55,8 @@ def test_imported_workdir_predicts_exactly_like_the_model_folder(tmp_path):
     assert "no fold_X/validation predictions" in out  # and so no postprocessing decision
     for fold in (0, 1):
         fold_dir = work / "training" / f"fold_{fold}"
-        assert sorted(p.name for p in fold_dir.iterdir()) == ["checkpoint_final.pt", "config.json", "plans.json"]
+        assert sorted(p.name for p in fold_dir.iterdir()) == ["checkpoint_final.pt", "config.json",
+                                                              "model_final.safetensors", "plans.json"]
         state = torch.load(fold_dir / "checkpoint_final.pt", weights_only=True)  # a plain voxseg checkpoint
         assert state["format"] == 2 and state["progress"]["epoch"] == 1000 and state["config"]["loop"]["epochs"] == 1000
         assert Plan.load(fold_dir / "plans.json").to_dict() == state["plan"]

@@ -23,12 +23,13 @@ LAYOUT_NAMES = (
     "training", "validation", "preprocessed", "configs", "crossval", "postprocessed", "ensembles", "tensorboard",
     "predicted_next_stage", "plans.json", "splits.json", "config.json", "postprocessing.json",
     "inference_choice.json", "configurations.json", "fingerprint.json", "log.jsonl", "progress.png",
-    "checkpoint.json", "model.onnx", "nnunet_source.json", "benchmark.json", "estimate.json",
+    "checkpoint.json", "model.onnx", "nnunet_source.json", "benchmark.json", "estimate.json", "voxseg_archive.json",
 )
 LAYOUT_PATTERNS = (
     r"fold_(\{\}|\*|\d+|all)?",  # fold_F, fold_*, the prefix itself
     r"checkpoint_.*(\.pt|\.pth|\{\}|\*)|checkpoint_",  # checkpoint_{tag}.pt, checkpoint_*.pt, the prefix
     r"validation_(\{\}|\*|final|best|latest)",  # validation_{tag}/
+    r"model_.*\.safetensors|\.safetensors",  # model_{tag}.safetensors, the suffix
 )
 # (module, literal) -> why it may spell a layout name. Each entry must still be used (see the test).
 ALLOWED = {
@@ -207,7 +208,7 @@ def test_the_docstring_tree_is_the_architecture_pages_tree():
 
 # what the objects offer besides the paths of the tree: navigation, listings, names
 NOT_PATHS = {"path", "in_workdir", "fold", "workdir", "parent", "numbered_folds", "checkpoints", "snapshots",
-             "run_files", "member", "has_checkpoints", "snapshot_tag"}
+             "run_files", "member", "has_checkpoints", "snapshot_tag", "has_model", "weight_files"}
 
 
 @pytest.mark.parametrize("cls", [WorkDir, FoldDir])

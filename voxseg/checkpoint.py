@@ -20,7 +20,6 @@ from __future__ import annotations
 import pickle
 import random
 import re
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -29,10 +28,15 @@ import torch
 from torch import nn
 
 from voxseg.atomicio import atomic_path
+from voxseg.digest import sha256_file
 from voxseg.errors import CheckpointError
 from voxseg.models import build_network
 from voxseg.plans import Plan, plan_differences
+from voxseg.weights import WEIGHTS_TAGS, provenance, strip_wrapper_prefixes, write_weights
 from voxseg.workdir import FoldDir
+
+__all__ = ["CHECKPOINT_CHOICES", "Checkpointer", "load_checkpoint", "network_from_checkpoint", "save_checkpoint",
+           "strip_wrapper_prefixes"]
 
 CHECKPOINT_FORMAT = 2
 CHECKPOINT_CHOICES = ("final", "best", "latest")
@@ -97,10 +101,18 @@ class Checkpointer:
                 **self.metadata}
 
     def save(self, tag: str) -> Path | None:
-        """Write checkpoint_{tag}.pt atomically (only where enabled); returns its path."""
+        """Write checkpoint_{tag}.pt atomically (only where enabled); returns its path. For the checkpoints that
+        prediction uses (final, best), model_{tag}.safetensors is written next to it (`voxseg.weights`)."""
         if not self.enabled:
             return None
-        return save_checkpoint(self.files.checkpoint(tag), self.state())
+        state = self.state()
+        path = save_checkpoint(self.files.checkpoint(tag), state)
+        if tag in WEIGHTS_TAGS and isinstance(state.get("model"), dict) and isinstance(state.get("plan"), dict):
+            workdir = self.files.workdir if self.files.in_workdir else None
+            write_weights(self.files.weights(tag), state["model"], state["plan"], config=state.get("config"),
+                          progress=_progress_record(state), checkpoint=checkpoint_record(path),
+                          provenance=provenance("trained", self.files.fold, tag, workdir))
+        return path
 
     def snapshot(self, epoch: int) -> Path | None:
         """A periodic checkpoint_epoch_E.pt, keeping the newest `keep_snapshots` of them."""
@@ -158,6 +170,17 @@ class Checkpointer:
                         f"the run's own settings: --config {self.files.config} --resume")
 
 
+def _progress_record(state: dict[str, Any]) -> dict[str, Any]:
+    """The run's progress as plain numbers (epoch, best epoch) for a weights file's metadata."""
+    progress = state.get("progress") if isinstance(state.get("progress"), dict) else {}
+    return {key: progress[key] for key in ("epoch", "best_epoch") if isinstance(progress.get(key), (int, float))}
+
+
+def checkpoint_record(path: str | Path) -> dict[str, Any]:
+    """{"bytes", "sha256"} of a checkpoint file: what a weights file written with it records."""
+    return {"bytes": Path(path).stat().st_size, "sha256": sha256_file(path)}
+
+
 def save_checkpoint(path: str | Path, state: dict[str, Any]) -> Path:
     """Write `state` atomically (temporary file in the same folder, fsync, rename): a crash never leaves half a
     file, and a failed save keeps the previous checkpoint."""
@@ -189,16 +212,44 @@ def _unpickling_refusal(path: Path, exc: Exception) -> str:
             "dict where the file was made (torch.save({'model': model.state_dict()}, path))")
 
 
+SAFE_UNPICKLER_TORCH = (2, 10)
+"""The first torch whose `weights_only` unpickler has no published way to run code (the package's own floor)."""
+
+
+def require_safe_unpickler(path: str | Path, version: str | None = None) -> None:
+    """Refuse to unpickle `path` on a torch older than SAFE_UNPICKLER_TORCH.
+
+    torch < 2.6 runs code from a crafted file even with `weights_only=True` (CVE-2025-32434) and torch < 2.10
+    can be made to corrupt memory by one (CVE-2026-24747). voxseg requires torch >= 2.10, so this refuses only
+    in an environment that was set up around that requirement (e.g. `pip install --no-deps`); there is no
+    override: upgrading torch is the fix.
+    """
+    from torch.torch_version import TorchVersion
+
+    found = TorchVersion(str(version or torch.__version__))
+    if found < SAFE_UNPICKLER_TORCH:
+        floor = ".".join(map(str, SAFE_UNPICKLER_TORCH))
+        cve = "CVE-2025-32434 and CVE-2026-24747" if found < (2, 6) else "CVE-2026-24747"
+        raise CheckpointError(
+            f"{path} is a pickle-based torch file, and torch {found}'s weights_only loader can run code from a "
+            f"crafted file ({cve}); voxseg reads such files only on torch >= {floor}. Upgrade torch "
+            f"(pip install 'torch>={floor}'), or use the model's safetensors weights (model_TAG.safetensors, "
+            "what 'voxseg export --archive' and 'voxseg import nnunet' write)")
+
+
 def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") -> dict[str, Any]:
-    """Read a checkpoint safely (`weights_only=True`: loading never runs code from the file).
+    """Read a checkpoint safely (`weights_only=True`: loading never runs code from the file), on a torch whose
+    unpickler is safe (`require_safe_unpickler`).
 
     Raises:
         CheckpointError: the file is missing, not a checkpoint (text, a git-lfs pointer), truncated, holds
-            pickled objects other than plain data, or is not a dict; the message names the file.
+            pickled objects other than plain data, or is not a dict, or torch is too old to read it safely; the
+            message names the file.
     """
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(f"checkpoint {path} does not exist")
+    require_safe_unpickler(path)
     reason = _not_a_checkpoint(path)
     if reason:
         raise CheckpointError(f"checkpoint {path} {reason}")
@@ -263,82 +314,32 @@ class RngStates:
         set_rng_state(state)
 
 
-# ----- pretrained weights -----------------------------------------------------------------------------------
-@dataclass
-class PretrainedReport:
-    """What `load_pretrained` did.
+def checkpoint_to_weights(checkpoint: str | Path, out: str | Path, source: str, fold: int | str, tag: str,
+                          workdir: str | Path | None = None, fallback_plan: str | Path | None = None,
+                          record_checkpoint: bool = True) -> Path:
+    """Write the network weights of a voxseg checkpoint as a safetensors weights file (`voxseg.weights`).
 
-    Attributes:
-        path: the checkpoint read.
-        loaded: parameter/buffer names copied into the model.
-        missing: model names the checkpoint lacks (left as initialised).
-        unexpected: checkpoint names the model lacks (ignored).
-        mismatched: (name, checkpoint shape, model shape) for names whose shapes differ (left as initialised).
+    Args:
+        source: the provenance's source ("trained", "converted", ...); the checkpoint's name and SHA-256 are
+            recorded as where the weights came from.
+        record_checkpoint: record the checkpoint as the weights' sibling (its size is compared on load): True
+            when the weights file stays next to it.
     """
-
-    path: str
-    loaded: list[str] = field(default_factory=list)
-    missing: list[str] = field(default_factory=list)
-    unexpected: list[str] = field(default_factory=list)
-    mismatched: list[tuple[str, list[int], list[int]]] = field(default_factory=list)
-
-    def summary(self, max_names: int = 5) -> str:
-        def names(items: list[str]) -> str:
-            more = f" and {len(items) - max_names} more" if len(items) > max_names else ""
-            return ", ".join(items[:max_names]) + more
-
-        lines = [f"pretrained weights from {self.path}: {len(self.loaded)} tensors loaded"]
-        if self.mismatched:
-            shown = [f"{n} {tuple(a)} vs model {tuple(b)}" for n, a, b in self.mismatched]
-            lines.append(f"  shape mismatch (kept initialised): {names(shown)}")
-        if self.missing:
-            lines.append(f"  not in the checkpoint (kept initialised): {names(self.missing)}")
-        if self.unexpected:
-            lines.append(f"  not in the model (ignored): {names(self.unexpected)}")
-        return "\n".join(lines)
-
-    def __str__(self) -> str:
-        return self.summary()
-
-
-def strip_wrapper_prefixes(state: dict[str, Any]) -> dict[str, Any]:
-    """Drop the wrappers' prefixes: torch.compile's `_orig_mod.` and DDP's `module.`."""
-    out = {}
-    for name, value in state.items():
-        for prefix in ("_orig_mod.", "module."):
-            while name.startswith(prefix):
-                name = name[len(prefix):]
-        out[name] = value
-    return out
-
-
-def load_pretrained(model: nn.Module, path: str | Path) -> PretrainedReport:
-    """Copy every checkpoint tensor whose name and shape match the model's; report the rest.
-
-    Accepts a voxseg checkpoint (its "model" entry) or a bare state dict. Raises CheckpointError when not a
-    single tensor matches (a checkpoint of a different network), since training would silently start from
-    scratch otherwise.
-    """
-    state = load_checkpoint(path)
-    weights = state["model"] if isinstance(state.get("model"), dict) else state
-    weights = strip_wrapper_prefixes({k: v for k, v in weights.items() if isinstance(v, torch.Tensor)})
-    own = model.state_dict()
-    report = PretrainedReport(path=str(path))
-    to_load = {}
-    for name, tensor in own.items():
-        if name not in weights:
-            report.missing.append(name)
-        elif tuple(weights[name].shape) != tuple(tensor.shape):
-            report.mismatched.append((name, list(weights[name].shape), list(tensor.shape)))
-        else:
-            to_load[name] = weights[name]
-            report.loaded.append(name)
-    report.unexpected = sorted(set(weights) - set(own))
-    if not to_load:
-        raise CheckpointError(f"{path}: no tensor matches this network by name and shape; is it a checkpoint "
-                              "of a different network or dataset?")
-    model.load_state_dict(to_load, strict=False)
-    return report
+    checkpoint = Path(checkpoint)
+    state = load_checkpoint(checkpoint)
+    if not isinstance(state.get("model"), dict):
+        raise CheckpointError(f"{checkpoint} has no 'model' weights; is it a voxseg checkpoint?")
+    if isinstance(state.get("plan"), dict):
+        plan = state["plan"]
+    elif fallback_plan is not None:
+        plan = Plan.load(fallback_plan).to_dict()
+    else:
+        raise CheckpointError(f"{checkpoint} holds no plan; is it a voxseg checkpoint?")
+    record = checkpoint_record(checkpoint)
+    origin = provenance(source, fold, tag, workdir, source_file=checkpoint.name, source_sha256=record["sha256"])
+    config = state.get("config") if isinstance(state.get("config"), dict) else None
+    return write_weights(out, state["model"], plan, provenance=origin, progress=_progress_record(state),
+                         config=config, checkpoint=record if record_checkpoint else None)
 
 
 # ----- networks from checkpoints -----------------------------------------------------------------------------

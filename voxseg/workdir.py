@@ -16,6 +16,7 @@ WORKDIR/                     WorkDir(WORKDIR)
       config.json            .config                  the config the run started with, and its changes
       checkpoint_TAG.pt      .checkpoint(TAG)         TAG: latest, best, final
       checkpoint_epoch_E.pt  .snapshot(E)             periodic snapshots (loop.keep_snapshots)
+      model_TAG.safetensors  .weights(TAG)            TAG: final, best: the weights prediction loads (no pickle)
       log.jsonl              .log                     one record per epoch
       progress.png           .progress_plot
       tensorboard/           .tensorboard
@@ -32,6 +33,7 @@ WORKDIR/                     WorkDir(WORKDIR)
     postprocessing.json      .ensemble_postprocessing(A+B)
   predicted_next_stage/NEXT/ .next_stage_predictions(NEXT)   CASE.npy: a cascade's first-stage predictions
   nnunet_source.json         .nnunet_source           where `voxseg import nnunet` took the model from
+  voxseg_archive.json        .archive_manifest        an installed model: the archive's member list and digests
   benchmark.json             .benchmark               `voxseg benchmark` (default output)
   estimate.json              .estimate                `voxseg estimate` (default output)
 ```
@@ -69,6 +71,8 @@ _TENSORBOARD = "tensorboard"
 _VALIDATION = "validation"
 _VALIDATED_CHECKPOINT = "checkpoint.json"
 _ONNX = "model.onnx"
+_WEIGHTS_PREFIX, _WEIGHTS_SUFFIX = "model_", ".safetensors"
+_ARCHIVE_MANIFEST = "voxseg_archive.json"
 _CROSSVAL = "crossval"
 _SUMMARY = "summary.json"
 _POSTPROCESSED = "postprocessed"
@@ -129,6 +133,19 @@ class FoldDir:
     def checkpoint(self, tag: str) -> Path:
         """checkpoint_{tag}.pt (tag: final, best, latest or epoch_E)."""
         return self.path / f"{_CHECKPOINT_PREFIX}{tag}{_CHECKPOINT_SUFFIX}"
+
+    def weights(self, tag: str) -> Path:
+        """model_{tag}.safetensors: the network weights of checkpoint_{tag}.pt in a file that cannot run code
+        (voxseg.weights; tag final or best)."""
+        return self.path / f"{_WEIGHTS_PREFIX}{tag}{_WEIGHTS_SUFFIX}"
+
+    def has_model(self, tag: str) -> bool:
+        """Whether the fold has weights to predict with under `tag`: model_{tag}.safetensors or checkpoint_{tag}.pt."""
+        return self.weights(tag).is_file() or self.checkpoint(tag).is_file()
+
+    def weight_files(self) -> list[Path]:
+        """Every model_*.safetensors in the folder, by name."""
+        return sorted(self.path.glob(f"{_WEIGHTS_PREFIX}*{_WEIGHTS_SUFFIX}"))
 
     def snapshot(self, epoch: int) -> Path:
         """The periodic snapshot of `epoch`: checkpoint_epoch_E.pt."""
@@ -289,6 +306,10 @@ class WorkDir:
         return self.path / _NNUNET_SOURCE
 
     @property
+    def archive_manifest(self) -> Path:
+        return self.path / _ARCHIVE_MANIFEST
+
+    @property
     def benchmark(self) -> Path:
         return self.path / _BENCHMARK
 
@@ -301,6 +322,7 @@ class WorkDir:
         return Path(path).relative_to(self.path).as_posix()
 
     def has_checkpoints(self) -> bool:
-        """Whether any fold folder holds a checkpoint."""
+        """Whether any fold folder holds a checkpoint or a weights file."""
         return self.training.is_dir() and any(
-            FoldDir(folder).checkpoints() for folder in self.training.glob(f"{_FOLD_PREFIX}*"))
+            FoldDir(folder).checkpoints() or FoldDir(folder).weight_files()
+            for folder in self.training.glob(f"{_FOLD_PREFIX}*"))

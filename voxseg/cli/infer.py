@@ -203,6 +203,15 @@ def cmd_install(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_verify(args: argparse.Namespace) -> int:
+    from voxseg.infer.verify import verify_model
+
+    report = verify_model(args.model, write_weights=args.write_weights)
+    print(report.text())
+    report.check()
+    return 0
+
+
 def _predict_arguments(p: argparse.ArgumentParser) -> None:
     from voxseg.cli.derive import add_flags, as_text, config_options, flag_help
     from voxseg.infer.config import InferConfig
@@ -320,3 +329,13 @@ def add_infer_commands(sub: Subparsers) -> None:
     p.add_argument("target", help="the model folder to install into (absent or empty, unless --force)")
     p.add_argument("--force", action="store_true",
                    help="replace a model already installed in TARGET (as a whole; default: refuse)")
+
+    p = add_command(sub, "verify", cmd_verify,
+                    "check a model (archive, model folder or nnU-Net model folder) and show where it came from",
+                    "voxseg verify model.zip\n"
+                    "voxseg verify models/synth\n"
+                    "voxseg verify work/synth --write-weights   # folds trained before weights files existed")
+    p.add_argument("model", help="a model archive (.zip), a work directory or installed model folder, or an "
+                                 "nnU-Net v2 model folder")
+    p.add_argument("--write-weights", action="store_true",
+                   help="write model_TAG.safetensors from checkpoint_TAG.pt where a fold has none, or a stale one")

@@ -24,13 +24,14 @@ def trained_folds(workdir: str | Path, checkpoint: str | None = None) -> list[in
     Args:
         workdir: the work directory.
         checkpoint: None counts every WORKDIR/training/fold_N folder (a run was started there); a name such as
-            "final" counts only folds with `checkpoint_{checkpoint}.pt` (a run got that far).
+            "final" counts only folds with `checkpoint_{checkpoint}.pt` or its weights file (a run got that far, or
+            the fold was installed from an archive).
 
     Example: training/fold_0/checkpoint_final.pt, training/fold_2/ (still running), training/fold_all/
     -> [0, 2], or [0] with checkpoint="final".
     """
     return [number for number, folder in WorkDir(workdir).numbered_folds().items()
-            if checkpoint is None or folder.checkpoint(checkpoint).is_file()]
+            if checkpoint is None or folder.has_model(checkpoint)]
 
 
 def make_kfold_splits(names: list[str], num_folds: int = 5, seed: int = 12345) -> list[dict[str, list[str]]]:

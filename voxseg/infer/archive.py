@@ -2,38 +2,41 @@
 
 Model folder (a work directory, or one installed from an archive):
 ```
-MODEL/plans.json  dataset.json  [postprocessing.json]
-MODEL/training/fold_F/checkpoint_{final,best}.pt  [config.json]  [model.onnx]
+MODEL/plans.json  dataset.json  [postprocessing.json]  [voxseg_archive.json (installed)]
+MODEL/training/fold_F/model_{final,best}.safetensors  [checkpoint_{final,best,latest}.pt]  [config.json]
+                      [plans.json]  [model.onnx]
 ```
-`export_archive` zips the weights of the chosen folds (model weights, plan and config only: optimiser state
-is dropped) with plans.json, dataset.json and postprocessing.json. `install_archive` checks every member before
-writing anything: it refuses absolute paths, "..", links and unexpected file types, anything that would land
-outside the target folder, and checkpoints that cannot be read with `weights_only=True`; the manifest carries
-every member's SHA-256, which install verifies (see voxseg/infer/install.py for its limits and the swap).
+A fold's network is loaded from model_TAG.safetensors (`voxseg.weights`: no pickle); a work directory trained
+before those files existed has only checkpoint_TAG.pt, which is read with `weights_only=True` on a safe torch.
+`export_archive` zips the safetensors weights of the chosen folds (converted from the checkpoint where a fold has
+none; optimiser state never leaves the machine) with plans.json, dataset.json and postprocessing.json, and a
+manifest with every member's SHA-256. `install_archive` checks every member before writing anything (see
+voxseg/infer/install.py for its limits, the checks and the swap).
 """
 from __future__ import annotations
 
-import io
 import json
+import tempfile
 import zipfile
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
 
 import torch
 from torch import nn
 
+from voxseg import __version__
 from voxseg.atomicio import atomic_path
-from voxseg.checkpoint import CHECKPOINT_CHOICES, load_checkpoint, network_from_checkpoint
+from voxseg.checkpoint import CHECKPOINT_CHOICES, checkpoint_to_weights, network_from_checkpoint
 from voxseg.data.splits import trained_folds
 from voxseg.devices import resolve_device  # noqa: F401 - re-exported for the predictor
 from voxseg.digest import sha256_bytes
 from voxseg.errors import CheckpointError, ConfigError
-from voxseg.infer.install import ARCHIVE_FORMAT, MANIFEST, install_archive  # noqa: F401 - install re-exported
+from voxseg.infer.install import ARCHIVE_FORMAT, ARCHIVE_VERSION, MANIFEST, install_archive  # noqa: F401
 from voxseg.plans import Plan
+from voxseg.weights import load_weights_network, now_utc, read_weights_header, stale_reason
 from voxseg.workdir import WorkDir
 
-# checkpoint entries kept in an archive; optimiser, scheduler, scaler and RNG states are for resuming only
-_KEPT_KEYS = ("format", "model", "plan", "config", "progress")
 # plan fields that must agree between the folds of an ensemble
 _ENSEMBLE_FIELDS = ("channel_names", "labels", "regions_class_order", "target_spacing", "normalization",
                     "anisotropy_axis", "patch_size")
@@ -50,7 +53,7 @@ def resolve_folds(workdir: str | Path, folds: int | str | Sequence[int | str] | 
     """
     workdir = Path(workdir)
     if folds is None or folds == "all":
-        has_fold_all = WorkDir(workdir).fold("all").checkpoint(checkpoint).is_file()
+        has_fold_all = WorkDir(workdir).fold("all").has_model(checkpoint)
         if folds == "all" and has_fold_all:
             return ["all"]
         trained = trained_folds(workdir, checkpoint)
@@ -59,7 +62,8 @@ def resolve_folds(workdir: str | Path, folds: int | str | Sequence[int | str] | 
         if has_fold_all:
             return ["all"]
         raise CheckpointError(
-            f"{WorkDir(workdir).training}: no trained fold has checkpoint_{checkpoint}.pt; train one first "
+            f"{WorkDir(workdir).training}: no trained fold has {WorkDir(workdir).fold(0).checkpoint(checkpoint).name} "
+            f"or {WorkDir(workdir).fold(0).weights(checkpoint).name}; train one first "
             f"('voxseg train {workdir} --fold 0', or '--fold all')"
         )
     if isinstance(folds, (int, str)):
@@ -75,28 +79,58 @@ def resolve_folds(workdir: str | Path, folds: int | str | Sequence[int | str] | 
 
 
 def checkpoint_path(workdir: str | Path, fold: int | str, checkpoint: str = "final") -> Path:
-    """Path of a fold's checkpoint; CheckpointError naming it (and suggesting `voxseg train`) when missing."""
+    """The file a fold's network is loaded from: model_{checkpoint}.safetensors, else checkpoint_{checkpoint}.pt.
+
+    Raises:
+        CheckpointError: neither exists (naming them, and suggesting `voxseg train`), or the weights file no
+            longer belongs to the checkpoint beside it (a run rewrote the checkpoint without it).
+    """
     if checkpoint not in CHECKPOINT_CHOICES:
         raise ConfigError(f"checkpoint '{checkpoint}' is unknown; use one of {', '.join(CHECKPOINT_CHOICES)}")
     fold_files = WorkDir(workdir).fold(fold)
-    path = fold_files.checkpoint(checkpoint)
+    weights, path = fold_files.weights(checkpoint), fold_files.checkpoint(checkpoint)
+    if weights.is_file():
+        reason = stale_reason(read_weights_header(weights), path)
+        if reason:
+            raise CheckpointError(f"{weights} no longer holds the weights of {path}: {reason}. Write them again "
+                                  f"from the checkpoint with 'voxseg verify {workdir} --write-weights'")
+        return weights
     if not path.is_file():
-        others = [p.name for p in fold_files.checkpoints()]
+        others = [p.name for p in fold_files.checkpoints() + fold_files.weight_files()]
         hint = f" (found {', '.join(others)}: choose it with the checkpoint option)" if others else ""
         raise CheckpointError(f"{path} not found{hint}; train this fold first: 'voxseg train {workdir} --fold {fold}'")
     return path
 
 
+@dataclass
+class FoldModel:
+    """A fold's network in eval mode, the plan it was trained with, its epoch and the file it came from."""
+
+    network: nn.Module
+    plan: Plan
+    epoch: int
+    path: Path
+
+
+def load_fold_model(workdir: str | Path, fold: int | str, checkpoint: str = "final",
+                    device: str | torch.device = "cpu") -> FoldModel:
+    """The network of one trained fold (`checkpoint_path`: safetensors weights, else the checkpoint read with
+    weights_only) and the plan it was trained with: the one stored with the weights wins over plans.json (the
+    fallback for checkpoints without one)."""
+    path = checkpoint_path(workdir, fold, checkpoint)
+    if path.suffix == WorkDir(workdir).fold(fold).weights(checkpoint).suffix:
+        network, weights, plan = load_weights_network(path, device, fallback_plan=WorkDir(workdir).plans)
+        return FoldModel(network, plan, weights.epoch, path)
+    network, plan, state = network_from_checkpoint(path, device, fallback_plan=WorkDir(workdir).plans)
+    progress = state.get("progress") if isinstance(state.get("progress"), dict) else {}
+    return FoldModel(network, plan, int(progress.get("epoch") or 0), path)
+
+
 def load_fold_network(workdir: str | Path, fold: int | str, checkpoint: str = "final",
                       device: str | torch.device = "cpu") -> tuple[nn.Module, Plan]:
-    """The network of one trained fold in eval mode (loaded with weights_only) and the plan it was trained with.
-
-    The plan stored in the checkpoint wins over plans.json (it is what the weights were trained with);
-    plans.json is the fallback for checkpoints without one.
-    """
-    path = checkpoint_path(workdir, fold, checkpoint)
-    network, plan, _ = network_from_checkpoint(path, device, fallback_plan=WorkDir(workdir).plans)
-    return network, plan
+    """The network of one trained fold in eval mode and the plan it was trained with (`load_fold_model`)."""
+    model = load_fold_model(workdir, fold, checkpoint, device)
+    return model.network, model.plan
 
 
 def check_same_plan(plans: Sequence[Plan], folds: Sequence[int | str]) -> None:
@@ -113,19 +147,24 @@ def check_same_plan(plans: Sequence[Plan], folds: Sequence[int | str]) -> None:
 
 
 # ----- archives -----------------------------------------------------------------------------------------------
-def _slim_checkpoint(path: Path) -> bytes:
-    state = load_checkpoint(path, map_location="cpu")
-    buffer = io.BytesIO()
-    torch.save({k: state[k] for k in _KEPT_KEYS if k in state}, buffer)
-    return buffer.getvalue()
+def _fold_weights(workdir: WorkDir, fold: int | str, checkpoint: str, scratch: Path) -> bytes:
+    """The fold's safetensors weights as bytes: its model_TAG.safetensors, or converted from checkpoint_TAG.pt
+    (a work directory trained before weights files existed)."""
+    path = checkpoint_path(workdir.path, fold, checkpoint)
+    if path.suffix != workdir.fold(fold).weights(checkpoint).suffix:
+        path = checkpoint_to_weights(path, scratch / f"{fold}{workdir.fold(fold).weights(checkpoint).suffix}",
+                                     "converted", fold, checkpoint, workdir.path, fallback_plan=workdir.plans,
+                                     record_checkpoint=False)
+    return path.read_bytes()
 
 
 def export_archive(workdir: str | Path, out_zip: str | Path, folds: int | str | Sequence[int | str] | None = (0,),
                    checkpoint: str = "final") -> Path:
-    """Zip a trained model for sharing: weights of `folds`, plans.json, dataset.json, configs, postprocessing.
+    """Zip a trained model for sharing: safetensors weights of `folds`, plans.json, dataset.json, configs,
+    postprocessing, ONNX files, and a manifest with every member's SHA-256.
 
     The archive keeps the model-folder layout, so the folder `install_archive` writes works with
-    `Predictor.from_workdir` and `voxseg predict -m`.
+    `Predictor.from_workdir` and `voxseg predict -m`. No pickle is in it: optimiser states and RNGs stay home.
     """
     workdir, out_zip = WorkDir(workdir), Path(out_zip)
     if not workdir.plans.is_file():
@@ -137,17 +176,20 @@ def export_archive(workdir: str | Path, out_zip: str | Path, folds: int | str | 
     for path in (workdir.dataset_json, workdir.postprocessing):
         if path.is_file():
             members[workdir.member(path)] = path
-    for fold in fold_list:
-        fold_files = workdir.fold(fold)
-        weights = _slim_checkpoint(checkpoint_path(workdir.path, fold, checkpoint))
-        members[workdir.member(fold_files.checkpoint(checkpoint))] = weights
-        for path in (fold_files.config, fold_files.plans, fold_files.onnx):
-            if path.is_file():
-                members[workdir.member(path)] = path
+    with tempfile.TemporaryDirectory(prefix=".voxseg-export-", dir=out_zip.parent if out_zip.parent.is_dir()
+                                     else None) as scratch:
+        for fold in fold_list:
+            fold_files = workdir.fold(fold)
+            members[workdir.member(fold_files.weights(checkpoint))] = _fold_weights(workdir, fold, checkpoint,
+                                                                                   Path(scratch))
+            for path in (fold_files.config, fold_files.plans, fold_files.onnx):
+                if path.is_file():
+                    members[workdir.member(path)] = path
     members = {name: content if isinstance(content, bytes) else content.read_bytes()
                for name, content in members.items()}
     files = {name: {"sha256": sha256_bytes(content), "size": len(content)} for name, content in members.items()}
-    manifest = {"format": ARCHIVE_FORMAT, "version": 2, "folds": fold_list, "checkpoint": checkpoint, "files": files}
+    manifest = {"format": ARCHIVE_FORMAT, "version": ARCHIVE_VERSION, "folds": fold_list, "checkpoint": checkpoint,
+                "files": files, "exported": {"date": now_utc(), "voxseg_version": __version__}}
     members[MANIFEST] = json.dumps(manifest, indent=2).encode()
     with atomic_path(out_zip) as tmp, zipfile.ZipFile(tmp, "w", compression=zipfile.ZIP_DEFLATED) as archive:
         for name, content in members.items():

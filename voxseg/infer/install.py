@@ -7,10 +7,17 @@ installs only what the manifest lists, and before anything reaches the target fo
   `max_member_bytes`, or a member (over 1 MiB) that inflates more than `max_compression_ratio` times
   (a zip bomb), and checks the free disk space;
 - unpacks into a staging folder next to the target, counting the bytes actually inflated (zip headers can lie),
-  verifies every digest, and test-loads checkpoints with `weights_only=True` (loading never executes code) and
-  ONNX files with the onnx package when it is installed (an ONNX file that points at external data files, which
-  could be read from anywhere, is refused); next to each ONNX file it writes `model.onnx.sha256`, so loading
-  it later verifies it as it verifies an exported one;
+  and verifies every digest;
+- reads each weights file's header with safetensors (no pickle: bounded header, offsets checked against the
+  file) and checks its tensor table against the network of the plan stored with it and of the fold's
+  plans.json: a plan that disagrees with the weights is refused;
+- converts the checkpoints of an archive written before weights files existed (format version 2, pickled
+  `checkpoint_TAG.pt`, read with `weights_only=True` on a safe torch) into weights files, and installs those;
+- test-loads ONNX files with the onnx package when it is installed (an ONNX file that points at external data
+  files, which could be read from anywhere, is refused); next to each ONNX file it writes `model.onnx.sha256`,
+  so loading it later verifies it as it verifies an exported one;
+- keeps the manifest of what it installed as voxseg_archive.json in the model folder (`voxseg verify` checks the
+  files against it later);
 - refuses a target that already holds a model unless `force=True`; then the staged folder replaces the old
   one by renames, so the folder holds one model or the other, never a mix of two.
 """
@@ -26,16 +33,24 @@ import zipfile
 from pathlib import Path, PurePosixPath
 from typing import Any
 
-import torch
-
-from voxseg.digest import write_digest_file
-from voxseg.errors import CheckpointError
+from voxseg import __version__
+from voxseg.checkpoint import checkpoint_to_weights, load_checkpoint
+from voxseg.digest import sha256_file, write_digest_file
+from voxseg.errors import CheckpointError, ConfigError
+from voxseg.jsonio import write_json_atomic
+from voxseg.plans import Plan
 from voxseg.units import GIB
-from voxseg.workdir import WorkDir
+from voxseg.weights import check_fits_plan, now_utc, read_weights_header, weights_plan
+from voxseg.workdir import FoldDir, WorkDir, checkpoint_tag
 
-MANIFEST = "voxseg_archive.json"
+_ROOT = WorkDir(".")
+MANIFEST = _ROOT.member(_ROOT.archive_manifest)
 ARCHIVE_FORMAT = "voxseg-model"
-ALLOWED_SUFFIXES = (".json", ".pt", ".onnx")
+ARCHIVE_VERSION = 3
+"""3: safetensors weights (model_TAG.safetensors); 2 and 1: pickled checkpoints (converted on install)."""
+WEIGHTS_SUFFIX = _ROOT.fold(0).weights("final").suffix
+CHECKPOINT_SUFFIX = _ROOT.fold(0).checkpoint("final").suffix
+ALLOWED_SUFFIXES = (".json", WEIGHTS_SUFFIX, ".onnx", CHECKPOINT_SUFFIX)
 DEFAULT_MAX_TOTAL_BYTES = 20 * GIB
 DEFAULT_MAX_MEMBER_BYTES = 20 * GIB
 DEFAULT_MAX_COMPRESSION_RATIO = 200.0
@@ -70,12 +85,13 @@ def _check_member(info: zipfile.ZipInfo, target: Path) -> None:
         raise CheckpointError(f"archive member '{name}' refused: {'; '.join(reasons)}. Nothing was installed")
 
 
-def _read_manifest(archive: zipfile.ZipFile, zip_path: Path) -> dict[str, dict[str, Any]]:
-    """The manifest's {member: {"sha256", "size"}}; CheckpointError when it is missing or has no digests."""
+def _read_manifest(archive: zipfile.ZipFile, zip_path: Path) -> dict[str, Any]:
+    """The manifest (its "files": {member: {"sha256", "size"}}); CheckpointError when it is missing, has no
+    digests, or lists pickled checkpoints in an archive of the safetensors format."""
     redo = "re-export the model with 'voxseg export WORKDIR --archive ZIP'"
     names = set(archive.namelist())
     root = WorkDir(".")
-    if root.member(root.plans) not in names or not any(n.endswith((".pt", ".onnx")) for n in names):
+    if root.member(root.plans) not in names or not any(n.endswith(ALLOWED_SUFFIXES[1:]) for n in names):
         raise CheckpointError(f"{zip_path} is not a voxseg model archive (needs plans.json and weights)")
     if MANIFEST not in names:
         raise CheckpointError(f"{zip_path} has no {MANIFEST} (member list with SHA-256 digests); {redo}")
@@ -90,7 +106,15 @@ def _read_manifest(archive: zipfile.ZipFile, zip_path: Path) -> dict[str, dict[s
     missing = sorted(set(files) - names)
     if missing:
         raise CheckpointError(f"{zip_path}: member(s) {missing} listed in {MANIFEST} are not in the archive; {redo}")
-    return files
+    version = manifest.get("version", 1)
+    if not isinstance(version, int) or version > ARCHIVE_VERSION:
+        raise CheckpointError(f"{zip_path}: archive format version {version!r} is newer than this voxseg reads "
+                              f"({ARCHIVE_VERSION}); upgrade voxseg")
+    pickled = sorted(name for name in files if name.endswith(CHECKPOINT_SUFFIX))
+    if version >= 3 and pickled:
+        raise CheckpointError(f"{zip_path}: member(s) {pickled} are pickled checkpoints, which an archive of format "
+                              f"{version} never holds (its weights are {WEIGHTS_SUFFIX} files); nothing was installed")
+    return manifest
 
 
 def _check_sizes(infos: list[zipfile.ZipInfo], destination: Path, max_total_bytes: int, max_member_bytes: int,
@@ -131,13 +155,7 @@ def _unpack_checked(archive: zipfile.ZipFile, info: zipfile.ZipInfo, path: Path,
     if size != limit or digest.hexdigest() != expected["sha256"].lower():
         raise CheckpointError(f"archive member '{info.filename}' does not match its SHA-256 digest in {MANIFEST} "
                               "(corrupt or altered archive); nothing was installed")
-    if path.suffix == ".pt":
-        try:
-            torch.load(path, map_location="cpu", weights_only=True)
-        except Exception as exc:  # noqa: BLE001 - any failure means it is not a plain-weights checkpoint
-            raise CheckpointError(f"archive member '{info.filename}' is not a plain-weights checkpoint "
-                                  f"({type(exc).__name__}); nothing was installed") from None
-    elif path.suffix == ".onnx":
+    if path.suffix == ".onnx":
         _check_onnx(path, info.filename)
         write_digest_file(path)  # model.onnx.sha256: load_onnx_model verifies the installed file
 
@@ -158,6 +176,58 @@ def _check_onnx(path: Path, name: str) -> None:
         raise CheckpointError(f"archive member '{name}' keeps weights in external data files, which an archive "
                               "does not carry; export it again with 'voxseg export WORKDIR --onnx'; nothing was "
                               "installed")
+
+
+def _convert_checkpoints(staging: Path, names: list[str]) -> dict[str, str]:
+    """Replace the staged pickled checkpoints of an old archive by weights files; {new member: old member}."""
+    converted = {}
+    root = WorkDir(staging)
+    for name in names:  # every pickle is read safely (and refused if it holds code) before any is converted
+        path = staging / name
+        if not FoldDir(path.parent).in_workdir or checkpoint_tag(path) is None:
+            raise CheckpointError(f"archive member '{name}' is not a fold's checkpoint (training/fold_F/"
+                                  f"checkpoint_TAG{CHECKPOINT_SUFFIX}); nothing was installed")
+        try:
+            load_checkpoint(path)
+        except CheckpointError as exc:
+            raise CheckpointError(f"archive member '{name}': {exc}; nothing was installed") from None
+    for name in names:
+        path = staging / name
+        fold, tag = FoldDir(path.parent), checkpoint_tag(path) or ""
+        try:
+            checkpoint_to_weights(path, fold.weights(tag), "converted", fold.fold, tag,
+                                  fallback_plan=root.plans, record_checkpoint=False)
+        except (CheckpointError, ConfigError) as exc:
+            raise CheckpointError(f"archive member '{name}' cannot be converted to a weights file ({exc}); "
+                                  "nothing was installed") from None
+        path.unlink()
+        converted[root.member(fold.weights(tag))] = name
+    return converted
+
+
+def check_weights_files(folder: Path, names: list[str]) -> None:
+    """Each weights file's header parses and its tensors fit the plan stored with it and the fold's plans.json."""
+    for name in names:
+        path = folder / name
+        weights = read_weights_header(path)
+        check_fits_plan(weights.shapes, weights_plan(weights, WorkDir(folder).plans), name)
+        fold_plan = FoldDir(path.parent).plans
+        if fold_plan.is_file():
+            check_fits_plan(weights.shapes, Plan.load(fold_plan), WorkDir(folder).member(fold_plan))
+
+
+def _installed_manifest(staging: Path, manifest: dict[str, Any], zip_path: Path,
+                        converted: dict[str, str]) -> dict[str, Any]:
+    """What the model folder holds, with digests, and where it came from: voxseg_archive.json of the folder."""
+    files = sorted(p for p in staging.rglob("*") if p.is_file())
+    return {"format": ARCHIVE_FORMAT, "version": ARCHIVE_VERSION, "folds": manifest.get("folds"),
+            "checkpoint": manifest.get("checkpoint"),
+            "files": {WorkDir(staging).member(p): {"sha256": sha256_file(p), "size": p.stat().st_size}
+                      for p in files},
+            "exported": manifest.get("exported"),
+            "installed": {"archive": zip_path.name, "archive_sha256": sha256_file(zip_path),
+                          "archive_version": manifest.get("version", 1), "date": now_utc(),
+                          "voxseg_version": __version__, "converted": converted}}
 
 
 def swap_in_folder(staging: Path, target: Path) -> None:
@@ -194,19 +264,29 @@ def install_archive(zip_path: str | Path, target_dir: str | Path, force: bool = 
     target.mkdir(parents=True, exist_ok=True)
     target = target.resolve()
     if holds_model(target) and not force:
-        raise CheckpointError(f"{target} already holds a model (plans.json or training/fold_*/checkpoint_*.pt); "
+        raise CheckpointError(f"{target} already holds a model (plans.json, or a fold's weights or checkpoint); "
                               "install into a new folder, or replace it with force=True (voxseg install --force)")
     with zipfile.ZipFile(zip_path) as archive:
         infos = archive.infolist()
         for info in infos:
             _check_member(info, target)
-        listed = _read_manifest(archive, zip_path)
+        manifest = _read_manifest(archive, zip_path)
+        listed = manifest["files"]
         files = [info for info in infos if not info.is_dir() and info.filename in listed]
         _check_sizes(files, target.parent, max_total_bytes, max_member_bytes, max_compression_ratio)
         staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.install-", dir=target.parent))
         try:
             for info in files:
                 _unpack_checked(archive, info, staging / info.filename, listed[info.filename])
+            names = [info.filename for info in files]
+            converted = _convert_checkpoints(staging, [n for n in names if n.endswith(CHECKPOINT_SUFFIX)])
+            weights = [n for n in names if n.endswith(WEIGHTS_SUFFIX)] + list(converted)
+            try:
+                check_weights_files(staging, weights)
+            except CheckpointError as exc:
+                raise CheckpointError(f"{exc}; nothing was installed") from None
+            write_json_atomic(WorkDir(staging).archive_manifest,
+                              _installed_manifest(staging, manifest, zip_path, converted))
             swap_in_folder(staging, target)
         finally:
             shutil.rmtree(staging, ignore_errors=True)

@@ -35,7 +35,7 @@ from torch import nn
 
 from voxseg.checkpoint import save_checkpoint
 from voxseg.errors import CheckpointError, ConfigError
-from voxseg.infer.archive import checkpoint_path, load_fold_network, resolve_folds
+from voxseg.infer.archive import load_fold_model, resolve_folds
 from voxseg.infer.install import swap_in_folder
 from voxseg.infer.nnunet_folder import CHECKPOINT_FILES, NNUNET_DATASET, NNUNET_PLANS, nnunet_fold_dir
 from voxseg.infer.nnunet_weights import nnunet_names
@@ -171,11 +171,10 @@ def export_nnunet(workdir: str | Path, out: str | Path, folds: int | str | Seque
     fold_list = resolve_folds(workdir, folds, checkpoint)
     loaded = []
     for fold in fold_list:
-        network, plan = load_fold_network(workdir, fold, checkpoint)
-        plan.check_runnable("exporting to nnU-Net")
-        _check_exportable(plan, fold)
-        loaded.append((fold, network, plan, torch.load(checkpoint_path(workdir, fold, checkpoint),
-                                                       map_location="cpu", weights_only=True)))
+        model = load_fold_model(workdir, fold, checkpoint)
+        model.plan.check_runnable("exporting to nnU-Net")
+        _check_exportable(model.plan, fold)
+        loaded.append((fold, model.network, model.plan, model.epoch))
     plan = loaded[0][2]
     _, plans_name, configuration = target.name.split("__")
     plans = nnunet_plans(plan, configuration, plans_name)
@@ -193,8 +192,7 @@ def export_nnunet(workdir: str | Path, out: str | Path, folds: int | str | Seque
         write_json_atomic(staging / NNUNET_DATASET, dataset)
         if postprocessing is not None:
             write_json_atomic(staging / EXPORTED_POSTPROCESSING_FILE, _exported_postprocessing(postprocessing))
-        for fold, network, _, state in loaded:
-            epoch = int((state.get("progress") or {}).get("epoch") or 0)
+        for fold, network, _, epoch in loaded:
             nnunet_fold_dir(staging, fold).mkdir()
             save_checkpoint(nnunet_fold_dir(staging, fold) / CHECKPOINT_FILES[checkpoint], {
                 "network_weights": nnunet_weights(network), "trainer_name": "nnUNetTrainer", "current_epoch": epoch,

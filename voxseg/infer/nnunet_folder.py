@@ -24,6 +24,7 @@ from voxseg.errors import CheckpointError
 # the folder's layout: nnU-Net's own, not a voxseg work directory (that is voxseg.workdir)
 NNUNET_PLANS = "plans.json"
 NNUNET_DATASET = "dataset.json"
+NNUNET_FINGERPRINT = "dataset_fingerprint.json"
 NNUNET_FOLD_PREFIX = "fold_"
 NNUNET_VALIDATION = "validation"  # in fold_F/: the fold's validation predictions
 CHECKPOINT_FILES = {"final": "checkpoint_final.pth", "best": "checkpoint_best.pth"}

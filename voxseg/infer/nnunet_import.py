@@ -5,6 +5,7 @@ MODEL = <Trainer>__<Plans>__<configuration>/          WORKDIR/
   plans.json  dataset.json                      ->      plans.json (voxseg's plan)  dataset.json
   [splits_final.json]                           ->      [splits.json]
   fold_F/checkpoint_{final,best}.pth            ->      training/fold_F/checkpoint_{final,best}.pt  plans.json
+                                                                                   model_{final,best}.safetensors
                                                                                    config.json
   [fold_F/validation/CASE.nii.gz ...]           ->      [training/fold_F/validation/CASE.nii.gz ...]
   [postprocessing.pkl]                                  (never read)
@@ -36,7 +37,7 @@ from pathlib import Path
 from typing import Any, Sequence
 
 from voxseg import __version__
-from voxseg.checkpoint import CHECKPOINT_FORMAT, save_checkpoint
+from voxseg.checkpoint import CHECKPOINT_FORMAT, checkpoint_record, save_checkpoint
 from voxseg.config import TrainConfig
 from voxseg.data.dataset import load_dataset
 from voxseg.data.splits import NNUNET_SPLITS_FILE, read_nnunet_splits, save_splits
@@ -47,6 +48,7 @@ from voxseg.infer.nnunet import nnunet_fold_state, plan_from_nnunet
 from voxseg.infer.nnunet_folder import (
     CHECKPOINT_FILES,
     NNUNET_DATASET,
+    NNUNET_FINGERPRINT,
     NNUNET_FOLD_PREFIX,
     NNUNET_PLANS,
     NNUNET_VALIDATION,
@@ -61,6 +63,7 @@ from voxseg.infer.postprocess import EXPORTED_POSTPROCESSING_FILE, model_postpro
 from voxseg.jsonio import read_json, write_json_atomic
 from voxseg.models import build_network
 from voxseg.plans import Plan
+from voxseg.weights import provenance, write_weights
 from voxseg.workdir import WorkDir
 
 POSTPROCESSING_PICKLES = ("postprocessing.pkl", "crossval_results_folds_*/postprocessing.pkl")
@@ -219,6 +222,8 @@ def read_nnunet_model(model: str | Path, folds: int | str | Sequence[int | str] 
         "splits": NNUNET_SPLITS_FILE if splits is not None else None,
         "ignored": [str(p.relative_to(model)) for p in _postprocessing_pickles(model)],
         "voxseg_version": __version__,
+        "dataset_fingerprint_sha256": (sha256_file(model / NNUNET_FINGERPRINT)
+                                       if (model / NNUNET_FINGERPRINT).is_file() else None),
     }
     return dataset, imported, splits, source
 
@@ -253,6 +258,13 @@ def _write(staging: Path, dataset: dict[str, Any], folds: list[ImportedFold],
         out = target.fold(fold.name)
         out.path.mkdir(parents=True)
         save_checkpoint(out.checkpoint(checkpoint), fold.state)
+        # the weights later loads read: converted once here, so no prediction unpickles nnU-Net's file again
+        origin = provenance("nnunet-import", fold.name, checkpoint, source_file=str(fold.source.resolve()),
+                            source_sha256=fold.sha256,
+                            dataset_fingerprint_sha256=source.get("dataset_fingerprint_sha256"))
+        write_weights(out.weights(checkpoint), fold.state["model"], fold.state["plan"], config=fold.state["config"],
+                      progress={"epoch": fold.state["progress"]["epoch"]}, provenance=origin,
+                      checkpoint=checkpoint_record(out.checkpoint(checkpoint)))
         fold.plan.save(out.plans)
         write_json_atomic(out.config, fold.state["config"])
         if fold.validation:

@@ -24,7 +24,7 @@ from typing import Any
 import torch
 
 from voxseg.atomicio import sweep_stale_temporaries
-from voxseg.checkpoint import Checkpointer, RngStates, load_pretrained
+from voxseg.checkpoint import Checkpointer, RngStates
 from voxseg.config import TrainConfig
 from voxseg.data.splits import get_fold
 from voxseg.devices import amp_name
@@ -37,6 +37,7 @@ from voxseg.models import build_network
 from voxseg.models.factory import warn_noop_deep_supervision
 from voxseg.optim import build_optimizer, build_scheduler
 from voxseg.plans import Plan
+from voxseg.pretrained import load_pretrained
 from voxseg.train.eta import RunLength, count_tiles, format_duration
 from voxseg.train.evaluation import full_val_metrics
 from voxseg.train.feed import TrainData
