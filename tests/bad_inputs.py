@@ -162,14 +162,17 @@ def model_with_checkpoint(w: World, tmp: Path, make: Callable[[Path], None]) -> 
     return model
 
 
-def zip_with(w: World, tmp: Path, name: str, data: bytes, add: bool = False, relist: bool = False) -> Path:
+def zip_with(w: World, tmp: Path, name: str, data: bytes, add: bool = False, relist: bool = False,
+             version: int | None = None) -> Path:
     """The archive with member `name` replaced by `data` (or added); `relist` also updates its manifest entry,
-    so only what the member holds is wrong."""
+    so only what the member holds is wrong; `version` sets the manifest's format version."""
     out = tmp / "bad.zip"
     with zipfile.ZipFile(w.archive) as old, zipfile.ZipFile(out, "w", zipfile.ZIP_DEFLATED) as new:
         manifest = json.loads(old.read("voxseg_archive.json"))
         if relist:
             manifest["files"][name] = {"sha256": hashlib.sha256(data).hexdigest(), "size": len(data)}
+        if version is not None:
+            manifest["version"] = version
         for info in old.infolist():
             if info.filename == "voxseg_archive.json":
                 new.writestr(info.filename, json.dumps(manifest))
@@ -200,10 +203,48 @@ def traversal(w: World, tmp: Path) -> Path:
     return zip_with(w, tmp, "../escaped.json", b"{}", add=True)
 
 
-def pickled_member(w: World, tmp: Path) -> Path:
+def pickled_member(w: World, tmp: Path, version: int = 2) -> Path:
+    """A pickled checkpoint holding an object, listed in the manifest of an archive of format `version`."""
     buffer = io.BytesIO()
     torch.save({"model": argparse.Namespace(a=1)}, buffer)
-    return zip_with(w, tmp, "training/fold_0/checkpoint_final.pt", buffer.getvalue(), relist=True)
+    return zip_with(w, tmp, "training/fold_1/checkpoint_final.pt", buffer.getvalue(), add=True, relist=True,
+                    version=version)
+
+
+def weights_header_tampered(w: World, tmp: Path) -> Path:
+    """The archive with its weights file's first tensor claiming 1 MiB more data than the file has (the manifest
+    updated to match: only the header lies)."""
+    name = "training/fold_0/model_final.safetensors"
+    with zipfile.ZipFile(w.archive) as handle:
+        data = handle.read(name)
+    length = int.from_bytes(data[:8], "little")
+    header = json.loads(data[8:8 + length])
+    first_tensor = next(k for k in header if k != "__metadata__")
+    header[first_tensor]["data_offsets"][1] += 1 << 20
+    text = json.dumps(header).encode()
+    text += b" " * (-len(text) % 8)
+    return zip_with(w, tmp, name, len(text).to_bytes(8, "little") + text + data[8 + length:], relist=True)
+
+
+def weights_of_another_plan(w: World, tmp: Path) -> Path:
+    """The archive with fold 0's plans.json of a wider network than its weights (manifest updated)."""
+    name = "training/fold_0/plans.json"
+    with zipfile.ZipFile(w.archive) as handle:
+        plan = json.loads(handle.read("plans.json"))
+    plan["network"]["features"] = [f * 2 for f in plan["network"]["features"]]
+    return zip_with(w, tmp, name, json.dumps(plan).encode(), add=True, relist=True)
+
+
+def stale_weights(w: World, tmp: Path) -> Path:
+    """A model whose checkpoint_final.pt was rewritten (another size) after its weights file was written."""
+    model = Path(shutil.copytree(w.model, tmp / "model"))
+    code, _, err = run(["verify", model, "--write-weights"])
+    assert code == 0, err
+    path = model / "training" / "fold_0" / "checkpoint_final.pt"
+    state = torch.load(path, weights_only=True)
+    state["progress"] = {"epoch": 3, "history": list(range(100))}
+    torch.save(state, path)
+    return model
 
 
 def installed(w: World, tmp: Path) -> Path:
@@ -258,6 +299,27 @@ def without_manifest(w: World, tmp: Path) -> Path:
 def touch(tmp: Path, name: str) -> Path:
     text(tmp, name, "a file")
     return tmp
+
+
+def duplicate_channel(ds: Path) -> Path:
+    """dataset.json naming channel "0" twice (a JSON parser keeps the last one silently)."""
+    meta = json.loads((ds / "dataset.json").read_text())
+    channels = meta.pop("channel_names")
+    pairs = ", ".join(f"{json.dumps(k)}: {json.dumps(v)}" for k, v in channels.items())
+    (ds / "dataset.json").write_text(json.dumps(meta)[:-1] + f', "channel_names": {{{pairs}, "0": "MR"}}}}')
+    return ds
+
+
+def plans_edited(w: World, tmp: Path, edit: Callable[[dict], object] | None = None, text: str | None = None) -> Path:
+    """A copy of the planned work directory whose plans.json was edited by hand (`edit` on the record, or `text`)."""
+    work = Path(shutil.copytree(w.work, tmp / "work"))
+    if text is not None:
+        (work / "plans.json").write_text(text)
+    else:
+        data = json.loads((work / "plans.json").read_text())
+        edit(data)
+        (work / "plans.json").write_text(json.dumps(data))
+    return work
 
 
 def broken_plans(w: World, tmp: Path) -> Path:

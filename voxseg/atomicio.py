@@ -33,6 +33,8 @@ __all__ = ["atomic_open", "atomic_path", "copy_file", "make_output_folder", "swe
 
 # what torch.save's C++ writer says when a write comes up short (it raises RuntimeError, not OSError)
 _SHORT_WRITE_MARKERS = ("file write failed", "unexpected pos", "No space left on device")
+# what numpy's tofile/save say when a write comes up short (an OSError without an errno)
+_NUMPY_SHORT_WRITE = re.compile(r"\d+ requested and \d+ written")
 # `.NAME.tmp<pid>-<hex><suffixes>`, as `temporary_path` names them
 _TEMPORARY_NAME = re.compile(r"^\.[^.].*?\.tmp(?P<pid>\d+)-[0-9a-f]+(\..*)?$")
 
@@ -106,10 +108,37 @@ def make_output_folder(folder: str | Path, option: str = "output folder") -> Pat
 
 
 def is_disk_full(exc: BaseException) -> bool:
-    """True for an error that means the disk (or the user's quota) is full, torch.save's short writes included."""
+    """True for an error that means the disk (or the user's quota) is full, torch.save's and numpy's short writes
+    included."""
     if isinstance(exc, OSError):
-        return exc.errno in (errno.ENOSPC, errno.EDQUOT)
+        return exc.errno in (errno.ENOSPC, errno.EDQUOT) or (exc.errno is None and bool(_NUMPY_SHORT_WRITE.search(
+            str(exc))))
     return isinstance(exc, RuntimeError) and any(marker in str(exc) for marker in _SHORT_WRITE_MARKERS)
+
+
+_OS_CAUSES = {
+    errno.EACCES: "permission denied: give your user access to it (or to its folder), or choose another location",
+    errno.EPERM: "operation not permitted: give your user access to it (or to its folder), or choose another location",
+    errno.EROFS: "the file system is read-only: choose a location on a writable disk",
+    errno.ENOENT: "it does not exist (or a folder above it does not): check the path",
+    errno.ENOTDIR: "a part of the path is a file, not a folder: check the path",
+    errno.EISDIR: "it is a folder where a file is expected: check the path",
+    errno.ENAMETOOLONG: "the name is too long for the file system: choose a shorter path",
+    errno.EMFILE: "too many files are open: raise the limit (ulimit -n) or use fewer workers",
+    errno.EIO: "an input/output error on the disk: check the disk (dmesg) and run again",
+}
+
+
+def os_error_message(exc: OSError) -> str:
+    """An OSError as one line that names the path and the cause and says what to do (the CLI's last resort for
+    the errors the operating system raises)."""
+    path = " -> ".join(str(name) for name in (exc.filename, exc.filename2) if name is not None) or "a file"
+    if is_disk_full(exc):
+        folder = Path(exc.filename).parent if exc.filename else Path.cwd()
+        return (f"{path}: no space left on device ({_free_bytes(folder)} bytes free); free some space and run "
+                "again")
+    cause = _OS_CAUSES.get(exc.errno) if exc.errno is not None else None
+    return f"{path}: {cause or (exc.strerror or str(exc))}"
 
 
 def _free_bytes(folder: Path) -> int | str:

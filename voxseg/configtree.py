@@ -25,6 +25,7 @@ import typing
 from typing import Any
 
 from voxseg.errors import ConfigError
+from voxseg.jsonio import parse_json
 from voxseg.registry import closest_name, unknown_name_message
 
 __all__ = ["build_dataclass", "check", "check_choice", "dataclass_fields", "dotted_names", "field_choices",
@@ -214,7 +215,4 @@ def _parse_dict(text: str, hint: Any, key: str) -> dict[str, Any]:
 
 
 def _parse_json(text: str, key: str) -> Any:
-    try:
-        return json.loads(text)
-    except json.JSONDecodeError:
-        raise ConfigError(f"option '{key}': '{text}' is not valid JSON") from None
+    return parse_json(text, f"option '{key}': '{text}'", ConfigError)

@@ -19,6 +19,7 @@ from voxseg.labels import LabelScheme
 from voxseg.network_plan import NetworkPlan
 from voxseg.normalization import SCHEMES, required_fields
 from voxseg.registry import unknown_name_message
+from voxseg.schema import check_fields
 
 PLAN_VERSION = 1
 
@@ -133,6 +134,8 @@ class Plan:
             raise ConfigError(f"plans.json: patch_size {self.patch_size} must have {ndim} entries like the network")
         if any(p < 1 for p in self.patch_size) or self.batch_size < 1:
             raise ConfigError("plans.json: patch_size entries and batch_size must be positive")
+        if len(self.target_spacing) != 3 or not all(s > 0 for s in self.target_spacing):
+            raise ConfigError(f"plans.json: target_spacing {self.target_spacing} must be 3 positive spacings in mm")
         if not 0.0 <= self.foreground_oversampling <= 1.0:
             raise ConfigError("plans.json: foreground_oversampling must be between 0 and 1")
         if self.image_dtype not in ("float16", "float32"):
@@ -231,7 +234,14 @@ class Plan:
     def load(cls, path: str | Path) -> "Plan":
         data = read_json(path, ConfigError, missing="run 'voxseg plan DATASET -o WORKDIR' first",
                          invalid="fix it or re-run 'voxseg plan'")
-        return cls.from_dict(data)
+        if not isinstance(data, dict):
+            raise ConfigError(f"{path} holds a {type(data).__name__}, not a plan (a JSON object); re-run 'voxseg plan'")
+        try:
+            return cls.from_dict(data)
+        except ConfigError as exc:  # the schema's messages say "plans.json": name the file read
+            text = str(exc)
+            raise ConfigError(f"{path}{text.removeprefix('plans.json')}" if text.startswith("plans.json")
+                              else f"{path}: {text}") from None
 
 
 def _known(cls: type, data: dict[str, Any], where: str) -> dict[str, Any]:
@@ -247,6 +257,7 @@ def _known(cls: type, data: dict[str, Any], where: str) -> dict[str, Any]:
     ]
     if missing:
         raise ConfigError(f"{where}: missing field(s) {', '.join(missing)}")
+    check_fields(cls, data, where)
     return data
 
 

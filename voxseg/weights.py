@@ -37,6 +37,7 @@ from voxseg import __version__
 from voxseg.atomicio import write_bytes
 from voxseg.digest import sha256_file
 from voxseg.errors import CheckpointError
+from voxseg.jsonio import parse_json
 from voxseg.models import build_network
 from voxseg.plans import Plan
 from voxseg.workdir import WorkDir
@@ -131,11 +132,8 @@ def _json_entry(path: Path, metadata: dict[str, str], key: str) -> Any:
     text = metadata.get(key)
     if text is None:
         return None
-    try:
-        value = json.loads(text)
-    except ValueError:
-        raise CheckpointError(f"weights file {path}: its '{key}' metadata is not JSON (an altered file); "
-                              "export or install the model again") from None
+    value = parse_json(text, f"weights file {path}: its '{key}' metadata", CheckpointError,
+                       invalid="an altered file: export or install the model again")
     if not isinstance(value, dict):
         raise CheckpointError(f"weights file {path}: its '{key}' metadata is a {type(value).__name__}, not a record "
                               "(an altered file); export or install the model again")

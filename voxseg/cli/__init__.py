@@ -50,6 +50,11 @@ def main(argv: list[str] | None = None) -> int:
     except VoxsegError as exc:
         print(f"voxseg {args.command}: error: {exc}", file=sys.stderr)
         return exc.exit_code
+    except OSError as exc:  # what the operating system refused, with the path and the cause, never a traceback
+        from voxseg.atomicio import os_error_message
+
+        print(f"voxseg {args.command}: error: {os_error_message(exc)}", file=sys.stderr)
+        return 1
     except KeyboardInterrupt:
         print(f"voxseg {args.command}: interrupted", file=sys.stderr)
         return 130

@@ -199,7 +199,8 @@ def _train_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--force", action="store_true",
                    help="train anew when the fold already holds a run, deleting that run first (default: refuse)")
     p.add_argument("--pretrained", metavar="FILE",
-                   help="initialise from the matching weights of a weights file (model_TAG.safetensors) or a checkpoint")
+                   help="initialise from the matching weights of a weights file (model_TAG.safetensors) or a "
+                        "checkpoint")
     p.add_argument("--gpus", type=int, metavar="N",
                    help="data-parallel training on N local processes: starts torchrun's launcher "
                         "(--standalone --nproc_per_node N) with the same command; one per GPU, or N CPU "

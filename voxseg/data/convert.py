@@ -10,7 +10,6 @@ one 3D file per channel with the 3D part of its affine and header kept.
 """
 from __future__ import annotations
 
-import json
 import os
 import shutil
 from pathlib import Path
@@ -21,7 +20,7 @@ import numpy as np
 from voxseg.atomicio import atomic_path
 from voxseg.data.io import NIFTI_ENDINGS
 from voxseg.errors import DatasetError
-from voxseg.jsonio import write_json_atomic
+from voxseg.jsonio import read_json, write_json_atomic
 
 BRATS_CHANNELS = {"0": "T1", "1": "T1ce", "2": "T2", "3": "FLAIR"}
 BRATS_REGION_LABELS = {"background": 0, "whole_tumor": [1, 2, 3], "tumor_core": [2, 3], "enhancing_tumor": [3]}
@@ -182,10 +181,7 @@ def _read_msd_json(src: Path) -> dict[str, Any]:
     path = src / "dataset.json"
     if not path.is_file():
         raise DatasetError(f"{path}: missing; a Decathlon task folder has dataset.json next to imagesTr/ and labelsTr/")
-    try:
-        meta = json.loads(path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise DatasetError(f"{path}: not valid JSON ({exc})") from None
+    meta = read_json(path, DatasetError)
     missing = [k for k in ("modality", "labels", "training") if k not in meta]
     if missing:
         raise DatasetError(f"{path}: missing key(s) {', '.join(missing)}; is this a Medical Segmentation Decathlon "

@@ -16,7 +16,6 @@ otherwise ignored, as nnU-Net does.
 """
 from __future__ import annotations
 
-import json
 import os
 import re
 from dataclasses import dataclass, field
@@ -25,6 +24,7 @@ from typing import Any
 
 from voxseg.data.io import SUPPORTED_ENDINGS
 from voxseg.errors import DatasetError, VoxsegError
+from voxseg.jsonio import read_json
 from voxseg.labels import LabelScheme
 
 
@@ -88,10 +88,7 @@ def read_dataset_json(root: Path) -> dict[str, Any]:
             f"{path}: missing. A dataset needs dataset.json with channel_names, labels and file_ending "
             "(nnU-Net v2 layout); use 'voxseg convert' for BraTS or Decathlon folders"
         )
-    try:
-        meta = json.loads(path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise DatasetError(f"{path}: not valid JSON ({exc})") from None
+    meta = read_json(path, DatasetError)
     if not isinstance(meta, dict):
         raise DatasetError(f"{path}: expected a JSON object with channel_names, labels and file_ending")
     if "channel_names" not in meta and isinstance(meta.get("modality"), dict):

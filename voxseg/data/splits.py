@@ -5,13 +5,12 @@ copied from another tool) is kept and respected; `get_fold` checks it against th
 """
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from voxseg.errors import ConfigError
+from voxseg.errors import ConfigError, VoxsegError
 from voxseg.jsonio import read_json, write_json_atomic
 from voxseg.workdir import WorkDir
 
@@ -188,7 +187,7 @@ def _available_cases(workdir: Path) -> list[str] | None:
     fingerprint = WorkDir(workdir).fingerprint
     if fingerprint.is_file():
         try:
-            return list(json.loads(fingerprint.read_text())["case_names"])
-        except (json.JSONDecodeError, KeyError, TypeError):
+            return list(read_json(fingerprint)["case_names"])
+        except (VoxsegError, KeyError, TypeError):
             return None
     return None

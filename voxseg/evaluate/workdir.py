@@ -13,7 +13,6 @@ Example:
 from __future__ import annotations
 
 import dataclasses
-import json
 import os
 import shutil
 from pathlib import Path
@@ -23,6 +22,7 @@ from voxseg.errors import ConfigError, InputError
 from voxseg.evaluate.folder import evaluate_folder, load_dataset_json
 from voxseg.evaluate.settings import EvaluationSettings
 from voxseg.evaluate.summary import write_summary
+from voxseg.jsonio import read_json
 from voxseg.workdir import WorkDir
 
 __all__ = ["References", "aggregate_folds", "crossval_dir", "evaluate_workdir_predictions", "workdir_references"]
@@ -58,7 +58,7 @@ def workdir_references(workdir: str | Path) -> References:
     plans_path = WorkDir(workdir).plans
     if not plans_path.is_file():
         raise InputError(f"{plans_path} not found: is {workdir} a voxseg work directory ('voxseg plan')?")
-    plans = json.loads(plans_path.read_text())
+    plans = read_json(plans_path, ConfigError, invalid="fix it or re-run 'voxseg plan'")
     if "raw_dataset" not in plans:
         raise ConfigError(f"{plans_path}: no 'raw_dataset' entry; re-run 'voxseg plan'")
     raw = Path(plans["raw_dataset"])

@@ -75,6 +75,10 @@ def resolve_folds(workdir: str | Path, folds: int | str | Sequence[int | str] | 
         out.append("all" if str(fold) == "all" else int(fold))
     if not out:
         raise ConfigError("folds is empty; give at least one fold")
+    twice = sorted({str(fold) for fold in out if out.count(fold) > 1})
+    if twice:
+        raise ConfigError(f"folds lists fold {', '.join(twice)} more than once; give each fold once (an ensemble "
+                          "of a fold with itself is that fold)")
     return out
 
 

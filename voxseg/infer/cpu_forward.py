@@ -36,7 +36,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from voxseg.devices import cpu_name
-from voxseg.jsonio import write_json_atomic
+from voxseg.errors import VoxsegError
+from voxseg.jsonio import read_json, write_json_atomic
 
 VARIANTS = ("fp32", "fp32-cl", "bf16-cl")
 IMPLEMENTATION = 3  # part of the cache key: a change of how a variant runs measures again
@@ -184,8 +185,8 @@ def cache_key(network: nn.Module, input_shape: Sequence[int], candidates: Sequen
 def _read_cache(path: Path) -> dict[str, Any]:
     """The cache's entries; an unreadable or malformed file counts as empty (it is measured again)."""
     try:
-        data = json.loads(path.read_text())
-    except (OSError, ValueError):
+        data = read_json(path)
+    except (OSError, VoxsegError):
         return {}
     return data if isinstance(data, dict) else {}
 

@@ -30,6 +30,7 @@ from voxseg.atomicio import atomic_path
 from voxseg.digest import digest_file_path, verify_digest_file, write_digest_file
 from voxseg.errors import CheckpointError, ConfigError
 from voxseg.infer.archive import check_same_plan, checkpoint_path, load_fold_network, resolve_folds
+from voxseg.jsonio import parse_json
 from voxseg.plans import Plan
 from voxseg.workdir import WorkDir
 
@@ -167,7 +168,8 @@ class OnnxModel:
         self.input_name = self.session.get_inputs()[0].name
         metadata: dict[str, Any] = self.session.get_modelmeta().custom_metadata_map
         self.metadata = dict(metadata)
-        self.plan = Plan.from_dict(json.loads(metadata[PLAN_METADATA_KEY])) if PLAN_METADATA_KEY in metadata else None
+        plan = metadata.get(PLAN_METADATA_KEY)
+        self.plan = Plan.from_dict(parse_json(plan, f"{path}: its plan metadata", CheckpointError)) if plan else None
 
     def __call__(self, image: torch.Tensor) -> torch.Tensor:
         array = image.detach().to("cpu", torch.float32).numpy()

@@ -24,7 +24,6 @@ installs only what the manifest lists, and before anything reaches the target fo
 from __future__ import annotations
 
 import hashlib
-import json
 import os
 import shutil
 import stat
@@ -37,7 +36,7 @@ from voxseg import __version__
 from voxseg.checkpoint import checkpoint_to_weights, load_checkpoint
 from voxseg.digest import sha256_file, write_digest_file
 from voxseg.errors import CheckpointError, ConfigError
-from voxseg.jsonio import write_json_atomic
+from voxseg.jsonio import parse_json, write_json_atomic
 from voxseg.plans import Plan
 from voxseg.units import GIB
 from voxseg.weights import check_fits_plan, now_utc, read_weights_header, weights_plan
@@ -96,7 +95,7 @@ def _read_manifest(archive: zipfile.ZipFile, zip_path: Path) -> dict[str, Any]:
     if MANIFEST not in names:
         raise CheckpointError(f"{zip_path} has no {MANIFEST} (member list with SHA-256 digests); {redo}")
     try:
-        manifest = json.loads(archive.read(MANIFEST))
+        manifest = parse_json(archive.read(MANIFEST), f"{zip_path}: {MANIFEST}", CheckpointError, invalid=redo)
         files = manifest["files"]
         assert manifest.get("format") == ARCHIVE_FORMAT and isinstance(files, dict)
         assert all(isinstance(entry["sha256"], str) and int(entry["size"]) >= 0 for entry in files.values())

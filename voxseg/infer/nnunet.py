@@ -251,8 +251,23 @@ def plan_from_nnunet(plans: dict[str, Any], dataset: dict[str, Any], configurati
     Raises:
         CheckpointError: the configuration uses a network, layer, normalisation or
             resampling voxseg cannot represent exactly, or dataset.json names a file type or image reader voxseg
-            reads differently (the message names it).
+            reads differently, or a field nnU-Net writes is missing or of another type (the message names it).
     """
+    where = Path(source) / NNUNET_PLANS if source else Path(NNUNET_PLANS)
+    try:
+        return _plan_from_nnunet(plans, dataset, configuration, source)
+    except KeyError as exc:
+        raise CheckpointError(f"{where}: field '{exc.args[0]}' is missing (configuration '{configuration}', or "
+                              "dataset.json); the model folder's plans.json and dataset.json must be the ones nnU-Net "
+                              "wrote with the model") from None
+    except (TypeError, ValueError, IndexError, AttributeError) as exc:
+        raise CheckpointError(f"{where}: a field of configuration '{configuration}' (or dataset.json) does not have "
+                              f"the form nnU-Net writes ({type(exc).__name__}: {str(exc)[:160]}); use the files "
+                              "nnU-Net wrote with the model") from None
+
+
+def _plan_from_nnunet(plans: dict[str, Any], dataset: dict[str, Any], configuration: str,
+                      source: str) -> tuple[Plan, dict[str, Any]]:
     check_nnunet_fields(dataset, Path(source) / NNUNET_DATASET if source else NNUNET_DATASET, CheckpointError)
     transpose = nnunet_transpose(plans)
     config = resolve_configuration(plans, configuration)

@@ -11,7 +11,6 @@ What the folder's plans.json means for voxseg (a Plan, the network's weights) is
 """
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -20,6 +19,7 @@ import torch
 
 from voxseg.checkpoint import load_checkpoint
 from voxseg.errors import CheckpointError
+from voxseg.jsonio import read_json
 
 # the folder's layout: nnU-Net's own, not a voxseg work directory (that is voxseg.workdir)
 NNUNET_PLANS = "plans.json"
@@ -66,8 +66,8 @@ def is_nnunet_model_folder(path: str | Path) -> bool:
     if not any(p.is_dir() for p in path.glob(f"{NNUNET_FOLD_PREFIX}*")):
         return False
     try:
-        return "configurations" in json.loads((path / NNUNET_PLANS).read_text())
-    except (OSError, ValueError):
+        return "configurations" in read_json(path / NNUNET_PLANS, CheckpointError)
+    except (CheckpointError, TypeError):
         return False
 
 
@@ -82,10 +82,7 @@ def configuration_name(folder: str | Path) -> str:
 
 def read_model_json(path: Path) -> dict[str, Any]:
     """A JSON file of the model folder (plans.json, dataset.json); CheckpointError when it cannot be read."""
-    try:
-        return json.loads(path.read_text())
-    except (OSError, ValueError) as exc:
-        raise CheckpointError(f"{path} cannot be read as JSON ({exc})") from None
+    return read_json(path, CheckpointError)
 
 
 # ----- folds ----------------------------------------------------------------------------------------------------

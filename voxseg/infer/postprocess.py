@@ -34,7 +34,7 @@ from scipy import ndimage
 from voxseg.data.io import SUPPORTED_ENDINGS, read_image
 from voxseg.data.restore import DEFAULT_RESTORE_VALUES, crop_box, paste_rows, restore_in_slabs
 from voxseg.errors import ConfigError, InputError
-from voxseg.jsonio import write_json_atomic
+from voxseg.jsonio import read_json, write_json_atomic
 from voxseg.plans import Plan
 from voxseg.workdir import WorkDir
 
@@ -204,12 +204,7 @@ def apply_postprocessing(seg: np.ndarray, spec: dict[str, Any] | None) -> np.nda
 def load_postprocessing(path: str | Path, classes: Sequence[Sequence[int]] | None = None) -> dict[str, Any]:
     """Read and validate a postprocessing.json (see `check_postprocessing`)."""
     path = Path(path)
-    try:
-        spec = json.loads(path.read_text())
-    except FileNotFoundError:
-        raise ConfigError(f"{path} not found") from None
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise ConfigError(f"{path} is not valid JSON ({exc}); delete it or decide postprocessing again") from None
+    spec = read_json(path, ConfigError, invalid="delete it or decide postprocessing again")
     return check_postprocessing(spec, str(path), classes)
 
 

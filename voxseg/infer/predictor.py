@@ -197,8 +197,7 @@ class Predictor:
             (D, H, W) labels, uint8 (uint16 for label values above 255) [, probabilities].
         """
         image = self._checked_image(image, name)
-        if not isinstance(geometry, Geometry):
-            geometry = Geometry.from_spacing(tuple(float(s) for s in geometry))
+        geometry = _checked_geometry(geometry, name)
         grid = self._predict_case(CaseImage(image, geometry), name, with_probabilities=return_probabilities)
         return (grid.labels, grid.probabilities) if return_probabilities else grid.labels
 
@@ -206,8 +205,15 @@ class Predictor:
         return self.restore_values if self.restore_values is not None else default_restore_values(self.device)
 
     def _checked_image(self, image: np.ndarray, name: str) -> np.ndarray:
-        """(C, D, H, W) (a (D, H, W) image for a one-channel model gets its channel axis), or InputError."""
+        """(C, D, H, W) (a (D, H, W) image for a one-channel model gets its channel axis) of real numbers with no
+        empty axis, or InputError. (NaN/Inf voxels are refused by preprocessing, for every input path.)"""
         image = np.asarray(image)
+        if np.iscomplexobj(image) or image.dtype.kind not in "biuf":
+            raise InputError(f"case '{name}': image of dtype {image.dtype} given; give real numbers (an integer or "
+                             "floating-point array; a complex image would lose its imaginary part)")
+        if 0 in image.shape:
+            raise InputError(f"case '{name}': image of shape {image.shape} has an empty axis; give an image with at "
+                             "least one voxel along every axis")
         if image.ndim == 3 and self.plan.num_channels == 1:
             image = image[None]
         if image.ndim != 4 or image.shape[0] != self.plan.num_channels:
@@ -392,3 +398,18 @@ class Predictor:
             save_probabilities(out_dir / f"{name}.npz", probabilities, self.class_names)
         # the label map last: continue_run treats a case as done once it exists
         write_image(out_dir / f"{name}{ending}", labels, geometry)
+
+
+def _checked_geometry(geometry: Geometry | Sequence[float], name: str) -> Geometry:
+    """A Geometry, or one built from 3 spacings; InputError for spacings that are not 3 finite positive numbers."""
+    if isinstance(geometry, Geometry):
+        spacing = tuple(geometry.spacing)
+    else:
+        try:
+            spacing = tuple(float(s) for s in geometry)
+        except (TypeError, ValueError):
+            raise InputError(f"case '{name}': geometry {geometry!r} is neither a Geometry nor 3 spacings in "
+                             "mm") from None
+    if len(spacing) != 3 or not all(np.isfinite(s) and s > 0 for s in spacing):
+        raise InputError(f"case '{name}': spacing {spacing} must be 3 finite positive numbers (mm, array axis order)")
+    return geometry if isinstance(geometry, Geometry) else Geometry.from_spacing(spacing)

@@ -15,6 +15,8 @@ from tqdm import tqdm
 
 from voxseg.atomicio import atomic_path, write_text
 from voxseg.config import LoggingConfig
+from voxseg.errors import ConfigError
+from voxseg.jsonio import parse_json
 from voxseg.train.eta import RunLength, format_duration
 from voxseg.workdir import FoldDir
 
@@ -38,8 +40,8 @@ def read_log(path: str | Path) -> list[dict[str, Any]]:
     records = []
     for line in path.read_text().splitlines():
         try:
-            records.append(json.loads(line))
-        except json.JSONDecodeError:
+            records.append(parse_json(line, path))
+        except ConfigError:  # a line torn by a kill: the records before it stand
             continue
     return records
 

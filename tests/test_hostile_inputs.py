@@ -1,0 +1,219 @@
+"""Hostile JSON and the Python API as a front door: one reader refuses what JSON parsers take silently (duplicate
+keys, deep nesting, oversized files, unreadable files), one schema check names the field of a plan that has the
+wrong type or a non-finite number, nnU-Net's files with a field missing name it, and `Predictor.predict_array`
+refuses what the command line refuses."""
+from __future__ import annotations
+
+import copy
+import errno
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from tests.test_export import tiny_plan
+from tests.test_nnunet import PLANS, write_model_folder
+from tests.test_nnunet_import import run_cli
+from tests.test_predictor import make_workdir
+from voxseg import jsonio
+from voxseg.atomicio import os_error_message
+from voxseg.errors import CheckpointError, ConfigError, InputError
+from voxseg.infer.predictor import Predictor
+from voxseg.jsonio import parse_json, read_json
+from voxseg.plans import Plan
+
+
+# ----- one reader -------------------------------------------------------------------------------------------------
+def test_a_key_twice_in_one_object_is_refused_by_name(tmp_path):
+    path = tmp_path / "dataset.json"
+    path.write_text('{"channel_names": {"0": "CT", "0": "MR"}, "labels": {"background": 0}}')
+    with pytest.raises(ConfigError, match=r"dataset.json: key '0' appears twice in one object .*keep one"):
+        read_json(path)
+    dataset = tmp_path / "Dataset001_X"
+    dataset.mkdir()
+    (dataset / "dataset.json").write_text('{"channel_names": {"0": "CT", "0": "MR"}, "labels": {"background": 0, '
+                                          '"a": 1}, "file_ending": ".nii.gz"}')
+    code, _, err = run_cli("check", dataset)
+    assert code != 0 and "key '0' appears twice" in err and "Traceback" not in err
+
+
+def test_deep_nesting_is_refused_without_a_recursion_traceback(tmp_path):
+    for depth in (100, 100_000):  # past the limit; past Python's recursion limit
+        text = "[" * depth + "]" * depth
+        with pytest.raises(ConfigError, match="nested"):
+            parse_json(text, "x.json")
+    work = make_workdir(tmp_path / "work", tiny_plan())
+    (work / "plans.json").write_text('{"a": ' * 50_000 + "1" + "}" * 50_000)
+    code, _, err = run_cli("preprocess", work, "--device", "cpu")
+    assert code != 0 and "plans.json" in err and "nested" in err and "Traceback" not in err
+
+
+def test_oversized_and_unreadable_files_are_refused(tmp_path, monkeypatch):
+    path = tmp_path / "big.json"
+    path.write_text("[" + "1," * 100 + "1]")
+    with pytest.raises(ConfigError, match=r"big.json is \d+ bytes, more than the 64"):
+        read_json(path, max_bytes=64)
+    monkeypatch.setattr(jsonio.Path, "read_bytes", lambda self: (_ for _ in ()).throw(PermissionError(13, "x")))
+    with pytest.raises(ConfigError, match="big.json cannot be read: permission denied"):
+        read_json(path)
+
+
+def test_the_reader_keeps_what_json_means():
+    assert parse_json('{"a": [1, 2.5, null, true], "b": {"c": "d"}}', "x") == {"a": [1, 2.5, None, True],
+                                                                             "b": {"c": "d"}}
+    assert parse_json("[" * 64 + "]" * 64, "x") == parse_json("[" * 64 + "]" * 64, "x")  # the limit itself is fine
+    with pytest.raises(ConfigError, match="65 levels deep"):
+        parse_json("[" * 65 + "]" * 65, "x")
+
+
+# ----- one schema -------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize(("field", "value", "named"), [
+    ("target_spacing", [1.0, float("nan"), 1.0], r"target_spacing\[1\] is NaN, but target_spacing must be a list of "
+                                                  "finite numbers"),
+    ("target_spacing", [1.0, 1.0, float("inf")], r"target_spacing\[2\] is inf"),
+    ("patch_size", "abc", "patch_size is 'abc', but patch_size must be a list of whole numbers"),
+    ("batch_size", True, "batch_size is True, but batch_size must be a whole number"),
+    ("batch_size", 2.5, "batch_size is 2.5"),
+    ("network", {"features": [4, "x"]}, r"features\[1\] is 'x'"),
+    ("normalization", [{"scheme": "zscore", "mean": float("-inf")}, {"scheme": "zscore"}],
+     "mean is -inf, but mean must be a finite number or null"),
+    ("target_spacing", [1.0, 0.0, 1.0], r"target_spacing \[1.0, 0.0, 1.0\] must be 3 positive spacings"),
+])
+def test_plan_fields_of_the_wrong_type_or_not_finite_are_named(tmp_path, field, value, named):
+    data = tiny_plan().to_dict()
+    data[field] = {**data["network"], **value} if field == "network" else value
+    path = tmp_path / "plans.json"
+    path.write_text(json.dumps(data))  # Python writes NaN/Infinity, as a hand edit or another tool might
+    with pytest.raises(ConfigError, match=named) as info:
+        Plan.load(path)
+    assert str(info.value).startswith(str(path))
+
+
+def test_a_plan_that_is_not_an_object_and_preprocess_of_a_nan_plan(tmp_path):
+    path = tmp_path / "plans.json"
+    path.write_text("[1, 2]")
+    with pytest.raises(ConfigError, match="holds a list, not a plan"):
+        Plan.load(path)
+    work = make_workdir(tmp_path / "work", tiny_plan())
+    data = json.loads((work / "plans.json").read_text())
+    data["target_spacing"][0] = float("nan")
+    (work / "plans.json").write_text(json.dumps(data))
+    code, _, err = run_cli("preprocess", work, "--device", "cpu")
+    assert code != 0 and "target_spacing[0] is NaN" in err and "Traceback" not in err
+
+
+def _model_folder_without(tmp_path: Path, remove) -> Path:
+    """A good nnU-Net model folder whose plans.json was edited afterwards by `remove(plans)`."""
+    folder, _ = write_model_folder(tmp_path / "results")
+    plans = copy.deepcopy(PLANS)
+    remove(plans)
+    (folder / "plans.json").write_text(json.dumps(plans))
+    return folder
+
+
+@pytest.mark.parametrize("field", ["architecture", "patch_size", "spacing", "normalization_schemes"])
+def test_an_nnunet_plans_file_missing_a_field_names_it(tmp_path, field):
+    folder = _model_folder_without(tmp_path, lambda plans: plans["configurations"]["3d_fullres"].pop(field))
+    with pytest.raises(CheckpointError, match=f"{folder}/plans.json: field '{field}' is missing"):
+        Predictor.from_workdir(folder, device="cpu")
+    code, _, err = run_cli("predict", "-m", folder, "-i", tmp_path, "-o", tmp_path / "out")
+    assert code != 0 and f"'{field}' is missing" in err and "Traceback" not in err
+
+
+def test_an_nnunet_architecture_without_n_stages_names_it(tmp_path):
+    folder = _model_folder_without(
+        tmp_path, lambda plans: plans["configurations"]["3d_fullres"]["architecture"]["arch_kwargs"].pop("n_stages"))
+    code, _, err = run_cli("predict", "-m", folder, "-i", tmp_path, "-o", tmp_path / "out")
+    assert code != 0 and "n_stages" in err and "Traceback" not in err
+
+
+def test_archive_manifests_with_duplicate_keys_or_a_newer_format_are_refused(tmp_path):
+    import zipfile
+
+    from voxseg.infer.archive import export_archive, install_archive
+    from voxseg.infer.install import MANIFEST
+
+    work = make_workdir(tmp_path / "work", tiny_plan())
+    archive = export_archive(work, tmp_path / "model.zip")
+    with zipfile.ZipFile(archive) as handle:
+        members = {n: handle.read(n) for n in handle.namelist()}
+    manifest = members[MANIFEST].decode()
+    for name, text, words in [("dup.zip", manifest.replace('"format":', '"format": "x", "format":', 1),
+                               "key 'format' appears twice"),
+                              ("new.zip", manifest.replace('"version": 3', '"version": 99'), "version 99")]:
+        with zipfile.ZipFile(tmp_path / name, "w") as handle:
+            for member, data in members.items():
+                handle.writestr(member, text if member == MANIFEST else data)
+        with pytest.raises(CheckpointError, match=words):
+            install_archive(tmp_path / name, tmp_path / "target")
+        assert list((tmp_path / "target").iterdir()) == []
+
+
+# ----- the Python API ---------------------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def predictor(tmp_path_factory):
+    work = make_workdir(tmp_path_factory.mktemp("api") / "work", tiny_plan())
+    return Predictor.from_workdir(work, device="cpu", mirror_axes=None)
+
+
+IMAGE = np.random.default_rng(0).normal(size=(2, 18, 16, 20)).astype(np.float32)
+
+
+@pytest.mark.parametrize(("image", "geometry", "named"), [
+    (IMAGE, (1.0, 0.0, 1.0), r"spacing \(1.0, 0.0, 1.0\) must be 3 finite positive numbers"),
+    (IMAGE, (1.0, float("nan"), 1.0), "must be 3 finite positive numbers"),
+    (IMAGE, (1.0, 1.0), r"spacing \(1.0, 1.0\) must be 3"),
+    (IMAGE, (-1.0, 1.0, 1.0), "must be 3 finite positive numbers"),
+    (IMAGE, "1,1,1", "is neither a Geometry nor 3 spacings"),
+    (IMAGE[:, :0], (1.0, 1.0, 1.0), "has an empty axis"),
+    (IMAGE.astype(np.complex64), (1.0, 1.0, 1.0), "dtype complex64 given; give real numbers"),
+    (IMAGE.astype(object), (1.0, 1.0, 1.0), "dtype object given"),
+    (np.where(IMAGE > 2, np.nan, IMAGE), (1.0, 1.0, 1.0), "NaN/Inf voxel"),
+])
+def test_predict_array_refuses_what_the_command_line_refuses(predictor, image, geometry, named):
+    with pytest.raises(InputError, match=named):
+        predictor.predict_array(image, geometry, name="api")
+
+
+def test_predict_array_takes_good_input(predictor):
+    labels = predictor.predict_array(IMAGE, (1.0, 1.0, 1.0))
+    assert labels.shape == IMAGE.shape[1:] and labels.dtype == np.uint8
+    assert np.array_equal(predictor.predict_array(IMAGE.astype(np.int16), (1, 1, 1)).shape, labels.shape)
+
+
+def test_a_fold_given_twice_is_refused(tmp_path):
+    work = make_workdir(tmp_path / "work", tiny_plan(), folds=(0, 1))
+    with pytest.raises(ConfigError, match="folds lists fold 0 more than once"):
+        Predictor.from_workdir(work, folds=[0, 0], device="cpu")
+    code, _, err = run_cli("predict", "-m", work, "-i", tmp_path, "-o", tmp_path / "out", "--folds", "0,1,0")
+    assert code != 0 and "fold 0 more than once" in err
+    assert Path(work).is_dir()
+
+
+# ----- what the operating system refuses --------------------------------------------------------------------------
+@pytest.mark.parametrize(("error", "words"), [
+    (PermissionError(errno.EACCES, "Permission denied", "/data/out"), "/data/out: permission denied: give your user"),
+    (OSError(errno.EROFS, "Read-only file system", "/mnt/ro/plans.json"), "/mnt/ro/plans.json: the file system is "
+                                                                          "read-only"),
+    (OSError(errno.ENOSPC, "No space left on device", "/tmp/x.npy"), "/tmp/x.npy: no space left on device"),
+    (OSError("70200 requested and 14272 written"), "no space left on device"),
+    (FileNotFoundError(errno.ENOENT, "No such file or directory", "/a/b"), "/a/b: it does not exist"),
+    (OSError(errno.EXDEV, "Invalid cross-device link", "/a", None, "/b"), "/a -> /b: Invalid cross-device link"),
+])
+def test_os_errors_are_described_with_the_path_and_the_cause(error, words):
+    assert words in os_error_message(error)
+
+
+def test_an_os_error_reaches_the_user_as_a_message(tmp_path, monkeypatch):
+    real_mkdir = Path.mkdir
+
+    def refuse(self, *args, **kwargs):
+        if "locked" in str(self):
+            raise PermissionError(errno.EACCES, "Permission denied", str(self))
+        return real_mkdir(self, *args, **kwargs)
+
+    monkeypatch.setattr(Path, "mkdir", refuse)
+    code, _, err = run_cli("synth", tmp_path / "locked" / "ds", "--cases", "2", "--shape", "16,16,16")
+    assert code != 0 and "Traceback" not in err
+    assert f"{tmp_path / 'locked'}" in err and "permission denied" in err
