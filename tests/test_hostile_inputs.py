@@ -18,7 +18,9 @@ from tests.test_nnunet_import import run_cli
 from tests.test_predictor import make_workdir
 from voxseg import jsonio
 from voxseg.atomicio import os_error_message
+from voxseg.data.io import Geometry, write_image
 from voxseg.errors import CheckpointError, ConfigError, InputError
+from voxseg.infer.inputs import find_input_cases
 from voxseg.infer.predictor import Predictor
 from voxseg.jsonio import parse_json, read_json
 from voxseg.plans import Plan
@@ -147,7 +149,7 @@ def test_archive_manifests_with_duplicate_keys_or_a_newer_format_are_refused(tmp
                 handle.writestr(member, text if member == MANIFEST else data)
         with pytest.raises(CheckpointError, match=words):
             install_archive(tmp_path / name, tmp_path / "target")
-        assert list((tmp_path / "target").iterdir()) == []
+        assert not (tmp_path / "target").exists()
 
 
 # ----- the Python API ---------------------------------------------------------------------------------------------
@@ -217,3 +219,49 @@ def test_an_os_error_reaches_the_user_as_a_message(tmp_path, monkeypatch):
     code, _, err = run_cli("synth", tmp_path / "locked" / "ds", "--cases", "2", "--shape", "16,16,16")
     assert code != 0 and "Traceback" not in err
     assert f"{tmp_path / 'locked'}" in err and "permission denied" in err
+
+
+# ----- prediction inputs ------------------------------------------------------------------------------------------
+def _touch(folder: Path, *names: str) -> list[Path]:
+    folder.mkdir(parents=True, exist_ok=True)
+    for name in names:
+        (folder / name).write_bytes(b"x")
+    return [folder / name for name in names]
+
+
+def test_channel_files_go_in_the_order_of_their_suffixes_not_as_typed(tmp_path):
+    files = _touch(tmp_path, "c_0002.nii.gz", "c_0000.nii.gz", "c_0001.nii.gz")
+    assert find_input_cases(files, 3) == [("c", [tmp_path / f"c_000{i}.nii.gz" for i in range(3)])]
+    brats = _touch(tmp_path / "b", "B_flair.nii.gz", "B_t1.nii.gz", "B_t2.nii.gz", "B_t1ce.nii.gz")
+    name, ordered = find_input_cases(brats, 4)[0]
+    assert name == "B" and [p.name for p in ordered] == ["B_t1.nii.gz", "B_t1ce.nii.gz", "B_t2.nii.gz",
+                                                         "B_flair.nii.gz"]
+    name, ordered = find_input_cases(files[:1] + files[2:], 3)[0]  # a channel left out: named as expected
+    assert ordered[1] == tmp_path / "c_0001.nii.gz" and ordered[2].name == "c_0002.nii.gz"
+
+
+@pytest.mark.parametrize(("names", "words"), [
+    (["a_0000.nii.gz", "b_0001.nii.gz", "c_0002.nii.gz"], "belong to 3 cases"),
+    (["a_0000.nii.gz", "a_0000.nii", "a_0001.nii.gz"], "channel 0 of case 'a' is given twice"),
+    (["a_0000.nii.gz", "scan.nii.gz"], "cannot tell which channel"),
+    (["a_t1.nii.gz", "a_0000.nii.gz"], "channel 0 of case 'a' is given twice"),
+])
+def test_mixtures_and_ambiguous_channel_files_are_refused(tmp_path, names, words):
+    with pytest.raises(InputError, match=words):
+        find_input_cases(_touch(tmp_path, *names), 2)
+
+
+def test_the_input_folder_as_output_is_refused_and_other_endings_are_named(tmp_path):
+    work = make_workdir(tmp_path / "work", tiny_plan())
+    images = tmp_path / "images"
+    geometry = Geometry.from_spacing((1.0, 1.0, 1.0))
+    for channel in range(2):
+        write_image(images / f"case_{channel:04d}.nii.gz", IMAGE[channel], geometry)
+    write_image(images / "case_0000.nii", IMAGE[0], geometry)
+    before = sorted(p.name for p in images.iterdir())
+    code, _, err = run_cli("predict", "-m", work, "-i", images, "-o", images, "--device", "cpu")
+    assert code != 0 and "is the folder the input images are read from" in err
+    assert sorted(p.name for p in images.iterdir()) == before
+    with pytest.warns(UserWarning, match=r"1 channel file\(s\) with another ending .* not read: case_0000.nii"):
+        cases = find_input_cases(images, 2, ".nii.gz")
+    assert [name for name, _ in cases] == ["case"]

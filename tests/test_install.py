@@ -55,7 +55,7 @@ def test_a_member_that_does_not_match_its_digest_is_refused(archives, tmp_path):
     bad = _rewrite_member(archives[0], tmp_path / "bad.zip", "dataset.json", b'{"labels": {}}')
     with pytest.raises(CheckpointError, match="'dataset.json' does not match its SHA-256"):
         install_archive(bad, tmp_path / "target")
-    assert list((tmp_path / "target").iterdir()) == []
+    assert not (tmp_path / "target").exists()
 
 
 def test_unlisted_members_are_not_installed_and_no_manifest_is_refused(archives, tmp_path):
@@ -105,3 +105,18 @@ def test_exported_onnx_carries_its_digest_and_a_changed_file_is_refused(tmp_path
     path.write_bytes(path.read_bytes() + b"\0")
     with pytest.raises(CheckpointError, match="model.onnx: its SHA-256 is .* but model.onnx.sha256 says"):
         load_onnx_model(path)
+
+
+def test_a_refused_install_creates_nothing_and_a_killed_one_is_swept(archives, tmp_path):
+    target = tmp_path / "deep" / "model"
+    bad = _rewrite_member(archives[0], tmp_path / "bad.zip", "dataset.json", b'{"labels": {}}')
+    with pytest.raises(CheckpointError):
+        install_archive(bad, target)
+    assert not (tmp_path / "deep").exists()
+    # the staging folder of an install killed mid-way (its process is gone) is removed by the next install
+    (tmp_path / "deep").mkdir()
+    stale = tmp_path / "deep" / ".model.install-999999999-abcd"
+    (stale / "training").mkdir(parents=True)
+    (stale / "training" / "part.bin").write_bytes(b"x" * 100)
+    install_archive(archives[0], target)
+    assert sorted(p.name for p in (tmp_path / "deep").iterdir()) == ["model"]

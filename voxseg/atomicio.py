@@ -19,17 +19,19 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import glob
 import os
 import re
 import secrets
 import shutil
+import tempfile
 from pathlib import Path
 from typing import IO, Any, Iterator
 
 from voxseg.errors import ConfigError, DiskFullError
 
-__all__ = ["atomic_open", "atomic_path", "copy_file", "make_output_folder", "sweep_stale_temporaries", "temporary_path",
-           "write_bytes", "write_text"]
+__all__ = ["atomic_open", "atomic_path", "copy_file", "make_output_folder", "staging_folder", "sweep_stale_staging",
+           "sweep_stale_temporaries", "temporary_path", "write_bytes", "write_text"]
 
 # what torch.save's C++ writer says when a write comes up short (it raises RuntimeError, not OSError)
 _SHORT_WRITE_MARKERS = ("file write failed", "unexpected pos", "No space left on device")
@@ -182,6 +184,38 @@ def copy_file(source: str | Path, target: str | Path) -> None:
     """Atomically replace `target` with a copy of the contents of `source` (not its permissions or times)."""
     with atomic_path(target) as tmp:
         shutil.copyfile(source, tmp)
+
+
+def staging_folder(target: str | Path, purpose: str) -> Path:
+    """A fresh hidden folder next to `target` to build it in, then rename into place (`.NAME.PURPOSE-PID-XXXX`):
+    stale ones of killed runs are found by the process id in the name (`sweep_stale_staging`)."""
+    target = Path(target)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    return Path(tempfile.mkdtemp(prefix=f".{target.name}.{purpose}-{os.getpid()}-", dir=target.parent))
+
+
+def sweep_stale_staging(target: str | Path) -> list[Path]:
+    """Remove the staging folders of `target` (`staging_folder`) left by runs that were killed; returns them.
+
+    A folder is stale when the process in its name is not running or started after the folder was made."""
+    target = Path(target)
+    if not target.parent.is_dir():
+        return []
+    pattern = re.compile(rf"^\.{re.escape(target.name)}\.[a-z]+-(?P<pid>\d+)-")
+    removed = []
+    for path in target.parent.glob(f".{glob.escape(target.name)}.*"):
+        match = pattern.match(path.name)
+        if match is None or not path.is_dir() or path.is_symlink():
+            continue
+        started = _process_start_time(int(match.group("pid")))
+        try:
+            made = path.stat().st_mtime
+        except FileNotFoundError:
+            continue
+        if started is None or started > made + 1.0:
+            shutil.rmtree(path, ignore_errors=True)
+            removed.append(path)
+    return removed
 
 
 def _process_start_time(pid: int) -> float | None:

@@ -8,6 +8,7 @@
 from __future__ import annotations
 
 import re
+import warnings
 from pathlib import Path
 from typing import Sequence
 
@@ -38,26 +39,77 @@ def find_input_cases(paths: str | Path | Sequence[str | Path], num_channels: int
     missing = [str(p) for p in items if not p.is_file()]
     if missing:
         raise InputError(f"input file(s) not found: {', '.join(missing)}")
-    return [(_case_name(items[0]), items)]
+    return [_one_case(items, num_channels)]
 
 
-def _case_name(path: Path) -> str:
+def _channel_of(path: Path) -> tuple[str, int | None]:
+    """(case name, channel index) from a channel file's name: CASE_0001.nii.gz -> ("CASE", 1), BraTS names
+    CASE_t1ce.nii.gz / CASE-t1c.nii.gz -> ("CASE", 1); (stem, None) when the name carries no channel."""
+    from voxseg.data.convert import BRATS_MODALITY_NAMES
     from voxseg.data.io import file_ending
 
     stem = path.name[: -len(file_ending(path))] if file_ending(path) else path.stem
-    for suffix in [f"_{i:04d}" for i in range(10)] + [f"_{m}" for m in BRATS_MODALITIES + ("t1n", "t1c", "t2w", "t2f")]:
-        if stem.endswith(suffix):
-            return stem[: -len(suffix)]
-    return stem
+    match = re.match(r"^(?P<case>.+)_(?P<channel>\d{4})$", stem)
+    if match:
+        return match.group("case"), int(match.group("channel"))
+    for index, modality in enumerate(BRATS_MODALITIES):
+        for name in BRATS_MODALITY_NAMES[modality]:
+            found = re.match(rf"^(?P<case>.+)[_-]{name}$", stem, re.I)
+            if found:
+                return found.group("case"), index
+    return stem, None
+
+
+def _one_case(files: list[Path], num_channels: int) -> tuple[str, list[Path]]:
+    """The channel files of one case given by name, put in channel order by their suffixes (_0000, _0001, ... or
+    the BraTS modality names), never by the order they were typed in; InputError for files of several cases, a
+    channel given twice, or (with several files) a file whose name says no channel."""
+    if len(files) == 1:
+        return _channel_of(files[0])[0], files
+    parsed = [(path, *_channel_of(path)) for path in files]
+    unnamed = [str(path) for path, _, channel in parsed if channel is None]
+    if unnamed:
+        raise InputError(f"cannot tell which channel {', '.join(unnamed)} is: name the channel files of a case "
+                         "CASE_0000.nii.gz, CASE_0001.nii.gz, ... (or CASE_t1, _t1ce, _t2, _flair), or give their "
+                         "folder")
+    cases = sorted({case for _, case, _ in parsed})
+    if len(cases) > 1:
+        listed = "; ".join(f"{case}: {', '.join(p.name for p, c, _ in parsed if c == case)}" for case in cases)
+        raise InputError(f"the input files belong to {len(cases)} cases ({listed}); give the channel files of one "
+                         "case, or a folder of cases")
+    by_channel: dict[int, Path] = {}
+    for path, _, channel in parsed:
+        if channel in by_channel:
+            raise InputError(f"channel {channel} of case '{cases[0]}' is given twice ({by_channel[channel]}, {path}); "
+                             "give each channel file once")
+        by_channel[int(channel)] = path
+    folder, ending = files[0].parent, _ending(files[0])
+    count = max(num_channels, max(by_channel) + 1)  # missing and surplus channels are reported by name later
+    return cases[0], [by_channel.get(c, folder / f"{cases[0]}_{c:04d}{ending}") for c in range(count)]
+
+
+def _ending(path: Path) -> str:
+    from voxseg.data.io import file_ending
+
+    return file_ending(path) or path.suffix
 
 
 def _cases_in_folder(folder: Path, num_channels: int, ending: str) -> list[tuple[str, list[Path]]]:
     pattern = re.compile(r"^(?P<case>.+)_(?P<channel>\d{4})" + re.escape(ending) + "$")
     channels: dict[str, set[int]] = {}
+    other_endings = []
     for path in folder.iterdir():
         match = pattern.match(path.name)
         if match and path.is_file():
             channels.setdefault(match.group("case"), set()).add(int(match.group("channel")))
+        elif path.is_file() and not path.name.startswith(".") and _ending(path) != ending and \
+                _channel_of(path)[1] is not None:
+            other_endings.append(path.name)
+    if other_endings:  # e.g. CASE_0000.nii next to CASE_0000.nii.gz: say what is not read
+        shown = ", ".join(sorted(other_endings)[:5]) + (" ..." if len(other_endings) > 5 else "")
+        warnings.warn(f"{folder}: {len(other_endings)} channel file(s) with another ending than the model's "
+                      f"{ending} are not read: {shown}; convert them to {ending} (or predict with a model whose "
+                      "dataset has that file_ending)", stacklevel=3)
     if channels:
         # expected channels 0..n-1 plus any extra ones found, so both missing and surplus files get reported
         return [(name, [folder / f"{name}_{c:04d}{ending}" for c in range(max(num_channels, max(found) + 1))])

@@ -23,16 +23,17 @@ installs only what the manifest lists, and before anything reaches the target fo
 """
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import os
 import shutil
 import stat
-import tempfile
 import zipfile
 from pathlib import Path, PurePosixPath
 from typing import Any
 
 from voxseg import __version__
+from voxseg.atomicio import staging_folder, sweep_stale_staging
 from voxseg.checkpoint import checkpoint_to_weights, load_checkpoint
 from voxseg.digest import sha256_file, write_digest_file
 from voxseg.errors import CheckpointError, ConfigError
@@ -229,10 +230,17 @@ def _installed_manifest(staging: Path, manifest: dict[str, Any], zip_path: Path,
                           "voxseg_version": __version__, "converted": converted}}
 
 
+def _existing(path: Path) -> Path:
+    """`path`, or its nearest folder that exists (where the free space of a target yet to be made is)."""
+    while not path.exists() and path != path.parent:
+        path = path.parent
+    return path
+
+
 def swap_in_folder(staging: Path, target: Path) -> None:
     """Replace `target` (absent, empty, or holding the old model) by the staged folder, by renames only."""
     if target.is_dir() and any(target.iterdir()):
-        retired = Path(tempfile.mkdtemp(prefix=f".{target.name}.old-", dir=target.parent))
+        retired = staging_folder(target, "old")
         os.replace(target, retired / target.name)
         os.replace(staging, target)
         shutil.rmtree(retired, ignore_errors=True)
@@ -260,8 +268,8 @@ def install_archive(zip_path: str | Path, target_dir: str | Path, force: bool = 
         raise CheckpointError(f"{zip_path} is not a zip archive; create one with 'voxseg export WORKDIR --archive ZIP'")
     if target.exists() and not target.is_dir():
         raise CheckpointError(f"install target {target} is a file; give a folder")
-    target.mkdir(parents=True, exist_ok=True)
-    target = target.resolve()
+    target = target.resolve()  # nothing is created before every check has passed
+    sweep_stale_staging(target)  # left by an install that was killed
     if holds_model(target) and not force:
         raise CheckpointError(f"{target} already holds a model (plans.json, or a fold's weights or checkpoint); "
                               "install into a new folder, or replace it with force=True (voxseg install --force)")
@@ -272,8 +280,9 @@ def install_archive(zip_path: str | Path, target_dir: str | Path, force: bool = 
         manifest = _read_manifest(archive, zip_path)
         listed = manifest["files"]
         files = [info for info in infos if not info.is_dir() and info.filename in listed]
-        _check_sizes(files, target.parent, max_total_bytes, max_member_bytes, max_compression_ratio)
-        staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.install-", dir=target.parent))
+        _check_sizes(files, _existing(target), max_total_bytes, max_member_bytes, max_compression_ratio)
+        made = [folder for folder in target.parents if not folder.exists()]  # removed again if the install fails
+        staging = staging_folder(target, "install")
         try:
             for info in files:
                 _unpack_checked(archive, info, staging / info.filename, listed[info.filename])
@@ -287,6 +296,12 @@ def install_archive(zip_path: str | Path, target_dir: str | Path, force: bool = 
             write_json_atomic(WorkDir(staging).archive_manifest,
                               _installed_manifest(staging, manifest, zip_path, converted))
             swap_in_folder(staging, target)
+        except BaseException:
+            shutil.rmtree(staging, ignore_errors=True)
+            for folder in made:  # innermost first; only the empty folders this install made
+                with contextlib.suppress(OSError):
+                    folder.rmdir()
+            raise
         finally:
             shutil.rmtree(staging, ignore_errors=True)
     return target

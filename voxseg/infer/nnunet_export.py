@@ -26,13 +26,13 @@ Exported only what nnU-Net's networks represent: 3D plans, plain UNets, residual
 from __future__ import annotations
 
 import shutil
-import tempfile
 from pathlib import Path
 from typing import Any, Sequence
 
 import torch
 from torch import nn
 
+from voxseg.atomicio import staging_folder, sweep_stale_staging
 from voxseg.checkpoint import save_checkpoint
 from voxseg.errors import CheckpointError, ConfigError
 from voxseg.infer.archive import load_fold_model, resolve_folds
@@ -186,7 +186,8 @@ def export_nnunet(workdir: str | Path, out: str | Path, folds: int | str | Seque
     postprocessing = model_postprocessing(workdir, plan.regions)  # checked before anything is written
     axes = plan.inference_mirror_axes if plan.inference_mirror_axes is not None else list(range(plan.network.ndim))
     target.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.export-", dir=target.parent))
+    sweep_stale_staging(target)  # left by a run that was killed
+    staging = staging_folder(target, "export")
     try:
         write_json_atomic(staging / NNUNET_PLANS, plans)
         write_json_atomic(staging / NNUNET_DATASET, dataset)

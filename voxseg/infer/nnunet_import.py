@@ -31,12 +31,12 @@ WORKDIR/postprocessing.json, so the imported work directory predicts what the ex
 from __future__ import annotations
 
 import shutil
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Sequence
 
 from voxseg import __version__
+from voxseg.atomicio import staging_folder, sweep_stale_staging
 from voxseg.checkpoint import CHECKPOINT_FORMAT, checkpoint_record, save_checkpoint
 from voxseg.config import TrainConfig
 from voxseg.data.dataset import load_dataset
@@ -302,7 +302,8 @@ def import_nnunet(model: str | Path, workdir: str | Path, folds: int | str | Seq
     postprocessing = model_postprocessing(model, imported[0].plan.regions, nnunet_folder=True)
     source["postprocessing"] = EXPORTED_POSTPROCESSING_FILE if postprocessing is not None else None
     workdir.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{workdir.name}.import-", dir=workdir.parent))
+    sweep_stale_staging(workdir)  # left by a run that was killed
+    staging = staging_folder(workdir, "import")
     try:
         _write(staging, dataset, imported, splits, source, checkpoint, postprocessing)
         swap_in_folder(staging, workdir)

@@ -310,6 +310,7 @@ class Predictor:
         Returns:
             {"written": n, "skipped": n, "out_dir": str}, counted over this process's share.
         """
+        _check_output_not_input(cases, Path(out_dir))
         out_dir = make_output_folder(out_dir, "predict -o")
         sweep_stale_temporaries(out_dir)  # left by a killed run
         ending = file_ending or self.config.file_ending or self.plan.file_ending
@@ -413,3 +414,14 @@ def _checked_geometry(geometry: Geometry | Sequence[float], name: str) -> Geomet
     if len(spacing) != 3 or not all(np.isfinite(s) and s > 0 for s in spacing):
         raise InputError(f"case '{name}': spacing {spacing} must be 3 finite positive numbers (mm, array axis order)")
     return geometry if isinstance(geometry, Geometry) else Geometry.from_spacing(spacing)
+
+
+def _check_output_not_input(cases: Sequence[tuple[str, Sequence[str | Path]]], out_dir: Path) -> None:
+    """Refuse an output folder that is a folder the inputs are read from: a later run would read the predictions
+    there as images (a CASE.nii.gz next to CASE_0000.nii.gz, or a channel file overwritten)."""
+    target = out_dir.resolve()
+    shared = sorted({str(Path(path).parent) for _, files in cases for path in files
+                     if Path(path).parent.resolve() == target})
+    if shared:
+        raise InputError(f"predict -o {out_dir} is the folder the input images are read from ({shared[0]}); a later "
+                         "run would read the predictions there as images. Write them to another folder")
