@@ -265,3 +265,14 @@ def test_the_input_folder_as_output_is_refused_and_other_endings_are_named(tmp_p
     with pytest.warns(UserWarning, match=r"1 channel file\(s\) with another ending .* not read: case_0000.nii"):
         cases = find_input_cases(images, 2, ".nii.gz")
     assert [name for name, _ in cases] == ["case"]
+
+
+def test_a_fold_outside_the_splits_is_not_told_to_be_trained(tmp_path):
+    work = make_workdir(tmp_path / "work", tiny_plan(), folds=(0,))
+    (work / "splits.json").write_text(json.dumps([{"train": ["a"], "val": ["b"]}, {"train": ["b"], "val": ["a"]}]))
+    with pytest.raises(CheckpointError, match=r"the model has 2 folds \(0..1, splits.json\), so there is no fold 7; "
+                                              r"trained folds: 0"):
+        Predictor.from_workdir(work, folds=[7], device="cpu")
+    with pytest.raises(CheckpointError, match=r"train this fold first: 'voxseg train .* --fold 1' "
+                                              r"\(trained folds: 0\)"):
+        Predictor.from_workdir(work, folds=[1], device="cpu")

@@ -148,7 +148,7 @@ def test_fold_selection_and_missing_checkpoint(workdir, tmp_path):
     assert resolve_folds(workdir, None) == [0, 1]
     assert resolve_folds(workdir, "all") == [0, 1]  # no fold_all trained: every trained fold
     assert resolve_folds(workdir, "0") == [0]
-    with pytest.raises(CheckpointError, match=r"fold_3.*voxseg train"):
+    with pytest.raises(CheckpointError, match=r"fold_3.* not found; this model's trained folds are: 0, 1"):
         Predictor.from_workdir(workdir, folds=[3], device="cpu")
     with pytest.raises(CheckpointError, match="checkpoint_best.pt"):
         Predictor.from_workdir(workdir, folds=[0], checkpoint="best", device="cpu")

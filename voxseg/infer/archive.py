@@ -15,6 +15,7 @@ voxseg/infer/install.py for its limits, the checks and the swap).
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import tempfile
 import zipfile
@@ -31,8 +32,9 @@ from voxseg.checkpoint import CHECKPOINT_CHOICES, checkpoint_to_weights, network
 from voxseg.data.splits import trained_folds
 from voxseg.devices import resolve_device  # noqa: F401 - re-exported for the predictor
 from voxseg.digest import sha256_bytes
-from voxseg.errors import CheckpointError, ConfigError
+from voxseg.errors import CheckpointError, ConfigError, VoxsegError
 from voxseg.infer.install import ARCHIVE_FORMAT, ARCHIVE_VERSION, MANIFEST, install_archive  # noqa: F401
+from voxseg.jsonio import read_json
 from voxseg.plans import Plan
 from voxseg.weights import load_weights_network, now_utc, read_weights_header, stale_reason
 from voxseg.workdir import WorkDir
@@ -101,9 +103,26 @@ def checkpoint_path(workdir: str | Path, fold: int | str, checkpoint: str = "fin
         return weights
     if not path.is_file():
         others = [p.name for p in fold_files.checkpoints() + fold_files.weight_files()]
-        hint = f" (found {', '.join(others)}: choose it with the checkpoint option)" if others else ""
-        raise CheckpointError(f"{path} not found{hint}; train this fold first: 'voxseg train {workdir} --fold {fold}'")
+        if others:
+            raise CheckpointError(f"{path} not found (found {', '.join(others)}: choose it with the checkpoint option)")
+        raise CheckpointError(f"{path} not found; {_untrained_fold_hint(workdir, fold, checkpoint)}")
     return path
+
+
+def _untrained_fold_hint(workdir: str | Path, fold: int | str, checkpoint: str) -> str:
+    """What to do about a fold without weights: train it when the splits have it, else choose a trained one."""
+    trained = ", ".join(map(str, trained_folds(workdir, checkpoint))) or "none"
+    splits = WorkDir(workdir).splits
+    count = None
+    if splits.is_file():
+        with contextlib.suppress(VoxsegError, TypeError):
+            count = len(read_json(splits, ConfigError))
+    if str(fold).isdigit() and count is not None and int(fold) >= count:
+        return (f"the model has {count} folds (0..{count - 1}, {splits.name}), so there is no fold {fold}; trained "
+                f"folds: {trained} (choose with --folds)")
+    if count is None and str(fold) != "all":
+        return f"this model's trained folds are: {trained} (choose with --folds)"
+    return f"train this fold first: 'voxseg train {workdir} --fold {fold}' (trained folds: {trained})"
 
 
 @dataclass
