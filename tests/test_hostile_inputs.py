@@ -7,6 +7,7 @@ from __future__ import annotations
 import copy
 import errno
 import json
+import os
 from pathlib import Path
 
 import numpy as np
@@ -23,7 +24,9 @@ from voxseg.errors import CheckpointError, ConfigError, InputError
 from voxseg.infer.inputs import find_input_cases
 from voxseg.infer.predictor import Predictor
 from voxseg.jsonio import parse_json, read_json
+from voxseg.locks import folder_lock
 from voxseg.plans import Plan
+from voxseg.workdir import WorkDir
 
 
 # ----- one reader -------------------------------------------------------------------------------------------------
@@ -276,3 +279,24 @@ def test_a_fold_outside_the_splits_is_not_told_to_be_trained(tmp_path):
     with pytest.raises(CheckpointError, match=r"train this fold first: 'voxseg train .* --fold 1' "
                                               r"\(trained folds: 0\)"):
         Predictor.from_workdir(work, folds=[1], device="cpu")
+
+
+# ----- two processes, one folder ----------------------------------------------------------------------------------
+def test_a_fold_or_a_case_store_in_use_is_refused_naming_the_other_process(tmp_path):
+    dataset, work = tmp_path / "Dataset001_L", tmp_path / "work"
+    assert run_cli("synth", dataset, "--cases", "3", "--test-cases", "0", "--shape", "16,16,16")[0] == 0
+    assert run_cli("plan", dataset, "-o", work, "--folds", "2", "--set", "patch_size=16,16,16", "--set",
+                   "network.features=4,8,8")[0] == 0
+    fold = WorkDir(work).fold(0).path
+    with folder_lock(fold, "training this fold"):
+        with pytest.raises(InputError, match=rf"{fold} is in use: process {os.getpid()} on .* is training this fold"):
+            with folder_lock(fold, "training this fold"):
+                pass
+        code, _, err = run_cli("train", work, "--fold", "0", "--device", "cpu", "--epochs", "1")
+        assert code != 0 and "is in use" in err and f"process {os.getpid()}" in err and "Traceback" not in err
+        assert not fold.exists()  # nothing of a second run was written
+    with folder_lock(WorkDir(work).preprocessed, "preprocessing into this case store"):
+        code, _, err = run_cli("preprocess", work, "--device", "cpu")
+        assert code != 0 and "preprocessing into this case store" in err
+    with folder_lock(fold, "training this fold"):  # released when its holder let go
+        pass

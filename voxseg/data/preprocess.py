@@ -33,6 +33,7 @@ from voxseg.data.io import Geometry, read_channels, read_image
 from voxseg.data.resample import ANISOTROPY_RATIO, OUTPUT_ORDER, resample, separate_axis
 from voxseg.data.store import case_paths, load_properties, sample_foreground_locations, save_case
 from voxseg.errors import DatasetError, InputError, VoxsegError
+from voxseg.locks import folder_lock
 from voxseg.normalization import normalize
 from voxseg.plans import Plan
 from voxseg.workdir import WorkDir
@@ -345,7 +346,6 @@ def preprocess_dataset(
     Raises:
         DatasetError: after all other cases finished, listing each failed case and why.
     """
-    from tqdm import tqdm
 
     from voxseg.data.dataset import load_dataset
 
@@ -353,6 +353,15 @@ def preprocess_dataset(
     plan = Plan.load(workdir.plans)
     dataset = load_dataset(plan.raw_dataset)
     out_dir = workdir.preprocessed
+    with folder_lock(out_dir, "preprocessing into this case store"):
+        return _preprocess_locked(plan, dataset, out_dir, device, num_workers, progress)
+
+
+def _preprocess_locked(plan: Plan, dataset: Any, out_dir: Path, device: str, num_workers: int,
+                       progress: bool) -> dict[str, Any]:
+    """`preprocess` with the case store locked: a second preprocess of the same store is refused."""
+    from tqdm import tqdm
+
     out_dir.mkdir(parents=True, exist_ok=True)
     sweep_stale_temporaries(out_dir)  # left by a killed run; hidden files, but they hold disk space
     expected = plan_hash(plan)

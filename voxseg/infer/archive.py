@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import contextlib
 import json
-import tempfile
+import shutil
 import zipfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -27,7 +27,7 @@ import torch
 from torch import nn
 
 from voxseg import __version__
-from voxseg.atomicio import atomic_path
+from voxseg.atomicio import atomic_path, staging_folder, sweep_stale_staging, sweep_stale_temporaries
 from voxseg.checkpoint import CHECKPOINT_CHOICES, checkpoint_to_weights, network_from_checkpoint
 from voxseg.data.splits import trained_folds
 from voxseg.devices import resolve_device  # noqa: F401 - re-exported for the predictor
@@ -199,8 +199,10 @@ def export_archive(workdir: str | Path, out_zip: str | Path, folds: int | str | 
     for path in (workdir.dataset_json, workdir.postprocessing):
         if path.is_file():
             members[workdir.member(path)] = path
-    with tempfile.TemporaryDirectory(prefix=".voxseg-export-", dir=out_zip.parent if out_zip.parent.is_dir()
-                                     else None) as scratch:
+    sweep_stale_temporaries(out_zip.parent)  # an export that was killed left its temporary archive
+    sweep_stale_staging(out_zip)
+    scratch = staging_folder(out_zip, "export")  # weights converted from checkpoints of older work directories
+    try:
         for fold in fold_list:
             fold_files = workdir.fold(fold)
             members[workdir.member(fold_files.weights(checkpoint))] = _fold_weights(workdir, fold, checkpoint,
@@ -208,6 +210,8 @@ def export_archive(workdir: str | Path, out_zip: str | Path, folds: int | str | 
             for path in (fold_files.config, fold_files.plans, fold_files.onnx):
                 if path.is_file():
                     members[workdir.member(path)] = path
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
     members = {name: content if isinstance(content, bytes) else content.read_bytes()
                for name, content in members.items()}
     files = {name: {"sha256": sha256_bytes(content), "size": len(content)} for name, content in members.items()}

@@ -15,6 +15,7 @@ written after every epoch by default, so a killed run loses at most the epoch it
 """
 from __future__ import annotations
 
+import contextlib
 import math
 import time
 from dataclasses import dataclass
@@ -32,6 +33,7 @@ from voxseg.distributed import World, all_reduce_mean, barrier, data_parallel, p
 from voxseg.errors import VoxsegError
 from voxseg.infer.cascade import stored_previous
 from voxseg.jsonio import write_json_atomic
+from voxseg.locks import folder_lock
 from voxseg.losses import build_loss
 from voxseg.models import build_network
 from voxseg.models.factory import warn_noop_deep_supervision
@@ -148,6 +150,15 @@ def _train(workdir: Path, fold: int | str, config: TrainConfig, world: World, st
     train_names, val_names = get_fold(workdir, fold)
     tag = resume_tag(start.resume, out_dir) if start.resume else None
     replacing = False if start.resume else check_run_dir(out_dir, start.force)  # refused before anything is written
+    with folder_lock(out_dir, "training this fold") if world.is_main else contextlib.nullcontext():
+        return _train_locked(workdir, fold, config, world, start, (out_dir, train_names, val_names, tag, replacing),
+                             started)
+
+
+def _train_locked(workdir: Path, fold: int | str, config: TrainConfig, world: World, start: RunStart,
+                  checked: tuple[Path, list[str], list[str], str | None, bool], started: float) -> dict[str, Any]:
+    """`_train` once the fold is checked and locked (rank 0 holds the lock: no second run writes the fold)."""
+    out_dir, train_names, val_names, tag, replacing = checked
     plan = effective_plan(workdir, config)
     previous = stored_previous(workdir, plan)  # a cascade stage: the first stage's cross-validation predictions
     if previous is not None:
