@@ -300,3 +300,29 @@ def test_a_fold_or_a_case_store_in_use_is_refused_naming_the_other_process(tmp_p
         assert code != 0 and "preprocessing into this case store" in err
     with folder_lock(fold, "training this fold"):  # released when its holder let go
         pass
+
+
+def test_a_plan_that_fails_to_write_leaves_the_work_directory_as_it_was(tmp_path, monkeypatch):
+    from voxseg.data import plan as plan_module
+    from voxseg.errors import DiskFullError
+
+    dataset, work = tmp_path / "Dataset001_P", tmp_path / "work"
+    assert run_cli("synth", dataset, "--cases", "3", "--test-cases", "0", "--shape", "16,16,16")[0] == 0
+    tiny = ["--folds", "2", "--set", "patch_size=16,16,16", "--set", "network.features=4,8,8"]
+
+    def full_disk(*args, **kwargs):
+        raise DiskFullError("configurations.json: no space left on device")
+
+    with monkeypatch.context() as patch:
+        patch.setattr(plan_module, "write_index", full_disk)
+        code, _, err = run_cli("plan", dataset, "-o", work, *tiny)
+    assert code != 0 and "no space left" in err
+    assert not work.exists() or not [p for p in work.rglob("*") if p.is_file()]  # no plans.json without splits
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["Dataset001_P"]  # no staging folder left
+    assert run_cli("plan", dataset, "-o", work, *tiny)[0] == 0
+    before = {p.name: p.read_bytes() for p in work.glob("*.json")}
+    with monkeypatch.context() as patch:
+        patch.setattr(plan_module, "write_index", full_disk)
+        assert run_cli("plan", dataset, "-o", work, *tiny[:2], "--set", "patch_size=8,8,8",
+                       "--set", "network.features=4,8")[0] != 0
+    assert {p.name: p.read_bytes() for p in work.glob("*.json")} == before

@@ -20,13 +20,15 @@ The memory model lives in `voxseg.data.memory` and the topology / patch / batch 
 from __future__ import annotations
 
 import dataclasses
+import os
+import shutil
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from voxseg.atomicio import copy_file, make_output_folder
+from voxseg.atomicio import copy_file, make_output_folder, staging_folder, sweep_stale_staging
 from voxseg.data.configs import configuration_entry, write_index
 from voxseg.data.dataset import RawDataset, load_dataset
 from voxseg.data.fingerprint import compute_fingerprint, save_fingerprint
@@ -361,18 +363,30 @@ def _splits(dataset: RawDataset, options: PlanOptions) -> list[dict[str, list[st
 def _write_workdir(workdir: WorkDir, dataset: RawDataset, fingerprint: dict[str, Any], plans: dict[str, Plan],
                    splits: list[dict[str, list[str]]]) -> None:
     """Every configuration's folder (fingerprint, plan, dataset.json copy), the index and, when none exists yet,
-    the splits."""
+    the splits: written into a staging folder first, then renamed into place (the splits first, the default
+    plans.json and the index last), so a failed write (a full disk) leaves the work directory as it was."""
     default = next(iter(plans))
     entries = {name: configuration_entry(name, default, plan.previous_stage,
                                          "3d_cascade_fullres" if name == "3d_lowres" else None)
                for name, plan in plans.items()}
-    workdir.path.mkdir(parents=True, exist_ok=True)
-    for name, plan in plans.items():
-        folder = WorkDir(workdir.path / entries[name]["path"])
-        folder.path.mkdir(parents=True, exist_ok=True)
-        save_fingerprint(folder.fingerprint, fingerprint)
-        plan.save(folder.plans)
-        copy_file(dataset.root / "dataset.json", folder.dataset_json)  # the raw dataset's, copied
-    if not workdir.splits.exists():
-        save_splits(workdir.path, splits)
-    write_index(workdir.path, default, entries)
+    sweep_stale_staging(workdir.path)
+    staging = staging_folder(workdir.path, "plan")
+    try:
+        for name, plan in plans.items():
+            folder = WorkDir(staging / entries[name]["path"])
+            folder.path.mkdir(parents=True, exist_ok=True)
+            save_fingerprint(folder.fingerprint, fingerprint)
+            plan.save(folder.plans)
+            copy_file(dataset.root / "dataset.json", folder.dataset_json)  # the raw dataset's, copied
+        if not workdir.splits.exists():
+            save_splits(staging, splits)
+        write_index(staging, default, entries)
+        last = [WorkDir(staging).plans, WorkDir(staging).configurations]
+        staged = sorted(p for p in staging.rglob("*") if p.is_file() and p not in last)
+        staged.sort(key=lambda p: p != WorkDir(staging).splits)  # the splits first
+        for path in staged + last:
+            destination = workdir.path / path.relative_to(staging)
+            destination.parent.mkdir(parents=True, exist_ok=True)
+            os.replace(path, destination)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)

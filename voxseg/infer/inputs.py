@@ -7,14 +7,21 @@
 """
 from __future__ import annotations
 
+import math
 import re
 import warnings
 from pathlib import Path
-from typing import Sequence
+from typing import TYPE_CHECKING, Sequence
+
+import numpy as np
 
 from voxseg.errors import InputError
 
-__all__ = ["BRATS_MODALITIES", "find_input_cases"]
+if TYPE_CHECKING:
+    from voxseg.data.io import Geometry
+    from voxseg.plans import Plan
+
+__all__ = ["BRATS_MODALITIES", "check_output_not_input", "checked_geometry", "checked_image", "find_input_cases"]
 
 BRATS_MODALITIES = ("t1", "t1ce", "t2", "flair")  # channel order of BraTS data (voxseg.data.convert)
 
@@ -135,3 +142,49 @@ def _brats_files(folder: Path) -> list[Path]:
             found = found or next((p for p in files if re.search(rf"[_-]{suffix}\.nii(\.gz)?$", p.name, re.I)), None)
         out.append(found or folder / f"{folder.name}_{modality}.nii.gz")
     return out
+
+
+def checked_geometry(geometry: Geometry | Sequence[float], name: str) -> Geometry:
+    """A Geometry, or one built from 3 spacings; InputError for spacings that are not 3 finite positive numbers."""
+    from voxseg.data.io import Geometry
+
+    if isinstance(geometry, Geometry):
+        spacing = tuple(geometry.spacing)
+    else:
+        try:
+            spacing = tuple(float(s) for s in geometry)
+        except (TypeError, ValueError):
+            raise InputError(f"case '{name}': geometry {geometry!r} is neither a Geometry nor 3 spacings in "
+                             "mm") from None
+    if len(spacing) != 3 or not all(math.isfinite(s) and s > 0 for s in spacing):
+        raise InputError(f"case '{name}': spacing {spacing} must be 3 finite positive numbers (mm, array axis order)")
+    return geometry if isinstance(geometry, Geometry) else Geometry.from_spacing(spacing)
+
+
+def check_output_not_input(cases: Sequence[tuple[str, Sequence[str | Path]]], out_dir: Path) -> None:
+    """Refuse an output folder that is a folder the inputs are read from: a later run would read the predictions
+    there as images (a CASE.nii.gz next to CASE_0000.nii.gz, or a channel file overwritten)."""
+    target = out_dir.resolve()
+    shared = sorted({str(Path(path).parent) for _, files in cases for path in files
+                     if Path(path).parent.resolve() == target})
+    if shared:
+        raise InputError(f"predict -o {out_dir} is the folder the input images are read from ({shared[0]}); a later "
+                         "run would read the predictions there as images. Write them to another folder")
+
+
+def checked_image(image: np.ndarray, plan: Plan, name: str) -> np.ndarray:
+    """(C, D, H, W) (a (D, H, W) image for a one-channel model gets its channel axis) of real numbers with no
+    empty axis, or InputError. (NaN/Inf voxels are refused by preprocessing, for every input path.)"""
+    image = np.asarray(image)
+    if np.iscomplexobj(image) or image.dtype.kind not in "biuf":
+        raise InputError(f"case '{name}': image of dtype {image.dtype} given; give real numbers (an integer or "
+                         "floating-point array; a complex image would lose its imaginary part)")
+    if 0 in image.shape:
+        raise InputError(f"case '{name}': image of shape {image.shape} has an empty axis; give an image with at "
+                         "least one voxel along every axis")
+    if image.ndim == 3 and plan.num_channels == 1:
+        image = image[None]
+    if image.ndim != 4 or image.shape[0] != plan.num_channels:
+        raise InputError(f"case '{name}': image of shape {image.shape} given; the model expects "
+                         f"({plan.num_channels}, D, H, W) with channels {list(plan.channel_names.values())}")
+    return image

@@ -44,7 +44,7 @@ from voxseg.infer.casefiles import (
     save_probabilities,
 )
 from voxseg.infer.config import InferConfig
-from voxseg.infer.inputs import find_input_cases
+from voxseg.infer.inputs import check_output_not_input, checked_geometry, checked_image, find_input_cases
 from voxseg.infer.loading import load_models
 from voxseg.infer.postprocess import (
     OriginalGrid,
@@ -196,31 +196,13 @@ class Predictor:
         Returns:
             (D, H, W) labels, uint8 (uint16 for label values above 255) [, probabilities].
         """
-        image = self._checked_image(image, name)
-        geometry = _checked_geometry(geometry, name)
+        image = checked_image(image, self.plan, name)
+        geometry = checked_geometry(geometry, name)
         grid = self._predict_case(CaseImage(image, geometry), name, with_probabilities=return_probabilities)
         return (grid.labels, grid.probabilities) if return_probabilities else grid.labels
 
     def _restore_values(self) -> int:
         return self.restore_values if self.restore_values is not None else default_restore_values(self.device)
-
-    def _checked_image(self, image: np.ndarray, name: str) -> np.ndarray:
-        """(C, D, H, W) (a (D, H, W) image for a one-channel model gets its channel axis) of real numbers with no
-        empty axis, or InputError. (NaN/Inf voxels are refused by preprocessing, for every input path.)"""
-        image = np.asarray(image)
-        if np.iscomplexobj(image) or image.dtype.kind not in "biuf":
-            raise InputError(f"case '{name}': image of dtype {image.dtype} given; give real numbers (an integer or "
-                             "floating-point array; a complex image would lose its imaginary part)")
-        if 0 in image.shape:
-            raise InputError(f"case '{name}': image of shape {image.shape} has an empty axis; give an image with at "
-                             "least one voxel along every axis")
-        if image.ndim == 3 and self.plan.num_channels == 1:
-            image = image[None]
-        if image.ndim != 4 or image.shape[0] != self.plan.num_channels:
-            raise InputError(f"case '{name}': image of shape {image.shape} given; the model expects "
-                             f"({self.plan.num_channels}, D, H, W) with channels "
-                             f"{list(self.plan.channel_names.values())}")
-        return image
 
     def _predict_case(self, case: CaseImage, name: str, with_probabilities: bool = False,
                       probability_sink: Any = None) -> OriginalGrid:
@@ -310,7 +292,7 @@ class Predictor:
         Returns:
             {"written": n, "skipped": n, "out_dir": str}, counted over this process's share.
         """
-        _check_output_not_input(cases, Path(out_dir))
+        check_output_not_input(cases, Path(out_dir))
         out_dir = make_output_folder(out_dir, "predict -o")
         sweep_stale_temporaries(out_dir)  # left by a killed run
         ending = file_ending or self.config.file_ending or self.plan.file_ending
@@ -380,7 +362,7 @@ class Predictor:
                            with_probabilities: bool) -> tuple[np.ndarray, ProbabilityFile | np.ndarray | None]:
         """(labels, probabilities) of a case for `predict_files`: the probabilities (when asked for) go to disk
         slab by slab as they are restored (`ProbabilityFile`, committed by the writer)."""
-        case.image = self._checked_image(case.image, name)
+        case.image = checked_image(case.image, self.plan, name)
         if not with_probabilities:
             return self._predict_case(case, name).labels, None
         sink = ProbabilityFile(out_dir / f"{name}.npz", self.plan.num_outputs, case.image.shape[1:],
@@ -399,29 +381,3 @@ class Predictor:
             save_probabilities(out_dir / f"{name}.npz", probabilities, self.class_names)
         # the label map last: continue_run treats a case as done once it exists
         write_image(out_dir / f"{name}{ending}", labels, geometry)
-
-
-def _checked_geometry(geometry: Geometry | Sequence[float], name: str) -> Geometry:
-    """A Geometry, or one built from 3 spacings; InputError for spacings that are not 3 finite positive numbers."""
-    if isinstance(geometry, Geometry):
-        spacing = tuple(geometry.spacing)
-    else:
-        try:
-            spacing = tuple(float(s) for s in geometry)
-        except (TypeError, ValueError):
-            raise InputError(f"case '{name}': geometry {geometry!r} is neither a Geometry nor 3 spacings in "
-                             "mm") from None
-    if len(spacing) != 3 or not all(np.isfinite(s) and s > 0 for s in spacing):
-        raise InputError(f"case '{name}': spacing {spacing} must be 3 finite positive numbers (mm, array axis order)")
-    return geometry if isinstance(geometry, Geometry) else Geometry.from_spacing(spacing)
-
-
-def _check_output_not_input(cases: Sequence[tuple[str, Sequence[str | Path]]], out_dir: Path) -> None:
-    """Refuse an output folder that is a folder the inputs are read from: a later run would read the predictions
-    there as images (a CASE.nii.gz next to CASE_0000.nii.gz, or a channel file overwritten)."""
-    target = out_dir.resolve()
-    shared = sorted({str(Path(path).parent) for _, files in cases for path in files
-                     if Path(path).parent.resolve() == target})
-    if shared:
-        raise InputError(f"predict -o {out_dir} is the folder the input images are read from ({shared[0]}); a later "
-                         "run would read the predictions there as images. Write them to another folder")

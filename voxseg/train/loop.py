@@ -16,7 +16,6 @@ written after every epoch by default, so a killed run loses at most the epoch it
 from __future__ import annotations
 
 import contextlib
-import math
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -53,6 +52,7 @@ from voxseg.train.resume import (
     resume_tag,
 )
 from voxseg.train.rundir import check_run_dir, replace_run_dir
+from voxseg.train.runprogress import Progress
 from voxseg.train.setup import (  # noqa: F401 - cache_budget_gb, effective_plan, resolve, seed_everything: API
     RunSetup,
     cache_budget_gb,
@@ -72,36 +72,6 @@ class TrainingInterrupted(VoxsegError):
     """Ctrl-C during training; checkpoint_latest.pt holds the state to resume from."""
 
     exit_code = 130
-
-
-@dataclass
-class Progress:
-    """Where the run stands: everything besides the modules that a checkpoint must restore."""
-
-    epoch: int = 0  # epochs completed = the next epoch to run
-    ema: float | None = None
-    best_metric: float | None = None
-    best_epoch: int = -1
-
-    def update(self, dice_mean: float, alpha: float) -> bool:
-        """Fold a validation's mean pseudo-Dice into the EMA; True when the EMA reaches a new best."""
-        if math.isnan(dice_mean):
-            return False
-        self.ema = dice_mean if self.ema is None else alpha * self.ema + (1 - alpha) * dice_mean
-        if self.best_metric is None or self.ema > self.best_metric:
-            self.best_metric, self.best_epoch = self.ema, self.epoch
-            return True
-        return False
-
-    def epochs_without_improvement(self) -> int:
-        return self.epoch - 1 - self.best_epoch
-
-    def state_dict(self) -> dict[str, Any]:
-        return {"epoch": self.epoch, "ema": self.ema, "best_metric": self.best_metric, "best_epoch": self.best_epoch}
-
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        self.epoch, self.best_epoch = int(state["epoch"]), int(state["best_epoch"])
-        self.ema, self.best_metric = state["ema"], state["best_metric"]
 
 
 @dataclass
@@ -142,6 +112,19 @@ def train(workdir: str | Path, fold: int | str, config: TrainConfig, start: RunS
         return _train(Path(workdir), fold, config, world, start)
 
 
+@dataclass
+class _Checked:
+    """What `_train` checked before the fold is locked and anything is written."""
+
+    out_dir: Path
+    train_names: list[str]
+    val_names: list[str]
+    tag: str | None
+    replacing: bool
+    plan: Plan
+    setup: RunSetup
+
+
 def _train(workdir: Path, fold: int | str, config: TrainConfig, world: World, start: RunStart) -> dict[str, Any]:
     """`train` inside the run's process group (if any)."""
     started = time.perf_counter()
@@ -150,20 +133,23 @@ def _train(workdir: Path, fold: int | str, config: TrainConfig, world: World, st
     train_names, val_names = get_fold(workdir, fold)
     tag = resume_tag(start.resume, out_dir) if start.resume else None
     replacing = False if start.resume else check_run_dir(out_dir, start.force)  # refused before anything is written
-    with folder_lock(out_dir, "training this fold") if world.is_main else contextlib.nullcontext():
-        return _train_locked(workdir, fold, config, world, start, (out_dir, train_names, val_names, tag, replacing),
-                             started)
-
-
-def _train_locked(workdir: Path, fold: int | str, config: TrainConfig, world: World, start: RunStart,
-                  checked: tuple[Path, list[str], list[str], str | None, bool], started: float) -> dict[str, Any]:
-    """`_train` once the fold is checked and locked (rank 0 holds the lock: no second run writes the fold)."""
-    out_dir, train_names, val_names, tag, replacing = checked
     plan = effective_plan(workdir, config)
     previous = stored_previous(workdir, plan)  # a cascade stage: the first stage's cross-validation predictions
     if previous is not None:
         previous.check(train_names + val_names)  # refused before anything is written
     setup = resolve(config, plan, len(train_names), world)
+    checked = _Checked(out_dir, train_names, val_names, tag, replacing, plan, setup)
+    # rank 0 writes the fold: it holds the fold's lock, so a second run of the same fold is refused
+    with folder_lock(out_dir, "training this fold") if world.is_main else contextlib.nullcontext():
+        return _train_checked(workdir, fold, config, start, checked, started)
+
+
+def _train_checked(workdir: Path, fold: int | str, config: TrainConfig, start: RunStart, checked: _Checked,
+                   started: float) -> dict[str, Any]:
+    """`_train` once everything is checked and the fold is locked."""
+    out_dir, train_names, val_names, plan, setup = (checked.out_dir, checked.train_names, checked.val_names,
+                                                    checked.plan, checked.setup)
+    tag, replacing, world = checked.tag, checked.replacing, setup.world
 
     seed_everything(config.loop.seed, config.loop.deterministic, config.data.num_threads)
     training = build_training(workdir, plan, config, setup, train_names, val_names, out_dir)
