@@ -326,3 +326,19 @@ def test_a_plan_that_fails_to_write_leaves_the_work_directory_as_it_was(tmp_path
         assert run_cli("plan", dataset, "-o", work, *tiny[:2], "--set", "patch_size=8,8,8",
                        "--set", "network.features=4,8")[0] != 0
     assert {p.name: p.read_bytes() for p in work.glob("*.json")} == before
+
+
+def test_a_truncated_case_array_is_preprocessed_again_not_kept(tmp_path):
+    from voxseg.data.preprocess import preprocess_dataset
+
+    dataset, work = tmp_path / "Dataset001_T", tmp_path / "work"
+    assert run_cli("synth", dataset, "--cases", "3", "--test-cases", "0", "--shape", "16,16,16")[0] == 0
+    assert run_cli("plan", dataset, "-o", work, "--folds", "2", "--set", "patch_size=16,16,16", "--set",
+                   "network.features=4,8,8")[0] == 0
+    assert preprocess_dataset(work, progress=False)["done"] == 3
+    victim = sorted(WorkDir(work).preprocessed.glob("*_seg.npy"))[0]
+    whole = victim.read_bytes()
+    victim.write_bytes(whole[: len(whole) // 2])  # a disk that filled up, a copy cut short
+    result = preprocess_dataset(work, progress=False)
+    assert (result["done"], result["skipped"]) == (1, 2)
+    assert victim.read_bytes() == whole

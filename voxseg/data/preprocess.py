@@ -269,9 +269,20 @@ def _is_complete(directory: Path, name: str, expected_hash: str) -> bool:
     if not (paths["properties"].is_file() and paths["image"].is_file() and paths["seg"].is_file()):
         return False
     try:
-        return load_properties(directory, name).get("plan_hash") == expected_hash
+        if load_properties(directory, name).get("plan_hash") != expected_hash:
+            return False
     except DatasetError:
         return False
+    return all(_whole_array(paths[key]) for key in ("image", "seg"))
+
+
+def _whole_array(path: Path) -> bool:
+    """Whether a stored .npy holds all the data its header declares (a truncated or altered file is redone)."""
+    try:
+        np.load(path, mmap_mode="r")
+    except (ValueError, OSError, EOFError):
+        return False
+    return True
 
 
 def _preprocess_one(case: Any, plan: Plan, out_dir: str, device: str, threads: int) -> tuple[str, int, str | None]:
