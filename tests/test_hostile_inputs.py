@@ -342,3 +342,17 @@ def test_a_truncated_case_array_is_preprocessed_again_not_kept(tmp_path):
     result = preprocess_dataset(work, progress=False)
     assert (result["done"], result["skipped"]) == (1, 2)
     assert victim.read_bytes() == whole
+
+
+def test_a_plan_too_large_for_the_machine_is_refused_before_anything_is_written(tmp_path):
+    dataset, work = tmp_path / "Dataset001_Big", tmp_path / "work"
+    assert run_cli("synth", dataset, "--cases", "3", "--test-cases", "0", "--shape", "16,16,16")[0] == 0
+    assert run_cli("plan", dataset, "-o", work, "--folds", "2", "--set", "patch_size=16,16,16", "--set",
+                   "network.features=4,8,8")[0] == 0
+    data = json.loads((work / "plans.json").read_text())
+    data["patch_size"] = [4096, 4096, 4096]  # a hand edit: 7 TB of batch
+    (work / "plans.json").write_text(json.dumps(data))
+    code, _, err = run_cli("train", work, "--fold", "0", "--device", "cpu", "--epochs", "1")
+    assert code != 0 and "Traceback" not in err
+    assert "training step needs about" in err and "[4096, 4096, 4096]" in err and "plan.patch_size" in err
+    assert not WorkDir(work).training.exists()

@@ -55,6 +55,7 @@ from voxseg.train.rundir import check_run_dir, replace_run_dir
 from voxseg.train.runprogress import Progress
 from voxseg.train.setup import (  # noqa: F401 - cache_budget_gb, effective_plan, resolve, seed_everything: API
     RunSetup,
+    check_step_fits,
     cache_budget_gb,
     effective_plan,
     resolve,
@@ -138,6 +139,7 @@ def _train(workdir: Path, fold: int | str, config: TrainConfig, world: World, st
     if previous is not None:
         previous.check(train_names + val_names)  # refused before anything is written
     setup = resolve(config, plan, len(train_names), world)
+    check_step_fits(plan, setup)  # a hand-edited plan too large for this machine: refused by name
     checked = _Checked(out_dir, train_names, val_names, tag, replacing, plan, setup)
     # rank 0 writes the fold: it holds the fold's lock, so a second run of the same fold is refused
     with folder_lock(out_dir, "training this fold") if world.is_main else contextlib.nullcontext():

@@ -16,6 +16,7 @@ from voxseg.config import TrainConfig
 from voxseg.data.memory import estimate_memory_gb
 from voxseg.devices import amp_name, resolve_amp, resolve_device  # resolve_amp: shared with inference
 from voxseg.distributed import World, local_batch_size
+from voxseg.errors import ConfigError
 from voxseg.plans import Plan
 from voxseg.plans import apply_overrides as apply_plan_overrides
 from voxseg.units import gib
@@ -45,6 +46,36 @@ def resolve(config: TrainConfig, plan: Plan, num_train: int, world: World | None
     iterations = config.data.iterations_per_epoch or max(1, math.ceil(num_train * config.data.num_samples / batch))
     compile_ = config.loop.compile == "on" or (config.loop.compile == "auto" and device.type == "cuda")
     return RunSetup(device, resolve_amp(config.loop.amp, device), compile_, iterations, world)
+
+
+def device_memory_gb(device: torch.device) -> float | None:
+    """All the memory of `device` (GiB): a GPU's, or the machine's RAM for the CPU; None when unknown."""
+    if device.type == "cuda":
+        return gib(torch.cuda.get_device_properties(device).total_memory)
+    try:
+        return gib(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES"))
+    except (ValueError, OSError, AttributeError):
+        return None
+
+
+def check_step_fits(plan: Plan, setup: RunSetup) -> None:
+    """Refuse a plan whose training step cannot fit in all of the device's memory (the planner's memory model,
+    for this process's share of the batch), before anything is written or allocated: a hand-edited patch of
+    4096^3 is named here, not met as a failed allocation of terabytes."""
+    total = device_memory_gb(setup.device)
+    if total is None:
+        return
+    batch = local_batch_size(plan.batch_size, setup.world.size)
+    dtype_bytes = 4 if setup.amp_dtype is None else 2
+    need = estimate_memory_gb(plan.network, plan.patch_size, batch, plan.network_in_channels, plan.num_outputs,
+                              dtype_bytes)
+    if need > total:
+        where = "GPU" if setup.device.type == "cuda" else "machine's RAM"
+        raise ConfigError(f"the plan's training step needs about {need:,.1f} GiB (patch_size {plan.patch_size}, "
+                          f"batch {batch} per process, features {plan.network.features}), more than all "
+                          f"{total:.1f} GiB of this {where}; lower plan.patch_size or plan.batch_size (--set "
+                          "plan.patch_size=..., plan.batch_size=...), or re-plan for this memory (voxseg plan "
+                          "--gpu-memory GB)")
 
 
 def effective_plan(workdir: Path, config: TrainConfig) -> Plan:
