@@ -55,8 +55,8 @@ from voxseg.train.rundir import check_run_dir, replace_run_dir
 from voxseg.train.runprogress import Progress
 from voxseg.train.setup import (  # noqa: F401 - cache_budget_gb, effective_plan, resolve, seed_everything: API
     RunSetup,
-    check_step_fits,
     cache_budget_gb,
+    check_step_fits,
     effective_plan,
     resolve,
     resolved_config,
