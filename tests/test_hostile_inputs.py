@@ -356,3 +356,15 @@ def test_a_plan_too_large_for_the_machine_is_refused_before_anything_is_written(
     assert code != 0 and "Traceback" not in err
     assert "training step needs about" in err and "[4096, 4096, 4096]" in err and "plan.patch_size" in err
     assert not WorkDir(work).training.exists()
+
+
+def test_more_labels_than_training_takes_are_refused_at_check_saying_it_is_our_limit(tmp_path):
+    dataset = tmp_path / "Dataset001_Many"
+    assert run_cli("synth", dataset, "--cases", "2", "--test-cases", "0", "--shape", "16,16,16")[0] == 0
+    meta = json.loads((dataset / "dataset.json").read_text())
+    meta["labels"] = {"background": 0, **{f"class{i}": i for i in range(1, 201)}}
+    (dataset / "dataset.json").write_text(json.dumps(meta))
+    for command in (["check", dataset], ["plan", dataset, "-o", tmp_path / "work", "--folds", "2"]):
+        code, _, err = run_cli(*command)
+        assert code != 0 and "201 label values (0..200)" in err and "up to 127" in err and "int8" in err
+    assert not (tmp_path / "work").exists()

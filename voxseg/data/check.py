@@ -208,6 +208,10 @@ def _allowed_labels(dataset: RawDataset) -> set[int] | None:
         return None
 
 
+MAX_TRAINING_LABEL = 127
+"""The largest label value training takes: the case store keeps label maps as int8 (voxseg.data.store)."""
+
+
 def _check_labels_meta(dataset: RawDataset, meta_file: str) -> list[Problem]:
     allowed = _allowed_labels(dataset)
     if allowed is None:
@@ -218,6 +222,10 @@ def _check_labels_meta(dataset: RawDataset, meta_file: str) -> list[Problem]:
     if values != list(range(len(values))):
         problems.append(Problem(None, meta_file, f"label values {values} are not consecutive integers 0..N; "
                                 "renumber the labels (and the label files) so no value is skipped"))
+    elif values and values[-1] > MAX_TRAINING_LABEL:
+        problems.append(Problem(None, meta_file, f"{len(values)} label values (0..{values[-1]}): voxseg trains with "
+                                f"label values up to {MAX_TRAINING_LABEL} (its case store keeps label maps as int8), "
+                                "so this dataset cannot be trained; predicting with a model of more labels works"))
     scheme = dataset.label_scheme
     # as in nnU-Net, once one label is a list every class is a region (a plain number is a one-value region)
     regions = scheme.class_names if scheme.is_region_based else []
