@@ -368,3 +368,16 @@ def test_more_labels_than_training_takes_are_refused_at_check_saying_it_is_our_l
         code, _, err = run_cli(*command)
         assert code != 0 and "201 label values (0..200)" in err and "up to 127" in err and "int8" in err
     assert not (tmp_path / "work").exists()
+
+
+def test_a_single_case_dataset_is_planned_with_one_fold_without_validation(tmp_path):
+    from voxseg.data.splits import get_fold
+
+    dataset, work = tmp_path / "Dataset001_One", tmp_path / "work"
+    assert run_cli("synth", dataset, "--cases", "1", "--test-cases", "0", "--shape", "16,16,16")[0] == 0
+    code, out, err = run_cli("plan", dataset, "-o", work, "--set", "patch_size=16,16,16")
+    assert code == 0, err
+    assert "1 training case (SYN_000): no validation split is possible" in out and "--fold all" in out
+    assert "--val-fraction" not in out + err
+    assert get_fold(work, 0, available=["SYN_000"]) == (["SYN_000"], [])
+    assert get_fold(work, "all", available=["SYN_000"]) == (["SYN_000"], ["SYN_000"])

@@ -340,7 +340,7 @@ def plan_dataset(
     if not report.ok:
         raise DatasetError(report.format())
     # every option is validated (splits made, plans built) before anything is written
-    splits = _splits(dataset, options)
+    splits = _splits(dataset, options, notes)
     fingerprint = compute_fingerprint(dataset, num_workers=options.num_workers)
     plans = make_plans(fingerprint, dataset, gpu_memory_gb=options.gpu_memory_gb, overrides=options.overrides,
                        cube_patch=options.cube_patch, only_2d=options.dims == 2, notes=notes)
@@ -348,10 +348,18 @@ def plan_dataset(
     return plans[next(iter(plans))]
 
 
-def _splits(dataset: RawDataset, options: PlanOptions) -> list[dict[str, list[str]]]:
+def _splits(dataset: RawDataset, options: PlanOptions, notes: dict[str, str] | None = None
+            ) -> list[dict[str, list[str]]]:
     """nnU-Net's splits_final.json of the dataset when it has one (and no val_fraction is asked), else random
-    folds or one random split."""
+    folds or one random split. A dataset of one case has one fold that trains on it without validation (no
+    split is possible); `notes["splits"]` says so."""
     names = [case.name for case in dataset.cases]
+    if len(names) == 1:
+        if notes is not None:
+            notes["splits"] = (f"1 training case ({names[0]}): no validation split is possible, so splits.json has "
+                               "one fold that trains on it without validation; train with 'voxseg train WORKDIR "
+                               "--fold all' (or --fold 0), and predict or evaluate on other data")
+        return [{"train": names, "val": []}]
     nnunet_splits = dataset.root / NNUNET_SPLITS_FILE
     if nnunet_splits.is_file() and options.val_fraction is None:  # the folds an nnU-Net user already has
         return read_nnunet_splits(nnunet_splits, names)
