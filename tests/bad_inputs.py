@@ -322,6 +322,49 @@ def plans_edited(w: World, tmp: Path, edit: Callable[[dict], object] | None = No
     return work
 
 
+def dataset_json_text(ds: Path, text: str) -> Path:
+    (ds / "dataset.json").write_text(text)
+    return ds
+
+
+def many_labels(ds: Path) -> Path:
+    meta = json.loads((ds / "dataset.json").read_text())
+    meta["labels"] = {"background": 0, **{f"class{i}": i for i in range(1, 201)}}
+    (ds / "dataset.json").write_text(json.dumps(meta))
+    return ds
+
+
+def test_files(w: World, tmp: Path, pick: Callable[[list[Path]], list[Path]]) -> list[Path]:
+    """Copies of imagesTs channel files chosen by `pick` from the sorted list, as separate inputs."""
+    folder = Path(shutil.copytree(w.dataset / "imagesTs", tmp / "in"))
+    return pick(sorted(folder.glob("*.nii.gz")))
+
+
+def renamed(path: Path, name: str) -> Path:
+    return Path(shutil.copy(path, path.with_name(name)))
+
+
+def manifest_text(w: World, tmp: Path, edit: Callable[[str], str]) -> Path:
+    """The archive with its manifest's text edited (duplicate keys, deep nesting ...)."""
+    out = tmp / "bad.zip"
+    with zipfile.ZipFile(w.archive) as old, zipfile.ZipFile(out, "w", zipfile.ZIP_DEFLATED) as new:
+        for info in old.infolist():
+            data = old.read(info)
+            new.writestr(info.filename, edit(data.decode()) if info.filename == "voxseg_archive.json" else data)
+    return out
+
+
+def nnunet_without(tmp: Path, field: str) -> Path:
+    """An nnU-Net v2 model folder whose plans.json lacks one field of its 3d_fullres configuration."""
+    from tests.test_nnunet import write_model_folder
+
+    folder, _ = write_model_folder(tmp / "results")
+    plans = json.loads((folder / "plans.json").read_text())
+    del plans["configurations"]["3d_fullres"][field]
+    (folder / "plans.json").write_text(json.dumps(plans))
+    return folder
+
+
 def broken_plans(w: World, tmp: Path) -> Path:
     work = Path(shutil.copytree(w.work, tmp / "work"))
     (work / "plans.json").write_text('{"dataset_name": ')

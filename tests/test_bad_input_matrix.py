@@ -113,6 +113,18 @@ KINDS = [
     Kind("plan: dataset.json names a channel twice",
          lambda w, t: ["plan", b.duplicate_channel(b.copy_dataset(w, t)), "-o", t / "work", *PLAN_TINY],
          ("dataset.json", "appears twice"), absent=NO_PLAN),
+    Kind("check: dataset.json nested 50000 deep",
+         lambda w, t: ["check", b.dataset_json_text(b.copy_dataset(w, t), '{"a": ' * 50_000 + "1" + "}" * 50_000)],
+         ("dataset.json", "nested")),
+    Kind("check: dataset.json with a label name twice",
+         lambda w, t: ["check", b.dataset_json_text(b.copy_dataset(w, t), (w.dataset / "dataset.json").read_text()
+                                                    .replace('"labels": {', '"labels": {"edema": 5, ', 1))],
+         ("dataset.json", "key 'edema' appears twice")),
+    Kind("check: 201 label values", lambda w, t: ["check", b.many_labels(b.copy_dataset(w, t))],
+         ("201 label values", "up to 127")),
+    Kind("plan: 201 label values",
+         lambda w, t: ["plan", b.many_labels(b.copy_dataset(w, t)), "-o", t / "work", *PLAN_TINY],
+         ("201 label values",), absent=NO_PLAN),
     # plan
     Kind("plan: --folds 0", _plan("--folds", "0"), ("--folds",), absent=NO_PLAN),
     Kind("plan: --folds 100", _plan("--folds", "100"), ("--folds",), absent=NO_PLAN),
@@ -138,7 +150,20 @@ KINDS = [
          ("plans.json", "patch_size is '16'")),
     Kind("preprocess: plans.json is a list", lambda w, t: ["preprocess", b.plans_edited(w, t, text="[]"), *CPU],
          ("plans.json", "not a plan")),
+    Kind("preprocess: infinite normalisation mean",
+         lambda w, t: ["preprocess", b.plans_edited(w, t, lambda d: d["normalization"][0].__setitem__(
+             "mean", float("inf"))), *CPU], ("plans.json", "mean is inf")),
+    Kind("preprocess: batch size true",
+         lambda w, t: ["preprocess", b.plans_edited(w, t, lambda d: d.__setitem__("batch_size", True)), *CPU],
+         ("plans.json", "batch_size is True")),
+    Kind("preprocess: plans.json with a key twice",
+         lambda w, t: ["preprocess", b.plans_edited(w, t, text=(w.work / "plans.json").read_text().replace(
+             '"batch_size"', '"batch_size": 3, "batch_size"', 1)), *CPU], ("plans.json", "'batch_size' appears twice")),
     # train
+    Kind("train: a patch of 4096^3 in plans.json",
+         lambda w, t: ["train", b.plans_edited(w, t, lambda d: d.__setitem__("patch_size", [4096] * 3)), "--fold",
+                       "0", *CPU, "--epochs", "1"], ("training step needs about", "plan.patch_size"),
+         absent=("work/training",)),
     Kind("train: --fold out of range", _train("--fold", "7"), ("fold 7",)),
     Kind("train: --pretrained text file", lambda w, t: _train("--pretrained", b.text(t, "notes.pt", "notes\n"))(w, t),
          ("notes.pt",)),
@@ -178,6 +203,19 @@ KINDS = [
     Kind("predict: empty input folder", _predict(inputs=lambda w, t: b.mkdir(t / "in")), ("in",), absent=NO_OUT),
     Kind("predict: --mirror-axes 5", _predict("--mirror-axes", "5"), ("mirror",), absent=NO_OUT),
     Kind("predict: --folds 0,0", _predict("--folds", "0,0"), ("fold 0 more than once",), absent=NO_OUT),
+    Kind("predict: channel files of three cases as one",
+         lambda w, t: ["predict", "-m", w.model, "-i", *b.test_files(w, t, lambda f: [f[0], f[5], f[1]]), "-o",
+                       t / "out", *CPU], ("belong to 2 cases",), absent=NO_OUT),
+    Kind("predict: a channel file given twice",
+         lambda w, t: ["predict", "-m", w.model, "-i", *b.test_files(w, t, lambda f: [f[0], f[0], f[1], f[2]]),
+                       "-o", t / "out", *CPU], ("given twice",), absent=NO_OUT),
+    Kind("predict: channel files without channel suffixes",
+         lambda w, t: ["predict", "-m", w.model, "-i", *b.test_files(
+             w, t, lambda f: [b.renamed(f[0], "a.nii.gz"), b.renamed(f[1], "b.nii.gz")]), "-o", t / "out", *CPU],
+         ("cannot tell which channel",), absent=NO_OUT),
+    Kind("predict: -o is the input folder",
+         lambda w, t: ["predict", "-m", w.model, "-i", shutil.copytree(w.dataset / "imagesTs", t / "in"), "-o",
+                       t / "in", *CPU], ("is the folder the input images are read from",)),
     # evaluate
     Kind("evaluate: float prediction", _evaluate(change=b.value(0.5)), ("preds",)),
     Kind("evaluate: NaN in a prediction", _evaluate(change=b.nan), ("preds",)),
@@ -195,6 +233,16 @@ KINDS = [
          lambda w, t: ["evaluate", b.predictions(w, t), w.dataset / "labelsTs", "--dataset-json",
                        b.text(t, "meta.json", "{}")], ("meta.json", "labels")),
     Kind("evaluate: an empty (0-byte) prediction", _evaluate(change=b.empty_file), ("0 bytes",)),
+    Kind("evaluate: --dataset-json with a key twice",
+         lambda w, t: ["evaluate", b.predictions(w, t), w.dataset / "labelsTs", "--dataset-json",
+                       b.text(t, "meta.json", '{"labels": {"background": 0, "edema": 1, "edema": 2}}')],
+         ("meta.json", "'edema' appears twice")),
+    Kind("predict: nnU-Net model folder whose plans.json lacks 'spacing'",
+         _predict(model=lambda w, t: b.nnunet_without(t, "spacing")), ("plans.json", "field 'spacing' is missing"),
+         absent=NO_OUT),
+    Kind("import nnunet: plans.json lacks 'architecture'",
+         lambda w, t: ["import", "nnunet", b.nnunet_without(t, "architecture"), t / "work"],
+         ("field 'architecture' is missing",), absent=("work",)),
     # export
     Kind("export: neither --onnx nor --archive", lambda w, t: ["export", w.model], ("--onnx",)),
     Kind("export: a fold that was not trained",
@@ -239,6 +287,17 @@ KINDS = [
          lambda w, t: ["export", w.model, "--onnx", t / "m.onnx", "--folds", "0,1"], ("--folds",), absent=("m.onnx",)),
     Kind("export: --onnx of fold 'all' never trained",
          lambda w, t: ["export", w.model, "--onnx", t / "m.onnx", "--folds", "all"], ("fold_all",), absent=("m.onnx",)),
+    Kind("install: manifest with a key twice",
+         lambda w, t: ["install", b.manifest_text(w, t, lambda m: m.replace('"format":', '"format": "x", "format":',
+                                                                            1)), t / "target"],
+         ("voxseg_archive.json", "'format' appears twice"), absent=("target",)),
+    Kind("install: manifest nested 50000 deep",
+         lambda w, t: ["install", b.manifest_text(w, t, lambda m: '{"a": ' * 50_000 + "1" + "}" * 50_000),
+                       t / "target"], ("voxseg_archive.json", "nested"), absent=("target",)),
+    Kind("install: a refused install into a new nested folder",
+         lambda w, t: ["install", b.zip_with(w, t, "dataset.json", b'{"labels": {}}'), t / "new" / "deep" / "target"],
+         ("SHA-256",), absent=("new",)),
+    Kind("verify: a folder that is not a model", lambda w, t: ["verify", b.mkdir(t / "empty")], ("no plans.json",)),
     Kind("install: over an installed model", lambda w, t: ["install", b.installed(w, t), t / "target"], ("--force",)),
 ]
 
@@ -275,7 +334,7 @@ def _problems(kind: Kind, world: World, folder: Path, report: list[str]) -> list
 
 
 def test_the_bad_input_matrix(world: World, tmp_path: Path) -> None:
-    assert len(KINDS) >= 40 and len({k.name for k in KINDS}) == len(KINDS)
+    assert len(KINDS) >= 100 and len({k.name for k in KINDS}) == len(KINDS)
     failed, report = {}, ["| kind | exit | message (first line) |", "|---|---|---|"]
     for index, kind in enumerate(KINDS):
         problems = _problems(kind, world, tmp_path / f"kind{index:02d}", report)
