@@ -211,19 +211,23 @@ def pickled_member(w: World, tmp: Path, version: int = 2) -> Path:
                     version=version)
 
 
-def weights_header_tampered(w: World, tmp: Path) -> Path:
-    """The archive with its weights file's first tensor claiming 1 MiB more data than the file has (the manifest
-    updated to match: only the header lies)."""
-    name = "training/fold_0/model_final.safetensors"
-    with zipfile.ZipFile(w.archive) as handle:
-        data = handle.read(name)
+def tamper_header(data: bytes) -> bytes:
+    """A safetensors file whose first tensor claims 1 MiB more data than the file has: only the header lies."""
     length = int.from_bytes(data[:8], "little")
     header = json.loads(data[8:8 + length])
     first_tensor = next(k for k in header if k != "__metadata__")
     header[first_tensor]["data_offsets"][1] += 1 << 20
     text = json.dumps(header).encode()
     text += b" " * (-len(text) % 8)
-    return zip_with(w, tmp, name, len(text).to_bytes(8, "little") + text + data[8 + length:], relist=True)
+    return len(text).to_bytes(8, "little") + text + data[8 + length:]
+
+
+def weights_header_tampered(w: World, tmp: Path) -> Path:
+    """The archive with its weights file's header altered (`tamper_header`; the manifest updated to match)."""
+    name = "training/fold_0/model_final.safetensors"
+    with zipfile.ZipFile(w.archive) as handle:
+        data = handle.read(name)
+    return zip_with(w, tmp, name, tamper_header(data), relist=True)
 
 
 def weights_of_another_plan(w: World, tmp: Path) -> Path:

@@ -16,6 +16,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
+from tests.bad_inputs import tamper_header
 from tests.test_export import tiny_plan
 from tests.test_nnunet import write_model_folder
 from tests.test_nnunet_import import run_cli
@@ -251,28 +252,17 @@ def test_an_archive_written_before_weights_files_installs_converted(tmp_path, mo
                        .predict_logits(IMAGE), expected)
 
 
-def _tamper_header(data: bytes) -> bytes:
-    """The weights file with one tensor's end offset moved past the data: a header that lies about the file."""
-    length = int.from_bytes(data[:8], "little")
-    header = json.loads(data[8:8 + length])
-    name = next(k for k in header if k != "__metadata__")
-    header[name]["data_offsets"][1] += 1 << 20
-    text = json.dumps(header).encode()
-    text += b" " * (-len(text) % 8)
-    return len(text).to_bytes(8, "little") + text + data[8 + length:]
-
-
 def test_a_tampered_header_is_refused_on_install_and_on_load(trained, tmp_path):
     archive = export_archive(trained, tmp_path / "model.zip")
     name = "training/fold_0/model_final.safetensors"
     with zipfile.ZipFile(archive) as handle:
         data = handle.read(name)
-    forged = _rewrite_archive(archive, tmp_path / "forged.zip", {name: _tamper_header(data)})
+    forged = _rewrite_archive(archive, tmp_path / "forged.zip", {name: tamper_header(data)})
     with pytest.raises(CheckpointError, match="corrupt or altered header.*nothing was installed"):
         install_archive(forged, tmp_path / "target")
     assert not (tmp_path / "target").exists()
     weights = WorkDir(trained).fold(0).weights("final")
-    weights.write_bytes(_tamper_header(weights.read_bytes()))
+    weights.write_bytes(tamper_header(weights.read_bytes()))
     code, _, err = run_cli("predict", "-m", trained, "-i", tmp_path, "-o", tmp_path / "out")
     assert code != 0 and "model_final.safetensors has a corrupt or altered header" in err and "Traceback" not in err
     weights.write_bytes(b"\xff" * 64)
