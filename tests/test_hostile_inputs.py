@@ -381,3 +381,22 @@ def test_a_single_case_dataset_is_planned_with_one_fold_without_validation(tmp_p
     assert "--val-fraction" not in out + err
     assert get_fold(work, 0, available=["SYN_000"]) == (["SYN_000"], [])
     assert get_fold(work, "all", available=["SYN_000"]) == (["SYN_000"], ["SYN_000"])
+
+
+def test_a_disk_that_fills_up_during_preprocess_says_so(tmp_path, monkeypatch):
+    from voxseg.data import store
+    from voxseg.data.preprocess import preprocess_dataset
+    from voxseg.errors import DatasetError
+
+    dataset, work = tmp_path / "Dataset001_Full", tmp_path / "work"
+    assert run_cli("synth", dataset, "--cases", "2", "--test-cases", "0", "--shape", "16,16,16")[0] == 0
+    assert run_cli("plan", dataset, "-o", work, "--folds", "2", "--set", "patch_size=16,16,16")[0] == 0
+
+    def short_write(*args, **kwargs):
+        raise OSError("70200 requested and 14272 written")  # what numpy says when the disk fills up
+
+    monkeypatch.setattr(store.np, "save", short_write)
+    with pytest.raises(DatasetError, match="no space left on device") as info:
+        preprocess_dataset(work, progress=False)
+    assert "requested and" not in str(info.value)
+    assert not [p for p in WorkDir(work).preprocessed.iterdir() if p.name.startswith(".")]  # no temporaries left

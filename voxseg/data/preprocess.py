@@ -27,7 +27,7 @@ import numpy as np
 import torch
 from scipy import ndimage
 
-from voxseg.atomicio import sweep_stale_temporaries
+from voxseg.atomicio import os_error_message, sweep_stale_temporaries
 from voxseg.data.fingerprint import mask_bbox
 from voxseg.data.io import Geometry, read_channels, read_image
 from voxseg.data.resample import ANISOTROPY_RATIO, OUTPUT_ORDER, resample, separate_axis
@@ -305,6 +305,8 @@ def _preprocess_one(case: Any, plan: Plan, out_dir: str, device: str, threads: i
         return case.name, int(image.nbytes), None
     except VoxsegError as exc:
         return case.name, 0, str(exc)
+    except OSError as exc:  # a file that cannot be read or written: its path and the cause
+        return case.name, 0, os_error_message(exc)
     except Exception as exc:  # noqa: BLE001 - one bad case must not stop the others; reported at the end
         return case.name, 0, f"{type(exc).__name__}: {exc}"
 
