@@ -369,6 +369,29 @@ def nnunet_without(tmp: Path, field: str) -> Path:
     return folder
 
 
+_HELD: list[int] = []  # lock files held for the rest of the matrix (another process's run, as seen from here)
+
+
+def held(folder: Path) -> Path:
+    """`folder` with its lock taken by an open file of this process, as a second process would find it."""
+    import fcntl
+    import os
+
+    from voxseg.locks import lock_path
+
+    path = lock_path(folder)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    handle = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    fcntl.flock(handle, fcntl.LOCK_EX)
+    os.write(handle, json.dumps({"pid": 4242, "host": "elsewhere", "since": 0, "command": "voxseg train"}).encode())
+    _HELD.append(handle)
+    return folder
+
+
+def work_copy(w: World, tmp: Path) -> Path:
+    return Path(shutil.copytree(w.work, tmp / "work"))
+
+
 def broken_plans(w: World, tmp: Path) -> Path:
     work = Path(shutil.copytree(w.work, tmp / "work"))
     (work / "plans.json").write_text('{"dataset_name": ')
