@@ -239,8 +239,10 @@ def test_channel_files_go_in_the_order_of_their_suffixes_not_as_typed(tmp_path):
     name, ordered = find_input_cases(brats, 4)[0]
     assert name == "B" and [p.name for p in ordered] == ["B_t1.nii.gz", "B_t1ce.nii.gz", "B_t2.nii.gz",
                                                          "B_flair.nii.gz"]
-    name, ordered = find_input_cases(files[:1] + files[2:], 3)[0]  # a channel left out: named as expected
-    assert ordered[1] == tmp_path / "c_0001.nii.gz" and ordered[2].name == "c_0002.nii.gz"
+    with pytest.raises(InputError, match=r"case 'c': channel\(s\) 0 not given \(given: c_0001.nii.gz, "
+                                         r"c_0002.nii.gz\)"):  # never taken from the folder, never shifted
+        find_input_cases([files[0], files[2]], 3)
+    assert find_input_cases([files[1], files[2]], 3)[0][1] == [tmp_path / "c_0000.nii.gz", tmp_path / "c_0001.nii.gz"]
 
 
 @pytest.mark.parametrize(("names", "words"), [

@@ -134,8 +134,10 @@ class Plan:
             raise ConfigError(f"plans.json: patch_size {self.patch_size} must have {ndim} entries like the network")
         if any(p < 1 for p in self.patch_size) or self.batch_size < 1:
             raise ConfigError("plans.json: patch_size entries and batch_size must be positive")
-        if len(self.target_spacing) != 3 or not all(s > 0 for s in self.target_spacing):
-            raise ConfigError(f"plans.json: target_spacing {self.target_spacing} must be 3 positive spacings in mm")
+        if len(self.target_spacing) not in (3, ndim) or not all(s > 0 for s in self.target_spacing):
+            count = "3" if ndim == 3 else f"{ndim} or 3"
+            raise ConfigError(f"plans.json: target_spacing {self.target_spacing} must be {count} positive spacings "
+                              "in mm")
         if not 0.0 <= self.foreground_oversampling <= 1.0:
             raise ConfigError("plans.json: foreground_oversampling must be between 0 and 1")
         if self.image_dtype not in ("float16", "float32"):

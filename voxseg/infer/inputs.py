@@ -70,7 +70,8 @@ def _channel_of(path: Path) -> tuple[str, int | None]:
 def _one_case(files: list[Path], num_channels: int) -> tuple[str, list[Path]]:
     """The channel files of one case given by name, put in channel order by their suffixes (_0000, _0001, ... or
     the BraTS modality names), never by the order they were typed in; InputError for files of several cases, a
-    channel given twice, or (with several files) a file whose name says no channel."""
+    channel given twice, a channel skipped, or (with several files) a file whose name says no channel. Only the
+    files given are used: a missing channel is never taken from their folder."""
     if len(files) == 1:
         return _channel_of(files[0])[0], files
     parsed = [(path, *_channel_of(path)) for path in files]
@@ -90,9 +91,12 @@ def _one_case(files: list[Path], num_channels: int) -> tuple[str, list[Path]]:
             raise InputError(f"channel {channel} of case '{cases[0]}' is given twice ({by_channel[channel]}, {path}); "
                              "give each channel file once")
         by_channel[int(channel)] = path
-    folder, ending = files[0].parent, _ending(files[0])
-    count = max(num_channels, max(by_channel) + 1)  # missing and surplus channels are reported by name later
-    return cases[0], [by_channel.get(c, folder / f"{cases[0]}_{c:04d}{ending}") for c in range(count)]
+    gaps = [c for c in range(max(by_channel) + 1) if c not in by_channel]
+    if gaps:
+        raise InputError(f"case '{cases[0]}': channel(s) {', '.join(map(str, gaps))} not given (given: "
+                         f"{', '.join(by_channel[c].name for c in sorted(by_channel))}); give the channel files "
+                         f"_0000 to _{max(num_channels, max(by_channel) + 1) - 1:04d}")
+    return cases[0], [by_channel[c] for c in sorted(by_channel)]  # too few or too many: told against the model
 
 
 def _ending(path: Path) -> str:
