@@ -377,6 +377,8 @@ def _write_workdir(workdir: WorkDir, dataset: RawDataset, fingerprint: dict[str,
     entries = {name: configuration_entry(name, default, plan.previous_stage,
                                          "3d_cascade_fullres" if name == "3d_lowres" else None)
                for name, plan in plans.items()}
+    created = not workdir.path.exists()
+    workdir.path.mkdir(parents=True, exist_ok=True)  # a location that cannot be written is named as given
     sweep_stale_staging(workdir.path)
     staging = staging_folder(workdir.path, "plan")
     try:
@@ -396,5 +398,9 @@ def _write_workdir(workdir: WorkDir, dataset: RawDataset, fingerprint: dict[str,
             destination = workdir.path / path.relative_to(staging)
             destination.parent.mkdir(parents=True, exist_ok=True)
             os.replace(path, destination)
+    except BaseException:
+        if created and not any(workdir.path.iterdir()):
+            workdir.path.rmdir()  # nothing was written: the folder this run made goes too
+        raise
     finally:
         shutil.rmtree(staging, ignore_errors=True)
