@@ -20,27 +20,24 @@ The memory model lives in `voxseg.data.memory` and the topology / patch / batch 
 from __future__ import annotations
 
 import dataclasses
-import os
-import shutil
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from voxseg.atomicio import copy_file, make_output_folder, staging_folder, sweep_stale_staging
-from voxseg.data.configs import configuration_entry, write_index
+from voxseg.atomicio import make_output_folder
 from voxseg.data.dataset import RawDataset, load_dataset
-from voxseg.data.fingerprint import compute_fingerprint, save_fingerprint
+from voxseg.data.fingerprint import compute_fingerprint
 from voxseg.data.lowres import decide_lowres
 from voxseg.data.memory import estimate_memory_gb
 from voxseg.data.plan_options import PlanOptions, check_gpu_memory
+from voxseg.data.planfiles import write_plan_files
 from voxseg.data.splits import (
     NNUNET_SPLITS_FILE,
     make_fraction_split,
     make_kfold_splits,
     read_nnunet_splits,
-    save_splits,
 )
 from voxseg.data.topology import check_patch_divisible, derive_topology, fit_batch, fit_patch
 from voxseg.errors import ConfigError, DatasetError
@@ -344,7 +341,7 @@ def plan_dataset(
     fingerprint = compute_fingerprint(dataset, num_workers=options.num_workers)
     plans = make_plans(fingerprint, dataset, gpu_memory_gb=options.gpu_memory_gb, overrides=options.overrides,
                        cube_patch=options.cube_patch, only_2d=options.dims == 2, notes=notes)
-    _write_workdir(WorkDir(workdir), dataset, fingerprint, plans, splits)
+    write_plan_files(WorkDir(workdir), dataset, fingerprint, plans, splits)
     return plans[next(iter(plans))]
 
 
@@ -366,41 +363,3 @@ def _splits(dataset: RawDataset, options: PlanOptions, notes: dict[str, str] | N
     if options.val_fraction is not None:
         return make_fraction_split(names, options.val_fraction, options.seed)
     return make_kfold_splits(names, options.num_folds, options.seed)
-
-
-def _write_workdir(workdir: WorkDir, dataset: RawDataset, fingerprint: dict[str, Any], plans: dict[str, Plan],
-                   splits: list[dict[str, list[str]]]) -> None:
-    """Every configuration's folder (fingerprint, plan, dataset.json copy), the index and, when none exists yet,
-    the splits: written into a staging folder first, then renamed into place (the splits first, the default
-    plans.json and the index last), so a failed write (a full disk) leaves the work directory as it was."""
-    default = next(iter(plans))
-    entries = {name: configuration_entry(name, default, plan.previous_stage,
-                                         "3d_cascade_fullres" if name == "3d_lowres" else None)
-               for name, plan in plans.items()}
-    created = not workdir.path.exists()
-    workdir.path.mkdir(parents=True, exist_ok=True)  # a location that cannot be written is named as given
-    sweep_stale_staging(workdir.path)
-    staging = staging_folder(workdir.path, "plan")
-    try:
-        for name, plan in plans.items():
-            folder = WorkDir(staging / entries[name]["path"])
-            folder.path.mkdir(parents=True, exist_ok=True)
-            save_fingerprint(folder.fingerprint, fingerprint)
-            plan.save(folder.plans)
-            copy_file(dataset.root / "dataset.json", folder.dataset_json)  # the raw dataset's, copied
-        if not workdir.splits.exists():
-            save_splits(staging, splits)
-        write_index(staging, default, entries)
-        last = [WorkDir(staging).plans, WorkDir(staging).configurations]
-        staged = sorted(p for p in staging.rglob("*") if p.is_file() and p not in last)
-        staged.sort(key=lambda p: p != WorkDir(staging).splits)  # the splits first
-        for path in staged + last:
-            destination = workdir.path / path.relative_to(staging)
-            destination.parent.mkdir(parents=True, exist_ok=True)
-            os.replace(path, destination)
-    except BaseException:
-        if created and not any(workdir.path.iterdir()):
-            workdir.path.rmdir()  # nothing was written: the folder this run made goes too
-        raise
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
