@@ -305,7 +305,7 @@ def test_a_fold_or_a_case_store_in_use_is_refused_naming_the_other_process(tmp_p
 
 
 def test_a_plan_that_fails_to_write_leaves_the_work_directory_as_it_was(tmp_path, monkeypatch):
-    from voxseg.data import plan as plan_module
+    from voxseg.data import planfiles as plan_module
     from voxseg.errors import DiskFullError
 
     dataset, work = tmp_path / "Dataset001_P", tmp_path / "work"
