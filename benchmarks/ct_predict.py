@@ -80,12 +80,10 @@ def nnunet_cli(argv: list[str]) -> None:
 # ----- measuring a process tree -------------------------------------------------------------------------------
 def _tree_kib(root: int) -> tuple[int, int]:
     """(RSS, PSS) in KiB summed over process `root` and all its descendants now."""
-    from acceptance import _children
+    from acceptance import tree_pids
 
-    tree, todo, rss, pss = _children(), [root], 0, 0
-    while todo:
-        pid = todo.pop()
-        todo += tree.get(pid, [])
+    rss = pss = 0
+    for pid in tree_pids(root):
         for name, key in ((f"/proc/{pid}/status", "VmRSS:"), (f"/proc/{pid}/smaps_rollup", "Pss:")):
             try:
                 lines = Path(name).read_text().splitlines()
@@ -102,23 +100,20 @@ def _tree_kib(root: int) -> tuple[int, int]:
 def measure(command: list[str], env: dict[str, str], log: Path, timeout: float) -> dict:
     """Run `command` (its output into `log`), sampling its process tree's memory every 0.2 s; returns its exit code
     (None: stopped at `timeout`), status, wall seconds, peak tree RSS and PSS (GiB) and the end of its output."""
+    from acceptance import wait_sampling
+
     log.parent.mkdir(parents=True, exist_ok=True)
     peak_rss = peak_pss = 0
     with open(log, "wb") as sink:
         start = time.perf_counter()
         process = subprocess.Popen(command, env=env, stdout=sink, stderr=subprocess.STDOUT, start_new_session=True)
-        while True:
+
+        def sample() -> None:
+            nonlocal peak_rss, peak_pss
             rss, pss = _tree_kib(process.pid)
             peak_rss, peak_pss = max(peak_rss, rss), max(peak_pss, pss)
-            try:
-                code: int | None = process.wait(timeout=0.2)
-                break
-            except subprocess.TimeoutExpired:
-                if time.perf_counter() - start > timeout:
-                    os.killpg(process.pid, 9)
-                    process.wait()
-                    code = None
-                    break
+
+        code = wait_sampling(process, start, timeout, sample)
         seconds = time.perf_counter() - start
     try:  # workers left behind by a killed or failed run
         os.killpg(process.pid, 9)

@@ -77,14 +77,33 @@ def _memory_kib(pid: int) -> int:
     return 0
 
 
-def tree_memory_bytes(root: int) -> int:
-    """The memory of process `root` and all its descendants now (PSS, else RSS)."""
-    tree, todo, total = _children(), [root], 0
+def tree_pids(root: int) -> list[int]:
+    """Process `root` and all its descendants now."""
+    tree, todo, found = _children(), [root], []
     while todo:
         pid = todo.pop()
-        total += _memory_kib(pid)
+        found.append(pid)
         todo += tree.get(pid, [])
-    return total * 1024
+    return found
+
+
+def tree_memory_bytes(root: int) -> int:
+    """The memory of process `root` and all its descendants now (PSS, else RSS)."""
+    return sum(_memory_kib(pid) for pid in tree_pids(root)) * 1024
+
+
+def wait_sampling(process: subprocess.Popen, start: float, timeout: float, sample: Callable[[], None]) -> int | None:
+    """Wait for `process`, calling `sample()` every 0.2 s; past `timeout` seconds since `start` its process group
+    is killed and None is returned, else its exit code."""
+    while True:
+        sample()
+        try:
+            return process.wait(timeout=0.2)
+        except subprocess.TimeoutExpired:
+            if time.perf_counter() - start > timeout:
+                os.killpg(process.pid, 9)
+                process.wait()
+                return None
 
 
 @dataclass
@@ -124,18 +143,8 @@ def run(command: list[str], cwd: Path, timeout: float, env: dict[str, str] | Non
                threading.Thread(target=read, args=(process.stderr, err, watch), daemon=True)]
     for reader in readers:
         reader.start()
-    code: int | None = None
-    while True:
-        peak[0] = max(peak[0], tree_memory_bytes(process.pid))
-        try:
-            code = process.wait(timeout=0.2)
-            break
-        except subprocess.TimeoutExpired:
-            if time.perf_counter() - start > timeout:
-                os.killpg(process.pid, 9)
-                process.wait()
-                code = None
-                break
+    code = wait_sampling(process, start, timeout,
+                         lambda: peak.__setitem__(0, max(peak[0], tree_memory_bytes(process.pid))))
     for reader in readers:
         reader.join(timeout=10)
     return Measured(code, "".join(out), "".join(err), time.perf_counter() - start, peak[0])

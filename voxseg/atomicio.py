@@ -207,15 +207,21 @@ def sweep_stale_staging(target: str | Path) -> list[Path]:
         match = pattern.match(path.name)
         if match is None or not path.is_dir() or path.is_symlink():
             continue
-        started = _process_start_time(int(match.group("pid")))
         try:
             made = path.stat().st_mtime
         except FileNotFoundError:
             continue
-        if started is None or started > made + 1.0:
+        if _writer_gone(int(match.group("pid")), made):
             shutil.rmtree(path, ignore_errors=True)
             removed.append(path)
     return removed
+
+
+def _writer_gone(pid: int, written: float) -> bool:
+    """Whether the process `pid` that wrote something at time `written` is gone: not running, or started after it
+    (its id reused; 1 s of slack: /proc start times are in clock ticks)."""
+    started = _process_start_time(pid)
+    return started is None or started > written + 1.0
 
 
 def _process_start_time(pid: int) -> float | None:
@@ -255,12 +261,11 @@ def sweep_stale_temporaries(folder: str | Path, recursive: bool = False) -> list
         match = _TEMPORARY_NAME.match(path.name)
         if match is None or not (path.is_file() or path.is_symlink()):
             continue
-        started = _process_start_time(int(match.group("pid")))
         try:
             written = path.lstat().st_mtime
         except FileNotFoundError:
             continue  # its writer renamed or removed it meanwhile
-        if started is None or started > written + 1.0:  # 1 s: /proc start times are in clock ticks
+        if _writer_gone(int(match.group("pid")), written):
             with contextlib.suppress(FileNotFoundError):
                 path.unlink()
                 removed.append(path)

@@ -8,7 +8,7 @@ weights and ONNX files, nnU-Net's files) goes through `parse_json`, which refuse
 - nesting deeper than `MAX_JSON_DEPTH` levels (it would otherwise end in Python's recursion limit);
 - text that is not JSON or not UTF-8.
 Each refusal names the file and what to do. Whether a value is finite where a number must be is the schema's
-business (`voxseg.plans`), as is every field's type.
+business (`voxseg.schema`, run by `voxseg.plans`), as is every field's type.
 """
 from __future__ import annotations
 

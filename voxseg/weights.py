@@ -223,10 +223,14 @@ def weights_plan(weights: WeightsFile, fallback_plan: str | Path | None = None) 
 
 def read_weights(path: str | Path) -> dict[str, torch.Tensor]:
     """The tensors of a weights file on the CPU, after `read_weights_header`'s checks (no pickle)."""
+    return _tensors(read_weights_header(path).path)
+
+
+def _tensors(path: Path) -> dict[str, torch.Tensor]:
+    """The tensors of a weights file whose header was checked already."""
     from safetensors import SafetensorError
     from safetensors.torch import load_file
 
-    path = read_weights_header(path).path
     try:
         return load_file(str(path), device="cpu")
     except (SafetensorError, ValueError, OSError, RuntimeError) as exc:
@@ -245,7 +249,7 @@ def load_weights_network(path: str | Path, device: str | torch.device = "cpu",
     plan = weights_plan(weights, fallback_plan)
     check_fits_plan(weights.shapes, plan, weights.path)
     network = build_network(plan, deep_supervision=False)
-    network.load_state_dict(read_weights(weights.path))
+    network.load_state_dict(_tensors(weights.path))  # the header was read and checked above
     return network.to(device).eval(), weights, plan
 
 

@@ -29,12 +29,11 @@ from torch import nn
 from voxseg import __version__
 from voxseg.atomicio import atomic_path, staging_folder, sweep_stale_staging, sweep_stale_temporaries
 from voxseg.checkpoint import CHECKPOINT_CHOICES, checkpoint_to_weights, network_from_checkpoint
-from voxseg.data.splits import trained_folds
+from voxseg.data.splits import load_splits, trained_folds
 from voxseg.devices import resolve_device  # noqa: F401 - re-exported for the predictor
 from voxseg.digest import sha256_bytes
 from voxseg.errors import CheckpointError, ConfigError, VoxsegError
 from voxseg.infer.install import ARCHIVE_FORMAT, ARCHIVE_VERSION, MANIFEST, install_archive  # noqa: F401
-from voxseg.jsonio import read_json
 from voxseg.plans import Plan
 from voxseg.weights import load_weights_network, now_utc, read_weights_header, stale_reason
 from voxseg.workdir import WorkDir
@@ -115,8 +114,8 @@ def _untrained_fold_hint(workdir: str | Path, fold: int | str, checkpoint: str) 
     splits = WorkDir(workdir).splits
     count = None
     if splits.is_file():
-        with contextlib.suppress(VoxsegError, TypeError):
-            count = len(read_json(splits, ConfigError))
+        with contextlib.suppress(VoxsegError):
+            count = len(load_splits(workdir))
     if str(fold).isdigit() and count is not None and int(fold) >= count:
         return (f"the model has {count} folds (0..{count - 1}, {splits.name}), so there is no fold {fold}; trained "
                 f"folds: {trained} (choose with --folds)")

@@ -40,7 +40,7 @@ from voxseg.errors import CheckpointError, ConfigError
 from voxseg.jsonio import parse_json, write_json_atomic
 from voxseg.plans import Plan
 from voxseg.units import GIB
-from voxseg.weights import check_fits_plan, now_utc, read_weights_header, weights_plan
+from voxseg.weights import WeightsFile, check_fits_plan, now_utc, read_weights_header, weights_plan
 from voxseg.workdir import FoldDir, WorkDir, checkpoint_tag
 
 _ROOT = WorkDir(".")
@@ -205,15 +205,16 @@ def _convert_checkpoints(staging: Path, names: list[str]) -> dict[str, str]:
     return converted
 
 
-def check_weights_files(folder: Path, names: list[str]) -> None:
-    """Each weights file's header parses and its tensors fit the plan stored with it and the fold's plans.json."""
-    for name in names:
-        path = folder / name
-        weights = read_weights_header(path)
-        check_fits_plan(weights.shapes, weights_plan(weights, WorkDir(folder).plans), name)
-        fold_plan = FoldDir(path.parent).plans
-        if fold_plan.is_file():
-            check_fits_plan(weights.shapes, Plan.load(fold_plan), WorkDir(folder).member(fold_plan))
+def check_weights_file(folder: Path, name: str) -> WeightsFile:
+    """The header of model folder `folder`'s weights file `name` (parsed by safetensors), after checking that its
+    tensors fit the plan stored with it and the fold's plans.json; messages name files relative to `folder`."""
+    path = folder / name
+    weights = read_weights_header(path)
+    check_fits_plan(weights.shapes, weights_plan(weights, WorkDir(folder).plans), name)
+    fold_plan = FoldDir(path.parent).plans
+    if fold_plan.is_file():
+        check_fits_plan(weights.shapes, Plan.load(fold_plan), WorkDir(folder).member(fold_plan))
+    return weights
 
 
 def _installed_manifest(staging: Path, manifest: dict[str, Any], zip_path: Path,
@@ -290,7 +291,8 @@ def install_archive(zip_path: str | Path, target_dir: str | Path, force: bool = 
             converted = _convert_checkpoints(staging, [n for n in names if n.endswith(CHECKPOINT_SUFFIX)])
             weights = [n for n in names if n.endswith(WEIGHTS_SUFFIX)] + list(converted)
             try:
-                check_weights_files(staging, weights)
+                for name in weights:
+                    check_weights_file(staging, name)
             except CheckpointError as exc:
                 raise CheckpointError(f"{exc}; nothing was installed") from None
             write_json_atomic(WorkDir(staging).archive_manifest,

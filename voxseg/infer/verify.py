@@ -26,12 +26,11 @@ from pathlib import Path
 from voxseg.checkpoint import CHECKPOINT_CHOICES, checkpoint_to_weights
 from voxseg.digest import sha256_file
 from voxseg.errors import CheckpointError, ConfigError
-from voxseg.infer.install import install_archive
+from voxseg.infer.install import check_weights_file, install_archive
 from voxseg.infer.nnunet import load_nnunet_fold
 from voxseg.infer.nnunet_folder import CHECKPOINT_FILES, is_nnunet_model_folder, nnunet_folds
 from voxseg.jsonio import read_json
-from voxseg.plans import Plan
-from voxseg.weights import WEIGHTS_TAGS, WeightsFile, check_fits_plan, read_weights_header, weights_plan
+from voxseg.weights import WEIGHTS_TAGS, WeightsFile, read_weights_header
 from voxseg.workdir import FoldDir, WorkDir
 
 
@@ -183,10 +182,7 @@ def _verify_fold(work: WorkDir, fold: FoldDir, tag: str, report: VerifyReport, w
         note = f"written now from {checkpoint.name}"
         _write_from(checkpoint, weights_path, fold, tag, work, report)
     try:
-        weights = read_weights_header(weights_path)
-        check_fits_plan(weights.shapes, weights_plan(weights, work.plans), weights_path)
-        if fold.plans.is_file():
-            check_fits_plan(weights.shapes, Plan.load(fold.plans), fold.plans)
+        weights = check_weights_file(work.path, work.member(weights_path))
     except (CheckpointError, ConfigError) as exc:
         report.problems.append(str(exc))
         return
