@@ -20,6 +20,7 @@ def test_quick_demo_end_to_end(tmp_path: Path, capsys: pytest.CaptureFixture) ->
     summary = run_demo(tmp_path, quick=True, device="cpu")
     printed = capsys.readouterr().out
     assert all(f"[{i}/6]" in printed for i in range(1, 7)) and "demo finished" in printed
+    assert f"report: {tmp_path / 'report.html'}" in printed and (tmp_path / "report_files" / "cases").is_dir()
 
     assert list(summary["mean"]) == CLASSES and summary["foreground_mean"]["classes"] == CLASSES
     assert summary["counts"] == {"cases": QUICK_DEMO.test_cases, "references": QUICK_DEMO.test_cases,

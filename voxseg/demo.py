@@ -46,7 +46,6 @@ def run_demo(workdir: str | Path, epochs: int | None = None, device: str = "auto
     from voxseg.data.plan import describe_plan, plan_dataset
     from voxseg.data.preprocess import preprocess_dataset
     from voxseg.data.synth import make_synthetic_dataset
-    from voxseg.evaluate.folder import evaluate_folder, format_table
     from voxseg.infer.predictor import Predictor, find_input_cases
     from voxseg.train.loop import train
     from voxseg.train.start import RunStart
@@ -91,8 +90,22 @@ def run_demo(workdir: str | Path, epochs: int | None = None, device: str = "auto
     cases = find_input_cases([str(dataset / "imagesTs")], plan.num_channels, plan.file_ending)
     predictor.predict_files(cases, workdir / "predictions")
 
-    print("[6/6] evaluate")
+    print("[6/6] evaluate and report")
+    summary = _evaluate_and_report(workdir, dataset, model_dir)
+    print(f"demo finished in {time.perf_counter() - start:.0f} s; outputs in {workdir}")
+    print(f"report: {workdir / 'report.html'} (open it in a browser: metrics, plots, overlays of each test case, "
+          "training curves)")
+    return summary
+
+
+def _evaluate_and_report(workdir: Path, dataset: Path, model_dir: Path) -> dict:
+    """Score the test predictions, print the table, and write WORKDIR/report.html."""
+    from voxseg.evaluate.folder import evaluate_folder, format_table
+    from voxseg.report.build import ReportSources, write_report
+
     summary = evaluate_folder(workdir / "predictions", dataset / "labelsTs", dataset_json=dataset / "dataset.json")
     print(format_table(summary))
-    print(f"demo finished in {time.perf_counter() - start:.0f} s; outputs in {workdir}")
+    write_report(ReportSources(workdir / "predictions", dataset / "labelsTs", summary=summary,
+                               training=[WorkDir(model_dir).fold(0)], title="voxseg demo report"),
+                 workdir / "report.html")
     return summary

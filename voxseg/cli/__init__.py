@@ -12,6 +12,7 @@ from voxseg.cli.common import DeferredParser, examples
 from voxseg.cli.data import add_data_commands
 from voxseg.cli.imports import add_import_commands
 from voxseg.cli.infer import add_infer_commands
+from voxseg.cli.report import add_report_command
 from voxseg.cli.speed import add_speed_commands
 from voxseg.cli.train import add_train_command
 from voxseg.errors import VoxsegError
@@ -33,6 +34,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_data_commands(sub)
     add_train_command(sub)
     add_infer_commands(sub)
+    add_report_command(sub)
     add_import_commands(sub)
     add_speed_commands(sub)
     return parser

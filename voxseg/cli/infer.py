@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import argparse
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from voxseg.cli.common import (
@@ -12,6 +13,7 @@ from voxseg.cli.common import (
     folds,
     usable_device,
 )
+from voxseg.cli.report import add_report_flag, report_after_crossval, report_after_evaluate, report_after_predict
 from voxseg.errors import ConfigError
 from voxseg.workdir import WorkDir
 
@@ -96,6 +98,9 @@ def cmd_predict(args: argparse.Namespace) -> int:
     result = predictor.predict_files(cases, args.output, continue_run=args.continue_run, progress=True)
     skipped = f", skipped {result['skipped']} already there (--continue)" if result["skipped"] else ""
     print(f"wrote {result['written']} prediction(s) to {result['out_dir']}{skipped}")
+    if args.report:
+        report_after_predict(args, predictor, cases, Path(result["out_dir"]),
+                             config.file_ending or predictor.plan.file_ending)
     return 0
 
 
@@ -124,6 +129,9 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
         if args.configuration:
             raise ConfigError("--configuration evaluates one configuration, --configurations compares several: "
                               "give one of them")
+        if args.report:
+            raise ConfigError("--report with --configurations: write the report of one configuration "
+                              "(--crossval WORKDIR --configuration NAME --report)")
         choice = choose_configuration(args.crossval, args.configurations, num_workers=args.workers,
                                       tolerance_mm=args.tolerance, convention=args.convention)
         print(format_choice(choice))
@@ -138,6 +146,8 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
                                    convention=args.convention)
         print(format_table(result.final_summary))
         print(describe_crossval(workdir, result))
+        if args.report:
+            report_after_crossval(args, workdir, result.final_summary)
         return 0
     if args.configuration:
         raise ConfigError("--configuration selects a work directory's configuration for --crossval WORKDIR")
@@ -148,6 +158,8 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
         allow_missing=args.allow_missing, allow_undeclared=args.allow_undeclared_labels, convention=args.convention,
     )
     print(format_table(summary))
+    if args.report:
+        report_after_evaluate(args, summary)
     return 0
 
 
@@ -234,6 +246,7 @@ def _predict_arguments(p: argparse.ArgumentParser) -> None:
     # every field's default in the namespace, as text like a given value: the config is built from the flags alone
     p.set_defaults(**{name: as_text(option.default) for name, option in options.items()})
     p.add_argument("--continue", dest="continue_run", action="store_true", help="skip cases already predicted")
+    add_report_flag(p, "OUT/report.html; with --save-probabilities it shows the model's uncertainty")
 
 
 def _export_arguments(p: argparse.ArgumentParser) -> None:
@@ -285,6 +298,7 @@ def _evaluate_arguments(p: argparse.ArgumentParser) -> None:
                         "(default: an error)")
     p.add_argument("--allow-undeclared-labels", action="store_true",
                    help="list label values that dataset.json does not declare in summary.json (default: an error)")
+    add_report_flag(p, "PRED/report.html; with --crossval WORKDIR/training/crossval/report.html")
 
 
 def _configuration_names(value: str) -> str | list[str]:

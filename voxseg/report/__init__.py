@@ -1,0 +1,1 @@
+"""Reports a reviewer opens first: metrics, plots and overlays of predictions on their images, in HTML."""
