@@ -189,3 +189,24 @@ def test_compute_case_metrics_labels_regions_and_ignore():
     assert result["both"]["dice"] == 1.0 and result["both"]["hd95"] == 0.0 and result["both"]["nsd"] == 1.0
     assert result["both"]["ref_volume_ml"] == pytest.approx(512 * 1.0 / 1000)
     assert result["inner"]["pred_volume_ml"] == pytest.approx(32 * 1.0 / 1000)
+
+
+@pytest.mark.parametrize("seed, fraction", [(0, 0.995), (1, 0.995), (2, 0.995), (3, 0.6)])
+def test_surface_distances_equal_the_distance_transform_of_the_whole_volume(seed, fraction):
+    """Both ways (the k-d tree for compact masks, distance transforms for speckle filling the box) give, voxel for
+    voxel, what a distance transform of the whole volume gives."""
+    from voxseg.evaluate.metrics import surface, surface_distances
+
+    rng = np.random.default_rng(seed)
+    shape, spacing = (23, 31, 27), (2.5, 0.8, 1.1)
+    iterations = 2 if fraction > 0.9 else 0
+    pred = rng.random(shape) > fraction
+    ref = rng.random(shape) > fraction
+    if iterations:
+        pred, ref = ndimage.binary_dilation(pred, iterations=2), ndimage.binary_dilation(ref, iterations=3)
+    pred_to_ref, ref_to_pred = surface_distances(pred, ref, spacing)
+    expected_to_ref = ndimage.distance_transform_edt(~surface(ref), sampling=spacing)[surface(pred)]
+    expected_to_pred = ndimage.distance_transform_edt(~surface(pred), sampling=spacing)[surface(ref)]
+    np.testing.assert_allclose(pred_to_ref, expected_to_ref, rtol=1e-12, atol=1e-12)
+    np.testing.assert_allclose(ref_to_pred, expected_to_pred, rtol=1e-12, atol=1e-12)
+    assert pred_to_ref.size == np.count_nonzero(surface(pred)) > 100

@@ -59,3 +59,9 @@ def test_the_demo_report_shows_the_training_run(demo: Path):
     fold_page = demo / "model" / "training" / "fold_0" / "report.html"
     pictures, loaded, broken = _loaded(fold_page)
     assert pictures == loaded >= 3 and broken == 0
+    assert main(["evaluate", "--crossval", str(demo / "model"), "--report"]) == 0
+    crossval_page = demo / "model" / "training" / "crossval" / "report.html"
+    text = crossval_page.read_text()
+    assert "cross-validation report" in text and "Training: fold 0" in text
+    pictures, loaded, broken = _loaded(crossval_page)
+    assert pictures == loaded >= 3 and broken == 0

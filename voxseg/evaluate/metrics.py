@@ -9,9 +9,9 @@ Surface definition:
     image border count as surface (the outside of the image is background).
 
 Surface distances:
-    For each surface voxel of one mask, the Euclidean distance in mm (`scipy.ndimage.distance_transform_edt`
-    with ``sampling=spacing``) to the nearest surface voxel of the other mask. The symmetric set is the union of
-    both directions (pred -> ref and ref -> pred).
+    For each surface voxel of one mask, the Euclidean distance in mm to the nearest surface voxel of the other
+    mask (the value `scipy.ndimage.distance_transform_edt` with ``sampling=spacing`` gives there). The symmetric
+    set is the union of both directions (pred -> ref and ref -> pred).
 
     - HD95: 95th percentile (numpy's linear interpolation) of the symmetric set.
     - NSD (normalised surface Dice at tolerance tau): (#pred surface voxels within tau of the ref surface +
@@ -29,10 +29,14 @@ Empty masks (also returned as a table by `conventions()`):
     A NaN HD95 is excluded from means; evaluations report how many cases had one (`n_hd95_nan`). With
     ``one_empty_hd95="diagonal"`` the worst possible distance in the image (its diagonal in mm) is used instead.
 
-Speed: distance transforms run only on the bounding box of both masks plus a one-voxel margin, which gives the
-same result as the full volume (every surface voxel of either mask lies inside that box) at a fraction of the
-cost on large, mostly empty volumes. `surface_distances` is computed once per class by `compute_case_metrics`
-and shared by HD95 and NSD.
+Speed: surfaces are found only in the bounding box of both masks plus a one-voxel margin, which gives the same
+surfaces as the full volume (every voxel of either mask lies inside that box); the distances come from a
+nearest-neighbour search (a k-d tree) over the surface voxels' positions in mm, not from a distance transform of
+the box, so their cost grows with the surfaces rather than the volume: a whole-body CT organ's box holds tens of
+millions of voxels, its surface a few hundred thousand (BENCHMARKS.md "Surface distances"). Where the surfaces
+fill half the box or more (a speckled prediction), two distance transforms of the box are cheaper and are used.
+The values are the distance transform's, to rounding (tests/test_metrics.py). `surface_distances` is computed
+once per class by `compute_case_metrics` and shared by HD95 and NSD.
 """
 from __future__ import annotations
 
@@ -41,6 +45,7 @@ from typing import Any, Sequence
 
 import numpy as np
 from scipy import ndimage
+from scipy.spatial import cKDTree
 
 from voxseg.configtree import replace_fields
 from voxseg.errors import ConfigError, InputError
@@ -116,7 +121,11 @@ def image_diagonal_mm(shape: Sequence[int], spacing: Sequence[float]) -> float:
 
 
 SURFACE_CONNECTIVITY = ("full", "face")  # erosion neighbourhood: 26 (3D) / 8 (2D) neighbours, or 6 / 4
-HD95_MODES = ("pooled", "max_directed")  # percentile of both directions together, or the larger directed one
+HD95_MODES = ("pooled", "max_directed")
+# a k-d tree search costs about twice per surface voxel what a distance transform costs per voxel of the box
+# (measured on a 300 x 512 x 512 CT case, BENCHMARKS.md "Surface distances"): the tree is used while the surfaces
+# hold fewer voxels than half the box
+KDTREE_COST_RATIO = 2.0  # percentile of both directions together, or the larger directed one
 
 
 def surface(mask: np.ndarray, connectivity: str = "full") -> np.ndarray:
@@ -162,10 +171,18 @@ def surface_distances(
     # the crop keeps every surface voxel and, thanks to the margin, the same erosion at the crop edges
     box = _union_bbox(pred, ref)
     pred_surface, ref_surface = surface(pred[box], connectivity), surface(ref[box], connectivity)
-    sampling = [float(s) for s in spacing]
-    distance_to_ref = ndimage.distance_transform_edt(~ref_surface, sampling=sampling)
-    distance_to_pred = ndimage.distance_transform_edt(~pred_surface, sampling=sampling)
-    return distance_to_ref[pred_surface], distance_to_pred[ref_surface]
+    sampling = np.asarray([float(s) for s in spacing])
+    surface_voxels = np.count_nonzero(pred_surface) + np.count_nonzero(ref_surface)
+    if surface_voxels * KDTREE_COST_RATIO >= pred_surface.size:
+        # surfaces that fill much of their box (speckled predictions): two distance transforms of the box are cheaper
+        return (ndimage.distance_transform_edt(~ref_surface, sampling=sampling)[pred_surface],
+                ndimage.distance_transform_edt(~pred_surface, sampling=sampling)[ref_surface])
+    # nearest-neighbour search among the surface voxels (in mm): the distance transform's values, at a cost that
+    # grows with the surfaces, not with the volume they enclose
+    pred_points, ref_points = np.argwhere(pred_surface) * sampling, np.argwhere(ref_surface) * sampling
+    distance_to_ref = cKDTree(ref_points).query(pred_points, k=1)[0]
+    distance_to_pred = cKDTree(pred_points).query(ref_points, k=1)[0]
+    return distance_to_ref, distance_to_pred
 
 
 def _hd95_from_distances(

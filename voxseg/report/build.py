@@ -174,6 +174,9 @@ def _plots(rows: list[dict[str, Any]], classes: dict[str, Any], plots_dir: Path,
         parts += [html.figure(f"{files}/plots/metrics.png", "Dice and HD95 per class, one dot per case"),
                   html.figure(f"{files}/plots/volumes.png", "predicted vs reference volume per class")]
     scored = [row for row in rows if row["uncertainty"] is not None]
+    if not scored and not any(row["metrics"] for row in rows):
+        parts.append("<p class=note>No uncertainty: it is computed from the probabilities, which 'voxseg predict "
+                     "--save-probabilities' keeps (OUT/CASE.npz).</p>")
     if scored:
         save_figure(uncertainty_ranking([r["name"] for r in scored], [r["uncertainty"] for r in scored]),
                     plots_dir / "uncertainty.png")

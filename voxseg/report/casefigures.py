@@ -65,19 +65,44 @@ class CaseVolumes:
             self.value_range = window(self.image, self.ct)
 
 
+def _centre(region: np.ndarray) -> tuple[int, ...]:
+    """The centre of mass of a boolean array, rounded, from its projections (no coordinate arrays)."""
+    total = float(np.count_nonzero(region))
+    centre = []
+    for axis in range(region.ndim):
+        profile = np.count_nonzero(region, axis=tuple(a for a in range(region.ndim) if a != axis))
+        centre.append(int(round(float(np.dot(np.arange(profile.size), profile)) / total)))
+    return tuple(centre)
+
+
+def _nearest_voxel(region: np.ndarray, centre: tuple[int, ...]) -> tuple[int, ...]:
+    """The voxel of `region` nearest `centre`, searched in growing windows around it (a C-shaped region's centre
+    lies outside it)."""
+    if region[centre]:
+        return centre
+    reach = 2
+    while True:
+        window = tuple(slice(max(c - reach, 0), c + reach + 1) for c in centre)
+        voxels = np.argwhere(region[window])
+        if voxels.size:
+            offset = np.array([w.start for w in window])
+            distances = (((voxels + offset) - np.array(centre)) ** 2).sum(axis=1)
+            best = voxels[int(np.argmin(distances))] + offset
+            return tuple(int(v) for v in best)
+        reach *= 2
+
+
 def _centre_of_largest(mask: np.ndarray) -> tuple[int, int, int] | None:
     """A voxel of the largest 26-connected region of `mask`, the one nearest the region's centre of mass."""
     if not mask.any():
         return None
     components, count = ndimage.label(mask, structure=np.ones((3, 3, 3), dtype=bool))
-    sizes = np.bincount(components.reshape(-1), minlength=count + 1)
-    sizes[0] = 0
-    largest = int(np.argmax(sizes))
+    sizes = ndimage.sum_labels(mask, components, index=np.arange(1, count + 1))
+    largest = int(np.argmax(sizes)) + 1
     box = ndimage.find_objects(components, max_label=largest)[largest - 1]
     region = components[box] == largest
-    voxels = np.argwhere(region)
-    centre = voxels.mean(axis=0)
-    nearest = voxels[int(np.argmin(((voxels - centre) ** 2).sum(axis=1)))]
+    del components
+    nearest = _nearest_voxel(region, _centre(region))
     return tuple(int(v + s.start) for v, s in zip(nearest, box))  # type: ignore[return-value]
 
 

@@ -64,9 +64,15 @@ def _read_on_grid(path: Path, what: str, shape: tuple[int, ...], geometry: Geome
 
 
 def _volumes_ml(labels: np.ndarray, classes: dict[str, dict[str, Any]], spacing: tuple[float, ...]) -> dict[str, float]:
+    """Predicted volume per class, counted slab by slab (no full-size copy of the labels)."""
     voxel_ml = float(np.prod(spacing)) / 1000.0
-    counts = np.bincount(labels.reshape(-1).astype(np.int64).clip(0), minlength=1)
-    return {name: float(sum(counts[v] for v in spec["values"] if v < counts.size)) * voxel_ml
+    counts = np.zeros(1, dtype=np.int64)
+    for start in range(0, labels.shape[0], 16):
+        slab = np.bincount(np.asarray(labels[start:start + 16]).reshape(-1).clip(0).astype(np.intp))
+        if slab.size > counts.size:
+            counts = np.pad(counts, (0, slab.size - counts.size))
+        counts[: slab.size] += slab
+    return {name: float(sum(int(counts[v]) for v in spec["values"] if v < counts.size)) * voxel_ml
             for name, spec in classes.items()}
 
 
@@ -82,7 +88,8 @@ def load_case(job: CaseJob) -> tuple[CaseVolumes, float | None]:
             reference[ignored] = 0
             prediction = np.where(ignored, 0, prediction).astype(np.int16)
     if job.image is not None:
-        image = _read_on_grid(job.image, "image", prediction.shape, geometry, job.name).astype(np.float32, copy=False)
+        image = _read_on_grid(job.image, "image", prediction.shape, geometry, job.name)  # its own dtype: shown by
+        # planes, each converted on its own
     score = None
     if job.probabilities is not None:
         uncertainty = entropy_map(job.probabilities)

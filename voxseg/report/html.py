@@ -30,6 +30,7 @@ th.sort{cursor:pointer} th.sort:hover{background:#e0e8f0}
 td.name,th.name{text-align:left}
 tr.summary td{font-weight:bold;background:#fafafa}
 td.bad{background:#fde0dc}
+.legend .entry{white-space:nowrap}
 .swatch{display:inline-block;width:12px;height:12px;margin:0 4px 0 12px;vertical-align:middle;border:1px solid #555}
 .stack{position:relative;display:inline-block;margin:4px 10px 4px 0;vertical-align:top}
 .stack img{display:block;image-rendering:pixelated}
@@ -89,7 +90,7 @@ def _page(title: str, body: str) -> str:
 def legend(labels: dict[str, int], with_errors: bool) -> str:
     """Colour swatches of the label values, and of false positives / negatives."""
     def swatch(colour: Sequence[int], text: str) -> str:
-        return f'<span class=swatch style="background:rgb{tuple(colour)}"></span>{esc(text)}'
+        return f'<span class=entry><span class=swatch style="background:rgb{tuple(colour)}"></span>{esc(text)}</span>'
 
     parts = [swatch(label_colour(value), f"{name} ({value})") for name, value in labels.items() if value > 0]
     if with_errors:
@@ -187,8 +188,9 @@ def case_page(name: str, facts_table: str, pictures: dict[str, dict[str, dict[st
     """A case's page: its numbers, then for each point of interest the three planes with their layers."""
     layers = [layer for layer in LAYER_TITLES if any(layer in planes[p] for planes in pictures.values()
                                                      for p in planes)]
-    body = [f'<p><a href="{_href(back)}">&larr; all cases</a></p>', f"<h1>{esc(name)}</h1>", facts_table,
-            legend_html, _controls()]
+    many = facts_table.count("<tr>") > 9  # a long table of classes goes below the pictures
+    body = [f'<p><a href="{_href(back)}">&larr; all cases</a></p>', f"<h1>{esc(name)}</h1>",
+            "" if many else facts_table, legend_html, _controls()]
     for point, planes in pictures.items():
         figures = []
         for plane in PLANES:
@@ -205,4 +207,6 @@ def case_page(name: str, facts_table: str, pictures: dict[str, dict[str, dict[st
         body.append(f"<section><h2>{esc(POINT_TITLES.get(point, point))}</h2>"
                     f"<p class=controls>{_layer_boxes(point, layers)}</p><div class=planes>{''.join(figures)}</div>"
                     "</section>")
+    if many:
+        body.append(f"<h2>Per class</h2>{facts_table}")
     return _page(f"{name} - voxseg report", "\n".join(body))

@@ -74,8 +74,10 @@ def window(image: np.ndarray, ct: bool) -> tuple[float, float]:
     (every voxel of a volume without zeros) for MRI and everything else."""
     if ct:
         return CT_WINDOW
-    step = max(1, image.size // 2_000_000)  # percentiles of a subsample: the window, not a statistic
-    values = image.reshape(-1)[::step]
+    # percentiles of a subsample (every k-th voxel along each axis, a small copy even of a transposed view): the
+    # window, not a statistic
+    step = max(1, int(np.ceil((image.size / 2_000_000) ** (1.0 / image.ndim))))
+    values = np.asarray(image[(slice(None, None, step),) * image.ndim], dtype=np.float32).reshape(-1)
     values = values[np.isfinite(values)]
     nonzero = values[values != 0]
     values = nonzero if nonzero.size else values
