@@ -1,0 +1,378 @@
+"""DICOM image series as volumes: scan a folder, group by series, sort the slices in space, read them.
+
+    >>> scan = scan_dicom(Path("incoming/study"))
+    >>> [series.label for series in scan.series]
+    ["DICOM series 1.2.3... ('T1 AX', MR, in incoming/study/T1)"]
+    >>> image, geometry = read_series(scan.series[0])   # (D, H, W) float32 and its Geometry (LPS mm)
+
+Rules (docs/INFERENCE.md, "DICOM"):
+
+- Every file under the folder is looked at (recursively); files that are not DICOM are ignored. Image files are
+  grouped by SeriesInstanceUID. Objects that are not images (Segmentation, RT Structure Set, Structured
+  Report, presentation states, DICOMDIR) are never read as images: SEG objects are kept in `DicomScan.segmentations`
+  (`voxseg convert dicom` reads them), the others are listed in `DicomScan.ignored`.
+- Slices are ordered along the slice normal (the cross product of the ImageOrientationPatient row and column
+  directions), by the projection of ImagePositionPatient on it, ascending; never by file name or
+  InstanceNumber. Array axis 0 is that normal, axis 1 the column direction (rows of the image), axis 2 the row
+  direction: the geometry SimpleITK's ImageSeriesReader gives for the same files.
+- Refused, with the series named: orientations that differ between slices, images of different sizes, two
+  slices at one position (several acquisitions, echoes or time points in one series), unequal slice spacing, a
+  missing slice, gantry tilt (slices not stacked along their normal; voxseg does not resample it: reconstruct
+  the series without tilt on the scanner or resample it first), fewer than two slices, multi-frame objects
+  without per-frame functional groups, and compressed pixel data no installed pydicom handler decodes.
+- Enhanced (multi-frame) CT and MR objects are read frame by frame from their functional groups.
+- Stored values become real values with RescaleSlope and RescaleIntercept (CT in Hounsfield units), float32.
+
+pydicom is imported on first use only: `pip install voxseg[dicom]`.
+"""
+from __future__ import annotations
+
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from voxseg.data.io import Geometry
+from voxseg.errors import ConfigError, ImageReadError
+
+__all__ = ["DicomFrame", "DicomScan", "DicomSeries", "is_dicom_folder", "pydicom_module", "read_series",
+           "scan_dicom", "series_geometry"]
+
+SEG_SOP_CLASS = "1.2.840.10008.5.1.4.1.1.66.4"
+# SOP classes that carry no image volume: RT structure set / plan / dose record, SR (all 88.x), presentation
+# states (11.x), key objects, raw data, DICOMDIR
+_NOT_IMAGE_PREFIXES = ("1.2.840.10008.5.1.4.1.1.481.3", "1.2.840.10008.5.1.4.1.1.481.5", "1.2.840.10008.5.1.4.1.1.88.",
+                       "1.2.840.10008.5.1.4.1.1.11.", "1.2.840.10008.5.1.4.1.1.66", "1.2.840.10008.1.3.10")
+SPACING_TOLERANCE = 0.01
+"""Slice gaps may differ from their median by this fraction (1 %) before a series is refused as unequally
+spaced; a gap of more than 1.5 medians is reported as a missing slice."""
+ORIENTATION_TOLERANCE = 1e-3
+"""Direction cosines of two slices (and the slice step's in-plane part, as a fraction of the step) may differ
+by this much."""
+
+
+def pydicom_module() -> Any:
+    """pydicom, or ConfigError saying how to install it."""
+    try:
+        import pydicom
+    except ImportError:
+        raise ConfigError("reading DICOM needs the pydicom package: pip install 'voxseg[dicom]'") from None
+    return pydicom
+
+
+@dataclass
+class DicomFrame:
+    """One 2D image of a series: a single-frame file, or one frame (`index`) of a multi-frame file."""
+
+    path: Path
+    index: int | None
+    position: np.ndarray  # (3,) ImagePositionPatient, LPS mm
+    orientation: np.ndarray  # (6,) ImageOrientationPatient: row direction, column direction
+    pixel_spacing: tuple[float, float]  # (between rows, between columns) in mm
+    size: tuple[int, int]  # (Rows, Columns)
+    slope: float = 1.0
+    intercept: float = 0.0
+    sop_instance_uid: str = ""
+
+
+@dataclass
+class DicomSeries:
+    """The image frames of one SeriesInstanceUID, with the tags that name it."""
+
+    uid: str
+    description: str = ""
+    modality: str = ""
+    study_uid: str = ""
+    patient_id: str = ""
+    study_date: str = ""
+    frame_of_reference_uid: str = ""
+    frames: list[DicomFrame] = field(default_factory=list)
+    problems: list[str] = field(default_factory=list)  # found while scanning; `read_series` refuses the series
+
+    @property
+    def files(self) -> list[Path]:
+        return sorted({frame.path for frame in self.frames})
+
+    @property
+    def folder(self) -> Path:
+        """The deepest folder holding every file of the series."""
+        files = self.files
+        if not files:
+            return Path(".")
+        parts = [f.parent.parts for f in files]
+        common = [p[0] for p in zip(*parts) if len(set(p)) == 1] if len(parts) > 1 else list(parts[0])
+        return Path(*common) if common else Path("/")
+
+    @property
+    def label(self) -> str:
+        """How errors name the series: UID, description, modality and folder."""
+        return f"DICOM series {self.uid} ('{self.description}', {self.modality or 'no modality'}, in {self.folder})"
+
+
+@dataclass
+class DicomScan:
+    """What `scan_dicom` found under a folder."""
+
+    folder: Path
+    series: list[DicomSeries] = field(default_factory=list)
+    segmentations: list[Path] = field(default_factory=list)  # DICOM-SEG files
+    ignored: list[tuple[Path, str]] = field(default_factory=list)  # (file, why it is not read as an image)
+
+
+def is_dicom_folder(folder: Path) -> bool:
+    """Whether a folder holds (somewhere under it) a DICOM file: the 128-byte preamble and 'DICM'."""
+    for path in sorted(folder.rglob("*")):
+        if path.is_file() and not path.name.startswith(".") and _has_dicom_magic(path):
+            return True
+    return False
+
+
+def _has_dicom_magic(path: Path) -> bool:
+    try:
+        with open(path, "rb") as handle:
+            handle.seek(128)
+            return handle.read(4) == b"DICM"
+    except OSError:
+        return False
+
+
+def scan_dicom(folder: str | Path) -> DicomScan:
+    """Read the headers of every DICOM file under `folder` and group the images by SeriesInstanceUID.
+
+    Raises:
+        ImageReadError: the folder does not exist or holds no DICOM image.
+    """
+    pydicom = pydicom_module()
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise ImageReadError(f"{folder}: DICOM folder not found")
+    scan = DicomScan(folder)
+    by_uid: dict[str, DicomSeries] = {}
+    for path in sorted(folder.rglob("*")):
+        if not path.is_file() or path.name.startswith(".") or not _has_dicom_magic(path):
+            continue
+        try:
+            dataset = pydicom.dcmread(str(path), stop_before_pixels=True)
+        except Exception as exc:  # noqa: BLE001 - a damaged header: say so, read the others
+            scan.ignored.append((path, f"header cannot be read ({type(exc).__name__}: {exc})"))
+            continue
+        sop_class = str(getattr(dataset, "SOPClassUID", ""))
+        if sop_class == SEG_SOP_CLASS:
+            scan.segmentations.append(path)
+            continue
+        if sop_class.startswith(_NOT_IMAGE_PREFIXES) or "SeriesInstanceUID" not in dataset:
+            scan.ignored.append((path, f"not an image (SOP class {sop_class or 'none'}, modality "
+                                       f"{getattr(dataset, 'Modality', '?')})"))
+            continue
+        uid = str(dataset.SeriesInstanceUID)
+        series = by_uid.get(uid)
+        if series is None:
+            series = by_uid[uid] = _new_series(dataset)
+        _add_frames(series, dataset, path)
+    scan.series = sorted(by_uid.values(), key=lambda s: (s.study_uid, s.description, s.uid))
+    if not scan.series:
+        found = f" ({len(scan.segmentations) + len(scan.ignored)} non-image DICOM file(s))" if scan.ignored or \
+            scan.segmentations else ""
+        raise ImageReadError(f"{folder}: no DICOM image series found{found}; give the folder holding the image "
+                             "files (.dcm or files without an ending, each starting with the DICM marker)")
+    return scan
+
+
+def _new_series(dataset: Any) -> DicomSeries:
+    return DicomSeries(
+        uid=str(dataset.SeriesInstanceUID), description=str(getattr(dataset, "SeriesDescription", "") or ""),
+        modality=str(getattr(dataset, "Modality", "") or ""), study_uid=str(getattr(dataset, "StudyInstanceUID", "")),
+        patient_id=str(getattr(dataset, "PatientID", "") or ""),
+        study_date=str(getattr(dataset, "StudyDate", "") or ""),
+        frame_of_reference_uid=str(getattr(dataset, "FrameOfReferenceUID", "") or ""),
+    )
+
+
+def _floats(value: Any, count: int) -> np.ndarray | None:
+    try:
+        numbers = np.asarray([float(v) for v in value], dtype=np.float64)
+    except (TypeError, ValueError):
+        return None
+    return numbers if numbers.shape == (count,) and np.isfinite(numbers).all() else None
+
+
+def _add_frames(series: DicomSeries, dataset: Any, path: Path) -> None:
+    """Append the file's frames to the series, or a problem when its position tags are missing."""
+    frames = int(getattr(dataset, "NumberOfFrames", 1) or 1)
+    if frames > 1 or "PerFrameFunctionalGroupsSequence" in dataset:
+        _add_enhanced_frames(series, dataset, path, frames)
+        return
+    position = _floats(getattr(dataset, "ImagePositionPatient", None), 3)
+    orientation = _floats(getattr(dataset, "ImageOrientationPatient", None), 6)
+    spacing = _floats(getattr(dataset, "PixelSpacing", None), 2)
+    if position is None or orientation is None or spacing is None:
+        series.problems.append(f"{path.name} has no valid ImagePositionPatient, ImageOrientationPatient or "
+                               "PixelSpacing, so its place in space is unknown (a scout, screenshot or secondary "
+                               "capture?); remove it from the folder or export the series with these tags")
+        return
+    series.frames.append(DicomFrame(
+        path, None, position, orientation, (float(spacing[0]), float(spacing[1])),
+        (int(dataset.Rows), int(dataset.Columns)), float(getattr(dataset, "RescaleSlope", 1) or 1),
+        float(getattr(dataset, "RescaleIntercept", 0) or 0), str(getattr(dataset, "SOPInstanceUID", ""))))
+
+
+def _group_item(per_frame: Any, shared: Any, sequence: str) -> Any:
+    """The first item of a functional group sequence, from the frame's groups, else the shared ones."""
+    for groups in (per_frame, shared):
+        if groups is not None and sequence in groups and len(groups[sequence].value):
+            return groups[sequence].value[0]
+    return None
+
+
+def _add_enhanced_frames(series: DicomSeries, dataset: Any, path: Path, frames: int) -> None:
+    per_frame_groups = getattr(dataset, "PerFrameFunctionalGroupsSequence", None)
+    if per_frame_groups is None or len(per_frame_groups) != frames:
+        series.problems.append(f"{path.name} is a multi-frame object ({frames} frames) without per-frame functional "
+                               "groups (a cine, ultrasound or nuclear-medicine object?), so its frames cannot be "
+                               "placed in space; export the series as Enhanced CT/MR or as single-frame images")
+        return
+    shared = dataset.SharedFunctionalGroupsSequence[0] if "SharedFunctionalGroupsSequence" in dataset else None
+    for index, groups in enumerate(per_frame_groups):
+        plane = _group_item(groups, shared, "PlanePositionSequence")
+        orient = _group_item(groups, shared, "PlaneOrientationSequence")
+        measures = _group_item(groups, shared, "PixelMeasuresSequence")
+        values = _group_item(groups, shared, "PixelValueTransformationSequence")
+        position = _floats(getattr(plane, "ImagePositionPatient", None), 3)
+        orientation = _floats(getattr(orient, "ImageOrientationPatient", None), 6)
+        spacing = _floats(getattr(measures, "PixelSpacing", None), 2)
+        if position is None or orientation is None or spacing is None:
+            series.problems.append(f"{path.name}: frame {index + 1} has no plane position, plane orientation or "
+                                   "pixel measures functional group; export the series with them")
+            return
+        slope = float(getattr(values, "RescaleSlope", 1) or 1) if values is not None else 1.0
+        intercept = float(getattr(values, "RescaleIntercept", 0) or 0) if values is not None else 0.0
+        series.frames.append(DicomFrame(path, index, position, orientation, (float(spacing[0]), float(spacing[1])),
+                                        (int(dataset.Rows), int(dataset.Columns)), slope, intercept,
+                                        str(getattr(dataset, "SOPInstanceUID", ""))))
+
+
+def series_geometry(series: DicomSeries) -> tuple[list[DicomFrame], Geometry]:
+    """The series' frames in array order (ascending along the slice normal) and the volume's Geometry.
+
+    Raises:
+        ImageReadError: naming the series, for each refusal listed in the module docstring.
+    """
+    where = series.label
+    if series.problems:
+        raise ImageReadError(f"{where}: {series.problems[0]}")
+    frames = series.frames
+    if len(frames) < 2:
+        raise ImageReadError(f"{where}: {len(frames)} image(s); a volume needs at least two slices (give the whole "
+                             "series)")
+    _check_same_plane_grid(series)
+    orientation = frames[0].orientation
+    row, column = orientation[:3], orientation[3:]
+    normal = np.cross(row, column)
+    frames = sorted(frames, key=lambda f: float(f.position @ normal))
+    along = np.array([float(f.position @ normal) for f in frames])
+    step = _checked_slice_step(series, frames, along, normal)
+    affine = np.eye(4)
+    row_spacing, column_spacing = frames[0].pixel_spacing
+    affine[:3, 0] = normal * step
+    affine[:3, 1] = column * row_spacing
+    affine[:3, 2] = row * column_spacing
+    affine[:3, 3] = frames[0].position
+    return frames, Geometry(affine)
+
+
+def _check_same_plane_grid(series: DicomSeries) -> None:
+    """One orientation, one image size and one pixel spacing for every frame."""
+    first = series.frames[0]
+    for frame in series.frames[1:]:
+        if not np.allclose(frame.orientation, first.orientation, atol=ORIENTATION_TOLERANCE):
+            raise ImageReadError(
+                f"{series.label}: mixed orientations ({_name(first)}: {np.round(first.orientation, 4).tolist()}, "
+                f"{_name(frame)}: {np.round(frame.orientation, 4).tolist()}); a volume has one orientation: "
+                "separate the series (e.g. a localizer) into their own folders or export them as separate series")
+        if frame.size != first.size or not np.allclose(frame.pixel_spacing, first.pixel_spacing, rtol=1e-4):
+            raise ImageReadError(
+                f"{series.label}: images of different sizes or pixel spacings ({_name(first)}: {first.size} at "
+                f"{first.pixel_spacing} mm, {_name(frame)}: {frame.size} at {frame.pixel_spacing} mm); a volume has "
+                "one grid: export the series again or separate its parts")
+
+
+def _name(frame: DicomFrame) -> str:
+    return frame.path.name if frame.index is None else f"{frame.path.name} frame {frame.index + 1}"
+
+
+def _checked_slice_step(series: DicomSeries, frames: list[DicomFrame], along: np.ndarray, normal: np.ndarray) -> float:
+    """The slice spacing in mm after the duplicate, spacing, missing-slice and tilt checks."""
+    gaps = np.diff(along)
+    if (gaps < 1e-3).any():
+        k = int(np.argmax(gaps < 1e-3))
+        counts = Counter(np.round(along, 3).tolist())
+        raise ImageReadError(
+            f"{series.label}: {_name(frames[k])} and {_name(frames[k + 1])} lie at the same position "
+            f"({along[k]:.3f} mm along the slice normal; {sum(c > 1 for c in counts.values())} position(s) hold "
+            "several images): the series holds several acquisitions, echoes or time points; split it into one "
+            "series per volume (e.g. by EchoNumbers or AcquisitionNumber) and give one")
+    median = float(np.median(gaps))
+    if (gaps > 1.5 * median).any():
+        k = int(np.argmax(gaps > 1.5 * median))
+        raise ImageReadError(
+            f"{series.label}: missing slice(s) between {_name(frames[k])} and {_name(frames[k + 1])} (gap "
+            f"{gaps[k]:.3f} mm where the slices are {median:.3f} mm apart); copy the whole series (every file) "
+            "and try again")
+    if (np.abs(gaps - median) > SPACING_TOLERANCE * median).any():
+        raise ImageReadError(
+            f"{series.label}: unequal slice spacing (gaps from {gaps.min():.3f} to {gaps.max():.3f} mm, more than "
+            f"{SPACING_TOLERANCE:.0%} apart); voxseg reads equally spaced series only: resample it to equal "
+            "spacing first")
+    steps = np.diff(np.stack([f.position for f in frames]), axis=0)
+    in_plane = steps - np.outer(steps @ normal, normal)
+    shear = float(np.linalg.norm(in_plane, axis=1).max())
+    if shear > ORIENTATION_TOLERANCE * 10 * median:
+        angle = float(np.degrees(np.arctan2(shear, median)))
+        raise ImageReadError(
+            f"{series.label}: gantry tilt or sheared stack (each slice is shifted {shear:.3f} mm within its plane, "
+            f"about {angle:.1f} degrees): the slices are not stacked along their normal and voxseg does not resample "
+            "them; reconstruct the series without tilt or resample it to a rectangular grid first")
+    return float((along[-1] - along[0]) / (len(along) - 1))
+
+
+def read_series(series: DicomSeries) -> tuple[np.ndarray, Geometry]:
+    """The series as a (D, H, W) float32 volume of real values (rescale slope and intercept applied) and its
+    Geometry; see `series_geometry` for the order and the refusals."""
+    frames, geometry = series_geometry(series)
+    pixels = _frame_pixels(series, frames)
+    volume = np.empty((len(frames), *frames[0].size), dtype=np.float32)
+    for k, frame in enumerate(frames):
+        plane = pixels[(frame.path, frame.index)]
+        if plane.shape != frame.size:
+            raise ImageReadError(f"{series.label}: {_name(frame)} holds pixels of shape {plane.shape}, its header "
+                                 f"says {frame.size}; the file is damaged: export the series again")
+        volume[k] = plane.astype(np.float32) * np.float32(frame.slope) + np.float32(frame.intercept)
+    return volume, geometry
+
+
+def _frame_pixels(series: DicomSeries, frames: list[DicomFrame]) -> dict[tuple[Path, int | None], np.ndarray]:
+    """Each frame's stored pixel values, decoding each file once."""
+    pydicom = pydicom_module()
+    out: dict[tuple[Path, int | None], np.ndarray] = {}
+    for path in sorted({f.path for f in frames}):
+        dataset = pydicom.dcmread(str(path))
+        syntax = dataset.file_meta.get("TransferSyntaxUID", "unknown")
+        try:
+            array = dataset.pixel_array
+        except Exception as exc:  # noqa: BLE001 - a missing decoder or damaged pixel data: name the syntax
+            name = getattr(syntax, "name", str(syntax))
+            raise ImageReadError(
+                f"{series.label}: the pixel data of {path.name} cannot be decoded (transfer syntax {name}, {syntax}: "
+                f"{type(exc).__name__}: {exc}); install a decoder for it (pip install pylibjpeg pylibjpeg-libjpeg "
+                "pylibjpeg-openjpeg, or gdcm) or export the series uncompressed") from None
+        if int(getattr(dataset, "SamplesPerPixel", 1) or 1) != 1:
+            raise ImageReadError(f"{series.label}: {path.name} is a colour image ({dataset.SamplesPerPixel} samples "
+                                 "per pixel, e.g. a screenshot); give grey-scale image series only")
+        for frame in (f for f in frames if f.path == path):
+            if frame.index is None:
+                out[(path, None)] = array
+            else:  # a multi-frame object (of one frame, pydicom gives a 2D array)
+                out[(path, frame.index)] = array[frame.index] if array.ndim == 3 else array
+    return out
