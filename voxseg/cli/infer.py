@@ -36,6 +36,7 @@ PREDICT_FLAGS: dict[str, str] = {
     "--save-probabilities": "save_probabilities",
     "--postprocess": "postprocess",
     "--file-ending": "file_ending",
+    "--output-format": "output_format",
     "--max-memory": "max_memory",
 }
 # fields with a hand-written flag: another spelling (--no-mirror), or several values after one flag (--onnx-model)
@@ -72,7 +73,7 @@ def _flag_names() -> dict[str, str]:
 
 
 def cmd_predict(args: argparse.Namespace) -> int:
-    from voxseg.infer.predictor import Predictor, find_input_cases
+    from voxseg.infer.predictor import Predictor
 
     config = predict_config(args)
     if config.resolved_backend() == "torch":
@@ -92,11 +93,25 @@ def cmd_predict(args: argparse.Namespace) -> int:
     else:
         predictor = Predictor.from_workdir(configuration_workdir(args.model, args.configuration), config)
     print(_folds_line(predictor, config.folds))
-    cases = find_input_cases(args.input, predictor.plan.num_channels, predictor.plan.file_ending)
+    cases = _input_cases(args, predictor.plan)
     result = predictor.predict_files(cases, args.output, continue_run=args.continue_run, progress=True)
     skipped = f", skipped {result['skipped']} already there (--continue)" if result["skipped"] else ""
     print(f"wrote {result['written']} prediction(s) to {result['out_dir']}{skipped}")
     return 0
+
+
+def _input_cases(args: argparse.Namespace, plan: Any) -> list:
+    """The cases of -i: a DICOM folder (one case per study, --channel rules) or image files
+    (`find_input_cases`)."""
+    from voxseg.infer.dicom_cases import dicom_input_cases, looks_like_dicom_input, parse_channel_rules
+    from voxseg.infer.predictor import find_input_cases
+
+    rules = parse_channel_rules(args.channel, args.channel_map)
+    if looks_like_dicom_input(args.input):
+        return dicom_input_cases(args.input[0], plan, rules)
+    if rules:
+        raise ConfigError("--channel / --channel-map map DICOM series to channels; -i gives no DICOM folder")
+    return find_input_cases(args.input, plan.num_channels, plan.file_ending)
 
 
 def _folds_line(predictor: Any, requested: list[int] | str | None) -> str:
@@ -219,7 +234,9 @@ def _predict_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("-m", "--model", required=True,
                    help="work directory with plans.json and training/fold_F, or an nnU-Net v2 trained-model folder "
                         "(<Trainer>__<Plans>__<configuration> with fold_X/checkpoint_final.pth)")
-    p.add_argument("-i", "--input", required=True, nargs="+", help="folder (nnU-Net or BraTS layout) or channel files")
+    p.add_argument("-i", "--input", required=True, nargs="+",
+                   help="folder (nnU-Net or BraTS layout), channel files, or a folder of DICOM files (one case per "
+                        "study)")
     p.add_argument("-o", "--output", required=True,
                    help="folder for the predictions, OUT/CASE{file ending} (created)")
     add_configuration_flag(p)
@@ -234,6 +251,11 @@ def _predict_arguments(p: argparse.ArgumentParser) -> None:
     # every field's default in the namespace, as text like a given value: the config is built from the flags alone
     p.set_defaults(**{name: as_text(option.default) for name, option in options.items()})
     p.add_argument("--continue", dest="continue_run", action="store_true", help="skip cases already predicted")
+    p.add_argument("--channel", action="append", metavar="INDEX=PATTERN",
+                   help="DICOM input: the series of channel INDEX, matched on SeriesDescription (case-insensitive, "
+                        "wildcards * ?) or a SeriesInstanceUID, e.g. --channel 0=T1 --channel 1=FLAIR (repeatable)")
+    p.add_argument("--channel-map", metavar="FILE",
+                   help='DICOM input: the channel rules as a JSON object, e.g. {"0": "T1", "1": "FLAIR"}')
 
 
 def _export_arguments(p: argparse.ArgumentParser) -> None:

@@ -34,7 +34,7 @@ from typing import Any
 
 import numpy as np
 
-from voxseg.data.io import Geometry
+from voxseg.data.io import SUPPORTED_ENDINGS, Geometry, file_ending
 from voxseg.errors import ConfigError, ImageReadError
 
 __all__ = ["DicomFrame", "DicomScan", "DicomSeries", "is_dicom_folder", "pydicom_module", "read_series",
@@ -45,6 +45,7 @@ SEG_SOP_CLASS = "1.2.840.10008.5.1.4.1.1.66.4"
 # states (11.x), key objects, raw data, DICOMDIR
 _NOT_IMAGE_PREFIXES = ("1.2.840.10008.5.1.4.1.1.481.3", "1.2.840.10008.5.1.4.1.1.481.5", "1.2.840.10008.5.1.4.1.1.88.",
                        "1.2.840.10008.5.1.4.1.1.11.", "1.2.840.10008.5.1.4.1.1.66", "1.2.840.10008.1.3.10")
+_NOT_DICOM_ENDINGS = SUPPORTED_ENDINGS + (".json", ".npz", ".npy", ".txt", ".csv", ".pkl", ".zip")
 SPACING_TOLERANCE = 0.01
 """Slice gaps may differ from their median by this fraction (1 %) before a series is refused as unequally
 spaced; a gap of more than 1.5 medians is reported as a missing slice."""
@@ -124,7 +125,8 @@ class DicomScan:
 def is_dicom_folder(folder: Path) -> bool:
     """Whether a folder holds (somewhere under it) a DICOM file: the 128-byte preamble and 'DICM'."""
     for path in sorted(folder.rglob("*")):
-        if path.is_file() and not path.name.startswith(".") and _has_dicom_magic(path):
+        if path.is_file() and not path.name.startswith(".") and file_ending(path) not in _NOT_DICOM_ENDINGS \
+                and _has_dicom_magic(path):
             return True
     return False
 

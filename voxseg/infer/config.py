@@ -32,8 +32,9 @@ from voxseg.plans import Plan
 
 BACKENDS = ("auto", "torch", "onnxruntime")
 MIRROR_WORDS = ("all", "none")  # mirror_axes given as a word instead of axes
+OUTPUT_FORMATS = ("nifti", "dicom-seg")
 
-__all__ = ["BACKENDS", "InferConfig", "Tiling", "infer_config"]
+__all__ = ["BACKENDS", "OUTPUT_FORMATS", "InferConfig", "Tiling", "infer_config"]
 
 
 @dataclass
@@ -78,6 +79,9 @@ class InferConfig:
     class; false = none, even where the model has a postprocessing.json."""
     file_ending: str | None = None
     """File ending of the written label maps (.nii.gz, .nii, .mha, .mhd, .nrrd, .nhdr); none = the plan's."""
+    output_format: str = field(default="nifti", metadata={"choices": OUTPUT_FORMATS})
+    """nifti: a label map image per case, OUT/CASE{file ending}; dicom-seg: a DICOM Segmentation per case,
+    OUT/CASE.dcm, one binary segment per label, referencing the case's source series (DICOM input only)."""
     max_memory: float | None = None
     """Host memory in GB one case's prediction may take at its peak; none = 85% of what is available when the
     case starts. The restore slab and the tiles per forward pass are fitted into it, and a case that cannot
@@ -90,6 +94,7 @@ class InferConfig:
         check_choice(self, "amp")
         check_choice(self, "backend")
         check_choice(self, "cpu_forward")
+        check_choice(self, "output_format")
         if not is_device_name(self.device):
             raise ConfigError(f"device='{self.device}' is not allowed; use auto, cpu, cuda or cuda:N")
         if isinstance(self.mirror_axes, str) and self.mirror_axes not in MIRROR_WORDS:

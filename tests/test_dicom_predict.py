@@ -1,0 +1,142 @@
+"""`voxseg predict -i DICOM_FOLDER`: studies as cases, channels mapped to series, DICOM-SEG output equal voxel for
+voxel to the NIfTI output of the same command."""
+from __future__ import annotations
+
+import highdicom as hd
+import numpy as np
+import pytest
+
+from bad_inputs import run
+from dicom_synth import hounsfield_volume, new_study, oblique_orientation, write_series
+from test_predictor import make_workdir, tiny_plan
+from voxseg.data.dicom import scan_dicom, series_geometry
+from voxseg.data.io import read_image, write_image
+from voxseg.errors import ConfigError, InputError
+from voxseg.infer.dicom_cases import dicom_input_cases, parse_channel_rules
+
+CT_LABELS = {"background": 0, "liver": 1, "tumor": 2}
+MR_LABELS = {"background": 0, "edema": 1, "core": 2}
+FAST = ["--device", "cpu", "--folds", "0", "--no-mirror"]
+
+
+@pytest.fixture(scope="module")
+def ct_model(tmp_path_factory):
+    return make_workdir(tmp_path_factory.mktemp("ct_model"), tiny_plan(CT_LABELS, channels=1), seed=1)
+
+
+@pytest.fixture(scope="module")
+def mr_model(tmp_path_factory):
+    return make_workdir(tmp_path_factory.mktemp("mr_model"), tiny_plan(MR_LABELS, channels=2), seed=2)
+
+
+def _mr_study(folder, descriptions=("T1 AX", "FLAIR AX", "T2 AX"), patient_id="MR7"):
+    study = new_study(patient_id)
+    rng = np.random.default_rng(7)
+    return {d: write_series(folder / d.replace(" ", "_"), rng.integers(0, 900, size=(12, 20, 18)).astype(np.int16),
+                            "MR", (2.0, 1.1, 1.1), orientation=oblique_orientation(0.3), description=d, study=study,
+                            order="shuffled") for d in descriptions}
+
+
+def _seg_masks(seg_path, series_uid, folder):
+    """The SEG's per-segment masks (D, H, W, S) on the source series' slices in array order, and the SEG."""
+    seg = hd.seg.segread(seg_path)
+    series = next(s for s in scan_dicom(folder).series if s.uid == series_uid)
+    frames, _ = series_geometry(series)
+    numbers = [int(item.SegmentNumber) for item in seg.SegmentSequence]
+    masks = seg.get_pixels_by_source_instance(source_sop_instance_uids=[f.sop_instance_uid for f in frames],
+                                              segment_numbers=numbers, combine_segments=False)
+    return masks, seg
+
+
+def _predict_both(model, folder, out, extra=()):
+    nifti = run(["predict", "-m", model, "-i", folder, "-o", out / "nifti", *FAST, *extra])
+    dicom = run(["predict", "-m", model, "-i", folder, "-o", out / "seg", *FAST, "--output-format", "dicom-seg",
+                 *extra])
+    assert nifti[0] == 0 and dicom[0] == 0, (nifti, dicom)
+    return nifti[1], dicom[1]
+
+
+def test_ct_series_to_dicom_seg_equals_the_nifti_prediction(ct_model, tmp_path):
+    stored = hounsfield_volume((12, 24, 20)) + 1024
+    info = write_series(tmp_path / "in" / "ct", stored, orientation=oblique_orientation(), intercept=-1024.0,
+                        order="shuffled", study=new_study("CT 01/a"), description="Abdomen 2.5")
+    printed, _ = _predict_both(ct_model, tmp_path / "in", tmp_path / "out")
+    name = "CT_01_a_20260101"  # PatientID_StudyDate, characters outside [A-Za-z0-9._-] as _
+    assert "wrote 1 prediction(s)" in printed
+    labels, geometry = read_image(tmp_path / "out" / "nifti" / f"{name}.nii.gz")
+    assert geometry.allclose(info.geometry, atol=1e-4) and labels.shape == (12, 24, 20)
+    masks, seg = _seg_masks(tmp_path / "out" / "seg" / f"{name}.dcm", info.uid, tmp_path / "in")
+    assert [item.SegmentLabel for item in seg.SegmentSequence] == ["liver", "tumor"]
+    assert seg.SegmentSequence[0].SegmentedPropertyTypeCodeSequence[0].CodeMeaning == "Liver"
+    assert seg.SegmentSequence[1].SegmentedPropertyCategoryCodeSequence[0].CodeMeaning == \
+        "Morphologically Abnormal Structure"
+    for number, value in enumerate((1, 2)):
+        assert np.array_equal(masks[..., number].astype(bool), labels == value), value
+    assert 0 < (labels > 0).sum() < labels.size  # the comparison is not between two empty masks
+    assert seg.ReferencedSeriesSequence[0].SeriesInstanceUID == info.uid
+    assert seg.FrameOfReferenceUID == info.frame_of_reference_uid and seg.StudyInstanceUID == info.study_uid
+    assert np.allclose(seg.SharedFunctionalGroupsSequence[0].PixelMeasuresSequence[0].PixelSpacing, [0.8, 0.9])
+
+
+def test_mr_study_channels_by_series_description(mr_model, tmp_path):
+    written = _mr_study(tmp_path / "in")
+    _predict_both(mr_model, tmp_path / "in", tmp_path / "out", ["--channel", "0=t1*", "--channel", "1=FLAIR AX"])
+    labels, geometry = read_image(tmp_path / "out" / "nifti" / "MR7_20260101.nii.gz")
+    assert geometry.allclose(written["T1 AX"].geometry, atol=1e-4)
+    masks, seg = _seg_masks(tmp_path / "out" / "seg" / "MR7_20260101.dcm", written["T1 AX"].uid, tmp_path / "in")
+    assert masks.shape == (12, 20, 18, 2) and [s.SegmentLabel for s in seg.SegmentSequence] == ["edema", "core"]
+    for number, value in enumerate((1, 2)):
+        assert np.array_equal(masks[..., number].astype(bool), labels == value)
+    # the channel order is the rules', not the folder's: swapping them changes the prediction
+    swapped = run(["predict", "-m", mr_model, "-i", tmp_path / "in", "-o", tmp_path / "swap", *FAST,
+                   "--channel", "1=t1*", "--channel", "0=FLAIR AX"])
+    assert swapped[0] == 0 and not np.array_equal(read_image(tmp_path / "swap" / "MR7_20260101.nii.gz")[0], labels)
+
+
+def test_a_missing_channel_lists_the_series_found(mr_model, tmp_path):
+    _mr_study(tmp_path / "in", descriptions=("T1 AX", "T2 AX"))
+    code, _, err = run(["predict", "-m", mr_model, "-i", tmp_path / "in", "-o", tmp_path / "out", *FAST,
+                        "--channel", "0=T1 AX", "--channel", "1=FLAIR*"])
+    assert code == 2 and "Traceback" not in err
+    assert "no series matches channel 1 'FLAIR*'" in err and "'T1 AX' (MR, 12 images" in err and "'T2 AX'" in err
+    assert not (tmp_path / "out").exists()  # refused before anything is written
+
+
+def test_channel_rules_and_study_grouping(mr_model, tmp_path):
+    plan = tiny_plan(MR_LABELS, channels=2)
+    _mr_study(tmp_path / "a", descriptions=("ch0", "ch1"), patient_id="P1")
+    _mr_study(tmp_path / "b", descriptions=("ch0", "ch1"), patient_id="P1")  # same patient and date: 2nd study
+    cases = dicom_input_cases(tmp_path, plan)  # no rules: the model's channel names are the patterns
+    assert len(cases) == 2 and all(name.startswith("P1_20260101_") for name, _ in cases)
+    assert all([s.description for s in series] == ["ch0", "ch1"] for _, series in cases)
+    assert parse_channel_rules(["1=FLAIR", "0=T1"]) == {1: "FLAIR", 0: "T1"}
+    (tmp_path / "map.json").write_text('{"0": "ch1", "1": "ch0"}')
+    assert parse_channel_rules(map_file=tmp_path / "map.json") == {0: "ch1", 1: "ch0"}
+    for bad in (["0T1"], ["0=T1", "0=T2"], ["x=T1"]):
+        with pytest.raises(ConfigError, match="--channel"):
+            parse_channel_rules(bad)
+    with pytest.raises(ConfigError, match="the model has 2 channel"):
+        dicom_input_cases(tmp_path, plan, {0: "ch0"})
+    with pytest.raises(InputError, match="2 series match channel 0"):
+        dicom_input_cases(tmp_path / "a", plan, {0: "ch*", 1: "ch1"})
+
+
+def test_one_channel_model_needs_a_rule_when_a_study_has_several_series(ct_model, tmp_path):
+    study = new_study("CT2")
+    for kernel in ("soft", "lung"):
+        write_series(tmp_path / "in" / kernel, hounsfield_volume(), description=kernel, study=study)
+    code, _, err = run(["predict", "-m", ct_model, "-i", tmp_path / "in", "-o", tmp_path / "out", *FAST])
+    assert code == 2 and "2 image series and the model takes one channel" in err and "--channel 0=" in err
+    assert run(["predict", "-m", ct_model, "-i", tmp_path / "in", "-o", tmp_path / "out", *FAST,
+                "--channel", "0=lung"])[0] == 0
+
+
+def test_dicom_seg_output_needs_dicom_input_and_bad_series_fail_by_name(ct_model, tmp_path):
+    write_image(tmp_path / "nifti" / "case_0000.nii.gz", hounsfield_volume().astype(np.float32),
+                write_series(tmp_path / "ct", hounsfield_volume()).geometry)
+    code, _, err = run(["predict", "-m", ct_model, "-i", tmp_path / "nifti", "-o", tmp_path / "out", *FAST,
+                        "--output-format", "dicom-seg"])
+    assert code == 2 and "--output-format dicom-seg needs DICOM input" in err and not (tmp_path / "out").exists()
+    info = write_series(tmp_path / "gap", hounsfield_volume(), drop=4, description="gappy")
+    code, _, err = run(["predict", "-m", ct_model, "-i", tmp_path / "gap", "-o", tmp_path / "out", *FAST])
+    assert code == 2 and "missing slice(s)" in err and info.uid in err and "Traceback" not in err
