@@ -10,9 +10,10 @@ from bad_inputs import run
 from dicom_synth import hounsfield_volume, new_study, oblique_orientation, write_series
 from test_predictor import make_workdir, tiny_plan
 from voxseg.data.dicom import scan_dicom, series_geometry
+from voxseg.data.dicom_studies import parse_channel_rules
 from voxseg.data.io import read_image, write_image
 from voxseg.errors import ConfigError, InputError
-from voxseg.infer.dicom_cases import dicom_input_cases, parse_channel_rules
+from voxseg.infer.dicom_cases import dicom_input_cases
 
 CT_LABELS = {"background": 0, "liver": 1, "tumor": 2}
 MR_LABELS = {"background": 0, "edema": 1, "core": 2}

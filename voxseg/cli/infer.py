@@ -103,7 +103,8 @@ def cmd_predict(args: argparse.Namespace) -> int:
 def _input_cases(args: argparse.Namespace, plan: Any) -> list:
     """The cases of -i: a DICOM folder (one case per study, --channel rules) or image files
     (`find_input_cases`)."""
-    from voxseg.infer.dicom_cases import dicom_input_cases, looks_like_dicom_input, parse_channel_rules
+    from voxseg.data.dicom_studies import parse_channel_rules
+    from voxseg.infer.dicom_cases import dicom_input_cases, looks_like_dicom_input
     from voxseg.infer.predictor import find_input_cases
 
     rules = parse_channel_rules(args.channel, args.channel_map)

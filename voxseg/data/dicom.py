@@ -37,8 +37,8 @@ import numpy as np
 from voxseg.data.io import SUPPORTED_ENDINGS, Geometry, file_ending
 from voxseg.errors import ConfigError, ImageReadError
 
-__all__ = ["DicomFrame", "DicomScan", "DicomSeries", "is_dicom_folder", "pydicom_module", "read_series",
-           "scan_dicom", "series_geometry"]
+__all__ = ["DicomFrame", "DicomScan", "DicomSeries", "highdicom_module", "is_dicom_folder", "pydicom_module",
+           "read_series", "scan_dicom", "series_geometry"]
 
 SEG_SOP_CLASS = "1.2.840.10008.5.1.4.1.1.66.4"
 # SOP classes that carry no image volume: RT structure set / plan / dose record, SR (all 88.x), presentation
@@ -61,6 +61,15 @@ def pydicom_module() -> Any:
     except ImportError:
         raise ConfigError("reading DICOM needs the pydicom package: pip install 'voxseg[dicom]'") from None
     return pydicom
+
+
+def highdicom_module() -> Any:
+    """highdicom (DICOM-SEG reading and writing), or ConfigError saying how to install it."""
+    try:
+        import highdicom
+    except ImportError:
+        raise ConfigError("DICOM-SEG needs the highdicom package: pip install 'voxseg[dicom]'") from None
+    return highdicom
 
 
 @dataclass

@@ -17,27 +17,17 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from voxseg.atomicio import atomic_path
-from voxseg.errors import ConfigError, InputError
+from voxseg.errors import InputError
 
 if TYPE_CHECKING:
     from voxseg.data.dicom import DicomSeries
     from voxseg.data.io import Geometry
     from voxseg.plans import Plan
 
-__all__ = ["highdicom_module", "segment_masks", "write_dicom_seg"]
+__all__ = ["segment_masks", "write_dicom_seg"]
 
 _LESION_WORDS = {"tumor", "tumour", "lesion", "edema", "oedema", "necrosis", "enhancing", "metastasis", "nodule",
                  "cyst", "core", "whole"}
-
-
-def highdicom_module() -> Any:
-    """highdicom, or ConfigError saying how to install it."""
-    try:
-        import highdicom
-    except ImportError:
-        raise ConfigError("--output-format dicom-seg needs the highdicom package: "
-                          "pip install 'voxseg[dicom]'") from None
-    return highdicom
 
 
 def segment_masks(labels: np.ndarray, plan: Plan) -> list[tuple[str, np.ndarray]]:
@@ -69,6 +59,8 @@ def _segment_codes(name: str) -> tuple[Any, Any]:
 
 
 def _descriptions(names: list[str]) -> list[Any]:
+    from voxseg.data.dicom import highdicom_module
+
     hd = highdicom_module()
     from pydicom.sr.codedict import codes
 
@@ -105,6 +97,8 @@ def _source_frames(series: DicomSeries, labels: np.ndarray, geometry: Geometry) 
 
 def write_dicom_seg(path: Path, labels: np.ndarray, geometry: Geometry, series: DicomSeries, plan: Plan) -> Path:
     """Write the DICOM-SEG of a case's (D, H, W) label map, on the grid of `series`, to `path` (atomically)."""
+    from voxseg.data.dicom import highdicom_module
+
     hd = highdicom_module()
     from pydicom.uid import generate_uid
 
