@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import argparse
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from voxseg.cli.common import (
@@ -93,14 +94,20 @@ def cmd_predict(args: argparse.Namespace) -> int:
     else:
         predictor = Predictor.from_workdir(configuration_workdir(args.model, args.configuration), config)
     print(_folds_line(predictor, config.folds))
-    cases = _input_cases(args, predictor.plan)
-    result = predictor.predict_files(cases, args.output, continue_run=args.continue_run, progress=True)
+    from voxseg.infer.dicomweb import pulled_input, store_instances
+
+    with pulled_input(args.input) as (inputs, study):  # a dicomweb:// study: retrieved into a temporary folder
+        cases = _input_cases(args, predictor.plan, inputs)
+        result = predictor.predict_files(cases, args.output, continue_run=args.continue_run, progress=True)
     skipped = f", skipped {result['skipped']} already there (--continue)" if result["skipped"] else ""
     print(f"wrote {result['written']} prediction(s) to {result['out_dir']}{skipped}")
+    if study is not None and config.output_format == "dicom-seg":
+        stored = store_instances(study, [Path(result["out_dir"]) / f"{name}.dcm" for name, _ in cases])
+        print(f"stored {stored} DICOM-SEG(s) to {study.label}")
     return 0
 
 
-def _input_cases(args: argparse.Namespace, plan: Any) -> list:
+def _input_cases(args: argparse.Namespace, plan: Any, inputs: list[str]) -> list:
     """The cases of -i: a DICOM folder (one case per study, --channel rules) or image files
     (`find_input_cases`)."""
     from voxseg.data.dicom_studies import parse_channel_rules
@@ -108,11 +115,11 @@ def _input_cases(args: argparse.Namespace, plan: Any) -> list:
     from voxseg.infer.predictor import find_input_cases
 
     rules = parse_channel_rules(args.channel, args.channel_map)
-    if looks_like_dicom_input(args.input):
-        return dicom_input_cases(args.input[0], plan, rules)
+    if looks_like_dicom_input(inputs):
+        return dicom_input_cases(inputs[0], plan, rules)
     if rules:
         raise ConfigError("--channel / --channel-map map DICOM series to channels; -i gives no DICOM folder")
-    return find_input_cases(args.input, plan.num_channels, plan.file_ending)
+    return find_input_cases(inputs, plan.num_channels, plan.file_ending)
 
 
 def _folds_line(predictor: Any, requested: list[int] | str | None) -> str:
