@@ -141,3 +141,18 @@ def test_dicom_seg_output_needs_dicom_input_and_bad_series_fail_by_name(ct_model
     info = write_series(tmp_path / "gap", hounsfield_volume(), drop=4, description="gappy")
     code, _, err = run(["predict", "-m", ct_model, "-i", tmp_path / "gap", "-o", tmp_path / "out", *FAST])
     assert code == 2 and "missing slice(s)" in err and info.uid in err and "Traceback" not in err
+
+
+def test_torchrun_ranks_share_dicom_cases_by_their_files_size(mr_model, tmp_path, monkeypatch):
+    from voxseg.infer.casefiles import my_share
+
+    plan = tiny_plan(MR_LABELS, channels=2)
+    for patient in ("A", "B", "C"):
+        _mr_study(tmp_path / patient, descriptions=("ch0", "ch1"), patient_id=patient)
+    cases = dicom_input_cases(tmp_path, plan)
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    shares = []
+    for rank in (0, 1):
+        monkeypatch.setenv("RANK", str(rank))
+        shares.append([name for name, _ in my_share(cases)])
+    assert sorted(shares[0] + shares[1]) == ["A_20260101", "B_20260101", "C_20260101"] and all(shares)
