@@ -154,3 +154,30 @@ def test_without_pydicom_the_message_says_what_to_install(tmp_path, monkeypatch)
     monkeypatch.setitem(sys.modules, "pydicom", None)  # import pydicom now raises ImportError
     with pytest.raises(ConfigError, match=r"pip install 'voxseg\[dicom\]'"):
         scan_dicom(tmp_path)
+
+
+@pytest.mark.parametrize("sample", ["MR_small.dcm", "MR_small_RLE.dcm", "MR_small_jp2klossless.dcm"])
+def test_pydicoms_own_sample_files_stacked_into_a_series(tmp_path, sample):
+    """A real MR image (pydicom's test files: uncompressed, RLE and JPEG 2000) copied to three positions along its
+    normal, files in scrambled order: decoded, rescaled and placed as SimpleITK places them."""
+    import pydicom
+    from pydicom.data import get_testdata_file
+    from pydicom.uid import generate_uid
+
+    original = pydicom.dcmread(get_testdata_file("MR_small.dcm"))
+    expected = original.pixel_array.astype(np.float32) * float(getattr(original, "RescaleSlope", 1)) + \
+        float(getattr(original, "RescaleIntercept", 0))
+    iop = np.asarray([float(v) for v in original.ImageOrientationPatient])
+    normal = np.cross(iop[:3], iop[3:])
+    for k, name in ((2, "a"), (0, "b"), (1, "c")):
+        ds = pydicom.dcmread(get_testdata_file(sample))
+        ds.SOPInstanceUID = ds.file_meta.MediaStorageSOPInstanceUID = generate_uid()
+        ds.ImagePositionPatient = [float(v) + 3.0 * k * n for v, n in zip(ds.ImagePositionPatient, normal)]
+        ds.InstanceNumber = 3 - k
+        ds.save_as(tmp_path / name)
+    series = _only_series(tmp_path)
+    image, geometry = read_series(series)
+    assert image.shape == (3, 64, 64) and all(np.array_equal(image[k], expected) for k in range(3))
+    _, sitk_geometry = sitk_series(tmp_path, series.uid)
+    assert np.allclose(geometry.affine, sitk_geometry.affine, atol=1e-4)
+    assert np.isclose(geometry.spacing[0], 3.0)
