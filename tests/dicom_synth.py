@@ -196,3 +196,47 @@ def sitk_series(folder: Path, series_uid: str) -> tuple[np.ndarray, Geometry]:
     affine[:3, :3] = (direction * np.asarray(image.GetSpacing())[None, :])[:, ::-1]
     affine[:3, 3] = image.GetOrigin()
     return sitk.GetArrayFromImage(image), Geometry(affine)
+
+
+RTSTRUCT = "1.2.840.10008.5.1.4.1.1.481.3"
+
+
+def write_rtstruct(path: Path, info: SeriesInfo, rois: dict[str, list[tuple[int, list[tuple[float, float]]]]],
+                   study: dict | None = None) -> Path:
+    """An RT Structure Set on the series `info`: per ROI name, closed contours (slice k, [(row, column), ...] in
+    voxel units), written in patient coordinates through the series' geometry."""
+    study = study or {"study_uid": info.study_uid, "frame_of_reference_uid": info.frame_of_reference_uid}
+    path.parent.mkdir(parents=True, exist_ok=True)
+    ds = _base_dataset(path, RTSTRUCT, "RTSTRUCT", study, generate_uid(), ExplicitVRLittleEndian)
+    for name in ("SamplesPerPixel", "PhotometricInterpretation", "BitsAllocated", "BitsStored", "HighBit",
+                 "PixelRepresentation"):
+        delattr(ds, name)
+    ds.StructureSetLabel, ds.StructureSetDate, ds.StructureSetTime = "synthetic", "20260101", "120000"
+    series, study_ref, frame = Dataset(), Dataset(), Dataset()
+    series.SeriesInstanceUID = info.uid
+    study_ref.ReferencedSOPClassUID, study_ref.ReferencedSOPInstanceUID = "1.2.840.10008.3.1.2.3.1", info.study_uid
+    study_ref.RTReferencedSeriesSequence = Sequence([series])
+    frame.FrameOfReferenceUID = info.frame_of_reference_uid
+    frame.RTReferencedStudySequence = Sequence([study_ref])
+    ds.ReferencedFrameOfReferenceSequence = Sequence([frame])
+    roi_items, contour_items = [], []
+    for number, (name, contours) in enumerate(rois.items(), start=1):
+        roi = Dataset()
+        roi.ROINumber, roi.ROIName, roi.ROIGenerationAlgorithm = number, name, "MANUAL"
+        roi.ReferencedFrameOfReferenceUID = info.frame_of_reference_uid
+        roi_items.append(roi)
+        item = Dataset()
+        item.ReferencedROINumber, item.ROIDisplayColor = number, [255, 0, 0]
+        polygons = []
+        for k, points in contours:
+            contour = Dataset()
+            contour.ContourGeometricType, contour.NumberOfContourPoints = "CLOSED_PLANAR", len(points)
+            world = [info.geometry.affine @ np.array([k, r, c, 1.0]) for r, c in points]
+            contour.ContourData = [f"{v:.6f}" for point in world for v in point[:3]]
+            polygons.append(contour)
+        item.ContourSequence = Sequence(polygons)
+        contour_items.append(item)
+    ds.StructureSetROISequence = Sequence(roi_items)
+    ds.ROIContourSequence = Sequence(contour_items)
+    _save(ds, path)
+    return path

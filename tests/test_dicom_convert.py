@@ -8,7 +8,14 @@ import numpy as np
 import pytest
 
 from bad_inputs import run
-from dicom_synth import hounsfield_volume, new_study, oblique_orientation, write_enhanced_ct, write_series
+from dicom_synth import (
+    hounsfield_volume,
+    new_study,
+    oblique_orientation,
+    write_enhanced_ct,
+    write_rtstruct,
+    write_series,
+)
 from test_predictor import REGIONS, tiny_plan
 from voxseg.data.dicom import scan_dicom
 from voxseg.data.dicom_convert import convert_dicom
@@ -90,5 +97,38 @@ def test_refusals_name_the_seg_file(tmp_path):
     assert code == 2 and f"references series {info.uid}, which is not under" in err
     (tmp_path / "noseg").mkdir()
     write_series(tmp_path / "noseg" / "ct", hu)
-    with pytest.raises(DatasetError, match="no DICOM-SEG found"):
+    with pytest.raises(DatasetError, match="no DICOM-SEG or RTSTRUCT found"):
         convert_dicom(tmp_path / "noseg", tmp_path / "dst")
+
+
+def test_rtstruct_contours_are_filled_on_their_slices(tmp_path):
+    """Rectangles with corners between voxel centres (so every centre is clearly inside or out), one with a hole
+    (a contour inside another), on an oblique series: the filled label map is known voxel for voxel."""
+    hu = hounsfield_volume((8, 16, 14))
+    info = write_series(tmp_path / "src" / "ct", hu, orientation=oblique_orientation(), order="shuffled")
+
+    def box(r0, r1, c0, c1):
+        return [(r0 - 0.5, c0 - 0.5), (r0 - 0.5, c1 + 0.5), (r1 + 0.5, c1 + 0.5), (r1 + 0.5, c0 - 0.5)]
+
+    write_rtstruct(tmp_path / "src" / "rt" / "rtstruct.dcm", info, {
+        "Liver": [(2, box(3, 9, 2, 8)), (2, box(5, 6, 4, 5)), (3, box(3, 9, 2, 8))],  # slice 2 has a hole
+        "Kidney": [(5, box(10, 13, 9, 12))],
+        "Empty": [],
+    })
+    expected = np.zeros(hu.shape, dtype=np.uint8)
+    expected[2:4, 3:10, 2:9] = 1
+    expected[2, 5:7, 4:6] = 0
+    expected[5, 10:14, 9:13] = 2
+    code, out, err = run(["convert", "dicom", tmp_path / "src", tmp_path / "dst"])
+    assert code == 0, err
+    labels, geometry = read_image(tmp_path / "dst" / "labelsTr" / "SYN001_20260101.nii.gz")
+    assert np.array_equal(labels, expected) and geometry.allclose(info.geometry, atol=1e-5)
+    assert json.loads((tmp_path / "dst" / "dataset.json").read_text())["labels"] == \
+        {"background": 0, "Liver": 1, "Kidney": 2, "Empty": 3}
+
+
+def test_rtstruct_contours_off_the_slices_are_refused(tmp_path):
+    info = write_series(tmp_path / "src" / "ct", hounsfield_volume((8, 16, 14)))
+    write_rtstruct(tmp_path / "src" / "rt.dcm", info, {"Liver": [(2.5, [(1, 1), (1, 5), (5, 5)])]})
+    with pytest.raises(DatasetError, match=r"rt\.dcm: a contour of ROI 'Liver' does not lie in one slice"):
+        convert_dicom(tmp_path / "src", tmp_path / "dst")

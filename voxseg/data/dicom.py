@@ -9,7 +9,8 @@ Rules (docs/INFERENCE.md, "DICOM"):
 
 - Every file under the folder is looked at (recursively); files that are not DICOM are ignored. Image files are
   grouped by SeriesInstanceUID. Objects that are not images (Segmentation, RT Structure Set, Structured
-  Report, presentation states, DICOMDIR) are never read as images: SEG objects are kept in `DicomScan.segmentations`
+  Report, presentation states, DICOMDIR) are never read as images: SEG and RTSTRUCT files are kept in
+  `DicomScan.segmentations` and `DicomScan.structure_sets`
   (`voxseg convert dicom` reads them), the others are listed in `DicomScan.ignored`.
 - Slices are ordered along the slice normal (the cross product of the ImageOrientationPatient row and column
   directions), by the projection of ImagePositionPatient on it, ascending; never by file name or
@@ -41,6 +42,7 @@ __all__ = ["DicomFrame", "DicomScan", "DicomSeries", "highdicom_module", "is_dic
            "read_series", "scan_dicom", "series_geometry"]
 
 SEG_SOP_CLASS = "1.2.840.10008.5.1.4.1.1.66.4"
+RTSTRUCT_SOP_CLASS = "1.2.840.10008.5.1.4.1.1.481.3"
 # SOP classes that carry no image volume: RT structure set / plan / dose record, SR (all 88.x), presentation
 # states (11.x), key objects, raw data, DICOMDIR
 _NOT_IMAGE_PREFIXES = ("1.2.840.10008.5.1.4.1.1.481.3", "1.2.840.10008.5.1.4.1.1.481.5", "1.2.840.10008.5.1.4.1.1.88.",
@@ -128,6 +130,7 @@ class DicomScan:
     folder: Path
     series: list[DicomSeries] = field(default_factory=list)
     segmentations: list[Path] = field(default_factory=list)  # DICOM-SEG files
+    structure_sets: list[Path] = field(default_factory=list)  # RT Structure Set files
     ignored: list[tuple[Path, str]] = field(default_factory=list)  # (file, why it is not read as an image)
 
 
@@ -170,8 +173,8 @@ def scan_dicom(folder: str | Path) -> DicomScan:
             scan.ignored.append((path, f"header cannot be read ({type(exc).__name__}: {exc})"))
             continue
         sop_class = str(getattr(dataset, "SOPClassUID", ""))
-        if sop_class == SEG_SOP_CLASS:
-            scan.segmentations.append(path)
+        if sop_class in (SEG_SOP_CLASS, RTSTRUCT_SOP_CLASS):
+            (scan.segmentations if sop_class == SEG_SOP_CLASS else scan.structure_sets).append(path)
             continue
         if sop_class.startswith(_NOT_IMAGE_PREFIXES) or "SeriesInstanceUID" not in dataset:
             scan.ignored.append((path, f"not an image (SOP class {sop_class or 'none'}, modality "
@@ -184,8 +187,8 @@ def scan_dicom(folder: str | Path) -> DicomScan:
         _add_frames(series, dataset, path)
     scan.series = sorted(by_uid.values(), key=lambda s: (s.study_uid, s.description, s.uid))
     if not scan.series:
-        found = f" ({len(scan.segmentations) + len(scan.ignored)} non-image DICOM file(s))" if scan.ignored or \
-            scan.segmentations else ""
+        others = len(scan.segmentations) + len(scan.structure_sets) + len(scan.ignored)
+        found = f" ({others} non-image DICOM file(s))" if others else ""
         raise ImageReadError(f"{folder}: no DICOM image series found{found}; give the folder holding the image "
                              "files (.dcm or files without an ending, each starting with the DICM marker)")
     return scan
