@@ -90,7 +90,7 @@ def test_predict_pulls_a_study_from_orthanc_and_stores_the_seg_back(orthanc, tmp
     code, out, err = run(["predict", "-m", model, "-i", source, "-o", tmp_path / "seg", *fast,
                           "--output-format", "dicom-seg"])
     assert code == 0, err
-    assert f"retrieved 12 instance(s) of study {info.study_uid}" in out and "stored 1 DICOM-SEG(s)" in out
+    assert f"retrieved 12 instance(s) of study {info.study_uid}" in out and "stored 1 dicom-seg object(s)" in out
     assert run(["predict", "-m", model, "-i", tmp_path / "local", "-o", tmp_path / "nifti", *fast])[0] == 0
     labels, geometry = read_image(tmp_path / "nifti" / "PACS1_20260101.nii.gz")
     assert geometry.allclose(info.geometry, atol=1e-4) and 0 < (labels > 0).sum() < labels.size

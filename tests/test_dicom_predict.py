@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import highdicom as hd
 import numpy as np
+import pydicom
 import pytest
 
 from bad_inputs import run
 from dicom_synth import hounsfield_volume, new_study, oblique_orientation, write_series
 from test_predictor import make_workdir, tiny_plan
 from voxseg.data.dicom import scan_dicom, series_geometry
+from voxseg.data.dicom_rtstruct import read_structure_set
 from voxseg.data.dicom_studies import parse_channel_rules
 from voxseg.data.io import read_image, write_image
 from voxseg.errors import ConfigError, InputError
@@ -156,3 +158,25 @@ def test_torchrun_ranks_share_dicom_cases_by_their_files_size(mr_model, tmp_path
         monkeypatch.setenv("RANK", str(rank))
         shares.append([name for name, _ in my_share(cases)])
     assert sorted(shares[0] + shares[1]) == ["A_20260101", "B_20260101", "C_20260101"] and all(shares)
+
+
+def test_rtstruct_output_fills_back_to_the_nifti_prediction(ct_model, tmp_path):
+    stored = hounsfield_volume((12, 24, 20)) + 1024
+    info = write_series(tmp_path / "in" / "ct", stored, orientation=oblique_orientation(), intercept=-1024.0,
+                        order="shuffled", study=new_study("RT1"))
+    assert run(["predict", "-m", ct_model, "-i", tmp_path / "in", "-o", tmp_path / "nifti", *FAST])[0] == 0
+    code, _, err = run(["predict", "-m", ct_model, "-i", tmp_path / "in", "-o", tmp_path / "rt", *FAST,
+                        "--output-format", "rtstruct"])
+    assert code == 0, err
+    labels, geometry = read_image(tmp_path / "nifti" / "RT1_20260101.nii.gz")
+    structure = read_structure_set(tmp_path / "rt" / "RT1_20260101.dcm")
+    assert structure.names == ["liver", "tumor"] and structure.series_uids == [info.uid]
+    assert sum(len(polygons) for polygons in structure.contours) > 0
+    masks = structure.masks(labels.shape, info.geometry)
+    for number, value in enumerate((1, 2)):
+        assert np.array_equal(masks[..., number], labels == value), value
+    ds = pydicom.dcmread(tmp_path / "rt" / "RT1_20260101.dcm")
+    assert ds.Modality == "RTSTRUCT" and ds.StudyInstanceUID == info.study_uid and ds.PatientID == "RT1"
+    referenced = ds.ReferencedFrameOfReferenceSequence[0].RTReferencedStudySequence[0].RTReferencedSeriesSequence[0]
+    sops = {pydicom.dcmread(path).SOPInstanceUID for path in info.files}
+    assert {item.ReferencedSOPInstanceUID for item in referenced.ContourImageSequence} == sops

@@ -101,9 +101,9 @@ def cmd_predict(args: argparse.Namespace) -> int:
         result = predictor.predict_files(cases, args.output, continue_run=args.continue_run, progress=True)
     skipped = f", skipped {result['skipped']} already there (--continue)" if result["skipped"] else ""
     print(f"wrote {result['written']} prediction(s) to {result['out_dir']}{skipped}")
-    if study is not None and config.output_format == "dicom-seg":
+    if study is not None and config.output_format != "nifti":  # a DICOM-SEG or RTSTRUCT per case, back to the PACS
         stored = store_instances(study, [Path(result["out_dir"]) / f"{name}.dcm" for name, _ in cases])
-        print(f"stored {stored} DICOM-SEG(s) to {study.label}")
+        print(f"stored {stored} {config.output_format} object(s) to {study.label}")
     return 0
 
 

@@ -32,7 +32,7 @@ from voxseg.plans import Plan
 
 BACKENDS = ("auto", "torch", "onnxruntime")
 MIRROR_WORDS = ("all", "none")  # mirror_axes given as a word instead of axes
-OUTPUT_FORMATS = ("nifti", "dicom-seg")
+OUTPUT_FORMATS = ("nifti", "dicom-seg", "rtstruct")
 
 __all__ = ["BACKENDS", "OUTPUT_FORMATS", "InferConfig", "Tiling", "infer_config"]
 
@@ -81,7 +81,8 @@ class InferConfig:
     """File ending of the written label maps (.nii.gz, .nii, .mha, .mhd, .nrrd, .nhdr); none = the plan's."""
     output_format: str = field(default="nifti", metadata={"choices": OUTPUT_FORMATS})
     """nifti: a label map image per case, OUT/CASE{file ending}; dicom-seg: a DICOM Segmentation per case,
-    OUT/CASE.dcm, one binary segment per label, referencing the case's source series (DICOM input only)."""
+    OUT/CASE.dcm, one binary segment per label; rtstruct: an RT Structure Set per case, OUT/CASE.dcm, one ROI of
+    contours per label; both reference the case's source series (DICOM input only)."""
     max_memory: float | None = None
     """Host memory in GB one case's prediction may take at its peak; none = 85% of what is available when the
     case starts. The restore slab and the tiles per forward pass are fitted into it, and a case that cannot

@@ -19,8 +19,10 @@ if TYPE_CHECKING:
     from voxseg.data.io import Geometry
     from voxseg.plans import Plan
 
-__all__ = ["check_dicom_seg_input", "dicom_input_cases", "is_dicom_case", "looks_like_dicom_input",
-           "read_dicom_case"]
+DICOM_OUTPUTS = ("dicom-seg", "rtstruct")  # output formats written as DICOM objects, OUT/CASE.dcm
+
+__all__ = ["DICOM_OUTPUTS", "check_dicom_output_input", "dicom_input_cases", "is_dicom_case", "looks_like_dicom_input",
+           "read_dicom_case", "write_dicom_output"]
 
 
 def looks_like_dicom_input(paths: Sequence[str | Path]) -> bool:
@@ -58,13 +60,25 @@ def is_dicom_case(files: Sequence[Any]) -> bool:
     return bool(files) and all(isinstance(f, DicomSeries) for f in files)
 
 
-def check_dicom_seg_input(cases: Sequence[tuple[str, Sequence[Any]]]) -> None:
-    """InputError unless every case is read from DICOM series (a DICOM-SEG references its source series)."""
+def check_dicom_output_input(cases: Sequence[tuple[str, Sequence[Any]]], output_format: str) -> None:
+    """InputError unless every case is read from DICOM series (a DICOM output references its source series)."""
     other = [name for name, files in cases if not is_dicom_case(files)]
     if other:
-        raise InputError(f"--output-format dicom-seg needs DICOM input (a DICOM-SEG references its source series); "
+        raise InputError(f"--output-format {output_format} needs DICOM input (it references its source series); "
                          f"case(s) {', '.join(other[:5])} are read from image files: predict a DICOM folder, or write "
                          "--output-format nifti")
+
+
+def write_dicom_output(output_format: str, path: Path, labels: np.ndarray, geometry: Geometry,
+                       series: DicomSeries, plan: Plan) -> Path:
+    """Write a case's label map as `output_format` (one of DICOM_OUTPUTS) on the grid of `series`, its channel 0."""
+    if output_format == "rtstruct":
+        from voxseg.infer.rtstruct import write_rtstruct
+
+        return write_rtstruct(path, labels, geometry, series, plan)
+    from voxseg.infer.dicom_seg import write_dicom_seg
+
+    return write_dicom_seg(path, labels, geometry, series, plan)
 
 
 def read_dicom_case(name: str, channels: Sequence[DicomSeries]) -> tuple[np.ndarray, Geometry]:

@@ -24,7 +24,7 @@ if TYPE_CHECKING:
     from voxseg.data.io import Geometry
     from voxseg.plans import Plan
 
-__all__ = ["segment_masks", "write_dicom_seg"]
+__all__ = ["segment_masks", "source_frames", "write_dicom_seg"]
 
 _LESION_WORDS = {"tumor", "tumour", "lesion", "edema", "oedema", "necrosis", "enhancing", "metastasis", "nodule",
                  "cyst", "core", "whole"}
@@ -76,7 +76,7 @@ def _descriptions(names: list[str]) -> list[Any]:
     return out
 
 
-def _source_frames(series: DicomSeries, labels: np.ndarray, geometry: Geometry) -> tuple[list[Any], list[Any]]:
+def source_frames(series: DicomSeries, labels: np.ndarray, geometry: Geometry) -> tuple[list[Any], list[Any]]:
     """The source datasets (headers) and the series' frames in array order, after checking that `labels` lies on
     the series' grid."""
     from voxseg.data.dicom import pydicom_module, series_geometry
@@ -102,7 +102,7 @@ def write_dicom_seg(path: Path, labels: np.ndarray, geometry: Geometry, series: 
     hd = highdicom_module()
     from pydicom.uid import generate_uid
 
-    sources, frames = _source_frames(series, labels, geometry)
+    sources, frames = source_frames(series, labels, geometry)
     segments = segment_masks(labels, plan)
     if not segments:
         raise InputError(f"the model's labels ({plan.labels}) have no foreground label to write as a segment")

@@ -44,8 +44,7 @@ from voxseg.infer.casefiles import (
     save_probabilities,
 )
 from voxseg.infer.config import InferConfig
-from voxseg.infer.dicom_cases import check_dicom_seg_input
-from voxseg.infer.dicom_seg import write_dicom_seg
+from voxseg.infer.dicom_cases import DICOM_OUTPUTS, check_dicom_output_input, write_dicom_output
 from voxseg.infer.inputs import (
     check_output_not_input,
     checked_geometry,
@@ -294,12 +293,12 @@ class Predictor:
             {"written": n, "skipped": n, "out_dir": str}, counted over this process's share.
         """
         check_output_not_input(cases, Path(out_dir))
-        dicom_seg = self.config.output_format == "dicom-seg"
-        if dicom_seg:
-            check_dicom_seg_input(cases)
+        dicom_output = self.config.output_format in DICOM_OUTPUTS
+        if dicom_output:
+            check_dicom_output_input(cases, self.config.output_format)
         out_dir = make_output_folder(out_dir, "predict -o")
         sweep_stale_temporaries(out_dir)  # left by a killed run
-        ending = ".dcm" if dicom_seg else file_ending or self.config.file_ending or self.plan.file_ending
+        ending = ".dcm" if dicom_output else file_ending or self.config.file_ending or self.plan.file_ending
         if save_probabilities is None:
             save_probabilities = self.config.save_probabilities
         spec = self._postprocessing_spec(postprocess)
@@ -384,7 +383,8 @@ class Predictor:
         elif probabilities is not None:
             save_probabilities(out_dir / f"{name}.npz", probabilities, self.class_names)
         # the label map last: continue_run treats a case as done once it exists
-        if self.config.output_format == "dicom-seg":  # on the grid of channel 0's series, which it references
-            write_dicom_seg(out_dir / f"{name}{ending}", labels, geometry, files[0], self.plan)
+        if self.config.output_format in DICOM_OUTPUTS:  # on the grid of channel 0's series, which it references
+            write_dicom_output(self.config.output_format, out_dir / f"{name}{ending}", labels, geometry, files[0],
+                               self.plan)
         else:
             write_image(out_dir / f"{name}{ending}", labels, geometry)
