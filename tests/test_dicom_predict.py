@@ -47,7 +47,8 @@ def _seg_masks(seg_path, series_uid, folder):
     frames, _ = series_geometry(series)
     numbers = [int(item.SegmentNumber) for item in seg.SegmentSequence]
     masks = seg.get_pixels_by_source_instance(source_sop_instance_uids=[f.sop_instance_uid for f in frames],
-                                              segment_numbers=numbers, combine_segments=False)
+                                              segment_numbers=numbers, combine_segments=False,
+                                              assert_missing_frames_are_empty=True)
     return masks, seg
 
 
@@ -76,6 +77,8 @@ def test_ct_series_to_dicom_seg_equals_the_nifti_prediction(ct_model, tmp_path):
     for number, value in enumerate((1, 2)):
         assert np.array_equal(masks[..., number].astype(bool), labels == value), value
     assert 0 < (labels > 0).sum() < labels.size  # the comparison is not between two empty masks
+    # only frames holding a segment are stored: one per (slice, label) pair present
+    assert seg.NumberOfFrames == sum(int((labels[k] == v).any()) for k in range(12) for v in (1, 2))
     assert seg.ReferencedSeriesSequence[0].SeriesInstanceUID == info.uid
     assert seg.FrameOfReferenceUID == info.frame_of_reference_uid and seg.StudyInstanceUID == info.study_uid
     assert np.allclose(seg.SharedFunctionalGroupsSequence[0].PixelMeasuresSequence[0].PixelSpacing, [0.8, 0.9])

@@ -4,7 +4,8 @@ One SEG instance per case, written with highdicom: it references the source seri
 its study, series, SOP instance and Frame of Reference UIDs, and has one BINARY segment per foreground label (a
 region-based model: one per region; regions may overlap) named as in dataset.json, with a coded category and type
 where the name is a SNOMED CT concept highdicom knows (e.g. liver, kidney, tumor), else "Tissue". Its frames lie
-exactly on the source slices (the same positions, orientation and pixel spacing). Written atomically.
+exactly on the source slices (the same positions, orientation and pixel spacing); frames without any voxel of
+their segment are left out. Written atomically.
 
     >>> write_dicom_seg(Path("out/P001_20260101.dcm"), labels, geometry, series, plan)
 """
@@ -117,7 +118,7 @@ def write_dicom_seg(path: Path, labels: np.ndarray, geometry: Geometry, series: 
         segment_descriptions=_descriptions([name for name, _ in segments]), series_instance_uid=generate_uid(),
         series_number=9900, sop_instance_uid=generate_uid(), instance_number=1, manufacturer="voxseg",
         manufacturer_model_name=plan.dataset_name or "voxseg model", software_versions=_version(),
-        device_serial_number="0", series_description=f"voxseg {plan.dataset_name}"[:64], omit_empty_frames=False,
+        device_serial_number="0", series_description=f"voxseg {plan.dataset_name}"[:64], omit_empty_frames=True,
     )
     path.parent.mkdir(parents=True, exist_ok=True)
     with atomic_path(path) as tmp:
