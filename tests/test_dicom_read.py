@@ -75,6 +75,7 @@ def _refusal(folder) -> str:
     ({"drop": 5}, ["missing slice(s) between", "gap 5.000 mm where the slices are 2.500 mm apart"]),
     ({"duplicate": 3}, ["lie at the same position", "split it into one series per volume"]),
     ({"tilt_degrees": 15.0}, ["gantry tilt", "about 15.0 degrees", "does not resample"]),
+    ({"tilt_degrees": 0.5}, ["gantry tilt", "about 0.5 degrees"]),  # small per slice, 0.24 mm over the series
 ])
 def test_broken_series_are_refused_naming_the_series(tmp_path, fault, words):
     info = write_series(tmp_path, hounsfield_volume(), description="Thorax 2.5", order="shuffled", **fault)
@@ -181,3 +182,14 @@ def test_pydicoms_own_sample_files_stacked_into_a_series(tmp_path, sample):
     _, sitk_geometry = sitk_series(tmp_path, series.uid)
     assert np.allclose(geometry.affine, sitk_geometry.affine, atol=1e-4)
     assert np.isclose(geometry.spacing[0], 3.0)
+
+
+def test_a_series_split_over_folders_is_one_series_named_by_their_common_folder(tmp_path):
+    info = write_series(tmp_path / "export" / "a", hounsfield_volume(), order="shuffled")
+    for path in info.files[::2]:  # half of the files into a sibling folder
+        (tmp_path / "export" / "b").mkdir(exist_ok=True)
+        path.rename(tmp_path / "export" / "b" / path.name)
+    series = _only_series(tmp_path)
+    assert series.folder == tmp_path / "export" and f"in {tmp_path / 'export'})" in series.label
+    image, geometry = read_series(series)
+    assert np.array_equal(image, hounsfield_volume().astype(np.float32)) and geometry.allclose(info.geometry)

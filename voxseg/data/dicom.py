@@ -28,6 +28,7 @@ pydicom is imported on first use only: `pip install voxseg[dicom]`.
 """
 from __future__ import annotations
 
+import os
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -52,8 +53,10 @@ SPACING_TOLERANCE = 0.01
 """Slice gaps may differ from their median by this fraction (1 %) before a series is refused as unequally
 spaced; a gap of more than 1.5 medians is reported as a missing slice."""
 ORIENTATION_TOLERANCE = 1e-3
-"""Direction cosines of two slices (and the slice step's in-plane part, as a fraction of the step) may differ
-by this much."""
+"""Direction cosines of two slices may differ by this much."""
+TILT_TOLERANCE = 0.1
+"""A slice may lie this far (in pixel spacings) within its plane from the line along the normal through the first
+slice before the series counts as tilted or sheared: the geometry assumes no drift at all."""
 
 
 def pydicom_module() -> Any:
@@ -113,9 +116,7 @@ class DicomSeries:
         files = self.files
         if not files:
             return Path(".")
-        parts = [f.parent.parts for f in files]
-        common = [p[0] for p in zip(*parts) if len(set(p)) == 1] if len(parts) > 1 else list(parts[0])
-        return Path(*common) if common else Path("/")
+        return Path(os.path.commonpath([str(f.parent) for f in files]))
 
     @property
     def label(self) -> str:
@@ -339,15 +340,17 @@ def _checked_slice_step(series: DicomSeries, frames: list[DicomFrame], along: np
             f"{series.label}: unequal slice spacing (gaps from {gaps.min():.3f} to {gaps.max():.3f} mm, more than "
             f"{SPACING_TOLERANCE:.0%} apart); voxseg reads equally spaced series only: resample it to equal "
             "spacing first")
-    steps = np.diff(np.stack([f.position for f in frames]), axis=0)
-    in_plane = steps - np.outer(steps @ normal, normal)
-    shear = float(np.linalg.norm(in_plane, axis=1).max())
-    if shear > ORIENTATION_TOLERANCE * 10 * median:
-        angle = float(np.degrees(np.arctan2(shear, median)))
+    # each slice's drift within the plane from the first slice's normal line: a tilt adds up slice by slice
+    offsets = np.stack([f.position for f in frames]) - frames[0].position
+    drift = np.linalg.norm(offsets - np.outer(offsets @ normal, normal), axis=1)
+    if drift.max() > TILT_TOLERANCE * min(frames[0].pixel_spacing):
+        per_slice = float(drift[-1] / (len(frames) - 1))
+        angle = float(np.degrees(np.arctan2(per_slice, median)))
         raise ImageReadError(
-            f"{series.label}: gantry tilt or sheared stack (each slice is shifted {shear:.3f} mm within its plane, "
-            f"about {angle:.1f} degrees): the slices are not stacked along their normal and voxseg does not resample "
-            "them; reconstruct the series without tilt or resample it to a rectangular grid first")
+            f"{series.label}: gantry tilt or sheared stack (the last slice lies {drift[-1]:.3f} mm within its plane "
+            f"from the first slice's normal, {per_slice:.3f} mm per slice, about {angle:.1f} degrees): the slices "
+            "are not stacked along their normal and voxseg does not resample them; reconstruct the series without "
+            "tilt or resample it to a rectangular grid first")
     return float((along[-1] - along[0]) / (len(along) - 1))
 
 
