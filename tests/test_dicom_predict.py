@@ -132,7 +132,7 @@ def test_one_channel_model_needs_a_rule_when_a_study_has_several_series(ct_model
     for kernel in ("soft", "lung"):
         write_series(tmp_path / "in" / kernel, hounsfield_volume(), description=kernel, study=study)
     code, _, err = run(["predict", "-m", ct_model, "-i", tmp_path / "in", "-o", tmp_path / "out", *FAST])
-    assert code == 2 and "2 image series and the model takes one channel" in err and "--channel 0=" in err
+    assert code == 2 and "2 of its 2 image series look like volumes" in err and "--channel 0=" in err
     assert run(["predict", "-m", ct_model, "-i", tmp_path / "in", "-o", tmp_path / "out", *FAST,
                 "--channel", "0=lung"])[0] == 0
 
@@ -183,3 +183,15 @@ def test_rtstruct_output_fills_back_to_the_nifti_prediction(ct_model, tmp_path):
     referenced = ds.ReferencedFrameOfReferenceSequence[0].RTReferencedStudySequence[0].RTReferencedSeriesSequence[0]
     sops = {pydicom.dcmread(path).SOPInstanceUID for path in info.files}
     assert {item.ReferencedSOPInstanceUID for item in referenced.ContourImageSequence} == sops
+
+
+def test_one_channel_model_passes_over_scouts_and_localizers(ct_model, tmp_path):
+    study = new_study("CT3")
+    ct = write_series(tmp_path / "in" / "ct", hounsfield_volume(), description="Abdomen", study=study)
+    write_series(tmp_path / "in" / "scout", hounsfield_volume()[:1], description="Scout", study=study)
+    localizer = write_series(tmp_path / "in" / "loc", hounsfield_volume()[:2], description="Localizer", study=study)
+    ds = pydicom.dcmread(localizer.files[0])  # a second plane: AP and lateral in one series
+    ds.ImageOrientationPatient = [0, 1, 0, 0, 0, -1]
+    ds.save_as(localizer.files[0])
+    cases = dicom_input_cases(tmp_path / "in", tiny_plan(CT_LABELS, channels=1))
+    assert [(name, [s.uid for s in series]) for name, series in cases] == [("CT3_20260101", [ct.uid])]

@@ -9,16 +9,21 @@ Shared by `voxseg predict -i DICOM_FOLDER` (`voxseg.infer.dicom_cases`) and `vox
 - Channel rules `INDEX=PATTERN` (`--channel 0=T1 --channel 1=FLAIR`, or a JSON file `{"0": "T1", "1": "FLAIR"}`)
   pick each channel's series: PATTERN is matched against SeriesDescription, case-insensitively, with shell
   wildcards (`*`, `?`); a PATTERN equal to a SeriesInstanceUID picks that series.
-- Without rules: a one-channel model takes a study's only image series; a model with several channels matches
-  its channel names (dataset.json channel_names) as the patterns.
+- Without rules: a one-channel model takes a study's only image series, or, among several, the only one that
+  looks like a volume (two images or more in one orientation: one-image scouts and localizers of several planes
+  are passed over); a model with several channels matches its channel names (dataset.json channel_names) as
+  the patterns.
 - A study where a channel matches no series, or several, is refused; the error lists the study's series.
 """
 from __future__ import annotations
 
 import fnmatch
+import os
 import re
 from pathlib import Path
 from typing import Sequence
+
+import numpy as np
 
 from voxseg.data.dicom import DicomScan, DicomSeries
 from voxseg.errors import ConfigError, InputError, VoxsegError
@@ -69,18 +74,25 @@ def _matches(series: DicomSeries, pattern: str) -> bool:
     return series.uid == pattern or fnmatch.fnmatchcase(series.description.strip().lower(), pattern.lower())
 
 
+def _is_volume_like(series: DicomSeries) -> bool:
+    """Two images or more, all in one orientation: not a one-image scout or a localizer of several planes."""
+    first = series.frames[0].orientation if series.frames else None
+    return len(series.frames) >= 2 and all(np.allclose(f.orientation, first, atol=1e-3) for f in series.frames)
+
+
 def study_channels(study: list[DicomSeries], rules: dict[int, str], channel_names: dict[str, str], name: str,
                    error: type[VoxsegError] = InputError) -> list[DicomSeries]:
     """The study's series in channel order (`channel_names`: the model's, index -> name), or `error` listing its
     series."""
     found = "; ".join(describe_series(s) for s in study)
-    where = f"DICOM study {study[0].study_uid} (case '{name}', patient {study[0].patient_id or '?'}, in " \
-            f"{study[0].folder.parent if len(study) > 1 else study[0].folder})"
+    folder = os.path.commonpath([str(s.folder) for s in study])
+    where = f"DICOM study {study[0].study_uid} (case '{name}', patient {study[0].patient_id or '?'}, in {folder})"
     if not rules and len(channel_names) == 1:
-        if len(study) != 1:
-            raise error(f"{where}: {len(study)} image series and the model takes one channel; choose one with "
-                             f"--channel 0=SERIES_DESCRIPTION. Series found: {found}")
-        return list(study)
+        volumes = study if len(study) == 1 else [s for s in study if _is_volume_like(s)]
+        if len(volumes) != 1:
+            raise error(f"{where}: {len(volumes)} of its {len(study)} image series look like volumes and the model "
+                        f"takes one channel; choose one with --channel 0=SERIES_DESCRIPTION. Series found: {found}")
+        return list(volumes)
     how = "--channel INDEX=PATTERN" if rules else "the model's channel names (give --channel INDEX=PATTERN)"
     patterns = rules or {int(k): str(v) for k, v in channel_names.items()}
     chosen = []
@@ -89,7 +101,7 @@ def study_channels(study: list[DicomSeries], rules: dict[int, str], channel_name
         if len(matching) != 1:
             what = "no series matches" if not matching else f"{len(matching)} series match"
             raise error(f"{where}: {what} channel {index} '{patterns[index]}' (matched on SeriesDescription, "
-                             f"case-insensitive, by {how}); series found: {found}")
+                        f"case-insensitive, by {how}); series found: {found}")
         chosen.append(matching[0])
     return chosen
 
