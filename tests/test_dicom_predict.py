@@ -195,3 +195,16 @@ def test_one_channel_model_passes_over_scouts_and_localizers(ct_model, tmp_path)
     ds.save_as(localizer.files[0])
     cases = dicom_input_cases(tmp_path / "in", tiny_plan(CT_LABELS, channels=1))
     assert [(name, [s.uid for s in series]) for name, series in cases] == [("CT3_20260101", [ct.uid])]
+
+
+def test_a_broken_study_is_reported_by_name_and_the_others_are_written(ct_model, tmp_path):
+    good = write_series(tmp_path / "in" / "good", hounsfield_volume(), study=new_study("GOOD"))
+    bad = write_series(tmp_path / "in" / "bad", hounsfield_volume(), study=new_study("BAD"), duplicate=2,
+                       description="two acquisitions")
+    code, _, err = run(["predict", "-m", ct_model, "-i", tmp_path / "in", "-o", tmp_path / "out", *FAST,
+                        "--output-format", "dicom-seg"])
+    assert code == 2 and "1 of 2 case(s) failed" in err and "BAD_20260101: " in err and bad.uid in err
+    assert "lie at the same position" in err and "Traceback" not in err
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["GOOD_20260101.dcm"]
+    assert hd.seg.segread(tmp_path / "out" / "GOOD_20260101.dcm").ReferencedSeriesSequence[0].SeriesInstanceUID == \
+        good.uid
