@@ -243,10 +243,10 @@ def _predict_arguments(p: argparse.ArgumentParser) -> None:
                    help="work directory with plans.json and training/fold_F, or an nnU-Net v2 trained-model folder "
                         "(<Trainer>__<Plans>__<configuration> with fold_X/checkpoint_final.pth)")
     p.add_argument("-i", "--input", required=True, nargs="+",
-                   help="folder (nnU-Net or BraTS layout), channel files, or a folder of DICOM files (one case per "
-                        "study)")
+                   help="folder (nnU-Net or BraTS layout), channel files, a folder of DICOM files (one case per "
+                        "study), or dicomweb://HOST:PORT/ROOT/studies/STUDY_UID (a study on a PACS)")
     p.add_argument("-o", "--output", required=True,
-                   help="folder for the predictions, OUT/CASE{file ending} (created)")
+                   help="folder for the predictions, OUT/CASE{file ending} (OUT/CASE.dcm for DICOM outputs; created)")
     add_configuration_flag(p)
     p.epilog = (f"{p.epilog}\n\nEvery inference option has a flag: each sets one field of voxseg.infer.config."
                 "InferConfig, the one home of its default and documentation (docs/INFERENCE.md).")
@@ -337,7 +337,13 @@ def add_infer_commands(sub: Subparsers) -> None:
                 "voxseg predict -m work/synth -i imagesTs -o preds --folds 0,1 --backend onnxruntime"
                 "  # after export --onnx\n"
                 "voxseg predict -m work/synth -i imagesTs -o preds --step 0.25 --tile-batch 8 --amp bf16"
-                " --mirror-axes 1,2",
+                " --mirror-axes 1,2\n"
+                "voxseg predict -m work/liver -i /incoming/ct_study -o segs --output-format dicom-seg"
+                "  # a DICOM folder\n"
+                "voxseg predict -m work/synth -i /incoming/mr -o segs --channel 0='T1*' --channel 1='T1*GD*'"
+                " --channel 2=T2 --channel 3=FLAIR\n"
+                "voxseg predict -m work/liver -i dicomweb://pacs:8042/dicom-web/studies/1.2.3 -o segs"
+                " --output-format dicom-seg  # SEG stored back",
                 setup=_predict_arguments)
     add_command(sub, "evaluate", cmd_evaluate,
                 "score predictions: Dice, IoU, HD95, surface Dice, volumes per label and region",
