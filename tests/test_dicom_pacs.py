@@ -23,7 +23,8 @@ from bad_inputs import run
 from dicom_synth import hounsfield_volume, new_study, oblique_orientation, write_series
 from test_dicom_predict import CT_LABELS
 from test_predictor import make_workdir, tiny_plan
-from voxseg.data.dicom import scan_dicom, series_geometry
+from voxseg.data.dicom import scan_dicom
+from voxseg.data.dicom_volume import series_geometry
 from voxseg.data.io import read_image
 
 PLUGIN_FOLDERS = ("/usr/share/orthanc/plugins", "/usr/lib/orthanc", "/usr/local/share/orthanc/plugins")

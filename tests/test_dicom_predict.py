@@ -10,9 +10,10 @@ import pytest
 from bad_inputs import run
 from dicom_synth import hounsfield_volume, new_study, oblique_orientation, write_series
 from test_predictor import make_workdir, tiny_plan
-from voxseg.data.dicom import scan_dicom, series_geometry
+from voxseg.data.dicom import scan_dicom
 from voxseg.data.dicom_rtstruct import read_structure_set
 from voxseg.data.dicom_studies import parse_channel_rules
+from voxseg.data.dicom_volume import series_geometry
 from voxseg.data.io import read_image, write_image
 from voxseg.errors import ConfigError, InputError
 from voxseg.infer.dicom_cases import dicom_input_cases

@@ -12,7 +12,8 @@ from dicom_synth import (
     write_enhanced_ct,
     write_series,
 )
-from voxseg.data.dicom import read_series, scan_dicom
+from voxseg.data.dicom import scan_dicom
+from voxseg.data.dicom_volume import read_series
 from voxseg.errors import ConfigError, ImageReadError
 
 
@@ -111,12 +112,20 @@ def test_unequal_spacing_is_refused(tmp_path):
 
 def test_compressed_pixel_data_without_a_decoder_names_the_syntax(tmp_path, monkeypatch):
     import pydicom
+    from pydicom.encaps import encapsulate
+    from pydicom.uid import JPEG2000Lossless
 
-    write_series(tmp_path, hounsfield_volume(), description="packed")
+    info = write_series(tmp_path, hounsfield_volume(), description="packed")
+    for path in info.files:  # pixel data as a JPEG 2000 series carries it (encapsulated fragments)
+        ds = pydicom.dcmread(path)
+        ds.file_meta.TransferSyntaxUID = JPEG2000Lossless
+        ds.PixelData = encapsulate([ds.PixelData])
+        ds.save_as(path)
     monkeypatch.setattr(pydicom.dataset.Dataset, "pixel_array",
                         property(lambda self: (_ for _ in ()).throw(RuntimeError("no handler for JPEG 2000"))))
     message = _refusal(tmp_path)
-    assert "cannot be decoded (transfer syntax" in message and "'packed'" in message and "uncompressed" in message
+    assert "cannot be decoded (transfer syntax JPEG 2000 Image Compression (Lossless Only)" in message
+    assert "'packed'" in message and "install a decoder" in message and "export the series uncompressed" in message
 
 
 def test_non_images_are_not_read_as_images_and_an_empty_folder_is_refused(tmp_path):
@@ -193,3 +202,31 @@ def test_a_series_split_over_folders_is_one_series_named_by_their_common_folder(
     assert series.folder == tmp_path / "export" and f"in {tmp_path / 'export'})" in series.label
     image, geometry = read_series(series)
     assert np.array_equal(image, hounsfield_volume().astype(np.float32)) and geometry.allclose(info.geometry)
+
+
+def test_a_damaged_file_is_refused_not_left_out_of_its_series(tmp_path):
+    info = write_series(tmp_path, hounsfield_volume(), order="shuffled")
+    damaged = info.files[0]
+    damaged.write_bytes(damaged.read_bytes()[:200])  # the marker survives, the header does not
+    with pytest.raises(ImageReadError) as error:
+        scan_dicom(tmp_path)
+    message = str(error.value)
+    assert "1 DICOM file(s) cannot be read, so the series they belong to would be incomplete" in message
+    assert str(damaged) in message and "copy them again or remove them" in message
+
+
+def test_truncated_pixel_data_and_uninterpretable_headers_name_the_file(tmp_path):
+    import pydicom
+
+    info = write_series(tmp_path / "a", hounsfield_volume(), description="cut")
+    ds = pydicom.dcmread(info.files[3])
+    ds.PixelData = ds.PixelData[:100]
+    ds.save_as(info.files[3])
+    message = _refusal(tmp_path / "a")
+    assert f"the pixel data of {info.files[3].name} cannot be decoded" in message
+    assert "Explicit VR Little Endian" in message and "the file may be truncated" in message
+    info = write_series(tmp_path / "b", hounsfield_volume(), description="odd slope")
+    ds = pydicom.dcmread(info.files[0])
+    del ds.Rows
+    ds.save_as(info.files[0])
+    assert f"{info.files[0].name}: header cannot be interpreted" in _refusal(tmp_path / "b")

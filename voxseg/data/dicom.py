@@ -3,7 +3,7 @@
     >>> scan = scan_dicom(Path("incoming/study"))
     >>> [series.label for series in scan.series]
     ["DICOM series 1.2.3... ('T1 AX', MR, in incoming/study/T1)"]
-    >>> image, geometry = read_series(scan.series[0])   # (D, H, W) float32 and its Geometry (LPS mm)
+    >>> image, geometry = read_series(scan.series[0])   # voxseg.data.dicom_volume: (D, H, W) float32, Geometry
 
 Rules (docs/INFERENCE.md, "DICOM"):
 
@@ -20,7 +20,8 @@ Rules (docs/INFERENCE.md, "DICOM"):
   slices at one position (several acquisitions, echoes or time points in one series), unequal slice spacing, a
   missing slice, gantry tilt (slices not stacked along their normal; voxseg does not resample it: reconstruct
   the series without tilt on the scanner or resample it first), fewer than two slices, multi-frame objects
-  without per-frame functional groups, and compressed pixel data no installed pydicom handler decodes.
+  without per-frame functional groups, compressed pixel data no installed pydicom handler decodes, and
+  damaged files (a header that cannot be read stops the scan: its series would be incomplete).
 - Enhanced (multi-frame) CT and MR objects are read frame by frame from their functional groups.
 - Stored values become real values with RescaleSlope and RescaleIntercept (CT in Hounsfield units), float32.
 
@@ -29,18 +30,17 @@ pydicom is imported on first use only: `pip install voxseg[dicom]`.
 from __future__ import annotations
 
 import os
-from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from voxseg.data.io import SUPPORTED_ENDINGS, Geometry, file_ending
+from voxseg.data.io import SUPPORTED_ENDINGS, file_ending
 from voxseg.errors import ConfigError, ImageReadError
 
 __all__ = ["DicomFrame", "DicomScan", "DicomSeries", "highdicom_module", "is_dicom_folder", "pydicom_module",
-           "read_series", "scan_dicom", "series_geometry"]
+           "scan_dicom"]
 
 SEG_SOP_CLASS = "1.2.840.10008.5.1.4.1.1.66.4"
 RTSTRUCT_SOP_CLASS = "1.2.840.10008.5.1.4.1.1.481.3"
@@ -49,15 +49,6 @@ RTSTRUCT_SOP_CLASS = "1.2.840.10008.5.1.4.1.1.481.3"
 _NOT_IMAGE_PREFIXES = ("1.2.840.10008.5.1.4.1.1.481.3", "1.2.840.10008.5.1.4.1.1.481.5", "1.2.840.10008.5.1.4.1.1.88.",
                        "1.2.840.10008.5.1.4.1.1.11.", "1.2.840.10008.5.1.4.1.1.66", "1.2.840.10008.1.3.10")
 _NOT_DICOM_ENDINGS = SUPPORTED_ENDINGS + (".json", ".npz", ".npy", ".txt", ".csv", ".pkl", ".zip")
-SPACING_TOLERANCE = 0.01
-"""Slice gaps may differ from their median by this fraction (1 %) before a series is refused as unequally
-spaced; a gap of more than 1.5 medians is reported as a missing slice."""
-ORIENTATION_TOLERANCE = 1e-3
-"""Direction cosines of two slices may differ by this much."""
-TILT_TOLERANCE = 0.1
-"""A slice may lie this far (in pixel spacings) within its plane from the line along the normal through the first
-slice before the series counts as tilted or sheared: the geometry assumes no drift at all."""
-
 
 def pydicom_module() -> Any:
     """pydicom, or ConfigError saying how to install it."""
@@ -163,21 +154,24 @@ def scan_dicom(folder: str | Path) -> DicomScan:
     folder = Path(folder)
     if not folder.is_dir():
         raise ImageReadError(f"{folder}: DICOM folder not found")
-    scan = DicomScan(folder)
+    scan, damaged = DicomScan(folder), []
     by_uid: dict[str, DicomSeries] = {}
     for path in sorted(folder.rglob("*")):
         if not path.is_file() or path.name.startswith(".") or not _has_dicom_magic(path):
             continue
         try:
             dataset = pydicom.dcmread(str(path), stop_before_pixels=True)
-        except Exception as exc:  # noqa: BLE001 - a damaged header: say so, read the others
-            scan.ignored.append((path, f"header cannot be read ({type(exc).__name__}: {exc})"))
+        except Exception as exc:  # noqa: BLE001 - collected: a damaged slice would leave its series short
+            damaged.append(f"{path} ({type(exc).__name__}: {exc})")
             continue
         sop_class = str(getattr(dataset, "SOPClassUID", ""))
         if sop_class in (SEG_SOP_CLASS, RTSTRUCT_SOP_CLASS):
             (scan.segmentations if sop_class == SEG_SOP_CLASS else scan.structure_sets).append(path)
             continue
-        if sop_class.startswith(_NOT_IMAGE_PREFIXES) or "SeriesInstanceUID" not in dataset:
+        if not sop_class.startswith(_NOT_IMAGE_PREFIXES) and (not sop_class or "SeriesInstanceUID" not in dataset):
+            damaged.append(f"{path} (no SOPClassUID or SeriesInstanceUID: truncated?)")
+            continue
+        if sop_class.startswith(_NOT_IMAGE_PREFIXES):
             scan.ignored.append((path, f"not an image (SOP class {sop_class or 'none'}, modality "
                                        f"{getattr(dataset, 'Modality', '?')})"))
             continue
@@ -185,7 +179,15 @@ def scan_dicom(folder: str | Path) -> DicomScan:
         series = by_uid.get(uid)
         if series is None:
             series = by_uid[uid] = _new_series(dataset)
-        _add_frames(series, dataset, path)
+        try:
+            _add_frames(series, dataset, path)
+        except (AttributeError, TypeError, ValueError) as exc:  # e.g. no Rows, a slope that is not a number
+            series.problems.append(f"{path.name}: header cannot be interpreted ({type(exc).__name__}: {exc}); "
+                                   "export the series again")
+    if damaged:
+        raise ImageReadError(f"{folder}: {len(damaged)} DICOM file(s) cannot be read, so the series they belong to "
+                             f"would be incomplete: {'; '.join(damaged[:3])}{' ...' if len(damaged) > 3 else ''}; "
+                             "copy them again or remove them")
     scan.series = sorted(by_uid.values(), key=lambda s: (s.study_uid, s.description, s.uid))
     if not scan.series:
         others = len(scan.segmentations) + len(scan.structure_sets) + len(scan.ignored)
@@ -266,130 +268,3 @@ def _add_enhanced_frames(series: DicomSeries, dataset: Any, path: Path, frames: 
         series.frames.append(DicomFrame(path, index, position, orientation, (float(spacing[0]), float(spacing[1])),
                                         (int(dataset.Rows), int(dataset.Columns)), slope, intercept,
                                         str(getattr(dataset, "SOPInstanceUID", ""))))
-
-
-def series_geometry(series: DicomSeries) -> tuple[list[DicomFrame], Geometry]:
-    """The series' frames in array order (ascending along the slice normal) and the volume's Geometry.
-
-    Raises:
-        ImageReadError: naming the series, for each refusal listed in the module docstring.
-    """
-    where = series.label
-    if series.problems:
-        raise ImageReadError(f"{where}: {series.problems[0]}")
-    frames = series.frames
-    if len(frames) < 2:
-        raise ImageReadError(f"{where}: {len(frames)} image(s); a volume needs at least two slices (give the whole "
-                             "series)")
-    _check_same_plane_grid(series)
-    orientation = frames[0].orientation
-    row, column = orientation[:3], orientation[3:]
-    normal = np.cross(row, column)
-    frames = sorted(frames, key=lambda f: float(f.position @ normal))
-    along = np.array([float(f.position @ normal) for f in frames])
-    step = _checked_slice_step(series, frames, along, normal)
-    affine = np.eye(4)
-    row_spacing, column_spacing = frames[0].pixel_spacing
-    affine[:3, 0] = normal * step
-    affine[:3, 1] = column * row_spacing
-    affine[:3, 2] = row * column_spacing
-    affine[:3, 3] = frames[0].position
-    return frames, Geometry(affine)
-
-
-def _check_same_plane_grid(series: DicomSeries) -> None:
-    """One orientation, one image size and one pixel spacing for every frame."""
-    first = series.frames[0]
-    for frame in series.frames[1:]:
-        if not np.allclose(frame.orientation, first.orientation, atol=ORIENTATION_TOLERANCE):
-            raise ImageReadError(
-                f"{series.label}: mixed orientations ({_name(first)}: {np.round(first.orientation, 4).tolist()}, "
-                f"{_name(frame)}: {np.round(frame.orientation, 4).tolist()}); a volume has one orientation: "
-                "separate the series (e.g. a localizer) into their own folders or export them as separate series")
-        if frame.size != first.size or not np.allclose(frame.pixel_spacing, first.pixel_spacing, rtol=1e-4):
-            raise ImageReadError(
-                f"{series.label}: images of different sizes or pixel spacings ({_name(first)}: {first.size} at "
-                f"{first.pixel_spacing} mm, {_name(frame)}: {frame.size} at {frame.pixel_spacing} mm); a volume has "
-                "one grid: export the series again or separate its parts")
-
-
-def _name(frame: DicomFrame) -> str:
-    return frame.path.name if frame.index is None else f"{frame.path.name} frame {frame.index + 1}"
-
-
-def _checked_slice_step(series: DicomSeries, frames: list[DicomFrame], along: np.ndarray, normal: np.ndarray) -> float:
-    """The slice spacing in mm after the duplicate, spacing, missing-slice and tilt checks."""
-    gaps = np.diff(along)
-    if (gaps < 1e-3).any():
-        k = int(np.argmax(gaps < 1e-3))
-        counts = Counter(np.round(along, 3).tolist())
-        raise ImageReadError(
-            f"{series.label}: {_name(frames[k])} and {_name(frames[k + 1])} lie at the same position "
-            f"({along[k]:.3f} mm along the slice normal; {sum(c > 1 for c in counts.values())} position(s) hold "
-            "several images): the series holds several acquisitions, echoes or time points; split it into one "
-            "series per volume (e.g. by EchoNumbers or AcquisitionNumber) and give one")
-    median = float(np.median(gaps))
-    if (gaps > 1.5 * median).any():
-        k = int(np.argmax(gaps > 1.5 * median))
-        raise ImageReadError(
-            f"{series.label}: missing slice(s) between {_name(frames[k])} and {_name(frames[k + 1])} (gap "
-            f"{gaps[k]:.3f} mm where the slices are {median:.3f} mm apart); copy the whole series (every file) "
-            "and try again")
-    if (np.abs(gaps - median) > SPACING_TOLERANCE * median).any():
-        raise ImageReadError(
-            f"{series.label}: unequal slice spacing (gaps from {gaps.min():.3f} to {gaps.max():.3f} mm, more than "
-            f"{SPACING_TOLERANCE:.0%} apart); voxseg reads equally spaced series only: resample it to equal "
-            "spacing first")
-    # each slice's drift within the plane from the first slice's normal line: a tilt adds up slice by slice
-    offsets = np.stack([f.position for f in frames]) - frames[0].position
-    drift = np.linalg.norm(offsets - np.outer(offsets @ normal, normal), axis=1)
-    if drift.max() > TILT_TOLERANCE * min(frames[0].pixel_spacing):
-        per_slice = float(drift[-1] / (len(frames) - 1))
-        angle = float(np.degrees(np.arctan2(per_slice, median)))
-        raise ImageReadError(
-            f"{series.label}: gantry tilt or sheared stack (the last slice lies {drift[-1]:.3f} mm within its plane "
-            f"from the first slice's normal, {per_slice:.3f} mm per slice, about {angle:.1f} degrees): the slices "
-            "are not stacked along their normal and voxseg does not resample them; reconstruct the series without "
-            "tilt or resample it to a rectangular grid first")
-    return float((along[-1] - along[0]) / (len(along) - 1))
-
-
-def read_series(series: DicomSeries) -> tuple[np.ndarray, Geometry]:
-    """The series as a (D, H, W) float32 volume of real values (rescale slope and intercept applied) and its
-    Geometry; see `series_geometry` for the order and the refusals."""
-    frames, geometry = series_geometry(series)
-    pixels = _frame_pixels(series, frames)
-    volume = np.empty((len(frames), *frames[0].size), dtype=np.float32)
-    for k, frame in enumerate(frames):
-        plane = pixels[(frame.path, frame.index)]
-        if plane.shape != frame.size:
-            raise ImageReadError(f"{series.label}: {_name(frame)} holds pixels of shape {plane.shape}, its header "
-                                 f"says {frame.size}; the file is damaged: export the series again")
-        volume[k] = plane.astype(np.float32) * np.float32(frame.slope) + np.float32(frame.intercept)
-    return volume, geometry
-
-
-def _frame_pixels(series: DicomSeries, frames: list[DicomFrame]) -> dict[tuple[Path, int | None], np.ndarray]:
-    """Each frame's stored pixel values, decoding each file once."""
-    pydicom = pydicom_module()
-    out: dict[tuple[Path, int | None], np.ndarray] = {}
-    for path in sorted({f.path for f in frames}):
-        dataset = pydicom.dcmread(str(path))
-        syntax = dataset.file_meta.get("TransferSyntaxUID", "unknown")
-        try:
-            array = dataset.pixel_array
-        except Exception as exc:  # noqa: BLE001 - a missing decoder or damaged pixel data: name the syntax
-            name = getattr(syntax, "name", str(syntax))
-            raise ImageReadError(
-                f"{series.label}: the pixel data of {path.name} cannot be decoded (transfer syntax {name}, {syntax}: "
-                f"{type(exc).__name__}: {exc}); install a decoder for it (pip install pylibjpeg pylibjpeg-libjpeg "
-                "pylibjpeg-openjpeg, or gdcm) or export the series uncompressed") from None
-        if int(getattr(dataset, "SamplesPerPixel", 1) or 1) != 1:
-            raise ImageReadError(f"{series.label}: {path.name} is a colour image ({dataset.SamplesPerPixel} samples "
-                                 "per pixel, e.g. a screenshot); give grey-scale image series only")
-        for frame in (f for f in frames if f.path == path):
-            if frame.index is None:
-                out[(path, None)] = array
-            else:  # a multi-frame object (of one frame, pydicom gives a 2D array)
-                out[(path, frame.index)] = array[frame.index] if array.ndim == 3 else array
-    return out

@@ -22,9 +22,10 @@ from typing import Any, Callable
 
 import numpy as np
 
-from voxseg.data.dicom import DicomScan, DicomSeries, highdicom_module, read_series, scan_dicom, series_geometry
+from voxseg.data.dicom import DicomScan, DicomSeries, highdicom_module, scan_dicom
 from voxseg.data.dicom_rtstruct import StructureSet, read_structure_set
 from voxseg.data.dicom_studies import case_names, studies, study_channels
+from voxseg.data.dicom_volume import read_series, series_geometry
 from voxseg.data.io import geometry_differences, write_image
 from voxseg.errors import DatasetError
 from voxseg.jsonio import write_json_atomic

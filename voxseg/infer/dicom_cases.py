@@ -83,7 +83,7 @@ def write_dicom_output(output_format: str, path: Path, labels: np.ndarray, geome
 
 def read_dicom_case(name: str, channels: Sequence[DicomSeries]) -> tuple[np.ndarray, Geometry]:
     """(C, D, H, W) float32 of a case's series, which must lie on one voxel grid (channel 0's)."""
-    from voxseg.data.dicom import read_series
+    from voxseg.data.dicom_volume import read_series
     from voxseg.data.io import geometry_differences
 
     arrays, geometry = [], None

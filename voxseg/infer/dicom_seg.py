@@ -80,7 +80,8 @@ def _descriptions(names: list[str]) -> list[Any]:
 def source_frames(series: DicomSeries, labels: np.ndarray, geometry: Geometry) -> tuple[list[Any], list[Any]]:
     """The source datasets (headers) and the series' frames in array order, after checking that `labels` lies on
     the series' grid."""
-    from voxseg.data.dicom import pydicom_module, series_geometry
+    from voxseg.data.dicom import pydicom_module
+    from voxseg.data.dicom_volume import series_geometry
 
     frames, source_geometry = series_geometry(series)
     if labels.shape != (len(frames), *frames[0].size) or not source_geometry.allclose(geometry, atol=1e-3):
