@@ -59,6 +59,8 @@ def test_ct_with_seg_converts_to_the_same_arrays_as_nifti(tmp_path):
     dataset = json.loads((tmp_path / "dst" / "dataset.json").read_text())
     assert dataset["labels"] == CT_LABELS and dataset["channel_names"] == {"0": "CT"}
     assert dataset["numTraining"] == 1 and dataset["file_ending"] == ".nii.gz"
+    code, out, err = run(["check", tmp_path / "dst"])  # the converted dataset is one voxseg plans and trains
+    assert code == 0, out + err
 
 
 def test_two_channels_by_rules_and_an_enhanced_ct_source(tmp_path):

@@ -75,7 +75,11 @@ def orthanc(tmp_path_factory):
         yield f"127.0.0.1:{port}"
     finally:
         process.terminate()
-        process.wait(timeout=20)
+        try:
+            process.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()
         log.close()
 
 

@@ -72,15 +72,16 @@ def _failure(study: DicomWebStudy, action: str, exc: Exception) -> InputError:
 def download_study(study: DicomWebStudy, folder: Path) -> int:
     """Retrieve every instance of the study (WADO-RS) into `folder`; returns how many."""
     client = _client(study.root)
+    count = 0
     try:
-        instances = client.retrieve_study(study.study_uid)
+        for dataset in client.iter_study(study.study_uid):  # one instance in memory at a time
+            dataset.save_as(str(folder / f"{count:06d}.dcm"), enforce_file_format=True)
+            count += 1
     except Exception as exc:  # noqa: BLE001 - any HTTP or connection failure is the user's server or URL
         raise _failure(study, "retrieving it", exc) from None
-    if not instances:
+    if not count:
         raise InputError(f"{study.label}: the study has no instances")
-    for number, dataset in enumerate(instances):
-        dataset.save_as(str(folder / f"{number:06d}.dcm"), enforce_file_format=True)
-    return len(instances)
+    return count
 
 
 def store_instances(study: DicomWebStudy, paths: Sequence[Path]) -> int:
