@@ -267,14 +267,16 @@ class Predictor:
         file_ending: str | None = None,
         progress: bool = False,
     ) -> dict[str, Any]:
-        """Predict cases from files and write OUT/NAME{file_ending} with each input's geometry.
+        """Predict cases from files and write OUT/NAME{file_ending} with each input's geometry (OUT/NAME.dcm, a
+        DICOM-SEG or RTSTRUCT on channel 0's series, with `config.output_format` dicom-seg or rtstruct).
 
         Reading the next cases and writing finished ones run on `num_io_threads` threads while the device
         works. A case that cannot be read or does not fit the model is skipped and reported; the others are
         still written, then InputError lists every failed case with its reason.
 
         Args:
-            cases: (name, [channel files in channel order]), e.g. from `find_input_cases`.
+            cases: (name, [channel files in channel order]), e.g. from `find_input_cases`, or (name, [DICOM series
+                per channel]) from `voxseg.infer.dicom_cases.dicom_input_cases`.
             save_probabilities: also write NAME.npz: "probabilities" (K, D, H, W) float16 and "class_names"
                 (None: `config.save_probabilities`).
             continue_run: skip cases whose outputs already exist.
