@@ -209,3 +209,9 @@ def test_a_broken_study_is_reported_by_name_and_the_others_are_written(ct_model,
     assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["GOOD_20260101.dcm"]
     assert hd.seg.segread(tmp_path / "out" / "GOOD_20260101.dcm").ReferencedSeriesSequence[0].SeriesInstanceUID == \
         good.uid
+
+
+def test_one_dicom_file_given_as_input_is_told_to_give_its_folder(ct_model, tmp_path):
+    info = write_series(tmp_path / "ct", hounsfield_volume())
+    code, _, err = run(["predict", "-m", ct_model, "-i", info.files[0], "-o", tmp_path / "out", *FAST])
+    assert code == 2 and "it is a DICOM file: give the folder holding its series" in err
