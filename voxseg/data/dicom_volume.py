@@ -119,31 +119,25 @@ def _checked_slice_step(series: DicomSeries, frames: list[DicomFrame], along: np
 
 def read_series(series: DicomSeries) -> tuple[np.ndarray, Geometry]:
     """The series as a (D, H, W) float32 volume of real values (rescale slope and intercept applied) and its
-    Geometry; see `series_geometry` for the order and the refusals."""
+    Geometry; see `series_geometry` for the order and the refusals. Each file is decoded once, straight into
+    its slices of the volume (one file's pixels are held besides the volume)."""
     frames, geometry = series_geometry(series)
-    pixels = _frame_pixels(series, frames)
-    volume = np.empty((len(frames), *frames[0].size), dtype=np.float32)
-    for k, frame in enumerate(frames):
-        plane = pixels[(frame.path, frame.index)]
-        if plane.shape != frame.size:
-            raise ImageReadError(f"{series.label}: {_name(frame)} holds pixels of shape {plane.shape}, its header "
-                                 f"says {frame.size}; the file is damaged: export the series again")
-        volume[k] = plane.astype(np.float32) * np.float32(frame.slope) + np.float32(frame.intercept)
-    return volume, geometry
-
-
-def _frame_pixels(series: DicomSeries, frames: list[DicomFrame]) -> dict[tuple[Path, int | None], np.ndarray]:
-    """Each frame's stored pixel values, decoding each file once."""
     pydicom = pydicom_module()
-    out: dict[tuple[Path, int | None], np.ndarray] = {}
-    for path in sorted({f.path for f in frames}):
+    volume = np.empty((len(frames), *frames[0].size), dtype=np.float32)
+    slices_of: dict[Path, list[int]] = {}
+    for k, frame in enumerate(frames):
+        slices_of.setdefault(frame.path, []).append(k)
+    for path, slices in slices_of.items():
         array = _decoded(series, path, pydicom)
-        for frame in (f for f in frames if f.path == path):
-            if frame.index is None:
-                out[(path, None)] = array
-            else:  # a multi-frame object (of one frame, pydicom gives a 2D array)
-                out[(path, frame.index)] = array[frame.index] if array.ndim == 3 else array
-    return out
+        for k in slices:
+            frame = frames[k]
+            # a multi-frame object of one frame decodes to a 2D array
+            plane = array[frame.index] if frame.index is not None and array.ndim == 3 else array
+            if plane.shape != frame.size:
+                raise ImageReadError(f"{series.label}: {_name(frame)} holds pixels of shape {plane.shape}, its "
+                                     f"header says {frame.size}; the file is damaged: export the series again")
+            volume[k] = plane.astype(np.float32) * np.float32(frame.slope) + np.float32(frame.intercept)
+    return volume, geometry
 
 
 def _decoded(series: DicomSeries, path: Path, pydicom: Any) -> np.ndarray:
