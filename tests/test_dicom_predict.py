@@ -87,7 +87,10 @@ def test_ct_series_to_dicom_seg_equals_the_nifti_prediction(ct_model, tmp_path):
 
 def test_mr_study_channels_by_series_description(mr_model, tmp_path):
     written = _mr_study(tmp_path / "in")
-    _predict_both(mr_model, tmp_path / "in", tmp_path / "out", ["--channel", "0=t1*", "--channel", "1=FLAIR AX"])
+    printed, _ = _predict_both(mr_model, tmp_path / "in", tmp_path / "out",
+                               ["--channel", "0=t1*", "--channel", "1=FLAIR AX"])
+    assert f"case MR7_20260101: channel 0 = 'T1 AX' (MR, 12 images, series {written['T1 AX'].uid}), channel 1 = " \
+        f"'FLAIR AX' (MR, 12 images, series {written['FLAIR AX'].uid})" in printed
     labels, geometry = read_image(tmp_path / "out" / "nifti" / "MR7_20260101.nii.gz")
     assert geometry.allclose(written["T1 AX"].geometry, atol=1e-4)
     masks, seg = _seg_masks(tmp_path / "out" / "seg" / "MR7_20260101.dcm", written["T1 AX"].uid, tmp_path / "in")

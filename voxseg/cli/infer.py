@@ -116,7 +116,11 @@ def _input_cases(args: argparse.Namespace, plan: Any, inputs: list[str]) -> list
 
     rules = parse_channel_rules(args.channel, args.channel_map)
     if looks_like_dicom_input(inputs):
-        return dicom_input_cases(inputs[0], plan, rules)
+        cases = dicom_input_cases(inputs[0], plan, rules)
+        for name, channels in cases:  # which series became which channel: never a silent choice
+            print(f"case {name}: " + ", ".join(f"channel {c} = '{s.description}' ({s.modality}, {len(s.frames)} "
+                                               f"images, series {s.uid})" for c, s in enumerate(channels)))
+        return cases
     if rules:
         raise ConfigError("--channel / --channel-map map DICOM series to channels; -i gives no DICOM folder")
     return find_input_cases(inputs, plan.num_channels, plan.file_ending)
