@@ -125,3 +125,11 @@ def test_an_unknown_study_or_server_is_a_clear_error(orthanc, tmp_path):
     assert code == 2 and "check that the server runs" in err and "Traceback" not in err
     code, _, err = run(["predict", "-m", model, "-i", "dicomweb://host/no-study", "-o", tmp_path / "out"])
     assert code == 2 and "give dicomweb://HOST:PORT/SERVICE_ROOT/studies/STUDY_UID" in err
+
+
+def test_a_missing_orthanc_plugin_fails_rather_than_skips(monkeypatch):
+    import sys
+
+    monkeypatch.setattr(sys.modules[__name__], "PLUGIN_FOLDERS", ("/nonexistent/orthanc/plugins",))
+    with pytest.raises(pytest.fail.Exception, match="apt-get install -y orthanc-dicomweb"):
+        _dicomweb_plugin()
