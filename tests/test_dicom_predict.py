@@ -81,6 +81,16 @@ def test_ct_series_to_dicom_seg_equals_the_nifti_prediction(ct_model, tmp_path):
     # only frames holding a segment are stored: one per (slice, label) pair present
     assert seg.NumberOfFrames == sum(int((labels[k] == v).any()) for k in range(12) for v in (1, 2))
     assert seg.ReferencedSeriesSequence[0].SeriesInstanceUID == info.uid
+    # highdicom's own reading of where the SEG's frames lie: each of its voxels maps onto the same voxel of ours
+    volume = seg.get_volume(combine_segments=False)  # only the slices holding a segment, in its own axis order
+    to_ours = np.linalg.inv(geometry.affine) @ volume.affine
+    assert np.allclose(to_ours[:3, 1:3], [[0, 0], [1, 0], [0, 1]], atol=1e-4)  # rows and columns as ours
+    assert np.isclose(abs(to_ours[0, 0]), 1, atol=1e-4) and np.allclose(to_ours[1:3, 3], 0, atol=1e-4)
+    for i in range(volume.array.shape[0]):
+        k = to_ours[0, 0] * i + to_ours[0, 3]
+        assert np.isclose(k, round(k), atol=1e-4)
+        for number, value in enumerate((1, 2)):
+            assert np.array_equal(volume.array[i, ..., number].astype(bool), labels[round(k)] == value)
     assert seg.FrameOfReferenceUID == info.frame_of_reference_uid and seg.StudyInstanceUID == info.study_uid
     assert np.allclose(seg.SharedFunctionalGroupsSequence[0].PixelMeasuresSequence[0].PixelSpacing, [0.8, 0.9])
 
