@@ -134,3 +134,19 @@ def test_rtstruct_contours_off_the_slices_are_refused(tmp_path):
     write_rtstruct(tmp_path / "src" / "rt.dcm", info, {"Liver": [(2.5, [(1, 1), (1, 5), (5, 5)])]})
     with pytest.raises(DatasetError, match=r"rt\.dcm: a contour of ROI 'Liver' does not lie in one slice"):
         convert_dicom(tmp_path / "src", tmp_path / "dst")
+
+
+def test_label_values_follow_segment_names_across_studies(tmp_path):
+    hu = hounsfield_volume((8, 12, 10))
+    labels = _labels(hu.shape)  # 1 and 2
+    first = write_series(tmp_path / "src" / "a", hu, study=new_study("A"))
+    _annotate(tmp_path / "src" / "a", first, labels, tiny_plan(CT_LABELS, channels=1))
+    second = write_series(tmp_path / "src" / "b", hu, study=new_study("B"))
+    swapped = {"background": 0, "tumor": 1, "liver": 2}  # the same structures, numbered the other way round
+    _annotate(tmp_path / "src" / "b", second, labels, tiny_plan(swapped, channels=1))
+    convert_dicom(tmp_path / "src", tmp_path / "dst")
+    a = read_image(tmp_path / "dst" / "labelsTr" / "A_20260101.nii.gz")[0]
+    b = read_image(tmp_path / "dst" / "labelsTr" / "B_20260101.nii.gz")[0]
+    assert np.array_equal(a, labels)  # liver 1, tumor 2, as the first SEG numbers them
+    assert np.array_equal(b == 1, labels == 2) and np.array_equal(b == 2, labels == 1)  # B's "tumor" is value 2
+    assert json.loads((tmp_path / "dst" / "dataset.json").read_text())["labels"] == CT_LABELS

@@ -8,7 +8,7 @@ import pydicom
 import pytest
 
 from bad_inputs import run
-from dicom_synth import hounsfield_volume, new_study, oblique_orientation, write_series
+from dicom_synth import hounsfield_volume, new_study, oblique_orientation, write_enhanced_ct, write_series
 from test_predictor import make_workdir, tiny_plan
 from voxseg.data.dicom import scan_dicom
 from voxseg.data.dicom_rtstruct import read_structure_set
@@ -228,3 +228,29 @@ def test_one_dicom_file_given_as_input_is_told_to_give_its_folder(ct_model, tmp_
     info = write_series(tmp_path / "ct", hounsfield_volume())
     code, _, err = run(["predict", "-m", ct_model, "-i", info.files[0], "-o", tmp_path / "out", *FAST])
     assert code == 2 and "it is a DICOM file: give the folder holding its series" in err
+
+
+def test_enhanced_ct_source_to_seg_and_rtstruct(ct_model, tmp_path):
+    stored = hounsfield_volume((10, 20, 16)) + 1024
+    info = write_enhanced_ct(tmp_path / "in" / "ct.dcm", stored, orientation=oblique_orientation(0.2),
+                             study=new_study("ENH"))
+    assert run(["predict", "-m", ct_model, "-i", tmp_path / "in", "-o", tmp_path / "nifti", *FAST])[0] == 0
+    labels, geometry = read_image(tmp_path / "nifti" / "ENH_20260101.nii.gz")
+    assert geometry.allclose(info.geometry, atol=1e-4) and 0 < (labels > 0).sum() < labels.size
+    for output_format in ("dicom-seg", "rtstruct"):
+        code, _, err = run(["predict", "-m", ct_model, "-i", tmp_path / "in", "-o", tmp_path / output_format, *FAST,
+                            "--output-format", output_format])
+        assert code == 0, err
+    frames, _ = series_geometry(scan_dicom(tmp_path / "in").series[0])  # frames stored in reverse spatial order
+    seg = hd.seg.segread(tmp_path / "dicom-seg" / "ENH_20260101.dcm")
+    masks = seg.get_pixels_by_source_frame(frames[0].sop_instance_uid, [f.index + 1 for f in frames],
+                                           segment_numbers=[1, 2], combine_segments=False,
+                                           assert_missing_frames_are_empty=True)
+    structure = read_structure_set(tmp_path / "rtstruct" / "ENH_20260101.dcm")
+    filled = structure.masks(labels.shape, info.geometry)
+    for number, value in enumerate((1, 2)):
+        assert np.array_equal(masks[..., number].astype(bool), labels == value)
+        assert np.array_equal(filled[..., number], labels == value)
+    ds = pydicom.dcmread(tmp_path / "rtstruct" / "ENH_20260101.dcm")
+    images = ds.ReferencedFrameOfReferenceSequence[0].RTReferencedStudySequence[0].RTReferencedSeriesSequence[0]
+    assert sorted(int(item.ReferencedFrameNumber) for item in images.ContourImageSequence) == list(range(1, 11))
