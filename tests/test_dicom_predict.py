@@ -254,3 +254,14 @@ def test_enhanced_ct_source_to_seg_and_rtstruct(ct_model, tmp_path):
     ds = pydicom.dcmread(tmp_path / "rtstruct" / "ENH_20260101.dcm")
     images = ds.ReferencedFrameOfReferenceSequence[0].RTReferencedStudySequence[0].RTReferencedSeriesSequence[0]
     assert sorted(int(item.ReferencedFrameNumber) for item in images.ContourImageSequence) == list(range(1, 11))
+
+
+def test_output_format_is_an_infer_config_choice_and_excludes_a_file_ending():
+    from voxseg.infer.config import InferConfig, infer_config
+
+    assert InferConfig().output_format == "nifti"
+    assert infer_config(["output_format=rtstruct"]).output_format == "rtstruct"
+    with pytest.raises(ConfigError, match="output_format"):
+        InferConfig(output_format="png")
+    with pytest.raises(ConfigError, match="writes OUT/CASE.dcm: drop --file-ending"):
+        InferConfig(output_format="dicom-seg", file_ending=".nii")

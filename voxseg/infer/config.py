@@ -107,6 +107,10 @@ class InferConfig:
         if self.file_ending is not None and self.file_ending not in SUPPORTED_ENDINGS:
             raise ConfigError(f"file_ending='{self.file_ending}' cannot be written; use one of "
                               f"{', '.join(SUPPORTED_ENDINGS)}")
+        if self.file_ending is not None and self.output_format != "nifti":
+            raise ConfigError(f"file_ending='{self.file_ending}' is the ending of label map files; output_format="
+                              f"'{self.output_format}' writes OUT/CASE.dcm: drop --file-ending or write "
+                              "--output-format nifti")
         for name in ("compile", "save_probabilities"):
             if not isinstance(getattr(self, name), bool):
                 raise ConfigError(f"{name}={getattr(self, name)!r}: give true or false")
