@@ -150,3 +150,8 @@ def test_label_values_follow_segment_names_across_studies(tmp_path):
     assert np.array_equal(a, labels)  # liver 1, tumor 2, as the first SEG numbers them
     assert np.array_equal(b == 1, labels == 2) and np.array_equal(b == 2, labels == 1)  # B's "tumor" is value 2
     assert json.loads((tmp_path / "dst" / "dataset.json").read_text())["labels"] == CT_LABELS
+
+
+def test_channel_rules_belong_to_convert_dicom_only(tmp_path):
+    code, _, err = run(["convert", "brats", tmp_path, tmp_path / "dst", "--channel", "0=T1"])
+    assert code == 2 and "use them with 'convert dicom'" in err and not (tmp_path / "dst").exists()
