@@ -230,3 +230,11 @@ def test_truncated_pixel_data_and_uninterpretable_headers_name_the_file(tmp_path
     del ds.Rows
     ds.save_as(info.files[0])
     assert f"{info.files[0].name}: header cannot be interpreted" in _refusal(tmp_path / "b")
+
+
+def test_the_top_level_api_names_the_dicom_functions():
+    import voxseg
+    from voxseg.data.dicom_convert import convert_dicom
+
+    assert voxseg.read_series is read_series and voxseg.scan_dicom is scan_dicom
+    assert voxseg.convert_dicom is convert_dicom
