@@ -15,6 +15,7 @@ The public API is small; everything is importable lazily so `voxseg --help` stay
     >>> result = voxseg.evaluate_crossval("work/synth")   # after training every fold: .summary, .postprocessing
     >>> choice = voxseg.choose_configuration("work/synth")   # every trained configuration and pair ensemble
     >>> voxseg.WorkDir("work/synth").fold(0).checkpoint("final")   # every path of a work directory
+    >>> image, geometry = voxseg.read_series(voxseg.scan_dicom("incoming/study").series[0])   # voxseg[dicom]
 """
 from __future__ import annotations
 
@@ -29,6 +30,10 @@ _LAZY = {
     "make_synthetic_dataset": "voxseg.data.synth",
     "convert_brats": "voxseg.data.convert",
     "convert_msd": "voxseg.data.convert",
+    "convert_dicom": "voxseg.data.dicom_convert",
+    "scan_dicom": "voxseg.data.dicom",
+    "read_series": "voxseg.data.dicom_volume",
+    "dicom_input_cases": "voxseg.infer.dicom_cases",
     "check_dataset": "voxseg.data.check",
     "plan_dataset": "voxseg.data.plan",
     "config_workdir": "voxseg.data.configs",

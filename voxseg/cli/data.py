@@ -46,6 +46,17 @@ def cmd_synth(args: argparse.Namespace) -> int:
 def cmd_convert(args: argparse.Namespace) -> int:
     from voxseg.data import convert
 
+    if args.format == "dicom":
+        from voxseg.data.dicom_convert import convert_dicom
+        from voxseg.data.dicom_studies import parse_channel_rules
+
+        path, unannotated = convert_dicom(args.src, args.dst, parse_channel_rules(args.channel, args.channel_map))
+        skipped = f" ({unannotated} stud{'y' if unannotated == 1 else 'ies'} without a DICOM-SEG not converted)" \
+            if unannotated else ""
+        print(f"converted {args.src} -> {path} (nnU-Net v2 layout){skipped}")
+        return 0
+    if args.channel or args.channel_map:
+        raise ConfigError("--channel / --channel-map map DICOM series to channels: use them with 'convert dicom'")
     fn = convert.convert_brats if args.format == "brats" else convert.convert_msd
     path = fn(args.src, args.dst)
     print(f"converted {args.src} -> {path} (nnU-Net v2 layout)")
@@ -134,14 +145,22 @@ def _synth_and_convert(sub: Subparsers) -> None:
                         "CASE_t1, _t1ce, _t2, _flair, _seg files (default nnunet)")
 
     p = add_command(sub, "convert", cmd_convert,
-                    "convert a BraTS 2021 folder or a Decathlon task to the nnU-Net v2 layout",
+                    "convert a BraTS 2021 folder, a Decathlon task or DICOM series with their DICOM-SEG to the "
+                    "nnU-Net v2 layout",
                     "voxseg convert brats /data/BraTS2021_TrainingData data/Dataset137_BraTS\n"
-                    "voxseg convert msd /data/Task01_BrainTumour data/Dataset001_BrainTumour")
-    p.add_argument("format", choices=["brats", "msd"],
+                    "voxseg convert msd /data/Task01_BrainTumour data/Dataset001_BrainTumour\n"
+                    "voxseg convert dicom /data/liver_export data/Dataset050_Liver\n"
+                    "voxseg convert dicom /data/mr_export data/Dataset051_Brain --channel 0=T1* --channel 1=FLAIR*")
+    p.add_argument("format", choices=["brats", "msd", "dicom"],
                    help="brats: a BraTS 2021 training folder (one folder per case); msd: a Medical Segmentation "
-                        "Decathlon task folder (TaskNN_Name with dataset.json)")
+                        "Decathlon task folder (TaskNN_Name with dataset.json); dicom: a folder of DICOM image "
+                        "series with one DICOM-SEG per study (each SEG is a training case)")
     p.add_argument("src", help="the folder to convert")
     p.add_argument("dst", help="the nnU-Net v2 dataset folder to write, e.g. data/Dataset137_BraTS")
+    p.add_argument("--channel", action="append", metavar="INDEX=PATTERN",
+                   help="dicom: the series of channel INDEX, matched on SeriesDescription (case-insensitive, wildcards "
+                        "* ?) or a SeriesInstanceUID (repeatable; default: the series the SEG references)")
+    p.add_argument("--channel-map", metavar="FILE", help='dicom: the channel rules as JSON, {"0": "T1", "1": "FLAIR"}')
 
 
 def add_data_commands(sub: Subparsers) -> None:

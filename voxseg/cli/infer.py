@@ -13,7 +13,13 @@ from voxseg.cli.common import (
     folds,
     usable_device,
 )
-from voxseg.cli.report import add_report_flag, report_after_crossval, report_after_evaluate, report_after_predict
+from voxseg.cli.report import (
+    add_report_flag,
+    check_report_format,
+    report_after_crossval,
+    report_after_evaluate,
+    report_after_predict,
+)
 from voxseg.errors import ConfigError
 from voxseg.workdir import WorkDir
 
@@ -38,6 +44,7 @@ PREDICT_FLAGS: dict[str, str] = {
     "--save-probabilities": "save_probabilities",
     "--postprocess": "postprocess",
     "--file-ending": "file_ending",
+    "--output-format": "output_format",
     "--max-memory": "max_memory",
 }
 # fields with a hand-written flag: another spelling (--no-mirror), or several values after one flag (--onnx-model)
@@ -74,7 +81,7 @@ def _flag_names() -> dict[str, str]:
 
 
 def cmd_predict(args: argparse.Namespace) -> int:
-    from voxseg.infer.predictor import Predictor, find_input_cases
+    from voxseg.infer.predictor import Predictor
 
     config = predict_config(args)
     if config.resolved_backend() == "torch":
@@ -94,14 +101,40 @@ def cmd_predict(args: argparse.Namespace) -> int:
     else:
         predictor = Predictor.from_workdir(configuration_workdir(args.model, args.configuration), config)
     print(_folds_line(predictor, config.folds))
-    cases = find_input_cases(args.input, predictor.plan.num_channels, predictor.plan.file_ending)
-    result = predictor.predict_files(cases, args.output, continue_run=args.continue_run, progress=True)
+    check_report_format(args, config.output_format)
+    from voxseg.infer.dicomweb import pulled_input, store_instances
+
+    with pulled_input(args.input) as (inputs, study):  # a dicomweb:// study: retrieved into a temporary folder
+        cases = _input_cases(args, predictor.plan, inputs)
+        result = predictor.predict_files(cases, args.output, continue_run=args.continue_run, progress=True)
     skipped = f", skipped {result['skipped']} already there (--continue)" if result["skipped"] else ""
     print(f"wrote {result['written']} prediction(s) to {result['out_dir']}{skipped}")
+    if study is not None and config.output_format != "nifti":  # a DICOM-SEG or RTSTRUCT per case, back to the PACS
+        stored = store_instances(study, [Path(result["out_dir"]) / f"{name}.dcm" for name, _ in cases])
+        print(f"stored {stored} {config.output_format} object(s) to {study.label}")
     if args.report:
         report_after_predict(args, predictor, cases, Path(result["out_dir"]),
                              config.file_ending or predictor.plan.file_ending)
     return 0
+
+
+def _input_cases(args: argparse.Namespace, plan: Any, inputs: list[str]) -> list:
+    """The cases of -i: a DICOM folder (one case per study, --channel rules) or image files
+    (`find_input_cases`)."""
+    from voxseg.data.dicom_studies import parse_channel_rules
+    from voxseg.infer.dicom_cases import dicom_input_cases, looks_like_dicom_input
+    from voxseg.infer.predictor import find_input_cases
+
+    rules = parse_channel_rules(args.channel, args.channel_map)
+    if looks_like_dicom_input(inputs):
+        cases = dicom_input_cases(inputs[0], plan, rules)
+        for name, channels in cases:  # which series became which channel: never a silent choice
+            print(f"case {name}: " + ", ".join(f"channel {c} = '{s.description}' ({s.modality}, {len(s.frames)} "
+                                               f"images, series {s.uid})" for c, s in enumerate(channels)))
+        return cases
+    if rules:
+        raise ConfigError("--channel / --channel-map map DICOM series to channels; -i gives no DICOM folder")
+    return find_input_cases(inputs, plan.num_channels, plan.file_ending)
 
 
 def _folds_line(predictor: Any, requested: list[int] | str | None) -> str:
@@ -231,9 +264,11 @@ def _predict_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("-m", "--model", required=True,
                    help="work directory with plans.json and training/fold_F, or an nnU-Net v2 trained-model folder "
                         "(<Trainer>__<Plans>__<configuration> with fold_X/checkpoint_final.pth)")
-    p.add_argument("-i", "--input", required=True, nargs="+", help="folder (nnU-Net or BraTS layout) or channel files")
+    p.add_argument("-i", "--input", required=True, nargs="+",
+                   help="folder (nnU-Net or BraTS layout), channel files, a folder of DICOM files (one case per "
+                        "study), or dicomweb://HOST:PORT/ROOT/studies/STUDY_UID (a study on a PACS)")
     p.add_argument("-o", "--output", required=True,
-                   help="folder for the predictions, OUT/CASE{file ending} (created)")
+                   help="folder for the predictions, OUT/CASE{file ending} (OUT/CASE.dcm for DICOM outputs; created)")
     add_configuration_flag(p)
     p.epilog = (f"{p.epilog}\n\nEvery inference option has a flag: each sets one field of voxseg.infer.config."
                 "InferConfig, the one home of its default and documentation (docs/INFERENCE.md).")
@@ -246,7 +281,13 @@ def _predict_arguments(p: argparse.ArgumentParser) -> None:
     # every field's default in the namespace, as text like a given value: the config is built from the flags alone
     p.set_defaults(**{name: as_text(option.default) for name, option in options.items()})
     p.add_argument("--continue", dest="continue_run", action="store_true", help="skip cases already predicted")
-    add_report_flag(p, "OUT/report.html; with --save-probabilities it shows the model's uncertainty")
+    p.add_argument("--channel", action="append", metavar="INDEX=PATTERN",
+                   help="DICOM input: the series of channel INDEX, matched on SeriesDescription (case-insensitive, "
+                        "wildcards * ?) or a SeriesInstanceUID, e.g. --channel 0=T1 --channel 1=FLAIR (repeatable)")
+    p.add_argument("--channel-map", metavar="FILE",
+                   help='DICOM input: the channel rules as a JSON object, e.g. {"0": "T1", "1": "FLAIR"}')
+    add_report_flag(p, "OUT/report.html; with --save-probabilities it shows the model's uncertainty; "
+                       "--output-format nifti")
 
 
 def _export_arguments(p: argparse.ArgumentParser) -> None:
@@ -321,7 +362,13 @@ def add_infer_commands(sub: Subparsers) -> None:
                 "voxseg predict -m work/synth -i imagesTs -o preds --folds 0,1 --backend onnxruntime"
                 "  # after export --onnx\n"
                 "voxseg predict -m work/synth -i imagesTs -o preds --step 0.25 --tile-batch 8 --amp bf16"
-                " --mirror-axes 1,2",
+                " --mirror-axes 1,2\n"
+                "voxseg predict -m work/liver -i /incoming/ct_study -o segs --output-format dicom-seg"
+                "  # a DICOM folder\n"
+                "voxseg predict -m work/synth -i /incoming/mr -o segs --channel 0='T1*' --channel 1='T1*GD*'"
+                " --channel 2=T2 --channel 3=FLAIR\n"
+                "voxseg predict -m work/liver -i dicomweb://pacs:8042/dicom-web/studies/1.2.3 -o segs"
+                " --output-format dicom-seg  # SEG stored back",
                 setup=_predict_arguments)
     add_command(sub, "evaluate", cmd_evaluate,
                 "score predictions: Dice, IoU, HD95, surface Dice, volumes per label and region",

@@ -9,8 +9,8 @@ from voxseg.cli.common import Subparsers, add_command
 from voxseg.errors import ConfigError, InputError
 from voxseg.workdir import WorkDir
 
-__all__ = ["add_report_command", "add_report_flag", "report_after_crossval", "report_after_evaluate",
-           "report_after_predict"]
+__all__ = ["add_report_command", "add_report_flag", "check_report_format", "report_after_crossval",
+           "report_after_evaluate", "report_after_predict"]
 
 
 def add_report_flag(parser: argparse.ArgumentParser, default_where: str) -> None:
@@ -79,6 +79,13 @@ def _fold_sources(workdir: Path, fold: str) -> Any:
                          training=[fold_dir], title=f"voxseg report: {workdir.name}, fold {fold}", partial=True)
 
 
+def check_report_format(args: argparse.Namespace, output_format: str) -> None:
+    """predict --report draws NIfTI label maps: refused, before predicting, with another output format."""
+    if args.report and output_format != "nifti":
+        raise ConfigError(f"--report draws label maps: it goes with --output-format nifti, not {output_format}; "
+                          "predict to NIfTI for the report, or leave --report out")
+
+
 def report_after_predict(args: argparse.Namespace, predictor: Any, cases: Sequence[tuple[str, Sequence[Any]]],
                          out_dir: Path, file_ending: str) -> None:
     """predict --report: overlays of the predictions on their images, volumes, and uncertainty when the
@@ -87,7 +94,9 @@ def report_after_predict(args: argparse.Namespace, predictor: Any, cases: Sequen
 
     plan = predictor.plan
     dataset = {"labels": plan.labels, "channel_names": plan.channel_names, "file_ending": file_ending}
-    sources = ReportSources(out_dir, images={name: Path(files[0]) for name, files in cases}, dataset_json=dataset,
+    # channel 0's file under each case's pictures (a DICOM series is not a file: its pictures have no image)
+    images = {name: Path(files[0]) for name, files in cases if isinstance(files[0], (str, Path))}
+    sources = ReportSources(out_dir, images=images, dataset_json=dataset,
                             title=f"voxseg report: predictions in {out_dir.name}")
     _written(write_report(sources, _out(args.report), num_workers=1))
 

@@ -90,7 +90,10 @@ def read_image(path: str | Path) -> tuple[np.ndarray, Geometry]:
         raise ImageReadError(f"{path}: file is empty (0 bytes); re-export or re-copy it")
     ending = file_ending(path)
     if ending not in SUPPORTED_ENDINGS:
-        raise ImageReadError(f"{path}: unsupported file type '{ending}'; use one of {', '.join(SUPPORTED_ENDINGS)}")
+        dicom = _starts_like_dicom(path)
+        raise ImageReadError(f"{path}: unsupported file type '{ending}'; use one of {', '.join(SUPPORTED_ENDINGS)}"
+                             + ("; it is a DICOM file: give the folder holding its series (DICOM input reads whole "
+                                "series, docs/INFERENCE.md)" if dicom else ""))
     try:
         array, geometry = _read_nibabel(path) if ending in NIFTI_ENDINGS else _read_sitk(path)
     except ImageReadError:
@@ -102,6 +105,16 @@ def read_image(path: str | Path) -> tuple[np.ndarray, Geometry]:
         raise ImageReadError(f"{path}: expected a 3D image, found shape {array.shape}; split 4D images with "
                              "'voxseg convert'")
     return array, geometry
+
+
+def _starts_like_dicom(path: Path) -> bool:
+    """The DICOM file marker: 'DICM' after a 128-byte preamble."""
+    try:
+        with open(path, "rb") as handle:
+            handle.seek(128)
+            return handle.read(4) == b"DICM"
+    except OSError:
+        return False
 
 
 def _read_nibabel(path: Path) -> tuple[np.ndarray, Geometry]:

@@ -45,7 +45,9 @@ def my_share(cases: Sequence[tuple[str, Sequence[str | Path]]]) -> list[tuple[st
     rank, size, _ = env_world()
     if size == 1:
         return list(cases)
-    sizes = [sum(Path(f).stat().st_size for f in files if Path(f).is_file()) for _, files in cases]
+    # a channel is a file, or a DICOM series (`voxseg.infer.dicom_cases`) whose files count
+    paths = [[Path(f) for entry in files for f in getattr(entry, "files", [entry])] for _, files in cases]
+    sizes = [sum(path.stat().st_size for path in case_paths if path.is_file()) for case_paths in paths]
     mine = shard_balanced(list(cases), sizes, rank, size)
     print(f"rank {rank}/{size}: predicting {len(mine)} of {len(cases)} cases", file=sys.stderr, flush=True)
     return mine

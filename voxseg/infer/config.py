@@ -32,8 +32,9 @@ from voxseg.plans import Plan
 
 BACKENDS = ("auto", "torch", "onnxruntime")
 MIRROR_WORDS = ("all", "none")  # mirror_axes given as a word instead of axes
+OUTPUT_FORMATS = ("nifti", "dicom-seg", "rtstruct")
 
-__all__ = ["BACKENDS", "InferConfig", "Tiling", "infer_config"]
+__all__ = ["BACKENDS", "OUTPUT_FORMATS", "InferConfig", "Tiling", "infer_config"]
 
 
 @dataclass
@@ -78,6 +79,10 @@ class InferConfig:
     class; false = none, even where the model has a postprocessing.json."""
     file_ending: str | None = None
     """File ending of the written label maps (.nii.gz, .nii, .mha, .mhd, .nrrd, .nhdr); none = the plan's."""
+    output_format: str = field(default="nifti", metadata={"choices": OUTPUT_FORMATS})
+    """nifti: a label map image per case, OUT/CASE{file ending}; dicom-seg: a DICOM Segmentation per case,
+    OUT/CASE.dcm, one binary segment per label; rtstruct: an RT Structure Set per case, OUT/CASE.dcm, one ROI of
+    contours per label; both reference the case's source series (DICOM input only)."""
     max_memory: float | None = None
     """Host memory in GB one case's prediction may take at its peak; none = 85% of what is available when the
     case starts. The restore slab and the tiles per forward pass are fitted into it, and a case that cannot
@@ -90,6 +95,7 @@ class InferConfig:
         check_choice(self, "amp")
         check_choice(self, "backend")
         check_choice(self, "cpu_forward")
+        check_choice(self, "output_format")
         if not is_device_name(self.device):
             raise ConfigError(f"device='{self.device}' is not allowed; use auto, cpu, cuda or cuda:N")
         if isinstance(self.mirror_axes, str) and self.mirror_axes not in MIRROR_WORDS:
@@ -101,6 +107,10 @@ class InferConfig:
         if self.file_ending is not None and self.file_ending not in SUPPORTED_ENDINGS:
             raise ConfigError(f"file_ending='{self.file_ending}' cannot be written; use one of "
                               f"{', '.join(SUPPORTED_ENDINGS)}")
+        if self.file_ending is not None and self.output_format != "nifti":
+            raise ConfigError(f"file_ending='{self.file_ending}' is the ending of label map files; output_format="
+                              f"'{self.output_format}' writes OUT/CASE.dcm: drop --file-ending or write "
+                              "--output-format nifti")
         for name in ("compile", "save_probabilities"):
             if not isinstance(getattr(self, name), bool):
                 raise ConfigError(f"{name}={getattr(self, name)!r}: give true or false")

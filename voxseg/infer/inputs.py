@@ -11,7 +11,7 @@ import math
 import re
 import warnings
 from pathlib import Path
-from typing import TYPE_CHECKING, Sequence
+from typing import TYPE_CHECKING, Any, Sequence
 
 import numpy as np
 
@@ -21,7 +21,8 @@ if TYPE_CHECKING:
     from voxseg.data.io import Geometry
     from voxseg.plans import Plan
 
-__all__ = ["BRATS_MODALITIES", "check_output_not_input", "checked_geometry", "checked_image", "find_input_cases"]
+__all__ = ["BRATS_MODALITIES", "check_output_not_input", "checked_geometry", "checked_image", "find_input_cases",
+           "read_input_case"]
 
 BRATS_MODALITIES = ("t1", "t1ce", "t2", "flair")  # channel order of BraTS data (voxseg.data.convert)
 
@@ -169,8 +170,9 @@ def check_output_not_input(cases: Sequence[tuple[str, Sequence[str | Path]]], ou
     """Refuse an output folder that is a folder the inputs are read from: a later run would read the predictions
     there as images (a CASE.nii.gz next to CASE_0000.nii.gz, or a channel file overwritten)."""
     target = out_dir.resolve()
-    shared = sorted({str(Path(path).parent) for _, files in cases for path in files
-                     if Path(path).parent.resolve() == target})
+    paths = [Path(path) for _, files in cases for entry in files  # a DICOM series: its files
+             for path in getattr(entry, "files", [entry])]
+    shared = sorted({str(path.parent) for path in paths if path.parent.resolve() == target})
     if shared:
         raise InputError(f"predict -o {out_dir} is the folder the input images are read from ({shared[0]}); a later "
                          "run would read the predictions there as images. Write them to another folder")
@@ -192,3 +194,21 @@ def checked_image(image: np.ndarray, plan: Plan, name: str) -> np.ndarray:
         raise InputError(f"case '{name}': image of shape {image.shape} given; the model expects "
                          f"({plan.num_channels}, D, H, W) with channels {list(plan.channel_names.values())}")
     return image
+
+
+def read_input_case(name: str, files: Sequence[Any], plan: Plan) -> tuple[np.ndarray, Geometry]:
+    """A case of `find_input_cases` (channel files) or of `voxseg.infer.dicom_cases` (DICOM series per channel)
+    as (C, D, H, W) float32 and its geometry; InputError when the channels do not match the model or one grid."""
+    from voxseg.data.io import read_channels
+    from voxseg.infer.dicom_cases import is_dicom_case, read_dicom_case
+
+    expected = plan.num_channels
+    if len(files) != expected:
+        raise InputError(f"{len(files)} channel file(s) found, the model expects {expected} "
+                         f"({', '.join(plan.channel_names.values())})")
+    if is_dicom_case(files):
+        return read_dicom_case(name, files)
+    missing = [str(f) for f in files if not Path(f).is_file()]
+    if missing:
+        raise InputError(f"missing channel file(s) {', '.join(missing)}")
+    return read_channels([Path(f) for f in files], case=name, error=InputError)

@@ -28,7 +28,7 @@ import torch
 
 from voxseg.atomicio import make_output_folder, sweep_stale_temporaries
 from voxseg.data.configs import stage_workdir
-from voxseg.data.io import Geometry, read_channels, write_image
+from voxseg.data.io import Geometry, write_image
 from voxseg.data.restore import StreamingRestore, default_restore_values
 from voxseg.devices import cudnn_autotuning, resolve_device
 from voxseg.distributed import local_device
@@ -44,7 +44,14 @@ from voxseg.infer.casefiles import (
     save_probabilities,
 )
 from voxseg.infer.config import InferConfig
-from voxseg.infer.inputs import check_output_not_input, checked_geometry, checked_image, find_input_cases
+from voxseg.infer.dicom_cases import DICOM_OUTPUTS, check_dicom_output_input, write_dicom_output
+from voxseg.infer.inputs import (
+    check_output_not_input,
+    checked_geometry,
+    checked_image,
+    find_input_cases,
+    read_input_case,
+)
 from voxseg.infer.loading import load_models
 from voxseg.infer.postprocess import (
     OriginalGrid,
@@ -246,15 +253,8 @@ class Predictor:
             return postprocess
         return load_postprocessing(postprocess)
 
-    def _read_case(self, name: str, files: Sequence[str | Path]) -> tuple[np.ndarray, Geometry]:
-        expected = self.plan.num_channels
-        if len(files) != expected:
-            raise InputError(f"{len(files)} channel file(s) found, the model expects {expected} "
-                             f"({', '.join(self.plan.channel_names.values())})")
-        missing = [str(f) for f in files if not Path(f).is_file()]
-        if missing:
-            raise InputError(f"missing channel file(s) {', '.join(missing)}")
-        return read_channels([Path(f) for f in files], case=name, error=InputError)
+    def _read_case(self, name: str, files: Sequence[Any]) -> tuple[np.ndarray, Geometry]:
+        return read_input_case(name, files, self.plan)
 
     def predict_files(
         self,
@@ -267,14 +267,16 @@ class Predictor:
         file_ending: str | None = None,
         progress: bool = False,
     ) -> dict[str, Any]:
-        """Predict cases from files and write OUT/NAME{file_ending} with each input's geometry.
+        """Predict cases from files and write OUT/NAME{file_ending} with each input's geometry (OUT/NAME.dcm, a
+        DICOM-SEG or RTSTRUCT on channel 0's series, with `config.output_format` dicom-seg or rtstruct).
 
         Reading the next cases and writing finished ones run on `num_io_threads` threads while the device
         works. A case that cannot be read or does not fit the model is skipped and reported; the others are
         still written, then InputError lists every failed case with its reason.
 
         Args:
-            cases: (name, [channel files in channel order]), e.g. from `find_input_cases`.
+            cases: (name, [channel files in channel order]), e.g. from `find_input_cases`, or (name, [DICOM series
+                per channel]) from `voxseg.infer.dicom_cases.dicom_input_cases`.
             save_probabilities: also write NAME.npz: "probabilities" (K, D, H, W) float16 and "class_names"
                 (None: `config.save_probabilities`).
             continue_run: skip cases whose outputs already exist.
@@ -293,9 +295,12 @@ class Predictor:
             {"written": n, "skipped": n, "out_dir": str}, counted over this process's share.
         """
         check_output_not_input(cases, Path(out_dir))
+        dicom_output = self.config.output_format in DICOM_OUTPUTS
+        if dicom_output:
+            check_dicom_output_input(cases, self.config.output_format)
         out_dir = make_output_folder(out_dir, "predict -o")
         sweep_stale_temporaries(out_dir)  # left by a killed run
-        ending = file_ending or self.config.file_ending or self.plan.file_ending
+        ending = ".dcm" if dicom_output else file_ending or self.config.file_ending or self.plan.file_ending
         if save_probabilities is None:
             save_probabilities = self.config.save_probabilities
         spec = self._postprocessing_spec(postprocess)
@@ -326,12 +331,12 @@ class Predictor:
             def read_ahead() -> None:
                 case = next(queue, None)
                 if case is not None:
-                    pending_reads.append((case[0], pool.submit(self._read_case, *case)))
+                    pending_reads.append((case[0], case[1], pool.submit(self._read_case, *case)))
 
             for _ in range(threads):
                 read_ahead()
             while pending_reads:
-                name, future = pending_reads.popleft()
+                name, files, future = pending_reads.popleft()
                 read_ahead()
                 start = time.perf_counter()  # from waiting for the read to the prediction handed to a writer
                 try:
@@ -345,7 +350,7 @@ class Predictor:
                     continue
                 labels = apply_postprocessing(labels, spec)
                 pending_writes.append((name, pool.submit(self._write_case, out_dir, name, ending, labels, geometry,
-                                                         probabilities)))
+                                                         probabilities, files)))
                 while len(pending_writes) > threads:  # bound the finished cases waiting for the writers
                     written += collect_write(pending_writes.popleft(), failures)
                 report.done(name, time.perf_counter() - start)
@@ -374,10 +379,14 @@ class Predictor:
             raise
 
     def _write_case(self, out_dir: Path, name: str, ending: str, labels: np.ndarray, geometry: Geometry,
-                    probabilities: ProbabilityFile | np.ndarray | None) -> None:
+                    probabilities: ProbabilityFile | np.ndarray | None, files: Sequence[Any] = ()) -> None:
         if isinstance(probabilities, ProbabilityFile):
             probabilities.commit()
         elif probabilities is not None:
             save_probabilities(out_dir / f"{name}.npz", probabilities, self.class_names)
         # the label map last: continue_run treats a case as done once it exists
-        write_image(out_dir / f"{name}{ending}", labels, geometry)
+        if self.config.output_format in DICOM_OUTPUTS:  # on the grid of channel 0's series, which it references
+            write_dicom_output(self.config.output_format, out_dir / f"{name}{ending}", labels, geometry, files[0],
+                               self.plan)
+        else:
+            write_image(out_dir / f"{name}{ending}", labels, geometry)
