@@ -283,3 +283,15 @@ def test_a_report_of_500_cases_is_one_light_page(tmp_path: Path):
     assert len(list((preds / "report_files" / "cases").iterdir())) == 500
     total = sum(p.stat().st_size for p in (preds / "report_files").rglob("*.png"))
     assert total / 500 < 150_000  # bytes of pictures per case
+
+
+def test_predict_report_goes_with_nifti_output(tmp_path: Path, capsys):
+    from test_predictor import make_workdir, tiny_plan, write_case
+
+    work = make_workdir(tmp_path / "work", tiny_plan(), folds=(0,))
+    (tmp_path / "in").mkdir()
+    write_case(tmp_path / "in", "p1", np.zeros((2, 8, 8, 8), dtype=np.float32), Geometry.from_spacing((1, 1, 1)))
+    assert main(["predict", "-m", str(work), "-i", str(tmp_path / "in"), "-o", str(tmp_path / "out"), "--folds", "0",
+                 "--output-format", "dicom-seg", "--report"]) == 2
+    assert "--report draws label maps" in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()

@@ -13,6 +13,7 @@ from voxseg.cli.common import (
     folds,
     usable_device,
 )
+from voxseg.cli.dicom import add_channel_flags, input_cases
 from voxseg.cli.report import (
     add_report_flag,
     check_report_format,
@@ -105,7 +106,7 @@ def cmd_predict(args: argparse.Namespace) -> int:
     from voxseg.infer.dicomweb import pulled_input, store_instances
 
     with pulled_input(args.input) as (inputs, study):  # a dicomweb:// study: retrieved into a temporary folder
-        cases = _input_cases(args, predictor.plan, inputs)
+        cases = input_cases(args, predictor.plan, inputs)
         result = predictor.predict_files(cases, args.output, continue_run=args.continue_run, progress=True)
     skipped = f", skipped {result['skipped']} already there (--continue)" if result["skipped"] else ""
     print(f"wrote {result['written']} prediction(s) to {result['out_dir']}{skipped}")
@@ -116,25 +117,6 @@ def cmd_predict(args: argparse.Namespace) -> int:
         report_after_predict(args, predictor, cases, Path(result["out_dir"]),
                              config.file_ending or predictor.plan.file_ending)
     return 0
-
-
-def _input_cases(args: argparse.Namespace, plan: Any, inputs: list[str]) -> list:
-    """The cases of -i: a DICOM folder (one case per study, --channel rules) or image files
-    (`find_input_cases`)."""
-    from voxseg.data.dicom_studies import parse_channel_rules
-    from voxseg.infer.dicom_cases import dicom_input_cases, looks_like_dicom_input
-    from voxseg.infer.predictor import find_input_cases
-
-    rules = parse_channel_rules(args.channel, args.channel_map)
-    if looks_like_dicom_input(inputs):
-        cases = dicom_input_cases(inputs[0], plan, rules)
-        for name, channels in cases:  # which series became which channel: never a silent choice
-            print(f"case {name}: " + ", ".join(f"channel {c} = '{s.description}' ({s.modality}, {len(s.frames)} "
-                                               f"images, series {s.uid})" for c, s in enumerate(channels)))
-        return cases
-    if rules:
-        raise ConfigError("--channel / --channel-map map DICOM series to channels; -i gives no DICOM folder")
-    return find_input_cases(inputs, plan.num_channels, plan.file_ending)
 
 
 def _folds_line(predictor: Any, requested: list[int] | str | None) -> str:
@@ -281,11 +263,7 @@ def _predict_arguments(p: argparse.ArgumentParser) -> None:
     # every field's default in the namespace, as text like a given value: the config is built from the flags alone
     p.set_defaults(**{name: as_text(option.default) for name, option in options.items()})
     p.add_argument("--continue", dest="continue_run", action="store_true", help="skip cases already predicted")
-    p.add_argument("--channel", action="append", metavar="INDEX=PATTERN",
-                   help="DICOM input: the series of channel INDEX, matched on SeriesDescription (case-insensitive, "
-                        "wildcards * ?) or a SeriesInstanceUID, e.g. --channel 0=T1 --channel 1=FLAIR (repeatable)")
-    p.add_argument("--channel-map", metavar="FILE",
-                   help='DICOM input: the channel rules as a JSON object, e.g. {"0": "T1", "1": "FLAIR"}')
+    add_channel_flags(p, "DICOM input")
     add_report_flag(p, "OUT/report.html; with --save-probabilities it shows the model's uncertainty; "
                        "--output-format nifti")
 
