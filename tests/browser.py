@@ -3,13 +3,14 @@ screenshot. `.ci/run` installs Debian's `chromium`; where it is missing and the 
 first test installs it (apt-get), else these tests fail saying how to install it."""
 from __future__ import annotations
 
-import os
 import shutil
 import subprocess
 from functools import lru_cache
 from pathlib import Path
 
 import numpy as np
+
+from debian import ensure
 
 BROWSERS = ("chromium", "chromium-browser", "google-chrome")
 
@@ -20,15 +21,7 @@ def _installed() -> str | None:
 
 @lru_cache(maxsize=1)
 def chromium() -> str:
-    found = _installed()
-    if found is None and os.geteuid() == 0 and shutil.which("apt-get"):
-        environment = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
-        for command in (["apt-get", "update", "-qq"], ["apt-get", "install", "-y", "-qq", "chromium"]):
-            subprocess.run(command, capture_output=True, timeout=900, check=False, env=environment)
-        found = _installed()
-    if found is None:
-        raise AssertionError("headless Chromium is needed for this test: apt-get install chromium (.ci/run does)")
-    return found
+    return ensure(_installed, ("chromium",))
 
 
 def _run(page: Path, *flags: str) -> subprocess.CompletedProcess:
