@@ -36,7 +36,7 @@ from typing import Any
 
 import numpy as np
 
-from voxseg.data.io import SUPPORTED_ENDINGS, file_ending
+from voxseg.data.io import SUPPORTED_ENDINGS, file_ending, starts_like_dicom
 from voxseg.errors import ConfigError, ImageReadError
 
 __all__ = ["DicomFrame", "DicomScan", "DicomSeries", "highdicom_module", "is_dicom_folder", "pydicom_module",
@@ -130,18 +130,9 @@ def is_dicom_folder(folder: Path) -> bool:
     """Whether a folder holds (somewhere under it) a DICOM file: the 128-byte preamble and 'DICM'."""
     for path in sorted(folder.rglob("*")):
         if path.is_file() and not path.name.startswith(".") and file_ending(path) not in _NOT_DICOM_ENDINGS \
-                and _has_dicom_magic(path):
+                and starts_like_dicom(path):
             return True
     return False
-
-
-def _has_dicom_magic(path: Path) -> bool:
-    try:
-        with open(path, "rb") as handle:
-            handle.seek(128)
-            return handle.read(4) == b"DICM"
-    except OSError:
-        return False
 
 
 def scan_dicom(folder: str | Path) -> DicomScan:
@@ -157,7 +148,7 @@ def scan_dicom(folder: str | Path) -> DicomScan:
     scan, damaged = DicomScan(folder), []
     by_uid: dict[str, DicomSeries] = {}
     for path in sorted(folder.rglob("*")):
-        if not path.is_file() or path.name.startswith(".") or not _has_dicom_magic(path):
+        if not path.is_file() or path.name.startswith(".") or not starts_like_dicom(path):
             continue
         try:
             dataset = pydicom.dcmread(str(path), stop_before_pixels=True)

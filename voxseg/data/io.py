@@ -90,7 +90,7 @@ def read_image(path: str | Path) -> tuple[np.ndarray, Geometry]:
         raise ImageReadError(f"{path}: file is empty (0 bytes); re-export or re-copy it")
     ending = file_ending(path)
     if ending not in SUPPORTED_ENDINGS:
-        dicom = _starts_like_dicom(path)
+        dicom = starts_like_dicom(path)
         raise ImageReadError(f"{path}: unsupported file type '{ending}'; use one of {', '.join(SUPPORTED_ENDINGS)}"
                              + ("; it is a DICOM file: give the folder holding its series (DICOM input reads whole "
                                 "series, docs/INFERENCE.md)" if dicom else ""))
@@ -107,7 +107,7 @@ def read_image(path: str | Path) -> tuple[np.ndarray, Geometry]:
     return array, geometry
 
 
-def _starts_like_dicom(path: Path) -> bool:
+def starts_like_dicom(path: Path) -> bool:
     """The DICOM file marker: 'DICM' after a 128-byte preamble."""
     try:
         with open(path, "rb") as handle:
