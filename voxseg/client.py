@@ -1,0 +1,116 @@
+"""A small client of `voxseg serve`, on the standard library only.
+
+    >>> from voxseg.client import segment
+    >>> segment("http://127.0.0.1:8000", ["case_0000.nii.gz"], output="case_seg.nii.gz")   # -> Path
+    >>> labels, geometry = segment("http://127.0.0.1:8000", ["case_0000.nii.gz"])           # -> arrays
+
+`segment` uploads a case as a job (POST /v1/jobs), polls its status and downloads its result; `submit`,
+`status` and `result` are the three steps on their own.
+"""
+from __future__ import annotations
+
+import json
+import secrets
+import tempfile
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+from typing import Any, Sequence
+
+__all__ = ["ServerError", "result", "segment", "status", "submit"]
+
+
+class ServerError(Exception):
+    """The server refused or failed a request: `status` is the HTTP status, the message the server's."""
+
+    def __init__(self, status: int, message: str) -> None:
+        super().__init__(f"HTTP {status}: {message}")
+        self.status = status
+        self.message = message
+
+
+def _request(url: str, token: str | None, data: bytes | None = None, headers: dict[str, str] | None = None,
+             method: str = "GET", timeout: float = 600.0) -> bytes:
+    headers = dict(headers or {})
+    if token:
+        headers["Authorization"] = f"Bearer {token}"
+    request = urllib.request.Request(url, data=data, headers=headers, method=method)
+    try:
+        with urllib.request.urlopen(request, timeout=timeout) as response:  # noqa: S310 - the caller's server
+            return response.read()
+    except urllib.error.HTTPError as exc:
+        body = exc.read()
+        try:
+            message = json.loads(body)["detail"]
+        except (ValueError, KeyError, TypeError):
+            message = body.decode(errors="replace")
+        raise ServerError(exc.code, str(message)) from None
+
+
+def _multipart(files: Sequence[str | Path]) -> tuple[bytes, str]:
+    """The files as a multipart/form-data body in the field 'files' (only their names are sent, not paths)."""
+    boundary = f"voxseg-{secrets.token_hex(12)}"
+    body = bytearray()
+    for path in map(Path, files):
+        body += (f"--{boundary}\r\nContent-Disposition: form-data; name=\"files\"; filename=\"{path.name}\"\r\n"
+                 "Content-Type: application/octet-stream\r\n\r\n").encode()
+        body += path.read_bytes() + b"\r\n"
+    body += f"--{boundary}--\r\n".encode()
+    return bytes(body), f"multipart/form-data; boundary={boundary}"
+
+
+def submit(url: str, files: Sequence[str | Path], token: str | None = None, timeout: float = 600.0) -> dict[str, Any]:
+    """Upload one case (its channel files in channel order, or one zip) as a job; returns the job's status."""
+    body, content_type = _multipart(files)
+    answer = _request(f"{url.rstrip('/')}/v1/jobs", token, body, {"Content-Type": content_type}, "POST", timeout)
+    return json.loads(answer)
+
+
+def status(url: str, job_id: str, token: str | None = None) -> dict[str, Any]:
+    """A job's status: state, stage, progress, timings, error."""
+    return json.loads(_request(f"{url.rstrip('/')}/v1/jobs/{job_id}", token))
+
+
+def result(url: str, job_id: str, output: str | Path, token: str | None = None) -> Path:
+    """Download a done job's label map to `output`."""
+    data = _request(f"{url.rstrip('/')}/v1/jobs/{job_id}/result", token)
+    output = Path(output)
+    output.write_bytes(data)
+    return output
+
+
+def segment(url: str, files: Sequence[str | Path], token: str | None = None, output: str | Path | None = None,
+            timeout: float = 600.0, poll_seconds: float = 0.2) -> Any:
+    """Segment one case with the server at `url`.
+
+    Args:
+        url: the server, e.g. "http://127.0.0.1:8000".
+        files: the case's channel files in channel order (or one zip of them, or of a DICOM study).
+        token: the server's bearer token, if it has one.
+        output: where to write the label map (the input's format); None: return it as arrays instead.
+        timeout: seconds to wait for the job to finish.
+        poll_seconds: time between status requests.
+
+    Returns:
+        The output path, or (labels, geometry) (`voxseg.data.io.read_image`) without `output`.
+
+    Raises:
+        ServerError: the upload was refused, or the job failed (the server's message), or took over `timeout`.
+    """
+    job = submit(url, files, token)
+    deadline = time.monotonic() + timeout
+    while job["state"] not in ("done", "failed", "cancelled"):
+        if time.monotonic() > deadline:
+            raise ServerError(504, f"job {job['id']} not done after {timeout} s")
+        time.sleep(poll_seconds)
+        job = status(url, job["id"], token)
+    if job["state"] != "done":
+        raise ServerError(422, f"job {job['id']} {job['state']}: {job.get('error')}")
+    if output is not None:
+        return result(url, job["id"], output, token)
+    from voxseg.data.io import read_image
+
+    with tempfile.TemporaryDirectory() as folder:
+        path = result(url, job["id"], Path(folder) / f"result{job['result_ending']}", token)
+        return read_image(path)
