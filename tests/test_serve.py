@@ -1,0 +1,182 @@
+"""`voxseg serve` as a client sees it: a real server process on a free localhost port and real HTTP requests
+(`voxseg.client` and raw urllib): the same segmentation as the Predictor's, concurrent jobs, bad uploads, the
+token."""
+from __future__ import annotations
+
+import io
+import json
+import urllib.error
+import urllib.request
+import zipfile
+from concurrent.futures import ThreadPoolExecutor
+
+import numpy as np
+import pytest
+
+from serve_helpers import Server, one_thread, write_cases
+from test_predictor import make_workdir, tiny_plan
+from voxseg.client import ServerError, segment, status, submit
+from voxseg.data.io import read_image
+from voxseg.infer.predictor import Predictor
+
+pytest.importorskip("fastapi")
+TOKEN = "a-test-token-of-32-characters-xx"
+
+
+@pytest.fixture(scope="module")
+def served(tmp_path_factory):
+    """(server, model folder, root) with a token, a 1 MiB upload limit and a 40,000 voxel image limit."""
+    root = tmp_path_factory.mktemp("serve")
+    model = make_workdir(root / "model", tiny_plan(), folds=(0,))
+    (root / "token").write_text(TOKEN + "\n")
+    server = Server(model, root / "jobs", "--token-file", str(root / "token"), "--max-upload-mb", "1",
+                    "--max-voxels", "40000")
+    yield server, model, root
+    server.stop()
+
+
+@pytest.fixture(scope="module")
+def expected(served):
+    """What the Predictor itself writes for 50 cases (`predict_files`, as `voxseg predict` runs it)."""
+    _, model, root = served
+    cases = write_cases(root / "cases", 50)
+    with one_thread():
+        Predictor.from_workdir(model, device="cpu").predict_files(cases, root / "predicted")
+    return cases, {name: read_image(root / "predicted" / f"{name}.nii.gz") for name, _ in cases}
+
+
+def _post(url, body: bytes, content_type: str, token: str | None = TOKEN):
+    headers = {"Content-Type": content_type, **({"Authorization": f"Bearer {token}"} if token else {})}
+    request = urllib.request.Request(url, data=body, headers=headers, method="POST")
+    try:
+        with urllib.request.urlopen(request, timeout=60) as answer:
+            return answer.status, answer.read()
+    except urllib.error.HTTPError as exc:
+        return exc.code, exc.read()
+
+
+def _files_body(parts: list[tuple[str, bytes]]) -> tuple[bytes, str]:
+    boundary = "testboundary1234"
+    body = b"".join(f"--{boundary}\r\nContent-Disposition: form-data; name=\"files\"; filename=\"{name}\"\r\n"
+                    "Content-Type: application/octet-stream\r\n\r\n".encode() + data + b"\r\n" for name, data in parts)
+    return body + f"--{boundary}--\r\n".encode(), f"multipart/form-data; boundary={boundary}"
+
+
+def test_segment_is_the_predictors_segmentation_voxel_for_voxel(served, expected, tmp_path):
+    server, _, _ = served
+    cases, predicted = expected
+    for name, files in cases[:3]:
+        out = segment(server.url, files, token=TOKEN, output=tmp_path / f"{name}.nii.gz")
+        labels, geometry = read_image(out)
+        want_labels, want_geometry = predicted[name]
+        assert labels.dtype == want_labels.dtype and np.array_equal(labels, want_labels)
+        assert np.allclose(geometry.affine, want_geometry.affine)
+    labels, _ = segment(server.url, cases[3][1], token=TOKEN)  # no output: arrays
+    assert np.array_equal(labels, predicted[cases[3][0]][0])
+
+
+def test_synchronous_segment_returns_the_file(served, expected, tmp_path):
+    server, _, _ = served
+    cases, predicted = expected
+    name, files = cases[4]
+    body, content_type = _files_body([(path.name, path.read_bytes()) for path in files])
+    code, data = _post(f"{server.url}/v1/segment", body, content_type)
+    assert code == 200
+    (tmp_path / "sync.nii.gz").write_bytes(data)
+    assert np.array_equal(read_image(tmp_path / "sync.nii.gz")[0], predicted[name][0])
+
+
+def test_fifty_concurrent_jobs_from_ten_clients_none_lost_or_mixed_up(served, expected, tmp_path):
+    server, _, _ = served
+    cases, predicted = expected
+
+    def client(share: int) -> dict[str, np.ndarray]:
+        mine = cases[share::10]
+        return {name: segment(server.url, files, token=TOKEN, timeout=300)[0] for name, files in mine}
+
+    with ThreadPoolExecutor(10) as pool:
+        results = {name: labels for part in pool.map(client, range(10)) for name, labels in part.items()}
+    assert sorted(results) == sorted(name for name, _ in cases)
+    for name, labels in results.items():
+        assert labels.shape == predicted[name][0].shape and np.array_equal(labels, predicted[name][0]), name
+    metrics = _get(f"{server.url}/metrics")
+    assert 'voxseg_jobs{state="failed"} 0' in metrics and "voxseg_queue_length 0" in metrics
+    done = int(next(line.split()[1] for line in metrics.splitlines() if line.startswith('voxseg_jobs{state="done"}')))
+    assert done >= 50
+
+
+def _get(url: str, token: str | None = TOKEN) -> str:
+    headers = {"Authorization": f"Bearer {token}"} if token else {}
+    with urllib.request.urlopen(urllib.request.Request(url, headers=headers), timeout=30) as answer:
+        return answer.read().decode()
+
+
+def _zip(members: list[tuple[str, bytes]]) -> bytes:
+    buffer = io.BytesIO()
+    with zipfile.ZipFile(buffer, "w", zipfile.ZIP_DEFLATED) as archive:
+        for name, data in members:
+            archive.writestr(name, data)
+    return buffer.getvalue()
+
+
+def test_bad_uploads_get_4xx_with_a_message_and_the_server_keeps_serving(served, expected, tmp_path):
+    server, _, root = served
+    cases, predicted = expected
+    channel0, channel1 = (path.read_bytes() for path in cases[5][1])
+    big = write_cases(tmp_path / "big", 1)[0][1]  # rewritten below at 40^3 > 40,000 voxels
+    from voxseg.data.io import Geometry, write_image
+
+    write_image(big[0], np.zeros((40, 40, 40), np.float32), Geometry(np.eye(4)))
+    bomb = _zip([("bomb_0000.nii.gz", bytes(3 << 20)), ("bomb_0001.nii.gz", bytes(3 << 20))])
+    assert len(bomb) < 100_000
+    refusals = {
+        "wrong channel count": ([("x_0000.nii.gz", channel0)], 422, "the model expects 2"),
+        "not an image": ([("x_0000.nii.gz", b"hello" * 100), ("x_0001.nii.gz", channel1)], 415, "not a readable"),
+        "unknown kind": ([("notes.txt", b"hello")], 415, "not an image file"),
+        "too many voxels": ([("y_0000.nii.gz", big[0].read_bytes()), ("y_0001.nii.gz", channel1)], 413, "64000"),
+        "too large": ([("z_0000.nii.gz", bytes(2 << 20)), ("z_0001.nii.gz", channel1)], 413, "at most 1048576"),
+        "zip bomb": ([("case.zip", bomb)], 413, "uncompressed"),
+        "not a zip": ([("case.zip", b"PK not really")], 415, "not a readable zip"),
+    }
+    for what, (parts, code, words) in refusals.items():
+        answer, data = _post(f"{server.url}/v1/jobs", *_files_body(parts))
+        assert answer == code, (what, data)
+        assert words in json.loads(data)["detail"], (what, data)
+    # path-like names are only names: stored inside the job, nothing written where they point
+    escape = root.parent / "escaped_0000.nii.gz"
+    body, content_type = _files_body([("../../escaped_0000.nii.gz", channel0),
+                                      ("/tmp/x/escaped_0001.nii.gz", channel1)])
+    answer, data = _post(f"{server.url}/v1/jobs", body, content_type)
+    assert answer == 202 and not escape.exists()
+    job = json.loads(data)
+    assert job["name"] == "escaped"
+    zipped = _zip([("../a/b_0000.nii.gz", channel0), ("..\\..\\b_0001.nii.gz", channel1)])
+    labels, _ = _segment_zip(server, zipped, tmp_path)
+    assert np.array_equal(labels, predicted[cases[5][0]][0])
+    assert not (root.parent / "b_0001.nii.gz").exists()
+    assert np.array_equal(segment(server.url, cases[6][1], token=TOKEN)[0], predicted[cases[6][0]][0])
+
+
+def _segment_zip(server, data: bytes, folder):
+    path = folder / "case.zip"
+    path.write_bytes(data)
+    return segment(server.url, [path], token=TOKEN)
+
+
+def test_the_token_is_asked_for_everywhere_but_health(served, expected):
+    server, _, _ = served
+    cases, _ = expected
+    body, content_type = _files_body([(path.name, path.read_bytes()) for path in cases[7][1]])
+    for token in (None, "wrong-token-of-the-same-length-x"):
+        answer, data = _post(f"{server.url}/v1/jobs", body, content_type, token=token)
+        assert answer == 401 and "Bearer" in json.loads(data)["detail"]
+        with pytest.raises(ServerError) as refused:
+            status(server.url, "0" * 32, token=token)
+        assert refused.value.status == 401
+    assert json.loads(_get(f"{server.url}/healthz", token=None)) == {"status": "ok"}
+    assert json.loads(_get(f"{server.url}/readyz", token=None))["channels"] == ["ch0", "ch1"]
+    job = submit(server.url, cases[7][1], token=TOKEN)
+    assert job["state"] in ("queued", "running", "done")
+    with pytest.raises(ServerError) as unknown:
+        status(server.url, "f" * 32, token=TOKEN)
+    assert unknown.value.status == 404 and "no job" in unknown.value.message
