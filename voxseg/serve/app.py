@@ -192,7 +192,7 @@ async def _expire_loop(service: Service) -> None:
         await asyncio.sleep(interval)
 
 
-def _add_routes(app: FastAPI, service: Service) -> None:  # noqa: C901 - one short handler per route
+def _add_routes(app: FastAPI, service: Service) -> None:
     @app.get("/", response_class=HTMLResponse, include_in_schema=False)
     async def viewer() -> HTMLResponse:
         return HTMLResponse((STATIC / "index.html").read_text())
@@ -210,6 +210,10 @@ def _add_routes(app: FastAPI, service: Service) -> None:  # noqa: C901 - one sho
         service.check_token(request)
         return PlainTextResponse(service.metrics_text(), media_type="text/plain; version=0.0.4")
 
+    _add_job_routes(app, service)
+
+
+def _add_job_routes(app: FastAPI, service: Service) -> None:
     @app.post("/v1/jobs", status_code=202)
     async def create(request: Request) -> JSONResponse:
         service.check_token(request)
@@ -230,6 +234,15 @@ def _add_routes(app: FastAPI, service: Service) -> None:  # noqa: C901 - one sho
     async def result(job_id: str, request: Request) -> FileResponse:
         service.check_token(request)
         return _result_file(service, service.job(job_id))
+
+    @app.get("/v1/jobs/{job_id}/input/{channel}")
+    async def input_file(job_id: str, channel: int, request: Request) -> FileResponse:
+        service.check_token(request)
+        job = service.job(job_id)
+        files = service.store.inputs(job)
+        if not 0 <= channel < len(files) or not files[channel].is_file():
+            raise Refusal(404, f"job {job_id} has no channel file {channel} (a DICOM study is not kept as one file)")
+        return FileResponse(files[channel], media_type="application/octet-stream")
 
     @app.delete("/v1/jobs/{job_id}")
     async def delete(job_id: str, request: Request) -> Response:
