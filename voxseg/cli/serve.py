@@ -44,7 +44,8 @@ def _serve_arguments(p: argparse.ArgumentParser) -> None:
                    help="address to listen on (default 127.0.0.1: this machine only; 0.0.0.0 for every interface, "
                         "behind a token and TLS)")
     p.add_argument("--port", type=int, default=8000, help="port to listen on (default 8000)")
-    p.add_argument("--device", default="auto", help="compute device: auto (a GPU when present), cpu, cuda, cuda:1 (default auto)")
+    p.add_argument("--device", default="auto",
+                   help="compute device: auto (a GPU when present), cpu, cuda, cuda:1 (default auto)")
     p.add_argument("--folds", type=folds, default=None, help="folds to load, e.g. 0 or 0,1,2 or all (default: "
                                                              "every trained fold)")
     p.add_argument("--jobs-dir", default="voxseg-jobs", metavar="DIR",
@@ -56,7 +57,8 @@ def _serve_arguments(p: argparse.ArgumentParser) -> None:
                    help="jobs queued or running at once; more are refused with 503 and Retry-After (default 64)")
     p.add_argument("--max-upload-mb", type=float, default=1024.0, help="largest upload in MiB (default 1024)")
     p.add_argument("--max-voxels", type=int, default=1 << 28,
-                   help="largest image, in voxels per channel, read from its header before decoding (default 268435456, 2^28)")
+                   help="largest image, in voxels per channel, read from its header before decoding "
+                        "(default 268435456, 2^28)")
     p.add_argument("--keep-hours", type=float, default=24.0,
                    help="hours a finished job and its result are kept (default 24)")
 
