@@ -123,8 +123,10 @@ class JobStore:
 
     def save(self, job: Job) -> None:
         """Replace the job's record on disk (atomically) with its current fields."""
+        with self._lock:  # the worker, the I/O threads and the routes change a job's fields
+            text = json.dumps(asdict(job))
         if self.folder(job.id).is_dir():
-            write_text(self.folder(job.id) / RECORD_NAME, json.dumps(asdict(job)))
+            write_text(self.folder(job.id) / RECORD_NAME, text)
 
     def get(self, job_id: str) -> Job | None:
         with self._lock:

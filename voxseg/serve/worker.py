@@ -123,7 +123,7 @@ class Worker:
                 raise InputError(f"the zip holds {len(cases)} DICOM studies; send one study per job")
             files = cases[0][1]
         case = read_input_case(job.name, files, self.predictor.plan)
-        job.timings["read"] = round(time.perf_counter() - start, 4)
+        job.timings = {**job.timings, "read": round(time.perf_counter() - start, 4)}  # replaced, never changed
         return case
 
     def _predict(self, job: Job, image: np.ndarray, geometry: Geometry) -> None:
@@ -136,7 +136,7 @@ class Worker:
         except BaseException as exc:  # noqa: BLE001 - reported in the job, the worker goes on
             self._fail(job, exc)
             return
-        job.timings["predict"] = round(time.perf_counter() - start, 4)
+        job.timings = {**job.timings, "predict": round(time.perf_counter() - start, 4)}
         if job.cancel_requested:
             self._finish(job, "cancelled")
             return
@@ -151,7 +151,7 @@ class Worker:
         except BaseException as exc:  # noqa: BLE001
             self._fail(job, exc)
             return
-        job.timings["write"] = round(time.perf_counter() - start, 4)
+        job.timings = {**job.timings, "write": round(time.perf_counter() - start, 4)}
         self._finish(job, "done")
 
     def _fail(self, job: Job, exc: BaseException) -> None:
