@@ -43,4 +43,5 @@ def test_a_dicom_study_zip_is_segmented_as_predict_segments_its_folder(tmp_path)
         server.stop()
     assert np.array_equal(labels, expected[0]) and labels.shape == (12, 24, 20)
     assert geometry.allclose(info.geometry, atol=1e-4)
-    assert "failed" in failed.value.message and "DICOM" in failed.value.message
+    assert failed.value.status == 422
+    assert "notes.zip: not a DICOM study this model can read" in failed.value.message

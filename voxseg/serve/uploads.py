@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path, PurePosixPath, PureWindowsPath
 from typing import IO, Sequence
 
-from voxseg.errors import InputError
+from voxseg.errors import InputError, VoxsegError
 from voxseg.plans import Plan
 
 __all__ = ["IMAGE_ENDINGS", "SavedUpload", "UploadError", "UploadLimits", "save_upload"]
@@ -217,6 +217,22 @@ def _save_zip(name: str, handle: IO[bytes], inputs: Path, plan: Plan, limits: Up
                 shutil.rmtree(extracted, ignore_errors=True)
         folder = inputs / DICOM_FOLDER
         folder.mkdir()
-        for index, info in enumerate(members):  # not images: a DICOM study, checked when the job is read
+        for index, info in enumerate(members):  # not images: a DICOM study
             _extract(archive, info, folder / f"{index:05d}.dcm", name)
+    _check_dicom_study(folder, name, plan)
     return SavedUpload(_SAFE_NAME.sub("_", name[:-4])[:80] or "study", [DICOM_FOLDER], ".nii.gz")
+
+
+def _check_dicom_study(folder: Path, name: str, plan: Plan) -> None:
+    """One study whose series give the model's channels (headers only; the pixels are read by the job)."""
+    try:
+        from voxseg.infer.dicom_cases import dicom_input_cases
+
+        cases = dicom_input_cases(folder, plan)
+    except ImportError:
+        raise UploadError(f"{name}: holds no image files, and reading a DICOM study needs pip install "
+                          "'voxseg[dicom]' on the server", 415) from None
+    except VoxsegError as exc:
+        raise UploadError(f"{name}: not a DICOM study this model can read: {exc}", 422) from None
+    if len(cases) != 1:
+        raise UploadError(f"{name}: {len(cases)} DICOM studies in the zip; send one study per job", 422)
