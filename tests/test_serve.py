@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import io
 import json
+import time
 import urllib.error
 import urllib.request
 import zipfile
@@ -15,7 +16,7 @@ import pytest
 
 from serve_helpers import Server, one_thread, write_cases
 from test_predictor import make_workdir, tiny_plan
-from voxseg.client import ServerError, segment, status, submit
+from voxseg.client import ServerError, result, segment, status, submit
 from voxseg.data.io import read_image
 from voxseg.infer.predictor import Predictor
 
@@ -180,3 +181,27 @@ def test_the_token_is_asked_for_everywhere_but_health(served, expected):
     with pytest.raises(ServerError) as unknown:
         status(server.url, "f" * 32, token=TOKEN)
     assert unknown.value.status == 404 and "no job" in unknown.value.message
+
+
+def test_probabilities_of_a_job_sent_with_probabilities(served, expected, tmp_path):
+    server, model, _ = served
+    cases, predicted = expected
+    name, files = cases[8]
+    job = submit(server.url, files, token=TOKEN, probabilities=True)
+    plain = submit(server.url, cases[9][1], token=TOKEN)
+    for job_id in (job["id"], plain["id"]):
+        while status(server.url, job_id, token=TOKEN)["state"] != "done":
+            time.sleep(0.05)
+    with np.load(result(server.url, job["id"], tmp_path / "p.npz", token=TOKEN, probabilities=True)) as saved:
+        probabilities, class_names = saved["probabilities"], list(saved["class_names"])
+    from voxseg.infer.inputs import read_input_case
+
+    predictor = Predictor.from_workdir(model, device="cpu")
+    with one_thread():
+        labels, want = predictor.predict_array(*read_input_case(name, files, predictor.plan),
+                                               return_probabilities=True)
+    assert class_names == predictor.class_names and probabilities.dtype == np.float16
+    assert np.array_equal(probabilities, want.astype(np.float16)) and np.array_equal(labels, predicted[name][0])
+    with pytest.raises(ServerError) as refused:
+        result(server.url, plain["id"], tmp_path / "q.npz", token=TOKEN, probabilities=True)
+    assert refused.value.status == 409 and "probabilities=1" in refused.value.message

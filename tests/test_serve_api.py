@@ -32,7 +32,8 @@ class HeldPredictor:
     def postprocessing_spec(self) -> None:
         return None
 
-    def predict_array(self, image: np.ndarray, geometry, name: str = "") -> np.ndarray:
+    def predict_array(self, image: np.ndarray, geometry, return_probabilities: bool = False,
+                      name: str = "") -> np.ndarray:
         assert self.release.wait(timeout=30)
         self.predicted.append(name)
         return np.zeros(image.shape[1:], np.uint8)
@@ -85,8 +86,9 @@ def test_a_full_queue_answers_503_with_retry_after_and_takes_jobs_again_once_it_
 def test_cancel_a_queued_and_a_running_job_then_remove_them(api):
     client, predictor, cases, settings = api
     running = _upload(client, cases[0][1]).json()["id"]
+    while client.get(f"/v1/jobs/{running}").json()["stage"] != "predicting":  # held there; nothing read ahead
+        time.sleep(0.01)
     queued = _upload(client, cases[1][1]).json()["id"]
-    _wait(client, running, ("running",))
     assert client.delete(f"/v1/jobs/{queued}").json()["state"] == "cancelled"
     assert client.delete(f"/v1/jobs/{running}").json()["cancel_requested"] is True
     predictor.release.set()

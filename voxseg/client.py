@@ -48,10 +48,13 @@ def _request(url: str, token: str | None, data: bytes | None = None, headers: di
         raise ServerError(exc.code, str(message)) from None
 
 
-def _multipart(files: Sequence[str | Path]) -> tuple[bytes, str]:
-    """The files as a multipart/form-data body in the field 'files' (only their names are sent, not paths)."""
+def _multipart(files: Sequence[str | Path], fields: dict[str, str] | None = None) -> tuple[bytes, str]:
+    """The files as a multipart/form-data body in the field 'files' (only their names are sent, not paths), and
+    the plain `fields`."""
     boundary = f"voxseg-{secrets.token_hex(12)}"
     body = bytearray()
+    for name, value in (fields or {}).items():
+        body += f"--{boundary}\r\nContent-Disposition: form-data; name=\"{name}\"\r\n\r\n{value}\r\n".encode()
     for path in map(Path, files):
         body += (f"--{boundary}\r\nContent-Disposition: form-data; name=\"files\"; filename=\"{path.name}\"\r\n"
                  "Content-Type: application/octet-stream\r\n\r\n").encode()
@@ -60,9 +63,11 @@ def _multipart(files: Sequence[str | Path]) -> tuple[bytes, str]:
     return bytes(body), f"multipart/form-data; boundary={boundary}"
 
 
-def submit(url: str, files: Sequence[str | Path], token: str | None = None, timeout: float = 600.0) -> dict[str, Any]:
-    """Upload one case (its channel files in channel order, or one zip) as a job; returns the job's status."""
-    body, content_type = _multipart(files)
+def submit(url: str, files: Sequence[str | Path], token: str | None = None, timeout: float = 600.0,
+           probabilities: bool = False) -> dict[str, Any]:
+    """Upload one case (its channel files in channel order, or one zip) as a job; returns the job's status.
+    With `probabilities` the job also keeps the probabilities (`result(..., probabilities=True)`)."""
+    body, content_type = _multipart(files, {"probabilities": "1"} if probabilities else None)
     answer = _request(f"{url.rstrip('/')}/v1/jobs", token, body, {"Content-Type": content_type}, "POST", timeout)
     return json.loads(answer)
 
@@ -72,9 +77,11 @@ def status(url: str, job_id: str, token: str | None = None) -> dict[str, Any]:
     return json.loads(_request(f"{url.rstrip('/')}/v1/jobs/{job_id}", token))
 
 
-def result(url: str, job_id: str, output: str | Path, token: str | None = None) -> Path:
-    """Download a done job's label map to `output`."""
-    data = _request(f"{url.rstrip('/')}/v1/jobs/{job_id}/result", token)
+def result(url: str, job_id: str, output: str | Path, token: str | None = None, probabilities: bool = False) -> Path:
+    """Download a done job's label map to `output` (with `probabilities`: its NAME.npz, "probabilities" (K, D, H,
+    W) float16 and "class_names", for a job submitted with probabilities)."""
+    query = "?probabilities=1" if probabilities else ""
+    data = _request(f"{url.rstrip('/')}/v1/jobs/{job_id}/result{query}", token)
     output = Path(output)
     output.write_bytes(data)
     return output

@@ -128,7 +128,8 @@ class Service:
             raise
         finally:
             await form.close()
-        job = Job(job_id, saved.name, saved.inputs, saved.result_ending)
+        job = Job(job_id, saved.name, saved.inputs, saved.result_ending,
+                  probabilities=str(form.get("probabilities", "")).lower() in ("1", "true", "yes"))
         await run_in_threadpool(self.store.add, job, staging)
         self.worker.submit(job)
         return job
@@ -152,10 +153,16 @@ def _job_answer(job: Job) -> dict[str, Any]:
     return {**job.public(), "status_url": f"/v1/jobs/{job.id}", "result_url": f"/v1/jobs/{job.id}/result"}
 
 
-def _result_file(service: Service, job: Job) -> FileResponse:
+def _result_file(service: Service, job: Job, probabilities: bool = False) -> FileResponse:
     if job.state != "done":
         detail = f": {job.error}" if job.error else ""
         raise Refusal(409, f"job {job.id} is {job.state}{detail}; its result is there once it is done")
+    if probabilities:
+        if not job.probabilities:
+            raise Refusal(409, f"job {job.id} was sent without probabilities=1: send the case again with the form "
+                               "field probabilities=1 to get them")
+        return FileResponse(service.store.probabilities(job), media_type="application/octet-stream",
+                            filename=f"{job.name}.npz")
     return FileResponse(service.store.result(job), media_type=MEDIA_TYPES.get(job.result_ending),
                         filename=f"{job.name}{job.result_ending}")
 
@@ -231,9 +238,9 @@ def _add_job_routes(app: FastAPI, service: Service) -> None:
         return _job_answer(service.job(job_id))
 
     @app.get("/v1/jobs/{job_id}/result")
-    async def result(job_id: str, request: Request) -> FileResponse:
+    async def result(job_id: str, request: Request, probabilities: bool = False) -> FileResponse:
         service.check_token(request)
-        return _result_file(service, service.job(job_id))
+        return _result_file(service, service.job(job_id), probabilities)
 
     @app.get("/v1/jobs/{job_id}/input/{channel}")
     async def input_file(job_id: str, channel: int, request: Request) -> FileResponse:

@@ -47,6 +47,7 @@ class Job:
         timings: seconds per step ("read", "predict", "write").
         error: the message of a failed job.
         cancel_requested: a DELETE arrived while the job was running: its result is dropped.
+        probabilities: also write the probabilities (`Predictor.predict_files`' NAME.npz: float16, class names).
     """
 
     id: str
@@ -61,6 +62,7 @@ class Job:
     timings: dict[str, float] = field(default_factory=dict)
     error: str | None = None
     cancel_requested: bool = False
+    probabilities: bool = False
 
     @property
     def progress(self) -> float:
@@ -102,6 +104,9 @@ class JobStore:
     def result(self, job: Job) -> Path:
         return self.folder(job.id) / f"{RESULT_STEM}{job.result_ending}"
 
+    def probabilities(self, job: Job) -> Path:
+        return self.folder(job.id) / f"{RESULT_STEM}.npz"
+
     # ----- records ----------------------------------------------------------------------------------------------
     def new_staging(self) -> tuple[str, Path]:
         """(a fresh job id, a staging folder whose INPUTS_NAME subfolder the upload is written into)."""
@@ -125,8 +130,14 @@ class JobStore:
         """Replace the job's record on disk (atomically) with its current fields."""
         with self._lock:  # the worker, the I/O threads and the routes change a job's fields
             text = json.dumps(asdict(job))
-        if self.folder(job.id).is_dir():
+            removed = job.id not in self._jobs
+        if removed:
+            return
+        try:
             write_text(self.folder(job.id) / RECORD_NAME, text)
+        except FileNotFoundError:  # removed (DELETE, keep time) while this record was written: nothing to keep
+            if self.folder(job.id).is_dir():
+                raise
 
     def get(self, job_id: str) -> Job | None:
         with self._lock:

@@ -3,6 +3,7 @@ next queued job is read on an I/O thread and the previous result is written on a
 neither for the disk nor for decoding (the same read-ahead / write-behind as `Predictor.predict_files`)."""
 from __future__ import annotations
 
+import logging
 import threading
 import time
 from collections import deque
@@ -14,6 +15,7 @@ import numpy as np
 from voxseg.atomicio import atomic_path
 from voxseg.data.io import Geometry, write_image
 from voxseg.errors import InputError, VoxsegError
+from voxseg.infer.casefiles import save_probabilities
 from voxseg.infer.inputs import read_input_case
 from voxseg.infer.postprocess import apply_postprocessing
 from voxseg.serve.jobs import Job, JobStore
@@ -46,6 +48,7 @@ class Worker:
         self._io = ThreadPoolExecutor(2, thread_name_prefix="voxseg-serve-io")
         self._spec = predictor.postprocessing_spec()
         self._stop = False
+        self._ahead: tuple[Job, Future] | None = None  # the next job, being read while the device works
         self._thread = threading.Thread(target=self._run, name="voxseg-serve-worker", daemon=True)
 
     def start(self) -> None:
@@ -93,23 +96,33 @@ class Worker:
 
     # ----- the loop ---------------------------------------------------------------------------------------------
     def _run(self) -> None:
-        ahead: tuple[Job, Future] | None = None
+        """The worker thread: jobs one after the other until `stop`; nothing a job does ends it."""
         while not self._stop:
-            if ahead is None:
+            try:
+                self._run_jobs()
+            except Exception:  # noqa: BLE001 - the jobs folder changed under a job (e.g. removed): go on
+                logging.getLogger(__name__).exception("voxseg serve: the worker recovered from an error")
+
+    def _run_jobs(self) -> None:
+        while not self._stop:
+            if self._ahead is None:
                 job = self._take(block=True)
                 if job is None:
                     continue
-                ahead = (job, self._io.submit(self._read, job))
-            job, reading = ahead
-            ahead = None
+                self._ahead = (job, self._io.submit(self._read, job))
+            job, reading = self._ahead
+            self._ahead = None
             try:
                 image, geometry = reading.result()
             except BaseException as exc:  # noqa: BLE001 - reported in the job, the worker goes on
                 self._fail(job, exc)
                 continue
+            if job.cancel_requested:  # cancelled while it was read ahead: no device time spent on it
+                self._finish(job, "cancelled")
+                continue
             following = self._take(block=False)  # read the next job while this one is on the device
-            if following is not None:
-                ahead = (following, self._io.submit(self._read, following))
+            if following is not None:  # kept on the worker: an error in this job's steps does not lose it
+                self._ahead = (following, self._io.submit(self._read, following))
             self._predict(job, image, geometry)
 
     def _read(self, job: Job) -> tuple[np.ndarray, Geometry]:
@@ -131,7 +144,8 @@ class Worker:
         self.store.save(job)
         start = time.perf_counter()
         try:
-            labels = self.predictor.predict_array(image, geometry, name=job.name)
+            predicted = self.predictor.predict_array(image, geometry, job.probabilities, name=job.name)
+            labels, probabilities = predicted if job.probabilities else (predicted, None)
             labels = apply_postprocessing(labels, self._spec)
         except BaseException as exc:  # noqa: BLE001 - reported in the job, the worker goes on
             self._fail(job, exc)
@@ -141,11 +155,13 @@ class Worker:
             self._finish(job, "cancelled")
             return
         job.stage = "writing"
-        self._io.submit(self._write, job, labels, geometry)
+        self._io.submit(self._write, job, labels, geometry, probabilities)
 
-    def _write(self, job: Job, labels: np.ndarray, geometry: Geometry) -> None:
+    def _write(self, job: Job, labels: np.ndarray, geometry: Geometry, probabilities: np.ndarray | None) -> None:
         start = time.perf_counter()
         try:
+            if probabilities is not None:  # first: a job is done once its label map exists
+                save_probabilities(self.store.probabilities(job), probabilities, self.predictor.class_names)
             with atomic_path(self.store.result(job)) as staged:
                 write_image(staged, labels, geometry)
         except BaseException as exc:  # noqa: BLE001
