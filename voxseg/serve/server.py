@@ -9,6 +9,7 @@ from voxseg.serve import require_serve_extra
 
 __all__ = ["INSTALLED_MODEL", "load_model", "read_token", "run_server"]
 
+LOOPBACK = ("127.0.0.1", "localhost", "::1")
 INSTALLED_MODEL = ".installed-model"  # in the jobs folder: where a model archive given to serve is installed
 
 
@@ -54,4 +55,7 @@ def run_server(model: str | Path, settings: Any, config: Any, host: str = "127.0
     print(f"serving {model} on {where} ({predictor.device}; jobs in {settings.jobs_dir}; "
           f"token {'required' if settings.token else 'not required'}); viewer at {where}/, API docs at {where}/docs",
           flush=True)
+    if host not in LOOPBACK and not settings.token:
+        print(f"warning: listening on {host} without a token: anyone who reaches this port can send jobs and read "
+              "results; give --token-file and put TLS in front", flush=True)
     uvicorn.run(app, host=host, port=port, log_level="warning", access_log=False)
