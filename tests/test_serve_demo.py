@@ -5,11 +5,13 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+import time
 
 import numpy as np
 import pytest
 
 from browser import has_colour, screenshot
+from browser_session import BrowserSession
 from serve_helpers import REPO, Server
 from voxseg.client import segment, submit
 from voxseg.data.io import read_image
@@ -81,3 +83,25 @@ def test_submit_refuses_a_case_with_the_wrong_channel_count(demo):
     with pytest.raises(ServerError) as refused:
         submit(server.url, next(iter(cases.values()))[:2])
     assert refused.value.status == 422 and "the model expects 4" in refused.value.message
+
+
+def test_the_viewer_uploads_a_case_and_overlays_its_segmentation(demo):
+    """A person's steps, driven over the DevTools protocol: choose the four channel files, press Segment, wait
+    for the job; the label colour is in the canvas, and the shown job's result is the server's segmentation."""
+    _, cases, server = demo
+    name, files = next(iter(cases.items()))
+    with BrowserSession(f"{server.url}/?opacity=1") as page:
+        page.wait_for("document.getElementById('legend').children.length === 3", 30)
+        assert page.evaluate("document.getElementById('legend').innerText").split() == \
+            ["1", "edema", "2", "necrosis", "3", "enhancing"]
+        page.choose_files("#files", files)
+        page.evaluate("document.getElementById('segment').click()")
+        job_id = page.wait_for("document.body.dataset.shown", 120)
+        time.sleep(1.0)  # the first frames after loading
+        pixels = page.screenshot()[120:]
+        status_line = page.evaluate("document.getElementById('status').textContent")
+    job = next(job for job in _jobs(server) if job["id"] == job_id)
+    assert job["name"] == name and job["state"] == "done" and name in status_line
+    labels, _ = segment(server.url, files)
+    values, counts = np.unique(labels[labels > 0], return_counts=True)
+    assert has_colour(pixels, PALETTE[int(values[counts.argmax()])], at_least=200)
