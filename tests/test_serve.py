@@ -102,8 +102,11 @@ def test_fifty_concurrent_jobs_from_ten_clients_none_lost_or_mixed_up(served, ex
         assert labels.shape == predicted[name][0].shape and np.array_equal(labels, predicted[name][0]), name
     metrics = _get(f"{server.url}/metrics")
     assert 'voxseg_jobs{state="failed"} 0' in metrics and "voxseg_queue_length 0" in metrics
-    done = int(next(line.split()[1] for line in metrics.splitlines() if line.startswith('voxseg_jobs{state="done"}')))
-    assert done >= 50
+    values = {line.rsplit(" ", 1)[0]: float(line.rsplit(" ", 1)[1]) for line in metrics.splitlines()
+              if line and not line.startswith("#")}
+    assert values['voxseg_jobs{state="done"}'] >= 50 and values["voxseg_process_resident_bytes"] > 50e6
+    buckets = [value for key, value in values.items() if key.startswith("voxseg_job_latency_seconds_bucket")]
+    assert buckets == sorted(buckets) and buckets[-1] == values["voxseg_job_latency_seconds_count"] >= 50
 
 
 def _get(url: str, token: str | None = TOKEN) -> str:
