@@ -138,7 +138,6 @@ def test_bad_uploads_get_4xx_with_a_message_and_the_server_keeps_serving(served,
         "not an image": ([("x_0000.nii.gz", b"hello" * 100), ("x_0001.nii.gz", channel1)], 415, "not a readable"),
         "unknown kind": ([("notes.txt", b"hello")], 415, "not an image file"),
         "too many voxels": ([("y_0000.nii.gz", big[0].read_bytes()), ("y_0001.nii.gz", channel1)], 413, "64000"),
-        "too large": ([("z_0000.nii.gz", bytes(2 << 20)), ("z_0001.nii.gz", channel1)], 413, "at most 1048576"),
         "zip bomb": ([("case.zip", bomb)], 413, "uncompressed"),
         "not a zip": ([("case.zip", b"PK not really")], 415, "not a readable zip"),
     }
@@ -146,6 +145,15 @@ def test_bad_uploads_get_4xx_with_a_message_and_the_server_keeps_serving(served,
         answer, data = _post(f"{server.url}/v1/jobs", *_files_body(parts))
         assert answer == code, (what, data)
         assert words in json.loads(data)["detail"], (what, data)
+    # too large: refused from the Content-Length, before the body is read (a client still sending would see its
+    # connection closed; this one sends the headers and reads the answer first)
+    answer, data = _headers_only(server.url, 2 << 20)
+    assert answer == 413 and "at most 1048576 bytes (--max-upload-mb)" in json.loads(data)["detail"]
+    huge = tmp_path / "huge_0000.nii.gz"
+    huge.write_bytes(bytes(2 << 20))
+    with pytest.raises(ServerError) as refused:  # the client says so, whether or not the answer got through
+        submit(server.url, [huge, cases[5][1][1]], token=TOKEN)
+    assert refused.value.status == 413 and "--max-upload-mb" in refused.value.message
     # path-like names are only names: stored inside the job, nothing written where they point
     escape = root.parent / "escaped_0000.nii.gz"
     body, content_type = _files_body([("../../escaped_0000.nii.gz", channel0),
@@ -159,6 +167,25 @@ def test_bad_uploads_get_4xx_with_a_message_and_the_server_keeps_serving(served,
     assert np.array_equal(labels, predicted[cases[5][0]][0])
     assert not (root.parent / "b_0001.nii.gz").exists()
     assert np.array_equal(segment(server.url, cases[6][1], token=TOKEN)[0], predicted[cases[6][0]][0])
+
+
+def _headers_only(url: str, length: int) -> tuple[int, bytes]:
+    """POST /v1/jobs announcing a body of `length` bytes without sending it; (status, body) of the answer."""
+    import http.client
+    import urllib.parse
+
+    parsed = urllib.parse.urlparse(url)
+    connection = http.client.HTTPConnection(parsed.hostname, parsed.port, timeout=30)
+    connection.putrequest("POST", "/v1/jobs")
+    for key, value in (("Content-Length", str(length)), ("Authorization", f"Bearer {TOKEN}"),
+                       ("Content-Type", "multipart/form-data; boundary=x")):
+        connection.putheader(key, value)
+    connection.endheaders()
+    answer = connection.getresponse()
+    try:
+        return answer.status, answer.read()
+    finally:
+        connection.close()
 
 
 def _segment_zip(server, data: bytes, folder):

@@ -46,6 +46,11 @@ def _request(url: str, token: str | None, data: bytes | None = None, headers: di
         except (ValueError, KeyError, TypeError):
             message = body.decode(errors="replace")
         raise ServerError(exc.code, str(message)) from None
+    except urllib.error.URLError as exc:
+        if data is not None and isinstance(exc.reason, (BrokenPipeError, ConnectionResetError)):
+            raise ServerError(413, f"the server closed the connection while {len(data)} bytes were sent: the upload "
+                                   "is probably over its limit (voxseg serve --max-upload-mb)") from None
+        raise
 
 
 def _multipart(files: Sequence[str | Path], fields: dict[str, str] | None = None) -> tuple[bytes, str]:
