@@ -19,6 +19,7 @@ from fastapi.responses import FileResponse, HTMLResponse, JSONResponse, PlainTex
 from fastapi.staticfiles import StaticFiles
 from starlette.concurrency import run_in_threadpool
 
+from voxseg.atomicio import os_error_message
 from voxseg.serve.jobs import FINISHED, Job, JobStore
 from voxseg.serve.metrics import Metrics
 from voxseg.serve.uploads import UploadError, UploadLimits, save_upload
@@ -125,6 +126,8 @@ class Service:
             await run_in_threadpool(_remove_folder, staging)
             if isinstance(exc, UploadError):
                 raise Refusal(exc.status, str(exc)) from None
+            if isinstance(exc, OSError):  # e.g. a full disk under the jobs folder: the server's fault, said so
+                raise Refusal(507, f"the upload could not be stored: {os_error_message(exc)}") from None
             raise
         finally:
             await form.close()
