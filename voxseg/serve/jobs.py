@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import os
+import secrets
 import shutil
 import threading
 import time
@@ -148,9 +149,16 @@ class JobStore:
             return sorted(self._jobs.values(), key=lambda job: job.created)
 
     def remove(self, job: Job) -> None:
+        """Forget the job and delete its folder: renamed away first (with the record, under the lock), so that
+        once the job is unknown its folder is gone too; deleted after (a killed server's leftover is swept)."""
+        doomed = self.root / f".{job.id}.removed-{os.getpid()}-{secrets.token_hex(3)}"
         with self._lock:
             self._jobs.pop(job.id, None)
-        shutil.rmtree(self.folder(job.id), ignore_errors=True)
+            try:
+                os.replace(self.folder(job.id), doomed)
+            except FileNotFoundError:
+                return
+        shutil.rmtree(doomed, ignore_errors=True)
 
     def counts(self) -> dict[str, int]:
         counts = dict.fromkeys(STATES, 0)
