@@ -24,20 +24,22 @@ def chromium() -> str:
     return ensure(_installed, ("chromium",))
 
 
-def _run(page: Path, *flags: str) -> subprocess.CompletedProcess:
+def _run(page: Path | str, *flags: str) -> subprocess.CompletedProcess:
+    """Chromium on a file (a Path) or an address (a str, e.g. a test server's http://127.0.0.1:PORT/)."""
+    target = page if isinstance(page, str) else page.resolve().as_uri()
     command = [chromium(), "--headless", "--no-sandbox", "--disable-gpu", "--hide-scrollbars",
-               "--allow-file-access-from-files", "--virtual-time-budget=10000", *flags, page.resolve().as_uri()]
+               "--allow-file-access-from-files", "--virtual-time-budget=10000", *flags, target]
     return subprocess.run(command, capture_output=True, text=True, timeout=120, check=False)
 
 
-def dom(page: Path) -> str:
+def dom(page: Path | str) -> str:
     """The page's DOM once it loaded and its scripts ran."""
     result = _run(page, "--dump-dom")
     assert result.returncode == 0 and "<body" in result.stdout, result.stderr[-2000:]
     return result.stdout
 
 
-def screenshot(page: Path, out: Path, width: int = 1200, height: int = 1600) -> np.ndarray:
+def screenshot(page: Path | str, out: Path, width: int = 1200, height: int = 1600) -> np.ndarray:
     """A screenshot of the page's first `height` pixels as (H, W, 3) uint8."""
     from PIL import Image
 

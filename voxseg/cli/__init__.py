@@ -13,6 +13,7 @@ from voxseg.cli.data import add_data_commands
 from voxseg.cli.imports import add_import_commands
 from voxseg.cli.infer import add_infer_commands
 from voxseg.cli.report import add_report_command
+from voxseg.cli.serve import add_serve_command
 from voxseg.cli.speed import add_speed_commands
 from voxseg.cli.train import add_train_command
 from voxseg.errors import VoxsegError
@@ -35,6 +36,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_train_command(sub)
     add_infer_commands(sub)
     add_report_command(sub)
+    add_serve_command(sub)
     add_import_commands(sub)
     add_speed_commands(sub)
     return parser

@@ -253,6 +253,11 @@ class Predictor:
             return postprocess
         return load_postprocessing(postprocess)
 
+    def postprocessing_spec(self, postprocess: Any = None) -> dict[str, Any] | None:
+        """The postprocessing `predict_files` applies for `postprocess` (its argument), for callers that predict
+        arrays and write the files themselves (`voxseg serve`)."""
+        return self._postprocessing_spec(postprocess)
+
     def _read_case(self, name: str, files: Sequence[Any]) -> tuple[np.ndarray, Geometry]:
         return read_input_case(name, files, self.plan)
 
