@@ -16,6 +16,7 @@ from voxseg.cli.common import (
     key_values,
     usable_device,
 )
+from voxseg.cli.dicom import add_channel_flags
 from voxseg.data.plan_options import PlanOptions  # plain dataclass: no torch at parser build time
 from voxseg.errors import ConfigError
 
@@ -157,10 +158,7 @@ def _synth_and_convert(sub: Subparsers) -> None:
                         "series with one DICOM-SEG per study (each SEG is a training case)")
     p.add_argument("src", help="the folder to convert")
     p.add_argument("dst", help="the nnU-Net v2 dataset folder to write, e.g. data/Dataset137_BraTS")
-    p.add_argument("--channel", action="append", metavar="INDEX=PATTERN",
-                   help="dicom: the series of channel INDEX, matched on SeriesDescription (case-insensitive, wildcards "
-                        "* ?) or a SeriesInstanceUID (repeatable; default: the series the SEG references)")
-    p.add_argument("--channel-map", metavar="FILE", help='dicom: the channel rules as JSON, {"0": "T1", "1": "FLAIR"}')
+    add_channel_flags(p, "dicom", default="the series the SEG references")
 
 
 def add_data_commands(sub: Subparsers) -> None:

@@ -10,11 +10,13 @@ from voxseg.errors import ConfigError
 __all__ = ["add_channel_flags", "input_cases"]
 
 
-def add_channel_flags(p: argparse.ArgumentParser, what: str) -> None:
-    """--channel INDEX=PATTERN (repeatable) and --channel-map FILE; `what` starts their help ("DICOM input")."""
+def add_channel_flags(p: argparse.ArgumentParser, what: str, default: str = "") -> None:
+    """--channel INDEX=PATTERN (repeatable) and --channel-map FILE; `what` starts their help ("DICOM input"),
+    `default` says what happens without them."""
     p.add_argument("--channel", action="append", metavar="INDEX=PATTERN",
                    help=f"{what}: the series of channel INDEX, matched on SeriesDescription (case-insensitive, "
-                        "wildcards * ?) or a SeriesInstanceUID, e.g. --channel 0=T1 --channel 1=FLAIR (repeatable)")
+                        "wildcards * ?) or a SeriesInstanceUID, e.g. --channel 0=T1 --channel 1=FLAIR (repeatable"
+                        f"{'; default: ' + default if default else ''})")
     p.add_argument("--channel-map", metavar="FILE",
                    help=f'{what}: the channel rules as a JSON object, e.g. {{"0": "T1", "1": "FLAIR"}}')
 

@@ -114,14 +114,14 @@ def cmd_report(args: argparse.Namespace) -> int:
         sources = _fold_sources(target, args.fold) if args.fold is not None else _crossval_sources(target, None)
         default = (WorkDir(target).fold(args.fold).path if args.fold is not None else WorkDir(target).crossval)
         out = args.output or default / "report.html"
+        if args.images is not None:
+            sources.images = Path(args.images)
     else:
         if args.fold is not None:
             raise ConfigError(f"--fold is for a work directory; {target} has no plans.json")
         sources = ReportSources(target, Path(args.ref) if args.ref else None, images=args.images,
                                 dataset_json=args.dataset_json)
         out = args.output
-    if args.images is not None:
-        sources.images = Path(args.images)
     _written(write_report(sources, out, num_workers=args.workers))
     return 0
 

@@ -185,9 +185,8 @@ def _plots(rows: list[dict[str, Any]], classes: dict[str, Any], plots_dir: Path,
 
 
 def _sections(sources: ReportSources, summary: dict[str, Any] | None, rows: list[dict[str, Any]],
-              classes: dict[str, Any], staging: Path, files: str) -> list[tuple[str, str]]:
+              classes: dict[str, Any], legend: str, staging: Path, files: str) -> list[tuple[str, str]]:
     with_reference = summary is not None
-    legend = html.legend(_legend_labels(classes), with_errors=with_reference)
     for row in rows:
         row["page"] = f"{files}/cases/{row['folder']}/index.html"
         row["thumbnail"] = f"{files}/cases/{row['folder']}/thumbnail.png"
@@ -258,7 +257,7 @@ def write_report(sources: ReportSources, out: str | Path | None = None, num_work
         rows = _render_all(jobs, legend, f"../../../{out.name}", num_workers)
         title = sources.title or f"voxseg report: {Path(sources.predictions).name}"
         page = html.main_page(title, _facts(sources, summary, len(rows)),
-                              _sections(sources, summary, rows, classes, staging, files_dir.name))
+                              _sections(sources, summary, rows, classes, legend, staging, files_dir.name))
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise

@@ -97,12 +97,9 @@ def load_case(job: CaseJob) -> tuple[CaseVolumes, float | None]:
             raise InputError(f"case '{job.name}': probabilities {job.probabilities} have shape {uncertainty.shape}, "
                              f"the prediction {prediction.shape}; predict again with --save-probabilities")
         score = case_uncertainty(uncertainty, prediction)
-    turned = {key: None if volume is None else canonical(volume, geometry)[0]
-              for key, volume in (("prediction", prediction), ("reference", reference), ("image", image),
-                                  ("uncertainty", uncertainty))}
-    spacing = canonical(prediction, geometry)[1]
-    return CaseVolumes(turned["prediction"], turned["reference"], turned["image"], turned["uncertainty"], spacing,
-                       ct=job.ct), score
+    turned, spacing = canonical(prediction, geometry)
+    others = [None if volume is None else canonical(volume, geometry)[0] for volume in (reference, image, uncertainty)]
+    return CaseVolumes(turned, *others, spacing, ct=job.ct), score
 
 
 def _mean_dice(metrics: dict[str, dict[str, Any]] | None, classes: dict[str, Any]) -> float:
@@ -137,7 +134,8 @@ def render_case(job: CaseJob, legend_html: str, back: str) -> dict[str, Any]:
     points = points_of_interest(case)
     pictures = write_case_pictures(case, job.folder, points)
     write_png(job.folder / "thumbnail.png", thumbnail(case, points["structure"]))
-    volumes = _volumes_ml(case.prediction, job.classes, case.spacing)
+    volumes = ({name: metrics["pred_volume_ml"] for name, metrics in job.metrics.items()} if job.metrics
+               else _volumes_ml(case.prediction, job.classes, case.spacing))  # the evaluation counted them already
     page = html.case_page(job.name, _facts_table(job, volumes, score), pictures, legend_html, back=back)
     (job.folder / "index.html").write_text(page, encoding="utf-8")
     mean_dice = _mean_dice(job.metrics, job.classes)
