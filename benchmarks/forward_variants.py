@@ -5,13 +5,15 @@ Variants (each timed on the same input, the same weights, `--threads` torch thre
   fp32-cl         float32, channels-last, voxseg's instance norm for that layout (voxseg.infer.cpu_forward)
   bf16-cl         bfloat16 convolutions, channels-last (`predict --amp bf16`)
   onnxruntime     the network exported to ONNX, run by onnxruntime's CPU provider (needs voxseg[onnx])
+  compile         fp32-cl under torch.compile (inductor, frozen weights: oneDNN convolutions with fused point-wise
+                  ops and the norms as generated C++); the compile's own seconds are printed beside it
 
 The torch variants run as `voxseg predict` runs them (`voxseg.infer.cpu_forward.CpuForward`). For each: seconds
 per forward (median of --repeats after one warm-up), the ratio to fp32, the largest absolute logit difference
 from fp32 and the share of voxels whose argmax differs from fp32's.
 
 Run: python benchmarks/forward_variants.py WORKDIR [--batch 1] [--repeats 3] [--threads 2]
-         [--variants fp32,fp32-cl,bf16-cl,onnxruntime] [--weights fold_0/checkpoint_final.pt]
+         [--variants fp32,fp32-cl,bf16-cl,onnxruntime,compile] [--weights fold_0/checkpoint_final.pt]
 WORKDIR is a voxseg work directory (its plans.json gives network and patch). Without --weights the network keeps
 its random initial weights.
 """
@@ -51,6 +53,21 @@ def _onnx_runner(model: torch.nn.Module, example: torch.Tensor, threads: int):
     return run
 
 
+def _compiled_runner(prepared: torch.nn.Module, example: torch.Tensor):
+    """fp32-cl under torch.compile with frozen weights; returns (run, seconds the compile took)."""
+    import torch._inductor.config as inductor
+
+    inductor.freezing = True
+    forward = CpuForward(prepared, "fp32-cl")
+    prepared.to(memory_format=torch.channels_last_3d if example.ndim == 5 else torch.channels_last)
+    forward._layout_of = example.ndim  # the layout is set: the compiled module is not moved again
+    forward.network = torch.compile(prepared, dynamic=False)
+    start = time.perf_counter()
+    with torch.no_grad():
+        forward(example)
+    return forward, time.perf_counter() - start
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("workdir")
@@ -76,8 +93,12 @@ def main() -> None:
     prepared.load_state_dict(model.state_dict())
     replace_instance_norms(prepared)
     for name in args.variants.split(","):
+        compile_seconds = None
         if name == "onnxruntime":
             run = _onnx_runner(model, batch[:1], args.threads)
+        elif name == "compile":
+            prepared.to(memory_format=torch.contiguous_format)
+            run, compile_seconds = _compiled_runner(prepared, batch)
         else:
             prepared.to(memory_format=torch.contiguous_format)
             run = CpuForward(prepared, name)
@@ -94,7 +115,8 @@ def main() -> None:
         diff = (out - reference).abs().max().item()
         flips = (out.argmax(1) != reference.argmax(1)).float().mean().item()
         print(f"{name:12s} {seconds:8.2f} s  x{seconds / base_seconds:5.2f}  max|dlogit| {diff:.3g}  "
-              f"argmax differs {100 * flips:.4f} %", flush=True)
+              f"argmax differs {100 * flips:.4f} %"
+              + (f"  (compile {compile_seconds:.1f} s)" if compile_seconds else ""), flush=True)
 
 
 if __name__ == "__main__":

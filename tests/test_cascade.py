@@ -12,14 +12,25 @@ import pytest
 import torch
 
 from test_configs import _main, _write_dataset
+from test_predictor import REGIONS, tiny_plan
 from voxseg.augment import AugmentConfig, augment_batch
 from voxseg.data.io import read_image
 from voxseg.data.plan import plan_dataset
+from voxseg.data.resample import resample, separate_axis
+from voxseg.data.restore import RestoreSlabs, StreamingRestore
 from voxseg.data.splits import load_splits
 from voxseg.data.store import load_case
 from voxseg.errors import ConfigError
 from voxseg.infer.archive import export_archive, load_fold_network
-from voxseg.infer.cascade import labels_for_next_stage, onehot_previous, stored_previous
+from voxseg.infer.cascade import (
+    NextStageLabels,
+    labels_for_next_stage,
+    next_stage_grid,
+    onehot_previous,
+    stored_previous,
+    with_first_stage,
+)
+from voxseg.infer.postprocess import activate, probabilities_to_labels
 from voxseg.infer.predictor import Predictor
 from voxseg.infer.sliding_window import sliding_window_inference
 from voxseg.plans import Plan
@@ -79,7 +90,7 @@ def test_cascade_trains_on_lowres_crossval_and_predicts_lowres_first(tmp_path, c
             image, _, properties = load_case(lowres / "preprocessed", case)
             logits = sliding_window_inference(network, torch.from_numpy(np.array(image, np.float32))[None],
                                               [8, 8, 4], low_plan.num_outputs)
-            expected = labels_for_next_stage(logits, low_plan, properties, cascade_plan).numpy()
+            expected = labels_for_next_stage(logits, low_plan, properties, cascade_plan)
             full_image, _, _ = load_case(cascade / "preprocessed", case)
             assert expected.shape == full_image.shape[1:] == (20, 20, 12)  # the cascade's grid, not lowres' 10x10x6
             np.testing.assert_array_equal(np.load(stored / f"{case}.npy"), expected)
@@ -117,10 +128,10 @@ def test_cascade_trains_on_lowres_crossval_and_predicts_lowres_first(tmp_path, c
     assert predictor.previous is not None and predictor.previous.plan.configuration == "3d_lowres"
     image, geometry = read_image(raw / "imagesTs" / "case4_0000.nii.gz")
     for foreground in (True, False):
-        def fixed(image_pp, name="", foreground=foreground):
+        def fixed(image_pp, name="", consume=None, foreground=foreground):
             logits = torch.zeros((2, *image_pp.shape[1:]))
             logits[1 if foreground else 0] = 5.0
-            return logits
+            consume(slice(0, logits.shape[1]), logits)  # the first stage's rows go on as they are finished
         predictor.previous.predict_logits = fixed
         network_input, properties = predictor.preprocess(image[None].astype(np.float32), geometry, "case4")
         assert network_input.shape == (2, *properties["shape_after_resample"])
@@ -148,6 +159,56 @@ def test_augmentation_keeps_extra_channels_binary_and_without_intensity_changes(
     assert set(torch.unique(plain[:, 1]).tolist()) - {0.0, 1.0}  # without extra_channels the masks get noise
     with pytest.raises(Exception, match="extra_channels"):
         augment_batch(masks, seg, config, np.random.default_rng(1), [8, 8, 4], extra_channels=1)
+
+
+def _whole_volume_next_stage_labels(logits, plan, properties, next_plan) -> np.ndarray:
+    """The first stage's labels on the next stage's grid as computed on the whole volume: every channel resampled
+    at once (linear; the separate axis nearest), activated, then labels."""
+    grid = next_stage_grid(plan, properties, next_plan)
+    axis = separate_axis(plan.target_spacing, next_plan.target_spacing)
+    resampled = resample(logits, grid["shape_after_crop"], is_label=False, anisotropy_axis=axis, order=1)
+    return probabilities_to_labels(activate(resampled, plan), plan).numpy()
+
+
+@pytest.mark.parametrize("kind", ["labels", "regions"])
+@pytest.mark.parametrize("first_spacing, next_spacing", [
+    ((2.0, 2.0, 2.0), (1.0, 1.0, 1.0)),   # linear along every axis
+    ((6.0, 1.6, 1.6), (3.0, 0.8, 0.8)),   # a separate coarse first axis: nearest along it
+    ((1.6, 1.6, 6.0), (0.8, 0.8, 3.0)),   # a separate coarse last axis
+])
+def test_first_stage_labels_streamed_in_slabs_equal_the_whole_volume(kind, first_spacing, next_spacing):
+    """Whole logits in slabs, and rows arriving from a sliding window in pieces, both with slabs of 3 rows that do
+    not divide the grid: the same labels as resampling all K channels of the whole volume at once."""
+    plan = tiny_plan() if kind == "labels" else tiny_plan(REGIONS, channels=1, regions_class_order=[1, 2, 3])
+    next_plan = copy.deepcopy(plan)
+    plan.target_spacing, next_plan.target_spacing = list(first_spacing), list(next_spacing)
+    shape = (11, 9, 7)
+    crop = [round(n * s / o) for n, s, o in zip(shape, first_spacing, (1.0, 0.8, 0.8))]
+    properties = {"name": "c", "shape_after_resample": list(shape), "shape_after_crop": crop,
+                  "original_spacing": [1.0, 0.8, 0.8]}
+    logits = torch.randn(plan.num_outputs, *shape, generator=torch.Generator().manual_seed(3)) * 3
+    expected = _whole_volume_next_stage_labels(logits, plan, properties, next_plan)
+    grid = next_stage_grid(plan, properties, next_plan)
+    assert expected.shape == tuple(grid["shape_after_crop"]) and len(np.unique(expected)) > 2
+    cap = RestoreSlabs(logits, grid).footprint(3)
+    np.testing.assert_array_equal(labels_for_next_stage(logits, plan, properties, next_plan, max_values=cap), expected)
+    sink = NextStageLabels(plan, grid["shape_after_crop"])
+    restorer = StreamingRestore(grid, plan.num_outputs, sink, cap)
+    for start in range(0, shape[0], 2):  # rows in pieces of 2, as a sliding window hands them on
+        restorer.feed(slice(start, min(start + 2, shape[0])), logits[:, start : start + 2].clone())
+    restorer.finish()
+    np.testing.assert_array_equal(sink.labels, expected)
+
+
+def test_the_cascade_input_is_the_image_then_the_onehot_of_the_first_stage():
+    plan = tiny_plan(REGIONS, channels=1, regions_class_order=[1, 2, 3])
+    image = torch.randn(2, 4, 5, 6)
+    labels = np.random.default_rng(0).integers(0, 4, (4, 5, 6)).astype(np.uint8)
+    made = with_first_stage(image, labels, plan, "c")
+    expected = torch.cat([image, onehot_previous(torch.from_numpy(labels), plan)])
+    assert made.dtype == torch.float32 and torch.equal(made, expected)
+    with pytest.raises(Exception, match="case 'c'.*shape \\[4, 5, 5\\].*expected \\[4, 5, 6\\]"):
+        with_first_stage(image, labels[:, :, :5], plan, "c")
 
 
 def test_onehot_uses_label_values_for_regions():

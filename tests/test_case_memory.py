@@ -3,6 +3,7 @@ formula in docs/INFERENCE.md says, a smaller budget shrinks the restore slab bef
 the case, the parts and the budget."""
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
 
@@ -57,9 +58,9 @@ def test_a_smaller_budget_shrinks_the_restore_slab_then_refuses(monkeypatch):
     tight = fit_case(plan, shape, spacing, CPU, 1 << 26, "none", max_memory_gb=tight_gb)
     assert tight.restore_values < roomy.restore_values and tight.memory.peak <= tight_gb * GIB
     with pytest.raises(MemoryBudgetError) as refused:
-        fit_case(plan, shape, spacing, CPU, 1 << 26, "memory", max_memory_gb=8, name="CT_002")
+        fit_case(plan, shape, spacing, CPU, 1 << 26, "memory", max_memory_gb=8)
     message = str(refused.value)
-    assert message.startswith("case 'CT_002': predicting 1x300x512x512 voxels with 41 outputs needs about")
+    assert message.startswith("predicting 1x300x512x512 voxels with 41 outputs needs about")
     assert "probabilities 12.01" in message and "8.0 GiB allowed (--max-memory 8)" in message
     assert "--save-probabilities writes them to disk" in message
     monkeypatch.setattr(budget, "available_memory_bytes", lambda device: 2 * GIB)
@@ -72,3 +73,37 @@ def test_small_tiles_take_what_the_budget_leaves():
     small = fit_case(plan, (2, 30, 28, 20), (1.0, 1.0, 1.0), CPU, 1 << 26, "none", max_memory_gb=0.05)
     large = fit_case(plan, (2, 30, 28, 20), (1.0, 1.0, 1.0), CPU, 1 << 26, "none", max_memory_gb=1.0)
     assert 1 <= small.forward_tiles < large.forward_tiles
+
+
+def test_a_cascade_stage_counts_its_one_hot_inputs_and_its_first_stage():
+    """A 41-class CT cascade: the full-resolution stage's input holds 1 + 40 channels (image and one-hot of the
+    first stage's labels), and the first stage, which runs before on the same image, has its own peak plus the
+    label map it leaves on this stage's grid; a budget under that peak refuses the case and names the part."""
+    first = _ct_plan(41)
+    first.configuration, first.target_spacing = "3d_lowres", [4.0, 3.0, 3.0]
+    cascade = _ct_plan(41)
+    cascade.configuration, cascade.previous_stage = "3d_cascade_fullres", "3d_lowres"
+    shape, spacing = (1, 300, 512, 512), (1.25, 0.8, 0.8)
+    alone = case_memory(_ct_plan(41), shape, spacing, CPU, 1 << 26, 1, "none")
+    staged = case_memory(cascade, shape, spacing, CPU, 1 << 26, 1, "none", previous=first)
+    target = 188 * 273 * 273
+    assert alone.network_input == 2 * 1 * target * 4 and alone.first_stage == 0
+    assert staged.network_input == 2 * 41 * target * 4  # one copy and its padded copy of 41 channels
+    first_alone = case_memory(first, shape, spacing, CPU, 1 << 26, 1, "none")
+    assert staged.first_stage == first_alone.peak + target and staged.peak > alone.peak + 4 * GIB
+    with pytest.raises(MemoryBudgetError, match=r"network input 4\.28.*first stage 2\.\d\d GiB"):
+        fit_case(cascade, shape, spacing, CPU, 1 << 26, "none", max_memory_gb=7.5, previous=first)
+    assert fit_case(cascade, shape, spacing, CPU, 1 << 26, "none", max_memory_gb=9, previous=first).memory == staged
+    assert "first stage" not in alone.describe()
+
+
+def test_the_python_api_names_the_refused_case(tmp_path):
+    from tests.test_predictor import make_workdir
+    from voxseg.infer.predictor import Predictor
+
+    make_workdir(tmp_path, tiny_plan())
+    predictor = Predictor.from_workdir(tmp_path, device="cpu", max_memory=0.0001)
+    image = np.zeros((2, 20, 20, 20), np.float32)
+    refusal = r"^case 'liver_7': predicting 2x20x20x20 voxels .*\(--max-memory 0.0001\)"
+    with pytest.raises(MemoryBudgetError, match=refusal):
+        predictor.predict_array(image, (1.0, 1.0, 1.0), name="liver_7")

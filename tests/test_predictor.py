@@ -375,7 +375,7 @@ def test_forward_passes_fit_the_free_memory(monkeypatch):
     predictor = Predictor(plan, [model], InferConfig(mirror_axes=(0, 1, 2), tile_batch=4), device="cpu")
     reference = predictor.predict_array(image, (1.0, 1.0, 1.0))
     assert max(calls) == 32  # 4 tiles x 8 mirrored copies while memory is plentiful
-    values = predictor._restore_values()
+    values = predictor.restore_slab_values()
     one_tile = budget.case_memory(plan, image.shape, (1.0, 1.0, 1.0), torch.device("cpu"), values, 1, "none")
     tile = one_tile.forward
     free = (one_tile.peak + 1.5 * tile) / budget.DEFAULT_BUDGET_SHARE  # the rest of the case and 2.5 tiles

@@ -6,7 +6,7 @@ killed half way (docs/INFERENCE.md "Memory").
 
     limit = forward_limit(plan, device, spatial_shape=(129, 191, 203), amp_dtype=None)   # e.g. 5 on a 24 GB CPU
     sliding_window_inference(..., replace(tiling, max_forward_batch=limit))
-    fitted = fit_case(plan, image.shape, spacing, device, budget_bytes, restore_values, probabilities="disk")
+    fitted = fit_case(plan, image.shape, spacing, device, restore_values, "disk", max_memory_gb=None)
 """
 from __future__ import annotations
 
@@ -95,9 +95,9 @@ class CaseMemory:
     """Bytes of host memory one case's prediction holds at its peak, by part (a CPU computes everything on the
     host; on a GPU the network's parts live on the device and are not counted here).
 
-    The peak is the larger of preprocessing (the case as read plus what preprocessing adds) and prediction
+    The peak is the largest of preprocessing (the case as read plus what preprocessing adds), prediction
     (the case as read, the network input, the band of sums, one forward pass, one restore slab, the labels and
-    the probabilities)."""
+    the probabilities) and, for a cascade stage, its first stage (which runs before, on the same image)."""
 
     image: int  # the case as read: C x original voxels, float32
     preprocessing: int  # added while preprocessing: the nonzero mask and its filling, the cropped copy, resampling
@@ -107,15 +107,17 @@ class CaseMemory:
     restore: int  # one restore slab (restore values x 4) and the rows kept between slabs
     labels: int  # original voxels x 1 byte (2 above label value 255), and the copy written
     probabilities: int  # K x original voxels x 4 in memory; a slab's float16 planes when written to disk
+    first_stage: int = 0  # a cascade stage: its first stage's peak (this model of it) and the labels it leaves
 
     @property
     def peak(self) -> int:
-        predicting = sum(getattr(self, f.name) for f in fields(self)) - self.preprocessing
-        return max(self.image + self.preprocessing, predicting)
+        predicting = sum(getattr(self, f.name) for f in fields(self)) - self.preprocessing - self.first_stage
+        return max(self.image + self.preprocessing, predicting, self.first_stage)
 
     def describe(self) -> str:
         """'image 0.29, preprocessing 1.2, ... GiB'."""
-        return ", ".join(f"{f.name.replace('_', ' ')} {getattr(self, f.name) / GIB:.2f}" for f in fields(self)) + " GiB"
+        return ", ".join(f"{f.name.replace('_', ' ')} {getattr(self, f.name) / GIB:.2f}" for f in fields(self)
+                         if f.name != "first_stage" or self.first_stage) + " GiB"
 
 
 @dataclass(frozen=True)
@@ -140,9 +142,11 @@ def target_shape(plan: Plan, shape: Sequence[int], spacing: Sequence[float]) -> 
 
 
 def case_memory(plan: Plan, image_shape: Sequence[int], spacing: Sequence[float], device: torch.device,
-                restore_values: int, forward_tiles: int, probabilities: str) -> CaseMemory:
+                restore_values: int, forward_tiles: int, probabilities: str,
+                previous: Plan | None = None) -> CaseMemory:
     """The memory model of predicting one (C, D, H, W) case (see `CaseMemory`); `probabilities` is "none",
-    "memory" (returned as an array) or "disk" (written slab by slab)."""
+    "memory" (returned as an array) or "disk" (written slab by slab); `previous`: a cascade stage's first stage,
+    whose labels reach this stage's grid slab by slab and become one-hot input channels here."""
     channels, original = int(image_shape[0]), math.prod(int(s) for s in image_shape[1:])
     shape = target_shape(plan, image_shape[1:], spacing)
     target = math.prod(shape)
@@ -166,12 +170,15 @@ def case_memory(plan: Plan, image_shape: Sequence[int], spacing: Sequence[float]
     return CaseMemory(
         image=channels * original * 4,
         preprocessing=original * 10 + 3 * channels * max(original, target) * 4,
-        network_input=2 * channels * target * 4 if on_host else 0,  # the input and its padded copy
+        # the input (a cascade's with its one-hot channels) and its padded copy
+        network_input=2 * max(channels, plan.network_in_channels) * target * 4 if on_host else 0,
         band=band if on_host else 0,
         forward=int(forward_tiles * tile) if on_host else 0,
         restore=(min(restore_values, 4 * outputs * original) + outputs * restore_rows * plane) * 4 if on_host else 0,
         labels=2 * original * label_bytes,
         probabilities=probability_bytes,
+        first_stage=0 if previous is None else (
+            case_memory(previous, image_shape, spacing, device, restore_values, 1, "none").peak + target),
     )
 
 
@@ -186,23 +193,24 @@ def budget_bytes(max_memory_gb: float | None) -> tuple[int, str]:
 
 
 def fit_case(plan: Plan, image_shape: Sequence[int], spacing: Sequence[float], device: torch.device,
-             restore_values: int, probabilities: str, max_memory_gb: float | None, name: str = "") -> FittedCase:
+             restore_values: int, probabilities: str, max_memory_gb: float | None,
+             previous: Plan | None = None) -> FittedCase:
     """Fit one case's prediction into the budget before any work: the restore slab shrinks (down to a few rows)
     and, on a CPU, the tiles per forward pass are as many as the rest leaves room for (at least 1); a case that
-    does not fit even so is refused (MemoryBudgetError) with its parts and the budget."""
+    does not fit even so is refused (MemoryBudgetError) with its parts and the budget (the caller names the
+    case). `previous`: a cascade stage's first stage (`case_memory`)."""
     budget, source = budget_bytes(max_memory_gb)
     on_host = torch.device(device).type == "cpu"
     smallest = min(restore_values, 1 << 22)  # 16 MiB of slab: a few rows even for a CT case with 100 classes
     values = restore_values
     while True:
-        memory = case_memory(plan, image_shape, spacing, device, values, 1, probabilities)
+        memory = case_memory(plan, image_shape, spacing, device, values, 1, probabilities, previous)
         if memory.peak <= budget or values <= smallest:
             break
         values = max(smallest, values // 2)
     if memory.peak > budget:
-        case = f"case '{name}': " if name else ""
         raise MemoryBudgetError(
-            f"{case}predicting {'x'.join(str(int(s)) for s in image_shape)} voxels with {plan.num_outputs} outputs "
+            f"predicting {'x'.join(str(int(s)) for s in image_shape)} voxels with {plan.num_outputs} outputs "
             f"needs about {size_text(memory.peak)} at its peak ({memory.describe()}), more than the "
             f"{size_text(budget)} allowed ({source}). Give a larger --max-memory if the machine has it, free "
             "memory, or predict on a GPU" + ("; --save-probabilities writes them to disk as they come"

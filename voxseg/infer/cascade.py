@@ -24,15 +24,15 @@ import torch
 from voxseg.atomicio import atomic_open
 from voxseg.data.configs import next_stage, parent_workdir, stage_workdir
 from voxseg.data.preprocess import new_shape_for_spacing
-from voxseg.data.resample import resample, separate_axis
+from voxseg.data.restore import DEFAULT_RESTORE_VALUES, StreamingRestore, default_restore_values, restore_in_slabs
 from voxseg.data.splits import load_splits
 from voxseg.errors import ConfigError, DatasetError, InputError
-from voxseg.infer.postprocess import activate, probabilities_to_labels
+from voxseg.infer.postprocess import logits_to_label_map
 from voxseg.plans import Plan
 from voxseg.workdir import WorkDir
 
-__all__ = ["NextStage", "StoredPrevious", "first_stage_channels", "labels_for_next_stage",
-           "next_stage_target", "onehot_previous", "stored_previous"]
+__all__ = ["NextStage", "NextStageLabels", "StoredPrevious", "first_stage_labels", "labels_for_next_stage",
+           "next_stage_grid", "next_stage_target", "onehot_previous", "stored_previous", "with_first_stage"]
 
 
 def onehot_previous(labels: torch.Tensor, plan: Plan, dtype: torch.dtype = torch.float32) -> torch.Tensor:
@@ -43,28 +43,70 @@ def onehot_previous(labels: torch.Tensor, plan: Plan, dtype: torch.dtype = torch
     return torch.stack([labels == int(v) for v in values]).to(dtype)
 
 
-def labels_for_next_stage(logits: torch.Tensor, plan: Plan, properties: dict, next_plan: Plan) -> torch.Tensor:
-    """First-stage logits (K, d, h, w) on its preprocessed grid -> (D, H, W) uint8 labels on the next stage's
-    preprocessed grid: the shape the next stage's preprocessing gives the same crop box, resampled linearly
-    (the coarse axis separately, as preprocessing does), activated, then labels."""
+class NextStageLabels:
+    """Where restored slabs of a first stage's logits on the next stage's grid go (`consume(rows, restored)` of
+    `voxseg.data.restore`): each (K, rows, H, W) slab becomes labels (`logits_to_label_map`, the same decision as on
+    its activation) in `labels`, a (D, H, W) uint8 map on the host."""
+
+    def __init__(self, plan: Plan, shape: Sequence[int]) -> None:
+        self.plan = plan
+        self.labels = np.zeros(tuple(int(s) for s in shape), dtype=np.uint8)
+
+    def __call__(self, rows: slice, restored: torch.Tensor) -> None:
+        self.labels[rows] = logits_to_label_map(restored, self.plan).cpu().numpy()
+
+
+def next_stage_grid(plan: Plan, properties: dict, next_plan: Plan) -> dict[str, Any]:
+    """Restore properties (`voxseg.data.restore`) from the first stage's preprocessed grid to the next stage's:
+    the shape the next stage's preprocessing gives the same crop box, reached linearly, a separate coarse axis
+    (between the two target spacings) with nearest values, as preprocessing resamples."""
     shape = new_shape_for_spacing(properties["shape_after_crop"], properties["original_spacing"],
                                   next_plan.target_spacing)
-    axis = separate_axis(plan.target_spacing, next_plan.target_spacing)
-    resampled = resample(logits.float(), shape, is_label=False, anisotropy_axis=axis, order=1)
-    return probabilities_to_labels(activate(resampled, plan), plan)
+    return {"name": properties.get("name", ""), "shape_after_resample": list(properties["shape_after_resample"]),
+            "shape_after_crop": [int(s) for s in shape], "target_spacing": list(plan.target_spacing),
+            "original_spacing": list(next_plan.target_spacing)}
 
 
-def first_stage_channels(first: Any, image: np.ndarray, geometry: Any, plan: Plan, properties: dict,
-                         name: str = "") -> torch.Tensor:
-    """Prediction: run the first stage's Predictor `first` on the raw (C, D, H, W) image and return its
-    segmentation on the cascade `plan`'s preprocessed grid (the grid of `properties`), one-hot: (L, d, h, w)
-    float32 on the first stage's compute device."""
+def labels_for_next_stage(logits: torch.Tensor, plan: Plan, properties: dict, next_plan: Plan,
+                          max_values: int = DEFAULT_RESTORE_VALUES) -> np.ndarray:
+    """First-stage logits (K, d, h, w) on its preprocessed grid -> (D, H, W) uint8 labels on the next stage's
+    preprocessed grid (`next_stage_grid`), resampled in slabs of rows (`restore_in_slabs`: at most `max_values`
+    values at once, not K x the next grid), each slab's labels decided on its logits."""
+    grid = next_stage_grid(plan, properties, next_plan)
+    sink = NextStageLabels(plan, grid["shape_after_crop"])
+    restore_in_slabs(logits, grid, sink, max_values)
+    return sink.labels
+
+
+def first_stage_labels(first: Any, image: np.ndarray, geometry: Any, plan: Plan, name: str = "") -> np.ndarray:
+    """Prediction: run the first stage's Predictor `first` on the raw (C, D, H, W) image and return its labels on
+    the cascade `plan`'s preprocessed grid, (D, H, W) uint8. The first stage's finished rows are restored to that
+    grid as its sliding window hands them on (`StreamingRestore`), so neither its whole logits nor K x the
+    cascade's grid is ever held."""
     first_pp, first_properties = first.preprocess(image, geometry, name)
-    labels = labels_for_next_stage(first.predict_logits(first_pp, name), first.plan, first_properties, plan)
-    if list(labels.shape) != list(properties["shape_after_resample"]):  # both stages crop the same box
+    grid = next_stage_grid(first.plan, first_properties, plan)
+    sink = NextStageLabels(first.plan, grid["shape_after_crop"])
+    restorer = StreamingRestore(grid, first.plan.num_outputs, sink, first.restore_slab_values(), first.device)
+    first.predict_logits(first_pp, name, consume=restorer.feed)
+    restorer.finish()
+    return sink.labels
+
+
+def with_first_stage(image_pp: torch.Tensor, labels: np.ndarray, plan: Plan, name: str = "") -> torch.Tensor:
+    """The cascade stage's network input: the (C, d, h, w) preprocessed image followed by the one-hot of the first
+    stage's (d, h, w) labels, one channel per foreground label (`onehot_previous`), made in one (C + L, d, h, w)
+    tensor (no stacked and concatenated copies)."""
+    if list(labels.shape) != list(image_pp.shape[1:]):  # both stages crop the same box
         raise InputError(f"case '{name}': the first stage's segmentation has shape {list(labels.shape)} on the "
-                         f"cascade's grid, expected {properties['shape_after_resample']}")
-    return onehot_previous(labels, plan)
+                         f"cascade's grid, expected {list(image_pp.shape[1:])}")
+    values = plan.foreground_labels
+    channels = int(image_pp.shape[0])
+    out = torch.empty((channels + len(values), *image_pp.shape[1:]), dtype=image_pp.dtype, device=image_pp.device)
+    out[:channels] = image_pp
+    previous = torch.from_numpy(labels).to(image_pp.device)
+    for index, value in enumerate(values):
+        torch.eq(previous, int(value), out=out[channels + index])  # written as 0 / 1 in the input's dtype
+    return out
 
 
 class NextStage:
@@ -74,7 +116,18 @@ class NextStage:
         self.name, self.plan, self.directory = name, plan, directory
 
     def write(self, case: str, logits: torch.Tensor, plan: Plan, properties: dict) -> Path:
-        labels = labels_for_next_stage(logits, plan, properties, self.plan).cpu().numpy().astype(np.uint8)
+        """Store the labels of the first stage's whole (K, d, h, w) `logits` of `case` on this stage's grid."""
+        return self.save(case, labels_for_next_stage(logits, plan, properties, self.plan))
+
+    def restorer(self, plan: Plan, properties: dict, device: torch.device) -> tuple[StreamingRestore, NextStageLabels]:
+        """A restorer that takes the first stage's rows of a case as its sliding window finishes them (`feed`,
+        then `finish`) and leaves their labels on this stage's grid in the returned sink (`save` them)."""
+        grid = next_stage_grid(plan, properties, self.plan)
+        sink = NextStageLabels(plan, grid["shape_after_crop"])
+        return StreamingRestore(grid, plan.num_outputs, sink, default_restore_values(device), device), sink
+
+    def save(self, case: str, labels: np.ndarray) -> Path:
+        """Write `case`'s (D, H, W) uint8 labels on this stage's grid, atomically."""
         path = self.directory / f"{case}.npy"
         path.parent.mkdir(parents=True, exist_ok=True)
         with atomic_open(path) as handle:

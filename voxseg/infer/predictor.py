@@ -32,7 +32,7 @@ from voxseg.data.io import Geometry, write_image
 from voxseg.data.restore import StreamingRestore, default_restore_values
 from voxseg.devices import cudnn_autotuning, resolve_device
 from voxseg.distributed import local_device
-from voxseg.errors import ConfigError, InputError, VoxsegError
+from voxseg.errors import ConfigError, InputError, MemoryBudgetError, VoxsegError
 from voxseg.infer.archive import load_fold_network, resolve_folds
 from voxseg.infer.budget import FittedCase, fit_case, forward_limit
 from voxseg.infer.casefiles import (
@@ -180,7 +180,7 @@ class Predictor:
         restored (`StreamingRestore`, on the compute device) into `grid` as they come, so neither the whole
         logits nor anything of K x the original grid is held at once; `fitted` (`fit_case`) gives the restore
         slab and the tiles per forward pass."""
-        values = fitted.restore_values if fitted is not None else self._restore_values()
+        values = fitted.restore_values if fitted is not None else self.restore_slab_values()
         restorer = StreamingRestore(properties, self.plan.num_outputs, grid, values, self.device)
         self.predict_logits(image_pp, name, consume=restorer.feed,
                             forward_tiles=fitted.forward_tiles if fitted is not None else None)
@@ -208,7 +208,8 @@ class Predictor:
         grid = self._predict_case(CaseImage(image, geometry), name, with_probabilities=return_probabilities)
         return (grid.labels, grid.probabilities) if return_probabilities else grid.labels
 
-    def _restore_values(self) -> int:
+    def restore_slab_values(self) -> int:
+        """Values (channels x voxels) one restore slab may hold: the config's, else the device's default."""
         return self.restore_values if self.restore_values is not None else default_restore_values(self.device)
 
     def _predict_case(self, case: CaseImage, name: str, with_probabilities: bool = False,
@@ -217,8 +218,12 @@ class Predictor:
         probabilities in memory or in `probability_sink`). The case's memory is fitted into the budget first
         (refused if it cannot fit), and the case lets go of its image once preprocessed."""
         probabilities = "disk" if probability_sink is not None else ("memory" if with_probabilities else "none")
-        fitted = fit_case(self.plan, case.image.shape, case.geometry.spacing, self.device, self._restore_values(),
-                          probabilities, self.config.max_memory, name)  # before any work
+        try:  # before any work
+            fitted = fit_case(self.plan, case.image.shape, case.geometry.spacing, self.device,
+                              self.restore_slab_values(), probabilities, self.config.max_memory,
+                              None if self.previous is None else self.previous.plan)
+        except MemoryBudgetError as exc:
+            raise MemoryBudgetError(f"case '{name}': {exc}" if name else str(exc)) from None
         image_pp, properties = self.preprocess(case.take_image().astype(np.float32, copy=False), case.geometry, name)
         grid = OriginalGrid(self.plan, properties, with_probabilities, probability_sink)
         self.predict_to_grid(image_pp, properties, grid, name, fitted)
@@ -226,16 +231,14 @@ class Predictor:
 
     def preprocess(self, image: np.ndarray, geometry: Geometry, name: str = "") -> tuple[torch.Tensor, dict[str, Any]]:
         """(C, D, H, W) float32 image -> (the network's input (C [+ L], d, h, w) float32 on the compute device,
-        preprocessing properties); a cascade stage runs its first stage here and appends the one-hot of its
+        preprocessing properties); a cascade stage runs its first stage first and appends the one-hot of its
         segmentation on this grid. The input is not copied back to the host (`preprocess_image`)."""
         from voxseg.data.preprocess import preprocess_image
-        from voxseg.infer.cascade import first_stage_channels
+        from voxseg.infer.cascade import first_stage_labels, with_first_stage
 
+        previous = self.previous and first_stage_labels(self.previous, image, geometry, self.plan, name)
         image_pp, properties = preprocess_image(image, geometry, self.plan, device=self.device, name=name)
-        if self.previous is None:
-            return image_pp, properties
-        extra = first_stage_channels(self.previous, image, geometry, self.plan, properties, name)
-        return torch.cat([image_pp, extra.to(image_pp.device, image_pp.dtype)]), properties
+        return (image_pp if previous is None else with_first_stage(image_pp, previous, self.plan, name)), properties
 
     # ----- files ----------------------------------------------------------------------------------------------
     def _postprocessing_spec(self, postprocess: Any) -> dict[str, Any] | None:

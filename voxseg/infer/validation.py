@@ -117,14 +117,18 @@ def _network_input(preprocessed_dir: str | Path, name: str, cascade: CascadeLink
 def _validate_case(model: nn.Module, x: torch.Tensor, plan: Plan, tiling: Any, name: str, rows: "CaseRows",
                    cascade: CascadeLinks, properties: dict[str, Any]) -> None:
     """One case's sliding window, its rows handed to `rows` as they are finished (K x the case is never held
-    whole), or, for a first stage whose next stage needs its logits on another grid, all at once."""
-    if rows.out_dir is not None and cascade.next_stage is not None:
-        logits = sliding_window_inference(model, x, plan.patch_size, plan.num_outputs, tiling, plan.slice_axis,
-                                          name)  # (K, d, h, w)
-        rows(slice(0, logits.shape[1]), logits)
-        cascade.next_stage.write(name, logits, plan, properties)
-    else:
+    whole); a first stage's rows also go to its next stage's grid, whose labels are stored for that stage."""
+    if rows.out_dir is None or cascade.next_stage is None:
         sliding_window_inference(model, x, plan.patch_size, plan.num_outputs, tiling, plan.slice_axis, name, rows)
+        return
+    restorer, next_labels = cascade.next_stage.restorer(plan, properties, x.device)
+
+    def both(finished: slice, values: torch.Tensor) -> None:
+        rows(finished, values)
+        restorer.feed(finished, values)
+    sliding_window_inference(model, x, plan.patch_size, plan.num_outputs, tiling, plan.slice_axis, name, both)
+    restorer.finish()
+    cascade.next_stage.save(name, next_labels.labels)
 
 
 class CaseRows:
