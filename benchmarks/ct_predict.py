@@ -23,7 +23,8 @@ Steps (everything under --work, in a folder named by the data's size, so that si
      every 0.2 s from /proc as tests/acceptance.py does; the proportional set size (PSS, shared pages counted once,
      acceptance.py's figure) is recorded beside it. A tool that fails, is killed (out of memory) or passes --timeout
      is recorded as such, with the end of what it printed (its full output is in WORK/logs/).
-  3. the fraction of equal voxels of the two label maps, and voxseg/nnU-Net for time and peak memory.
+  3. the fraction of equal voxels of the two label maps (and, on the voxels either labels foreground, their
+     agreement there, with each tool's share of foreground), and voxseg/nnU-Net for time and peak memory.
 
 The first voxseg run of a model on a machine includes the measurement of the CPU forward variants (a few forward
 passes; kept in ~/.cache/voxseg/cpu_forward.json); --warm runs voxseg predict once, untimed, before.
@@ -289,6 +290,7 @@ def main() -> None:
     if done == ["voxseg", "nnunet"]:
         values = agreement(folders["voxseg"], folders["nnunet"])
         report["agreement"] = values[0] if len(values) == 1 else values
+        report["labels"] = label_shares(folders["voxseg"], folders["nnunet"])
     if all(t in report["tools"] and report["tools"][t]["returncode"] == 0 for t in ("voxseg", "nnunet")):
         ours, theirs = report["tools"]["voxseg"], report["tools"]["nnunet"]
         report["voxseg/nnunet"] = {key: round(ours[key] / theirs[key], 3) if theirs[key] else None
@@ -297,6 +299,23 @@ def main() -> None:
     Path(args.json).parent.mkdir(parents=True, exist_ok=True)
     Path(args.json).write_text(json.dumps(report, indent=2) + "\n")
     print(f"written {args.json}")
+
+
+def label_shares(ours: Path, theirs: Path) -> dict:
+    """Per test case: the share of voxels each tool labels foreground, and the agreement on the voxels that either
+    labels foreground (a model that labels nearly everything background agrees on nearly every voxel; this says
+    how well the two agree where they segment something)."""
+    from voxseg.data.io import read_image
+
+    shares = {}
+    for path in sorted(theirs.glob("*.nii.gz")):
+        a, _ = read_image(ours / path.name)
+        b, _ = read_image(path)
+        either = (a > 0) | (b > 0)
+        on_foreground = float((a[either] == b[either]).mean()) if either.any() else None
+        shares[path.name] = {"voxseg_foreground": float((a > 0).mean()), "nnunet_foreground": float((b > 0).mean()),
+                             "differing_voxels": int((a != b).sum()), "agreement_on_foreground": on_foreground}
+    return shares
 
 
 def print_table(report: dict) -> None:
@@ -311,6 +330,10 @@ def print_table(report: dict) -> None:
         agree = report["agreement"]
         print("label agreement: " + ", ".join(f"{100 * a:.4f} %" for a in (agree if isinstance(agree, list)
                                                                           else [agree])))
+    for case, share in report.get("labels", {}).items():
+        print(f"{case}: foreground {100 * share['voxseg_foreground']:.3f} % (voxseg), "
+              f"{100 * share['nnunet_foreground']:.3f} % (nnU-Net); {share['differing_voxels']} voxels differ; "
+              f"agreement where either labels foreground {100 * (share['agreement_on_foreground'] or 0):.3f} %")
 
 
 if __name__ == "__main__":
