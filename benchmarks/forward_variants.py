@@ -96,8 +96,7 @@ def main() -> None:
         compile_seconds = None
         if name == "onnxruntime":
             run = _onnx_runner(model, batch[:1], args.threads)
-        elif name == "compile":
-            prepared.to(memory_format=torch.contiguous_format)
+        elif name == "compile":  # sets the channels-last layout itself
             run, compile_seconds = _compiled_runner(prepared, batch)
         else:
             prepared.to(memory_format=torch.contiguous_format)

@@ -24,7 +24,7 @@ import torch
 from voxseg.atomicio import atomic_open
 from voxseg.data.configs import next_stage, parent_workdir, stage_workdir
 from voxseg.data.preprocess import new_shape_for_spacing
-from voxseg.data.restore import DEFAULT_RESTORE_VALUES, StreamingRestore, default_restore_values, restore_in_slabs
+from voxseg.data.restore import DEFAULT_RESTORE_VALUES, StreamingRestore, default_restore_values
 from voxseg.data.splits import load_splits
 from voxseg.errors import ConfigError, DatasetError, InputError
 from voxseg.infer.postprocess import logits_to_label_map
@@ -32,7 +32,8 @@ from voxseg.plans import Plan
 from voxseg.workdir import WorkDir
 
 __all__ = ["NextStage", "NextStageLabels", "StoredPrevious", "first_stage_labels", "labels_for_next_stage",
-           "next_stage_grid", "next_stage_target", "onehot_previous", "stored_previous", "with_first_stage"]
+           "next_stage_grid", "next_stage_restorer", "next_stage_target", "onehot_previous", "stored_previous",
+           "with_first_stage"]
 
 
 def onehot_previous(labels: torch.Tensor, plan: Plan, dtype: torch.dtype = torch.float32) -> torch.Tensor:
@@ -67,14 +68,24 @@ def next_stage_grid(plan: Plan, properties: dict, next_plan: Plan) -> dict[str, 
             "original_spacing": list(next_plan.target_spacing)}
 
 
+def next_stage_restorer(plan: Plan, properties: dict, next_plan: Plan, max_values: int,
+                        device: torch.device | str) -> tuple[StreamingRestore, NextStageLabels]:
+    """A restorer that takes a first stage's rows of a case as its sliding window finishes them (`feed`, then
+    `finish`) and leaves their labels on the next stage's grid (`next_stage_grid`) in the returned sink, slab by
+    slab of rows (at most `max_values` values at once, not K x the next grid)."""
+    grid = next_stage_grid(plan, properties, next_plan)
+    sink = NextStageLabels(plan, grid["shape_after_crop"])
+    return StreamingRestore(grid, plan.num_outputs, sink, max_values, device), sink
+
+
 def labels_for_next_stage(logits: torch.Tensor, plan: Plan, properties: dict, next_plan: Plan,
                           max_values: int = DEFAULT_RESTORE_VALUES) -> np.ndarray:
     """First-stage logits (K, d, h, w) on its preprocessed grid -> (D, H, W) uint8 labels on the next stage's
-    preprocessed grid (`next_stage_grid`), resampled in slabs of rows (`restore_in_slabs`: at most `max_values`
-    values at once, not K x the next grid), each slab's labels decided on its logits."""
-    grid = next_stage_grid(plan, properties, next_plan)
-    sink = NextStageLabels(plan, grid["shape_after_crop"])
-    restore_in_slabs(logits, grid, sink, max_values)
+    preprocessed grid: all rows handed to a `next_stage_restorer` at once, each slab's labels decided on its
+    logits."""
+    restorer, sink = next_stage_restorer(plan, properties, next_plan, max_values, logits.device)
+    restorer.feed(slice(0, int(logits.shape[1])), logits)
+    restorer.finish()
     return sink.labels
 
 
@@ -84,9 +95,8 @@ def first_stage_labels(first: Any, image: np.ndarray, geometry: Any, plan: Plan,
     grid as its sliding window hands them on (`StreamingRestore`), so neither its whole logits nor K x the
     cascade's grid is ever held."""
     first_pp, first_properties = first.preprocess(image, geometry, name)
-    grid = next_stage_grid(first.plan, first_properties, plan)
-    sink = NextStageLabels(first.plan, grid["shape_after_crop"])
-    restorer = StreamingRestore(grid, first.plan.num_outputs, sink, first.restore_slab_values(), first.device)
+    restorer, sink = next_stage_restorer(first.plan, first_properties, plan, first.restore_slab_values(),
+                                         first.device)
     first.predict_logits(first_pp, name, consume=restorer.feed)
     restorer.finish()
     return sink.labels
@@ -115,16 +125,9 @@ class NextStage:
     def __init__(self, name: str, plan: Plan, directory: Path) -> None:
         self.name, self.plan, self.directory = name, plan, directory
 
-    def write(self, case: str, logits: torch.Tensor, plan: Plan, properties: dict) -> Path:
-        """Store the labels of the first stage's whole (K, d, h, w) `logits` of `case` on this stage's grid."""
-        return self.save(case, labels_for_next_stage(logits, plan, properties, self.plan))
-
     def restorer(self, plan: Plan, properties: dict, device: torch.device) -> tuple[StreamingRestore, NextStageLabels]:
-        """A restorer that takes the first stage's rows of a case as its sliding window finishes them (`feed`,
-        then `finish`) and leaves their labels on this stage's grid in the returned sink (`save` them)."""
-        grid = next_stage_grid(plan, properties, self.plan)
-        sink = NextStageLabels(plan, grid["shape_after_crop"])
-        return StreamingRestore(grid, plan.num_outputs, sink, default_restore_values(device), device), sink
+        """`next_stage_restorer` to this stage's grid, for the first stage `plan`'s case (`save` its labels)."""
+        return next_stage_restorer(plan, properties, self.plan, default_restore_values(device), device)
 
     def save(self, case: str, labels: np.ndarray) -> Path:
         """Write `case`'s (D, H, W) uint8 labels on this stage's grid, atomically."""
